@@ -1,0 +1,383 @@
+//! The command path: route a command to its aggregate instance, decide, append, retry on
+//! conflict, and optionally wait for read models (read-your-writes).
+//!
+//! Concurrency design: a short `std` mutex guards only the LRU map of instances; each instance
+//! has its own async mutex, held while its command runs. Commands to one instance are therefore
+//! serialised within this process, commands to different instances run in parallel, and no lock
+//! is held across the whole dispatcher. Other processes writing the same stream are caught by
+//! the store's expected-version check; the dispatcher then reads only the missing events and
+//! decides again.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::aggregate::{Aggregate, Command, CommandEnvelope};
+use crate::cache::LruCache;
+use crate::event::{DecodeError, NewEvent, Upcasters};
+use crate::handler::{Progress, ProgressError};
+use crate::ids::{CommandId, StreamId, Version};
+use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, StoreError};
+
+/// Tuning for a [`Dispatcher`].
+#[derive(Debug, Clone)]
+pub struct DispatcherConfig {
+    /// How many aggregate instances stay warm in memory.
+    pub cache_capacity: usize,
+    /// How many times a command is decided again after a version conflict before giving up.
+    pub max_conflict_retries: u32,
+    /// How many events are read per store call when loading an instance.
+    pub load_page_size: usize,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self { cache_capacity: 10_000, max_conflict_retries: 10, load_page_size: 1_000 }
+    }
+}
+
+/// How long a dispatch waits for read models.
+#[derive(Debug, Clone, Default)]
+pub enum Consistency {
+    /// Return as soon as the events are stored.
+    #[default]
+    Eventual,
+    /// Return once each named handler has processed the command's events (read-your-writes),
+    /// or fail with [`DispatchError::ConsistencyTimeout`] after `timeout`.
+    Strong {
+        /// Names of the handlers to wait for.
+        handlers: Vec<String>,
+        /// The longest wait.
+        timeout: Duration,
+    },
+}
+
+impl Consistency {
+    /// Waits for the given handlers, up to 5 seconds.
+    pub fn strong<I: IntoIterator<Item = S>, S: Into<String>>(handlers: I) -> Self {
+        Consistency::Strong {
+            handlers: handlers.into_iter().map(Into::into).collect(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The result of a dispatched command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchOutcome {
+    /// The instance that handled the command.
+    pub stream_id: StreamId,
+    /// The command id (the caller's idempotency key, or a generated one).
+    pub command_id: CommandId,
+    /// Where the command's events were stored; `None` if the command produced no events.
+    pub appended: Option<AppendResult>,
+    /// The stream's version after the command (for a duplicate: after its first handling).
+    pub version: Version,
+    /// True if this command id had already been handled: nothing new was stored and `appended`
+    /// is the first result.
+    pub duplicate: bool,
+}
+
+/// Why a command was not handled. `E` is the aggregate's domain error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError<E: std::error::Error + 'static> {
+    /// The aggregate refused the command; nothing was stored. Show it to the user (a 4xx).
+    #[error("command rejected: {0}")]
+    Rejected(#[source] E),
+    /// Other writers kept changing the stream; the command was decided `attempts` times. Retry
+    /// later or reduce contention on this instance.
+    #[error("gave up on {stream_id} after {attempts} version conflicts")]
+    TooManyConflicts {
+        /// The contended stream.
+        stream_id: StreamId,
+        /// How many times the command was decided.
+        attempts: u32,
+    },
+    /// The store failed. If transient ([`StoreError::is_transient`]) retry with the same command
+    /// id: it is idempotent, so a retry after an unknown outcome cannot double-apply.
+    #[error("event store: {0}")]
+    Store(#[from] StoreError),
+    /// A stored event of this stream could not be decoded (missing upcaster?).
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// An event produced by the aggregate could not be serialized. A bug in the event type.
+    #[error("cannot serialize event: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The events were stored, but a read model did not catch up in time. The command succeeded;
+    /// only the read-your-writes promise could not be kept.
+    #[error("events stored at {outcome:?}, but read models did not catch up: {source}")]
+    ConsistencyTimeout {
+        /// The successful outcome.
+        outcome: Box<DispatchOutcome>,
+        /// Which handler and why.
+        #[source]
+        source: ProgressError,
+    },
+}
+
+/// One aggregate instance kept warm: its state and the version it reflects.
+#[derive(Debug, Default)]
+struct Instance<A> {
+    state: A,
+    version: Version,
+    loaded: bool,
+}
+
+type InstanceSlot<A> = Arc<AsyncMutex<Instance<A>>>;
+
+/// Routes commands of aggregate `A` to their instances in store `S`.
+///
+/// Cheap to clone; clones share the cache.
+pub struct Dispatcher<A: Aggregate, S: EventStore + ?Sized> {
+    store: Arc<S>,
+    instances: Arc<Mutex<LruCache<StreamId, InstanceSlot<A>>>>,
+    upcasters: Upcasters,
+    progress: Progress,
+    config: DispatcherConfig,
+}
+
+impl<A: Aggregate, S: EventStore + ?Sized> Clone for Dispatcher<A, S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            instances: Arc::clone(&self.instances),
+            upcasters: self.upcasters.clone(),
+            progress: self.progress.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<A: Aggregate, S: EventStore + ?Sized> fmt::Debug for Dispatcher<A, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dispatcher").field("aggregate", &A::CATEGORY).field("config", &self.config).finish()
+    }
+}
+
+impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
+    /// A dispatcher with the default configuration.
+    pub fn new(store: Arc<S>) -> Self {
+        Self::with_config(store, DispatcherConfig::default())
+    }
+
+    /// A dispatcher with the given configuration.
+    pub fn with_config(store: Arc<S>, config: DispatcherConfig) -> Self {
+        Self {
+            store,
+            instances: Arc::new(Mutex::new(LruCache::new(config.cache_capacity))),
+            upcasters: Upcasters::new(),
+            progress: Progress::new(),
+            config,
+        }
+    }
+
+    /// Uses these upcasters when loading stored events.
+    #[must_use]
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
+    }
+
+    /// Uses this progress registry for [`Consistency::Strong`]; pass the one the handler runners
+    /// report to.
+    #[must_use]
+    pub fn with_progress(mut self, progress: Progress) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// The store this dispatcher writes to.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Dispatches a command with eventual consistency.
+    pub async fn dispatch(
+        &self,
+        command: impl Into<CommandEnvelope<A::Command>>,
+    ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
+        self.dispatch_with(command.into(), &Consistency::Eventual).await
+    }
+
+    /// Dispatches a command and, with [`Consistency::Strong`], waits for the named handlers.
+    pub async fn dispatch_with(
+        &self,
+        envelope: CommandEnvelope<A::Command>,
+        consistency: &Consistency,
+    ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
+        let stream_id = envelope.command.stream_id();
+        let outcome = {
+            let slot = self.slot(&stream_id);
+            let mut instance = slot.lock().await;
+            self.run(&stream_id, &mut instance, &envelope).await?
+        };
+        if let (Consistency::Strong { handlers, timeout }, Some(appended)) = (consistency, outcome.appended) {
+            for handler in handlers {
+                if let Err(source) = self.progress.wait_for(handler, appended.last_position, *timeout).await {
+                    return Err(DispatchError::ConsistencyTimeout { outcome: Box::new(outcome), source });
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The state of an instance as this dispatcher sees it after catching up with the store,
+    /// with its version. Useful for tests and for queries that must see the write model.
+    pub async fn load(&self, stream_id: &StreamId) -> Result<(A, Version), DispatchError<A::Error>> {
+        let slot = self.slot(stream_id);
+        let mut instance = slot.lock().await;
+        self.catch_up(stream_id, &mut instance).await?;
+        Ok((instance.state.clone(), instance.version))
+    }
+
+    /// Drops every warm instance; the next command on each reloads from the store.
+    pub fn clear_cache(&self) {
+        let mut instances = self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *instances = LruCache::new(self.config.cache_capacity);
+    }
+
+    /// How many aggregate instances are warm in the cache.
+    pub fn cached_instances(&self) -> usize {
+        self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    fn slot(&self, stream_id: &StreamId) -> InstanceSlot<A> {
+        let mut instances = self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        instances.get_or_insert_with(stream_id, || Arc::new(AsyncMutex::new(Instance::default())))
+    }
+
+    /// Decides and appends, retrying on conflicts. The caller holds the instance lock.
+    async fn run(
+        &self,
+        stream_id: &StreamId,
+        instance: &mut Instance<A>,
+        envelope: &CommandEnvelope<A::Command>,
+    ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
+        if !instance.loaded {
+            self.catch_up(stream_id, instance).await?;
+        }
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let events = match instance.state.execute(&envelope.command) {
+                Ok(events) => events,
+                Err(rejection) => {
+                    // A repeated command may be refused by the state it itself produced; answer
+                    // with the first outcome instead.
+                    if let Some(outcome) = self.previous_outcome(stream_id, envelope).await? {
+                        return Ok(outcome);
+                    }
+                    // Never refuse on stale state: another process may have written since we
+                    // cached. Only a refusal by the current state stands.
+                    let cached = instance.version;
+                    self.catch_up(stream_id, instance).await?;
+                    if instance.version != cached && attempts <= self.config.max_conflict_retries {
+                        continue;
+                    }
+                    return Err(DispatchError::Rejected(rejection));
+                }
+            };
+            if events.is_empty() {
+                if let Some(outcome) = self.previous_outcome(stream_id, envelope).await? {
+                    return Ok(outcome);
+                }
+                return Ok(self.outcome(stream_id, envelope, None, instance.version, false));
+            }
+            let metadata = envelope.event_metadata();
+            let new_events = events
+                .iter()
+                .map(|event| NewEvent::from_domain(event, metadata.clone()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(DispatchError::Encode)?;
+            let expected = ExpectedVersion::Exact(instance.version);
+            match self.store.append(stream_id, expected, new_events).await {
+                Ok(AppendOutcome::Appended(appended)) => {
+                    let state = std::mem::take(&mut instance.state);
+                    instance.state = events.iter().fold(state, A::apply);
+                    instance.version = appended.last_version;
+                    return Ok(self.outcome(stream_id, envelope, Some(appended), appended.last_version, false));
+                }
+                Ok(AppendOutcome::Duplicate(first)) => {
+                    // Possibly handled by another process: our state may be behind.
+                    self.catch_up(stream_id, instance).await?;
+                    return Ok(self.outcome(stream_id, envelope, Some(first), first.last_version, true));
+                }
+                Err(StoreError::Conflict { .. }) if attempts <= self.config.max_conflict_retries => {
+                    tracing::debug!(%stream_id, attempts, "version conflict, catching up and deciding again");
+                    self.catch_up(stream_id, instance).await?;
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    self.catch_up(stream_id, instance).await?;
+                    return Err(DispatchError::TooManyConflicts { stream_id: stream_id.clone(), attempts });
+                }
+                Err(error) => {
+                    // The append may or may not have happened (e.g. the connection dropped during
+                    // commit): forget the cached state so the next command reloads.
+                    *instance = Instance::default();
+                    return Err(DispatchError::Store(error));
+                }
+            }
+        }
+    }
+
+    /// Reads the events after the instance's version and applies them.
+    async fn catch_up(&self, stream_id: &StreamId, instance: &mut Instance<A>) -> Result<(), DispatchError<A::Error>> {
+        loop {
+            let page = self.store.read_stream(stream_id, instance.version.next(), self.config.load_page_size).await?;
+            let page_len = page.len();
+            for recorded in &page {
+                if recorded.version != instance.version.next() {
+                    return Err(StoreError::Corrupt(format!(
+                        "{stream_id}: read {} while expecting {}",
+                        recorded.version,
+                        instance.version.next()
+                    ))
+                    .into());
+                }
+                let event = self.upcasters.decode_payload::<A::Event>(recorded)?;
+                let state = std::mem::take(&mut instance.state);
+                instance.state = state.apply(&event);
+                instance.version = recorded.version;
+            }
+            if page_len < self.config.load_page_size.max(1) {
+                instance.loaded = true;
+                return Ok(());
+            }
+        }
+    }
+
+    async fn previous_outcome(
+        &self,
+        stream_id: &StreamId,
+        envelope: &CommandEnvelope<A::Command>,
+    ) -> Result<Option<DispatchOutcome>, DispatchError<A::Error>> {
+        if !envelope.idempotent {
+            return Ok(None);
+        }
+        let first = self.store.find_command(stream_id, envelope.command_id).await?;
+        Ok(first.map(|first| self.outcome(stream_id, envelope, Some(first), first.last_version, true)))
+    }
+
+    fn outcome(
+        &self,
+        stream_id: &StreamId,
+        envelope: &CommandEnvelope<A::Command>,
+        appended: Option<AppendResult>,
+        version: Version,
+        duplicate: bool,
+    ) -> DispatchOutcome {
+        DispatchOutcome { stream_id: stream_id.clone(), command_id: envelope.command_id, appended, version, duplicate }
+    }
+}
+
+impl<C> From<C> for CommandEnvelope<C>
+where
+    C: Command,
+{
+    fn from(command: C) -> Self {
+        CommandEnvelope::new(command)
+    }
+}

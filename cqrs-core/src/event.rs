@@ -1,0 +1,410 @@
+//! Events: the [`DomainEvent`] trait, the metadata every event carries, the raw
+//! [`NewEvent`]/[`RecordedEvent`] forms that stores keep, the typed [`Envelope`] that handlers
+//! see, and the [`Upcasters`] that bring old stored shapes up to date.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
+
+/// A domain event: a serde type with a stable name per variant and a schema version.
+///
+/// The name returned by [`event_type`](DomainEvent::event_type) is stored next to the payload;
+/// keep it stable forever (rename the Rust variant freely, never the string). When the shape of
+/// an event changes, raise [`schema_version`](DomainEvent::schema_version) for it and register an
+/// [`Upcaster`] that turns the old stored JSON into the new shape.
+///
+/// ```
+/// use cqrs_core::DomainEvent;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// #[serde(tag = "type")]
+/// enum AccountEvent {
+///     Opened { owner: String },
+///     Deposited { amount_cents: u64 },
+/// }
+///
+/// impl DomainEvent for AccountEvent {
+///     const EVENT_TYPES: &'static [&'static str] = &["AccountOpened", "MoneyDeposited"];
+///     fn event_type(&self) -> &'static str {
+///         match self {
+///             AccountEvent::Opened { .. } => "AccountOpened",
+///             AccountEvent::Deposited { .. } => "MoneyDeposited",
+///         }
+///     }
+/// }
+/// assert_eq!(AccountEvent::Deposited { amount_cents: 5 }.event_type(), "MoneyDeposited");
+/// ```
+pub trait DomainEvent: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static {
+    /// Every name [`event_type`](DomainEvent::event_type) can return. Handlers use it to pick
+    /// the stored events they can decode.
+    const EVENT_TYPES: &'static [&'static str];
+
+    /// The stable stored name of this event.
+    fn event_type(&self) -> &'static str;
+
+    /// The schema version this code writes for this event. Starts at 1.
+    fn schema_version(&self) -> u32 {
+        1
+    }
+}
+
+/// Metadata carried by every event: where it came from and what it belongs to.
+///
+/// The dispatcher fills it in: `command_id` is the command that produced the event,
+/// `causation_id` is that command's id, and `correlation_id` is inherited from the command
+/// (which inherits it from the event that caused the command, see [`RecordedEvent::cause`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// The command whose handling produced this event.
+    pub command_id: Option<CommandId>,
+    /// The message that directly caused this event (normally the command).
+    pub causation_id: Option<CausationId>,
+    /// The conversation this event belongs to.
+    pub correlation_id: Option<CorrelationId>,
+    /// Free-form application headers (user id, tenant, trace id...). Keep them small.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub headers: HashMap<String, String>,
+}
+
+/// An event ready to append: serialized, with its id and metadata, but not yet given a version
+/// or position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// Unique id of the event; stores reject a duplicate.
+    pub event_id: EventId,
+    /// Stable event name, from [`DomainEvent::event_type`].
+    pub event_type: String,
+    /// Schema version of `payload`.
+    pub schema_version: u32,
+    /// The serialized event.
+    pub payload: Value,
+    /// Where the event came from.
+    pub metadata: Metadata,
+}
+
+impl NewEvent {
+    /// Serializes a domain event with fresh id and the given metadata.
+    pub fn from_domain<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            event_id: EventId::new(),
+            event_type: event.event_type().to_owned(),
+            schema_version: event.schema_version(),
+            payload: serde_json::to_value(event)?,
+            metadata,
+        })
+    }
+}
+
+/// An event as stored: the raw payload plus everything the store assigned.
+///
+/// Cloning is cheap: the stream id, event type and payload are shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    /// Unique id of the event.
+    pub event_id: EventId,
+    /// The stream the event belongs to.
+    pub stream_id: StreamId,
+    /// Version within the stream: 1 for the first event, then contiguous.
+    pub version: Version,
+    /// Position in the global log; strictly increasing in read order.
+    pub position: Position,
+    /// When the store recorded the event.
+    pub recorded_at: Timestamp,
+    /// Stable event name.
+    pub event_type: Arc<str>,
+    /// Schema version of `payload` as stored (before upcasting).
+    pub schema_version: u32,
+    /// The serialized event.
+    pub payload: Arc<Value>,
+    /// Where the event came from.
+    pub metadata: Arc<Metadata>,
+}
+
+impl RecordedEvent {
+    /// Starts a command caused by this event: its causation id is this event's id and its
+    /// correlation id is this event's correlation id, so the chain can be followed later.
+    pub fn cause<C>(&self, command: C) -> crate::CommandEnvelope<C> {
+        crate::CommandEnvelope::new(command).caused_by(self)
+    }
+}
+
+/// A decoded event with its envelope: what handlers and tests see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope<E> {
+    /// The decoded (and upcast) event.
+    pub event: E,
+    /// Unique id of the event.
+    pub event_id: EventId,
+    /// The stream the event belongs to.
+    pub stream_id: StreamId,
+    /// Version within the stream.
+    pub version: Version,
+    /// Position in the global log.
+    pub position: Position,
+    /// When the store recorded the event.
+    pub recorded_at: Timestamp,
+    /// Where the event came from.
+    pub metadata: Arc<Metadata>,
+}
+
+/// Why a stored event could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The payload did not match the event type after upcasting. The stored data or the event
+    /// type changed without an upcaster; add one.
+    #[error("cannot decode event {event_type} (schema v{schema_version}) at {position}: {source}")]
+    Payload {
+        /// Stored event name.
+        event_type: String,
+        /// Schema version after upcasting.
+        schema_version: u32,
+        /// Position of the event.
+        position: Position,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An upcaster refused the stored payload.
+    #[error("upcaster for {event_type} v{schema_version} failed: {message}")]
+    Upcast {
+        /// Stored event name.
+        event_type: String,
+        /// Schema version the upcaster was given.
+        schema_version: u32,
+        /// What the upcaster reported.
+        message: String,
+    },
+}
+
+/// Turns one stored (event type, schema version) shape into the next one.
+///
+/// Upcasters run on every read path (dispatcher loads, handlers, subscriptions) before the
+/// payload is deserialized, so the domain code only ever sees the current shape.
+pub trait Upcaster: Send + Sync + 'static {
+    /// The stored event name this upcaster reads.
+    fn event_type(&self) -> &str;
+    /// The schema version it reads; it produces `source_version + 1` (or renames the type).
+    fn source_version(&self) -> u32;
+    /// Rewrites the payload; may also return a new event type name.
+    fn upcast(&self, payload: Value) -> Result<UpcastResult, String>;
+}
+
+/// What an [`Upcaster`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpcastResult {
+    /// The event type after upcasting (usually unchanged).
+    pub event_type: String,
+    /// The payload in the next schema version.
+    pub payload: Value,
+}
+
+/// An upcaster made from a closure: `(event type, from version, fn(Value) -> Value)`.
+pub struct FnUpcaster<F> {
+    event_type: String,
+    from_version: u32,
+    upcast: F,
+}
+
+impl<F> FnUpcaster<F>
+where
+    F: Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+{
+    /// An upcaster for `event_type` at `from_version` that keeps the type name.
+    pub fn new(event_type: impl Into<String>, from_version: u32, upcast: F) -> Self {
+        Self { event_type: event_type.into(), from_version, upcast }
+    }
+}
+
+impl<F> Upcaster for FnUpcaster<F>
+where
+    F: Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+{
+    fn event_type(&self) -> &str {
+        &self.event_type
+    }
+    fn source_version(&self) -> u32 {
+        self.from_version
+    }
+    fn upcast(&self, payload: Value) -> Result<UpcastResult, String> {
+        Ok(UpcastResult { event_type: self.event_type.clone(), payload: (self.upcast)(payload)? })
+    }
+}
+
+/// A chain of [`Upcaster`]s, applied step by step until none matches. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Upcasters {
+    by_key: Arc<HashMap<(String, u32), Arc<dyn Upcaster>>>,
+}
+
+impl fmt::Debug for Upcasters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upcasters").field("count", &self.by_key.len()).finish()
+    }
+}
+
+/// The most upcasting steps applied to one event: a guard against an upcaster cycle.
+const MAX_UPCAST_STEPS: u32 = 64;
+
+impl Upcasters {
+    /// No upcasters.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an upcaster; a later one for the same (type, version) replaces the earlier.
+    #[must_use]
+    pub fn with(self, upcaster: impl Upcaster) -> Self {
+        let mut by_key: HashMap<_, _> = (*self.by_key).clone();
+        by_key.insert(
+            (upcaster.event_type().to_owned(), upcaster.source_version()),
+            Arc::new(upcaster) as Arc<dyn Upcaster>,
+        );
+        Self { by_key: Arc::new(by_key) }
+    }
+
+    /// Decodes a stored event into `E`, upcasting the payload first if its schema is old.
+    pub fn decode<E: DomainEvent>(&self, recorded: &RecordedEvent) -> Result<Envelope<E>, DecodeError> {
+        let event = self.decode_payload::<E>(recorded)?;
+        Ok(Envelope {
+            event,
+            event_id: recorded.event_id,
+            stream_id: recorded.stream_id.clone(),
+            version: recorded.version,
+            position: recorded.position,
+            recorded_at: recorded.recorded_at,
+            metadata: Arc::clone(&recorded.metadata),
+        })
+    }
+
+    /// Decodes only the payload of a stored event, upcasting first.
+    pub fn decode_payload<E: DomainEvent>(&self, recorded: &RecordedEvent) -> Result<E, DecodeError> {
+        let payload_error = |schema_version, source| DecodeError::Payload {
+            event_type: recorded.event_type.to_string(),
+            schema_version,
+            position: recorded.position,
+            source,
+        };
+        let first_step = self.by_key.get(&(recorded.event_type.to_string(), recorded.schema_version));
+        let Some(first_step) = first_step else {
+            // Fast path: nothing to upcast; deserialize straight from the shared payload.
+            return E::deserialize(&*recorded.payload).map_err(|source| payload_error(recorded.schema_version, source));
+        };
+        let mut event_type = recorded.event_type.to_string();
+        let mut version = recorded.schema_version;
+        let mut payload = (*recorded.payload).clone();
+        let mut step = Some(Arc::clone(first_step));
+        let mut steps = 0;
+        while let Some(upcaster) = step {
+            steps += 1;
+            if steps > MAX_UPCAST_STEPS {
+                return Err(DecodeError::Upcast {
+                    event_type,
+                    schema_version: version,
+                    message: "too many upcasting steps (cycle?)".into(),
+                });
+            }
+            let result = upcaster.upcast(payload).map_err(|message| DecodeError::Upcast {
+                event_type: event_type.clone(),
+                schema_version: version,
+                message,
+            })?;
+            event_type = result.event_type;
+            payload = result.payload;
+            version += 1;
+            step = self.by_key.get(&(event_type.clone(), version)).cloned();
+        }
+        E::deserialize(payload).map_err(|source| payload_error(version, source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type")]
+    enum Ev {
+        Renamed { full_name: String },
+    }
+
+    impl DomainEvent for Ev {
+        const EVENT_TYPES: &'static [&'static str] = &["Renamed"];
+        fn event_type(&self) -> &'static str {
+            "Renamed"
+        }
+        fn schema_version(&self) -> u32 {
+            3
+        }
+    }
+
+    fn recorded(schema_version: u32, payload: Value) -> RecordedEvent {
+        RecordedEvent {
+            event_id: EventId::new(),
+            stream_id: StreamId::new("person-1").expect("valid"),
+            version: Version(1),
+            position: Position(7),
+            recorded_at: Timestamp::now(),
+            event_type: Arc::from("Renamed"),
+            schema_version,
+            payload: Arc::new(payload),
+            metadata: Arc::default(),
+        }
+    }
+
+    fn upcasters() -> Upcasters {
+        // v1 had `name`, v2 had `first` + `last`, v3 has `full_name`.
+        Upcasters::new()
+            .with(FnUpcaster::new("Renamed", 1, |mut v: Value| {
+                let name = v["name"].take();
+                Ok(json!({"type": "Renamed", "first": name, "last": ""}))
+            }))
+            .with(FnUpcaster::new("Renamed", 2, |v: Value| {
+                let first = v["first"].as_str().ok_or("first missing")?;
+                let last = v["last"].as_str().ok_or("last missing")?;
+                Ok(json!({"type": "Renamed", "full_name": format!("{first} {last}").trim().to_owned()}))
+            }))
+    }
+
+    #[test]
+    fn upcasts_through_every_step() {
+        let old = recorded(1, json!({"type": "Renamed", "name": "Ada"}));
+        let envelope = upcasters().decode::<Ev>(&old).expect("upcast");
+        assert_eq!(envelope.event, Ev::Renamed { full_name: "Ada".into() });
+        assert_eq!(envelope.position, Position(7));
+
+        let middle = recorded(2, json!({"type": "Renamed", "first": "Ada", "last": "Lovelace"}));
+        assert_eq!(
+            upcasters().decode_payload::<Ev>(&middle).expect("upcast"),
+            Ev::Renamed { full_name: "Ada Lovelace".into() }
+        );
+    }
+
+    #[test]
+    fn current_schema_needs_no_upcaster() {
+        let current = recorded(3, json!({"type": "Renamed", "full_name": "Grace"}));
+        assert_eq!(
+            Upcasters::new().decode_payload::<Ev>(&current).expect("decode"),
+            Ev::Renamed { full_name: "Grace".into() }
+        );
+    }
+
+    #[test]
+    fn upcaster_errors_and_bad_payloads_are_typed() {
+        let broken = recorded(2, json!({"type": "Renamed"}));
+        assert!(matches!(
+            upcasters().decode_payload::<Ev>(&broken),
+            Err(DecodeError::Upcast { schema_version: 2, .. })
+        ));
+        let garbage = recorded(3, json!({"type": "Renamed", "full_name": 5}));
+        assert!(matches!(upcasters().decode_payload::<Ev>(&garbage), Err(DecodeError::Payload { .. })));
+    }
+}

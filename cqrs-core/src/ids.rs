@@ -1,0 +1,267 @@
+//! Identifiers, versions and positions: small newtypes so that a stream id is never confused
+//! with an event type, nor a per-stream version with a global position.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The longest stream id accepted, in bytes.
+pub const MAX_STREAM_ID_BYTES: usize = 256;
+
+/// Why a string was refused as a [`StreamId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamIdError {
+    /// The id was empty; give the stream a name.
+    #[error("stream id is empty")]
+    Empty,
+    /// The id was longer than [`MAX_STREAM_ID_BYTES`]; use a shorter key (a UUID fits).
+    #[error("stream id is {len} bytes, longer than the limit of {max} bytes")]
+    TooLong {
+        /// Length of the refused id, in bytes.
+        len: usize,
+        /// The limit, [`MAX_STREAM_ID_BYTES`].
+        max: usize,
+    },
+    /// The id contained a control character.
+    #[error("stream id contains a control character")]
+    ControlCharacter,
+}
+
+/// The identity of one event stream, which holds the events of one aggregate instance.
+///
+/// By convention an aggregate's streams are named `{category}-{id}` (see
+/// [`StreamId::for_aggregate`]), so handlers can select a category by prefix. Cloning is cheap
+/// (the string is shared).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct StreamId(Arc<str>);
+
+impl StreamId {
+    /// Checks and wraps a stream id: non-empty, at most [`MAX_STREAM_ID_BYTES`], no control
+    /// characters.
+    pub fn new(id: impl AsRef<str>) -> Result<Self, StreamIdError> {
+        let id = id.as_ref();
+        if id.is_empty() {
+            return Err(StreamIdError::Empty);
+        }
+        if id.len() > MAX_STREAM_ID_BYTES {
+            return Err(StreamIdError::TooLong { len: id.len(), max: MAX_STREAM_ID_BYTES });
+        }
+        if id.chars().any(char::is_control) {
+            return Err(StreamIdError::ControlCharacter);
+        }
+        Ok(Self(Arc::from(id)))
+    }
+
+    /// The stream of aggregate instance `id` in `category`: `"{category}-{id}"`.
+    pub fn for_aggregate(category: &str, id: impl fmt::Display) -> Result<Self, StreamIdError> {
+        Self::new(format!("{category}-{id}"))
+    }
+
+    /// The id as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The category: the part before the first `-`, or the whole id if there is none.
+    pub fn category(&self) -> &str {
+        self.0.split_once('-').map_or(&self.0, |(category, _)| category)
+    }
+}
+
+impl<'de> Deserialize<'de> for StreamId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        StreamId::new(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StreamId({:?})", &*self.0)
+    }
+}
+
+impl AsRef<str> for StreamId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A version within one stream. The first event of a stream has version 1; `Version(0)` means
+/// "the stream has no events".
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Version(pub u64);
+
+impl Version {
+    /// The version of a stream that has no events.
+    pub const NONE: Version = Version(0);
+
+    /// The next version.
+    #[must_use]
+    pub fn next(self) -> Version {
+        Version(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Version({})", self.0)
+    }
+}
+
+/// A position in the global log of all events, in commit order across streams.
+///
+/// Positions strictly increase in the order readers see events; they may have gaps (a store may
+/// burn numbers on rolled-back transactions). `Position(0)` is "before the first event", so a
+/// reader that starts after `Position::START` sees everything.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Position(pub u64);
+
+impl Position {
+    /// Before the first event.
+    pub const START: Position = Position(0);
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "@{}", self.0)
+    }
+}
+
+impl fmt::Debug for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Position({})", self.0)
+    }
+}
+
+macro_rules! uuid_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Uuid);
+
+        impl $name {
+            /// A fresh random (v4) id.
+            pub fn new() -> Self {
+                Self(Uuid::new_v4())
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.0)
+            }
+        }
+
+        impl From<Uuid> for $name {
+            fn from(id: Uuid) -> Self {
+                Self(id)
+            }
+        }
+    };
+}
+
+uuid_id!(
+    /// The unique id of one stored event.
+    EventId
+);
+uuid_id!(
+    /// The id of one command. Dispatching the same command id twice to the same stream has the
+    /// effect of dispatching it once (idempotency key).
+    CommandId
+);
+uuid_id!(
+    /// Groups every command and event that stems from one original request.
+    CorrelationId
+);
+uuid_id!(
+    /// The id of the message (command or event) that directly caused this one.
+    CausationId
+);
+
+impl From<CommandId> for CausationId {
+    fn from(id: CommandId) -> Self {
+        Self(id.0)
+    }
+}
+
+impl From<EventId> for CausationId {
+    fn from(id: EventId) -> Self {
+        Self(id.0)
+    }
+}
+
+/// A wall-clock time in microseconds since the Unix epoch, as recorded by the store.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The current time according to the system clock.
+    pub fn now() -> Self {
+        let micros = match SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(elapsed) => i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX),
+            Err(before) => -i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX),
+        };
+        Self(micros)
+    }
+
+    /// Microseconds since the Unix epoch.
+    pub fn as_micros(self) -> i64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_id_rejects_bad_input() {
+        assert_eq!(StreamId::new(""), Err(StreamIdError::Empty));
+        assert!(matches!(StreamId::new("x".repeat(257)), Err(StreamIdError::TooLong { len: 257, .. })));
+        assert_eq!(StreamId::new("a\nb"), Err(StreamIdError::ControlCharacter));
+        let id = StreamId::for_aggregate("account", 42).expect("valid id");
+        assert_eq!(id.as_str(), "account-42");
+        assert_eq!(id.category(), "account");
+    }
+
+    #[test]
+    fn stream_id_deserialization_validates() {
+        assert!(serde_json::from_str::<StreamId>("\"\"").is_err());
+        let id: StreamId = serde_json::from_str("\"chat-1\"").expect("valid json id");
+        assert_eq!(id.as_str(), "chat-1");
+    }
+}

@@ -1,0 +1,194 @@
+//! The [`EventStore`] trait that backends implement, with its request, result and error types.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::event::{NewEvent, RecordedEvent};
+use crate::ids::{CommandId, Position, StreamId, Version};
+
+/// The most events one append may carry.
+pub const MAX_EVENTS_PER_APPEND: usize = 10_000;
+
+/// What the writer believes the stream's version to be; the append fails with
+/// [`StoreError::Conflict`] if it is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExpectedVersion {
+    /// Append whatever the stream's version.
+    Any,
+    /// The stream must have no events.
+    NoStream,
+    /// The stream must have at least one event.
+    StreamExists,
+    /// The stream's last event must have exactly this version (`Version(0)` = no stream).
+    Exact(Version),
+}
+
+impl ExpectedVersion {
+    /// Whether a stream currently at `actual` satisfies this expectation.
+    pub fn accepts(self, actual: Version) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == Version::NONE,
+            ExpectedVersion::StreamExists => actual > Version::NONE,
+            ExpectedVersion::Exact(expected) => actual == expected,
+        }
+    }
+}
+
+/// Where an append landed. For an empty append, `first_*` are one past `last_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AppendResult {
+    /// Version of the first appended event.
+    pub first_version: Version,
+    /// Version of the last appended event: the stream's version after the append.
+    pub last_version: Version,
+    /// Global position of the first appended event.
+    pub first_position: Position,
+    /// Global position of the last appended event.
+    pub last_position: Position,
+}
+
+/// The answer to an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AppendOutcome {
+    /// The events were stored.
+    Appended(AppendResult),
+    /// The command id of the events was already stored for this stream; nothing was written and
+    /// the original result is returned.
+    Duplicate(AppendResult),
+}
+
+impl AppendOutcome {
+    /// The result, whether fresh or from the first time.
+    pub fn result(&self) -> AppendResult {
+        match *self {
+            AppendOutcome::Appended(result) | AppendOutcome::Duplicate(result) => result,
+        }
+    }
+}
+
+/// Errors of an [`EventStore`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The stream's version did not match the expectation. Reload the stream and decide again
+    /// (the dispatcher does this for you, a bounded number of times).
+    #[error("version conflict on {stream_id}: expected {expected:?}, actual {actual}")]
+    Conflict {
+        /// The stream.
+        stream_id: StreamId,
+        /// What the writer expected.
+        expected: ExpectedVersion,
+        /// The stream's actual version.
+        actual: Version,
+    },
+    /// An event id was already stored (in this or another stream). Caller bug: event ids must be
+    /// fresh.
+    #[error("duplicate event id {0}")]
+    DuplicateEventId(crate::ids::EventId),
+    /// The append request itself is malformed (too many events, mixed command ids...). Fix the
+    /// caller; retrying will not help.
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    /// The backend is unreachable or failed (connection lost, database restarting...). Retry
+    /// later; the store did not acknowledge anything for this call, or the append either fully
+    /// happened or not at all.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store returned data it cannot read (corrupt row, unknown format). Needs an operator.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// The store was shut down.
+    #[error("store closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A durable (or in-memory) log of event streams, the one trait each backend implements.
+///
+/// Contract, checked by [`crate::testing::conformance`] for every backend:
+/// - versions within a stream are contiguous from 1; an append is all-or-nothing;
+/// - positions strictly increase in the order `read_all` returns events, and `read_all` never
+///   returns an event at position `p` and later returns one below `p` (no event is skipped by a
+///   reader that resumes from the last position it saw);
+/// - an append whose events carry a command id already stored for that stream writes nothing
+///   and returns [`AppendOutcome::Duplicate`] with the first result (checked before the version);
+/// - [`notifications`](EventStore::notifications) changes after new events become readable.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream_id` if its version satisfies `expected`. All events of one
+    /// call must carry the same `metadata.command_id` (or none).
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError>;
+
+    /// Reads up to `max_count` events of one stream, starting at version `from` (inclusive), in
+    /// version order. An unknown stream is empty.
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        from: Version,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads up to `max_count` events of all streams with a position strictly greater than
+    /// `after`, in position order.
+    async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The current version of a stream (`Version::NONE` if it has no events).
+    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError>;
+
+    /// The result of the append that stored `command_id` on `stream_id`, if any.
+    async fn find_command(
+        &self,
+        stream_id: &StreamId,
+        command_id: CommandId,
+    ) -> Result<Option<AppendResult>, StoreError>;
+
+    /// Loads the checkpoint saved under `name` (a handler's last processed position).
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError>;
+
+    /// Saves the checkpoint `name`. Stores never move a checkpoint backwards by themselves; the
+    /// caller decides (a handler reset may save a lower position).
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
+    /// A signal that changes (to the newest known position, or any larger token) whenever new
+    /// events may have become readable. Subscribers use it only as a wake-up and always read
+    /// the store, so a missed or coalesced change can delay but never lose an event.
+    fn notifications(&self) -> watch::Receiver<Position>;
+
+    /// How often a waiting subscriber re-reads the store even without a notification; `None`
+    /// when notifications are reliable (in-process stores). Cross-process stores return a
+    /// safety-net interval.
+    fn poll_interval(&self) -> Option<Duration> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_version_rules() {
+        assert!(ExpectedVersion::Any.accepts(Version(0)));
+        assert!(ExpectedVersion::Any.accepts(Version(9)));
+        assert!(ExpectedVersion::NoStream.accepts(Version(0)));
+        assert!(!ExpectedVersion::NoStream.accepts(Version(1)));
+        assert!(!ExpectedVersion::StreamExists.accepts(Version(0)));
+        assert!(ExpectedVersion::StreamExists.accepts(Version(2)));
+        assert!(ExpectedVersion::Exact(Version(2)).accepts(Version(2)));
+        assert!(!ExpectedVersion::Exact(Version(2)).accepts(Version(3)));
+    }
+}

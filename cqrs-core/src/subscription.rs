@@ -1,0 +1,189 @@
+//! Catch-up-then-live subscriptions, built once for every store.
+//!
+//! A [`Subscription`] never relies on a live channel for data: it always reads the store from
+//! the last position (or version) it delivered, in pages, and uses the store's
+//! [`notifications`](crate::EventStore::notifications) only to learn when to read again. So the
+//! switch from catch-up to live cannot open a gap or deliver a duplicate, and a slow subscriber
+//! cannot overflow anything: it simply reads further behind the head.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::event::RecordedEvent;
+use crate::ids::{Position, StreamId, Version};
+use crate::store::{EventStore, StoreError};
+
+/// How many events a subscription reads per store call.
+pub const DEFAULT_PAGE_SIZE: usize = 512;
+
+#[derive(Debug, Clone)]
+enum Cursor {
+    All { after: Position },
+    Stream { stream_id: StreamId, next: Version },
+}
+
+/// An ordered, gap-free feed of events: first the stored ones after a starting point, then new
+/// ones as they are committed.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use cqrs_core::{Position, Subscription, EventStore};
+/// # async fn demo<S: EventStore>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
+/// let mut feed = Subscription::all(store, Position::START);
+/// while let Some(event) = feed.next().await? {
+///     println!("{} {} {}", event.position, event.stream_id, event.event_type);
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Subscription<S: EventStore + ?Sized> {
+    store: Arc<S>,
+    cursor: Cursor,
+    buffer: VecDeque<RecordedEvent>,
+    notifications: watch::Receiver<Position>,
+    page_size: usize,
+}
+
+impl<S: EventStore + ?Sized> Subscription<S> {
+    /// Every event of every stream with a position greater than `after`.
+    pub fn all(store: Arc<S>, after: Position) -> Self {
+        let notifications = store.notifications();
+        Self {
+            store,
+            cursor: Cursor::All { after },
+            buffer: VecDeque::new(),
+            notifications,
+            page_size: DEFAULT_PAGE_SIZE,
+        }
+    }
+
+    /// Every event of one stream from version `from` (inclusive; `Version(1)` for all).
+    pub fn stream(store: Arc<S>, stream_id: StreamId, from: Version) -> Self {
+        let notifications = store.notifications();
+        let next = from.max(Version(1));
+        Self {
+            store,
+            cursor: Cursor::Stream { stream_id, next },
+            buffer: VecDeque::new(),
+            notifications,
+            page_size: DEFAULT_PAGE_SIZE,
+        }
+    }
+
+    /// Sets how many events are read per store call (at least 1).
+    #[must_use]
+    pub fn with_page_size(mut self, page_size: usize) -> Self {
+        self.page_size = page_size.max(1);
+        self
+    }
+
+    /// The position of the last event returned (for a stream subscription, of the last event
+    /// returned or `Position::START`).
+    pub fn position(&self) -> Option<Position> {
+        match &self.cursor {
+            Cursor::All { after } => Some(*after),
+            Cursor::Stream { .. } => None,
+        }
+    }
+
+    /// Waits for the next event. Returns `Ok(None)` only when the store is closed and every
+    /// stored event has been delivered.
+    pub async fn next(&mut self) -> Result<Option<RecordedEvent>, StoreError> {
+        loop {
+            if let Some(event) = self.pop() {
+                return Ok(Some(event));
+            }
+            // Mark the current notification as seen *before* reading, so an append that lands
+            // after the read still wakes us up.
+            self.notifications.borrow_and_update();
+            if self.fill().await? {
+                continue;
+            }
+            if !self.wait_for_notification().await {
+                // Store closed: deliver anything committed before it closed, then end.
+                if self.fill().await? {
+                    continue;
+                }
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Returns the next event if one is already stored, without waiting for new ones.
+    pub async fn try_next(&mut self) -> Result<Option<RecordedEvent>, StoreError> {
+        if self.buffer.is_empty() {
+            self.fill().await?;
+        }
+        Ok(self.pop())
+    }
+
+    fn pop(&mut self) -> Option<RecordedEvent> {
+        let event = self.buffer.pop_front()?;
+        match &mut self.cursor {
+            Cursor::All { after } => *after = event.position,
+            Cursor::Stream { next, .. } => *next = event.version.next(),
+        }
+        Some(event)
+    }
+
+    /// Reads the next page into the buffer; true if it found events.
+    async fn fill(&mut self) -> Result<bool, StoreError> {
+        let page = match &self.cursor {
+            Cursor::All { after } => {
+                let page = self.store.read_all(*after, self.page_size).await?;
+                check_positions(*after, &page)?;
+                page
+            }
+            Cursor::Stream { stream_id, next } => {
+                let page = self.store.read_stream(stream_id, *next, self.page_size).await?;
+                check_versions(*next, &page)?;
+                page
+            }
+        };
+        let found = !page.is_empty();
+        self.buffer.extend(page);
+        Ok(found)
+    }
+
+    /// Waits for a notification (or the store's poll interval). False if the store closed.
+    async fn wait_for_notification(&mut self) -> bool {
+        match self.store.poll_interval() {
+            Some(interval) => match tokio::time::timeout(interval, self.notifications.changed()).await {
+                Ok(result) => result.is_ok(),
+                Err(_elapsed) => true,
+            },
+            None => self.notifications.changed().await.is_ok(),
+        }
+    }
+}
+
+/// Guards the store contract: positions must strictly increase past the cursor.
+fn check_positions(after: Position, page: &[RecordedEvent]) -> Result<(), StoreError> {
+    let mut previous = after;
+    for event in page {
+        if event.position <= previous {
+            return Err(StoreError::Corrupt(format!(
+                "read_all returned {} after {}: positions must strictly increase",
+                event.position, previous
+            )));
+        }
+        previous = event.position;
+    }
+    Ok(())
+}
+
+/// Guards the store contract: stream versions must be contiguous from the cursor.
+fn check_versions(next: Version, page: &[RecordedEvent]) -> Result<(), StoreError> {
+    let mut expected = next;
+    for event in page {
+        if event.version != expected {
+            return Err(StoreError::Corrupt(format!(
+                "read_stream returned {} where {} was expected: versions must be contiguous",
+                event.version, expected
+            )));
+        }
+        expected = expected.next();
+    }
+    Ok(())
+}

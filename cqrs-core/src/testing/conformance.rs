@@ -1,0 +1,619 @@
+//! The store conformance suite: one `pub async fn` per property of the [`EventStore`]
+//! contract. Every backend runs all of them, usually through [`conformance_tests!`]
+//! (crate::conformance_tests), which emits one `#[tokio::test]` per property.
+//!
+//! Each function takes a fresh, empty store and panics with a message naming the broken rule.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::aggregate::CommandEnvelope;
+use crate::dispatcher::Dispatcher;
+use crate::event::{Metadata, NewEvent, RecordedEvent};
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
+use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, StoreError};
+use crate::subscription::Subscription;
+use crate::testing::counter::{Counter, CounterCommand};
+
+/// Emits one `#[tokio::test]` per conformance property for a store.
+///
+/// `$make` is an expression evaluating to an async closure-like `Fn() -> impl Future<Output =
+/// Arc<S>>` that returns a fresh, empty store. The calling crate needs `tokio` with the `macros`
+/// and `rt-multi-thread` features as a dev-dependency.
+///
+/// ```text
+/// cqrs_core::conformance_tests!(|| async { std::sync::Arc::new(MemoryStore::new()) });
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@each $make;
+            round_trip_and_stream_order,
+            unknown_streams_are_empty,
+            expected_version_rules,
+            invalid_appends_are_refused,
+            concurrent_appends_at_same_version_exactly_one_wins,
+            concurrent_appends_with_any_version_lose_nothing,
+            read_all_is_in_global_order,
+            subscription_from_start_catches_up_then_goes_live,
+            subscription_from_middle_sees_only_later_events,
+            stream_subscription_catches_up_then_goes_live,
+            slow_subscriber_sees_everything,
+            checkpoints_round_trip,
+            idempotent_command_ids,
+            metadata_round_trip,
+            dispatcher_idempotency_survives_restart,
+            dispatcher_state_matches_store_under_concurrency,
+        );
+    };
+    (@each $make:expr; $($property:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $property() {
+                let make = $make;
+                let store = make().await;
+                $crate::testing::conformance::$property(store).await;
+            }
+        )+
+    };
+}
+
+/// A test event with a marker `n`.
+pub fn event(n: u64) -> NewEvent {
+    event_with(n, Metadata::default())
+}
+
+/// A test event with a marker `n` and metadata.
+pub fn event_with(n: u64, metadata: Metadata) -> NewEvent {
+    NewEvent {
+        event_id: EventId::new(),
+        event_type: "TestHappened".to_owned(),
+        schema_version: 1,
+        payload: json!({ "n": n, "note": format!("event number {n}") }),
+        metadata,
+    }
+}
+
+fn marker(event: &RecordedEvent) -> u64 {
+    event.payload["n"].as_u64().unwrap_or_else(|| panic!("test event without marker: {:?}", event.payload))
+}
+
+fn stream(name: &str) -> StreamId {
+    StreamId::new(format!("test-{name}-{}", uuid::Uuid::new_v4().simple())).expect("valid stream id")
+}
+
+async fn append_ok<S: EventStore + ?Sized>(
+    store: &S,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> AppendResult {
+    match store.append(stream_id, expected, events).await {
+        Ok(AppendOutcome::Appended(result)) => result,
+        other => panic!("append to {stream_id} with {expected:?} should succeed, got {other:?}"),
+    }
+}
+
+async fn read_everything<S: EventStore + ?Sized>(store: &S) -> Vec<RecordedEvent> {
+    let mut all = Vec::new();
+    let mut after = Position::START;
+    loop {
+        let page = store.read_all(after, 100).await.expect("read_all");
+        match page.last() {
+            Some(last) => after = last.position,
+            None => return all,
+        }
+        all.extend(page);
+    }
+}
+
+async fn read_whole_stream<S: EventStore + ?Sized>(store: &S, stream_id: &StreamId) -> Vec<RecordedEvent> {
+    store.read_stream(stream_id, Version(1), usize::MAX).await.expect("read_stream")
+}
+
+/// Appended events come back intact, per stream, in version order from 1; `from` and
+/// `max_count` are honoured; results carry contiguous versions and increasing positions.
+pub async fn round_trip_and_stream_order<S: EventStore + ?Sized>(store: Arc<S>) {
+    let a = stream("a");
+    let b = stream("b");
+    let first = append_ok(&*store, &a, ExpectedVersion::NoStream, vec![event(1), event(2), event(3)]).await;
+    assert_eq!((first.first_version, first.last_version), (Version(1), Version(3)));
+    assert!(first.first_position < first.last_position, "positions must increase within an append");
+    let other = append_ok(&*store, &b, ExpectedVersion::Any, vec![event(10)]).await;
+    assert!(other.first_position > first.last_position, "later append must have a later position");
+    let sent = vec![event(4), event(5)];
+    let second = append_ok(&*store, &a, ExpectedVersion::Exact(Version(3)), sent.clone()).await;
+    assert_eq!((second.first_version, second.last_version), (Version(4), Version(5)));
+
+    let events = read_whole_stream(&*store, &a).await;
+    assert_eq!(events.iter().map(marker).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(events.iter().map(|e| e.version.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert!(events.windows(2).all(|w| w[0].position < w[1].position), "stream positions must increase");
+    assert!(events.iter().all(|e| e.stream_id == a));
+    assert_eq!(events[3].event_id, sent[0].event_id);
+    assert_eq!(&*events[3].event_type, "TestHappened");
+    assert_eq!(events[3].schema_version, 1);
+    assert_eq!(*events[3].payload, sent[0].payload);
+    assert_eq!(events[4].position, second.last_position);
+
+    let tail = store.read_stream(&a, Version(3), 2).await.expect("read_stream from 3");
+    assert_eq!(tail.iter().map(marker).collect::<Vec<_>>(), vec![3, 4]);
+    assert_eq!(store.stream_version(&a).await.expect("version"), Version(5));
+    assert_eq!(store.stream_version(&b).await.expect("version"), Version(1));
+}
+
+/// An unknown stream reads as empty with version 0.
+pub async fn unknown_streams_are_empty<S: EventStore + ?Sized>(store: Arc<S>) {
+    let nowhere = stream("nowhere");
+    assert!(read_whole_stream(&*store, &nowhere).await.is_empty());
+    assert_eq!(store.stream_version(&nowhere).await.expect("version"), Version::NONE);
+    assert!(store.read_all(Position::START, 10).await.expect("read_all").is_empty());
+    assert_eq!(store.find_command(&nowhere, CommandId::new()).await.expect("find_command"), None);
+}
+
+fn assert_conflict(result: Result<AppendOutcome, StoreError>, expected: ExpectedVersion, actual: Version) {
+    match result {
+        Err(StoreError::Conflict { expected: e, actual: a, .. }) => {
+            assert_eq!((e, a), (expected, actual), "conflict must report what was expected and what is")
+        }
+        other => panic!("expected a conflict ({expected:?} vs {actual}), got {other:?}"),
+    }
+}
+
+/// `Any`, `NoStream`, `StreamExists` and `Exact(n)` accept and refuse as documented, and a
+/// refused append writes nothing.
+pub async fn expected_version_rules<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("rules");
+    assert_conflict(
+        store.append(&s, ExpectedVersion::StreamExists, vec![event(0)]).await,
+        ExpectedVersion::StreamExists,
+        Version(0),
+    );
+    assert_conflict(
+        store.append(&s, ExpectedVersion::Exact(Version(1)), vec![event(0)]).await,
+        ExpectedVersion::Exact(Version(1)),
+        Version(0),
+    );
+    append_ok(&*store, &s, ExpectedVersion::Exact(Version(0)), vec![event(1)]).await;
+    assert_conflict(
+        store.append(&s, ExpectedVersion::NoStream, vec![event(0)]).await,
+        ExpectedVersion::NoStream,
+        Version(1),
+    );
+    append_ok(&*store, &s, ExpectedVersion::StreamExists, vec![event(2)]).await;
+    assert_conflict(
+        store.append(&s, ExpectedVersion::Exact(Version(1)), vec![event(0)]).await,
+        ExpectedVersion::Exact(Version(1)),
+        Version(2),
+    );
+    assert_conflict(
+        store.append(&s, ExpectedVersion::Exact(Version(9)), vec![event(0)]).await,
+        ExpectedVersion::Exact(Version(9)),
+        Version(2),
+    );
+    append_ok(&*store, &s, ExpectedVersion::Exact(Version(2)), vec![event(3)]).await;
+    append_ok(&*store, &s, ExpectedVersion::Any, vec![event(4)]).await;
+    let markers: Vec<_> = read_whole_stream(&*store, &s).await.iter().map(marker).collect();
+    assert_eq!(markers, vec![1, 2, 3, 4], "refused appends must not write anything");
+    assert_eq!(read_everything(&*store).await.len(), 4, "refused appends must not reach the global log");
+}
+
+/// Empty appends, mixed command ids and reused event ids are refused and write nothing.
+pub async fn invalid_appends_are_refused<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("invalid");
+    assert!(matches!(store.append(&s, ExpectedVersion::Any, Vec::new()).await, Err(StoreError::InvalidAppend(_))));
+    let mixed = vec![
+        event_with(1, Metadata { command_id: Some(CommandId::new()), ..Metadata::default() }),
+        event_with(2, Metadata { command_id: Some(CommandId::new()), ..Metadata::default() }),
+    ];
+    assert!(matches!(store.append(&s, ExpectedVersion::Any, mixed).await, Err(StoreError::InvalidAppend(_))));
+    let stored = event(3);
+    append_ok(&*store, &s, ExpectedVersion::Any, vec![stored.clone()]).await;
+    let reused = vec![event(4), stored.clone()];
+    let other = stream("other");
+    assert!(
+        matches!(store.append(&other, ExpectedVersion::Any, reused).await, Err(StoreError::DuplicateEventId(id)) if id == stored.event_id)
+    );
+    let within = event(5);
+    let twice = vec![within.clone(), within];
+    assert!(matches!(store.append(&other, ExpectedVersion::Any, twice).await, Err(StoreError::DuplicateEventId(_))));
+    assert_eq!(store.stream_version(&other).await.expect("version"), Version::NONE);
+    assert_eq!(read_everything(&*store).await.len(), 1);
+}
+
+/// Many writers append at the same expected version at once: exactly one wins per round, the
+/// others get a conflict, and the stream holds exactly the winners' events.
+pub async fn concurrent_appends_at_same_version_exactly_one_wins<S: EventStore + ?Sized>(store: Arc<S>) {
+    const WRITERS: u64 = 8;
+    const ROUNDS: u64 = 10;
+    let s = stream("race");
+    let mut winners = Vec::new();
+    for round in 0..ROUNDS {
+        let expected = ExpectedVersion::Exact(Version(round));
+        let tasks: Vec<_> = (0..WRITERS)
+            .map(|writer| {
+                let store = Arc::clone(&store);
+                let s = s.clone();
+                tokio::spawn(
+                    async move { (writer, store.append(&s, expected, vec![event(round * 100 + writer)]).await) },
+                )
+            })
+            .collect();
+        let mut won = Vec::new();
+        for task in tasks {
+            let (writer, result) = task.await.expect("task");
+            match result {
+                Ok(AppendOutcome::Appended(result)) => {
+                    assert_eq!(result.last_version, Version(round + 1));
+                    won.push(round * 100 + writer);
+                }
+                Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, Version(round + 1)),
+                other => panic!("unexpected append result {other:?}"),
+            }
+        }
+        assert_eq!(won.len(), 1, "exactly one writer must win round {round}, winners: {won:?}");
+        winners.extend(won);
+    }
+    let markers: Vec<_> = read_whole_stream(&*store, &s).await.iter().map(marker).collect();
+    assert_eq!(markers, winners);
+}
+
+/// Many writers append with `Any` to a few streams at once: every event is stored once, and
+/// every stream's versions are contiguous.
+pub async fn concurrent_appends_with_any_version_lose_nothing<S: EventStore + ?Sized>(store: Arc<S>) {
+    const WRITERS: u64 = 16;
+    const PER_WRITER: u64 = 20;
+    let streams: Vec<_> = (0..3).map(|i| stream(&format!("any{i}"))).collect();
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let store = Arc::clone(&store);
+            let streams = streams.clone();
+            tokio::spawn(async move {
+                for i in 0..PER_WRITER {
+                    let s = &streams[usize::try_from((writer + i) % 3).expect("small")];
+                    let events = vec![event(writer * 1000 + i * 2), event(writer * 1000 + i * 2 + 1)];
+                    append_ok(&*store, s, ExpectedVersion::Any, events).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("writer task");
+    }
+    let mut seen = HashSet::new();
+    for s in &streams {
+        let events = read_whole_stream(&*store, s).await;
+        for (index, event) in events.iter().enumerate() {
+            assert_eq!(event.version, Version(index as u64 + 1), "versions of {s} must be contiguous");
+            assert!(seen.insert(marker(event)), "event {} stored twice", marker(event));
+        }
+        // The two events of one append stay adjacent.
+        for pair in events.chunks(2) {
+            assert_eq!(marker(&pair[0]) + 1, marker(&pair[1]), "an append must be contiguous in its stream");
+        }
+    }
+    assert_eq!(seen.len() as u64, WRITERS * PER_WRITER * 2);
+    assert_eq!(read_everything(&*store).await.len() as u64, WRITERS * PER_WRITER * 2);
+}
+
+/// `read_all` returns every event once, in strictly increasing positions, agrees with each
+/// stream's order, and resumes correctly from any position.
+pub async fn read_all_is_in_global_order<S: EventStore + ?Sized>(store: Arc<S>) {
+    let a = stream("a");
+    let b = stream("b");
+    for n in 0..30u64 {
+        let s = if n % 3 == 0 { &b } else { &a };
+        append_ok(&*store, s, ExpectedVersion::Any, vec![event(n)]).await;
+    }
+    let all = read_everything(&*store).await;
+    assert_eq!(all.iter().map(marker).collect::<Vec<_>>(), (0..30).collect::<Vec<_>>(), "commit order");
+    assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+    let middle = all[11].position;
+    let rest = store.read_all(middle, 1000).await.expect("read_all");
+    assert_eq!(rest.iter().map(marker).collect::<Vec<_>>(), (12..30).collect::<Vec<_>>());
+    let limited = store.read_all(middle, 5).await.expect("read_all");
+    assert_eq!(limited.len(), 5);
+    let positions_of_a: Vec<_> = all.iter().filter(|e| e.stream_id == a).map(|e| e.version).collect();
+    assert_eq!(positions_of_a, (1..=20).map(Version).collect::<Vec<_>>());
+}
+
+/// Writes `count` events from `writers` concurrent tasks over three streams.
+fn spawn_writers<S: EventStore + ?Sized>(
+    store: &Arc<S>,
+    writers: u64,
+    per_writer: u64,
+    first_marker: u64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|writer| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move {
+                let streams: Vec<_> = (0..3).map(|i| stream(&format!("w{writer}s{i}"))).collect();
+                for i in 0..per_writer {
+                    let n = first_marker + writer * per_writer + i;
+                    let s = &streams[usize::try_from(i % 3).expect("small")];
+                    append_ok(&*store, s, ExpectedVersion::Any, vec![event(n)]).await;
+                    if i % 7 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn collect<S: EventStore + ?Sized>(feed: &mut Subscription<S>, count: usize) -> Vec<RecordedEvent> {
+    let mut got = Vec::with_capacity(count);
+    while got.len() < count {
+        let next = tokio::time::timeout(Duration::from_secs(30), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("subscription stalled after {} of {count} events", got.len()));
+        got.push(next.expect("subscription error").expect("store closed"));
+    }
+    got
+}
+
+fn assert_same_feed(got: &[RecordedEvent], expected: &[RecordedEvent]) {
+    assert_eq!(got.len(), expected.len(), "subscription must see every event exactly once");
+    for (g, e) in got.iter().zip(expected) {
+        assert_eq!((g.position, g.event_id), (e.position, e.event_id), "subscription order must match read_all");
+    }
+}
+
+/// A subscription from the start sees stored events, then events appended by concurrent
+/// writers while it runs: each exactly once, in `read_all` order.
+pub async fn subscription_from_start_catches_up_then_goes_live<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("before");
+    for n in 0..50 {
+        append_ok(&*store, &s, ExpectedVersion::Any, vec![event(n)]).await;
+    }
+    let mut feed = Subscription::all(Arc::clone(&store), Position::START).with_page_size(16);
+    let writers = spawn_writers(&store, 4, 50, 1000);
+    let got = collect(&mut feed, 250).await;
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    assert_same_feed(&got, &read_everything(&*store).await);
+    // Nothing more arrives, and nothing is delivered twice.
+    let extra = tokio::time::timeout(Duration::from_millis(100), feed.next()).await;
+    assert!(extra.is_err(), "no event may be delivered twice: {extra:?}");
+    // Live again after idling.
+    append_ok(&*store, &s, ExpectedVersion::Any, vec![event(9999)]).await;
+    let last = collect(&mut feed, 1).await;
+    assert_eq!(marker(&last[0]), 9999);
+}
+
+/// A subscription from a position in the middle sees only the later events, then live ones.
+pub async fn subscription_from_middle_sees_only_later_events<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("mid");
+    for n in 0..40 {
+        append_ok(&*store, &s, ExpectedVersion::Any, vec![event(n)]).await;
+    }
+    let before = read_everything(&*store).await;
+    let middle = before[19].position;
+    let mut feed = Subscription::all(Arc::clone(&store), middle).with_page_size(7);
+    let writers = spawn_writers(&store, 3, 30, 1000);
+    let got = collect(&mut feed, 20 + 90).await;
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let all = read_everything(&*store).await;
+    assert_same_feed(&got, &all[20..]);
+}
+
+/// A subscription to one stream sees that stream's events from a version, in order, then new
+/// ones, and nothing of other streams.
+pub async fn stream_subscription_catches_up_then_goes_live<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("one");
+    let noise = stream("noise");
+    for n in 0..10 {
+        append_ok(&*store, &s, ExpectedVersion::Any, vec![event(n)]).await;
+        append_ok(&*store, &noise, ExpectedVersion::Any, vec![event(100 + n)]).await;
+    }
+    let mut feed = Subscription::stream(Arc::clone(&store), s.clone(), Version(4)).with_page_size(3);
+    let writer = {
+        let store = Arc::clone(&store);
+        let s = s.clone();
+        let noise = noise.clone();
+        tokio::spawn(async move {
+            for n in 10..30 {
+                append_ok(&*store, &s, ExpectedVersion::Any, vec![event(n)]).await;
+                append_ok(&*store, &noise, ExpectedVersion::Any, vec![event(100 + n)]).await;
+            }
+        })
+    };
+    let got = collect(&mut feed, 27).await;
+    writer.await.expect("writer");
+    assert_eq!(got.iter().map(marker).collect::<Vec<_>>(), (3..30).collect::<Vec<_>>());
+    assert_eq!(got.iter().map(|e| e.version.0).collect::<Vec<_>>(), (4..=30).collect::<Vec<_>>());
+}
+
+/// A subscriber that is much slower than the writers still sees every event, in order.
+pub async fn slow_subscriber_sees_everything<S: EventStore + ?Sized>(store: Arc<S>) {
+    let mut feed = Subscription::all(Arc::clone(&store), Position::START).with_page_size(5);
+    let writers = spawn_writers(&store, 4, 100, 0);
+    let mut got = Vec::new();
+    while got.len() < 400 {
+        let next = tokio::time::timeout(Duration::from_secs(30), feed.next()).await.expect("stalled");
+        got.push(next.expect("subscription error").expect("closed"));
+        if got.len() % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    assert_same_feed(&got, &read_everything(&*store).await);
+}
+
+/// Checkpoints are stored per name, overwritten on save, and absent until saved.
+pub async fn checkpoints_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
+    let name = format!("projection-{}", uuid::Uuid::new_v4().simple());
+    let other = format!("{name}-other");
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), None);
+    store.save_checkpoint(&name, Position(42)).await.expect("save");
+    store.save_checkpoint(&other, Position(7)).await.expect("save");
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), Some(Position(42)));
+    store.save_checkpoint(&name, Position(43)).await.expect("save");
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), Some(Position(43)));
+    assert_eq!(store.load_checkpoint(&other).await.expect("load"), Some(Position(7)));
+}
+
+/// For durable stores: a checkpoint saved before the store is reopened is there afterwards.
+/// `reopen` must return a new store instance over the same storage.
+pub async fn checkpoints_survive_reopen<S, F, Fut>(store: Arc<S>, reopen: F)
+where
+    S: EventStore + ?Sized,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Arc<S>>,
+{
+    let name = format!("durable-{}", uuid::Uuid::new_v4().simple());
+    store.save_checkpoint(&name, Position(1234)).await.expect("save");
+    drop(store);
+    let reopened = reopen().await;
+    assert_eq!(reopened.load_checkpoint(&name).await.expect("load"), Some(Position(1234)));
+}
+
+/// A command id already stored for a stream makes a second append a no-op that returns the
+/// first result, whatever its expected version; other streams are independent.
+pub async fn idempotent_command_ids<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("idem");
+    let command_id = CommandId::new();
+    let with_id = |n| event_with(n, Metadata { command_id: Some(command_id), ..Metadata::default() });
+    let first = append_ok(&*store, &s, ExpectedVersion::NoStream, vec![with_id(1), with_id(2)]).await;
+    append_ok(&*store, &s, ExpectedVersion::Any, vec![event(3)]).await;
+    for expected in [ExpectedVersion::NoStream, ExpectedVersion::Exact(Version(1)), ExpectedVersion::Any] {
+        match store.append(&s, expected, vec![with_id(99)]).await {
+            Ok(AppendOutcome::Duplicate(result)) => assert_eq!(result, first),
+            other => panic!("a repeated command id must be a duplicate, got {other:?}"),
+        }
+    }
+    assert_eq!(store.find_command(&s, command_id).await.expect("find"), Some(first));
+    assert_eq!(read_whole_stream(&*store, &s).await.iter().map(marker).collect::<Vec<_>>(), vec![1, 2, 3]);
+    // The same id on another stream is a different command.
+    let other = stream("idem-other");
+    append_ok(&*store, &other, ExpectedVersion::Any, vec![with_id(4)]).await;
+    // Concurrent duplicates: exactly one append happens.
+    let racing = stream("idem-race");
+    let race_id = CommandId::new();
+    let tasks: Vec<_> = (0..8)
+        .map(|n| {
+            let store = Arc::clone(&store);
+            let racing = racing.clone();
+            let metadata = Metadata { command_id: Some(race_id), ..Metadata::default() };
+            tokio::spawn(
+                async move { store.append(&racing, ExpectedVersion::Any, vec![event_with(n, metadata)]).await },
+            )
+        })
+        .collect();
+    let mut appended = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(AppendOutcome::Appended(_)) => appended += 1,
+            Ok(AppendOutcome::Duplicate(_)) => {}
+            // A loser may also see the winner's version first; that is a conflict, not a loss.
+            Err(StoreError::Conflict { .. }) => {}
+            Err(error) => panic!("unexpected error {error}"),
+        }
+    }
+    assert_eq!(appended, 1, "exactly one of the racing duplicates may be stored");
+    assert_eq!(read_whole_stream(&*store, &racing).await.len(), 1);
+}
+
+/// Event id, causation, correlation, command id, headers and recorded-at come back as stored.
+pub async fn metadata_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("meta");
+    let metadata = Metadata {
+        command_id: Some(CommandId::new()),
+        causation_id: Some(CausationId::new()),
+        correlation_id: Some(CorrelationId::new()),
+        headers: HashMap::from([("user".to_owned(), "ada".to_owned()), ("tenant".to_owned(), "αβγ".to_owned())]),
+    };
+    let before = Timestamp::now();
+    let sent = event_with(1, metadata.clone());
+    append_ok(&*store, &s, ExpectedVersion::Any, vec![sent.clone()]).await;
+    let after = Timestamp::now();
+    let events = read_whole_stream(&*store, &s).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].event_id, sent.event_id);
+    assert_eq!(*events[0].metadata, metadata);
+    let slack = 5_000_000; // 5 s of clock difference between client and server
+    assert!(
+        events[0].recorded_at.as_micros() >= before.as_micros() - slack
+            && events[0].recorded_at.as_micros() <= after.as_micros() + slack,
+        "recorded_at {:?} outside [{before:?}, {after:?}]",
+        events[0].recorded_at
+    );
+    let all = read_everything(&*store).await;
+    assert_eq!(*all[0].metadata, metadata, "read_all must return the same metadata");
+}
+
+/// Through the dispatcher: a command id dispatched again, by a new dispatcher (a restarted
+/// process with an empty cache), returns the first outcome and stores nothing, even when the
+/// command would now be refused.
+pub async fn dispatcher_idempotency_survives_restart<S: EventStore + ?Sized>(store: Arc<S>) {
+    let id = rand_counter_id();
+    let command_id = CommandId::new();
+    let decrement = || CommandEnvelope::new(CounterCommand::decrement(id, 5)).with_command_id(command_id);
+    let first_process = Dispatcher::<Counter, S>::new(Arc::clone(&store));
+    first_process.dispatch(CounterCommand::increment(id, 5)).await.expect("increment");
+    let first = first_process.dispatch(decrement()).await.expect("decrement");
+    assert!(!first.duplicate);
+    let again = first_process.dispatch(decrement()).await.expect("repeat in same process");
+    assert!(again.duplicate);
+    assert_eq!(again.appended, first.appended);
+
+    let restarted = Dispatcher::<Counter, S>::new(Arc::clone(&store));
+    // The counter is now 0, so a fresh decrement would be refused; the repeat is not.
+    let after_restart = restarted.dispatch(decrement()).await.expect("repeat after restart");
+    assert!(after_restart.duplicate);
+    assert_eq!(after_restart.appended, first.appended);
+    assert_eq!(after_restart.version, Version(2));
+    let (state, version) = restarted.load(&Counter::stream_id(id)).await.expect("load");
+    assert_eq!((state.value, version), (0, Version(2)), "the repeat must not store anything");
+}
+
+/// Through the dispatcher: two dispatchers (two processes) on one store hammer the same
+/// counters; every command is applied exactly once and each cached state equals the state
+/// rebuilt from the store.
+pub async fn dispatcher_state_matches_store_under_concurrency<S: EventStore + ?Sized>(store: Arc<S>) {
+    let ids: Vec<u32> = (0..3).map(|_| rand_counter_id()).collect();
+    let processes =
+        [Dispatcher::<Counter, S>::new(Arc::clone(&store)), Dispatcher::<Counter, S>::new(Arc::clone(&store))];
+    let tasks: Vec<_> = (0..8u64)
+        .map(|task| {
+            let dispatcher = processes[usize::try_from(task % 2).expect("small")].clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                for i in 0..25u64 {
+                    let id = ids[usize::try_from((task + i) % 3).expect("small")];
+                    dispatcher.dispatch(CounterCommand::increment(id, 1)).await.expect("increment");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let mut total = 0;
+    for id in &ids {
+        let fresh = Dispatcher::<Counter, S>::new(Arc::clone(&store));
+        let (rebuilt, version) = fresh.load(&Counter::stream_id(*id)).await.expect("load");
+        for process in &processes {
+            let (cached, cached_version) = process.load(&Counter::stream_id(*id)).await.expect("load");
+            assert_eq!((cached, cached_version), (rebuilt.clone(), version));
+        }
+        assert_eq!(rebuilt.value, version.0);
+        total += rebuilt.value;
+    }
+    assert_eq!(total, 8 * 25, "every command applied exactly once");
+}
+
+fn rand_counter_id() -> u32 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}

@@ -1,0 +1,206 @@
+#![doc = include_str!("../README.md")]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use cqrs_core::{
+    AppendOutcome, AppendResult, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent,
+    StoreError, StreamId, Timestamp, Version, MAX_EVENTS_PER_APPEND,
+};
+use tokio::sync::watch;
+
+/// An in-memory event store. Cheap to clone: clones share the same log.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// All state behind one lock, held only for the few microseconds of an append or read,
+    /// never across an await.
+    state: RwLock<State>,
+    /// The position of the newest event; subscribers wake up when it changes.
+    head: watch::Sender<Position>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The global log; the event at index `i` has position `i + 1`.
+    log: Vec<RecordedEvent>,
+    /// For each stream, the log index of each of its events (version `v` at `[v - 1]`).
+    streams: HashMap<StreamId, Vec<usize>>,
+    /// The result of every stored command id, per stream.
+    commands: HashMap<(StreamId, CommandId), AppendResult>,
+    event_ids: HashSet<EventId>,
+    checkpoints: HashMap<String, Position>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").field("events", &self.len()).finish()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        let (head, _) = watch::channel(Position::START);
+        Self { inner: Arc::new(Inner { state: RwLock::new(State::default()), head }) }
+    }
+
+    /// How many events are stored.
+    pub fn len(&self) -> usize {
+        self.read().log.len()
+    }
+
+    /// Whether no event is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written: appends validate
+        // everything before the first mutation.
+        self.inner.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Checks an append request before touching any state.
+fn validate(events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
+    if events.is_empty() {
+        return Err(StoreError::InvalidAppend("an append needs at least one event".into()));
+    }
+    if events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(StoreError::InvalidAppend(format!(
+            "{} events in one append, more than the limit of {MAX_EVENTS_PER_APPEND}",
+            events.len()
+        )));
+    }
+    let command_id = events[0].metadata.command_id;
+    if events.iter().any(|event| event.metadata.command_id != command_id) {
+        return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
+    }
+    let mut ids = HashSet::with_capacity(events.len());
+    if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
+        return Err(StoreError::DuplicateEventId(event.event_id));
+    }
+    Ok(command_id)
+}
+
+#[async_trait]
+impl EventStore for MemoryStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let command_id = validate(&events)?;
+        let result = {
+            let mut state = self.write();
+            if let Some(command_id) = command_id {
+                if let Some(first) = state.commands.get(&(stream_id.clone(), command_id)) {
+                    return Ok(AppendOutcome::Duplicate(*first));
+                }
+            }
+            let actual = Version(state.streams.get(stream_id).map_or(0, |indexes| indexes.len() as u64));
+            if !expected.accepts(actual) {
+                return Err(StoreError::Conflict { stream_id: stream_id.clone(), expected, actual });
+            }
+            if let Some(event) = events.iter().find(|event| state.event_ids.contains(&event.event_id)) {
+                return Err(StoreError::DuplicateEventId(event.event_id));
+            }
+            let recorded_at = Timestamp::now();
+            let first_index = state.log.len();
+            let count = events.len() as u64;
+            let State { log, streams, event_ids, .. } = &mut *state;
+            let indexes = streams.entry(stream_id.clone()).or_default();
+            for (offset, event) in events.into_iter().enumerate() {
+                let index = first_index + offset;
+                event_ids.insert(event.event_id);
+                indexes.push(index);
+                log.push(RecordedEvent {
+                    event_id: event.event_id,
+                    stream_id: stream_id.clone(),
+                    version: Version(actual.0 + offset as u64 + 1),
+                    position: Position(index as u64 + 1),
+                    recorded_at,
+                    event_type: Arc::from(event.event_type),
+                    schema_version: event.schema_version,
+                    payload: Arc::new(event.payload),
+                    metadata: Arc::new(event.metadata),
+                });
+            }
+            let result = AppendResult {
+                first_version: Version(actual.0 + 1),
+                last_version: Version(actual.0 + count),
+                first_position: Position(first_index as u64 + 1),
+                last_position: Position(first_index as u64 + count),
+            };
+            if let Some(command_id) = command_id {
+                state.commands.insert((stream_id.clone(), command_id), result);
+            }
+            // Publish while still holding the lock, so the head never moves backwards.
+            self.inner.head.send_replace(result.last_position);
+            result
+        };
+        Ok(AppendOutcome::Appended(result))
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        from: Version,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let state = self.read();
+        let Some(indexes) = state.streams.get(stream_id) else {
+            return Ok(Vec::new());
+        };
+        let skip = usize::try_from(from.0.saturating_sub(1)).unwrap_or(usize::MAX);
+        Ok(indexes.iter().skip(skip).take(max_count).map(|&index| state.log[index].clone()).collect())
+    }
+
+    async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        let state = self.read();
+        let start = usize::try_from(after.0).unwrap_or(usize::MAX).min(state.log.len());
+        let end = start.saturating_add(max_count).min(state.log.len());
+        Ok(state.log[start..end].to_vec())
+    }
+
+    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
+        Ok(Version(self.read().streams.get(stream_id).map_or(0, |indexes| indexes.len() as u64)))
+    }
+
+    async fn find_command(
+        &self,
+        stream_id: &StreamId,
+        command_id: CommandId,
+    ) -> Result<Option<AppendResult>, StoreError> {
+        Ok(self.read().commands.get(&(stream_id.clone(), command_id)).copied())
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        Ok(self.read().checkpoints.get(name).copied())
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.write().checkpoints.insert(name.to_owned(), position);
+        Ok(())
+    }
+
+    fn notifications(&self) -> watch::Receiver<Position> {
+        self.inner.head.subscribe()
+    }
+}

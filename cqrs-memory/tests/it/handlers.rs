@@ -1,0 +1,239 @@
+//! Handler runners on the memory store: ordering, checkpoints, restarts, retries, stuck
+//! status, read-your-writes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
+use cqrs_core::{
+    spawn_handler, CommandEnvelope, Consistency, DispatchError, Dispatcher, Envelope, EventHandler, EventStore,
+    HandlerError, HandlerState, Position, Progress, ProgressError, RunnerConfig, StartFrom, Version,
+};
+use cqrs_memory::MemoryStore;
+
+/// A projection: each counter's value, plus every position it handled.
+#[derive(Clone, Default)]
+struct Totals {
+    name: &'static str,
+    values: Arc<Mutex<HashMap<String, i64>>>,
+    seen: Arc<Mutex<Vec<Position>>>,
+    delay: Duration,
+    /// Fail this many times on the event at `fail_at`.
+    fail_at: Option<Position>,
+    failures_left: Arc<AtomicU32>,
+}
+
+#[async_trait]
+impl EventHandler for Totals {
+    type Event = CounterEvent;
+    fn name(&self) -> &str {
+        self.name
+    }
+    async fn handle(&self, event: Envelope<CounterEvent>) -> Result<(), HandlerError> {
+        if Some(event.position) == self.fail_at && self.failures_left.load(Ordering::SeqCst) > 0 {
+            self.failures_left.fetch_sub(1, Ordering::SeqCst);
+            return Err(HandlerError::new("downstream unavailable"));
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        let delta = match event.event {
+            CounterEvent::Incremented { by } => by as i64,
+            CounterEvent::Decremented { by } => -(by as i64),
+        };
+        *self.values.lock().expect("lock").entry(event.stream_id.to_string()).or_default() += delta;
+        self.seen.lock().expect("lock").push(event.position);
+        Ok(())
+    }
+}
+
+impl Totals {
+    fn named(name: &'static str) -> Self {
+        Self { name, ..Self::default() }
+    }
+    fn value(&self, id: u32) -> i64 {
+        self.values.lock().expect("lock").get(Counter::stream_id(id).as_str()).copied().unwrap_or(0)
+    }
+    fn seen(&self) -> Vec<Position> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+async fn fill(dispatcher: &Dispatcher<Counter, MemoryStore>, count: u32) {
+    for i in 0..count {
+        dispatcher.dispatch(CounterCommand::increment(i % 3, 1)).await.expect("dispatch");
+    }
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn handler_sees_history_then_live_events_in_order_and_saves_its_checkpoint() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 30).await;
+    let progress = Progress::new();
+    let totals = Totals::named("totals");
+    let running = spawn_handler(Arc::clone(&store), totals.clone(), RunnerConfig::default(), &progress);
+    fill(&dispatcher, 30).await;
+    wait_until("60 events", || totals.seen().len() == 60).await;
+    assert_eq!(totals.seen(), (1..=60).map(Position).collect::<Vec<_>>(), "in global order, each once");
+    assert_eq!((totals.value(0), totals.value(1), totals.value(2)), (20, 20, 20));
+    wait_until("checkpoint", || futures_ready(store.load_checkpoint("totals")) == Some(Position(60))).await;
+    assert_eq!(running.status().position, Position(60));
+    running.stop().await;
+}
+
+/// Polls a ready future of the memory store (it never actually waits).
+fn futures_ready<T>(future: impl std::future::Future<Output = Result<T, cqrs_core::StoreError>>) -> T {
+    let waker = std::task::Waker::noop();
+    let mut context = std::task::Context::from_waker(waker);
+    let mut future = std::pin::pin!(future);
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(result) => result.expect("memory store call"),
+        std::task::Poll::Pending => panic!("memory store call was not ready"),
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_handler_resumes_after_its_checkpoint() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 10).await;
+    let progress = Progress::new();
+    let first = Totals::named("resumable");
+    let running = spawn_handler(Arc::clone(&store), first.clone(), RunnerConfig::default(), &progress);
+    wait_until("first run", || first.seen().len() == 10).await;
+    running.stop().await;
+    assert_eq!(futures_ready(store.load_checkpoint("resumable")), Some(Position(10)));
+
+    fill(&dispatcher, 5).await;
+    let second = Totals::named("resumable");
+    let running = spawn_handler(Arc::clone(&store), second.clone(), RunnerConfig::default(), &progress);
+    wait_until("second run", || second.seen().len() == 5).await;
+    assert_eq!(second.seen(), (11..=15).map(Position).collect::<Vec<_>>(), "no replay of handled events");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn start_from_current_ignores_history() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 10).await;
+    let progress = Progress::new();
+    let mailer = Totals::named("mailer");
+    let config = RunnerConfig { start_from: StartFrom::Current, ..RunnerConfig::default() };
+    let running = spawn_handler(Arc::clone(&store), mailer.clone(), config, &progress);
+    wait_until("started", || running.status().state == HandlerState::Running).await;
+    fill(&dispatcher, 2).await;
+    wait_until("live events", || mailer.seen().len() == 2).await;
+    assert_eq!(mailer.seen(), vec![Position(11), Position(12)]);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_handler_is_retried_reported_stuck_and_never_skips() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 5).await;
+    let progress = Progress::new();
+    let flaky =
+        Totals { fail_at: Some(Position(3)), failures_left: Arc::new(AtomicU32::new(12)), ..Totals::named("flaky") };
+    let config = RunnerConfig { stuck_after: Duration::from_secs(10), ..RunnerConfig::default() };
+    let running = spawn_handler(Arc::clone(&store), flaky.clone(), config, &progress);
+    let mut status = running.watch();
+    let retrying = status.wait_for(|s| matches!(s.state, HandlerState::Retrying { .. })).await.expect("status").clone();
+    assert!(matches!(retrying.state, HandlerState::Retrying { position: Position(3), .. }), "{retrying:?}");
+    assert_eq!(retrying.position, Position(2), "the last handled event");
+    assert_eq!(flaky.seen(), vec![Position(1), Position(2)], "stops at the failing event");
+    let stuck = status.wait_for(|s| matches!(s.state, HandlerState::Stuck { .. })).await.expect("status").clone();
+    match &stuck.state {
+        HandlerState::Stuck { position, attempts, error } => {
+            assert_eq!(*position, Position(3));
+            assert!(*attempts >= 5, "{attempts}");
+            assert!(error.contains("downstream unavailable"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(progress.status("flaky").expect("registered").state, stuck.state, "queryable by name");
+    // Once the failure clears, the runner goes on from the same event.
+    status.wait_for(|s| s.position == Position(5)).await.expect("recovered");
+    assert_eq!(flaky.seen(), (1..=5).map(Position).collect::<Vec<_>>());
+    assert_eq!(running.status().state, HandlerState::Running);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn strong_consistency_waits_for_the_named_handlers() {
+    let store = Arc::new(MemoryStore::new());
+    let progress = Progress::new();
+    let slow = Totals { delay: Duration::from_millis(30), ..Totals::named("slow-totals") };
+    let running = spawn_handler(Arc::clone(&store), slow.clone(), RunnerConfig::default(), &progress);
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_progress(progress.clone());
+    for expected in 1..=5 {
+        dispatcher
+            .dispatch_with(CommandEnvelope::new(CounterCommand::increment(1, 1)), &Consistency::strong(["slow-totals"]))
+            .await
+            .expect("dispatch");
+        assert_eq!(slow.value(1), expected, "the read model already shows the write");
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn strong_consistency_reports_unknown_handlers_and_timeouts() {
+    let store = Arc::new(MemoryStore::new());
+    let progress = Progress::new();
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_progress(progress.clone());
+    let unknown = Consistency::strong(["nobody"]);
+    match dispatcher.dispatch_with(CommandEnvelope::new(CounterCommand::increment(1, 1)), &unknown).await {
+        Err(DispatchError::ConsistencyTimeout { outcome, source: ProgressError::UnknownHandler(name) }) => {
+            assert_eq!(name, "nobody");
+            assert_eq!(outcome.version, Version(1), "the command itself succeeded");
+        }
+        other => panic!("{other:?}"),
+    }
+    let stuck = Totals {
+        fail_at: Some(Position(2)),
+        failures_left: Arc::new(AtomicU32::new(u32::MAX)),
+        ..Totals::named("stuck")
+    };
+    let running = spawn_handler(Arc::clone(&store), stuck, RunnerConfig::default(), &progress);
+    let strict = Consistency::Strong { handlers: vec!["stuck".into()], timeout: Duration::from_millis(200) };
+    match dispatcher.dispatch_with(CommandEnvelope::new(CounterCommand::increment(1, 1)), &strict).await {
+        Err(DispatchError::ConsistencyTimeout { source: ProgressError::Timeout { position, .. }, .. }) => {
+            assert_eq!(position, Position(2));
+        }
+        other => panic!("{other:?}"),
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn events_of_other_types_are_passed_over_but_advance_the_position() {
+    let store = Arc::new(MemoryStore::new());
+    let other = cqrs_core::StreamId::new("other-1").expect("id");
+    store
+        .append(&other, cqrs_core::ExpectedVersion::Any, vec![cqrs_core::testing::conformance::event(1)])
+        .await
+        .expect("append");
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 2).await;
+    let progress = Progress::new();
+    let totals = Totals::named("typed");
+    let running = spawn_handler(Arc::clone(&store), totals.clone(), RunnerConfig::default(), &progress);
+    progress.wait_for("typed", Position(3), Duration::from_secs(5)).await.expect("caught up");
+    assert_eq!(totals.seen(), vec![Position(2), Position(3)]);
+    running.stop().await;
+}
