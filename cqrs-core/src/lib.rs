@@ -21,6 +21,9 @@ pub mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+/// Re-exported so handler implementations need no extra dependency: `#[cqrs_core::async_trait]`.
+pub use async_trait::async_trait;
+
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig};
 pub use event::{

@@ -1,0 +1,1 @@
+//! Holder crate for the workspace benchmarks in `benches/`; see BENCHMARKS.md.

@@ -1,0 +1,1 @@
+//! Holder crate for the workspace examples; see `bank_account.rs`.
