@@ -43,6 +43,7 @@ pub struct Subscription<S: EventStore + ?Sized> {
     buffer: VecDeque<RecordedEvent>,
     notifications: watch::Receiver<Position>,
     page_size: usize,
+    last_position: Position,
 }
 
 impl<S: EventStore + ?Sized> Subscription<S> {
@@ -55,6 +56,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             buffer: VecDeque::new(),
             notifications,
             page_size: DEFAULT_PAGE_SIZE,
+            last_position: after,
         }
     }
 
@@ -68,6 +70,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             buffer: VecDeque::new(),
             notifications,
             page_size: DEFAULT_PAGE_SIZE,
+            last_position: Position::START,
         }
     }
 
@@ -78,13 +81,9 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         self
     }
 
-    /// The position of the last event returned (for a stream subscription, of the last event
-    /// returned or `Position::START`).
-    pub fn position(&self) -> Option<Position> {
-        match &self.cursor {
-            Cursor::All { after } => Some(*after),
-            Cursor::Stream { .. } => None,
-        }
+    /// The global position of the last event returned (the starting point before the first).
+    pub fn position(&self) -> Position {
+        self.last_position
     }
 
     /// Waits for the next event. Returns `Ok(None)` only when the store is closed and every
@@ -120,6 +119,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
 
     fn pop(&mut self) -> Option<RecordedEvent> {
         let event = self.buffer.pop_front()?;
+        self.last_position = event.position;
         match &mut self.cursor {
             Cursor::All { after } => *after = event.position,
             Cursor::Stream { next, .. } => *next = event.version.next(),

@@ -27,13 +27,60 @@ struct Inner {
 #[derive(Default)]
 struct State {
     /// The global log; the event at index `i` has position `i + 1`.
-    log: Vec<RecordedEvent>,
+    log: Log,
     /// For each stream, the log index of each of its events (version `v` at `[v - 1]`).
     streams: HashMap<StreamId, Vec<usize>>,
     /// The result of every stored command id, per stream.
     commands: HashMap<(StreamId, CommandId), AppendResult>,
     event_ids: HashSet<EventId>,
     checkpoints: HashMap<String, Position>,
+}
+
+/// Events in fixed-size segments: growing the log never moves (copies) stored events, so an
+/// append costs the same at the millionth event as at the first.
+#[derive(Default)]
+struct Log {
+    segments: Vec<Vec<RecordedEvent>>,
+    len: usize,
+}
+
+/// Events per log segment.
+const SEGMENT_LEN: usize = 4096;
+
+impl Log {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, event: RecordedEvent) {
+        match self.segments.last_mut() {
+            Some(segment) if segment.len() < SEGMENT_LEN => segment.push(event),
+            _ => {
+                let mut segment = Vec::with_capacity(SEGMENT_LEN);
+                segment.push(event);
+                self.segments.push(segment);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn get(&self, index: usize) -> &RecordedEvent {
+        &self.segments[index / SEGMENT_LEN][index % SEGMENT_LEN]
+    }
+
+    /// Clones the events at indexes `start..end` (cheap: payloads are shared).
+    fn slice(&self, start: usize, end: usize) -> Vec<RecordedEvent> {
+        let mut events = Vec::with_capacity(end.saturating_sub(start));
+        let mut index = start;
+        while index < end {
+            let segment = &self.segments[index / SEGMENT_LEN];
+            let offset = index % SEGMENT_LEN;
+            let take = (end - index).min(segment.len() - offset);
+            events.extend_from_slice(&segment[offset..offset + take]);
+            index += take;
+        }
+        events
+    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -169,14 +216,14 @@ impl EventStore for MemoryStore {
             return Ok(Vec::new());
         };
         let skip = usize::try_from(from.0.saturating_sub(1)).unwrap_or(usize::MAX);
-        Ok(indexes.iter().skip(skip).take(max_count).map(|&index| state.log[index].clone()).collect())
+        Ok(indexes.iter().skip(skip).take(max_count).map(|&index| state.log.get(index).clone()).collect())
     }
 
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         let state = self.read();
         let start = usize::try_from(after.0).unwrap_or(usize::MAX).min(state.log.len());
         let end = start.saturating_add(max_count).min(state.log.len());
-        Ok(state.log[start..end].to_vec())
+        Ok(state.log.slice(start, end))
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
@@ -202,5 +249,29 @@ impl EventStore for MemoryStore {
 
     fn notifications(&self) -> watch::Receiver<Position> {
         self.inner.head.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cqrs_core::testing::conformance::event;
+
+    #[tokio::test]
+    async fn reads_cross_log_segments() {
+        let store = MemoryStore::new();
+        let stream = StreamId::new("big-1").expect("id");
+        let total = 8_300; // more than two segments, a multiple of the batch size
+        assert!(total > 2 * SEGMENT_LEN);
+        for chunk in 0..total / 100 {
+            let events = (0..100).map(|n| event((chunk * 100 + n) as u64)).collect();
+            store.append(&stream, ExpectedVersion::Any, events).await.expect("append");
+        }
+        let window = store.read_all(Position(SEGMENT_LEN as u64 - 3), 10).await.expect("read_all");
+        let positions: Vec<u64> = window.iter().map(|e| e.position.0).collect();
+        assert_eq!(positions, (SEGMENT_LEN as u64 - 2..SEGMENT_LEN as u64 + 8).collect::<Vec<_>>());
+        let tail = store.read_stream(&stream, Version(total as u64 - 1), 10).await.expect("read_stream");
+        assert_eq!(tail.iter().map(|e| e.version.0).collect::<Vec<_>>(), vec![total as u64 - 1, total as u64]);
+        assert_eq!(store.read_all(Position::START, usize::MAX).await.expect("all").len(), total);
     }
 }

@@ -91,3 +91,58 @@ impl<A: Aggregate> Then<A> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::{Arc, Mutex};
+
+    use super::AggregateTest;
+    use crate::testing::counter::{Counter, CounterCommand, CounterError, CounterEvent};
+
+    /// Runs `f`, which must panic, and returns the panic's source line.
+    fn panic_line(f: impl FnOnce()) -> u32 {
+        let line = Arc::new(Mutex::new(None));
+        let seen = Arc::clone(&line);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            *seen.lock().expect("lock") = info.location().map(|l| (l.file().to_owned(), l.line()));
+        }));
+        let result = catch_unwind(AssertUnwindSafe(f));
+        std::panic::set_hook(previous);
+        assert!(result.is_err(), "expected a panic");
+        let (file, line) = line.lock().expect("lock").clone().expect("panic location");
+        assert!(file.ends_with("harness.rs"), "{file}");
+        line
+    }
+
+    #[test]
+    fn failures_point_at_the_test_line() {
+        // The panic must be reported inside the test's own closure, not inside the harness.
+        let start = line!();
+        let line = panic_line(|| {
+            let then = AggregateTest::<Counter>::given_no_events().when(CounterCommand::increment(1, 1));
+            then.then_events(vec![CounterEvent::Incremented { by: 2 }]);
+        });
+        let end = line!();
+        assert!(start < line && line < end, "panic reported at line {line}, outside {start}..{end}");
+        let start = line!();
+        let line = panic_line(|| {
+            let then = AggregateTest::<Counter>::given_no_events().when(CounterCommand::increment(1, 1));
+            then.then_error(CounterError::Overflow);
+        });
+        let end = line!();
+        assert!(start < line && line < end, "panic reported at line {line}, outside {start}..{end}");
+    }
+
+    #[test]
+    fn then_error_matches_checks_the_error() {
+        AggregateTest::<Counter>::given(vec![CounterEvent::Incremented { by: u64::MAX }])
+            .when(CounterCommand::increment(1, 1))
+            .then_error_matches(|error| *error == CounterError::Overflow);
+        let state = AggregateTest::<Counter>::given(vec![CounterEvent::Incremented { by: 3 }])
+            .when(CounterCommand::decrement(1, 3))
+            .then_events(vec![CounterEvent::Decremented { by: 3 }]);
+        assert_eq!(state.value, 0);
+    }
+}

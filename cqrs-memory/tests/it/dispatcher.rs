@@ -229,3 +229,31 @@ async fn causation_and_correlation_flow_from_commands_to_events_to_follow_up_com
     let third = store.read_all(second.position, 1).await.expect("read").remove(0);
     assert_eq!(third.metadata.correlation_id, Some(CorrelationId(lone_id.0)));
 }
+
+#[tokio::test]
+async fn old_event_shapes_are_upcast_when_the_dispatcher_loads_them() {
+    use cqrs_core::{FnUpcaster, Metadata, Upcasters};
+    let store = Arc::new(MemoryStore::new());
+    // Schema v0 of "Incremented" called the field `amount`; v1 calls it `by`.
+    let old = NewEvent {
+        event_id: cqrs_core::EventId::new(),
+        event_type: "Incremented".into(),
+        schema_version: 0,
+        payload: serde_json::json!({"type": "Incremented", "amount": 40}),
+        metadata: Metadata::default(),
+    };
+    store.append(&Counter::stream_id(1), ExpectedVersion::NoStream, vec![old]).await.expect("append old shape");
+
+    let plain = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    assert!(matches!(plain.load(&Counter::stream_id(1)).await, Err(DispatchError::Decode(_))), "no silent misread");
+
+    let upcasters = Upcasters::new().with(FnUpcaster::new("Incremented", 0, |mut payload: serde_json::Value| {
+        let amount = payload.get_mut("amount").map(serde_json::Value::take).ok_or("amount missing")?;
+        Ok(serde_json::json!({"type": "Incremented", "by": amount}))
+    }));
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_upcasters(upcasters);
+    let outcome = dispatcher.dispatch(CounterCommand::increment(1, 2)).await.expect("dispatch");
+    assert_eq!(outcome.version, Version(2));
+    let (state, _) = dispatcher.load(&Counter::stream_id(1)).await.expect("load");
+    assert_eq!(state.value, 42);
+}
