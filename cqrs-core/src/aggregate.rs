@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use crate::event::{DomainEvent, Metadata, RecordedEvent};
-use crate::ids::{CausationId, CommandId, CorrelationId, StreamId};
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId, StreamId};
 
 /// An aggregate: the consistency boundary that decides which events a command produces.
 ///
@@ -139,10 +139,16 @@ impl<C> CommandEnvelope<C> {
     /// Marks this command as caused by `event`: causation = the event's id, correlation = the
     /// event's correlation id, headers inherited.
     #[must_use]
-    pub fn caused_by(mut self, event: &RecordedEvent) -> Self {
-        self.causation_id = Some(CausationId::from(event.event_id));
-        self.correlation_id = event.metadata.correlation_id.or(self.correlation_id);
-        for (key, value) in &event.metadata.headers {
+    pub fn caused_by(self, event: &RecordedEvent) -> Self {
+        self.caused_by_event(event.event_id, &event.metadata)
+    }
+
+    /// Like [`caused_by`](Self::caused_by), from an event's id and metadata.
+    #[must_use]
+    pub fn caused_by_event(mut self, event_id: EventId, metadata: &Metadata) -> Self {
+        self.causation_id = Some(CausationId::from(event_id));
+        self.correlation_id = metadata.correlation_id.or(self.correlation_id);
+        for (key, value) in &metadata.headers {
             self.headers.entry(key.clone()).or_insert_with(|| value.clone());
         }
         self

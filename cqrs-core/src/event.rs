@@ -154,6 +154,14 @@ pub struct Envelope<E> {
     pub metadata: Arc<Metadata>,
 }
 
+impl<E> Envelope<E> {
+    /// Starts a command caused by this event (see [`RecordedEvent::cause`]): handlers use it so
+    /// causation and correlation flow on to the commands they dispatch.
+    pub fn cause<C>(&self, command: C) -> crate::CommandEnvelope<C> {
+        crate::CommandEnvelope::new(command).caused_by_event(self.event_id, &self.metadata)
+    }
+}
+
 /// Why a stored event could not be decoded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -138,9 +138,11 @@ fn validate(events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
     if events.iter().any(|event| event.metadata.command_id != command_id) {
         return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
     }
-    let mut ids = HashSet::with_capacity(events.len());
-    if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
-        return Err(StoreError::DuplicateEventId(event.event_id));
+    if events.len() > 1 {
+        let mut ids = HashSet::with_capacity(events.len());
+        if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
+            return Err(StoreError::DuplicateEventId(event.event_id));
+        }
     }
     Ok(command_id)
 }

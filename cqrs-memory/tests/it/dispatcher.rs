@@ -222,6 +222,13 @@ async fn causation_and_correlation_flow_from_commands_to_events_to_follow_up_com
     assert_eq!(second.metadata.causation_id, Some(CausationId::from(follow_up_id)));
     assert_eq!(second.metadata.headers.get("user").map(String::as_str), Some("ada"));
 
+    // The same from a decoded envelope, as an EventHandler receives it.
+    let envelope =
+        cqrs_core::Upcasters::new().decode::<cqrs_core::testing::counter::CounterEvent>(&second).expect("decode");
+    let from_handler = envelope.cause(CounterCommand::increment(4, 1));
+    assert_eq!(from_handler.causation_id, Some(CausationId::from(second.event_id)));
+    assert_eq!(from_handler.correlation_id, Some(correlation));
+
     // Without an explicit correlation id, a command starts its own conversation.
     let lone = CommandEnvelope::new(CounterCommand::increment(3, 1));
     let lone_id = lone.command_id;
