@@ -12,6 +12,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::aggregate::{Aggregate, Command, CommandEnvelope};
@@ -19,7 +21,7 @@ use crate::cache::LruCache;
 use crate::event::{DecodeError, NewEvent, Upcasters};
 use crate::handler::{Progress, ProgressError};
 use crate::ids::{CommandId, StreamId, Version};
-use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, StoreError};
+use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
 
 /// Tuning for a [`Dispatcher`].
 #[derive(Debug, Clone)]
@@ -35,6 +37,51 @@ pub struct DispatcherConfig {
 impl Default for DispatcherConfig {
     fn default() -> Self {
         Self { cache_capacity: 10_000, max_conflict_retries: 10, load_page_size: 1_000 }
+    }
+}
+
+/// When and how a [`Dispatcher`] snapshots its aggregates' state, so that loading a long
+/// stream reads only the events after the latest snapshot. Needs a store that keeps snapshots
+/// ([`EventStore::supports_snapshots`]) and an aggregate state that is serde.
+pub struct SnapshotPolicy<A> {
+    every: u64,
+    schema_version: u32,
+    encode: fn(&A) -> Result<serde_json::Value, serde_json::Error>,
+    decode: fn(&serde_json::Value) -> Result<A, serde_json::Error>,
+}
+
+impl<A> Clone for SnapshotPolicy<A> {
+    fn clone(&self) -> Self {
+        Self { every: self.every, schema_version: self.schema_version, encode: self.encode, decode: self.decode }
+    }
+}
+
+impl<A> fmt::Debug for SnapshotPolicy<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotPolicy")
+            .field("every", &self.every)
+            .field("schema_version", &self.schema_version)
+            .finish()
+    }
+}
+
+impl<A: Serialize + DeserializeOwned> SnapshotPolicy<A> {
+    /// Snapshot each instance whenever its version crosses a multiple of `events` (at least 1).
+    pub fn every(events: u64) -> Self {
+        Self {
+            every: events.max(1),
+            schema_version: 1,
+            encode: |state| serde_json::to_value(state),
+            decode: |value| A::deserialize(value),
+        }
+    }
+
+    /// Sets the state's format version. Raise it whenever the state's serde shape changes:
+    /// older snapshots are then ignored and streams are replayed.
+    #[must_use]
+    pub fn with_schema_version(mut self, schema_version: u32) -> Self {
+        self.schema_version = schema_version;
+        self
     }
 }
 
@@ -137,6 +184,7 @@ pub struct Dispatcher<A: Aggregate, S: EventStore + ?Sized> {
     upcasters: Upcasters,
     progress: Progress,
     config: DispatcherConfig,
+    snapshots: Option<SnapshotPolicy<A>>,
 }
 
 impl<A: Aggregate, S: EventStore + ?Sized> Clone for Dispatcher<A, S> {
@@ -147,6 +195,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Clone for Dispatcher<A, S> {
             upcasters: self.upcasters.clone(),
             progress: self.progress.clone(),
             config: self.config.clone(),
+            snapshots: self.snapshots.clone(),
         }
     }
 }
@@ -171,7 +220,15 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             upcasters: Upcasters::new(),
             progress: Progress::new(),
             config,
+            snapshots: None,
         }
+    }
+
+    /// Saves and uses snapshots according to `policy`.
+    #[must_use]
+    pub fn with_snapshots(mut self, policy: SnapshotPolicy<A>) -> Self {
+        self.snapshots = Some(policy);
+        self
     }
 
     /// Uses these upcasters when loading stored events.
@@ -297,7 +354,8 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                 Ok(AppendOutcome::Appended(appended)) => {
                     let state = std::mem::take(&mut instance.state);
                     instance.state = events.iter().fold(state, A::apply);
-                    instance.version = appended.last_version;
+                    let previous = std::mem::replace(&mut instance.version, appended.last_version);
+                    self.maybe_snapshot(stream_id, previous, instance).await;
                     return Ok(self.outcome(stream_id, envelope, Some(appended), appended.last_version, false));
                 }
                 Ok(AppendOutcome::Duplicate(first)) => {
@@ -323,8 +381,12 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         }
     }
 
-    /// Reads the events after the instance's version and applies them.
+    /// Reads the events after the instance's version and applies them (starting from the
+    /// latest snapshot when the instance is empty and snapshots are on).
     async fn catch_up(&self, stream_id: &StreamId, instance: &mut Instance<A>) -> Result<(), DispatchError<A::Error>> {
+        if instance.version == Version::NONE {
+            self.restore_snapshot(stream_id, instance).await?;
+        }
         loop {
             let page = self.store.read_stream(stream_id, instance.version.next(), self.config.load_page_size).await?;
             let page_len = page.len();
@@ -346,6 +408,49 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                 instance.loaded = true;
                 return Ok(());
             }
+        }
+    }
+
+    async fn restore_snapshot(
+        &self,
+        stream_id: &StreamId,
+        instance: &mut Instance<A>,
+    ) -> Result<(), DispatchError<A::Error>> {
+        let Some(policy) = &self.snapshots else { return Ok(()) };
+        let Some(snapshot) = self.store.load_snapshot(stream_id).await? else { return Ok(()) };
+        if snapshot.schema_version != policy.schema_version {
+            tracing::debug!(%stream_id, stored = snapshot.schema_version, "ignoring snapshot of another schema version");
+            return Ok(());
+        }
+        match (policy.decode)(&snapshot.state) {
+            Ok(state) => {
+                instance.state = state;
+                instance.version = snapshot.version;
+            }
+            Err(error) => tracing::warn!(%stream_id, %error, "ignoring undecodable snapshot; replaying the stream"),
+        }
+        Ok(())
+    }
+
+    /// Saves a snapshot if the instance's version crossed a multiple of the policy's interval.
+    /// A failure only costs load time later, so it is logged, not returned.
+    async fn maybe_snapshot(&self, stream_id: &StreamId, previous: Version, instance: &Instance<A>) {
+        let Some(policy) = &self.snapshots else { return };
+        if instance.version.0 / policy.every == previous.0 / policy.every {
+            return;
+        }
+        let state = match (policy.encode)(&instance.state) {
+            Ok(state) => state,
+            Err(error) => return tracing::warn!(%stream_id, %error, "cannot serialize snapshot"),
+        };
+        let snapshot = Snapshot {
+            stream_id: stream_id.clone(),
+            version: instance.version,
+            schema_version: policy.schema_version,
+            state,
+        };
+        if let Err(error) = self.store.save_snapshot(snapshot).await {
+            tracing::warn!(%stream_id, %error, "saving snapshot failed");
         }
     }
 

@@ -25,7 +25,7 @@ pub mod testing;
 pub use async_trait::async_trait;
 
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
-pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig};
+pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
     DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, Upcaster, Upcasters,
 };
@@ -34,5 +34,7 @@ pub use handler::{
     RunningHandler, StartFrom,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
-pub use store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, StoreError, MAX_EVENTS_PER_APPEND};
+pub use store::{
+    AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError, MAX_EVENTS_PER_APPEND,
+};
 pub use subscription::Subscription;

@@ -174,6 +174,42 @@ pub trait EventStore: Send + Sync + 'static {
     fn poll_interval(&self) -> Option<Duration> {
         None
     }
+
+    /// Whether this store keeps snapshots. Stores that do not keep the default methods below,
+    /// which store nothing and find nothing.
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+
+    /// The latest snapshot of a stream, if any.
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let _ = stream_id;
+        Ok(None)
+    }
+
+    /// Saves a snapshot, replacing an older one of the same stream (a snapshot at a lower
+    /// version than the stored one is ignored).
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let _ = snapshot;
+        Ok(())
+    }
+}
+
+/// An aggregate's state at a stream version, so loading it reads only the later events.
+///
+/// Snapshots are a cache: deleting them changes nothing but load time. `schema_version` is the
+/// aggregate state's own format version; a snapshot whose version differs from the code's is
+/// ignored and the stream is replayed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The stream.
+    pub stream_id: StreamId,
+    /// The version of the last event folded into `state`.
+    pub version: Version,
+    /// Format version of `state`.
+    pub schema_version: u32,
+    /// The serialized state.
+    pub state: serde_json::Value,
 }
 
 #[cfg(test)]

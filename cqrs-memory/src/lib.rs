@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use async_trait::async_trait;
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    StoreError, StreamId, Timestamp, Version, MAX_EVENTS_PER_APPEND,
+    Snapshot, StoreError, StreamId, Timestamp, Version, MAX_EVENTS_PER_APPEND,
 };
 use tokio::sync::watch;
 
@@ -34,6 +34,7 @@ struct State {
     commands: HashMap<(StreamId, CommandId), AppendResult>,
     event_ids: HashSet<EventId>,
     checkpoints: HashMap<String, Position>,
+    snapshots: HashMap<StreamId, Snapshot>,
 }
 
 /// Events in fixed-size segments: growing the log never moves (copies) stored events, so an
@@ -251,6 +252,23 @@ impl EventStore for MemoryStore {
 
     fn notifications(&self) -> watch::Receiver<Position> {
         self.inner.head.subscribe()
+    }
+
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.read().snapshots.get(stream_id).cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let mut state = self.write();
+        let stored = state.snapshots.get(&snapshot.stream_id).map(|stored| stored.version);
+        if stored.is_none_or(|stored| stored <= snapshot.version) {
+            state.snapshots.insert(snapshot.stream_id.clone(), snapshot);
+        }
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use crate::event::DomainEvent;
 use crate::ids::StreamId;
 
 /// The state of one counter.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
     /// Current value.
     pub value: u64,

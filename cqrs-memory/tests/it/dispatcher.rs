@@ -19,6 +19,8 @@ use tokio::sync::{watch, Barrier};
 struct Instrumented {
     inner: MemoryStore,
     stream_reads: AtomicU64,
+    /// The `from` version of every `read_stream` call.
+    read_from: std::sync::Mutex<Vec<Version>>,
     appends_in_flight: AtomicUsize,
     max_appends_in_flight: AtomicUsize,
     always_conflict: AtomicBool,
@@ -54,6 +56,7 @@ impl EventStore for Instrumented {
     }
     async fn read_stream(&self, s: &StreamId, from: Version, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.stream_reads.fetch_add(1, Ordering::SeqCst);
+        self.read_from.lock().expect("lock").push(from);
         self.inner.read_stream(s, from, max).await
     }
     async fn read_all(&self, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -73,6 +76,15 @@ impl EventStore for Instrumented {
     }
     fn notifications(&self) -> watch::Receiver<Position> {
         self.inner.notifications()
+    }
+    fn supports_snapshots(&self) -> bool {
+        self.inner.supports_snapshots()
+    }
+    async fn load_snapshot(&self, s: &StreamId) -> Result<Option<cqrs_core::Snapshot>, StoreError> {
+        self.inner.load_snapshot(s).await
+    }
+    async fn save_snapshot(&self, snapshot: cqrs_core::Snapshot) -> Result<(), StoreError> {
+        self.inner.save_snapshot(snapshot).await
     }
 }
 
@@ -263,4 +275,21 @@ async fn old_event_shapes_are_upcast_when_the_dispatcher_loads_them() {
     assert_eq!(outcome.version, Version(2));
     let (state, _) = dispatcher.load(&Counter::stream_id(1)).await.expect("load");
     assert_eq!(state.value, 42);
+}
+
+#[tokio::test]
+async fn snapshots_bound_what_a_cold_load_reads() {
+    use cqrs_core::SnapshotPolicy;
+    let store = Arc::new(Instrumented::default());
+    let writer = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_snapshots(SnapshotPolicy::every(100));
+    for _ in 0..250 {
+        writer.dispatch(CounterCommand::increment(1, 1)).await.expect("increment");
+    }
+    store.read_from.lock().expect("lock").clear();
+    let restarted = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_snapshots(SnapshotPolicy::every(100));
+    let outcome = restarted.dispatch(CounterCommand::increment(1, 1)).await.expect("dispatch");
+    assert_eq!(outcome.version, Version(251));
+    assert_eq!(*store.read_from.lock().expect("lock"), vec![Version(201)], "only the events after the snapshot");
+    let (state, _) = restarted.load(&Counter::stream_id(1)).await.expect("load");
+    assert_eq!((state.value, state.applied), (251, 251));
 }
