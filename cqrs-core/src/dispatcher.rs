@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::aggregate::{Aggregate, Command, CommandEnvelope};
