@@ -1,1 +1,325 @@
-//! PostgreSQL event store for `cqrs-core` (work in progress).
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod listener;
+mod rows;
+mod writer;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::{
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId, Version, MAX_EVENTS_PER_APPEND,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+pub use crate::config::{PgStoreConfig, NOTIFY_CHANNEL};
+pub use crate::error::PgStoreError;
+
+use crate::error::to_store_error;
+use crate::rows::{recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
+use crate::writer::{AppendRequest, BatchLimits};
+
+/// How many appends may wait for the writer task before callers wait to enqueue.
+const QUEUE_CAPACITY: usize = 4096;
+
+/// A PostgreSQL [`EventStore`]. Cheap to clone: clones share the pool, the writer task and the
+/// listener. See the crate documentation for the schema and the ordering design.
+#[derive(Clone)]
+pub struct PgEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Appends, reads and checkpoints.
+    pool: PgPool,
+    /// Queue of the group-commit writer task, which owns the receiving end: the task ends when
+    /// the last store handle is dropped.
+    appends: mpsc::Sender<AppendRequest>,
+    /// Newest known position; changed on every NOTIFY, local commit and listener reconnect.
+    head: Arc<watch::Sender<Position>>,
+    /// The LISTEN task, aborted on drop.
+    listener: JoinHandle<()>,
+    /// Closed on drop so the listener's connection goes away at once.
+    listener_pool: PgPool,
+    poll_interval: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.listener.abort();
+        let listener_pool = self.listener_pool.clone();
+        // Closing is async; outside a runtime the pool closes its connections when dropped.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { listener_pool.close().await });
+        }
+    }
+}
+
+impl std::fmt::Debug for PgEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgEventStore").field("head", &*self.inner.head.borrow()).finish_non_exhaustive()
+    }
+}
+
+impl PgEventStore {
+    /// Connects to `database_url` with the default [`PgStoreConfig`]. Call
+    /// [`migrate`](Self::migrate) once before the first use of a new database.
+    pub async fn connect(database_url: &str) -> Result<Self, PgStoreError> {
+        Self::connect_with(database_url, PgStoreConfig::default()).await
+    }
+
+    /// Connects to `database_url` with `config`.
+    pub async fn connect_with(database_url: &str, config: PgStoreConfig) -> Result<Self, PgStoreError> {
+        let options = PgConnectOptions::from_str(database_url).map_err(PgStoreError::InvalidUrl)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(2))
+            .acquire_timeout(config.acquire_timeout)
+            // A dead connection fails its next query and is dropped; no ping per checkout.
+            .test_before_acquire(false)
+            .connect_with(options.application_name(&config.application_name))
+            .await
+            .map_err(PgStoreError::Connect)?;
+        Ok(Self::from_pool(pool, config))
+    }
+
+    /// Uses an existing pool (its connection options are also used for the LISTEN
+    /// connection). Must be called inside a tokio runtime: it starts the writer and listener
+    /// tasks.
+    pub fn from_pool(pool: PgPool, config: PgStoreConfig) -> Self {
+        let (head, _) = watch::channel(Position::START);
+        let head = Arc::new(head);
+        let listener_options = (*pool.connect_options()).clone().application_name(&config.listener_application_name);
+        let listener_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_lazy_with(listener_options);
+        let listener = tokio::spawn(listener::run_listener(listener_pool.clone(), Arc::clone(&head)));
+        let (appends, requests) = mpsc::channel(QUEUE_CAPACITY);
+        let limits =
+            BatchLimits { max_appends: config.max_batch_appends.max(1), max_events: config.max_batch_events.max(1) };
+        tokio::spawn(writer::run_writer(pool.clone(), requests, Arc::clone(&head), limits));
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                appends,
+                head,
+                listener,
+                listener_pool,
+                poll_interval: config.poll_interval,
+            }),
+        }
+    }
+
+    /// Creates or upgrades the schema (numbered SQL files in `migrations/`, embedded at build
+    /// time). Safe to call from several processes at once: sqlx's migrator holds an advisory
+    /// lock while it runs. Migrations of other crates in the same database are ignored.
+    pub async fn migrate(&self) -> Result<(), PgStoreError> {
+        migrate_pool(&self.inner.pool).await
+    }
+
+    /// The connection pool, for running your own queries next to the store (for example a
+    /// read model updated in the same transaction as its checkpoint).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Saves checkpoint `name` inside the caller's transaction (pass `&mut *transaction`), so
+    /// a projection can commit its read model and its position atomically: exactly-once
+    /// processing.
+    pub async fn save_checkpoint_in(
+        connection: &mut PgConnection,
+        name: &str,
+        position: Position,
+    ) -> Result<(), StoreError> {
+        let position = i64::try_from(position.0)
+            .map_err(|_| StoreError::InvalidAppend(format!("checkpoint {position} does not fit in a bigint")))?;
+        sqlx::query(
+            "INSERT INTO cqrs_checkpoints (name, position) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(connection)
+        .await
+        .map_err(to_store_error)?;
+        Ok(())
+    }
+
+    /// Loads checkpoint `name` inside the caller's transaction (see
+    /// [`save_checkpoint_in`](Self::save_checkpoint_in)).
+    pub async fn load_checkpoint_in(connection: &mut PgConnection, name: &str) -> Result<Option<Position>, StoreError> {
+        let row = sqlx::query("SELECT position FROM cqrs_checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(connection)
+            .await
+            .map_err(to_store_error)?;
+        match row {
+            Some(row) => {
+                let position: i64 = row.try_get("position").map_err(to_store_error)?;
+                Ok(Some(Position(to_u64(position, "checkpoint")?)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Applies the embedded migrations to the database behind `pool` (what
+/// [`PgEventStore::migrate`] does, without a store).
+pub async fn migrate_pool(pool: &PgPool) -> Result<(), PgStoreError> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    // The application may keep its own migrations in the same `_sqlx_migrations` table.
+    migrator.set_ignore_missing(true);
+    // A connection of its own, closed afterwards: the migrator's advisory lock is
+    // session-level, and a failed run must not leave it held by a pooled connection (where
+    // it would block every other process's migration).
+    let mut connection = pool.acquire().await.map_err(PgStoreError::Connect)?.detach();
+    let result = migrator.run(&mut connection).await.map_err(PgStoreError::Migrate);
+    if let Err(error) = connection.close().await {
+        tracing::debug!(%error, "closing the migration connection failed");
+    }
+    result
+}
+
+/// Checks an append request before it is queued.
+fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
+    let Some(first) = events.first() else {
+        return Err(StoreError::InvalidAppend("an append needs at least one event".into()));
+    };
+    if events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(StoreError::InvalidAppend(format!(
+            "{} events in one append, more than the limit of {MAX_EVENTS_PER_APPEND}",
+            events.len()
+        )));
+    }
+    if let ExpectedVersion::Exact(version) = expected {
+        if i64::try_from(version.0).is_err() {
+            return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
+        }
+    }
+    let command_id = first.metadata.command_id;
+    if events.iter().any(|event| event.metadata.command_id != command_id) {
+        return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
+    }
+    let mut ids = HashSet::with_capacity(events.len());
+    if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
+        return Err(StoreError::DuplicateEventId(event.event_id));
+    }
+    Ok(command_id)
+}
+
+#[async_trait]
+impl EventStore for PgEventStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let command_id = validate(expected, &events)?;
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest { stream_id: stream_id.clone(), expected, command_id, events, reply };
+        self.inner.appends.send(request).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        from: Version,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if max_count == 0 {
+            return Ok(Vec::new());
+        }
+        // Stream reads need no watermark: the stream row lock orders a stream's commits, so a
+        // version is visible only after every lower one.
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3"
+        ))
+        .bind(stream_id.as_str())
+        .bind(to_i64_saturating(from.0))
+        .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(to_store_error)?;
+        rows.iter().map(recorded_event).collect()
+    }
+
+    async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        if max_count == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT event_position AS position, event_id, stream_id, version, event_type, schema_version, payload, \
+             command_id, causation_id, correlation_id, headers, recorded_at_micros FROM cqrs_read_all($1, $2)",
+        )
+        .bind(to_i64_saturating(after.0))
+        .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(to_store_error)?;
+        rows.iter().map(recorded_event).collect()
+    }
+
+    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM cqrs_streams WHERE stream_id = $1")
+            .bind(stream_id.as_str())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(to_store_error)?;
+        Ok(Version(to_u64(version.unwrap_or(0), "version")?))
+    }
+
+    async fn find_command(
+        &self,
+        stream_id: &StreamId,
+        command_id: CommandId,
+    ) -> Result<Option<AppendResult>, StoreError> {
+        let row = sqlx::query(
+            "SELECT first_version, last_version, first_position, last_position FROM cqrs_commands \
+             WHERE stream_id = $1 AND command_id = $2",
+        )
+        .bind(stream_id.as_str())
+        .bind(command_id.0)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(to_store_error)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let column = |name: &str| row.try_get::<i64, _>(name).map_err(to_store_error);
+        Ok(Some(rows::append_result(
+            column("first_version")?,
+            column("last_version")?,
+            column("first_position")?,
+            column("last_position")?,
+        )?))
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let mut connection = self.inner.pool.acquire().await.map_err(to_store_error)?;
+        Self::load_checkpoint_in(&mut connection, name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        let mut connection = self.inner.pool.acquire().await.map_err(to_store_error)?;
+        Self::save_checkpoint_in(&mut connection, name, position).await
+    }
+
+    fn notifications(&self) -> watch::Receiver<Position> {
+        self.inner.head.subscribe()
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(self.inner.poll_interval)
+    }
+}

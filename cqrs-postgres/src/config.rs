@@ -1,0 +1,97 @@
+//! Settings of a [`PgEventStore`](crate::PgEventStore).
+
+use std::time::Duration;
+
+/// The NOTIFY channel on which appends announce their last position.
+pub const NOTIFY_CHANNEL: &str = "cqrs_events";
+
+/// How a [`PgEventStore`](crate::PgEventStore) uses its database. Start from
+/// [`PgStoreConfig::default`] and change what you need.
+///
+/// ```
+/// use std::time::Duration;
+/// use cqrs_postgres::PgStoreConfig;
+///
+/// let config = PgStoreConfig::default().with_max_connections(4).with_poll_interval(Duration::from_millis(500));
+/// assert_eq!(config.max_connections, 4);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PgStoreConfig {
+    /// Connections in the pool used for appends, reads and checkpoints (the listener has its
+    /// own). Appends use one at a time; the rest serve readers.
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection before failing with
+    /// `StoreError::Unavailable`.
+    pub acquire_timeout: Duration,
+    /// The most appends written in one group-commit transaction.
+    pub max_batch_appends: usize,
+    /// The most events written in one group-commit transaction (an append larger than this is
+    /// written alone).
+    pub max_batch_events: usize,
+    /// How often a waiting subscriber re-reads without a notification: the safety net for a
+    /// lost NOTIFY.
+    pub poll_interval: Duration,
+    /// `application_name` of the store's pooled connections.
+    pub application_name: String,
+    /// `application_name` of the LISTEN connection (visible in `pg_stat_activity`).
+    pub listener_application_name: String,
+}
+
+impl Default for PgStoreConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(5),
+            max_batch_appends: 256,
+            max_batch_events: 4096,
+            poll_interval: Duration::from_secs(1),
+            application_name: "cqrs-postgres".to_owned(),
+            listener_application_name: "cqrs-postgres-listener".to_owned(),
+        }
+    }
+}
+
+impl PgStoreConfig {
+    /// Sets [`max_connections`](Self::max_connections) (at least 2: one writer, one reader).
+    #[must_use]
+    pub fn with_max_connections(mut self, max_connections: u32) -> Self {
+        self.max_connections = max_connections.max(2);
+        self
+    }
+
+    /// Sets [`acquire_timeout`](Self::acquire_timeout).
+    #[must_use]
+    pub fn with_acquire_timeout(mut self, acquire_timeout: Duration) -> Self {
+        self.acquire_timeout = acquire_timeout;
+        self
+    }
+
+    /// Sets [`max_batch_appends`](Self::max_batch_appends) (at least 1).
+    #[must_use]
+    pub fn with_max_batch_appends(mut self, max_batch_appends: usize) -> Self {
+        self.max_batch_appends = max_batch_appends.max(1);
+        self
+    }
+
+    /// Sets [`poll_interval`](Self::poll_interval).
+    #[must_use]
+    pub fn with_poll_interval(mut self, poll_interval: Duration) -> Self {
+        self.poll_interval = poll_interval;
+        self
+    }
+
+    /// Sets [`application_name`](Self::application_name).
+    #[must_use]
+    pub fn with_application_name(mut self, application_name: impl Into<String>) -> Self {
+        self.application_name = application_name.into();
+        self
+    }
+
+    /// Sets [`listener_application_name`](Self::listener_application_name).
+    #[must_use]
+    pub fn with_listener_application_name(mut self, listener_application_name: impl Into<String>) -> Self {
+        self.listener_application_name = listener_application_name.into();
+        self
+    }
+}

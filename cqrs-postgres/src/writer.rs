@@ -1,0 +1,244 @@
+//! Group commit: one writer task per store takes every queued append (up to a bound), writes
+//! them in one transaction with one round trip (`cqrs_append_batch`), and answers each caller
+//! on its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_core::{
+    AppendOutcome, CommandId, EventId, ExpectedVersion, NewEvent, Position, StoreError, StreamId, Version,
+};
+use serde::Serialize;
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::config::NOTIFY_CHANNEL;
+use crate::error::{is_event_id_violation, is_retryable, shared_unavailable};
+use crate::rows::append_result;
+
+/// How often a batch that deadlocked or hit a serialization failure is retried.
+const MAX_BATCH_RETRIES: u32 = 5;
+
+/// One queued append and where to send its answer.
+pub(crate) struct AppendRequest {
+    pub(crate) stream_id: StreamId,
+    pub(crate) expected: ExpectedVersion,
+    pub(crate) command_id: Option<CommandId>,
+    pub(crate) events: Vec<NewEvent>,
+    pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// Bounds of one batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    pub(crate) max_appends: usize,
+    pub(crate) max_events: usize,
+}
+
+/// The writer task: runs until every sender of `requests` is gone.
+pub(crate) async fn run_writer(
+    pool: PgPool,
+    mut requests: mpsc::Receiver<AppendRequest>,
+    head: Arc<watch::Sender<Position>>,
+    limits: BatchLimits,
+) {
+    let mut carried: Option<AppendRequest> = None;
+    loop {
+        let first = match carried.take() {
+            Some(request) => request,
+            None => match requests.recv().await {
+                Some(request) => request,
+                None => return,
+            },
+        };
+        let mut n_events = first.events.len();
+        let mut batch = vec![first];
+        while batch.len() < limits.max_appends && n_events < limits.max_events {
+            match requests.try_recv() {
+                Ok(request) if n_events + request.events.len() > limits.max_events => {
+                    carried = Some(request);
+                    break;
+                }
+                Ok(request) => {
+                    n_events += request.events.len();
+                    batch.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        write_batch(&pool, batch, &head).await;
+    }
+}
+
+/// Writes one batch and answers every request in it.
+async fn write_batch(pool: &PgPool, mut batch: Vec<AppendRequest>, head: &watch::Sender<Position>) {
+    // Stable: appends to one stream keep their arrival order. Every store instance locks
+    // streams in this order, so concurrent batches cannot deadlock on stream rows.
+    batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
+    match run_with_retries(pool, &batch).await {
+        Ok(rows) => answer(batch, &rows, head),
+        Err(error) if is_event_id_violation(&error) && batch.len() > 1 => {
+            // Another writer stored one of these event ids concurrently. The batch was rolled
+            // back as a whole; write each append alone so only the guilty one fails.
+            tracing::debug!("event id race in a batch, writing its appends one by one");
+            for request in batch {
+                let single = vec![request];
+                match run_with_retries(pool, &single).await {
+                    Ok(rows) => answer(single, &rows, head),
+                    Err(error) => fail(pool, single, error, head).await,
+                }
+            }
+        }
+        Err(error) => fail(pool, batch, error, head).await,
+    }
+}
+
+async fn run_with_retries(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<PgRow>, sqlx::Error> {
+    let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
+    let mut attempt = 0;
+    loop {
+        // One statement in autocommit mode: one round trip, one transaction, one commit.
+        let result = sqlx::query(
+            "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+             last_position, duplicate_event_id FROM cqrs_append_batch($1)",
+        )
+        .bind(Json(&payload))
+        .fetch_all(pool)
+        .await;
+        match result {
+            Err(error) if is_retryable(&error) && attempt < MAX_BATCH_RETRIES => {
+                attempt += 1;
+                tracing::debug!(%error, attempt, "batch rolled back, retrying");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Answers each request from its result row.
+fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Position>) {
+    let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        if let Ok(index) = row.try_get::<i32, _>("append_index") {
+            if let Ok(index) = usize::try_from(index) {
+                by_index.insert(index, row);
+            }
+        }
+    }
+    let mut newest = Position::START;
+    for (index, request) in batch.into_iter().enumerate() {
+        let outcome = match by_index.get(&index) {
+            Some(row) => outcome_of(row, &request),
+            None => Err(StoreError::Corrupt(format!("cqrs_append_batch returned no row for append {index}"))),
+        };
+        if let Ok(AppendOutcome::Appended(result)) = &outcome {
+            newest = newest.max(result.last_position);
+        }
+        // The caller may have gone away; its append happened anyway.
+        let _ = request.reply.send(outcome);
+    }
+    if newest > Position::START {
+        // Local subscribers need not wait for the NOTIFY round trip.
+        head.send_modify(|position| *position = (*position).max(newest));
+    }
+}
+
+fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+    let corrupt = |error: sqlx::Error| StoreError::Corrupt(format!("cannot decode an append result: {error}"));
+    let outcome: String = row.try_get("outcome").map_err(corrupt)?;
+    let actual: i64 = row.try_get("actual_version").map_err(corrupt)?;
+    let bounds = || -> Result<_, StoreError> {
+        append_result(
+            row.try_get("first_version").map_err(corrupt)?,
+            row.try_get("last_version").map_err(corrupt)?,
+            row.try_get("first_position").map_err(corrupt)?,
+            row.try_get("last_position").map_err(corrupt)?,
+        )
+    };
+    match outcome.as_str() {
+        "appended" => Ok(AppendOutcome::Appended(bounds()?)),
+        "duplicate" => Ok(AppendOutcome::Duplicate(bounds()?)),
+        "conflict" => Err(StoreError::Conflict {
+            stream_id: request.stream_id.clone(),
+            expected: request.expected,
+            actual: Version(crate::rows::to_u64(actual, "version")?),
+        }),
+        "duplicate_event_id" => {
+            let id: Uuid = row.try_get("duplicate_event_id").map_err(corrupt)?;
+            Err(StoreError::DuplicateEventId(EventId(id)))
+        }
+        other => Err(StoreError::Corrupt(format!("unknown append outcome {other:?}"))),
+    }
+}
+
+/// Reports a failed batch to every caller, then wakes readers everywhere: a rolled-back
+/// batch may have held their read bound back, and sends no NOTIFY of its own.
+async fn fail(pool: &PgPool, batch: Vec<AppendRequest>, error: sqlx::Error, head: &watch::Sender<Position>) {
+    tracing::warn!(%error, appends = batch.len(), "append batch failed");
+    let error = Arc::new(error);
+    for request in batch {
+        let _ = request.reply.send(Err(shared_unavailable(&error)));
+    }
+    head.send_modify(|_| {});
+    let wake = sqlx::query("SELECT pg_notify($1, '0')").bind(NOTIFY_CHANNEL).execute(pool).await;
+    if let Err(error) = wake {
+        tracing::debug!(%error, "could not send the wake-up after a failed batch");
+    }
+}
+
+/// The JSON form of one append, as `cqrs_append_batch` reads it.
+#[derive(Serialize)]
+struct AppendJson<'a> {
+    s: &'a str,
+    e: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    v: Option<u64>,
+    c: Option<Uuid>,
+    ev: Vec<EventJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct EventJson<'a> {
+    id: Uuid,
+    t: &'a str,
+    sv: u32,
+    p: &'a serde_json::Value,
+    ca: Option<Uuid>,
+    co: Option<Uuid>,
+    h: &'a HashMap<String, String>,
+}
+
+impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
+    fn from(request: &'a AppendRequest) -> Self {
+        let (kind, version) = match request.expected {
+            ExpectedVersion::Any => ("any", None),
+            ExpectedVersion::NoStream => ("no_stream", None),
+            ExpectedVersion::StreamExists => ("exists", None),
+            ExpectedVersion::Exact(version) => ("exact", Some(version.0)),
+        };
+        AppendJson {
+            s: request.stream_id.as_str(),
+            e: kind,
+            v: version,
+            c: request.command_id.map(|id| id.0),
+            ev: request
+                .events
+                .iter()
+                .map(|event| EventJson {
+                    id: event.event_id.0,
+                    t: &event.event_type,
+                    sv: event.schema_version,
+                    p: &event.payload,
+                    ca: event.metadata.causation_id.map(|id| id.0),
+                    co: event.metadata.correlation_id.map(|id| id.0),
+                    h: &event.metadata.headers,
+                })
+                .collect(),
+        }
+    }
+}

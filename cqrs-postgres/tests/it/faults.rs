@@ -1,0 +1,100 @@
+//! Faults: every backend of the store is terminated again and again during appends. Callers
+//! get successes or `StoreError::Unavailable`, never a panic or another error; every
+//! acknowledged append is stored afterwards; the store works again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_core::testing::conformance::event;
+use cqrs_core::{AppendOutcome, EventStore, ExpectedVersion, Position, StoreError, Subscription};
+use cqrs_postgres::PgStoreConfig;
+
+use crate::support::{read_everything, stream, TestDb};
+
+const WRITERS: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
+    let db = TestDb::create().await;
+    let store = db.store_with(PgStoreConfig::default().with_acquire_timeout(Duration::from_secs(2))).await;
+    let stop = tokio::time::Instant::now() + Duration::from_secs(3);
+
+    let mut writers = Vec::new();
+    for _ in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let s = stream("faulty");
+            let (mut acknowledged, mut unavailable) = (HashMap::new(), 0);
+            while tokio::time::Instant::now() < stop {
+                let sent = event(0);
+                let id = sent.event_id;
+                match store.append(&s, ExpectedVersion::Any, vec![sent]).await {
+                    Ok(AppendOutcome::Appended(result)) => {
+                        acknowledged.insert(id, result.first_position);
+                    }
+                    Err(StoreError::Unavailable(_)) => unavailable += 1,
+                    other => panic!("an append may succeed or be unavailable, got {other:?}"),
+                }
+            }
+            (acknowledged, unavailable)
+        }));
+    }
+    let mut killer = db.connection().await;
+    let mut kills = 0;
+    while tokio::time::Instant::now() < stop {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut killer)
+        .await
+        .expect("terminate backends");
+        kills += killed;
+    }
+    let mut acknowledged = HashMap::new();
+    let mut unavailable = 0;
+    for writer in writers {
+        let (acks, errors) = writer.await.expect("writer must not panic");
+        acknowledged.extend(acks);
+        unavailable += errors;
+    }
+    assert!(kills > 0, "the test must have killed backends");
+    assert!(!acknowledged.is_empty(), "some appends must have succeeded");
+    tracing_free_note(kills, acknowledged.len(), unavailable);
+
+    // The store recovers: retry until the pool has replaced its dead connections.
+    let mut recovered = false;
+    for _ in 0..50 {
+        match store.append(&stream("after"), ExpectedVersion::Any, vec![event(1)]).await {
+            Ok(_) => {
+                recovered = true;
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(other) => panic!("unexpected error after the faults: {other}"),
+        }
+    }
+    assert!(recovered, "the store must work again once the database is reachable");
+
+    let stored: HashMap<_, _> = read_everything(&store).await.into_iter().map(|e| (e.event_id, e.position)).collect();
+    for (id, position) in &acknowledged {
+        assert_eq!(stored.get(id), Some(position), "acknowledged append {id} must be stored at its position");
+    }
+    // Subscriptions work again too.
+    let mut feed = Subscription::all(Arc::new(store.clone()), Position::START);
+    let mut delivered = 0;
+    while delivered < stored.len() {
+        tokio::time::timeout(Duration::from_secs(30), feed.next())
+            .await
+            .expect("stalled")
+            .expect("read")
+            .expect("open");
+        delivered += 1;
+    }
+}
+
+fn tracing_free_note(kills: i64, acknowledged: usize, unavailable: usize) {
+    println!("faults: {kills} backends killed, {acknowledged} appends acknowledged, {unavailable} unavailable");
+}

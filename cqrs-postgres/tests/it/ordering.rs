@@ -1,0 +1,124 @@
+//! The global position never skips: many concurrent writers, through two store instances and
+//! through raw transactions that stay open for a random while (or roll back), and a live
+//! subscriber that must see every committed event exactly once, in position order.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cqrs_core::testing::conformance::event;
+use cqrs_core::{EventId, EventStore, ExpectedVersion, Position, RecordedEvent, StreamId, Subscription, Version};
+use serde_json::json;
+use sqlx::Connection;
+
+use crate::support::{random_below, read_everything, stream, TestDb};
+
+const STORE_WRITERS: u64 = 4;
+const STORE_APPENDS: u64 = 40;
+const RAW_WRITERS: u64 = 4;
+const RAW_APPENDS: u64 = 15;
+
+/// One append through `cqrs_append_batch` in an explicit transaction that sleeps before it
+/// commits (or rolls back): the slow writer that a naive sequence reader would skip past.
+/// Returns the event ids if committed.
+async fn slow_raw_append(connection: &mut sqlx::PgConnection, stream_id: &StreamId) -> Option<Vec<EventId>> {
+    let ids: Vec<EventId> = (0..1 + random_below(2)).map(|_| EventId::new()).collect();
+    let events: Vec<_> = ids
+        .iter()
+        .map(|id| json!({"id": id.0, "t": "RawHappened", "sv": 1, "p": {"n": 0}, "ca": null, "co": null, "h": {}}))
+        .collect();
+    let batch = json!([{"s": stream_id.as_str(), "e": "any", "c": null, "ev": events}]);
+    let mut transaction = connection.begin().await.expect("begin");
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM cqrs_append_batch($1)")
+        .bind(sqlx::types::Json(batch))
+        .fetch_one(&mut *transaction)
+        .await
+        .expect("raw append");
+    assert_eq!(outcome, "appended");
+    tokio::time::sleep(Duration::from_millis(random_below(40))).await;
+    if random_below(6) == 0 {
+        transaction.rollback().await.expect("rollback");
+        None
+    } else {
+        transaction.commit().await.expect("commit");
+        Some(ids)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_never_skips_events_of_slow_writers() {
+    let db = TestDb::create().await;
+    let first = db.store().await;
+    let second = db.store().await;
+    let streams: Vec<StreamId> = (0..3).map(|i| stream(&format!("shared{i}"))).collect();
+    let committed = Arc::new(Mutex::new(HashSet::new()));
+
+    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
+    let subscriber = {
+        let seen = Arc::clone(&seen);
+        let mut feed = Subscription::all(Arc::new(first.clone()), Position::START).with_page_size(7);
+        tokio::spawn(async move {
+            while let Some(event) = feed.next().await.expect("subscription") {
+                seen.lock().expect("lock").push(event);
+            }
+        })
+    };
+
+    let mut writers = Vec::new();
+    for writer in 0..STORE_WRITERS * 2 {
+        let store = if writer % 2 == 0 { first.clone() } else { second.clone() };
+        let streams = streams.clone();
+        let committed = Arc::clone(&committed);
+        writers.push(tokio::spawn(async move {
+            for i in 0..STORE_APPENDS {
+                let sent = event(writer * 1000 + i);
+                let id = sent.event_id;
+                let s = &streams[usize::try_from(random_below(3)).expect("small")];
+                store.append(s, ExpectedVersion::Any, vec![sent]).await.expect("store append");
+                committed.lock().expect("lock").insert(id);
+                if i % 5 == 0 {
+                    tokio::time::sleep(Duration::from_millis(random_below(5))).await;
+                }
+            }
+        }));
+    }
+    for _ in 0..RAW_WRITERS {
+        let mut connection = db.connection().await;
+        let streams = streams.clone();
+        let committed = Arc::clone(&committed);
+        writers.push(tokio::spawn(async move {
+            for _ in 0..RAW_APPENDS {
+                let s = &streams[usize::try_from(random_below(3)).expect("small")];
+                if let Some(ids) = slow_raw_append(&mut connection, s).await {
+                    committed.lock().expect("lock").extend(ids);
+                }
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let committed = committed.lock().expect("lock").clone();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.lock().expect("lock").len() < committed.len() {
+        assert!(tokio::time::Instant::now() < deadline, "subscriber stalled: it missed an event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Anything extra (a duplicate) would arrive quickly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    subscriber.abort();
+    let seen = seen.lock().expect("lock").clone();
+
+    let seen_ids: Vec<EventId> = seen.iter().map(|e| e.event_id).collect();
+    assert_eq!(seen_ids.len(), committed.len(), "every committed event exactly once");
+    assert_eq!(seen_ids.iter().copied().collect::<HashSet<_>>(), committed, "exactly the committed events");
+    assert!(seen.windows(2).all(|w| w[0].position < w[1].position), "strictly increasing positions");
+    let stored: Vec<EventId> = read_everything(&first).await.iter().map(|e| e.event_id).collect();
+    assert_eq!(seen_ids, stored, "the live feed is the stored order");
+    for s in &streams {
+        let events = first.read_stream(s, Version(1), usize::MAX).await.expect("read_stream");
+        assert!(events.iter().enumerate().all(|(i, e)| e.version == Version(i as u64 + 1)), "{s} contiguous");
+        assert!(events.windows(2).all(|w| w[0].position < w[1].position), "{s} in position order");
+    }
+}
