@@ -63,7 +63,9 @@ CREATE TRIGGER cqrs_events_no_truncate BEFORE TRUNCATE ON cqrs_events
 -- "t": type, "sv": schema version, "p": payload, "ca": causation id, "co": correlation id,
 -- "h": headers}]}. One result row per append, in input order: outcome "appended",
 -- "duplicate" (the command id was already stored: the first result is returned),
--- "conflict" (expected version refused; `actual_version` says why) or "duplicate_event_id".
+-- "conflict" (expected version refused; `actual_version` says why) or "duplicate_event_id"
+-- (checked only for a batch of one append: in a larger batch a reused event id fails the whole
+-- batch with a unique violation on cqrs_events_event_id_key).
 -- A refused append writes nothing (its checks run before its first write), so no savepoint is
 -- needed. The caller sorts appends by stream id, so concurrent batches lock streams in one order.
 CREATE FUNCTION cqrs_append_batch(appends jsonb)
@@ -91,10 +93,10 @@ DECLARE
     current_version bigint;
     n_events integer;
     positions bigint[];
-    event_ids uuid[];
     existing_event uuid;
     prior record;
     newest bigint := 0;
+    single CONSTANT boolean := jsonb_array_length(appends) = 1;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'cqrs_append_batch needs READ COMMITTED, not %',
@@ -112,17 +114,31 @@ BEGIN
         sid := item->>'s';
         expected_kind := item->>'e';
         command := (item->>'c')::uuid;
+        append_index := item_index;
+        first_version := NULL;
+        last_version := NULL;
+        first_position := NULL;
+        last_position := NULL;
+        duplicate_event_id := NULL;
         -- Lock the stream row before allocating any position for it: per-stream order is then
-        -- position order, and the version check below cannot race.
-        INSERT INTO cqrs_streams AS s (stream_id, version) VALUES (sid, 0) ON CONFLICT (stream_id) DO NOTHING;
+        -- position order, and the checks below cannot race. (Insert it first if it is new.)
         SELECT s.version INTO current_version FROM cqrs_streams s WHERE s.stream_id = sid FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO cqrs_streams AS s (stream_id, version) VALUES (sid, 0) ON CONFLICT (stream_id) DO NOTHING;
+            SELECT s.version INTO current_version FROM cqrs_streams s WHERE s.stream_id = sid FOR UPDATE;
+        END IF;
+        actual_version := current_version;
 
         IF command IS NOT NULL THEN
             SELECT c.first_version, c.last_version, c.first_position, c.last_position INTO prior
                 FROM cqrs_commands c WHERE c.stream_id = sid AND c.command_id = command;
             IF FOUND THEN
-                RETURN QUERY SELECT item_index, 'duplicate'::text, current_version, prior.first_version,
-                    prior.last_version, prior.first_position, prior.last_position, NULL::uuid;
+                outcome := 'duplicate';
+                first_version := prior.first_version;
+                last_version := prior.last_version;
+                first_position := prior.first_position;
+                last_position := prior.last_position;
+                RETURN NEXT;
                 CONTINUE;
             END IF;
         END IF;
@@ -131,23 +147,33 @@ BEGIN
             OR (expected_kind = 'no_stream' AND current_version = 0)
             OR (expected_kind = 'exists' AND current_version > 0)
             OR (expected_kind = 'exact' AND current_version = (item->>'v')::bigint)) THEN
-            RETURN QUERY SELECT item_index, 'conflict'::text, current_version, NULL::bigint, NULL::bigint,
-                NULL::bigint, NULL::bigint, NULL::uuid;
+            outcome := 'conflict';
+            RETURN NEXT;
             CONTINUE;
         END IF;
 
-        SELECT array_agg((e.value->>'id')::uuid) INTO event_ids FROM jsonb_array_elements(item->'ev') e;
-        SELECT ev.event_id INTO existing_event FROM cqrs_events ev WHERE ev.event_id = ANY (event_ids) LIMIT 1;
-        IF FOUND THEN
-            RETURN QUERY SELECT item_index, 'duplicate_event_id'::text, current_version, NULL::bigint,
-                NULL::bigint, NULL::bigint, NULL::bigint, existing_event;
-            CONTINUE;
+        -- A reused event id: looked up only for a batch of one append. In a larger batch the
+        -- unique index aborts the batch, and the caller retries its appends one by one.
+        IF single THEN
+            SELECT ev.event_id INTO existing_event FROM cqrs_events ev
+                WHERE ev.event_id IN (SELECT (e.value->>'id')::uuid FROM jsonb_array_elements(item->'ev') e)
+                LIMIT 1;
+            IF FOUND THEN
+                outcome := 'duplicate_event_id';
+                duplicate_event_id := existing_event;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
         END IF;
 
         n_events := jsonb_array_length(item->'ev');
-        -- Sorted, so the i-th event gets the i-th smallest number whatever the evaluation order.
-        SELECT array_agg(allocated.p ORDER BY allocated.p) INTO positions
-            FROM (SELECT nextval('cqrs_position_seq') AS p FROM generate_series(1, n_events)) allocated;
+        IF n_events = 1 THEN
+            positions := ARRAY[nextval('cqrs_position_seq')];
+        ELSE
+            -- Sorted, so the i-th event gets the i-th smallest number whatever the evaluation order.
+            SELECT array_agg(allocated.p ORDER BY allocated.p) INTO positions
+                FROM (SELECT nextval('cqrs_position_seq') AS p FROM generate_series(1, n_events)) allocated;
+        END IF;
         INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
                                  command_id, causation_id, correlation_id, headers)
         SELECT positions[e.ordinality::integer], (e.value->>'id')::uuid, sid, current_version + e.ordinality,
@@ -162,8 +188,12 @@ BEGIN
                     positions[n_events]);
         END IF;
         newest := greatest(newest, positions[n_events]);
-        RETURN QUERY SELECT item_index, 'appended'::text, current_version, current_version + 1,
-            current_version + n_events, positions[1], positions[n_events], NULL::uuid;
+        outcome := 'appended';
+        first_version := current_version + 1;
+        last_version := current_version + n_events;
+        first_position := positions[1];
+        last_position := positions[n_events];
+        RETURN NEXT;
     END LOOP;
 
     -- Delivered at commit only; the payload is a wake-up token, never event data.
