@@ -24,10 +24,14 @@ pub struct PgStoreConfig {
     /// How long a call waits for a pooled connection before failing with
     /// `StoreError::Unavailable`.
     pub acquire_timeout: Duration,
+    /// Group-commit writer tasks, each with at most one batch transaction in flight (default
+    /// 1: on a small machine more tasks mean smaller batches and more commits). Each batch
+    /// locks its streams in stream id order, so concurrent batches cannot deadlock.
+    pub writer_tasks: usize,
     /// The most appends written in one group-commit transaction.
     pub max_batch_appends: usize,
-    /// The most events written in one group-commit transaction (an append larger than this is
-    /// written alone).
+    /// A writer stops adding appends to a batch once it holds this many events (a single
+    /// larger append is still written, alone).
     pub max_batch_events: usize,
     /// How often a waiting subscriber re-reads without a notification: the safety net for a
     /// lost NOTIFY.
@@ -43,6 +47,7 @@ impl Default for PgStoreConfig {
         Self {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            writer_tasks: 1,
             max_batch_appends: 256,
             max_batch_events: 4096,
             poll_interval: Duration::from_secs(1),
@@ -71,6 +76,13 @@ impl PgStoreConfig {
     #[must_use]
     pub fn with_max_batch_appends(mut self, max_batch_appends: usize) -> Self {
         self.max_batch_appends = max_batch_appends.max(1);
+        self
+    }
+
+    /// Sets [`writer_tasks`](Self::writer_tasks) (at least 1).
+    #[must_use]
+    pub fn with_writer_tasks(mut self, writer_tasks: usize) -> Self {
+        self.writer_tasks = writer_tasks.max(1);
         self
     }
 

@@ -3,6 +3,7 @@
 mod config;
 mod error;
 mod listener;
+mod queue;
 mod rows;
 mod writer;
 
@@ -25,8 +26,9 @@ pub use crate::config::{PgStoreConfig, NOTIFY_CHANNEL};
 pub use crate::error::PgStoreError;
 
 use crate::error::to_store_error;
+use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::{recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
-use crate::writer::{AppendRequest, BatchLimits};
+use crate::writer::AppendRequest;
 
 /// How many appends may wait for the writer task before callers wait to enqueue.
 const QUEUE_CAPACITY: usize = 4096;
@@ -41,8 +43,8 @@ pub struct PgEventStore {
 struct Inner {
     /// Appends, reads and checkpoints.
     pool: PgPool,
-    /// Queue of the group-commit writer task, which owns the receiving end: the task ends when
-    /// the last store handle is dropped.
+    /// Queue of the group-commit writer tasks, which own the receiving end: they end when the
+    /// last store handle is dropped.
     appends: mpsc::Sender<AppendRequest>,
     /// Newest known position; changed on every NOTIFY, local commit and listener reconnect.
     head: Arc<watch::Sender<Position>>,
@@ -106,7 +108,17 @@ impl PgEventStore {
         let (appends, requests) = mpsc::channel(QUEUE_CAPACITY);
         let limits =
             BatchLimits { max_appends: config.max_batch_appends.max(1), max_events: config.max_batch_events.max(1) };
-        tokio::spawn(writer::run_writer(pool.clone(), requests, Arc::clone(&head), limits));
+        let reservations = Arc::new(Reservations::default());
+        let queue = Arc::new(tokio::sync::Mutex::new(AppendQueue::new(requests, Arc::clone(&reservations))));
+        for _ in 0..config.writer_tasks.max(1) {
+            tokio::spawn(writer::run_writer(
+                pool.clone(),
+                Arc::clone(&queue),
+                Arc::clone(&reservations),
+                Arc::clone(&head),
+                limits,
+            ));
+        }
         Self {
             inner: Arc::new(Inner {
                 pool,

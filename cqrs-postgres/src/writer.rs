@@ -13,11 +13,12 @@ use serde::Serialize;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::{PgPool, Row};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::config::NOTIFY_CHANNEL;
 use crate::error::{is_event_id_violation, is_retryable, shared_unavailable};
+use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::append_result;
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
@@ -32,55 +33,36 @@ pub(crate) struct AppendRequest {
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
-/// Bounds of one batch.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BatchLimits {
-    pub(crate) max_appends: usize,
-    pub(crate) max_events: usize,
-}
-
-/// The writer task: runs until every sender of `requests` is gone.
+/// One writer task: runs until the queue is closed and drained.
 pub(crate) async fn run_writer(
     pool: PgPool,
-    mut requests: mpsc::Receiver<AppendRequest>,
+    queue: Arc<tokio::sync::Mutex<AppendQueue>>,
+    reservations: Arc<Reservations>,
     head: Arc<watch::Sender<Position>>,
     limits: BatchLimits,
 ) {
-    let mut carried: Option<AppendRequest> = None;
     loop {
-        let first = match carried.take() {
-            Some(request) => request,
-            None => match requests.recv().await {
-                Some(request) => request,
-                None => return,
-            },
+        // The lock is held only while taking a batch, so another writer task can take the
+        // next batch while this one commits.
+        let Some(batch) = queue.lock().await.next_batch(limits).await else {
+            return;
         };
-        let mut n_events = first.events.len();
-        let mut batch = vec![first];
-        while batch.len() < limits.max_appends && n_events < limits.max_events {
-            match requests.try_recv() {
-                Ok(request) if n_events + request.events.len() > limits.max_events => {
-                    carried = Some(request);
-                    break;
-                }
-                Ok(request) => {
-                    n_events += request.events.len();
-                    batch.push(request);
-                }
-                Err(_) => break,
-            }
-        }
-        write_batch(&pool, batch, &head).await;
+        write_batch(&pool, batch, &head, &reservations).await;
     }
 }
 
 /// Writes one batch and answers every request in it.
-async fn write_batch(pool: &PgPool, mut batch: Vec<AppendRequest>, head: &watch::Sender<Position>) {
+async fn write_batch(
+    pool: &PgPool,
+    mut batch: Vec<AppendRequest>,
+    head: &watch::Sender<Position>,
+    reservations: &Reservations,
+) {
     // Stable: appends to one stream keep their arrival order. Every store instance locks
     // streams in this order, so concurrent batches cannot deadlock on stream rows.
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
     match run_with_retries(pool, &batch).await {
-        Ok(rows) => answer(batch, &rows, head),
+        Ok(rows) => answer(batch, &rows, head, reservations),
         Err(error) if is_event_id_violation(&error) && batch.len() > 1 => {
             // Another writer stored one of these event ids concurrently. The batch was rolled
             // back as a whole; write each append alone so only the guilty one fails.
@@ -88,7 +70,7 @@ async fn write_batch(pool: &PgPool, mut batch: Vec<AppendRequest>, head: &watch:
             for request in batch {
                 let single = vec![request];
                 match run_with_retries(pool, &single).await {
-                    Ok(rows) => answer(single, &rows, head),
+                    Ok(rows) => answer(single, &rows, head, reservations),
                     Err(error) => fail(pool, single, error, head).await,
                 }
             }
@@ -120,8 +102,9 @@ async fn run_with_retries(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<
     }
 }
 
-/// Answers each request from its result row.
-fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Position>) {
+/// Answers each request from its result row. An append that lost a version conflict and
+/// carries a command id gets its stream reserved for its retry first (see [`crate::queue`]).
+fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Position>, reservations: &Reservations) {
     let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
     for row in rows {
         if let Ok(index) = row.try_get::<i32, _>("append_index") {
@@ -136,8 +119,12 @@ fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Positi
             Some(row) => outcome_of(row, &request),
             None => Err(StoreError::Corrupt(format!("cqrs_append_batch returned no row for append {index}"))),
         };
-        if let Ok(AppendOutcome::Appended(result)) = &outcome {
-            newest = newest.max(result.last_position);
+        match (&outcome, request.command_id) {
+            (Ok(AppendOutcome::Appended(result)), _) => newest = newest.max(result.last_position),
+            (Err(StoreError::Conflict { .. }), Some(command_id)) => {
+                reservations.reserve(request.stream_id.clone(), command_id);
+            }
+            _ => {}
         }
         // The caller may have gone away; its append happened anyway.
         let _ = request.reply.send(outcome);

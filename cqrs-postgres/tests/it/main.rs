@@ -2,6 +2,7 @@
 //! the server named by `DATABASE_URL` (and drops it afterwards), so tests run in parallel.
 //! Without `DATABASE_URL` every test fails with a message saying how to start a server.
 
+mod appends;
 mod checkpoints;
 mod conformance;
 mod faults;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cqrs_core::testing::conformance::event;
 use cqrs_core::testing::counter::{Counter, CounterCommand};
 use cqrs_core::{Dispatcher, EventId, EventStore, ExpectedVersion, StreamId, Version};
-use cqrs_postgres::PgEventStore;
+use cqrs_postgres::{PgEventStore, PgStoreConfig};
 
 use crate::support::{read_everything, stream, TestDb};
 
@@ -19,7 +19,11 @@ const RAW_PER_TASK: u64 = 25;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_store_instances_share_streams_safely() {
     let db = TestDb::create().await;
-    let processes = [Arc::new(db.store().await), Arc::new(db.store().await)];
+    // The second process runs three writer tasks: concurrent batches from one instance too.
+    let processes = [
+        Arc::new(db.store().await),
+        Arc::new(db.store_with(PgStoreConfig::default().with_max_connections(6).with_writer_tasks(3)).await),
+    ];
     let dispatchers = [
         Dispatcher::<Counter, PgEventStore>::new(Arc::clone(&processes[0])),
         Dispatcher::<Counter, PgEventStore>::new(Arc::clone(&processes[1])),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::{EventId, EventStore, ExpectedVersion, Position, RecordedEvent, StreamId, Subscription, Version};
+use cqrs_postgres::PgStoreConfig;
 use serde_json::json;
 use sqlx::Connection;
 
@@ -49,7 +50,7 @@ async fn slow_raw_append(connection: &mut sqlx::PgConnection, stream_id: &Stream
 async fn subscriber_never_skips_events_of_slow_writers() {
     let db = TestDb::create().await;
     let first = db.store().await;
-    let second = db.store().await;
+    let second = db.store_with(PgStoreConfig::default().with_max_connections(6).with_writer_tasks(2)).await;
     let streams: Vec<StreamId> = (0..3).map(|i| stream(&format!("shared{i}"))).collect();
     let committed = Arc::new(Mutex::new(HashSet::new()));
 
