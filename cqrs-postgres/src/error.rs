@@ -46,6 +46,31 @@ pub(crate) fn is_event_id_violation(error: &sqlx::Error) -> bool {
     }
 }
 
+/// SQLSTATE classes after which a statement's fate is unknown or the session is gone:
+/// connection exception, insufficient resources, operator intervention (e.g. the backend was
+/// terminated), system error, internal error.
+const AMBIGUOUS_CLASSES: [&str; 5] = ["08", "53", "57", "58", "XX"];
+
+/// Whether the server refused the statement itself (so its implicit transaction was rolled
+/// back and nothing was written), as opposed to a lost connection or a dying server.
+pub(crate) fn is_statement_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            db.code().is_some_and(|code| !AMBIGUOUS_CLASSES.iter().any(|class| code.starts_with(class)))
+        }
+        _ => false,
+    }
+}
+
+/// Whether the server refused the data (SQLSTATE class 22: a payload jsonb cannot hold, a
+/// number out of range...): the append is invalid and retrying will not help.
+pub(crate) fn is_data_error(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("22")),
+        _ => false,
+    }
+}
+
 /// Maps a database error of a read or a checkpoint call. Decoding problems are corruption;
 /// everything else (connection lost, server restarting, pool exhausted) is unavailability.
 pub(crate) fn to_store_error(error: sqlx::Error) -> StoreError {

@@ -17,7 +17,7 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::config::NOTIFY_CHANNEL;
-use crate::error::{is_event_id_violation, is_retryable, shared_unavailable};
+use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statement_error, shared_unavailable};
 use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::append_result;
 
@@ -63,19 +63,37 @@ async fn write_batch(
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
     match run_with_retries(pool, &batch).await {
         Ok(rows) => answer(batch, &rows, head, reservations),
-        Err(error) if is_event_id_violation(&error) && batch.len() > 1 => {
-            // Another writer stored one of these event ids concurrently. The batch was rolled
-            // back as a whole; write each append alone so only the guilty one fails.
-            tracing::debug!("event id race in a batch, writing its appends one by one");
+        Err(error) if batch.len() > 1 && is_statement_error(&error) => {
+            // The server refused the statement, so the batch was rolled back as a whole (for
+            // example another writer stored one of its event ids meanwhile, or one payload is
+            // unacceptable to jsonb). Write each append alone so only the guilty one fails.
+            tracing::debug!(%error, "batch refused, writing its appends one by one");
             for request in batch {
-                let single = vec![request];
-                match run_with_retries(pool, &single).await {
-                    Ok(rows) => answer(single, &rows, head, reservations),
-                    Err(error) => fail(pool, single, error, head).await,
-                }
+                write_single(pool, request, head, reservations).await;
             }
         }
+        Err(error) if is_data_error(&error) => refuse(batch, &error),
         Err(error) => fail(pool, batch, error, head).await,
+    }
+}
+
+/// Writes one append in a transaction of its own, after its batch was refused.
+async fn write_single(
+    pool: &PgPool,
+    request: AppendRequest,
+    head: &watch::Sender<Position>,
+    reservations: &Reservations,
+) {
+    let single = vec![request];
+    let mut result = run_with_retries(pool, &single).await;
+    if matches!(&result, Err(error) if is_event_id_violation(error)) {
+        // Raced with a writer of the same event id: now the function's own check sees it.
+        result = run_with_retries(pool, &single).await;
+    }
+    match result {
+        Ok(rows) => answer(single, &rows, head, reservations),
+        Err(error) if is_data_error(&error) => refuse(single, &error),
+        Err(error) => fail(pool, single, error, head).await,
     }
 }
 
@@ -163,6 +181,13 @@ fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, Sto
     }
 }
 
+/// Answers appends whose data the database refused (only ever a batch of one).
+fn refuse(batch: Vec<AppendRequest>, error: &sqlx::Error) {
+    for request in batch {
+        let _ = request.reply.send(Err(StoreError::InvalidAppend(format!("refused by the database: {error}"))));
+    }
+}
+
 /// Reports a failed batch to every caller, then wakes readers everywhere: a rolled-back
 /// batch may have held their read bound back, and sends no NOTIFY of its own.
 async fn fail(pool: &PgPool, batch: Vec<AppendRequest>, error: sqlx::Error, head: &watch::Sender<Position>) {
@@ -172,10 +197,14 @@ async fn fail(pool: &PgPool, batch: Vec<AppendRequest>, error: sqlx::Error, head
         let _ = request.reply.send(Err(shared_unavailable(&error)));
     }
     head.send_modify(|_| {});
-    let wake = sqlx::query("SELECT pg_notify($1, '0')").bind(NOTIFY_CHANNEL).execute(pool).await;
-    if let Err(error) = wake {
-        tracing::debug!(%error, "could not send the wake-up after a failed batch");
-    }
+    // In the background: while the server is down this would wait for the acquire timeout.
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let wake = sqlx::query("SELECT pg_notify($1, '0')").bind(NOTIFY_CHANNEL).execute(&pool).await;
+        if let Err(error) = wake {
+            tracing::debug!(%error, "could not send the wake-up after a failed batch");
+        }
+    });
 }
 
 /// The JSON form of one append, as `cqrs_append_batch` reads it.

@@ -53,3 +53,42 @@ async fn reused_event_id_in_a_batch_fails_only_its_append() {
     }
     assert_eq!(read_everything(&store).await.len(), 5 * 15);
 }
+
+/// A payload PostgreSQL cannot store (a NUL character in a JSON string) fails only its own
+/// append, as `InvalidAppend`; the appends batched with it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_payload_fails_only_its_append() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    for _round in 0..3 {
+        let tasks: Vec<_> = (0..12u64)
+            .map(|n| {
+                let store = store.clone();
+                let mut sent = event(n);
+                if n == 5 {
+                    sent.payload = json!({"n": n, "text": "nul \u{0} inside"});
+                }
+                tokio::spawn(async move { (n, store.append(&stream("nul"), ExpectedVersion::Any, vec![sent]).await) })
+            })
+            .collect();
+        for task in tasks {
+            match task.await.expect("task") {
+                (5, Err(StoreError::InvalidAppend(_))) => {}
+                (5, other) => panic!("the NUL payload must be refused as invalid, got {other:?}"),
+                (_, result) => assert!(result.is_ok(), "a valid append must be stored: {result:?}"),
+            }
+        }
+    }
+    assert_eq!(read_everything(&store).await.len(), 3 * 11);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_payload_alone_is_invalid() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let mut sent = event(1);
+    sent.payload = json!({"text": "nul \u{0} inside"});
+    let result = store.append(&stream("nul"), ExpectedVersion::Any, vec![sent]).await;
+    assert!(matches!(result, Err(StoreError::InvalidAppend(_))), "got {result:?}");
+    store.append(&stream("fine"), ExpectedVersion::Any, vec![event(2)]).await.expect("the store still works");
+}
