@@ -9,5 +9,6 @@ mod faults;
 mod listener;
 mod multi_process;
 mod ordering;
+mod restart;
 mod schema;
 mod support;
