@@ -87,15 +87,20 @@ impl PgEventStore {
             .acquire_timeout(config.acquire_timeout)
             // A dead connection fails its next query and is dropped; no ping per checkout.
             .test_before_acquire(false)
-            .connect_with(options.application_name(&config.application_name))
+            .connect_with(
+                options
+                    .application_name(&config.application_name)
+                    // The append and read functions need fresh snapshots per statement.
+                    .options([("default_transaction_isolation", "read committed")]),
+            )
             .await
             .map_err(PgStoreError::Connect)?;
         Ok(Self::from_pool(pool, config))
     }
 
     /// Uses an existing pool (its connection options are also used for the LISTEN
-    /// connection). Must be called inside a tokio runtime: it starts the writer and listener
-    /// tasks.
+    /// connection). Its sessions must use READ COMMITTED (PostgreSQL's default). Must be
+    /// called inside a tokio runtime: it starts the writer and listener tasks.
     pub fn from_pool(pool: PgPool, config: PgStoreConfig) -> Self {
         let (head, _) = watch::channel(Position::START);
         let head = Arc::new(head);
