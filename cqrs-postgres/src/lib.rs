@@ -87,12 +87,14 @@ impl PgEventStore {
             .acquire_timeout(config.acquire_timeout)
             // A dead connection fails its next query and is dropped; no ping per checkout.
             .test_before_acquire(false)
-            .connect_with(
-                options
-                    .application_name(&config.application_name)
-                    // The append and read functions need fresh snapshots per statement.
-                    .options([("default_transaction_isolation", "read committed")]),
-            )
+            // The append and read functions need a fresh snapshot per statement.
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    sqlx::query("SET default_transaction_isolation = 'read committed'").execute(connection).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options.application_name(&config.application_name))
             .await
             .map_err(PgStoreError::Connect)?;
         Ok(Self::from_pool(pool, config))
