@@ -19,7 +19,8 @@ pub const NOTIFY_CHANNEL: &str = "cqrs_events";
 #[non_exhaustive]
 pub struct PgStoreConfig {
     /// Connections in the pool used for appends, reads and checkpoints (the listener has its
-    /// own). Appends use one at a time; the rest serve readers.
+    /// own). Each writer task keeps one; the rest serve readers (`connect_with` makes the pool
+    /// at least `writer_tasks + 1`; with `from_pool`, size your pool likewise).
     pub max_connections: u32,
     /// How long a call waits for a pooled connection before failing with
     /// `StoreError::Unavailable`.

@@ -83,7 +83,10 @@ impl PgEventStore {
     pub async fn connect_with(database_url: &str, config: PgStoreConfig) -> Result<Self, PgStoreError> {
         let options = PgConnectOptions::from_str(database_url).map_err(PgStoreError::InvalidUrl)?;
         let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections.max(2))
+            // Each writer task keeps one connection; at least one more serves reads.
+            .max_connections(
+                config.max_connections.max(u32::try_from(config.writer_tasks).unwrap_or(u32::MAX).saturating_add(1)),
+            )
             .acquire_timeout(config.acquire_timeout)
             // A dead connection fails its next query and is dropped; no ping per checkout.
             .test_before_acquire(false)

@@ -10,9 +10,10 @@ use cqrs_core::{
     AppendOutcome, CommandId, EventId, ExpectedVersion, NewEvent, Position, StoreError, StreamId, Version,
 };
 use serde::Serialize;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
@@ -33,6 +34,36 @@ pub(crate) struct AppendRequest {
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
+/// The writer task's connection, kept across batches (no pool checkout, release and ping per
+/// batch) and replaced after any error that may have broken it.
+struct WriterConnection {
+    pool: PgPool,
+    held: Option<PoolConnection<Postgres>>,
+}
+
+impl WriterConnection {
+    /// One statement in autocommit mode: one round trip, one transaction, one commit.
+    async fn append_batch(&mut self, payload: &[AppendJson<'_>]) -> Result<Vec<PgRow>, sqlx::Error> {
+        let connection = match &mut self.held {
+            Some(connection) => connection,
+            None => self.held.insert(self.pool.acquire().await?),
+        };
+        let result = sqlx::query(
+            "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+             last_position, duplicate_event_id FROM cqrs_append_batch($1)",
+        )
+        .bind(Json(payload))
+        .fetch_all(&mut **connection)
+        .await;
+        if matches!(&result, Err(error) if !is_statement_error(error)) {
+            // Possibly broken: give it back (the pool tests it on release) and take a fresh one
+            // next time.
+            self.held = None;
+        }
+        result
+    }
+}
+
 /// One writer task: runs until the queue is closed and drained.
 pub(crate) async fn run_writer(
     pool: PgPool,
@@ -41,19 +72,20 @@ pub(crate) async fn run_writer(
     head: Arc<watch::Sender<Position>>,
     limits: BatchLimits,
 ) {
+    let mut connection = WriterConnection { pool, held: None };
     loop {
         // The lock is held only while taking a batch, so another writer task can take the
         // next batch while this one commits.
         let Some(batch) = queue.lock().await.next_batch(limits).await else {
             return;
         };
-        write_batch(&pool, batch, &head, &reservations).await;
+        write_batch(&mut connection, batch, &head, &reservations).await;
     }
 }
 
 /// Writes one batch and answers every request in it.
 async fn write_batch(
-    pool: &PgPool,
+    connection: &mut WriterConnection,
     mut batch: Vec<AppendRequest>,
     head: &watch::Sender<Position>,
     reservations: &Reservations,
@@ -61,7 +93,7 @@ async fn write_batch(
     // Stable: appends to one stream keep their arrival order. Every store instance locks
     // streams in this order, so concurrent batches cannot deadlock on stream rows.
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
-    match run_with_retries(pool, &batch).await {
+    match run_with_retries(connection, &batch).await {
         Ok(rows) => answer(batch, &rows, head, reservations),
         Err(error) if batch.len() > 1 && is_statement_error(&error) => {
             // The server refused the statement, so the batch was rolled back as a whole (for
@@ -69,46 +101,42 @@ async fn write_batch(
             // unacceptable to jsonb). Write each append alone so only the guilty one fails.
             tracing::debug!(%error, "batch refused, writing its appends one by one");
             for request in batch {
-                write_single(pool, request, head, reservations).await;
+                write_single(connection, request, head, reservations).await;
             }
         }
         Err(error) if is_data_error(&error) => refuse(batch, &error),
-        Err(error) => fail(pool, batch, error, head).await,
+        Err(error) => fail(&connection.pool, batch, error, head).await,
     }
 }
 
 /// Writes one append in a transaction of its own, after its batch was refused.
 async fn write_single(
-    pool: &PgPool,
+    connection: &mut WriterConnection,
     request: AppendRequest,
     head: &watch::Sender<Position>,
     reservations: &Reservations,
 ) {
     let single = vec![request];
-    let mut result = run_with_retries(pool, &single).await;
+    let mut result = run_with_retries(connection, &single).await;
     if matches!(&result, Err(error) if is_event_id_violation(error)) {
         // Raced with a writer of the same event id: now the function's own check sees it.
-        result = run_with_retries(pool, &single).await;
+        result = run_with_retries(connection, &single).await;
     }
     match result {
         Ok(rows) => answer(single, &rows, head, reservations),
         Err(error) if is_data_error(&error) => refuse(single, &error),
-        Err(error) => fail(pool, single, error, head).await,
+        Err(error) => fail(&connection.pool, single, error, head).await,
     }
 }
 
-async fn run_with_retries(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<PgRow>, sqlx::Error> {
+async fn run_with_retries(
+    connection: &mut WriterConnection,
+    batch: &[AppendRequest],
+) -> Result<Vec<PgRow>, sqlx::Error> {
     let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
     let mut attempt = 0;
     loop {
-        // One statement in autocommit mode: one round trip, one transaction, one commit.
-        let result = sqlx::query(
-            "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
-             last_position, duplicate_event_id FROM cqrs_append_batch($1)",
-        )
-        .bind(Json(&payload))
-        .fetch_all(pool)
-        .await;
+        let result = connection.append_batch(&payload).await;
         match result {
             Err(error) if is_retryable(&error) && attempt < MAX_BATCH_RETRIES => {
                 attempt += 1;
