@@ -123,3 +123,41 @@ async fn subscriber_never_skips_events_of_slow_writers() {
         assert!(events.windows(2).all(|w| w[0].position < w[1].position), "{s} in position order");
     }
 }
+
+/// The watermark, step by step: while a transaction that took position `p` is open, readers
+/// stop below `p` even though later positions are committed; after it commits, both appear in
+/// position order; after a rollback, the hole is passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_stop_below_an_open_writer() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let s = stream("watermark");
+    store.append(&s, ExpectedVersion::Any, vec![event(1)]).await.expect("first");
+
+    let mut connection = db.connection().await;
+    for commit in [true, false] {
+        let before = read_everything(&store).await.len();
+        let slow_stream = stream("slow");
+        let mut slow = connection.begin().await.expect("begin");
+        let batch = json!([{"s": slow_stream.as_str(), "e": "any", "c": null,
+            "ev": [{"id": EventId::new().0, "t": "Slow", "sv": 1, "p": {}, "h": {}}]}]);
+        let slow_position: i64 = sqlx::query_scalar("SELECT first_position FROM cqrs_append_batch($1)")
+            .bind(sqlx::types::Json(batch))
+            .fetch_one(&mut *slow)
+            .await
+            .expect("slow append");
+        let later = store.append(&s, ExpectedVersion::Any, vec![event(2)]).await.expect("later").result();
+        assert!(i64::try_from(later.first_position.0).expect("small") > slow_position);
+        let visible = read_everything(&store).await;
+        assert_eq!(visible.len(), before, "nothing at or above an open writer's position may be read");
+        if commit {
+            slow.commit().await.expect("commit");
+        } else {
+            slow.rollback().await.expect("rollback");
+        }
+        let visible = read_everything(&store).await;
+        let expected = before + if commit { 2 } else { 1 };
+        assert_eq!(visible.len(), expected, "both (or, after a rollback, the later) event are read now");
+        assert_eq!(visible.last().map(|e| e.position), Some(later.first_position));
+    }
+}
