@@ -196,10 +196,9 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 
-    -- Delivered at commit only; the payload is a wake-up token, never event data.
-    IF newest > 0 THEN
-        PERFORM pg_notify('cqrs_events', newest::text);
-    END IF;
+    -- Delivered at commit only; the payload is a wake-up token, never event data. Sent even
+    -- when nothing was appended: this transaction's watermark lock may have held readers back.
+    PERFORM pg_notify('cqrs_events', newest::text);
 END $$;
 
 -- Reads events after a position, never past one that an in-flight writer may still commit.

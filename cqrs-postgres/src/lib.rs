@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId, Version, MAX_EVENTS_PER_APPEND,
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
+    StoreError, StreamId, Version, MAX_EVENTS_PER_APPEND,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -335,6 +335,54 @@ impl EventStore for PgEventStore {
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         let mut connection = self.inner.pool.acquire().await.map_err(to_store_error)?;
         Self::save_checkpoint_in(&mut connection, name, position).await
+    }
+
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let row = sqlx::query("SELECT version, schema_version, state FROM cqrs_snapshots WHERE stream_id = $1")
+            .bind(stream_id.as_str())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(to_store_error)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let version: i64 = row.try_get("version").map_err(to_store_error)?;
+        let schema_version: i32 = row.try_get("schema_version").map_err(to_store_error)?;
+        let state: sqlx::types::Json<serde_json::Value> = row.try_get("state").map_err(to_store_error)?;
+        Ok(Some(Snapshot {
+            stream_id: stream_id.clone(),
+            version: Version(to_u64(version, "snapshot version")?),
+            schema_version: u32::try_from(schema_version)
+                .map_err(|_| StoreError::Corrupt(format!("negative snapshot schema version {schema_version}")))?,
+            state: state.0,
+        }))
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        let version = i64::try_from(snapshot.version.0)
+            .map_err(|_| StoreError::InvalidAppend(format!("snapshot {} is out of range", snapshot.version)))?;
+        let schema_version = i32::try_from(snapshot.schema_version).map_err(|_| {
+            StoreError::InvalidAppend(format!("snapshot schema version {} is out of range", snapshot.schema_version))
+        })?;
+        // An older snapshot never replaces a newer one.
+        sqlx::query(
+            "INSERT INTO cqrs_snapshots (stream_id, version, schema_version, state) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, \
+             schema_version = EXCLUDED.schema_version, state = EXCLUDED.state, saved_at = now() \
+             WHERE cqrs_snapshots.version <= EXCLUDED.version",
+        )
+        .bind(snapshot.stream_id.as_str())
+        .bind(version)
+        .bind(schema_version)
+        .bind(sqlx::types::Json(&snapshot.state))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(to_store_error)?;
+        Ok(())
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

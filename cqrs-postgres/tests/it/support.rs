@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId, Version,
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
+    StoreError, StreamId, Version,
 };
 use cqrs_postgres::{PgEventStore, PgStoreConfig};
 use sqlx::{Connection, Executor, PgConnection};
@@ -162,6 +162,18 @@ impl EventStore for TestStore {
 
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         self.store.save_checkpoint(name, position).await
+    }
+
+    fn supports_snapshots(&self) -> bool {
+        self.store.supports_snapshots()
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        self.store.load_snapshot(stream_id).await
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        self.store.save_snapshot(snapshot).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {
