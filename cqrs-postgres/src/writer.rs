@@ -1,6 +1,6 @@
-//! Group commit: one writer task per store takes every queued append (up to a bound), writes
-//! them in one transaction with one round trip (`cqrs_append_batch`), and answers each caller
-//! on its own.
+//! Group commit: the store's writer task (one by default) takes every queued append (up to a
+//! bound), writes them in one transaction with one round trip (`cqrs_append_batch`), and
+//! answers each caller on its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
