@@ -365,6 +365,11 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                 }
                 Err(StoreError::Conflict { .. }) if attempts <= self.config.max_conflict_retries => {
                     tracing::debug!(%stream_id, attempts, "version conflict, catching up and deciding again");
+                    if attempts > 1 {
+                        // Repeated losses: another process keeps winning the race for this
+                        // stream. A short random pause breaks the lockstep.
+                        tokio::time::sleep(conflict_backoff(attempts)).await;
+                    }
                     self.catch_up(stream_id, instance).await?;
                 }
                 Err(StoreError::Conflict { .. }) => {
@@ -476,6 +481,15 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     ) -> DispatchOutcome {
         DispatchOutcome { stream_id: stream_id.clone(), command_id: envelope.command_id, appended, version, duplicate }
     }
+}
+
+/// A random pause of up to 2^attempts ms, capped at 50 ms.
+fn conflict_backoff(attempts: u32) -> Duration {
+    use std::hash::BuildHasher;
+    let ceiling_ms = (1u64 << attempts.min(6)).min(50);
+    // RandomState is freshly keyed per call: a cheap source of jitter without a rand dependency.
+    let random = std::collections::hash_map::RandomState::new().hash_one(attempts);
+    Duration::from_millis(random % (ceiling_ms + 1))
 }
 
 impl<C> From<C> for CommandEnvelope<C>

@@ -3,7 +3,8 @@
 //! Run with: `source scripts/postgres.sh; PG_FSYNC=on pg_start; cargo bench -p cqrs-postgres --bench append_throughput`
 //!
 //! Measures appends per second (1-event appends, `ExpectedVersion::Any`, one stream per writer
-//! task) with 1 and 32 concurrent writer tasks on one store instance, then single-row
+//! task) with 1 and 32 concurrent writer tasks on one store instance (with 1 and 4 group-commit
+//! writer tasks), then single-row
 //! autocommit `INSERT`s (one INSERT + COMMIT per round trip) on 1 and 32 connections. Each
 //! run lasts `BENCH_SECONDS` (default 5) in a fresh database that is dropped afterwards.
 
@@ -49,9 +50,11 @@ async fn measure(options: &PgConnectOptions, duration: Duration) -> anyhow::Resu
     let fsync: String = sqlx::query_scalar("SHOW fsync").fetch_one(&mut probe).await?;
     let sync: String = sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&mut probe).await?;
     println!("server: fsync={fsync} synchronous_commit={sync}; {} s per measurement", duration.as_secs());
-    for writers in WRITER_COUNTS {
-        let rate = store_appends(options, writers, duration).await?;
-        println!("PgEventStore append (1 event, Any)   writers={writers:>2}  {rate:>9.0} appends/s");
+    for (writers, writer_tasks) in [(1, 1), (32, 1), (32, 4)] {
+        let rate = store_appends(options, writers, writer_tasks, duration).await?;
+        println!(
+            "PgEventStore append (1 event, Any)   writers={writers:>2}  {rate:>9.0} appends/s  (writer_tasks={writer_tasks})"
+        );
     }
     probe.execute("CREATE TABLE bench_rows (id bigserial PRIMARY KEY, payload jsonb NOT NULL)").await?;
     for connections in WRITER_COUNTS {
@@ -61,9 +64,14 @@ async fn measure(options: &PgConnectOptions, duration: Duration) -> anyhow::Resu
     Ok(())
 }
 
-async fn store_appends(options: &PgConnectOptions, writers: usize, duration: Duration) -> anyhow::Result<f64> {
-    let pool = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await?;
-    let store = PgEventStore::from_pool(pool, PgStoreConfig::default());
+async fn store_appends(
+    options: &PgConnectOptions,
+    writers: usize,
+    writer_tasks: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let pool = PgPoolOptions::new().max_connections(8).connect_with(options.clone()).await?;
+    let store = PgEventStore::from_pool(pool, PgStoreConfig::default().with_writer_tasks(writer_tasks));
     store.migrate().await?;
     let store = Arc::new(store);
     let start = Instant::now();
