@@ -35,6 +35,7 @@ pub use handler::{
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use store::{
-    AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError, MAX_EVENTS_PER_APPEND,
+    validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError,
+    MAX_EVENTS_PER_APPEND,
 };
 pub use subscription::Subscription;

@@ -69,6 +69,32 @@ impl AppendOutcome {
     }
 }
 
+/// Checks the parts of an append request that every store must refuse before touching
+/// anything: no events, more than [`MAX_EVENTS_PER_APPEND`], events with different command ids,
+/// or one event id twice. Returns the request's command id. Stores call it first in `append`.
+pub fn validate_append(events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
+    let Some(first) = events.first() else {
+        return Err(StoreError::InvalidAppend("an append needs at least one event".into()));
+    };
+    if events.len() > MAX_EVENTS_PER_APPEND {
+        return Err(StoreError::InvalidAppend(format!(
+            "{} events in one append, more than the limit of {MAX_EVENTS_PER_APPEND}",
+            events.len()
+        )));
+    }
+    let command_id = first.metadata.command_id;
+    if events.iter().any(|event| event.metadata.command_id != command_id) {
+        return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
+    }
+    if events.len() > 1 {
+        let mut ids = std::collections::HashSet::with_capacity(events.len());
+        if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
+            return Err(StoreError::DuplicateEventId(event.event_id));
+        }
+    }
+    Ok(command_id)
+}
+
 /// Errors of an [`EventStore`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -5,8 +5,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use async_trait::async_trait;
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    Snapshot, StoreError, StreamId, Timestamp, Version, MAX_EVENTS_PER_APPEND,
+    validate_append, AppendOutcome, AppendResult, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, Position,
+    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version,
 };
 use tokio::sync::watch;
 
@@ -124,30 +124,6 @@ impl MemoryStore {
     }
 }
 
-/// Checks an append request before touching any state.
-fn validate(events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
-    if events.is_empty() {
-        return Err(StoreError::InvalidAppend("an append needs at least one event".into()));
-    }
-    if events.len() > MAX_EVENTS_PER_APPEND {
-        return Err(StoreError::InvalidAppend(format!(
-            "{} events in one append, more than the limit of {MAX_EVENTS_PER_APPEND}",
-            events.len()
-        )));
-    }
-    let command_id = events[0].metadata.command_id;
-    if events.iter().any(|event| event.metadata.command_id != command_id) {
-        return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
-    }
-    if events.len() > 1 {
-        let mut ids = HashSet::with_capacity(events.len());
-        if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
-            return Err(StoreError::DuplicateEventId(event.event_id));
-        }
-    }
-    Ok(command_id)
-}
-
 #[async_trait]
 impl EventStore for MemoryStore {
     async fn append(
@@ -156,7 +132,7 @@ impl EventStore for MemoryStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
-        let command_id = validate(&events)?;
+        let command_id = validate_append(&events)?;
         let result = {
             let mut state = self.write();
             if let Some(command_id) = command_id {

@@ -7,7 +7,6 @@ mod queue;
 mod rows;
 mod writer;
 
-use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Version, MAX_EVENTS_PER_APPEND,
+    StoreError, StreamId, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -211,31 +210,15 @@ pub async fn migrate_pool(pool: &PgPool) -> Result<(), PgStoreError> {
     result
 }
 
-/// Checks an append request before it is queued.
+/// Checks an append request before it is queued: the common rules, plus what the SQL
+/// boundary needs (versions that fit a `bigint`).
 fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
-    let Some(first) = events.first() else {
-        return Err(StoreError::InvalidAppend("an append needs at least one event".into()));
-    };
-    if events.len() > MAX_EVENTS_PER_APPEND {
-        return Err(StoreError::InvalidAppend(format!(
-            "{} events in one append, more than the limit of {MAX_EVENTS_PER_APPEND}",
-            events.len()
-        )));
-    }
     if let ExpectedVersion::Exact(version) = expected {
         if i64::try_from(version.0).is_err() {
             return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
         }
     }
-    let command_id = first.metadata.command_id;
-    if events.iter().any(|event| event.metadata.command_id != command_id) {
-        return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
-    }
-    let mut ids = HashSet::with_capacity(events.len());
-    if let Some(event) = events.iter().find(|event| !ids.insert(event.event_id)) {
-        return Err(StoreError::DuplicateEventId(event.event_id));
-    }
-    Ok(command_id)
+    cqrs_core::validate_append(events)
 }
 
 #[async_trait]
