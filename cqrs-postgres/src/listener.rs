@@ -37,11 +37,13 @@ pub(crate) async fn run_listener(pool: PgPool, head: Arc<watch::Sender<Position>
         loop {
             match listener.try_recv().await {
                 Ok(Some(notification)) => wake(&head, notification.payload().parse().ok().map(Position)),
-                // The connection was lost and sqlx has reconnected (and re-issued LISTEN):
-                // notifications in between are lost, so every subscriber must re-read.
+                // The connection was lost. sqlx would reconnect inside the next `try_recv`, but
+                // we could not wake subscribers *after* LISTEN is active again; so reconnect
+                // here, and wake them (above) once it is: notifications sent in between are
+                // lost, and every subscriber must re-read from its own position.
                 Ok(None) => {
-                    tracing::debug!("listener reconnected");
-                    wake(&head, None);
+                    tracing::debug!("listener connection lost, reconnecting");
+                    break;
                 }
                 Err(error) => {
                     tracing::debug!(%error, "listener connection failed, reconnecting");
