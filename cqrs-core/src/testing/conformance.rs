@@ -1,6 +1,6 @@
 //! The store conformance suite: one `pub async fn` per property of the [`EventStore`]
-//! contract. Every backend runs all of them, usually through [`conformance_tests!`]
-//! (crate::conformance_tests), which emits one `#[tokio::test]` per property.
+//! contract. Every backend runs all of them, usually through
+//! [`conformance_tests!`](crate::conformance_tests), which emits one `#[tokio::test]` per property.
 //!
 //! Each function takes a fresh, empty store and panics with a message naming the broken rule.
 
