@@ -413,9 +413,13 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
                     let page = self.retrying(Position::START, || store.read_all(head, 4096)).await?;
                     match page.last() {
                         Some(last) => head = last.position,
-                        None => return Ok(head),
+                        None => break,
                     }
                 }
+                // Saved at once: a restart before the first event must not move the start past
+                // events stored since this first start.
+                self.retrying(head, || store.save_checkpoint(&name, head)).await?;
+                Ok(head)
             }
         }
     }

@@ -237,3 +237,23 @@ async fn events_of_other_types_are_passed_over_but_advance_the_position() {
     assert_eq!(totals.seen(), vec![Position(2), Position(3)]);
     running.stop().await;
 }
+
+#[tokio::test]
+async fn start_from_current_is_fixed_at_the_first_start() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 3).await;
+    let progress = Progress::new();
+    let config = || RunnerConfig { start_from: StartFrom::Current, ..RunnerConfig::default() };
+    let first = Totals::named("notifier");
+    let running = spawn_handler(Arc::clone(&store), first.clone(), config(), &progress);
+    wait_until("started", || running.status().state == HandlerState::Running).await;
+    running.stop().await;
+    // Stored after the first start, while the handler was down: it must still be delivered.
+    fill(&dispatcher, 1).await;
+    let second = Totals::named("notifier");
+    let running = spawn_handler(Arc::clone(&store), second.clone(), config(), &progress);
+    wait_until("the missed event", || second.seen().len() == 1).await;
+    assert_eq!(second.seen(), vec![Position(4)]);
+    running.stop().await;
+}
