@@ -3,6 +3,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
+/// How many of the oldest entries an insertion looks at to find one that may be evicted.
+pub(crate) const EVICTION_SCAN: usize = 16;
+
 /// A map that holds at most `capacity` entries and evicts the least recently used one.
 /// `get` and `insert` are O(log n).
 #[derive(Debug)]
@@ -29,14 +32,28 @@ impl<K: Eq + Hash + Clone, V: Clone> LruCache<K, V> {
         Some(value.clone())
     }
 
-    /// Returns the value for `key`, inserting `make()` first if absent (evicting if full).
-    pub(crate) fn get_or_insert_with(&mut self, key: &K, make: impl FnOnce() -> V) -> V {
+    /// Returns the value for `key`, inserting `make()` first if absent. When full, evicts the
+    /// least recently used entry for which `evictable` holds, looking at no more than
+    /// [`EVICTION_SCAN`] of the oldest; if none may go, the map briefly exceeds its capacity.
+    pub(crate) fn get_or_insert_with(
+        &mut self,
+        key: &K,
+        make: impl FnOnce() -> V,
+        evictable: impl Fn(&V) -> bool,
+    ) -> V {
         if let Some(value) = self.get(key) {
             return value;
         }
         if self.entries.len() >= self.capacity {
-            if let Some((_, oldest)) = self.by_use.pop_first() {
-                self.entries.remove(&oldest);
+            let victim = self
+                .by_use
+                .iter()
+                .take(EVICTION_SCAN)
+                .find(|(_, candidate)| self.entries.get(*candidate).is_some_and(|(value, _)| evictable(value)))
+                .map(|(tick, candidate)| (*tick, candidate.clone()));
+            if let Some((tick, victim)) = victim {
+                self.by_use.remove(&tick);
+                self.entries.remove(&victim);
             }
         }
         self.tick += 1;
@@ -57,14 +74,28 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used() {
+        let any = |_: &i32| true;
         let mut cache = LruCache::new(2);
-        cache.get_or_insert_with(&"a", || 1);
-        cache.get_or_insert_with(&"b", || 2);
+        cache.get_or_insert_with(&"a", || 1, any);
+        cache.get_or_insert_with(&"b", || 2, any);
         assert_eq!(cache.get(&"a"), Some(1)); // b is now the oldest
-        cache.get_or_insert_with(&"c", || 3);
+        cache.get_or_insert_with(&"c", || 3, any);
         assert_eq!(cache.len(), 2);
         assert_eq!(cache.get(&"b"), None);
         assert_eq!(cache.get(&"a"), Some(1));
-        assert_eq!(cache.get_or_insert_with(&"c", || 99), 3);
+        assert_eq!(cache.get_or_insert_with(&"c", || 99, any), 3);
+    }
+
+    #[test]
+    fn entries_in_use_are_not_evicted() {
+        let mut cache = LruCache::new(2);
+        let in_use = |value: &i32| *value != 1;
+        cache.get_or_insert_with(&"a", || 1, in_use); // oldest, but in use
+        cache.get_or_insert_with(&"b", || 2, in_use);
+        cache.get_or_insert_with(&"c", || 3, in_use);
+        assert_eq!(cache.get(&"a"), Some(1));
+        assert_eq!(cache.get(&"b"), None, "the oldest entry not in use went instead");
+        cache.get_or_insert_with(&"d", || 1, |_| false);
+        assert_eq!(cache.len(), 3, "nothing may go: the map exceeds its capacity for now");
     }
 }

@@ -173,6 +173,20 @@ struct Instance<A> {
     loaded: bool,
 }
 
+impl<A: Aggregate> Instance<A> {
+    /// Replaces the state by `evolve(state)` and sets the version. If `evolve` panics (a bug
+    /// in `apply`), the instance is left empty and unloaded, so the next command reloads it
+    /// from the store instead of deciding on a half-applied state.
+    fn evolve(&mut self, evolve: impl FnOnce(A) -> A, version: Version) {
+        let state = std::mem::take(&mut self.state);
+        self.version = Version::NONE;
+        self.loaded = false;
+        self.state = evolve(state);
+        self.version = version;
+        self.loaded = true;
+    }
+}
+
 type InstanceSlot<A> = Arc<AsyncMutex<Instance<A>>>;
 
 /// Routes commands of aggregate `A` to their instances in store `S`.
@@ -303,7 +317,13 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
 
     fn slot(&self, stream_id: &StreamId) -> InstanceSlot<A> {
         let mut instances = self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        instances.get_or_insert_with(stream_id, || Arc::new(AsyncMutex::new(Instance::default())))
+        // An instance whose slot is held elsewhere (a command is running on it) stays cached:
+        // evicting it would let a second slot for the same stream run concurrently.
+        instances.get_or_insert_with(
+            stream_id,
+            || Arc::new(AsyncMutex::new(Instance::default())),
+            |slot| Arc::strong_count(slot) == 1,
+        )
     }
 
     /// Decides and appends, retrying on conflicts. The caller holds the instance lock.
@@ -352,9 +372,8 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             let expected = ExpectedVersion::Exact(instance.version);
             match self.store.append(stream_id, expected, new_events).await {
                 Ok(AppendOutcome::Appended(appended)) => {
-                    let state = std::mem::take(&mut instance.state);
-                    instance.state = events.iter().fold(state, A::apply);
-                    let previous = std::mem::replace(&mut instance.version, appended.last_version);
+                    let previous = instance.version;
+                    instance.evolve(|state| events.iter().fold(state, A::apply), appended.last_version);
                     self.maybe_snapshot(stream_id, previous, instance).await;
                     return Ok(self.outcome(stream_id, envelope, Some(appended), appended.last_version, false));
                 }
@@ -405,9 +424,9 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                     .into());
                 }
                 let event = self.upcasters.decode_payload::<A::Event>(recorded)?;
-                let state = std::mem::take(&mut instance.state);
-                instance.state = state.apply(&event);
-                instance.version = recorded.version;
+                let loaded = instance.loaded;
+                instance.evolve(|state| state.apply(&event), recorded.version);
+                instance.loaded = loaded;
             }
             if page_len < self.config.load_page_size.max(1) {
                 instance.loaded = true;

@@ -294,30 +294,35 @@ impl Upcasters {
 
     /// Decodes only the payload of a stored event, upcasting first.
     pub fn decode_payload<E: DomainEvent>(&self, recorded: &RecordedEvent) -> Result<E, DecodeError> {
-        let payload_error = |schema_version, source| DecodeError::Payload {
-            event_type: recorded.event_type.to_string(),
-            schema_version,
-            position: recorded.position,
+        let current = self.upcast(recorded)?;
+        E::deserialize(&*current.payload).map_err(|source| DecodeError::Payload {
+            event_type: current.event_type.to_string(),
+            schema_version: current.schema_version,
+            position: current.position,
             source,
-        };
-        let first_step = self.by_key.get(&(recorded.event_type.to_string(), recorded.schema_version));
-        let Some(first_step) = first_step else {
-            // Fast path: nothing to upcast; deserialize straight from the shared payload.
-            return E::deserialize(&*recorded.payload).map_err(|source| payload_error(recorded.schema_version, source));
-        };
+        })
+    }
+
+    /// The stored event in its current shape: type, schema version and payload after every
+    /// matching upcaster. Cheap when no upcaster applies (the payload is shared). Handlers use
+    /// it to decide interest by the *current* type, since an upcaster may rename an event.
+    ///
+    /// After an upcaster for `(type, v)` ran, the chain continues with the upcaster for
+    /// `(its result's type, v + 1)`: a renamed event keeps counting versions from where it was.
+    pub fn upcast(&self, recorded: &RecordedEvent) -> Result<RecordedEvent, DecodeError> {
         let mut event_type = recorded.event_type.to_string();
         let mut version = recorded.schema_version;
+        let Some(first_step) = self.by_key.get(&(event_type.clone(), version)) else {
+            return Ok(recorded.clone());
+        };
         let mut payload = (*recorded.payload).clone();
         let mut step = Some(Arc::clone(first_step));
         let mut steps = 0;
         while let Some(upcaster) = step {
             steps += 1;
             if steps > MAX_UPCAST_STEPS {
-                return Err(DecodeError::Upcast {
-                    event_type,
-                    schema_version: version,
-                    message: "too many upcasting steps (cycle?)".into(),
-                });
+                let message = "too many upcasting steps (cycle?)".to_owned();
+                return Err(DecodeError::Upcast { event_type, schema_version: version, message });
             }
             let result = upcaster.upcast(payload).map_err(|message| DecodeError::Upcast {
                 event_type: event_type.clone(),
@@ -329,7 +334,12 @@ impl Upcasters {
             version += 1;
             step = self.by_key.get(&(event_type.clone(), version)).cloned();
         }
-        E::deserialize(payload).map_err(|source| payload_error(version, source))
+        Ok(RecordedEvent {
+            event_type: Arc::from(event_type),
+            schema_version: version,
+            payload: Arc::new(payload),
+            ..recorded.clone()
+        })
     }
 }
 
@@ -385,6 +395,8 @@ mod tests {
     #[test]
     fn upcasts_through_every_step() {
         let old = recorded(1, json!({"type": "Renamed", "name": "Ada"}));
+        let current = upcasters().upcast(&old).expect("upcast");
+        assert_eq!((&*current.event_type, current.schema_version), ("Renamed", 3));
         let envelope = upcasters().decode::<Ev>(&old).expect("upcast");
         assert_eq!(envelope.event, Ev::Renamed { full_name: "Ada".into() });
         assert_eq!(envelope.position, Position(7));

@@ -49,8 +49,9 @@ pub trait EventHandler: Send + Sync + 'static {
     /// The stable name of the handler and its checkpoint.
     fn name(&self) -> &str;
 
-    /// Whether this stored event is for this handler. By default: its type is one of
-    /// [`DomainEvent::EVENT_TYPES`]. Events not of interest still advance the checkpoint.
+    /// Whether this event is for this handler. By default: its type is one of
+    /// [`DomainEvent::EVENT_TYPES`]. The runner asks with the event already upcast (current
+    /// type and shape). Events not of interest still advance the checkpoint.
     fn interested(&self, event: &RecordedEvent) -> bool {
         Self::Event::EVENT_TYPES.contains(&&*event.event_type)
     }
@@ -335,7 +336,15 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
         let mut since_save = 0u32;
         let mut read_failures = Failures::new(&self.config);
         loop {
-            let next = match feed.try_next().await {
+            if self.stop_requested() {
+                break;
+            }
+            let read = feed.try_next().await;
+            if read.is_ok() && read_failures.attempts > 0 {
+                read_failures = Failures::new(&self.config);
+                self.set_state(HandlerState::Running);
+            }
+            let next = match read {
                 Ok(Some(event)) => Some(event),
                 Ok(None) => {
                     // Caught up: save the checkpoint before waiting for new events.
@@ -366,8 +375,10 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
                 }
             };
             let Some(event) = next else { continue };
-            read_failures = Failures::new(&self.config);
-            if self.handler.interested(&event) && self.deliver(&event).await.is_err() {
+            if read_failures.attempts > 0 {
+                read_failures = Failures::new(&self.config);
+            }
+            if self.deliver(&event).await.is_err() {
                 break;
             }
             handled = event.position;
@@ -424,12 +435,19 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
         }
     }
 
-    /// Decodes and handles one event, retrying until it succeeds or the runner is stopped.
+    /// Brings one event up to date, and if the handler is interested in it (by its current
+    /// type: an upcaster may have renamed it), decodes and handles it; retries until that
+    /// succeeds or the runner is stopped. An event that cannot be upcast is retried (and
+    /// reported), never passed over: its interest cannot be known.
     async fn deliver(&mut self, event: &RecordedEvent) -> Result<(), Stopped> {
         let mut failures = Failures::new(&self.config);
         loop {
-            let result = match self.config.upcasters.decode::<H::Event>(event) {
-                Ok(envelope) => self.handler.handle(envelope).await,
+            let result = match self.config.upcasters.upcast(event) {
+                Ok(current) if !self.handler.interested(&current) => return Ok(()),
+                Ok(current) => match self.config.upcasters.decode::<H::Event>(&current) {
+                    Ok(envelope) => self.handler.handle(envelope).await,
+                    Err(error) => Err(HandlerError::new(error)),
+                },
                 Err(error) => Err(HandlerError::new(error)),
             };
             match result {
@@ -480,6 +498,11 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
             HandlerState::Retrying { position, attempts, error }
         };
         self.set_state(state);
+    }
+
+    /// Whether `stop` was called or the [`RunningHandler`] was dropped.
+    fn stop_requested(&self) -> bool {
+        *self.stop.borrow() || self.stop.has_changed().is_err()
     }
 
     async fn sleep_or_stop(&mut self, delay: Duration) -> Result<(), Stopped> {

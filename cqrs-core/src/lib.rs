@@ -27,7 +27,8 @@ pub use async_trait::async_trait;
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
-    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, Upcaster, Upcasters,
+    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, UpcastResult, Upcaster,
+    Upcasters,
 };
 pub use handler::{
     spawn_handler, EventHandler, HandlerError, HandlerState, HandlerStatus, Progress, ProgressError, RunnerConfig,

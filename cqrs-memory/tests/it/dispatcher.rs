@@ -293,3 +293,76 @@ async fn snapshots_bound_what_a_cold_load_reads() {
     let (state, _) = restarted.load(&Counter::stream_id(1)).await.expect("load");
     assert_eq!((state.value, state.applied), (251, 251));
 }
+
+/// An aggregate whose `apply` panics once on the value 13: a bug in user code.
+mod fragile {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use cqrs_core::{Aggregate, Command, DomainEvent, StreamId};
+    use serde::{Deserialize, Serialize};
+
+    pub static PANIC_ON_13: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Debug, Default, Clone)]
+    pub struct Fragile {
+        pub total: u64,
+    }
+
+    #[derive(Debug)]
+    pub struct Add(pub u64);
+
+    impl Command for Add {
+        fn stream_id(&self) -> StreamId {
+            StreamId::new("fragile-1").expect("id")
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Added(pub u64);
+
+    impl DomainEvent for Added {
+        const EVENT_TYPES: &'static [&'static str] = &["Added"];
+        fn event_type(&self) -> &'static str {
+            "Added"
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    pub struct Never;
+
+    impl Aggregate for Fragile {
+        const CATEGORY: &'static str = "fragile";
+        type Command = Add;
+        type Event = Added;
+        type Error = Never;
+        fn execute(&self, command: &Add) -> Result<Vec<Added>, Never> {
+            Ok(vec![Added(command.0)])
+        }
+        fn apply(mut self, event: &Added) -> Self {
+            if event.0 == 13 && PANIC_ON_13.swap(false, Ordering::SeqCst) {
+                panic!("bug in apply");
+            }
+            self.total += event.0;
+            self
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_apply_does_not_leave_a_half_applied_cached_state() {
+    use fragile::{Add, Fragile, PANIC_ON_13};
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Fragile, _>::new(Arc::clone(&store));
+    dispatcher.dispatch(Add(5)).await.expect("add 5");
+    PANIC_ON_13.store(true, Ordering::SeqCst);
+    let panicking = dispatcher.clone();
+    let result = tokio::spawn(async move { panicking.dispatch(Add(13)).await }).await;
+    assert!(result.is_err(), "apply panicked after the append");
+    dispatcher.dispatch(Add(1)).await.expect("add 1");
+    let stream_id = StreamId::new("fragile-1").expect("id");
+    let (cached, version) = dispatcher.load(&stream_id).await.expect("cached");
+    let (rebuilt, _) = Dispatcher::<Fragile, _>::new(Arc::clone(&store)).load(&stream_id).await.expect("rebuilt");
+    assert_eq!((cached.total, version), (19, Version(3)));
+    assert_eq!(rebuilt.total, 19);
+}

@@ -257,3 +257,62 @@ async fn start_from_current_is_fixed_at_the_first_start() {
     assert_eq!(second.seen(), vec![Position(4)]);
     running.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn stop_takes_effect_while_the_handler_is_behind() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 400).await;
+    let progress = Progress::new();
+    let slow = Totals { delay: Duration::from_millis(5), ..Totals::named("slow") };
+    let running = spawn_handler(Arc::clone(&store), slow.clone(), RunnerConfig::default(), &progress);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    running.stop().await;
+    let handled = slow.seen();
+    assert!(handled.len() < 400, "stop must not wait for the whole backlog ({} handled)", handled.len());
+    let checkpoint = futures_ready(store.load_checkpoint("slow"));
+    assert_eq!(checkpoint, handled.last().copied(), "the checkpoint is the last handled event");
+}
+
+#[tokio::test]
+async fn events_renamed_by_an_upcaster_reach_the_handler() {
+    use cqrs_core::{FnUpcaster, Metadata, NewEvent, UpcastResult, Upcaster, Upcasters};
+    /// v0 of the counter's increment was stored as "Bumped" with an `amount`.
+    struct BumpedToIncremented;
+    impl Upcaster for BumpedToIncremented {
+        fn event_type(&self) -> &str {
+            "Bumped"
+        }
+        fn source_version(&self) -> u32 {
+            0
+        }
+        fn upcast(&self, payload: serde_json::Value) -> Result<UpcastResult, String> {
+            let by = payload.get("amount").cloned().ok_or("amount missing")?;
+            Ok(UpcastResult {
+                event_type: "Incremented".into(),
+                payload: serde_json::json!({"type": "Incremented", "by": by}),
+            })
+        }
+    }
+    let store = Arc::new(MemoryStore::new());
+    let old = NewEvent {
+        event_id: cqrs_core::EventId::new(),
+        event_type: "Bumped".into(),
+        schema_version: 0,
+        payload: serde_json::json!({"amount": 3}),
+        metadata: Metadata::default(),
+    };
+    store.append(&Counter::stream_id(1), cqrs_core::ExpectedVersion::Any, vec![old]).await.expect("append");
+    let upcasters =
+        Upcasters::new()
+            .with(BumpedToIncremented)
+            .with(FnUpcaster::new("Unrelated", 0, |value: serde_json::Value| Ok(value)));
+    let progress = Progress::new();
+    let totals = Totals::named("renamed");
+    let config = RunnerConfig { upcasters, ..RunnerConfig::default() };
+    let running = spawn_handler(Arc::clone(&store), totals.clone(), config, &progress);
+    progress.wait_for("renamed", Position(1), Duration::from_secs(5)).await.expect("caught up");
+    assert_eq!(totals.seen(), vec![Position(1)], "the renamed event was handled, not passed over");
+    assert_eq!(totals.value(1), 3);
+    running.stop().await;
+}
