@@ -191,6 +191,19 @@ pub enum StartFrom {
     Current,
 }
 
+/// Where a handler's checkpoint lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Checkpoints {
+    /// In the event store: a restart resumes after the last saved position (a durable
+    /// projection or a side effect).
+    #[default]
+    Store,
+    /// Only in the runner's memory: every start begins at [`RunnerConfig::start_from`] and
+    /// nothing is written to the store. For a projection whose state itself lives in RAM and
+    /// must be rebuilt from history on each start (a saved checkpoint would skip that history).
+    InMemory,
+}
+
 /// Tuning for a handler runner.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -208,6 +221,8 @@ pub struct RunnerConfig {
     pub page_size: usize,
     /// Upcasters for decoding.
     pub upcasters: Upcasters,
+    /// Where the checkpoint is kept.
+    pub checkpoints: Checkpoints,
 }
 
 impl Default for RunnerConfig {
@@ -220,6 +235,7 @@ impl Default for RunnerConfig {
             checkpoint_every: 256,
             page_size: crate::subscription::DEFAULT_PAGE_SIZE,
             upcasters: Upcasters::new(),
+            checkpoints: Checkpoints::Store,
         }
     }
 }
@@ -412,9 +428,12 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
     async fn start_position(&mut self) -> Result<Position, Stopped> {
         let store = Arc::clone(&self.store);
         let name = self.name.clone();
-        let checkpoint = self.retrying(Position::START, || store.load_checkpoint(&name)).await?;
-        if let Some(position) = checkpoint {
-            return Ok(position);
+        let durable = self.config.checkpoints == Checkpoints::Store;
+        if durable {
+            let checkpoint = self.retrying(Position::START, || store.load_checkpoint(&name)).await?;
+            if let Some(position) = checkpoint {
+                return Ok(position);
+            }
         }
         match self.config.start_from {
             StartFrom::Origin => Ok(Position::START),
@@ -429,7 +448,9 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
                 }
                 // Saved at once: a restart before the first event must not move the start past
                 // events stored since this first start.
-                self.retrying(head, || store.save_checkpoint(&name, head)).await?;
+                if durable {
+                    self.retrying(head, || store.save_checkpoint(&name, head)).await?;
+                }
                 Ok(head)
             }
         }
@@ -513,6 +534,9 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
     }
 
     async fn save(&mut self, position: Position) -> Result<(), StoreError> {
+        if self.config.checkpoints == Checkpoints::InMemory {
+            return Ok(());
+        }
         let result = self.store.save_checkpoint(&self.name, position).await;
         if let Err(error) = &result {
             tracing::warn!(handler = %self.name, %position, %error, "saving checkpoint failed; will retry later");

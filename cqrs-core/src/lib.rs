@@ -31,8 +31,8 @@ pub use event::{
     Upcasters,
 };
 pub use handler::{
-    spawn_handler, EventHandler, HandlerError, HandlerState, HandlerStatus, Progress, ProgressError, RunnerConfig,
-    RunningHandler, StartFrom,
+    spawn_handler, Checkpoints, EventHandler, HandlerError, HandlerState, HandlerStatus, Progress, ProgressError,
+    RunnerConfig, RunningHandler, StartFrom,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use store::{

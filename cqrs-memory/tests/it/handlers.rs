@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
-    spawn_handler, CommandEnvelope, Consistency, DispatchError, Dispatcher, Envelope, EventHandler, EventStore,
-    HandlerError, HandlerState, Position, Progress, ProgressError, RunnerConfig, StartFrom, Version,
+    spawn_handler, Checkpoints, CommandEnvelope, Consistency, DispatchError, Dispatcher, Envelope, EventHandler,
+    EventStore, HandlerError, HandlerState, Position, Progress, ProgressError, RunnerConfig, StartFrom, Version,
 };
 use cqrs_memory::MemoryStore;
 
@@ -140,6 +140,25 @@ async fn start_from_current_ignores_history() {
     wait_until("live events", || mailer.seen().len() == 2).await;
     assert_eq!(mailer.seen(), vec![Position(11), Position(12)]);
     running.stop().await;
+}
+
+/// A RAM projection keeps its checkpoint in memory: nothing is written to the store, and a
+/// second start replays the whole history (a saved checkpoint would skip it).
+#[tokio::test]
+async fn in_memory_checkpoints_replay_history_on_every_start() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 6).await;
+    let progress = Progress::new();
+    let config = || RunnerConfig { checkpoints: Checkpoints::InMemory, checkpoint_every: 1, ..RunnerConfig::default() };
+    for _ in 0..2 {
+        let model = Totals::named("ram-model");
+        let running = spawn_handler(Arc::clone(&store), model.clone(), config(), &progress);
+        wait_until("caught up", || model.seen().len() == 6).await;
+        assert_eq!(model.seen(), (1..=6).map(Position).collect::<Vec<_>>());
+        running.stop().await;
+        assert_eq!(store.load_checkpoint("ram-model").await.expect("load"), None, "nothing saved");
+    }
 }
 
 #[tokio::test(start_paused = true)]
