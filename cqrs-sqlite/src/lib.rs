@@ -1,0 +1,359 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod queue;
+mod rows;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cqrs_core::{
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
+    StoreError, StreamId, Version,
+};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use crate::config::SqliteStoreConfig;
+pub use crate::error::SqliteStoreError;
+
+use crate::error::{open_error, to_store_error};
+use crate::queue::{AppendQueue, BatchLimits, Reservations};
+use crate::rows::{command_result, limit, recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
+use crate::writer::{AppendRequest, Counters, WriteRequest, Writer};
+
+/// How many writes may wait for the writer task before callers wait to enqueue.
+const QUEUE_CAPACITY: usize = 4096;
+
+/// A SQLite [`EventStore`] in one file. Cheap to clone: clones share the read pool and the
+/// writer task. See the crate documentation for durability and the ordering design.
+#[derive(Clone)]
+pub struct SqliteEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Reads and checkpoint loads; its connections are `query_only`.
+    readers: SqlitePool,
+    /// Queue of the writer task, which owns the receiving end and the only write connection:
+    /// it ends (and closes that connection) when the last store handle is dropped.
+    writes: mpsc::Sender<WriteRequest>,
+    /// Last committed position, published by the writer after each commit.
+    head: Arc<watch::Sender<Position>>,
+    counters: Arc<Counters>,
+    path: PathBuf,
+    poll_interval: Duration,
+}
+
+impl std::fmt::Debug for SqliteEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteEventStore")
+            .field("path", &self.inner.path)
+            .field("head", &*self.inner.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of the writer since the store was opened, from
+/// [`SqliteEventStore::stats`]. Useful to see group commit at work: many appends, few
+/// transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct SqliteStoreStats {
+    /// Write transactions committed (each one `COMMIT`, one WAL fsync).
+    pub transactions: u64,
+    /// Write transactions that failed and were rolled back (their callers got
+    /// `StoreError::Unavailable`).
+    pub failed_transactions: u64,
+    /// Appends stored (duplicates and refused appends not counted).
+    pub appends: u64,
+    /// Events stored.
+    pub events: u64,
+    /// Appends refused inside a committed batch (conflicts, reused event ids, refused data).
+    pub refused_appends: u64,
+    /// The most requests (appends, checkpoint and snapshot saves) one transaction carried.
+    pub largest_batch: u64,
+}
+
+impl SqliteEventStore {
+    /// Opens (creating it if missing) the event store in the file at `path`, with the default
+    /// [`SqliteStoreConfig`], and applies the schema migrations. Must be called inside a
+    /// tokio runtime: it starts the writer task.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, SqliteStoreError> {
+        Self::open_with(path, SqliteStoreConfig::default()).await
+    }
+
+    /// Opens the file at `path` with `config`.
+    pub async fn open_with(path: impl AsRef<Path>, config: SqliteStoreConfig) -> Result<Self, SqliteStoreError> {
+        Self::open_options(SqliteConnectOptions::new().filename(path.as_ref()), config).await
+    }
+
+    /// Opens the store named by a `sqlite://PATH` URL (for example `sqlite://data/events.db`
+    /// or `sqlite:///var/lib/app/events.db`), creating the file if missing, with the default
+    /// [`SqliteStoreConfig`]. The store's own settings (WAL, `synchronous=FULL`, read-write)
+    /// replace any `mode` or pragma given in the URL; in-memory URLs are refused.
+    pub async fn connect(url: &str) -> Result<Self, SqliteStoreError> {
+        Self::connect_with(url, SqliteStoreConfig::default()).await
+    }
+
+    /// Opens the store named by a `sqlite://PATH` URL with `config`.
+    pub async fn connect_with(url: &str, config: SqliteStoreConfig) -> Result<Self, SqliteStoreError> {
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(SqliteStoreError::InMemory);
+        }
+        let options = SqliteConnectOptions::from_str(url).map_err(SqliteStoreError::InvalidUrl)?;
+        Self::open_options(options, config).await
+    }
+
+    async fn open_options(options: SqliteConnectOptions, config: SqliteStoreConfig) -> Result<Self, SqliteStoreError> {
+        let path = options.get_filename().to_path_buf();
+        let options = options
+            .read_only(false)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: in WAL mode, NORMAL skips the fsync at commit, so an acknowledged append
+            // can be lost on power failure. See the crate documentation.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(config.busy_timeout)
+            // sqlx logs every statement at INFO by default: that would be every append.
+            .disable_statement_logging();
+        let mut writer = options.connect().await.map_err(|e| open_error(path.clone(), e))?;
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut writer)
+            .await
+            .map_err(|e| open_error(path.clone(), e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(SqliteStoreError::NoWal { path, mode });
+        }
+        migrate(&mut writer).await?;
+        let last: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM cqrs_events")
+            .fetch_one(&mut writer)
+            .await
+            .map_err(|e| open_error(path.clone(), e))?;
+
+        let readers = SqlitePoolOptions::new()
+            .max_connections(config.read_connections.max(1))
+            .acquire_timeout(config.acquire_timeout)
+            .connect_with(options.create_if_missing(false).pragma("query_only", "ON"))
+            .await
+            .map_err(|e| open_error(path.clone(), e))?;
+
+        let (head, _) = watch::channel(Position(last.unsigned_abs()));
+        let head = Arc::new(head);
+        let counters = Arc::new(Counters::default());
+        let (writes, requests) = mpsc::channel(QUEUE_CAPACITY);
+        let reservations = Arc::new(Reservations::default());
+        let task = Writer {
+            connection: writer,
+            queue: AppendQueue::new(requests, Arc::clone(&reservations)),
+            reservations,
+            head: Arc::clone(&head),
+            counters: Arc::clone(&counters),
+            limits: BatchLimits {
+                max_appends: config.max_batch_appends.max(1),
+                max_events: config.max_batch_events.max(1),
+            },
+        };
+        tokio::spawn(task.run());
+        Ok(Self {
+            inner: Arc::new(Inner { readers, writes, head, counters, path, poll_interval: config.poll_interval }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The read pool, for your own queries next to the store. Its connections are
+    /// `query_only`: writes go through the store.
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.inner.readers
+    }
+
+    /// The writer's counters since the store was opened.
+    pub fn stats(&self) -> SqliteStoreStats {
+        let counters = &self.inner.counters;
+        SqliteStoreStats {
+            transactions: counters.transactions.load(Ordering::Relaxed),
+            failed_transactions: counters.failed_transactions.load(Ordering::Relaxed),
+            appends: counters.appends.load(Ordering::Relaxed),
+            events: counters.events.load(Ordering::Relaxed),
+            refused_appends: counters.refused_appends.load(Ordering::Relaxed),
+            largest_batch: counters.largest_batch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queues a write and waits for its answer.
+    async fn write<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteRequest,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.writes.send(request(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Applies the embedded migrations (numbered SQL files in `migrations/`). Migrations of the
+/// application in the same file are ignored. SQLite has no migration lock: two processes
+/// opening a new file at the same instant may both try, and one then fails with
+/// [`SqliteStoreError::Migrate`] (open it again).
+async fn migrate(connection: &mut SqliteConnection) -> Result<(), SqliteStoreError> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator.run(connection).await.map_err(SqliteStoreError::Migrate)
+}
+
+/// Checks an append request before it is queued: the common rules, plus what the SQL
+/// boundary needs (versions that fit an SQLite integer).
+fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
+    if let ExpectedVersion::Exact(version) = expected {
+        if i64::try_from(version.0).is_err() {
+            return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
+        }
+    }
+    cqrs_core::validate_append(events)
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let command_id = validate(expected, &events)?;
+        let stream_id = stream_id.clone();
+        self.write(|reply| WriteRequest::Append(AppendRequest { stream_id, expected, command_id, events, reply })).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        from: Version,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        if max_count == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
+        ))
+        .bind(stream_id.as_str())
+        .bind(to_i64_saturating(from.0))
+        .bind(limit(max_count))
+        .fetch_all(&self.inner.readers)
+        .await
+        .map_err(to_store_error)?;
+        rows.iter().map(recorded_event).collect()
+    }
+
+    async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        if max_count == 0 {
+            return Ok(Vec::new());
+        }
+        // No watermark needed: positions are assigned in commit order (see `writer`), and
+        // one statement reads one committed snapshot.
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
+        ))
+        .bind(to_i64_saturating(after.0))
+        .bind(limit(max_count))
+        .fetch_all(&self.inner.readers)
+        .await
+        .map_err(to_store_error)?;
+        rows.iter().map(recorded_event).collect()
+    }
+
+    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
+        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM cqrs_streams WHERE stream_id = ?1")
+            .bind(stream_id.as_str())
+            .fetch_optional(&self.inner.readers)
+            .await
+            .map_err(to_store_error)?;
+        Ok(Version(to_u64(version.unwrap_or(0), "version")?))
+    }
+
+    async fn find_command(
+        &self,
+        stream_id: &StreamId,
+        command_id: CommandId,
+    ) -> Result<Option<AppendResult>, StoreError> {
+        let row = sqlx::query(
+            "SELECT first_version, last_version, first_position, last_position FROM cqrs_commands \
+             WHERE stream_id = ?1 AND command_id = ?2",
+        )
+        .bind(stream_id.as_str())
+        .bind(command_id.0)
+        .fetch_optional(&self.inner.readers)
+        .await
+        .map_err(to_store_error)?;
+        row.as_ref().map(command_result).transpose()
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let position: Option<i64> = sqlx::query_scalar("SELECT position FROM cqrs_checkpoints WHERE name = ?1")
+            .bind(name)
+            .fetch_optional(&self.inner.readers)
+            .await
+            .map_err(to_store_error)?;
+        position.map(|position| Ok(Position(to_u64(position, "checkpoint")?))).transpose()
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        let position = i64::try_from(position.0)
+            .map_err(|_| StoreError::InvalidAppend(format!("checkpoint {position} does not fit in an integer")))?;
+        let name = name.to_owned();
+        self.write(|reply| WriteRequest::Checkpoint { name, position, reply }).await
+    }
+
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let row = sqlx::query("SELECT version, schema_version, state FROM cqrs_snapshots WHERE stream_id = ?1")
+            .bind(stream_id.as_str())
+            .fetch_optional(&self.inner.readers)
+            .await
+            .map_err(to_store_error)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let version: i64 = row.try_get("version").map_err(to_store_error)?;
+        let schema_version: i64 = row.try_get("schema_version").map_err(to_store_error)?;
+        let state: String = row.try_get("state").map_err(to_store_error)?;
+        Ok(Some(Snapshot {
+            stream_id: stream_id.clone(),
+            version: Version(to_u64(version, "snapshot version")?),
+            schema_version: u32::try_from(schema_version)
+                .map_err(|_| StoreError::Corrupt(format!("snapshot schema version {schema_version} out of range")))?,
+            state: rows::json(&state, "snapshot state")?,
+        }))
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        if i64::try_from(snapshot.version.0).is_err() {
+            return Err(StoreError::InvalidAppend(format!("snapshot {} is out of range", snapshot.version)));
+        }
+        let state = snapshot.state.to_string();
+        self.write(|reply| WriteRequest::Snapshot { snapshot, state, reply }).await
+    }
+
+    fn notifications(&self) -> watch::Receiver<Position> {
+        self.inner.head.subscribe()
+    }
+
+    fn poll_interval(&self) -> Option<Duration> {
+        Some(self.inner.poll_interval)
+    }
+}

@@ -1,0 +1,450 @@
+//! Group commit: the store's one writer task owns the only write connection. It takes every
+//! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction, each
+//! append inside a savepoint and checked against its own expected version, commits once (one
+//! fsync), and only then answers each caller.
+//!
+//! **Ordering invariant.** Positions are assigned inside the write transaction, as one more
+//! than the highest stored position, while holding SQLite's write lock (taken by `BEGIN
+//! IMMEDIATE`, released by `COMMIT`). So positions are handed out in commit order: when a
+//! transaction commits, every lower position is already committed (or was rolled back and
+//! never becomes visible). A WAL reader sees a prefix of the commit sequence, hence a prefix
+//! of the positions, and `read_all` can never skip an event. This holds even when another
+//! process writes the same file: the write lock serialises both.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cqrs_core::{
+    AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError, StreamId,
+    Timestamp, Version,
+};
+use sqlx::{Connection, Executor, SqliteConnection};
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use crate::error::{is_refused_data, is_unique_violation, shared_unavailable};
+use crate::queue::{AppendQueue, BatchLimits, Reservations};
+use crate::rows::{command_result, to_i64_saturating};
+
+/// One queued append and where to send its answer.
+pub(crate) struct AppendRequest {
+    pub(crate) stream_id: StreamId,
+    pub(crate) expected: ExpectedVersion,
+    pub(crate) command_id: Option<CommandId>,
+    pub(crate) events: Vec<NewEvent>,
+    pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// One queued write: the writer owns the only write connection, so checkpoint and snapshot
+/// saves travel the same queue as appends (and share their commits).
+pub(crate) enum WriteRequest {
+    /// An append.
+    Append(AppendRequest),
+    /// Save a checkpoint (position already checked to fit an SQLite integer).
+    Checkpoint { name: String, position: i64, reply: oneshot::Sender<Result<(), StoreError>> },
+    /// Save a snapshot (numbers already checked; the state serialized).
+    Snapshot { snapshot: Snapshot, state: String, reply: oneshot::Sender<Result<(), StoreError>> },
+}
+
+impl WriteRequest {
+    /// The stream and command id of an append; `None` for other writes.
+    pub(crate) fn append_key(&self) -> Option<(&StreamId, Option<CommandId>)> {
+        match self {
+            WriteRequest::Append(append) => Some((&append.stream_id, append.command_id)),
+            _ => None,
+        }
+    }
+
+    /// How many events the request writes.
+    pub(crate) fn event_count(&self) -> usize {
+        match self {
+            WriteRequest::Append(append) => append.events.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Counters of the writer, read by [`SqliteEventStore::stats`](crate::SqliteEventStore::stats).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) transactions: AtomicU64,
+    pub(crate) failed_transactions: AtomicU64,
+    pub(crate) appends: AtomicU64,
+    pub(crate) events: AtomicU64,
+    pub(crate) refused_appends: AtomicU64,
+    pub(crate) largest_batch: AtomicU64,
+}
+
+/// The writer task's state.
+pub(crate) struct Writer {
+    pub(crate) connection: SqliteConnection,
+    pub(crate) queue: AppendQueue,
+    pub(crate) reservations: Arc<Reservations>,
+    pub(crate) head: Arc<watch::Sender<Position>>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) limits: BatchLimits,
+}
+
+/// What one request's work inside the transaction produced, sent once the batch commits.
+enum Pending {
+    Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Result<AppendOutcome, StoreError>),
+    Saved(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+}
+
+impl Pending {
+    /// Replaces a successful answer by `error` (the transaction did not commit).
+    fn send_failed(self, error: StoreError) {
+        // The callers may have gone away; nothing to do then.
+        match self {
+            Pending::Append(reply, _) => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::Saved(reply, _) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    fn send(self) {
+        match self {
+            Pending::Append(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Pending::Saved(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// Runs until every store handle is gone and the queue is drained, then closes the
+    /// connection (which checkpoints the WAL).
+    pub(crate) async fn run(mut self) {
+        while let Some(batch) = self.queue.next_batch(self.limits).await {
+            self.write_batch(batch).await;
+        }
+        if let Err(error) = self.connection.close().await {
+            tracing::debug!(%error, "closing the sqlite writer connection failed");
+        }
+    }
+
+    /// Writes one batch in one transaction and answers every request in it.
+    async fn write_batch(&mut self, batch: Vec<WriteRequest>) {
+        let size = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut newest = Position::START;
+        let result = self.transaction(batch, &mut pending, &mut newest).await;
+        match result {
+            Ok(()) => {
+                self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                self.counters.largest_batch.fetch_max(size, Ordering::Relaxed);
+                for answer in &pending {
+                    if let Pending::Append(_, outcome) = answer {
+                        match outcome {
+                            Ok(AppendOutcome::Appended(result)) => {
+                                self.counters.appends.fetch_add(1, Ordering::Relaxed);
+                                let events = result.last_version.0 - result.first_version.0 + 1;
+                                self.counters.events.fetch_add(events, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                self.counters.refused_appends.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(AppendOutcome::Duplicate(_)) => {}
+                        }
+                    }
+                }
+                if newest > Position::START {
+                    // Committed: now readers can see it.
+                    self.head.send_modify(|position| *position = (*position).max(newest));
+                }
+                for answer in pending {
+                    answer.send();
+                }
+            }
+            Err((error, unanswered)) => {
+                self.counters.failed_transactions.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, requests = size, "sqlite write batch failed");
+                // Nothing of the batch was committed (SQLite rolled back, or we did).
+                if let Err(rollback) = self.connection.execute("ROLLBACK").await {
+                    tracing::debug!(error = %rollback, "rollback after a failed batch");
+                }
+                let error = Arc::new(error);
+                for answer in pending {
+                    answer.send_failed(shared_unavailable(&error));
+                }
+                for request in unanswered {
+                    fail_request(request, shared_unavailable(&error));
+                }
+            }
+        }
+    }
+
+    /// `BEGIN IMMEDIATE`, every request, `COMMIT`. On a failure that is not one request's
+    /// own fault, returns the error and the requests not yet run; the caller rolls back.
+    async fn transaction(
+        &mut self,
+        batch: Vec<WriteRequest>,
+        pending: &mut Vec<Pending>,
+        newest: &mut Position,
+    ) -> Result<(), (sqlx::Error, Vec<WriteRequest>)> {
+        let mut requests = batch.into_iter();
+        if let Err(error) = self.connection.execute("BEGIN IMMEDIATE").await {
+            return Err((error, requests.collect()));
+        }
+        let next_position: Result<i64, sqlx::Error> =
+            sqlx::query_scalar("SELECT coalesce(max(position), 0) + 1 FROM cqrs_events")
+                .fetch_one(&mut self.connection)
+                .await;
+        let mut next_position = match next_position {
+            Ok(next) => next,
+            Err(error) => return Err((error, requests.collect())),
+        };
+        let recorded_at = Timestamp::now().as_micros();
+        while let Some(request) = requests.next() {
+            let step = match request {
+                WriteRequest::Append(append) => {
+                    let outcome = self.append(&append, &mut next_position, recorded_at).await;
+                    match outcome {
+                        Ok(outcome) => {
+                            if let Ok(AppendOutcome::Appended(result)) = &outcome {
+                                *newest = (*newest).max(result.last_position);
+                            }
+                            if let (Err(StoreError::Conflict { .. }), Some(command_id)) = (&outcome, append.command_id)
+                            {
+                                self.reservations.reserve(append.stream_id.clone(), command_id);
+                            }
+                            Ok(Pending::Append(append.reply, outcome))
+                        }
+                        Err(error) => Err((error, WriteRequest::Append(append))),
+                    }
+                }
+                WriteRequest::Checkpoint { name, position, reply } => {
+                    match save_checkpoint(&mut self.connection, &name, position, recorded_at).await {
+                        Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
+                        Err(error) => Err((error, WriteRequest::Checkpoint { name, position, reply })),
+                    }
+                }
+                WriteRequest::Snapshot { snapshot, state, reply } => {
+                    match save_snapshot(&mut self.connection, &snapshot, &state, recorded_at).await {
+                        Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
+                        Err(error) => Err((error, WriteRequest::Snapshot { snapshot, state, reply })),
+                    }
+                }
+            };
+            match step {
+                Ok(answer) => pending.push(answer),
+                Err((error, request)) => {
+                    let mut unanswered = vec![request];
+                    unanswered.extend(requests);
+                    return Err((error, unanswered));
+                }
+            }
+        }
+        match self.connection.execute("COMMIT").await {
+            Ok(_) => Ok(()),
+            Err(error) => Err((error, Vec::new())),
+        }
+    }
+
+    /// Runs one append inside the open transaction. `Ok(Err(..))` is this append's own
+    /// refusal (conflict, reused event id), after which the transaction goes on; `Err` is a
+    /// failure of the transaction itself.
+    async fn append(
+        &mut self,
+        request: &AppendRequest,
+        next_position: &mut i64,
+        recorded_at: i64,
+    ) -> Result<Result<AppendOutcome, StoreError>, sqlx::Error> {
+        let connection = &mut self.connection;
+        let stream_id = request.stream_id.as_str();
+        if let Some(command_id) = request.command_id {
+            let prior = sqlx::query(
+                "SELECT first_version, last_version, first_position, last_position FROM cqrs_commands \
+                 WHERE stream_id = ?1 AND command_id = ?2",
+            )
+            .bind(stream_id)
+            .bind(command_id.0)
+            .fetch_optional(&mut *connection)
+            .await?;
+            if let Some(row) = prior {
+                return Ok(command_result(&row).map(AppendOutcome::Duplicate));
+            }
+        }
+        let current: Option<i64> = sqlx::query_scalar("SELECT version FROM cqrs_streams WHERE stream_id = ?1")
+            .bind(stream_id)
+            .fetch_optional(&mut *connection)
+            .await?;
+        let current = current.unwrap_or(0);
+        let actual = match u64::try_from(current) {
+            Ok(actual) => Version(actual),
+            Err(_) => return Ok(Err(StoreError::Corrupt(format!("negative version {current} of {stream_id}")))),
+        };
+        if !request.expected.accepts(actual) {
+            return Ok(Err(StoreError::Conflict {
+                stream_id: request.stream_id.clone(),
+                expected: request.expected,
+                actual,
+            }));
+        }
+
+        // Only this append's writes are undone if one of its events is refused.
+        connection.execute("SAVEPOINT cqrs_append").await?;
+        let first_position = *next_position;
+        match insert_events(connection, request, current, first_position, recorded_at).await {
+            Ok(()) => {}
+            Err(error) if is_unique_violation(&error) => {
+                connection.execute("ROLLBACK TO cqrs_append").await?;
+                connection.execute("RELEASE cqrs_append").await?;
+                return Ok(Err(self.reused_event_id(request).await?));
+            }
+            Err(error) if is_refused_data(&error) => {
+                // This append's data was refused (too big, a constraint): only it fails.
+                connection.execute("ROLLBACK TO cqrs_append").await?;
+                connection.execute("RELEASE cqrs_append").await?;
+                return Ok(Err(StoreError::InvalidAppend(format!("refused by the database: {error}"))));
+            }
+            Err(error) => return Err(error),
+        }
+        let n_events = i64::try_from(request.events.len()).unwrap_or(i64::MAX);
+        let last_version = current + n_events;
+        let last_position = first_position + n_events - 1;
+        sqlx::query(
+            "INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+        )
+        .bind(stream_id)
+        .bind(last_version)
+        .execute(&mut self.connection)
+        .await?;
+        if let Some(command_id) = request.command_id {
+            sqlx::query(
+                "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+                 last_position) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(stream_id)
+            .bind(command_id.0)
+            .bind(current + 1)
+            .bind(last_version)
+            .bind(first_position)
+            .bind(last_position)
+            .execute(&mut self.connection)
+            .await?;
+        }
+        self.connection.execute("RELEASE cqrs_append").await?;
+        *next_position = last_position + 1;
+        Ok(Ok(AppendOutcome::Appended(AppendResult {
+            first_version: Version(actual.0 + 1),
+            last_version: Version(actual.0 + request.events.len() as u64),
+            // Positive by construction: positions start at 1 and only grow.
+            first_position: Position(first_position.unsigned_abs()),
+            last_position: Position(last_position.unsigned_abs()),
+        })))
+    }
+
+    /// After a uniqueness violation: which of the append's event ids is already stored.
+    async fn reused_event_id(&mut self, request: &AppendRequest) -> Result<StoreError, sqlx::Error> {
+        for event in &request.events {
+            let stored: Option<i64> = sqlx::query_scalar("SELECT 1 FROM cqrs_events WHERE event_id = ?1")
+                .bind(event.event_id.0)
+                .fetch_optional(&mut self.connection)
+                .await?;
+            if stored.is_some() {
+                return Ok(StoreError::DuplicateEventId(event.event_id));
+            }
+        }
+        // No stored id matches: the violated key was another one, which the single writer
+        // makes impossible unless the file was changed behind its back.
+        Ok(StoreError::Corrupt(format!("unexpected uniqueness violation appending to {}", request.stream_id)))
+    }
+}
+
+/// Inserts the events of one append at versions after `current` and positions from
+/// `first_position`.
+async fn insert_events(
+    connection: &mut SqliteConnection,
+    request: &AppendRequest,
+    current: i64,
+    first_position: i64,
+    recorded_at: i64,
+) -> Result<(), sqlx::Error> {
+    let command_id: Option<Uuid> = request.command_id.map(|id| id.0);
+    for (offset, event) in (0i64..).zip(&request.events) {
+        let headers =
+            serde_json::to_string(&event.metadata.headers).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+        sqlx::query(
+            "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+             command_id, causation_id, correlation_id, headers, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )
+        .bind(first_position + offset)
+        .bind(event.event_id.0)
+        .bind(request.stream_id.as_str())
+        .bind(current + 1 + offset)
+        .bind(event.event_type.as_str())
+        .bind(i64::from(event.schema_version))
+        .bind(event.payload.to_string())
+        .bind(command_id)
+        .bind(event.metadata.causation_id.map(|id| id.0))
+        .bind(event.metadata.correlation_id.map(|id| id.0))
+        .bind(headers)
+        .bind(recorded_at)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn save_checkpoint(
+    connection: &mut SqliteConnection,
+    name: &str,
+    position: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO cqrs_checkpoints (name, position, updated_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+    )
+    .bind(name)
+    .bind(position)
+    .bind(now)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+async fn save_snapshot(
+    connection: &mut SqliteConnection,
+    snapshot: &Snapshot,
+    state: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    // An older snapshot never replaces a newer one.
+    sqlx::query(
+        "INSERT INTO cqrs_snapshots (stream_id, version, schema_version, state, saved_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
+         schema_version = excluded.schema_version, state = excluded.state, saved_at = excluded.saved_at \
+         WHERE cqrs_snapshots.version <= excluded.version",
+    )
+    .bind(snapshot.stream_id.as_str())
+    .bind(to_i64_saturating(snapshot.version.0))
+    .bind(i64::from(snapshot.schema_version))
+    .bind(state)
+    .bind(now)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Answers a request of a failed batch.
+fn fail_request(request: WriteRequest, error: StoreError) {
+    match request {
+        WriteRequest::Append(append) => {
+            let _ = append.reply.send(Err(error));
+        }
+        WriteRequest::Checkpoint { reply, .. } | WriteRequest::Snapshot { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+    }
+}

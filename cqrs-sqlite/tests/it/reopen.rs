@@ -1,0 +1,102 @@
+//! Durability across a restart: a new store on the same file sees every event, checkpoint,
+//! snapshot and command id, and goes on from the stored positions and versions.
+
+use std::collections::HashMap;
+
+use cqrs_core::testing::conformance::{event, event_with};
+use cqrs_core::{
+    AppendOutcome, CausationId, CommandId, CorrelationId, EventStore, ExpectedVersion, Metadata, Position, Snapshot,
+    Version,
+};
+use serde_json::json;
+
+use crate::support::{reopen, stream, TempStore};
+
+async fn read_everything(store: &impl EventStore) -> Vec<cqrs_core::RecordedEvent> {
+    let mut all = Vec::new();
+    loop {
+        let after = all.last().map_or(Position::START, |e: &cqrs_core::RecordedEvent| e.position);
+        let page = store.read_all(after, 64).await.expect("read_all");
+        if page.is_empty() {
+            return all;
+        }
+        all.extend(page);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_keeps_every_event_checkpoint_and_snapshot() {
+    let temp = TempStore::new().await;
+    let store = &temp.store;
+    let streams: Vec<_> = (0..5).map(|i| stream(&format!("reopen{i}"))).collect();
+    let command_id = CommandId::new();
+    let metadata = Metadata {
+        command_id: Some(command_id),
+        causation_id: Some(CausationId::new()),
+        correlation_id: Some(CorrelationId::new()),
+        headers: HashMap::from([("user".to_owned(), "ada".to_owned())]),
+    };
+    let first = store
+        .append(&streams[0], ExpectedVersion::NoStream, vec![event_with(0, metadata.clone()), event_with(1, metadata)])
+        .await
+        .expect("append");
+    for n in 0..100u64 {
+        let s = &streams[usize::try_from(n % 5).expect("small")];
+        store.append(s, ExpectedVersion::Any, vec![event(n + 10)]).await.expect("append");
+    }
+    for i in 0..20u64 {
+        store.save_checkpoint(&format!("projection-{i}"), Position(i * 7)).await.expect("checkpoint");
+    }
+    let snapshot =
+        Snapshot { stream_id: streams[1].clone(), version: Version(3), schema_version: 2, state: json!({"n": 3}) };
+    store.save_snapshot(snapshot.clone()).await.expect("snapshot");
+    let before = read_everything(store).await;
+    assert_eq!(before.len(), 102);
+    let path = temp.path();
+    let TempStore { store, dir } = temp;
+    drop(store);
+
+    let reopened = reopen(&path).await;
+    assert_eq!(read_everything(&reopened).await, before, "every event, with its envelope, must come back");
+    for i in 0..20u64 {
+        assert_eq!(reopened.load_checkpoint(&format!("projection-{i}")).await.expect("load"), Some(Position(i * 7)));
+    }
+    assert_eq!(reopened.load_snapshot(&streams[1]).await.expect("snapshot"), Some(snapshot));
+    assert_eq!(reopened.stream_version(&streams[0]).await.expect("version"), Version(22));
+    // The command id is still known, whatever the expected version.
+    let again = reopened
+        .append(
+            &streams[0],
+            ExpectedVersion::NoStream,
+            vec![event_with(99, Metadata { command_id: Some(command_id), ..Metadata::default() })],
+        )
+        .await
+        .expect("duplicate");
+    assert_eq!(again, AppendOutcome::Duplicate(first.result()));
+    // New appends continue after the stored positions and versions.
+    let next =
+        reopened.append(&streams[0], ExpectedVersion::Exact(Version(22)), vec![event(500)]).await.expect("append");
+    let last = before.last().expect("events").position;
+    assert_eq!(next.result().first_position, Position(last.0 + 1));
+    assert_eq!(next.result().last_version, Version(23));
+    assert_eq!(*reopened.notifications().borrow(), next.result().last_position);
+    drop(reopened);
+    drop(dir);
+}
+
+/// A store opened on a file that already holds events starts its notification watch at the
+/// stored head, so a subscriber does not mistake old events for news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_start_at_the_stored_head() {
+    let temp = TempStore::new().await;
+    let s = stream("head");
+    let result = temp.store.append(&s, ExpectedVersion::Any, vec![event(1), event(2)]).await.expect("append");
+    assert_eq!(*temp.store.notifications().borrow(), result.result().last_position);
+    let path = temp.path();
+    let TempStore { store, dir } = temp;
+    drop(store);
+    let reopened = reopen(&path).await;
+    assert_eq!(*reopened.notifications().borrow(), result.result().last_position);
+    drop(reopened);
+    drop(dir);
+}
