@@ -34,8 +34,14 @@ pub(crate) fn limit(value: usize) -> i64 {
 }
 
 /// Parses stored JSON text, or reports the row as corrupt.
-pub(crate) fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, StoreError> {
+pub(crate) fn json(text: &str, what: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("stored {what} is not valid JSON: {error}")))
+}
+
+/// Parses stored headers (a JSON object of strings), or reports the row as corrupt.
+fn parse_headers(text: &str) -> Result<HashMap<String, String>, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("stored headers are not a JSON object of strings: {error}")))
 }
 
 /// Decodes one event row (selected with [`EVENT_COLUMNS`]).
@@ -68,7 +74,7 @@ pub(crate) fn recorded_event(row: &SqliteRow) -> Result<RecordedEvent, StoreErro
             command_id: command_id.map(CommandId),
             causation_id: causation_id.map(CausationId),
             correlation_id: correlation_id.map(CorrelationId),
-            headers: json::<HashMap<String, String>>(&headers, "headers")?,
+            headers: parse_headers(&headers)?,
         }),
     })
 }
