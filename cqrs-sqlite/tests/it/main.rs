@@ -1,7 +1,8 @@
 //! Integration tests of cqrs-sqlite, in one binary: the shared conformance suite on a fresh
-//! file per test, reopening, group commit, and faults.
+//! file per test, reopening, `kill -9`, group commit, and faults.
 
 mod batching;
+mod crash;
 mod conformance;
 mod faults;
 mod reopen;
