@@ -1,0 +1,319 @@
+//! Side-by-side comparison of this project with its Rust peer, cqrs-es 0.5 (and postgres-es
+//! 0.5 for PostgreSQL), on one chat workload, in one process, one framework after the other
+//! on each case.
+//!
+//! Run with:
+//! ```sh
+//! source scripts/postgres.sh; PG_FSYNC=on pg_start    # throwaway server; sets DATABASE_URL
+//! cargo run --release -p benches --bin compare                  # full run, several minutes
+//! cargo run --release -p benches --bin compare -- --quick       # CI smoke run, well under 2 min
+//! cargo run --release -p benches --bin compare -- --only memory # no PostgreSQL needed
+//! ```
+//!
+//! The workload: aggregate `Chat`, command `SendMessage { sender, content }` with 120 bytes of
+//! content, event `MessageSent`, and a read model that counts events (ours: an `EventHandler`
+//! run by `spawn_handler`; the peer: a `Query`). One `Chat` type implements both frameworks'
+//! `Aggregate` traits with the same decision, so both do the same domain work. Cases (full run;
+//! `--quick` scales the counts down):
+//!
+//! - `memory_sequential`: 1 chat, one client, 100 000 commands; overall rate and the rates of
+//!   the first and last 10 000 (a tenth of the run when shorter). The peer's `MemStore` copies
+//!   the whole stream twice per command, so its run is capped at 10 000 commands (the output
+//!   says so); nothing is extrapolated.
+//! - `memory_concurrent`: 1 000 chats, 64 tasks, 200 000 commands; rate, p50/p99 latency, and
+//!   events lost (acknowledged commands minus events in the store afterwards).
+//! - `postgres_sequential`: 1 chat, one client, 5 000 commands.
+//! - `postgres_concurrent`: 100 chats, 32 tasks, 20 000 commands; rate, p50/p99, errors
+//!   returned to callers.
+//! - the anchor: plain single-row INSERT + COMMIT of a 200-byte JSON row on the same server,
+//!   1 and 32 connections, each measured just before the PostgreSQL case it anchors.
+//!
+//! Each PostgreSQL case (and each side) gets a fresh database, dropped afterwards: ours is
+//! migrated by `PgEventStore::migrate`, the peer's gets postgres-es's documented `events` and
+//! `snapshots` tables. A rate counts acknowledged commands from the first send until the read
+//! model has seen every event (the peer's query runs inside each command, ours after it).
+//!
+//! Output: a table, one JSON line per case (`{"case": ...}`), and the targets met or missed.
+//! The exit status is non-zero if OUR side returned an error to a caller, lost an event, or
+//! its read model missed one; the peer's faults are reported, not fatal. No timing is asserted.
+
+mod drive;
+mod ours;
+mod peer;
+mod pg;
+mod report;
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cqrs_memory::MemoryStore;
+use cqrs_postgres::PgEventStore;
+
+use crate::pg::PgServer;
+use crate::report::{Case, Report};
+
+/// Which cases to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    All,
+    Memory,
+    Postgres,
+}
+
+/// The sizes of one run.
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    memory_sequential: u64,
+    /// The peer's memory sequential run stops here (its cost is quadratic in the stream).
+    memory_sequential_peer_cap: u64,
+    memory_concurrent: u64,
+    memory_chats: u32,
+    memory_tasks: usize,
+    postgres_sequential: u64,
+    postgres_concurrent: u64,
+    postgres_chats: u32,
+    postgres_tasks: usize,
+    anchor_duration: Duration,
+}
+
+/// The largest window of a sequential run; shorter runs use a tenth of their length.
+const MAX_WINDOW: u64 = 10_000;
+
+impl Scale {
+    fn new(quick: bool) -> Self {
+        let full = Scale {
+            memory_sequential: 100_000,
+            memory_sequential_peer_cap: 10_000,
+            memory_concurrent: 200_000,
+            memory_chats: 1_000,
+            memory_tasks: 64,
+            postgres_sequential: 5_000,
+            postgres_concurrent: 20_000,
+            postgres_chats: 100,
+            postgres_tasks: 32,
+            anchor_duration: Duration::from_secs(5),
+        };
+        if !quick {
+            return full;
+        }
+        Scale {
+            memory_sequential: 10_000,
+            memory_sequential_peer_cap: 2_000,
+            memory_concurrent: 20_000,
+            postgres_sequential: 300,
+            postgres_concurrent: 2_000,
+            anchor_duration: Duration::from_secs(1),
+            ..full
+        }
+    }
+}
+
+fn window(commands: u64) -> u64 {
+    (commands / 10).clamp(1, MAX_WINDOW)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("compare: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
+    let (quick, only) = parse_args()?;
+    let scale = Scale::new(quick);
+    // Fail before any work when PostgreSQL cases are asked for without a server.
+    let server = if only == Only::Memory { None } else { Some(PgServer::from_env()?) };
+    println!(
+        "compare: this project vs cqrs-es 0.5 / postgres-es 0.5; {} run; {} cores",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let mut report = Report::default();
+    if only != Only::Postgres {
+        report.cases.push(memory_sequential(&scale).await?);
+        report.cases.push(memory_concurrent(&scale).await?);
+    }
+    if let Some(server) = &server {
+        println!("server: {}", server.describe().await?);
+        postgres_cases(server, &scale, &mut report).await?;
+    }
+    println!();
+    report.print_table();
+    println!();
+    print_targets(&report, quick);
+    let faults: Vec<String> = report
+        .cases
+        .iter()
+        .flat_map(|case| case.ours.faults().into_iter().map(move |fault| format!("{}: {fault}", case.name)))
+        .collect();
+    if faults.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for fault in &faults {
+        eprintln!("compare: OUR SIDE FAILED: {fault}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn parse_args() -> anyhow::Result<(bool, Only)> {
+    let mut quick = false;
+    let mut only = Only::All;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--only" => {
+                only = match args.next().as_deref() {
+                    Some("memory") => Only::Memory,
+                    Some("postgres") => Only::Postgres,
+                    other => bail!("--only takes `memory` or `postgres`, not {other:?}"),
+                }
+            }
+            "-h" | "--help" => {
+                println!("usage: compare [--quick] [--only memory|postgres]  (see the doc comment of benches/src/bin/compare/main.rs)");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}; usage: compare [--quick] [--only memory|postgres]"),
+        }
+    }
+    Ok((quick, only))
+}
+
+/// Prints a case as it finishes: progress on stderr, its JSON line on stdout.
+fn finished(case: Case) -> Case {
+    eprintln!("compare: {} done: ours/peer {:.1}×", case.name, case.ratio());
+    println!("{}", case.json_line());
+    case
+}
+
+async fn memory_sequential(scale: &Scale) -> anyhow::Result<Case> {
+    let commands = scale.memory_sequential;
+    eprintln!("compare: memory_sequential: ours, {commands} commands");
+    let ours = ours::sequential(Arc::new(MemoryStore::new()), "memory", commands, window(commands)).await;
+    let peer_commands = commands.min(scale.memory_sequential_peer_cap);
+    let note = (peer_commands < commands).then(|| {
+        format!(
+            "cqrs-es capped at {peer_commands} of {commands} commands (MemStore copies the whole stream twice per \
+             command: quadratic); its figures are for its own shorter run, nothing is extrapolated"
+        )
+    });
+    eprintln!("compare: memory_sequential: cqrs-es, {peer_commands} commands");
+    let peer = peer::memory_sequential(peer_commands, window(peer_commands), note).await?;
+    Ok(finished(Case { name: "memory_sequential", chats: 1, tasks: 1, ours, peer }))
+}
+
+async fn memory_concurrent(scale: &Scale) -> anyhow::Result<Case> {
+    let (commands, chats, tasks) = (scale.memory_concurrent, scale.memory_chats, scale.memory_tasks);
+    eprintln!("compare: memory_concurrent: ours, {commands} commands");
+    let ours = ours::concurrent(Arc::new(MemoryStore::new()), "memory", commands, chats, tasks).await;
+    eprintln!("compare: memory_concurrent: cqrs-es, {commands} commands");
+    let peer = peer::memory_concurrent(commands, chats, tasks).await?;
+    Ok(finished(Case { name: "memory_concurrent", chats, tasks, ours, peer }))
+}
+
+async fn postgres_cases(server: &PgServer, scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+    for connections in [1, scale.postgres_tasks] {
+        eprintln!("compare: anchor: INSERT+COMMIT on {connections} connection(s)");
+        let database = server.create_database("anchor").await?;
+        let anchor = pg::insert_commit_rate(&database, connections, scale.anchor_duration).await;
+        server.drop_database(database).await?;
+        let anchor = anchor?;
+        println!("{}", anchor.json_line());
+        report.anchors.push(anchor);
+        let case = if connections == 1 {
+            postgres_sequential(server, scale).await?
+        } else {
+            postgres_concurrent(server, scale).await?
+        };
+        report.cases.push(case);
+    }
+    Ok(())
+}
+
+async fn postgres_sequential(server: &PgServer, scale: &Scale) -> anyhow::Result<Case> {
+    let commands = scale.postgres_sequential;
+    eprintln!("compare: postgres_sequential: ours, {commands} commands");
+    let database = server.create_database("ours_seq").await?;
+    let store = our_pg_store(&database.url).await;
+    let ours = match store {
+        Ok(store) => Ok(ours::sequential(store, "postgres", commands, window(commands)).await),
+        Err(error) => Err(error),
+    };
+    server.drop_database(database).await?;
+    let ours = ours?;
+    eprintln!("compare: postgres_sequential: cqrs-es, {commands} commands");
+    let database = server.create_database("peer_seq").await?;
+    let peer = peer::postgres_sequential(&database, commands, window(commands)).await;
+    server.drop_database(database).await?;
+    Ok(finished(Case { name: "postgres_sequential", chats: 1, tasks: 1, ours, peer: peer? }))
+}
+
+async fn postgres_concurrent(server: &PgServer, scale: &Scale) -> anyhow::Result<Case> {
+    let (commands, chats, tasks) = (scale.postgres_concurrent, scale.postgres_chats, scale.postgres_tasks);
+    eprintln!("compare: postgres_concurrent: ours, {commands} commands");
+    let database = server.create_database("ours_conc").await?;
+    let ours = match our_pg_store(&database.url).await {
+        Ok(store) => Ok(ours::concurrent(store, "postgres", commands, chats, tasks).await),
+        Err(error) => Err(error),
+    };
+    server.drop_database(database).await?;
+    let ours = ours?;
+    eprintln!("compare: postgres_concurrent: cqrs-es, {commands} commands");
+    let database = server.create_database("peer_conc").await?;
+    let peer = peer::postgres_concurrent(&database, commands, chats, tasks).await;
+    server.drop_database(database).await?;
+    Ok(finished(Case { name: "postgres_concurrent", chats, tasks, ours, peer: peer? }))
+}
+
+/// Our PostgreSQL store with its default configuration, as a user would open it.
+async fn our_pg_store(url: &str) -> anyhow::Result<Arc<PgEventStore>> {
+    let store = PgEventStore::connect(url).await.context("connect our store")?;
+    store.migrate().await.context("migrate our store")?;
+    Ok(Arc::new(store))
+}
+
+/// One target: `actual` against `wanted`, with what missing it by means.
+fn judge(label: &str, actual: f64, wanted: f64) {
+    let verdict = if actual >= wanted {
+        "met".to_owned()
+    } else {
+        format!("MISSED by {:.0} %", (wanted - actual) / wanted * 100.0)
+    };
+    println!("target {label}: {actual:.2} vs ≥ {wanted:.2}: {verdict}");
+}
+
+fn print_targets(report: &Report, quick: bool) {
+    println!("targets{}:", if quick { " (quick run: counts too small to judge)" } else { "" });
+    if let Some(case) = report.case("memory_sequential") {
+        if let Some((_, first, last)) = case.ours.window_rates() {
+            judge("memory_sequential ours last-window / first-window rate", last / first, 1.0);
+        }
+        judge("memory_sequential ours/peer throughput (peer capped, see note)", case.ratio(), 100.0);
+    }
+    if let Some(case) = report.case("memory_concurrent") {
+        judge("memory_concurrent ours/peer throughput", case.ratio(), 10.0);
+        println!("target memory_concurrent ours lost events: {} (want 0)", case.ours.lost());
+    }
+    if let (Some(case), Some(anchor)) = (report.case("postgres_sequential"), report.anchor(1)) {
+        judge("postgres_sequential ours / INSERT+COMMIT on 1 connection", case.ours.rate() / anchor.rate(), 0.8);
+    }
+    if let Some(case) = report.case("postgres_concurrent") {
+        let connections = case.tasks;
+        if let Some(anchor) = report.anchor(connections) {
+            judge(
+                &format!("postgres_concurrent ours / INSERT+COMMIT on {connections} connections"),
+                case.ours.rate() / anchor.rate(),
+                2.0,
+            );
+        }
+        println!("target postgres_concurrent ours errors: {} (want 0)", case.ours.run.errors);
+    }
+}

@@ -1,0 +1,236 @@
+//! Results: one [`Side`] per framework and case, printed as a table and as one JSON line per
+//! case, and the targets judged against them.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::drive::Run;
+
+/// One framework's result on one case.
+#[derive(Debug)]
+pub struct Side {
+    /// "ours" or "cqrs-es".
+    pub system: &'static str,
+    /// Which event store.
+    pub store: &'static str,
+    /// What the callers saw.
+    pub run: Run,
+    /// Ours only: how long after the last reply the counting handler had seen every event.
+    /// Counted in the throughput, so the read model's work is inside the measured time on both
+    /// sides (the peer's query runs inside each command).
+    pub settle: Duration,
+    /// Events in the store after the run.
+    pub stored: u64,
+    /// Events the counting read model saw.
+    pub read_model: u64,
+    /// Anything the reader must know, e.g. that the run was capped.
+    pub note: Option<String>,
+}
+
+impl Side {
+    /// Acknowledged commands per second, from the first send until the read model caught up.
+    pub fn rate(&self) -> f64 {
+        per_second(self.run.acked, self.run.elapsed + self.settle)
+    }
+
+    /// Acknowledged commands whose event is not in the store.
+    pub fn lost(&self) -> u64 {
+        self.run.acked.saturating_sub(self.stored)
+    }
+
+    /// Sequential runs: the first and last window's rates.
+    pub fn window_rates(&self) -> Option<(u64, f64, f64)> {
+        self.run.windows.map(|w| (w.size, per_second(w.size, w.first), per_second(w.size, w.last)))
+    }
+
+    /// What is wrong, if anything, for a side that promises no loss and no errors.
+    pub fn faults(&self) -> Vec<String> {
+        let mut faults = Vec::new();
+        if self.run.errors > 0 {
+            faults.push(format!(
+                "{} errors, first: {}",
+                self.run.errors,
+                self.run.first_error.as_deref().unwrap_or("?")
+            ));
+        }
+        if self.stored != self.run.acked {
+            faults.push(format!("{} events stored for {} acknowledged commands", self.stored, self.run.acked));
+        }
+        if self.read_model != self.run.acked {
+            faults.push(format!("read model counted {} events for {} acknowledged", self.read_model, self.run.acked));
+        }
+        faults
+    }
+
+    fn json(&self) -> Value {
+        let mut value = json!({
+            "system": self.system,
+            "store": self.store,
+            "sent": self.run.sent,
+            "acked": self.run.acked,
+            "errors": self.run.errors,
+            "stored": self.stored,
+            "lost": self.lost(),
+            "read_model": self.read_model,
+            "seconds": (self.run.elapsed + self.settle).as_secs_f64(),
+            "settle_seconds": self.settle.as_secs_f64(),
+            "commands_per_s": self.rate().round(),
+            "p50_us": self.run.latency(0.50).as_micros() as u64,
+            "p99_us": self.run.latency(0.99).as_micros() as u64,
+        });
+        if let Some((size, first, last)) = self.window_rates() {
+            value["window"] = json!(size);
+            value["first_window_per_s"] = json!(first.round());
+            value["last_window_per_s"] = json!(last.round());
+        }
+        if let Some(error) = &self.run.first_error {
+            value["first_error"] = json!(error);
+        }
+        if let Some(note) = &self.note {
+            value["note"] = json!(note);
+        }
+        value
+    }
+}
+
+/// Both frameworks on one case.
+#[derive(Debug)]
+pub struct Case {
+    /// Short machine-readable name.
+    pub name: &'static str,
+    /// Chats (aggregate instances) the commands go to.
+    pub chats: u32,
+    /// Concurrent sending tasks.
+    pub tasks: usize,
+    /// This project.
+    pub ours: Side,
+    /// cqrs-es.
+    pub peer: Side,
+}
+
+impl Case {
+    /// Our rate over the peer's.
+    pub fn ratio(&self) -> f64 {
+        self.ours.rate() / self.peer.rate()
+    }
+
+    /// The case as one JSON line.
+    pub fn json_line(&self) -> String {
+        json!({
+            "case": self.name,
+            "chats": self.chats,
+            "tasks": self.tasks,
+            "ours": self.ours.json(),
+            "peer": self.peer.json(),
+            "ratio": (self.ratio() * 100.0).round() / 100.0,
+        })
+        .to_string()
+    }
+}
+
+/// Plain single-row INSERT + COMMIT on the same server: the physical ceiling.
+#[derive(Debug, Clone, Copy)]
+pub struct Anchor {
+    /// Connections, one task each.
+    pub connections: usize,
+    /// Commits in all.
+    pub commits: u64,
+    /// How long.
+    pub elapsed: Duration,
+}
+
+impl Anchor {
+    /// Commits per second.
+    pub fn rate(&self) -> f64 {
+        per_second(self.commits, self.elapsed)
+    }
+
+    /// The anchor as one JSON line.
+    pub fn json_line(&self) -> String {
+        json!({
+            "case": "postgres_anchor_insert_commit",
+            "connections": self.connections,
+            "commits": self.commits,
+            "seconds": self.elapsed.as_secs_f64(),
+            "commits_per_s": self.rate().round(),
+        })
+        .to_string()
+    }
+}
+
+/// Everything measured in one run.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The cases, in the order run.
+    pub cases: Vec<Case>,
+    /// The anchors, in the order run.
+    pub anchors: Vec<Anchor>,
+}
+
+impl Report {
+    /// The case named `name`.
+    pub fn case(&self, name: &str) -> Option<&Case> {
+        self.cases.iter().find(|case| case.name == name)
+    }
+
+    /// The anchor with `connections` connections.
+    pub fn anchor(&self, connections: usize) -> Option<&Anchor> {
+        self.anchors.iter().find(|anchor| anchor.connections == connections)
+    }
+
+    /// The human-readable table.
+    pub fn print_table(&self) {
+        println!(
+            "{:<28} {:<8} {:<8} {:>7} {:>7} {:>6} {:>6} {:>8} {:>9} {:>8} {:>8}  first/last window (cmds/s)",
+            "case", "system", "store", "sent", "acked", "errors", "lost", "seconds", "cmds/s", "p50 ms", "p99 ms",
+        );
+        for case in &self.cases {
+            let label = format!("{} ({}×{})", case.name, case.chats, case.tasks);
+            for (index, side) in [&case.ours, &case.peer].into_iter().enumerate() {
+                let windows = side
+                    .window_rates()
+                    .map(|(size, first, last)| format!("{size}: {first:.0} / {last:.0}"))
+                    .unwrap_or_default();
+                println!(
+                    "{:<28} {:<8} {:<8} {:>7} {:>7} {:>6} {:>6} {:>8.2} {:>9.0} {:>8.3} {:>8.3}  {}",
+                    if index == 0 { label.as_str() } else { "" },
+                    side.system,
+                    side.store,
+                    side.run.sent,
+                    side.run.acked,
+                    side.run.errors,
+                    side.lost(),
+                    (side.run.elapsed + side.settle).as_secs_f64(),
+                    side.rate(),
+                    millis(side.run.latency(0.50)),
+                    millis(side.run.latency(0.99)),
+                    windows
+                );
+            }
+            println!("{:<28} ours/peer throughput: {:.1}×", "", case.ratio());
+            for note in [&case.ours.note, &case.peer.note].into_iter().flatten() {
+                println!("{:<28} note: {note}", "");
+            }
+        }
+        for anchor in &self.anchors {
+            println!(
+                "{:<28} plain INSERT+COMMIT of a 200-byte JSON row, {} connection(s): {:.0} commits/s",
+                "postgres anchor",
+                anchor.connections,
+                anchor.rate()
+            );
+        }
+    }
+}
+
+fn per_second(count: u64, elapsed: Duration) -> f64 {
+    if elapsed.is_zero() {
+        return 0.0;
+    }
+    count as f64 / elapsed.as_secs_f64()
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1_000.0
+}
