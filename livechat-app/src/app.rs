@@ -97,7 +97,7 @@ impl App {
         let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store)).with_progress(progress.clone());
         let metrics = Arc::new(Metrics::default());
         let (lobby_tx, lobby) = watch::channel(Arc::from(render::room_list(&model.rooms(50)).into_string()));
-        let (dashboard_tx, dashboard) = watch::channel(Arc::from(""));
+        let (dashboard_tx, dashboard) = watch::channel(Arc::from(render::metrics(&Snapshot::default()).into_string()));
         let (snapshot_tx, snapshot) = watch::channel(Snapshot::default());
         let (shutdown_tx, shutdown) = watch::channel(false);
         let ticker = tokio::spawn(tick(
@@ -233,7 +233,13 @@ fn name_cookie(name: &str) -> HeaderValue {
 
 fn percent_encode(text: &str) -> String {
     text.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -415,7 +421,11 @@ fn render_room(
     (status, Html(render::room_page(&state.assets, &page).into_string())).into_response()
 }
 
-async fn older(State(state): State<Arc<AppState>>, Path(chat_id): Path<String>, Query(query): Query<Before>) -> Response {
+async fn older(
+    State(state): State<Arc<AppState>>,
+    Path(chat_id): Path<String>,
+    Query(query): Query<Before>,
+) -> Response {
     let room = match ChatId::parse(&chat_id) {
         Ok(room) => room,
         Err(error) => return not_found(error),

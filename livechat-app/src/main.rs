@@ -35,7 +35,8 @@ fn parse_args() -> Result<Args> {
             Some((flag, value)) if flag.starts_with("--") => (flag.to_owned(), Some(value.to_owned())),
             _ => (arg.clone(), None),
         };
-        let mut value = || inline.clone().or_else(|| args.next()).with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut value =
+            || inline.clone().or_else(|| args.next()).with_context(|| format!("{flag} needs a value\n{USAGE}"));
         match flag.as_str() {
             "--listen" => listen = value()?,
             "--database-url" => database_url = value()?,
@@ -47,7 +48,8 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    let listen = listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:4000"))?;
+    let listen =
+        listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:4000"))?;
     Ok(Args { listen, database_url, allowed_origins })
 }
 

@@ -161,7 +161,11 @@ impl Snapshot {
         Self {
             views: metrics.views.load(Ordering::Relaxed),
             rooms,
-            commands_per_second: if seconds > 0.0 { done.saturating_sub(previous_commands) as f64 / seconds } else { 0.0 },
+            commands_per_second: if seconds > 0.0 {
+                done.saturating_sub(previous_commands) as f64 / seconds
+            } else {
+                0.0
+            },
             commands_ok,
             commands_refused,
             dispatch_p50_micros: metrics.dispatch.quantile(0.5),
@@ -192,11 +196,26 @@ pub fn prometheus(metrics: &Metrics, snapshot: &Snapshot) -> String {
     line("livechat_rooms", "gauge", "Rooms known to the read model.", snapshot.rooms.to_string());
     line("livechat_connections_total", "counter", "Websocket connections accepted.", load(&metrics.connections));
     line("livechat_commands_ok_total", "counter", "Commands stored.", load(&metrics.commands_ok));
-    line("livechat_commands_refused_total", "counter", "Commands refused by the aggregate.", load(&metrics.commands_refused));
-    line("livechat_commands_failed_total", "counter", "Commands that failed in the store.", load(&metrics.commands_failed));
+    line(
+        "livechat_commands_refused_total",
+        "counter",
+        "Commands refused by the aggregate.",
+        load(&metrics.commands_refused),
+    );
+    line(
+        "livechat_commands_failed_total",
+        "counter",
+        "Commands that failed in the store.",
+        load(&metrics.commands_failed),
+    );
     line("livechat_events_stored", "gauge", "The event store's last known position.", snapshot.store_head.to_string());
     line("livechat_events_projected", "gauge", "The read model's position.", snapshot.projected.to_string());
-    line("livechat_projection_lag", "gauge", "Events stored but not yet projected.", snapshot.projection_lag.to_string());
+    line(
+        "livechat_projection_lag",
+        "gauge",
+        "Events stored but not yet projected.",
+        snapshot.projection_lag.to_string(),
+    );
     line("livechat_frames_sent_total", "counter", "Websocket frames sent.", load(&metrics.frames_sent));
     line("livechat_bytes_sent_total", "counter", "Websocket bytes sent.", load(&metrics.bytes_sent));
     line("livechat_frames_refused_total", "counter", "Client frames refused.", load(&metrics.frames_refused));

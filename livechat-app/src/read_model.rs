@@ -287,7 +287,8 @@ impl ChatReadModel {
 
     /// Rooms with messages or viewers, most recently active first, at most `limit`.
     pub fn rooms(&self, limit: usize) -> Vec<RoomSummary> {
-        let rooms: Vec<Arc<Room>> = self.inner.rooms.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let rooms: Vec<Arc<Room>> =
+            self.inner.rooms.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let mut summaries: Vec<RoomSummary> = rooms
             .iter()
             .map(|room| {

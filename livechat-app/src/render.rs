@@ -304,7 +304,8 @@ mod tests {
 
     #[test]
     fn user_text_is_escaped_everywhere() {
-        let html = message(1, &sent("<img src=x onerror=alert(1)>", "<script>alert('x')</script> & \"q\"")).into_string();
+        let html =
+            message(1, &sent("<img src=x onerror=alert(1)>", "<script>alert('x')</script> & \"q\"")).into_string();
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("<img"), "{html}");
         assert!(html.contains("&lt;script&gt;alert('x')&lt;/script&gt; &amp; &quot;q&quot;"), "{html}");

@@ -129,12 +129,17 @@ mod tests {
         let join: ClientFrame =
             serde_json::from_str(r#"{"t":"join","view":"room","room":"abc","after":5}"#).expect("join");
         assert_eq!(join, ClientFrame::Join { view: ViewKind::Room, room: Some("abc".into()), after: 5 });
-        let send: ClientFrame = serde_json::from_str(
-            r#"{"t":"send","ref":1,"id":"67e55044-10b1-426f-9247-bb680e5fe0c8","message":"hi"}"#,
-        )
-        .expect("send");
+        let send: ClientFrame =
+            serde_json::from_str(r#"{"t":"send","ref":1,"id":"67e55044-10b1-426f-9247-bb680e5fe0c8","message":"hi"}"#)
+                .expect("send");
         assert!(matches!(send, ClientFrame::Send { reference: 1, ref message, .. } if message == "hi"));
-        for bad in [r#"{"t":"nope"}"#, r#"{"t":"send","ref":1}"#, "not json", r#"{"t":"join","view":"attic"}"#, r#"{"t":"send","ref":"x","id":"nope","message":1}"#] {
+        for bad in [
+            r#"{"t":"nope"}"#,
+            r#"{"t":"send","ref":1}"#,
+            "not json",
+            r#"{"t":"join","view":"attic"}"#,
+            r#"{"t":"send","ref":"x","id":"nope","message":1}"#,
+        ] {
             assert!(serde_json::from_str::<ClientFrame>(bad).is_err(), "{bad}");
         }
     }

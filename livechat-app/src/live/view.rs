@@ -143,8 +143,8 @@ impl Conn {
     fn take_token(&mut self) -> bool {
         let now = Instant::now();
         let live = &self.state.live;
-        self.tokens =
-            (self.tokens + now.duration_since(self.refill_at).as_secs_f64() * live.frames_per_second).min(live.frame_burst);
+        self.tokens = (self.tokens + now.duration_since(self.refill_at).as_secs_f64() * live.frames_per_second)
+            .min(live.frame_burst);
         self.refill_at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

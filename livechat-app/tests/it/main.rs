@@ -1,0 +1,6 @@
+//! Integration tests of the chat: the aggregate's rules, and the live views over real
+//! websockets against the real router.
+
+mod domain;
+mod support;
+mod websocket;
