@@ -34,6 +34,7 @@
   let pending = null; // { ref, id, text }: the message awaiting its ack
   let heartbeat = null;
   let silentSince = Date.now();
+  let paused = false; // set by liveSocket.disconnect(): no reconnect until connect()
 
   function setState(state, text) {
     body.dataset.live = state;
@@ -49,6 +50,7 @@
   }
 
   function connect() {
+    if (paused) return;
     setState("connecting", attempts ? "Reconnecting…" : "Connecting…");
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     socket = new WebSocket(`${scheme}//${location.host}/live`);
@@ -67,6 +69,7 @@
     socket.onclose = () => {
       joined = false;
       clearInterval(heartbeat);
+      if (paused) return setState("disconnected", "Disconnected");
       setState("disconnected", "Disconnected; reconnecting…");
       const base = BACKOFF[Math.min(attempts, BACKOFF.length - 1)];
       const delay = attempts >= BACKOFF.length ? 5000 : base;
@@ -216,6 +219,26 @@
     });
     log.scrollTop = log.scrollHeight;
   }
+
+  // Like Phoenix's window.liveSocket: for the console and for end-to-end tests.
+  window.liveSocket = {
+    /** Closes the socket and stays offline until connect(). */
+    disconnect() {
+      paused = true;
+      if (socket) socket.close();
+    },
+    /** Reconnects after disconnect(), resuming from the last message shown. */
+    connect() {
+      if (!paused) return;
+      paused = false;
+      attempts = 0;
+      connect();
+    },
+    /** Drops the socket as a network failure would: the client reconnects by itself. */
+    drop() {
+      if (socket) socket.close();
+    },
+  };
 
   connect();
 })();

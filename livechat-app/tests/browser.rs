@@ -1,0 +1,321 @@
+//! End-to-end tests in headless Chromium, driven over WebDriver (Debian's `chromium` and
+//! `chromium-driver`; `scripts/test` installs them when missing). Each user has a browser of
+//! their own (separate profiles, so separate cookies).
+//!
+//! - two users in one room: live delivery (with the end-to-end time, keypress in one browser to
+//!   the message in the other's DOM), Enter and Shift-Enter, XSS payloads shown as text, the
+//!   draft and focus kept while messages arrive, a socket dropped while the other user sends
+//!   (every message shown once, in order, after the reconnect);
+//! - with PostgreSQL: two app processes on one database, one user on each.
+
+#[path = "it/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use support::TestServer;
+
+const WAIT: Duration = Duration::from_secs(15);
+const ENTER: &str = "\u{E007}";
+const SHIFT: &str = "\u{E008}";
+/// Releases held modifier keys.
+const RELEASE: &str = "\u{E000}";
+
+fn find_binary(env: &str, candidates: &[&str]) -> String {
+    if let Ok(path) = std::env::var(env) {
+        return path;
+    }
+    for candidate in candidates {
+        if std::path::Path::new(candidate).exists() {
+            return (*candidate).to_owned();
+        }
+    }
+    panic!(
+        "{} not found (set {env}); install Debian's chromium and chromium-driver packages, \
+         or run ./scripts/test, which installs them",
+        candidates[0]
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A chromedriver process, killed on drop.
+struct Driver {
+    _child: Child,
+    url: String,
+}
+
+impl Driver {
+    async fn start() -> Self {
+        let binary = find_binary("CHROMEDRIVER", &["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start chromedriver");
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(started.elapsed() < WAIT, "chromedriver did not start listening");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { _child: child, url: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// A new browser with its own profile.
+    async fn browser(&self) -> Client {
+        let chromium = find_binary("CHROMIUM", &["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync", "--no-first-run",
+                         "--disable-dev-shm-usage", "--window-size=1000,700"],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        ClientBuilder::new(connector).capabilities(capabilities).connect(&self.url).await.expect("browser session")
+    }
+}
+
+async fn eval(browser: &Client, script: &str) -> Value {
+    browser.execute(script, vec![]).await.expect("script runs")
+}
+
+/// Polls `predicate` (a JS expression) until it is true.
+async fn wait_for(browser: &Client, what: &str, predicate: &str) {
+    let script = format!("return !!({predicate});");
+    let started = Instant::now();
+    loop {
+        if eval(browser, &script).await == Value::Bool(true) {
+            return;
+        }
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what} ({predicate})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Joins `room` as `name` through the lobby's form and waits for the live connection.
+async fn join(browser: &Client, base: &str, name: &str, room: &str) {
+    browser.goto(&format!("{base}/")).await.expect("open lobby");
+    browser.find(Locator::Css("form#join input[name=name]")).await.expect("name input").send_keys(name).await.expect("type");
+    browser.find(Locator::Css("form#join input[name=room]")).await.expect("room input").send_keys(room).await.expect("type");
+    browser.find(Locator::Css("form#join button[type=submit]")).await.expect("button").click().await.expect("submit");
+    wait_for(browser, "the room page", &format!("location.pathname === '/{room}'")).await;
+    wait_for(browser, "the live connection", "document.body.dataset.live === 'connected'").await;
+}
+
+/// Every message on the page: `[position, sender, body text]`.
+async fn messages(browser: &Client) -> Vec<(u64, String, String)> {
+    let value = eval(
+        browser,
+        "return [...document.querySelectorAll('#messages li.msg')].map(li => \
+           [Number(li.dataset.pos), li.querySelector('.sender').textContent, li.querySelector('.body').textContent]);",
+    )
+    .await;
+    serde_json::from_value(value).expect("message list")
+}
+
+/// Types `text` into the composer (with `keys` after it) and waits for the acknowledgement.
+async fn send(browser: &Client, text: &str) {
+    let composer = browser.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
+    composer.send_keys(&format!("{text}{ENTER}")).await.expect("type and send");
+    wait_for(browser, "the acknowledgement", "document.querySelector('#send textarea').value === '' && document.querySelector('#send button').textContent === 'Send'").await;
+}
+
+async fn shows(browser: &Client, body: &str) -> bool {
+    messages(browser).await.iter().any(|(_, _, text)| text == body)
+}
+
+async fn wait_shows(browser: &Client, body: &str) {
+    let started = Instant::now();
+    while !shows(browser, body).await {
+        assert!(started.elapsed() < WAIT, "{body:?} never appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_once_in_order(list: &[(u64, String, String)]) {
+    let positions: Vec<u64> = list.iter().map(|(pos, _, _)| *pos).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions in order, no duplicates: {positions:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_chat_live_in_separate_browsers() {
+    let server = TestServer::start().await;
+    let base = format!("http://{}", server.addr);
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    let bob = driver.browser().await;
+    join(&alice, &base, "alice", "e2e").await;
+    join(&bob, &base, "bob", "e2e").await;
+    wait_for(&bob, "alice in presence", "document.querySelector('#presence').textContent.includes('alice')").await;
+
+    // Delivery time: Enter pressed in alice's browser → the message in bob's DOM. Both
+    // browsers run on this machine, so their clocks are the same clock.
+    eval(&alice, "window.__sentAt = {}; const t = document.querySelector('#send textarea'); \
+        t.addEventListener('keydown', e => { if (e.key === 'Enter' && !e.shiftKey) \
+        window.__sentAt[t.value] = performance.timeOrigin + performance.now(); }, true); return 1;").await;
+    eval(&bob, "window.__seen = {}; new MutationObserver(records => { for (const r of records) \
+        for (const n of r.addedNodes) if (n.querySelector) window.__seen[n.querySelector('.body').textContent] = \
+        performance.timeOrigin + performance.now(); }).observe(document.getElementById('messages'), {childList: true}); return 1;").await;
+    let mut latencies = Vec::new();
+    for i in 0..4 {
+        let text = format!("timing message {i}");
+        send(&alice, &text).await;
+        wait_shows(&bob, &text).await;
+        let sent = eval(&alice, &format!("return window.__sentAt['{text}'];")).await.as_f64().expect("sent time");
+        let seen = eval(&bob, &format!("return window.__seen['{text}'];")).await.as_f64().expect("seen time");
+        latencies.push(seen - sent);
+    }
+    let rate_window_started = Instant::now();
+    latencies.sort_by(f64::total_cmp);
+    println!("end-to-end delivery, Enter in one browser to the DOM of the other (ms): {latencies:.1?}");
+    assert!(latencies.iter().all(|&ms| ms > 0.0 && ms < 5_000.0), "{latencies:?}");
+
+    // Shift-Enter adds a line; Enter sends.
+    let composer = bob.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
+    composer.send_keys(&format!("line one{SHIFT}{ENTER}{RELEASE}line two")).await.expect("type");
+    assert_eq!(eval(&bob, "return document.querySelector('#send textarea').value;").await, "line one\nline two");
+    assert!(!shows(&alice, "line one\nline two").await, "Shift-Enter did not send");
+    composer.send_keys(ENTER).await.expect("send");
+    wait_shows(&alice, "line one\nline two").await;
+
+    // Markup in messages is shown as text and never runs.
+    let payloads = ["<img src=x onerror=\"window.__xss = 1\">", "<script>window.__xss = 2</script>"];
+    for payload in payloads {
+        send(&bob, payload).await;
+        wait_shows(&alice, payload).await;
+    }
+    assert_eq!(eval(&alice, "return [window.__xss === undefined, document.querySelectorAll('#messages img, #messages script').length];").await, json!([true, 0]));
+
+    // A draft being typed keeps its text and focus while messages arrive.
+    alice.find(Locator::Css("form#send textarea")).await.expect("composer").send_keys("draft in progress").await.expect("type");
+    send(&bob, "arrives while alice types").await;
+    wait_shows(&alice, "arrives while alice types").await;
+    assert_eq!(
+        eval(&alice, "const t = document.querySelector('#send textarea'); return [t.value, document.activeElement === t];").await,
+        json!(["draft in progress", true])
+    );
+    eval(&alice, "document.querySelector('#send textarea').value = ''; return 1;").await;
+
+    // Bob's socket goes down while alice sends; after the reconnect every message is there once.
+    tokio::time::sleep(Duration::from_millis(5_100).saturating_sub(rate_window_started.elapsed())).await;
+    eval(&bob, "window.liveSocket.disconnect(); return 1;").await;
+    wait_for(&bob, "disconnected state", "document.body.dataset.live === 'disconnected'").await;
+    for i in 0..3 {
+        send(&alice, &format!("while bob was away {i}")).await;
+    }
+    assert!(!shows(&bob, "while bob was away 0").await);
+    eval(&bob, "window.liveSocket.connect(); return 1;").await;
+    wait_for(&bob, "reconnected", "document.body.dataset.live === 'connected'").await;
+    wait_shows(&bob, "while bob was away 2").await;
+
+    // A dropped connection (as by the network) reconnects by itself and misses nothing.
+    eval(&bob, "window.liveSocket.drop(); return 1;").await;
+    send(&alice, "right after the drop").await;
+    wait_shows(&bob, "right after the drop").await;
+    wait_for(&bob, "reconnected", "document.body.dataset.live === 'connected'").await;
+
+    let seen_by_alice = messages(&alice).await;
+    let seen_by_bob = messages(&bob).await;
+    assert_once_in_order(&seen_by_bob);
+    assert_eq!(seen_by_alice, seen_by_bob, "both browsers show the same messages, once each, in order");
+    assert_eq!(seen_by_bob.len(), 4 + 1 + 2 + 1 + 3 + 1);
+
+    alice.close().await.expect("close");
+    bob.close().await.expect("close");
+    server.stop().await;
+}
+
+/// A `livechat-app` process on `database_url`, killed on drop.
+struct AppProcess {
+    _child: Child,
+    base: String,
+}
+
+impl AppProcess {
+    async fn start(database_url: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_livechat-app"))
+            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start livechat-app");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(url) = line.strip_prefix("livechat: open ") {
+                    return url.trim_end_matches('/').to_owned();
+                }
+            }
+            panic!("livechat-app exited before printing its address");
+        })
+        .await
+        .expect("livechat-app starts in time");
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self { _child: child, base }
+    }
+}
+
+/// A fresh database on the server of `DATABASE_URL`.
+async fn fresh_database() -> String {
+    let url = std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL must point at a PostgreSQL server for this test; ./scripts/test starts a throwaway one",
+    );
+    let name = format!("livechat_e2e_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+    match url.rfind('/') {
+        Some(slash) if url[..slash].contains("://") && !url[slash..].contains('@') => {
+            let query = url[slash..].find('?').map_or("", |q| &url[slash + q..]);
+            format!("{}/{name}{query}", &url[..slash])
+        }
+        _ => panic!("DATABASE_URL {url:?} has no database path"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_app_processes_on_one_postgres_database_are_one_chat() {
+    let database = fresh_database().await;
+    let first = AppProcess::start(&database).await;
+    let second = AppProcess::start(&database).await;
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    let bob = driver.browser().await;
+    join(&alice, &first.base, "alice", "cluster").await;
+    join(&bob, &second.base, "bob", "cluster").await;
+    send(&alice, "from the first process").await;
+    wait_shows(&bob, "from the first process").await;
+    send(&bob, "from the second process").await;
+    wait_shows(&alice, "from the second process").await;
+    let seen_by_alice = messages(&alice).await;
+    assert_once_in_order(&seen_by_alice);
+    assert_eq!(seen_by_alice, messages(&bob).await);
+
+    // A restarted process rebuilds the room from the database.
+    drop(first);
+    let restarted = AppProcess::start(&database).await;
+    alice.goto(&format!("{}/cluster", restarted.base)).await.expect("reload");
+    wait_for(&alice, "the live connection", "document.body.dataset.live === 'connected'").await;
+    assert_eq!(messages(&alice).await, seen_by_alice, "history survives a restart");
+
+    alice.close().await.expect("close");
+    bob.close().await.expect("close");
+}
