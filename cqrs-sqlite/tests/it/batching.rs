@@ -60,7 +60,7 @@ async fn a_refused_append_does_not_fail_its_batch() {
         let temp = Arc::clone(&temp);
         tokio::spawn(async move { temp.store.append(&stream("first"), ExpectedVersion::Any, vec![event(1)]).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut good = Vec::new();
     let mut conflicting = Vec::new();
     for n in 0..10u64 {
@@ -81,7 +81,7 @@ async fn a_refused_append_does_not_fail_its_batch() {
             async move { temp.store.append(&stream("dup"), ExpectedVersion::Any, vec![event(7), reused]).await },
         )
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     lock.execute("COMMIT").await.expect("release the write lock");
 
     assert!(matches!(first.await.expect("task"), Ok(AppendOutcome::Appended(_))));

@@ -45,6 +45,12 @@ async fn in_memory_urls_are_refused() {
 }
 
 #[tokio::test]
+async fn a_malformed_url_is_refused() {
+    let result = SqliteEventStore::connect("sqlite://events.db?mode=sideways").await;
+    assert!(matches!(result, Err(SqliteStoreError::InvalidUrl(_))), "got {result:?}");
+}
+
+#[tokio::test]
 async fn connect_creates_the_file_from_a_url() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("new.db");

@@ -2,8 +2,8 @@
 //! file per test, reopening, `kill -9`, group commit, and faults.
 
 mod batching;
-mod crash;
 mod conformance;
+mod crash;
 mod faults;
 mod reopen;
 mod support;
