@@ -111,8 +111,20 @@ async fn wait_for(browser: &Client, what: &str, predicate: &str) {
 /// Joins `room` as `name` through the lobby's form and waits for the live connection.
 async fn join(browser: &Client, base: &str, name: &str, room: &str) {
     browser.goto(&format!("{base}/")).await.expect("open lobby");
-    browser.find(Locator::Css("form#join input[name=name]")).await.expect("name input").send_keys(name).await.expect("type");
-    browser.find(Locator::Css("form#join input[name=room]")).await.expect("room input").send_keys(room).await.expect("type");
+    browser
+        .find(Locator::Css("form#join input[name=name]"))
+        .await
+        .expect("name input")
+        .send_keys(name)
+        .await
+        .expect("type");
+    browser
+        .find(Locator::Css("form#join input[name=room]"))
+        .await
+        .expect("room input")
+        .send_keys(room)
+        .await
+        .expect("type");
     browser.find(Locator::Css("form#join button[type=submit]")).await.expect("button").click().await.expect("submit");
     wait_for(browser, "the room page", &format!("location.pathname === '/{room}'")).await;
     wait_for(browser, "the live connection", "document.body.dataset.live === 'connected'").await;
@@ -166,9 +178,13 @@ async fn two_users_chat_live_in_separate_browsers() {
 
     // Delivery time: Enter pressed in alice's browser → the message in bob's DOM. Both
     // browsers run on this machine, so their clocks are the same clock.
-    eval(&alice, "window.__sentAt = {}; const t = document.querySelector('#send textarea'); \
+    eval(
+        &alice,
+        "window.__sentAt = {}; const t = document.querySelector('#send textarea'); \
         t.addEventListener('keydown', e => { if (e.key === 'Enter' && !e.shiftKey) \
-        window.__sentAt[t.value] = performance.timeOrigin + performance.now(); }, true); return 1;").await;
+        window.__sentAt[t.value] = performance.timeOrigin + performance.now(); }, true); return 1;",
+    )
+    .await;
     eval(&bob, "window.__seen = {}; new MutationObserver(records => { for (const r of records) \
         for (const n of r.addedNodes) if (n.querySelector) window.__seen[n.querySelector('.body').textContent] = \
         performance.timeOrigin + performance.now(); }).observe(document.getElementById('messages'), {childList: true}); return 1;").await;
@@ -200,14 +216,31 @@ async fn two_users_chat_live_in_separate_browsers() {
         send(&bob, payload).await;
         wait_shows(&alice, payload).await;
     }
-    assert_eq!(eval(&alice, "return [window.__xss === undefined, document.querySelectorAll('#messages img, #messages script').length];").await, json!([true, 0]));
+    assert_eq!(
+        eval(
+            &alice,
+            "return [window.__xss === undefined, document.querySelectorAll('#messages img, #messages script').length];"
+        )
+        .await,
+        json!([true, 0])
+    );
 
     // A draft being typed keeps its text and focus while messages arrive.
-    alice.find(Locator::Css("form#send textarea")).await.expect("composer").send_keys("draft in progress").await.expect("type");
+    alice
+        .find(Locator::Css("form#send textarea"))
+        .await
+        .expect("composer")
+        .send_keys("draft in progress")
+        .await
+        .expect("type");
     send(&bob, "arrives while alice types").await;
     wait_shows(&alice, "arrives while alice types").await;
     assert_eq!(
-        eval(&alice, "const t = document.querySelector('#send textarea'); return [t.value, document.activeElement === t];").await,
+        eval(
+            &alice,
+            "const t = document.querySelector('#send textarea'); return [t.value, document.activeElement === t];"
+        )
+        .await,
         json!(["draft in progress", true])
     );
     eval(&alice, "document.querySelector('#send textarea').value = ''; return 1;").await;
@@ -276,9 +309,8 @@ impl AppProcess {
 
 /// A fresh database on the server of `DATABASE_URL`.
 async fn fresh_database() -> String {
-    let url = std::env::var("DATABASE_URL").expect(
-        "DATABASE_URL must point at a PostgreSQL server for this test; ./scripts/test starts a throwaway one",
-    );
+    let url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server for this test; ./scripts/test starts a throwaway one");
     let name = format!("livechat_e2e_{}", uuid::Uuid::new_v4().simple());
     let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.expect("connect to PostgreSQL");
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
@@ -318,4 +350,59 @@ async fn two_app_processes_on_one_postgres_database_are_one_chat() {
 
     alice.close().await.expect("close");
     bob.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrolling_up_loads_older_messages_and_only_a_reader_at_the_bottom_follows_new_ones() {
+    use cqrs_core::{CommandEnvelope, Position, Timestamp};
+    use livechat_app::domain::{ChatId, SendMessage};
+
+    let server = TestServer::start().await;
+    let mut last = 0;
+    for i in 0..250 {
+        let command = SendMessage {
+            chat_id: ChatId::parse("history").expect("room"),
+            sender: "archivist".into(),
+            content: format!("old message {i}"),
+            sent_at: Timestamp(i * 2_000_000),
+        };
+        let outcome = server.state.dispatcher.dispatch(CommandEnvelope::new(command)).await.expect("seed");
+        last = outcome.appended.expect("stored").last_position.0;
+    }
+    server.state.progress.wait_for("chat-read-model", Position(last), WAIT).await.expect("projected");
+    let base = format!("http://{}", server.addr);
+    let driver = Driver::start().await;
+    let carol = driver.browser().await;
+    join(&carol, &base, "carol", "history").await;
+    assert_eq!(messages(&carol).await.len(), 100, "the page starts with the latest 100");
+    let at_bottom = "(() => { const l = document.getElementById('messages'); \
+        return l.scrollHeight - l.scrollTop - l.clientHeight < 40; })()";
+    wait_for(&carol, "the log starts at the bottom", at_bottom).await;
+
+    // Scrolling to the top loads the previous page, keeping the visible messages in place.
+    eval(&carol, "document.getElementById('messages').scrollTop = 0; return 1;").await;
+    wait_for(&carol, "older messages", "document.querySelectorAll('#messages li.msg').length === 200").await;
+    assert!(
+        eval(&carol, "return document.getElementById('messages').scrollTop;").await.as_f64().expect("number") > 0.0
+    );
+    let list = messages(&carol).await;
+    assert_once_in_order(&list);
+    assert_eq!(list.first().map(|m| m.2.as_str()), Some("old message 50"));
+
+    // Reading history: a new message does not pull the reader down.
+    let (mut dave, _) = server.join("dave", "history", last).await;
+    let before = eval(&carol, "return document.getElementById('messages').scrollTop;").await;
+    dave.send_message(1, uuid::Uuid::new_v4(), "new while carol reads history").await;
+    wait_shows(&carol, "new while carol reads history").await;
+    assert_eq!(eval(&carol, "return document.getElementById('messages').scrollTop;").await, before);
+
+    // At the bottom: new messages scroll into view.
+    eval(&carol, "const l = document.getElementById('messages'); l.scrollTop = l.scrollHeight; return 1;").await;
+    wait_for(&carol, "at the bottom", at_bottom).await;
+    dave.send_message(2, uuid::Uuid::new_v4(), "new while carol follows").await;
+    wait_shows(&carol, "new while carol follows").await;
+    wait_for(&carol, "still at the bottom", at_bottom).await;
+
+    carol.close().await.expect("close");
+    server.stop().await;
 }
