@@ -4,19 +4,21 @@
 //! cargo run --release -p livechat-app -- [--listen ADDR] [--database-url URL]
 //! ```
 //! `--listen` (or `LISTEN`) defaults to `127.0.0.1:4000`; `--database-url` (or `DATABASE_URL`)
-//! is `memory` or `postgres://…`.
+//! defaults to the SQLite file `./livechat.db`, and takes `sqlite://PATH`, `memory` or
+//! `postgres://…`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use livechat_app::server::{bind, describe_store, open_store, serve};
+use livechat_app::server::{bind, describe_store, open_store, serve, DEFAULT_DATABASE_URL};
 use livechat_app::{App, AppConfig};
 
 const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL]
 
   --listen ADDR        address to serve on (env LISTEN; default 127.0.0.1:4000)
-  --database-url URL   `memory` or `postgres://user@host/db` (env DATABASE_URL; default memory)
+  --database-url URL   where events are stored (env DATABASE_URL): sqlite://PATH (default
+                       sqlite://livechat.db), memory, or postgres://user@host/db
   --allow-origin URL   also accept websockets and forms from this origin (repeatable)";
 
 struct Args {
@@ -27,7 +29,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut listen = std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:4000".to_owned());
-    let mut database_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "memory".to_owned());
+    let mut database_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
     let mut allowed_origins = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cqrs_core::EventStore;
 use cqrs_memory::MemoryStore;
 use cqrs_postgres::PgEventStore;
+use cqrs_sqlite::SqliteEventStore;
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::App;
@@ -15,8 +16,11 @@ use crate::App;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The store URL is not one this app knows.
-    #[error("unsupported database URL {0:?}: use `memory` or `postgres://…`")]
+    #[error("unsupported database URL {0:?}: use `sqlite://PATH`, `memory` or `postgres://…`")]
     UnsupportedUrl(String),
+    /// The SQLite file could not be opened or migrated.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] cqrs_sqlite::SqliteStoreError),
     /// PostgreSQL could not be reached or migrated.
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] cqrs_postgres::PgStoreError),
@@ -34,10 +38,18 @@ pub enum ServerError {
     Serve(#[source] std::io::Error),
 }
 
+/// The store of a chat started without `--database-url`: a SQLite file in the working
+/// directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://livechat.db";
+
 /// Which store a URL names, for printing.
 pub fn describe_store(url: &str) -> String {
     if url == "memory" {
         "in-memory store (nothing is kept after exit)".to_owned()
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = std::path::Path::new(path);
+        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        format!("SQLite file {}", shown.display())
     } else {
         let without_password = match (url.find("://"), url.rfind('@')) {
             (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),
@@ -47,10 +59,14 @@ pub fn describe_store(url: &str) -> String {
     }
 }
 
-/// Opens the store a URL names: `memory`, or `postgres://…` (migrated on open).
+/// Opens the store a URL names: `sqlite://PATH` (created if missing), `memory`, or
+/// `postgres://…` (migrated on open).
 pub async fn open_store(url: &str) -> Result<Arc<dyn EventStore>, ServerError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
+    }
+    if url.starts_with("sqlite://") {
+        return Ok(Arc::new(SqliteEventStore::connect(url).await?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PgEventStore::connect(url).await?;

@@ -17,10 +17,9 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use support::TestServer;
+use support::{AppProcess, TestServer};
 
 const WAIT: Duration = Duration::from_secs(15);
 const ENTER: &str = "\u{E007}";
@@ -272,39 +271,6 @@ async fn two_users_chat_live_in_separate_browsers() {
     alice.close().await.expect("close");
     bob.close().await.expect("close");
     server.stop().await;
-}
-
-/// A `livechat-app` process on `database_url`, killed on drop.
-struct AppProcess {
-    _child: Child,
-    base: String,
-}
-
-impl AppProcess {
-    async fn start(database_url: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_livechat-app"))
-            .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start livechat-app");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let base = tokio::time::timeout(WAIT, async {
-            while let Some(line) = lines.next_line().await.expect("read stdout") {
-                if let Some(url) = line.strip_prefix("livechat: open ") {
-                    return url.trim_end_matches('/').to_owned();
-                }
-            }
-            panic!("livechat-app exited before printing its address");
-        })
-        .await
-        .expect("livechat-app starts in time");
-        // Keep draining stdout so the process never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self { _child: child, base }
-    }
 }
 
 /// A fresh database on the server of `DATABASE_URL`.

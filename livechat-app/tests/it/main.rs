@@ -2,5 +2,6 @@
 //! websockets against the real router.
 
 mod domain;
+mod durability;
 mod support;
 mod websocket;

@@ -10,8 +10,11 @@ use futures_util::{SinkExt, StreamExt};
 use livechat_app::server::{bind, serve};
 use livechat_app::{App, AppConfig, AppState};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -127,6 +130,62 @@ impl Drop for TestServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// A `livechat-app` process, killed on drop.
+pub struct AppProcess {
+    pub child: Child,
+    #[allow(dead_code)] // used by the browser test
+    pub base: String,
+    pub addr: SocketAddr,
+}
+
+impl AppProcess {
+    pub async fn start(database_url: &str) -> Self {
+        Self::start_with(&["--listen", "127.0.0.1:0", "--database-url", database_url], None).await
+    }
+
+    /// Starts the binary with `args`, in `dir` if given, without `DATABASE_URL` or `LISTEN` from
+    /// the environment.
+    pub async fn start_with(args: &[&str], dir: Option<&std::path::Path>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_livechat-app"));
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env_remove("LISTEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start livechat-app");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let base = tokio::time::timeout(TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(url) = line.strip_prefix("livechat: open ") {
+                    return url.trim_end_matches('/').to_owned();
+                }
+            }
+            panic!("livechat-app exited before printing its address");
+        })
+        .await
+        .expect("livechat-app starts in time");
+        // Keep draining stdout so the process never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let addr = base.trim_start_matches("http://").parse().expect("printed address");
+        Self { child, base, addr }
+    }
+}
+
+/// A websocket client of `name` at a server's `addr`.
+pub async fn connect_to(addr: SocketAddr, name: &str) -> Client {
+    let mut request = format!("ws://{addr}/live").into_client_request().expect("request");
+    request.headers_mut().insert("cookie", format!("livechat_name={name}").parse().expect("header"));
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("websocket upgrade");
+    Client { ws }
 }
 
 pub struct Response {
