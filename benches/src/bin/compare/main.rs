@@ -36,6 +36,9 @@
 //! Output: a table, one JSON line per case (`{"case": ...}`), and the targets met or missed.
 //! The exit status is non-zero if OUR side returned an error to a caller, lost an event, or
 //! its read model missed one; the peer's faults are reported, not fatal. No timing is asserted.
+//!
+//! Profiling aid: `--ours-without-read-model` runs our side without its handler (the peer keeps
+//! its query), to show what the read model costs; such a run is not a like-for-like comparison.
 
 mod drive;
 mod ours;
@@ -52,6 +55,7 @@ use anyhow::{bail, Context};
 use cqrs_memory::MemoryStore;
 use cqrs_postgres::PgEventStore;
 
+use crate::ours::ReadModel;
 use crate::pg::PgServer;
 use crate::report::{Case, Report};
 
@@ -62,6 +66,16 @@ enum Only {
     Memory,
     Postgres,
 }
+
+/// What the command line asked for.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    quick: bool,
+    only: Only,
+    read_model: ReadModel,
+}
+
+const USAGE: &str = "usage: compare [--quick] [--only memory|postgres] [--ours-without-read-model]";
 
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +141,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<ExitCode> {
-    let (quick, only) = parse_args()?;
+    let options = parse_args()?;
+    let (quick, only) = (options.quick, options.only);
     let scale = Scale::new(quick);
     // Fail before any work when PostgreSQL cases are asked for without a server.
     let server = if only == Only::Memory { None } else { Some(PgServer::from_env()?) };
@@ -138,12 +153,12 @@ async fn run() -> anyhow::Result<ExitCode> {
     );
     let mut report = Report::default();
     if only != Only::Postgres {
-        report.cases.push(memory_sequential(&scale).await?);
-        report.cases.push(memory_concurrent(&scale).await?);
+        report.cases.push(memory_sequential(&scale, options.read_model).await?);
+        report.cases.push(memory_concurrent(&scale, options.read_model).await?);
     }
     if let Some(server) = &server {
         println!("server: {}", server.describe().await?);
-        postgres_cases(server, &scale, &mut report).await?;
+        postgres_cases(server, &scale, options.read_model, &mut report).await?;
     }
     println!();
     report.print_table();
@@ -163,28 +178,28 @@ async fn run() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::FAILURE)
 }
 
-fn parse_args() -> anyhow::Result<(bool, Only)> {
-    let mut quick = false;
-    let mut only = Only::All;
+fn parse_args() -> anyhow::Result<Options> {
+    let mut options = Options { quick: false, only: Only::All, read_model: ReadModel::Counting };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--quick" => quick = true,
+            "--quick" => options.quick = true,
+            "--ours-without-read-model" => options.read_model = ReadModel::Off,
             "--only" => {
-                only = match args.next().as_deref() {
+                options.only = match args.next().as_deref() {
                     Some("memory") => Only::Memory,
                     Some("postgres") => Only::Postgres,
                     other => bail!("--only takes `memory` or `postgres`, not {other:?}"),
                 }
             }
             "-h" | "--help" => {
-                println!("usage: compare [--quick] [--only memory|postgres]  (see the doc comment of benches/src/bin/compare/main.rs)");
+                println!("{USAGE}\n(see the doc comment of benches/src/bin/compare/main.rs)");
                 std::process::exit(0);
             }
-            other => bail!("unknown argument {other:?}; usage: compare [--quick] [--only memory|postgres]"),
+            other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
-    Ok((quick, only))
+    Ok(options)
 }
 
 /// Prints a case as it finishes: progress on stderr, its JSON line on stdout.
@@ -194,10 +209,10 @@ fn finished(case: Case) -> Case {
     case
 }
 
-async fn memory_sequential(scale: &Scale) -> anyhow::Result<Case> {
+async fn memory_sequential(scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
     let commands = scale.memory_sequential;
     eprintln!("compare: memory_sequential: ours, {commands} commands");
-    let ours = ours::sequential(Arc::new(MemoryStore::new()), "memory", commands, window(commands)).await;
+    let ours = ours::sequential(Arc::new(MemoryStore::new()), "memory", read_model, commands, window(commands)).await;
     let peer_commands = commands.min(scale.memory_sequential_peer_cap);
     let note = (peer_commands < commands).then(|| {
         format!(
@@ -210,16 +225,21 @@ async fn memory_sequential(scale: &Scale) -> anyhow::Result<Case> {
     Ok(finished(Case { name: "memory_sequential", chats: 1, tasks: 1, ours, peer }))
 }
 
-async fn memory_concurrent(scale: &Scale) -> anyhow::Result<Case> {
+async fn memory_concurrent(scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
     let (commands, chats, tasks) = (scale.memory_concurrent, scale.memory_chats, scale.memory_tasks);
     eprintln!("compare: memory_concurrent: ours, {commands} commands");
-    let ours = ours::concurrent(Arc::new(MemoryStore::new()), "memory", commands, chats, tasks).await;
+    let ours = ours::concurrent(Arc::new(MemoryStore::new()), "memory", read_model, commands, chats, tasks).await;
     eprintln!("compare: memory_concurrent: cqrs-es, {commands} commands");
     let peer = peer::memory_concurrent(commands, chats, tasks).await?;
     Ok(finished(Case { name: "memory_concurrent", chats, tasks, ours, peer }))
 }
 
-async fn postgres_cases(server: &PgServer, scale: &Scale, report: &mut Report) -> anyhow::Result<()> {
+async fn postgres_cases(
+    server: &PgServer,
+    scale: &Scale,
+    read_model: ReadModel,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     for connections in [1, scale.postgres_tasks] {
         eprintln!("compare: anchor: INSERT+COMMIT on {connections} connection(s)");
         let database = server.create_database("anchor").await?;
@@ -229,22 +249,22 @@ async fn postgres_cases(server: &PgServer, scale: &Scale, report: &mut Report) -
         println!("{}", anchor.json_line());
         report.anchors.push(anchor);
         let case = if connections == 1 {
-            postgres_sequential(server, scale).await?
+            postgres_sequential(server, scale, read_model).await?
         } else {
-            postgres_concurrent(server, scale).await?
+            postgres_concurrent(server, scale, read_model).await?
         };
         report.cases.push(case);
     }
     Ok(())
 }
 
-async fn postgres_sequential(server: &PgServer, scale: &Scale) -> anyhow::Result<Case> {
+async fn postgres_sequential(server: &PgServer, scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
     let commands = scale.postgres_sequential;
     eprintln!("compare: postgres_sequential: ours, {commands} commands");
     let database = server.create_database("ours_seq").await?;
     let store = our_pg_store(&database.url).await;
     let ours = match store {
-        Ok(store) => Ok(ours::sequential(store, "postgres", commands, window(commands)).await),
+        Ok(store) => Ok(ours::sequential(store, "postgres", read_model, commands, window(commands)).await),
         Err(error) => Err(error),
     };
     server.drop_database(database).await?;
@@ -256,12 +276,12 @@ async fn postgres_sequential(server: &PgServer, scale: &Scale) -> anyhow::Result
     Ok(finished(Case { name: "postgres_sequential", chats: 1, tasks: 1, ours, peer: peer? }))
 }
 
-async fn postgres_concurrent(server: &PgServer, scale: &Scale) -> anyhow::Result<Case> {
+async fn postgres_concurrent(server: &PgServer, scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
     let (commands, chats, tasks) = (scale.postgres_concurrent, scale.postgres_chats, scale.postgres_tasks);
     eprintln!("compare: postgres_concurrent: ours, {commands} commands");
     let database = server.create_database("ours_conc").await?;
     let ours = match our_pg_store(&database.url).await {
-        Ok(store) => Ok(ours::concurrent(store, "postgres", commands, chats, tasks).await),
+        Ok(store) => Ok(ours::concurrent(store, "postgres", read_model, commands, chats, tasks).await),
         Err(error) => Err(error),
     };
     server.drop_database(database).await?;

@@ -34,26 +34,43 @@ impl<S: EventStore> Contender for Ours<S> {
     }
 }
 
+/// Whether our side runs its counting read model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadModel {
+    /// The workload as specified: a counting `EventHandler` run by `spawn_handler`.
+    Counting,
+    /// Profiling aid (`--ours-without-read-model`): commands only, to show what the read
+    /// model costs. Not a fair comparison: the peer keeps its query.
+    Off,
+}
+
 /// A started read model and dispatcher on `store`.
 struct Setup<S: EventStore> {
     store: Arc<S>,
     ours: Arc<Ours<S>>,
     progress: Progress,
-    runner: RunningHandler,
+    runner: Option<RunningHandler>,
     count: MessageCount,
 }
 
-fn setup<S: EventStore>(store: Arc<S>) -> Setup<S> {
+fn setup<S: EventStore>(store: Arc<S>, read_model: ReadModel) -> Setup<S> {
     let progress = Progress::new();
     let count = MessageCount::default();
-    let runner = spawn_handler(Arc::clone(&store), count.clone(), RunnerConfig::default(), &progress);
+    let runner = (read_model == ReadModel::Counting)
+        .then(|| spawn_handler(Arc::clone(&store), count.clone(), RunnerConfig::default(), &progress));
     let dispatcher = Dispatcher::new(Arc::clone(&store)).with_progress(progress.clone());
     Setup { store, ours: Arc::new(Ours { dispatcher, head: AtomicU64::new(0) }), progress, runner, count }
 }
 
 /// One client, chat 0, `commands` commands in sequence.
-pub async fn sequential<S: EventStore>(store: Arc<S>, store_name: &'static str, commands: u64, window: u64) -> Side {
-    let setup = setup(store);
+pub async fn sequential<S: EventStore>(
+    store: Arc<S>,
+    store_name: &'static str,
+    read_model: ReadModel,
+    commands: u64,
+    window: u64,
+) -> Side {
+    let setup = setup(store, read_model);
     let run = drive::sequential(&*setup.ours, commands, window).await;
     finish(setup, store_name, run).await
 }
@@ -62,11 +79,12 @@ pub async fn sequential<S: EventStore>(store: Arc<S>, store_name: &'static str, 
 pub async fn concurrent<S: EventStore>(
     store: Arc<S>,
     store_name: &'static str,
+    read_model: ReadModel,
     commands: u64,
     chats: u32,
     tasks: usize,
 ) -> Side {
-    let setup = setup(store);
+    let setup = setup(store, read_model);
     let run = drive::concurrent(Arc::clone(&setup.ours), commands, chats, tasks).await;
     finish(setup, store_name, run).await
 }
@@ -76,13 +94,18 @@ async fn finish<S: EventStore>(setup: Setup<S>, store_name: &'static str, mut ru
     let settle_start = Instant::now();
     let head = Position(setup.ours.head.load(Ordering::Relaxed));
     let mut note = None;
-    if head > Position::START {
-        if let Err(error) = setup.progress.wait_for(COUNT_HANDLER, head, SETTLE_TIMEOUT).await {
-            note = Some(format!("read model did not catch up: {error}"));
+    let counted = setup.runner.is_some();
+    if let Some(runner) = setup.runner {
+        if head > Position::START {
+            if let Err(error) = setup.progress.wait_for(COUNT_HANDLER, head, SETTLE_TIMEOUT).await {
+                note = Some(format!("read model did not catch up: {error}"));
+            }
         }
+        runner.stop().await;
+    } else {
+        note = Some("ours ran WITHOUT its read model (--ours-without-read-model): not a like-for-like case".to_owned());
     }
     let settle = settle_start.elapsed();
-    setup.runner.stop().await;
     let stored = match count_events(&*setup.store).await {
         Ok(stored) => stored,
         Err(error) => {
@@ -91,7 +114,7 @@ async fn finish<S: EventStore>(setup: Setup<S>, store_name: &'static str, mut ru
             0
         }
     };
-    let read_model = setup.count.0.load(Ordering::Relaxed);
+    let read_model = counted.then(|| setup.count.0.load(Ordering::Relaxed));
     Side { system: "ours", store: store_name, run, settle, stored, read_model, note }
 }
 
