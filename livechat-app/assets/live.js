@@ -106,7 +106,13 @@
         break;
       case "error":
         console.warn("live: server error:", head.error);
-        if (composerError && !joined) composerError.textContent = head.error;
+        if (!joined) {
+          // A refused join (no name, bad room) will not get better by retrying: reload, and
+          // the server renders what is needed (the name form).
+          paused = true;
+          setState("disconnected", head.error);
+          setTimeout(() => location.reload(), 1000 + Math.random() * 1000);
+        }
         break;
     }
   }
@@ -117,9 +123,20 @@
     return log.scrollHeight - log.scrollTop - log.clientHeight < 40;
   }
 
+  // Times are rendered in UTC on the server; show them in the reader's time zone.
+  function localTimes(root) {
+    for (const t of root.querySelectorAll("time[datetime]")) {
+      const date = new Date(t.dateTime);
+      if (!Number.isNaN(date.getTime())) {
+        t.textContent = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+      }
+    }
+  }
+
   function append(html, pos) {
     const follow = pinned();
     log.insertAdjacentHTML("beforeend", html);
+    if (log.lastElementChild) localTimes(log.lastElementChild);
     lastPos = pos;
     log.dataset.lastPos = String(pos);
     if (follow) log.scrollTop = log.scrollHeight;
@@ -127,6 +144,7 @@
 
   function resetLog(html, pos, more) {
     log.innerHTML = html;
+    localTimes(log);
     lastPos = pos;
     log.dataset.lastPos = String(pos);
     const first = log.firstElementChild;
@@ -146,6 +164,7 @@
       const html = await response.text();
       const height = log.scrollHeight;
       log.insertAdjacentHTML("afterbegin", html);
+      localTimes(log);
       log.scrollTop += log.scrollHeight - height; // keep what the reader sees in place
       const first = log.firstElementChild;
       if (first) log.dataset.firstPos = first.dataset.pos;
@@ -217,6 +236,7 @@
       event.preventDefault();
       loadOlder();
     });
+    localTimes(log);
     log.scrollTop = log.scrollHeight;
   }
 
