@@ -76,6 +76,7 @@ const USAGE: &str = "usage: loadgen [options]
 
 /// The marker before each message's sequence number in its content (and so in its HTML).
 const MARKER: &str = "lgseq";
+const NOT_RECEIVED: u32 = u32::MAX;
 const PING_EVERY: Duration = Duration::from_secs(25);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -242,10 +243,11 @@ impl Tally {
 #[derive(Debug, Default)]
 struct ViewerStats {
     joined: bool,
-    /// Receipt − send, microseconds, one per `msg` frame of ours.
-    latencies_us: Vec<u32>,
-    /// Per sequence number, how many times it arrived.
-    seen: Vec<u8>,
+    /// Per sequence number: receipt − send of its first arrival, microseconds
+    /// (`NOT_RECEIVED` if it never came).
+    latency_by_seq: Vec<u32>,
+    /// Arrivals of a message already received.
+    duplicates: u64,
     sizes: FrameSizes,
     /// `msg` frames that were not ours or not yet sent (should stay 0).
     unknown_msgs: u64,
@@ -324,7 +326,7 @@ async fn viewer(
     mut stop: watch::Receiver<bool>,
 ) -> ViewerStats {
     let messages = shared.sent_at.len();
-    let mut stats = ViewerStats { seen: vec![0; messages], ..ViewerStats::default() };
+    let mut stats = ViewerStats { latency_by_seq: vec![NOT_RECEIVED; messages], ..ViewerStats::default() };
     let joining = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_join(&args.url, &name, &room, &mut stats)).await;
     let mut ws = match joining {
         Ok(Ok(ws)) => ws,
@@ -380,8 +382,11 @@ async fn viewer(
                     continue;
                 };
                 let latency_us = shared.nanos(now).saturating_sub(sent - 1) / 1_000;
-                stats.latencies_us.push(u32::try_from(latency_us).unwrap_or(u32::MAX));
-                stats.seen[seq] = stats.seen[seq].saturating_add(1);
+                if stats.latency_by_seq[seq] == NOT_RECEIVED {
+                    stats.latency_by_seq[seq] = u32::try_from(latency_us).unwrap_or(NOT_RECEIVED - 1);
+                } else {
+                    stats.duplicates += 1;
+                }
                 stats.sizes.add(text.len(), html.len());
                 shared.delivered.fetch_add(1, Ordering::Relaxed);
             }
@@ -516,6 +521,22 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
+/// (busy, total) jiffies of all CPUs together, from the first line of `/proc/stat`.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).take(8).filter_map(|f| f.parse().ok()).collect();
+    let total: u64 = fields.iter().sum();
+    let idle = fields.get(3)? + fields.get(4)?;
+    Some((total - idle, total))
+}
+
+/// `some avg10` of `/proc/pressure/cpu`: the share of time runnable tasks waited for a CPU.
+fn cpu_pressure_avg10() -> Option<f64> {
+    let pressure = std::fs::read_to_string("/proc/pressure/cpu").ok()?;
+    pressure.lines().next()?.split_whitespace().find_map(|f| f.strip_prefix("avg10="))?.parse().ok()
+}
+
 fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -608,6 +629,8 @@ async fn run(args: Args) -> Result<()> {
     // Send.
     let cpu_server_start = server.and_then(|pid| cpu_seconds(&pid.to_string()));
     let cpu_self_start = cpu_seconds("self");
+    let machine_start = machine_jiffies();
+    let pressure_before = cpu_pressure_avg10();
     shared.sending.store(true, Ordering::Relaxed);
     let send_started = tokio::time::Instant::now();
     for seq in 0..messages {
@@ -637,6 +660,15 @@ async fn run(args: Args) -> Result<()> {
     let cpu_server = server.and_then(|pid| cpu_seconds(&pid.to_string())).zip(cpu_server_start).map(|(b, a)| b - a);
     let cpu_self = cpu_seconds("self").zip(cpu_self_start).map(|(b, a)| b - a);
     let active_seconds = send_started.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // Busy cores of the whole machine while sending, and what is left for everything else
+    // (other people's builds and benchmarks on a shared box).
+    let machine_busy_cores = machine_jiffies().zip(machine_start).and_then(|((busy, total), (busy0, total0))| {
+        (total > total0).then(|| (busy - busy0) as f64 / (total - total0) as f64 * cores as f64)
+    });
+    let other_cores =
+        machine_busy_cores.map(|busy| busy - (cpu_server.unwrap_or(0.0) + cpu_self.unwrap_or(0.0)) / active_seconds);
+    let pressure_after = cpu_pressure_avg10();
     shared.sending.store(false, Ordering::Relaxed);
     let rss_end = server.and_then(vm_rss_kib);
     let _ = stop_tx.send(true);
@@ -650,6 +682,10 @@ async fn run(args: Args) -> Result<()> {
     let (mut unknown, mut lost, mut duplicates) = (0u64, 0u64, 0u64);
     let mut ended: BTreeMap<String, usize> = BTreeMap::new();
     let mut sender_stats = Vec::new();
+    // Delivery latencies of the messages of each third of the run (is it getting worse?), and
+    // per message the latency of the last viewer to get it.
+    let mut by_third: [Vec<u32>; 3] = Default::default();
+    let mut last_viewer_us = vec![0u32; messages];
     for task in sender_tasks {
         sender_stats.push(task.await.context("sender task")?);
     }
@@ -664,7 +700,6 @@ async fn run(args: Args) -> Result<()> {
         if !stats.joined {
             continue;
         }
-        latencies.extend_from_slice(&stats.latencies_us);
         sizes.merge(&stats.sizes);
         for (kind, tally) in &stats.other {
             let total = other.entry(kind.clone()).or_default();
@@ -676,17 +711,26 @@ async fn run(args: Args) -> Result<()> {
         catch_up.frames += stats.catch_up.frames;
         catch_up.bytes += stats.catch_up.bytes;
         unknown += stats.unknown_msgs;
-        for (seq, &count) in stats.seen.iter().enumerate() {
-            if count == 0 && expected_messages[seq] {
-                lost += 1;
+        duplicates += stats.duplicates;
+        for (seq, &us) in stats.latency_by_seq.iter().enumerate() {
+            if us == NOT_RECEIVED {
+                lost += u64::from(expected_messages[seq]);
+                continue;
             }
-            duplicates += u64::from(count.saturating_sub(1));
+            latencies.push(us);
+            by_third[(seq * 3 / messages).min(2)].push(us);
+            last_viewer_us[seq] = last_viewer_us[seq].max(us);
         }
         if let Some(why) = stats.ended {
             *ended.entry(why).or_default() += 1;
         }
     }
     latencies.sort_unstable();
+    for third in &mut by_third {
+        third.sort_unstable();
+    }
+    last_viewer_us.sort_unstable();
+    let thirds_p99: Vec<f64> = by_third.iter().map(|third| percentile(third, 99.0)).collect();
     let sent = shared.sent_at.iter().filter(|at| at.load(Ordering::Relaxed) != 0).count();
     let expected = joined as u64 * expected_messages.iter().filter(|&&ok| ok).count() as u64;
     let received = latencies.len() as u64;
@@ -702,8 +746,8 @@ async fn run(args: Args) -> Result<()> {
 
     println!();
     println!("live fan-out: {joined} viewers, {senders} senders, {sent} messages in {send_seconds:.1} s");
-    println!("{:<44} {}", "what", "value");
-    let row = |what: &str, value: String| println!("{what:<44} {value}");
+    println!("{:<48} {}", "what", "value");
+    let row = |what: &str, value: String| println!("{what:<48} {value}");
     row("viewers joined (of requested)", format!("{joined} of {}", args.viewers));
     row("join time, all viewers", format!("{join_seconds:.2} s"));
     row("messages sent / acked ok / refused", format!("{sent} / {acked_ok} / {acked_err}"));
@@ -714,6 +758,14 @@ async fn run(args: Args) -> Result<()> {
     row("deliveries expected / received", format!("{expected} / {received}"));
     row("deliveries lost / duplicated / unknown", format!("{lost} / {duplicates} / {unknown}"));
     row("delivery latency p50 / p99 / max (ms)", format!("{p50:.2} / {p99:.2} / {max:.2}"));
+    row(
+        "delivery p99 in 1st / 2nd / 3rd third (ms)",
+        format!("{:.2} / {:.2} / {:.2}", thirds_p99[0], thirds_p99[1], thirds_p99[2]),
+    );
+    row(
+        "last viewer has a message p50 / max (ms)",
+        format!("{:.2} / {:.2}", percentile(&last_viewer_us, 50.0), percentile(&last_viewer_us, 100.0)),
+    );
     if sizes.count > 0 {
         row("msg frame bytes min / max", format!("{} / {}", sizes.frame_min, sizes.frame_max));
         row("msg HTML bytes min / max", format!("{} / {}", sizes.html_min, sizes.html_max));
@@ -740,6 +792,18 @@ async fn run(args: Args) -> Result<()> {
         },
     );
     row("loadgen CPU while sending", cpu_self.map_or("n/a".to_owned(), |cpu| format!("{cpu:.2} s")));
+    row(
+        "machine busy while sending (cores)",
+        match (machine_busy_cores, other_cores) {
+            (Some(busy), Some(other)) => format!("{busy:.2} of {cores}, of which other processes {other:.2}"),
+            _ => "n/a".to_owned(),
+        },
+    );
+    let pressure = |p: Option<f64>| p.map_or("n/a".to_owned(), |p| format!("{p:.1} %"));
+    row(
+        "CPU pressure avg10 before / after sending",
+        format!("{} / {}", pressure(pressure_before), pressure(pressure_after)),
+    );
     for (why, count) in &ended {
         row("connections ended early", format!("{count} × {why}"));
     }
@@ -772,6 +836,8 @@ async fn run(args: Args) -> Result<()> {
         "duplicates": duplicates,
         "unknown_msg_frames": unknown,
         "latency_ms": {"p50": p50, "p99": p99, "max": max},
+        "latency_p99_ms_by_third": thirds_p99,
+        "last_viewer_ms": {"p50": percentile(&last_viewer_us, 50.0), "max": percentile(&last_viewer_us, 100.0)},
         "msg_frame_bytes": {"min": sizes.frame_min.min(sizes.frame_max), "max": sizes.frame_max},
         "msg_html_bytes": {"min": sizes.html_min.min(sizes.html_max), "max": sizes.html_max},
         "msg_overhead_bytes": {"min": sizes.overhead_min.min(sizes.overhead_max), "max": sizes.overhead_max},
@@ -785,6 +851,10 @@ async fn run(args: Args) -> Result<()> {
         "server_cpu_us_per_delivered_frame": server_us_per_frame,
         "loadgen_cpu_seconds_while_sending": cpu_self,
         "active_seconds": active_seconds,
+        "cores": cores,
+        "machine_busy_cores_while_sending": machine_busy_cores,
+        "other_processes_cores_while_sending": other_cores,
+        "cpu_pressure_avg10": {"before": pressure_before, "after": pressure_after},
         "ended_early": ended,
         "refusals": refusals,
     }});
