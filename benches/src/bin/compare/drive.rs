@@ -44,6 +44,11 @@ pub struct Windows {
     pub first: Duration,
     /// Duration of the last `size` commands.
     pub last: Duration,
+    /// Median latency of the first `size` commands: unlike the window's duration, hardly moved
+    /// by a few preemptions on a busy machine.
+    pub first_p50: Duration,
+    /// Median latency of the last `size` commands.
+    pub last_p50: Duration,
 }
 
 impl Run {
@@ -82,6 +87,9 @@ impl Run {
 /// One client sends `commands` commands to chat 0, each after the previous one's reply.
 /// The windows are the first and last `window` commands.
 pub async fn sequential<C: Contender>(contender: &C, commands: u64, window: u64) -> Run {
+    if commands == 0 {
+        return Run::default();
+    }
     let window = window.clamp(1, commands.max(1));
     let mut run = Run { latencies: Vec::with_capacity(commands as usize), ..Run::default() };
     let mut first_end = Duration::ZERO;
@@ -99,9 +107,22 @@ pub async fn sequential<C: Contender>(contender: &C, commands: u64, window: u64)
         }
     }
     run.elapsed = start.elapsed();
-    run.windows = Some(Windows { size: window, first: first_end, last: run.elapsed - last_start });
+    let window_len = window as usize;
+    run.windows = Some(Windows {
+        size: window,
+        first: first_end,
+        last: run.elapsed - last_start,
+        first_p50: median(&run.latencies[..window_len]),
+        last_p50: median(&run.latencies[run.latencies.len() - window_len..]),
+    });
     run.latencies.sort_unstable();
     run
+}
+
+fn median(latencies: &[Duration]) -> Duration {
+    let mut sorted = latencies.to_vec();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
 /// `tasks` tasks send `commands` commands in all over `chats` chats: each task takes the next

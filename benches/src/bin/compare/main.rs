@@ -57,7 +57,7 @@ use cqrs_postgres::PgEventStore;
 
 use crate::ours::ReadModel;
 use crate::pg::PgServer;
-use crate::report::{Case, Report};
+use crate::report::{Anchor, Case, Report};
 
 /// Which cases to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,57 +240,74 @@ async fn postgres_cases(
     read_model: ReadModel,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    for connections in [1, scale.postgres_tasks] {
-        eprintln!("compare: anchor: INSERT+COMMIT on {connections} connection(s)");
-        let database = server.create_database("anchor").await?;
-        let anchor = pg::insert_commit_rate(&database, connections, scale.anchor_duration).await;
-        server.drop_database(database).await?;
-        let anchor = anchor?;
-        println!("{}", anchor.json_line());
-        report.anchors.push(anchor);
-        let case = if connections == 1 {
-            postgres_sequential(server, scale, read_model).await?
-        } else {
-            postgres_concurrent(server, scale, read_model).await?
-        };
-        report.cases.push(case);
+    // Each case between two anchors of its connection count: the machine's state drifts.
+    for (case, connections) in [(PgCase::Sequential, 1), (PgCase::Concurrent, scale.postgres_tasks)] {
+        report.anchors.push(anchor(server, connections, scale.anchor_duration, "before").await?);
+        report.cases.push(postgres_case(server, scale, read_model, case).await?);
+        report.anchors.push(anchor(server, connections, scale.anchor_duration, "after").await?);
     }
     Ok(())
 }
 
-async fn postgres_sequential(server: &PgServer, scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
-    let commands = scale.postgres_sequential;
-    eprintln!("compare: postgres_sequential: ours, {commands} commands");
-    let database = server.create_database("ours_seq").await?;
-    let store = our_pg_store(&database.url).await;
-    let ours = match store {
-        Ok(store) => Ok(ours::sequential(store, "postgres", read_model, commands, window(commands)).await),
-        Err(error) => Err(error),
-    };
-    server.drop_database(database).await?;
-    let ours = ours?;
-    eprintln!("compare: postgres_sequential: cqrs-es, {commands} commands");
-    let database = server.create_database("peer_seq").await?;
-    let peer = peer::postgres_sequential(&database, commands, window(commands)).await;
-    server.drop_database(database).await?;
-    Ok(finished(Case { name: "postgres_sequential", chats: 1, tasks: 1, ours, peer: peer? }))
+/// The two PostgreSQL cases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PgCase {
+    Sequential,
+    Concurrent,
 }
 
-async fn postgres_concurrent(server: &PgServer, scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
-    let (commands, chats, tasks) = (scale.postgres_concurrent, scale.postgres_chats, scale.postgres_tasks);
-    eprintln!("compare: postgres_concurrent: ours, {commands} commands");
-    let database = server.create_database("ours_conc").await?;
-    let ours = match our_pg_store(&database.url).await {
-        Ok(store) => Ok(ours::concurrent(store, "postgres", read_model, commands, chats, tasks).await),
-        Err(error) => Err(error),
+async fn anchor(
+    server: &PgServer,
+    connections: usize,
+    duration: Duration,
+    when: &'static str,
+) -> anyhow::Result<Anchor> {
+    eprintln!("compare: anchor: INSERT+COMMIT on {connections} connection(s)");
+    let database = server.create_database("anchor").await?;
+    let anchor = pg::insert_commit_rate(&database, connections, duration, when).await;
+    server.drop_database(database).await?;
+    let anchor = anchor?;
+    println!("{}", anchor.json_line());
+    Ok(anchor)
+}
+
+/// Ours, then the peer, each in a fresh database, each with the server's work counted.
+async fn postgres_case(server: &PgServer, scale: &Scale, read_model: ReadModel, case: PgCase) -> anyhow::Result<Case> {
+    let (name, commands, chats, tasks) = match case {
+        PgCase::Sequential => ("postgres_sequential", scale.postgres_sequential, 1, 1),
+        PgCase::Concurrent => {
+            ("postgres_concurrent", scale.postgres_concurrent, scale.postgres_chats, scale.postgres_tasks)
+        }
     };
+    eprintln!("compare: {name}: ours, {commands} commands");
+    let database = server.create_database("ours").await?;
+    let wal_syncs = server.wal_syncs().await?;
+    let ours = match (our_pg_store(&database.url).await, case) {
+        (Ok(store), PgCase::Sequential) => {
+            Ok(ours::sequential(store, "postgres", read_model, commands, window(commands)).await)
+        }
+        (Ok(store), PgCase::Concurrent) => {
+            Ok(ours::concurrent(store, "postgres", read_model, commands, chats, tasks).await)
+        }
+        (Err(error), _) => Err(error),
+    };
+    let work = server.work(&database, wal_syncs).await;
     server.drop_database(database).await?;
-    let ours = ours?;
-    eprintln!("compare: postgres_concurrent: cqrs-es, {commands} commands");
-    let database = server.create_database("peer_conc").await?;
-    let peer = peer::postgres_concurrent(&database, commands, chats, tasks).await;
+    let mut ours = ours?;
+    ours.server = Some(work?);
+
+    eprintln!("compare: {name}: cqrs-es, {commands} commands");
+    let database = server.create_database("peer").await?;
+    let wal_syncs = server.wal_syncs().await?;
+    let peer = match case {
+        PgCase::Sequential => peer::postgres_sequential(&database, commands, window(commands)).await,
+        PgCase::Concurrent => peer::postgres_concurrent(&database, commands, chats, tasks).await,
+    };
+    let work = server.work(&database, wal_syncs).await;
     server.drop_database(database).await?;
-    Ok(finished(Case { name: "postgres_concurrent", chats, tasks, ours, peer: peer? }))
+    let mut peer = peer?;
+    peer.server = Some(work?);
+    Ok(finished(Case { name, chats, tasks, ours, peer }))
 }
 
 /// Our PostgreSQL store with its default configuration, as a user would open it.
@@ -316,21 +333,33 @@ fn print_targets(report: &Report, quick: bool) {
         if let Some((_, first, last)) = case.ours.window_rates() {
             judge("memory_sequential ours last-window / first-window rate", last / first, 1.0);
         }
+        if let Some(windows) = case.ours.run.windows {
+            // The same question asked of the windows' median latencies, which a few preemptions
+            // by other processes hardly move.
+            let (first, last) = (windows.first_p50.as_secs_f64(), windows.last_p50.as_secs_f64());
+            judge("memory_sequential ours first-window p50 / last-window p50 latency", first / last.max(1e-9), 1.0);
+        }
         judge("memory_sequential ours/peer throughput (peer capped, see note)", case.ratio(), 100.0);
     }
     if let Some(case) = report.case("memory_concurrent") {
         judge("memory_concurrent ours/peer throughput", case.ratio(), 10.0);
         println!("target memory_concurrent ours lost events: {} (want 0)", case.ours.lost());
     }
-    if let (Some(case), Some(anchor)) = (report.case("postgres_sequential"), report.anchor(1)) {
-        judge("postgres_sequential ours / INSERT+COMMIT on 1 connection", case.ours.rate() / anchor.rate(), 0.8);
+    if let (Some(case), Some(anchor)) = (report.case("postgres_sequential"), report.anchor_rate(1)) {
+        judge(
+            "postgres_sequential ours / INSERT+COMMIT on 1 connection (mean of before/after)",
+            case.ours.rate() / anchor,
+            0.8,
+        );
     }
     if let Some(case) = report.case("postgres_concurrent") {
         let connections = case.tasks;
-        if let Some(anchor) = report.anchor(connections) {
+        if let Some(anchor) = report.anchor_rate(connections) {
             judge(
-                &format!("postgres_concurrent ours / INSERT+COMMIT on {connections} connections"),
-                case.ours.rate() / anchor.rate(),
+                &format!(
+                    "postgres_concurrent ours / INSERT+COMMIT on {connections} connections (mean of before/after)"
+                ),
+                case.ours.rate() / anchor,
                 2.0,
             );
         }

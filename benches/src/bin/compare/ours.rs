@@ -115,7 +115,7 @@ async fn finish<S: EventStore>(setup: Setup<S>, store_name: &'static str, mut ru
         }
     };
     let read_model = counted.then(|| setup.count.0.load(Ordering::Relaxed));
-    Side { system: "ours", store: store_name, run, settle, stored, read_model, note }
+    Side { system: "ours", store: store_name, run, settle, stored, read_model, note, server: None }
 }
 
 /// Every event in the store, counted through `read_all`.

@@ -133,5 +133,5 @@ async fn postgres_events(pool: &sqlx::PgPool) -> anyhow::Result<u64> {
 
 fn side(store: &'static str, run: Run, stored: u64, count: &PeerMessageCount, note: Option<String>) -> Side {
     let read_model = Some(count.0.load(Ordering::Relaxed));
-    Side { system: "cqrs-es", store, run, settle: Duration::ZERO, stored, read_model, note }
+    Side { system: "cqrs-es", store, run, settle: Duration::ZERO, stored, read_model, note, server: None }
 }

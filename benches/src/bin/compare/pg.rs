@@ -8,7 +8,7 @@ use anyhow::Context;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor, PgConnection};
 
-use crate::report::Anchor;
+use crate::report::{Anchor, ServerWork};
 
 /// The peer's tables, as postgres-es 0.5 documents them (`db/init.sql`: the `events` and
 /// `snapshots` tables; its sample view table, row and user are left out).
@@ -37,6 +37,8 @@ CREATE TABLE snapshots
 
 /// Bytes of JSON in each anchor row.
 const ANCHOR_ROW_BYTES: usize = 200;
+/// Time for a case's closed connections to exit: a backend reports its statistics on exit.
+const STATS_SETTLE: Duration = Duration::from_millis(500);
 
 /// The server named by `DATABASE_URL`.
 #[derive(Debug)]
@@ -88,6 +90,31 @@ impl PgServer {
         Ok(Database { url: with_database(&self.url, &name), options: self.options.clone().database(&name), name })
     }
 
+    /// WAL flushes so far (`pg_stat_wal.wal_sync`), to take before a side runs.
+    pub async fn wal_syncs(&self) -> anyhow::Result<u64> {
+        let mut connection = self.options.connect().await?;
+        let syncs: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal").fetch_one(&mut connection).await?;
+        connection.close().await?;
+        Ok(u64::try_from(syncs)?)
+    }
+
+    /// What the server did for a side that ran on `database` (its connections closed), given
+    /// the WAL flush count from before it ran. Diagnostic: counts all the server's WAL flushes.
+    pub async fn work(&self, database: &Database, wal_syncs_before: u64) -> anyhow::Result<ServerWork> {
+        tokio::time::sleep(STATS_SETTLE).await;
+        let mut connection = self.options.connect().await?;
+        let transactions: i64 = sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
+            .bind(&database.name)
+            .fetch_one(&mut connection)
+            .await?;
+        let syncs: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal").fetch_one(&mut connection).await?;
+        connection.close().await?;
+        Ok(ServerWork {
+            transactions: u64::try_from(transactions)?,
+            wal_syncs: u64::try_from(syncs)?.saturating_sub(wal_syncs_before),
+        })
+    }
+
     /// Drops a case's database (closing any connection still open on it).
     pub async fn drop_database(&self, database: Database) -> anyhow::Result<()> {
         let mut admin = self.options.connect().await?;
@@ -115,7 +142,12 @@ fn with_database(url: &str, name: &str) -> String {
 
 /// Single-row autocommit INSERTs of a 200-byte JSON row for `duration`, on `connections`
 /// connections (one task each): what the server does with nothing but a commit per row.
-pub async fn insert_commit_rate(database: &Database, connections: usize, duration: Duration) -> anyhow::Result<Anchor> {
+pub async fn insert_commit_rate(
+    database: &Database,
+    connections: usize,
+    duration: Duration,
+    when: &'static str,
+) -> anyhow::Result<Anchor> {
     let mut setup = database.options.connect().await?;
     setup.execute("CREATE TABLE IF NOT EXISTS anchor_rows (id bigserial PRIMARY KEY, payload jsonb NOT NULL)").await?;
     setup.close().await?;
@@ -145,7 +177,7 @@ pub async fn insert_commit_rate(database: &Database, connections: usize, duratio
     for task in tasks {
         commits += task.await??;
     }
-    Ok(Anchor { connections, commits, elapsed: start.elapsed() })
+    Ok(Anchor { connections, commits, elapsed: start.elapsed(), when })
 }
 
 /// A JSON object of exactly [`ANCHOR_ROW_BYTES`] bytes.

@@ -26,6 +26,17 @@ pub struct Side {
     pub read_model: Option<u64>,
     /// Anything the reader must know, e.g. that the run was capped.
     pub note: Option<String>,
+    /// PostgreSQL cases: what the server did for this side.
+    pub server: Option<ServerWork>,
+}
+
+/// Server-side work of one side of a PostgreSQL case, from the server's statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerWork {
+    /// Transactions committed in the case's database (read-only ones included).
+    pub transactions: u64,
+    /// WAL flushes (fsyncs) on the whole server during the side's run.
+    pub wal_syncs: u64,
 }
 
 impl Side {
@@ -42,6 +53,18 @@ impl Side {
     /// Sequential runs: the first and last window's rates.
     pub fn window_rates(&self) -> Option<(u64, f64, f64)> {
         self.run.windows.map(|w| (w.size, per_second(w.size, w.first), per_second(w.size, w.last)))
+    }
+
+    /// Server work per acknowledged command, as text.
+    fn server_line(&self) -> Option<String> {
+        let work = self.server?;
+        let acked = self.run.acked.max(1) as f64;
+        Some(format!(
+            "{}: {:.2} transactions and {:.2} WAL flushes per acknowledged command",
+            self.system,
+            work.transactions as f64 / acked,
+            work.wal_syncs as f64 / acked
+        ))
     }
 
     /// What is wrong, if anything, for a side that promises no loss and no errors.
@@ -79,16 +102,22 @@ impl Side {
             "p50_us": self.run.latency(0.50).as_micros() as u64,
             "p99_us": self.run.latency(0.99).as_micros() as u64,
         });
-        if let Some((size, first, last)) = self.window_rates() {
+        if let (Some((size, first, last)), Some(windows)) = (self.window_rates(), self.run.windows) {
             value["window"] = json!(size);
             value["first_window_per_s"] = json!(first.round());
             value["last_window_per_s"] = json!(last.round());
+            value["first_window_p50_us"] = json!(windows.first_p50.as_secs_f64() * 1e6);
+            value["last_window_p50_us"] = json!(windows.last_p50.as_secs_f64() * 1e6);
         }
         if let Some(error) = &self.run.first_error {
             value["first_error"] = json!(error);
         }
         if let Some(note) = &self.note {
             value["note"] = json!(note);
+        }
+        if let Some(work) = self.server {
+            value["server_transactions"] = json!(work.transactions);
+            value["server_wal_syncs"] = json!(work.wal_syncs);
         }
         value
     }
@@ -138,6 +167,8 @@ pub struct Anchor {
     pub commits: u64,
     /// How long.
     pub elapsed: Duration,
+    /// "before" or "after" the case it anchors.
+    pub when: &'static str,
 }
 
 impl Anchor {
@@ -151,6 +182,7 @@ impl Anchor {
         json!({
             "case": "postgres_anchor_insert_commit",
             "connections": self.connections,
+            "when": self.when,
             "commits": self.commits,
             "seconds": self.elapsed.as_secs_f64(),
             "commits_per_s": self.rate().round(),
@@ -174,9 +206,11 @@ impl Report {
         self.cases.iter().find(|case| case.name == name)
     }
 
-    /// The anchor with `connections` connections.
-    pub fn anchor(&self, connections: usize) -> Option<&Anchor> {
-        self.anchors.iter().find(|anchor| anchor.connections == connections)
+    /// The mean rate of the anchors with `connections` connections.
+    pub fn anchor_rate(&self, connections: usize) -> Option<f64> {
+        let rates: Vec<f64> =
+            self.anchors.iter().filter(|anchor| anchor.connections == connections).map(Anchor::rate).collect();
+        (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
     }
 
     /// The human-readable table.
@@ -188,10 +222,14 @@ impl Report {
         for case in &self.cases {
             let label = format!("{} ({}×{})", case.name, case.chats, case.tasks);
             for (index, side) in [&case.ours, &case.peer].into_iter().enumerate() {
-                let windows = side
-                    .window_rates()
-                    .map(|(size, first, last)| format!("{size}: {first:.0} / {last:.0}"))
-                    .unwrap_or_default();
+                let windows = match (side.window_rates(), side.run.windows) {
+                    (Some((size, first, last)), Some(windows)) => format!(
+                        "{size}: {first:.0} / {last:.0} (p50 {:.1} / {:.1} µs)",
+                        windows.first_p50.as_secs_f64() * 1e6,
+                        windows.last_p50.as_secs_f64() * 1e6
+                    ),
+                    _ => String::new(),
+                };
                 println!(
                     "{:<28} {:<8} {:<8} {:>7} {:>7} {:>6} {:>6} {:>8.2} {:>9.0} {:>8.3} {:>8.3}  {}",
                     if index == 0 { label.as_str() } else { "" },
@@ -212,12 +250,16 @@ impl Report {
             for note in [&case.ours.note, &case.peer.note].into_iter().flatten() {
                 println!("{:<28} note: {note}", "");
             }
+            for line in [case.ours.server_line(), case.peer.server_line()].into_iter().flatten() {
+                println!("{:<28} server: {line}", "");
+            }
         }
         for anchor in &self.anchors {
             println!(
-                "{:<28} plain INSERT+COMMIT of a 200-byte JSON row, {} connection(s): {:.0} commits/s",
+                "{:<28} plain INSERT+COMMIT of a 200-byte JSON row, {} connection(s), {} its case: {:.0} commits/s",
                 "postgres anchor",
                 anchor.connections,
+                anchor.when,
                 anchor.rate()
             );
         }
