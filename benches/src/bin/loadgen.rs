@@ -746,7 +746,7 @@ async fn run(args: Args) -> Result<()> {
 
     println!();
     println!("live fan-out: {joined} viewers, {senders} senders, {sent} messages in {send_seconds:.1} s");
-    println!("{:<48} {}", "what", "value");
+    println!("{:<48} value", "what");
     let row = |what: &str, value: String| println!("{what:<48} {value}");
     row("viewers joined (of requested)", format!("{joined} of {}", args.viewers));
     row("join time, all viewers", format!("{join_seconds:.2} s"));
