@@ -276,3 +276,43 @@ fn per_second(count: u64, elapsed: Duration) -> f64 {
 fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(acked: u64, errors: u64, stored: u64, read_model: Option<u64>) -> Side {
+        let run = Run {
+            sent: acked + errors,
+            acked,
+            errors,
+            first_error: (errors > 0).then(|| "boom".to_owned()),
+            ..Run::default()
+        };
+        Side {
+            system: "ours",
+            store: "memory",
+            run,
+            settle: Duration::ZERO,
+            stored,
+            read_model,
+            note: None,
+            server: None,
+        }
+    }
+
+    #[test]
+    fn a_clean_side_has_no_faults() {
+        assert!(side(10, 0, 10, Some(10)).faults().is_empty());
+        assert!(side(10, 0, 10, None).faults().is_empty(), "no read model, nothing to check there");
+    }
+
+    #[test]
+    fn errors_losses_and_read_model_gaps_are_faults() {
+        assert_eq!(side(9, 1, 9, Some(9)).faults().len(), 1);
+        let lost = side(10, 0, 8, Some(10));
+        assert_eq!((lost.lost(), lost.faults().len()), (2, 1));
+        assert_eq!(side(10, 0, 11, Some(10)).faults().len(), 1, "an extra stored event is a fault too");
+        assert_eq!(side(10, 0, 10, Some(7)).faults().len(), 1);
+    }
+}
