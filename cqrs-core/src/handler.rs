@@ -215,8 +215,12 @@ pub struct RunnerConfig {
     pub max_backoff: Duration,
     /// After failing on one event for this long, the status becomes [`HandlerState::Stuck`].
     pub stuck_after: Duration,
-    /// Save the checkpoint at least every this many events (and whenever caught up).
+    /// Save the checkpoint at least every this many events.
     pub checkpoint_every: u32,
+    /// When caught up, save the checkpoint once no new event has come for this long. A
+    /// trickle of events (one command at a time) then costs one checkpoint write per pause,
+    /// not one per event; `Duration::ZERO` saves at once whenever caught up.
+    pub checkpoint_delay: Duration,
     /// Events read per store call.
     pub page_size: usize,
     /// Upcasters for decoding.
@@ -233,6 +237,7 @@ impl Default for RunnerConfig {
             max_backoff: Duration::from_secs(5),
             stuck_after: Duration::from_secs(30),
             checkpoint_every: 256,
+            checkpoint_delay: Duration::from_millis(100),
             page_size: crate::subscription::DEFAULT_PAGE_SIZE,
             upcasters: Upcasters::new(),
             checkpoints: Checkpoints::Store,
@@ -309,6 +314,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Returned when the runner was asked to stop while waiting.
 struct Stopped;
 
@@ -363,13 +376,18 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
             let next = match read {
                 Ok(Some(event)) => Some(event),
                 Ok(None) => {
-                    // Caught up: save the checkpoint before waiting for new events.
-                    if handled != saved && self.save(handled).await.is_ok() {
+                    // Caught up. Save the checkpoint once no new event comes within the delay
+                    // (at once with a zero delay), and wait for new events meanwhile.
+                    let unsaved = handled != saved;
+                    if unsaved && self.config.checkpoint_delay.is_zero() && self.save(handled).await.is_ok() {
                         saved = handled;
                         since_save = 0;
                     }
+                    let save_at =
+                        (handled != saved).then(|| tokio::time::Instant::now() + self.config.checkpoint_delay);
                     let mut stop = self.stop.clone();
                     tokio::select! {
+                        // `Subscription::next` is cancel-safe: it changes state only after a read.
                         next = feed.next() => match next {
                             Ok(Some(event)) => Some(event),
                             Ok(None) => break,
@@ -380,6 +398,13 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
                                 None
                             }
                         },
+                        () = sleep_until_some(save_at) => {
+                            if self.save(handled).await.is_ok() {
+                                saved = handled;
+                                since_save = 0;
+                            }
+                            None
+                        }
                         () = stopped(&mut stop) => break,
                     }
                 }

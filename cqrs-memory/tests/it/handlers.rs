@@ -142,6 +142,36 @@ async fn start_from_current_ignores_history() {
     running.stop().await;
 }
 
+/// Caught up, the runner saves its checkpoint only after `checkpoint_delay` without events (so a
+/// trickle of single commands does not cost one checkpoint write each); stopping saves it.
+#[tokio::test]
+async fn the_checkpoint_is_saved_after_a_pause_or_on_stop() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    let progress = Progress::new();
+    let config = RunnerConfig { checkpoint_delay: Duration::from_secs(60), ..RunnerConfig::default() };
+    let model = Totals::named("patient");
+    let running = spawn_handler(Arc::clone(&store), model.clone(), config, &progress);
+    fill(&dispatcher, 5).await;
+    wait_until("handled", || model.seen().len() == 5).await;
+    assert_eq!(store.load_checkpoint("patient").await.expect("load"), None, "not saved while the pause lasts");
+    running.stop().await;
+    assert_eq!(store.load_checkpoint("patient").await.expect("load"), Some(Position(5)), "saved on stop");
+
+    let config = RunnerConfig { checkpoint_delay: Duration::ZERO, ..RunnerConfig::default() };
+    let eager = Totals::named("eager");
+    let running = spawn_handler(Arc::clone(&store), eager.clone(), config, &progress);
+    wait_until("handled", || eager.seen().len() == 5).await;
+    for _ in 0..500 {
+        if store.load_checkpoint("eager").await.expect("load") == Some(Position(5)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(store.load_checkpoint("eager").await.expect("load"), Some(Position(5)), "saved at once when caught up");
+    running.stop().await;
+}
+
 /// A RAM projection keeps its checkpoint in memory: nothing is written to the store, and a
 /// second start replays the whole history (a saved checkpoint would skip it).
 #[tokio::test]
