@@ -285,6 +285,36 @@ impl ChatReadModel {
         Arc::clone(rooms.entry(id.clone()).or_insert_with(|| Arc::new(Room::new(id.clone()))))
     }
 
+    /// Enters `name` into the room `id` (created if new) and returns the room with the guard
+    /// that keeps the name present. Safe against [`forget_if_unused`](Self::forget_if_unused)
+    /// running at the same time: the returned room is the one in the model.
+    pub fn enter(&self, id: &ChatId, name: &str) -> (Arc<Room>, PresenceGuard) {
+        loop {
+            let room = self.room_or_create(id);
+            let guard = room.enter(name);
+            if self.room(id).is_some_and(|current| Arc::ptr_eq(&current, &room)) {
+                self.touch();
+                return (room, guard);
+            }
+            // Forgotten between lookup and entry: try again with the current room.
+        }
+    }
+
+    /// Drops a room that has no message and nobody in it, so that visiting made-up room names
+    /// does not grow memory for ever.
+    pub fn forget_if_unused(&self, id: &ChatId) {
+        let mut rooms = self.inner.rooms.write().unwrap_or_else(|p| p.into_inner());
+        let unused = rooms.get(id).is_some_and(|room| {
+            let inner = room.lock();
+            inner.messages.is_empty() && inner.here.is_empty()
+        });
+        if unused {
+            rooms.remove(id);
+        }
+        drop(rooms);
+        self.touch();
+    }
+
     /// Rooms with messages or viewers, most recently active first, at most `limit`.
     pub fn rooms(&self, limit: usize) -> Vec<RoomSummary> {
         let rooms: Vec<Arc<Room>> =
@@ -453,5 +483,22 @@ mod tests {
         drop(second);
         assert!(!presence.borrow().contains("bob"));
         assert_eq!(model.rooms(10).len(), 1);
+    }
+
+    #[test]
+    fn empty_rooms_are_forgotten_when_the_last_viewer_leaves() {
+        let model = ChatReadModel::new();
+        let id = ChatId::parse("made-up").expect("valid");
+        let (_, guard) = model.enter(&id, "visitor");
+        model.forget_if_unused(&id);
+        assert!(model.room(&id).is_some(), "kept while someone is here");
+        drop(guard);
+        model.forget_if_unused(&id);
+        assert!(model.room(&id).is_none(), "an empty room nobody is in is dropped");
+        model.apply(Position(1), &sent("made-up", "now it has history"));
+        let (_, guard) = model.enter(&id, "visitor");
+        drop(guard);
+        model.forget_if_unused(&id);
+        assert_eq!(model.room(&id).map(|room| room.len()), Some(1), "a room with messages stays");
     }
 }

@@ -261,9 +261,7 @@ fn idle_deadline(conn: &Conn) -> tokio::time::Instant {
 /// A room view: catch up from `after`, then push each new message once, in order.
 async fn room_view(conn: &mut Conn, room_id: ChatId, name: String, after: Position) -> Result<(), End> {
     let state = Arc::clone(&conn.state);
-    let room = state.model.room_or_create(&room_id);
-    let _presence = room.enter(&name);
-    state.model.touch();
+    let (room, presence_guard) = state.model.enter(&room_id, &name);
     let live = &state.live;
     let (catch_up, mut updates) = room.subscribe(after, live.max_replay, live.page_size);
     let mut last = after;
@@ -337,8 +335,8 @@ async fn room_view(conn: &mut Conn, room_id: ChatId, name: String, after: Positi
             _ = shutdown.changed() => break Err(End::Close(close_code::AWAY, "server shutting down")),
         }
     };
-    drop(_presence);
-    state.model.touch();
+    drop(presence_guard);
+    state.model.forget_if_unused(&room_id);
     result
 }
 
