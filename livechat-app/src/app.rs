@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::domain::{validate_sender, Chat, ChatId};
 use crate::live::{view, LiveConfig};
 use crate::metrics::{prometheus, Metrics, Snapshot};
-use crate::read_model::{ChatReadModel, HANDLER_NAME};
+use crate::read_model::{ChatReadModel, Presence, HANDLER_NAME};
 use crate::render::{self, Assets, RoomPage};
 
 /// The cookie that remembers the reader's name.
@@ -404,10 +404,10 @@ fn render_room(
                 Some(before) => room.before(before, page_size),
                 None => room.latest(page_size),
             };
-            let presence = Arc::clone(&room.presence().borrow());
+            let presence = room.presence().borrow().clone();
             (messages, has_more, presence)
         }
-        None => (Vec::new(), false, Arc::from(render::presence(&[]).into_string())),
+        None => (Vec::new(), false, Presence { list: Arc::from(render::presence(&[], 0).into_string()), count: 0 }),
     };
     let page = RoomPage {
         room: room_id,

@@ -5,7 +5,7 @@
 //! Every message is rendered to HTML once, when the event is applied, and kept as the ready
 //! websocket frame; every viewer of the room is sent the same shared bytes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -68,27 +68,45 @@ pub enum CatchUp {
     },
 }
 
+/// Who is in a room, as shown: the first names (sorted) rendered, and how many people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// The list fragment: the first [`render::PRESENCE_SHOWN`] names. In a big room it rarely
+    /// changes when someone joins, so it is rarely re-sent.
+    pub list: Arc<str>,
+    /// How many distinct people are here.
+    pub count: usize,
+}
+
+impl Presence {
+    fn of(here: &BTreeMap<String, usize>) -> Self {
+        let names: Vec<&str> = here.keys().take(render::PRESENCE_SHOWN).map(String::as_str).collect();
+        Self { list: Arc::from(render::presence(&names, here.len()).into_string()), count: here.len() }
+    }
+}
+
 /// One room: its messages, its live channel and who is here.
 #[derive(Debug)]
 pub struct Room {
     id: ChatId,
     inner: Mutex<RoomInner>,
-    presence: watch::Sender<Arc<str>>,
+    presence: watch::Sender<Presence>,
 }
 
 #[derive(Debug)]
 struct RoomInner {
     messages: Vec<Arc<ChatMessage>>,
     updates: broadcast::Sender<Arc<ChatMessage>>,
-    /// Name → number of connected views with that name.
-    here: HashMap<String, usize>,
+    /// Name → number of connected views with that name, sorted by name.
+    here: BTreeMap<String, usize>,
 }
 
 impl Room {
     fn new(id: ChatId) -> Self {
         let (updates, _) = broadcast::channel(ROOM_CHANNEL_CAPACITY);
-        let (presence, _) = watch::channel(Arc::from(render::presence(&[]).into_string()));
-        Self { id, inner: Mutex::new(RoomInner { messages: Vec::new(), updates, here: HashMap::new() }), presence }
+        let here = BTreeMap::new();
+        let (presence, _) = watch::channel(Presence::of(&here));
+        Self { id, inner: Mutex::new(RoomInner { messages: Vec::new(), updates, here }), presence }
     }
 
     fn lock(&self) -> MutexGuard<'_, RoomInner> {
@@ -145,8 +163,8 @@ impl Room {
         (catch_up(&inner, after, max_replay, reset_to), receiver)
     }
 
-    /// The rendered presence fragment, updated on every change.
-    pub fn presence(&self) -> watch::Receiver<Arc<str>> {
+    /// Who is here, updated on every change.
+    pub fn presence(&self) -> watch::Receiver<Presence> {
         self.presence.subscribe()
     }
 
@@ -166,16 +184,13 @@ impl Room {
     }
 
     fn publish_presence(&self, inner: &RoomInner) {
-        let mut names: Vec<(&str, usize)> = inner.here.iter().map(|(name, &count)| (name.as_str(), count)).collect();
-        names.sort_unstable();
-        let html: Arc<str> = Arc::from(render::presence(&names).into_string());
+        let now = Presence::of(&inner.here);
         self.presence.send_if_modified(|current| {
-            if **current == *html {
-                false
-            } else {
-                *current = html;
-                true
+            let changed = *current != now;
+            if changed {
+                *current = now;
             }
+            changed
         });
     }
 
@@ -477,11 +492,13 @@ mod tests {
         let second = room.enter("bob");
         let _carol = room.enter("carol");
         assert_eq!(room.viewers(), 2);
-        assert!(presence.borrow().contains("bob") && presence.borrow().contains("carol"));
+        assert!(presence.borrow().list.contains("bob") && presence.borrow().list.contains("carol"));
+        assert_eq!(presence.borrow().count, 2);
         drop(first);
-        assert!(presence.borrow().contains("bob"), "bob still has a view open");
+        assert!(presence.borrow().list.contains("bob"), "bob still has a view open");
         drop(second);
-        assert!(!presence.borrow().contains("bob"));
+        assert!(!presence.borrow().list.contains("bob"));
+        assert_eq!(presence.borrow().count, 1);
         assert_eq!(model.rooms(10).len(), 1);
     }
 

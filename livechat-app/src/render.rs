@@ -141,8 +141,8 @@ pub struct RoomPage<'a> {
     pub messages: &'a [std::sync::Arc<ChatMessage>],
     /// Whether older messages exist.
     pub has_more: bool,
-    /// The presence fragment.
-    pub presence: &'a str,
+    /// Who is here.
+    pub presence: &'a crate::read_model::Presence,
     /// A fresh command id for the no-JavaScript form.
     pub command_id: uuid::Uuid,
     /// An error to show beside the composer (no-JavaScript path).
@@ -167,8 +167,8 @@ pub fn room_page(assets: &Assets, page: &RoomPage<'_>) -> Markup {
                 }
             }
             aside.presence aria-labelledby="presence-title" {
-                h2 #presence-title { "Here now" }
-                div #presence { (PreEscaped(page.presence)) }
+                h2 #presence-title { "Here now " span #presence-count .count { (page.presence.count) } }
+                div #presence { (PreEscaped(&*page.presence.list)) }
             }
             form #send method="post" action={ "/" (page.room) "/send" } {
                 label for="message" { "Message as " b { (page.me) } }
@@ -196,17 +196,19 @@ pub fn message(position: u64, sent: &MessageSent) -> Markup {
     }
 }
 
-/// The people in a room now; long lists are cut to 50 names.
-pub fn presence(names: &[(&str, usize)]) -> Markup {
-    const SHOWN: usize = 50;
+/// Names shown in a room's presence list; the count shows everyone.
+pub const PRESENCE_SHOWN: usize = 50;
+
+/// The people in a room now: the first names, sorted; `total` people in all.
+pub fn presence(names: &[&str], total: usize) -> Markup {
     html! {
         @if names.is_empty() {
             p.empty { "Nobody" }
         } @else {
             ul.people {
-                @for (name, _) in names.iter().take(SHOWN) { li data-name=(name) { (name) } }
+                @for name in names { li data-name=(name) { (name) } }
             }
-            @if names.len() > SHOWN { p { "and " (names.len() - SHOWN) " more" } }
+            @if total > names.len() { p.more { "and others" } }
         }
     }
 }
@@ -310,7 +312,7 @@ mod tests {
         assert!(!html.contains("<img"), "{html}");
         assert!(html.contains("&lt;script&gt;alert('x')&lt;/script&gt; &amp; &quot;q&quot;"), "{html}");
         assert!(html.contains("data-sender=\"&lt;img src=x onerror=alert(1)&gt;\""), "{html}");
-        let presence = presence(&[("<b>x</b>", 1)]).into_string();
+        let presence = presence(&["<b>x</b>"], 1).into_string();
         assert!(presence.contains("&lt;b&gt;x&lt;/b&gt;"), "{presence}");
     }
 
@@ -322,12 +324,13 @@ mod tests {
     }
 
     #[test]
-    fn presence_is_capped() {
-        let names: Vec<String> = (0..60).map(|i| format!("user{i}")).collect();
-        let entries: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), 1)).collect();
-        let html = presence(&entries).into_string();
+    fn presence_lists_the_names_given_and_hints_at_more() {
+        let names: Vec<String> = (0..50).map(|i| format!("user{i}")).collect();
+        let shown: Vec<&str> = names.iter().map(String::as_str).collect();
+        let html = presence(&shown, 60).into_string();
         assert_eq!(html.matches("<li").count(), 50);
-        assert!(html.contains("and 10 more"));
+        assert!(html.contains("and others"));
+        assert!(!presence(&shown, 50).into_string().contains("and others"));
     }
 
     #[test]

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
 use cqrs_core::{CommandEnvelope, CommandId, Consistency, DispatchError, Position, StoreError, Timestamp};
+use futures_util::SinkExt;
 use tokio::sync::{broadcast, watch};
 
 use super::protocol::{self, ClientFrame, ViewKind};
 use crate::app::AppState;
 use crate::domain::{validate_sender, ChatId, SendMessage};
-use crate::read_model::{CatchUp, ChatMessage};
+use crate::read_model::{CatchUp, ChatMessage, Presence};
 
 /// Limits of one live connection.
 #[derive(Debug, Clone)]
@@ -61,6 +62,9 @@ impl Default for LiveConfig {
     }
 }
 
+/// Most queued messages written with one flush.
+const MAX_BATCH: usize = 64;
+
 /// Why a view ends.
 enum End {
     /// The browser went away or the socket failed; nothing to send.
@@ -85,6 +89,29 @@ impl Conn {
         match tokio::time::timeout(self.state.live.send_timeout, self.socket.send(Message::Text(text))).await {
             Ok(Ok(())) => {
                 self.state.metrics.sent(bytes);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Close(close_code::AGAIN, "too slow")),
+        }
+    }
+
+    /// Sends several frames with one flush (one `sendto` for all when the socket takes them)
+    /// and one deadline: how a view that fell behind catches up cheaply.
+    async fn send_many(&mut self, frames: Vec<Utf8Bytes>) -> Result<(), End> {
+        let bytes: usize = frames.iter().map(|frame| frame.as_str().len()).sum();
+        let count = frames.len() as u64;
+        let socket = &mut self.socket;
+        let write = async move {
+            for frame in frames {
+                socket.feed(Message::Text(frame)).await?;
+            }
+            socket.flush().await
+        };
+        match tokio::time::timeout(self.state.live.send_timeout, write).await {
+            Ok(Ok(())) => {
+                self.state.metrics.frames_sent.fetch_add(count, Ordering::Relaxed);
+                self.state.metrics.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
                 Ok(())
             }
             Ok(Err(_)) => Err(End::Gone),
@@ -272,6 +299,7 @@ async fn room_view(conn: &mut Conn, room_id: ChatId, name: String, after: Positi
     presence.mark_changed();
     let mut presence_sent_at: Option<Instant> = None;
     let mut presence_due: Option<tokio::time::Instant> = None;
+    let mut shown: Option<Presence> = None;
     let mut shutdown = state.shutdown.clone();
     let result = loop {
         let due = presence_due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -299,19 +327,36 @@ async fn room_view(conn: &mut Conn, room_id: ChatId, name: String, after: Positi
                 }
             }
             update = updates.recv() => {
-                let sent = match update {
-                    Ok(message) if message.position > last => {
-                        last = message.position;
-                        conn.send(message.frame()).await
+                // Take what else is already queued too: a view that fell behind writes its
+                // backlog with one flush instead of one write per message.
+                let mut lagged = false;
+                let mut frames = Vec::new();
+                let mut next = update;
+                loop {
+                    match next {
+                        Ok(message) if message.position > last => {
+                            last = message.position;
+                            frames.push(message.frame());
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => lagged = true,
+                        Err(broadcast::error::RecvError::Closed) => break,
                     }
-                    Ok(_) => Ok(()),
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
-                        let catch_up = room.catch_up(last, live.max_replay, live.page_size);
-                        send_catch_up(conn, catch_up, &mut last).await
+                    if lagged || frames.len() >= MAX_BATCH {
+                        break;
                     }
-                    Err(broadcast::error::RecvError::Closed) => Err(End::Close(close_code::AWAY, "room closed")),
-                };
+                    next = match updates.try_recv() {
+                        Ok(message) => Ok(message),
+                        Err(broadcast::error::TryRecvError::Lagged(n)) => Err(broadcast::error::RecvError::Lagged(n)),
+                        Err(_) => break,
+                    };
+                }
+                let mut sent = if frames.is_empty() { Ok(()) } else { conn.send_many(frames).await };
+                if sent.is_ok() && lagged {
+                    state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+                    let catch_up = room.catch_up(last, live.max_replay, live.page_size);
+                    sent = send_catch_up(conn, catch_up, &mut last).await;
+                }
                 if let Err(end) = sent {
                     break Err(end);
                 }
@@ -326,9 +371,20 @@ async fn room_view(conn: &mut Conn, room_id: ChatId, name: String, after: Positi
             () = tokio::time::sleep_until(due), if presence_due.is_some() => {
                 presence_due = None;
                 presence_sent_at = Some(Instant::now());
-                let html = Arc::clone(&presence.borrow_and_update());
-                if let Err(end) = conn.send_str(protocol::morph_frame("presence", &html)).await {
-                    break Err(end);
+                let now = presence.borrow_and_update().clone();
+                // Only the parts that changed: in a big room a join usually moves the count only.
+                let mut frames = Vec::new();
+                if shown.as_ref().is_none_or(|shown| shown.list != now.list) {
+                    frames.push(protocol::morph_frame("presence", &now.list).into());
+                }
+                if shown.as_ref().is_none_or(|shown| shown.count != now.count) {
+                    frames.push(protocol::morph_frame("presence-count", &now.count.to_string()).into());
+                }
+                shown = Some(now);
+                if !frames.is_empty() {
+                    if let Err(end) = conn.send_many(frames).await {
+                        break Err(end);
+                    }
                 }
             }
             () = tokio::time::sleep_until(idle) => break Err(End::Close(close_code::POLICY, "idle")),

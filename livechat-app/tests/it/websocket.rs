@@ -252,21 +252,26 @@ async fn presence_shows_who_is_here_and_who_left() {
     let server = TestServer::start_with(std::sync::Arc::new(cqrs_memory::MemoryStore::new()), config).await;
     let (mut bob, _) = server.join("bob", "lounge", 0).await;
     let (alice, _) = server.join("alice", "lounge", 0).await;
-    loop {
+    // The list and the count are separate regions, each sent only when it changed.
+    let (mut list, mut count) = (String::new(), String::new());
+    while !(list.contains("alice") && list.contains("bob") && count == "2") {
         let frame = bob.recv_kind("morph").await;
-        assert_eq!(frame.head["id"], "presence");
-        if frame.html.contains("alice") && frame.html.contains("bob") {
-            break;
+        match frame.head["id"].as_str() {
+            Some("presence") => list = frame.html,
+            Some("presence-count") => count = frame.html,
+            other => panic!("unexpected region {other:?}"),
         }
     }
     drop(alice);
-    loop {
+    while list.contains("alice") || count != "1" {
         let frame = bob.recv_kind("morph").await;
-        if !frame.html.contains("alice") {
-            assert!(frame.html.contains("bob"));
-            break;
+        match frame.head["id"].as_str() {
+            Some("presence") => list = frame.html,
+            Some("presence-count") => count = frame.html,
+            other => panic!("unexpected region {other:?}"),
         }
     }
+    assert!(list.contains("bob"));
     server.stop().await;
 }
 
