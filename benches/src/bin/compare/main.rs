@@ -1,6 +1,7 @@
 //! Side-by-side comparison of this project with its Rust peer, cqrs-es 0.5 (and postgres-es
 //! 0.5 for PostgreSQL), on one chat workload, in one process, one framework after the other
-//! on each case.
+//! on each case; and this project alone on its SQLite store, for which cqrs-es has no
+//! counterpart (the output says "peer: n/a").
 //!
 //! Run with:
 //! ```sh
@@ -8,6 +9,7 @@
 //! cargo run --release -p benches --bin compare                  # full run, several minutes
 //! cargo run --release -p benches --bin compare -- --quick       # CI smoke run, well under 2 min
 //! cargo run --release -p benches --bin compare -- --only memory # no PostgreSQL needed
+//! cargo run --release -p benches --bin compare -- --only sqlite # no PostgreSQL needed
 //! ```
 //!
 //! The workload: aggregate `Chat`, command `SendMessage { sender, content }` with 120 bytes of
@@ -27,6 +29,14 @@
 //!   returned to callers.
 //! - the anchor: plain single-row INSERT + COMMIT of a 200-byte JSON row on the same server,
 //!   1 and 32 connections, each measured just before the PostgreSQL case it anchors.
+//! - `sqlite_sequential` and `sqlite_concurrent`: the PostgreSQL cases' counts on our
+//!   `SqliteEventStore` (opened with its defaults, a fresh file per case in a temporary
+//!   directory; `TMPDIR` picks the disk). Ours only: the peer's ecosystem that this program
+//!   depends on has no SQLite store, and none is invented. Each case between two anchors of
+//!   its own: plain single-row INSERT + COMMIT of the same 200-byte JSON row into a fresh file
+//!   with the store's settings (WAL, `synchronous=FULL`), on 1 connection and on 32 connections
+//!   (one task each) contending for SQLite's write lock. The ratios to the anchors are printed
+//!   as information; the only SQLite targets are zero errors and zero lost events.
 //!
 //! Each PostgreSQL case (and each side) gets a fresh database, dropped afterwards: ours is
 //! migrated by `PgEventStore::migrate`, the peer's gets postgres-es's documented `events` and
@@ -45,6 +55,7 @@ mod ours;
 mod peer;
 mod pg;
 mod report;
+mod sqlite;
 mod workload;
 
 use std::process::ExitCode;
@@ -54,6 +65,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use cqrs_memory::MemoryStore;
 use cqrs_postgres::PgEventStore;
+use cqrs_sqlite::SqliteEventStore;
 
 use crate::ours::ReadModel;
 use crate::pg::PgServer;
@@ -65,6 +77,21 @@ enum Only {
     All,
     Memory,
     Postgres,
+    Sqlite,
+}
+
+impl Only {
+    fn memory(self) -> bool {
+        matches!(self, Only::All | Only::Memory)
+    }
+
+    fn postgres(self) -> bool {
+        matches!(self, Only::All | Only::Postgres)
+    }
+
+    fn sqlite(self) -> bool {
+        matches!(self, Only::All | Only::Sqlite)
+    }
 }
 
 /// What the command line asked for.
@@ -75,7 +102,7 @@ struct Options {
     read_model: ReadModel,
 }
 
-const USAGE: &str = "usage: compare [--quick] [--only memory|postgres] [--ours-without-read-model]";
+const USAGE: &str = "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model]";
 
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +117,10 @@ struct Scale {
     postgres_concurrent: u64,
     postgres_chats: u32,
     postgres_tasks: usize,
+    sqlite_sequential: u64,
+    sqlite_concurrent: u64,
+    sqlite_chats: u32,
+    sqlite_tasks: usize,
     anchor_duration: Duration,
 }
 
@@ -108,6 +139,10 @@ impl Scale {
             postgres_concurrent: 20_000,
             postgres_chats: 100,
             postgres_tasks: 32,
+            sqlite_sequential: 5_000,
+            sqlite_concurrent: 20_000,
+            sqlite_chats: 100,
+            sqlite_tasks: 32,
             anchor_duration: Duration::from_secs(5),
         };
         if !quick {
@@ -119,6 +154,8 @@ impl Scale {
             memory_concurrent: 20_000,
             postgres_sequential: 300,
             postgres_concurrent: 2_000,
+            sqlite_sequential: 300,
+            sqlite_concurrent: 2_000,
             anchor_duration: Duration::from_secs(1),
             ..full
         }
@@ -145,20 +182,24 @@ async fn run() -> anyhow::Result<ExitCode> {
     let (quick, only) = (options.quick, options.only);
     let scale = Scale::new(quick);
     // Fail before any work when PostgreSQL cases are asked for without a server.
-    let server = if only == Only::Memory { None } else { Some(PgServer::from_env()?) };
+    let server = if only.postgres() { Some(PgServer::from_env()?) } else { None };
     println!(
         "compare: this project vs cqrs-es 0.5 / postgres-es 0.5; {} run; {} cores",
         if quick { "quick" } else { "full" },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let mut report = Report::default();
-    if only != Only::Postgres {
+    if only.memory() {
         report.cases.push(memory_sequential(&scale, options.read_model).await?);
         report.cases.push(memory_concurrent(&scale, options.read_model).await?);
     }
     if let Some(server) = &server {
         println!("server: {}", server.describe().await?);
         postgres_cases(server, &scale, options.read_model, &mut report).await?;
+    }
+    if only.sqlite() {
+        println!("sqlite: {}", sqlite::describe().await?);
+        sqlite_cases(&scale, options.read_model, &mut report).await?;
     }
     println!();
     report.print_table();
@@ -189,7 +230,8 @@ fn parse_args() -> anyhow::Result<Options> {
                 options.only = match args.next().as_deref() {
                     Some("memory") => Only::Memory,
                     Some("postgres") => Only::Postgres,
-                    other => bail!("--only takes `memory` or `postgres`, not {other:?}"),
+                    Some("sqlite") => Only::Sqlite,
+                    other => bail!("--only takes `memory`, `postgres` or `sqlite`, not {other:?}"),
                 }
             }
             "-h" | "--help" => {
@@ -204,7 +246,10 @@ fn parse_args() -> anyhow::Result<Options> {
 
 /// Prints a case as it finishes: progress on stderr, its JSON line on stdout.
 fn finished(case: Case) -> Case {
-    eprintln!("compare: {} done: ours/peer {:.1}×", case.name, case.ratio());
+    match case.ratio() {
+        Some(ratio) => eprintln!("compare: {} done: ours/peer {ratio:.1}×", case.name),
+        None => eprintln!("compare: {} done: {:.0} commands/s; peer n/a", case.name, case.ours.rate()),
+    }
     println!("{}", case.json_line());
     case
 }
@@ -222,7 +267,7 @@ async fn memory_sequential(scale: &Scale, read_model: ReadModel) -> anyhow::Resu
     });
     eprintln!("compare: memory_sequential: cqrs-es, {peer_commands} commands");
     let peer = peer::memory_sequential(peer_commands, window(peer_commands), note).await?;
-    Ok(finished(Case { name: "memory_sequential", chats: 1, tasks: 1, ours, peer }))
+    Ok(finished(Case { name: "memory_sequential", chats: 1, tasks: 1, ours, peer: Some(peer) }))
 }
 
 async fn memory_concurrent(scale: &Scale, read_model: ReadModel) -> anyhow::Result<Case> {
@@ -231,7 +276,7 @@ async fn memory_concurrent(scale: &Scale, read_model: ReadModel) -> anyhow::Resu
     let ours = ours::concurrent(Arc::new(MemoryStore::new()), "memory", read_model, commands, chats, tasks).await;
     eprintln!("compare: memory_concurrent: cqrs-es, {commands} commands");
     let peer = peer::memory_concurrent(commands, chats, tasks).await?;
-    Ok(finished(Case { name: "memory_concurrent", chats, tasks, ours, peer }))
+    Ok(finished(Case { name: "memory_concurrent", chats, tasks, ours, peer: Some(peer) }))
 }
 
 async fn postgres_cases(
@@ -249,7 +294,54 @@ async fn postgres_cases(
     Ok(())
 }
 
-/// The two PostgreSQL cases.
+async fn sqlite_cases(scale: &Scale, read_model: ReadModel, report: &mut Report) -> anyhow::Result<()> {
+    for (case, connections) in [(PgCase::Sequential, 1), (PgCase::Concurrent, scale.sqlite_tasks)] {
+        report.anchors.push(sqlite_anchor(connections, scale.anchor_duration, "before").await?);
+        report.cases.push(sqlite_case(scale, read_model, case).await?);
+        report.anchors.push(sqlite_anchor(connections, scale.anchor_duration, "after").await?);
+    }
+    Ok(())
+}
+
+async fn sqlite_anchor(connections: usize, duration: Duration, when: &'static str) -> anyhow::Result<Anchor> {
+    eprintln!("compare: sqlite anchor: INSERT+COMMIT on {connections} connection(s)");
+    let anchor = sqlite::insert_commit_rate(connections, duration, when).await?;
+    println!("{}", anchor.json_line());
+    Ok(anchor)
+}
+
+/// Ours on a fresh `SqliteEventStore` file, opened with its defaults as a user would; the
+/// peer has no SQLite store.
+async fn sqlite_case(scale: &Scale, read_model: ReadModel, case: PgCase) -> anyhow::Result<Case> {
+    let (name, commands, chats, tasks) = match case {
+        PgCase::Sequential => ("sqlite_sequential", scale.sqlite_sequential, 1, 1),
+        PgCase::Concurrent => ("sqlite_concurrent", scale.sqlite_concurrent, scale.sqlite_chats, scale.sqlite_tasks),
+    };
+    eprintln!("compare: {name}: ours, {commands} commands (peer: n/a)");
+    let scratch = sqlite::Scratch::new("ours")?;
+    let store = Arc::new(SqliteEventStore::open(scratch.path()).await.context("open our SQLite store")?);
+    let mut ours = match case {
+        PgCase::Sequential => {
+            ours::sequential(Arc::clone(&store), "sqlite", read_model, commands, window(commands)).await
+        }
+        PgCase::Concurrent => ours::concurrent(Arc::clone(&store), "sqlite", read_model, commands, chats, tasks).await,
+    };
+    let stats = store.stats();
+    // Each committed write transaction is one WAL fsync at synchronous=FULL.
+    ours.server = Some(report::ServerWork { transactions: stats.transactions, wal_syncs: stats.transactions });
+    if stats.failed_transactions > 0 {
+        let note = format!("{} write transactions failed", stats.failed_transactions);
+        ours.note = Some(match ours.note.take() {
+            Some(previous) => format!("{previous}; {note}"),
+            None => note,
+        });
+    }
+    drop(store);
+    drop(scratch);
+    Ok(finished(Case { name, chats, tasks, ours, peer: None }))
+}
+
+/// The two cases of a durable store (PostgreSQL or SQLite).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PgCase {
     Sequential,
@@ -308,7 +400,7 @@ async fn postgres_case(server: &PgServer, scale: &Scale, read_model: ReadModel, 
     server.drop_database(database).await?;
     let mut peer = peer?;
     peer.server = work;
-    Ok(finished(Case { name, chats, tasks, ours, peer }))
+    Ok(finished(Case { name, chats, tasks, ours, peer: Some(peer) }))
 }
 
 /// The server's work for one side, if its statistics can be read.
@@ -345,13 +437,17 @@ fn print_targets(report: &Report, quick: bool) {
             let (first, last) = (windows.first_p50.as_secs_f64(), windows.last_p50.as_secs_f64());
             judge("memory_sequential ours first-window p50 / last-window p50 latency", first / last.max(1e-9), 1.0);
         }
-        judge("memory_sequential ours/peer throughput (peer capped, see note)", case.ratio(), 100.0);
+        if let Some(ratio) = case.ratio() {
+            judge("memory_sequential ours/peer throughput (peer capped, see note)", ratio, 100.0);
+        }
     }
     if let Some(case) = report.case("memory_concurrent") {
-        judge("memory_concurrent ours/peer throughput", case.ratio(), 10.0);
+        if let Some(ratio) = case.ratio() {
+            judge("memory_concurrent ours/peer throughput", ratio, 10.0);
+        }
         println!("target memory_concurrent ours lost events: {} (want 0)", case.ours.lost());
     }
-    if let (Some(case), Some(anchor)) = (report.case("postgres_sequential"), report.anchor_rate(1)) {
+    if let (Some(case), Some(anchor)) = (report.case("postgres_sequential"), report.anchor_rate("postgres", 1)) {
         judge(
             "postgres_sequential ours / INSERT+COMMIT on 1 connection (mean of before/after)",
             case.ours.rate() / anchor,
@@ -360,7 +456,7 @@ fn print_targets(report: &Report, quick: bool) {
     }
     if let Some(case) = report.case("postgres_concurrent") {
         let connections = case.tasks;
-        if let Some(anchor) = report.anchor_rate(connections) {
+        if let Some(anchor) = report.anchor_rate("postgres", connections) {
             judge(
                 &format!(
                     "postgres_concurrent ours / INSERT+COMMIT on {connections} connections (mean of before/after)"
@@ -370,5 +466,22 @@ fn print_targets(report: &Report, quick: bool) {
             );
         }
         println!("target postgres_concurrent ours errors: {} (want 0)", case.ours.run.errors);
+    }
+    for name in ["sqlite_sequential", "sqlite_concurrent"] {
+        let Some(case) = report.case(name) else { continue };
+        let connections = case.tasks;
+        if let Some(anchor) = report.anchor_rate("sqlite", connections) {
+            println!(
+                "info {name} ours / SQLite INSERT+COMMIT on {connections} connection(s) (mean of before/after): \
+                 {:.2} (no target; peer: n/a)",
+                case.ours.rate() / anchor
+            );
+        }
+        println!(
+            "target {name} ours errors: {}, lost events: {} (want 0 and 0): {}",
+            case.ours.run.errors,
+            case.ours.lost(),
+            if case.ours.faults().is_empty() { "met" } else { "MISSED" }
+        );
     }
 }

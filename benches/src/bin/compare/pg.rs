@@ -177,11 +177,11 @@ pub async fn insert_commit_rate(
     for task in tasks {
         commits += task.await??;
     }
-    Ok(Anchor { connections, commits, elapsed: start.elapsed(), when })
+    Ok(Anchor { store: "postgres", connections, commits, elapsed: start.elapsed(), when })
 }
 
-/// A JSON object of exactly [`ANCHOR_ROW_BYTES`] bytes.
-fn anchor_row(index: u64) -> String {
+/// A JSON object of exactly [`ANCHOR_ROW_BYTES`] bytes (the SQLite anchor's row too).
+pub fn anchor_row(index: u64) -> String {
     let head = format!("{{\"n\":\"{index:020}\",\"content\":\"");
     let padding = ANCHOR_ROW_BYTES - head.len() - 2;
     format!("{head}{}\"}}", "x".repeat(padding))

@@ -26,16 +26,20 @@ pub struct Side {
     pub read_model: Option<u64>,
     /// Anything the reader must know, e.g. that the run was capped.
     pub note: Option<String>,
-    /// PostgreSQL cases: what the server did for this side.
+    /// PostgreSQL cases: what the server did for this side; SQLite cases: what the store's
+    /// writer did (its own statistics).
     pub server: Option<ServerWork>,
 }
 
-/// Server-side work of one side of a PostgreSQL case, from the server's statistics.
+/// Durable work of one side: on PostgreSQL from the server's statistics, on SQLite from the
+/// store's (`SqliteEventStore::stats`).
 #[derive(Debug, Clone, Copy)]
 pub struct ServerWork {
-    /// Transactions committed in the case's database (read-only ones included).
+    /// PostgreSQL: transactions committed in the case's database (read-only ones included).
+    /// SQLite: write transactions the store committed.
     pub transactions: u64,
-    /// WAL flushes (fsyncs) on the whole server during the side's run.
+    /// PostgreSQL: WAL flushes (fsyncs) on the whole server during the side's run. SQLite:
+    /// the same as `transactions` (each `COMMIT` is one WAL fsync at `synchronous=FULL`).
     pub wal_syncs: u64,
 }
 
@@ -134,14 +138,17 @@ pub struct Case {
     pub tasks: usize,
     /// This project.
     pub ours: Side,
-    /// cqrs-es.
-    pub peer: Side,
+    /// cqrs-es; `None` where it has no store of this kind (SQLite).
+    pub peer: Option<Side>,
 }
 
+/// What the output says where the peer has no store for a case.
+pub const PEER_NA: &str = "n/a: cqrs-es 0.5 has no SQLite event store among the crates this comparison depends on";
+
 impl Case {
-    /// Our rate over the peer's.
-    pub fn ratio(&self) -> f64 {
-        self.ours.rate() / self.peer.rate()
+    /// Our rate over the peer's, if the peer ran.
+    pub fn ratio(&self) -> Option<f64> {
+        self.peer.as_ref().map(|peer| self.ours.rate() / peer.rate())
     }
 
     /// The case as one JSON line.
@@ -151,16 +158,19 @@ impl Case {
             "chats": self.chats,
             "tasks": self.tasks,
             "ours": self.ours.json(),
-            "peer": self.peer.json(),
-            "ratio": (self.ratio() * 100.0).round() / 100.0,
+            "peer": self.peer.as_ref().map_or_else(|| json!("n/a"), Side::json),
+            "ratio": self.ratio().map(|ratio| (ratio * 100.0).round() / 100.0),
         })
         .to_string()
     }
 }
 
-/// Plain single-row INSERT + COMMIT on the same server: the physical ceiling.
+/// Plain single-row INSERT + COMMIT on the same server (or SQLite file system, with the
+/// store's settings): the physical ceiling.
 #[derive(Debug, Clone, Copy)]
 pub struct Anchor {
+    /// "postgres" or "sqlite".
+    pub store: &'static str,
     /// Connections, one task each.
     pub connections: usize,
     /// Commits in all.
@@ -180,7 +190,7 @@ impl Anchor {
     /// The anchor as one JSON line.
     pub fn json_line(&self) -> String {
         json!({
-            "case": "postgres_anchor_insert_commit",
+            "case": format!("{}_anchor_insert_commit", self.store),
             "connections": self.connections,
             "when": self.when,
             "commits": self.commits,
@@ -206,10 +216,14 @@ impl Report {
         self.cases.iter().find(|case| case.name == name)
     }
 
-    /// The mean rate of the anchors with `connections` connections.
-    pub fn anchor_rate(&self, connections: usize) -> Option<f64> {
-        let rates: Vec<f64> =
-            self.anchors.iter().filter(|anchor| anchor.connections == connections).map(Anchor::rate).collect();
+    /// The mean rate of the `store`'s anchors with `connections` connections.
+    pub fn anchor_rate(&self, store: &str, connections: usize) -> Option<f64> {
+        let rates: Vec<f64> = self
+            .anchors
+            .iter()
+            .filter(|anchor| anchor.store == store && anchor.connections == connections)
+            .map(Anchor::rate)
+            .collect();
         (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
     }
 
@@ -221,7 +235,7 @@ impl Report {
         );
         for case in &self.cases {
             let label = format!("{} ({}×{})", case.name, case.chats, case.tasks);
-            for (index, side) in [&case.ours, &case.peer].into_iter().enumerate() {
+            for (index, side) in [Some(&case.ours), case.peer.as_ref()].into_iter().flatten().enumerate() {
                 let windows = match (side.window_rates(), side.run.windows) {
                     (Some((size, first, last)), Some(windows)) => format!(
                         "{size}: {first:.0} / {last:.0} (p50 {:.1} / {:.1} µs)",
@@ -246,18 +260,25 @@ impl Report {
                     windows
                 );
             }
-            println!("{:<28} ours/peer throughput: {:.1}×", "", case.ratio());
-            for note in [&case.ours.note, &case.peer.note].into_iter().flatten() {
+            match case.ratio() {
+                Some(ratio) => println!("{:<28} ours/peer throughput: {ratio:.1}×", ""),
+                None => println!("{:<28} peer: {PEER_NA}", ""),
+            }
+            let peer = case.peer.as_ref();
+            for note in [case.ours.note.as_ref(), peer.and_then(|peer| peer.note.as_ref())].into_iter().flatten() {
                 println!("{:<28} note: {note}", "");
             }
-            for line in [case.ours.server_line(), case.peer.server_line()].into_iter().flatten() {
-                println!("{:<28} server: {line}", "");
+            for side in [Some(&case.ours), peer].into_iter().flatten() {
+                if let Some(line) = side.server_line() {
+                    let source = if side.store == "sqlite" { "store writer" } else { "server" };
+                    println!("{:<28} {source}: {line}", "");
+                }
             }
         }
         for anchor in &self.anchors {
             println!(
                 "{:<28} plain INSERT+COMMIT of a 200-byte JSON row, {} connection(s), {} its case: {:.0} commits/s",
-                "postgres anchor",
+                format!("{} anchor", anchor.store),
                 anchor.connections,
                 anchor.when,
                 anchor.rate()
