@@ -5,12 +5,14 @@
 //! - [`event`]: the event trait, envelopes, metadata and upcasting.
 //! - [`aggregate`]: the write model and command envelopes.
 //! - [`store`]: the [`EventStore`] trait that backends implement.
+//! - [`batching`]: for store implementors, the group-commit write queue with its fairness rule.
 //! - [`subscription`]: catch-up-then-live feeds over any store.
 //! - [`dispatcher`]: the command path with caching, retries and read-your-writes.
 //! - [`handler`]: projections and side effects, driven from durable checkpoints.
 //! - `testing` (feature `testing`): the given/when/then harness and the store conformance suite.
 
 pub mod aggregate;
+pub mod batching;
 mod cache;
 pub mod dispatcher;
 pub mod event;

@@ -3,7 +3,6 @@
 mod config;
 mod error;
 mod listener;
-mod queue;
 mod rows;
 mod writer;
 
@@ -12,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
     StoreError, StreamId, Version,
@@ -25,7 +25,6 @@ pub use crate::config::{PgStoreConfig, NOTIFY_CHANNEL};
 pub use crate::error::PgStoreError;
 
 use crate::error::to_store_error;
-use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::{recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
 use crate::writer::AppendRequest;
 
@@ -118,7 +117,7 @@ impl PgEventStore {
         let limits =
             BatchLimits { max_appends: config.max_batch_appends.max(1), max_events: config.max_batch_events.max(1) };
         let reservations = Arc::new(Reservations::default());
-        let queue = Arc::new(tokio::sync::Mutex::new(AppendQueue::new(requests, Arc::clone(&reservations))));
+        let queue = Arc::new(tokio::sync::Mutex::new(BatchQueue::new(requests, Arc::clone(&reservations))));
         for _ in 0..config.writer_tasks.max(1) {
             tokio::spawn(writer::run_writer(
                 pool.clone(),

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cqrs_core::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
     AppendOutcome, CommandId, EventId, ExpectedVersion, NewEvent, Position, StoreError, StreamId, Version,
 };
@@ -19,7 +20,6 @@ use uuid::Uuid;
 
 use crate::config::NOTIFY_CHANNEL;
 use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statement_error, shared_unavailable};
-use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::append_result;
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
@@ -32,6 +32,16 @@ pub(crate) struct AppendRequest {
     pub(crate) command_id: Option<CommandId>,
     pub(crate) events: Vec<NewEvent>,
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+impl QueuedWrite for AppendRequest {
+    fn append_key(&self) -> Option<(&StreamId, Option<CommandId>)> {
+        Some((&self.stream_id, self.command_id))
+    }
+
+    fn event_count(&self) -> usize {
+        self.events.len()
+    }
 }
 
 /// The writer task's connection, kept across batches (no pool checkout, release and ping per
@@ -67,7 +77,7 @@ impl WriterConnection {
 /// One writer task: runs until the queue is closed and drained.
 pub(crate) async fn run_writer(
     pool: PgPool,
-    queue: Arc<tokio::sync::Mutex<AppendQueue>>,
+    queue: Arc<tokio::sync::Mutex<BatchQueue<AppendRequest>>>,
     reservations: Arc<Reservations>,
     head: Arc<watch::Sender<Position>>,
     limits: BatchLimits,
@@ -149,7 +159,7 @@ async fn run_with_retries(
 }
 
 /// Answers each request from its result row. An append that lost a version conflict and
-/// carries a command id gets its stream reserved for its retry first (see [`crate::queue`]).
+/// carries a command id gets its stream reserved for its retry first (see [`cqrs_core::batching`]).
 fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Position>, reservations: &Reservations) {
     let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
     for row in rows {

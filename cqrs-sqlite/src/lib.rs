@@ -2,7 +2,6 @@
 
 mod config;
 mod error;
-mod queue;
 mod rows;
 mod writer;
 
@@ -13,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
     StoreError, StreamId, Version,
@@ -25,7 +25,6 @@ pub use crate::config::SqliteStoreConfig;
 pub use crate::error::SqliteStoreError;
 
 use crate::error::{open_error, to_store_error};
-use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::{command_result, limit, recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
 use crate::writer::{AppendRequest, Counters, WriteRequest, Writer};
 
@@ -152,7 +151,7 @@ impl SqliteEventStore {
         let reservations = Arc::new(Reservations::default());
         let task = Writer {
             connection: writer,
-            queue: AppendQueue::new(requests, Arc::clone(&reservations)),
+            queue: BatchQueue::new(requests, Arc::clone(&reservations)),
             reservations,
             head: Arc::clone(&head),
             counters: Arc::clone(&counters),

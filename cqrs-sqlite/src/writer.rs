@@ -14,6 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use cqrs_core::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError, StreamId,
     Timestamp, Version,
@@ -23,7 +24,6 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::error::{is_refused_data, is_unique_violation, shared_unavailable};
-use crate::queue::{AppendQueue, BatchLimits, Reservations};
 use crate::rows::{command_result, to_i64_saturating};
 
 /// One queued append and where to send its answer.
@@ -46,9 +46,9 @@ pub(crate) enum WriteRequest {
     Snapshot { snapshot: Snapshot, state: String, reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
-impl WriteRequest {
-    /// The stream and command id of an append; `None` for other writes.
-    pub(crate) fn append_key(&self) -> Option<(&StreamId, Option<CommandId>)> {
+impl QueuedWrite for WriteRequest {
+    /// The stream and command id of an append; `None` for other writes (never held).
+    fn append_key(&self) -> Option<(&StreamId, Option<CommandId>)> {
         match self {
             WriteRequest::Append(append) => Some((&append.stream_id, append.command_id)),
             _ => None,
@@ -56,7 +56,7 @@ impl WriteRequest {
     }
 
     /// How many events the request writes.
-    pub(crate) fn event_count(&self) -> usize {
+    fn event_count(&self) -> usize {
         match self {
             WriteRequest::Append(append) => append.events.len(),
             _ => 0,
@@ -78,7 +78,7 @@ pub(crate) struct Counters {
 /// The writer task's state.
 pub(crate) struct Writer {
     pub(crate) connection: SqliteConnection,
-    pub(crate) queue: AppendQueue,
+    pub(crate) queue: BatchQueue<WriteRequest>,
     pub(crate) reservations: Arc<Reservations>,
     pub(crate) head: Arc<watch::Sender<Position>>,
     pub(crate) counters: Arc<Counters>,
