@@ -44,6 +44,10 @@ pub struct Subscription<S: EventStore + ?Sized> {
     notifications: watch::Receiver<Position>,
     page_size: usize,
     last_position: Position,
+    /// The last read returned a short page after the notification was marked seen, and no
+    /// wake-up has come since: the store has nothing more for us until the next notification
+    /// (or poll), so reading again now would only cost a round trip.
+    caught_up: bool,
 }
 
 impl<S: EventStore + ?Sized> Subscription<S> {
@@ -57,6 +61,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             notifications,
             page_size: DEFAULT_PAGE_SIZE,
             last_position: after,
+            caught_up: false,
         }
     }
 
@@ -71,6 +76,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             notifications,
             page_size: DEFAULT_PAGE_SIZE,
             last_position: Position::START,
+            caught_up: false,
         }
     }
 
@@ -93,13 +99,13 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             if let Some(event) = self.pop() {
                 return Ok(Some(event));
             }
-            // Mark the current notification as seen *before* reading, so an append that lands
-            // after the read still wakes us up.
-            self.notifications.borrow_and_update();
             if self.fill().await? {
                 continue;
             }
-            if !self.wait_for_notification().await {
+            let open = self.wait_for_notification().await;
+            // Woken (a notification, a poll tick, or the store closing): always read again.
+            self.caught_up = false;
+            if !open {
                 // Store closed: deliver anything committed before it closed, then end.
                 if self.fill().await? {
                     continue;
@@ -127,8 +133,15 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         Some(event)
     }
 
-    /// Reads the next page into the buffer; true if it found events.
+    /// Reads the next page into the buffer; true if it found events. Skips the read when the
+    /// last one came back short and no notification has come since (see `caught_up`).
     async fn fill(&mut self) -> Result<bool, StoreError> {
+        if self.caught_up && !self.notifications.has_changed().unwrap_or(true) {
+            return Ok(false);
+        }
+        // Mark the current notification as seen *before* reading, so an append that lands
+        // after the read still wakes us up.
+        self.notifications.borrow_and_update();
         let page = match &self.cursor {
             Cursor::All { after } => {
                 let page = self.store.read_all(*after, self.page_size).await?;
@@ -142,6 +155,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             }
         };
         let found = !page.is_empty();
+        self.caught_up = page.len() < self.page_size;
         self.buffer.extend(page);
         Ok(found)
     }

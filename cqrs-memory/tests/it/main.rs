@@ -5,3 +5,4 @@ mod conformance;
 mod dispatcher;
 mod handlers;
 mod properties;
+mod subscriptions;
