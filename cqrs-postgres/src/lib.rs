@@ -112,7 +112,9 @@ impl PgEventStore {
             .max_connections(1)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(listener_options);
-        let listener = tokio::spawn(listener::run_listener(listener_pool.clone(), Arc::clone(&head)));
+        let announced = Arc::new(listener::Announced::default());
+        let listener =
+            tokio::spawn(listener::run_listener(listener_pool.clone(), Arc::clone(&head), Arc::clone(&announced)));
         let (appends, requests) = mpsc::channel(QUEUE_CAPACITY);
         let limits =
             BatchLimits { max_appends: config.max_batch_appends.max(1), max_events: config.max_batch_events.max(1) };
@@ -124,6 +126,7 @@ impl PgEventStore {
                 Arc::clone(&queue),
                 Arc::clone(&reservations),
                 Arc::clone(&head),
+                Arc::clone(&announced),
                 limits,
             ));
         }

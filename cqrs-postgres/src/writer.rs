@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::config::NOTIFY_CHANNEL;
 use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statement_error, shared_unavailable};
+use crate::listener::Announced;
 use crate::rows::append_result;
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
@@ -80,6 +81,7 @@ pub(crate) async fn run_writer(
     queue: Arc<tokio::sync::Mutex<BatchQueue<AppendRequest>>>,
     reservations: Arc<Reservations>,
     head: Arc<watch::Sender<Position>>,
+    announced: Arc<Announced>,
     limits: BatchLimits,
 ) {
     let mut connection = WriterConnection { pool, held: None };
@@ -89,7 +91,7 @@ pub(crate) async fn run_writer(
         let Some(batch) = queue.lock().await.next_batch(limits).await else {
             return;
         };
-        write_batch(&mut connection, batch, &head, &reservations).await;
+        write_batch(&mut connection, batch, &head, &announced, &reservations).await;
     }
 }
 
@@ -98,20 +100,21 @@ async fn write_batch(
     connection: &mut WriterConnection,
     mut batch: Vec<AppendRequest>,
     head: &watch::Sender<Position>,
+    announced: &Announced,
     reservations: &Reservations,
 ) {
     // Stable: appends to one stream keep their arrival order. Every store instance locks
     // streams in this order, so concurrent batches cannot deadlock on stream rows.
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
     match run_with_retries(connection, &batch).await {
-        Ok(rows) => answer(batch, &rows, head, reservations),
+        Ok(rows) => answer(batch, &rows, head, announced, reservations),
         Err(error) if batch.len() > 1 && is_statement_error(&error) => {
             // The server refused the statement, so the batch was rolled back as a whole (for
             // example another writer stored one of its event ids meanwhile, or one payload is
             // unacceptable to jsonb). Write each append alone so only the guilty one fails.
             tracing::debug!(%error, "batch refused, writing its appends one by one");
             for request in batch {
-                write_single(connection, request, head, reservations).await;
+                write_single(connection, request, head, announced, reservations).await;
             }
         }
         Err(error) if is_data_error(&error) => refuse(batch, &error),
@@ -124,6 +127,7 @@ async fn write_single(
     connection: &mut WriterConnection,
     request: AppendRequest,
     head: &watch::Sender<Position>,
+    announced: &Announced,
     reservations: &Reservations,
 ) {
     let single = vec![request];
@@ -133,7 +137,7 @@ async fn write_single(
         result = run_with_retries(connection, &single).await;
     }
     match result {
-        Ok(rows) => answer(single, &rows, head, reservations),
+        Ok(rows) => answer(single, &rows, head, announced, reservations),
         Err(error) if is_data_error(&error) => refuse(single, &error),
         Err(error) => fail(&connection.pool, single, error, head).await,
     }
@@ -160,7 +164,13 @@ async fn run_with_retries(
 
 /// Answers each request from its result row. An append that lost a version conflict and
 /// carries a command id gets its stream reserved for its retry first (see [`cqrs_core::batching`]).
-fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Position>, reservations: &Reservations) {
+fn answer(
+    batch: Vec<AppendRequest>,
+    rows: &[PgRow],
+    head: &watch::Sender<Position>,
+    announced: &Announced,
+    reservations: &Reservations,
+) {
     let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
     for row in rows {
         if let Ok(index) = row.try_get::<i32, _>("append_index") {
@@ -186,7 +196,9 @@ fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], head: &watch::Sender<Positi
         let _ = request.reply.send(outcome);
     }
     if newest > Position::START {
-        // Local subscribers need not wait for the NOTIFY round trip.
+        // Local subscribers need not wait for the NOTIFY round trip; and the NOTIFY of this
+        // batch, when it comes, need not wake them again.
+        announced.record(newest);
         head.send_modify(|position| *position = (*position).max(newest));
     }
 }
