@@ -16,9 +16,11 @@ use tokio::sync::{watch, Barrier};
 
 /// A store wrapper that counts calls and can inject faults.
 #[derive(Default)]
-struct Instrumented {
+pub(crate) struct Instrumented {
     inner: MemoryStore,
     stream_reads: AtomicU64,
+    /// `read_all` calls.
+    pub(crate) all_reads: AtomicU64,
     /// The `from` version of every `read_stream` call.
     read_from: std::sync::Mutex<Vec<Version>>,
     appends_in_flight: AtomicUsize,
@@ -60,6 +62,7 @@ impl EventStore for Instrumented {
         self.inner.read_stream(s, from, max).await
     }
     async fn read_all(&self, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.all_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_all(after, max).await
     }
     async fn stream_version(&self, s: &StreamId) -> Result<Version, StoreError> {

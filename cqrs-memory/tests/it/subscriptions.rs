@@ -1,64 +1,14 @@
 //! How often a caught-up subscription reads the store: once per wake-up, not once more after
 //! every delivered page.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cqrs_core::testing::conformance::event;
-use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId, Subscription, Version,
-};
-use cqrs_memory::MemoryStore;
-use tokio::sync::watch;
+use cqrs_core::{EventStore, ExpectedVersion, NewEvent, Position, StreamId, Subscription};
 
-/// A memory store that counts `read_all` calls.
-#[derive(Default)]
-struct Counting {
-    inner: MemoryStore,
-    reads: AtomicUsize,
-}
-
-#[async_trait]
-impl EventStore for Counting {
-    async fn append(
-        &self,
-        stream_id: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendOutcome, StoreError> {
-        self.inner.append(stream_id, expected, events).await
-    }
-    async fn read_stream(
-        &self,
-        stream_id: &StreamId,
-        from: Version,
-        max: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_stream(stream_id, from, max).await
-    }
-    async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.read_all(after, max_count).await
-    }
-    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
-        self.inner.stream_version(stream_id).await
-    }
-    async fn find_command(&self, stream_id: &StreamId, id: CommandId) -> Result<Option<AppendResult>, StoreError> {
-        self.inner.find_command(stream_id, id).await
-    }
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
-        self.inner.load_checkpoint(name).await
-    }
-    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
-        self.inner.save_checkpoint(name, position).await
-    }
-    fn notifications(&self) -> watch::Receiver<Position> {
-        self.inner.notifications()
-    }
-}
+use crate::dispatcher::Instrumented;
 
 fn stream() -> StreamId {
     StreamId::new("counted-1").expect("valid")
@@ -66,26 +16,26 @@ fn stream() -> StreamId {
 
 #[tokio::test]
 async fn a_caught_up_subscription_reads_once_per_notification() {
-    let store = Arc::new(Counting::default());
+    let store = Arc::new(Instrumented::default());
     store.append(&stream(), ExpectedVersion::Any, vec![event(1), event(2)]).await.expect("append");
     let mut feed = Subscription::all(Arc::clone(&store), Position::START);
     assert_eq!(feed.next().await.expect("read").map(|e| e.position), Some(Position(1)));
     assert_eq!(feed.next().await.expect("read").map(|e| e.position), Some(Position(2)));
-    assert_eq!(store.reads.load(Ordering::SeqCst), 1, "one short page holds both events");
+    assert_eq!(store.all_reads.load(Ordering::SeqCst), 1, "one short page holds both events");
     // Caught up: waiting reads nothing more until something is appended.
     assert!(tokio::time::timeout(Duration::from_millis(50), feed.next()).await.is_err());
-    assert_eq!(store.reads.load(Ordering::SeqCst), 1, "no read after a short page without a notification");
+    assert_eq!(store.all_reads.load(Ordering::SeqCst), 1, "no read after a short page without a notification");
     assert_eq!(feed.try_next().await.expect("read").map(|e| e.position), None);
-    assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+    assert_eq!(store.all_reads.load(Ordering::SeqCst), 1);
     // A new event: one notification, one read, delivered.
     store.append(&stream(), ExpectedVersion::Any, vec![event(3)]).await.expect("append");
     assert_eq!(feed.next().await.expect("read").map(|e| e.position), Some(Position(3)));
-    assert_eq!(store.reads.load(Ordering::SeqCst), 2);
+    assert_eq!(store.all_reads.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
 async fn a_full_page_is_followed_by_another_read() {
-    let store = Arc::new(Counting::default());
+    let store = Arc::new(Instrumented::default());
     let events: Vec<NewEvent> = (1..=5).map(event).collect();
     store.append(&stream(), ExpectedVersion::Any, events).await.expect("append");
     let mut feed = Subscription::all(Arc::clone(&store), Position::START).with_page_size(2);
@@ -96,5 +46,5 @@ async fn a_full_page_is_followed_by_another_read() {
         positions.push(event.position.0);
     }
     assert_eq!(positions, [1, 2, 3, 4, 5]);
-    assert_eq!(store.reads.load(Ordering::SeqCst), 3, "pages of 2, 2 and 1; the short one ends the catch-up");
+    assert_eq!(store.all_reads.load(Ordering::SeqCst), 3, "pages of 2, 2 and 1; the short one ends the catch-up");
 }
