@@ -125,10 +125,8 @@ async fn an_oversized_frame_closes_only_that_connection() {
     let (mut alice, _) = server.join("alice", "lounge", 0).await;
     let huge = json!({"t": "send", "ref": 1, "id": Uuid::new_v4(), "message": "x".repeat(100 * 1024)}).to_string();
     let _ = alice.ws.send(tokio_tungstenite::tungstenite::Message::Text(huge.into())).await;
-    let close = alice.closed().await;
-    if let Some(close) = close {
-        assert_eq!(close.code, CloseCode::Size, "{close:?}");
-    }
+    let close = alice.closed().await.expect("a close frame, not a dropped connection");
+    assert_eq!(close.code, CloseCode::Size, "{close:?}");
     let (mut carol, _) = server.join("carol", "lounge", 0).await;
     carol.send_message(1, Uuid::new_v4(), "after the big one").await;
     assert_eq!(ack(&mut carol).await["ok"], true);
