@@ -52,7 +52,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -347,19 +347,11 @@ async fn viewer(
             biased;
             frame = ws.next() => {
                 let now = Instant::now();
-                let text = match frame {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(close))) => {
-                        stats.ended = Some(format!("closed by server: {close:?}"));
-                        break;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(error)) => {
-                        stats.ended = Some(format!("socket failed: {error}"));
-                        break;
-                    }
-                    None => {
-                        stats.ended = Some("socket ended".to_owned());
+                let text = match text_frame(frame) {
+                    Ok(Some(text)) => text,
+                    Ok(None) => continue,
+                    Err(ended) => {
+                        stats.ended = Some(ended);
                         break;
                     }
                 };
@@ -438,19 +430,11 @@ async fn sender(
             }
             frame = ws.next() => {
                 let now = Instant::now();
-                let text = match frame {
-                    Some(Ok(Message::Text(text))) => text,
-                    Some(Ok(Message::Close(close))) => {
-                        stats.ended = Some(format!("closed by server: {close:?}"));
-                        break;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(error)) => {
-                        stats.ended = Some(format!("socket failed: {error}"));
-                        break;
-                    }
-                    None => {
-                        stats.ended = Some("socket ended".to_owned());
+                let text = match text_frame(frame) {
+                    Ok(Some(text)) => text,
+                    Ok(None) => continue,
+                    Err(ended) => {
+                        stats.ended = Some(ended);
                         break;
                     }
                 };
@@ -860,6 +844,19 @@ async fn run(args: Args) -> Result<()> {
     }});
     println!("{report}");
     Ok(())
+}
+
+/// A text frame (`Ok(Some)`), a frame to skip (`Ok(None)`), or why the socket ended (`Err`).
+fn text_frame(
+    frame: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Result<Option<Utf8Bytes>, String> {
+    match frame {
+        Some(Ok(Message::Text(text))) => Ok(Some(text)),
+        Some(Ok(Message::Close(close))) => Err(format!("closed by server: {close:?}")),
+        Some(Ok(_)) => Ok(None),
+        Some(Err(error)) => Err(format!("socket failed: {error}")),
+        None => Err("socket ended".to_owned()),
+    }
 }
 
 #[cfg(test)]
