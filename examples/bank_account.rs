@@ -4,10 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use cqrs_core::{
     spawn_handler, Aggregate, Command, CommandEnvelope, CommandId, Consistency, DispatchError, Dispatcher, DomainEvent,
-    Envelope, EventHandler, HandlerError, Progress, RunnerConfig, StreamId,
+    Envelope, EventHandler, HandlerError, Progress, RunnerConfig,
 };
 use cqrs_memory::MemoryStore;
 use serde::{Deserialize, Serialize};
@@ -18,39 +17,25 @@ struct Account {
     balance_cents: u64,
 }
 
-#[derive(Debug)]
+/// Routed to the stream `account-{id}`.
+#[derive(Debug, Command)]
+#[command(aggregate = Account)]
 enum AccountCommand {
     Open { id: String, owner: String },
     Deposit { id: String, cents: u64 },
     Withdraw { id: String, cents: u64 },
 }
 
-impl Command for AccountCommand {
-    fn stream_id(&self) -> StreamId {
-        let (AccountCommand::Open { id, .. }
-        | AccountCommand::Deposit { id, .. }
-        | AccountCommand::Withdraw { id, .. }) = self;
-        StreamId::for_aggregate(Account::CATEGORY, id).expect("account ids are short")
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type")]
+/// Stored under the names in `#[event(name)]`: the Rust variants can be renamed freely.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[event(category = "account")]
 enum AccountEvent {
+    #[event(name = "AccountOpened")]
     Opened { owner: String },
+    #[event(name = "MoneyDeposited")]
     Deposited { cents: u64 },
+    #[event(name = "MoneyWithdrawn")]
     Withdrawn { cents: u64 },
-}
-
-impl DomainEvent for AccountEvent {
-    const EVENT_TYPES: &'static [&'static str] = &["AccountOpened", "MoneyDeposited", "MoneyWithdrawn"];
-    fn event_type(&self) -> &'static str {
-        match self {
-            AccountEvent::Opened { .. } => "AccountOpened",
-            AccountEvent::Deposited { .. } => "MoneyDeposited",
-            AccountEvent::Withdrawn { .. } => "MoneyWithdrawn",
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +81,6 @@ impl Aggregate for Account {
 #[derive(Clone, Default)]
 struct Balances(Arc<Mutex<HashMap<String, i64>>>);
 
-#[async_trait]
 impl EventHandler for Balances {
     type Event = AccountEvent;
     fn name(&self) -> &str {
@@ -121,7 +105,8 @@ async fn main() -> anyhow::Result<()> {
     let balances = Balances::default();
     let runner = spawn_handler(Arc::clone(&store), balances.clone(), RunnerConfig::default(), &progress);
     let accounts = Dispatcher::<Account, _>::new(Arc::clone(&store)).with_progress(progress);
-    let strong = Consistency::strong(["balances"]);
+    // Wait for the projection, named by its running handle.
+    let strong = Consistency::strong([&runner]);
 
     let id = || "alice".to_owned();
     accounts.dispatch(AccountCommand::Open { id: id(), owner: "Alice".into() }).await?;

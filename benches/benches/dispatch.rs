@@ -129,7 +129,6 @@ fn read_your_writes(c: &mut Criterion) {
 
 struct NoopProjection;
 
-#[cqrs_core::async_trait]
 impl cqrs_core::EventHandler for NoopProjection {
     type Event = cqrs_core::testing::counter::CounterEvent;
     fn name(&self) -> &str {

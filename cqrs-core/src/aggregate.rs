@@ -5,34 +5,29 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use crate::event::{DomainEvent, Metadata, RecordedEvent};
-use crate::ids::{CausationId, CommandId, CorrelationId, EventId, StreamId};
+use crate::event::{DomainEvent, Metadata};
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId, StreamId, StreamIdError};
 
 /// An aggregate: the consistency boundary that decides which events a command produces.
 ///
 /// Both functions are pure: [`execute`](Aggregate::execute) looks at the current state and the
 /// command and returns new events (or a domain error); [`apply`](Aggregate::apply) folds one event
-/// into the state. One aggregate instance is one stream.
+/// into the state. One aggregate instance is one stream, named `{CATEGORY}-{id}`.
 ///
 /// ```
-/// use cqrs_core::{Aggregate, Command, DomainEvent, StreamId};
+/// use cqrs_core::{Aggregate, Command, DomainEvent};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Default, Clone)]
 /// struct Counter { value: u64 }
 ///
-/// #[derive(Debug)]
+/// #[derive(Debug, Command)]
+/// #[command(aggregate = Counter, id = counter)]
 /// struct Increment { counter: u32, by: u64 }
-/// impl Command for Increment {
-///     fn stream_id(&self) -> StreamId { StreamId::for_aggregate("counter", self.counter).expect("short id") }
-/// }
 ///
-/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+/// #[event(category = "counter")]
 /// struct Incremented { by: u64 }
-/// impl DomainEvent for Incremented {
-///     const EVENT_TYPES: &'static [&'static str] = &["Incremented"];
-///     fn event_type(&self) -> &'static str { "Incremented" }
-/// }
 ///
 /// #[derive(Debug, thiserror::Error, PartialEq)]
 /// #[error("overflow")]
@@ -55,6 +50,8 @@ use crate::ids::{CausationId, CommandId, CorrelationId, EventId, StreamId};
 ///
 /// let state = Counter::default().apply(&Incremented { by: 2 });
 /// assert_eq!(state.execute(&Increment { counter: 1, by: u64::MAX }), Err(Overflow));
+/// assert_eq!(Increment { counter: 1, by: 1 }.stream_id()?.as_str(), "counter-1");
+/// # Ok::<(), cqrs_core::StreamIdError>(())
 /// ```
 pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// The stream category of this aggregate's instances (`"account"` → `account-42`).
@@ -75,24 +72,58 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
 }
 
 /// A command: knows which stream (aggregate instance) it is addressed to.
+///
+/// Derive it with `#[derive(Command)]` and `#[command(aggregate = Type, id = field)]` (or
+/// `category = "..."`; the field defaults to `id`, and a field marked `#[command(id)]` wins),
+/// or write it by hand. Routing can fail: an id taken from a request may be too long or hold
+/// a control character. The dispatcher then answers [`DispatchError::InvalidStreamId`]
+/// (a 4xx) and decides nothing.
+///
+/// ```
+/// use cqrs_core::{Command, StreamIdError};
+///
+/// #[derive(Debug, Command)]
+/// #[command(category = "account")]
+/// enum AccountCommand {
+///     Open { id: String, owner: String },
+///     Close { id: String },
+/// }
+///
+/// let open = AccountCommand::Open { id: "42".into(), owner: "ada".into() };
+/// assert_eq!(open.stream_id()?.as_str(), "account-42");
+/// let oversized = AccountCommand::Close { id: "x".repeat(1000) };
+/// assert!(matches!(oversized.stream_id(), Err(StreamIdError::TooLong { .. })));
+/// # Ok::<(), StreamIdError>(())
+/// ```
+///
+/// [`DispatchError::InvalidStreamId`]: crate::DispatchError::InvalidStreamId
 pub trait Command: fmt::Debug + Send + Sync + 'static {
-    /// The stream of the aggregate instance that handles this command.
-    fn stream_id(&self) -> StreamId;
+    /// The stream of the aggregate instance that handles this command, or why the command
+    /// names no valid stream.
+    fn stream_id(&self) -> Result<StreamId, StreamIdError>;
 }
 
 /// A command with its idempotency key and tracing ids.
 ///
-/// Build one with [`CommandEnvelope::new`], or from an event with [`RecordedEvent::cause`] so
-/// causation and correlation flow from the event to the command and on to its events.
+/// Build one with [`CommandEnvelope::new`], or from an event with [`Envelope::cause`] so the
+/// command gets an id derived from the event and causation and correlation flow from the
+/// event to the command and on to its events (see [`Metadata`]).
+///
+/// Every command id is an idempotency key for its stream, whether the caller chose it or
+/// [`new`](Self::new) generated it: dispatching the same envelope again (for example after an
+/// [`Unavailable`](crate::StoreError::Unavailable) error, when the first try may have
+/// committed) applies it at most once. Ids are remembered for the store's command retention
+/// (see [`EventStore::prune_commands`](crate::EventStore::prune_commands)).
+///
+/// [`Envelope::cause`]: crate::Envelope::cause
 #[derive(Debug, Clone)]
 pub struct CommandEnvelope<C> {
     /// The command.
     pub command: C,
-    /// The command's id; doubles as its idempotency key for its stream.
+    /// The command's id; its idempotency key for its stream.
     pub command_id: CommandId,
-    /// Whether the id was set by the caller (and so is an idempotency key) or generated.
-    pub idempotent: bool,
-    /// What caused this command (an event id), if anything.
+    /// What caused this command (an event id), if anything; stored as the causation id of the
+    /// command's events.
     pub causation_id: Option<CausationId>,
     /// The conversation; defaults to a value derived from the command id.
     pub correlation_id: Option<CorrelationId>,
@@ -101,24 +132,23 @@ pub struct CommandEnvelope<C> {
 }
 
 impl<C> CommandEnvelope<C> {
-    /// Wraps a command with a fresh command id (not an idempotency key).
+    /// Wraps a command with a fresh random command id.
     pub fn new(command: C) -> Self {
         Self {
             command,
             command_id: CommandId::new(),
-            idempotent: false,
             causation_id: None,
             correlation_id: None,
             headers: HashMap::new(),
         }
     }
 
-    /// Sets the command id chosen by the caller. Dispatching the same id again to the same
-    /// stream produces no new events and returns the first outcome, even after a restart.
+    /// Sets the command id chosen by the caller (for example sent by the client with the
+    /// request). Dispatching the same id again to the same stream produces no new events and
+    /// returns the first outcome, even after a restart.
     #[must_use]
     pub fn with_command_id(mut self, command_id: CommandId) -> Self {
         self.command_id = command_id;
-        self.idempotent = true;
         self
     }
 
@@ -136,16 +166,13 @@ impl<C> CommandEnvelope<C> {
         self
     }
 
-    /// Marks this command as caused by `event`: causation = the event's id, correlation = the
-    /// event's correlation id, headers inherited.
+    /// Marks this command as the one sent at `step` in reaction to the event `event_id` with
+    /// `metadata`: its id becomes [`CommandId::derived`]`(event_id, step)`, its causation the
+    /// event, its correlation the event's, and the event's headers are inherited (without
+    /// overriding headers already set). [`Envelope::cause`](crate::Envelope::cause) calls it.
     #[must_use]
-    pub fn caused_by(self, event: &RecordedEvent) -> Self {
-        self.caused_by_event(event.event_id, &event.metadata)
-    }
-
-    /// Like [`caused_by`](Self::caused_by), from an event's id and metadata.
-    #[must_use]
-    pub fn caused_by_event(mut self, event_id: EventId, metadata: &Metadata) -> Self {
+    pub fn caused_by(mut self, event_id: EventId, metadata: &Metadata, step: &str) -> Self {
+        self.command_id = CommandId::derived(event_id, step);
         self.causation_id = Some(CausationId::from(event_id));
         self.correlation_id = metadata.correlation_id.or(self.correlation_id);
         for (key, value) in &metadata.headers {
@@ -154,11 +181,13 @@ impl<C> CommandEnvelope<C> {
         self
     }
 
-    /// The metadata given to each event this command produces.
+    /// The metadata given to each event this command produces: its command id, its causation
+    /// (what caused the command), its correlation (the command id's if none was set) and its
+    /// headers.
     pub fn event_metadata(&self) -> Metadata {
         Metadata {
             command_id: Some(self.command_id),
-            causation_id: Some(CausationId::from(self.command_id)),
+            causation_id: self.causation_id,
             correlation_id: Some(self.correlation_id.unwrap_or(CorrelationId(self.command_id.0))),
             headers: self.headers.clone(),
         }

@@ -3,8 +3,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-/// How many of the oldest entries an insertion looks at to find one that may be evicted.
+/// How many of the oldest entries an insertion looks at, beyond the ones it evicts, to find
+/// entries that may be evicted.
 pub(crate) const EVICTION_SCAN: usize = 16;
+
+/// Most entries one insertion evicts: after a burst over capacity, each insertion shrinks the
+/// map by up to this many, so no insertion does unbounded work.
+pub(crate) const MAX_EVICTIONS: usize = 64;
 
 /// A map that holds at most `capacity` entries and evicts the least recently used one.
 /// `get` and `insert` are O(log n).
@@ -32,9 +37,11 @@ impl<K: Eq + Hash + Clone, V: Clone> LruCache<K, V> {
         Some(value.clone())
     }
 
-    /// Returns the value for `key`, inserting `make()` first if absent. When full, evicts the
-    /// least recently used entry for which `evictable` holds, looking at no more than
-    /// [`EVICTION_SCAN`] of the oldest; if none may go, the map briefly exceeds its capacity.
+    /// Returns the value for `key`, inserting `make()` first if absent. When full, evicts least
+    /// recently used entries for which `evictable` holds until the map is below its capacity
+    /// again (at most [`MAX_EVICTIONS`] per call), looking at no more than [`EVICTION_SCAN`]
+    /// entries beyond those it needs to remove. If too few may go (they are in use), the map
+    /// exceeds its capacity for now, and later insertions shrink it back.
     pub(crate) fn get_or_insert_with(
         &mut self,
         key: &K,
@@ -45,13 +52,16 @@ impl<K: Eq + Hash + Clone, V: Clone> LruCache<K, V> {
             return value;
         }
         if self.entries.len() >= self.capacity {
-            let victim = self
+            let excess = (self.entries.len() + 1 - self.capacity).min(MAX_EVICTIONS);
+            let victims: Vec<(u64, K)> = self
                 .by_use
                 .iter()
-                .take(EVICTION_SCAN)
-                .find(|(_, candidate)| self.entries.get(*candidate).is_some_and(|(value, _)| evictable(value)))
-                .map(|(tick, candidate)| (*tick, candidate.clone()));
-            if let Some((tick, victim)) = victim {
+                .take(excess + EVICTION_SCAN)
+                .filter(|(_, candidate)| self.entries.get(*candidate).is_some_and(|(value, _)| evictable(value)))
+                .take(excess)
+                .map(|(tick, candidate)| (*tick, candidate.clone()))
+                .collect();
+            for (tick, victim) in victims {
                 self.by_use.remove(&tick);
                 self.entries.remove(&victim);
             }
@@ -61,6 +71,13 @@ impl<K: Eq + Hash + Clone, V: Clone> LruCache<K, V> {
         self.entries.insert(key.clone(), (value.clone(), self.tick));
         self.by_use.insert(self.tick, key.clone());
         value
+    }
+
+    /// Keeps only the entries for which `keep` holds.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.entries.retain(|_, (value, _)| keep(value));
+        let entries = &self.entries;
+        self.by_use.retain(|_, key| entries.contains_key(key));
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -97,5 +114,38 @@ mod tests {
         assert_eq!(cache.get(&"b"), None, "the oldest entry not in use went instead");
         cache.get_or_insert_with(&"d", || 1, |_| false);
         assert_eq!(cache.len(), 3, "nothing may go: the map exceeds its capacity for now");
+    }
+
+    #[test]
+    fn shrinks_back_to_capacity_after_a_burst() {
+        // A burst of 100 instances in use at once, with room for 4.
+        let mut cache = LruCache::new(4);
+        for key in 0..100 {
+            cache.get_or_insert_with(&key, || key, |_| false);
+        }
+        assert_eq!(cache.len(), 100);
+        // The burst is over: everything may go. The next insertions shrink the map.
+        cache.get_or_insert_with(&1000, || 1000, |_| true);
+        assert_eq!(cache.len(), 100 - MAX_EVICTIONS + 1, "one insertion evicts a bounded number");
+        cache.get_or_insert_with(&1001, || 1001, |_| true);
+        assert_eq!(cache.len(), 4, "back to capacity, not 100");
+        assert_eq!(cache.get(&1000), Some(1000));
+        assert_eq!(cache.get(&99), Some(99), "the most recently used survive");
+        assert_eq!(cache.get(&0), None);
+    }
+
+    #[test]
+    fn retain_drops_entries_and_their_order() {
+        let mut cache = LruCache::new(3);
+        for key in 0..3 {
+            cache.get_or_insert_with(&key, || key, |_| true);
+        }
+        cache.retain(|value| *value == 1);
+        assert_eq!(cache.len(), 1);
+        cache.get_or_insert_with(&7, || 7, |_| true);
+        cache.get_or_insert_with(&8, || 8, |_| true);
+        cache.get_or_insert_with(&9, || 9, |_| true);
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.get(&1), None, "the oldest went first");
     }
 }

@@ -9,6 +9,7 @@
 //! decides again.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +19,9 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::aggregate::{Aggregate, Command, CommandEnvelope};
 use crate::cache::LruCache;
-use crate::event::{DecodeError, NewEvent, Upcasters};
+use crate::event::{DecodeError, DomainEvent, NewEvent, Upcasters};
 use crate::handler::{Progress, ProgressError};
-use crate::ids::{CommandId, StreamId, Version};
+use crate::ids::{CommandId, StreamId, StreamIdError, Version};
 use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
 
 /// Tuning for a [`Dispatcher`].
@@ -102,11 +103,28 @@ pub enum Consistency {
 }
 
 impl Consistency {
-    /// Waits for the given handlers, up to 5 seconds.
-    pub fn strong<I: IntoIterator<Item = S>, S: Into<String>>(handlers: I) -> Self {
+    /// Waits for the given handlers, up to 5 seconds. Name them by their names (`&str`,
+    /// `String`, a constant) or by the [`RunningHandler`](crate::RunningHandler) that
+    /// [`spawn_handler`](crate::spawn_handler) returned. A name no runner reports to the
+    /// dispatcher's [`Progress`] is refused before the command runs
+    /// ([`DispatchError::UnknownHandler`]).
+    pub fn strong<I>(handlers: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
         Consistency::Strong {
-            handlers: handlers.into_iter().map(Into::into).collect(),
+            handlers: handlers.into_iter().map(|name| name.as_ref().to_owned()).collect(),
             timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The same, with another longest wait.
+    #[must_use]
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        match self {
+            Consistency::Eventual => Consistency::Eventual,
+            Consistency::Strong { handlers, .. } => Consistency::Strong { handlers, timeout },
         }
     }
 }
@@ -134,6 +152,25 @@ pub enum DispatchError<E: std::error::Error + 'static> {
     /// The aggregate refused the command; nothing was stored. Show it to the user (a 4xx).
     #[error("command rejected: {0}")]
     Rejected(#[source] E),
+    /// The command names no valid stream ([`Command::stream_id`] failed, for example an id
+    /// from a request that is too long); nothing was decided or stored. A 4xx.
+    #[error("the command names no valid stream: {0}")]
+    InvalidStreamId(#[source] StreamIdError),
+    /// [`Consistency::Strong`] named a handler that no runner reports to this dispatcher's
+    /// [`Progress`] (a misspelt name, or a handler not started); nothing was decided or
+    /// stored. A bug in the caller.
+    #[error("no handler named {0:?} reports progress to this dispatcher; check the name")]
+    UnknownHandler(String),
+    /// The aggregate produced an event that its event type does not declare for the
+    /// aggregate's category ([`DomainEvent::accepts`]): handlers would never see it, so it
+    /// was not stored. A bug in a hand-written [`DomainEvent`] impl (the derive cannot make it).
+    #[error("event type {event_type:?} is not declared for category {category:?}; it was not stored")]
+    UndeclaredEventType {
+        /// The event's type name.
+        event_type: &'static str,
+        /// The aggregate's category.
+        category: &'static str,
+    },
     /// Other writers kept changing the stream; the command was decided `attempts` times. Retry
     /// later or reduce contention on this instance.
     #[error("gave up on {stream_id} after {attempts} version conflicts")]
@@ -187,7 +224,16 @@ impl<A: Aggregate> Instance<A> {
     }
 }
 
-type InstanceSlot<A> = Arc<AsyncMutex<Instance<A>>>;
+/// One cached instance: its state behind the async mutex that serialises its commands, and a
+/// flag set by [`Dispatcher::clear_cache`] while a command holds the mutex, so the next
+/// command starts from the store.
+#[derive(Debug, Default)]
+struct Slot<A> {
+    instance: AsyncMutex<Instance<A>>,
+    stale: AtomicBool,
+}
+
+type InstanceSlot<A> = Arc<Slot<A>>;
 
 /// Routes commands of aggregate `A` to their instances in store `S`.
 ///
@@ -279,10 +325,15 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         envelope: CommandEnvelope<A::Command>,
         consistency: &Consistency,
     ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
-        let stream_id = envelope.command.stream_id();
+        let stream_id = envelope.command.stream_id().map_err(DispatchError::InvalidStreamId)?;
+        if let Consistency::Strong { handlers, .. } = consistency {
+            if let Some(unknown) = handlers.iter().find(|name| !self.progress.is_registered(name)) {
+                return Err(DispatchError::UnknownHandler(unknown.clone()));
+            }
+        }
         let outcome = {
             let slot = self.slot(&stream_id);
-            let mut instance = slot.lock().await;
+            let mut instance = Self::lock(&slot).await;
             self.run(&stream_id, &mut instance, &envelope).await?
         };
         if let (Consistency::Strong { handlers, timeout }, Some(appended)) = (consistency, outcome.appended) {
@@ -299,15 +350,33 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     /// with its version. Useful for tests and for queries that must see the write model.
     pub async fn load(&self, stream_id: &StreamId) -> Result<(A, Version), DispatchError<A::Error>> {
         let slot = self.slot(stream_id);
-        let mut instance = slot.lock().await;
+        let mut instance = Self::lock(&slot).await;
         self.catch_up(stream_id, &mut instance).await?;
         Ok((instance.state.clone(), instance.version))
     }
 
-    /// Drops every warm instance; the next command on each reloads from the store.
+    /// Drops every warm instance; the next command on each reloads from the store. An
+    /// instance a command is running on stays in the cache (so commands on it stay one at a
+    /// time) and is reloaded by the command after it.
     pub fn clear_cache(&self) {
         let mut instances = self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *instances = LruCache::new(self.config.cache_capacity);
+        instances.retain(|slot| {
+            let in_use = Arc::strong_count(slot) > 1;
+            if in_use {
+                slot.stale.store(true, Ordering::Release);
+            }
+            in_use
+        });
+    }
+
+    /// Locks a slot's instance; an instance marked stale by [`clear_cache`](Self::clear_cache)
+    /// is emptied first, so it is reloaded.
+    async fn lock(slot: &Slot<A>) -> tokio::sync::MutexGuard<'_, Instance<A>> {
+        let mut instance = slot.instance.lock().await;
+        if slot.stale.swap(false, Ordering::AcqRel) {
+            *instance = Instance::default();
+        }
+        instance
     }
 
     /// How many aggregate instances are warm in the cache.
@@ -319,57 +388,60 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         let mut instances = self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // An instance whose slot is held elsewhere (a command is running on it) stays cached:
         // evicting it would let a second slot for the same stream run concurrently.
-        instances.get_or_insert_with(
-            stream_id,
-            || Arc::new(AsyncMutex::new(Instance::default())),
-            |slot| Arc::strong_count(slot) == 1,
-        )
+        instances.get_or_insert_with(stream_id, || Arc::new(Slot::default()), |slot| Arc::strong_count(slot) == 1)
     }
 
     /// Decides and appends, retrying on conflicts. The caller holds the instance lock.
+    ///
+    /// A decision that stores nothing (a refusal, or no events) is trusted only when it was
+    /// made on state read from the store during this call; on cached state the instance first
+    /// catches up, and if another writer had moved it, decides again. A decision that stores
+    /// events needs no such check: the append's expected version catches stale state.
     async fn run(
         &self,
         stream_id: &StreamId,
         instance: &mut Instance<A>,
         envelope: &CommandEnvelope<A::Command>,
     ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
+        let mut fresh = false;
         if !instance.loaded {
             self.catch_up(stream_id, instance).await?;
+            fresh = true;
         }
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let events = match instance.state.execute(&envelope.command) {
-                Ok(events) => events,
-                Err(rejection) => {
-                    // A repeated command may be refused by the state it itself produced; answer
-                    // with the first outcome instead.
+            let decision = instance.state.execute(&envelope.command);
+            let events = match decision {
+                Ok(events) if !events.is_empty() => events,
+                decision => {
+                    // A repeated command may be refused (or be a no-op) in the state it itself
+                    // produced; answer with the first outcome instead.
                     if let Some(outcome) = self.previous_outcome(stream_id, envelope).await? {
                         return Ok(outcome);
                     }
-                    // Never refuse on stale state: another process may have written since we
-                    // cached. Only a refusal by the current state stands.
-                    let cached = instance.version;
-                    self.catch_up(stream_id, instance).await?;
-                    if instance.version != cached && attempts <= self.config.max_conflict_retries {
-                        continue;
+                    // Never trust a decision that stores nothing on stale state: another process
+                    // may have written since we cached. Only a decision on current state stands.
+                    if !fresh {
+                        let cached = instance.version;
+                        self.catch_up(stream_id, instance).await?;
+                        fresh = true;
+                        if instance.version != cached && attempts <= self.config.max_conflict_retries {
+                            continue;
+                        }
                     }
-                    return Err(DispatchError::Rejected(rejection));
+                    return match decision {
+                        Ok(_no_events) => Ok(self.outcome(stream_id, envelope, None, instance.version, false)),
+                        Err(rejection) => Err(DispatchError::Rejected(rejection)),
+                    };
                 }
             };
-            if events.is_empty() {
-                if let Some(outcome) = self.previous_outcome(stream_id, envelope).await? {
-                    return Ok(outcome);
-                }
-                return Ok(self.outcome(stream_id, envelope, None, instance.version, false));
-            }
-            let metadata = envelope.event_metadata();
-            let new_events = events
-                .iter()
-                .map(|event| NewEvent::from_domain(event, metadata.clone()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(DispatchError::Encode)?;
+            let new_events = Self::encode(&events, envelope)?;
             let expected = ExpectedVersion::Exact(instance.version);
+            // Until the append's outcome is applied below, the cached state may lag the store: if
+            // this future is dropped while the append is in flight, the next command catches up
+            // before deciding.
+            instance.loaded = false;
             match self.store.append(stream_id, expected, new_events).await {
                 Ok(AppendOutcome::Appended(appended)) => {
                     let previous = instance.version;
@@ -390,6 +462,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                         tokio::time::sleep(conflict_backoff(attempts)).await;
                     }
                     self.catch_up(stream_id, instance).await?;
+                    fresh = true;
                 }
                 Err(StoreError::Conflict { .. }) => {
                     self.catch_up(stream_id, instance).await?;
@@ -403,6 +476,25 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                 }
             }
         }
+    }
+
+    /// Serializes the events a command produced, refusing any its event type does not declare
+    /// for this aggregate's category (handlers would silently pass it over).
+    fn encode(
+        events: &[A::Event],
+        envelope: &CommandEnvelope<A::Command>,
+    ) -> Result<Vec<NewEvent>, DispatchError<A::Error>> {
+        let metadata = envelope.event_metadata();
+        events
+            .iter()
+            .map(|event| {
+                let event_type = event.event_type();
+                if !A::Event::EVENT_TYPES.contains(&event_type) || !A::Event::accepts(A::CATEGORY, event_type) {
+                    return Err(DispatchError::UndeclaredEventType { event_type, category: A::CATEGORY });
+                }
+                NewEvent::from_domain(event, metadata.clone()).map_err(DispatchError::Encode)
+            })
+            .collect()
     }
 
     /// Reads the events after the instance's version and applies them (starting from the
@@ -478,14 +570,12 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         }
     }
 
+    /// The outcome of the first handling of this command id, if it was stored before.
     async fn previous_outcome(
         &self,
         stream_id: &StreamId,
         envelope: &CommandEnvelope<A::Command>,
     ) -> Result<Option<DispatchOutcome>, DispatchError<A::Error>> {
-        if !envelope.idempotent {
-            return Ok(None);
-        }
         let first = self.store.find_command(stream_id, envelope.command_id).await?;
         Ok(first.map(|first| self.outcome(stream_id, envelope, Some(first), first.last_version, true)))
     }

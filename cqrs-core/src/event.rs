@@ -12,38 +12,60 @@ use serde_json::Value;
 
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
 
-/// A domain event: a serde type with a stable name per variant and a schema version.
+/// A domain event: a type with a stable stored name per variant and a schema version, decoded
+/// from the store by that name.
 ///
-/// The name returned by [`event_type`](DomainEvent::event_type) is stored next to the payload;
-/// keep it stable forever (rename the Rust variant freely, never the string). When the shape of
-/// an event changes, raise [`schema_version`](DomainEvent::schema_version) for it and register an
-/// [`Upcaster`] that turns the old stored JSON into the new shape.
+/// Derive it (feature `derive`, on by default): each name is then written once.
 ///
 /// ```
 /// use cqrs_core::DomainEvent;
 /// use serde::{Deserialize, Serialize};
 ///
-/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-/// #[serde(tag = "type")]
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+/// #[event(category = "account")]
 /// enum AccountEvent {
+///     #[event(name = "AccountOpened")]
 ///     Opened { owner: String },
+///     #[event(name = "MoneyDeposited", version = 2)]
 ///     Deposited { amount_cents: u64 },
 /// }
 ///
-/// impl DomainEvent for AccountEvent {
-///     const EVENT_TYPES: &'static [&'static str] = &["AccountOpened", "MoneyDeposited"];
-///     fn event_type(&self) -> &'static str {
-///         match self {
-///             AccountEvent::Opened { .. } => "AccountOpened",
-///             AccountEvent::Deposited { .. } => "MoneyDeposited",
-///         }
-///     }
-/// }
-/// assert_eq!(AccountEvent::Deposited { amount_cents: 5 }.event_type(), "MoneyDeposited");
+/// let deposit = AccountEvent::Deposited { amount_cents: 5 };
+/// assert_eq!(deposit.event_type(), "MoneyDeposited");
+/// assert_eq!(deposit.schema_version(), 2);
+/// assert_eq!(AccountEvent::EVENT_TYPES, ["AccountOpened", "MoneyDeposited"]);
+/// // The payload is the variant's content; the stored name says which variant it is.
+/// let payload = deposit.encode()?;
+/// assert_eq!(payload, serde_json::json!({ "amount_cents": 5 }));
+/// assert_eq!(AccountEvent::decode("MoneyDeposited", &payload)?, deposit);
+/// // Handlers take an event only from streams of its aggregate's category.
+/// assert!(AccountEvent::accepts("account", "AccountOpened"));
+/// assert!(!AccountEvent::accepts("door", "AccountOpened"));
+/// # Ok::<(), serde_json::Error>(())
 /// ```
+///
+/// The attributes: on the enum, `#[event(category = "...")]` (required: the stream category of
+/// the aggregate that emits these events, `"*"` for any) and optionally `version = N` (the
+/// default schema version); on a variant, `name = "..."` (default: the variant's name),
+/// `version = N` and `category = "..."`. The stored name is the contract: keep it stable
+/// forever, and the Rust variant can be renamed freely, because stored events are decoded by
+/// the name stored with them. A newtype variant `Opened(Opened)` stores the inner value as
+/// serde writes it (with all its serde attributes); a struct variant stores one key per field.
+/// When the shape of an event changes, raise its `version` and register an [`Upcaster`] that
+/// turns the old stored JSON into the new shape. The derive also works on a struct, which is
+/// then the one event type (`#[event(name = "...", category = "...")]` on the struct).
+///
+/// # Writing it by hand
+///
+/// Hand-written impls give [`EVENT_TYPES`](DomainEvent::EVENT_TYPES) and
+/// [`event_type`](DomainEvent::event_type), and by default store the value as serde writes it
+/// and decode it with serde (so the serde representation, not the stored name, picks the
+/// variant) and accept the event types in any stream category. Override
+/// [`encode`](DomainEvent::encode), [`decode`](DomainEvent::decode) and
+/// [`accepts`](DomainEvent::accepts) to get what the derive does. The dispatcher refuses to
+/// store an event whose type name is missing from `EVENT_TYPES` (handlers would never see it).
 pub trait DomainEvent: Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Sync + 'static {
-    /// Every name [`event_type`](DomainEvent::event_type) can return. Handlers use it to pick
-    /// the stored events they can decode.
+    /// Every name [`event_type`](DomainEvent::event_type) can return.
     const EVENT_TYPES: &'static [&'static str];
 
     /// The stable stored name of this event.
@@ -53,18 +75,44 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + fmt::Debug + Send 
     fn schema_version(&self) -> u32 {
         1
     }
+
+    /// Whether a stored event named `event_type`, in a stream of `category`, is one of this
+    /// type's events: what handlers of this type subscribe to. By default, any of
+    /// [`EVENT_TYPES`](DomainEvent::EVENT_TYPES) in any category; the derive also checks the
+    /// category.
+    fn accepts(category: &str, event_type: &str) -> bool {
+        let _ = category;
+        Self::EVENT_TYPES.contains(&event_type)
+    }
+
+    /// The payload to store. By default, the value as serde writes it.
+    fn encode(&self) -> Result<Value, serde_json::Error> {
+        serde_json::to_value(self)
+    }
+
+    /// The event from a stored (and upcast) payload and its stored type name. By default,
+    /// serde reads the payload and the name is not consulted.
+    fn decode(event_type: &str, payload: &Value) -> Result<Self, serde_json::Error> {
+        let _ = event_type;
+        Self::deserialize(payload)
+    }
 }
 
 /// Metadata carried by every event: where it came from and what it belongs to.
 ///
-/// The dispatcher fills it in: `command_id` is the command that produced the event,
-/// `causation_id` is that command's id, and `correlation_id` is inherited from the command
-/// (which inherits it from the event that caused the command, see [`RecordedEvent::cause`]).
+/// The dispatcher fills it in from the [`CommandEnvelope`](crate::CommandEnvelope):
+/// `command_id` is the command that produced the event, `causation_id` is what caused that
+/// command (the triggering event's id for a command made with [`Envelope::cause`]; `None` for
+/// a command from outside), and `correlation_id` is inherited from the command (which inherits
+/// it from the event that caused it). So a chain of steps can be followed backwards: event →
+/// its `command_id` → that command's cause, stored as the event's `causation_id` → the event
+/// before it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
     /// The command whose handling produced this event.
     pub command_id: Option<CommandId>,
-    /// The message that directly caused this event (normally the command).
+    /// What caused the command that produced this event: an event id for a follow-up command,
+    /// `None` for a command from outside.
     pub causation_id: Option<CausationId>,
     /// The conversation this event belongs to.
     pub correlation_id: Option<CorrelationId>,
@@ -90,13 +138,13 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    /// Serializes a domain event with fresh id and the given metadata.
+    /// Encodes a domain event ([`DomainEvent::encode`]) with a fresh id and the given metadata.
     pub fn from_domain<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self, serde_json::Error> {
         Ok(Self {
             event_id: EventId::new(),
             event_type: event.event_type().to_owned(),
             schema_version: event.schema_version(),
-            payload: serde_json::to_value(event)?,
+            payload: event.encode()?,
             metadata,
         })
     }
@@ -128,10 +176,14 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
-    /// Starts a command caused by this event: its causation id is this event's id and its
-    /// correlation id is this event's correlation id, so the chain can be followed later.
-    pub fn cause<C>(&self, command: C) -> crate::CommandEnvelope<C> {
-        crate::CommandEnvelope::new(command).caused_by(self)
+    /// Starts a command caused by this event at `step` (see [`Envelope::cause`]).
+    pub fn cause<C>(&self, step: &str, command: C) -> crate::CommandEnvelope<C> {
+        crate::CommandEnvelope::new(command).caused_by(self.event_id, &self.metadata, step)
+    }
+
+    /// The category of the event's stream (see [`StreamId::category`]).
+    pub fn category(&self) -> &str {
+        self.stream_id.category()
     }
 }
 
@@ -155,10 +207,34 @@ pub struct Envelope<E> {
 }
 
 impl<E> Envelope<E> {
-    /// Starts a command caused by this event (see [`RecordedEvent::cause`]): handlers use it so
-    /// causation and correlation flow on to the commands they dispatch.
-    pub fn cause<C>(&self, command: C) -> crate::CommandEnvelope<C> {
-        crate::CommandEnvelope::new(command).caused_by_event(self.event_id, &self.metadata)
+    /// Starts a command caused by this event, for a handler that reacts to it.
+    ///
+    /// The command's id is [`CommandId::derived`] from this event's id and `step`, so when the
+    /// event is delivered again (delivery is at least once), the same command id is dispatched
+    /// again and the store answers it as a duplicate: the follow-up is applied once. Give each
+    /// command a handler sends for one event its own `step` (for example
+    /// `"billing:charge-card"`), and two handlers reacting to the same event different steps.
+    /// Causation (this event's id) and correlation (this event's) flow on to the command and
+    /// its events, and so do this event's headers.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use cqrs_core::{CommandId, Envelope, EventId, Metadata, Position, StreamId, Timestamp, Version};
+    /// # let envelope = Envelope { event: (), event_id: EventId::new(), stream_id: StreamId::new("order-1").unwrap(),
+    /// #     version: Version(1), position: Position(1), recorded_at: Timestamp::now(), metadata: Arc::default() };
+    /// let first = envelope.cause("shipping:reserve", "reserve order-1");
+    /// let redelivered = envelope.cause("shipping:reserve", "reserve order-1");
+    /// assert_eq!(first.command_id, redelivered.command_id);
+    /// assert_eq!(first.command_id, CommandId::derived(envelope.event_id, "shipping:reserve"));
+    /// assert_ne!(first.command_id, envelope.cause("billing:charge", "charge").command_id);
+    /// ```
+    pub fn cause<C>(&self, step: &str, command: C) -> crate::CommandEnvelope<C> {
+        crate::CommandEnvelope::new(command).caused_by(self.event_id, &self.metadata, step)
+    }
+
+    /// The category of the event's stream (see [`StreamId::category`]).
+    pub fn category(&self) -> &str {
+        self.stream_id.category()
     }
 }
 
@@ -292,10 +368,11 @@ impl Upcasters {
         })
     }
 
-    /// Decodes only the payload of a stored event, upcasting first.
+    /// Decodes only the payload of a stored event, upcasting first. The event is decoded by
+    /// its stored (and upcast) type name ([`DomainEvent::decode`]).
     pub fn decode_payload<E: DomainEvent>(&self, recorded: &RecordedEvent) -> Result<E, DecodeError> {
         let current = self.upcast(recorded)?;
-        E::deserialize(&*current.payload).map_err(|source| DecodeError::Payload {
+        E::decode(&current.event_type, &current.payload).map_err(|source| DecodeError::Payload {
             event_type: current.event_type.to_string(),
             schema_version: current.schema_version,
             position: current.position,

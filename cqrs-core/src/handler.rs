@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use async_trait::async_trait;
+use std::future::Future;
+
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::dispatcher::DispatchError;
 use crate::event::{DomainEvent, Envelope, RecordedEvent, Upcasters};
 use crate::ids::Position;
 use crate::store::{EventStore, StoreError};
@@ -35,13 +37,30 @@ impl From<StoreError> for HandlerError {
     }
 }
 
+/// A failed follow-up command is a handler failure: `dispatcher.dispatch(cmd).await?` works in
+/// [`EventHandler::handle`].
+impl<E: std::error::Error + Send + Sync + 'static> From<DispatchError<E>> for HandlerError {
+    fn from(error: DispatchError<E>) -> Self {
+        Self::new(error)
+    }
+}
+
 /// A named consumer of events: a projection that builds a read model, or a side effect (send a
-/// mail, dispatch a follow-up command with [`RecordedEvent::cause`]).
+/// mail, dispatch a follow-up command made with [`Envelope::cause`], whose id is derived from
+/// the event so a redelivery cannot apply it twice).
 ///
 /// The [`name`](EventHandler::name) identifies the handler's checkpoint: keep it stable, or
 /// change it on purpose to replay from the start. Delivery is at least once, so `handle` must
 /// be idempotent (a projection can compare `event.position` with what it has stored).
-#[async_trait]
+///
+/// A handler takes the events its [`Event`](EventHandler::Event) type declares for their
+/// stream category ([`DomainEvent::accepts`]); with the derive that is the category and names
+/// of the event enum. An event it takes but cannot decode is a failure like any other: the
+/// runner retries it and reports the handler `Retrying`, then `Stuck`; it never passes it over.
+///
+/// `handle` is a native `async fn` (no `#[async_trait]` needed): write
+/// `async fn handle(&self, event: Envelope<MyEvent>) -> Result<(), HandlerError>`; its future
+/// must be `Send`, since the runner is a tokio task.
 pub trait EventHandler: Send + Sync + 'static {
     /// The events this handler decodes.
     type Event: DomainEvent;
@@ -49,15 +68,16 @@ pub trait EventHandler: Send + Sync + 'static {
     /// The stable name of the handler and its checkpoint.
     fn name(&self) -> &str;
 
-    /// Whether this event is for this handler. By default: its type is one of
-    /// [`DomainEvent::EVENT_TYPES`]. The runner asks with the event already upcast (current
-    /// type and shape). Events not of interest still advance the checkpoint.
+    /// Whether this event is for this handler. By default: its event type accepts it
+    /// ([`DomainEvent::accepts`], by stream category and type name). The runner asks with the
+    /// event already upcast (current type and shape). Events not of interest still advance the
+    /// checkpoint.
     fn interested(&self, event: &RecordedEvent) -> bool {
-        Self::Event::EVENT_TYPES.contains(&&*event.event_type)
+        Self::Event::accepts(event.category(), &event.event_type)
     }
 
     /// Handles one event. An error makes the runner retry this same event with back-off.
-    async fn handle(&self, event: Envelope<Self::Event>) -> Result<(), HandlerError>;
+    fn handle(&self, event: Envelope<Self::Event>) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
 /// What a handler runner is doing.
@@ -146,6 +166,11 @@ impl Progress {
     fn register(&self, name: &str, status: watch::Receiver<HandlerStatus>) {
         let mut handlers = self.handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         handlers.insert(name.to_owned(), status);
+    }
+
+    /// Whether a runner named `name` reports to this registry.
+    pub fn is_registered(&self, name: &str) -> bool {
+        self.handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(name)
     }
 
     /// The latest status of a handler.
@@ -253,6 +278,14 @@ pub struct RunningHandler {
     status: watch::Receiver<HandlerStatus>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+/// A running handler names itself, so it can be passed to
+/// [`Consistency::strong`](crate::Consistency::strong).
+impl AsRef<str> for RunningHandler {
+    fn as_ref(&self) -> &str {
+        &self.name
+    }
 }
 
 impl RunningHandler {
@@ -463,14 +496,7 @@ impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
         match self.config.start_from {
             StartFrom::Origin => Ok(Position::START),
             StartFrom::Current => {
-                let mut head = Position::START;
-                loop {
-                    let page = self.retrying(Position::START, || store.read_all(head, 4096)).await?;
-                    match page.last() {
-                        Some(last) => head = last.position,
-                        None => break,
-                    }
-                }
+                let head = self.retrying(Position::START, || store.head()).await?;
                 // Saved at once: a restart before the first event must not move the start past
                 // events stored since this first start.
                 if durable {

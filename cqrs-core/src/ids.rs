@@ -71,6 +71,19 @@ impl StreamId {
     pub fn category(&self) -> &str {
         self.0.split_once('-').map_or(&self.0, |(category, _)| category)
     }
+
+    /// The instance's id within its category: the part after the first `-` (`"42"` in
+    /// `"account-42"`), or `""` if there is none.
+    ///
+    /// ```
+    /// # use cqrs_core::StreamId;
+    /// let stream = StreamId::for_aggregate("order", "2026-0001")?;
+    /// assert_eq!((stream.category(), stream.aggregate_id()), ("order", "2026-0001"));
+    /// # Ok::<(), cqrs_core::StreamIdError>(())
+    /// ```
+    pub fn aggregate_id(&self) -> &str {
+        self.0.split_once('-').map_or("", |(_, id)| id)
+    }
 }
 
 impl<'de> Deserialize<'de> for StreamId {
@@ -211,6 +224,34 @@ uuid_id!(
     CausationId
 );
 
+/// The namespace of [`CommandId::derived`] ids (a fixed random UUID: derived ids never collide
+/// with another system's v5 ids of the same input).
+const DERIVED_COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x8f0e_4a5c_93d1_4c6e_b7a2_5e1f_0c9d_3a47);
+
+impl CommandId {
+    /// The id of the command that reacting to event `cause` at `step` sends: a name-based
+    /// (v5) UUID of the two, the same on every call.
+    ///
+    /// This is what makes a follow-up command safe under at-least-once delivery: a handler (or
+    /// process manager) that sees the same event again dispatches the same id again, and the
+    /// store answers it as a duplicate. `step` tells apart the commands sent for one event
+    /// (and the handlers that send them): `"billing:charge-card"`, `"stock:reserve-line-2"`.
+    ///
+    /// ```
+    /// # use cqrs_core::{CommandId, EventId};
+    /// let event = EventId::new();
+    /// assert_eq!(CommandId::derived(event, "charge"), CommandId::derived(event, "charge"));
+    /// assert_ne!(CommandId::derived(event, "charge"), CommandId::derived(event, "refund"));
+    /// assert_ne!(CommandId::derived(event, "charge"), CommandId::derived(EventId::new(), "charge"));
+    /// ```
+    pub fn derived(cause: EventId, step: &str) -> Self {
+        let mut name = Vec::with_capacity(16 + step.len());
+        name.extend_from_slice(cause.0.as_bytes());
+        name.extend_from_slice(step.as_bytes());
+        Self(Uuid::new_v5(&DERIVED_COMMAND_NAMESPACE, &name))
+    }
+}
+
 impl From<CommandId> for CausationId {
     fn from(id: CommandId) -> Self {
         Self(id.0)
@@ -242,6 +283,18 @@ impl Timestamp {
     pub fn as_micros(self) -> i64 {
         self.0
     }
+
+    /// The time `duration` before this one (saturating at the earliest representable time).
+    #[must_use]
+    pub fn minus(self, duration: std::time::Duration) -> Self {
+        Self(self.0.saturating_sub(i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)))
+    }
+
+    /// The time `duration` after this one (saturating).
+    #[must_use]
+    pub fn plus(self, duration: std::time::Duration) -> Self {
+        Self(self.0.saturating_add(i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)))
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +309,8 @@ mod tests {
         let id = StreamId::for_aggregate("account", 42).expect("valid id");
         assert_eq!(id.as_str(), "account-42");
         assert_eq!(id.category(), "account");
+        assert_eq!(id.aggregate_id(), "42");
+        assert_eq!(StreamId::new("solo").expect("valid").aggregate_id(), "");
     }
 
     #[test]

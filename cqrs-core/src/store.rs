@@ -6,7 +6,10 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::event::{NewEvent, RecordedEvent};
-use crate::ids::{CommandId, Position, StreamId, Version};
+use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
+
+/// How long stores remember a command id by default (see [`EventStore::prune_commands`]).
+pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The most events one append may carry.
 pub const MAX_EVENTS_PER_APPEND: usize = 10_000;
@@ -147,7 +150,15 @@ impl StoreError {
 ///   reader that resumes from the last position it saw);
 /// - an append whose events carry a command id already stored for that stream writes nothing
 ///   and returns [`AppendOutcome::Duplicate`] with the first result (checked before the version);
-/// - [`notifications`](EventStore::notifications) changes after new events become readable.
+/// - [`notifications`](EventStore::notifications) changes after new events become readable;
+/// - [`head`](EventStore::head) is the position of the last event `read_all` can return now.
+///
+/// The trait is object-safe, so an application can pick its store at run time and hold an
+/// `Arc<dyn EventStore>`; that is why it is written with [`macro@async_trait`] (boxed
+/// futures), while the traits users implement for their own code ([`EventHandler`]) use
+/// native `async fn`. Implementations write `#[cqrs_core::async_trait]` on their impl.
+///
+/// [`EventHandler`]: crate::EventHandler
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream_id` if its version satisfies `expected`. All events of one
@@ -172,6 +183,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// `after`, in position order.
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// Where the log ends now: the position of the last event that [`read_all`] can return,
+    /// `Position::START` when there is none. Every event at or below it is readable, and no
+    /// event can later appear below it, so a reader that starts after the head misses nothing
+    /// stored after this call, and one that has delivered the head has seen everything stored
+    /// before it.
+    ///
+    /// [`read_all`]: EventStore::read_all
+    async fn head(&self) -> Result<Position, StoreError>;
+
     /// The current version of a stream (`Version::NONE` if it has no events).
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError>;
 
@@ -188,6 +208,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// Saves the checkpoint `name`. Stores never move a checkpoint backwards by themselves; the
     /// caller decides (a handler reset may save a lower position).
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError>;
+
+    /// Forgets the command ids stored before `older_than`, so the idempotency records do not
+    /// grow for ever; returns how many were forgotten. After that, a command with such an id
+    /// is decided again like a new one. Stores call it themselves on a schedule, keeping ids
+    /// for their configured command retention (7 days by default: the idempotency promise
+    /// holds for that long); call it to prune at once. Stores that keep every id answer 0.
+    async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
+        let _ = older_than;
+        Ok(0)
+    }
 
     /// A signal that changes (to the newest known position, or any larger token) whenever new
     /// events may have become readable. Subscribers use it only as a wake-up and always read

@@ -116,6 +116,11 @@ impl<S: EventStore + ?Sized> Subscription<S> {
     }
 
     /// Returns the next event if one is already stored, without waiting for new ones.
+    ///
+    /// Both this and [`next`](Self::next) are cancel-safe: the subscription's state (its
+    /// position, its buffer, and which wake-ups it has consumed) changes only when a store read
+    /// has succeeded. A read that fails, or a future dropped mid-read (a `select!` whose other
+    /// branch won), leaves the pending wake-up in place, so the next call reads again.
     pub async fn try_next(&mut self) -> Result<Option<RecordedEvent>, StoreError> {
         if self.buffer.is_empty() {
             self.fill().await?;
@@ -139,9 +144,12 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         if self.caught_up && !self.notifications.has_changed().unwrap_or(true) {
             return Ok(false);
         }
-        // Mark the current notification as seen *before* reading, so an append that lands
-        // after the read still wakes us up.
-        self.notifications.borrow_and_update();
+        // The notification current now counts as seen once this read succeeds: marked on a
+        // copy of the receiver *before* reading (so an append that lands during the read still
+        // wakes us up), and the copy kept only after the read. A failed or cancelled read thus
+        // leaves the wake-up pending.
+        let mut seen = self.notifications.clone();
+        seen.borrow_and_update();
         let page = match &self.cursor {
             Cursor::All { after } => {
                 let page = self.store.read_all(*after, self.page_size).await?;
@@ -155,6 +163,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             }
         };
         let found = !page.is_empty();
+        self.notifications = seen;
         self.caught_up = page.len() < self.page_size;
         self.buffer.extend(page);
         Ok(found)

@@ -1,12 +1,13 @@
 #![doc = include_str!("../README.md")]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::{
     validate_append, AppendOutcome, AppendResult, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, Position,
-    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version,
+    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
 
@@ -22,6 +23,8 @@ struct Inner {
     state: RwLock<State>,
     /// The position of the newest event; subscribers wake up when it changes.
     head: watch::Sender<Position>,
+    /// How long command ids are remembered; `None` = for ever.
+    command_retention: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -30,8 +33,11 @@ struct State {
     log: Log,
     /// For each stream, the log index of each of its events (version `v` at `[v - 1]`).
     streams: HashMap<StreamId, Vec<usize>>,
-    /// The result of every stored command id, per stream.
+    /// The result of every remembered command id, per stream.
     commands: HashMap<(StreamId, CommandId), AppendResult>,
+    /// The remembered command ids in the order they were stored, with when: pruning pops
+    /// from the front.
+    command_times: VecDeque<(Timestamp, StreamId, CommandId)>,
     event_ids: HashSet<EventId>,
     checkpoints: HashMap<String, Position>,
     snapshots: HashMap<StreamId, Snapshot>,
@@ -84,6 +90,23 @@ impl Log {
     }
 }
 
+impl State {
+    /// Forgets the command ids stored before `older_than`; returns how many.
+    fn prune_commands(&mut self, older_than: Timestamp) -> u64 {
+        let mut pruned = 0;
+        while let Some((stored_at, _, _)) = self.command_times.front() {
+            if *stored_at >= older_than {
+                break;
+            }
+            if let Some((_, stream_id, command_id)) = self.command_times.pop_front() {
+                self.commands.remove(&(stream_id, command_id));
+                pruned += 1;
+            }
+        }
+        pruned
+    }
+}
+
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryStore").field("events", &self.len()).finish()
@@ -97,10 +120,17 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store that remembers command ids for
+    /// [`DEFAULT_COMMAND_RETENTION`] (7 days).
     pub fn new() -> Self {
+        Self::with_command_retention(Some(DEFAULT_COMMAND_RETENTION))
+    }
+
+    /// An empty store that remembers command ids for `retention` (`None`: for ever). Older
+    /// ones are forgotten as new commands are stored.
+    pub fn with_command_retention(retention: Option<Duration>) -> Self {
         let (head, _) = watch::channel(Position::START);
-        Self { inner: Arc::new(Inner { state: RwLock::new(State::default()), head }) }
+        Self { inner: Arc::new(Inner { state: RwLock::new(State::default()), head, command_retention: retention }) }
     }
 
     /// How many events are stored.
@@ -176,6 +206,10 @@ impl EventStore for MemoryStore {
             };
             if let Some(command_id) = command_id {
                 state.commands.insert((stream_id.clone(), command_id), result);
+                state.command_times.push_back((recorded_at, stream_id.clone(), command_id));
+                if let Some(retention) = self.inner.command_retention {
+                    state.prune_commands(recorded_at.minus(retention));
+                }
             }
             // Publish while still holding the lock, so the head never moves backwards.
             self.inner.head.send_replace(result.last_position);
@@ -203,6 +237,14 @@ impl EventStore for MemoryStore {
         let start = usize::try_from(after.0).unwrap_or(usize::MAX).min(state.log.len());
         let end = start.saturating_add(max_count).min(state.log.len());
         Ok(state.log.slice(start, end))
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        Ok(Position(self.read().log.len() as u64))
+    }
+
+    async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
+        Ok(self.write().prune_commands(older_than))
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {

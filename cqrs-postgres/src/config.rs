@@ -41,6 +41,10 @@ pub struct PgStoreConfig {
     pub application_name: String,
     /// `application_name` of the LISTEN connection (visible in `pg_stat_activity`).
     pub listener_application_name: String,
+    /// How long command ids are remembered (the idempotency promise holds that long); a
+    /// background task forgets older ones. `None`: for ever. Default: 7 days
+    /// ([`cqrs_core::DEFAULT_COMMAND_RETENTION`]).
+    pub command_retention: Option<Duration>,
 }
 
 impl Default for PgStoreConfig {
@@ -54,6 +58,7 @@ impl Default for PgStoreConfig {
             poll_interval: Duration::from_secs(1),
             application_name: "cqrs-postgres".to_owned(),
             listener_application_name: "cqrs-postgres-listener".to_owned(),
+            command_retention: Some(cqrs_core::DEFAULT_COMMAND_RETENTION),
         }
     }
 }
@@ -99,6 +104,19 @@ impl PgStoreConfig {
     pub fn with_application_name(mut self, application_name: impl Into<String>) -> Self {
         self.application_name = application_name.into();
         self
+    }
+
+    /// Sets [`command_retention`](Self::command_retention).
+    #[must_use]
+    pub fn with_command_retention(mut self, command_retention: Option<Duration>) -> Self {
+        self.command_retention = command_retention;
+        self
+    }
+
+    /// How often the background task forgets command ids past their retention: a quarter of
+    /// the retention, between 1 second and 1 hour.
+    pub(crate) fn prune_interval(&self) -> Option<Duration> {
+        self.command_retention.map(|retention| (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600)))
     }
 
     /// Sets [`listener_application_name`](Self::listener_application_name).

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Version,
+    StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -48,6 +48,8 @@ struct Inner {
     head: Arc<watch::Sender<Position>>,
     /// The LISTEN task, aborted on drop.
     listener: JoinHandle<()>,
+    /// The task that forgets command ids past their retention, aborted on drop.
+    pruner: Option<JoinHandle<()>>,
     /// Closed on drop so the listener's connection goes away at once.
     listener_pool: PgPool,
     poll_interval: Duration,
@@ -56,6 +58,9 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.listener.abort();
+        if let Some(pruner) = &self.pruner {
+            pruner.abort();
+        }
         let listener_pool = self.listener_pool.clone();
         // Closing is async; outside a runtime the pool closes its connections when dropped.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -130,12 +135,17 @@ impl PgEventStore {
                 limits,
             ));
         }
+        let pruner = match (config.command_retention, config.prune_interval()) {
+            (Some(retention), Some(every)) => Some(tokio::spawn(run_pruner(pool.clone(), retention, every))),
+            _ => None,
+        };
         Self {
             inner: Arc::new(Inner {
                 pool,
                 appends,
                 head,
                 listener,
+                pruner,
                 listener_pool,
                 poll_interval: config.poll_interval,
             }),
@@ -191,6 +201,42 @@ impl PgEventStore {
                 Ok(Some(Position(to_u64(position, "checkpoint")?)))
             }
             None => Ok(None),
+        }
+    }
+}
+
+/// Forgets command ids stored before `older_than`, in chunks (no long-running delete).
+async fn prune_commands(pool: &PgPool, older_than: Timestamp) -> Result<u64, StoreError> {
+    const CHUNK: i64 = 10_000;
+    let mut pruned = 0;
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM cqrs_commands WHERE ctid IN (SELECT ctid FROM cqrs_commands              WHERE recorded_at < 'epoch'::timestamptz + $1 * interval '1 microsecond' LIMIT $2)",
+        )
+        .bind(older_than.as_micros())
+        .bind(CHUNK)
+        .execute(pool)
+        .await
+        .map_err(to_store_error)?
+        .rows_affected();
+        pruned += deleted;
+        if deleted < CHUNK as u64 {
+            return Ok(pruned);
+        }
+    }
+}
+
+/// The background task that keeps command ids for `retention`, pruning `every` so often.
+async fn run_pruner(pool: PgPool, retention: Duration, every: Duration) {
+    // The first prune after one interval: opening a store costs no extra write.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match prune_commands(&pool, Timestamp::now().minus(retention)).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "forgot command ids past their retention"),
+            Err(error) => tracing::debug!(%error, "pruning command ids failed; will retry"),
         }
     }
 }
@@ -275,6 +321,16 @@ impl EventStore for PgEventStore {
         .await
         .map_err(to_store_error)?;
         rows.iter().map(recorded_event).collect()
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let head: i64 =
+            sqlx::query_scalar("SELECT cqrs_head()").fetch_one(&self.inner.pool).await.map_err(to_store_error)?;
+        Ok(Position(to_u64(head, "head")?))
+    }
+
+    async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
+        prune_commands(&self.inner.pool, older_than).await
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {

@@ -108,17 +108,63 @@ async fn write_batch(
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
     match run_with_retries(connection, &batch).await {
         Ok(rows) => answer(batch, &rows, head, announced, reservations),
-        Err(error) if batch.len() > 1 && is_statement_error(&error) => {
-            // The server refused the statement, so the batch was rolled back as a whole (for
-            // example another writer stored one of its event ids meanwhile, or one payload is
-            // unacceptable to jsonb). Write each append alone so only the guilty one fails.
-            tracing::debug!(%error, "batch refused, writing its appends one by one");
-            for request in batch {
-                write_single(connection, request, head, announced, reservations).await;
-            }
+        Err(error) => settle(connection, batch, error, Replay::Once, head, announced, reservations).await,
+    }
+}
+
+/// Whether a batch whose outcome is unknown may be written once more.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    Once,
+    No,
+}
+
+/// Answers the requests of a batch that failed with `error`.
+///
+/// - The server refused the statement: the batch was rolled back as a whole (for example
+///   another writer stored one of its event ids meanwhile, or one payload is unacceptable to
+///   jsonb). A batch of several appends is written again one by one, so only the guilty one
+///   fails; a refused single append is invalid.
+/// - The outcome is unknown (the connection broke or the server went away during the batch,
+///   as for the first batch on a connection that died while idle, after a server restart):
+///   appends that carry a command id are written once more, on a fresh connection. Each then
+///   finds its command id (it had committed: `Duplicate` with its first result) or is
+///   appended now, so "unknown" becomes a definite answer. Appends without a command id
+///   cannot be told apart from a second copy and are answered `Unavailable`.
+async fn settle(
+    connection: &mut WriterConnection,
+    batch: Vec<AppendRequest>,
+    error: sqlx::Error,
+    replay: Replay,
+    head: &watch::Sender<Position>,
+    announced: &Announced,
+    reservations: &Reservations,
+) {
+    if is_statement_error(&error) && batch.len() > 1 {
+        tracing::debug!(%error, "batch refused, writing its appends one by one");
+        for request in batch {
+            write_single(connection, request, replay, head, announced, reservations).await;
         }
-        Err(error) if is_data_error(&error) => refuse(batch, &error),
-        Err(error) => fail(&connection.pool, batch, error, head).await,
+        return;
+    }
+    if is_data_error(&error) {
+        return refuse(batch, &error);
+    }
+    let error = Arc::new(error);
+    if replay == Replay::No || is_statement_error(&error) {
+        return fail(&connection.pool, batch, &error, head);
+    }
+    let (replayable, unknown): (Vec<_>, Vec<_>) = batch.into_iter().partition(|request| request.command_id.is_some());
+    if !unknown.is_empty() {
+        fail(&connection.pool, unknown, &error, head);
+    }
+    if replayable.is_empty() {
+        return;
+    }
+    tracing::debug!(%error, appends = replayable.len(), "batch outcome unknown; writing its appends with command ids again");
+    match run_with_retries(connection, &replayable).await {
+        Ok(rows) => answer(replayable, &rows, head, announced, reservations),
+        Err(error) => Box::pin(settle(connection, replayable, error, Replay::No, head, announced, reservations)).await,
     }
 }
 
@@ -126,6 +172,7 @@ async fn write_batch(
 async fn write_single(
     connection: &mut WriterConnection,
     request: AppendRequest,
+    replay: Replay,
     head: &watch::Sender<Position>,
     announced: &Announced,
     reservations: &Reservations,
@@ -138,8 +185,7 @@ async fn write_single(
     }
     match result {
         Ok(rows) => answer(single, &rows, head, announced, reservations),
-        Err(error) if is_data_error(&error) => refuse(single, &error),
-        Err(error) => fail(&connection.pool, single, error, head).await,
+        Err(error) => Box::pin(settle(connection, single, error, replay, head, announced, reservations)).await,
     }
 }
 
@@ -240,11 +286,10 @@ fn refuse(batch: Vec<AppendRequest>, error: &sqlx::Error) {
 
 /// Reports a failed batch to every caller, then wakes readers everywhere: a rolled-back
 /// batch may have held their read bound back, and sends no NOTIFY of its own.
-async fn fail(pool: &PgPool, batch: Vec<AppendRequest>, error: sqlx::Error, head: &watch::Sender<Position>) {
+fn fail(pool: &PgPool, batch: Vec<AppendRequest>, error: &Arc<sqlx::Error>, head: &watch::Sender<Position>) {
     tracing::warn!(%error, appends = batch.len(), "append batch failed");
-    let error = Arc::new(error);
     for request in batch {
-        let _ = request.reply.send(Err(shared_unavailable(&error)));
+        let _ = request.reply.send(Err(shared_unavailable(error)));
     }
     head.send_modify(|_| {});
     // In the background: while the server is down this would wait for the acquire timeout.

@@ -37,6 +37,10 @@ pub struct SqliteStoreConfig {
     /// writer's notification is reliable; this is the safety net for appends made by another
     /// process on the same file, which this process is not told about.
     pub poll_interval: Duration,
+    /// How long command ids are remembered (the idempotency promise holds that long); a
+    /// background task forgets older ones. `None`: for ever. Default: 7 days
+    /// ([`cqrs_core::DEFAULT_COMMAND_RETENTION`]).
+    pub command_retention: Option<Duration>,
 }
 
 impl Default for SqliteStoreConfig {
@@ -48,11 +52,25 @@ impl Default for SqliteStoreConfig {
             max_batch_appends: 256,
             max_batch_events: 4096,
             poll_interval: Duration::from_secs(1),
+            command_retention: Some(cqrs_core::DEFAULT_COMMAND_RETENTION),
         }
     }
 }
 
 impl SqliteStoreConfig {
+    /// Sets [`command_retention`](Self::command_retention).
+    #[must_use]
+    pub fn with_command_retention(mut self, command_retention: Option<Duration>) -> Self {
+        self.command_retention = command_retention;
+        self
+    }
+
+    /// How often the background task forgets command ids past their retention: a quarter of
+    /// the retention, between 1 second and 1 hour.
+    pub(crate) fn prune_interval(&self) -> Option<Duration> {
+        self.command_retention.map(|retention| (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600)))
+    }
+
     /// Sets [`read_connections`](Self::read_connections) (at least 1).
     #[must_use]
     pub fn with_read_connections(mut self, read_connections: u32) -> Self {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Version,
+    StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
@@ -161,6 +161,9 @@ impl SqliteEventStore {
             },
         };
         tokio::spawn(task.run());
+        if let (Some(retention), Some(every)) = (config.command_retention, config.prune_interval()) {
+            tokio::spawn(run_pruner(writes.downgrade(), retention, every));
+        }
         Ok(Self {
             inner: Arc::new(Inner { readers, writes, head, counters, path, poll_interval: config.poll_interval }),
         })
@@ -198,6 +201,39 @@ impl SqliteEventStore {
         let (reply, answer) = oneshot::channel();
         self.inner.writes.send(request(reply)).await.map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Forgets command ids stored before `older_than` through the writer, a chunk per request.
+async fn prune_commands(writes: &mpsc::Sender<WriteRequest>, older_than: Timestamp) -> Result<u64, StoreError> {
+    let mut pruned = 0;
+    loop {
+        let (reply, answer) = oneshot::channel();
+        let request = WriteRequest::Prune { older_than: older_than.as_micros(), reply };
+        writes.send(request).await.map_err(|_| StoreError::Closed)?;
+        let chunk = answer.await.map_err(|_| StoreError::Closed)??;
+        pruned += chunk;
+        if chunk < writer::PRUNE_CHUNK {
+            return Ok(pruned);
+        }
+    }
+}
+
+/// The background task that keeps command ids for `retention`, pruning `every` so often. It
+/// holds the queue weakly, so it ends with the store.
+async fn run_pruner(writes: mpsc::WeakSender<WriteRequest>, retention: Duration, every: Duration) {
+    // The first prune after one interval: opening a store costs no extra write.
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(writes) = writes.upgrade() else { return };
+        match prune_commands(&writes, Timestamp::now().minus(retention)).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "forgot command ids past their retention"),
+            Err(StoreError::Closed) => return,
+            Err(error) => tracing::debug!(%error, "pruning command ids failed; will retry"),
+        }
     }
 }
 
@@ -271,6 +307,20 @@ impl EventStore for SqliteEventStore {
         .await
         .map_err(to_store_error)?;
         rows.iter().map(recorded_event).collect()
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        // Positions are assigned in commit order: the largest stored one is readable, and
+        // nothing can later commit below it.
+        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM cqrs_events")
+            .fetch_one(&self.inner.readers)
+            .await
+            .map_err(to_store_error)?;
+        Ok(Position(to_u64(head, "head")?))
+    }
+
+    async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
+        prune_commands(&self.inner.writes, older_than).await
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {

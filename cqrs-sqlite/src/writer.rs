@@ -44,7 +44,12 @@ pub(crate) enum WriteRequest {
     Checkpoint { name: String, position: i64, reply: oneshot::Sender<Result<(), StoreError>> },
     /// Save a snapshot (numbers already checked; the state serialized).
     Snapshot { snapshot: Snapshot, state: String, reply: oneshot::Sender<Result<(), StoreError>> },
+    /// Forget up to [`PRUNE_CHUNK`] command ids stored before `older_than` (microseconds).
+    Prune { older_than: i64, reply: oneshot::Sender<Result<u64, StoreError>> },
 }
+
+/// Most command ids one prune request forgets: a long delete would hold the write lock.
+pub(crate) const PRUNE_CHUNK: u64 = 10_000;
 
 impl QueuedWrite for WriteRequest {
     /// The stream and command id of an append; `None` for other writes (never held).
@@ -89,6 +94,7 @@ pub(crate) struct Writer {
 enum Pending {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Result<AppendOutcome, StoreError>),
     Saved(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Pruned(oneshot::Sender<Result<u64, StoreError>>, u64),
 }
 
 impl Pending {
@@ -102,6 +108,9 @@ impl Pending {
             Pending::Saved(reply, _) => {
                 let _ = reply.send(Err(error));
             }
+            Pending::Pruned(reply, _) => {
+                let _ = reply.send(Err(error));
+            }
         }
     }
 
@@ -112,6 +121,9 @@ impl Pending {
             }
             Pending::Saved(reply, outcome) => {
                 let _ = reply.send(outcome);
+            }
+            Pending::Pruned(reply, pruned) => {
+                let _ = reply.send(Ok(pruned));
             }
         }
     }
@@ -231,6 +243,12 @@ impl Writer {
                         Err(error) => Err((error, WriteRequest::Snapshot { snapshot, state, reply })),
                     }
                 }
+                WriteRequest::Prune { older_than, reply } => {
+                    match prune_commands(&mut self.connection, older_than).await {
+                        Ok(pruned) => Ok(Pending::Pruned(reply, pruned)),
+                        Err(error) => Err((error, WriteRequest::Prune { older_than, reply })),
+                    }
+                }
             };
             match step {
                 Ok(answer) => pending.push(answer),
@@ -320,7 +338,7 @@ impl Writer {
         if let Some(command_id) = request.command_id {
             sqlx::query(
                 "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
-                 last_position) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 last_position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .bind(stream_id)
             .bind(command_id.0)
@@ -328,6 +346,7 @@ impl Writer {
             .bind(last_version)
             .bind(first_position)
             .bind(last_position)
+            .bind(recorded_at)
             .execute(&mut self.connection)
             .await?;
         }
@@ -437,6 +456,19 @@ async fn save_snapshot(
     Ok(())
 }
 
+/// Forgets up to [`PRUNE_CHUNK`] command ids stored before `older_than`.
+async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> Result<u64, sqlx::Error> {
+    let result = sqlx::query(
+        "DELETE FROM cqrs_commands WHERE (stream_id, command_id) IN \
+         (SELECT stream_id, command_id FROM cqrs_commands WHERE recorded_at < ?1 LIMIT ?2)",
+    )
+    .bind(older_than)
+    .bind(i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX))
+    .execute(connection)
+    .await?;
+    Ok(result.rows_affected())
+}
+
 /// Answers a request of a failed batch.
 fn fail_request(request: WriteRequest, error: StoreError) {
     match request {
@@ -444,6 +476,9 @@ fn fail_request(request: WriteRequest, error: StoreError) {
             let _ = append.reply.send(Err(error));
         }
         WriteRequest::Checkpoint { reply, .. } | WriteRequest::Snapshot { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        WriteRequest::Prune { reply, .. } => {
             let _ = reply.send(Err(error));
         }
     }

@@ -87,7 +87,15 @@ impl App {
             ..RunnerConfig::default()
         };
         let handler = spawn_handler(Arc::clone(&store), model.clone(), runner, &progress);
-        let head = *store.notifications().borrow();
+        // Where the log ends now: the read model is rebuilt once it has applied everything up
+        // to here. (The notification channel cannot tell: it starts at 0 on PostgreSQL.)
+        let head = match store.head().await {
+            Ok(head) => head,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the store's head; not waiting for the read model");
+                Position::START
+            }
+        };
         let started = Instant::now();
         if let Err(error) = progress.wait_for(HANDLER_NAME, head, rebuild_timeout).await {
             tracing::warn!(%error, "read model still rebuilding; serving anyway");

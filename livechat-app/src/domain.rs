@@ -65,7 +65,7 @@ impl ChatId {
 
     /// The room of a `chat-{id}` stream, if it is one.
     pub fn from_stream(stream: &StreamId) -> Option<Self> {
-        stream.as_str().strip_prefix("chat-").and_then(|id| Self::parse(id).ok())
+        (stream.category() == Chat::CATEGORY).then(|| Self::parse(stream.aggregate_id()).ok()).flatten()
     }
 }
 
@@ -109,8 +109,9 @@ pub fn validate_sender(name: &str) -> Result<&str, ChatError> {
     Ok(name)
 }
 
-/// Asks a room to post a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Asks a room to post a message. Routed to the room's stream, `chat-{chat_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Command)]
+#[command(aggregate = Chat, id = chat_id)]
 pub struct SendMessage {
     /// The room.
     pub chat_id: ChatId,
@@ -122,15 +123,9 @@ pub struct SendMessage {
     pub sent_at: Timestamp,
 }
 
-impl Command for SendMessage {
-    fn stream_id(&self) -> StreamId {
-        self.chat_id.stream_id()
-    }
-}
-
-/// The events of a room.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type")]
+/// The events of a room, stored under their variant names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent)]
+#[event(category = "chat")]
 pub enum ChatEvent {
     /// A message was posted.
     MessageSent(MessageSent),
@@ -147,15 +142,6 @@ pub struct MessageSent {
     pub content: String,
     /// When the server accepted it (microseconds since the Unix epoch).
     pub sent_at: Timestamp,
-}
-
-impl DomainEvent for ChatEvent {
-    const EVENT_TYPES: &'static [&'static str] = &["MessageSent"];
-    fn event_type(&self) -> &'static str {
-        match self {
-            ChatEvent::MessageSent(_) => "MessageSent",
-        }
-    }
 }
 
 /// Why a room refused a message. The `Display` text is shown beside the composer.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use axum::extract::ws::Utf8Bytes;
-use cqrs_core::{async_trait, Envelope, EventHandler, HandlerError, Position};
+use cqrs_core::{Envelope, EventHandler, HandlerError, Position};
 use tokio::sync::{broadcast, watch};
 
 use crate::domain::{ChatEvent, ChatId, MessageSent};
@@ -390,7 +390,6 @@ impl ChatReadModel {
     }
 }
 
-#[async_trait]
 impl EventHandler for ChatReadModel {
     type Event = ChatEvent;
 

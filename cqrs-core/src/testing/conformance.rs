@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::aggregate::CommandEnvelope;
 use crate::dispatcher::{Dispatcher, SnapshotPolicy};
-use crate::event::{Metadata, NewEvent, RecordedEvent};
+use crate::event::{Metadata, NewEvent, RecordedEvent, Upcasters};
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
 use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
 use crate::subscription::Subscription;
@@ -50,6 +50,11 @@ macro_rules! conformance_tests {
             dispatcher_state_matches_store_under_concurrency,
             snapshots_round_trip,
             dispatcher_snapshots_give_the_same_state,
+            head_is_the_last_readable_event,
+            events_decode_by_their_stored_name,
+            handlers_take_their_category_only,
+            command_ids_are_forgotten_when_pruned,
+            follow_up_commands_are_idempotent_and_traceable,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -675,6 +680,205 @@ pub async fn dispatcher_snapshots_give_the_same_state<S: EventStore + ?Sized>(st
         .await
         .expect("load with another schema");
     assert_eq!(other_schema, replayed);
+}
+
+/// `head` is `Position::START` on an empty store, then the position of the last event stored;
+/// nothing is readable after it, and `read_all` ends exactly there.
+pub async fn head_is_the_last_readable_event<S: EventStore + ?Sized>(store: Arc<S>) {
+    assert_eq!(store.head().await.expect("head"), Position::START, "an empty store's head is START");
+    let first = append_ok(&*store, &stream("head-a"), ExpectedVersion::Any, vec![event(1), event(2)]).await;
+    assert_eq!(store.head().await.expect("head"), first.last_position);
+    let second = append_ok(&*store, &stream("head-b"), ExpectedVersion::Any, vec![event(3)]).await;
+    let head = store.head().await.expect("head");
+    assert_eq!(head, second.last_position);
+    assert!(store.read_all(head, 10).await.expect("read_all").is_empty(), "nothing after the head");
+    assert_eq!(read_everything(&*store).await.last().map(|e| e.position), Some(head));
+    // A refused append does not move it.
+    let refused = store.append(&stream("head-a"), ExpectedVersion::Exact(Version(5)), vec![event(4)]).await;
+    assert!(matches!(refused, Err(StoreError::Conflict { .. })), "{refused:?}");
+    assert_eq!(store.head().await.expect("head"), head);
+}
+
+/// Stored events are decoded by the type name stored with them, not by the Rust variant: an
+/// event enum whose variants were renamed (keeping their `#[event(name)]`) reads every event
+/// the old enum wrote, of every shape (struct, newtype, tuple, unit variants).
+pub async fn events_decode_by_their_stored_name<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::{DomainEvent, Upcasters};
+    use serde::{Deserialize, Serialize};
+
+    /// What the code wrote at first.
+    mod before {
+        use crate::DomainEvent;
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        pub struct Removed {
+            pub sku: String,
+        }
+
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+        #[event(category = "basket")]
+        pub enum BasketEvent {
+            #[event(name = "ItemAdded")]
+            Added {
+                sku: String,
+                quantity: u32,
+            },
+            Removed(Removed),
+            Priced(String, u64),
+            Closed,
+        }
+    }
+
+    /// The same events after a refactoring that renamed every variant.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+    #[event(category = "basket")]
+    enum BasketEvent {
+        #[event(name = "ItemAdded")]
+        ItemPutInBasket { sku: String, quantity: u32, note: Option<String> },
+        #[event(name = "Removed")]
+        ItemTakenOut(Removed),
+        #[event(name = "Priced")]
+        PriceSet(String, u64),
+        #[event(name = "Closed")]
+        CheckedOut,
+    }
+
+    use before::Removed;
+    let written = [
+        before::BasketEvent::Added { sku: "tea".into(), quantity: 2 },
+        before::BasketEvent::Removed(Removed { sku: "tea".into() }),
+        before::BasketEvent::Priced("tea".into(), 450),
+        before::BasketEvent::Closed,
+    ];
+    let basket = StreamId::new(format!("basket-{}", uuid::Uuid::new_v4().simple())).expect("valid stream id");
+    let new_events: Vec<NewEvent> =
+        written.iter().map(|event| NewEvent::from_domain(event, Metadata::default()).expect("encode")).collect();
+    append_ok(&*store, &basket, ExpectedVersion::NoStream, new_events).await;
+    let stored = read_whole_stream(&*store, &basket).await;
+    let types: Vec<&str> = stored.iter().map(|event| &*event.event_type).collect();
+    assert_eq!(types, ["ItemAdded", "Removed", "Priced", "Closed"], "the stored names are the #[event] names");
+    let read: Vec<BasketEvent> = stored
+        .iter()
+        .map(|event| Upcasters::new().decode_payload::<BasketEvent>(event).expect("decode by stored name"))
+        .collect();
+    assert_eq!(
+        read,
+        vec![
+            BasketEvent::ItemPutInBasket { sku: "tea".into(), quantity: 2, note: None },
+            BasketEvent::ItemTakenOut(Removed { sku: "tea".into() }),
+            BasketEvent::PriceSet("tea".into(), 450),
+            BasketEvent::CheckedOut,
+        ]
+    );
+    assert!(BasketEvent::accepts("basket", "ItemAdded") && !BasketEvent::accepts("door", "ItemAdded"));
+}
+
+/// Through a handler runner: a handler takes the events its type declares for their stream
+/// category, so two aggregates that both emit `Opened` do not feed each other's handlers, and
+/// the checkpoint still moves past the events it does not take.
+pub async fn handlers_take_their_category_only<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::handler::{spawn_handler, Checkpoints, EventHandler, HandlerError, Progress, RunnerConfig};
+    use crate::{DomainEvent, Envelope};
+    use serde::{Deserialize, Serialize};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+    #[event(category = "account")]
+    enum AccountEvent {
+        Opened { owner: String },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+    #[event(category = "door")]
+    enum DoorEvent {
+        Opened { by: String },
+    }
+
+    struct Owners(Arc<Mutex<Vec<String>>>);
+    impl EventHandler for Owners {
+        type Event = AccountEvent;
+        fn name(&self) -> &str {
+            "account-owners"
+        }
+        async fn handle(&self, event: Envelope<AccountEvent>) -> Result<(), HandlerError> {
+            let AccountEvent::Opened { owner } = event.event;
+            self.0.lock().expect("lock").push(owner);
+            Ok(())
+        }
+    }
+
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let account = StreamId::for_aggregate("account", &suffix).expect("valid");
+    let door = StreamId::for_aggregate("door", &suffix).expect("valid");
+    let encode = |event: &dyn Fn() -> Result<NewEvent, serde_json::Error>| vec![event().expect("encode")];
+    let opened = || NewEvent::from_domain(&AccountEvent::Opened { owner: "ada".into() }, Metadata::default());
+    let door_opened = || NewEvent::from_domain(&DoorEvent::Opened { by: "grace".into() }, Metadata::default());
+    append_ok(&*store, &door, ExpectedVersion::Any, encode(&door_opened)).await;
+    append_ok(&*store, &account, ExpectedVersion::Any, encode(&opened)).await;
+    let last = append_ok(&*store, &door, ExpectedVersion::Any, encode(&door_opened)).await;
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let progress = Progress::new();
+    let config = RunnerConfig { checkpoints: Checkpoints::InMemory, ..RunnerConfig::default() };
+    let runner = spawn_handler(Arc::clone(&store), Owners(Arc::clone(&seen)), config, &progress);
+    progress.wait_for("account-owners", last.last_position, Duration::from_secs(10)).await.expect("caught up");
+    runner.stop().await;
+    assert_eq!(*seen.lock().expect("lock"), vec!["ada".to_owned()], "only the account's Opened is handled");
+}
+
+/// Command ids are remembered until pruned: `prune_commands(t)` forgets those stored before
+/// `t` (and only those), after which the same id is a new command.
+pub async fn command_ids_are_forgotten_when_pruned<S: EventStore + ?Sized>(store: Arc<S>) {
+    let s = stream("prune");
+    let command_id = CommandId::new();
+    let with_id = |n| event_with(n, Metadata { command_id: Some(command_id), ..Metadata::default() });
+    let first = append_ok(&*store, &s, ExpectedVersion::Any, vec![with_id(1)]).await;
+    let an_hour_ago = Timestamp::now().minus(Duration::from_secs(3600));
+    store.prune_commands(an_hour_ago).await.expect("prune");
+    assert_eq!(store.find_command(&s, command_id).await.expect("find"), Some(first), "kept: stored after the bound");
+    assert!(matches!(store.append(&s, ExpectedVersion::Any, vec![with_id(2)]).await, Ok(AppendOutcome::Duplicate(_))));
+
+    let pruned = store.prune_commands(Timestamp::now().plus(Duration::from_secs(1))).await.expect("prune");
+    assert!(pruned >= 1, "the command stored before the bound is forgotten (pruned {pruned})");
+    assert_eq!(store.find_command(&s, command_id).await.expect("find"), None);
+    let again = append_ok(&*store, &s, ExpectedVersion::Any, vec![with_id(3)]).await;
+    assert_eq!(again.first_version, Version(2), "after its retention, an id is a new command");
+}
+
+/// Through the dispatcher: a command sent in reaction to an event (`Envelope::cause`) has an
+/// id derived from the event and the step, so the reaction to a redelivered event is a
+/// duplicate; and its events carry the chain: their command id, their causation id (the
+/// triggering event) and the triggering event's correlation id.
+pub async fn follow_up_commands_are_idempotent_and_traceable<S: EventStore + ?Sized>(store: Arc<S>) {
+    let dispatcher = Dispatcher::<Counter, S>::new(Arc::clone(&store));
+    let (source, target) = (rand_counter_id(), rand_counter_id());
+    let correlation = CorrelationId::new();
+    let start = CommandEnvelope::new(CounterCommand::increment(source, 1)).with_correlation_id(correlation);
+    dispatcher.dispatch(start).await.expect("first command");
+    let trigger = read_whole_stream(&*store, &Counter::stream_id(source)).await.remove(0);
+    assert_eq!(trigger.metadata.causation_id, None, "a command from outside has no cause");
+    assert_eq!(trigger.metadata.correlation_id, Some(correlation));
+    let envelope = Upcasters::new().decode::<crate::testing::counter::CounterEvent>(&trigger).expect("decode");
+
+    let first =
+        dispatcher.dispatch(envelope.cause("mirror", CounterCommand::increment(target, 1))).await.expect("follow");
+    // The event is delivered again (at least once): the same reaction is a duplicate.
+    let again =
+        dispatcher.dispatch(envelope.cause("mirror", CounterCommand::increment(target, 1))).await.expect("again");
+    assert!(!first.duplicate && again.duplicate, "a redelivered event's follow-up is applied once");
+    assert_eq!(again.appended, first.appended);
+    // Another step of the same event is another command.
+    let other =
+        dispatcher.dispatch(envelope.cause("double", CounterCommand::increment(target, 1))).await.expect("other");
+    assert!(!other.duplicate);
+
+    let followed = read_whole_stream(&*store, &Counter::stream_id(target)).await;
+    assert_eq!(followed.len(), 2);
+    let metadata = &followed[0].metadata;
+    assert_eq!(metadata.command_id, Some(CommandId::derived(trigger.event_id, "mirror")));
+    assert_eq!(metadata.causation_id, Some(CausationId::from(trigger.event_id)), "caused by the trigger");
+    assert_eq!(metadata.correlation_id, Some(correlation), "the conversation carries on");
 }
 
 fn rand_counter_id() -> u32 {

@@ -3,9 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::{Aggregate, Command};
-use crate::event::DomainEvent;
+use crate::aggregate::Aggregate;
 use crate::ids::StreamId;
+use crate::{Command, DomainEvent};
 
 /// The state of one counter.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,8 +16,9 @@ pub struct Counter {
     pub applied: u64,
 }
 
-/// Commands to a counter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Commands to a counter, routed to `counter-{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Command)]
+#[command(aggregate = Counter)]
 pub enum CounterCommand {
     /// Adds `by`.
     Increment {
@@ -49,25 +50,11 @@ impl CounterCommand {
     pub fn decrement(id: u32, by: u64) -> Self {
         CounterCommand::Decrement { id, by }
     }
-    /// The counter the command is for.
-    pub fn id(&self) -> u32 {
-        match *self {
-            CounterCommand::Increment { id, .. }
-            | CounterCommand::Decrement { id, .. }
-            | CounterCommand::Noop { id } => id,
-        }
-    }
-}
-
-impl Command for CounterCommand {
-    fn stream_id(&self) -> StreamId {
-        Counter::stream_id(self.id())
-    }
 }
 
 /// Events of a counter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type")]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent)]
+#[event(category = "counter")]
 pub enum CounterEvent {
     /// The counter went up.
     Incremented {
@@ -79,16 +66,6 @@ pub enum CounterEvent {
         /// How much.
         by: u64,
     },
-}
-
-impl DomainEvent for CounterEvent {
-    const EVENT_TYPES: &'static [&'static str] = &["Incremented", "Decremented"];
-    fn event_type(&self) -> &'static str {
-        match self {
-            CounterEvent::Incremented { .. } => "Incremented",
-            CounterEvent::Decremented { .. } => "Decremented",
-        }
-    }
 }
 
 /// Why a counter refused a command.

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use cqrs_core::async_trait;
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterError};
 use cqrs_core::{
     AppendOutcome, AppendResult, CausationId, CommandEnvelope, CommandId, CorrelationId, DispatchError, Dispatcher,
@@ -29,6 +29,23 @@ pub(crate) struct Instrumented {
     /// Store the next append, then report it as failed (an acknowledgement lost in transit).
     lose_next_ack: AtomicBool,
     barrier: Option<Arc<Barrier>>,
+    /// Every `append` call, including refused ones.
+    pub(crate) append_calls: AtomicU64,
+    /// While set, appends wait before storing anything.
+    pub(crate) hold_appends: AtomicBool,
+    /// Store the next append, then never answer (the caller's future is dropped mid-append).
+    pub(crate) hang_after_next_append: AtomicBool,
+    /// The next `read_all` fails.
+    pub(crate) fail_next_read_all: AtomicBool,
+    /// While set, `read_all` waits before reading (a slow database).
+    pub(crate) hold_read_all: AtomicBool,
+}
+
+/// Waits while `flag` is set.
+async fn wait_while(flag: &AtomicBool) {
+    while flag.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 #[async_trait]
@@ -39,6 +56,7 @@ impl EventStore for Instrumented {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
+        self.append_calls.fetch_add(1, Ordering::SeqCst);
         if self.always_conflict.load(Ordering::SeqCst) {
             let actual = self.inner.stream_version(stream_id).await?;
             return Err(StoreError::Conflict { stream_id: stream_id.clone(), expected, actual: Version(actual.0 + 1) });
@@ -49,10 +67,14 @@ impl EventStore for Instrumented {
             barrier.wait().await;
         }
         tokio::task::yield_now().await;
+        wait_while(&self.hold_appends).await;
         let result = self.inner.append(stream_id, expected, events).await;
         self.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.lose_next_ack.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable("connection reset during commit".into()));
+        }
+        if self.hang_after_next_append.swap(false, Ordering::SeqCst) {
+            std::future::pending::<()>().await;
         }
         result
     }
@@ -63,7 +85,17 @@ impl EventStore for Instrumented {
     }
     async fn read_all(&self, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.all_reads.fetch_add(1, Ordering::SeqCst);
+        wait_while(&self.hold_read_all).await;
+        if self.fail_next_read_all.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("read failed".into()));
+        }
         self.inner.read_all(after, max).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+    async fn prune_commands(&self, older_than: cqrs_core::Timestamp) -> Result<u64, StoreError> {
+        self.inner.prune_commands(older_than).await
     }
     async fn stream_version(&self, s: &StreamId) -> Result<Version, StoreError> {
         self.inner.stream_version(s).await
@@ -224,23 +256,29 @@ async fn causation_and_correlation_flow_from_commands_to_events_to_follow_up_com
     dispatcher.dispatch(first).await.expect("first");
     let event = store.read_all(Position::START, 1).await.expect("read").remove(0);
     assert_eq!(event.metadata.command_id, Some(first_id));
-    assert_eq!(event.metadata.causation_id, Some(CausationId::from(first_id)));
+    assert_eq!(event.metadata.causation_id, None, "a command from outside has no cause");
     assert_eq!(event.metadata.correlation_id, Some(correlation));
 
     // A handler reacting to that event dispatches a follow-up command.
-    let follow_up = event.cause(CounterCommand::increment(2, 1));
+    let follow_up = event.cause("copy", CounterCommand::increment(2, 1));
     let follow_up_id = follow_up.command_id;
+    assert_eq!(follow_up_id, CommandId::derived(event.event_id, "copy"));
     assert_eq!(follow_up.causation_id, Some(CausationId::from(event.event_id)));
     dispatcher.dispatch(follow_up).await.expect("follow-up");
     let second = store.read_all(event.position, 1).await.expect("read").remove(0);
     assert_eq!(second.metadata.correlation_id, Some(correlation), "correlation flows through the chain");
-    assert_eq!(second.metadata.causation_id, Some(CausationId::from(follow_up_id)));
+    assert_eq!(second.metadata.command_id, Some(follow_up_id));
+    assert_eq!(
+        second.metadata.causation_id,
+        Some(CausationId::from(event.event_id)),
+        "the follow-up's events name the event that caused their command"
+    );
     assert_eq!(second.metadata.headers.get("user").map(String::as_str), Some("ada"));
 
     // The same from a decoded envelope, as an EventHandler receives it.
     let envelope =
         cqrs_core::Upcasters::new().decode::<cqrs_core::testing::counter::CounterEvent>(&second).expect("decode");
-    let from_handler = envelope.cause(CounterCommand::increment(4, 1));
+    let from_handler = envelope.cause("next", CounterCommand::increment(4, 1));
     assert_eq!(from_handler.causation_id, Some(CausationId::from(second.event_id)));
     assert_eq!(from_handler.correlation_id, Some(correlation));
 
@@ -250,6 +288,219 @@ async fn causation_and_correlation_flow_from_commands_to_events_to_follow_up_com
     dispatcher.dispatch(lone).await.expect("lone");
     let third = store.read_all(second.position, 1).await.expect("read").remove(0);
     assert_eq!(third.metadata.correlation_id, Some(CorrelationId(lone_id.0)));
+}
+
+#[tokio::test]
+async fn a_retried_envelope_with_a_generated_id_is_a_duplicate_not_a_refusal() {
+    let store = Arc::new(Instrumented::default());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    dispatcher.dispatch(CounterCommand::increment(1, 5)).await.expect("increment");
+    // No id chosen by the caller: CommandEnvelope::new generated one.
+    let withdraw = CommandEnvelope::new(CounterCommand::decrement(1, 5));
+    store.lose_next_ack.store(true, Ordering::SeqCst);
+    let lost = dispatcher.dispatch(withdraw.clone()).await;
+    assert!(matches!(lost, Err(DispatchError::Store(StoreError::Unavailable(_)))), "{lost:?}");
+    // The first try committed, so the retry would be refused on the current state (value 0);
+    // its id is an idempotency key all the same, and the retry answers the first outcome.
+    let retried = dispatcher.dispatch(withdraw).await.expect("the retry succeeds");
+    assert!(retried.duplicate);
+    assert_eq!(retried.version, Version(2));
+    let (state, version) = dispatcher.load(&Counter::stream_id(1)).await.expect("load");
+    assert_eq!((state.value, version), (0, Version(2)), "applied once");
+}
+
+#[tokio::test]
+async fn a_dispatch_dropped_during_its_append_is_caught_up_before_the_next_decision() {
+    let store = Arc::new(Instrumented::default());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    dispatcher.dispatch(CounterCommand::increment(1, 1)).await.expect("increment");
+    store.hang_after_next_append.store(true, Ordering::SeqCst);
+    // The append commits, but the caller gives up (a timeout, a dropped request).
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(100), dispatcher.dispatch(CounterCommand::increment(1, 1)));
+    assert!(abandoned.await.is_err(), "the dispatch was dropped mid-append");
+    let calls = store.append_calls.load(Ordering::SeqCst);
+    let outcome = dispatcher.dispatch(CounterCommand::increment(1, 1)).await.expect("next command");
+    assert_eq!(outcome.version, Version(3));
+    assert_eq!(
+        store.append_calls.load(Ordering::SeqCst) - calls,
+        1,
+        "the next command decided on state that includes the abandoned append (no conflict on the way)"
+    );
+    let (state, _) = dispatcher.load(&Counter::stream_id(1)).await.expect("load");
+    assert_eq!(state.value, 3);
+}
+
+#[tokio::test]
+async fn clear_cache_keeps_the_commands_on_one_instance_one_at_a_time() {
+    let store = Arc::new(Instrumented::default());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    dispatcher.dispatch(CounterCommand::increment(1, 1)).await.expect("warm up");
+    store.hold_appends.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.dispatch(CounterCommand::increment(1, 1)).await }
+    });
+    while store.appends_in_flight.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    dispatcher.clear_cache();
+    let second = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        async move { dispatcher.dispatch(CounterCommand::increment(1, 1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.appends_in_flight.load(Ordering::SeqCst), 1, "the second command waits for the first");
+    store.hold_appends.store(false, Ordering::SeqCst);
+    let (first, second) = (first.await.expect("task"), second.await.expect("task"));
+    assert_eq!(first.expect("first").version, Version(2));
+    assert_eq!(second.expect("second").version, Version(3));
+    assert_eq!(store.max_appends_in_flight.load(Ordering::SeqCst), 1);
+    assert_eq!(store.append_calls.load(Ordering::SeqCst), 3, "no conflict: one append per command");
+    // The instance in use when the cache was cleared is reloaded by the command after it.
+    let reads = store.stream_reads.load(Ordering::SeqCst);
+    assert_eq!(reads, 2, "loaded at the start and once more after clear_cache");
+}
+
+/// A thermostat that is raised to at least a target: "already there" stores nothing, so that
+/// decision depends on the state like a refusal does.
+mod thermostat {
+    use cqrs_core::{Aggregate, Command, DomainEvent};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Default, Clone)]
+    pub struct Thermostat {
+        pub degrees: u32,
+    }
+
+    #[derive(Debug, Command)]
+    #[command(aggregate = Thermostat, id = room)]
+    pub enum Set {
+        AtLeast { room: String, degrees: u32 },
+        Exactly { room: String, degrees: u32 },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+    #[event(category = "thermostat")]
+    pub enum Changed {
+        SetTo { degrees: u32 },
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    pub struct Never;
+
+    impl Aggregate for Thermostat {
+        const CATEGORY: &'static str = "thermostat";
+        type Command = Set;
+        type Event = Changed;
+        type Error = Never;
+        fn execute(&self, command: &Set) -> Result<Vec<Changed>, Never> {
+            Ok(match *command {
+                Set::AtLeast { degrees, .. } if self.degrees >= degrees => vec![],
+                Set::AtLeast { degrees, .. } | Set::Exactly { degrees, .. } => vec![Changed::SetTo { degrees }],
+            })
+        }
+        fn apply(self, event: &Changed) -> Self {
+            let Changed::SetTo { degrees } = *event;
+            Thermostat { degrees }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_decision_to_store_nothing_is_rechecked_when_the_cached_state_is_stale() {
+    use thermostat::{Set, Thermostat};
+    let store = Arc::new(MemoryStore::new());
+    let here = Dispatcher::<Thermostat, _>::new(Arc::clone(&store));
+    let elsewhere = Dispatcher::<Thermostat, _>::new(Arc::clone(&store)); // another process
+    let at_least = || Set::AtLeast { room: "kitchen".into(), degrees: 20 };
+    here.dispatch(at_least()).await.expect("raise");
+    elsewhere.dispatch(Set::Exactly { room: "kitchen".into(), degrees: 15 }).await.expect("lower");
+    // `here` still caches 20 degrees, on which "at least 20" stores nothing.
+    let outcome = here.dispatch(at_least()).await.expect("raise again");
+    assert!(outcome.appended.is_some(), "decided again on the current state (15 degrees)");
+    let stream = cqrs_core::StreamId::for_aggregate("thermostat", "kitchen").expect("valid");
+    let (state, version) = Dispatcher::<Thermostat, _>::new(Arc::clone(&store)).load(&stream).await.expect("load");
+    assert_eq!((state.degrees, version), (20, Version(3)));
+    // On current state the answer stands without another write.
+    let again = here.dispatch(at_least()).await.expect("no-op");
+    assert_eq!((again.appended, again.version), (None, Version(3)));
+}
+
+#[tokio::test]
+async fn a_command_naming_no_valid_stream_is_a_typed_error() {
+    use thermostat::{Set, Thermostat};
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Thermostat, _>::new(Arc::clone(&store));
+    let oversized = Set::AtLeast { room: "x".repeat(1_000), degrees: 20 };
+    match dispatcher.dispatch(oversized).await {
+        Err(DispatchError::InvalidStreamId(cqrs_core::StreamIdError::TooLong { .. })) => {}
+        other => panic!("expected InvalidStreamId, got {other:?}"),
+    }
+    let control = Set::AtLeast { room: "a\u{0}b".into(), degrees: 20 };
+    assert!(matches!(dispatcher.dispatch(control).await, Err(DispatchError::InvalidStreamId(_))));
+    assert!(store.is_empty(), "nothing was stored");
+}
+
+/// A hand-written event impl that forgot a name in EVENT_TYPES.
+mod sloppy {
+    use cqrs_core::{Aggregate, Command, DomainEvent, StreamId, StreamIdError};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Default, Clone)]
+    pub struct Sloppy;
+
+    #[derive(Debug)]
+    pub struct Touch;
+    impl Command for Touch {
+        fn stream_id(&self) -> Result<StreamId, StreamIdError> {
+            StreamId::new("sloppy-1")
+        }
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub enum Event {
+        Listed,
+        Forgotten,
+    }
+    impl DomainEvent for Event {
+        const EVENT_TYPES: &'static [&'static str] = &["Listed"];
+        fn event_type(&self) -> &'static str {
+            match self {
+                Event::Listed => "Listed",
+                Event::Forgotten => "Forgotten",
+            }
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never")]
+    pub struct Never;
+
+    impl Aggregate for Sloppy {
+        const CATEGORY: &'static str = "sloppy";
+        type Command = Touch;
+        type Event = Event;
+        type Error = Never;
+        fn execute(&self, _: &Touch) -> Result<Vec<Event>, Never> {
+            Ok(vec![Event::Listed, Event::Forgotten])
+        }
+        fn apply(self, _: &Event) -> Self {
+            self
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_event_type_missing_from_event_types_is_refused_not_stored() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<sloppy::Sloppy, _>::new(Arc::clone(&store));
+    match dispatcher.dispatch(sloppy::Touch).await {
+        Err(DispatchError::UndeclaredEventType { event_type: "Forgotten", category: "sloppy" }) => {}
+        other => panic!("expected UndeclaredEventType, got {other:?}"),
+    }
+    assert!(store.is_empty(), "handlers would have skipped it, so nothing is stored");
 }
 
 #[tokio::test]
@@ -315,8 +566,8 @@ mod fragile {
     pub struct Add(pub u64);
 
     impl Command for Add {
-        fn stream_id(&self) -> StreamId {
-            StreamId::new("fragile-1").expect("id")
+        fn stream_id(&self) -> Result<StreamId, cqrs_core::StreamIdError> {
+            StreamId::new("fragile-1")
         }
     }
 

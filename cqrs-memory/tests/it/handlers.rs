@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
     spawn_handler, Checkpoints, CommandEnvelope, Consistency, DispatchError, Dispatcher, Envelope, EventHandler,
@@ -26,7 +25,6 @@ struct Totals {
     failures_left: Arc<AtomicU32>,
 }
 
-#[async_trait]
 impl EventHandler for Totals {
     type Event = CounterEvent;
     fn name(&self) -> &str {
@@ -247,26 +245,72 @@ async fn strong_consistency_reports_unknown_handlers_and_timeouts() {
     let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_progress(progress.clone());
     let unknown = Consistency::strong(["nobody"]);
     match dispatcher.dispatch_with(CommandEnvelope::new(CounterCommand::increment(1, 1)), &unknown).await {
-        Err(DispatchError::ConsistencyTimeout { outcome, source: ProgressError::UnknownHandler(name) }) => {
-            assert_eq!(name, "nobody");
-            assert_eq!(outcome.version, Version(1), "the command itself succeeded");
-        }
-        other => panic!("{other:?}"),
+        Err(DispatchError::UnknownHandler(name)) => assert_eq!(name, "nobody"),
+        other => panic!("a misspelt handler name must not look like a timeout: {other:?}"),
     }
+    assert!(store.is_empty(), "refused before the command ran: nothing stored");
     let stuck = Totals {
-        fail_at: Some(Position(2)),
+        fail_at: Some(Position(1)),
         failures_left: Arc::new(AtomicU32::new(u32::MAX)),
         ..Totals::named("stuck")
     };
     let running = spawn_handler(Arc::clone(&store), stuck, RunnerConfig::default(), &progress);
     let strict = Consistency::Strong { handlers: vec!["stuck".into()], timeout: Duration::from_millis(200) };
     match dispatcher.dispatch_with(CommandEnvelope::new(CounterCommand::increment(1, 1)), &strict).await {
-        Err(DispatchError::ConsistencyTimeout { source: ProgressError::Timeout { position, .. }, .. }) => {
-            assert_eq!(position, Position(2));
+        Err(DispatchError::ConsistencyTimeout { source: ProgressError::Timeout { position, .. }, outcome }) => {
+            assert_eq!(position, Position(1));
+            assert_eq!(outcome.version, Version(1), "the command itself succeeded");
         }
         other => panic!("{other:?}"),
     }
     running.stop().await;
+}
+
+#[tokio::test]
+async fn strong_consistency_names_handlers_by_their_running_handle() {
+    let store = Arc::new(MemoryStore::new());
+    let progress = Progress::new();
+    let totals = Totals::named("by-handle");
+    let running = spawn_handler(Arc::clone(&store), totals.clone(), RunnerConfig::default(), &progress);
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store)).with_progress(progress.clone());
+    let strong = Consistency::strong([&running]);
+    dispatcher.dispatch_with(CommandEnvelope::new(CounterCommand::increment(1, 4)), &strong).await.expect("dispatch");
+    assert_eq!(totals.value(1), 4, "read-your-writes through the handle");
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_the_handler_takes_but_cannot_decode_is_retried_not_skipped() {
+    use cqrs_core::{EventId, ExpectedVersion, Metadata, NewEvent};
+    let store = Arc::new(MemoryStore::new());
+    // An "Incremented" of the counter category whose payload does not fit the event type.
+    let broken = NewEvent {
+        event_id: EventId::new(),
+        event_type: "Incremented".into(),
+        schema_version: 1,
+        payload: serde_json::json!({ "by": "three" }),
+        metadata: Metadata::default(),
+    };
+    store.append(&Counter::stream_id(1), ExpectedVersion::Any, vec![broken]).await.expect("append");
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    let progress = Progress::new();
+    let totals = Totals::named("strict");
+    let running = spawn_handler(Arc::clone(&store), totals.clone(), RunnerConfig::default(), &progress);
+    wait_until("the failure is reported", || matches!(running.status().state, HandlerState::Retrying { .. })).await;
+    // A later, good event (on another counter, so the broken stream need not load) waits.
+    dispatcher.dispatch(CounterCommand::increment(2, 1)).await.expect("dispatch");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match running.status().state {
+        HandlerState::Retrying { position, error, .. } => {
+            assert_eq!(position, Position(1));
+            assert!(error.contains("Incremented"), "the error names the event: {error}");
+        }
+        other => panic!("expected Retrying, got {other:?}"),
+    }
+    assert_eq!(running.status().position, Position::START, "the checkpoint did not move past it");
+    assert!(totals.seen().is_empty(), "nothing after it was handled");
+    running.stop().await;
+    assert_eq!(futures_ready(store.load_checkpoint("strict")), None, "no checkpoint past the broken event");
 }
 
 #[tokio::test]

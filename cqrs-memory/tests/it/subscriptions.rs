@@ -48,3 +48,33 @@ async fn a_full_page_is_followed_by_another_read() {
     assert_eq!(positions, [1, 2, 3, 4, 5]);
     assert_eq!(store.all_reads.load(Ordering::SeqCst), 3, "pages of 2, 2 and 1; the short one ends the catch-up");
 }
+
+#[tokio::test]
+async fn a_failed_read_does_not_lose_the_wake_up() {
+    let store = Arc::new(Instrumented::default());
+    store.append(&stream(), ExpectedVersion::Any, vec![event(1)]).await.expect("append");
+    let mut feed = Subscription::all(Arc::clone(&store), Position::START);
+    assert_eq!(feed.next().await.expect("read").map(|e| e.position), Some(Position(1)));
+    // Caught up. An event arrives, and the read it triggers fails.
+    store.fail_next_read_all.store(true, Ordering::SeqCst);
+    store.append(&stream(), ExpectedVersion::Any, vec![event(2)]).await.expect("append");
+    assert!(feed.next().await.is_err(), "the read failed");
+    // The memory store has no poll tick: only the pending wake-up can bring the event.
+    let next = tokio::time::timeout(Duration::from_secs(5), feed.next()).await;
+    assert_eq!(next.expect("the event still comes").expect("read").map(|e| e.position), Some(Position(2)));
+}
+
+#[tokio::test]
+async fn a_cancelled_read_does_not_lose_the_wake_up() {
+    let store = Arc::new(Instrumented::default());
+    store.append(&stream(), ExpectedVersion::Any, vec![event(1)]).await.expect("append");
+    let mut feed = Subscription::all(Arc::clone(&store), Position::START);
+    assert_eq!(feed.next().await.expect("read").map(|e| e.position), Some(Position(1)));
+    // A slow read, given up by the caller (as the handler runner's checkpoint timer does).
+    store.hold_read_all.store(true, Ordering::SeqCst);
+    store.append(&stream(), ExpectedVersion::Any, vec![event(2)]).await.expect("append");
+    assert!(tokio::time::timeout(Duration::from_millis(50), feed.next()).await.is_err(), "cancelled mid-read");
+    store.hold_read_all.store(false, Ordering::SeqCst);
+    let next = tokio::time::timeout(Duration::from_secs(5), feed.next()).await;
+    assert_eq!(next.expect("the event still comes").expect("read").map(|e| e.position), Some(Position(2)));
+}

@@ -98,3 +98,38 @@ async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
 fn tracing_free_note(kills: i64, acknowledged: usize, unavailable: usize) {
     println!("faults: {kills} backends killed, {acknowledged} appends acknowledged, {unavailable} unavailable");
 }
+
+/// The writer's kept connection dies while idle (a server restart, an idle timeout in a
+/// proxy): the next batch finds it dead, and its outcome is unknown. Appends that carry a
+/// command id are written once more on a fresh connection, so their callers get a definite
+/// answer instead of `Unavailable`, and nothing is stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_after_the_writer_connection_died_get_definite_answers() {
+    use cqrs_core::testing::conformance::event_with;
+    use cqrs_core::{CommandId, Metadata};
+
+    let db = TestDb::create().await;
+    let store = db.store_with(PgStoreConfig::default().with_application_name("cqrs-replay-test")).await;
+    let s = stream("replay");
+    store.append(&s, ExpectedVersion::Any, vec![event(0)]).await.expect("the writer holds a connection now");
+    let mut killer = db.connection().await;
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'cqrs-replay-test'",
+    )
+    .fetch_one(&mut killer)
+    .await
+    .expect("terminate the store's backends");
+    assert!(killed >= 1, "the writer's connection was killed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let command_id = CommandId::new();
+    let sent = event_with(1, Metadata { command_id: Some(command_id), ..Metadata::default() });
+    let event_id = sent.event_id;
+    match store.append(&s, ExpectedVersion::Any, vec![sent]).await {
+        Ok(AppendOutcome::Appended(result)) => assert_eq!(result.first_version.0, 2),
+        other => panic!("an append with a command id must get a definite answer, got {other:?}"),
+    }
+    let stored = read_everything(&store).await;
+    assert_eq!(stored.iter().filter(|e| e.event_id == event_id).count(), 1, "stored once");
+}

@@ -3,14 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Version,
-};
+use cqrs_core::testing::WithGuard;
+use cqrs_core::{EventStore, Position, RecordedEvent, StreamId};
 use cqrs_postgres::{PgEventStore, PgStoreConfig};
 use sqlx::{Connection, Executor, PgConnection};
-use tokio::sync::watch;
 
 /// The server URL from `DATABASE_URL`; panics (fails the test) with instructions if unset.
 pub fn server_url() -> String {
@@ -103,86 +99,15 @@ impl Drop for TestDb {
     }
 }
 
-/// A store that owns its test database: what the conformance suite gets.
-pub struct TestStore {
-    /// The store under test.
-    pub store: PgEventStore,
-    /// Declared after `store`, so the database is dropped after the store's handles.
-    pub db: Arc<TestDb>,
-}
+/// A store that owns its test database: what the conformance suite gets. The database is
+/// dropped after the store's handles.
+pub type TestStore = WithGuard<PgEventStore, Arc<TestDb>>;
 
-impl TestStore {
-    /// A fresh database with a migrated store on it.
-    pub async fn fresh() -> Arc<TestStore> {
-        let db = TestDb::create().await;
-        let store = db.store().await;
-        Arc::new(TestStore { store, db })
-    }
-}
-
-#[async_trait]
-impl EventStore for TestStore {
-    async fn append(
-        &self,
-        stream_id: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<AppendOutcome, StoreError> {
-        self.store.append(stream_id, expected, events).await
-    }
-
-    async fn read_stream(
-        &self,
-        stream_id: &StreamId,
-        from: Version,
-        max_count: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.store.read_stream(stream_id, from, max_count).await
-    }
-
-    async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.store.read_all(after, max_count).await
-    }
-
-    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
-        self.store.stream_version(stream_id).await
-    }
-
-    async fn find_command(
-        &self,
-        stream_id: &StreamId,
-        command_id: CommandId,
-    ) -> Result<Option<AppendResult>, StoreError> {
-        self.store.find_command(stream_id, command_id).await
-    }
-
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
-        self.store.load_checkpoint(name).await
-    }
-
-    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
-        self.store.save_checkpoint(name, position).await
-    }
-
-    fn supports_snapshots(&self) -> bool {
-        self.store.supports_snapshots()
-    }
-
-    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
-        self.store.load_snapshot(stream_id).await
-    }
-
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        self.store.save_snapshot(snapshot).await
-    }
-
-    fn notifications(&self) -> watch::Receiver<Position> {
-        self.store.notifications()
-    }
-
-    fn poll_interval(&self) -> Option<Duration> {
-        self.store.poll_interval()
-    }
+/// A fresh database with a migrated store on it.
+pub async fn fresh_store() -> Arc<TestStore> {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    Arc::new(WithGuard { store, guard: db })
 }
 
 /// Every event in position order, read in pages through `read_all`.

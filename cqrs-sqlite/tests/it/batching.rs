@@ -8,12 +8,12 @@ use cqrs_core::testing::conformance::event;
 use cqrs_core::{AppendOutcome, EventStore, ExpectedVersion, StoreError, Version};
 use sqlx::{Connection, Executor, SqliteConnection};
 
-use crate::support::{stream, TempStore};
+use crate::support::{file_of, stream, temp_store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_transactions() {
     const APPENDS: u64 = 200;
-    let temp = Arc::new(TempStore::new().await);
+    let temp = Arc::new(temp_store().await);
     let tasks: Vec<_> = (0..APPENDS)
         .map(|n| {
             let temp = Arc::clone(&temp);
@@ -48,13 +48,13 @@ async fn lock_file(path: &std::path::Path) -> SqliteConnection {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_append_does_not_fail_its_batch() {
-    let temp = Arc::new(TempStore::new().await);
+    let temp = Arc::new(temp_store().await);
     let taken = stream("taken");
     let reused = cqrs_core::testing::conformance::event(0);
     temp.store.append(&taken, ExpectedVersion::Any, vec![reused.clone()]).await.expect("setup");
     let before = temp.store.stats();
 
-    let mut lock = lock_file(&temp.path()).await;
+    let mut lock = lock_file(&file_of(&temp)).await;
     // The writer takes this one and waits for the lock.
     let first = {
         let temp = Arc::clone(&temp);

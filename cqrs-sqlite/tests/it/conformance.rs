@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use cqrs_core::testing::conformance;
 
-use crate::support::{reopen, TempStore};
+use crate::support::{reopen, temp_store};
 
-cqrs_core::conformance_tests!(|| async { Arc::new(TempStore::new().await) });
+cqrs_core::conformance_tests!(|| async { Arc::new(temp_store().await) });
 
 /// A checkpoint saved before the store is closed is read back by a new store on the same file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

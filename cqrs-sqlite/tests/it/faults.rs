@@ -6,7 +6,7 @@ use cqrs_core::{EventStore, ExpectedVersion, Position, StoreError, Version};
 use cqrs_sqlite::{SqliteEventStore, SqliteStoreError};
 use sqlx::{Connection, Executor, SqliteConnection};
 
-use crate::support::{stream, TempStore};
+use crate::support::{file_of, stream, temp_store};
 
 #[tokio::test]
 async fn a_file_that_is_not_a_database_is_refused() {
@@ -74,10 +74,11 @@ async fn a_database_with_a_conflicting_schema_is_refused() {
 
 #[tokio::test]
 async fn a_damaged_row_is_reported_as_corrupt() {
-    let temp = TempStore::new().await;
+    let temp = temp_store().await;
     let s = stream("damaged");
     temp.store.append(&s, ExpectedVersion::Any, vec![event(1)]).await.expect("append");
-    let mut connection = SqliteConnection::connect(&format!("sqlite://{}", temp.path().display())).await.expect("open");
+    let mut connection =
+        SqliteConnection::connect(&format!("sqlite://{}", file_of(&temp).display())).await.expect("open");
     connection
         .execute(
             "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
@@ -93,7 +94,8 @@ async fn a_damaged_row_is_reported_as_corrupt() {
     // The intact stream is still readable.
     assert_eq!(temp.store.read_stream(&s, Version(1), 10).await.expect("read").len(), 1);
     // Stored events cannot be changed.
-    let mut connection = SqliteConnection::connect(&format!("sqlite://{}", temp.path().display())).await.expect("open");
+    let mut connection =
+        SqliteConnection::connect(&format!("sqlite://{}", file_of(&temp).display())).await.expect("open");
     assert!(connection.execute("DELETE FROM cqrs_events").await.is_err());
     assert!(connection.execute("UPDATE cqrs_events SET payload = '{}'").await.is_err());
 }

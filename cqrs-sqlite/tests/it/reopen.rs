@@ -10,7 +10,8 @@ use cqrs_core::{
 };
 use serde_json::json;
 
-use crate::support::{reopen, stream, TempStore};
+use crate::support::{file_of, reopen, stream, temp_store};
+use cqrs_core::testing::WithGuard;
 
 async fn read_everything(store: &impl EventStore) -> Vec<cqrs_core::RecordedEvent> {
     let mut all = Vec::new();
@@ -26,7 +27,7 @@ async fn read_everything(store: &impl EventStore) -> Vec<cqrs_core::RecordedEven
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reopen_keeps_every_event_checkpoint_and_snapshot() {
-    let temp = TempStore::new().await;
+    let temp = temp_store().await;
     let store = &temp.store;
     let streams: Vec<_> = (0..5).map(|i| stream(&format!("reopen{i}"))).collect();
     let command_id = CommandId::new();
@@ -52,8 +53,8 @@ async fn reopen_keeps_every_event_checkpoint_and_snapshot() {
     store.save_snapshot(snapshot.clone()).await.expect("snapshot");
     let before = read_everything(store).await;
     assert_eq!(before.len(), 102);
-    let path = temp.path();
-    let TempStore { store, dir } = temp;
+    let path = file_of(&temp);
+    let WithGuard { store, guard: dir } = temp;
     drop(store);
 
     let reopened = reopen(&path).await;
@@ -88,12 +89,12 @@ async fn reopen_keeps_every_event_checkpoint_and_snapshot() {
 /// stored head, so a subscriber does not mistake old events for news.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_start_at_the_stored_head() {
-    let temp = TempStore::new().await;
+    let temp = temp_store().await;
     let s = stream("head");
     let result = temp.store.append(&s, ExpectedVersion::Any, vec![event(1), event(2)]).await.expect("append");
     assert_eq!(*temp.store.notifications().borrow(), result.result().last_position);
-    let path = temp.path();
-    let TempStore { store, dir } = temp;
+    let path = file_of(&temp);
+    let WithGuard { store, guard: dir } = temp;
     drop(store);
     let reopened = reopen(&path).await;
     assert_eq!(*reopened.notifications().borrow(), result.result().last_position);

@@ -86,8 +86,8 @@ fn splitmix64(seed: u64) -> u64 {
 // --- this project ---------------------------------------------------------------------------
 
 impl cqrs_core::Command for SendMessage {
-    fn stream_id(&self) -> StreamId {
-        StreamId::new(chat_id(self.chat)).expect("chat ids are short")
+    fn stream_id(&self) -> Result<StreamId, cqrs_core::StreamIdError> {
+        StreamId::new(chat_id(self.chat))
     }
 }
 
@@ -122,7 +122,6 @@ pub struct MessageCount(pub Arc<AtomicU64>);
 /// The handler name [`MessageCount`] registers under.
 pub const COUNT_HANDLER: &str = "message_count";
 
-#[async_trait]
 impl EventHandler for MessageCount {
     type Event = MessageSent;
     fn name(&self) -> &str {
