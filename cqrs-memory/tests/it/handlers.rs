@@ -409,3 +409,28 @@ async fn events_renamed_by_an_upcaster_reach_the_handler() {
     assert_eq!(totals.value(1), 3);
     running.stop().await;
 }
+
+#[tokio::test]
+async fn start_from_current_asks_the_store_for_its_head_instead_of_reading_the_log() {
+    use crate::dispatcher::Instrumented;
+    use std::sync::atomic::Ordering as AtomicOrdering;
+    let store = Arc::new(Instrumented::default());
+    let events: Vec<_> = (0..5_000).map(cqrs_core::testing::conformance::event).collect();
+    let history = cqrs_core::StreamId::new("history-1").expect("id");
+    store.append(&history, cqrs_core::ExpectedVersion::Any, events).await.expect("append");
+    let progress = Progress::new();
+    let totals = Totals::named("from-now");
+    let config = RunnerConfig { start_from: StartFrom::Current, ..RunnerConfig::default() };
+    let running = spawn_handler(Arc::clone(&store), totals.clone(), config, &progress);
+    wait_until("started", || running.status().state == HandlerState::Running).await;
+    assert_eq!(running.status().position, Position(5_000), "starts at the head");
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    dispatcher.dispatch(CounterCommand::increment(1, 1)).await.expect("dispatch");
+    wait_until("the new event", || totals.seen() == vec![Position(5_001)]).await;
+    assert!(
+        store.all_reads.load(AtomicOrdering::SeqCst) <= 2,
+        "no paging through the 5 000 stored events to find the end ({} reads)",
+        store.all_reads.load(AtomicOrdering::SeqCst)
+    );
+    running.stop().await;
+}
