@@ -5,6 +5,7 @@
 //! - [`event`]: the event trait, envelopes, metadata and upcasting.
 //! - [`aggregate`]: the write model and command envelopes.
 //! - [`store`]: the [`EventStore`] trait that backends implement.
+//! - [`coordination`]: claims, parked events, process state and schedules kept by the store.
 //! - [`batching`]: for store implementors, the group-commit write queue with its fairness rule.
 //! - [`subscription`]: catch-up-then-live feeds over any store.
 //! - [`dispatcher`]: the command path with caching, retries and read-your-writes.
@@ -19,6 +20,7 @@ extern crate self as cqrs_core;
 pub mod aggregate;
 pub mod batching;
 mod cache;
+pub mod coordination;
 pub mod dispatcher;
 pub mod event;
 pub mod handler;
@@ -95,6 +97,10 @@ pub mod __private {
 }
 
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
+pub use coordination::{
+    default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled, DEFAULT_CLAIM_RETRY,
+    DEFAULT_CLAIM_TTL,
+};
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
     DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, UpcastResult, Upcaster,

@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::coordination::{Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 
@@ -132,6 +133,14 @@ pub enum StoreError {
     /// The store was shut down.
     #[error("store closed")]
     Closed,
+    /// A write fenced by a claim found the claim gone (expired, released, or taken by another
+    /// process); nothing was written. The caller is no longer the active consumer: stop and
+    /// stand by.
+    #[error("the claim on {name:?} is no longer held by this process")]
+    ClaimLost {
+        /// The claimed name.
+        name: String,
+    },
 }
 
 impl StoreError {
@@ -218,6 +227,66 @@ pub trait EventStore: Send + Sync + 'static {
         let _ = older_than;
         Ok(0)
     }
+
+    /// Takes or renews the claim on `name` for `owner`, lasting `ttl` from now by the store's
+    /// own clock (the database's, for a shared store), so that at most one process at a time
+    /// is the active consumer of a handler. Held by `owner` and not expired: renewed (same
+    /// token). Expired, released or never taken: taken (a new, larger token). Held by another
+    /// owner and not expired: [`ClaimOutcome::Taken`].
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError>;
+
+    /// Gives a claim up (if `claim`'s owner and token still hold it), so a standby can take
+    /// over at once instead of waiting for it to expire.
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError>;
+
+    /// The claims currently held (not expired), by name.
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError>;
+
+    /// Saves checkpoint `name` if `claim` is still held (same owner and token, not expired),
+    /// atomically with that check; otherwise writes nothing and fails with
+    /// [`StoreError::ClaimLost`]. A process that lost its claim cannot move the checkpoint.
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError>;
+
+    /// Stores a parked event (replacing one of the same handler and position).
+    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError>;
+
+    /// The events `handler` has parked, in position order.
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError>;
+
+    /// Sets a parked event's status (an operator asks for a retry, or the handler's retry
+    /// failed); false if no such parked event.
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+    ) -> Result<bool, StoreError>;
+
+    /// Removes a parked event (handled after a retry, or discarded by an operator); false if
+    /// there was none.
+    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError>;
+
+    /// A process manager instance's state.
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError>;
+
+    /// Saves (or, with `None`, deletes) a process manager instance's state. With `fence`, only
+    /// while that claim is held (else [`StoreError::ClaimLost`], nothing written).
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError>;
+
+    /// Stores a scheduled command, replacing one with the same owner, key and name.
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError>;
+
+    /// Removes a scheduled command (fired, or cancelled); false if there was none.
+    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError>;
+
+    /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first.
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError>;
 
     /// A signal that changes (to the newest known position, or any larger token) whenever new
     /// events may have become readable. Subscribers use it only as a wake-up and always read

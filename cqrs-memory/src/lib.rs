@@ -1,13 +1,14 @@
 #![doc = include_str!("../README.md")]
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::{
-    validate_append, AppendOutcome, AppendResult, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, Position,
-    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
+    validate_append, AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventId, EventStore, ExpectedVersion,
+    NewEvent, ParkedEvent, ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError,
+    StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
 
@@ -41,6 +42,14 @@ struct State {
     event_ids: HashSet<EventId>,
     checkpoints: HashMap<String, Position>,
     snapshots: HashMap<StreamId, Snapshot>,
+    /// Claims by name; an expired one stays until taken again (its token counts on).
+    claims: HashMap<String, Claim>,
+    /// Parked events by handler, in position order.
+    parked: HashMap<String, BTreeMap<Position, ParkedEvent>>,
+    /// Process manager instances by (process, key).
+    processes: HashMap<(String, String), ProcessState>,
+    /// Scheduled commands by (owner, key, name).
+    scheduled: HashMap<(String, String, String), Scheduled>,
 }
 
 /// Events in fixed-size segments: growing the log never moves (copies) stored events, so an
@@ -91,6 +100,13 @@ impl Log {
 }
 
 impl State {
+    /// Whether `claim` is the current, unexpired claim on its name.
+    fn holds(&self, claim: &Claim) -> bool {
+        self.claims.get(&claim.name).is_some_and(|current| {
+            current.owner == claim.owner && current.token == claim.token && current.expires_at > Timestamp::now()
+        })
+    }
+
     /// Forgets the command ids stored before `older_than`; returns how many.
     fn prune_commands(&mut self, older_than: Timestamp) -> u64 {
         let mut pruned = 0;
@@ -266,6 +282,117 @@ impl EventStore for MemoryStore {
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         self.write().checkpoints.insert(name.to_owned(), position);
         Ok(())
+    }
+
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        let now = Timestamp::now();
+        let mut state = self.write();
+        let token = match state.claims.get(name) {
+            Some(current) if current.expires_at > now && current.owner != owner => {
+                return Ok(ClaimOutcome::Taken { holder: current.owner.clone(), until: current.expires_at });
+            }
+            Some(current) if current.expires_at > now => current.token,
+            Some(lapsed) => lapsed.token + 1,
+            None => 1,
+        };
+        let claim = Claim { name: name.to_owned(), owner: owner.to_owned(), token, expires_at: now.plus(ttl) };
+        state.claims.insert(name.to_owned(), claim.clone());
+        Ok(ClaimOutcome::Held(claim))
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        let mut state = self.write();
+        if state.holds(claim) {
+            if let Some(current) = state.claims.get_mut(&claim.name) {
+                current.expires_at = Timestamp::now();
+            }
+        }
+        Ok(())
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        let now = Timestamp::now();
+        let mut claims: Vec<Claim> = self.read().claims.values().filter(|c| c.expires_at > now).cloned().collect();
+        claims.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(claims)
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        let mut state = self.write();
+        if !state.holds(claim) {
+            return Err(StoreError::ClaimLost { name: claim.name.clone() });
+        }
+        state.checkpoints.insert(name.to_owned(), position);
+        Ok(())
+    }
+
+    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
+        self.write().parked.entry(event.handler.clone()).or_default().insert(event.position, event);
+        Ok(())
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        Ok(self.read().parked.get(handler).map(|parked| parked.values().cloned().collect()).unwrap_or_default())
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.write();
+        let parked = state.parked.get_mut(handler).and_then(|parked| parked.get_mut(&position));
+        Ok(parked.map(|parked| parked.status = status).is_some())
+    }
+
+    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+        let mut state = self.write();
+        Ok(state.parked.get_mut(handler).and_then(|parked| parked.remove(&position)).is_some())
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        Ok(self.read().processes.get(&(process.to_owned(), key.to_owned())).cloned())
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        let mut stored = self.write();
+        if let Some(claim) = fence {
+            if !stored.holds(claim) {
+                return Err(StoreError::ClaimLost { name: claim.name.clone() });
+            }
+        }
+        let id = (process.to_owned(), key.to_owned());
+        match state {
+            Some(state) => stored.processes.insert(id, state.clone()),
+            None => stored.processes.remove(&id),
+        };
+        Ok(())
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        let id = (scheduled.owner.clone(), scheduled.key.clone(), scheduled.name.clone());
+        self.write().scheduled.insert(id, scheduled);
+        Ok(())
+    }
+
+    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        Ok(self.write().scheduled.remove(&(owner.to_owned(), key.to_owned(), name.to_owned())).is_some())
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        let state = self.read();
+        let mut due: Vec<Scheduled> =
+            state.scheduled.values().filter(|s| s.owner == owner && s.due <= now).cloned().collect();
+        due.sort_by(|a, b| (a.due, &a.key, &a.name).cmp(&(b.due, &b.key, &b.name)));
+        due.truncate(max);
+        Ok(due)
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

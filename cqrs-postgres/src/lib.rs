@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod coordination;
 mod error;
 mod listener;
 mod rows;
@@ -13,8 +14,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Timestamp, Version,
+    AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
+    ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
@@ -424,6 +425,69 @@ impl EventStore for PgEventStore {
         .await
         .map_err(to_store_error)?;
         Ok(())
+    }
+
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        coordination::claim(&self.inner.pool, name, owner, ttl).await
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        coordination::release_claim(&self.inner.pool, claim).await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        coordination::claims(&self.inner.pool).await
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        coordination::save_checkpoint_claimed(&self.inner.pool, name, position, claim).await
+    }
+
+    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
+        coordination::park(&self.inner.pool, &event).await
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        coordination::parked(&self.inner.pool, handler).await
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+    ) -> Result<bool, StoreError> {
+        coordination::set_parked_status(&self.inner.pool, handler, position, status).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+        coordination::unpark(&self.inner.pool, handler, position).await
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        coordination::load_process(&self.inner.pool, process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        coordination::save_process(&self.inner.pool, process, key, state, fence).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        coordination::schedule(&self.inner.pool, &scheduled).await
+    }
+
+    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        coordination::unschedule(&self.inner.pool, owner, key, name).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        coordination::due(&self.inner.pool, owner, now, max).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

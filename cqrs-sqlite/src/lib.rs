@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod coordination;
 mod error;
 mod rows;
 mod writer;
@@ -14,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Timestamp, Version,
+    AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
+    ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
@@ -396,6 +397,71 @@ impl EventStore for SqliteEventStore {
         }
         let state = snapshot.state.to_string();
         self.write(|reply| WriteRequest::Snapshot { snapshot, state, reply }).await
+    }
+
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        coordination::claim(&self.inner.writes, name, owner, ttl).await
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        coordination::release_claim(&self.inner.writes, claim).await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        coordination::claims(&self.inner.readers).await
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        let position = i64::try_from(position.0)
+            .map_err(|_| StoreError::InvalidAppend(format!("checkpoint {position} does not fit in an integer")))?;
+        coordination::save_checkpoint_claimed(&self.inner.writes, name, position, claim).await
+    }
+
+    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
+        coordination::park(&self.inner.writes, event).await
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        coordination::parked(&self.inner.readers, handler).await
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+    ) -> Result<bool, StoreError> {
+        coordination::set_parked_status(&self.inner.writes, handler, position, status).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+        coordination::unpark(&self.inner.writes, handler, position).await
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        coordination::load_process(&self.inner.readers, process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        coordination::save_process(&self.inner.writes, process, key, state, fence).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        coordination::schedule(&self.inner.writes, scheduled).await
+    }
+
+    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        coordination::unschedule(&self.inner.writes, owner, key, name).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        coordination::due(&self.inner.readers, owner, now, max).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

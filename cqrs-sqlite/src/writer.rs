@@ -46,6 +46,34 @@ pub(crate) enum WriteRequest {
     Snapshot { snapshot: Snapshot, state: String, reply: oneshot::Sender<Result<(), StoreError>> },
     /// Forget up to [`PRUNE_CHUNK`] command ids stored before `older_than` (microseconds).
     Prune { older_than: i64, reply: oneshot::Sender<Result<u64, StoreError>> },
+    /// Any other write: run inside the batch's transaction, answered after the commit; `fail`
+    /// answers it when its batch fails before it ran.
+    Op { run: WriteOp, fail: Box<dyn FnOnce(StoreError) + Send> },
+}
+
+/// What a [`WriteOp`] leaves to do once the batch's transaction has ended: it is called with
+/// `Ok(())` after the commit, or with the error that failed the batch.
+pub(crate) type Answer = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// The future of a [`WriteOp`], borrowing the writer's connection.
+pub(crate) type OpFuture<'c> = std::pin::Pin<Box<dyn std::future::Future<Output = OpResult> + Send + 'c>>;
+
+/// `Ok(answer)`: the op's own outcome is decided (it may still be a refusal, which the answer
+/// reports); `Err`: a database failure that fails the whole batch, with the answer to send it.
+pub(crate) type OpResult = Result<Answer, (sqlx::Error, Answer)>;
+
+/// A write run on the writer's connection inside its open transaction (claims, parked events,
+/// process state, schedules, transactional projections). It must leave the transaction usable:
+/// an op that may fail half-way wraps its statements in a savepoint.
+pub(crate) type WriteOp = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> OpFuture<'c> + Send>;
+
+/// Boxes a closure as a [`WriteOp`] (and gives it the higher-ranked signature closures do not
+/// infer on their own).
+pub(crate) fn write_op<F>(op: F) -> WriteOp
+where
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> OpFuture<'c> + Send + 'static,
+{
+    Box::new(op)
 }
 
 /// Most command ids one prune request forgets: a long delete would hold the write lock.
@@ -95,6 +123,7 @@ enum Pending {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Result<AppendOutcome, StoreError>),
     Saved(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
     Pruned(oneshot::Sender<Result<u64, StoreError>>, u64),
+    Op(Answer),
 }
 
 impl Pending {
@@ -111,6 +140,7 @@ impl Pending {
             Pending::Pruned(reply, _) => {
                 let _ = reply.send(Err(error));
             }
+            Pending::Op(answer) => answer(Err(error)),
         }
     }
 
@@ -125,6 +155,7 @@ impl Pending {
             Pending::Pruned(reply, pruned) => {
                 let _ = reply.send(Ok(pruned));
             }
+            Pending::Op(answer) => answer(Ok(())),
         }
     }
 }
@@ -249,6 +280,14 @@ impl Writer {
                         Err(error) => Err((error, WriteRequest::Prune { older_than, reply })),
                     }
                 }
+                WriteRequest::Op { run, fail: _ } => match run(&mut self.connection).await {
+                    Ok(answer) => Ok(Pending::Op(answer)),
+                    Err((error, answer)) => {
+                        // Answered with the batch's failure, like the requests already run.
+                        pending.push(Pending::Op(answer));
+                        return Err((error, requests.collect()));
+                    }
+                },
             };
             match step {
                 Ok(answer) => pending.push(answer),
@@ -414,7 +453,7 @@ async fn insert_events(
     Ok(())
 }
 
-async fn save_checkpoint(
+pub(crate) async fn save_checkpoint(
     connection: &mut SqliteConnection,
     name: &str,
     position: i64,
@@ -481,5 +520,6 @@ fn fail_request(request: WriteRequest, error: StoreError) {
         WriteRequest::Prune { reply, .. } => {
             let _ = reply.send(Err(error));
         }
+        WriteRequest::Op { fail, .. } => fail(error),
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::aggregate::CommandEnvelope;
+use crate::coordination::ClaimOutcome;
 use crate::dispatcher::{Dispatcher, SnapshotPolicy};
 use crate::event::{Metadata, NewEvent, RecordedEvent, Upcasters};
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
@@ -55,6 +56,10 @@ macro_rules! conformance_tests {
             handlers_take_their_category_only,
             command_ids_are_forgotten_when_pruned,
             follow_up_commands_are_idempotent_and_traceable,
+            claims_have_one_holder_at_a_time,
+            claims_expire_and_fence_checkpoints,
+            parked_events_round_trip,
+            process_state_and_schedules_round_trip,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -879,6 +884,179 @@ pub async fn follow_up_commands_are_idempotent_and_traceable<S: EventStore + ?Si
     assert_eq!(metadata.command_id, Some(CommandId::derived(trigger.event_id, "mirror")));
     assert_eq!(metadata.causation_id, Some(CausationId::from(trigger.event_id)), "caused by the trigger");
     assert_eq!(metadata.correlation_id, Some(correlation), "the conversation carries on");
+}
+
+/// A claim has one holder at a time: another owner is told who holds it; the holder renews it
+/// with the same token; after a release another owner takes it with a larger token.
+pub async fn claims_have_one_holder_at_a_time<S: EventStore + ?Sized>(store: Arc<S>) {
+    let name = format!("exclusive-{}", uuid::Uuid::new_v4().simple());
+    let long = Duration::from_secs(60);
+    let first = match store.claim(&name, "process-a", long).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("a free claim is taken, got {other:?}"),
+    };
+    assert_eq!((first.name.as_str(), first.owner.as_str()), (name.as_str(), "process-a"));
+    match store.claim(&name, "process-b", long).await.expect("claim") {
+        ClaimOutcome::Taken { holder, until } => {
+            assert_eq!(holder, "process-a");
+            assert!(until > Timestamp::now(), "held until a time in the future");
+        }
+        other => panic!("a held claim is not given to another owner, got {other:?}"),
+    }
+    match store.claim(&name, "process-a", long).await.expect("renew") {
+        ClaimOutcome::Held(renewed) => {
+            assert_eq!(renewed.token, first.token, "renewing keeps the token");
+            assert!(renewed.expires_at >= first.expires_at);
+        }
+        other => panic!("the holder renews, got {other:?}"),
+    }
+    let listed = store.claims().await.expect("claims");
+    assert!(listed.iter().any(|c| c.name == name && c.owner == "process-a"), "{listed:?}");
+    store.release_claim(&first).await.expect("release");
+    let second = match store.claim(&name, "process-b", long).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("a released claim is free, got {other:?}"),
+    };
+    assert!(second.token > first.token, "a new tenure has a larger token");
+    assert!(!store.claims().await.expect("claims").iter().any(|c| c.name == name && c.owner == "process-a"));
+    // Releasing with a stale claim changes nothing.
+    store.release_claim(&first).await.expect("stale release");
+    assert!(matches!(store.claim(&name, "process-a", long).await.expect("claim"), ClaimOutcome::Taken { .. }));
+}
+
+/// A claim not renewed lapses after its ttl and can then be taken; a checkpoint write fenced
+/// by a claim succeeds only while that claim is held.
+pub async fn claims_expire_and_fence_checkpoints<S: EventStore + ?Sized>(store: Arc<S>) {
+    let name = format!("lapsing-{}", uuid::Uuid::new_v4().simple());
+    let short = match store.claim(&name, "process-a", Duration::from_millis(300)).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("{other:?}"),
+    };
+    store.save_checkpoint_claimed(&name, Position(5), &short).await.expect("fenced save while held");
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), Some(Position(5)));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let next = match store.claim(&name, "process-b", Duration::from_secs(60)).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("a lapsed claim is free, got {other:?}"),
+    };
+    assert!(next.token > short.token);
+    match store.save_checkpoint_claimed(&name, Position(9), &short).await {
+        Err(StoreError::ClaimLost { name: lost }) => assert_eq!(lost, name),
+        other => panic!("a fenced write with a lost claim must fail, got {other:?}"),
+    }
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), Some(Position(5)), "nothing written");
+    store.save_checkpoint_claimed(&name, Position(9), &next).await.expect("the new holder saves");
+    assert_eq!(store.load_checkpoint(&name).await.expect("load"), Some(Position(9)));
+}
+
+/// Parked events are kept per handler in position order, their status changes, and they are
+/// removed when unparked.
+pub async fn parked_events_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::{ParkedEvent, ParkedStatus};
+    let handler = format!("parking-{}", uuid::Uuid::new_v4().simple());
+    let parked = |position: u64, error: &str| ParkedEvent {
+        handler: handler.clone(),
+        position: Position(position),
+        event_id: EventId::new(),
+        stream_id: stream("parked"),
+        event_type: "TestHappened".to_owned(),
+        sequence: "seq-1".to_owned(),
+        error: error.to_owned(),
+        attempts: 3,
+        parked_at: Timestamp::now(),
+        status: ParkedStatus::Parked,
+    };
+    assert!(store.parked(&handler).await.expect("list").is_empty());
+    let (late, early) = (parked(20, "behind @10"), parked(10, "boom: \"quoted\" ünïcode"));
+    store.park(late.clone()).await.expect("park");
+    store.park(early.clone()).await.expect("park");
+    store.park(parked(5, "another handler's")).await.expect("park");
+    let listed = store.parked(&handler).await.expect("list");
+    let positions: Vec<u64> = listed.iter().map(|p| p.position.0).collect();
+    assert_eq!(positions, [5, 10, 20], "in position order");
+    assert_eq!(listed[1].error, early.error);
+    assert_eq!(listed[1].event_id, early.event_id);
+    assert_eq!(listed[1].stream_id, early.stream_id);
+    assert_eq!((listed[1].attempts, listed[1].status), (3, ParkedStatus::Parked));
+    assert!(store.parked(&format!("{handler}-other")).await.expect("list").is_empty(), "per handler");
+
+    assert!(store.set_parked_status(&handler, Position(10), ParkedStatus::RetryRequested).await.expect("status"));
+    assert!(!store.set_parked_status(&handler, Position(11), ParkedStatus::RetryRequested).await.expect("status"));
+    assert_eq!(store.parked(&handler).await.expect("list")[1].status, ParkedStatus::RetryRequested);
+    // Parking the same position again replaces it (a failed retry records its error).
+    store.park(ParkedEvent { attempts: 4, error: "again".into(), ..early.clone() }).await.expect("park again");
+    let again = store.parked(&handler).await.expect("list");
+    assert_eq!((again.len(), again[1].attempts, again[1].error.as_str()), (3, 4, "again"));
+
+    assert!(store.unpark(&handler, Position(10)).await.expect("unpark"));
+    assert!(!store.unpark(&handler, Position(10)).await.expect("unpark twice"));
+    let left: Vec<u64> = store.parked(&handler).await.expect("list").iter().map(|p| p.position.0).collect();
+    assert_eq!(left, [5, 20]);
+}
+
+/// Process manager state is saved, replaced, fenced by a claim and deleted; scheduled
+/// commands are replaced by name, listed when due (earliest first, at most `max`) and removed.
+pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::{ProcessState, Scheduled};
+    let process = format!("fulfilment-{}", uuid::Uuid::new_v4().simple());
+    assert_eq!(store.load_process(&process, "order-1").await.expect("load"), None);
+    let state = ProcessState { state: json!({ "step": "reserving", "lines": [1, 2] }), position: Position(7) };
+    store.save_process(&process, "order-1", Some(&state), None).await.expect("save");
+    assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(state.clone()));
+    assert_eq!(store.load_process(&process, "order-2").await.expect("load"), None);
+    let later = ProcessState { state: json!({ "step": "paying" }), position: Position(9) };
+    store.save_process(&process, "order-1", Some(&later), None).await.expect("replace");
+    assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(later.clone()));
+
+    let claim_name = format!("{process}-claim");
+    let lapsed = match store.claim(&claim_name, "a", Duration::from_millis(200)).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("{other:?}"),
+    };
+    store.save_process(&process, "order-1", Some(&later), Some(&lapsed)).await.expect("fenced while held");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stale = ProcessState { state: json!({ "step": "stale" }), position: Position(10) };
+    assert!(matches!(
+        store.save_process(&process, "order-1", Some(&stale), Some(&lapsed)).await,
+        Err(StoreError::ClaimLost { .. })
+    ));
+    assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(later), "nothing written");
+    store.save_process(&process, "order-1", None, None).await.expect("delete");
+    assert_eq!(store.load_process(&process, "order-1").await.expect("load"), None);
+
+    let now = Timestamp::now();
+    let minute = Duration::from_secs(60);
+    let scheduled = |key: &str, name: &str, due: Timestamp| Scheduled {
+        owner: process.clone(),
+        key: key.to_owned(),
+        name: name.to_owned(),
+        due,
+        command: json!({ "cancel": key }),
+        command_id: CommandId::new(),
+    };
+    store.schedule(scheduled("order-1", "payment-deadline", now.minus(minute))).await.expect("schedule");
+    store.schedule(scheduled("order-2", "payment-deadline", now.minus(2 * minute))).await.expect("schedule");
+    store.schedule(scheduled("order-3", "payment-deadline", now.plus(minute))).await.expect("schedule");
+    let mut other_owner = scheduled("order-9", "payment-deadline", now.minus(minute));
+    other_owner.owner = format!("{process}-other");
+    store.schedule(other_owner).await.expect("schedule");
+    let due = store.due(&process, now, 10).await.expect("due");
+    let keys: Vec<&str> = due.iter().map(|s| s.key.as_str()).collect();
+    assert_eq!(keys, ["order-2", "order-1"], "due ones only, earliest first, this owner's");
+    assert_eq!(due[0].command, json!({ "cancel": "order-2" }));
+    assert_eq!(store.due(&process, now, 1).await.expect("due").len(), 1, "at most max");
+    // Scheduling the same name again replaces it: now order-1's deadline is in the future.
+    let replaced = scheduled("order-1", "payment-deadline", now.plus(minute));
+    let replaced_id = replaced.command_id;
+    store.schedule(replaced).await.expect("replace");
+    let due: Vec<String> = store.due(&process, now, 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, ["order-2"]);
+    let all = store.due(&process, now.plus(2 * minute), 10).await.expect("due");
+    assert_eq!(all.len(), 3);
+    assert!(all.iter().any(|s| s.key == "order-1" && s.command_id == replaced_id));
+    assert!(store.unschedule(&process, "order-2", "payment-deadline").await.expect("unschedule"));
+    assert!(!store.unschedule(&process, "order-2", "payment-deadline").await.expect("unschedule twice"));
+    assert!(store.due(&process, now, 10).await.expect("due").is_empty());
 }
 
 fn rand_counter_id() -> u32 {

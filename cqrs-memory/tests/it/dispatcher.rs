@@ -8,8 +8,9 @@ use std::time::Duration;
 use cqrs_core::async_trait;
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterError};
 use cqrs_core::{
-    AppendOutcome, AppendResult, CausationId, CommandEnvelope, CommandId, CorrelationId, DispatchError, Dispatcher,
-    DispatcherConfig, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError, StreamId, Version,
+    AppendOutcome, AppendResult, CausationId, Claim, ClaimOutcome, CommandEnvelope, CommandId, CorrelationId,
+    DispatchError, Dispatcher, DispatcherConfig, EventStore, ExpectedVersion, NewEvent, ParkedEvent, ParkedStatus,
+    Position, ProcessState, RecordedEvent, Scheduled, StoreError, StreamId, Timestamp, Version,
 };
 use cqrs_memory::MemoryStore;
 use tokio::sync::{watch, Barrier};
@@ -94,7 +95,7 @@ impl EventStore for Instrumented {
     async fn head(&self) -> Result<Position, StoreError> {
         self.inner.head().await
     }
-    async fn prune_commands(&self, older_than: cqrs_core::Timestamp) -> Result<u64, StoreError> {
+    async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
         self.inner.prune_commands(older_than).await
     }
     async fn stream_version(&self, s: &StreamId) -> Result<Version, StoreError> {
@@ -109,6 +110,69 @@ impl EventStore for Instrumented {
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
         self.inner.save_checkpoint(name, position).await
     }
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        self.inner.claim(name, owner, ttl).await
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        self.inner.release_claim(claim).await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        self.inner.claims().await
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        self.inner.save_checkpoint_claimed(name, position, claim).await
+    }
+
+    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
+        self.inner.park(event).await
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        self.inner.parked(handler).await
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+    ) -> Result<bool, StoreError> {
+        self.inner.set_parked_status(handler, position, status).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+        self.inner.unpark(handler, position).await
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        self.inner.load_process(process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        self.inner.save_process(process, key, state, fence).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        self.inner.schedule(scheduled).await
+    }
+
+    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        self.inner.unschedule(owner, key, name).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        self.inner.due(owner, now, max).await
+    }
+
     fn notifications(&self) -> watch::Receiver<Position> {
         self.inner.notifications()
     }

@@ -1,0 +1,149 @@
+//! What handlers keep in the store besides their checkpoints: claims (one active consumer per
+//! handler across processes), parked events, process-manager state and scheduled commands.
+//! The [`EventStore`](crate::EventStore) methods that keep them take and return these types.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::ids::{CommandId, EventId, Position, StreamId, Timestamp};
+
+/// A claim held on a name: the right to be its one active consumer until `expires_at`,
+/// unless renewed. `token` grows every time the claim changes hands, so a write fenced by a
+/// token ([`EventStore::save_checkpoint_claimed`](crate::EventStore::save_checkpoint_claimed))
+/// fails once another process has taken over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The claimed name (a handler's name).
+    pub name: String,
+    /// Who holds it (a process identity, see [`default_owner`]).
+    pub owner: String,
+    /// The fencing token of this tenure.
+    pub token: u64,
+    /// When the claim lapses unless renewed, by the store's clock.
+    pub expires_at: Timestamp,
+}
+
+/// The answer to [`EventStore::claim`](crate::EventStore::claim).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The caller holds the claim (newly taken, or renewed).
+    Held(Claim),
+    /// Another owner holds it until `until`.
+    Taken {
+        /// The current holder.
+        holder: String,
+        /// When its claim lapses unless renewed.
+        until: Timestamp,
+    },
+}
+
+/// A parked event's state, as an operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParkedStatus {
+    /// Set aside after failing; the handler went on.
+    Parked,
+    /// An operator asked for another attempt; the running handler picks it up.
+    RetryRequested,
+}
+
+impl ParkedStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParkedStatus::Parked => "parked",
+            ParkedStatus::RetryRequested => "retry",
+        }
+    }
+
+    /// From the stored name.
+    pub fn parse(status: &str) -> Option<Self> {
+        match status {
+            "parked" => Some(ParkedStatus::Parked),
+            "retry" => Some(ParkedStatus::RetryRequested),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ParkedStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event a handler set aside: it failed too often (see
+/// [`ErrorPolicy`](crate::ErrorPolicy)), or it came after a parked event of the same sequence
+/// (stream or partition) and waits behind it. Parked events are kept until an operator retries
+/// them successfully or discards them; nothing is passed over silently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedEvent {
+    /// The handler that parked it.
+    pub handler: String,
+    /// The event's position.
+    pub position: Position,
+    /// The event's id.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream_id: StreamId,
+    /// Its stored type.
+    pub event_type: String,
+    /// The sequence it belongs to (the handler's partition key, by default its stream): later
+    /// events of a sequence with a parked event are parked behind it, in order.
+    pub sequence: String,
+    /// The last error, or why it waits ("behind @N").
+    pub error: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When it was (last) parked.
+    pub parked_at: Timestamp,
+    /// Parked, or waiting for a retry.
+    pub status: ParkedStatus,
+}
+
+/// A process manager instance's state, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessState {
+    /// The serialized state.
+    pub state: Value,
+    /// Position of the last event applied to it: an event at or below it was handled.
+    pub position: Position,
+}
+
+/// A command scheduled for later by a process manager instance, fired once by its runner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    /// The process manager's name.
+    pub owner: String,
+    /// The instance's key.
+    pub key: String,
+    /// The schedule's name within the instance; scheduling the same name again replaces it.
+    pub name: String,
+    /// When it is due.
+    pub due: Timestamp,
+    /// The serialized command.
+    pub command: Value,
+    /// The id it is dispatched with (derived, so firing twice applies it once).
+    pub command_id: CommandId,
+}
+
+/// How long a claim lasts without renewal by default: a standby takes over at most this long
+/// (plus one [`DEFAULT_CLAIM_RETRY`]) after the holder stops renewing.
+pub const DEFAULT_CLAIM_TTL: Duration = Duration::from_secs(3);
+
+/// How often a standby asks for a claim by default.
+pub const DEFAULT_CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// A process identity for claims: `{host}:{pid}:{random}`, distinct for every run of a
+/// process. `HOSTNAME` (or `/etc/hostname`) names the host.
+pub fn default_owner() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|host| !host.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|host| host.trim().to_owned()))
+        .filter(|host| !host.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &random[..8])
+}

@@ -1,0 +1,324 @@
+//! Claims, parked events, process manager state and scheduled commands, in their own tables
+//! (`migrations/20261201000002_handlers.sql`). Claim times are the server's clock (`now()`), so
+//! processes on different hosts agree on when a claim lapses.
+
+use std::time::Duration;
+
+use cqrs_core::{
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled, StoreError,
+    StreamId, Timestamp,
+};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::to_store_error;
+use crate::rows::{to_i64_saturating, to_u64};
+
+/// A timestamptz bound as microseconds since the epoch.
+const FROM_MICROS: &str = "'epoch'::timestamptz + $X * interval '1 microsecond'";
+
+fn at(parameter: &str) -> String {
+    FROM_MICROS.replace("$X", parameter)
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn decode(error: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(format!("cannot decode a row: {error}"))
+}
+
+fn claim_of(row: &PgRow) -> Result<Claim, StoreError> {
+    Ok(Claim {
+        name: row.try_get("name").map_err(decode)?,
+        owner: row.try_get("owner").map_err(decode)?,
+        token: to_u64(row.try_get("token").map_err(decode)?, "claim token")?,
+        expires_at: Timestamp(row.try_get("expires_micros").map_err(decode)?),
+    })
+}
+
+const CLAIM_COLUMNS: &str = "name, owner, token, (extract(epoch FROM expires_at) * 1000000)::bigint AS expires_micros";
+
+pub(crate) async fn claim(pool: &PgPool, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+    // Taken if free or lapsed, renewed if ours; a new tenure gets the next token.
+    let taken = sqlx::query(&format!(
+        "INSERT INTO cqrs_claims AS c (name, owner, token, expires_at) VALUES ($1, $2, 1, now() + $3 * interval '1 microsecond') \
+         ON CONFLICT (name) DO UPDATE SET \
+           token = CASE WHEN c.owner = EXCLUDED.owner AND c.expires_at > now() THEN c.token ELSE c.token + 1 END, \
+           owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+         WHERE c.expires_at <= now() OR c.owner = EXCLUDED.owner \
+         RETURNING {CLAIM_COLUMNS}"
+    ))
+    .bind(name)
+    .bind(owner)
+    .bind(micros(ttl))
+    .fetch_optional(pool)
+    .await
+    .map_err(to_store_error)?;
+    if let Some(row) = taken {
+        return Ok(ClaimOutcome::Held(claim_of(&row)?));
+    }
+    let holder = sqlx::query(&format!("SELECT {CLAIM_COLUMNS} FROM cqrs_claims WHERE name = $1"))
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(to_store_error)?;
+    match holder {
+        Some(row) => {
+            let current = claim_of(&row)?;
+            Ok(ClaimOutcome::Taken { holder: current.owner, until: current.expires_at })
+        }
+        // Released and gone between the two statements: free now; the caller asks again.
+        None => Ok(ClaimOutcome::Taken { holder: String::new(), until: Timestamp::now() }),
+    }
+}
+
+pub(crate) async fn release_claim(pool: &PgPool, claim: &Claim) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE cqrs_claims SET expires_at = now() \
+         WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > now()",
+    )
+    .bind(&claim.name)
+    .bind(&claim.owner)
+    .bind(to_i64_saturating(claim.token))
+    .execute(pool)
+    .await
+    .map_err(to_store_error)?;
+    Ok(())
+}
+
+pub(crate) async fn claims(pool: &PgPool) -> Result<Vec<Claim>, StoreError> {
+    let rows = sqlx::query(&format!("SELECT {CLAIM_COLUMNS} FROM cqrs_claims WHERE expires_at > now() ORDER BY name"))
+        .fetch_all(pool)
+        .await
+        .map_err(to_store_error)?;
+    rows.iter().map(claim_of).collect()
+}
+
+/// Locks `claim`'s row for share if it is still held, inside the caller's transaction: a
+/// process taking the claim over waits for that transaction to end. False if not held.
+pub(crate) async fn hold_for_commit(connection: &mut PgConnection, claim: &Claim) -> Result<bool, StoreError> {
+    let held = sqlx::query(
+        "SELECT 1 FROM cqrs_claims WHERE name = $1 AND owner = $2 AND token = $3 AND expires_at > now() FOR SHARE",
+    )
+    .bind(&claim.name)
+    .bind(&claim.owner)
+    .bind(to_i64_saturating(claim.token))
+    .fetch_optional(connection)
+    .await
+    .map_err(to_store_error)?;
+    Ok(held.is_some())
+}
+
+pub(crate) async fn save_checkpoint_claimed(
+    pool: &PgPool,
+    name: &str,
+    position: Position,
+    claim: &Claim,
+) -> Result<(), StoreError> {
+    let mut transaction = pool.begin().await.map_err(to_store_error)?;
+    if !hold_for_commit(&mut transaction, claim).await? {
+        return Err(StoreError::ClaimLost { name: claim.name.clone() });
+    }
+    crate::PgEventStore::save_checkpoint_in(&mut transaction, name, position).await?;
+    transaction.commit().await.map_err(to_store_error)
+}
+
+const PARKED_COLUMNS: &str = "handler, position, event_id, stream_id, event_type, sequence, error, attempts, \
+     (extract(epoch FROM parked_at) * 1000000)::bigint AS parked_micros, status";
+
+fn parked_of(row: &PgRow) -> Result<ParkedEvent, StoreError> {
+    let stream_id: String = row.try_get("stream_id").map_err(decode)?;
+    let status: String = row.try_get("status").map_err(decode)?;
+    let attempts: i32 = row.try_get("attempts").map_err(decode)?;
+    Ok(ParkedEvent {
+        handler: row.try_get("handler").map_err(decode)?,
+        position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
+        event_id: EventId(row.try_get::<Uuid, _>("event_id").map_err(decode)?),
+        stream_id: StreamId::new(&stream_id)
+            .map_err(|error| StoreError::Corrupt(format!("parked stream id {stream_id:?}: {error}")))?,
+        event_type: row.try_get("event_type").map_err(decode)?,
+        sequence: row.try_get("sequence").map_err(decode)?,
+        error: row.try_get("error").map_err(decode)?,
+        attempts: u32::try_from(attempts).map_err(|_| StoreError::Corrupt(format!("parked attempts {attempts}")))?,
+        parked_at: Timestamp(row.try_get("parked_micros").map_err(decode)?),
+        status: ParkedStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown parked status {status:?}")))?,
+    })
+}
+
+pub(crate) async fn park(pool: &PgPool, event: &ParkedEvent) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "INSERT INTO cqrs_parked (handler, position, event_id, stream_id, event_type, sequence, error, attempts, \
+         parked_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {}, $10) \
+         ON CONFLICT (handler, position) DO UPDATE SET event_id = EXCLUDED.event_id, stream_id = EXCLUDED.stream_id, \
+         event_type = EXCLUDED.event_type, sequence = EXCLUDED.sequence, error = EXCLUDED.error, \
+         attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at, status = EXCLUDED.status",
+        at("$9")
+    ))
+    .bind(&event.handler)
+    .bind(to_i64_saturating(event.position.0))
+    .bind(event.event_id.0)
+    .bind(event.stream_id.as_str())
+    .bind(&event.event_type)
+    .bind(&event.sequence)
+    .bind(&event.error)
+    .bind(i32::try_from(event.attempts).unwrap_or(i32::MAX))
+    .bind(event.parked_at.as_micros())
+    .bind(event.status.as_str())
+    .execute(pool)
+    .await
+    .map_err(to_store_error)?;
+    Ok(())
+}
+
+pub(crate) async fn parked(pool: &PgPool, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+    let rows = sqlx::query(&format!("SELECT {PARKED_COLUMNS} FROM cqrs_parked WHERE handler = $1 ORDER BY position"))
+        .bind(handler)
+        .fetch_all(pool)
+        .await
+        .map_err(to_store_error)?;
+    rows.iter().map(parked_of).collect()
+}
+
+pub(crate) async fn set_parked_status(
+    pool: &PgPool,
+    handler: &str,
+    position: Position,
+    status: ParkedStatus,
+) -> Result<bool, StoreError> {
+    let updated = sqlx::query("UPDATE cqrs_parked SET status = $3 WHERE handler = $1 AND position = $2")
+        .bind(handler)
+        .bind(to_i64_saturating(position.0))
+        .bind(status.as_str())
+        .execute(pool)
+        .await
+        .map_err(to_store_error)?;
+    Ok(updated.rows_affected() > 0)
+}
+
+pub(crate) async fn unpark(pool: &PgPool, handler: &str, position: Position) -> Result<bool, StoreError> {
+    let deleted = sqlx::query("DELETE FROM cqrs_parked WHERE handler = $1 AND position = $2")
+        .bind(handler)
+        .bind(to_i64_saturating(position.0))
+        .execute(pool)
+        .await
+        .map_err(to_store_error)?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+pub(crate) async fn load_process(pool: &PgPool, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+    let row = sqlx::query("SELECT state, position FROM cqrs_processes WHERE process = $1 AND key = $2")
+        .bind(process)
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .map_err(to_store_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let state: Json<serde_json::Value> = row.try_get("state").map_err(decode)?;
+    Ok(Some(ProcessState {
+        state: state.0,
+        position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
+    }))
+}
+
+async fn write_process(
+    connection: &mut PgConnection,
+    process: &str,
+    key: &str,
+    state: Option<&ProcessState>,
+) -> Result<(), StoreError> {
+    let query = match state {
+        Some(state) => sqlx::query(
+            "INSERT INTO cqrs_processes (process, key, state, position) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (process, key) DO UPDATE SET state = EXCLUDED.state, position = EXCLUDED.position, \
+             updated_at = now()",
+        )
+        .bind(process)
+        .bind(key)
+        .bind(Json(&state.state))
+        .bind(to_i64_saturating(state.position.0)),
+        None => sqlx::query("DELETE FROM cqrs_processes WHERE process = $1 AND key = $2").bind(process).bind(key),
+    };
+    query.execute(connection).await.map_err(to_store_error)?;
+    Ok(())
+}
+
+pub(crate) async fn save_process(
+    pool: &PgPool,
+    process: &str,
+    key: &str,
+    state: Option<&ProcessState>,
+    fence: Option<&Claim>,
+) -> Result<(), StoreError> {
+    let Some(claim) = fence else {
+        let mut connection = pool.acquire().await.map_err(to_store_error)?;
+        return write_process(&mut connection, process, key, state).await;
+    };
+    let mut transaction = pool.begin().await.map_err(to_store_error)?;
+    if !hold_for_commit(&mut transaction, claim).await? {
+        return Err(StoreError::ClaimLost { name: claim.name.clone() });
+    }
+    write_process(&mut transaction, process, key, state).await?;
+    transaction.commit().await.map_err(to_store_error)
+}
+
+pub(crate) async fn schedule(pool: &PgPool, scheduled: &Scheduled) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "INSERT INTO cqrs_scheduled (owner, key, name, due, command, command_id) VALUES ($1, $2, $3, {}, $5, $6) \
+         ON CONFLICT (owner, key, name) DO UPDATE SET due = EXCLUDED.due, command = EXCLUDED.command, \
+         command_id = EXCLUDED.command_id",
+        at("$4")
+    ))
+    .bind(&scheduled.owner)
+    .bind(&scheduled.key)
+    .bind(&scheduled.name)
+    .bind(scheduled.due.as_micros())
+    .bind(Json(&scheduled.command))
+    .bind(scheduled.command_id.0)
+    .execute(pool)
+    .await
+    .map_err(to_store_error)?;
+    Ok(())
+}
+
+pub(crate) async fn unschedule(pool: &PgPool, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+    let deleted = sqlx::query("DELETE FROM cqrs_scheduled WHERE owner = $1 AND key = $2 AND name = $3")
+        .bind(owner)
+        .bind(key)
+        .bind(name)
+        .execute(pool)
+        .await
+        .map_err(to_store_error)?;
+    Ok(deleted.rows_affected() > 0)
+}
+
+pub(crate) async fn due(pool: &PgPool, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT owner, key, name, (extract(epoch FROM due) * 1000000)::bigint AS due_micros, command, command_id \
+         FROM cqrs_scheduled WHERE owner = $1 AND due <= {} ORDER BY due, key, name LIMIT $3",
+        at("$2")
+    ))
+    .bind(owner)
+    .bind(now.as_micros())
+    .bind(to_i64_saturating(u64::try_from(max).unwrap_or(u64::MAX)))
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| {
+            let command: Json<serde_json::Value> = row.try_get("command").map_err(decode)?;
+            Ok(Scheduled {
+                owner: row.try_get("owner").map_err(decode)?,
+                key: row.try_get("key").map_err(decode)?,
+                name: row.try_get("name").map_err(decode)?,
+                due: Timestamp(row.try_get("due_micros").map_err(decode)?),
+                command: command.0,
+                command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
+            })
+        })
+        .collect()
+}

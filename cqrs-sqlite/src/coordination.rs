@@ -1,0 +1,426 @@
+//! Claims, parked events, process manager state and scheduled commands
+//! (`migrations/20261201000002_handlers.sql`). Writes run on the writer's connection, inside its
+//! group-commit transaction (see [`run_op`]); reads use the read pool.
+//!
+//! Claim times are this process's clock: every process that opens one SQLite file runs on the
+//! same machine, so they share it. A claim's check and its write happen under SQLite's write
+//! lock, so two processes can never both take one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use cqrs_core::{
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled, StoreError,
+    StreamId, Timestamp,
+};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::error::to_store_error;
+use crate::rows::{json, limit, to_i64_saturating, to_u64};
+use crate::writer::{write_op, Answer, OpFuture, WriteRequest};
+
+/// Runs `work` on the writer's connection inside its next batch transaction, and returns its
+/// result once that transaction has committed (or the batch's failure instead). A database
+/// error in `work` fails its batch; an `Ok(Err(..))` is the op's own refusal (a lost claim),
+/// answered after the commit like a success.
+pub(crate) async fn run_op<T, F>(writes: &mpsc::Sender<WriteRequest>, work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(
+            &'c mut SqliteConnection,
+        ) -> Pin<Box<dyn Future<Output = Result<Result<T, StoreError>, sqlx::Error>> + Send + 'c>>
+        + Send
+        + 'static,
+{
+    let (reply, answer) = oneshot::channel::<Result<T, StoreError>>();
+    let slot = Arc::new(Mutex::new(Some(reply)));
+    let send = |slot: &Mutex<Option<oneshot::Sender<Result<T, StoreError>>>>, result: Result<T, StoreError>| {
+        if let Some(reply) = slot.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            // The caller may have gone away; the write happened (or not) anyway.
+            let _ = reply.send(result);
+        }
+    };
+    let fail = {
+        let slot = Arc::clone(&slot);
+        Box::new(move |error: StoreError| send(&slot, Err(error))) as Box<dyn FnOnce(StoreError) + Send>
+    };
+    let run = write_op(move |connection: &mut SqliteConnection| -> OpFuture<'_> {
+        let future = work(connection);
+        Box::pin(async move {
+            match future.await {
+                Ok(value) => {
+                    Ok(Box::new(move |commit: Result<(), StoreError>| send(&slot, commit.and(value))) as Answer)
+                }
+                Err(error) => Err((
+                    error,
+                    Box::new(move |commit: Result<(), StoreError>| {
+                        let error = commit.err().unwrap_or_else(|| StoreError::Unavailable("write failed".into()));
+                        send(&slot, Err(error));
+                    }) as Answer,
+                )),
+            }
+        })
+    });
+    writes.send(WriteRequest::Op { run, fail }).await.map_err(|_| StoreError::Closed)?;
+    answer.await.map_err(|_| StoreError::Closed)?
+}
+
+fn decode(error: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(format!("cannot decode a row: {error}"))
+}
+
+/// The claim on `name` as stored: (owner, token, expires_at).
+async fn stored_claim(
+    connection: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<(String, i64, i64)>, sqlx::Error> {
+    let row = sqlx::query("SELECT owner, token, expires_at FROM cqrs_claims WHERE name = ?1")
+        .bind(name)
+        .fetch_optional(connection)
+        .await?;
+    row.map(|row| Ok((row.try_get("owner")?, row.try_get("token")?, row.try_get("expires_at")?))).transpose()
+}
+
+/// Whether `claim` is the current, unexpired claim on its name (inside the write lock).
+pub(crate) async fn holds(connection: &mut SqliteConnection, claim: &Claim) -> Result<bool, sqlx::Error> {
+    let now = Timestamp::now().as_micros();
+    Ok(stored_claim(connection, &claim.name).await?.is_some_and(|(owner, token, expires_at)| {
+        owner == claim.owner && token == to_i64_saturating(claim.token) && expires_at > now
+    }))
+}
+
+pub(crate) async fn claim(
+    writes: &mpsc::Sender<WriteRequest>,
+    name: &str,
+    owner: &str,
+    ttl: Duration,
+) -> Result<ClaimOutcome, StoreError> {
+    let (name, owner) = (name.to_owned(), owner.to_owned());
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let now = Timestamp::now();
+            let token = match stored_claim(connection, &name).await? {
+                Some((holder, _, expires_at)) if expires_at > now.as_micros() && holder != owner => {
+                    return Ok(Ok(ClaimOutcome::Taken { holder, until: Timestamp(expires_at) }));
+                }
+                Some((_, token, expires_at)) if expires_at > now.as_micros() => token,
+                Some((_, token, _)) => token + 1,
+                None => 1,
+            };
+            let expires_at = now.plus(ttl);
+            sqlx::query(
+                "INSERT INTO cqrs_claims (name, owner, token, expires_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = excluded.token, \
+                 expires_at = excluded.expires_at",
+            )
+            .bind(&name)
+            .bind(&owner)
+            .bind(token)
+            .bind(expires_at.as_micros())
+            .execute(&mut *connection)
+            .await?;
+            let token = u64::try_from(token).unwrap_or(0);
+            Ok(Ok(ClaimOutcome::Held(Claim { name, owner, token, expires_at })))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn release_claim(writes: &mpsc::Sender<WriteRequest>, claim: &Claim) -> Result<(), StoreError> {
+    let claim = claim.clone();
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            if holds(connection, &claim).await? {
+                sqlx::query("UPDATE cqrs_claims SET expires_at = ?2 WHERE name = ?1")
+                    .bind(&claim.name)
+                    .bind(Timestamp::now().as_micros())
+                    .execute(&mut *connection)
+                    .await?;
+            }
+            Ok(Ok(()))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn claims(pool: &SqlitePool) -> Result<Vec<Claim>, StoreError> {
+    let rows =
+        sqlx::query("SELECT name, owner, token, expires_at FROM cqrs_claims WHERE expires_at > ?1 ORDER BY name")
+            .bind(Timestamp::now().as_micros())
+            .fetch_all(pool)
+            .await
+            .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| {
+            Ok(Claim {
+                name: row.try_get("name").map_err(decode)?,
+                owner: row.try_get("owner").map_err(decode)?,
+                token: to_u64(row.try_get("token").map_err(decode)?, "claim token")?,
+                expires_at: Timestamp(row.try_get("expires_at").map_err(decode)?),
+            })
+        })
+        .collect()
+}
+
+pub(crate) async fn save_checkpoint_claimed(
+    writes: &mpsc::Sender<WriteRequest>,
+    name: &str,
+    position: i64,
+    claim: &Claim,
+) -> Result<(), StoreError> {
+    let (name, claim) = (name.to_owned(), claim.clone());
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            if !holds(connection, &claim).await? {
+                return Ok(Err(StoreError::ClaimLost { name: claim.name }));
+            }
+            crate::writer::save_checkpoint(connection, &name, position, Timestamp::now().as_micros()).await?;
+            Ok(Ok(()))
+        })
+    })
+    .await
+}
+
+fn parked_of(row: &SqliteRow) -> Result<ParkedEvent, StoreError> {
+    let stream_id: String = row.try_get("stream_id").map_err(decode)?;
+    let status: String = row.try_get("status").map_err(decode)?;
+    let attempts: i64 = row.try_get("attempts").map_err(decode)?;
+    Ok(ParkedEvent {
+        handler: row.try_get("handler").map_err(decode)?,
+        position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
+        event_id: EventId(row.try_get::<Uuid, _>("event_id").map_err(decode)?),
+        stream_id: StreamId::new(&stream_id)
+            .map_err(|error| StoreError::Corrupt(format!("parked stream id {stream_id:?}: {error}")))?,
+        event_type: row.try_get("event_type").map_err(decode)?,
+        sequence: row.try_get("sequence").map_err(decode)?,
+        error: row.try_get("error").map_err(decode)?,
+        attempts: u32::try_from(attempts).map_err(|_| StoreError::Corrupt(format!("parked attempts {attempts}")))?,
+        parked_at: Timestamp(row.try_get("parked_at").map_err(decode)?),
+        status: ParkedStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown parked status {status:?}")))?,
+    })
+}
+
+pub(crate) async fn park(writes: &mpsc::Sender<WriteRequest>, event: ParkedEvent) -> Result<(), StoreError> {
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO cqrs_parked (handler, position, event_id, stream_id, event_type, sequence, error, \
+                 attempts, parked_at, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT (handler, position) DO UPDATE SET event_id = excluded.event_id, \
+                 stream_id = excluded.stream_id, event_type = excluded.event_type, sequence = excluded.sequence, \
+                 error = excluded.error, attempts = excluded.attempts, parked_at = excluded.parked_at, \
+                 status = excluded.status",
+            )
+            .bind(&event.handler)
+            .bind(to_i64_saturating(event.position.0))
+            .bind(event.event_id.0)
+            .bind(event.stream_id.as_str())
+            .bind(&event.event_type)
+            .bind(&event.sequence)
+            .bind(&event.error)
+            .bind(i64::from(event.attempts))
+            .bind(event.parked_at.as_micros())
+            .bind(event.status.as_str())
+            .execute(connection)
+            .await?;
+            Ok(Ok(()))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn parked(pool: &SqlitePool, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT handler, position, event_id, stream_id, event_type, sequence, error, attempts, parked_at, status \
+         FROM cqrs_parked WHERE handler = ?1 ORDER BY position",
+    )
+    .bind(handler)
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter().map(parked_of).collect()
+}
+
+pub(crate) async fn set_parked_status(
+    writes: &mpsc::Sender<WriteRequest>,
+    handler: &str,
+    position: Position,
+    status: ParkedStatus,
+) -> Result<bool, StoreError> {
+    let handler = handler.to_owned();
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let updated = sqlx::query("UPDATE cqrs_parked SET status = ?3 WHERE handler = ?1 AND position = ?2")
+                .bind(&handler)
+                .bind(to_i64_saturating(position.0))
+                .bind(status.as_str())
+                .execute(connection)
+                .await?;
+            Ok(Ok(updated.rows_affected() > 0))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn unpark(
+    writes: &mpsc::Sender<WriteRequest>,
+    handler: &str,
+    position: Position,
+) -> Result<bool, StoreError> {
+    let handler = handler.to_owned();
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let deleted = sqlx::query("DELETE FROM cqrs_parked WHERE handler = ?1 AND position = ?2")
+                .bind(&handler)
+                .bind(to_i64_saturating(position.0))
+                .execute(connection)
+                .await?;
+            Ok(Ok(deleted.rows_affected() > 0))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn load_process(
+    pool: &SqlitePool,
+    process: &str,
+    key: &str,
+) -> Result<Option<ProcessState>, StoreError> {
+    let row = sqlx::query("SELECT state, position FROM cqrs_processes WHERE process = ?1 AND key = ?2")
+        .bind(process)
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .map_err(to_store_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let state: String = row.try_get("state").map_err(decode)?;
+    Ok(Some(ProcessState {
+        state: json(&state, "process state")?,
+        position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
+    }))
+}
+
+pub(crate) async fn save_process(
+    writes: &mpsc::Sender<WriteRequest>,
+    process: &str,
+    key: &str,
+    state: Option<&ProcessState>,
+    fence: Option<&Claim>,
+) -> Result<(), StoreError> {
+    let (process, key, fence) = (process.to_owned(), key.to_owned(), fence.cloned());
+    let state = state.map(|state| (state.state.to_string(), to_i64_saturating(state.position.0)));
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            if let Some(claim) = fence {
+                if !holds(connection, &claim).await? {
+                    return Ok(Err(StoreError::ClaimLost { name: claim.name }));
+                }
+            }
+            match state {
+                Some((state, position)) => {
+                    sqlx::query(
+                        "INSERT INTO cqrs_processes (process, key, state, position, updated_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (process, key) DO UPDATE SET \
+                         state = excluded.state, position = excluded.position, updated_at = excluded.updated_at",
+                    )
+                    .bind(&process)
+                    .bind(&key)
+                    .bind(state)
+                    .bind(position)
+                    .bind(Timestamp::now().as_micros())
+                    .execute(connection)
+                    .await?;
+                }
+                None => {
+                    sqlx::query("DELETE FROM cqrs_processes WHERE process = ?1 AND key = ?2")
+                        .bind(&process)
+                        .bind(&key)
+                        .execute(connection)
+                        .await?;
+                }
+            }
+            Ok(Ok(()))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn schedule(writes: &mpsc::Sender<WriteRequest>, scheduled: Scheduled) -> Result<(), StoreError> {
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO cqrs_scheduled (owner, key, name, due, command, command_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                 ON CONFLICT (owner, key, name) DO UPDATE SET due = excluded.due, command = excluded.command, \
+                 command_id = excluded.command_id",
+            )
+            .bind(&scheduled.owner)
+            .bind(&scheduled.key)
+            .bind(&scheduled.name)
+            .bind(scheduled.due.as_micros())
+            .bind(scheduled.command.to_string())
+            .bind(scheduled.command_id.0)
+            .execute(connection)
+            .await?;
+            Ok(Ok(()))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn unschedule(
+    writes: &mpsc::Sender<WriteRequest>,
+    owner: &str,
+    key: &str,
+    name: &str,
+) -> Result<bool, StoreError> {
+    let (owner, key, name) = (owner.to_owned(), key.to_owned(), name.to_owned());
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let deleted = sqlx::query("DELETE FROM cqrs_scheduled WHERE owner = ?1 AND key = ?2 AND name = ?3")
+                .bind(&owner)
+                .bind(&key)
+                .bind(&name)
+                .execute(connection)
+                .await?;
+            Ok(Ok(deleted.rows_affected() > 0))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn due(
+    pool: &SqlitePool,
+    owner: &str,
+    now: Timestamp,
+    max: usize,
+) -> Result<Vec<Scheduled>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT owner, key, name, due, command, command_id FROM cqrs_scheduled \
+         WHERE owner = ?1 AND due <= ?2 ORDER BY due, key, name LIMIT ?3",
+    )
+    .bind(owner)
+    .bind(now.as_micros())
+    .bind(limit(max))
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| {
+            let command: String = row.try_get("command").map_err(decode)?;
+            Ok(Scheduled {
+                owner: row.try_get("owner").map_err(decode)?,
+                key: row.try_get("key").map_err(decode)?,
+                name: row.try_get("name").map_err(decode)?,
+                due: Timestamp(row.try_get("due").map_err(decode)?),
+                command: json(&command, "scheduled command")?,
+                command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
+            })
+        })
+        .collect()
+}
