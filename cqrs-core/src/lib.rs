@@ -107,8 +107,8 @@ pub use event::{
     Upcasters,
 };
 pub use handler::{
-    spawn_handler, Checkpoints, EventHandler, HandlerError, HandlerState, HandlerStatus, Progress, ProgressError,
-    RunnerConfig, RunningHandler, StartFrom,
+    current_claim, spawn_handler, Checkpoints, ErrorPolicy, EventHandler, HandlerError, HandlerState, HandlerStatus,
+    ParkedEvents, Placement, Progress, ProgressError, RunnerConfig, RunningHandler, StartFrom,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use store::{

@@ -1,23 +1,39 @@
 //! Event handlers (projections and side effects) and the runner that drives each one from its
-//! own checkpoint: at-least-once, in global order, never skipping an event.
+//! own checkpoint: at-least-once, in global order (or in order per partition, with several
+//! workers), never skipping an event.
+//!
+//! - [`spawn_handler`] starts a runner; [`RunnerConfig`] says where it starts, how it retries,
+//!   whether it runs in one process at a time ([`Placement`]), how many workers it has, and
+//!   what it does with an event that keeps failing ([`ErrorPolicy`]).
+//! - One active consumer across processes: an exclusive runner holds a claim in the store
+//!   (see [`EventStore::claim`]); the others stand by ([`HandlerState::Standby`]) and take over
+//!   once it lapses. Its checkpoint writes are fenced by the claim, and it stops handling
+//!   before the claim could lapse, so two processes are never active at once.
+//! - Parked events: with [`ErrorPolicy::ParkAfter`], an event that fails too often is stored
+//!   with its error (with every later event of its sequence behind it, in order) and the
+//!   handler goes on; [`ParkedEvents`] lets an operator list, retry or discard them.
+
+mod claim;
+mod parking;
+mod runner;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use std::future::Future;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::coordination::{Claim, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL};
 use crate::dispatcher::DispatchError;
 use crate::event::{DomainEvent, Envelope, RecordedEvent, Upcasters};
 use crate::ids::Position;
 use crate::store::{EventStore, StoreError};
-use crate::subscription::Subscription;
+
+pub use parking::ParkedEvents;
 
 /// A failure reported by a handler. The runner retries the same event with back-off.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +92,18 @@ pub trait EventHandler: Send + Sync + 'static {
         Self::Event::accepts(event.category(), &event.event_type)
     }
 
-    /// Handles one event. An error makes the runner retry this same event with back-off.
+    /// Handles one event. An error makes the runner retry this same event with back-off (or
+    /// park it, see [`ErrorPolicy`]).
     fn handle(&self, event: Envelope<Self::Event>) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The sequence an event belongs to: events of one sequence are handled one at a time, in
+    /// position order, and an event parked after failing holds back the rest of its sequence.
+    /// With [`RunnerConfig::workers`] above 1, different sequences are handled in parallel
+    /// (Commanded's `partition_by`, Axon's sequencing policy). By default, the event's stream:
+    /// events of one aggregate instance stay in order.
+    fn partition_key(&self, event: &Envelope<Self::Event>) -> String {
+        event.stream_id.as_str().to_owned()
+    }
 }
 
 /// What a handler runner is doing.
@@ -87,6 +113,12 @@ pub enum HandlerState {
     Starting,
     /// Handling events or waiting for new ones.
     Running,
+    /// An exclusive handler that another process runs: this one waits to take over when that
+    /// process's claim lapses.
+    Standby {
+        /// Who holds the claim (`None` while the store cannot be asked).
+        holder: Option<String>,
+    },
     /// The event at `position` failed `attempts` times so far; retrying with back-off.
     Retrying {
         /// The event being retried.
@@ -115,10 +147,25 @@ pub enum HandlerState {
 pub struct HandlerStatus {
     /// The handler's name.
     pub name: String,
-    /// Position of the last event handled (or skipped as not of interest).
+    /// Position below which every event has been handled (or passed over as not of interest,
+    /// or parked).
     pub position: Position,
     /// What it is doing.
     pub state: HandlerState,
+    /// This runner's process identity ([`RunnerConfig::owner`]).
+    pub owner: String,
+    /// Where it runs: in this process only while it holds the claim, or in every process.
+    pub placement: Placement,
+    /// How many events it has parked (known to this runner; see [`ParkedEvents`]).
+    pub parked: u64,
+}
+
+impl HandlerStatus {
+    /// Whether this runner is the active consumer (it is running, retrying or stuck, not
+    /// starting, standing by or stopped).
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, HandlerState::Running | HandlerState::Retrying { .. } | HandlerState::Stuck { .. })
+    }
 }
 
 /// Why waiting for a handler's progress failed.
@@ -229,6 +276,50 @@ pub enum Checkpoints {
     InMemory,
 }
 
+/// Where a handler runs when several processes share a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// [`Exclusive`](Placement::Exclusive) with checkpoints in the store,
+    /// [`EveryProcess`](Placement::EveryProcess) with checkpoints in memory.
+    #[default]
+    Auto,
+    /// In one process at a time: the runner claims the handler's name in the store, the
+    /// others stand by. For side effects (mail, calls to other services) and durable
+    /// projections.
+    Exclusive,
+    /// In every process: for handlers that build per-process state, such as a read model kept
+    /// in RAM.
+    EveryProcess,
+}
+
+impl Placement {
+    /// What `Auto` means for these checkpoints.
+    pub fn resolve(self, checkpoints: Checkpoints) -> Placement {
+        match (self, checkpoints) {
+            (Placement::Auto, Checkpoints::Store) => Placement::Exclusive,
+            (Placement::Auto, Checkpoints::InMemory) => Placement::EveryProcess,
+            (other, _) => other,
+        }
+    }
+}
+
+/// What a runner does with an event its handler keeps failing on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorPolicy {
+    /// Retry with back-off for ever; the handler waits on the event (reported `Retrying`, then
+    /// `Stuck`).
+    #[default]
+    RetryForever,
+    /// After this many failed attempts, park the event (stored durably with its error) and go
+    /// on. Later events of the same sequence ([`EventHandler::partition_key`]) are parked
+    /// behind it, so no sequence is handled out of order. An operator retries or discards
+    /// parked events with [`ParkedEvents`].
+    ParkAfter {
+        /// Failed attempts before parking (at least 1).
+        attempts: u32,
+    },
+}
+
 /// Tuning for a handler runner.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -252,6 +343,23 @@ pub struct RunnerConfig {
     pub upcasters: Upcasters,
     /// Where the checkpoint is kept.
     pub checkpoints: Checkpoints,
+    /// One process at a time, or every process.
+    pub placement: Placement,
+    /// What to do with an event that keeps failing.
+    pub on_error: ErrorPolicy,
+    /// Tasks handling events at once (at least 1). With more than one, events are spread by
+    /// [`EventHandler::partition_key`]: in order within a key, in parallel across keys; the
+    /// checkpoint moves only past positions below which every event is handled.
+    pub workers: usize,
+    /// This process's identity in claims (default: [`default_owner`](crate::default_owner)).
+    pub owner: String,
+    /// How long a claim lasts unless renewed (renewed every third of it). An exclusive
+    /// handler whose process dies is taken over within `claim_ttl + claim_retry`.
+    pub claim_ttl: Duration,
+    /// How often a standby asks for the claim.
+    pub claim_retry: Duration,
+    /// How often a runner with parked events looks for operators' retry requests.
+    pub parked_poll: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -266,12 +374,19 @@ impl Default for RunnerConfig {
             page_size: crate::subscription::DEFAULT_PAGE_SIZE,
             upcasters: Upcasters::new(),
             checkpoints: Checkpoints::Store,
+            placement: Placement::Auto,
+            on_error: ErrorPolicy::RetryForever,
+            workers: 1,
+            owner: crate::coordination::default_owner(),
+            claim_ttl: DEFAULT_CLAIM_TTL,
+            claim_retry: DEFAULT_CLAIM_RETRY,
+            parked_poll: Duration::from_secs(1),
         }
     }
 }
 
 /// A running handler: query its status, or stop it. Dropping it also stops the runner (after
-/// the event in hand), so keep it for as long as the handler should run.
+/// the events in hand), so keep it for as long as the handler should run.
 #[derive(Debug)]
 pub struct RunningHandler {
     name: String,
@@ -304,7 +419,8 @@ impl RunningHandler {
         self.status.clone()
     }
 
-    /// Stops the runner after the event in hand, saves the checkpoint, and waits for it.
+    /// Stops the runner after the events in hand, saves the checkpoint, gives up its claim (so
+    /// a standby takes over at once), and waits for it.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         if let Err(error) = self.task.await {
@@ -313,289 +429,41 @@ impl RunningHandler {
     }
 }
 
+tokio::task_local! {
+    static CURRENT_CLAIM: Option<Claim>;
+}
+
+/// The claim under which the current event is being handled, inside
+/// [`EventHandler::handle`] of an exclusive runner: pass it as the fence of writes that must
+/// not land once another process has taken over (for example
+/// [`EventStore::save_process`]). `None` outside a handler or for an every-process runner.
+pub fn current_claim() -> Option<Claim> {
+    CURRENT_CLAIM.try_with(Clone::clone).ok().flatten()
+}
+
 /// Starts a task that feeds `handler` every event after its checkpoint, then live events.
 ///
 /// The checkpoint is loaded from the store (or chosen by [`RunnerConfig::start_from`]), saved
 /// after handling (every [`RunnerConfig::checkpoint_every`] events and whenever caught up), and
-/// the handler's progress is published to `progress` for read-your-writes.
+/// the handler's progress is published to `progress` for read-your-writes. An exclusive runner
+/// first waits for its claim ([`Placement`]).
 pub fn spawn_handler<S, H>(store: Arc<S>, handler: H, config: RunnerConfig, progress: &Progress) -> RunningHandler
 where
     S: EventStore + ?Sized,
     H: EventHandler,
 {
     let name = handler.name().to_owned();
-    let (status_tx, status_rx) =
-        watch::channel(HandlerStatus { name: name.clone(), position: Position::START, state: HandlerState::Starting });
+    let placement = config.placement.resolve(config.checkpoints);
+    let (status_tx, status_rx) = watch::channel(HandlerStatus {
+        name: name.clone(),
+        position: Position::START,
+        state: HandlerState::Starting,
+        owner: config.owner.clone(),
+        placement,
+        parked: 0,
+    });
     progress.register(&name, status_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let runner = Runner { store, handler, config, status: status_tx, stop: stop_rx, name: name.clone() };
-    let task = tokio::spawn(runner.run());
+    let task = tokio::spawn(runner::run(store, handler, config, status_tx, stop_rx));
     RunningHandler { name, status: status_rx, stop: stop_tx, task }
-}
-
-struct Runner<S: EventStore + ?Sized, H> {
-    store: Arc<S>,
-    handler: H,
-    config: RunnerConfig,
-    status: watch::Sender<HandlerStatus>,
-    stop: watch::Receiver<bool>,
-    name: String,
-}
-
-/// Resolves once the stop flag is set (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Returned when the runner was asked to stop while waiting.
-struct Stopped;
-
-/// Consecutive failures of one step, with exponential back-off.
-struct Failures {
-    attempts: u32,
-    since: Instant,
-    next_delay: Duration,
-    max_delay: Duration,
-}
-
-impl Failures {
-    fn new(config: &RunnerConfig) -> Self {
-        Self { attempts: 0, since: Instant::now(), next_delay: config.initial_backoff, max_delay: config.max_backoff }
-    }
-
-    /// Records one more failure and returns how long to wait before the next attempt.
-    fn record(&mut self) -> Duration {
-        if self.attempts == 0 {
-            self.since = Instant::now();
-        }
-        self.attempts += 1;
-        let delay = self.next_delay;
-        self.next_delay = (self.next_delay * 2).min(self.max_delay);
-        delay
-    }
-}
-
-impl<S: EventStore + ?Sized, H: EventHandler> Runner<S, H> {
-    async fn run(mut self) {
-        let Ok(start) = self.start_position().await else {
-            return self.set_state(HandlerState::Stopped);
-        };
-        self.status.send_modify(|status| {
-            status.position = start;
-            status.state = HandlerState::Running;
-        });
-        let mut feed = Subscription::all(Arc::clone(&self.store), start).with_page_size(self.config.page_size);
-        let mut saved = start;
-        let mut handled = start;
-        let mut since_save = 0u32;
-        let mut read_failures = Failures::new(&self.config);
-        loop {
-            if self.stop_requested() {
-                break;
-            }
-            let read = feed.try_next().await;
-            if read.is_ok() && read_failures.attempts > 0 {
-                read_failures = Failures::new(&self.config);
-                self.set_state(HandlerState::Running);
-            }
-            let next = match read {
-                Ok(Some(event)) => Some(event),
-                Ok(None) => {
-                    // Caught up. Save the checkpoint once no new event comes within the delay
-                    // (at once with a zero delay), and wait for new events meanwhile.
-                    let unsaved = handled != saved;
-                    if unsaved && self.config.checkpoint_delay.is_zero() && self.save(handled).await.is_ok() {
-                        saved = handled;
-                        since_save = 0;
-                    }
-                    let save_at =
-                        (handled != saved).then(|| tokio::time::Instant::now() + self.config.checkpoint_delay);
-                    let mut stop = self.stop.clone();
-                    tokio::select! {
-                        // `Subscription::next` is cancel-safe: it changes state only after a read.
-                        next = feed.next() => match next {
-                            Ok(Some(event)) => Some(event),
-                            Ok(None) => break,
-                            Err(error) => {
-                                if self.read_failed(&mut read_failures, handled, &error).await.is_err() {
-                                    break;
-                                }
-                                None
-                            }
-                        },
-                        () = sleep_until_some(save_at) => {
-                            if self.save(handled).await.is_ok() {
-                                saved = handled;
-                                since_save = 0;
-                            }
-                            None
-                        }
-                        () = stopped(&mut stop) => break,
-                    }
-                }
-                Err(error) => {
-                    if self.read_failed(&mut read_failures, handled, &error).await.is_err() {
-                        break;
-                    }
-                    None
-                }
-            };
-            let Some(event) = next else { continue };
-            if read_failures.attempts > 0 {
-                read_failures = Failures::new(&self.config);
-            }
-            if self.deliver(&event).await.is_err() {
-                break;
-            }
-            handled = event.position;
-            self.status.send_modify(|status| {
-                status.position = handled;
-                status.state = HandlerState::Running;
-            });
-            since_save += 1;
-            if since_save >= self.config.checkpoint_every && self.save(handled).await.is_ok() {
-                saved = handled;
-                since_save = 0;
-            }
-        }
-        if handled != saved {
-            let _ = self.save(handled).await;
-        }
-        self.set_state(HandlerState::Stopped);
-    }
-
-    async fn read_failed(
-        &mut self,
-        failures: &mut Failures,
-        position: Position,
-        error: &StoreError,
-    ) -> Result<(), Stopped> {
-        let delay = failures.record();
-        self.report_failure(position, failures, &error.to_string());
-        self.sleep_or_stop(delay).await
-    }
-
-    async fn start_position(&mut self) -> Result<Position, Stopped> {
-        let store = Arc::clone(&self.store);
-        let name = self.name.clone();
-        let durable = self.config.checkpoints == Checkpoints::Store;
-        if durable {
-            let checkpoint = self.retrying(Position::START, || store.load_checkpoint(&name)).await?;
-            if let Some(position) = checkpoint {
-                return Ok(position);
-            }
-        }
-        match self.config.start_from {
-            StartFrom::Origin => Ok(Position::START),
-            StartFrom::Current => {
-                let head = self.retrying(Position::START, || store.head()).await?;
-                // Saved at once: a restart before the first event must not move the start past
-                // events stored since this first start.
-                if durable {
-                    self.retrying(head, || store.save_checkpoint(&name, head)).await?;
-                }
-                Ok(head)
-            }
-        }
-    }
-
-    /// Brings one event up to date, and if the handler is interested in it (by its current
-    /// type: an upcaster may have renamed it), decodes and handles it; retries until that
-    /// succeeds or the runner is stopped. An event that cannot be upcast is retried (and
-    /// reported), never passed over: its interest cannot be known.
-    async fn deliver(&mut self, event: &RecordedEvent) -> Result<(), Stopped> {
-        let mut failures = Failures::new(&self.config);
-        loop {
-            let result = match self.config.upcasters.upcast(event) {
-                Ok(current) if !self.handler.interested(&current) => return Ok(()),
-                Ok(current) => match self.config.upcasters.decode::<H::Event>(&current) {
-                    Ok(envelope) => self.handler.handle(envelope).await,
-                    Err(error) => Err(HandlerError::new(error)),
-                },
-                Err(error) => Err(HandlerError::new(error)),
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(error) => {
-                    let delay = failures.record();
-                    self.report_failure(event.position, &failures, &error.to_string());
-                    self.sleep_or_stop(delay).await?;
-                }
-            }
-        }
-    }
-
-    /// Runs a store call until it succeeds, backing off on errors.
-    async fn retrying<T, F, Fut>(&mut self, position: Position, mut call: F) -> Result<T, Stopped>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StoreError>>,
-    {
-        let mut failures = Failures::new(&self.config);
-        loop {
-            if *self.stop.borrow() {
-                return Err(Stopped);
-            }
-            match call().await {
-                Ok(value) => return Ok(value),
-                Err(error) => {
-                    let delay = failures.record();
-                    self.report_failure(position, &failures, &error.to_string());
-                    self.sleep_or_stop(delay).await?;
-                }
-            }
-        }
-    }
-
-    fn report_failure(&self, position: Position, failures: &Failures, error: &str) {
-        let attempts = failures.attempts;
-        let stuck = failures.since.elapsed() >= self.config.stuck_after;
-        if stuck {
-            tracing::error!(handler = %self.name, %position, attempts, error, "handler is stuck");
-        } else {
-            tracing::warn!(handler = %self.name, %position, attempts, error, "handler failed, retrying");
-        }
-        let error = error.to_owned();
-        let state = if stuck {
-            HandlerState::Stuck { position, attempts, error }
-        } else {
-            HandlerState::Retrying { position, attempts, error }
-        };
-        self.set_state(state);
-    }
-
-    /// Whether `stop` was called or the [`RunningHandler`] was dropped.
-    fn stop_requested(&self) -> bool {
-        *self.stop.borrow() || self.stop.has_changed().is_err()
-    }
-
-    async fn sleep_or_stop(&mut self, delay: Duration) -> Result<(), Stopped> {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => Ok(()),
-            () = stopped(&mut self.stop) => Err(Stopped),
-        }
-    }
-
-    async fn save(&mut self, position: Position) -> Result<(), StoreError> {
-        if self.config.checkpoints == Checkpoints::InMemory {
-            return Ok(());
-        }
-        let result = self.store.save_checkpoint(&self.name, position).await;
-        if let Err(error) = &result {
-            tracing::warn!(handler = %self.name, %position, %error, "saving checkpoint failed; will retry later");
-        }
-        result
-    }
-
-    fn set_state(&self, state: HandlerState) {
-        self.status.send_modify(|status| status.state = state);
-    }
 }

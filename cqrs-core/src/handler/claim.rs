@@ -1,0 +1,145 @@
+//! The claim keeper of an exclusive runner: takes the handler's claim, renews it every third of
+//! its ttl, and tells the runner whether it holds it and until when it may act on it.
+//!
+//! **No two active consumers.** The store sets a claim's expiry to its own `now + ttl` while
+//! answering; the keeper asked *before* that, at local instant `asked`, so `asked + ttl` is no
+//! later than the store's expiry (clocks measure durations alike). The runner acts only until
+//! `asked + ttl × 0.9` (the margin covers clock-rate drift) and its workers are aborted at that
+//! instant unless the claim was renewed; another process can take the claim only after the
+//! store's expiry. So their active periods cannot overlap. Writes the store makes on the
+//! runner's behalf are fenced by the claim's token on top of that
+//! ([`EventStore::save_checkpoint_claimed`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::coordination::{Claim, ClaimOutcome};
+use crate::store::EventStore;
+
+/// The fraction of the ttl a runner may act on a claim after asking for it.
+const SAFE_FRACTION: f64 = 0.9;
+
+/// What the keeper knows about the claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lease {
+    /// Not held by this process; `holder` holds it (if known).
+    Standby { holder: Option<String> },
+    /// Held: the runner may act until `valid_until` unless it is renewed first.
+    Held { claim: Claim, valid_until: Instant },
+}
+
+/// Keeps an exclusive runner's claim; releases it when stopped.
+pub(crate) struct ClaimKeeper {
+    lease: watch::Receiver<Lease>,
+    /// `None` once released.
+    task: Option<JoinHandle<()>>,
+}
+
+impl ClaimKeeper {
+    /// Starts keeping the claim on `name` for `owner`.
+    pub(crate) fn spawn<S: EventStore + ?Sized>(
+        store: Arc<S>,
+        name: String,
+        owner: String,
+        ttl: Duration,
+        retry: Duration,
+    ) -> Self {
+        let (lease_tx, lease) = watch::channel(Lease::Standby { holder: None });
+        let task = tokio::spawn(keep(store, name, owner, ttl, retry, lease_tx));
+        Self { lease, task: Some(task) }
+    }
+
+    /// A receiver of the lease's changes.
+    pub(crate) fn lease(&self) -> watch::Receiver<Lease> {
+        self.lease.clone()
+    }
+
+    /// Stops renewing and gives the claim up, so a standby takes over at once.
+    pub(crate) async fn release<S: EventStore + ?Sized>(mut self, store: &S) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Wait until it is gone, so no renewal in flight lands after the release.
+            let _ = task.await;
+        }
+        let held = match &*self.lease.borrow() {
+            Lease::Held { claim, .. } => Some(claim.clone()),
+            Lease::Standby { .. } => None,
+        };
+        if let Some(claim) = held {
+            if let Err(error) = store.release_claim(&claim).await {
+                tracing::debug!(handler = %claim.name, %error, "releasing the claim failed; it will lapse");
+            }
+        }
+    }
+}
+
+impl Drop for ClaimKeeper {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+async fn keep<S: EventStore + ?Sized>(
+    store: Arc<S>,
+    name: String,
+    owner: String,
+    ttl: Duration,
+    retry: Duration,
+    lease: watch::Sender<Lease>,
+) {
+    let renew_every = ttl / 3;
+    loop {
+        let asked = Instant::now();
+        let pause = match store.claim(&name, &owner, ttl).await {
+            Ok(ClaimOutcome::Held(claim)) => {
+                let valid_until = asked + ttl.mul_f64(SAFE_FRACTION);
+                lease.send_replace(Lease::Held { claim, valid_until });
+                renew_every
+            }
+            Ok(ClaimOutcome::Taken { holder, .. }) => {
+                lease.send_replace(Lease::Standby { holder: Some(holder).filter(|holder| !holder.is_empty()) });
+                retry
+            }
+            Err(error) => {
+                tracing::warn!(handler = %name, %error, "cannot renew or take the claim");
+                // While held, the lease simply runs out at `valid_until` unless a renewal
+                // succeeds first; the runner watches that instant itself.
+                renew_every.min(retry) / 2
+            }
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Resolves when the lease of tenure `token` ends: its `valid_until` passes without renewal,
+/// or the keeper reports another tenure or none.
+pub(crate) async fn lost(lease: &mut watch::Receiver<Lease>, token: u64) {
+    loop {
+        let deadline = match &*lease.borrow_and_update() {
+            Lease::Held { claim, valid_until } if claim.token == token => *valid_until,
+            _ => return,
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {
+                let renewed = matches!(
+                    &*lease.borrow(),
+                    Lease::Held { claim, valid_until } if claim.token == token && *valid_until > deadline
+                );
+                if !renewed {
+                    return;
+                }
+            }
+            changed = lease.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

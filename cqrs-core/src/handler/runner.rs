@@ -1,0 +1,786 @@
+//! The handler runner: one feeder task that reads the store and keeps the checkpoint, and one
+//! or more worker tasks that handle events.
+//!
+//! ```text
+//! claim keeper (exclusive runners) ──lease──► feeder ◄──done── workers
+//! feeder: checkpoint → Subscription::all → upcast, interest, decode, partition key
+//!         → worker[hash(key) % workers] (bounded queue)  ; not interested: done at once
+//!         checkpoint = highest position below which every event is done (handled, passed
+//!         over, or parked durably), saved fenced by the claim
+//! worker: per event, in its queue's order: handle with retries; park after N failures (and
+//!         park behind it every later event of the same sequence); retry parked sequences on
+//!         request
+//! ```
+//!
+//! An exclusive runner acts only while its lease is valid: when it lapses, the feeder aborts
+//! the workers at once and stands by again (see `claim.rs`).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::claim::{self, ClaimKeeper, Lease};
+use super::{
+    Checkpoints, ErrorPolicy, EventHandler, HandlerError, HandlerState, HandlerStatus, Placement, RunnerConfig,
+    StartFrom, CURRENT_CLAIM,
+};
+use crate::coordination::{Claim, ParkedEvent, ParkedStatus};
+use crate::event::{Envelope, RecordedEvent};
+use crate::ids::{Position, Timestamp};
+use crate::store::{EventStore, StoreError};
+use crate::subscription::Subscription;
+
+/// Events queued per worker (read ahead of the handler).
+const QUEUE_PER_WORKER: usize = 64;
+
+/// What one runner shares between its feeder and workers.
+struct Shared<S: ?Sized, H> {
+    store: Arc<S>,
+    handler: H,
+    config: RunnerConfig,
+    name: String,
+    status: watch::Sender<HandlerStatus>,
+}
+
+impl<S: EventStore + ?Sized, H: EventHandler> Shared<S, H> {
+    fn set_state(&self, state: HandlerState) {
+        self.status.send_if_modified(|status| {
+            let changed = status.state != state;
+            status.state = state;
+            changed
+        });
+    }
+
+    fn parking(&self) -> Option<u32> {
+        match self.config.on_error {
+            ErrorPolicy::RetryForever => None,
+            ErrorPolicy::ParkAfter { attempts } => Some(attempts.max(1)),
+        }
+    }
+
+    fn report_failure(&self, position: Position, failures: &Failures, error: &str) {
+        let attempts = failures.attempts;
+        let stuck = failures.since.elapsed() >= self.config.stuck_after;
+        if stuck {
+            tracing::error!(handler = %self.name, %position, attempts, error, "handler is stuck");
+        } else {
+            tracing::warn!(handler = %self.name, %position, attempts, error, "handler failed, retrying");
+        }
+        let error = error.to_owned();
+        self.set_state(if stuck {
+            HandlerState::Stuck { position, attempts, error }
+        } else {
+            HandlerState::Retrying { position, attempts, error }
+        });
+    }
+}
+
+/// Why an active period ended.
+enum End {
+    Stopped,
+    LeaseLost,
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+fn stop_requested(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the tenure `claim` ends; never for a runner without a claim.
+async fn lease_lost(lease: &mut Option<watch::Receiver<Lease>>, claim: Option<&Claim>) {
+    match (lease, claim) {
+        (Some(lease), Some(claim)) => claim::lost(lease, claim.token).await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Consecutive failures of one step, with exponential back-off.
+struct Failures {
+    attempts: u32,
+    since: Instant,
+    next_delay: Duration,
+    max_delay: Duration,
+}
+
+impl Failures {
+    fn new(config: &RunnerConfig) -> Self {
+        Self { attempts: 0, since: Instant::now(), next_delay: config.initial_backoff, max_delay: config.max_backoff }
+    }
+
+    /// Records one more failure and returns how long to wait before the next attempt.
+    fn record(&mut self) -> Duration {
+        if self.attempts == 0 {
+            self.since = Instant::now();
+        }
+        self.attempts += 1;
+        let delay = self.next_delay;
+        self.next_delay = (self.next_delay * 2).min(self.max_delay);
+        delay
+    }
+}
+
+/// Runs a handler until stopped: waits for its claim (exclusive runners), then feeds it until
+/// the claim is lost (and waits again) or it is stopped.
+pub(super) async fn run<S, H>(
+    store: Arc<S>,
+    handler: H,
+    config: RunnerConfig,
+    status: watch::Sender<HandlerStatus>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: EventStore + ?Sized,
+    H: EventHandler,
+{
+    let name = handler.name().to_owned();
+    let placement = config.placement.resolve(config.checkpoints);
+    let shared = Arc::new(Shared { store, handler, config, name, status });
+    let keeper = (placement == Placement::Exclusive).then(|| {
+        let config = &shared.config;
+        ClaimKeeper::spawn(
+            Arc::clone(&shared.store),
+            shared.name.clone(),
+            config.owner.clone(),
+            config.claim_ttl,
+            config.claim_retry,
+        )
+    });
+    // For in-memory checkpoints: where this process got to, kept across tenures.
+    let mut memory_checkpoint = None;
+    loop {
+        let claim = match &keeper {
+            None => None,
+            Some(keeper) => match wait_for_claim(&shared, keeper.lease(), &mut stop).await {
+                Some(claim) => Some(claim),
+                None => break,
+            },
+        };
+        let lease = keeper.as_ref().map(ClaimKeeper::lease);
+        match active(&shared, claim, lease, &mut stop, &mut memory_checkpoint).await {
+            End::Stopped => break,
+            End::LeaseLost => {
+                tracing::warn!(handler = %shared.name, "claim lost; standing by");
+                shared.set_state(HandlerState::Standby { holder: None });
+            }
+        }
+    }
+    if let Some(keeper) = keeper {
+        keeper.release(&*shared.store).await;
+    }
+    shared.set_state(HandlerState::Stopped);
+}
+
+/// Waits until the keeper holds the claim (reporting `Standby` meanwhile); `None` if stopped.
+async fn wait_for_claim<S: EventStore + ?Sized, H: EventHandler>(
+    shared: &Shared<S, H>,
+    mut lease: watch::Receiver<Lease>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Claim> {
+    loop {
+        match &*lease.borrow_and_update() {
+            // A lease that already ran out (the tenure just lost) does not count: wait for the
+            // keeper's next answer.
+            Lease::Held { claim, valid_until } if *valid_until > Instant::now() => return Some(claim.clone()),
+            Lease::Held { .. } => {}
+            Lease::Standby { holder } => shared.set_state(HandlerState::Standby { holder: holder.clone() }),
+        }
+        tokio::select! {
+            changed = lease.changed() => if changed.is_err() { return None },
+            () = stopped(stop) => return None,
+        }
+    }
+}
+
+/// A job for a worker.
+enum Job<E> {
+    /// Handle this event (its decoded form if decoding worked in the feeder).
+    Event { event: RecordedEvent, decoded: Option<Envelope<E>>, key: Option<String> },
+    /// Retry the sequence's parked events, oldest first, stopping at the first failure.
+    Retry { key: String },
+    /// An operator discarded these parked events of the sequence.
+    Forget { key: String, positions: Vec<Position> },
+}
+
+/// What a worker reports for a position.
+#[derive(Debug)]
+enum Done {
+    /// Handled, or passed over as not of interest.
+    Handled(Position),
+    /// Failed too often: park it.
+    Park { event: RecordedEvent, key: String, error: String, attempts: u32 },
+    /// Its sequence has a parked event: park it behind.
+    ParkBehind { event: RecordedEvent, key: String, first: Position },
+    /// A parked event was retried successfully.
+    Unparked(Position),
+    /// A parked event's retry failed; the rest of its sequence stays parked.
+    RetryFailed { position: Position, key: String, error: String },
+}
+
+/// Feeds events to the workers and keeps the checkpoint, for one tenure (or for ever, without
+/// a claim).
+async fn active<S, H>(
+    shared: &Arc<Shared<S, H>>,
+    claim: Option<Claim>,
+    mut lease: Option<watch::Receiver<Lease>>,
+    stop: &mut watch::Receiver<bool>,
+    memory_checkpoint: &mut Option<Position>,
+) -> End
+where
+    S: EventStore + ?Sized,
+    H: EventHandler,
+{
+    shared.set_state(HandlerState::Starting);
+    let tenure = claim.clone();
+    let mut feeder = Feeder { shared: Arc::clone(shared), claim, parked: HashMap::new(), parked_count: 0 };
+    let start = tokio::select! {
+        biased;
+        () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
+        () = stopped(stop) => return End::Stopped,
+        start = feeder.start_position(*memory_checkpoint) => start,
+    };
+    let parked = tokio::select! {
+        biased;
+        () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
+        () = stopped(stop) => return End::Stopped,
+        parked = feeder.load_parked() => parked,
+    };
+    shared.status.send_modify(|status| {
+        status.position = start;
+        status.state = HandlerState::Running;
+        status.parked = feeder.parked_count;
+    });
+
+    let workers = shared.config.workers.max(1);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let (halt_tx, halt) = watch::channel(false);
+    let mut queues = Vec::with_capacity(workers);
+    let mut tasks = JoinSet::new();
+    for index in 0..workers {
+        let (queue, jobs) = mpsc::channel(QUEUE_PER_WORKER);
+        queues.push(queue);
+        let blocked: HashMap<String, Vec<Position>> = parked
+            .iter()
+            .filter(|(key, _)| worker_of(key, workers) == index)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let worker = Worker { shared: Arc::clone(shared), claim: feeder.claim.clone(), blocked, done: done_tx.clone() };
+        tasks.spawn(worker.run(jobs, halt.clone()));
+    }
+    drop(done_tx);
+
+    let mut feed = Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size);
+    let mut in_flight: BTreeSet<Position> = BTreeSet::new();
+    let mut read_up_to = start;
+    let mut saved = start;
+    let mut since_save = 0u32;
+    let mut save_at: Option<Instant> = None;
+    let mut poll = tokio::time::interval(shared.config.parked_poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read_failures = Failures::new(&shared.config);
+    let max_in_flight = workers * QUEUE_PER_WORKER;
+    let needs_key = workers > 1 || feeder.parking_on();
+
+    let end = loop {
+        let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
+        if handled != shared.status.borrow().position {
+            let parked = feeder.parked_count;
+            shared.status.send_modify(|status| {
+                status.position = handled;
+                status.parked = parked;
+            });
+            since_save += 1;
+            save_at = Some(Instant::now() + shared.config.checkpoint_delay);
+        }
+        if handled != saved
+            && (since_save >= shared.config.checkpoint_every || shared.config.checkpoint_delay.is_zero())
+        {
+            match feeder.save(handled, memory_checkpoint).await {
+                Ok(()) => (saved, since_save, save_at) = (handled, 0, None),
+                Err(StoreError::ClaimLost { .. }) => break End::LeaseLost,
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            biased;
+            () = lease_lost(&mut lease, tenure.as_ref()) => break End::LeaseLost,
+            () = stopped(stop) => break End::Stopped,
+            done = done_rx.recv() => {
+                let Some(done) = done else { break End::Stopped };
+                match feeder.settle(done).await {
+                    Ok(Some(position)) => { in_flight.remove(&position); }
+                    Ok(None) => {}
+                    Err(end) => break end,
+                }
+            }
+            next = feed.next(), if in_flight.len() < max_in_flight => match next {
+                Ok(Some(event)) => {
+                    read_failures = Failures::new(&shared.config);
+                    let position = event.position;
+                    read_up_to = position;
+                    match prepare(shared, event, needs_key) {
+                        None => {}
+                        Some(job) => {
+                            let index = match &job { Job::Event { key: Some(key), .. } => worker_of(key, workers), _ => 0 };
+                            in_flight.insert(position);
+                            if queues[index].send(job).await.is_err() {
+                                break End::Stopped;
+                            }
+                        }
+                    }
+                }
+                Ok(None) => break End::Stopped,
+                Err(error) => {
+                    let delay = read_failures.record();
+                    shared.report_failure(read_up_to, &read_failures, &error.to_string());
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stopped(stop) => break End::Stopped,
+                    }
+                }
+            },
+            () = sleep_until_some(save_at), if handled != saved => {
+                save_at = None;
+                match feeder.save(handled, memory_checkpoint).await {
+                    Ok(()) => (saved, since_save) = (handled, 0),
+                    Err(StoreError::ClaimLost { .. }) => break End::LeaseLost,
+                    Err(_) => save_at = Some(Instant::now() + shared.config.max_backoff.min(Duration::from_secs(1))),
+                }
+            }
+            _ = poll.tick(), if feeder.parked_count > 0 => {
+                feeder.poll_parked(&queues, workers).await;
+            }
+        }
+    };
+
+    match end {
+        End::LeaseLost => {
+            // Nothing more may happen under this tenure: abort the handlers mid-event (their
+            // events will be handled again by the next holder).
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            End::LeaseLost
+        }
+        End::Stopped => {
+            // Let the workers finish the events in hand (but not their queues), then save.
+            let _ = halt_tx.send(true);
+            drop(queues);
+            while tasks.join_next().await.is_some() {}
+            while let Ok(done) = done_rx.try_recv() {
+                if let Ok(Some(position)) = feeder.settle(done).await {
+                    in_flight.remove(&position);
+                }
+            }
+            // Events still queued were not handled: the checkpoint stays below them.
+            let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
+            let handled = handled.max(saved);
+            shared.status.send_modify(|status| status.position = handled);
+            if handled != saved {
+                let _ = feeder.save(handled, memory_checkpoint).await;
+            }
+            End::Stopped
+        }
+    }
+}
+
+/// The worker a partition key goes to (a fixed hash, the same in every process and run).
+fn worker_of(key: &str, workers: usize) -> usize {
+    if workers <= 1 {
+        return 0;
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    usize::try_from(hasher.finish() % workers as u64).unwrap_or(0)
+}
+
+/// Upcasts an event and decides interest and partition key; `None` when the handler does not
+/// take it (it is done at once).
+fn prepare<S, H>(shared: &Shared<S, H>, event: RecordedEvent, needs_key: bool) -> Option<Job<H::Event>>
+where
+    S: EventStore + ?Sized,
+    H: EventHandler,
+{
+    match shared.config.upcasters.upcast(&event) {
+        Ok(current) if !shared.handler.interested(&current) => None,
+        Ok(current) => {
+            let decoded = shared.config.upcasters.decode::<H::Event>(&current).ok();
+            let key = needs_key.then(|| match &decoded {
+                Some(envelope) => shared.handler.partition_key(envelope),
+                None => event.stream_id.as_str().to_owned(),
+            });
+            Some(Job::Event { event, decoded, key })
+        }
+        // Interest unknown until the upcast works: the worker retries it.
+        Err(_) => {
+            let key = needs_key.then(|| event.stream_id.as_str().to_owned());
+            Some(Job::Event { event, decoded: None, key })
+        }
+    }
+}
+
+/// The feeder's state that outlives one loop turn.
+struct Feeder<S: ?Sized, H> {
+    shared: Arc<Shared<S, H>>,
+    claim: Option<Claim>,
+    /// Parked positions by sequence, as stored.
+    parked: HashMap<String, Vec<Position>>,
+    parked_count: u64,
+}
+
+impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
+    fn parking_on(&self) -> bool {
+        self.shared.parking().is_some() || self.parked_count > 0
+    }
+
+    /// Runs a store call until it succeeds, backing off on errors.
+    async fn retrying<T, F, Fut>(&self, position: Position, mut call: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut failures = Failures::new(&self.shared.config);
+        loop {
+            match call().await {
+                Ok(value) => return value,
+                Err(error) => {
+                    let delay = failures.record();
+                    self.shared.report_failure(position, &failures, &error.to_string());
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn start_position(&self, memory_checkpoint: Option<Position>) -> Position {
+        let store = &self.shared.store;
+        let name = &self.shared.name;
+        let durable = self.shared.config.checkpoints == Checkpoints::Store;
+        if durable {
+            if let Some(position) = self.retrying(Position::START, || store.load_checkpoint(name)).await {
+                return position;
+            }
+        } else if let Some(position) = memory_checkpoint {
+            return position;
+        }
+        match self.shared.config.start_from {
+            StartFrom::Origin => Position::START,
+            StartFrom::Current => {
+                let head = self.retrying(Position::START, || store.head()).await;
+                // Saved at once: a restart before the first event must not move the start past
+                // events stored since this first start.
+                if durable {
+                    self.retrying(head, || self.write_checkpoint(head)).await;
+                }
+                head
+            }
+        }
+    }
+
+    async fn write_checkpoint(&self, position: Position) -> Result<(), StoreError> {
+        match &self.claim {
+            Some(claim) => self.shared.store.save_checkpoint_claimed(&self.shared.name, position, claim).await,
+            None => self.shared.store.save_checkpoint(&self.shared.name, position).await,
+        }
+    }
+
+    async fn save(&self, position: Position, memory_checkpoint: &mut Option<Position>) -> Result<(), StoreError> {
+        if self.shared.config.checkpoints == Checkpoints::InMemory {
+            *memory_checkpoint = Some(position);
+            return Ok(());
+        }
+        let result = self.write_checkpoint(position).await;
+        if let Err(error) = &result {
+            tracing::warn!(handler = %self.shared.name, %position, %error, "saving checkpoint failed");
+        }
+        result
+    }
+
+    /// The parked events at the start of a tenure, by sequence.
+    async fn load_parked(&mut self) -> HashMap<String, Vec<Position>> {
+        let parked = self.retrying(Position::START, || self.shared.store.parked(&self.shared.name)).await;
+        self.parked.clear();
+        for event in &parked {
+            self.parked.entry(event.sequence.clone()).or_default().push(event.position);
+        }
+        self.parked_count = parked.len() as u64;
+        self.parked.clone()
+    }
+
+    async fn park(&mut self, event: &RecordedEvent, key: &str, error: String, attempts: u32) {
+        let parked = ParkedEvent {
+            handler: self.shared.name.clone(),
+            position: event.position,
+            event_id: event.event_id,
+            stream_id: event.stream_id.clone(),
+            event_type: event.event_type.to_string(),
+            sequence: key.to_owned(),
+            error,
+            attempts,
+            parked_at: Timestamp::now(),
+            status: ParkedStatus::Parked,
+        };
+        let fresh = !self.parked.get(key).is_some_and(|positions| positions.contains(&event.position));
+        self.retrying(event.position, || self.shared.store.park(parked.clone())).await;
+        if fresh {
+            self.parked.entry(key.to_owned()).or_default().push(event.position);
+            self.parked_count += 1;
+        }
+    }
+
+    /// Records what a worker did; returns the position that is now done, if any.
+    async fn settle(&mut self, done: Done) -> Result<Option<Position>, End> {
+        match done {
+            Done::Handled(position) => Ok(Some(position)),
+            Done::Park { event, key, error, attempts } => {
+                tracing::error!(handler = %self.shared.name, position = %event.position, attempts, error, "event parked");
+                self.park(&event, &key, error, attempts).await;
+                self.shared.set_state(HandlerState::Running);
+                Ok(Some(event.position))
+            }
+            Done::ParkBehind { event, key, first } => {
+                self.park(&event, &key, format!("waiting behind the parked event at {first}"), 0).await;
+                Ok(Some(event.position))
+            }
+            Done::Unparked(position) => {
+                let store = &self.shared.store;
+                self.retrying(position, || store.unpark(&self.shared.name, position)).await;
+                for positions in self.parked.values_mut() {
+                    positions.retain(|parked| *parked != position);
+                }
+                self.parked.retain(|_, positions| !positions.is_empty());
+                self.parked_count = self.parked_count.saturating_sub(1);
+                Ok(None)
+            }
+            Done::RetryFailed { position, key, error } => {
+                tracing::warn!(handler = %self.shared.name, %position, error, "retrying a parked event failed");
+                let store = &self.shared.store;
+                let stored = self.retrying(position, || store.parked(&self.shared.name)).await;
+                // The failed one records its error; its whole sequence goes back to parked (a
+                // retry request must not spin).
+                for mut parked in stored.into_iter().filter(|parked| parked.sequence == key) {
+                    if parked.position == position {
+                        parked.error = error.clone();
+                        parked.attempts += 1;
+                    }
+                    parked.status = ParkedStatus::Parked;
+                    self.retrying(position, || store.park(parked.clone())).await;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Looks for operators' retry requests and discards, and passes them to the workers.
+    async fn poll_parked(&mut self, queues: &[mpsc::Sender<Job<H::Event>>], workers: usize) {
+        let Ok(stored) = self.shared.store.parked(&self.shared.name).await else { return };
+        let mut retry: HashSet<String> = HashSet::new();
+        let mut present: HashMap<String, HashSet<Position>> = HashMap::new();
+        for event in &stored {
+            present.entry(event.sequence.clone()).or_default().insert(event.position);
+            if event.status == ParkedStatus::RetryRequested {
+                retry.insert(event.sequence.clone());
+            }
+        }
+        // Discarded by an operator: gone from the store.
+        for (key, positions) in &mut self.parked {
+            let here = present.get(key);
+            let gone: Vec<Position> =
+                positions.iter().copied().filter(|p| !here.is_some_and(|here| here.contains(p))).collect();
+            if !gone.is_empty() {
+                positions.retain(|p| !gone.contains(p));
+                self.parked_count = self.parked_count.saturating_sub(gone.len() as u64);
+                let _ = queues[worker_of(key, workers)].send(Job::Forget { key: key.clone(), positions: gone }).await;
+            }
+        }
+        self.parked.retain(|_, positions| !positions.is_empty());
+        for key in retry {
+            let _ = queues[worker_of(&key, workers)].send(Job::Retry { key }).await;
+        }
+    }
+}
+
+/// One worker: handles the events of its partitions in order.
+struct Worker<S: ?Sized, H> {
+    shared: Arc<Shared<S, H>>,
+    claim: Option<Claim>,
+    /// Sequences with parked events, and those positions in order.
+    blocked: HashMap<String, Vec<Position>>,
+    done: mpsc::UnboundedSender<Done>,
+}
+
+impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job<H::Event>>, mut halt: watch::Receiver<bool>) {
+        loop {
+            let job = tokio::select! {
+                biased;
+                () = stopped(&mut halt) => return,
+                job = jobs.recv() => match job { Some(job) => job, None => return },
+            };
+            let done = match job {
+                Job::Event { event, decoded, key } => match self.blocked_by(key.as_deref()) {
+                    Some(first) => {
+                        let key = key.unwrap_or_default();
+                        if let Some(positions) = self.blocked.get_mut(&key) {
+                            positions.push(event.position);
+                        }
+                        Done::ParkBehind { event, key, first }
+                    }
+                    None => match self.deliver(&event, decoded, &mut halt).await {
+                        Some(Ok(())) => Done::Handled(event.position),
+                        Some(Err((error, attempts))) => {
+                            let key = key.unwrap_or_else(|| event.stream_id.as_str().to_owned());
+                            self.blocked.entry(key.clone()).or_default().push(event.position);
+                            Done::Park { event, key, error, attempts }
+                        }
+                        None => return,
+                    },
+                },
+                Job::Retry { key } => {
+                    if !self.retry(&key, &mut halt).await {
+                        return;
+                    }
+                    continue;
+                }
+                Job::Forget { key, positions } => {
+                    if let Some(parked) = self.blocked.get_mut(&key) {
+                        parked.retain(|p| !positions.contains(p));
+                        if parked.is_empty() {
+                            self.blocked.remove(&key);
+                        }
+                    }
+                    continue;
+                }
+            };
+            if self.done.send(done).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The first parked position of this event's sequence, if it has any.
+    fn blocked_by(&self, key: Option<&str>) -> Option<Position> {
+        key.and_then(|key| self.blocked.get(key)).and_then(|positions| positions.first().copied())
+    }
+
+    /// Upcasts, decodes and handles one event, retrying failures with back-off: `Ok` once
+    /// handled (or found not of interest), `Err((error, attempts))` when the error policy
+    /// parks it, `None` when halted.
+    async fn deliver(
+        &self,
+        event: &RecordedEvent,
+        mut decoded: Option<Envelope<H::Event>>,
+        halt: &mut watch::Receiver<bool>,
+    ) -> Option<Result<(), (String, u32)>> {
+        let shared = &self.shared;
+        let mut failures = Failures::new(&shared.config);
+        loop {
+            let result = match decoded.take() {
+                Some(envelope) => self.handle(envelope).await,
+                None => match shared.config.upcasters.upcast(event) {
+                    Ok(current) if !shared.handler.interested(&current) => return Some(Ok(())),
+                    Ok(current) => match shared.config.upcasters.decode::<H::Event>(&current) {
+                        Ok(envelope) => self.handle(envelope).await,
+                        Err(error) => Err(HandlerError::new(error)),
+                    },
+                    Err(error) => Err(HandlerError::new(error)),
+                },
+            };
+            match result {
+                Ok(()) => {
+                    if failures.attempts > 0 {
+                        shared.set_state(HandlerState::Running);
+                    }
+                    return Some(Ok(()));
+                }
+                Err(error) => {
+                    let delay = failures.record();
+                    let error = error.to_string();
+                    if shared.parking().is_some_and(|limit| failures.attempts >= limit) {
+                        return Some(Err((error, failures.attempts)));
+                    }
+                    shared.report_failure(event.position, &failures, &error);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stopped(halt) => return None,
+                    }
+                    if stop_requested(halt) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, envelope: Envelope<H::Event>) -> Result<(), HandlerError> {
+        CURRENT_CLAIM.scope(self.claim.clone(), self.shared.handler.handle(envelope)).await
+    }
+
+    /// Retries the parked events of sequence `key`, oldest first; stops at the first failure.
+    /// False when halted.
+    async fn retry(&mut self, key: &str, halt: &mut watch::Receiver<bool>) -> bool {
+        let positions = self.blocked.get(key).cloned().unwrap_or_default();
+        for position in positions {
+            let read = self.shared.store.read_all(Position(position.0.saturating_sub(1)), 1).await;
+            let event = match read {
+                Ok(mut page) if page.first().is_some_and(|event| event.position == position) => page.remove(0),
+                Ok(_) => {
+                    let error = format!("the event at {position} is not in the store");
+                    let _ = self.done.send(Done::RetryFailed { position, key: key.to_owned(), error });
+                    return true;
+                }
+                Err(error) => {
+                    let _ =
+                        self.done.send(Done::RetryFailed { position, key: key.to_owned(), error: error.to_string() });
+                    return true;
+                }
+            };
+            let outcome = {
+                let result = match self.shared.config.upcasters.upcast(&event) {
+                    Ok(current) if !self.shared.handler.interested(&current) => Ok(()),
+                    Ok(current) => match self.shared.config.upcasters.decode::<H::Event>(&current) {
+                        Ok(envelope) => self.handle(envelope).await,
+                        Err(error) => Err(HandlerError::new(error)),
+                    },
+                    Err(error) => Err(HandlerError::new(error)),
+                };
+                result.map_err(|error| error.to_string())
+            };
+            if stop_requested(halt) {
+                return false;
+            }
+            match outcome {
+                Ok(()) => {
+                    if let Some(parked) = self.blocked.get_mut(key) {
+                        parked.retain(|p| *p != position);
+                        if parked.is_empty() {
+                            self.blocked.remove(key);
+                        }
+                    }
+                    if self.done.send(Done::Unparked(position)).is_err() {
+                        return false;
+                    }
+                }
+                Err(error) => {
+                    let _ = self.done.send(Done::RetryFailed { position, key: key.to_owned(), error });
+                    return true;
+                }
+            }
+        }
+        true
+    }
+}
