@@ -298,12 +298,18 @@ where
 
     let end = loop {
         let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-        if handled != shared.status.borrow().position {
-            let parked = feeder.parked_count;
+        let parked = feeder.parked_count;
+        let (shown_position, shown_parked) = {
+            let status = shared.status.borrow();
+            (status.position, status.parked)
+        };
+        if handled != shown_position || parked != shown_parked {
             shared.status.send_modify(|status| {
                 status.position = handled;
                 status.parked = parked;
             });
+        }
+        if handled != shown_position {
             since_save += 1;
             save_at = Some(Instant::now() + shared.config.checkpoint_delay);
         }

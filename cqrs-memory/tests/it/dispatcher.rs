@@ -40,6 +40,19 @@ pub(crate) struct Instrumented {
     pub(crate) fail_next_read_all: AtomicBool,
     /// While set, `read_all` waits before reading (a slow database).
     pub(crate) hold_read_all: AtomicBool,
+    /// Claims asked for by this owner fail (its database connection is gone).
+    pub(crate) fail_claims_of: std::sync::Mutex<Option<String>>,
+    /// Called with every checkpoint saved, before it is saved.
+    #[allow(clippy::type_complexity)]
+    pub(crate) checkpoint_hook: std::sync::Mutex<Option<Box<dyn Fn(Position) + Send + Sync>>>,
+}
+
+impl Instrumented {
+    fn saving(&self, position: Position) {
+        if let Some(hook) = &*self.checkpoint_hook.lock().expect("lock") {
+            hook(position);
+        }
+    }
 }
 
 /// Waits while `flag` is set.
@@ -108,9 +121,13 @@ impl EventStore for Instrumented {
         self.inner.load_checkpoint(name).await
     }
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.saving(position);
         self.inner.save_checkpoint(name, position).await
     }
     async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        if self.fail_claims_of.lock().expect("lock").as_deref() == Some(owner) {
+            return Err(StoreError::Unavailable("connection lost".into()));
+        }
         self.inner.claim(name, owner, ttl).await
     }
 
@@ -123,6 +140,7 @@ impl EventStore for Instrumented {
     }
 
     async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        self.saving(position);
         self.inner.save_checkpoint_claimed(name, position, claim).await
     }
 

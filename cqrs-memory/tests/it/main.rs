@@ -3,6 +3,9 @@
 
 mod conformance;
 mod dispatcher;
+mod exclusive;
 mod handlers;
+mod parking;
+mod partitions;
 mod properties;
 mod subscriptions;
