@@ -1,1 +1,2 @@
-//! Holder crate for the workspace examples; see `bank_account.rs`.
+//! Holder crate for the workspace examples (`bank_account.rs`, `order_fulfilment.rs`) and the
+//! `exclusive_handler` demo program (`src/bin/exclusive_handler.rs`).
