@@ -107,8 +107,9 @@ pub use event::{
     Upcasters,
 };
 pub use handler::{
-    current_claim, spawn_handler, Checkpoints, ErrorPolicy, EventHandler, HandlerError, HandlerState, HandlerStatus,
-    ParkedEvents, Placement, Progress, ProgressError, RunnerConfig, RunningHandler, StartFrom,
+    current_claim, spawn_batch_handler, spawn_handler, BatchHandler, Checkpoints, ErrorPolicy, EventHandler,
+    HandlerError, HandlerState, HandlerStatus, ParkedEvents, Placement, Progress, ProgressError, RunnerConfig,
+    RunningHandler, StartFrom, DEFAULT_MAX_BATCH,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use store::{

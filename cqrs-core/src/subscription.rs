@@ -128,6 +128,12 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         Ok(self.pop())
     }
 
+    /// The next event already read from the store, without any I/O: for a consumer that
+    /// takes what has arrived as one batch after awaiting [`next`](Self::next).
+    pub fn next_buffered(&mut self) -> Option<RecordedEvent> {
+        self.pop()
+    }
+
     fn pop(&mut self) -> Option<RecordedEvent> {
         let event = self.buffer.pop_front()?;
         self.last_position = event.position;

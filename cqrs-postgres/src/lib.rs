@@ -4,6 +4,7 @@ mod config;
 mod coordination;
 mod error;
 mod listener;
+mod projection;
 mod rows;
 mod writer;
 
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 
 pub use crate::config::{PgStoreConfig, NOTIFY_CHANNEL};
 pub use crate::error::PgStoreError;
+pub use crate::projection::{spawn_projection, spawn_projection_with, PgProjection};
 
 use crate::error::to_store_error;
 use crate::rows::{recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};

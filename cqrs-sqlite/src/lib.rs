@@ -3,6 +3,7 @@
 mod config;
 mod coordination;
 mod error;
+mod projection;
 mod rows;
 mod writer;
 
@@ -24,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use crate::config::SqliteStoreConfig;
 pub use crate::error::SqliteStoreError;
+pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProjection};
 
 use crate::error::{open_error, to_store_error};
 use crate::rows::{command_result, limit, recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
@@ -179,6 +181,11 @@ impl SqliteEventStore {
     /// `query_only`: writes go through the store.
     pub fn read_pool(&self) -> &SqlitePool {
         &self.inner.readers
+    }
+
+    /// The writer's queue (for ops run inside its transaction).
+    pub(crate) fn writes(&self) -> &mpsc::Sender<WriteRequest> {
+        &self.inner.writes
     }
 
     /// The writer's counters since the store was opened.

@@ -4,14 +4,13 @@
 //! is skipped, and no event is handled by both at the same time. On PostgreSQL (the server in
 //! `DATABASE_URL`) and on one SQLite file opened by both processes.
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cqrs_core::{EventStore, ExpectedVersion, Metadata, NewEvent, StreamId, Timestamp};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::time::Instant;
+use cqrs_core::Timestamp;
+
+mod support;
+
+use support::{fill_jobs, wait_until, PgDatabase, Process};
 
 /// Events to handle.
 const EVENTS: u64 = 300;
@@ -28,100 +27,46 @@ struct Effect {
     ended: i64,
 }
 
-/// A running `exclusive_handler` and what it printed so far.
-struct Process {
-    child: Child,
-    effects: Arc<Mutex<Vec<Effect>>>,
-    states: Arc<Mutex<Vec<String>>>,
+fn handler(url: &str, owner: &str) -> Process {
+    Process::spawn(env!("CARGO_BIN_EXE_exclusive_handler"), &[url, owner, &TTL_MS.to_string()])
 }
 
-impl Process {
-    fn spawn(url: &str, owner: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_exclusive_handler"))
-            .args([url, owner, &TTL_MS.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start exclusive_handler");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let effects = Arc::new(Mutex::new(Vec::new()));
-        let states = Arc::new(Mutex::new(Vec::new()));
-        let (effects_in, states_in) = (Arc::clone(&effects), Arc::clone(&states));
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                match words.as_slice() {
-                    ["effect", position, started, ended] => {
-                        let parse = |word: &str| word.parse::<i64>().expect("a number");
-                        let position = u64::try_from(parse(position)).expect("positive");
-                        effects_in.lock().expect("lock").push(Effect {
-                            position,
-                            started: parse(started),
-                            ended: parse(ended),
-                        });
-                    }
-                    ["state", ..] => states_in.lock().expect("lock").push(line.clone()),
-                    _ => {}
-                }
-            }
-        });
-        Self { child, effects, states }
-    }
-
-    fn effects(&self) -> Vec<Effect> {
-        self.effects.lock().expect("lock").clone()
-    }
-
-    fn last_state(&self) -> Option<String> {
-        self.states.lock().expect("lock").last().cloned()
-    }
+fn effects(process: &Process) -> Vec<Effect> {
+    process
+        .lines_of("effect")
+        .iter()
+        .map(|words| {
+            let number = |index: usize| words[index].parse::<i64>().expect("a number");
+            Effect { position: u64::try_from(number(0)).expect("positive"), started: number(1), ended: number(2) }
+        })
+        .collect()
 }
 
-async fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn fill(store: &dyn EventStore) {
-    for n in 0..EVENTS {
-        let stream = StreamId::for_aggregate("job", n % 7).expect("valid");
-        let event = NewEvent {
-            event_id: cqrs_core::EventId::new(),
-            event_type: "Queued".to_owned(),
-            schema_version: 1,
-            payload: serde_json::json!({ "n": n }),
-            metadata: Metadata::default(),
-        };
-        store.append(&stream, ExpectedVersion::Any, vec![event]).await.expect("append");
-    }
+fn last_state(process: &Process) -> Option<String> {
+    process.lines_of("state").last().map(|words| words.join(" "))
 }
 
 async fn kill_the_active_one(url: &str) {
-    let mut a = Process::spawn(url, "process-a");
-    wait_until("a to be active and busy", Duration::from_secs(60), || a.effects().len() >= 20).await;
-    let b = Process::spawn(url, "process-b");
+    let mut a = handler(url, "process-a");
+    wait_until("a to be active and busy", Duration::from_secs(60), || effects(&a).len() >= 20).await;
+    let b = handler(url, "process-b");
     wait_until("b to stand by", Duration::from_secs(60), || {
-        b.last_state().is_some_and(|state| state == "state standby process-a")
+        last_state(&b).is_some_and(|state| state == "standby process-a")
     })
     .await;
-    assert!(b.effects().is_empty(), "the standby handled nothing while a was active");
+    assert!(effects(&b).is_empty(), "the standby handled nothing while a was active");
 
     a.child.kill().await.expect("SIGKILL a");
     let killed_at = Timestamp::now().as_micros();
     wait_until("every event handled", Duration::from_secs(120), || {
-        let mut seen: Vec<u64> = a.effects().iter().chain(b.effects().iter()).map(|e| e.position).collect();
+        let mut seen: Vec<u64> = effects(&a).iter().chain(effects(&b).iter()).map(|e| e.position).collect();
         seen.sort_unstable();
         seen.dedup();
         seen.len() as u64 == EVENTS
     })
     .await;
 
-    let (by_a, by_b) = (a.effects(), b.effects());
+    let (by_a, by_b) = (effects(&a), effects(&b));
     assert!(!by_b.is_empty(), "b took over");
     let takeover_micros = by_b.iter().map(|e| e.started).min().expect("b handled") - killed_at;
     let takeover = Duration::from_micros(u64::try_from(takeover_micros).unwrap_or(0));
@@ -152,20 +97,13 @@ async fn kill_the_active_one(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_the_standby_takes_over_when_the_active_process_is_killed() {
-    let server = std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL is not set: this test needs a PostgreSQL server (scripts/test starts one)");
-    let name = format!("cqrs_exclusive_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&server).await.expect("connect");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
-    let base = server.rsplit_once('/').map_or(server.as_str(), |(base, _)| base);
-    let url = format!("{base}/{name}");
+    let database = PgDatabase::create().await;
     {
-        let store = cqrs_postgres::PgEventStore::connect(&url).await.expect("connect");
+        let store = cqrs_postgres::PgEventStore::connect(&database.url).await.expect("connect");
         store.migrate().await.expect("migrate");
-        fill(&store).await;
+        fill_jobs(&store, EVENTS).await;
     }
-    kill_the_active_one(&url).await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin).await.expect("drop");
+    kill_the_active_one(&database.url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +112,7 @@ async fn sqlite_a_second_process_on_the_file_stands_by_and_takes_over() {
     let url = format!("sqlite://{}", dir.path().join("events.db").display());
     {
         let store = cqrs_sqlite::SqliteEventStore::connect(&url).await.expect("open");
-        fill(&store).await;
+        fill_jobs(&store, EVENTS).await;
     }
     kill_the_active_one(&url).await;
 }

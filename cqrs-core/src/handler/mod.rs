@@ -13,6 +13,7 @@
 //!   with its error (with every later event of its sequence behind it, in order) and the
 //!   handler goes on; [`ParkedEvents`] lets an operator list, retry or discard them.
 
+mod batch;
 mod claim;
 mod parking;
 mod runner;
@@ -33,6 +34,7 @@ use crate::event::{DomainEvent, Envelope, RecordedEvent, Upcasters};
 use crate::ids::Position;
 use crate::store::{EventStore, StoreError};
 
+pub use batch::{spawn_batch_handler, BatchHandler, DEFAULT_MAX_BATCH};
 pub use parking::ParkedEvents;
 
 /// A failure reported by a handler. The runner retries the same event with back-off.
@@ -453,17 +455,26 @@ where
     H: EventHandler,
 {
     let name = handler.name().to_owned();
-    let placement = config.placement.resolve(config.checkpoints);
+    let (status_tx, status_rx, stop_tx, stop_rx) = channels(&name, &config, progress);
+    let task = tokio::spawn(runner::run(store, handler, config, status_tx, stop_rx));
+    RunningHandler { name, status: status_rx, stop: stop_tx, task }
+}
+
+/// A new runner's status channel (registered with `progress`) and stop channel.
+fn channels(
+    name: &str,
+    config: &RunnerConfig,
+    progress: &Progress,
+) -> (watch::Sender<HandlerStatus>, watch::Receiver<HandlerStatus>, watch::Sender<bool>, watch::Receiver<bool>) {
     let (status_tx, status_rx) = watch::channel(HandlerStatus {
-        name: name.clone(),
+        name: name.to_owned(),
         position: Position::START,
         state: HandlerState::Starting,
         owner: config.owner.clone(),
-        placement,
+        placement: config.placement.resolve(config.checkpoints),
         parked: 0,
     });
-    progress.register(&name, status_rx.clone());
+    progress.register(name, status_rx.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(runner::run(store, handler, config, status_tx, stop_rx));
-    RunningHandler { name, status: status_rx, stop: stop_tx, task }
+    (status_tx, status_rx, stop_tx, stop_rx)
 }

@@ -81,13 +81,13 @@ impl<S: EventStore + ?Sized, H: EventHandler> Shared<S, H> {
 }
 
 /// Why an active period ended.
-enum End {
+pub(super) enum End {
     Stopped,
     LeaseLost,
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
 }
 
@@ -96,7 +96,7 @@ fn stop_requested(stop: &watch::Receiver<bool>) -> bool {
 }
 
 /// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<Instant>) {
+pub(super) async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -104,7 +104,7 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// Resolves when the tenure `claim` ends; never for a runner without a claim.
-async fn lease_lost(lease: &mut Option<watch::Receiver<Lease>>, claim: Option<&Claim>) {
+pub(super) async fn lease_lost(lease: &mut Option<watch::Receiver<Lease>>, claim: Option<&Claim>) {
     match (lease, claim) {
         (Some(lease), Some(claim)) => claim::lost(lease, claim.token).await,
         _ => std::future::pending().await,
@@ -112,20 +112,20 @@ async fn lease_lost(lease: &mut Option<watch::Receiver<Lease>>, claim: Option<&C
 }
 
 /// Consecutive failures of one step, with exponential back-off.
-struct Failures {
-    attempts: u32,
-    since: Instant,
+pub(super) struct Failures {
+    pub(super) attempts: u32,
+    pub(super) since: Instant,
     next_delay: Duration,
     max_delay: Duration,
 }
 
 impl Failures {
-    fn new(config: &RunnerConfig) -> Self {
+    pub(super) fn new(config: &RunnerConfig) -> Self {
         Self { attempts: 0, since: Instant::now(), next_delay: config.initial_backoff, max_delay: config.max_backoff }
     }
 
     /// Records one more failure and returns how long to wait before the next attempt.
-    fn record(&mut self) -> Duration {
+    pub(super) fn record(&mut self) -> Duration {
         if self.attempts == 0 {
             self.since = Instant::now();
         }
@@ -133,6 +133,56 @@ impl Failures {
         let delay = self.next_delay;
         self.next_delay = (self.next_delay * 2).min(self.max_delay);
         delay
+    }
+}
+
+/// The tenures of a runner: for an exclusive one, each period in which it holds its claim
+/// (kept by a [`ClaimKeeper`]); for an every-process one, a single endless tenure.
+pub(super) struct Tenures {
+    keeper: Option<ClaimKeeper>,
+    started: bool,
+}
+
+impl Tenures {
+    pub(super) fn new<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Self {
+        let placement = config.placement.resolve(config.checkpoints);
+        let keeper = (placement == Placement::Exclusive).then(|| {
+            ClaimKeeper::spawn(
+                Arc::clone(store),
+                name.to_owned(),
+                config.owner.clone(),
+                config.claim_ttl,
+                config.claim_retry,
+            )
+        });
+        Self { keeper, started: false }
+    }
+
+    /// Waits for the next tenure: the claim and the lease to watch (both `None` without a
+    /// claim); `None` once stopped. `set_state` reports `Standby` meanwhile.
+    pub(super) async fn next(
+        &mut self,
+        set_state: impl Fn(HandlerState),
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<(Option<Claim>, Option<watch::Receiver<Lease>>)> {
+        match &self.keeper {
+            None if self.started => None,
+            None => {
+                self.started = true;
+                Some((None, None))
+            }
+            Some(keeper) => {
+                let claim = wait_for_claim(&set_state, keeper.lease(), stop).await?;
+                Some((Some(claim), Some(keeper.lease())))
+            }
+        }
+    }
+
+    /// Gives the claim up (so a standby takes over at once).
+    pub(super) async fn finish<S: EventStore + ?Sized>(self, store: &S) {
+        if let Some(keeper) = self.keeper {
+            keeper.release(store).await;
+        }
     }
 }
 
@@ -149,29 +199,11 @@ pub(super) async fn run<S, H>(
     H: EventHandler,
 {
     let name = handler.name().to_owned();
-    let placement = config.placement.resolve(config.checkpoints);
+    let mut tenures = Tenures::new(&store, &name, &config);
     let shared = Arc::new(Shared { store, handler, config, name, status });
-    let keeper = (placement == Placement::Exclusive).then(|| {
-        let config = &shared.config;
-        ClaimKeeper::spawn(
-            Arc::clone(&shared.store),
-            shared.name.clone(),
-            config.owner.clone(),
-            config.claim_ttl,
-            config.claim_retry,
-        )
-    });
     // For in-memory checkpoints: where this process got to, kept across tenures.
     let mut memory_checkpoint = None;
-    loop {
-        let claim = match &keeper {
-            None => None,
-            Some(keeper) => match wait_for_claim(&shared, keeper.lease(), &mut stop).await {
-                Some(claim) => Some(claim),
-                None => break,
-            },
-        };
-        let lease = keeper.as_ref().map(ClaimKeeper::lease);
+    while let Some((claim, lease)) = tenures.next(|state| shared.set_state(state), &mut stop).await {
         match active(&shared, claim, lease, &mut stop, &mut memory_checkpoint).await {
             End::Stopped => break,
             End::LeaseLost => {
@@ -180,15 +212,13 @@ pub(super) async fn run<S, H>(
             }
         }
     }
-    if let Some(keeper) = keeper {
-        keeper.release(&*shared.store).await;
-    }
+    tenures.finish(&*shared.store).await;
     shared.set_state(HandlerState::Stopped);
 }
 
 /// Waits until the keeper holds the claim (reporting `Standby` meanwhile); `None` if stopped.
-async fn wait_for_claim<S: EventStore + ?Sized, H: EventHandler>(
-    shared: &Shared<S, H>,
+async fn wait_for_claim(
+    set_state: &impl Fn(HandlerState),
     mut lease: watch::Receiver<Lease>,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<Claim> {
@@ -198,7 +228,7 @@ async fn wait_for_claim<S: EventStore + ?Sized, H: EventHandler>(
             // keeper's next answer.
             Lease::Held { claim, valid_until } if *valid_until > Instant::now() => return Some(claim.clone()),
             Lease::Held { .. } => {}
-            Lease::Standby { holder } => shared.set_state(HandlerState::Standby { holder: holder.clone() }),
+            Lease::Standby { holder } => set_state(HandlerState::Standby { holder: holder.clone() }),
         }
         tokio::select! {
             changed = lease.changed() => if changed.is_err() { return None },

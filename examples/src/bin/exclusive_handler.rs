@@ -84,12 +84,7 @@ async fn main() -> anyhow::Result<()> {
     loop {
         let line = match &status.borrow_and_update().state {
             HandlerState::Standby { holder } => format!("state standby {}", holder.as_deref().unwrap_or("?")),
-            state
-                if matches!(
-                    state,
-                    HandlerState::Running | HandlerState::Retrying { .. } | HandlerState::Stuck { .. }
-                ) =>
-            {
+            HandlerState::Running | HandlerState::Retrying { .. } | HandlerState::Stuck { .. } => {
                 "state active".to_owned()
             }
             _ => String::new(),
