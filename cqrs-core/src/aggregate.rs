@@ -181,6 +181,18 @@ impl<C> CommandEnvelope<C> {
         self
     }
 
+    /// The same envelope (id, causation, correlation, headers) around another command: for a
+    /// router that turns a process manager's command enum into one aggregate's command.
+    pub fn map<D>(self, f: impl FnOnce(C) -> D) -> CommandEnvelope<D> {
+        CommandEnvelope {
+            command: f(self.command),
+            command_id: self.command_id,
+            causation_id: self.causation_id,
+            correlation_id: self.correlation_id,
+            headers: self.headers,
+        }
+    }
+
     /// The metadata given to each event this command produces: its command id, its causation
     /// (what caused the command), its correlation (the command id's if none was set) and its
     /// headers.

@@ -9,7 +9,10 @@
 //! - [`batching`]: for store implementors, the group-commit write queue with its fairness rule.
 //! - [`subscription`]: catch-up-then-live feeds over any store.
 //! - [`dispatcher`]: the command path with caching, retries and read-your-writes.
-//! - [`handler`]: projections and side effects, driven from durable checkpoints.
+//! - [`handler`]: projections and side effects, driven from durable checkpoints; one active
+//!   consumer across processes, partitions, parked events, transactional batches.
+//! - [`process`]: process managers (sagas) with durable state and scheduled commands.
+//! - [`clock`]: the clock of schedules (system, or a test clock).
 //! - `testing` (feature `testing`): the given/when/then harness and the store conformance suite.
 
 // The derive macros name `::cqrs_core`; this lets them work inside this crate too (the test
@@ -20,11 +23,13 @@ extern crate self as cqrs_core;
 pub mod aggregate;
 pub mod batching;
 mod cache;
+pub mod clock;
 pub mod coordination;
 pub mod dispatcher;
 pub mod event;
 pub mod handler;
 pub mod ids;
+pub mod process;
 pub mod store;
 pub mod subscription;
 #[cfg(feature = "testing")]
@@ -97,6 +102,7 @@ pub mod __private {
 }
 
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
+pub use clock::{Clock, TestClock};
 pub use coordination::{
     default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled, DEFAULT_CLAIM_RETRY,
     DEFAULT_CLAIM_TTL,
@@ -112,6 +118,7 @@ pub use handler::{
     RunningHandler, StartFrom, DEFAULT_MAX_BATCH,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
+pub use process::{spawn_process_manager, CommandRouter, Effects, ProcessManager, Route, RouteError, RunningProcess};
 pub use store::{
     validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError,
     DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,

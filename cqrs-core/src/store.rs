@@ -282,8 +282,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// Stores a scheduled command, replacing one with the same owner, key and name.
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError>;
 
-    /// Removes a scheduled command (fired, or cancelled); false if there was none.
-    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError>;
+    /// Removes a scheduled command (fired, or cancelled); false if there was none. With
+    /// `only`, only if it is still the one with that command id (not scheduled anew since).
+    async fn unschedule(&self, owner: &str, key: &str, name: &str, only: Option<CommandId>)
+        -> Result<bool, StoreError>;
 
     /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first.
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError>;

@@ -382,8 +382,17 @@ impl EventStore for MemoryStore {
         Ok(())
     }
 
-    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        Ok(self.write().scheduled.remove(&(owner.to_owned(), key.to_owned(), name.to_owned())).is_some())
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.write();
+        let id = (owner.to_owned(), key.to_owned(), name.to_owned());
+        let matches = state.scheduled.get(&id).is_some_and(|s| only.is_none_or(|only| s.command_id == only));
+        Ok(matches && state.scheduled.remove(&id).is_some())
     }
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {

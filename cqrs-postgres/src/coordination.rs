@@ -285,11 +285,20 @@ pub(crate) async fn schedule(pool: &PgPool, scheduled: &Scheduled) -> Result<(),
     Ok(())
 }
 
-pub(crate) async fn unschedule(pool: &PgPool, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-    let deleted = sqlx::query("DELETE FROM cqrs_scheduled WHERE owner = $1 AND key = $2 AND name = $3")
-        .bind(owner)
-        .bind(key)
-        .bind(name)
+pub(crate) async fn unschedule(
+    pool: &PgPool,
+    owner: &str,
+    key: &str,
+    name: &str,
+    only: Option<CommandId>,
+) -> Result<bool, StoreError> {
+    let deleted = sqlx::query(
+        "DELETE FROM cqrs_scheduled WHERE owner = $1 AND key = $2 AND name = $3          AND ($4::uuid IS NULL OR command_id = $4)",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(name)
+    .bind(only.map(|id| id.0))
         .execute(pool)
         .await
         .map_err(to_store_error)?;

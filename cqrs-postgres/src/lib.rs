@@ -484,8 +484,14 @@ impl EventStore for PgEventStore {
         coordination::schedule(&self.inner.pool, &scheduled).await
     }
 
-    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        coordination::unschedule(&self.inner.pool, owner, key, name).await
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        coordination::unschedule(&self.inner.pool, owner, key, name, only).await
     }
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {

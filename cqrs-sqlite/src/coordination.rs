@@ -378,16 +378,21 @@ pub(crate) async fn unschedule(
     owner: &str,
     key: &str,
     name: &str,
+    only: Option<CommandId>,
 ) -> Result<bool, StoreError> {
     let (owner, key, name) = (owner.to_owned(), key.to_owned(), name.to_owned());
     run_op(writes, move |connection| {
         Box::pin(async move {
-            let deleted = sqlx::query("DELETE FROM cqrs_scheduled WHERE owner = ?1 AND key = ?2 AND name = ?3")
-                .bind(&owner)
-                .bind(&key)
-                .bind(&name)
-                .execute(connection)
-                .await?;
+            let deleted = sqlx::query(
+                "DELETE FROM cqrs_scheduled WHERE owner = ?1 AND key = ?2 AND name = ?3 \
+                 AND (?4 IS NULL OR command_id = ?4)",
+            )
+            .bind(&owner)
+            .bind(&key)
+            .bind(&name)
+            .bind(only.map(|id| id.0))
+            .execute(connection)
+            .await?;
             Ok(Ok(deleted.rows_affected() > 0))
         })
     })

@@ -463,8 +463,14 @@ impl EventStore for SqliteEventStore {
         coordination::schedule(&self.inner.writes, scheduled).await
     }
 
-    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        coordination::unschedule(&self.inner.writes, owner, key, name).await
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        coordination::unschedule(&self.inner.writes, owner, key, name, only).await
     }
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {

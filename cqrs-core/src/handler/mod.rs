@@ -35,6 +35,13 @@ use crate::ids::Position;
 use crate::store::{EventStore, StoreError};
 
 pub use batch::{spawn_batch_handler, BatchHandler, DEFAULT_MAX_BATCH};
+pub(crate) use runner::{lease_lost as lease_ended, stopped as stop_signal, Tenures};
+
+/// The tenures (claim periods) of a task named `name` configured like a runner: for
+/// schedulers and other exclusive tasks that are not event handlers.
+pub(crate) fn runner_tenures<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Tenures {
+    Tenures::new(store, name, config)
+}
 pub use parking::ParkedEvents;
 
 /// A failure reported by a handler. The runner retries the same event with back-off.
@@ -419,6 +426,13 @@ impl RunningHandler {
     /// A receiver that sees every status change.
     pub fn watch(&self) -> watch::Receiver<HandlerStatus> {
         self.status.clone()
+    }
+
+    /// Stops at once, as if the process had died: the events in hand are dropped half-done,
+    /// nothing more is saved, and the claim is not given up (it lapses after its ttl). For
+    /// crash tests.
+    pub fn abort(self) {
+        self.task.abort();
     }
 
     /// Stops the runner after the events in hand, saves the checkpoint, gives up its claim (so

@@ -87,7 +87,7 @@ pub(super) enum End {
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).
-pub(super) async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
 }
 
@@ -104,7 +104,7 @@ pub(super) async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// Resolves when the tenure `claim` ends; never for a runner without a claim.
-pub(super) async fn lease_lost(lease: &mut Option<watch::Receiver<Lease>>, claim: Option<&Claim>) {
+pub(crate) async fn lease_lost(lease: &mut Option<watch::Receiver<Lease>>, claim: Option<&Claim>) {
     match (lease, claim) {
         (Some(lease), Some(claim)) => claim::lost(lease, claim.token).await,
         _ => std::future::pending().await,
@@ -138,13 +138,13 @@ impl Failures {
 
 /// The tenures of a runner: for an exclusive one, each period in which it holds its claim
 /// (kept by a [`ClaimKeeper`]); for an every-process one, a single endless tenure.
-pub(super) struct Tenures {
+pub(crate) struct Tenures {
     keeper: Option<ClaimKeeper>,
     started: bool,
 }
 
 impl Tenures {
-    pub(super) fn new<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Self {
+    pub(crate) fn new<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Self {
         let placement = config.placement.resolve(config.checkpoints);
         let keeper = (placement == Placement::Exclusive).then(|| {
             ClaimKeeper::spawn(
@@ -160,7 +160,7 @@ impl Tenures {
 
     /// Waits for the next tenure: the claim and the lease to watch (both `None` without a
     /// claim); `None` once stopped. `set_state` reports `Standby` meanwhile.
-    pub(super) async fn next(
+    pub(crate) async fn next(
         &mut self,
         set_state: impl Fn(HandlerState),
         stop: &mut watch::Receiver<bool>,
@@ -179,7 +179,7 @@ impl Tenures {
     }
 
     /// Gives the claim up (so a standby takes over at once).
-    pub(super) async fn finish<S: EventStore + ?Sized>(self, store: &S) {
+    pub(crate) async fn finish<S: EventStore + ?Sized>(self, store: &S) {
         if let Some(keeper) = self.keeper {
             keeper.release(store).await;
         }

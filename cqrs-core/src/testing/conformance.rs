@@ -1054,8 +1054,13 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
     let all = store.due(&process, now.plus(2 * minute), 10).await.expect("due");
     assert_eq!(all.len(), 3);
     assert!(all.iter().any(|s| s.key == "order-1" && s.command_id == replaced_id));
-    assert!(store.unschedule(&process, "order-2", "payment-deadline").await.expect("unschedule"));
-    assert!(!store.unschedule(&process, "order-2", "payment-deadline").await.expect("unschedule twice"));
+    // Removing it only if it is still the given one: order-1's was scheduled anew.
+    let first_id = all.iter().find(|s| s.key == "order-2").map(|s| s.command_id).expect("order-2");
+    assert!(!store.unschedule(&process, "order-1", "payment-deadline", Some(CommandId::new())).await.expect("only"));
+    assert!(store.unschedule(&process, "order-1", "payment-deadline", Some(replaced_id)).await.expect("only"));
+    assert!(store.unschedule(&process, "order-2", "payment-deadline", Some(first_id)).await.expect("unschedule"));
+    assert!(!store.unschedule(&process, "order-2", "payment-deadline", None).await.expect("unschedule twice"));
+    assert!(store.unschedule(&process, "order-3", "payment-deadline", None).await.expect("unschedule any"));
     assert!(store.due(&process, now, 10).await.expect("due").is_empty());
 }
 

@@ -129,8 +129,14 @@ impl<S: EventStore, G: Send + Sync + 'static> EventStore for WithGuard<S, G> {
         self.store.schedule(scheduled).await
     }
 
-    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        self.store.unschedule(owner, key, name).await
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        self.store.unschedule(owner, key, name, only).await
     }
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {

@@ -1,11 +1,14 @@
 //! Test support, behind the `testing` feature: the given/when/then [`AggregateTest`] harness,
-//! the store [`conformance`] suite every backend runs, a tiny test domain ([`counter`]), and
-//! [`WithGuard`] for stores that own their test resources.
+//! the store [`conformance`] suite every backend runs, a tiny test domain ([`counter`]),
+//! [`ProcessTest`] (given/when/then for process managers), and [`WithGuard`] for stores that
+//! own their test resources.
 
 pub mod conformance;
 pub mod counter;
 mod guard;
 mod harness;
+mod process;
 
 pub use guard::WithGuard;
 pub use harness::{AggregateTest, Then};
+pub use process::{ProcessTest, ProcessThen, TEST_EPOCH};

@@ -183,8 +183,14 @@ impl EventStore for Instrumented {
         self.inner.schedule(scheduled).await
     }
 
-    async fn unschedule(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        self.inner.unschedule(owner, key, name).await
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        self.inner.unschedule(owner, key, name, only).await
     }
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {

@@ -1,0 +1,185 @@
+//! A process manager as an event handler: load the instance, decide, send, schedule, save.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{CommandRouter, Effects, ProcessManager, Route, RouteError};
+use crate::aggregate::CommandEnvelope;
+use crate::coordination::{ProcessState, Scheduled};
+use crate::event::{DomainEvent, Envelope, RecordedEvent};
+use crate::handler::{current_claim, EventHandler, HandlerError};
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId};
+use crate::store::EventStore;
+
+/// What the store keeps of an instance: its state and the names of its pending schedules (so
+/// stopping the instance cancels them).
+#[derive(Serialize, Deserialize)]
+pub(super) struct Stored<S> {
+    pub(super) state: S,
+    #[serde(default)]
+    pub(super) schedules: Vec<String>,
+}
+
+/// What the store keeps of a scheduled command: the command and where it came from.
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredCommand<C> {
+    pub(super) command: C,
+    pub(super) causation: Option<CausationId>,
+    pub(super) correlation: Option<CorrelationId>,
+    #[serde(default)]
+    pub(super) headers: std::collections::HashMap<String, String>,
+}
+
+/// The step name an instance's command id is derived from: unique per process manager,
+/// instance and step.
+pub(super) fn step_of(process: &str, key: &str, step: &str) -> String {
+    format!("{process}/{key}/{step}")
+}
+
+/// The derived id of a command `process` sends for `key` at `step` in reaction to `event`.
+pub(super) fn command_id(event: EventId, process: &str, key: &str, step: &str) -> CommandId {
+    CommandId::derived(event, &step_of(process, key, step))
+}
+
+pub(super) struct ProcessHandler<S: ?Sized, P, R> {
+    store: Arc<S>,
+    manager: Arc<P>,
+    router: Arc<R>,
+}
+
+impl<S: EventStore + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> ProcessHandler<S, P, R> {
+    pub(super) fn new(store: Arc<S>, manager: Arc<P>, router: Arc<R>) -> Self {
+        Self { store, manager, router }
+    }
+
+    /// Sends `command` with the id derived for `step`, as caused by `event`.
+    async fn send(
+        &self,
+        event: &Envelope<P::Event>,
+        key: &str,
+        step: &str,
+        command: P::Command,
+    ) -> Result<(), RouteError> {
+        let full_step = step_of(self.manager.name(), key, step);
+        let envelope = CommandEnvelope::new(command).caused_by(event.event_id, &event.metadata, &full_step);
+        self.router.route(envelope).await
+    }
+}
+
+impl<S, P, R> EventHandler for ProcessHandler<S, P, R>
+where
+    S: EventStore + ?Sized,
+    P: ProcessManager,
+    R: CommandRouter<P::Command>,
+{
+    type Event = P::Event;
+
+    fn name(&self) -> &str {
+        self.manager.name()
+    }
+
+    fn interested(&self, event: &RecordedEvent) -> bool {
+        P::Event::accepts(event.category(), &event.event_type)
+    }
+
+    /// Events of one instance are one sequence: in order, and parked together.
+    fn partition_key(&self, event: &Envelope<P::Event>) -> String {
+        match self.manager.route(event).key() {
+            Some(key) => key.to_owned(),
+            None => event.stream_id.as_str().to_owned(),
+        }
+    }
+
+    async fn handle(&self, event: Envelope<P::Event>) -> Result<(), HandlerError> {
+        let manager = &*self.manager;
+        let name = manager.name();
+        let route = manager.route(&event);
+        let (key, starts, stops) = match &route {
+            Route::Ignore => return Ok(()),
+            Route::Start(key) => (key.as_str(), true, false),
+            Route::Continue(key) => (key.as_str(), false, false),
+            Route::Stop(key) => (key.as_str(), false, true),
+        };
+        let stored = self.store.load_process(name, key).await?;
+        let (state, mut schedules) = match &stored {
+            // Handled already (the state was saved, the checkpoint not yet): nothing to do.
+            Some(stored) if stored.position >= event.position => return Ok(()),
+            Some(stored) => {
+                let Stored { state, schedules } = Stored::<P::State>::deserialize(&stored.state)
+                    .map_err(|error| HandlerError::new(format!("{name}/{key}: stored state unreadable: {error}")))?;
+                (state, schedules)
+            }
+            None if starts => (P::State::default(), Vec::new()),
+            // Not started: a Continue or Stop for an instance that does not exist.
+            None => return Ok(()),
+        };
+
+        let mut effects = Effects::default();
+        manager.handle(&state, &event, &mut effects);
+        for (step, command) in effects.commands.clone() {
+            match self.send(&event, key, &step, command.clone()).await {
+                Ok(()) => {}
+                Err(RouteError::Failed(error)) => return Err(error),
+                Err(RouteError::Rejected(error)) => {
+                    tracing::info!(process = name, key, step, error, "a command was refused");
+                    let mut compensations = Effects::default();
+                    manager.rejected(&state, &step, &command, &error, &mut compensations);
+                    for (compensation, command) in compensations.commands {
+                        let step = format!("{step}/rejected/{compensation}");
+                        match self.send(&event, key, &step, command).await {
+                            Ok(()) => {}
+                            Err(RouteError::Failed(error)) => return Err(error),
+                            Err(RouteError::Rejected(error)) => {
+                                tracing::warn!(process = name, key, step, error, "a compensation was refused");
+                            }
+                        }
+                    }
+                    effects.scheduled.extend(compensations.scheduled);
+                    effects.cancelled.extend(compensations.cancelled);
+                }
+            }
+        }
+        for (schedule, due, command) in &effects.scheduled {
+            let stored = StoredCommand {
+                command: command.clone(),
+                causation: Some(CausationId::from(event.event_id)),
+                correlation: event.metadata.correlation_id,
+                headers: event.metadata.headers.clone(),
+            };
+            let command = serde_json::to_value(&stored).map_err(HandlerError::new)?;
+            let scheduled = Scheduled {
+                owner: name.to_owned(),
+                key: key.to_owned(),
+                name: schedule.clone(),
+                due: *due,
+                command,
+                command_id: command_id(event.event_id, name, key, &format!("schedule/{schedule}")),
+            };
+            self.store.schedule(scheduled).await?;
+            if !schedules.contains(schedule) {
+                schedules.push(schedule.clone());
+            }
+        }
+        let mut cancel = effects.cancelled.clone();
+        if stops {
+            cancel.extend(schedules.iter().cloned());
+        }
+        for schedule in &cancel {
+            self.store.unschedule(name, key, schedule, None).await?;
+            schedules.retain(|pending| pending != schedule);
+        }
+
+        let fence = current_claim();
+        if stops {
+            self.store.save_process(name, key, None, fence.as_ref()).await?;
+        } else {
+            let next = manager.apply(state, &event);
+            let value: Value = serde_json::to_value(Stored { state: next, schedules }).map_err(HandlerError::new)?;
+            let saved = ProcessState { state: value, position: event.position };
+            self.store.save_process(name, key, Some(&saved), fence.as_ref()).await?;
+        }
+        Ok(())
+    }
+}

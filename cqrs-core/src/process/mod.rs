@@ -1,0 +1,244 @@
+//! Process managers (sagas): workflows across aggregates, driven by events.
+//!
+//! A [`ProcessManager`] routes each event to an instance by a correlation key (an order id,
+//! say): [`Route::Start`], [`Route::Continue`] or [`Route::Stop`]. For that instance it decides
+//! commands to send now and commands to send later ([`Effects`]), and evolves the instance's
+//! state, which the store keeps ([`EventStore::save_process`]). Commands go out through a
+//! [`CommandRouter`] (usually one [`Dispatcher`](crate::Dispatcher) per aggregate) with
+//! causation and correlation from the triggering event.
+//!
+//! **Exactly-once effects under at-least-once delivery.** Every command's id is derived from
+//! the triggering event, the process, the instance and the step
+//! ([`CommandId::derived`](crate::CommandId::derived)), so a replay after a crash sends the same
+//! ids and the stores' command-id check applies each once. Per event the runner: loads the
+//! instance (an event at or below the instance's saved position was handled: skipped), decides,
+//! sends the commands, stores schedules and cancellations (idempotent), then saves the new state
+//! with the event's position. A crash anywhere in between replays the event into the same
+//! state, which decides the same commands.
+//!
+//! **Durable timeouts.** [`Effects::schedule`] stores a command with a due time (computed from
+//! the event's `recorded_at`, so replays agree). A scheduler task, exclusive across processes
+//! like the event runner, fires due commands with their stored ids (a second firing is a
+//! duplicate) and removes them; a [`Clock::test`](crate::Clock::test) makes this testable
+//! without waiting.
+//!
+//! The runner is the ordinary handler runner, so a process manager gets one active consumer
+//! across processes, partitions by instance key ([`RunnerConfig::workers`]) and parked events.
+
+mod handler;
+mod scheduler;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::aggregate::CommandEnvelope;
+use crate::clock::Clock;
+use crate::dispatcher::DispatchError;
+use crate::event::{DomainEvent, Envelope};
+use crate::handler::{spawn_handler, HandlerError, Progress, RunnerConfig, RunningHandler};
+use crate::ids::Timestamp;
+use crate::store::EventStore;
+
+/// How an event concerns a process manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Not at all.
+    Ignore,
+    /// Starts instance `key` (or continues it, if it exists).
+    Start(String),
+    /// Continues instance `key`; ignored if it does not exist.
+    Continue(String),
+    /// Handles the event in instance `key`, then ends it: its state is deleted and its pending
+    /// schedules are cancelled. Ignored if it does not exist.
+    Stop(String),
+}
+
+impl Route {
+    /// The instance key, if the event concerns one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Route::Ignore => None,
+            Route::Start(key) | Route::Continue(key) | Route::Stop(key) => Some(key),
+        }
+    }
+}
+
+/// What a process manager asks for in reaction to one event: commands now (each under a step
+/// name, unique among this reaction's steps), commands later, and cancellations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effects<C> {
+    commands: Vec<(String, C)>,
+    scheduled: Vec<(String, Timestamp, C)>,
+    cancelled: Vec<String>,
+}
+
+impl<C> Default for Effects<C> {
+    fn default() -> Self {
+        Self { commands: Vec::new(), scheduled: Vec::new(), cancelled: Vec::new() }
+    }
+}
+
+impl<C> Effects<C> {
+    /// Sends `command` now. `step` names it within this reaction (`"reserve:tea"`); its id is
+    /// derived from the event, the instance and the step.
+    pub fn dispatch(&mut self, step: impl Into<String>, command: C) {
+        self.commands.push((step.into(), command));
+    }
+
+    /// Sends `command` at `due` (replacing a pending schedule of the same `name` in this
+    /// instance). Compute `due` from the event's `recorded_at`, not from the wall clock, so a
+    /// replay schedules the same time.
+    pub fn schedule(&mut self, name: impl Into<String>, due: Timestamp, command: C) {
+        self.scheduled.push((name.into(), due, command));
+    }
+
+    /// Cancels the pending schedule `name` of this instance.
+    pub fn cancel(&mut self, name: impl Into<String>) {
+        self.cancelled.push(name.into());
+    }
+
+    /// The commands to send now, with their steps.
+    pub fn commands(&self) -> &[(String, C)] {
+        &self.commands
+    }
+
+    /// The commands to send later: (name, due, command).
+    pub fn scheduled(&self) -> &[(String, Timestamp, C)] {
+        &self.scheduled
+    }
+
+    /// The schedules to cancel.
+    pub fn cancelled(&self) -> &[String] {
+        &self.cancelled
+    }
+}
+
+/// A workflow across aggregates, one instance per correlation key.
+///
+/// `handle` and `apply` must be deterministic: the same state and event give the same effects,
+/// so a replay after a crash sends the same commands (with the same ids).
+pub trait ProcessManager: Send + Sync + 'static {
+    /// The events it listens to (often an enum over several aggregates' events, with a
+    /// category per variant: `#[event(category = "...")]`).
+    type Event: DomainEvent;
+    /// An instance's state, kept in the store between events.
+    type State: Default + Clone + Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// The commands it sends (an enum over the aggregates it drives; routed by a
+    /// [`CommandRouter`]). Serializable, because scheduled ones are stored.
+    type Command: Clone + fmt::Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// The stable name of the process manager: its checkpoint, its instances and its schedules
+    /// are kept under it.
+    fn name(&self) -> &str;
+
+    /// Which instance the event concerns, and how.
+    fn route(&self, event: &Envelope<Self::Event>) -> Route;
+
+    /// Decides what to do about `event` in an instance in `state`.
+    fn handle(&self, state: &Self::State, event: &Envelope<Self::Event>, effects: &mut Effects<Self::Command>);
+
+    /// The instance's state after `event`.
+    fn apply(&self, state: Self::State, event: &Envelope<Self::Event>) -> Self::State;
+
+    /// A command it sent at `step` was refused (`error` says why): decide compensations. By
+    /// default none (the refusal is logged). Refusals of compensations are logged only.
+    fn rejected(
+        &self,
+        state: &Self::State,
+        step: &str,
+        command: &Self::Command,
+        error: &str,
+        effects: &mut Effects<Self::Command>,
+    ) {
+        let _ = (state, step, command, error, effects);
+    }
+}
+
+/// Why a routed command was not applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The aggregate refused it (a final answer): the process manager's
+    /// [`rejected`](ProcessManager::rejected) decides what follows.
+    #[error("refused: {0}")]
+    Rejected(String),
+    /// It could not be dispatched (the store failed...): the event is handled again later,
+    /// sending the same command ids.
+    #[error(transparent)]
+    Failed(HandlerError),
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<DispatchError<E>> for RouteError {
+    fn from(error: DispatchError<E>) -> Self {
+        match error {
+            DispatchError::Rejected(refusal) => RouteError::Rejected(refusal.to_string()),
+            // The events were stored; only read-your-writes failed.
+            DispatchError::ConsistencyTimeout { .. } => RouteError::Failed(HandlerError::new(error)),
+            other => RouteError::Failed(HandlerError::new(other)),
+        }
+    }
+}
+
+/// Sends a process manager's commands to the aggregates they are for: usually a `match` over
+/// the command enum, each arm a [`Dispatcher`](crate::Dispatcher)`::dispatch` with the envelope
+/// re-wrapped around the variant's command (keep its id and metadata:
+/// [`CommandEnvelope::map`](crate::CommandEnvelope::map)).
+pub trait CommandRouter<C>: Send + Sync + 'static {
+    /// Dispatches one command; `Ok` once it is applied (or was already: a duplicate).
+    fn route(&self, command: CommandEnvelope<C>) -> impl Future<Output = Result<(), RouteError>> + Send;
+}
+
+/// A running process manager: its event runner and its scheduler.
+#[derive(Debug)]
+pub struct RunningProcess {
+    events: RunningHandler,
+    scheduler: scheduler::RunningScheduler,
+}
+
+impl RunningProcess {
+    /// The event runner (status, read-your-writes name: the process manager's name).
+    pub fn events(&self) -> &RunningHandler {
+        &self.events
+    }
+
+    /// Stops both at once, as if the process had died (see [`RunningHandler::abort`]).
+    pub fn abort(self) {
+        self.scheduler.abort();
+        self.events.abort();
+    }
+
+    /// Stops both, after the work in hand, and gives up their claims.
+    pub async fn stop(self) {
+        self.scheduler.stop().await;
+        self.events.stop().await;
+    }
+}
+
+/// Starts process manager `manager` on `store`: its events through the handler runner
+/// (configured by `config`: placement, workers by instance key, error policy) and its scheduled
+/// commands through a scheduler on `clock`, both sending through `router`.
+pub fn spawn_process_manager<S, P, R>(
+    store: Arc<S>,
+    manager: P,
+    router: R,
+    config: RunnerConfig,
+    clock: Clock,
+    progress: &Progress,
+) -> RunningProcess
+where
+    S: EventStore + ?Sized,
+    P: ProcessManager,
+    R: CommandRouter<P::Command>,
+{
+    let manager = Arc::new(manager);
+    let router = Arc::new(router);
+    let scheduler =
+        scheduler::spawn(Arc::clone(&store), Arc::clone(&manager), Arc::clone(&router), config.clone(), clock);
+    let handler = handler::ProcessHandler::new(Arc::clone(&store), manager, router);
+    let events = spawn_handler(store, handler, config, progress);
+    RunningProcess { events, scheduler }
+}
