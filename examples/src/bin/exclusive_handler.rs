@@ -68,15 +68,18 @@ async fn main() -> anyhow::Result<()> {
     let usage = "usage: exclusive_handler STORE_URL OWNER [CLAIM_TTL_MS]";
     let url = args.next().context(usage)?;
     let owner = args.next().context(usage)?;
-    let ttl_ms: u64 = args.next().map_or(Ok(3_000), |ttl| ttl.parse()).context("CLAIM_TTL_MS must be a number")?;
+    let ttl_ms: Option<u64> =
+        args.next().map(|ttl| ttl.parse()).transpose().context("CLAIM_TTL_MS must be a number")?;
     let store = open(&url).await?;
+    let defaults = RunnerConfig::default();
     let config = RunnerConfig {
         owner,
-        claim_ttl: Duration::from_millis(ttl_ms),
-        claim_retry: Duration::from_millis((ttl_ms / 4).max(50)),
+        // Without CLAIM_TTL_MS, the library's defaults (3 s, retried every 1 s).
+        claim_ttl: ttl_ms.map_or(defaults.claim_ttl, Duration::from_millis),
+        claim_retry: ttl_ms.map_or(defaults.claim_retry, |ttl| Duration::from_millis((ttl / 4).max(50))),
         // Checkpoint often: a successor redoes at most this many events.
         checkpoint_every: 10,
-        ..RunnerConfig::default()
+        ..defaults
     };
     let running = spawn_handler(store, Effects, config, &Progress::new());
     let mut status = running.watch();
