@@ -31,10 +31,12 @@ use crate::SqliteEventStore;
 /// its checkpoint. Create its tables before starting it (with your own migrations, through a
 /// connection of your own, or in the first `apply`).
 ///
-/// ```no_run
-/// use cqrs_core::{DomainEvent, Envelope, HandlerError, Progress, RunnerConfig};
+/// ```
+/// use cqrs_core::{DomainEvent, Envelope, EventStore, ExpectedVersion, HandlerError, NewEvent, Metadata};
+/// use cqrs_core::{Progress, RunnerConfig, StreamId};
 /// use cqrs_sqlite::{spawn_projection, SqliteEventStore, SqliteProjection};
 /// use serde::{Deserialize, Serialize};
+/// use sqlx::Connection;
 ///
 /// #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
 /// #[event(category = "order")]
@@ -66,10 +68,29 @@ use crate::SqliteEventStore;
 ///     }
 /// }
 ///
-/// # async fn run(store: SqliteEventStore) {
-/// let running = spawn_projection(&store, OrdersByStatus, RunnerConfig::default(), &Progress::new());
-/// # let _ = running;
-/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let url = format!("sqlite://{}", dir.path().join("shop.db").display());
+/// // The projection's table, created with a connection of your own (or your migrations).
+/// let mut ddl = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc")).await?;
+/// sqlx::query("CREATE TABLE orders_by_status (order_id TEXT PRIMARY KEY, status TEXT NOT NULL)")
+///     .execute(&mut ddl)
+///     .await?;
+/// ddl.close().await?;
+///
+/// let store = SqliteEventStore::connect(&url).await?;
+/// let placed = NewEvent::from_domain(&OrderEvent::Placed, Metadata::default())?;
+/// let appended = store.append(&StreamId::new("order-7")?, ExpectedVersion::Any, vec![placed]).await?;
+/// let progress = Progress::new();
+/// let running = spawn_projection(&store, OrdersByStatus, RunnerConfig::default(), &progress);
+/// progress.wait_for("orders-by-status", appended.result().last_position, std::time::Duration::from_secs(5)).await?;
+/// let status: String = sqlx::query_scalar("SELECT status FROM orders_by_status WHERE order_id = '7'")
+///     .fetch_one(store.read_pool())
+///     .await?;
+/// assert_eq!(status, "placed");
+/// running.stop().await;
+/// # Ok(()) }
 /// ```
 pub trait SqliteProjection: Send + Sync + 'static {
     /// The events it decodes.
