@@ -11,7 +11,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -325,17 +327,36 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         envelope: CommandEnvelope<A::Command>,
         consistency: &Consistency,
     ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
-        let stream_id = envelope.command.stream_id().map_err(DispatchError::InvalidStreamId)?;
-        if let Consistency::Strong { handlers, .. } = consistency {
-            if let Some(unknown) = handlers.iter().find(|name| !self.progress.is_registered(name)) {
-                return Err(DispatchError::UnknownHandler(unknown.clone()));
-            }
-        }
-        let outcome = {
-            let slot = self.slot(&stream_id);
-            let mut instance = Self::lock(&slot).await;
-            self.run(&stream_id, &mut instance, &envelope).await?
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "dispatch",
+            category = A::CATEGORY,
+            stream = tracing::field::Empty,
+            command_id = %envelope.command_id,
+            correlation_id = ?envelope.correlation_id,
+            causation_id = ?envelope.causation_id,
+            attempts = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let result = self.decide_and_store(&envelope, consistency).instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(outcome) if outcome.duplicate => "duplicate",
+            Ok(outcome) if outcome.appended.is_none() => "no_events",
+            Ok(_) => "stored",
+            Err(DispatchError::Rejected(_)) => "rejected",
+            Err(
+                DispatchError::InvalidStreamId(_)
+                | DispatchError::UnknownHandler(_)
+                | DispatchError::UndeclaredEventType { .. },
+            ) => "invalid",
+            Err(DispatchError::TooManyConflicts { .. }) => "too_many_conflicts",
+            Err(_) => "error",
         };
+        span.record("outcome", outcome);
+        metrics::counter!("cqrs_commands_total", "category" => A::CATEGORY, "outcome" => outcome).increment(1);
+        metrics::histogram!("cqrs_dispatch_duration_seconds", "category" => A::CATEGORY)
+            .record(started.elapsed().as_secs_f64());
+        let outcome = result?;
         if let (Consistency::Strong { handlers, timeout }, Some(appended)) = (consistency, outcome.appended) {
             for handler in handlers {
                 if let Err(source) = self.progress.wait_for(handler, appended.last_position, *timeout).await {
@@ -344,6 +365,24 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             }
         }
         Ok(outcome)
+    }
+
+    /// Routes, decides and stores one command (inside its `dispatch` span).
+    async fn decide_and_store(
+        &self,
+        envelope: &CommandEnvelope<A::Command>,
+        consistency: &Consistency,
+    ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
+        let stream_id = envelope.command.stream_id().map_err(DispatchError::InvalidStreamId)?;
+        tracing::Span::current().record("stream", tracing::field::display(&stream_id));
+        if let Consistency::Strong { handlers, .. } = consistency {
+            if let Some(unknown) = handlers.iter().find(|name| !self.progress.is_registered(name)) {
+                return Err(DispatchError::UnknownHandler(unknown.clone()));
+            }
+        }
+        let slot = self.slot(&stream_id);
+        let mut instance = Self::lock(&slot).await;
+        self.run(&stream_id, &mut instance, envelope).await
     }
 
     /// The state of an instance as this dispatcher sees it after catching up with the store,
@@ -411,6 +450,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
+            tracing::Span::current().record("attempts", attempts);
             let decision = instance.state.execute(&envelope.command);
             let events = match decision {
                 Ok(events) if !events.is_empty() => events,
@@ -456,6 +496,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                 }
                 Err(StoreError::Conflict { .. }) if attempts <= self.config.max_conflict_retries => {
                     tracing::debug!(%stream_id, attempts, "version conflict, catching up and deciding again");
+                    metrics::counter!("cqrs_command_conflicts_total", "category" => A::CATEGORY).increment(1);
                     if attempts > 1 {
                         // Repeated losses: another process keeps winning the race for this
                         // stream. A short random pause breaks the lockstep.
@@ -484,7 +525,10 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         events: &[A::Event],
         envelope: &CommandEnvelope<A::Command>,
     ) -> Result<Vec<NewEvent>, DispatchError<A::Error>> {
-        let metadata = envelope.event_metadata();
+        let mut metadata = envelope.event_metadata();
+        if let Some(propagation) = crate::telemetry::trace_context() {
+            propagation.inject(&mut metadata.headers);
+        }
         events
             .iter()
             .map(|event| {

@@ -13,6 +13,7 @@
 //!   consumer across processes, partitions, parked events, transactional batches.
 //! - [`process`]: process managers (sagas) with durable state and scheduled commands.
 //! - [`clock`]: the clock of schedules (system, or a test clock).
+//! - [`telemetry`]: the spans and metrics the framework emits (every name in one table).
 //! - `testing` (feature `testing`): the given/when/then harness and the store conformance suite.
 
 // The derive macros name `::cqrs_core`; this lets them work inside this crate too (the test
@@ -32,6 +33,7 @@ pub mod ids;
 pub mod process;
 pub mod store;
 pub mod subscription;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 

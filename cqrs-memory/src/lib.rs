@@ -159,20 +159,8 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        // A panic while holding the lock cannot leave the state half-written: appends validate
-        // everything before the first mutation.
-        self.inner.state.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.inner.state.write().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-#[async_trait]
-impl EventStore for MemoryStore {
-    async fn append(
+    /// The append itself, under the lock (see [`EventStore::append`]).
+    fn append_now(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
@@ -232,6 +220,32 @@ impl EventStore for MemoryStore {
             result
         };
         Ok(AppendOutcome::Appended(result))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-written: appends validate
+        // everything before the first mutation.
+        self.inner.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl EventStore for MemoryStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let started = std::time::Instant::now();
+        let span = cqrs_core::telemetry::append_span("memory", stream_id, events.len());
+        let result = span.in_scope(|| self.append_now(stream_id, expected, events));
+        cqrs_core::telemetry::record_append("memory", started, &result, &span);
+        result
     }
 
     async fn read_stream(

@@ -280,11 +280,18 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
-        let command_id = validate(expected, &events)?;
-        let (reply, answer) = oneshot::channel();
-        let request = AppendRequest { stream_id: stream_id.clone(), expected, command_id, events, reply };
-        self.inner.appends.send(request).await.map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        let started = std::time::Instant::now();
+        let span = cqrs_core::telemetry::append_span("postgres", stream_id, events.len());
+        let appended = async {
+            let command_id = validate(expected, &events)?;
+            let (reply, answer) = oneshot::channel();
+            let request = AppendRequest { stream_id: stream_id.clone(), expected, command_id, events, reply };
+            self.inner.appends.send(request).await.map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        };
+        let result = tracing::Instrument::instrument(appended, span.clone()).await;
+        cqrs_core::telemetry::record_append("postgres", started, &result, &span);
+        result
     }
 
     async fn read_stream(

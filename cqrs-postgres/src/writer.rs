@@ -106,10 +106,16 @@ async fn write_batch(
     // Stable: appends to one stream keep their arrival order. Every store instance locks
     // streams in this order, so concurrent batches cannot deadlock on stream rows.
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
-    match run_with_retries(connection, &batch).await {
-        Ok(rows) => answer(batch, &rows, head, announced, reservations),
-        Err(error) => settle(connection, batch, error, Replay::Once, head, announced, reservations).await,
-    }
+    cqrs_core::telemetry::record_batch("postgres", batch.len());
+    let events: usize = batch.iter().map(|request| request.events.len()).sum();
+    let span = tracing::debug_span!("append_batch", store = "postgres", appends = batch.len(), events);
+    let written = async {
+        match run_with_retries(connection, &batch).await {
+            Ok(rows) => answer(batch, &rows, head, announced, reservations),
+            Err(error) => settle(connection, batch, error, Replay::Once, head, announced, reservations).await,
+        }
+    };
+    tracing::Instrument::instrument(written, span).await
 }
 
 /// Whether a batch whose outcome is unknown may be written once more.

@@ -274,9 +274,17 @@ impl EventStore for SqliteEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
-        let command_id = validate(expected, &events)?;
-        let stream_id = stream_id.clone();
-        self.write(|reply| WriteRequest::Append(AppendRequest { stream_id, expected, command_id, events, reply })).await
+        let started = std::time::Instant::now();
+        let span = cqrs_core::telemetry::append_span("sqlite", stream_id, events.len());
+        let appended = async {
+            let command_id = validate(expected, &events)?;
+            let stream_id = stream_id.clone();
+            self.write(|reply| WriteRequest::Append(AppendRequest { stream_id, expected, command_id, events, reply }))
+                .await
+        };
+        let result = tracing::Instrument::instrument(appended, span.clone()).await;
+        cqrs_core::telemetry::record_append("sqlite", started, &result, &span);
+        result
     }
 
     async fn read_stream(

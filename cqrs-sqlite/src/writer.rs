@@ -172,8 +172,18 @@ impl Writer {
         }
     }
 
-    /// Writes one batch in one transaction and answers every request in it.
+    /// Writes one batch in one transaction and answers every request in it, inside its
+    /// `append_batch` span.
     async fn write_batch(&mut self, batch: Vec<WriteRequest>) {
+        let appends = batch.iter().filter(|request| matches!(request, WriteRequest::Append(_))).count();
+        if appends > 0 {
+            cqrs_core::telemetry::record_batch("sqlite", appends);
+        }
+        let span = tracing::debug_span!("append_batch", store = "sqlite", requests = batch.len(), appends);
+        tracing::Instrument::instrument(self.write_batch_now(batch), span).await;
+    }
+
+    async fn write_batch_now(&mut self, batch: Vec<WriteRequest>) {
         let size = u64::try_from(batch.len()).unwrap_or(u64::MAX);
         let mut pending = Vec::with_capacity(batch.len());
         let mut newest = Position::START;

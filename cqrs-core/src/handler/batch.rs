@@ -17,7 +17,9 @@ use tokio::time::Instant;
 
 use super::claim::Lease;
 use super::runner::{lease_lost, sleep_until_some, stopped, End, Failures, Tenures};
-use super::{Checkpoints, HandlerError, HandlerState, HandlerStatus, Progress, RunnerConfig, RunningHandler};
+use super::{
+    Checkpoints, HandlerError, HandlerMetrics, HandlerState, HandlerStatus, Progress, RunnerConfig, RunningHandler,
+};
 use crate::coordination::Claim;
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
 use crate::ids::Position;
@@ -92,9 +94,17 @@ async fn run<S, H>(
 {
     let name = handler.name().to_owned();
     let mut tenures = Tenures::new(&store, &name, &config);
-    let runner = BatchRunner { store, handler, config, max_batch, status, name };
+    let metrics = HandlerMetrics::new(&name);
+    let runner = BatchRunner { store, handler, config, max_batch, status, name, metrics };
     while let Some((claim, lease)) = tenures.next(|state| runner.set_state(state), &mut stop).await {
-        match runner.active(claim, lease, &mut stop).await {
+        if let Some(claim) = &claim {
+            tracing::info!(handler = %runner.name, owner = %claim.owner, token = claim.token, "active: claim taken");
+            runner.metrics.takeovers.increment(1);
+        }
+        runner.metrics.active.set(1.0);
+        let end = runner.active(claim, lease, &mut stop).await;
+        runner.metrics.active.set(0.0);
+        match end {
             End::Stopped => break,
             End::LeaseLost => {
                 tracing::warn!(handler = %runner.name, "claim lost; standing by");
@@ -113,6 +123,7 @@ struct BatchRunner<S: ?Sized, H> {
     max_batch: usize,
     status: watch::Sender<HandlerStatus>,
     name: String,
+    metrics: HandlerMetrics,
 }
 
 /// Whether a handler error is a lost claim.
@@ -213,6 +224,7 @@ impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
             status.state = HandlerState::Running;
         });
         let mut feed = Subscription::all(Arc::clone(&self.store), start).with_page_size(self.config.page_size);
+        let newest = self.store.notifications();
         // Events passed over (not of interest) after the last commit: their position is saved
         // once idle, without a transaction of the handler's.
         let mut committed = start;
@@ -259,6 +271,7 @@ impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
             if interesting.is_empty() {
                 passed_over = through;
                 self.status.send_modify(|status| status.position = through);
+                self.metrics.progress(through, *newest.borrow(), 0);
                 save_at = Some(Instant::now() + self.config.checkpoint_delay);
                 continue;
             }
@@ -272,6 +285,7 @@ impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
                     committed = through;
                     passed_over = through;
                     save_at = None;
+                    self.metrics.progress(through, *newest.borrow(), 0);
                     self.status.send_modify(|status| {
                         status.position = through;
                         status.state = HandlerState::Running;
@@ -311,15 +325,29 @@ impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
                 .iter()
                 .map(|event| self.config.upcasters.decode::<H::Event>(event).map_err(HandlerError::new))
                 .collect();
+            let count = events.len();
+            let span = tracing::info_span!(
+                "handle",
+                handler = %self.name,
+                position = through.0,
+                events = count,
+                attempt = failures.attempts + 1,
+            );
             let result = match decoded {
-                Ok(decoded) => self.handler.commit(decoded, through, claim).await,
+                Ok(decoded) => {
+                    tracing::Instrument::instrument(self.handler.commit(decoded, through, claim), span).await
+                }
                 Err(error) => Err(error),
             };
             let error = match result {
-                Ok(()) => return Committed::Yes,
+                Ok(()) => {
+                    self.metrics.events.increment(count as u64);
+                    return Committed::Yes;
+                }
                 Err(error) if claim_lost(&error) => return Committed::ClaimLost,
                 Err(error) => error,
             };
+            self.metrics.failures.increment(1);
             let delay = failures.record();
             self.report_failure(events.first().map_or(through, |event| event.position), &failures, &error.to_string());
             tokio::select! {

@@ -474,6 +474,40 @@ where
     RunningHandler { name, status: status_rx, stop: stop_tx, task }
 }
 
+/// The metrics of one runner (see [`crate::telemetry`]), created once: their label is the
+/// handler's name.
+pub(crate) struct HandlerMetrics {
+    pub(crate) position: metrics::Gauge,
+    pub(crate) lag: metrics::Gauge,
+    pub(crate) events: metrics::Counter,
+    pub(crate) failures: metrics::Counter,
+    pub(crate) parked: metrics::Gauge,
+    pub(crate) active: metrics::Gauge,
+    pub(crate) takeovers: metrics::Counter,
+}
+
+impl HandlerMetrics {
+    pub(crate) fn new(name: &str) -> Self {
+        let label = || ("handler", name.to_owned());
+        Self {
+            position: metrics::gauge!("cqrs_handler_position", &[label()]),
+            lag: metrics::gauge!("cqrs_handler_lag_events", &[label()]),
+            events: metrics::counter!("cqrs_handler_events_total", &[label()]),
+            failures: metrics::counter!("cqrs_handler_failures_total", &[label()]),
+            parked: metrics::gauge!("cqrs_handler_parked_events", &[label()]),
+            active: metrics::gauge!("cqrs_handler_active", &[label()]),
+            takeovers: metrics::counter!("cqrs_handler_takeovers_total", &[label()]),
+        }
+    }
+
+    /// Publishes the position (and the lag behind the newest announced position).
+    pub(crate) fn progress(&self, position: Position, newest: Position, parked: u64) {
+        self.position.set(position.0 as f64);
+        self.lag.set(newest.0.saturating_sub(position.0) as f64);
+        self.parked.set(parked as f64);
+    }
+}
+
 /// A new runner's status channel (registered with `progress`) and stop channel.
 fn channels(
     name: &str,

@@ -26,10 +26,11 @@ use tokio::time::Instant;
 
 use super::claim::{self, ClaimKeeper, Lease};
 use super::{
-    Checkpoints, ErrorPolicy, EventHandler, HandlerError, HandlerState, HandlerStatus, Placement, RunnerConfig,
-    StartFrom, CURRENT_CLAIM,
+    Checkpoints, ErrorPolicy, EventHandler, HandlerError, HandlerMetrics, HandlerState, HandlerStatus, Placement,
+    RunnerConfig, StartFrom, CURRENT_CLAIM,
 };
 use crate::coordination::{Claim, ParkedEvent, ParkedStatus};
+use crate::event::DomainEvent;
 use crate::event::{Envelope, RecordedEvent};
 use crate::ids::{Position, Timestamp};
 use crate::store::{EventStore, StoreError};
@@ -45,6 +46,7 @@ struct Shared<S: ?Sized, H> {
     config: RunnerConfig,
     name: String,
     status: watch::Sender<HandlerStatus>,
+    metrics: HandlerMetrics,
 }
 
 impl<S: EventStore + ?Sized, H: EventHandler> Shared<S, H> {
@@ -200,11 +202,19 @@ pub(super) async fn run<S, H>(
 {
     let name = handler.name().to_owned();
     let mut tenures = Tenures::new(&store, &name, &config);
-    let shared = Arc::new(Shared { store, handler, config, name, status });
+    let metrics = HandlerMetrics::new(&name);
+    let shared = Arc::new(Shared { store, handler, config, name, status, metrics });
     // For in-memory checkpoints: where this process got to, kept across tenures.
     let mut memory_checkpoint = None;
     while let Some((claim, lease)) = tenures.next(|state| shared.set_state(state), &mut stop).await {
-        match active(&shared, claim, lease, &mut stop, &mut memory_checkpoint).await {
+        if let Some(claim) = &claim {
+            tracing::info!(handler = %shared.name, owner = %claim.owner, token = claim.token, "active: claim taken");
+            shared.metrics.takeovers.increment(1);
+        }
+        shared.metrics.active.set(1.0);
+        let end = active(&shared, claim, lease, &mut stop, &mut memory_checkpoint).await;
+        shared.metrics.active.set(0.0);
+        match end {
             End::Stopped => break,
             End::LeaseLost => {
                 tracing::warn!(handler = %shared.name, "claim lost; standing by");
@@ -315,6 +325,7 @@ where
     drop(done_tx);
 
     let mut feed = Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size);
+    let newest = shared.store.notifications();
     let mut in_flight: BTreeSet<Position> = BTreeSet::new();
     let mut read_up_to = start;
     let mut saved = start;
@@ -338,6 +349,7 @@ where
                 status.position = handled;
                 status.parked = parked;
             });
+            shared.metrics.progress(handled, *newest.borrow(), parked);
         }
         if handled != shown_position {
             since_save += 1;
@@ -725,12 +737,13 @@ impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
         let shared = &self.shared;
         let mut failures = Failures::new(&shared.config);
         loop {
+            let attempt = failures.attempts + 1;
             let result = match decoded.take() {
-                Some(envelope) => self.handle(envelope).await,
+                Some(envelope) => self.handle(envelope, attempt).await,
                 None => match shared.config.upcasters.upcast(event) {
                     Ok(current) if !shared.handler.interested(&current) => return Some(Ok(())),
                     Ok(current) => match shared.config.upcasters.decode::<H::Event>(&current) {
-                        Ok(envelope) => self.handle(envelope).await,
+                        Ok(envelope) => self.handle(envelope, attempt).await,
                         Err(error) => Err(HandlerError::new(error)),
                     },
                     Err(error) => Err(HandlerError::new(error)),
@@ -738,12 +751,14 @@ impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
             };
             match result {
                 Ok(()) => {
+                    shared.metrics.events.increment(1);
                     if failures.attempts > 0 {
                         shared.set_state(HandlerState::Running);
                     }
                     return Some(Ok(()));
                 }
                 Err(error) => {
+                    shared.metrics.failures.increment(1);
                     let delay = failures.record();
                     let error = error.to_string();
                     if shared.parking().is_some_and(|limit| failures.attempts >= limit) {
@@ -762,8 +777,24 @@ impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
         }
     }
 
-    async fn handle(&self, envelope: Envelope<H::Event>) -> Result<(), HandlerError> {
-        CURRENT_CLAIM.scope(self.claim.clone(), self.shared.handler.handle(envelope)).await
+    /// Runs the handler on one event, inside its `handle` span (a child of the trace context
+    /// in the event's headers, when propagation is installed), under this tenure's claim.
+    async fn handle(&self, envelope: Envelope<H::Event>, attempt: u32) -> Result<(), HandlerError> {
+        let span = tracing::info_span!(
+            "handle",
+            handler = %self.shared.name,
+            position = envelope.position.0,
+            event_type = envelope.event.event_type(),
+            stream = %envelope.stream_id,
+            attempt,
+            correlation_id = ?envelope.metadata.correlation_id,
+            causation_id = ?envelope.metadata.causation_id,
+        );
+        if let Some(propagation) = crate::telemetry::trace_context() {
+            propagation.extract(&envelope.metadata.headers, &span);
+        }
+        let handling = CURRENT_CLAIM.scope(self.claim.clone(), self.shared.handler.handle(envelope));
+        tracing::Instrument::instrument(handling, span).await
     }
 
     /// Retries the parked events of sequence `key`, oldest first; stops at the first failure.
@@ -789,7 +820,7 @@ impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
                 let result = match self.shared.config.upcasters.upcast(&event) {
                     Ok(current) if !self.shared.handler.interested(&current) => Ok(()),
                     Ok(current) => match self.shared.config.upcasters.decode::<H::Event>(&current) {
-                        Ok(envelope) => self.handle(envelope).await,
+                        Ok(envelope) => self.handle(envelope, 1).await,
                         Err(error) => Err(HandlerError::new(error)),
                     },
                     Err(error) => Err(HandlerError::new(error)),

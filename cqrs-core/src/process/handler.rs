@@ -123,7 +123,7 @@ where
                 Ok(()) => {}
                 Err(RouteError::Failed(error)) => return Err(error),
                 Err(RouteError::Rejected(error)) => {
-                    tracing::info!(process = name, key, step, error, "a command was refused");
+                    tracing::debug!(process = name, key, step, error, "a command was refused");
                     let mut compensations = Effects::default();
                     manager.rejected(&state, &step, &command, &error, &mut compensations);
                     for (compensation, command) in compensations.commands {

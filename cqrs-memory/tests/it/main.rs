@@ -10,3 +10,4 @@ mod parking;
 mod partitions;
 mod properties;
 mod subscriptions;
+mod telemetry;
