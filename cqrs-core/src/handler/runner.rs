@@ -358,10 +358,11 @@ where
         if handled != saved
             && (since_save >= shared.config.checkpoint_every || shared.config.checkpoint_delay.is_zero())
         {
-            match feeder.save(handled, memory_checkpoint).await {
-                Ok(()) => (saved, since_save, save_at) = (handled, 0, None),
-                Err(StoreError::ClaimLost { .. }) => break End::LeaseLost,
-                Err(_) => {}
+            match guarded(&mut lease, tenure.as_ref(), stop, feeder.save(handled, memory_checkpoint)).await {
+                Ok(Ok(())) => (saved, since_save, save_at) = (handled, 0, None),
+                Ok(Err(StoreError::ClaimLost { .. })) => break End::LeaseLost,
+                Ok(Err(_)) => {}
+                Err(end) => break end,
             }
         }
         tokio::select! {
@@ -370,10 +371,10 @@ where
             () = stopped(stop) => break End::Stopped,
             done = done_rx.recv() => {
                 let Some(done) = done else { break End::Stopped };
-                match feeder.settle(done).await {
-                    Ok(Some(position)) => { in_flight.remove(&position); }
-                    Ok(None) => {}
-                    Err(end) => break end,
+                match guarded(&mut lease, tenure.as_ref(), stop, feeder.settle(done)).await {
+                    Ok(Ok(Some(position))) => { in_flight.remove(&position); }
+                    Ok(Ok(None)) => {}
+                    Ok(Err(end)) | Err(end) => break end,
                 }
             }
             next = feed.next(), if in_flight.len() < max_in_flight => match next {
@@ -386,8 +387,11 @@ where
                         Some(job) => {
                             let index = match &job { Job::Event { key: Some(key), .. } => worker_of(key, workers), _ => 0 };
                             in_flight.insert(position);
-                            if queues[index].send(job).await.is_err() {
-                                break End::Stopped;
+                            // A full queue waits for its worker, never past the tenure's end.
+                            match guarded(&mut lease, tenure.as_ref(), stop, queues[index].send(job)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_closed)) => break End::Stopped,
+                                Err(end) => break end,
                             }
                         }
                     }
@@ -404,14 +408,17 @@ where
             },
             () = sleep_until_some(save_at), if handled != saved => {
                 save_at = None;
-                match feeder.save(handled, memory_checkpoint).await {
-                    Ok(()) => (saved, since_save) = (handled, 0),
-                    Err(StoreError::ClaimLost { .. }) => break End::LeaseLost,
-                    Err(_) => save_at = Some(Instant::now() + shared.config.max_backoff.min(Duration::from_secs(1))),
+                match guarded(&mut lease, tenure.as_ref(), stop, feeder.save(handled, memory_checkpoint)).await {
+                    Ok(Ok(())) => (saved, since_save) = (handled, 0),
+                    Ok(Err(StoreError::ClaimLost { .. })) => break End::LeaseLost,
+                    Ok(Err(_)) => save_at = Some(Instant::now() + shared.config.max_backoff.min(Duration::from_secs(1))),
+                    Err(end) => break end,
                 }
             }
             _ = poll.tick(), if feeder.parked_count > 0 => {
-                feeder.poll_parked(&queues, workers).await;
+                if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&queues, workers)).await {
+                    break end;
+                }
             }
         }
     };
@@ -443,6 +450,22 @@ where
             }
             End::Stopped
         }
+    }
+}
+
+/// Runs `work` unless the tenure ends or the runner is stopped first: the feeder never waits
+/// (on a full queue, on a store that is down) past the end of its claim.
+async fn guarded<T>(
+    lease: &mut Option<watch::Receiver<Lease>>,
+    claim: Option<&Claim>,
+    stop: &mut watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, End> {
+    tokio::select! {
+        biased;
+        () = lease_lost(lease, claim) => Err(End::LeaseLost),
+        () = stopped(stop) => Err(End::Stopped),
+        value = work => Ok(value),
     }
 }
 
