@@ -321,7 +321,7 @@ async fn two_app_processes_on_one_postgres_database_are_one_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrolling_up_loads_older_messages_and_only_a_reader_at_the_bottom_follows_new_ones() {
     use cqrs_core::{CommandEnvelope, Position, Timestamp};
-    use livechat_app::domain::{ChatId, SendMessage};
+    use livechat_app::domain::{ChatCommand, ChatId, SendMessage};
 
     let server = TestServer::start().await;
     let mut last = 0;
@@ -332,7 +332,8 @@ async fn scrolling_up_loads_older_messages_and_only_a_reader_at_the_bottom_follo
             content: format!("old message {i}"),
             sent_at: Timestamp(i * 2_000_000),
         };
-        let outcome = server.state.dispatcher.dispatch(CommandEnvelope::new(command)).await.expect("seed");
+        let outcome =
+            server.state.dispatcher.dispatch(CommandEnvelope::new(ChatCommand::from(command))).await.expect("seed");
         last = outcome.appended.expect("stored").last_position.0;
     }
     server.state.progress.wait_for("chat-read-model", Position(last), WAIT).await.expect("projected");

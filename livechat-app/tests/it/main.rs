@@ -1,6 +1,7 @@
 //! Integration tests of the chat: the aggregate's rules, and the live views over real
 //! websockets against the real router.
 
+mod bugs;
 mod domain;
 mod durability;
 mod support;
