@@ -133,10 +133,23 @@ pub fn name_page(assets: &Assets, room: &crate::domain::ChatId, error: Option<&s
     layout(assets, "Choose a name", "none", None, content)
 }
 
-/// A plain page with one message (503 while rebuilding, limits).
+/// A plain page with one message that reloads itself after a few seconds (a 503 while the
+/// read model is rebuilding or the store is unreachable).
 pub fn notice_page(assets: &Assets, title: &str, text: &str) -> Markup {
-    let content = html! { main.lobby { h1 { (title) } p role="alert" { (text) } } };
-    layout(assets, title, "none", None, content)
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content="3";
+                title { (title) }
+                link rel="stylesheet" href=(assets.style);
+            }
+            body data-view="none" {
+                main.lobby { h1 { (title) } p role="alert" { (text) } }
+            }
+        }
+    }
 }
 
 /// The first render of a room: the latest messages, presence and the composer.

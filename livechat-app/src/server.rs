@@ -161,12 +161,15 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let limits = Arc::clone(&state.limits);
     app.shutdown().await;
+    tracing::debug!(open = limits.open_connections(), "app stopped; waiting for connections to close");
     let drained = async {
         while limits.open_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
+    if tokio::time::timeout(Duration::from_secs(10), drained).await.is_err() {
+        tracing::warn!(open = limits.open_connections(), "connections still open after 10 s; stopping anyway");
+    }
     Ok(())
 }
 

@@ -51,9 +51,14 @@ pub async fn run(socket: Stream, state: Arc<AppState>, visitor: Visitor) {
 }
 
 async fn serve(conn: &mut Conn, state: &Arc<AppState>, visitor: &Visitor) -> Result<(), End> {
+    let mut shutdown = state.shutdown.clone();
     let join = tokio::time::timeout(conn.live().join_timeout, async {
         loop {
-            match conn.receive().await? {
+            let frame = tokio::select! {
+                frame = conn.receive() => frame?,
+                _ = shutdown.wait_for(|stopping| *stopping) => return Err(End::Close(1001, "server shutting down")),
+            };
+            match frame {
                 ClientFrame::Join { view, room, after } => return Ok((view, room, after)),
                 ClientFrame::Ping {} => conn.send(Utf8Bytes::from_static(protocol::PONG)).await?,
                 ClientFrame::Typing {} => {}

@@ -4,5 +4,6 @@
 mod bugs;
 mod domain;
 mod durability;
+mod features;
 mod support;
 mod websocket;

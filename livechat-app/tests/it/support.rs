@@ -212,7 +212,8 @@ impl TestServer {
         self.request(&request).await
     }
 
-    async fn request(&self, request: &str) -> Response {
+    /// Sends a raw HTTP request and reads the whole answer.
+    pub async fn request(&self, request: &str) -> Response {
         let mut stream = TcpStream::connect(self.addr).await.expect("connect");
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut raw = Vec::new();
@@ -407,6 +408,20 @@ impl Client {
                 return close;
             }
         }
+    }
+
+    /// Frames until one of each kind in `kinds` has arrived (in any order), the first of each.
+    pub async fn until_each(&mut self, kinds: &[&str]) -> Vec<Frame> {
+        let mut found: Vec<Option<Frame>> = vec![None; kinds.len()];
+        while found.iter().any(Option::is_none) {
+            let frame = self.recv().await;
+            if let Some(i) = kinds.iter().position(|k| *k == frame.kind()) {
+                if found[i].is_none() {
+                    found[i] = Some(frame);
+                }
+            }
+        }
+        found.into_iter().flatten().collect()
     }
 
     /// Messages received (skipping other frames) until `count` have arrived.
