@@ -49,6 +49,13 @@ pub struct RoomFacts {
     pub is_new: bool,
 }
 
+impl RoomFacts {
+    /// What `room` knows now.
+    pub fn of<P: crate::rooms::Present>(room: &crate::rooms::Room<P>) -> Self {
+        Self { names: room.known_names(), is_new: room.head().version == 0 }
+    }
+}
+
 /// The command path: the dispatcher, with the limits and counters around it.
 #[derive(Clone)]
 pub struct Commands {

@@ -256,7 +256,7 @@ async fn handle_frame(
     frame: ClientFrame,
 ) -> Result<(), End> {
     let sender = Sender { name: &view.name, address: view.address };
-    let facts = || RoomFacts { names: room.known_names(), is_new: room.head().version == 0 };
+    let facts = || RoomFacts::of(room);
     let (reference, outcome) = match frame {
         ClientFrame::Ping {} => return conn.send(Utf8Bytes::from_static(protocol::PONG)).await,
         ClientFrame::Join { .. } => return conn.refuse("already joined").await,

@@ -375,32 +375,18 @@ impl<P: Present> Room<P> {
             Load::Failed => return Applied::Done,
             Load::Ready(window) => window,
         };
-        let at = Revision { version: envelope.version.0, position: envelope.position };
-        if at.version <= window.head().version {
-            return Applied::Done;
-        }
-        if at.version > window.head().version + 1 {
+        if envelope.version.0 > window.head().version + 1 {
             return Applied::Gap;
         }
-        let state = match (&envelope.event, message::target_of(&envelope.event)) {
-            (ChatEvent::MessageSent(sent), _) => Some(MessageData::sent(at, sent)),
-            (event, Some(version)) => match (window.get(version), target) {
-                (Some(known), _) => Some(known.data.changed(at, event)),
-                (None, Some(loaded)) => loaded.map(|data| data.changed(at, event)),
-                (None, None) => return Applied::NeedsTarget(version),
-            },
-            (_, None) => None,
-        };
-        match state {
-            Some(data) => {
-                let message = Arc::new(Message { shown: present.message(&data), data });
-                window.put(Arc::clone(&message));
+        match step(present, window, envelope, target) {
+            Step::Done(Some(message)) => {
                 // No receiver is not an error: nobody is watching the room.
                 let _ = inner.updates.send(message);
+                Applied::Done
             }
-            None => window.advance(at),
+            Step::Done(None) => Applied::Done,
+            Step::NeedsTarget(version) => Applied::NeedsTarget(version),
         }
-        Applied::Done
     }
 
     /// Ends every view of the room: its channel closes (they reconnect and load it again).
@@ -652,15 +638,15 @@ impl<P: Present> ChatReadModel<P> {
                         }
                     };
                     for event in batch {
-                        let target = message::target_of(&event.event).filter(|v| window.get(*v).is_none());
-                        let loaded = match target {
-                            Some(version) => match history::message(&*self.inner.store, &room.stream, version).await {
-                                Ok(found) => Some(found),
+                        let mut target = None;
+                        while let Step::NeedsTarget(version) =
+                            step(&self.inner.present, &mut window, &event, target.take())
+                        {
+                            match history::message(&*self.inner.store, &room.stream, version).await {
+                                Ok(found) => target = Some(found),
                                 Err(error) => return self.load_failed(&room, &error),
-                            },
-                            None => None,
-                        };
-                        apply_to_window(&self.inner.present, &mut window, &event, loaded);
+                            }
+                        }
                     }
                 }
                 room.state.send_replace(LoadState::Ready);
@@ -883,29 +869,47 @@ impl<P: Present> ChatReadModel<P> {
     }
 }
 
-/// Applies one buffered event to a window being built (the load path's twin of
-/// [`Room::apply`], without a channel: no view has the room yet).
-fn apply_to_window<P: Present>(
+/// What [`step`] did.
+enum Step<M> {
+    /// Applied (or already there); the new state of a message, if one changed.
+    Done(Option<Shared<M>>),
+    /// The event edits a message the window does not hold: read it from the store first.
+    NeedsTarget(u64),
+}
+
+/// Applies one event of the room to `window` (skipped if the window has it already): a new
+/// message, or the new state of the message an edit or delete is about. `target` is that
+/// message as read from the store, once asked for (`Some(None)`: not found). The load path and
+/// the live path both apply events through here.
+fn step<P: Present>(
     present: &P,
     window: &mut Window<P::Message>,
     envelope: &Envelope<ChatEvent>,
     target: Option<Option<MessageData>>,
-) {
+) -> Step<P::Message> {
     let at = Revision { version: envelope.version.0, position: envelope.position };
     if at.version <= window.head().version {
-        return;
+        return Step::Done(None);
     }
     let state = match (&envelope.event, message::target_of(&envelope.event)) {
         (ChatEvent::MessageSent(sent), _) => Some(MessageData::sent(at, sent)),
-        (event, Some(version)) => match window.get(version) {
-            Some(known) => Some(known.data.changed(at, event)),
-            None => target.flatten().map(|data| data.changed(at, event)),
+        (event, Some(version)) => match (window.get(version), target) {
+            (Some(known), _) => Some(known.data.changed(at, event)),
+            (None, Some(loaded)) => loaded.map(|data| data.changed(at, event)),
+            (None, None) => return Step::NeedsTarget(version),
         },
         (_, None) => None,
     };
     match state {
-        Some(data) => window.put(Arc::new(Message { shown: present.message(&data), data })),
-        None => window.advance(at),
+        Some(data) => {
+            let message = Arc::new(Message { shown: present.message(&data), data });
+            window.put(Arc::clone(&message));
+            Step::Done(Some(message))
+        }
+        None => {
+            window.advance(at);
+            Step::Done(None)
+        }
     }
 }
 

@@ -20,11 +20,11 @@ use super::security::{
 };
 use crate::commands::{Outcome, RoomFacts, Sender};
 use crate::domain::{validate_sender, ChatId};
+use crate::live::socket;
 use crate::live::view::{self, Visitor};
-use crate::live::{present::LivePresent, socket};
 use crate::metrics::{prometheus, Limit, Snapshot};
 use crate::render::{self, RoomPage};
-use crate::rooms::{Room, RoomError, HANDLER_NAME};
+use crate::rooms::{RoomError, HANDLER_NAME};
 use crate::state::AppState;
 
 /// The routes over `state`, with the `Host` check and the security headers.
@@ -348,11 +348,6 @@ pub struct SendForm {
     id: uuid::Uuid,
 }
 
-/// What the command path needs from a room.
-pub fn facts(room: &Room<LivePresent>) -> RoomFacts {
-    RoomFacts { names: room.known_names(), is_new: room.head().version == 0 }
-}
-
 async fn send(
     State(state): State<Arc<AppState>>,
     Path(chat_id): Path<String>,
@@ -377,7 +372,7 @@ async fn send(
     let sender = Sender { name: &name, address: client.address };
     let consistency = Consistency::strong([HANDLER_NAME]);
     let outcome =
-        state.commands.send(&room_id, sender, form.id, form.message.clone(), &facts(&room), &consistency).await;
+        state.commands.send(&room_id, sender, form.id, form.message.clone(), &RoomFacts::of(&room), &consistency).await;
     match outcome {
         Outcome::Stored => Redirect::to(&format!("/{room_id}")).into_response(),
         Outcome::Refused(error) => {
