@@ -293,7 +293,8 @@ impl Conn {
             // The stream is mid-frame: its next bytes are no frame. Read raw bytes until the
             // client closes its side.
             let raw = self.socket.get_mut();
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would sit in every view's future for its whole life.
+            let mut sink = vec![0u8; 4096];
             while let Ok(Ok(read)) = tokio::time::timeout_at(deadline, raw.read(&mut sink)).await {
                 if read == 0 {
                     break;

@@ -157,7 +157,7 @@ async fn room_view(
     address: IpAddr,
     after: Position,
 ) -> Result<(), End> {
-    let (room, presence_guard) = match state.model.enter(&room_id, &name).await {
+    let (room, presence_guard) = match Box::pin(state.model.enter(&room_id, &name)).await {
         Ok(entered) => entered,
         Err(error) => {
             conn.send_str(protocol::error_frame(&error.to_string())).await?;
@@ -177,7 +177,8 @@ async fn room_view(
     let mut typing = room.typing();
     let mut presence_sent_at: Option<Instant> = None;
     let mut presence_due: Option<tokio::time::Instant> = None;
-    let mut shown: Option<(Vec<String>, usize)> = None;
+    // The presence last sent (shared with the room: no copy of the names per view).
+    let mut shown: Option<Arc<crate::rooms::PresenceView<Arc<str>>>> = None;
     let mut shutdown = state.shutdown.clone();
     let result = loop {
         let due = presence_due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -188,7 +189,9 @@ async fn room_view(
                     Ok(frame) => frame,
                     Err(end) => break Err(end),
                 };
-                if let Err(end) = handle_frame(conn, state, &room, &view, frame).await {
+                // Boxed: the command path's future is large and needed only while a command
+                // runs, so idle views do not carry its space.
+                if let Err(end) = Box::pin(handle_frame(conn, state, &room, &view, frame)).await {
                     break Err(end);
                 }
             }
@@ -219,13 +222,13 @@ async fn room_view(
                 let now = Arc::clone(&presence.borrow_and_update());
                 // Only the parts that changed: in a big room a join usually moves the count only.
                 let mut frames: Vec<Utf8Bytes> = Vec::new();
-                if shown.as_ref().is_none_or(|(names, _)| *names != now.names) {
+                if shown.as_ref().is_none_or(|shown| !Arc::ptr_eq(&shown.shown, &now.shown)) {
                     frames.push(protocol::morph_frame("presence", &now.shown).into());
                 }
-                if shown.as_ref().is_none_or(|(_, count)| *count != now.count) {
+                if shown.as_ref().is_none_or(|shown| shown.count != now.count) {
                     frames.push(protocol::morph_frame("presence-count", &now.count.to_string()).into());
                 }
-                shown = Some((now.names.clone(), now.count));
+                shown = Some(now);
                 if !frames.is_empty() {
                     if let Err(end) = conn.send_many(frames).await {
                         break Err(end);

@@ -58,15 +58,17 @@ pub trait Present: Send + Sync + 'static {
     fn typing(&self, names: &[String]) -> Self::Typing;
 }
 
-/// A room's presence as readers get it.
+/// A room's presence as readers get it. A change of the head count alone shares the names
+/// and the shown list with the previous view (a join into a big room allocates a few bytes,
+/// however many views still hold the previous one).
 #[derive(Debug)]
 pub struct PresenceView<T> {
     /// The first names, sorted.
-    pub names: Vec<String>,
+    pub names: Arc<[String]>,
     /// How many people.
     pub count: usize,
     /// The shown list.
-    pub shown: T,
+    pub shown: Arc<T>,
 }
 
 /// Who is typing in a room, as readers get it.
@@ -178,7 +180,8 @@ enum Applied {
 impl<P: Present> Room<P> {
     fn new(id: ChatId, present: &P, channel_capacity: usize) -> Self {
         let (updates, _) = broadcast::channel(channel_capacity.max(1));
-        let presence = PresenceView { names: Vec::new(), count: 0, shown: present.presence(&[], 0) };
+        let presence =
+            PresenceView { names: Arc::from(Vec::new()), count: 0, shown: Arc::new(present.presence(&[], 0)) };
         let typing = TypingView { names: Vec::new(), shown: present.typing(&[]) };
         Self {
             stream: id.stream_id(),
@@ -348,12 +351,18 @@ impl<P: Present> Room<P> {
         let names = inner.here.first(PRESENCE_SHOWN);
         let count = inner.here.count();
         let current = self.presence.borrow().clone();
-        if current.count == count && current.names.iter().map(String::as_str).eq(names.iter().copied()) {
+        let same_names = current.names.iter().map(String::as_str).eq(names.iter().copied());
+        let more_changed = (count > names.len()) != (current.count > current.names.len());
+        if current.count == count && same_names {
             return;
         }
-        let shown = present.presence(&names, count);
-        let names = names.into_iter().map(str::to_owned).collect();
-        self.presence.send_replace(Arc::new(PresenceView { names, count, shown }));
+        let view = if same_names && !more_changed {
+            PresenceView { names: Arc::clone(&current.names), count, shown: Arc::clone(&current.shown) }
+        } else {
+            let shown = Arc::new(present.presence(&names, count));
+            PresenceView { names: names.into_iter().map(str::to_owned).collect(), count, shown }
+        };
+        self.presence.send_replace(Arc::new(view));
     }
 
     /// Applies one event of this room: buffered while loading, skipped if already applied.
