@@ -838,7 +838,8 @@ impl<P: Present> ChatReadModel<P> {
         }
         let store = &*self.inner.store;
         let end = match version {
-            Some(hint) => hint,
+            // The hint comes from the client: never past the stream's end.
+            Some(hint) => hint.min(store.stream_version(&room.stream).await?.0 + 1),
             None => history::version_before(store, &room.stream, before).await? + 1,
         };
         let (messages, has_more) = history::page_before(store, &room.stream, end, limit).await?;

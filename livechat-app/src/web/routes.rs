@@ -46,9 +46,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Refuses requests whose `Host` is not one this server answers to (DNS rebinding).
+/// Refuses requests whose `Host` is not one this server answers to (DNS rebinding). `/health`
+/// is exempt: a load balancer may ask for it by any name, and it tells nothing.
 async fn check_host(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if !host_allowed(request.headers(), &state.config.allowed_origins) {
+    if request.uri().path() != "/health" && !host_allowed(request.headers(), &state.config.allowed_origins) {
         return (StatusCode::MISDIRECTED_REQUEST, "unknown host: this server answers only to its own names\n")
             .into_response();
     }

@@ -106,6 +106,9 @@ async fn older_pages_read_from_the_store_show_edits_and_never_a_deleted_text() {
         .wait_for("chat-read-model", server.state.store.head().await.expect("head"), TIMEOUT)
         .await
         .expect("applied");
+    let huge = format!("/hist/older?before=20&v={}", u64::MAX);
+    let page = server.get(&huge, None).await;
+    assert_eq!(page.status, 200, "a version hint past the end is clamped");
     for path in ["/hist/older?before=20", "/hist/older?before=20&v=20", "/hist?before=20"] {
         let page = server.get(path, Some("bob")).await;
         assert_eq!(page.status, 200, "{path}");
@@ -277,6 +280,8 @@ async fn an_unknown_host_is_refused_so_a_rebound_name_gets_nothing() {
     assert_eq!(server.request(&raw("evil.test:4000", "")).await.status, 421);
     assert_eq!(server.request(&raw("chat.example.test", "")).await.status, 200);
     assert_eq!(server.request(&raw("localhost:4000", "")).await.status, 200);
+    let health = "GET /health HTTP/1.1\r\nHost: chat-backend:4000\r\nConnection: close\r\n\r\n";
+    assert_eq!(server.request(health).await.status, 200, "a load balancer may ask by any name");
     // A websocket from a page on the rebound name: Host and Origin agree, and are refused.
     let headers = [
         ("host".to_owned(), "evil.test:4000".to_owned()),
