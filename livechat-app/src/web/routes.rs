@@ -281,16 +281,7 @@ async fn render_room(
         },
         None => room.latest(state.model.present(), live.page_size, live.page_bytes),
     };
-    let html: Vec<String> = messages
-        .iter()
-        .map(|m| {
-            if m.data.sender == name && !m.data.is_deleted() {
-                render::message(&m.data, true).into_string()
-            } else {
-                m.shown.html().to_owned()
-            }
-        })
-        .collect();
+    let html = messages_html(&messages, Some(name));
     let presence = room.presence().borrow().clone();
     let first = messages.first().map_or((0, 0), |m| (m.data.sent.position.0, m.data.sent.version));
     let page = RoomPage {
@@ -326,20 +317,25 @@ async fn older(
         Ok(page) => page,
         Err(error) => return unavailable(&state, &error),
     };
-    let me = name_from_cookie(&headers);
-    let html: String = messages
+    let html: String = messages_html(&messages, name_from_cookie(&headers).as_deref()).concat();
+    let more = if has_more { "true" } else { "false" };
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::HeaderName::from_static("x-has-more"), more)], html)
+        .into_response()
+}
+
+/// The HTML of `messages` for the reader `me`: the shared rendering, except the reader's own
+/// messages, rendered again with their edit and delete controls.
+fn messages_html(messages: &[crate::live::present::LiveShared], me: Option<&str>) -> Vec<String> {
+    messages
         .iter()
         .map(|m| {
-            if me.as_deref() == Some(m.data.sender.as_str()) && !m.data.is_deleted() {
+            if me == Some(m.data.sender.as_str()) && !m.data.is_deleted() {
                 render::message(&m.data, true).into_string()
             } else {
                 m.shown.html().to_owned()
             }
         })
-        .collect();
-    let more = if has_more { "true" } else { "false" };
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::HeaderName::from_static("x-has-more"), more)], html)
-        .into_response()
+        .collect()
 }
 
 /// The composer without JavaScript.
