@@ -133,6 +133,11 @@ pub enum StoreError {
     /// The store was shut down.
     #[error("store closed")]
     Closed,
+    /// The store does not keep what this call needs (claims, parked events, process state or
+    /// schedules): a store of your own that has not implemented them, or a decorator without
+    /// an [`inner_store`](EventStore::inner_store).
+    #[error("this store does not keep {0}")]
+    Unsupported(&'static str),
     /// A write fenced by a claim found the claim gone (expired, released, or taken by another
     /// process); nothing was written. The caller is no longer the active consumer: stop and
     /// stand by.
@@ -228,30 +233,68 @@ pub trait EventStore: Send + Sync + 'static {
         Ok(0)
     }
 
+    /// For decorators (a test's fault injector, an instrumenting wrapper): the store that the
+    /// methods below (claims, parked events, process state, schedules) go to when the
+    /// decorator does not implement them. Stores implement those methods themselves and keep
+    /// the default, `None`; then an unimplemented one answers [`StoreError::Unsupported`].
+    fn inner_store(&self) -> Option<&dyn EventStore> {
+        None
+    }
+
     /// Takes or renews the claim on `name` for `owner`, lasting `ttl` from now by the store's
     /// own clock (the database's, for a shared store), so that at most one process at a time
     /// is the active consumer of a handler. Held by `owner` and not expired: renewed (same
     /// token). Expired, released or never taken: taken (a new, larger token). Held by another
     /// owner and not expired: [`ClaimOutcome::Taken`].
-    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError>;
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.claim(name, owner, ttl).await,
+            None => Err(StoreError::Unsupported("claims")),
+        }
+    }
 
     /// Gives a claim up (if `claim`'s owner and token still hold it), so a standby can take
     /// over at once instead of waiting for it to expire.
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError>;
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.release_claim(claim).await,
+            None => Err(StoreError::Unsupported("claims")),
+        }
+    }
 
     /// The claims currently held (not expired), by name.
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError>;
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.claims().await,
+            None => Err(StoreError::Unsupported("claims")),
+        }
+    }
 
     /// Saves checkpoint `name` if `claim` is still held (same owner and token, not expired),
     /// atomically with that check; otherwise writes nothing and fails with
     /// [`StoreError::ClaimLost`]. A process that lost its claim cannot move the checkpoint.
-    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError>;
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.save_checkpoint_claimed(name, position, claim).await,
+            None => Err(StoreError::Unsupported("claims")),
+        }
+    }
 
     /// Stores a parked event (replacing one of the same handler and position).
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError>;
+    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.park(event).await,
+            None => Err(StoreError::Unsupported("parked events")),
+        }
+    }
 
     /// The events `handler` has parked, in position order.
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError>;
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.parked(handler).await,
+            None => Err(StoreError::Unsupported("parked events")),
+        }
+    }
 
     /// Sets a parked event's status (an operator asks for a retry, or the handler's retry
     /// failed); false if no such parked event.
@@ -260,14 +303,29 @@ pub trait EventStore: Send + Sync + 'static {
         handler: &str,
         position: Position,
         status: ParkedStatus,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.set_parked_status(handler, position, status).await,
+            None => Err(StoreError::Unsupported("parked events")),
+        }
+    }
 
     /// Removes a parked event (handled after a retry, or discarded by an operator); false if
     /// there was none.
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError>;
+    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.unpark(handler, position).await,
+            None => Err(StoreError::Unsupported("parked events")),
+        }
+    }
 
     /// A process manager instance's state.
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError>;
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.load_process(process, key).await,
+            None => Err(StoreError::Unsupported("process state")),
+        }
+    }
 
     /// Saves (or, with `None`, deletes) a process manager instance's state. With `fence`, only
     /// while that claim is held (else [`StoreError::ClaimLost`], nothing written).
@@ -277,18 +335,43 @@ pub trait EventStore: Send + Sync + 'static {
         key: &str,
         state: Option<&ProcessState>,
         fence: Option<&Claim>,
-    ) -> Result<(), StoreError>;
+    ) -> Result<(), StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.save_process(process, key, state, fence).await,
+            None => Err(StoreError::Unsupported("process state")),
+        }
+    }
 
     /// Stores a scheduled command, replacing one with the same owner, key and name.
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError>;
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.schedule(scheduled).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
 
     /// Removes a scheduled command (fired, or cancelled); false if there was none. With
     /// `only`, only if it is still the one with that command id (not scheduled anew since).
-    async fn unschedule(&self, owner: &str, key: &str, name: &str, only: Option<CommandId>)
-        -> Result<bool, StoreError>;
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.unschedule(owner, key, name, only).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
 
     /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first.
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError>;
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.due(owner, now, max).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
 
     /// A signal that changes (to the newest known position, or any larger token) whenever new
     /// events may have become readable. Subscribers use it only as a wake-up and always read

@@ -1,5 +1,8 @@
-//! The write model: the `Chat` aggregate, its command `SendMessage`, its event `MessageSent`
-//! and the rules it enforces, with typed errors shown to the sender.
+//! The write model: the `Chat` aggregate, its commands (send, edit, delete a message), its
+//! events and the rules it enforces, with typed errors shown to the sender.
+//!
+//! A message is named by the stream version of its `MessageSent` event: its place in the
+//! room's stream, stable for ever, and readable back with `EventStore::read_stream`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -17,8 +20,18 @@ pub const MAX_CONTENT_LEN: usize = 4_000;
 pub const RATE_LIMIT: usize = 5;
 /// The rate-limit window: 5 seconds.
 pub const RATE_WINDOW_MICROS: i64 = 5_000_000;
+/// How long after sending a message its sender may edit or delete it: 15 minutes.
+pub const EDIT_WINDOW_MICROS: i64 = 15 * 60 * 1_000_000;
+/// A message may be edited or deleted only while fewer than this many events have been stored
+/// in its room after it. This bounds how far a reader of an older page must look ahead for the
+/// edits of the messages on it (see `rooms::history`), whatever the room's traffic.
+pub const MAX_EDIT_DISTANCE: u64 = 500;
+/// Most distinct names one message may mention.
+pub const MAX_MENTIONS: usize = 20;
+/// Room ids that are also top-level routes, so no room can be named after them.
+pub const RESERVED_CHAT_IDS: [&str; 6] = ["dashboard", "metrics", "health", "assets", "live", "join"];
 
-/// A room's id: 1–64 characters of `[A-Za-z0-9_-]`.
+/// A room's id: 1–64 characters of `[A-Za-z0-9_-]`, not a route name.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ChatId(String);
@@ -35,6 +48,9 @@ pub enum ChatIdError {
     /// A character outside `[A-Za-z0-9_-]`.
     #[error("the room name may only contain letters, digits, '-' and '_'")]
     BadCharacter,
+    /// The name of a page of the site (`dashboard`, `metrics`, ...).
+    #[error("the room name {0:?} is reserved; choose another")]
+    Reserved(String),
 }
 
 impl ChatId {
@@ -48,6 +64,9 @@ impl ChatId {
         }
         if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
             return Err(ChatIdError::BadCharacter);
+        }
+        if RESERVED_CHAT_IDS.iter().any(|reserved| reserved.eq_ignore_ascii_case(id)) {
+            return Err(ChatIdError::Reserved(id.to_owned()));
         }
         Ok(Self(id.to_owned()))
     }
@@ -94,7 +113,17 @@ impl fmt::Debug for ChatId {
     }
 }
 
-/// Checks a sender name and returns it trimmed: 1–32 characters, no control characters.
+/// Characters that are invisible or change the direction of the text around them (bidi
+/// overrides, isolates and marks, zero-width characters, line and paragraph separators). A
+/// name containing one could pass for another person's, or reorder what follows it.
+pub fn is_invisible_or_bidi(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+/// Checks a sender name and returns it trimmed: 1–32 characters, no control, invisible or
+/// direction-changing characters.
 pub fn validate_sender(name: &str) -> Result<&str, ChatError> {
     let name = name.trim();
     if name.is_empty() {
@@ -106,12 +135,65 @@ pub fn validate_sender(name: &str) -> Result<&str, ChatError> {
     if name.chars().any(char::is_control) {
         return Err(ChatError::SenderControlCharacters);
     }
+    if name.chars().any(is_invisible_or_bidi) {
+        return Err(ChatError::SenderInvisibleCharacters);
+    }
     Ok(name)
 }
 
-/// Asks a room to post a message. Routed to the room's stream, `chat-{chat_id}`.
-#[derive(Debug, Clone, PartialEq, Eq, Command)]
-#[command(aggregate = Chat, id = chat_id)]
+/// Checks a message's text and returns it trimmed: 1–4 000 characters, no control characters
+/// other than newline and tab.
+pub fn validate_content(content: &str) -> Result<&str, ChatError> {
+    let content = content.trim();
+    if content.is_empty() {
+        return Err(ChatError::EmptyContent);
+    }
+    let len = content.chars().count();
+    if len > MAX_CONTENT_LEN {
+        return Err(ChatError::ContentTooLong { len, max: MAX_CONTENT_LEN });
+    }
+    if content.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return Err(ChatError::ContentControlCharacters);
+    }
+    Ok(content)
+}
+
+/// The names of `candidates` that `content` mentions as `@name` (followed by the end, a space
+/// or punctuation), at most [`MAX_MENTIONS`], in the order given, each once.
+pub fn mentioned<'a>(content: &str, candidates: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for name in candidates {
+        if found.len() >= MAX_MENTIONS {
+            break;
+        }
+        if !name.is_empty() && !found.iter().any(|f| f == name) && mention_at(content, name).is_some() {
+            found.push(name.to_owned());
+        }
+    }
+    found
+}
+
+/// The byte offset of the first `@name` in `content` that ends at a word boundary.
+pub fn mention_at(content: &str, name: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(found) = content[from..].find('@') {
+        let at = from + found;
+        let rest = &content[at + 1..];
+        if let Some(tail) = rest.strip_prefix(name) {
+            let after = tail.chars().next();
+            let before_ok = content[..at].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+            if before_ok && after.is_none_or(|c| !(c.is_alphanumeric() || c == '_' || c == '-')) {
+                return Some(at);
+            }
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// Asks a room to post a message: the short form of [`ChatCommand::SendMessage`] without
+/// mentions (`.into()` turns it into the command).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendMessage {
     /// The room.
     pub chat_id: ChatId,
@@ -123,12 +205,96 @@ pub struct SendMessage {
     pub sent_at: Timestamp,
 }
 
+impl From<SendMessage> for ChatCommand {
+    fn from(send: SendMessage) -> Self {
+        ChatCommand::SendMessage {
+            chat_id: send.chat_id,
+            sender: send.sender,
+            content: send.content,
+            mentions: Vec::new(),
+            sent_at: send.sent_at,
+        }
+    }
+}
+
+/// What a room is asked to do. Routed to the room's stream, `chat-{chat_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Command)]
+#[command(aggregate = Chat, id = chat_id)]
+pub enum ChatCommand {
+    /// Post a message.
+    SendMessage {
+        /// The room.
+        chat_id: ChatId,
+        /// Who sends it, as typed (trimmed and checked).
+        sender: String,
+        /// The text, as typed (trimmed and checked).
+        content: String,
+        /// Names of people in the room the text may mention as `@name`; only those it does
+        /// mention are kept.
+        mentions: Vec<String>,
+        /// When the server received the command: the clock of the rate limit.
+        sent_at: Timestamp,
+    },
+    /// Replace the text of one's own message.
+    EditMessage {
+        /// The room.
+        chat_id: ChatId,
+        /// The message: the stream version of its `MessageSent`.
+        version: u64,
+        /// Who asks (must be the message's sender).
+        sender: String,
+        /// The new text (trimmed and checked like a new message).
+        content: String,
+        /// Names the new text may mention.
+        mentions: Vec<String>,
+        /// When the server received the command.
+        edited_at: Timestamp,
+    },
+    /// Delete one's own message: its text is no longer shown to anyone.
+    DeleteMessage {
+        /// The room.
+        chat_id: ChatId,
+        /// The message: the stream version of its `MessageSent`.
+        version: u64,
+        /// Who asks (must be the message's sender).
+        sender: String,
+        /// When the server received the command.
+        deleted_at: Timestamp,
+    },
+}
+
+impl ChatCommand {
+    /// The room the command is for.
+    pub fn chat_id(&self) -> &ChatId {
+        match self {
+            ChatCommand::SendMessage { chat_id, .. }
+            | ChatCommand::EditMessage { chat_id, .. }
+            | ChatCommand::DeleteMessage { chat_id, .. } => chat_id,
+        }
+    }
+}
+
 /// The events of a room, stored under their variant names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent)]
 #[event(category = "chat")]
 pub enum ChatEvent {
     /// A message was posted.
     MessageSent(MessageSent),
+    /// A message's text was replaced by its sender.
+    MessageEdited(MessageEdited),
+    /// A message was deleted by its sender.
+    MessageDeleted(MessageDeleted),
+}
+
+impl ChatEvent {
+    /// The room the event belongs to.
+    pub fn chat_id(&self) -> &ChatId {
+        match self {
+            ChatEvent::MessageSent(e) => &e.chat_id,
+            ChatEvent::MessageEdited(e) => &e.chat_id,
+            ChatEvent::MessageDeleted(e) => &e.chat_id,
+        }
+    }
 }
 
 /// A message was posted to a room.
@@ -142,9 +308,48 @@ pub struct MessageSent {
     pub content: String,
     /// When the server accepted it (microseconds since the Unix epoch).
     pub sent_at: Timestamp,
+    /// The message's number in its room: 1 for the first (0 in events stored before the
+    /// number was recorded).
+    #[serde(default)]
+    pub number: u64,
+    /// Names the text mentions as `@name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
 }
 
-/// Why a room refused a message. The `Display` text is shown beside the composer.
+/// A message's text was replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageEdited {
+    /// The room.
+    pub chat_id: ChatId,
+    /// The message: the stream version of its `MessageSent`.
+    pub version: u64,
+    /// The sender (the message's own).
+    pub sender: String,
+    /// The new text, trimmed.
+    pub content: String,
+    /// Names the new text mentions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
+    /// When.
+    pub edited_at: Timestamp,
+}
+
+/// A message was deleted. The event log keeps the original `MessageSent` (it is immutable);
+/// every read model drops its text (see the README, "What a delete erases").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageDeleted {
+    /// The room.
+    pub chat_id: ChatId,
+    /// The message: the stream version of its `MessageSent`.
+    pub version: u64,
+    /// The sender (the message's own).
+    pub sender: String,
+    /// When.
+    pub deleted_at: Timestamp,
+}
+
+/// Why a room refused a command. The `Display` text is shown beside the composer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChatError {
     /// Blank message.
@@ -173,21 +378,49 @@ pub enum ChatError {
     /// A control character in the name.
     #[error("the name contains control characters")]
     SenderControlCharacters,
+    /// An invisible or text-direction character in the name ([`is_invisible_or_bidi`]).
+    #[error("the name contains invisible or text-direction characters")]
+    SenderInvisibleCharacters,
     /// Too many messages from this sender in this room just now.
     #[error("slow down: at most {RATE_LIMIT} messages per 5 seconds; try again in {retry_after_ms} ms")]
     RateLimited {
         /// When the next message would be accepted.
         retry_after_ms: u64,
     },
+    /// No message has this number in the room.
+    #[error("there is no such message")]
+    NoSuchMessage,
+    /// Someone else's message.
+    #[error("you can only edit or delete your own messages")]
+    NotYourMessage,
+    /// Too old (15 minutes, or too many messages since) to be changed.
+    #[error("a message can be edited or deleted only in the first 15 minutes")]
+    EditWindowClosed,
+    /// The message was deleted.
+    #[error("the message was deleted")]
+    AlreadyDeleted,
 }
 
-/// A room's write-side state: only what its rules need, never the messages themselves.
+/// A recent message whose sender may still change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Editable {
+    version: u64,
+    sender: String,
+    sent_at: Timestamp,
+    deleted: bool,
+}
+
+/// A room's write-side state: only what its rules need, never the message texts.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Chat {
     /// Messages posted so far.
     pub messages: u64,
+    /// Events in the stream so far: the stream's version.
+    pub events: u64,
     /// Per sender, the times of their latest [`RATE_LIMIT`] messages, oldest first.
     recent: HashMap<String, VecDeque<Timestamp>>,
+    /// Messages still within the edit window, oldest first.
+    editable: VecDeque<Editable>,
 }
 
 impl Chat {
@@ -197,59 +430,137 @@ impl Chat {
         self.recent.retain(|_, times| times.back().is_some_and(|last| now.0 - last.0 < RATE_WINDOW_MICROS));
     }
 
+    /// Drops messages that can no longer be changed as of `now` and the current version.
+    fn forget_closed_messages(&mut self, now: Timestamp) {
+        while self.editable.front().is_some_and(|m| {
+            self.events.saturating_sub(m.version) >= MAX_EDIT_DISTANCE || now.0 - m.sent_at.0 > EDIT_WINDOW_MICROS
+        }) {
+            self.editable.pop_front();
+        }
+    }
+
     /// How many senders the rate limit currently tracks.
     pub fn tracked_senders(&self) -> usize {
         self.recent.len()
     }
-}
 
-impl Aggregate for Chat {
-    const CATEGORY: &'static str = "chat";
-    type Command = SendMessage;
-    type Event = ChatEvent;
-    type Error = ChatError;
+    /// How many messages may still be edited (the state kept for the edit rules).
+    pub fn editable_messages(&self) -> usize {
+        self.editable.len()
+    }
 
-    fn execute(&self, command: &SendMessage) -> Result<Vec<ChatEvent>, ChatError> {
-        let sender = validate_sender(&command.sender)?;
-        let content = command.content.trim();
-        if content.is_empty() {
-            return Err(ChatError::EmptyContent);
-        }
-        let len = content.chars().count();
-        if len > MAX_CONTENT_LEN {
-            return Err(ChatError::ContentTooLong { len, max: MAX_CONTENT_LEN });
-        }
-        if content.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-            return Err(ChatError::ContentControlCharacters);
-        }
+    fn check_rate(&self, sender: &str, now: Timestamp) -> Result<(), ChatError> {
         if let Some(times) = self.recent.get(sender) {
             if times.len() >= RATE_LIMIT {
                 let oldest = times[times.len() - RATE_LIMIT];
-                let elapsed = command.sent_at.0 - oldest.0;
+                let elapsed = now.0 - oldest.0;
                 if elapsed < RATE_WINDOW_MICROS {
                     let wait_micros = RATE_WINDOW_MICROS - elapsed;
                     return Err(ChatError::RateLimited { retry_after_ms: (wait_micros as u64).div_ceil(1000) });
                 }
             }
         }
-        Ok(vec![ChatEvent::MessageSent(MessageSent {
-            chat_id: command.chat_id.clone(),
-            sender: sender.to_owned(),
-            content: content.to_owned(),
-            sent_at: command.sent_at,
-        })])
+        Ok(())
+    }
+
+    /// The message `version` if `sender` may change it at `now`.
+    fn changeable(&self, version: u64, sender: &str, now: Timestamp) -> Result<&Editable, ChatError> {
+        if version == 0 || version > self.events {
+            return Err(ChatError::NoSuchMessage);
+        }
+        let message = self.editable.iter().find(|m| m.version == version);
+        let Some(message) = message else {
+            // Either too old, or an event that is not a message: both read as closed.
+            return Err(ChatError::EditWindowClosed);
+        };
+        if message.sender != sender {
+            return Err(ChatError::NotYourMessage);
+        }
+        if message.deleted {
+            return Err(ChatError::AlreadyDeleted);
+        }
+        if now.0 - message.sent_at.0 > EDIT_WINDOW_MICROS || self.events - version >= MAX_EDIT_DISTANCE {
+            return Err(ChatError::EditWindowClosed);
+        }
+        Ok(message)
+    }
+}
+
+impl Aggregate for Chat {
+    const CATEGORY: &'static str = "chat";
+    type Command = ChatCommand;
+    type Event = ChatEvent;
+    type Error = ChatError;
+
+    fn execute(&self, command: &ChatCommand) -> Result<Vec<ChatEvent>, ChatError> {
+        match command {
+            ChatCommand::SendMessage { chat_id, sender, content, mentions, sent_at } => {
+                let sender = validate_sender(sender)?;
+                let content = validate_content(content)?;
+                self.check_rate(sender, *sent_at)?;
+                Ok(vec![ChatEvent::MessageSent(MessageSent {
+                    chat_id: chat_id.clone(),
+                    sender: sender.to_owned(),
+                    content: content.to_owned(),
+                    sent_at: *sent_at,
+                    number: self.messages + 1,
+                    mentions: mentioned(content, mentions.iter().map(String::as_str)),
+                })])
+            }
+            ChatCommand::EditMessage { chat_id, version, sender, content, mentions, edited_at } => {
+                let sender = validate_sender(sender)?;
+                let content = validate_content(content)?;
+                let message = self.changeable(*version, sender, *edited_at)?;
+                Ok(vec![ChatEvent::MessageEdited(MessageEdited {
+                    chat_id: chat_id.clone(),
+                    version: message.version,
+                    sender: sender.to_owned(),
+                    content: content.to_owned(),
+                    mentions: mentioned(content, mentions.iter().map(String::as_str)),
+                    edited_at: *edited_at,
+                })])
+            }
+            ChatCommand::DeleteMessage { chat_id, version, sender, deleted_at } => {
+                let sender = validate_sender(sender)?;
+                let message = self.changeable(*version, sender, *deleted_at)?;
+                Ok(vec![ChatEvent::MessageDeleted(MessageDeleted {
+                    chat_id: chat_id.clone(),
+                    version: message.version,
+                    sender: sender.to_owned(),
+                    deleted_at: *deleted_at,
+                })])
+            }
+        }
     }
 
     fn apply(mut self, event: &ChatEvent) -> Self {
-        let ChatEvent::MessageSent(sent) = event;
-        self.messages += 1;
-        if self.recent.len() > 64 {
-            self.forget_quiet_senders(sent.sent_at);
-        }
-        let times = self.recent.entry(sent.sender.clone()).or_default();
-        times.push_back(sent.sent_at);
-        while times.len() > RATE_LIMIT {
-            times.pop_front();
+        self.events += 1;
+        match event {
+            ChatEvent::MessageSent(sent) => {
+                self.messages += 1;
+                if self.recent.len() > 64 {
+                    self.forget_quiet_senders(sent.sent_at);
+                }
+                let times = self.recent.entry(sent.sender.clone()).or_default();
+                times.push_back(sent.sent_at);
+                while times.len() > RATE_LIMIT {
+                    times.pop_front();
+                }
+                self.editable.push_back(Editable {
+                    version: self.events,
+                    sender: sent.sender.clone(),
+                    sent_at: sent.sent_at,
+                    deleted: false,
+                });
+                self.forget_closed_messages(sent.sent_at);
+            }
+            ChatEvent::MessageEdited(edited) => self.forget_closed_messages(edited.edited_at),
+            ChatEvent::MessageDeleted(deleted) => {
+                if let Some(message) = self.editable.iter_mut().find(|m| m.version == deleted.version) {
+                    message.deleted = true;
+                }
+                self.forget_closed_messages(deleted.deleted_at);
+            }
         }
         self
     }

@@ -1,36 +1,46 @@
 //! `livechat-app`: runs the live chat.
 //!
 //! ```text
-//! cargo run --release -p livechat-app -- [--listen ADDR] [--database-url URL]
+//! cargo run --release -p livechat-app -- [--listen ADDR] [--database-url URL] [--allow-origin URL]
+//!     [--behind-tls] [--trust-proxy NET|none] [--max-connections N] [--max-connections-per-address N]
 //! ```
 //! `--listen` (or `LISTEN`) defaults to `127.0.0.1:4000`; `--database-url` (or `DATABASE_URL`)
 //! defaults to the SQLite file `./livechat.db`, and takes `sqlite://PATH`, `memory` or
-//! `postgres://…`.
+//! `postgres://…`. See `USAGE` for the rest.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use livechat_app::server::{bind, describe_store, open_store, serve, DEFAULT_DATABASE_URL};
+use livechat_app::web::security::TrustedProxies;
 use livechat_app::{App, AppConfig};
 
-const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL]
+const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL] [options]
 
   --listen ADDR        address to serve on (env LISTEN; default 127.0.0.1:4000)
   --database-url URL   where events are stored (env DATABASE_URL): sqlite://PATH (default
                        sqlite://livechat.db), memory, or postgres://user@host/db
-  --allow-origin URL   also accept websockets and forms from this origin (repeatable)";
+  --allow-origin URL   also accept websockets and forms from this origin, and requests for its
+                       host (repeatable)
+  --behind-tls         every request arrives over TLS (a TLS proxy in front): Secure cookies
+  --trust-proxy NET    believe X-Forwarded-For/-Proto from this address or network (repeatable;
+                       default 127.0.0.0/8 and ::1; `none` trusts no proxy)
+  --max-connections N  connections open at once (default 10000)
+  --max-connections-per-address N
+                       connections open at once from one client address (default 128)";
 
 struct Args {
     listen: SocketAddr,
     database_url: String,
-    allowed_origins: Vec<String>,
+    config: AppConfig,
 }
 
 fn parse_args() -> Result<Args> {
     let mut listen = std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:4000".to_owned());
     let mut database_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
-    let mut allowed_origins = Vec::new();
+    let mut config = AppConfig::default();
+    let mut proxies: Option<TrustedProxies> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -39,10 +49,23 @@ fn parse_args() -> Result<Args> {
         };
         let mut value =
             || inline.clone().or_else(|| args.next()).with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        let number = |text: String| -> Result<usize> {
+            text.parse().with_context(|| format!("{flag} takes a number, not {text:?}"))
+        };
         match flag.as_str() {
             "--listen" => listen = value()?,
             "--database-url" => database_url = value()?,
-            "--allow-origin" => allowed_origins.push(value()?),
+            "--allow-origin" => config.allowed_origins.push(value()?),
+            "--behind-tls" => config.behind_tls = true,
+            "--trust-proxy" => {
+                let network = value()?;
+                let trusted = proxies.get_or_insert_with(TrustedProxies::none);
+                if network != "none" {
+                    trusted.add(&network)?;
+                }
+            }
+            "--max-connections" => config.limits.max_connections = number(value()?)?,
+            "--max-connections-per-address" => config.limits.max_connections_per_address = number(value()?)?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -52,7 +75,10 @@ fn parse_args() -> Result<Args> {
     }
     let listen =
         listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:4000"))?;
-    Ok(Args { listen, database_url, allowed_origins })
+    if let Some(proxies) = proxies {
+        config.trusted_proxies = proxies;
+    }
+    Ok(Args { listen, database_url, config })
 }
 
 #[tokio::main]
@@ -64,9 +90,9 @@ async fn main() -> Result<()> {
         )
         .init();
     let args = parse_args()?;
+    raise_open_files_limit(args.config.limits.max_connections);
     let store = open_store(&args.database_url).await.context("opening the event store")?;
-    let config = AppConfig { allowed_origins: args.allowed_origins, ..AppConfig::default() };
-    let app = App::start(store, config, Duration::from_secs(60)).await;
+    let app = App::start(store, args.config, Duration::from_secs(60)).await;
     let listener = bind(args.listen)?;
     let addr = listener.local_addr().context("listener address")?;
     println!("livechat: storing events in {}", describe_store(&args.database_url));
@@ -77,4 +103,19 @@ async fn main() -> Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// Raises the open-files soft limit to the hard limit (the default soft limit, often 1024,
+/// would end accepting long before the connection cap), and warns when even that is below the
+/// connection cap.
+fn raise_open_files_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-files limit is below the connection cap: connections beyond it fail to be accepted"
+        ),
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot raise the open-files limit"),
+    }
 }

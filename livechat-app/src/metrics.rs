@@ -1,6 +1,8 @@
 //! Counters and a latency histogram, shown live on `/dashboard` and exported at `/metrics`
-//! in the Prometheus text format. Lock-free: every update is one atomic add.
+//! in the Prometheus text format. Lock-free: every update is one atomic add. The dashboard's
+//! charts come from [`History`], one [`Sample`] per second for the last 15 minutes.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -61,9 +63,19 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The bucket counts now (to diff two readings: the quantiles of an interval).
+    pub fn counts(&self) -> Vec<u64> {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+
     /// The `q` quantile (0.0–1.0) in microseconds, to the bucket's upper bound; 0 if empty.
     pub fn quantile(&self, q: f64) -> u64 {
-        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        Self::quantile_of(&self.counts(), q)
+    }
+
+    /// The `q` quantile of bucket counts read with [`counts`](Self::counts) (or a difference of
+    /// two readings).
+    pub fn quantile_of(counts: &[u64], q: f64) -> u64 {
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return 0;
@@ -103,6 +115,67 @@ pub struct Metrics {
     pub frames_refused: AtomicU64,
     /// Views that fell behind their room's channel and resynced from their position.
     pub resyncs: AtomicU64,
+    /// Commands whose outcome the store could not tell (answered "unknown").
+    pub commands_unknown: AtomicU64,
+    /// Commands the server dispatched a second time with the same id after an unknown outcome.
+    pub commands_retried: AtomicU64,
+    /// Commands refused because their id was used before for different content.
+    pub commands_id_reused: AtomicU64,
+    /// Limits hit (see [`Limit`]).
+    pub limited: [AtomicU64; Limit::ALL.len()],
+    /// HTTP connections closed because a request head did not arrive in time.
+    pub http_timeouts: AtomicU64,
+    /// Websockets closed by the server, by close code: 1001, 1002, 1007, 1008, 1009, 1013.
+    pub closes: [AtomicU64; CLOSE_CODES.len()],
+}
+
+/// The close codes counted in [`Metrics::closes`].
+pub const CLOSE_CODES: [u16; 6] = [1001, 1002, 1007, 1008, 1009, 1013];
+
+/// A limit a client can hit; each has a counter on `/metrics`
+/// (`livechat_limited_total{limit="…"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The global connection cap.
+    Connections,
+    /// The connection cap per client address.
+    AddressConnections,
+    /// Commands per client address (token bucket).
+    AddressCommands,
+    /// Messages per sender name per room (the aggregate's rule).
+    NameMessages,
+    /// New rooms per client address per minute.
+    RoomCreation,
+    /// Frames per connection (token bucket).
+    Frames,
+    /// Typing signals taken per sender (one a second; extra ones are dropped).
+    Typing,
+}
+
+impl Limit {
+    /// Every limit, in the order of [`Metrics::limited`].
+    pub const ALL: [Limit; 7] = [
+        Limit::Connections,
+        Limit::AddressConnections,
+        Limit::AddressCommands,
+        Limit::NameMessages,
+        Limit::RoomCreation,
+        Limit::Frames,
+        Limit::Typing,
+    ];
+
+    /// The label on `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Connections => "connections",
+            Limit::AddressConnections => "address_connections",
+            Limit::AddressCommands => "address_commands",
+            Limit::NameMessages => "name_messages",
+            Limit::RoomCreation => "room_creation",
+            Limit::Frames => "frames",
+            Limit::Typing => "typing",
+        }
+    }
 }
 
 impl Metrics {
@@ -110,6 +183,99 @@ impl Metrics {
     pub fn sent(&self, bytes: usize) {
         self.frames_sent.fetch_add(1, Ordering::Relaxed);
         self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one hit of `limit`.
+    pub fn limited(&self, limit: Limit) {
+        let index = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
+        self.limited[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How often `limit` was hit.
+    pub fn limited_count(&self, limit: Limit) -> u64 {
+        Limit::ALL.iter().position(|l| *l == limit).map_or(0, |i| self.limited[i].load(Ordering::Relaxed))
+    }
+
+    /// Counts one close sent with `code`.
+    pub fn closed(&self, code: u16) {
+        if let Some(index) = CLOSE_CODES.iter().position(|c| *c == code) {
+            self.closes[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One second of the dashboard's charts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sample {
+    /// Commands handled per second.
+    pub commands_per_second: f64,
+    /// Dispatch latency p50 in this second, µs.
+    pub p50_micros: u64,
+    /// Dispatch latency p99 in this second, µs.
+    pub p99_micros: u64,
+    /// Connected views.
+    pub views: i64,
+    /// Events stored (the store's head).
+    pub events_stored: u64,
+    /// Projection lag in events.
+    pub lag: u64,
+    /// Frames sent per second.
+    pub frames_per_second: f64,
+    /// Bytes sent per second.
+    pub bytes_per_second: f64,
+}
+
+/// The last [`History::CAPACITY`] samples, oldest first, and the counters they were taken
+/// from (to turn totals into rates).
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    samples: VecDeque<Sample>,
+    previous: Option<(u64, u64, u64, Vec<u64>)>,
+}
+
+impl History {
+    /// 15 minutes of one sample a second.
+    pub const CAPACITY: usize = 900;
+
+    /// Takes a sample of `metrics` and `snapshot`, `interval` after the previous one.
+    pub fn record(&mut self, metrics: &Metrics, snapshot: &Snapshot, interval: Duration) {
+        let counts = metrics.dispatch.counts();
+        let frames = metrics.frames_sent.load(Ordering::Relaxed);
+        let bytes = metrics.bytes_sent.load(Ordering::Relaxed);
+        let commands = snapshot.commands();
+        let seconds = interval.as_secs_f64().max(1e-3);
+        let (rate, p50, p99, frames_rate, bytes_rate) = match &self.previous {
+            Some((c, f, b, previous)) => {
+                let diff: Vec<u64> = counts.iter().zip(previous).map(|(now, then)| now.saturating_sub(*then)).collect();
+                (
+                    commands.saturating_sub(*c) as f64 / seconds,
+                    Histogram::quantile_of(&diff, 0.5),
+                    Histogram::quantile_of(&diff, 0.99),
+                    frames.saturating_sub(*f) as f64 / seconds,
+                    bytes.saturating_sub(*b) as f64 / seconds,
+                )
+            }
+            None => (0.0, 0, 0, 0.0, 0.0),
+        };
+        self.previous = Some((commands, frames, bytes, counts));
+        self.samples.push_back(Sample {
+            commands_per_second: rate,
+            p50_micros: p50,
+            p99_micros: p99,
+            views: snapshot.views,
+            events_stored: snapshot.store_head,
+            lag: snapshot.projection_lag,
+            frames_per_second: frames_rate,
+            bytes_per_second: bytes_rate,
+        });
+        while self.samples.len() > Self::CAPACITY {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The samples, oldest first.
+    pub fn samples(&self) -> impl ExactSizeIterator<Item = &Sample> + DoubleEndedIterator {
+        self.samples.iter()
     }
 }
 
@@ -193,7 +359,7 @@ pub fn prometheus(metrics: &Metrics, snapshot: &Snapshot) -> String {
     };
     let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed).to_string();
     line("livechat_views", "gauge", "Live views connected now.", snapshot.views.to_string());
-    line("livechat_rooms", "gauge", "Rooms known to the read model.", snapshot.rooms.to_string());
+    line("livechat_rooms", "gauge", "Rooms resident in memory (with their recent window).", snapshot.rooms.to_string());
     line("livechat_connections_total", "counter", "Websocket connections accepted.", load(&metrics.connections));
     line("livechat_commands_ok_total", "counter", "Commands stored.", load(&metrics.commands_ok));
     line(
@@ -220,6 +386,44 @@ pub fn prometheus(metrics: &Metrics, snapshot: &Snapshot) -> String {
     line("livechat_bytes_sent_total", "counter", "Websocket bytes sent.", load(&metrics.bytes_sent));
     line("livechat_frames_refused_total", "counter", "Client frames refused.", load(&metrics.frames_refused));
     line("livechat_resyncs_total", "counter", "Lagging views resynced.", load(&metrics.resyncs));
+    line(
+        "livechat_commands_unknown_total",
+        "counter",
+        "Commands answered \"unknown\": the store could not say whether they were stored.",
+        load(&metrics.commands_unknown),
+    );
+    line(
+        "livechat_commands_retried_total",
+        "counter",
+        "Commands dispatched again by the server with the same id after an unknown outcome.",
+        load(&metrics.commands_retried),
+    );
+    line(
+        "livechat_commands_id_reused_total",
+        "counter",
+        "Commands refused: their id was used before for a different content.",
+        load(&metrics.commands_id_reused),
+    );
+    line(
+        "livechat_http_header_timeouts_total",
+        "counter",
+        "HTTP connections closed because a request head did not arrive in time.",
+        load(&metrics.http_timeouts),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP livechat_limited_total Requests refused by a limit.\n# TYPE livechat_limited_total counter"
+    );
+    for limit in Limit::ALL {
+        let _ = writeln!(out, "livechat_limited_total{{limit=\"{}\"}} {}", limit.label(), metrics.limited_count(limit));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP livechat_closes_total Websockets closed by the server.\n# TYPE livechat_closes_total counter"
+    );
+    for (code, count) in CLOSE_CODES.iter().zip(&metrics.closes) {
+        let _ = writeln!(out, "livechat_closes_total{{code=\"{code}\"}} {}", count.load(Ordering::Relaxed));
+    }
     let _ = writeln!(
         out,
         "# HELP livechat_dispatch_seconds Command dispatch latency.\n# TYPE livechat_dispatch_seconds summary"

@@ -1,12 +1,14 @@
 //! HTML, rendered on the server with maud. One function per fragment, used by both the first
 //! render of a page and the live updates, so the two cannot drift. maud escapes every
-//! interpolated string, so user text always shows as text.
+//! interpolated string, so user text always shows as text; links are made only from
+//! `http://` and `https://` URLs.
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use crate::domain::{ChatId, MessageSent, MAX_CHAT_ID_LEN, MAX_CONTENT_LEN, MAX_SENDER_LEN};
-use crate::metrics::Snapshot;
-use crate::read_model::{ChatMessage, RoomSummary};
+use crate::charts;
+use crate::domain::{mention_at, MAX_CHAT_ID_LEN, MAX_CONTENT_LEN, MAX_SENDER_LEN};
+use crate::metrics::{History, Snapshot};
+use crate::rooms::{Body, MessageData, RoomSummary};
 
 /// Where the client script and stylesheet are served, with a content hash for caching.
 pub struct Assets {
@@ -121,7 +123,7 @@ pub fn room_list(rooms: &[RoomSummary]) -> Markup {
 }
 
 /// A room page that asks for a name first.
-pub fn name_page(assets: &Assets, room: &ChatId, error: Option<&str>) -> Markup {
+pub fn name_page(assets: &Assets, room: &crate::domain::ChatId, error: Option<&str>) -> Markup {
     let content = html! {
         main.lobby {
             h1 { "Join #" (room) }
@@ -131,49 +133,78 @@ pub fn name_page(assets: &Assets, room: &ChatId, error: Option<&str>) -> Markup 
     layout(assets, "Choose a name", "none", None, content)
 }
 
+/// A plain page with one message that reloads itself after a few seconds (a 503 while the
+/// read model is rebuilding or the store is unreachable).
+pub fn notice_page(assets: &Assets, title: &str, text: &str) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content="3";
+                title { (title) }
+                link rel="stylesheet" href=(assets.style);
+            }
+            body data-view="none" {
+                main.lobby { h1 { (title) } p role="alert" { (text) } }
+            }
+        }
+    }
+}
+
 /// The first render of a room: the latest messages, presence and the composer.
 pub struct RoomPage<'a> {
     /// The room.
-    pub room: &'a ChatId,
+    pub room: &'a crate::domain::ChatId,
     /// The reader's name.
     pub me: &'a str,
-    /// Messages to show, oldest first.
-    pub messages: &'a [std::sync::Arc<ChatMessage>],
+    /// The messages' HTML, oldest first (the reader's own with their controls).
+    pub messages: &'a [String],
+    /// Position and version of the first message shown, and the last position.
+    pub first: (u64, u64),
+    /// Position of the last message shown.
+    pub last: u64,
     /// Whether older messages exist.
     pub has_more: bool,
-    /// Who is here.
-    pub presence: &'a crate::read_model::Presence,
-    /// A fresh command id for the no-JavaScript form.
+    /// The presence list's HTML.
+    pub presence: &'a str,
+    /// How many people are here.
+    pub presence_count: usize,
+    /// The command id of the no-JavaScript form: fresh, or the one of a message whose outcome
+    /// is unknown (so sending again posts it once).
     pub command_id: uuid::Uuid,
-    /// An error to show beside the composer (no-JavaScript path).
+    /// Text to put back in the composer (after a refusal or an unknown outcome).
+    pub draft: &'a str,
+    /// An error or notice to show beside the composer (no-JavaScript path).
     pub error: Option<&'a str>,
 }
 
 /// `/{chat_id}`.
 pub fn room_page(assets: &Assets, page: &RoomPage<'_>) -> Markup {
-    let first = page.messages.first().map_or(0, |m| m.position.0);
-    let last = page.messages.last().map_or(0, |m| m.position.0);
+    let (first, first_version) = page.first;
     let content = html! {
         main.room {
             h1 { "#" (page.room) }
             section.log aria-label="Messages" {
                 p #older {
                     @if page.has_more {
-                        a href={ "/" (page.room) "?before=" (first) } { "Older messages" }
+                        a href={ "/" (page.room) "?before=" (first) "&v=" (first_version) } { "Older messages" }
                     }
                 }
-                ol #messages role="log" aria-live="polite" data-has-more=(page.has_more) data-first-pos=(first) data-last-pos=(last) {
-                    @for message in page.messages { (PreEscaped(message.html())) }
+                ol #messages role="log" aria-live="polite" data-has-more=(page.has_more) data-first-pos=(first)
+                    data-first-version=(first_version) data-last-pos=(page.last) {
+                    @for message in page.messages { (PreEscaped(message)) }
                 }
+                p #typing .typing data-typing="" aria-live="polite" {}
             }
             aside.presence aria-labelledby="presence-title" {
-                h2 #presence-title { "Here now " span #presence-count .count { (page.presence.count) } }
-                div #presence { (PreEscaped(&*page.presence.list)) }
+                h2 #presence-title { "Here now " span #presence-count .count { (page.presence_count) } }
+                div #presence { (PreEscaped(page.presence)) }
             }
             form #send method="post" action={ "/" (page.room) "/send" } {
-                label for="message" { "Message as " b { (page.me) } }
+                label for="message" { "Message as " b dir="auto" { (page.me) } }
                 textarea #message name="message" rows="2" maxlength=(MAX_CONTENT_LEN) required autofocus
-                    placeholder="Write a message. Enter sends, Shift-Enter adds a line." {}
+                    placeholder="Write a message. Enter sends, Shift-Enter adds a line." { (page.draft) }
                 input type="hidden" name="id" value=(page.command_id);
                 button type="submit" { "Send" }
                 p #composer-error role="alert" { @if let Some(error) = page.error { (error) } }
@@ -183,21 +214,133 @@ pub fn room_page(assets: &Assets, page: &RoomPage<'_>) -> Markup {
     layout(assets, &format!("#{} · Live chat", page.room), "room", Some((page.room.as_str(), page.me)), content)
 }
 
-/// One message, as it appears in the log: sender, time and content.
-pub fn message(position: u64, sent: &MessageSent) -> Markup {
-    let (date, time) = utc(sent.sent_at.0);
+/// The `rel` of every link made from a message.
+pub const LINK_REL: &str = "noopener noreferrer nofollow ugc";
+
+/// One message, as it appears in the log: sender, time and content (or "message deleted").
+/// `mine` adds the edit and delete controls of the reader's own message.
+pub fn message(message: &MessageData, mine: bool) -> Markup {
+    let (date, time) = utc(message.sent_at.0);
+    let position = message.sent.position.0;
+    let (edited, deleted) = match &message.body {
+        Body::Text { edited, .. } => (*edited, false),
+        Body::Deleted => (false, true),
+    };
     html! {
-        li.msg id={ "m-" (position) } data-pos=(position) data-sender=(sent.sender) {
-            b.sender { (sent.sender) }
+        li.msg.deleted[deleted] id={ "m-" (position) } data-pos=(position) data-version=(message.sent.version)
+            data-rev=(message.revision.version) data-sender=(message.sender)
+            data-edited=[edited.then_some("")] data-deleted=[deleted.then_some("")] {
+            b.sender dir="auto" { (message.sender) }
             " "
             time datetime={ (date) "T" (time) "Z" } { (time[..5]) }
-            p.body { (sent.content) }
+            @match &message.body {
+                Body::Text { content, mentions, edited } => {
+                    p.body dir="auto" { (text_with_links(content, mentions)) }
+                    @if *edited { " " span.edited title="edited" { "(edited)" } }
+                    @if mine {
+                        " "
+                        span.actions {
+                            button type="button" data-action="edit" { "Edit" }
+                            " "
+                            button type="button" data-action="delete" { "Delete" }
+                        }
+                    }
+                }
+                Body::Deleted => { p.body.tombstone { em { "message deleted" } } }
+            }
         }
     }
 }
 
-/// Names shown in a room's presence list; the count shows everyone.
-pub const PRESENCE_SHOWN: usize = 50;
+/// A piece of a message's text.
+#[derive(Debug, PartialEq, Eq)]
+enum Piece<'a> {
+    Text(&'a str),
+    Link(&'a str),
+    Mention(&'a str),
+}
+
+/// Splits `text` into plain text, `http(s)://` links and `@name` mentions of `mentions`.
+fn pieces<'a>(text: &'a str, mentions: &[String]) -> Vec<Piece<'a>> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let link = find_link(rest);
+        let mention = mentions
+            .iter()
+            .filter_map(|name| mention_at(rest, name).map(|at| (at, name.as_str())))
+            .min_by_key(|(at, name)| (*at, std::cmp::Reverse(name.len())));
+        match (link, mention) {
+            (Some((start, end)), mention) if mention.is_none_or(|(at, _)| start <= at) => {
+                out.push(Piece::Text(&rest[..start]));
+                out.push(Piece::Link(&rest[start..end]));
+                rest = &rest[end..];
+            }
+            (_, Some((at, name))) => {
+                out.push(Piece::Text(&rest[..at]));
+                out.push(Piece::Mention(&rest[at..at + 1 + name.len()]));
+                rest = &rest[at + 1 + name.len()..];
+            }
+            _ => {
+                out.push(Piece::Text(rest));
+                break;
+            }
+        }
+    }
+    out.retain(|piece| *piece != Piece::Text(""));
+    out
+}
+
+/// The first `http://` or `https://` URL in `text` (scheme case-insensitive, at a word start),
+/// as a byte range; trailing punctuation stays text.
+fn find_link(text: &str) -> Option<(usize, usize)> {
+    let lower = text.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(found) = lower[from..].find("http") {
+        let start = from + found;
+        let scheme_end = if lower[start..].starts_with("https://") {
+            start + 8
+        } else if lower[start..].starts_with("http://") {
+            start + 7
+        } else {
+            from = start + 4;
+            continue;
+        };
+        let at_word_start = text[..start].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+        let end = text[scheme_end..]
+            .find(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | '"' | '`'))
+            .map_or(text.len(), |i| scheme_end + i);
+        let mut end = end;
+        while end > scheme_end {
+            let last = text[..end].chars().next_back().unwrap_or(' ');
+            let unbalanced_paren =
+                last == ')' && text[start..end].matches('(').count() < text[start..end].matches(')').count();
+            if matches!(last, '.' | ',' | ';' | ':' | '!' | '?' | '\'' | ']' | '}') || unbalanced_paren {
+                end -= last.len_utf8();
+            } else {
+                break;
+            }
+        }
+        if at_word_start && end > scheme_end {
+            return Some((start, end));
+        }
+        from = scheme_end;
+    }
+    None
+}
+
+/// A message's text with its links and mentions marked up (everything escaped by maud).
+pub fn text_with_links(text: &str, mentions: &[String]) -> Markup {
+    html! {
+        @for piece in pieces(text, mentions) {
+            @match piece {
+                Piece::Text(text) => (text),
+                Piece::Link(url) => a href=(url) rel=(LINK_REL) target="_blank" { (url) },
+                Piece::Mention(shown) => span.mention data-name=(&shown[1..]) { (shown) },
+            }
+        }
+    }
+}
 
 /// The people in a room now: the first names, sorted; `total` people in all.
 pub fn presence(names: &[&str], total: usize) -> Markup {
@@ -206,7 +349,7 @@ pub fn presence(names: &[&str], total: usize) -> Markup {
             p.empty { "Nobody" }
         } @else {
             ul.people {
-                @for name in names { li data-name=(name) { (name) } }
+                @for name in names { li data-name=(name) dir="auto" { (name) } }
             }
             @if total > names.len() { p.more { "and others" } }
         }
@@ -224,8 +367,19 @@ pub fn dashboard_page(assets: &Assets, metrics: &Markup) -> Markup {
     layout(assets, "Dashboard · Live chat", "dashboard", None, content)
 }
 
-/// The metrics table of the dashboard.
-pub fn metrics(snapshot: &Snapshot) -> Markup {
+/// A handler's state as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerLine {
+    /// The handler.
+    pub name: String,
+    /// Its state, in words.
+    pub state: String,
+    /// The position it reached.
+    pub position: u64,
+}
+
+/// The dashboard's region: the numbers, the charts of the last 15 minutes, the handlers.
+pub fn metrics(snapshot: &Snapshot, history: &History, handlers: &[HandlerLine]) -> Markup {
     let rows: [(&str, String); 12] = [
         ("Connected views", snapshot.views.to_string()),
         ("Rooms", snapshot.rooms.to_string()),
@@ -248,10 +402,22 @@ pub fn metrics(snapshot: &Snapshot) -> Markup {
                 }
             }
         }
+        section #charts aria-label="The last 15 minutes" {
+            @for chart in charts::dashboard_charts(history) { (chart) }
+        }
+        table #handlers {
+            thead { tr { th { "Handler" } th { "State" } th { "Position" } } }
+            tbody {
+                @for handler in handlers {
+                    tr data-handler=(handler.name) { td { (handler.name) } td { (handler.state) } td { (handler.position) } }
+                }
+            }
+        }
     }
 }
 
-fn micros(value: u64) -> String {
+/// A duration in µs as text.
+pub fn micros(value: u64) -> String {
     if value >= 10_000 {
         format!("{:.1} ms", value as f64 / 1000.0)
     } else {
@@ -281,39 +447,92 @@ pub fn utc(micros: i64) -> (String, String) {
 
 #[cfg(test)]
 mod tests {
-    use cqrs_core::Timestamp;
+    use cqrs_core::{Position, Timestamp};
 
     use super::*;
+    use crate::rooms::Revision;
 
-    fn sent(sender: &str, content: &str) -> MessageSent {
-        MessageSent {
-            chat_id: ChatId::parse("room").expect("valid"),
+    fn data(sender: &str, content: &str) -> MessageData {
+        let at = Revision { version: 3, position: Position(42) };
+        MessageData {
+            sent: at,
+            number: 1,
             sender: sender.into(),
-            content: content.into(),
             sent_at: Timestamp(1_764_216_000_123_456),
+            body: Body::Text { content: content.into(), mentions: vec![], edited: false },
+            revision: at,
         }
     }
 
     #[test]
     fn message_shows_sender_time_and_content() {
-        let html = message(42, &sent("alice", "hello")).into_string();
+        let html = message(&data("alice", "hello"), false).into_string();
         assert_eq!(
             html,
-            "<li class=\"msg\" id=\"m-42\" data-pos=\"42\" data-sender=\"alice\"><b class=\"sender\">alice</b> \
-             <time datetime=\"2025-11-27T04:00:00Z\">04:00</time><p class=\"body\">hello</p></li>"
+            "<li class=\"msg\" id=\"m-42\" data-pos=\"42\" data-version=\"3\" data-rev=\"3\" data-sender=\"alice\">\
+             <b class=\"sender\" dir=\"auto\">alice</b> <time datetime=\"2025-11-27T04:00:00Z\">04:00</time>\
+             <p class=\"body\" dir=\"auto\">hello</p></li>"
         );
+        let mine = message(&data("alice", "hello"), true).into_string();
+        assert!(mine.contains("data-action=\"edit\"") && mine.contains("data-action=\"delete\""), "{mine}");
+    }
+
+    #[test]
+    fn edited_and_deleted_messages() {
+        let mut edited = data("alice", "better");
+        edited.body = Body::Text { content: "better".into(), mentions: vec![], edited: true };
+        let html = message(&edited, true).into_string();
+        assert!(html.contains("data-edited") && html.contains("(edited)"), "{html}");
+        let mut deleted = data("alice", "secret");
+        deleted.body = Body::Deleted;
+        let html = message(&deleted, true).into_string();
+        assert!(html.contains("message deleted") && html.contains("data-deleted"), "{html}");
+        assert!(!html.contains("data-action"), "no controls on a deleted message: {html}");
     }
 
     #[test]
     fn user_text_is_escaped_everywhere() {
         let html =
-            message(1, &sent("<img src=x onerror=alert(1)>", "<script>alert('x')</script> & \"q\"")).into_string();
+            message(&data("<img src=x onerror=alert(1)>", "<script>alert('x')</script> & \"q\""), false).into_string();
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("<img"), "{html}");
         assert!(html.contains("&lt;script&gt;alert('x')&lt;/script&gt; &amp; &quot;q&quot;"), "{html}");
         assert!(html.contains("data-sender=\"&lt;img src=x onerror=alert(1)&gt;\""), "{html}");
         let presence = presence(&["<b>x</b>"], 1).into_string();
         assert!(presence.contains("&lt;b&gt;x&lt;/b&gt;"), "{presence}");
+    }
+
+    #[test]
+    fn only_http_and_https_urls_become_links() {
+        let html =
+            text_with_links("see https://example.com/a?b=1&c=2. and HTTP://x.test/(y) or http://", &[]).into_string();
+        assert_eq!(
+            html,
+            "see <a href=\"https://example.com/a?b=1&amp;c=2\" rel=\"noopener noreferrer nofollow ugc\" \
+             target=\"_blank\">https://example.com/a?b=1&amp;c=2</a>. and <a href=\"HTTP://x.test/(y)\" \
+             rel=\"noopener noreferrer nofollow ugc\" target=\"_blank\">HTTP://x.test/(y)</a> or http://"
+        );
+        for text in
+            ["javascript:alert(1)", "data:text/html,<b>x</b>", "JaVaScRiPt:alert(1)", "vbscript:x", "xhttp://evil.test"]
+        {
+            let html = text_with_links(text, &[]).into_string();
+            assert!(!html.contains("<a "), "{html}");
+        }
+        let markup = text_with_links("<a href=\"javascript:x\">", &[]).into_string();
+        assert_eq!(markup, "&lt;a href=&quot;javascript:x&quot;&gt;");
+        let quoted = text_with_links("http://a.test/\"onmouseover=alert(1)", &[]).into_string();
+        assert!(quoted.starts_with("<a href=\"http://a.test/\" "), "{quoted}");
+    }
+
+    #[test]
+    fn mentions_of_known_names_are_marked() {
+        let mentions = vec!["ann marie".to_owned(), "bob".to_owned()];
+        let html = text_with_links("hi @ann marie and @bob, not @bobby or me@bob", &mentions).into_string();
+        assert_eq!(
+            html,
+            "hi <span class=\"mention\" data-name=\"ann marie\">@ann marie</span> and \
+             <span class=\"mention\" data-name=\"bob\">@bob</span>, not @bobby or me@bob"
+        );
     }
 
     #[test]

@@ -1,15 +1,37 @@
 //! Choosing the event store from a URL, binding the listener, and serving until shutdown.
+//!
+//! The accept loop is our own, over hyper's HTTP/1 connection, because axum's `serve` sets no
+//! header-read timeout: a client that sends half a request head would hold its connection
+//! for ever. Here every connection
+//! - takes a place under the global connection cap and, unless it comes from a trusted proxy,
+//!   under its address's cap (refused with a short HTTP answer saying which limit);
+//! - must send each request head within [`HttpConfig::header_read_timeout`], which also bounds
+//!   how long a keep-alive connection may sit idle;
+//! - keeps its places for as long as it is open, websockets included.
+//!
+//! [`HttpConfig::header_read_timeout`]: crate::state::HttpConfig
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::body::Body;
 use cqrs_core::EventStore;
 use cqrs_memory::MemoryStore;
 use cqrs_postgres::PgEventStore;
 use cqrs_sqlite::SqliteEventStore;
-use tokio::net::{TcpListener, TcpSocket};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tower_service::Service;
 
+use crate::limits::{ConnectionPermit, Refusal};
+use crate::metrics::Limit;
+use crate::web::security::Peer;
 use crate::App;
 
 /// Why the server could not start.
@@ -89,28 +111,116 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     bind().map_err(|source| ServerError::Bind { addr, source })
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then closes every live view and stops
-/// the app's tasks.
+/// A connection's places under the connection caps, in each of its requests' extensions: a
+/// websocket keeps a clone for as long as it is open.
+#[derive(Debug, Clone)]
+pub struct ConnectionGuard(#[allow(dead_code)] Arc<ConnectionPermit>);
+
+/// Serves `app` on `listener` until `shutdown` resolves, then closes every live view, lets
+/// open requests finish (10 s at most) and stops the app's tasks.
 pub async fn serve(
     listener: TcpListener,
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let state = Arc::clone(app.state());
     let router = app.router();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    shutdown.await;
+    let (stop_tx, stop) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // wait a little rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let direct = !state.config.trusted_proxies.contains(peer.ip());
+        let permit = match state.limits.connect(direct.then_some(peer.ip())) {
+            Ok(permit) => ConnectionGuard(Arc::new(permit)),
+            Err(refusal) => {
+                state.metrics.limited(match refusal {
+                    Refusal::ServerFull(_) => Limit::Connections,
+                    _ => Limit::AddressConnections,
+                });
+                tokio::spawn(refuse(stream, refusal));
+                continue;
+            }
+        };
+        tokio::spawn(connection(stream, peer, permit, router.clone(), Arc::clone(&state), stop.clone()));
+    }
+    drop(listener);
     // Views close first (they are upgraded connections, outside the HTTP server's drain).
-    let state = std::sync::Arc::clone(app.state());
+    let _ = stop_tx.send(true);
+    let limits = Arc::clone(&state.limits);
     app.shutdown().await;
-    let _ = stop_tx.send(());
-    let served = server.await.map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
-    drop(state);
-    served.map_err(ServerError::Serve)
+    tracing::debug!(open = limits.open_connections(), "app stopped; waiting for connections to close");
+    let drained = async {
+        while limits.open_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), drained).await.is_err() {
+        tracing::warn!(open = limits.open_connections(), "connections still open after 10 s; stopping anyway");
+    }
+    Ok(())
+}
+
+/// Serves one connection until it closes, or gracefully ends it when the server stops.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: ConnectionGuard,
+    router: axum::Router,
+    state: Arc<crate::AppState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+        request.extensions_mut().insert(Peer(peer));
+        request.extensions_mut().insert(permit.clone());
+        let mut router = router.clone();
+        async move { router.call(request.map(Body::new)).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(state.config.http.header_read_timeout).keep_alive(true);
+    let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    let served = tokio::select! {
+        served = connection.as_mut() => served,
+        () = async { let _ = stop.wait_for(|stop| *stop).await; } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = served {
+        if error.is_timeout() {
+            state.metrics.http_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+/// Answers a connection refused by a limit with a short HTTP response naming the limit.
+async fn refuse(mut stream: TcpStream, refusal: Refusal) {
+    let (status, text) = match refusal {
+        Refusal::ServerFull(_) => ("503 Service Unavailable", refusal.to_string()),
+        _ => ("429 Too Many Requests", refusal.to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 10\r\n\
+         Connection: close\r\n\r\n{text}\n",
+        text.len() + 1
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }

@@ -6,7 +6,12 @@
 //!   the message in the other's DOM), Enter and Shift-Enter, XSS payloads shown as text, the
 //!   draft and focus kept while messages arrive, a socket dropped while the other user sends
 //!   (every message shown once, in order, after the reconnect);
-//! - with PostgreSQL: two app processes on one database, one user on each.
+//! - with PostgreSQL: two app processes on one database, one user on each;
+//! - typing, editing (a focused field, Escape cancels, Enter saves, an "edited" mark), deleting
+//!   ("message deleted" for everyone), links (http/https only, safe `rel`), mentions and the
+//!   unread count in a hidden tab's title, across two browsers;
+//! - an append stored but answered "unavailable" twice (a store fault): the client shows it is
+//!   retrying, resends the same id, and both browsers end with exactly one message.
 
 #[path = "it/support.rs"]
 #[allow(dead_code)]
@@ -321,7 +326,7 @@ async fn two_app_processes_on_one_postgres_database_are_one_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scrolling_up_loads_older_messages_and_only_a_reader_at_the_bottom_follows_new_ones() {
     use cqrs_core::{CommandEnvelope, Position, Timestamp};
-    use livechat_app::domain::{ChatId, SendMessage};
+    use livechat_app::domain::{ChatCommand, ChatId, SendMessage};
 
     let server = TestServer::start().await;
     let mut last = 0;
@@ -332,7 +337,8 @@ async fn scrolling_up_loads_older_messages_and_only_a_reader_at_the_bottom_follo
             content: format!("old message {i}"),
             sent_at: Timestamp(i * 2_000_000),
         };
-        let outcome = server.state.dispatcher.dispatch(CommandEnvelope::new(command)).await.expect("seed");
+        let outcome =
+            server.state.dispatcher.dispatch(CommandEnvelope::new(ChatCommand::from(command))).await.expect("seed");
         last = outcome.appended.expect("stored").last_position.0;
     }
     server.state.progress.wait_for("chat-read-model", Position(last), WAIT).await.expect("projected");
@@ -370,5 +376,165 @@ async fn scrolling_up_loads_older_messages_and_only_a_reader_at_the_bottom_follo
     wait_for(&carol, "still at the bottom", at_bottom).await;
 
     carol.close().await.expect("close");
+    server.stop().await;
+}
+
+/// Clicks the element `css` inside the message whose body is `body` (by script: the controls
+/// are small and may be covered).
+async fn click_in_message(browser: &Client, body: &str, css: &str) {
+    let script = format!(
+        "const li = [...document.querySelectorAll('#messages li.msg')].find(li => li.querySelector('.body') && \
+         li.querySelector('.body').textContent === {body}); if (!li) return false; \
+         const el = li.querySelector({css}); if (!el) return false; el.click(); return true;",
+        body = serde_json::to_string(body).expect("json"),
+        css = serde_json::to_string(css).expect("json"),
+    );
+    assert_eq!(eval(browser, &script).await, Value::Bool(true), "no {css} in the message {body:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_delete_typing_links_mentions_and_unread_across_two_browsers() {
+    let server = TestServer::start().await;
+    let base = format!("http://{}", server.addr);
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    let bob = driver.browser().await;
+    join(&alice, &base, "alice", "features").await;
+    join(&bob, &base, "bob", "features").await;
+
+    // Typing: shown to the other, gone when the message is sent.
+    let composer = alice.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
+    composer.send_keys("typo in this mesage").await.expect("type");
+    wait_for(&bob, "alice typing", "document.querySelector('[data-typing]').textContent === 'alice is typing…'").await;
+    assert_eq!(
+        eval(&alice, "return document.querySelector('[data-typing]').textContent;").await,
+        "",
+        "not shown to herself"
+    );
+    composer.send_keys(ENTER).await.expect("send");
+    wait_shows(&bob, "typo in this mesage").await;
+    wait_for(&bob, "typing cleared", "document.querySelector('[data-typing]').textContent === ''").await;
+
+    // Own messages carry the controls; others' do not.
+    assert_eq!(
+        eval(&bob, "return document.querySelectorAll('#messages [data-action]').length;").await,
+        json!(0),
+        "bob has no controls on alice's message"
+    );
+    // Edit: the text in a focused field; Escape cancels, Enter saves.
+    click_in_message(&alice, "typo in this mesage", "[data-action=edit]").await;
+    wait_for(&alice, "the edit field", "document.activeElement && document.activeElement.matches('textarea.edit')")
+        .await;
+    assert_eq!(eval(&alice, "return document.activeElement.value;").await, "typo in this mesage");
+    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
+    field.send_keys(" never mind\u{E00C}").await.expect("escape");
+    wait_for(&alice, "edit cancelled", "!document.querySelector('textarea.edit')").await;
+    click_in_message(&alice, "typo in this mesage", "[data-action=edit]").await;
+    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
+    field.clear().await.expect("clear");
+    field.send_keys(&format!("no typo in this message{ENTER}")).await.expect("save");
+    wait_shows(&bob, "no typo in this message").await;
+    assert!(!shows(&bob, "typo in this mesage").await);
+    wait_for(
+        &bob,
+        "the edited mark",
+        "[...document.querySelectorAll('#messages li.msg[data-edited] .edited')].length === 1",
+    )
+    .await;
+
+    // Links: only http(s), with the safe rel and a new tab; a mention of alice is marked for her.
+    send(&bob, "@alice docs at https://example.com/docs, not javascript:alert(1)").await;
+    wait_for(
+        &alice,
+        "the link",
+        "document.querySelector('#messages a[href=\"https://example.com/docs\"][rel=\"noopener noreferrer nofollow ugc\"][target=_blank]')",
+    )
+    .await;
+    assert_eq!(
+        eval(&alice, "return document.querySelectorAll('#messages a[href^=\"javascript\"]').length;").await,
+        json!(0)
+    );
+    wait_for(
+        &alice,
+        "the mention mark",
+        "document.querySelector('#messages li.msg.mentions-me .mention[data-name=alice]')",
+    )
+    .await;
+    assert_eq!(eval(&bob, "return document.querySelectorAll('#messages li.mentions-me').length;").await, json!(0));
+
+    // Delete: "message deleted" for everyone, the text gone.
+    click_in_message(&alice, "no typo in this message", "[data-action=delete]").await;
+    wait_for(&bob, "the tombstone", "document.querySelector('#messages li.msg[data-deleted]') !== null").await;
+    assert!(!shows(&bob, "no typo in this message").await);
+    assert_eq!(
+        eval(&bob, "return document.querySelector('#messages li.msg[data-deleted] .body').textContent;").await,
+        "message deleted"
+    );
+    bob.refresh().await.expect("reload");
+    wait_for(&bob, "the live connection", "document.body.dataset.live === 'connected'").await;
+    assert!(!eval(&bob, "return document.body.innerHTML;")
+        .await
+        .as_str()
+        .expect("html")
+        .contains("no typo in this message"));
+
+    // Unread: while bob's tab is hidden, new messages count in its title.
+    eval(
+        &bob,
+        "window.__titles = []; new MutationObserver(() => window.__titles.push(document.title)) \
+         .observe(document.querySelector('title'), {childList: true, characterData: true, subtree: true}); return 1;",
+    )
+    .await;
+    let room_tab = bob.window().await.expect("window");
+    let other = bob.new_window(true).await.expect("new tab");
+    bob.switch_to_window(other.handle).await.expect("switch");
+    send(&alice, "while bob looks elsewhere 1").await;
+    send(&alice, "while bob looks elsewhere 2").await;
+    bob.switch_to_window(room_tab).await.expect("switch back");
+    wait_shows(&bob, "while bob looks elsewhere 2").await;
+    let titles = eval(&bob, "return window.__titles;").await;
+    assert!(titles.as_array().expect("titles").iter().any(|t| t == "(2) #features · Live chat"), "{titles}");
+    wait_for(&bob, "the title cleared", "document.title === '#features · Live chat'").await;
+
+    alice.close().await.expect("close");
+    bob.close().await.expect("close");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_is_retried_with_the_same_id_and_ends_with_exactly_one_message() {
+    let store = support::FaultyStore::new();
+    let server = TestServer::start_with(store.clone(), livechat_app::AppConfig::default()).await;
+    let base = format!("http://{}", server.addr);
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    let bob = driver.browser().await;
+    join(&alice, &base, "alice", "faults").await;
+    join(&bob, &base, "bob", "faults").await;
+    eval(
+        &alice,
+        "window.__notes = []; new MutationObserver(() => window.__notes.push(document.getElementById('composer-error').textContent)) \
+         .observe(document.getElementById('composer-error'), {childList: true, characterData: true, subtree: true}); return 1;",
+    )
+    .await;
+    // The append is stored, and both it and the server's own retry are answered "unavailable".
+    store.fail_next_appends(2);
+    send(&alice, "exactly once").await;
+    let notes = eval(&alice, "return window.__notes;").await;
+    assert!(
+        notes.as_array().expect("notes").iter().any(|n| n.as_str().is_some_and(|n| n.contains("retrying"))),
+        "{notes}"
+    );
+    send(&alice, "and the next one").await;
+    wait_shows(&bob, "and the next one").await;
+    for browser in [&alice, &bob] {
+        let bodies: Vec<String> = messages(browser).await.into_iter().map(|(_, _, body)| body).collect();
+        assert_eq!(bodies, ["exactly once", "and the next one"]);
+    }
+    bob.refresh().await.expect("reload");
+    wait_for(&bob, "the live connection", "document.body.dataset.live === 'connected'").await;
+    assert_eq!(messages(&bob).await.len(), 2, "stored once");
+    alice.close().await.expect("close");
+    bob.close().await.expect("close");
     server.stop().await;
 }

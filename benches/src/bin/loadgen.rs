@@ -18,7 +18,9 @@
 //! 1. raises its own `RLIMIT_NOFILE` soft limit to the hard limit;
 //! 2. connects `--senders` sender connections (default: enough that each sends at most one
 //!    message per 2 s, half the room's limit of 5 per 5 s per name; each has its own name
-//!    cookie, and sends far below the server's 10 frames/s per connection);
+//!    cookie, and sends far below the server's 10 frames/s per connection); every connection
+//!    claims its own client address in `X-Forwarded-For` (the server trusts loopback as a proxy),
+//!    so the server's per-address limits see one client per simulated browser;
 //! 3. reads the server's `VmRSS`, opens `--viewers` viewers in parallel batches of `--batch`
 //!    (each: upgrade with cookie `livechat_name=viewer-N`, `join` the room, read the catch-up
 //!    until `joined`), waits `--settle` seconds for presence updates to stop, and reads `VmRSS`
@@ -281,9 +283,19 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(4 * 1024)
 }
 
+/// The client address a connection claims through the server's trusted loopback proxy: each
+/// simulated browser is its own client, as behind a real proxy, so the server's per-address
+/// limits (connections, commands) apply per browser and not to the whole load test.
+fn forwarded_for(name: &str) -> String {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let [a, b, c, ..] = hash.to_le_bytes();
+    format!("10.{a}.{b}.{}", c.max(1))
+}
+
 async fn connect(url: &str, name: &str) -> Result<Ws> {
     let mut request = url.into_client_request().context("websocket URL")?;
     request.headers_mut().insert("cookie", HeaderValue::from_str(&format!("livechat_name={name}"))?);
+    request.headers_mut().insert("x-forwarded-for", HeaderValue::from_str(&forwarded_for(name))?);
     let (ws, _) = tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true)
         .await
         .with_context(|| format!("connecting {url}"))?;

@@ -6,7 +6,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::coordination::{Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
@@ -74,73 +73,8 @@ impl<S: EventStore, G: Send + Sync + 'static> EventStore for WithGuard<S, G> {
         self.store.prune_commands(older_than).await
     }
 
-    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        self.store.claim(name, owner, ttl).await
-    }
-
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
-        self.store.release_claim(claim).await
-    }
-
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        self.store.claims().await
-    }
-
-    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
-        self.store.save_checkpoint_claimed(name, position, claim).await
-    }
-
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
-        self.store.park(event).await
-    }
-
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
-        self.store.parked(handler).await
-    }
-
-    async fn set_parked_status(
-        &self,
-        handler: &str,
-        position: Position,
-        status: ParkedStatus,
-    ) -> Result<bool, StoreError> {
-        self.store.set_parked_status(handler, position, status).await
-    }
-
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
-        self.store.unpark(handler, position).await
-    }
-
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-        self.store.load_process(process, key).await
-    }
-
-    async fn save_process(
-        &self,
-        process: &str,
-        key: &str,
-        state: Option<&ProcessState>,
-        fence: Option<&Claim>,
-    ) -> Result<(), StoreError> {
-        self.store.save_process(process, key, state, fence).await
-    }
-
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
-        self.store.schedule(scheduled).await
-    }
-
-    async fn unschedule(
-        &self,
-        owner: &str,
-        key: &str,
-        name: &str,
-        only: Option<CommandId>,
-    ) -> Result<bool, StoreError> {
-        self.store.unschedule(owner, key, name, only).await
-    }
-
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
-        self.store.due(owner, now, max).await
+    fn inner_store(&self) -> Option<&dyn EventStore> {
+        Some(&self.store)
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

@@ -9,8 +9,8 @@ use cqrs_core::async_trait;
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterError};
 use cqrs_core::{
     AppendOutcome, AppendResult, CausationId, Claim, ClaimOutcome, CommandEnvelope, CommandId, CorrelationId,
-    DispatchError, Dispatcher, DispatcherConfig, EventStore, ExpectedVersion, NewEvent, ParkedEvent, ParkedStatus,
-    Position, ProcessState, RecordedEvent, Scheduled, StoreError, StreamId, Timestamp, Version,
+    DispatchError, Dispatcher, DispatcherConfig, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent,
+    StoreError, StreamId, Timestamp, Version,
 };
 use cqrs_memory::MemoryStore;
 use tokio::sync::{watch, Barrier};
@@ -131,72 +131,14 @@ impl EventStore for Instrumented {
         self.inner.claim(name, owner, ttl).await
     }
 
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
-        self.inner.release_claim(claim).await
-    }
-
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        self.inner.claims().await
-    }
-
     async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
         self.saving(position);
         self.inner.save_checkpoint_claimed(name, position, claim).await
     }
 
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
-        self.inner.park(event).await
+    fn inner_store(&self) -> Option<&dyn EventStore> {
+        Some(&self.inner)
     }
-
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
-        self.inner.parked(handler).await
-    }
-
-    async fn set_parked_status(
-        &self,
-        handler: &str,
-        position: Position,
-        status: ParkedStatus,
-    ) -> Result<bool, StoreError> {
-        self.inner.set_parked_status(handler, position, status).await
-    }
-
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
-        self.inner.unpark(handler, position).await
-    }
-
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-        self.inner.load_process(process, key).await
-    }
-
-    async fn save_process(
-        &self,
-        process: &str,
-        key: &str,
-        state: Option<&ProcessState>,
-        fence: Option<&Claim>,
-    ) -> Result<(), StoreError> {
-        self.inner.save_process(process, key, state, fence).await
-    }
-
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
-        self.inner.schedule(scheduled).await
-    }
-
-    async fn unschedule(
-        &self,
-        owner: &str,
-        key: &str,
-        name: &str,
-        only: Option<CommandId>,
-    ) -> Result<bool, StoreError> {
-        self.inner.unschedule(owner, key, name, only).await
-    }
-
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
-        self.inner.due(owner, now, max).await
-    }
-
     fn notifications(&self) -> watch::Receiver<Position> {
         self.inner.notifications()
     }

@@ -1,18 +1,31 @@
 //! The wire format between `live.js` and a view task.
 //!
-//! Client → server: one JSON object per text frame, tagged by `t`:
+//! Client → server: one JSON object per text frame, tagged by `t`; unknown fields are refused:
 //! - `{"t":"join","view":"room","room":"lobby-talk","after":42}`: start the view; `after` is
 //!   the position of the last message the page shows (the resume point after a reconnect);
 //! - `{"t":"send","ref":7,"id":"<uuid>","message":"hi"}`: post a message; `id` is made by the
-//!   client once per message, so a resend after a reconnect posts once;
+//!   client once per message, so a resend after a reconnect or an unknown outcome posts once;
+//! - `{"t":"edit","ref":8,"id":"<uuid>","version":12,"message":"hi!"}`: replace the text of
+//!   one's own message `version` (its `data-version`);
+//! - `{"t":"delete","ref":9,"id":"<uuid>","version":12}`: delete it;
+//! - `{"t":"typing"}`: the composer is being typed in (sent at most once a second);
 //! - `{"t":"ping"}`: heartbeat.
 //!
 //! Server → client: a JSON header line, then for some frames a raw HTML body after the first
-//! `\n`. HTML travels unescaped, so a new message costs its HTML plus a ~25-byte header,
+//! `\n`. HTML travels unescaped, so a message costs its HTML plus a ~25-byte header,
 //! whatever the size of the room:
-//! - `{"t":"joined","pos":N}`; `{"t":"msg","pos":N}\n<li…>`; `{"t":"reset","pos":N,"more":true}\n<li…>…`;
-//! - `{"t":"ack","ref":7,"ok":true}` or `{"t":"ack","ref":7,"ok":false,"error":"…"}`;
+//! - `{"t":"joined","pos":N}`;
+//! - `{"t":"msg","pos":N}\n<li…>`: a message's current state. The client replaces the element
+//!   `#m-N` if it has one with a lower `data-rev` (an edit or delete: the frame's size does not
+//!   depend on the room's length), appends it if `N` is past its last message, and otherwise
+//!   ignores it (an update of a message it has not loaded);
+//! - `{"t":"reset","pos":N,"more":true}\n<li…>…`: replace the list (bounded in bytes);
+//! - `{"t":"ack","ref":7,"ok":true,"status":"stored"}`; `"status":"refused"` (final, with
+//!   `"error"`: fix the input, the id may be reused for a new text); `"status":"unknown"` (with
+//!   `"error"`: the store could not say whether it was stored; resend the same id until it
+//!   is answered, which is safe because the id makes it post once);
 //! - `{"t":"morph","id":"presence"}\n<html>`: replace the children of an element;
+//! - `{"t":"typing","names":["alice"]}`: who is typing in the room (the client leaves itself out);
 //! - `{"t":"error","error":"…"}`; `{"t":"pong"}`.
 
 use cqrs_core::Position;
@@ -56,8 +69,32 @@ pub enum ClientFrame {
         /// The text.
         message: String,
     },
+    /// Replaces the text of one's own message.
+    Edit {
+        /// The client's reference, echoed in the `ack`.
+        #[serde(rename = "ref")]
+        reference: u64,
+        /// The command id.
+        id: Uuid,
+        /// The message (its `data-version`).
+        version: u64,
+        /// The new text.
+        message: String,
+    },
+    /// Deletes one's own message.
+    Delete {
+        /// The client's reference, echoed in the `ack`.
+        #[serde(rename = "ref")]
+        reference: u64,
+        /// The command id.
+        id: Uuid,
+        /// The message (its `data-version`).
+        version: u64,
+    },
+    /// The composer is being typed in.
+    Typing {},
     /// Heartbeat.
-    Ping,
+    Ping {},
 }
 
 /// The `msg` frame of a message and where its HTML starts.
@@ -80,24 +117,37 @@ pub fn joined_frame(position: Position) -> String {
     format!("{{\"t\":\"joined\",\"pos\":{}}}", position.0)
 }
 
-/// A successful `ack`.
-pub fn ack_ok(reference: u64) -> String {
-    format!("{{\"t\":\"ack\",\"ref\":{reference},\"ok\":true}}")
+/// How a command ended, as the `ack` says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckStatus<'a> {
+    /// Stored (or already stored under this id with the same content).
+    Stored,
+    /// Refused for good, with the reason shown beside the composer.
+    Refused(&'a str),
+    /// Not known to be stored: resend with the same id.
+    Unknown(&'a str),
 }
 
 #[derive(Serialize)]
-struct AckError<'a> {
+struct Ack<'a> {
     t: &'static str,
     #[serde(rename = "ref")]
     reference: u64,
     ok: bool,
-    error: &'a str,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
-/// A refused `ack` with the reason shown beside the composer.
-pub fn ack_error(reference: u64, error: &str) -> String {
-    serde_json::to_string(&AckError { t: "ack", reference, ok: false, error })
-        .unwrap_or_else(|_| format!("{{\"t\":\"ack\",\"ref\":{reference},\"ok\":false,\"error\":\"refused\"}}"))
+/// The `ack` of the command sent with `reference`.
+pub fn ack(reference: u64, status: &AckStatus<'_>) -> String {
+    let (ok, name, error) = match status {
+        AckStatus::Stored => (true, "stored", None),
+        AckStatus::Refused(error) => (false, "refused", Some(*error)),
+        AckStatus::Unknown(error) => (false, "unknown", Some(*error)),
+    };
+    serde_json::to_string(&Ack { t: "ack", reference, ok, status: name, error })
+        .unwrap_or_else(|_| format!("{{\"t\":\"ack\",\"ref\":{reference},\"ok\":false,\"status\":\"unknown\"}}"))
 }
 
 #[derive(Serialize)]
@@ -110,6 +160,18 @@ struct ErrorFrame<'a> {
 pub fn error_frame(error: &str) -> String {
     serde_json::to_string(&ErrorFrame { t: "error", error })
         .unwrap_or_else(|_| "{\"t\":\"error\",\"error\":\"error\"}".to_owned())
+}
+
+#[derive(Serialize)]
+struct TypingFrame<'a> {
+    t: &'static str,
+    names: &'a [String],
+}
+
+/// `{"t":"typing","names":[…]}`.
+pub fn typing_frame(names: &[String]) -> String {
+    serde_json::to_string(&TypingFrame { t: "typing", names })
+        .unwrap_or_else(|_| "{\"t\":\"typing\",\"names\":[]}".to_owned())
 }
 
 /// `{"t":"morph","id":ID}` followed by the new inner HTML of element `ID`.
@@ -133,12 +195,23 @@ mod tests {
             serde_json::from_str(r#"{"t":"send","ref":1,"id":"67e55044-10b1-426f-9247-bb680e5fe0c8","message":"hi"}"#)
                 .expect("send");
         assert!(matches!(send, ClientFrame::Send { reference: 1, ref message, .. } if message == "hi"));
+        let edit: ClientFrame = serde_json::from_str(
+            r#"{"t":"edit","ref":2,"id":"67e55044-10b1-426f-9247-bb680e5fe0c8","version":3,"message":"x"}"#,
+        )
+        .expect("edit");
+        assert!(matches!(edit, ClientFrame::Edit { version: 3, .. }));
+        assert_eq!(serde_json::from_str::<ClientFrame>(r#"{"t":"ping"}"#).expect("ping"), ClientFrame::Ping {});
+        assert_eq!(serde_json::from_str::<ClientFrame>(r#"{"t":"typing"}"#).expect("typing"), ClientFrame::Typing {});
         for bad in [
             r#"{"t":"nope"}"#,
             r#"{"t":"send","ref":1}"#,
             "not json",
             r#"{"t":"join","view":"attic"}"#,
             r#"{"t":"send","ref":"x","id":"nope","message":1}"#,
+            r#"{"t":"ping","x":1}"#,
+            r#"{"t":"typing","who":"bob"}"#,
+            r#"{"t":"join","view":"lobby","extra":true}"#,
+            r#"{"t":"send","ref":1,"id":"67e55044-10b1-426f-9247-bb680e5fe0c8","message":"hi","sender":"eve"}"#,
         ] {
             assert!(serde_json::from_str::<ClientFrame>(bad).is_err(), "{bad}");
         }
@@ -154,12 +227,18 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_valid_json() {
-        let frame = ack_error(3, "the \"message\" is empty");
-        let value: serde_json::Value = serde_json::from_str(&frame).expect("json");
-        assert_eq!(value["error"], "the \"message\" is empty");
-        assert_eq!(value["ok"], false);
+    fn acks_say_stored_refused_or_unknown() {
+        let stored: serde_json::Value = serde_json::from_str(&ack(1, &AckStatus::Stored)).expect("json");
+        assert_eq!(stored, serde_json::json!({"t": "ack", "ref": 1, "ok": true, "status": "stored"}));
+        let refused: serde_json::Value =
+            serde_json::from_str(&ack(3, &AckStatus::Refused("the \"message\" is empty"))).expect("json");
+        assert_eq!(refused["error"], "the \"message\" is empty");
+        assert_eq!((refused["ok"].clone(), refused["status"].clone()), (false.into(), "refused".into()));
+        let unknown: serde_json::Value = serde_json::from_str(&ack(4, &AckStatus::Unknown("later"))).expect("json");
+        assert_eq!(unknown["status"], "unknown");
         let value: serde_json::Value = serde_json::from_str(&error_frame("bad\nframe")).expect("json");
         assert_eq!(value["t"], "error");
+        let typing: serde_json::Value = serde_json::from_str(&typing_frame(&["a\"b".into()])).expect("json");
+        assert_eq!(typing["names"][0], "a\"b");
     }
 }

@@ -3,7 +3,10 @@
 
 use cqrs_core::testing::AggregateTest;
 use cqrs_core::Timestamp;
-use livechat_app::domain::{Chat, ChatError, ChatEvent, ChatId, ChatIdError, MessageSent, SendMessage};
+use livechat_app::domain::{
+    Chat, ChatCommand, ChatError, ChatEvent, ChatId, ChatIdError, MessageDeleted, MessageEdited, MessageSent,
+    SendMessage,
+};
 
 const SECOND: i64 = 1_000_000;
 
@@ -11,16 +14,23 @@ fn room() -> ChatId {
     ChatId::parse("elixir-fans").expect("valid")
 }
 
-fn send(sender: &str, content: &str, at: i64) -> SendMessage {
-    SendMessage { chat_id: room(), sender: sender.into(), content: content.into(), sent_at: Timestamp(at) }
+fn send(sender: &str, content: &str, at: i64) -> ChatCommand {
+    SendMessage { chat_id: room(), sender: sender.into(), content: content.into(), sent_at: Timestamp(at) }.into()
 }
 
+/// The event of the first message of a room (number 1).
 fn sent(sender: &str, content: &str, at: i64) -> ChatEvent {
+    sent_n(sender, content, at, 1)
+}
+
+fn sent_n(sender: &str, content: &str, at: i64, number: u64) -> ChatEvent {
     ChatEvent::MessageSent(MessageSent {
         chat_id: room(),
         sender: sender.into(),
         content: content.into(),
         sent_at: Timestamp(at),
+        number,
+        mentions: vec![],
     })
 }
 
@@ -85,16 +95,18 @@ fn five_messages_per_five_seconds_per_sender() {
         .when(send("alice", "one more", 4 * SECOND))
         .then_error(ChatError::RateLimited { retry_after_ms: 1_000 });
     // Another sender is not limited by alice.
-    AggregateTest::<Chat>::given(history.clone()).when(send("bob", "hi", 4 * SECOND)).then_events(vec![sent(
+    AggregateTest::<Chat>::given(history.clone()).when(send("bob", "hi", 4 * SECOND)).then_events(vec![sent_n(
         "bob",
         "hi",
         4 * SECOND,
+        6,
     )]);
     // Exactly 5 s after the first, the window has moved on.
-    AggregateTest::<Chat>::given(history).when(send("alice", "later", 5 * SECOND)).then_events(vec![sent(
+    AggregateTest::<Chat>::given(history).when(send("alice", "later", 5 * SECOND)).then_events(vec![sent_n(
         "alice",
         "later",
         5 * SECOND,
+        6,
     )]);
 }
 
@@ -112,11 +124,9 @@ fn the_rate_limit_slides() {
 fn quiet_senders_are_forgotten() {
     let mut history: Vec<ChatEvent> = (0..100).map(|i| sent(&format!("user{i}"), "hi", 0)).collect();
     history.push(sent("late", "hi", 60 * SECOND));
-    let state = AggregateTest::<Chat>::given(history).when(send("late", "again", 60 * SECOND)).then_events(vec![sent(
-        "late",
-        "again",
-        60 * SECOND,
-    )]);
+    let state = AggregateTest::<Chat>::given(history)
+        .when(send("late", "again", 60 * SECOND))
+        .then_events(vec![sent_n("late", "again", 60 * SECOND, 102)]);
     assert!(state.tracked_senders() < 10, "tracked {}", state.tracked_senders());
     assert_eq!(state.messages, 102);
 }
@@ -132,4 +142,135 @@ fn chat_ids() {
     }
     assert_eq!(room().stream_id().as_str(), "chat-elixir-fans");
     assert_eq!(ChatId::from_stream(&room().stream_id()), Some(room()));
+}
+
+fn edit(sender: &str, version: u64, content: &str, at: i64) -> ChatCommand {
+    ChatCommand::EditMessage {
+        chat_id: room(),
+        version,
+        sender: sender.into(),
+        content: content.into(),
+        mentions: vec![],
+        edited_at: Timestamp(at),
+    }
+}
+
+fn delete(sender: &str, version: u64, at: i64) -> ChatCommand {
+    ChatCommand::DeleteMessage { chat_id: room(), version, sender: sender.into(), deleted_at: Timestamp(at) }
+}
+
+fn edited(version: u64, content: &str, at: i64) -> ChatEvent {
+    ChatEvent::MessageEdited(MessageEdited {
+        chat_id: room(),
+        version,
+        sender: "alice".into(),
+        content: content.into(),
+        mentions: vec![],
+        edited_at: Timestamp(at),
+    })
+}
+
+fn deleted(version: u64, at: i64) -> ChatEvent {
+    ChatEvent::MessageDeleted(MessageDeleted {
+        chat_id: room(),
+        version,
+        sender: "alice".into(),
+        deleted_at: Timestamp(at),
+    })
+}
+
+#[test]
+fn a_sender_edits_their_message_within_15_minutes() {
+    let history = vec![sent("alice", "helo", 0)];
+    AggregateTest::<Chat>::given(history.clone())
+        .when(edit("alice", 1, " hello ", 60 * SECOND))
+        .then_events(vec![edited(1, "hello", 60 * SECOND)]);
+    AggregateTest::<Chat>::given(history.clone())
+        .when(edit("alice", 1, "too late", 15 * 60 * SECOND + 1))
+        .then_error(ChatError::EditWindowClosed);
+    AggregateTest::<Chat>::given(history.clone())
+        .when(edit("bob", 1, "mine now", SECOND))
+        .then_error(ChatError::NotYourMessage);
+    AggregateTest::<Chat>::given(history.clone())
+        .when(edit("alice", 2, "nothing there", SECOND))
+        .then_error(ChatError::NoSuchMessage);
+    AggregateTest::<Chat>::given(history).when(edit("alice", 1, "   ", SECOND)).then_error(ChatError::EmptyContent);
+}
+
+#[test]
+fn a_deleted_message_cannot_be_edited_or_deleted_again() {
+    let history = vec![sent("alice", "oops", 0), deleted(1, SECOND)];
+    AggregateTest::<Chat>::given(vec![sent("alice", "oops", 0)])
+        .when(delete("alice", 1, SECOND))
+        .then_events(vec![deleted(1, SECOND)]);
+    AggregateTest::<Chat>::given(history.clone())
+        .when(edit("alice", 1, "back", 2 * SECOND))
+        .then_error(ChatError::AlreadyDeleted);
+    AggregateTest::<Chat>::given(history).when(delete("alice", 1, 2 * SECOND)).then_error(ChatError::AlreadyDeleted);
+    AggregateTest::<Chat>::given(vec![sent("alice", "x", 0)])
+        .when(delete("bob", 1, SECOND))
+        .then_error(ChatError::NotYourMessage);
+    // An edit event is not a message.
+    AggregateTest::<Chat>::given(vec![sent("alice", "x", 0), edited(1, "y", SECOND)])
+        .when(edit("alice", 2, "z", 2 * SECOND))
+        .then_error(ChatError::EditWindowClosed);
+}
+
+#[test]
+fn only_the_last_500_events_of_a_busy_room_are_editable() {
+    // 501 messages from 101 senders in one minute: the first one is 500 events back.
+    let mut history: Vec<ChatEvent> = vec![sent("alice", "first", 0)];
+    history.extend((1..=500).map(|i| sent(&format!("user{}", i % 100), "busy", i * 100_000)));
+    AggregateTest::<Chat>::given(history.clone())
+        .when(edit("alice", 1, "edited", 60 * SECOND))
+        .then_error(ChatError::EditWindowClosed);
+    let state = history.iter().fold(Chat::default(), cqrs_core::Aggregate::apply);
+    assert!(state.editable_messages() <= 500, "the edit state is bounded: {}", state.editable_messages());
+    history.truncate(499);
+    AggregateTest::<Chat>::given(history).when(edit("alice", 1, "edited", 60 * SECOND)).then_events(vec![edited(
+        1,
+        "edited",
+        60 * SECOND,
+    )]);
+}
+
+#[test]
+fn mentions_are_kept_only_when_the_text_mentions_them() {
+    let command = ChatCommand::SendMessage {
+        chat_id: room(),
+        sender: "alice".into(),
+        content: "hi @bob and @carol!".into(),
+        mentions: vec!["bob".into(), "dave".into(), "carol".into()],
+        sent_at: Timestamp(0),
+    };
+    let mut expected = MessageSent {
+        chat_id: room(),
+        sender: "alice".into(),
+        content: "hi @bob and @carol!".into(),
+        sent_at: Timestamp(0),
+        number: 1,
+        mentions: vec!["bob".into(), "carol".into()],
+    };
+    AggregateTest::<Chat>::given_no_events().when(command).then_events(vec![ChatEvent::MessageSent(expected.clone())]);
+    expected.mentions.clear();
+    assert!(!livechat_app::domain::mentioned("mail me@bob.test", ["bob"]).contains(&"bob".to_owned()));
+}
+
+#[test]
+fn names_with_invisible_or_direction_characters_are_refused() {
+    for name in ["ev\u{202E}il", "a\u{200B}b", "\u{2066}x\u{2069}", "x\u{FEFF}"] {
+        AggregateTest::<Chat>::given_no_events()
+            .when(send(name, "hi", 0))
+            .then_error(ChatError::SenderInvisibleCharacters);
+    }
+    assert!(livechat_app::domain::validate_sender("Zoë Müller").is_ok());
+    assert!(livechat_app::domain::validate_sender("محمد").is_ok(), "right-to-left letters themselves are fine");
+}
+
+#[test]
+fn room_ids_that_are_routes_are_refused() {
+    for reserved in ["dashboard", "metrics", "health", "assets", "live", "join", "Dashboard"] {
+        assert!(matches!(ChatId::parse(reserved), Err(ChatIdError::Reserved(_))), "{reserved}");
+    }
+    assert!(ChatId::parse("dashboards").is_ok());
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use crate::support::{connect_to, AppProcess, Next};
+use crate::support::{connect_as, connect_to, AppProcess, Next};
 
 /// Every message of `room` as a fresh viewer sees it on joining: (position, body HTML).
 async fn history(app: &AppProcess, room: &str) -> Vec<(u64, String)> {
@@ -23,7 +23,7 @@ async fn history(app: &AppProcess, room: &str) -> Vec<(u64, String)> {
 }
 
 fn body_of(html: &str) -> &str {
-    let start = html.find("<p class=\"body\">").map_or(0, |i| i + "<p class=\"body\">".len());
+    let start = html.find("<p class=\"body\"").and_then(|i| html[i..].find('>').map(|j| i + j + 1)).unwrap_or(0);
     let end = html[start..].find("</p>").map_or(html.len(), |i| start + i);
     &html[start..end]
 }
@@ -52,10 +52,11 @@ async fn kill_9_while_sending_loses_no_acknowledged_message() {
     let mut app = AppProcess::start(&url).await;
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
     let acks_seen = Arc::new(tokio::sync::Notify::new());
-    // 16 senders (the rate limit is per sender), each sending as fast as acks come back.
+    // 16 senders (the rate limits are per sender and per address: each comes through the
+    // loopback proxy from its own address), each sending as fast as acks come back.
     let mut senders = Vec::new();
     for s in 0..16 {
-        let mut client = connect_to(app.addr, &format!("sender{s}")).await;
+        let mut client = connect_as(app.addr, &format!("sender{s}"), &format!("198.51.100.{}", s + 1)).await;
         client.join_room("crash", 0).await;
         let acknowledged = Arc::clone(&acknowledged);
         let acks_seen = Arc::clone(&acks_seen);

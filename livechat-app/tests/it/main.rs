@@ -1,7 +1,9 @@
 //! Integration tests of the chat: the aggregate's rules, and the live views over real
 //! websockets against the real router.
 
+mod bugs;
 mod domain;
 mod durability;
+mod features;
 mod support;
 mod websocket;

@@ -4,7 +4,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::EventStore;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use cqrs_core::{
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId, Timestamp, Version,
+};
 use cqrs_memory::MemoryStore;
 use futures_util::{SinkExt, StreamExt};
 use livechat_app::server::{bind, serve};
@@ -24,6 +29,100 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A store that, for each of the next `n` appends it is told to fail, stores the append and
+/// then answers `Unavailable`: the outcome a client cannot know (a connection lost during the
+/// commit). While held, `head()` waits (a read model that cannot reach the head yet).
+pub struct FaultyStore {
+    pub inner: MemoryStore,
+    failing_appends: AtomicUsize,
+    pub appends: AtomicUsize,
+    head_open: tokio::sync::watch::Sender<bool>,
+}
+
+impl FaultyStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryStore::new(),
+            failing_appends: AtomicUsize::new(0),
+            appends: AtomicUsize::new(0),
+            head_open: tokio::sync::watch::channel(true).0,
+        })
+    }
+
+    /// The next `n` appends are stored, then answered with `Unavailable`.
+    pub fn fail_next_appends(&self, n: usize) {
+        self.failing_appends.store(n, Ordering::SeqCst);
+    }
+
+    /// `head()` waits until [`release_head`](Self::release_head).
+    pub fn hold_head(&self) {
+        self.head_open.send_replace(false);
+    }
+
+    pub fn release_head(&self) {
+        self.head_open.send_replace(true);
+    }
+}
+
+#[cqrs_core::async_trait]
+impl EventStore for FaultyStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        let outcome = self.inner.append(stream_id, expected, events).await?;
+        let fail = self.failing_appends.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+        if fail {
+            return Err(StoreError::Unavailable("injected: the connection dropped during the commit".into()));
+        }
+        Ok(outcome)
+    }
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        from: Version,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(stream_id, from, max).await
+    }
+    async fn read_all(&self, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all(after, max).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        let mut open = self.head_open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+        self.inner.head().await
+    }
+    async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
+        self.inner.stream_version(stream_id).await
+    }
+    async fn find_command(
+        &self,
+        stream_id: &StreamId,
+        command_id: CommandId,
+    ) -> Result<Option<AppendResult>, StoreError> {
+        self.inner.find_command(stream_id, command_id).await
+    }
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        self.inner.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<(), StoreError> {
+        self.inner.save_checkpoint(name, position).await
+    }
+    async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
+        self.inner.prune_commands(older_than).await
+    }
+    fn notifications(&self) -> tokio::sync::watch::Receiver<Position> {
+        self.inner.notifications()
+    }
+    fn inner_store(&self) -> Option<&dyn EventStore> {
+        Some(&self.inner)
+    }
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
@@ -37,7 +136,16 @@ impl TestServer {
     }
 
     pub async fn start_with(store: Arc<dyn EventStore>, config: AppConfig) -> Self {
-        let app = App::start(store, config, TIMEOUT).await;
+        Self::start_waiting(store, config, TIMEOUT).await
+    }
+
+    /// Starts without waiting for the read model to reach the store's head.
+    pub async fn start_unready(store: Arc<dyn EventStore>, config: AppConfig) -> Self {
+        Self::start_waiting(store, config, Duration::ZERO).await
+    }
+
+    async fn start_waiting(store: Arc<dyn EventStore>, config: AppConfig, ready: Duration) -> Self {
+        let app = App::start(store, config, ready).await;
         let state = Arc::clone(app.state());
         let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -107,7 +215,8 @@ impl TestServer {
         self.request(&request).await
     }
 
-    async fn request(&self, request: &str) -> Response {
+    /// Sends a raw HTTP request and reads the whole answer.
+    pub async fn request(&self, request: &str) -> Response {
         let mut stream = TcpStream::connect(self.addr).await.expect("connect");
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut raw = Vec::new();
@@ -184,6 +293,15 @@ impl AppProcess {
 pub async fn connect_to(addr: SocketAddr, name: &str) -> Client {
     let mut request = format!("ws://{addr}/live").into_client_request().expect("request");
     request.headers_mut().insert("cookie", format!("livechat_name={name}").parse().expect("header"));
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("websocket upgrade");
+    Client { ws }
+}
+
+/// A websocket client of `name` coming, through the loopback proxy, from `address`.
+pub async fn connect_as(addr: SocketAddr, name: &str, address: &str) -> Client {
+    let mut request = format!("ws://{addr}/live").into_client_request().expect("request");
+    request.headers_mut().insert("cookie", format!("livechat_name={name}").parse().expect("header"));
+    request.headers_mut().insert("x-forwarded-for", address.parse().expect("header"));
     let (ws, _) = tokio_tungstenite::connect_async(request).await.expect("websocket upgrade");
     Client { ws }
 }
@@ -295,6 +413,20 @@ impl Client {
         }
     }
 
+    /// Frames until one of each kind in `kinds` has arrived (in any order), the first of each.
+    pub async fn until_each(&mut self, kinds: &[&str]) -> Vec<Frame> {
+        let mut found: Vec<Option<Frame>> = vec![None; kinds.len()];
+        while found.iter().any(Option::is_none) {
+            let frame = self.recv().await;
+            if let Some(i) = kinds.iter().position(|k| *k == frame.kind()) {
+                if found[i].is_none() {
+                    found[i] = Some(frame);
+                }
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Messages received (skipping other frames) until `count` have arrived.
     pub async fn messages(&mut self, count: usize) -> Vec<Frame> {
         let mut messages = Vec::new();
@@ -302,5 +434,111 @@ impl Client {
             messages.push(self.recv_kind("msg").await);
         }
         messages
+    }
+}
+
+/// A websocket client written by hand, to send what a well-behaved client never would (an
+/// unmasked frame, invalid UTF-8, an oversized frame) and to see how the TCP connection ends.
+pub struct RawSocket {
+    pub stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawSocket {
+    /// Connects and upgrades as `name`.
+    pub async fn open(addr: SocketAddr, name: &str) -> Self {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let request = format!(
+            "GET /live HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Cookie: livechat_name={name}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let read = tokio::time::timeout(TIMEOUT, stream.read(&mut chunk)).await.expect("answer").expect("read");
+            assert!(read > 0, "closed during the handshake");
+            buffer.extend_from_slice(&chunk[..read]);
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buffer.drain(..head_end);
+        Self { stream, buffer }
+    }
+
+    /// Sends one frame (FIN set) with `opcode`, masked or not.
+    pub async fn send_frame(&mut self, opcode: u8, payload: &[u8], masked: bool) {
+        let mut frame = vec![0x80 | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            len @ 0..=125 => frame.push(mask_bit | len as u8),
+            len @ 126..=65_535 => {
+                frame.push(mask_bit | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(mask_bit | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        let key = [0x12, 0x34, 0x56, 0x78];
+        if masked {
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            frame.extend_from_slice(payload);
+        }
+        // The server may close before it reads everything: a write error is its answer.
+        let _ = self.stream.write_all(&frame).await;
+    }
+
+    /// Reads frames until a close frame; returns its code and reason.
+    pub async fn close_code(&mut self) -> (u16, String) {
+        loop {
+            let (opcode, payload) = self.read_frame().await;
+            if opcode == 0x8 {
+                let code = payload.get(..2).map_or(1005, |b| u16::from_be_bytes([b[0], b[1]]));
+                return (code, String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])).to_string());
+            }
+        }
+    }
+
+    async fn fill(&mut self, at_least: usize) {
+        let mut chunk = [0u8; 4096];
+        while self.buffer.len() < at_least {
+            let read = tokio::time::timeout(TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .expect("a frame in time")
+                .expect("read a frame, not a reset");
+            assert!(read > 0, "closed without a close frame");
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    /// The next frame from the server (servers do not mask).
+    pub async fn read_frame(&mut self) -> (u8, Vec<u8>) {
+        self.fill(2).await;
+        let opcode = self.buffer[0] & 0x0f;
+        let (len, start) = match self.buffer[1] & 0x7f {
+            126 => {
+                self.fill(4).await;
+                (usize::from(u16::from_be_bytes([self.buffer[2], self.buffer[3]])), 4)
+            }
+            127 => {
+                self.fill(10).await;
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(&self.buffer[2..10]);
+                (usize::try_from(u64::from_be_bytes(bytes)).expect("size"), 10)
+            }
+            len => (usize::from(len), 2),
+        };
+        self.fill(start + len).await;
+        let payload = self.buffer[start..start + len].to_vec();
+        self.buffer.drain(..start + len);
+        (opcode, payload)
     }
 }

@@ -1,0 +1,229 @@
+//! Limits that keep one client from growing the server without bound: a global connection cap
+//! and one per client address (the mini-redis pattern: a semaphore whose permit lives as long
+//! as the connection), commands per address, and new rooms per address per minute. Each limit
+//! that is hit is counted on `/metrics` ([`crate::metrics::Limit`]) and answered with a message
+//! that says which limit it was.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The limits' settings.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Connections (HTTP and websocket) open at once.
+    pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_connections_per_address: usize,
+    /// Commands (send, edit, delete) one address may make in a burst.
+    pub commands_burst: u32,
+    /// Commands per second one address may make on average.
+    pub commands_per_second: f64,
+    /// New rooms (a first message in an empty room) one address may create per minute.
+    pub rooms_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_connections_per_address: 128,
+            commands_burst: 30,
+            commands_per_second: 3.0,
+            rooms_per_minute: 10,
+        }
+    }
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets per key, forgetting full ones when there are too many keys.
+#[derive(Debug)]
+struct Buckets<K> {
+    buckets: Mutex<HashMap<K, Bucket>>,
+    burst: f64,
+    per_second: f64,
+}
+
+/// Most keys a bucket map holds before full buckets are forgotten.
+const MAX_KEYS: usize = 100_000;
+
+impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
+    fn new(burst: f64, per_second: f64) -> Self {
+        Self { buckets: Mutex::new(HashMap::new()), burst: burst.max(1.0), per_second }
+    }
+
+    /// Takes one token for `key` at `now`; `Err(wait)` when there is none.
+    fn take(&self, key: &K, now: Instant) -> Result<(), Duration> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_KEYS {
+            let (burst, rate) = (self.burst, self.per_second);
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+        }
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket { tokens: self.burst, at: now });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.per_second).min(self.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            let missing = 1.0 - bucket.tokens;
+            Err(Duration::from_secs_f64(if self.per_second > 0.0 { missing / self.per_second } else { 60.0 }))
+        }
+    }
+}
+
+/// Open connections per client address.
+#[derive(Debug, Default)]
+pub struct AddressCounts {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection counted for an address; released on drop.
+#[derive(Debug)]
+pub struct AddressPermit {
+    counts: Arc<AddressCounts>,
+    address: IpAddr,
+}
+
+impl Drop for AddressPermit {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// What a connection holds for as long as it is open: its place under the global cap and,
+/// when counted, under its address's.
+#[derive(Debug)]
+pub struct ConnectionPermit {
+    _global: OwnedSemaphorePermit,
+    _address: Option<AddressPermit>,
+}
+
+/// Which limit refused something, with the words shown to the person.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The server holds its maximum of connections.
+    #[error("the server is at its limit of {0} connections; try again in a minute")]
+    ServerFull(usize),
+    /// This address holds its maximum of connections.
+    #[error("too many connections from your address (the limit is {0}); close some tabs and try again")]
+    AddressFull(usize),
+    /// This address sent too many commands just now.
+    #[error("slow down: too many messages from your network; try again in {0} s")]
+    Commands(u64),
+    /// This address created too many rooms in the last minute.
+    #[error("too many new rooms from your network: at most {0} a minute; try again in {1} s")]
+    Rooms(u32, u64),
+}
+
+/// The limits, shared by every connection.
+#[derive(Debug)]
+pub struct Limits {
+    config: LimitsConfig,
+    connections: Arc<Semaphore>,
+    addresses: Arc<AddressCounts>,
+    commands: Buckets<IpAddr>,
+    rooms: Buckets<IpAddr>,
+}
+
+impl Limits {
+    /// Limits with these settings.
+    pub fn new(config: LimitsConfig) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            addresses: Arc::new(AddressCounts::default()),
+            commands: Buckets::new(f64::from(config.commands_burst), config.commands_per_second),
+            rooms: Buckets::new(f64::from(config.rooms_per_minute), f64::from(config.rooms_per_minute) / 60.0),
+            config,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LimitsConfig {
+        &self.config
+    }
+
+    /// A place under the global cap, and under `address`'s if given.
+    pub fn connect(&self, address: Option<IpAddr>) -> Result<ConnectionPermit, Refusal> {
+        let global = Arc::clone(&self.connections)
+            .try_acquire_owned()
+            .map_err(|_| Refusal::ServerFull(self.config.max_connections))?;
+        let address = address.map(|address| self.count_address(address)).transpose()?;
+        Ok(ConnectionPermit { _global: global, _address: address })
+    }
+
+    /// A place under `address`'s connection cap.
+    pub fn count_address(&self, address: IpAddr) -> Result<AddressPermit, Refusal> {
+        let mut counts = self.addresses.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(address).or_default();
+        if *count >= self.config.max_connections_per_address {
+            return Err(Refusal::AddressFull(self.config.max_connections_per_address));
+        }
+        *count += 1;
+        Ok(AddressPermit { counts: Arc::clone(&self.addresses), address })
+    }
+
+    /// Takes one command from `address`'s budget.
+    pub fn command(&self, address: IpAddr) -> Result<(), Refusal> {
+        self.commands.take(&address, Instant::now()).map_err(|wait| Refusal::Commands(wait.as_secs().max(1)))
+    }
+
+    /// Takes one new room from `address`'s budget.
+    pub fn new_room(&self, address: IpAddr) -> Result<(), Refusal> {
+        self.rooms
+            .take(&address, Instant::now())
+            .map_err(|wait| Refusal::Rooms(self.config.rooms_per_minute, wait.as_secs().max(1)))
+    }
+
+    /// Connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.config.max_connections.max(1) - self.connections.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_refill_over_time() {
+        let buckets = Buckets::new(2.0, 1.0);
+        let start = Instant::now();
+        assert!(buckets.take(&1, start).is_ok());
+        assert!(buckets.take(&1, start).is_ok());
+        let wait = buckets.take(&1, start).expect_err("empty");
+        assert!(wait <= Duration::from_secs(1));
+        assert!(buckets.take(&2, start).is_ok(), "another key has its own bucket");
+        assert!(buckets.take(&1, start + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn connection_caps_are_released_with_their_permits() {
+        let limits =
+            Limits::new(LimitsConfig { max_connections: 3, max_connections_per_address: 2, ..LimitsConfig::default() });
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let first = limits.connect(Some(a)).expect("first");
+        let _second = limits.connect(Some(a)).expect("second");
+        assert_eq!(limits.connect(Some(a)).expect_err("third from a"), Refusal::AddressFull(2));
+        let _third = limits.connect(Some(b)).expect("b has its own");
+        assert_eq!(limits.connect(None).expect_err("server full"), Refusal::ServerFull(3));
+        drop(first);
+        assert!(limits.connect(Some(a)).is_ok(), "a place freed");
+    }
+}

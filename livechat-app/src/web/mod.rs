@@ -1,0 +1,6 @@
+//! The HTTP side: [`routes`] (pages, forms, the websocket upgrade, health, metrics, assets)
+//! and [`security`] (client address through trusted proxies, `Host` and `Origin` checks, the
+//! name cookie, security headers).
+
+pub mod routes;
+pub mod security;
