@@ -66,6 +66,37 @@ pub(crate) fn trace_context() -> Option<&'static dyn TraceContext> {
     TRACE_CONTEXT.get().map(|propagation| &**propagation)
 }
 
+/// Describes every framework metric (help text and unit) to the installed recorder, so an
+/// exporter lists them with `# HELP` lines. Call it once after installing a recorder; a
+/// recorder installed later misses the descriptions, not the metrics.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("cqrs_commands_total", "Commands dispatched, by aggregate category and outcome.");
+    describe_counter!("cqrs_command_conflicts_total", "Version conflicts retried: the command was decided again.");
+    describe_histogram!(
+        "cqrs_dispatch_duration_seconds",
+        Unit::Seconds,
+        "Dispatch latency, routing to answer (without read-your-writes waits)."
+    );
+    describe_counter!("cqrs_appends_total", "Appends to the event store, by store and result.");
+    describe_histogram!(
+        "cqrs_append_duration_seconds",
+        Unit::Seconds,
+        "Append latency as the caller sees it (queue and commit)."
+    );
+    describe_histogram!("cqrs_append_batch_size", "Appends per group commit of a SQL store's writer.");
+    describe_gauge!("cqrs_handler_position", "Position below which every event is handled, by handler.");
+    describe_gauge!("cqrs_handler_lag_events", "Newest position the store announced minus the handler's position.");
+    describe_counter!("cqrs_handler_events_total", "Events handled, by handler.");
+    describe_counter!("cqrs_handler_failures_total", "Failed handler attempts (retried or parked).");
+    describe_gauge!("cqrs_handler_parked_events", "Events parked, known to this runner.");
+    describe_gauge!(
+        "cqrs_handler_active",
+        "1 while this process is the handler's active consumer, 0 while it stands by."
+    );
+    describe_counter!("cqrs_handler_takeovers_total", "Tenures this process started: an exclusive handler moved here.");
+}
+
 /// For store implementors: the `append` span of one append, to enter around it.
 pub fn append_span(store: &'static str, stream: &StreamId, events: usize) -> tracing::Span {
     tracing::info_span!(

@@ -17,7 +17,7 @@ use crate::commands::Commands;
 use crate::domain::{Chat, ChatEvent, ChatId};
 use crate::limits::Limits;
 use crate::live::present::{LivePresent, Model};
-use crate::metrics::{History, Metrics, Snapshot};
+use crate::metrics::{History, Levels, Metrics, Snapshot};
 use crate::render::{self, Assets, HandlerLine};
 pub use crate::state::{AppConfig, AppState};
 
@@ -60,6 +60,7 @@ impl App {
             store: Arc::clone(&store),
             model: model.clone(),
             metrics: Arc::clone(&metrics),
+            limits: Arc::clone(&limits),
             progress: progress.clone(),
             lobby: lobby_tx,
             dashboard: dashboard_tx,
@@ -145,6 +146,7 @@ struct Ticker {
     store: Arc<dyn EventStore>,
     model: Model,
     metrics: Arc<Metrics>,
+    limits: Arc<Limits>,
     progress: Progress,
     lobby: watch::Sender<Arc<str>>,
     dashboard: watch::Sender<Arc<str>>,
@@ -159,7 +161,7 @@ async fn tick(ticker: Ticker) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let head = ticker.store.notifications();
     let mut last_sample = Instant::now();
-    let mut previous_commands = 0;
+    let mut previous: Option<Snapshot> = None;
     let mut history = History::default();
     loop {
         interval.tick().await;
@@ -177,17 +179,10 @@ async fn tick(ticker: Ticker) {
         }
         if last_sample.elapsed() >= Duration::from_millis(950) {
             let interval = last_sample.elapsed();
-            let now = Snapshot::take(
-                &ticker.metrics,
-                ticker.model.resident_rooms(),
-                head.borrow().0,
-                ticker.model.position().0,
-                previous_commands,
-                interval,
-            );
+            ticker.metrics.set_levels(&levels(&ticker.model, head.borrow().0, &ticker.limits));
+            let now = Snapshot::of(&ticker.metrics.reading(), previous.as_ref(), interval);
             last_sample = Instant::now();
-            previous_commands = now.commands();
-            history.record(&ticker.metrics, &now, interval);
+            history.record(&now, interval);
             let handlers: Vec<HandlerLine> = ticker
                 .progress
                 .statuses()
@@ -200,8 +195,22 @@ async fn tick(ticker: Ticker) {
                 .collect();
             let html: Arc<str> = Arc::from(render::metrics(&now, &history, &handlers).into_string());
             ticker.dashboard.send_replace(html);
-            ticker.snapshot.send_replace(now);
+            ticker.snapshot.send_replace(now.clone());
+            previous = Some(now);
         }
+    }
+}
+
+/// The levels `/metrics` and the dashboard read from the app's parts.
+pub(crate) fn levels(model: &Model, store_head: u64, limits: &Limits) -> Levels {
+    Levels {
+        rooms: model.resident_rooms() as u64,
+        store_head,
+        projected: model.position().0,
+        connections_open: limits.open_connections() as u64,
+        window_messages: model.window_messages() as u64,
+        rooms_loaded: model.loaded_rooms(),
+        rooms_evicted: model.evicted_rooms(),
     }
 }
 

@@ -108,15 +108,14 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::{Metrics, Snapshot};
+    use crate::metrics::Snapshot;
 
     #[test]
     fn charts_are_svg_polylines_scaled_to_their_maximum() {
-        let metrics = Metrics::default();
         let mut history = History::default();
         for views in [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] {
             let snapshot = Snapshot { views, ..Snapshot::default() };
-            history.record(&metrics, &snapshot, Duration::from_secs(1));
+            history.record(&snapshot, Duration::from_secs(1));
         }
         let charts: Vec<String> = dashboard_charts(&history).into_iter().map(Markup::into_string).collect();
         assert_eq!(charts.len(), 8);
@@ -126,7 +125,7 @@ mod tests {
         assert!(!views.contains("style="), "no inline styles: {views}");
         let mut long = History::default();
         for _ in 0..2 * History::CAPACITY {
-            long.record(&metrics, &Snapshot::default(), Duration::from_secs(1));
+            long.record(&Snapshot::default(), Duration::from_secs(1));
         }
         let (points, _) = points(&SERIES[0], &long);
         assert_eq!(points.len(), History::CAPACITY / PER_POINT, "bounded whatever the uptime");

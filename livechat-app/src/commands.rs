@@ -7,7 +7,6 @@
 //! content is refused, never acknowledged as if the new content were stored.
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -145,17 +144,39 @@ impl Commands {
         self.run(command, id, &Consistency::Eventual).await
     }
 
-    /// Dispatches, retrying once with the same id when the outcome is unknown.
+    /// Dispatches, retrying once with the same id when the outcome is unknown, inside a
+    /// `chat_command` span (the root of the trace a send starts: the framework's `dispatch`,
+    /// `append` and, through the events' headers, every `handle` span descend from it).
     async fn run(&self, command: ChatCommand, id: uuid::Uuid, consistency: &Consistency) -> Outcome {
+        let span = tracing::info_span!(
+            "chat_command",
+            room = %command.chat_id(),
+            command = command.kind(),
+            command_id = %id,
+            outcome = tracing::field::Empty,
+        );
+        let outcome = tracing::Instrument::instrument(self.run_inner(command, id, consistency), span.clone()).await;
+        span.record(
+            "outcome",
+            match outcome {
+                Outcome::Stored => "stored",
+                Outcome::Refused(_) => "refused",
+                Outcome::Unknown(_) => "unknown",
+            },
+        );
+        outcome
+    }
+
+    async fn run_inner(&self, command: ChatCommand, id: uuid::Uuid, consistency: &Consistency) -> Outcome {
         let room = command.chat_id().clone();
         let started = Instant::now();
         let envelope = CommandEnvelope::new(command.clone()).with_command_id(CommandId(id));
         let mut result = self.dispatcher.dispatch_with(envelope.clone(), consistency).await;
         if matches!(result, Err(DispatchError::Store(StoreError::Unavailable(_)))) {
-            self.metrics.commands_retried.fetch_add(1, Ordering::Relaxed);
+            self.metrics.commands_retried.increment(1);
             result = self.dispatcher.dispatch_with(envelope, consistency).await;
         }
-        self.metrics.dispatch.record(started.elapsed());
+        self.metrics.dispatch.record(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(outcome) => self.stored(&command, &outcome).await,
             Err(DispatchError::ConsistencyTimeout { outcome, .. }) => self.stored(&command, &outcome).await,
@@ -183,7 +204,7 @@ impl Commands {
             Outcome::Refused(_) => &self.metrics.commands_refused,
             Outcome::Unknown(_) => &self.metrics.commands_unknown,
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.increment(1);
         outcome
     }
 
@@ -203,7 +224,7 @@ impl Commands {
         if event.as_ref().is_some_and(|event| same_content(command, event)) {
             Outcome::Stored
         } else {
-            self.metrics.commands_id_reused.fetch_add(1, Ordering::Relaxed);
+            self.metrics.commands_id_reused.increment(1);
             Outcome::Refused(
                 "this message id was already used for a different message; nothing was stored (reload the page to send it again)"
                     .to_owned(),

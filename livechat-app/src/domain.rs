@@ -272,6 +272,15 @@ impl ChatCommand {
             | ChatCommand::DeleteMessage { chat_id, .. } => chat_id,
         }
     }
+
+    /// The command's name: `send`, `edit` or `delete`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ChatCommand::SendMessage { .. } => "send",
+            ChatCommand::EditMessage { .. } => "edit",
+            ChatCommand::DeleteMessage { .. } => "delete",
+        }
+    }
 }
 
 /// The events of a room, stored under their variant names.

@@ -59,6 +59,8 @@ pub mod domain;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod render;
 pub mod rooms;
 pub mod server;

@@ -28,12 +28,15 @@ const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL] [o
                        default 127.0.0.0/8 and ::1; `none` trusts no proxy)
   --max-connections N  connections open at once (default 10000)
   --max-connections-per-address N
-                       connections open at once from one client address (default 128)";
+                       connections open at once from one client address (default 128)
+  --otlp-endpoint URL  export spans over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318
+                       (env OTEL_EXPORTER_OTLP_ENDPOINT; needs the `otel` cargo feature)";
 
 struct Args {
     listen: SocketAddr,
     database_url: String,
     config: AppConfig,
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -41,6 +44,7 @@ fn parse_args() -> Result<Args> {
     let mut database_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
     let mut config = AppConfig::default();
     let mut proxies: Option<TrustedProxies> = None;
+    let mut otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|url| !url.is_empty());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -66,6 +70,7 @@ fn parse_args() -> Result<Args> {
             }
             "--max-connections" => config.limits.max_connections = number(value()?)?,
             "--max-connections-per-address" => config.limits.max_connections_per_address = number(value()?)?,
+            "--otlp-endpoint" => otlp_endpoint = Some(value()?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -78,18 +83,16 @@ fn parse_args() -> Result<Args> {
     if let Some(proxies) = proxies {
         config.trusted_proxies = proxies;
     }
-    Ok(Args { listen, database_url, config })
+    if otlp_endpoint.is_some() && !cfg!(feature = "otel") {
+        bail!("--otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) needs a build with the `otel` feature: cargo run --release -p livechat-app --features otel");
+    }
+    Ok(Args { listen, database_url, config, otlp_endpoint })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .init();
     let args = parse_args()?;
+    let tracing = init_tracing(args.otlp_endpoint.as_deref())?;
     raise_open_files_limit(args.config.limits.max_connections);
     let store = open_store(&args.database_url).await.context("opening the event store")?;
     let app = App::start(store, args.config, Duration::from_secs(60)).await;
@@ -98,11 +101,84 @@ async fn main() -> Result<()> {
     println!("livechat: storing events in {}", describe_store(&args.database_url));
     println!("livechat: open http://{addr}/");
     serve(listener, app, async {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("livechat: shutting down");
+        let signal = stop_signal().await;
+        println!("livechat: {signal}: shutting down (views are told to reconnect; requests in flight finish)");
     })
     .await?;
+    tracing.shutdown();
     Ok(())
+}
+
+/// What was installed for `tracing`; flushes exported spans at shutdown.
+struct Tracing {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Tracing {
+    fn shutdown(self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider {
+            if let Err(error) = provider.shutdown() {
+                eprintln!("livechat: flushing spans to the OTLP collector failed: {error}");
+            }
+        }
+    }
+}
+
+/// Logs to stderr filtered by `RUST_LOG` (default `info,sqlx=warn`), and with `otlp_endpoint`
+/// (the `otel` feature) exports spans over OTLP, with trace context carried in event headers.
+fn init_tracing(otlp_endpoint: Option<&str>) -> Result<Tracing> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let registry = tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer());
+    #[cfg(feature = "otel")]
+    {
+        let provider = match otlp_endpoint {
+            Some(endpoint) => {
+                let provider = livechat_app::otel::otlp_provider(endpoint)?;
+                livechat_app::otel::install_propagation();
+                println!("livechat: exporting spans over OTLP to {endpoint}");
+                Some(provider)
+            }
+            None => None,
+        };
+        registry.with(provider.as_ref().map(livechat_app::otel::layer)).try_init()?;
+        Ok(Tracing { provider })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = otlp_endpoint;
+        registry.try_init()?;
+        Ok(Tracing {})
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM (what `kill`, systemd and container runtimes send to stop a
+/// process, e.g. in a rolling restart) and names it.
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "interrupted",
+                _ = terminate.recv() => "terminated",
+            },
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the server gracefully");
+                let _ = tokio::signal::ctrl_c().await;
+                "interrupted"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "interrupted"
+    }
 }
 
 /// Raises the open-files soft limit to the hard limit (the default soft limit, often 1024,

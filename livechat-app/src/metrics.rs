@@ -1,135 +1,130 @@
-//! Counters and a latency histogram, shown live on `/dashboard` and exported at `/metrics`
-//! in the Prometheus text format. Lock-free: every update is one atomic add. The dashboard's
-//! charts come from [`History`], one [`Sample`] per second for the last 15 minutes.
+//! The app's metrics, recorded through the [`metrics`] facade into a
+//! `metrics-exporter-prometheus` recorder and exported at `/metrics`. Latencies are Prometheus
+//! histograms with fixed buckets, so a p99 across nodes is one query
+//! (`histogram_quantile(0.99, sum by (le) (rate(livechat_dispatch_seconds_bucket[1m])))`).
+//!
+//! Two recorders are rendered together: the app's own ([`Metrics::new`] builds one per app, so
+//! two apps in one process, as in tests, count apart), and the process's global one, which
+//! receives the framework's `cqrs_*` metrics (see `cqrs_core::telemetry`) and which
+//! [`Metrics::new`] installs when no other global recorder is. `/dashboard` reads the same
+//! exposition text once a second ([`Reading`]) and charts it ([`History`]).
 
-use std::collections::VecDeque;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Sub-buckets per power of two in the latency histogram (12.5% resolution).
-const SUB_BUCKETS: usize = 8;
-/// Powers of two covered: 1 µs to ~67 s.
-const POWERS: usize = 26;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-/// A log-linear histogram of durations in microseconds.
-#[derive(Debug)]
-pub struct Histogram {
-    buckets: Vec<AtomicU64>,
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
+/// Bucket bounds of every `*_seconds` histogram: 100 µs to 10 s.
+pub const SECONDS_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-impl Default for Histogram {
-    fn default() -> Self {
-        Self {
-            buckets: (0..POWERS * SUB_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            count: AtomicU64::new(0),
-            sum_micros: AtomicU64::new(0),
-        }
+/// Bucket bounds of `cqrs_append_batch_size` (appends per group commit).
+pub const BATCH_BUCKETS: [f64; 11] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+
+/// A recorder with the app's buckets.
+fn recorder() -> PrometheusRecorder {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("cqrs_append_batch_size".into()), &BATCH_BUCKETS));
+    match builder {
+        Ok(builder) => builder.build_recorder(),
+        // Only an empty bucket list is refused; ours are constants.
+        Err(error) => unreachable!("constant buckets refused: {error}"),
     }
 }
 
-impl Histogram {
-    fn index(micros: u64) -> usize {
-        if micros < SUB_BUCKETS as u64 {
-            return micros as usize;
-        }
-        let power = 63 - micros.leading_zeros() as usize; // ≥ 3
-        let sub = ((micros >> (power - 3)) & (SUB_BUCKETS as u64 - 1)) as usize;
-        ((power - 2) * SUB_BUCKETS + sub).min(POWERS * SUB_BUCKETS - 1)
-    }
-
-    /// The largest value that falls in bucket `index`.
-    fn upper_bound(index: usize) -> u64 {
-        if index < SUB_BUCKETS {
-            return index as u64;
-        }
-        let power = index / SUB_BUCKETS + 2;
-        let sub = (index % SUB_BUCKETS) as u64;
-        ((SUB_BUCKETS as u64 + sub + 1) << (power - 3)) - 1
-    }
-
-    /// Records one duration.
-    pub fn record(&self, duration: Duration) {
-        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
-        self.buckets[Self::index(micros)].fetch_add(1, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    /// Recorded values.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// The bucket counts now (to diff two readings: the quantiles of an interval).
-    pub fn counts(&self) -> Vec<u64> {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
-    }
-
-    /// The `q` quantile (0.0–1.0) in microseconds, to the bucket's upper bound; 0 if empty.
-    pub fn quantile(&self, q: f64) -> u64 {
-        Self::quantile_of(&self.counts(), q)
-    }
-
-    /// The `q` quantile of bucket counts read with [`counts`](Self::counts) (or a difference of
-    /// two readings).
-    pub fn quantile_of(counts: &[u64], q: f64) -> u64 {
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return 0;
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (index, count) in counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return Self::upper_bound(index);
+/// The process's global recorder (the framework's metrics), if this module installed it.
+fn framework() -> Option<&'static PrometheusHandle> {
+    static FRAMEWORK: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    FRAMEWORK
+        .get_or_init(|| {
+            let recorder = recorder();
+            let handle = recorder.handle();
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => {
+                    cqrs_core::telemetry::describe();
+                    Some(handle)
+                }
+                Err(_) => {
+                    tracing::warn!("a global metrics recorder was installed already: /metrics shows no cqrs_* metrics");
+                    None
+                }
             }
-        }
-        Self::upper_bound(counts.len() - 1)
-    }
+        })
+        .as_ref()
 }
 
-/// The app's counters.
-#[derive(Debug, Default)]
+/// The app's metrics: handles into its recorder. Every update is an atomic operation.
+#[derive(Debug)]
 pub struct Metrics {
+    recorder: PrometheusRecorder,
     /// Live views connected now.
-    pub views: AtomicI64,
+    pub views: Gauge,
     /// Websocket connections accepted since start.
-    pub connections: AtomicU64,
+    pub connections: Counter,
     /// Commands stored (or recognised as duplicates).
-    pub commands_ok: AtomicU64,
+    pub commands_ok: Counter,
     /// Commands refused by the aggregate.
-    pub commands_refused: AtomicU64,
+    pub commands_refused: Counter,
     /// Commands that failed in the store or dispatcher.
-    pub commands_failed: AtomicU64,
-    /// Dispatch latency.
+    pub commands_failed: Counter,
+    /// Commands whose outcome the store could not tell (answered "unknown").
+    pub commands_unknown: Counter,
+    /// Commands the server dispatched a second time with the same id after an unknown outcome.
+    pub commands_retried: Counter,
+    /// Commands refused because their id was used before for different content.
+    pub commands_id_reused: Counter,
+    /// Dispatch latency of the chat's commands, seconds.
     pub dispatch: Histogram,
     /// Frames sent to browsers.
-    pub frames_sent: AtomicU64,
+    pub frames_sent: Counter,
     /// Bytes of those frames.
-    pub bytes_sent: AtomicU64,
+    pub bytes_sent: Counter,
     /// Frames from browsers that were refused (malformed, too many, too large).
-    pub frames_refused: AtomicU64,
+    pub frames_refused: Counter,
     /// Views that fell behind their room's channel and resynced from their position.
-    pub resyncs: AtomicU64,
-    /// Commands whose outcome the store could not tell (answered "unknown").
-    pub commands_unknown: AtomicU64,
-    /// Commands the server dispatched a second time with the same id after an unknown outcome.
-    pub commands_retried: AtomicU64,
-    /// Commands refused because their id was used before for different content.
-    pub commands_id_reused: AtomicU64,
-    /// Limits hit (see [`Limit`]).
-    pub limited: [AtomicU64; Limit::ALL.len()],
+    pub resyncs: Counter,
     /// HTTP connections closed because a request head did not arrive in time.
-    pub http_timeouts: AtomicU64,
-    /// Websockets closed by the server, by close code: 1001, 1002, 1007, 1008, 1009, 1013.
-    pub closes: [AtomicU64; CLOSE_CODES.len()],
+    pub http_timeouts: Counter,
+    limited: Vec<Counter>,
+    closes: Vec<Counter>,
+    levels: LevelHandles,
 }
 
-/// The close codes counted in [`Metrics::closes`].
+/// Values the app reads from its parts when sampled (not counted as they happen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Levels {
+    /// Rooms resident in memory.
+    pub rooms: u64,
+    /// The event store's last known position.
+    pub store_head: u64,
+    /// The read model's position.
+    pub projected: u64,
+    /// HTTP and websocket connections open now.
+    pub connections_open: u64,
+    /// Messages held in the rooms' windows.
+    pub window_messages: u64,
+    /// Rooms loaded from the store since start.
+    pub rooms_loaded: u64,
+    /// Idle rooms evicted since start.
+    pub rooms_evicted: u64,
+}
+
+#[derive(Debug)]
+struct LevelHandles {
+    rooms: Gauge,
+    store_head: Gauge,
+    projected: Gauge,
+    lag: Gauge,
+    connections_open: Gauge,
+    window_messages: Gauge,
+    rooms_loaded: Counter,
+    rooms_evicted: Counter,
+}
+
+/// The close codes counted in `livechat_closes_total{code}`.
 pub const CLOSE_CODES: [u16; 6] = [1001, 1002, 1007, 1008, 1009, 1013];
 
 /// A limit a client can hit; each has a counter on `/metrics`
@@ -153,7 +148,7 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// Every limit, in the order of [`Metrics::limited`].
+    /// Every limit.
     pub const ALL: [Limit; 7] = [
         Limit::Connections,
         Limit::AddressConnections,
@@ -178,29 +173,343 @@ impl Limit {
     }
 }
 
+const METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// What kind of metric, with its description, for [`Metrics::new`].
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
+    /// A recorder for one app, with every metric registered and described (so `/metrics`
+    /// lists them all from the start), and the process's global recorder installed for the
+    /// framework's metrics if no recorder is yet.
+    pub fn new() -> Self {
+        let _ = framework();
+        let recorder = recorder();
+        let describe = |name: &'static str, kind: Kind, unit: Option<Unit>, help: &'static str| {
+            let (key, help) = (KeyName::from_const_str(name), SharedString::const_str(help));
+            match kind {
+                Kind::Counter => recorder.describe_counter(key, unit, help),
+                Kind::Gauge => recorder.describe_gauge(key, unit, help),
+                Kind::Histogram => recorder.describe_histogram(key, unit, help),
+            }
+        };
+        for (name, kind, unit, help) in DESCRIPTIONS {
+            describe(name, kind, unit, help);
+        }
+        let counter = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
+        let gauge = |name: &'static str| recorder.register_gauge(&Key::from_static_name(name), &METADATA);
+        let labelled = |name: &'static str, label: &'static str, value: String| {
+            recorder.register_counter(&Key::from_parts(name, vec![Label::new(label, value)]), &METADATA)
+        };
+        Self {
+            views: gauge("livechat_views"),
+            connections: counter("livechat_connections_total"),
+            commands_ok: counter("livechat_commands_ok_total"),
+            commands_refused: counter("livechat_commands_refused_total"),
+            commands_failed: counter("livechat_commands_failed_total"),
+            commands_unknown: counter("livechat_commands_unknown_total"),
+            commands_retried: counter("livechat_commands_retried_total"),
+            commands_id_reused: counter("livechat_commands_id_reused_total"),
+            dispatch: recorder.register_histogram(&Key::from_static_name("livechat_dispatch_seconds"), &METADATA),
+            frames_sent: counter("livechat_frames_sent_total"),
+            bytes_sent: counter("livechat_bytes_sent_total"),
+            frames_refused: counter("livechat_frames_refused_total"),
+            resyncs: counter("livechat_resyncs_total"),
+            http_timeouts: counter("livechat_http_header_timeouts_total"),
+            limited: Limit::ALL
+                .iter()
+                .map(|limit| labelled("livechat_limited_total", "limit", limit.label().to_owned()))
+                .collect(),
+            closes: CLOSE_CODES
+                .iter()
+                .map(|code| labelled("livechat_closes_total", "code", code.to_string()))
+                .collect(),
+            levels: LevelHandles {
+                rooms: gauge("livechat_rooms"),
+                store_head: gauge("livechat_events_stored"),
+                projected: gauge("livechat_events_projected"),
+                lag: gauge("livechat_projection_lag"),
+                connections_open: gauge("livechat_connections_open"),
+                window_messages: gauge("livechat_window_messages"),
+                rooms_loaded: counter("livechat_rooms_loaded_total"),
+                rooms_evicted: counter("livechat_rooms_evicted_total"),
+            },
+            recorder,
+        }
+        .with_build_info()
+    }
+
+    fn with_build_info(self) -> Self {
+        let version = Label::new("version", env!("CARGO_PKG_VERSION"));
+        self.recorder.register_gauge(&Key::from_parts("livechat_build_info", vec![version]), &METADATA).set(1.0);
+        self
+    }
+
     /// Counts one frame of `bytes` sent.
     pub fn sent(&self, bytes: usize) {
-        self.frames_sent.fetch_add(1, Ordering::Relaxed);
-        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.sent_many(1, bytes);
+    }
+
+    /// Counts `frames` frames of `bytes` bytes in all.
+    pub fn sent_many(&self, frames: u64, bytes: usize) {
+        self.frames_sent.increment(frames);
+        self.bytes_sent.increment(bytes as u64);
     }
 
     /// Counts one hit of `limit`.
     pub fn limited(&self, limit: Limit) {
-        let index = Limit::ALL.iter().position(|l| *l == limit).unwrap_or(0);
-        self.limited[index].fetch_add(1, Ordering::Relaxed);
+        if let Some(index) = Limit::ALL.iter().position(|l| *l == limit) {
+            self.limited[index].increment(1);
+        }
     }
 
-    /// How often `limit` was hit.
+    /// How often `limit` was hit (read from the exposition).
     pub fn limited_count(&self, limit: Limit) -> u64 {
-        Limit::ALL.iter().position(|l| *l == limit).map_or(0, |i| self.limited[i].load(Ordering::Relaxed))
+        self.reading().labelled("livechat_limited_total", "limit", limit.label()) as u64
     }
 
     /// Counts one close sent with `code`.
     pub fn closed(&self, code: u16) {
         if let Some(index) = CLOSE_CODES.iter().position(|c| *c == code) {
-            self.closes[index].fetch_add(1, Ordering::Relaxed);
+            self.closes[index].increment(1);
         }
+    }
+
+    /// Sets the values read from the app's parts (before a scrape or a sample).
+    pub fn set_levels(&self, levels: &Levels) {
+        let handles = &self.levels;
+        handles.rooms.set(levels.rooms as f64);
+        handles.store_head.set(levels.store_head.max(levels.projected) as f64);
+        handles.projected.set(levels.projected as f64);
+        handles.lag.set(levels.store_head.saturating_sub(levels.projected) as f64);
+        handles.connections_open.set(levels.connections_open as f64);
+        handles.window_messages.set(levels.window_messages as f64);
+        handles.rooms_loaded.absolute(levels.rooms_loaded);
+        handles.rooms_evicted.absolute(levels.rooms_evicted);
+    }
+
+    /// The Prometheus text exposition: the app's metrics, then the framework's.
+    pub fn render(&self) -> String {
+        let mut text = self.recorder.handle().render();
+        if let Some(framework) = framework() {
+            text.push_str(&framework.render());
+        }
+        text
+    }
+
+    /// The exposition, parsed.
+    pub fn reading(&self) -> Reading {
+        Reading::parse(&self.render())
+    }
+}
+
+/// Every metric of the app, described once.
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 25] = [
+    ("livechat_views", Kind::Gauge, None, "Live views connected now."),
+    ("livechat_connections_total", Kind::Counter, None, "Websocket connections accepted."),
+    ("livechat_commands_ok_total", Kind::Counter, None, "Commands stored (or recognised as duplicates)."),
+    ("livechat_commands_refused_total", Kind::Counter, None, "Commands refused by the aggregate."),
+    ("livechat_commands_failed_total", Kind::Counter, None, "Commands that failed in the store."),
+    (
+        "livechat_commands_unknown_total",
+        Kind::Counter,
+        None,
+        "Commands answered \"unknown\": the store could not say whether they were stored.",
+    ),
+    (
+        "livechat_commands_retried_total",
+        Kind::Counter,
+        None,
+        "Commands dispatched again by the server with the same id after an unknown outcome.",
+    ),
+    (
+        "livechat_commands_id_reused_total",
+        Kind::Counter,
+        None,
+        "Commands refused: their id was used before for a different content.",
+    ),
+    (
+        "livechat_dispatch_seconds",
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Chat command latency at the server: limits, dispatch and the store's answer.",
+    ),
+    ("livechat_frames_sent_total", Kind::Counter, None, "Websocket frames sent."),
+    ("livechat_bytes_sent_total", Kind::Counter, Some(Unit::Bytes), "Websocket bytes sent."),
+    ("livechat_frames_refused_total", Kind::Counter, None, "Client frames refused."),
+    ("livechat_resyncs_total", Kind::Counter, None, "Lagging views resynced."),
+    (
+        "livechat_http_header_timeouts_total",
+        Kind::Counter,
+        None,
+        "HTTP connections closed because a request head did not arrive in time.",
+    ),
+    ("livechat_limited_total", Kind::Counter, None, "Requests refused by a limit."),
+    ("livechat_closes_total", Kind::Counter, None, "Websockets closed by the server, by close code."),
+    ("livechat_rooms", Kind::Gauge, None, "Rooms resident in memory (with their recent window)."),
+    ("livechat_events_stored", Kind::Gauge, None, "The event store's last known position."),
+    ("livechat_events_projected", Kind::Gauge, None, "The read model's position."),
+    ("livechat_projection_lag", Kind::Gauge, None, "Events stored but not yet projected."),
+    ("livechat_connections_open", Kind::Gauge, None, "HTTP and websocket connections open now."),
+    ("livechat_window_messages", Kind::Gauge, None, "Messages held in the rooms' windows."),
+    ("livechat_rooms_loaded_total", Kind::Counter, None, "Rooms loaded from the store."),
+    ("livechat_rooms_evicted_total", Kind::Counter, None, "Idle rooms evicted from memory."),
+    ("livechat_build_info", Kind::Gauge, None, "Always 1; the version in a label."),
+];
+
+/// One sample's labels, as `(name, value)` pairs in exposition order.
+type Labels = Vec<(String, String)>;
+
+/// A parsed Prometheus text exposition: every sample by name and labels.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reading {
+    samples: HashMap<String, Vec<(Labels, f64)>>,
+}
+
+impl Reading {
+    /// Parses exposition text; lines it cannot read are skipped.
+    pub fn parse(text: &str) -> Self {
+        let mut samples: HashMap<String, Vec<(Labels, f64)>> = HashMap::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (series, value) = match line.rsplit_once(' ') {
+                Some((series, value)) => (series.trim_end(), value),
+                None => continue,
+            };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, parse_labels(rest.strip_suffix('}').unwrap_or(rest))),
+                None => (series, Vec::new()),
+            };
+            samples.entry(name.to_owned()).or_default().push((labels, value));
+        }
+        Self { samples }
+    }
+
+    /// The value of the unlabelled series `name`, or the sum over its labels; 0 if absent.
+    pub fn value(&self, name: &str) -> f64 {
+        self.samples.get(name).map_or(0.0, |series| series.iter().map(|(_, v)| v).sum())
+    }
+
+    /// The value of `name` with `label="value"`; 0 if absent.
+    pub fn labelled(&self, name: &str, label: &str, value: &str) -> f64 {
+        self.samples.get(name).map_or(0.0, |series| {
+            series
+                .iter()
+                .filter(|(labels, _)| labels.iter().any(|(k, v)| k == label && v == value))
+                .map(|(_, v)| v)
+                .sum()
+        })
+    }
+
+    /// The cumulative buckets of histogram `name` (summed over other labels), by bound.
+    pub fn buckets(&self, name: &str) -> Buckets {
+        let mut bounds: Vec<(f64, f64)> = Vec::new();
+        for (labels, count) in self.samples.get(&format!("{name}_bucket")).into_iter().flatten() {
+            let Some(le) = labels.iter().find(|(k, _)| k == "le").and_then(|(_, v)| parse_bound(v)) else {
+                continue;
+            };
+            match bounds.iter_mut().find(|(bound, _)| *bound == le) {
+                Some((_, total)) => *total += count,
+                None => bounds.push((le, *count)),
+            }
+        }
+        bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Buckets(bounds)
+    }
+}
+
+fn parse_bound(text: &str) -> Option<f64> {
+    match text {
+        "+Inf" => Some(f64::INFINITY),
+        other => other.parse().ok(),
+    }
+}
+
+/// `k="v",k2="v2"` into pairs, undoing `\"`, `\\` and `\n`.
+fn parse_labels(text: &str) -> Labels {
+    let mut labels = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let key: String = chars
+            .by_ref()
+            .take_while(|c| *c != '=')
+            .collect::<String>()
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_owned();
+        if key.is_empty() || chars.next() != Some('"') {
+            return labels;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(other) => value.push(other),
+                    None => break,
+                },
+                '"' => break,
+                other => value.push(other),
+            }
+        }
+        labels.push((key, value));
+    }
+}
+
+/// A histogram's cumulative bucket counts, by upper bound (the last is `+Inf`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets(Vec<(f64, f64)>);
+
+impl Buckets {
+    /// Observations counted.
+    pub fn count(&self) -> f64 {
+        self.0.last().map_or(0.0, |(_, count)| *count)
+    }
+
+    /// The observations since `earlier` (a reading of the same histogram).
+    pub fn since(&self, earlier: &Buckets) -> Buckets {
+        Buckets(
+            self.0
+                .iter()
+                .map(|(bound, count)| {
+                    let before = earlier.0.iter().find(|(b, _)| b == bound).map_or(0.0, |(_, c)| *c);
+                    (*bound, (count - before).max(0.0))
+                })
+                .collect(),
+        )
+    }
+
+    /// The `q` quantile, interpolated within its bucket as Prometheus's `histogram_quantile`
+    /// does (the highest finite bound if it falls in `+Inf`); 0 when empty.
+    pub fn quantile(&self, q: f64) -> f64 {
+        let total = self.count();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        let rank = q.clamp(0.0, 1.0) * total;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for (bound, count) in &self.0 {
+            if *count >= rank {
+                if bound.is_infinite() {
+                    return lower;
+                }
+                let inside = count - below;
+                return if inside > 0.0 { lower + (bound - lower) * (rank - below) / inside } else { *bound };
+            }
+            (lower, below) = (*bound, *count);
+        }
+        lower
     }
 }
 
@@ -225,49 +534,45 @@ pub struct Sample {
     pub bytes_per_second: f64,
 }
 
-/// The last [`History::CAPACITY`] samples, oldest first, and the counters they were taken
+/// The last [`History::CAPACITY`] samples, oldest first, and the reading they were last taken
 /// from (to turn totals into rates).
 #[derive(Debug, Clone, Default)]
 pub struct History {
     samples: VecDeque<Sample>,
-    previous: Option<(u64, u64, u64, Vec<u64>)>,
+    previous: Option<Snapshot>,
 }
 
 impl History {
     /// 15 minutes of one sample a second.
     pub const CAPACITY: usize = 900;
 
-    /// Takes a sample of `metrics` and `snapshot`, `interval` after the previous one.
-    pub fn record(&mut self, metrics: &Metrics, snapshot: &Snapshot, interval: Duration) {
-        let counts = metrics.dispatch.counts();
-        let frames = metrics.frames_sent.load(Ordering::Relaxed);
-        let bytes = metrics.bytes_sent.load(Ordering::Relaxed);
-        let commands = snapshot.commands();
+    /// Takes a sample from `snapshot`, `interval` after the previous one.
+    pub fn record(&mut self, snapshot: &Snapshot, interval: Duration) {
         let seconds = interval.as_secs_f64().max(1e-3);
-        let (rate, p50, p99, frames_rate, bytes_rate) = match &self.previous {
-            Some((c, f, b, previous)) => {
-                let diff: Vec<u64> = counts.iter().zip(previous).map(|(now, then)| now.saturating_sub(*then)).collect();
-                (
-                    commands.saturating_sub(*c) as f64 / seconds,
-                    Histogram::quantile_of(&diff, 0.5),
-                    Histogram::quantile_of(&diff, 0.99),
-                    frames.saturating_sub(*f) as f64 / seconds,
-                    bytes.saturating_sub(*b) as f64 / seconds,
-                )
+        let sample = match &self.previous {
+            Some(before) => {
+                let latency = snapshot.dispatch.since(&before.dispatch);
+                let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds;
+                Sample {
+                    commands_per_second: rate(snapshot.commands(), before.commands()),
+                    p50_micros: (latency.quantile(0.5) * 1e6) as u64,
+                    p99_micros: (latency.quantile(0.99) * 1e6) as u64,
+                    views: snapshot.views,
+                    events_stored: snapshot.store_head,
+                    lag: snapshot.projection_lag,
+                    frames_per_second: rate(snapshot.frames_sent, before.frames_sent),
+                    bytes_per_second: rate(snapshot.bytes_sent, before.bytes_sent),
+                }
             }
-            None => (0.0, 0, 0, 0.0, 0.0),
+            None => Sample {
+                views: snapshot.views,
+                events_stored: snapshot.store_head,
+                lag: snapshot.projection_lag,
+                ..Sample::default()
+            },
         };
-        self.previous = Some((commands, frames, bytes, counts));
-        self.samples.push_back(Sample {
-            commands_per_second: rate,
-            p50_micros: p50,
-            p99_micros: p99,
-            views: snapshot.views,
-            events_stored: snapshot.store_head,
-            lag: snapshot.projection_lag,
-            frames_per_second: frames_rate,
-            bytes_per_second: bytes_rate,
-        });
+        self.previous = Some(snapshot.clone());
+        self.samples.push_back(sample);
         while self.samples.len() > Self::CAPACITY {
             self.samples.pop_front();
         }
@@ -279,13 +584,13 @@ impl History {
     }
 }
 
-/// One reading of the metrics, with rates over the last sampling interval.
+/// The dashboard's numbers, read from the exposition.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Connected views.
     pub views: i64,
-    /// Rooms known.
-    pub rooms: usize,
+    /// Rooms resident in memory.
+    pub rooms: u64,
     /// Commands per second over the last interval.
     pub commands_per_second: f64,
     /// Commands accepted since start.
@@ -308,41 +613,38 @@ pub struct Snapshot {
     pub bytes_sent: u64,
     /// Resyncs since start.
     pub resyncs: u64,
+    /// The dispatch latency histogram.
+    pub dispatch: Buckets,
 }
 
 impl Snapshot {
-    /// Reads the counters; `previous_commands` and `interval` give the command rate.
-    pub fn take(
-        metrics: &Metrics,
-        rooms: usize,
-        store_head: u64,
-        projected: u64,
-        previous_commands: u64,
-        interval: Duration,
-    ) -> Self {
-        let commands_ok = metrics.commands_ok.load(Ordering::Relaxed);
-        let commands_refused = metrics.commands_refused.load(Ordering::Relaxed);
-        let done = commands_ok + commands_refused;
-        let seconds = interval.as_secs_f64();
-        Self {
-            views: metrics.views.load(Ordering::Relaxed),
-            rooms,
-            commands_per_second: if seconds > 0.0 {
-                done.saturating_sub(previous_commands) as f64 / seconds
-            } else {
-                0.0
-            },
-            commands_ok,
-            commands_refused,
-            dispatch_p50_micros: metrics.dispatch.quantile(0.5),
-            dispatch_p99_micros: metrics.dispatch.quantile(0.99),
-            store_head: store_head.max(projected),
-            projected,
-            projection_lag: store_head.saturating_sub(projected),
-            frames_sent: metrics.frames_sent.load(Ordering::Relaxed),
-            bytes_sent: metrics.bytes_sent.load(Ordering::Relaxed),
-            resyncs: metrics.resyncs.load(Ordering::Relaxed),
+    /// The numbers in `reading`; `previous` (the last snapshot) and `interval` give the rate.
+    pub fn of(reading: &Reading, previous: Option<&Snapshot>, interval: Duration) -> Self {
+        let count = |name: &str| reading.value(name).max(0.0) as u64;
+        let dispatch = reading.buckets("livechat_dispatch_seconds");
+        let mut snapshot = Self {
+            views: reading.value("livechat_views") as i64,
+            rooms: count("livechat_rooms"),
+            commands_per_second: 0.0,
+            commands_ok: count("livechat_commands_ok_total"),
+            commands_refused: count("livechat_commands_refused_total"),
+            dispatch_p50_micros: (dispatch.quantile(0.5) * 1e6) as u64,
+            dispatch_p99_micros: (dispatch.quantile(0.99) * 1e6) as u64,
+            store_head: count("livechat_events_stored"),
+            projected: count("livechat_events_projected"),
+            projection_lag: count("livechat_projection_lag"),
+            frames_sent: count("livechat_frames_sent_total"),
+            bytes_sent: count("livechat_bytes_sent_total"),
+            resyncs: count("livechat_resyncs_total"),
+            dispatch,
+        };
+        if let Some(previous) = previous {
+            let seconds = interval.as_secs_f64();
+            if seconds > 0.0 {
+                snapshot.commands_per_second = snapshot.commands().saturating_sub(previous.commands()) as f64 / seconds;
+            }
         }
+        snapshot
     }
 
     /// Commands handled (accepted or refused), the base of the next rate.
@@ -351,137 +653,68 @@ impl Snapshot {
     }
 }
 
-/// The Prometheus text exposition of `metrics` and `snapshot`.
-pub fn prometheus(metrics: &Metrics, snapshot: &Snapshot) -> String {
-    let mut out = String::with_capacity(4096);
-    let mut line = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
-    };
-    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed).to_string();
-    line("livechat_views", "gauge", "Live views connected now.", snapshot.views.to_string());
-    line("livechat_rooms", "gauge", "Rooms resident in memory (with their recent window).", snapshot.rooms.to_string());
-    line("livechat_connections_total", "counter", "Websocket connections accepted.", load(&metrics.connections));
-    line("livechat_commands_ok_total", "counter", "Commands stored.", load(&metrics.commands_ok));
-    line(
-        "livechat_commands_refused_total",
-        "counter",
-        "Commands refused by the aggregate.",
-        load(&metrics.commands_refused),
-    );
-    line(
-        "livechat_commands_failed_total",
-        "counter",
-        "Commands that failed in the store.",
-        load(&metrics.commands_failed),
-    );
-    line("livechat_events_stored", "gauge", "The event store's last known position.", snapshot.store_head.to_string());
-    line("livechat_events_projected", "gauge", "The read model's position.", snapshot.projected.to_string());
-    line(
-        "livechat_projection_lag",
-        "gauge",
-        "Events stored but not yet projected.",
-        snapshot.projection_lag.to_string(),
-    );
-    line("livechat_frames_sent_total", "counter", "Websocket frames sent.", load(&metrics.frames_sent));
-    line("livechat_bytes_sent_total", "counter", "Websocket bytes sent.", load(&metrics.bytes_sent));
-    line("livechat_frames_refused_total", "counter", "Client frames refused.", load(&metrics.frames_refused));
-    line("livechat_resyncs_total", "counter", "Lagging views resynced.", load(&metrics.resyncs));
-    line(
-        "livechat_commands_unknown_total",
-        "counter",
-        "Commands answered \"unknown\": the store could not say whether they were stored.",
-        load(&metrics.commands_unknown),
-    );
-    line(
-        "livechat_commands_retried_total",
-        "counter",
-        "Commands dispatched again by the server with the same id after an unknown outcome.",
-        load(&metrics.commands_retried),
-    );
-    line(
-        "livechat_commands_id_reused_total",
-        "counter",
-        "Commands refused: their id was used before for a different content.",
-        load(&metrics.commands_id_reused),
-    );
-    line(
-        "livechat_http_header_timeouts_total",
-        "counter",
-        "HTTP connections closed because a request head did not arrive in time.",
-        load(&metrics.http_timeouts),
-    );
-    let _ = writeln!(
-        out,
-        "# HELP livechat_limited_total Requests refused by a limit.\n# TYPE livechat_limited_total counter"
-    );
-    for limit in Limit::ALL {
-        let _ = writeln!(out, "livechat_limited_total{{limit=\"{}\"}} {}", limit.label(), metrics.limited_count(limit));
-    }
-    let _ = writeln!(
-        out,
-        "# HELP livechat_closes_total Websockets closed by the server.\n# TYPE livechat_closes_total counter"
-    );
-    for (code, count) in CLOSE_CODES.iter().zip(&metrics.closes) {
-        let _ = writeln!(out, "livechat_closes_total{{code=\"{code}\"}} {}", count.load(Ordering::Relaxed));
-    }
-    let _ = writeln!(
-        out,
-        "# HELP livechat_dispatch_seconds Command dispatch latency.\n# TYPE livechat_dispatch_seconds summary"
-    );
-    for q in [0.5, 0.9, 0.99] {
-        let _ = writeln!(
-            out,
-            "livechat_dispatch_seconds{{quantile=\"{q}\"}} {}",
-            metrics.dispatch.quantile(q) as f64 / 1e6
-        );
-    }
-    let _ = writeln!(
-        out,
-        "livechat_dispatch_seconds_sum {}\nlivechat_dispatch_seconds_count {}",
-        metrics.dispatch.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        metrics.dispatch.count()
-    );
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn histogram_buckets_cover_their_values() {
-        for micros in [0, 1, 7, 8, 9, 15, 16, 17, 100, 1_000, 12_345, 1_000_000] {
-            let index = Histogram::index(micros);
-            assert!(Histogram::upper_bound(index) >= micros, "{micros} in bucket {index}");
-            if index > 0 {
-                assert!(Histogram::upper_bound(index - 1) < micros, "{micros} not in an earlier bucket");
-            }
-        }
-    }
-
-    #[test]
-    fn quantiles_within_a_bucket() {
-        let histogram = Histogram::default();
-        for micros in 1..=1000u64 {
-            histogram.record(Duration::from_micros(micros));
-        }
-        let p50 = histogram.quantile(0.5);
-        let p99 = histogram.quantile(0.99);
-        assert!((500..=570).contains(&p50), "p50 {p50}");
-        assert!((990..=1130).contains(&p99), "p99 {p99}");
-        assert_eq!(Histogram::default().quantile(0.5), 0);
-    }
-
-    #[test]
-    fn prometheus_text_has_every_metric() {
-        let metrics = Metrics::default();
+    fn the_exposition_has_every_metric_with_help_and_histogram_buckets() {
+        let metrics = Metrics::new();
         metrics.sent(100);
-        metrics.dispatch.record(Duration::from_micros(50));
-        let snapshot = Snapshot::take(&metrics, 2, 10, 8, 0, Duration::from_secs(1));
-        assert_eq!(snapshot.projection_lag, 2);
-        let text = prometheus(&metrics, &snapshot);
+        metrics.dispatch.record(0.000_05);
+        metrics.limited(Limit::Typing);
+        metrics.closed(1008);
+        metrics.set_levels(&Levels { rooms: 2, store_head: 10, projected: 8, ..Levels::default() });
+        let text = metrics.render();
+        for (name, ..) in &DESCRIPTIONS {
+            assert!(text.contains(&format!("# HELP {name} ")), "{name} described: {text}");
+        }
         assert!(text.contains("livechat_bytes_sent_total 100\n"), "{text}");
-        assert!(text.contains("livechat_rooms 2\n"));
-        assert!(text.contains("livechat_dispatch_seconds_count 1\n"));
+        assert!(text.contains("livechat_rooms 2\n"), "{text}");
+        assert!(text.contains("livechat_projection_lag 2\n"), "{text}");
+        assert!(text.contains("livechat_limited_total{limit=\"typing\"} 1\n"), "{text}");
+        assert!(text.contains("livechat_closes_total{code=\"1008\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE livechat_dispatch_seconds histogram"), "{text}");
+        assert!(text.contains("livechat_dispatch_seconds_bucket{le=\"0.0001\"} 1\n"), "{text}");
+        assert!(text.contains("livechat_dispatch_seconds_count 1\n"), "{text}");
+        let reading = Reading::parse(&text);
+        assert_eq!(reading.value("livechat_bytes_sent_total"), 100.0);
+        assert_eq!(reading.labelled("livechat_limited_total", "limit", "typing"), 1.0);
+        assert_eq!(metrics.limited_count(Limit::Frames), 0);
+        let snapshot = Snapshot::of(&reading, None, Duration::ZERO);
+        assert_eq!((snapshot.rooms, snapshot.store_head, snapshot.projection_lag), (2, 10, 2));
+        assert_eq!(snapshot.dispatch.count(), 1.0);
+    }
+
+    #[test]
+    fn two_apps_count_apart() {
+        let (one, two) = (Metrics::new(), Metrics::new());
+        one.commands_ok.increment(3);
+        assert_eq!(one.reading().value("livechat_commands_ok_total"), 3.0);
+        assert_eq!(two.reading().value("livechat_commands_ok_total"), 0.0);
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_a_bucket_like_prometheus() {
+        let buckets = Buckets(vec![(0.001, 0.0), (0.002, 50.0), (0.004, 100.0), (f64::INFINITY, 100.0)]);
+        assert!((buckets.quantile(0.5) - 0.002).abs() < 1e-12);
+        assert!((buckets.quantile(0.75) - 0.003).abs() < 1e-12);
+        assert!((buckets.quantile(0.25) - 0.0015).abs() < 1e-12);
+        let overflow = Buckets(vec![(0.001, 1.0), (f64::INFINITY, 10.0)]);
+        assert_eq!(overflow.quantile(0.99), 0.001, "the +Inf bucket answers the highest finite bound");
+        assert_eq!(Buckets::default().quantile(0.5), 0.0);
+        let later = Buckets(vec![(0.001, 5.0), (0.002, 60.0), (0.004, 120.0), (f64::INFINITY, 120.0)]);
+        assert_eq!(later.since(&buckets).count(), 20.0);
+    }
+
+    #[test]
+    fn labels_with_escapes_parse() {
+        let reading = Reading::parse(
+            "# HELP x y\nx{a=\"1\",b=\"q\\\"uote\"} 2\nx{a=\"2\"} 3\ny 1.5\nbroken line here\nz{le=\"+Inf\"} 4\n",
+        );
+        assert_eq!(reading.value("x"), 5.0);
+        assert_eq!(reading.labelled("x", "b", "q\"uote"), 2.0);
+        assert_eq!(reading.value("y"), 1.5);
+        assert_eq!(reading.value("broken"), 0.0);
     }
 }

@@ -13,7 +13,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,7 +200,7 @@ async fn connection(
     };
     if let Err(error) = served {
         if error.is_timeout() {
-            state.metrics.http_timeouts.fetch_add(1, Ordering::Relaxed);
+            state.metrics.http_timeouts.increment(1);
         }
         tracing::debug!(%error, "connection ended with an error");
     }

@@ -8,7 +8,6 @@
 //! before the connection is closed. Dropping a socket with unread input makes the kernel send
 //! a reset, and a client still writing then never sees the close code.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -210,8 +209,7 @@ impl Conn {
         };
         match tokio::time::timeout(self.live.send_timeout, write).await {
             Ok(Ok(())) => {
-                self.metrics.frames_sent.fetch_add(count, Ordering::Relaxed);
-                self.metrics.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+                self.metrics.sent_many(count, bytes);
                 Ok(())
             }
             Ok(Err(_)) => Err(End::Gone),
@@ -222,7 +220,7 @@ impl Conn {
     /// Refuses a frame with an error frame; closes after too many.
     pub async fn refuse(&mut self, reason: &str) -> Result<(), End> {
         self.refused += 1;
-        self.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.frames_refused.increment(1);
         if self.refused > self.live.max_refused_frames {
             return Err(End::Close(1008, "too many refused frames"));
         }

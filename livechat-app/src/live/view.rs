@@ -8,7 +8,6 @@
 //! from what it has).
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,15 +38,15 @@ pub struct Visitor {
 
 /// Runs one view on an upgraded socket until the browser leaves or the server shuts down.
 pub async fn run(socket: Stream, state: Arc<AppState>, visitor: Visitor) {
-    state.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    state.metrics.views.fetch_add(1, Ordering::Relaxed);
+    state.metrics.connections.increment(1);
+    state.metrics.views.increment(1.0);
     let mut conn = Conn::new(socket, state.live.clone(), Arc::clone(&state.metrics));
     let end = match serve(&mut conn, &state, &visitor).await {
         Ok(()) => End::Gone,
         Err(end) => end,
     };
     conn.finish(end).await;
-    state.metrics.views.fetch_sub(1, Ordering::Relaxed);
+    state.metrics.views.decrement(1.0);
 }
 
 async fn serve(conn: &mut Conn, state: &Arc<AppState>, visitor: &Visitor) -> Result<(), End> {
@@ -327,7 +326,7 @@ async fn forward(
         conn.send_many(frames).await?;
     }
     if lagged {
-        state.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+        state.metrics.resyncs.increment(1);
         let live = &state.live;
         let (catch_up, head) =
             room.catch_up_after(state.model.present(), view.seen, live.max_replay, (live.page_size, live.page_bytes));

@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Form, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{self, HeaderMap};
@@ -22,7 +21,7 @@ use crate::commands::{Outcome, RoomFacts, Sender};
 use crate::domain::{validate_sender, ChatId};
 use crate::live::socket;
 use crate::live::view::{self, Visitor};
-use crate::metrics::{prometheus, Limit, Snapshot};
+use crate::metrics::Limit;
 use crate::render::{self, RoomPage};
 use crate::rooms::{RoomError, HANDLER_NAME};
 use crate::state::AppState;
@@ -148,30 +147,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let snapshot = Snapshot::take(
-        &state.metrics,
-        state.model.resident_rooms(),
-        state.store.notifications().borrow().0,
-        state.model.position().0,
-        0,
-        Duration::ZERO,
-    );
-    let mut text = prometheus(&state.metrics, &snapshot);
-    let gauges = [
-        (
-            "livechat_connections_open",
-            "HTTP and websocket connections open now.",
-            state.limits.open_connections() as u64,
-        ),
-        ("livechat_window_messages", "Messages held in the rooms' windows.", state.model.window_messages() as u64),
-        ("livechat_rooms_loaded_total", "Rooms loaded from the store.", state.model.loaded_rooms()),
-        ("livechat_rooms_evicted_total", "Idle rooms evicted from memory.", state.model.evicted_rooms()),
-    ];
-    for (name, help, value) in gauges {
-        let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let head = state.store.notifications().borrow().0;
+    state.metrics.set_levels(&crate::app::levels(&state.model, head, &state.limits));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 
 async fn dashboard(State(state): State<Arc<AppState>>) -> Response {

@@ -1,6 +1,5 @@
 //! Regression tests of issue 13's eight bugs, against the real server on 127.0.0.1.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ async fn an_append_stored_but_reported_unavailable_is_retried_by_the_server_and_
     alice.send_message(1, Uuid::new_v4(), "only once").await;
     assert_eq!(ack(&mut alice).await, json!({"t": "ack", "ref": 1, "ok": true, "status": "stored"}));
     assert_eq!(stored_messages(&server, "lounge").await, 1);
-    assert_eq!(server.state.metrics.commands_retried.load(Ordering::Relaxed), 1, "the server retried once");
+    assert_eq!(server.state.metrics.reading().value("livechat_commands_retried_total"), 1.0, "the server retried once");
     server.stop().await;
 }
 
@@ -178,7 +177,7 @@ async fn a_client_that_sends_half_a_request_head_is_disconnected() {
     assert!(closed.is_ok(), "an idle keep-alive connection is closed");
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"), "it was answered first");
     assert_eq!(server.get("/health", None).await.status, 200);
-    assert!(server.state.metrics.http_timeouts.load(Ordering::Relaxed) >= 1);
+    assert!(server.state.metrics.reading().value("livechat_http_header_timeouts_total") >= 1.0);
     server.stop().await;
 }
 
