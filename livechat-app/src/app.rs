@@ -24,10 +24,11 @@ pub use crate::state::{AppConfig, AppState};
 /// Events at the log's end read at start to fill the lobby with the rooms active last.
 const LOBBY_SEED_EVENTS: u64 = 2_000;
 
-/// A running app: its state, the read model's live feed and the ticker.
+/// A running app: its state, the read model's live feed, the mention notifier and the ticker.
 pub struct App {
     state: Arc<AppState>,
     handler: RunningHandler,
+    notifier: Option<RunningHandler>,
     tasks: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
 }
@@ -36,7 +37,10 @@ impl App {
     /// Starts the read model's live feed and the ticker, and waits up to `ready_timeout` for
     /// the feed to reach the store's head (it starts there, so this is quick; until then
     /// `/health` and room pages answer 503 "rebuilding").
-    pub async fn start(store: Arc<dyn EventStore>, config: AppConfig, ready_timeout: Duration) -> Self {
+    pub async fn start(store: Arc<dyn EventStore>, mut config: AppConfig, ready_timeout: Duration) -> Self {
+        if config.node.is_empty() {
+            config.node = cqrs_core::default_owner();
+        }
         let progress = Progress::new();
         let model = Model::new(Arc::clone(&store), LivePresent, config.rooms.clone());
         let runner = RunnerConfig {
@@ -48,6 +52,20 @@ impl App {
         let handler = spawn_handler(Arc::clone(&store), model.clone(), runner, &progress);
         let ready = tokio::spawn(become_ready(Arc::clone(&store), model.clone(), handler.watch()));
         let metrics = Arc::new(Metrics::default());
+        metrics.set_node(&config.node);
+        let notifier = match crate::notify::spawn_notifier(
+            Arc::clone(&store),
+            &config.notifier,
+            &config.node,
+            metrics.mentions_notified.clone(),
+            &progress,
+        ) {
+            Ok(notifier) => notifier,
+            Err(error) => {
+                tracing::error!(%error, "mention notifier not started");
+                None
+            }
+        };
         let limits = Arc::new(Limits::new(config.limits.clone()));
         let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store)).with_progress(progress.clone());
         let commands = Commands::new(dispatcher.clone(), Arc::clone(&metrics), Arc::clone(&limits));
@@ -89,7 +107,7 @@ impl App {
         } else {
             tracing::warn!("live feed not at the store's head yet; serving 503 \"rebuilding\" until it is");
         }
-        Self { state, handler, tasks: vec![ticker, ready], shutdown: shutdown_tx }
+        Self { state, handler, notifier, tasks: vec![ticker, ready], shutdown: shutdown_tx }
     }
 
     /// The shared state.
@@ -107,6 +125,9 @@ impl App {
         let _ = self.shutdown.send(true);
         for task in &self.tasks {
             task.abort();
+        }
+        if let Some(notifier) = self.notifier {
+            notifier.stop().await;
         }
         self.handler.stop().await;
     }
@@ -191,6 +212,7 @@ async fn tick(ticker: Ticker) {
                     state: handler_state(&status.state),
                     name: status.name,
                     position: status.position.0,
+                    parked: status.parked,
                 })
                 .collect();
             let html: Arc<str> = Arc::from(render::metrics(&now, &history, &handlers).into_string());

@@ -29,7 +29,7 @@ pub const MAX_EDIT_DISTANCE: u64 = 500;
 /// Most distinct names one message may mention.
 pub const MAX_MENTIONS: usize = 20;
 /// Room ids that are also top-level routes, so no room can be named after them.
-pub const RESERVED_CHAT_IDS: [&str; 6] = ["dashboard", "metrics", "health", "assets", "live", "join"];
+pub const RESERVED_CHAT_IDS: [&str; 7] = ["dashboard", "metrics", "health", "assets", "live", "join", "admin"];
 
 /// A room's id: 1–64 characters of `[A-Za-z0-9_-]`, not a route name.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

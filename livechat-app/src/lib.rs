@@ -59,6 +59,7 @@ pub mod domain;
 pub mod limits;
 pub mod live;
 pub mod metrics;
+pub mod notify;
 #[cfg(feature = "otel")]
 pub mod otel;
 pub mod render;

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use livechat_app::notify::{Notifications, WebhookDelivery};
 use livechat_app::server::{bind, describe_store, open_store, serve, DEFAULT_DATABASE_URL};
 use livechat_app::web::security::TrustedProxies;
 use livechat_app::{App, AppConfig};
@@ -29,6 +30,12 @@ const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL] [o
   --max-connections N  connections open at once (default 10000)
   --max-connections-per-address N
                        connections open at once from one client address (default 128)
+  --mention-webhook URL
+                       POST each @mention as JSON to this http:// URL (default: log it; `off`:
+                       no notifier in this process). One process of a cluster delivers.
+  --admin-token TOKEN  open /admin/parked to requests with `Authorization: Bearer TOKEN`
+                       (env LIVECHAT_ADMIN_TOKEN; it always answers on loopback)
+  --node-name NAME     this process's name in handler claims (default host:pid:random)
   --otlp-endpoint URL  export spans over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318
                        (env OTEL_EXPORTER_OTLP_ENDPOINT; needs the `otel` cargo feature)";
 
@@ -44,6 +51,7 @@ fn parse_args() -> Result<Args> {
     let mut database_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
     let mut config = AppConfig::default();
     let mut proxies: Option<TrustedProxies> = None;
+    config.admin_token = std::env::var("LIVECHAT_ADMIN_TOKEN").ok().filter(|token| !token.is_empty());
     let mut otlp_endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|url| !url.is_empty());
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -71,6 +79,23 @@ fn parse_args() -> Result<Args> {
             "--max-connections" => config.limits.max_connections = number(value()?)?,
             "--max-connections-per-address" => config.limits.max_connections_per_address = number(value()?)?,
             "--otlp-endpoint" => otlp_endpoint = Some(value()?),
+            "--mention-webhook" => {
+                let url = value()?;
+                config.notifier.notifications = if url == "off" {
+                    Notifications::Off
+                } else {
+                    WebhookDelivery::new(&url).with_context(|| format!("--mention-webhook {url:?}"))?;
+                    Notifications::Webhook(url)
+                };
+            }
+            "--admin-token" => config.admin_token = Some(value()?).filter(|token| !token.is_empty()),
+            "--node-name" => {
+                let name = value()?;
+                // Distinct for every run even under a fixed name: a restarted node must not
+                // mistake the claim of its previous life for its own.
+                config.node =
+                    format!("{name}:{}:{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);

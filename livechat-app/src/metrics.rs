@@ -88,6 +88,8 @@ pub struct Metrics {
     pub resyncs: Counter,
     /// HTTP connections closed because a request head did not arrive in time.
     pub http_timeouts: Counter,
+    /// Mention notifications delivered by this process.
+    pub mentions_notified: Counter,
     limited: Vec<Counter>,
     closes: Vec<Counter>,
     levels: LevelHandles,
@@ -226,6 +228,7 @@ impl Metrics {
             frames_refused: counter("livechat_frames_refused_total"),
             resyncs: counter("livechat_resyncs_total"),
             http_timeouts: counter("livechat_http_header_timeouts_total"),
+            mentions_notified: counter("livechat_mentions_notified_total"),
             limited: Limit::ALL
                 .iter()
                 .map(|limit| labelled("livechat_limited_total", "limit", limit.label().to_owned()))
@@ -246,13 +249,41 @@ impl Metrics {
             },
             recorder,
         }
-        .with_build_info()
     }
 
-    fn with_build_info(self) -> Self {
-        let version = Label::new("version", env!("CARGO_PKG_VERSION"));
-        self.recorder.register_gauge(&Key::from_parts("livechat_build_info", vec![version]), &METADATA).set(1.0);
-        self
+    /// Names this process on `/metrics`: `livechat_build_info{version, node}` (the node is the
+    /// process's identity in handler claims, so `livechat_handler_holder` can be joined on it).
+    pub fn set_node(&self, node: &str) {
+        let labels = vec![Label::new("version", env!("CARGO_PKG_VERSION")), Label::new("node", node.to_owned())];
+        self.recorder.register_gauge(&Key::from_parts("livechat_build_info", labels), &METADATA).set(1.0);
+    }
+
+    /// The exposition of the store's handler claims: `livechat_handler_holder{handler, holder}`
+    /// (1 for each claim) and `livechat_handler_claim_expires_seconds{handler}` (until it lapses
+    /// unless renewed; negative once lapsed). Rendered from a fresh recorder on each scrape, so
+    /// a holder that left leaves no stale series.
+    pub fn render_claims(claims: &[cqrs_core::Claim], now: cqrs_core::Timestamp) -> String {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        recorder.describe_gauge(
+            KeyName::from_const_str("livechat_handler_holder"),
+            None,
+            SharedString::const_str("1 for the process holding each exclusive handler's claim, by the store."),
+        );
+        recorder.describe_gauge(
+            KeyName::from_const_str("livechat_handler_claim_expires_seconds"),
+            Some(Unit::Seconds),
+            SharedString::const_str("Seconds until each handler's claim lapses unless renewed."),
+        );
+        for claim in claims {
+            let holder = vec![Label::new("handler", claim.name.clone()), Label::new("holder", claim.owner.clone())];
+            recorder.register_gauge(&Key::from_parts("livechat_handler_holder", holder), &METADATA).set(1.0);
+            let handler = vec![Label::new("handler", claim.name.clone())];
+            let left = (claim.expires_at.0 - now.0) as f64 / 1e6;
+            recorder
+                .register_gauge(&Key::from_parts("livechat_handler_claim_expires_seconds", handler), &METADATA)
+                .set(left);
+        }
+        recorder.handle().render()
     }
 
     /// Counts one frame of `bytes` sent.
@@ -314,7 +345,7 @@ impl Metrics {
 }
 
 /// Every metric of the app, described once.
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 25] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 26] = [
     ("livechat_views", Kind::Gauge, None, "Live views connected now."),
     ("livechat_connections_total", Kind::Counter, None, "Websocket connections accepted."),
     ("livechat_commands_ok_total", Kind::Counter, None, "Commands stored (or recognised as duplicates)."),
@@ -364,7 +395,13 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 25] = [
     ("livechat_window_messages", Kind::Gauge, None, "Messages held in the rooms' windows."),
     ("livechat_rooms_loaded_total", Kind::Counter, None, "Rooms loaded from the store."),
     ("livechat_rooms_evicted_total", Kind::Counter, None, "Idle rooms evicted from memory."),
-    ("livechat_build_info", Kind::Gauge, None, "Always 1; the version in a label."),
+    ("livechat_build_info", Kind::Gauge, None, "Always 1; the version and this process's claim identity in labels."),
+    (
+        "livechat_mentions_notified_total",
+        Kind::Counter,
+        None,
+        "Mention notifications delivered by this process (the notifier runs in one process at a time).",
+    ),
 ];
 
 /// One sample's labels, as `(name, value)` pairs in exposition order.
@@ -660,6 +697,7 @@ mod tests {
     #[test]
     fn the_exposition_has_every_metric_with_help_and_histogram_buckets() {
         let metrics = Metrics::new();
+        metrics.set_node("node-1:42:abcd");
         metrics.sent(100);
         metrics.dispatch.record(0.000_05);
         metrics.limited(Limit::Typing);
@@ -677,6 +715,7 @@ mod tests {
         assert!(text.contains("# TYPE livechat_dispatch_seconds histogram"), "{text}");
         assert!(text.contains("livechat_dispatch_seconds_bucket{le=\"0.0001\"} 1\n"), "{text}");
         assert!(text.contains("livechat_dispatch_seconds_count 1\n"), "{text}");
+        assert!(text.contains("livechat_build_info{version=\"0.1.0\",node=\"node-1:42:abcd\"} 1\n"), "{text}");
         let reading = Reading::parse(&text);
         assert_eq!(reading.value("livechat_bytes_sent_total"), 100.0);
         assert_eq!(reading.labelled("livechat_limited_total", "limit", "typing"), 1.0);
@@ -684,6 +723,22 @@ mod tests {
         let snapshot = Snapshot::of(&reading, None, Duration::ZERO);
         assert_eq!((snapshot.rooms, snapshot.store_head, snapshot.projection_lag), (2, 10, 2));
         assert_eq!(snapshot.dispatch.count(), 1.0);
+    }
+
+    #[test]
+    fn claims_render_as_holder_series() {
+        let claim = cqrs_core::Claim {
+            name: "mention-notifier".into(),
+            owner: "node-2:7:ffff".into(),
+            token: 3,
+            expires_at: cqrs_core::Timestamp(5_000_000),
+        };
+        let text = Metrics::render_claims(&[claim], cqrs_core::Timestamp(2_500_000));
+        let reading = Reading::parse(&text);
+        assert_eq!(reading.labelled("livechat_handler_holder", "holder", "node-2:7:ffff"), 1.0, "{text}");
+        assert_eq!(reading.labelled("livechat_handler_claim_expires_seconds", "handler", "mention-notifier"), 2.5);
+        assert!(text.contains("# HELP livechat_handler_holder "), "{text}");
+        assert!(!Metrics::render_claims(&[], cqrs_core::Timestamp(0)).contains("livechat_handler_holder{"));
     }
 
     #[test]

@@ -367,6 +367,77 @@ pub fn dashboard_page(assets: &Assets, metrics: &Markup) -> Markup {
     layout(assets, "Dashboard · Live chat", "dashboard", None, content)
 }
 
+/// `/admin/parked`: every handler's parked events, with retry and discard forms (plain HTML
+/// forms: no script). Each event is a row `tr[data-parked=POSITION][data-status]` inside
+/// `section[data-handler=NAME]`.
+pub fn parked_page(assets: &Assets, handlers: &[(String, Vec<cqrs_core::ParkedEvent>)]) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "Parked events · Live chat" }
+                link rel="stylesheet" href=(assets.style);
+            }
+            body data-view="admin" {
+                header.top { a.brand href="/" { "Live chat" } a href="/dashboard" { "Dashboard" } }
+                main.dashboard {
+                    h1 { "Parked events" }
+                    p {
+                        "An event a handler failed on too often is parked: kept with its error while the handler "
+                        "goes on (later events of the same room wait behind it, in order). Retry asks the running "
+                        "handler for another attempt; discard drops it for good."
+                    }
+                    @for (handler, events) in handlers {
+                        section data-handler=(handler) data-count=(events.len()) {
+                            h2 { (handler) " · " (events.len()) " parked" }
+                            @if events.is_empty() {
+                                p { "None." }
+                            } @else {
+                                form method="post" action="/admin/parked/retry" {
+                                    input type="hidden" name="handler" value=(handler);
+                                    input type="hidden" name="all" value="1";
+                                    button type="submit" { "Retry all" }
+                                }
+                                table.parked {
+                                    thead { tr { th { "Position" } th { "Room" } th { "Event" } th { "Attempts" } th { "Error" } th { "Parked at (UTC)" } th { "Status" } th {} } }
+                                    tbody {
+                                        @for event in events {
+                                            @let (day, time) = utc(event.parked_at.0);
+                                            tr data-parked=(event.position.0) data-status=(event.status.as_str()) {
+                                                td { (event.position.0) }
+                                                td { (event.stream_id) }
+                                                td { (event.event_type) }
+                                                td { (event.attempts) }
+                                                td { (event.error) }
+                                                td { (day) " " (time) }
+                                                td { (event.status.as_str()) }
+                                                td {
+                                                    form method="post" action="/admin/parked/retry" {
+                                                        input type="hidden" name="handler" value=(handler);
+                                                        input type="hidden" name="position" value=(event.position.0);
+                                                        button type="submit" { "Retry" }
+                                                    }
+                                                    form method="post" action="/admin/parked/discard" {
+                                                        input type="hidden" name="handler" value=(handler);
+                                                        input type="hidden" name="position" value=(event.position.0);
+                                                        button type="submit" { "Discard" }
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A handler's state as the dashboard lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerLine {
@@ -376,6 +447,8 @@ pub struct HandlerLine {
     pub state: String,
     /// The position it reached.
     pub position: u64,
+    /// Its events parked (known to this process's runner).
+    pub parked: u64,
 }
 
 /// The dashboard's region: the numbers, the charts of the last 15 minutes, the handlers.
@@ -406,13 +479,17 @@ pub fn metrics(snapshot: &Snapshot, history: &History, handlers: &[HandlerLine])
             @for chart in charts::dashboard_charts(history) { (chart) }
         }
         table #handlers {
-            thead { tr { th { "Handler" } th { "State" } th { "Position" } } }
+            thead { tr { th { "Handler" } th { "State" } th { "Position" } th { "Parked" } } }
             tbody {
                 @for handler in handlers {
-                    tr data-handler=(handler.name) { td { (handler.name) } td { (handler.state) } td { (handler.position) } }
+                    tr data-handler=(handler.name) data-parked=(handler.parked) {
+                        td { (handler.name) } td { (handler.state) } td { (handler.position) }
+                        td { @if handler.parked > 0 { a href="/admin/parked" { (handler.parked) } } @else { "0" } }
+                    }
                 }
             }
         }
+        p { a href="/admin/parked" { "Parked events" } " (this machine, or with the admin token)" }
     }
 }
 

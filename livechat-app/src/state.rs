@@ -11,6 +11,7 @@ use crate::limits::{Limits, LimitsConfig};
 use crate::live::present::Model;
 use crate::live::LiveConfig;
 use crate::metrics::{Metrics, Snapshot};
+use crate::notify::NotifierConfig;
 use crate::render::Assets;
 use crate::rooms::RoomsConfig;
 use crate::web::security::TrustedProxies;
@@ -49,6 +50,13 @@ pub struct AppConfig {
     /// Whether every request comes over TLS (a TLS-terminating proxy in front): the name cookie
     /// is then `Secure`.
     pub behind_tls: bool,
+    /// The mention notifier: where notifications go, when an event is parked.
+    pub notifier: NotifierConfig,
+    /// This process's identity in handler claims (empty: `host:pid:random`).
+    pub node: String,
+    /// A bearer token that opens the admin routes from anywhere (they always answer on
+    /// loopback).
+    pub admin_token: Option<String>,
 }
 
 /// Everything a request or a view task needs. Shared behind an `Arc`.
@@ -79,6 +87,6 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Live connection limits.
     pub live: LiveConfig,
-    /// The configuration.
+    /// The configuration (`config.node` is this process's claim identity, filled in at start).
     pub config: AppConfig,
 }

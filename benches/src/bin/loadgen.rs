@@ -40,6 +40,9 @@
 //! the server share the machine's cores: the latency it reports includes the generator's own
 //! scheduling, as a browser's would include its own.
 
+// The report's `json!` is one large literal.
+#![recursion_limit = "256"]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,7 +77,18 @@ const USAGE: &str = "usage: loadgen [options]
   --shared-name        all viewers use one name (no presence churn while they join)
   --settle S           idle wait before the second RSS reading (default 3)
   --drain S            give up waiting for deliveries after S seconds without progress (default 10)
-  --quick              100 viewers, 5 seconds (smoke run)";
+  --quick              100 viewers, 5 seconds (smoke run)
+
+A deployment behind a balancer (scripts/cluster, scripts/cluster-test):
+  --sender-url URL     senders connect here (default --url): the sender on one node
+  --reconnect          viewers and senders reconnect when their socket ends, as the page
+                       does: a viewer rejoins after the last position it has (resume), a
+                       sender resends what was not acknowledged with the same command ids
+  --kill PID@S         SIGKILL process PID S seconds after sending starts (repeatable)
+  --term PID@S         SIGTERM (graceful shutdown) PID at S seconds (repeatable: a rolling
+                       restart, with a supervisor that starts the node again)
+  --check              exit 1 unless every viewer joined, every message was stored once
+                       (acknowledged), and every viewer got each exactly once";
 
 /// The marker before each message's sequence number in its content (and so in its HTML).
 const MARKER: &str = "lgseq";
@@ -96,6 +110,10 @@ struct Args {
     shared_name: bool,
     settle: f64,
     drain: f64,
+    sender_url: Option<String>,
+    reconnect: bool,
+    signals: Vec<(u32, f64, &'static str)>,
+    check: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -112,6 +130,14 @@ fn parse_args() -> Result<Args> {
         shared_name: false,
         settle: 3.0,
         drain: 10.0,
+        sender_url: None,
+        reconnect: false,
+        signals: Vec::new(),
+        check: false,
+    };
+    let signal = |text: String, name: &'static str| -> Result<(u32, f64, &'static str)> {
+        let (pid, at) = text.split_once('@').with_context(|| format!("--{name} takes PID@SECONDS, not {text:?}"))?;
+        Ok((pid.parse().context("pid")?, at.parse().context("seconds")?, name))
     };
     let mut raw = std::env::args().skip(1);
     while let Some(arg) = raw.next() {
@@ -134,6 +160,11 @@ fn parse_args() -> Result<Args> {
             "--shared-name" => args.shared_name = true,
             "--settle" => args.settle = value()?.parse().context("--settle")?,
             "--drain" => args.drain = value()?.parse().context("--drain")?,
+            "--sender-url" => args.sender_url = Some(value()?),
+            "--reconnect" => args.reconnect = true,
+            "--kill" => args.signals.push(signal(value()?, "kill")?),
+            "--term" => args.signals.push(signal(value()?, "term")?),
+            "--check" => args.check = true,
             "--quick" => {
                 args.viewers = 100;
                 args.seconds = 5.0;
@@ -259,8 +290,15 @@ struct ViewerStats {
     other: BTreeMap<String, Tally>,
     /// Other frames while messages were being sent.
     other_while_sending: Tally,
-    /// Why the connection ended before the run did, if it did.
+    /// Why the connection ended before the run did, if it did (without `--reconnect`, or
+    /// when a reconnect failed for good).
     ended: Option<String>,
+    /// With `--reconnect`: why each connection ended, and how long until joined again (µs).
+    reconnects: Vec<(String, u64)>,
+    /// `reset` frames (the server could not send exactly what was missed).
+    resets: u64,
+    /// The last position this viewer has (its resume point).
+    last_pos: u64,
 }
 
 fn frame_kind(head: &str) -> &str {
@@ -302,22 +340,44 @@ async fn connect(url: &str, name: &str) -> Result<Ws> {
     Ok(ws)
 }
 
-fn join_frame(room: &str) -> String {
-    json!({"t": "join", "view": "room", "room": room, "after": 0}).to_string()
+fn join_frame(room: &str, after: u64) -> String {
+    json!({"t": "join", "view": "room", "room": room, "after": after}).to_string()
 }
 
-/// Connects, joins and reads the catch-up until `joined`.
-async fn connect_and_join(url: &str, name: &str, room: &str, stats: &mut ViewerStats) -> Result<Ws> {
+/// The `pos` of a frame's header, if it has one.
+fn position_in(head: &str) -> Option<u64> {
+    let at = head.find("\"pos\":")? + 6;
+    let digits = &head[at..];
+    let end = digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
+/// Connects, joins after `stats.last_pos` and reads the catch-up until `joined`. Messages of
+/// ours in the catch-up (a resume after a reconnect) count as deliveries.
+async fn connect_and_join(url: &str, name: &str, room: &str, shared: &Shared, stats: &mut ViewerStats) -> Result<Ws> {
     let mut ws = connect(url, name).await?;
-    ws.send(Message::Text(join_frame(room).into())).await.context("sending join")?;
+    ws.send(Message::Text(join_frame(room, stats.last_pos).into())).await.context("sending join")?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
+                let now = Instant::now();
                 let text = text.as_str();
-                let head = text.split_once('\n').map_or(text, |(head, _)| head);
+                let (head, html) = text.split_once('\n').unwrap_or((text, ""));
                 match frame_kind(head) {
-                    "joined" => return Ok(ws),
+                    "joined" => {
+                        stats.last_pos = stats.last_pos.max(position_in(head).unwrap_or(0));
+                        return Ok(ws);
+                    }
                     "error" => bail!("server refused the join: {head}"),
+                    "msg" => {
+                        if !stats.message(shared, now, text.len(), head, html) {
+                            stats.catch_up.add(text.len());
+                        }
+                    }
+                    "reset" => {
+                        stats.resets += 1;
+                        stats.catch_up.add(text.len());
+                    }
                     _ => stats.catch_up.add(text.len()),
                 }
             }
@@ -327,6 +387,57 @@ async fn connect_and_join(url: &str, name: &str, room: &str, stats: &mut ViewerS
             None => bail!("socket ended before joined"),
         }
     }
+}
+
+impl ViewerStats {
+    /// Records a `msg` frame; false if it is not one of this run's sent messages.
+    fn message(&mut self, shared: &Shared, now: Instant, len: usize, head: &str, html: &str) -> bool {
+        if let Some(pos) = position_in(head) {
+            self.last_pos = self.last_pos.max(pos);
+        }
+        let messages = shared.sent_at.len();
+        let sent = sequence_in(html)
+            .filter(|&seq| seq < messages)
+            .map(|seq| (seq, shared.sent_at[seq].load(Ordering::Acquire)))
+            .filter(|&(_, sent)| sent != 0);
+        let Some((seq, sent)) = sent else { return false };
+        let latency_us = shared.nanos(now).saturating_sub(sent - 1) / 1_000;
+        // A sender's own connection keeps no per-message record: it only reads its catch-up.
+        let Some(slot) = self.latency_by_seq.get_mut(seq) else { return true };
+        if *slot == NOT_RECEIVED {
+            *slot = u32::try_from(latency_us).unwrap_or(NOT_RECEIVED - 1);
+        } else {
+            self.duplicates += 1;
+        }
+        self.sizes.add(len, html.len());
+        shared.delivered.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Reconnects (with `--reconnect`) until joined or the run stops: 100 ms apart, doubling to 1 s,
+/// as the page's schedule (without its jitter). None when stopped or out of time.
+async fn rejoin(
+    url: &str,
+    name: &str,
+    room: &str,
+    shared: &Shared,
+    stats: &mut ViewerStats,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Ws> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    while started.elapsed() < CONNECT_TIMEOUT {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return None,
+        }
+        match tokio::time::timeout(Duration::from_secs(5), connect_and_join(url, name, room, shared, stats)).await {
+            Ok(Ok(ws)) => return Some(ws),
+            Ok(Err(_)) | Err(_) => delay = (delay * 2).min(Duration::from_secs(1)),
+        }
+    }
+    None
 }
 
 async fn viewer(
@@ -339,7 +450,8 @@ async fn viewer(
 ) -> ViewerStats {
     let messages = shared.sent_at.len();
     let mut stats = ViewerStats { latency_by_seq: vec![NOT_RECEIVED; messages], ..ViewerStats::default() };
-    let joining = tokio::time::timeout(CONNECT_TIMEOUT, connect_and_join(&args.url, &name, &room, &mut stats)).await;
+    let joining =
+        tokio::time::timeout(CONNECT_TIMEOUT, connect_and_join(&args.url, &name, &room, &shared, &mut stats)).await;
     let mut ws = match joining {
         Ok(Ok(ws)) => ws,
         Ok(Err(error)) => {
@@ -355,55 +467,65 @@ async fn viewer(
     let _ = joined.send(Ok(()));
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
-        tokio::select! {
+        let ended = tokio::select! {
             biased;
             frame = ws.next() => {
                 let now = Instant::now();
-                let text = match text_frame(frame) {
-                    Ok(Some(text)) => text,
-                    Ok(None) => continue,
-                    Err(ended) => {
-                        stats.ended = Some(ended);
-                        break;
+                match text_frame(frame) {
+                    Ok(Some(text)) => {
+                        let text = text.as_str();
+                        let (head, html) = text.split_once('\n').unwrap_or((text, ""));
+                        let kind = frame_kind(head);
+                        if kind == "msg" {
+                            if !stats.message(&shared, now, text.len(), head, html) {
+                                stats.unknown_msgs += 1;
+                            }
+                        } else {
+                            if kind == "reset" {
+                                stats.resets += 1;
+                            }
+                            stats.other.entry(kind.to_owned()).or_default().add(text.len());
+                            if shared.sending.load(Ordering::Relaxed) {
+                                stats.other_while_sending.add(text.len());
+                            }
+                        }
+                        None
                     }
-                };
-                let text = text.as_str();
-                let (head, html) = text.split_once('\n').unwrap_or((text, ""));
-                let kind = frame_kind(head);
-                if kind != "msg" {
-                    stats.other.entry(kind.to_owned()).or_default().add(text.len());
-                    if shared.sending.load(Ordering::Relaxed) {
-                        stats.other_while_sending.add(text.len());
-                    }
-                    continue;
+                    Ok(None) => None,
+                    Err(ended) => Some(ended),
                 }
-                let sent = sequence_in(html)
-                    .filter(|&seq| seq < messages)
-                    .map(|seq| (seq, shared.sent_at[seq].load(Ordering::Acquire)))
-                    .filter(|&(_, sent)| sent != 0);
-                let Some((seq, sent)) = sent else {
-                    stats.unknown_msgs += 1;
-                    continue;
-                };
-                let latency_us = shared.nanos(now).saturating_sub(sent - 1) / 1_000;
-                if stats.latency_by_seq[seq] == NOT_RECEIVED {
-                    stats.latency_by_seq[seq] = u32::try_from(latency_us).unwrap_or(NOT_RECEIVED - 1);
-                } else {
-                    stats.duplicates += 1;
-                }
-                stats.sizes.add(text.len(), html.len());
-                shared.delivered.fetch_add(1, Ordering::Relaxed);
             }
             _ = ping.tick() => {
-                if let Err(error) = ws.send(Message::Text("{\"t\":\"ping\"}".into())).await {
-                    stats.ended = Some(format!("ping failed: {error}"));
-                    break;
-                }
+                ws.send(Message::Text("{\"t\":\"ping\"}".into())).await.err().map(|error| format!("ping failed: {error}"))
             }
             _ = stop.changed() => break,
+        };
+        let Some(why) = ended else { continue };
+        if !args.reconnect {
+            stats.ended = Some(why);
+            break;
+        }
+        let lost_at = Instant::now();
+        match rejoin(&args.url, &name, &room, &shared, &mut stats, &mut stop).await {
+            Some(again) => {
+                ws = again;
+                let took = u64::try_from(lost_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                stats.reconnects.push((simplify(&why), took));
+            }
+            None => {
+                if !*stop.borrow() {
+                    stats.ended = Some(format!("{why}; could not rejoin"));
+                }
+                break;
+            }
         }
     }
     stats
+}
+
+/// An end reason without the details that differ per connection.
+fn simplify(why: &str) -> String {
+    why.chars().take(80).collect()
 }
 
 /// What the senders saw: acknowledgements and their round trips.
@@ -412,76 +534,125 @@ struct SenderStats {
     ack_us: Vec<u32>,
     refusals: Vec<String>,
     ended: Option<String>,
+    /// Sends repeated with the same id: after a reconnect, or an `unknown` answer.
+    resent: u64,
+    reconnects: u64,
 }
 
+/// One sender connection: sends what it is given, reads acknowledgements; with `--reconnect`,
+/// reconnects when the socket ends and sends again, with the same ids, what is unanswered.
 async fn sender(
-    mut ws: Ws,
+    name: String,
+    args: Arc<Args>,
+    room: Arc<str>,
     shared: Arc<Shared>,
-    content_bytes: usize,
     mut work: mpsc::UnboundedReceiver<usize>,
     mut stop: watch::Receiver<bool>,
 ) -> SenderStats {
+    let url = args.sender_url.clone().unwrap_or_else(|| args.url.clone());
+    let (reconnect, content_bytes) = (args.reconnect, args.content_bytes);
     let mut stats = SenderStats::default();
+    let mut ignored = ViewerStats::default();
+    let mut ws = match connect_and_join(&url, &name, &room, &shared, &mut ignored).await {
+        Ok(ws) => ws,
+        Err(error) => {
+            stats.ended = Some(format!("{error:#}"));
+            return stats;
+        }
+    };
+    // Sent and not answered yet: the frame to send again, with its id.
+    let mut pending: BTreeMap<usize, String> = BTreeMap::new();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut open = true;
     loop {
-        tokio::select! {
+        let ended: Option<String> = tokio::select! {
             seq = work.recv(), if open => {
                 let Some(seq) = seq else {
                     open = false;
                     continue;
                 };
                 let content = message_content(seq, content_bytes);
-                let frame = json!({"t": "send", "ref": seq, "id": uuid::Uuid::new_v4(), "message": content});
-                let frame = Message::Text(frame.to_string().into());
+                let frame = json!({"t": "send", "ref": seq, "id": uuid::Uuid::new_v4(), "message": content}).to_string();
+                pending.insert(seq, frame.clone());
                 shared.sent_at[seq].store(shared.nanos(Instant::now()) + 1, Ordering::Release);
-                if let Err(error) = ws.send(frame).await {
-                    stats.ended = Some(format!("send failed: {error}"));
-                    break;
-                }
+                ws.send(Message::Text(frame.into())).await.err().map(|error| format!("send failed: {error}"))
             }
             frame = ws.next() => {
                 let now = Instant::now();
-                let text = match text_frame(frame) {
-                    Ok(Some(text)) => text,
-                    Ok(None) => continue,
-                    Err(ended) => {
-                        stats.ended = Some(ended);
-                        break;
-                    }
-                };
-                let text = text.as_str();
-                let head = text.split_once('\n').map_or(text, |(head, _)| head);
-                match frame_kind(head) {
-                    "ack" => {
-                        let ack: Value = serde_json::from_str(head).unwrap_or(Value::Null);
-                        let seq = ack["ref"].as_u64().and_then(|r| usize::try_from(r).ok());
-                        if ack["ok"] == Value::Bool(true) {
-                            shared.acked_ok.fetch_add(1, Ordering::Relaxed);
-                            if let Some(ok) = seq.and_then(|seq| shared.ok.get(seq)) {
-                                ok.store(true, Ordering::Relaxed);
+                match text_frame(frame) {
+                    Ok(Some(text)) => {
+                        let text = text.as_str();
+                        let head = text.split_once('\n').map_or(text, |(head, _)| head);
+                        match frame_kind(head) {
+                            "ack" => {
+                                let ack: Value = serde_json::from_str(head).unwrap_or(Value::Null);
+                                let seq = ack["ref"].as_u64().and_then(|r| usize::try_from(r).ok());
+                                let status = ack["status"].as_str().unwrap_or("");
+                                if ack["ok"] == Value::Bool(true) {
+                                    if let Some(seq) = seq {
+                                        pending.remove(&seq);
+                                        if shared.ok.get(seq).is_some_and(|ok| !ok.swap(true, Ordering::Relaxed)) {
+                                            shared.acked_ok.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                    }
+                                } else if status == "unknown" {
+                                    // Not known to be stored: the same id again, as the page does.
+                                    if let Some(frame) = seq.and_then(|seq| pending.get(&seq)) {
+                                        tokio::time::sleep(Duration::from_millis(200)).await;
+                                        stats.resent += 1;
+                                        let _ = ws.send(Message::Text(frame.clone().into())).await;
+                                    }
+                                } else {
+                                    if let Some(seq) = seq {
+                                        pending.remove(&seq);
+                                    }
+                                    shared.acked_err.fetch_add(1, Ordering::Relaxed);
+                                    stats.refusals.push(ack["error"].as_str().unwrap_or("?").to_owned());
+                                }
+                                if let Some(sent) = seq.and_then(|seq| shared.sent_at.get(seq)) {
+                                    let sent = sent.load(Ordering::Acquire);
+                                    let us = shared.nanos(now).saturating_sub(sent.saturating_sub(1)) / 1_000;
+                                    stats.ack_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+                                }
                             }
-                        } else {
-                            shared.acked_err.fetch_add(1, Ordering::Relaxed);
-                            stats.refusals.push(ack["error"].as_str().unwrap_or("?").to_owned());
+                            "error" => stats.refusals.push(head.to_owned()),
+                            _ => {}
                         }
-                        if let Some(sent) = seq.and_then(|seq| shared.sent_at.get(seq)) {
-                            let sent = sent.load(Ordering::Acquire);
-                            let us = shared.nanos(now).saturating_sub(sent.saturating_sub(1)) / 1_000;
-                            stats.ack_us.push(u32::try_from(us).unwrap_or(u32::MAX));
-                        }
+                        None
                     }
-                    "error" => stats.refusals.push(head.to_owned()),
-                    _ => {}
+                    Ok(None) => None,
+                    Err(ended) => Some(ended),
                 }
             }
             _ = ping.tick() => {
-                if let Err(error) = ws.send(Message::Text("{\"t\":\"ping\"}".into())).await {
-                    stats.ended = Some(format!("ping failed: {error}"));
-                    break;
-                }
+                ws.send(Message::Text("{\"t\":\"ping\"}".into())).await.err().map(|error| format!("ping failed: {error}"))
             }
             _ = stop.changed() => break,
+        };
+        let Some(why) = ended else { continue };
+        if !reconnect {
+            stats.ended = Some(why);
+            break;
+        }
+        let Some(again) = rejoin(&url, &name, &room, &shared, &mut ignored, &mut stop).await else {
+            if !*stop.borrow() {
+                stats.ended = Some(format!("{why}; could not reconnect"));
+            }
+            break;
+        };
+        ws = again;
+        stats.reconnects += 1;
+        let mut failed = None;
+        for frame in pending.values() {
+            stats.resent += 1;
+            if let Err(error) = ws.send(Message::Text(frame.clone().into())).await {
+                failed = Some(error);
+                break;
+            }
+        }
+        if let Some(error) = failed {
+            stats.ended = Some(format!("resend failed: {error}"));
+            break;
         }
     }
     stats
@@ -579,12 +750,19 @@ async fn run(args: Args) -> Result<()> {
     let mut sender_queues = Vec::new();
     let mut sender_tasks: Vec<JoinHandle<SenderStats>> = Vec::new();
     for index in 0..senders {
-        let mut ignored = ViewerStats::default();
-        let ws = connect_and_join(&args.url, &format!("sender-{index:03}"), &room, &mut ignored).await?;
         let (queue, work) = mpsc::unbounded_channel();
         sender_queues.push(queue);
-        sender_tasks.push(tokio::spawn(sender(ws, Arc::clone(&shared), args.content_bytes, work, stop.clone())));
+        sender_tasks.push(tokio::spawn(sender(
+            format!("sender-{index:03}"),
+            Arc::clone(&args),
+            Arc::clone(&room),
+            Arc::clone(&shared),
+            work,
+            stop.clone(),
+        )));
     }
+    // Let them join before the viewers come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
 
     let rss_before = server.and_then(vm_rss_kib);
     let join_started = Instant::now();
@@ -629,6 +807,25 @@ async fn run(args: Args) -> Result<()> {
     let pressure_before = cpu_pressure_avg10();
     shared.sending.store(true, Ordering::Relaxed);
     let send_started = tokio::time::Instant::now();
+    let signals: Vec<JoinHandle<String>> = args
+        .signals
+        .iter()
+        .map(|&(pid, at, name)| {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(send_started + Duration::from_secs_f64(at)).await;
+                let flag = if name == "kill" { "-KILL" } else { "-TERM" };
+                let done = std::process::Command::new("kill").arg(flag).arg(pid.to_string()).status();
+                let outcome = match done {
+                    Ok(status) if status.success() => "sent".to_owned(),
+                    Ok(status) => format!("failed ({status})"),
+                    Err(error) => format!("failed ({error})"),
+                };
+                let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                eprintln!("loadgen: SIG{} to {pid} at {at} s (unix {unix:.3}): {outcome}", &flag[1..]);
+                format!("SIG{} {pid} at {at} s: {outcome}", &flag[1..])
+            })
+        })
+        .collect();
     for seq in 0..messages {
         tokio::time::sleep_until(send_started + Duration::from_secs_f64(seq as f64 / args.rate)).await;
         let _ = sender_queues[seq % senders].send(seq);
@@ -637,6 +834,10 @@ async fn run(args: Args) -> Result<()> {
     let send_seconds = send_started.elapsed().as_secs_f64();
 
     // Drain: until every viewer has every acknowledged message, or no progress for a while.
+    let mut signalled = Vec::new();
+    for signal in signals {
+        signalled.push(signal.await.unwrap_or_else(|_| "signal task failed".to_owned()));
+    }
     let mut last = (u64::MAX, Instant::now());
     loop {
         let acked = shared.acked_ok.load(Ordering::Relaxed) + shared.acked_err.load(Ordering::Relaxed);
@@ -678,6 +879,9 @@ async fn run(args: Args) -> Result<()> {
     let (mut unknown, mut lost, mut duplicates) = (0u64, 0u64, 0u64);
     let mut ended: BTreeMap<String, usize> = BTreeMap::new();
     let mut sender_stats = Vec::new();
+    let mut recoveries_us: Vec<u64> = Vec::new();
+    let mut reconnect_reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut resets, mut viewers_hit, mut viewers_lossless) = (0u64, 0usize, 0usize);
     // Delivery latencies of the messages of each third of the run (is it getting worse?), and
     // per message the latency of the last viewer to get it.
     let mut by_third: [Vec<u32>; 3] = Default::default();
@@ -708,19 +912,43 @@ async fn run(args: Args) -> Result<()> {
         catch_up.bytes += stats.catch_up.bytes;
         unknown += stats.unknown_msgs;
         duplicates += stats.duplicates;
+        resets += stats.resets;
+        if !stats.reconnects.is_empty() {
+            viewers_hit += 1;
+        }
+        for (why, us) in &stats.reconnects {
+            recoveries_us.push(*us);
+            *reconnect_reasons.entry(why.clone()).or_default() += 1;
+        }
+        let mut viewer_lost = 0;
         for (seq, &us) in stats.latency_by_seq.iter().enumerate() {
             if us == NOT_RECEIVED {
-                lost += u64::from(expected_messages[seq]);
+                viewer_lost += u64::from(expected_messages[seq]);
                 continue;
             }
             latencies.push(us);
             by_third[(seq * 3 / messages).min(2)].push(us);
             last_viewer_us[seq] = last_viewer_us[seq].max(us);
         }
+        lost += viewer_lost;
+        if viewer_lost == 0 && stats.duplicates == 0 {
+            viewers_lossless += 1;
+        }
         if let Some(why) = stats.ended {
             *ended.entry(why).or_default() += 1;
         }
     }
+    recoveries_us.sort_unstable();
+    let recovery_ms = |p: f64| {
+        if recoveries_us.is_empty() {
+            f64::NAN
+        } else {
+            let rank = ((p / 100.0) * recoveries_us.len() as f64).ceil().max(1.0) as usize;
+            recoveries_us[rank.min(recoveries_us.len()) - 1] as f64 / 1_000.0
+        }
+    };
+    let resent: u64 = sender_stats.iter().map(|s| s.resent).sum();
+    let sender_reconnects: u64 = sender_stats.iter().map(|s| s.reconnects).sum();
     latencies.sort_unstable();
     for third in &mut by_third {
         third.sort_unstable();
@@ -803,6 +1031,27 @@ async fn run(args: Args) -> Result<()> {
     for (why, count) in &ended {
         row("connections ended early", format!("{count} × {why}"));
     }
+    for signal in &signalled {
+        row("signal", signal.clone());
+    }
+    if args.reconnect {
+        row("viewers reconnected / lossless (of joined)", format!("{viewers_hit} / {viewers_lossless} of {joined}"));
+        for (why, count) in &reconnect_reasons {
+            row("  reconnects after", format!("{count} × {why}"));
+        }
+        row(
+            "time to recover min / p50 / p99 / max (ms)",
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                recovery_ms(0.0),
+                recovery_ms(50.0),
+                recovery_ms(99.0),
+                recovery_ms(100.0)
+            ),
+        );
+        row("reset frames (resume not exact)", resets.to_string());
+        row("sender reconnects / sends repeated with the same id", format!("{sender_reconnects} / {resent}"));
+    }
     let mut refusals: BTreeMap<&str, usize> = BTreeMap::new();
     for reason in sender_stats.iter().flat_map(|s| s.refusals.iter()) {
         *refusals.entry(reason.as_str()).or_default() += 1;
@@ -811,6 +1060,15 @@ async fn run(args: Args) -> Result<()> {
         row("sends refused", format!("{count} × {reason}"));
     }
 
+    let reconnect_report = json!({
+        "viewers_reconnected": viewers_hit,
+        "viewers_lossless": viewers_lossless,
+        "reasons": reconnect_reasons,
+        "recovery_ms": {"min": recovery_ms(0.0), "p50": recovery_ms(50.0), "p99": recovery_ms(99.0), "max": recovery_ms(100.0)},
+        "resets": resets,
+        "sender_reconnects": sender_reconnects,
+        "resent_same_id": resent,
+    });
     let report = json!({"loadgen": {
         "url": args.url,
         "room": &*room,
@@ -853,8 +1111,35 @@ async fn run(args: Args) -> Result<()> {
         "cpu_pressure_avg10": {"before": pressure_before, "after": pressure_after},
         "ended_early": ended,
         "refusals": refusals,
+        "signals": signalled,
+        "reconnect": reconnect_report,
     }});
     println!("{report}");
+    if args.check {
+        let mut failures = Vec::new();
+        if joined != args.viewers {
+            failures.push(format!("{} of {} viewers joined", joined, args.viewers));
+        }
+        if acked_ok != messages as u64 {
+            failures.push(format!("{acked_ok} of {messages} messages acknowledged as stored ({acked_err} refused)"));
+        }
+        if lost > 0 || duplicates > 0 || unknown > 0 {
+            failures.push(format!("{lost} deliveries lost, {duplicates} duplicated, {unknown} unknown"));
+        }
+        if !ended.is_empty() {
+            failures.push(format!("{} connections ended for good", ended.values().sum::<usize>()));
+        }
+        if resets > 0 {
+            failures.push(format!("{resets} reset frames"));
+        }
+        if signalled.iter().any(|s| !s.ends_with("sent")) {
+            failures.push("a signal was not delivered".to_owned());
+        }
+        if !failures.is_empty() {
+            bail!("check failed: {}", failures.join("; "));
+        }
+        eprintln!("loadgen: check passed: every message stored once and delivered once to each of {joined} viewers");
+    }
     Ok(())
 }
 
@@ -864,7 +1149,10 @@ fn text_frame(
 ) -> Result<Option<Utf8Bytes>, String> {
     match frame {
         Some(Ok(Message::Text(text))) => Ok(Some(text)),
-        Some(Ok(Message::Close(close))) => Err(format!("closed by server: {close:?}")),
+        Some(Ok(Message::Close(close))) => Err(match close {
+            Some(close) => format!("closed by server: {} {}", u16::from(close.code), close.reason),
+            None => "closed by server without a code".to_owned(),
+        }),
         Some(Ok(_)) => Ok(None),
         Some(Err(error)) => Err(format!("socket failed: {error}")),
         None => Err("socket ended".to_owned()),

@@ -34,6 +34,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard))
+        .route("/admin/parked", get(super::admin::list))
+        .route("/admin/parked/retry", post(super::admin::retry))
+        .route("/admin/parked/discard", post(super::admin::discard))
         .route("/live", get(live))
         .route("/assets/live.js", get(script))
         .route("/assets/app.css", get(style))
@@ -149,7 +152,15 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let head = state.store.notifications().borrow().0;
     state.metrics.set_levels(&crate::app::levels(&state.model, head, &state.limits));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+    let mut text = state.metrics.render();
+    // Who holds each exclusive handler, as the store says (bounded: a scrape never hangs on it).
+    match tokio::time::timeout(std::time::Duration::from_secs(1), state.store.claims()).await {
+        Ok(Ok(claims)) => text.push_str(&crate::metrics::Metrics::render_claims(&claims, cqrs_core::Timestamp::now())),
+        Ok(Err(cqrs_core::StoreError::Unsupported(_))) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "claims not read for /metrics"),
+        Err(_) => tracing::debug!("claims not read for /metrics within 1 s"),
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn dashboard(State(state): State<Arc<AppState>>) -> Response {

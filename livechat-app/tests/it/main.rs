@@ -5,5 +5,6 @@ mod bugs;
 mod domain;
 mod durability;
 mod features;
+mod notifier;
 mod support;
 mod websocket;
