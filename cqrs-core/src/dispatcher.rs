@@ -7,6 +7,15 @@
 //! is held across the whole dispatcher. Other processes writing the same stream are caught by
 //! the store's expected-version check; the dispatcher then reads only the missing events and
 //! decides again.
+//!
+//! A hot instance (commands queueing on its mutex) is served in batches: the command that
+//! holds the mutex takes every command waiting for it, decides them one after another, each on
+//! the state the previous ones leave, and stores them with one [`EventStore::append_chain`]
+//! (one round trip and one commit on PostgreSQL), which stores a link only right after the
+//! links before it. A command whose decision stores nothing, or whose link was not stored, is
+//! then run on its own as before. So every stored command was decided on a state that includes
+//! every earlier event of its stream, and one stream is no longer limited to one command per
+//! commit. `DispatcherConfig::batch_commands` turns it off.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +26,7 @@ use tracing::Instrument;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::oneshot;
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::aggregate::{Aggregate, Command, CommandEnvelope};
@@ -35,11 +45,14 @@ pub struct DispatcherConfig {
     pub max_conflict_retries: u32,
     /// How many events are read per store call when loading an instance.
     pub load_page_size: usize,
+    /// Whether commands queued on one instance are decided and stored together (see the module
+    /// docs); at most this many per batch (0 or 1: one at a time).
+    pub batch_commands: usize,
 }
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
-        Self { cache_capacity: 10_000, max_conflict_retries: 10, load_page_size: 1_000 }
+        Self { cache_capacity: 10_000, max_conflict_retries: 10, load_page_size: 1_000, batch_commands: 64 }
     }
 }
 
@@ -226,13 +239,54 @@ impl<A: Aggregate> Instance<A> {
     }
 }
 
-/// One cached instance: its state behind the async mutex that serialises its commands, and a
+/// One cached instance: its state behind the async mutex that serialises its commands, a
 /// flag set by [`Dispatcher::clear_cache`] while a command holds the mutex, so the next
-/// command starts from the store.
-#[derive(Debug, Default)]
-struct Slot<A> {
+/// command starts from the store, and the commands waiting for the mutex (which the command
+/// holding it may take into its batch).
+struct Slot<A: Aggregate> {
     instance: AsyncMutex<Instance<A>>,
     stale: AtomicBool,
+    waiting: Mutex<Vec<Job<A>>>,
+}
+
+impl<A: Aggregate> Default for Slot<A> {
+    fn default() -> Self {
+        Self { instance: AsyncMutex::default(), stale: AtomicBool::new(false), waiting: Mutex::new(Vec::new()) }
+    }
+}
+
+impl<A: Aggregate> fmt::Debug for Slot<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").field("stale", &self.stale).finish_non_exhaustive()
+    }
+}
+
+type Answer<A> = Result<DispatchOutcome, DispatchError<<A as Aggregate>::Error>>;
+
+/// A command waiting for its instance's mutex, and where its answer goes if the command
+/// holding the mutex handles it in its batch.
+struct Job<A: Aggregate> {
+    envelope: Arc<CommandEnvelope<A::Command>>,
+    reply: oneshot::Sender<Answer<A>>,
+}
+
+/// Removes a waiting command from its slot's queue when its dispatch is dropped while waiting.
+struct Queued<'a, A: Aggregate> {
+    slot: &'a Slot<A>,
+    envelope: &'a Arc<CommandEnvelope<A::Command>>,
+}
+
+impl<A: Aggregate> Drop for Queued<'_, A> {
+    fn drop(&mut self) {
+        let mut waiting = self.slot.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        waiting.retain(|job| !Arc::ptr_eq(&job.envelope, self.envelope));
+    }
+}
+
+/// A command of a batch whose decision stores events.
+struct Planned<A: Aggregate> {
+    job: Job<A>,
+    events: Vec<A::Event>,
 }
 
 type InstanceSlot<A> = Arc<Slot<A>>;
@@ -338,6 +392,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        let envelope = Arc::new(envelope);
         let result = self.decide_and_store(&envelope, consistency).instrument(span.clone()).await;
         let outcome = match &result {
             Ok(outcome) if outcome.duplicate => "duplicate",
@@ -370,7 +425,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     /// Routes, decides and stores one command (inside its `dispatch` span).
     async fn decide_and_store(
         &self,
-        envelope: &CommandEnvelope<A::Command>,
+        envelope: &Arc<CommandEnvelope<A::Command>>,
         consistency: &Consistency,
     ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
         let stream_id = envelope.command.stream_id().map_err(DispatchError::InvalidStreamId)?;
@@ -381,8 +436,157 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             }
         }
         let slot = self.slot(&stream_id);
+        if self.config.batch_commands <= 1 {
+            let mut instance = Self::lock(&slot).await;
+            return self.run(&stream_id, &mut instance, envelope).await;
+        }
+        let (reply, mut answer) = oneshot::channel();
+        Self::waiting(&slot).push(Job { envelope: Arc::clone(envelope), reply });
+        // If this future is dropped while waiting, the command leaves the queue (unless a batch
+        // already took it): a dispatch dropped before it ran is not run later by another.
+        let queued = Queued { slot: &slot, envelope };
         let mut instance = Self::lock(&slot).await;
-        self.run(&stream_id, &mut instance, envelope).await
+        std::mem::forget(queued);
+        match answer.try_recv() {
+            // Decided and stored by the command before us, in its batch.
+            Ok(answer) => return answer,
+            // Taken into a batch whose command was dropped before answering: run it here (its
+            // append may have happened; its command id makes a second one a duplicate).
+            Err(oneshot::error::TryRecvError::Closed) => return self.run(&stream_id, &mut instance, envelope).await,
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        // Ours is still waiting, so it is among these: take it and those queued behind it.
+        let jobs: Vec<Job<A>> = {
+            let mut waiting = Self::waiting(&slot);
+            let take = waiting.len().min(self.config.batch_commands);
+            let mine = waiting.iter().position(|job| Arc::ptr_eq(&job.envelope, envelope));
+            match mine {
+                Some(index) if take > 1 => {
+                    let mut jobs: Vec<Job<A>> = Vec::with_capacity(take);
+                    jobs.push(waiting.remove(index));
+                    let others = (take - 1).min(waiting.len());
+                    jobs.extend(waiting.drain(..others));
+                    jobs
+                }
+                Some(index) => {
+                    waiting.remove(index);
+                    Vec::new()
+                }
+                None => Vec::new(),
+            }
+        };
+        if jobs.len() <= 1 {
+            return self.run(&stream_id, &mut instance, envelope).await;
+        }
+        self.run_batch(&stream_id, &mut instance, jobs).await
+    }
+
+    fn waiting(slot: &Slot<A>) -> std::sync::MutexGuard<'_, Vec<Job<A>>> {
+        slot.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Decides `jobs` (the first is the caller's) one after another on the state each leaves,
+    /// stores those that produce events with one [`EventStore::append_chain`], then runs the
+    /// rest one by one; answers the others through their replies and returns the first's.
+    async fn run_batch(
+        &self,
+        stream_id: &StreamId,
+        instance: &mut Instance<A>,
+        jobs: Vec<Job<A>>,
+    ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
+        let own = Arc::clone(&jobs[0].envelope);
+        let mut answers: Vec<(Job<A>, Answer<A>)> = Vec::with_capacity(jobs.len());
+        let mut deferred: Vec<Job<A>> = Vec::new();
+        if !instance.loaded {
+            // On failure the other jobs' replies are dropped: each then runs on its own.
+            self.catch_up(stream_id, instance).await?;
+        }
+        let mut state = instance.state.clone();
+        let start = instance.version;
+        let mut planned: Vec<Planned<A>> = Vec::new();
+        let mut links: Vec<Vec<NewEvent>> = Vec::new();
+        for job in jobs {
+            match state.execute(&job.envelope.command) {
+                Ok(events) if !events.is_empty() => match Self::encode(&events, &job.envelope) {
+                    Ok(encoded) => {
+                        state = events.iter().fold(state, A::apply);
+                        links.push(encoded);
+                        planned.push(Planned { job, events });
+                    }
+                    Err(error) => answers.push((job, Err(error))),
+                },
+                // Stores nothing: decided again on its own, on state read from the store.
+                _ => deferred.push(job),
+            }
+        }
+        drop(state);
+        if !planned.is_empty() {
+            tracing::Span::current().record("attempts", 1);
+            // Until the answers are applied, the cached state may lag the store (as in `run`).
+            instance.loaded = false;
+            let results = self.store.append_chain(stream_id, start, links).await;
+            let mut state = std::mem::take(&mut instance.state);
+            let mut version = start;
+            let mut consistent = true;
+            let mut results = results.into_iter();
+            for Planned { job, events } in planned {
+                let result = results
+                    .next()
+                    .unwrap_or_else(|| Err(StoreError::Corrupt("append_chain answered fewer links".to_owned())));
+                match result {
+                    Ok(AppendOutcome::Appended(appended)) if consistent => {
+                        state = events.iter().fold(state, A::apply);
+                        version = appended.last_version;
+                        let outcome = self.outcome(stream_id, &job.envelope, Some(appended), version, false);
+                        answers.push((job, Ok(outcome)));
+                    }
+                    Ok(AppendOutcome::Appended(appended)) => {
+                        let last = appended.last_version;
+                        let outcome = self.outcome(stream_id, &job.envelope, Some(appended), last, false);
+                        answers.push((job, Ok(outcome)));
+                    }
+                    Ok(AppendOutcome::Duplicate(first)) => {
+                        // Stored before (a resend): our state may be behind the store.
+                        consistent = false;
+                        let outcome = self.outcome(stream_id, &job.envelope, Some(first), first.last_version, true);
+                        answers.push((job, Ok(outcome)));
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        consistent = false;
+                        deferred.push(job);
+                    }
+                    Err(error) => {
+                        consistent = false;
+                        answers.push((job, Err(DispatchError::Store(error))));
+                    }
+                }
+            }
+            if consistent {
+                instance.state = state;
+                instance.version = version;
+                instance.loaded = true;
+                self.maybe_snapshot(stream_id, start, instance).await;
+            } else {
+                // Something else happened to the stream: the next decision starts from the store.
+                *instance = Instance::default();
+            }
+        }
+        for job in deferred {
+            let answer = self.run(stream_id, instance, &job.envelope).await;
+            answers.push((job, answer));
+        }
+        let mut own_answer = None;
+        for (job, answer) in answers {
+            if Arc::ptr_eq(&job.envelope, &own) {
+                own_answer = Some(answer);
+            } else {
+                // The caller may have gone away; what was stored stays stored.
+                let _ = job.reply.send(answer);
+            }
+        }
+        own_answer.unwrap_or_else(|| {
+            Err(DispatchError::Store(StoreError::Corrupt("a batch lost its own command".to_owned())))
+        })
     }
 
     /// The state of an instance as this dispatcher sees it after catching up with the store,

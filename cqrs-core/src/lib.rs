@@ -122,7 +122,7 @@ pub use handler::{
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use process::{spawn_process_manager, CommandRouter, Effects, ProcessManager, Route, RouteError, RunningProcess};
 pub use store::{
-    validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError,
-    DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,
+    append_links_one_by_one, chain_broken, validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion,
+    Snapshot, StoreError, DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,
 };
 pub use subscription::Subscription;

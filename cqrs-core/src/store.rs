@@ -155,6 +155,40 @@ impl StoreError {
     }
 }
 
+/// [`EventStore::append_chain`] link by link: each link with the exact version the previous one
+/// left, stopping at the first link not appended. For stores that write a chain in one round
+/// trip, the answer for links they cannot attempt.
+pub async fn append_links_one_by_one<S: EventStore + ?Sized>(
+    store: &S,
+    stream_id: &StreamId,
+    version: Version,
+    links: Vec<Vec<NewEvent>>,
+) -> Vec<Result<AppendOutcome, StoreError>> {
+    let mut answers = Vec::with_capacity(links.len());
+    let mut next = Some(version);
+    for events in links {
+        let Some(expected) = next else {
+            answers.push(Err(chain_broken(stream_id, version)));
+            continue;
+        };
+        let count = events.len() as u64;
+        let answer = store.append(stream_id, ExpectedVersion::Exact(expected), events).await;
+        next = match &answer {
+            Ok(AppendOutcome::Appended(appended)) => Some(appended.last_version),
+            _ => None,
+        };
+        debug_assert!(next.is_none_or(|v| v.0 == expected.0 + count));
+        answers.push(answer);
+    }
+    answers
+}
+
+/// The answer for a chain link after one that was not appended: a conflict (the link was not
+/// attempted; `actual` repeats the chain's starting version, the stream's is not read).
+pub fn chain_broken(stream_id: &StreamId, version: Version) -> StoreError {
+    StoreError::Conflict { stream_id: stream_id.clone(), expected: ExpectedVersion::Exact(version), actual: version }
+}
+
 /// A durable (or in-memory) log of event streams, the one trait each backend implements.
 ///
 /// Contract, checked by [`crate::testing::conformance`] for every backend:
@@ -183,6 +217,27 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError>;
+
+    /// Appends a chain of appends to one stream, in order: link `i` is written with the exact
+    /// version link `i - 1` left (`version` + the events of the links before it), and only if
+    /// link `i - 1` was appended; once a link is not appended (a conflict, a duplicate command
+    /// id, an error), every later link is answered [`StoreError::Conflict`] without being
+    /// written. So a link that is stored always follows every earlier link of its chain, never
+    /// events someone else wrote in between: a command decided on the state its chain's earlier
+    /// links leave is stored only on that state. One answer per link, in order.
+    ///
+    /// The dispatcher uses it for commands that queue up on one aggregate instance (a hot
+    /// stream): it decides them one after another on the state each leaves and stores them
+    /// with one call. The default appends link by link; a store may write the whole chain in
+    /// one round trip and one commit (PostgreSQL does).
+    async fn append_chain(
+        &self,
+        stream_id: &StreamId,
+        version: Version,
+        links: Vec<Vec<NewEvent>>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        append_links_one_by_one(self, stream_id, version, links).await
+    }
 
     /// Reads up to `max_count` events of one stream, starting at version `from` (inclusive), in
     /// version order. An unknown stream is empty.

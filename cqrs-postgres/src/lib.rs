@@ -285,13 +285,82 @@ impl EventStore for PgEventStore {
         let appended = async {
             let command_id = validate(expected, &events)?;
             let (reply, answer) = oneshot::channel();
-            let request = AppendRequest { stream_id: stream_id.clone(), expected, command_id, events, reply };
+            let request = AppendRequest {
+                stream_id: stream_id.clone(),
+                expected,
+                command_id,
+                events,
+                reply,
+                continues: false,
+                followers: Vec::new(),
+            };
             self.inner.appends.send(request).await.map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
         };
         let result = tracing::Instrument::instrument(appended, span.clone()).await;
         cqrs_core::telemetry::record_append("postgres", started, &result, &span);
         result
+    }
+
+    /// The whole chain in one batch (one statement, one commit), each link checked on its own
+    /// and written only right after the previous one.
+    async fn append_chain(
+        &self,
+        stream_id: &StreamId,
+        version: Version,
+        links: Vec<Vec<NewEvent>>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        let started = std::time::Instant::now();
+        let events: usize = links.iter().map(Vec::len).sum();
+        let span = cqrs_core::telemetry::append_span("postgres", stream_id, events);
+        // Every link valid and carrying a command id (so a replay after an unknown outcome keeps
+        // the chain whole), or link by link.
+        let mut expected = version;
+        let mut checked = Vec::with_capacity(links.len());
+        for events in &links {
+            match validate(ExpectedVersion::Exact(expected), events) {
+                Ok(Some(command_id)) => checked.push((ExpectedVersion::Exact(expected), command_id)),
+                _ => return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await,
+            }
+            expected = Version(expected.0 + events.len() as u64);
+        }
+        if links.len() < 2 {
+            return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await;
+        }
+        let mut answers = Vec::with_capacity(links.len());
+        let mut requests = Vec::with_capacity(links.len());
+        for (index, (events, (expected, command_id))) in links.into_iter().zip(checked).enumerate() {
+            let (reply, answer) = oneshot::channel();
+            answers.push(answer);
+            requests.push(AppendRequest {
+                stream_id: stream_id.clone(),
+                expected,
+                command_id: Some(command_id),
+                events,
+                reply,
+                continues: index > 0,
+                followers: Vec::new(),
+            });
+        }
+        let mut requests = requests.into_iter();
+        let results = async {
+            let Some(mut head) = requests.next() else { return Vec::new() };
+            head.followers = requests.collect();
+            if self.inner.appends.send(head).await.is_err() {
+                return answers.iter().map(|_| Err(StoreError::Closed)).collect();
+            }
+            let mut results = Vec::with_capacity(answers.len());
+            for answer in answers {
+                results.push(answer.await.unwrap_or(Err(StoreError::Closed)));
+            }
+            results
+        };
+        let results: Vec<Result<AppendOutcome, StoreError>> =
+            tracing::Instrument::instrument(results, span.clone()).await;
+        for result in &results {
+            cqrs_core::telemetry::record_append("postgres", started, result, &span);
+        }
+        results
     }
 
     async fn read_stream(

@@ -26,13 +26,18 @@ use crate::rows::append_result;
 /// How often a batch that deadlocked or hit a serialization failure is retried.
 const MAX_BATCH_RETRIES: u32 = 5;
 
-/// One queued append and where to send its answer.
+/// One queued append and where to send its answer. The head of a chain
+/// (`EventStore::append_chain`) carries the chain's other links in `followers`; the writer puts
+/// them right after it in the batch, each marked `continues`.
 pub(crate) struct AppendRequest {
     pub(crate) stream_id: StreamId,
     pub(crate) expected: ExpectedVersion,
     pub(crate) command_id: Option<CommandId>,
     pub(crate) events: Vec<NewEvent>,
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+    /// Written only if the append just before it (the previous link) was appended.
+    pub(crate) continues: bool,
+    pub(crate) followers: Vec<AppendRequest>,
 }
 
 impl QueuedWrite for AppendRequest {
@@ -41,8 +46,17 @@ impl QueuedWrite for AppendRequest {
     }
 
     fn event_count(&self) -> usize {
-        self.events.len()
+        self.events.len() + self.followers.iter().map(|follower| follower.events.len()).sum::<usize>()
     }
+}
+
+/// The answer to a chain link that was not attempted.
+fn skipped(request: &AppendRequest) -> StoreError {
+    let version = match request.expected {
+        ExpectedVersion::Exact(version) => version,
+        _ => Version::NONE,
+    };
+    cqrs_core::chain_broken(&request.stream_id, version)
 }
 
 /// The writer task's connection, kept across batches (no pool checkout, release and ping per
@@ -106,12 +120,22 @@ async fn write_batch(
     // Stable: appends to one stream keep their arrival order. Every store instance locks
     // streams in this order, so concurrent batches cannot deadlock on stream rows.
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
+    // A chain's links follow its head, in order, as consecutive items of the statement.
+    let batch: Vec<AppendRequest> = batch
+        .into_iter()
+        .flat_map(|mut request| {
+            let followers = std::mem::take(&mut request.followers);
+            std::iter::once(request).chain(followers)
+        })
+        .collect();
     cqrs_core::telemetry::record_batch("postgres", batch.len());
     let events: usize = batch.iter().map(|request| request.events.len()).sum();
     let span = tracing::debug_span!("append_batch", store = "postgres", appends = batch.len(), events);
     let written = async {
         match run_with_retries(connection, &batch).await {
-            Ok(rows) => answer(batch, &rows, head, announced, reservations),
+            Ok(rows) => {
+                answer(batch, &rows, head, announced, reservations);
+            }
             Err(error) => settle(connection, batch, error, Replay::Once, head, announced, reservations).await,
         }
     };
@@ -148,8 +172,14 @@ async fn settle(
 ) {
     if is_statement_error(&error) && batch.len() > 1 {
         tracing::debug!(%error, "batch refused, writing its appends one by one");
+        let mut previous_appended = false;
         for request in batch {
-            write_single(connection, request, replay, head, announced, reservations).await;
+            if request.continues && !previous_appended {
+                let error = skipped(&request);
+                let _ = request.reply.send(Err(error));
+                continue;
+            }
+            previous_appended = write_single(connection, request, replay, head, announced, reservations).await;
         }
         return;
     }
@@ -169,20 +199,25 @@ async fn settle(
     }
     tracing::debug!(%error, appends = replayable.len(), "batch outcome unknown; writing its appends with command ids again");
     match run_with_retries(connection, &replayable).await {
-        Ok(rows) => answer(replayable, &rows, head, announced, reservations),
+        Ok(rows) => {
+            answer(replayable, &rows, head, announced, reservations);
+        }
         Err(error) => Box::pin(settle(connection, replayable, error, Replay::No, head, announced, reservations)).await,
     }
 }
 
-/// Writes one append in a transaction of its own, after its batch was refused.
+/// Writes one append in a transaction of its own, after its batch was refused; true if it is
+/// known to be appended now (false when in doubt: a chain's next link is then not attempted).
 async fn write_single(
     connection: &mut WriterConnection,
-    request: AppendRequest,
+    mut request: AppendRequest,
     replay: Replay,
     head: &watch::Sender<Position>,
     announced: &Announced,
     reservations: &Reservations,
-) {
+) -> bool {
+    // Alone in its statement, a link has no link before it to check.
+    request.continues = false;
     let single = vec![request];
     let mut result = run_with_retries(connection, &single).await;
     if matches!(&result, Err(error) if is_event_id_violation(error)) {
@@ -190,8 +225,11 @@ async fn write_single(
         result = run_with_retries(connection, &single).await;
     }
     match result {
-        Ok(rows) => answer(single, &rows, head, announced, reservations),
-        Err(error) => Box::pin(settle(connection, single, error, replay, head, announced, reservations)).await,
+        Ok(rows) => answer(single, &rows, head, announced, reservations).first().copied().unwrap_or(false),
+        Err(error) => {
+            Box::pin(settle(connection, single, error, replay, head, announced, reservations)).await;
+            false
+        }
     }
 }
 
@@ -214,15 +252,17 @@ async fn run_with_retries(
     }
 }
 
-/// Answers each request from its result row. An append that lost a version conflict and
-/// carries a command id gets its stream reserved for its retry first (see [`cqrs_core::batching`]).
+/// Answers each request from its result row; returns, per request, whether it was appended.
+/// An append that lost a version conflict and carries a command id gets its stream reserved for
+/// its retry first (see [`cqrs_core::batching`]).
 fn answer(
     batch: Vec<AppendRequest>,
     rows: &[PgRow],
     head: &watch::Sender<Position>,
     announced: &Announced,
     reservations: &Reservations,
-) {
+) -> Vec<bool> {
+    let mut appended = Vec::with_capacity(batch.len());
     let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
     for row in rows {
         if let Ok(index) = row.try_get::<i32, _>("append_index") {
@@ -237,6 +277,7 @@ fn answer(
             Some(row) => outcome_of(row, &request),
             None => Err(StoreError::Corrupt(format!("cqrs_append_batch returned no row for append {index}"))),
         };
+        appended.push(matches!(outcome, Ok(AppendOutcome::Appended(_))));
         match (&outcome, request.command_id) {
             (Ok(AppendOutcome::Appended(result)), _) => newest = newest.max(result.last_position),
             (Err(StoreError::Conflict { .. }), Some(command_id)) => {
@@ -253,11 +294,15 @@ fn answer(
         announced.record(newest);
         head.send_modify(|position| *position = (*position).max(newest));
     }
+    appended
 }
 
 fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
     let corrupt = |error: sqlx::Error| StoreError::Corrupt(format!("cannot decode an append result: {error}"));
     let outcome: String = row.try_get("outcome").map_err(corrupt)?;
+    if outcome == "skipped" {
+        return Err(skipped(request));
+    }
     let actual: i64 = row.try_get("actual_version").map_err(corrupt)?;
     let bounds = || -> Result<_, StoreError> {
         append_result(
@@ -316,6 +361,8 @@ struct AppendJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     v: Option<u64>,
     c: Option<Uuid>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    k: bool,
     ev: Vec<EventJson<'a>>,
 }
 
@@ -343,6 +390,7 @@ impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
             e: kind,
             v: version,
             c: request.command_id.map(|id| id.0),
+            k: request.continues,
             ev: request
                 .events
                 .iter()

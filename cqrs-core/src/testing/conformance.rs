@@ -60,6 +60,8 @@ macro_rules! conformance_tests {
             claims_expire_and_fence_checkpoints,
             parked_events_round_trip,
             process_state_and_schedules_round_trip,
+            chains_store_a_link_only_right_after_the_links_before_it,
+            hot_stream_commands_are_decided_on_every_earlier_event,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -623,6 +625,114 @@ pub async fn dispatcher_state_matches_store_under_concurrency<S: EventStore + ?S
         total += rebuilt.value;
     }
     assert_eq!(total, 8 * 25, "every command applied exactly once");
+}
+
+/// `append_chain`: links are stored in order with contiguous versions; once a link is not
+/// appended (conflict, duplicate command id), no later link is written, even one whose exact
+/// version happens to match the stream's after someone else's write.
+pub async fn chains_store_a_link_only_right_after_the_links_before_it<S: EventStore + ?Sized>(store: Arc<S>) {
+    let link = |n: u64| vec![event_with(n, Metadata { command_id: Some(CommandId::new()), ..Metadata::default() })];
+    let s = stream("chain");
+    append_ok(&*store, &s, ExpectedVersion::NoStream, vec![event(1)]).await;
+    let answers = store.append_chain(&s, Version(1), vec![link(2), link(3), link(4)]).await;
+    let versions: Vec<u64> = answers
+        .iter()
+        .map(|answer| match answer {
+            Ok(AppendOutcome::Appended(result)) => result.first_version.0,
+            other => panic!("a chain on the current version is stored whole, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(versions, [2, 3, 4]);
+
+    // Stale start: nothing is written.
+    let answers = store.append_chain(&s, Version(1), vec![link(5), link(6)]).await;
+    assert!(answers.iter().all(|a| matches!(a, Err(StoreError::Conflict { .. }))), "{answers:?}");
+
+    // The hazard: the first link conflicts (someone wrote one event), and the second link's
+    // exact version now matches the stream's. It must not be written.
+    append_ok(&*store, &s, ExpectedVersion::Exact(Version(4)), vec![event(7)]).await;
+    let answers = store.append_chain(&s, Version(4), vec![link(8), link(9)]).await;
+    assert!(matches!(answers[0], Err(StoreError::Conflict { .. })), "{answers:?}");
+    assert!(
+        matches!(answers[1], Err(StoreError::Conflict { .. })),
+        "a link after a conflict is not written: {answers:?}"
+    );
+
+    // A duplicate command id breaks the chain too.
+    let resent = link(10);
+    append_ok(&*store, &s, ExpectedVersion::Exact(Version(5)), resent.clone()).await;
+    let again = vec![event_with(11, resent[0].metadata.clone())];
+    let answers = store.append_chain(&s, Version(6), vec![link(12), again, link(13)]).await;
+    assert!(matches!(answers[0], Ok(AppendOutcome::Appended(_))), "{answers:?}");
+    assert!(matches!(answers[1], Ok(AppendOutcome::Duplicate(_))), "{answers:?}");
+    assert!(matches!(answers[2], Err(StoreError::Conflict { .. })), "{answers:?}");
+    let markers: Vec<u64> = read_whole_stream(&*store, &s).await.iter().map(marker).collect();
+    assert_eq!(markers, [1, 2, 3, 4, 7, 10, 12]);
+}
+
+/// Many tasks in two dispatchers send commands to one counter at once (the dispatcher batches
+/// commands queued on one instance): every stored command was decided on a state that includes
+/// every earlier event of the stream, so the counter, replayed from the log, never goes below
+/// zero; every accepted command is stored once; and both dispatchers' states match the log.
+pub async fn hot_stream_commands_are_decided_on_every_earlier_event<S: EventStore + ?Sized>(store: Arc<S>) {
+    let id = rand_counter_id();
+    let processes =
+        [Dispatcher::<Counter, S>::new(Arc::clone(&store)), Dispatcher::<Counter, S>::new(Arc::clone(&store))];
+    let tasks: Vec<_> = (0..24u64)
+        .map(|task| {
+            let dispatcher = processes[usize::try_from(task % 2).expect("small")].clone();
+            tokio::spawn(async move {
+                let (mut up, mut down) = (0u64, 0u64);
+                for i in 0..12u64 {
+                    let command = if (task + i) % 3 == 0 {
+                        CounterCommand::increment(id, 2)
+                    } else {
+                        CounterCommand::decrement(id, 1)
+                    };
+                    let is_up = matches!(command, CounterCommand::Increment { .. });
+                    match dispatcher.dispatch(command).await {
+                        Ok(outcome) if outcome.appended.is_some() && is_up => up += 1,
+                        Ok(outcome) if outcome.appended.is_some() => down += 1,
+                        Ok(outcome) => panic!("an accepted command stores its event: {outcome:?}"),
+                        Err(crate::DispatchError::Rejected(_)) if !is_up => {}
+                        Err(error) => panic!("unexpected dispatch error: {error}"),
+                    }
+                }
+                (up, down)
+            })
+        })
+        .collect();
+    let (mut up, mut down) = (0u64, 0u64);
+    for task in tasks {
+        let (u, d) = task.await.expect("task");
+        up += u;
+        down += d;
+    }
+    assert_eq!(up, (0..24u64).map(|t| (0..12u64).filter(|i| (t + i) % 3 == 0).count() as u64).sum::<u64>());
+    let log = read_whole_stream(&*store, &Counter::stream_id(id)).await;
+    let mut value: i64 = 0;
+    let (mut stored_up, mut stored_down) = (0u64, 0u64);
+    for event in &log {
+        match &*event.event_type {
+            "Incremented" => {
+                value += event.payload["by"].as_i64().expect("by");
+                stored_up += 1;
+            }
+            "Decremented" => {
+                value -= event.payload["by"].as_i64().expect("by");
+                stored_down += 1;
+            }
+            other => panic!("unexpected event {other}"),
+        }
+        assert!(value >= 0, "a decrement was stored on a state that did not include every earlier event");
+    }
+    assert_eq!((stored_up, stored_down), (up, down), "every accepted command stored once, nothing else");
+    let fresh = Dispatcher::<Counter, S>::new(Arc::clone(&store));
+    let (rebuilt, version) = fresh.load(&Counter::stream_id(id)).await.expect("load");
+    for process in &processes {
+        assert_eq!(process.load(&Counter::stream_id(id)).await.expect("load"), (rebuilt.clone(), version));
+    }
+    assert_eq!(i64::try_from(rebuilt.value).expect("small"), value);
 }
 
 /// A store that keeps snapshots returns the newest one saved (an older one never replaces a

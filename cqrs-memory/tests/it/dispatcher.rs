@@ -45,6 +45,8 @@ pub(crate) struct Instrumented {
     /// Called with every checkpoint saved, before it is saved.
     #[allow(clippy::type_complexity)]
     pub(crate) checkpoint_hook: std::sync::Mutex<Option<Box<dyn Fn(Position) + Send + Sync>>>,
+    /// The number of links of every `append_chain` call.
+    chains: std::sync::Mutex<Vec<usize>>,
 }
 
 impl Instrumented {
@@ -91,6 +93,15 @@ impl EventStore for Instrumented {
             std::future::pending::<()>().await;
         }
         result
+    }
+    async fn append_chain(
+        &self,
+        stream_id: &StreamId,
+        version: Version,
+        links: Vec<Vec<NewEvent>>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        self.chains.lock().expect("lock").push(links.len());
+        cqrs_core::append_links_one_by_one(self, stream_id, version, links).await
     }
     async fn read_stream(&self, s: &StreamId, from: Version, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.stream_reads.fetch_add(1, Ordering::SeqCst);
@@ -272,6 +283,53 @@ async fn one_instance_is_serialised() {
     assert_eq!(store.max_appends_in_flight.load(Ordering::SeqCst), 1, "one command at a time per instance");
     let (state, version) = dispatcher.load(&Counter::stream_id(7)).await.expect("load");
     assert_eq!((state.value, version), (50, Version(50)));
+}
+
+/// Commands queued on a busy instance are taken by the next command to run, decided one after
+/// another on the state each leaves, and stored with one chain (one round trip on PostgreSQL).
+#[tokio::test]
+async fn commands_queued_on_one_instance_are_decided_in_turn_and_stored_as_one_chain() {
+    for batch in [64, 1] {
+        let store = Arc::new(Instrumented::default());
+        let config = DispatcherConfig { batch_commands: batch, ..DispatcherConfig::default() };
+        let dispatcher = Dispatcher::<Counter, _>::with_config(Arc::clone(&store), config);
+        store.hold_appends.store(true, Ordering::SeqCst);
+        let first = {
+            let dispatcher = dispatcher.clone();
+            tokio::spawn(async move { dispatcher.dispatch(CounterCommand::increment(3, 1)).await })
+        };
+        while store.append_calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // While the first waits on its append, 20 more queue up: half of them decrements, which
+        // are only possible on the state the increments before them leave.
+        let queued: Vec<_> = (0..20u64)
+            .map(|i| {
+                let dispatcher = dispatcher.clone();
+                let command =
+                    if i % 2 == 0 { CounterCommand::increment(3, 1) } else { CounterCommand::decrement(3, 1) };
+                tokio::spawn(async move { dispatcher.dispatch(command).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        store.hold_appends.store(false, Ordering::SeqCst);
+        first.await.expect("task").expect("first");
+        let mut versions = Vec::new();
+        for task in queued {
+            let outcome = task.await.expect("task").expect("every queued command is accepted");
+            versions.push(outcome.appended.expect("stored").last_version.0);
+        }
+        versions.sort_unstable();
+        assert_eq!(versions, (2..=21).collect::<Vec<u64>>(), "each stored once, at its own version");
+        let (state, version) = dispatcher.load(&Counter::stream_id(3)).await.expect("load");
+        assert_eq!((state.value, version), (1, Version(21)));
+        let chains = store.chains.lock().expect("lock").clone();
+        if batch > 1 {
+            assert_eq!(chains, [20], "the 20 queued commands were stored as one chain");
+        } else {
+            assert!(chains.is_empty(), "batching off: one append per command");
+        }
+    }
 }
 
 #[tokio::test]

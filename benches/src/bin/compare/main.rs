@@ -27,9 +27,11 @@
 //! - `postgres_sequential`: 1 chat, one client, 5 000 commands.
 //! - `postgres_concurrent`: 100 chats, 32 tasks, 20 000 commands; rate, p50/p99, errors
 //!   returned to callers.
+//! - `postgres_hot_room`: 1 chat, 32 tasks, 5 000 commands: every command on one stream, so
+//!   the dispatcher serialises them on one instance; compared with the sequential case's rate.
 //! - the anchor: plain single-row INSERT + COMMIT of a 200-byte JSON row on the same server,
 //!   1 and 32 connections, each measured just before the PostgreSQL case it anchors.
-//! - `sqlite_sequential` and `sqlite_concurrent`: the PostgreSQL cases' counts on our
+//! - `sqlite_sequential`, `sqlite_concurrent` and `sqlite_hot_room`: the PostgreSQL cases' counts on our
 //!   `SqliteEventStore` (opened with its defaults, a fresh file per case in a temporary
 //!   directory; `TMPDIR` picks the disk). Ours only: the peer's ecosystem that this program
 //!   depends on has no SQLite store, and none is invented. Each case between two anchors of
@@ -117,6 +119,8 @@ struct Scale {
     postgres_concurrent: u64,
     postgres_chats: u32,
     postgres_tasks: usize,
+    /// Commands of the hot-room cases (1 chat, `postgres_tasks` / `sqlite_tasks` tasks).
+    hot_room: u64,
     sqlite_sequential: u64,
     sqlite_concurrent: u64,
     sqlite_chats: u32,
@@ -139,6 +143,7 @@ impl Scale {
             postgres_concurrent: 20_000,
             postgres_chats: 100,
             postgres_tasks: 32,
+            hot_room: 5_000,
             sqlite_sequential: 5_000,
             sqlite_concurrent: 20_000,
             sqlite_chats: 100,
@@ -154,6 +159,7 @@ impl Scale {
             memory_concurrent: 20_000,
             postgres_sequential: 300,
             postgres_concurrent: 2_000,
+            hot_room: 500,
             sqlite_sequential: 300,
             sqlite_concurrent: 2_000,
             anchor_duration: Duration::from_secs(1),
@@ -286,7 +292,9 @@ async fn postgres_cases(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     // Each case between two anchors of its connection count: the machine's state drifts.
-    for (case, connections) in [(PgCase::Sequential, 1), (PgCase::Concurrent, scale.postgres_tasks)] {
+    for (case, connections) in
+        [(PgCase::Sequential, 1), (PgCase::Concurrent, scale.postgres_tasks), (PgCase::HotRoom, scale.postgres_tasks)]
+    {
         report.anchors.push(anchor(server, connections, scale.anchor_duration, "before").await?);
         report.cases.push(postgres_case(server, scale, read_model, case).await?);
         report.anchors.push(anchor(server, connections, scale.anchor_duration, "after").await?);
@@ -295,7 +303,9 @@ async fn postgres_cases(
 }
 
 async fn sqlite_cases(scale: &Scale, read_model: ReadModel, report: &mut Report) -> anyhow::Result<()> {
-    for (case, connections) in [(PgCase::Sequential, 1), (PgCase::Concurrent, scale.sqlite_tasks)] {
+    for (case, connections) in
+        [(PgCase::Sequential, 1), (PgCase::Concurrent, scale.sqlite_tasks), (PgCase::HotRoom, scale.sqlite_tasks)]
+    {
         report.anchors.push(sqlite_anchor(connections, scale.anchor_duration, "before").await?);
         report.cases.push(sqlite_case(scale, read_model, case).await?);
         report.anchors.push(sqlite_anchor(connections, scale.anchor_duration, "after").await?);
@@ -316,6 +326,7 @@ async fn sqlite_case(scale: &Scale, read_model: ReadModel, case: PgCase) -> anyh
     let (name, commands, chats, tasks) = match case {
         PgCase::Sequential => ("sqlite_sequential", scale.sqlite_sequential, 1, 1),
         PgCase::Concurrent => ("sqlite_concurrent", scale.sqlite_concurrent, scale.sqlite_chats, scale.sqlite_tasks),
+        PgCase::HotRoom => ("sqlite_hot_room", scale.hot_room, 1, scale.sqlite_tasks),
     };
     eprintln!("compare: {name}: ours, {commands} commands (peer: n/a)");
     let scratch = sqlite::Scratch::new("ours")?;
@@ -324,7 +335,9 @@ async fn sqlite_case(scale: &Scale, read_model: ReadModel, case: PgCase) -> anyh
         PgCase::Sequential => {
             ours::sequential(Arc::clone(&store), "sqlite", read_model, commands, window(commands)).await
         }
-        PgCase::Concurrent => ours::concurrent(Arc::clone(&store), "sqlite", read_model, commands, chats, tasks).await,
+        PgCase::Concurrent | PgCase::HotRoom => {
+            ours::concurrent(Arc::clone(&store), "sqlite", read_model, commands, chats, tasks).await
+        }
     };
     let stats = store.stats();
     // Each committed write transaction is one WAL fsync at synchronous=FULL.
@@ -346,6 +359,8 @@ async fn sqlite_case(scale: &Scale, read_model: ReadModel, case: PgCase) -> anyh
 enum PgCase {
     Sequential,
     Concurrent,
+    /// Many tasks, one chat.
+    HotRoom,
 }
 
 async fn anchor(
@@ -370,6 +385,7 @@ async fn postgres_case(server: &PgServer, scale: &Scale, read_model: ReadModel, 
         PgCase::Concurrent => {
             ("postgres_concurrent", scale.postgres_concurrent, scale.postgres_chats, scale.postgres_tasks)
         }
+        PgCase::HotRoom => ("postgres_hot_room", scale.hot_room, 1, scale.postgres_tasks),
     };
     eprintln!("compare: {name}: ours, {commands} commands");
     let database = server.create_database("ours").await?;
@@ -379,7 +395,7 @@ async fn postgres_case(server: &PgServer, scale: &Scale, read_model: ReadModel, 
         (Ok(store), PgCase::Sequential) => {
             Ok(ours::sequential(store, "postgres", read_model, commands, window(commands)).await)
         }
-        (Ok(store), PgCase::Concurrent) => {
+        (Ok(store), PgCase::Concurrent | PgCase::HotRoom) => {
             Ok(ours::concurrent(store, "postgres", read_model, commands, chats, tasks).await)
         }
         (Err(error), _) => Err(error),
@@ -394,7 +410,7 @@ async fn postgres_case(server: &PgServer, scale: &Scale, read_model: ReadModel, 
     let wal_syncs = server.wal_syncs().await.ok();
     let peer = match case {
         PgCase::Sequential => peer::postgres_sequential(&database, commands, window(commands)).await,
-        PgCase::Concurrent => peer::postgres_concurrent(&database, commands, chats, tasks).await,
+        PgCase::Concurrent | PgCase::HotRoom => peer::postgres_concurrent(&database, commands, chats, tasks).await,
     };
     let work = server_work(server, &database, wal_syncs).await;
     server.drop_database(database).await?;
@@ -467,7 +483,23 @@ fn print_targets(report: &Report, quick: bool) {
         }
         println!("target postgres_concurrent ours errors: {} (want 0)", case.ours.run.errors);
     }
-    for name in ["sqlite_sequential", "sqlite_concurrent"] {
+    for (hot_name, sequential_name) in
+        [("postgres_hot_room", "postgres_sequential"), ("sqlite_hot_room", "sqlite_sequential")]
+    {
+        if let (Some(hot), Some(sequential)) = (report.case(hot_name), report.case(sequential_name)) {
+            judge(
+                &format!("{hot_name} ours / {sequential_name} ours throughput"),
+                hot.ours.rate() / sequential.ours.rate(),
+                5.0,
+            );
+            println!(
+                "target {hot_name} ours errors: {}, lost events: {} (want 0 and 0)",
+                hot.ours.run.errors,
+                hot.ours.lost()
+            );
+        }
+    }
+    for name in ["sqlite_sequential", "sqlite_concurrent", "sqlite_hot_room"] {
         let Some(case) = report.case(name) else { continue };
         let connections = case.tasks;
         if let Some(anchor) = report.anchor_rate("sqlite", connections) {
