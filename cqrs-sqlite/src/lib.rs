@@ -287,6 +287,55 @@ impl EventStore for SqliteEventStore {
         result
     }
 
+    /// The whole chain in one request to the writer, so in one transaction (one commit), each
+    /// link checked on its own and written only right after the previous one.
+    async fn append_chain(
+        &self,
+        stream_id: &StreamId,
+        version: Version,
+        links: Vec<Vec<NewEvent>>,
+    ) -> Vec<Result<AppendOutcome, StoreError>> {
+        let mut expected = version;
+        let mut checked = Vec::with_capacity(links.len());
+        for events in &links {
+            match validate(ExpectedVersion::Exact(expected), events) {
+                Ok(command_id) => checked.push((ExpectedVersion::Exact(expected), command_id)),
+                // A refused link: link by link, which answers it and stops there.
+                Err(_) => return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await,
+            }
+            expected = Version(expected.0.saturating_add(events.len() as u64));
+        }
+        if links.len() < 2 {
+            return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await;
+        }
+        let started = std::time::Instant::now();
+        let events: usize = links.iter().map(Vec::len).sum();
+        let span = cqrs_core::telemetry::append_span("sqlite", stream_id, events);
+        let mut requests = Vec::with_capacity(links.len());
+        let mut answers = Vec::with_capacity(links.len());
+        for (events, (expected, command_id)) in links.into_iter().zip(checked) {
+            let (reply, answer) = oneshot::channel();
+            requests.push(AppendRequest { stream_id: stream_id.clone(), expected, command_id, events, reply });
+            answers.push(answer);
+        }
+        let results = async {
+            if self.inner.writes.send(WriteRequest::Chain(requests)).await.is_err() {
+                return answers.iter().map(|_| Err(StoreError::Closed)).collect();
+            }
+            let mut results = Vec::with_capacity(answers.len());
+            for answer in answers {
+                results.push(answer.await.unwrap_or(Err(StoreError::Closed)));
+            }
+            results
+        };
+        let results: Vec<Result<AppendOutcome, StoreError>> =
+            tracing::Instrument::instrument(results, span.clone()).await;
+        for result in &results {
+            cqrs_core::telemetry::record_append("sqlite", started, result, &span);
+        }
+        results
+    }
+
     async fn read_stream(
         &self,
         stream_id: &StreamId,

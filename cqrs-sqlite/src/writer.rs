@@ -40,6 +40,10 @@ pub(crate) struct AppendRequest {
 pub(crate) enum WriteRequest {
     /// An append.
     Append(AppendRequest),
+    /// A chain of appends to one stream ([`EventStore::append_chain`](cqrs_core::EventStore::append_chain)),
+    /// in order and in one transaction: a link is attempted only if the one before it was
+    /// appended; after that, every link is answered with a conflict without being written.
+    Chain(Vec<AppendRequest>),
     /// Save a checkpoint (position already checked to fit an SQLite integer).
     Checkpoint { name: String, position: i64, reply: oneshot::Sender<Result<(), StoreError>> },
     /// Save a snapshot (numbers already checked; the state serialized).
@@ -76,6 +80,24 @@ where
     Box::new(op)
 }
 
+/// Most events (and links) [`Writer::append_at_once`] writes in one statement: 12 parameters
+/// per event stays far below SQLite's limit of 32 766.
+const AT_ONCE_MAX_ROWS: usize = 256;
+
+/// Up to this many rows, the multi-row statements stay prepared on the connection (larger
+/// ones are rare and prepared each time, so they do not crowd out the others).
+const AT_ONCE_CACHED_ROWS: usize = 4;
+
+/// `?from, ?from+1, ...`: `count` numbered parameters.
+fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count).map(|n| format!("?{n}")).collect::<Vec<_>>().join(", ")
+}
+
+/// `(?1, ..., ?columns), (...)`: `count` rows of numbered parameters.
+fn rows(count: usize, columns: usize) -> String {
+    (0..count).map(|row| format!("({})", placeholders(1 + row * columns, columns))).collect::<Vec<_>>().join(", ")
+}
+
 /// Most command ids one prune request forgets: a long delete would hold the write lock.
 pub(crate) const PRUNE_CHUNK: u64 = 10_000;
 
@@ -84,6 +106,7 @@ impl QueuedWrite for WriteRequest {
     fn append_key(&self) -> Option<(&StreamId, Option<CommandId>)> {
         match self {
             WriteRequest::Append(append) => Some((&append.stream_id, append.command_id)),
+            WriteRequest::Chain(links) => links.first().map(|head| (&head.stream_id, head.command_id)),
             _ => None,
         }
     }
@@ -92,6 +115,7 @@ impl QueuedWrite for WriteRequest {
     fn event_count(&self) -> usize {
         match self {
             WriteRequest::Append(append) => append.events.len(),
+            WriteRequest::Chain(links) => links.iter().map(|link| link.events.len()).sum(),
             _ => 0,
         }
     }
@@ -175,7 +199,14 @@ impl Writer {
     /// Writes one batch in one transaction and answers every request in it, inside its
     /// `append_batch` span.
     async fn write_batch(&mut self, batch: Vec<WriteRequest>) {
-        let appends = batch.iter().filter(|request| matches!(request, WriteRequest::Append(_))).count();
+        let appends = batch
+            .iter()
+            .map(|request| match request {
+                WriteRequest::Append(_) => 1,
+                WriteRequest::Chain(links) => links.len(),
+                _ => 0,
+            })
+            .sum();
         if appends > 0 {
             cqrs_core::telemetry::record_batch("sqlite", appends);
         }
@@ -227,7 +258,7 @@ impl Writer {
                     answer.send_failed(shared_unavailable(&error));
                 }
                 for request in unanswered {
-                    fail_request(request, shared_unavailable(&error));
+                    fail_request(request, || shared_unavailable(&error));
                 }
             }
         }
@@ -257,19 +288,15 @@ impl Writer {
         while let Some(request) = requests.next() {
             let step = match request {
                 WriteRequest::Append(append) => {
-                    let outcome = self.append(&append, &mut next_position, recorded_at).await;
-                    match outcome {
-                        Ok(outcome) => {
-                            if let Ok(AppendOutcome::Appended(result)) = &outcome {
-                                *newest = (*newest).max(result.last_position);
-                            }
-                            if let (Err(StoreError::Conflict { .. }), Some(command_id)) = (&outcome, append.command_id)
-                            {
-                                self.reservations.reserve(append.stream_id.clone(), command_id);
-                            }
-                            Ok(Pending::Append(append.reply, outcome))
-                        }
-                        Err(error) => Err((error, WriteRequest::Append(append))),
+                    match self.chain(vec![append], pending, &mut next_position, newest, recorded_at).await {
+                        Ok(()) => continue,
+                        Err((error, rest)) => Err((error, WriteRequest::Chain(rest))),
+                    }
+                }
+                WriteRequest::Chain(links) => {
+                    match self.chain(links, pending, &mut next_position, newest, recorded_at).await {
+                        Ok(()) => continue,
+                        Err((error, rest)) => Err((error, WriteRequest::Chain(rest))),
                     }
                 }
                 WriteRequest::Checkpoint { name, position, reply } => {
@@ -312,6 +339,202 @@ impl Writer {
             Ok(_) => Ok(()),
             Err(error) => Err((error, Vec::new())),
         }
+    }
+
+    /// Runs the links of a chain inside the open transaction, pushing their answers; on a
+    /// failure of the transaction, returns the error and the links not yet run.
+    async fn chain(
+        &mut self,
+        links: Vec<AppendRequest>,
+        pending: &mut Vec<Pending>,
+        next_position: &mut i64,
+        newest: &mut Position,
+        recorded_at: i64,
+    ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
+        match self.append_at_once(&links, next_position, recorded_at).await {
+            Ok(Some(results)) => {
+                for (link, result) in links.into_iter().zip(results) {
+                    *newest = (*newest).max(result.last_position);
+                    pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
+                }
+                return Ok(());
+            }
+            // Declined, nothing written: link by link, which says why.
+            Ok(None) => {}
+            Err(error) => return Err((error, links)),
+        }
+        let mut links = links.into_iter();
+        let mut broken = false;
+        while let Some(link) = links.next() {
+            if broken {
+                let outcome = Err(chain_broken_at(&link));
+                pending.push(Pending::Append(link.reply, outcome));
+                continue;
+            }
+            match self.append(&link, next_position, recorded_at).await {
+                Ok(outcome) => {
+                    match &outcome {
+                        Ok(AppendOutcome::Appended(result)) => *newest = (*newest).max(result.last_position),
+                        Err(StoreError::Conflict { .. }) => {
+                            broken = true;
+                            if let Some(command_id) = link.command_id {
+                                self.reservations.reserve(link.stream_id.clone(), command_id);
+                            }
+                        }
+                        _ => broken = true,
+                    }
+                    pending.push(Pending::Append(link.reply, outcome));
+                }
+                Err(error) => {
+                    let mut rest = vec![link];
+                    rest.extend(links);
+                    return Err((error, rest));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The common case of [`chain`](Self::chain) in a few statements whatever the number of
+    /// links and events: one read of the stream's version and of the links' command ids, one
+    /// multi-row `INSERT` of every event (atomic as one statement, so no savepoint), one
+    /// update of the stream's version, one multi-row `INSERT` of the command ids. It declines
+    /// (`Ok(None)`, nothing written) whenever a link would not simply be appended: a version
+    /// conflict, a command id already stored, an event the database refuses, or a chain too
+    /// big for one statement; [`append`](Self::append) then handles each link and says why.
+    async fn append_at_once(
+        &mut self,
+        links: &[AppendRequest],
+        next_position: &mut i64,
+        recorded_at: i64,
+    ) -> Result<Option<Vec<AppendResult>>, sqlx::Error> {
+        let Some(head) = links.first() else { return Ok(Some(Vec::new())) };
+        let events: usize = links.iter().map(|link| link.events.len()).sum();
+        if events == 0 || events > AT_ONCE_MAX_ROWS || links.len() > AT_ONCE_MAX_ROWS {
+            return Ok(None);
+        }
+        let stream_id = head.stream_id.as_str();
+        if links.iter().any(|link| link.stream_id != head.stream_id) {
+            return Ok(None);
+        }
+        let command_ids: Vec<Uuid> = links.iter().filter_map(|link| link.command_id.map(|id| id.0)).collect();
+        let lookup = if command_ids.is_empty() {
+            "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?1), 0".to_owned()
+        } else {
+            format!(
+                "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?1), \
+                 (SELECT count(*) FROM cqrs_commands WHERE stream_id = ?1 AND command_id IN ({}))",
+                placeholders(2, command_ids.len())
+            )
+        };
+        let mut query = sqlx::query_as::<_, (Option<i64>, i64)>(&lookup)
+            .persistent(command_ids.len() <= AT_ONCE_CACHED_ROWS)
+            .bind(stream_id);
+        for command_id in &command_ids {
+            query = query.bind(*command_id);
+        }
+        let (current, stored_commands) = query.fetch_one(&mut self.connection).await?;
+        let current = current.unwrap_or(0);
+        if stored_commands > 0 || current < 0 {
+            return Ok(None);
+        }
+        // Every link's expectation against the version the links before it leave.
+        let mut version = current.unsigned_abs();
+        for link in links {
+            if !link.expected.accepts(Version(version)) {
+                return Ok(None);
+            }
+            version += link.events.len() as u64;
+        }
+
+        let mut headers = Vec::with_capacity(events);
+        for link in links {
+            for event in &link.events {
+                match serde_json::to_string(&event.metadata.headers) {
+                    Ok(encoded) => headers.push(encoded),
+                    Err(_) => return Ok(None),
+                }
+            }
+        }
+        let insert = format!(
+            "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+             command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}",
+            rows(events, 12)
+        );
+        let mut query = sqlx::query(&insert).persistent(events <= AT_ONCE_CACHED_ROWS);
+        let (mut position, mut version) = (*next_position, current);
+        let mut headers = headers.into_iter();
+        let mut results = Vec::with_capacity(links.len());
+        for link in links {
+            let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
+            let (first_position, first_version) = (position, version + 1);
+            for event in &link.events {
+                version += 1;
+                query = query
+                    .bind(position)
+                    .bind(event.event_id.0)
+                    .bind(stream_id)
+                    .bind(version)
+                    .bind(event.event_type.as_str())
+                    .bind(i64::from(event.schema_version))
+                    .bind(event.payload.to_string())
+                    .bind(command_id)
+                    .bind(event.metadata.causation_id.map(|id| id.0))
+                    .bind(event.metadata.correlation_id.map(|id| id.0))
+                    .bind(headers.next().unwrap_or_default())
+                    .bind(recorded_at);
+                position += 1;
+            }
+            results.push(((first_version, version), (first_position, position - 1), command_id));
+        }
+        match query.execute(&mut self.connection).await {
+            Ok(_) => {}
+            // The statement was undone as a whole: nothing of the chain is stored.
+            Err(error) if is_unique_violation(&error) || is_refused_data(&error) => return Ok(None),
+            Err(error) => return Err(error),
+        }
+        sqlx::query(
+            "INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+        )
+        .bind(stream_id)
+        .bind(version)
+        .execute(&mut self.connection)
+        .await?;
+        if !command_ids.is_empty() {
+            let insert = format!(
+                "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+                 last_position, recorded_at) VALUES {}",
+                rows(command_ids.len(), 7)
+            );
+            let mut query = sqlx::query(&insert).persistent(command_ids.len() <= AT_ONCE_CACHED_ROWS);
+            for ((first_version, last_version), (first_position, last_position), command_id) in &results {
+                if let Some(command_id) = command_id {
+                    query = query
+                        .bind(stream_id)
+                        .bind(*command_id)
+                        .bind(*first_version)
+                        .bind(*last_version)
+                        .bind(*first_position)
+                        .bind(*last_position)
+                        .bind(recorded_at);
+                }
+            }
+            query.execute(&mut self.connection).await?;
+        }
+        *next_position = position;
+        Ok(Some(
+            results
+                .into_iter()
+                .map(|((first_version, last_version), (first_position, last_position), _)| AppendResult {
+                    // Positive by construction: versions and positions start at 1 and only grow.
+                    first_version: Version(first_version.unsigned_abs()),
+                    last_version: Version(last_version.unsigned_abs()),
+                    first_position: Position(first_position.unsigned_abs()),
+                    last_position: Position(last_position.unsigned_abs()),
+                })
+                .collect(),
+        ))
     }
 
     /// Runs one append inside the open transaction. `Ok(Err(..))` is this append's own
@@ -519,17 +742,31 @@ async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> R
 }
 
 /// Answers a request of a failed batch.
-fn fail_request(request: WriteRequest, error: StoreError) {
+fn fail_request(request: WriteRequest, error: impl Fn() -> StoreError) {
     match request {
         WriteRequest::Append(append) => {
-            let _ = append.reply.send(Err(error));
+            let _ = append.reply.send(Err(error()));
+        }
+        WriteRequest::Chain(links) => {
+            for link in links {
+                let _ = link.reply.send(Err(error()));
+            }
         }
         WriteRequest::Checkpoint { reply, .. } | WriteRequest::Snapshot { reply, .. } => {
-            let _ = reply.send(Err(error));
+            let _ = reply.send(Err(error()));
         }
         WriteRequest::Prune { reply, .. } => {
-            let _ = reply.send(Err(error));
+            let _ = reply.send(Err(error()));
         }
-        WriteRequest::Op { fail, .. } => fail(error),
+        WriteRequest::Op { fail, .. } => fail(error()),
     }
+}
+
+/// The answer for a chain link not attempted because an earlier link was not appended.
+fn chain_broken_at(link: &AppendRequest) -> StoreError {
+    let version = match link.expected {
+        ExpectedVersion::Exact(version) => version,
+        _ => Version(0),
+    };
+    cqrs_core::chain_broken(&link.stream_id, version)
 }

@@ -110,3 +110,31 @@ async fn a_refused_append_does_not_fail_its_batch() {
     assert_eq!(all.len(), 12);
     assert!(all.windows(2).all(|w| w[1].position.0 == w[0].position.0 + 1), "no holes from the refused appends");
 }
+
+/// A chain (the dispatcher's batch of commands queued on one aggregate) is one request to the
+/// writer, so one transaction; a link the database refuses (a reused event id) is answered
+/// alone, and no later link is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_is_one_transaction_and_stops_at_a_refused_link() {
+    use cqrs_core::testing::conformance::event_with;
+    use cqrs_core::{CommandId, Metadata};
+    let link = |n: u64| vec![event_with(n, Metadata { command_id: Some(CommandId::new()), ..Metadata::default() })];
+    let temp = temp_store().await;
+    let s = stream("chain");
+    let before = temp.store.stats();
+    let answers = temp.store.append_chain(&s, Version(0), (1..=10).map(link).collect()).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(AppendOutcome::Appended(_)))), "{answers:?}");
+    let after = temp.store.stats();
+    assert_eq!(after.transactions - before.transactions, 1, "one chain, one commit: {after:?}");
+    assert_eq!(after.appends - before.appends, 10);
+
+    let reused = temp.store.read_stream(&s, Version(1), 1).await.expect("read")[0].event_id;
+    let mut refused = link(12);
+    refused[0].event_id = reused;
+    let answers = temp.store.append_chain(&s, Version(10), vec![link(11), refused, link(13)]).await;
+    assert!(matches!(answers[0], Ok(AppendOutcome::Appended(_))), "{answers:?}");
+    assert!(matches!(answers[1], Err(StoreError::DuplicateEventId(id)) if id == reused), "{answers:?}");
+    assert!(matches!(answers[2], Err(StoreError::Conflict { .. })), "{answers:?}");
+    assert_eq!(temp.store.stream_version(&s).await.expect("version"), Version(11));
+    assert_eq!(temp.store.stats().transactions - after.transactions, 1);
+}

@@ -503,11 +503,14 @@ fn print_targets(report: &Report, quick: bool) {
         let Some(case) = report.case(name) else { continue };
         let connections = case.tasks;
         if let Some(anchor) = report.anchor_rate("sqlite", connections) {
-            println!(
-                "info {name} ours / SQLite INSERT+COMMIT on {connections} connection(s) (mean of before/after): \
-                 {:.2} (no target; peer: n/a)",
-                case.ours.rate() / anchor
+            let label = format!(
+                "{name} ours / SQLite INSERT+COMMIT on {connections} connection(s) (mean of before/after; peer: n/a)"
             );
+            match name {
+                "sqlite_sequential" => judge(&label, case.ours.rate() / anchor, 0.8),
+                "sqlite_concurrent" => judge(&label, case.ours.rate() / anchor, 2.0),
+                _ => println!("info {label}: {:.2} (no target)", case.ours.rate() / anchor),
+            }
         }
         println!(
             "target {name} ours errors: {}, lost events: {} (want 0 and 0): {}",
