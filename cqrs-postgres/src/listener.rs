@@ -39,9 +39,13 @@ pub(crate) async fn run_listener(pool: PgPool, head: Arc<watch::Sender<Position>
             match listener.try_recv().await {
                 Ok(Some(notification)) => {
                     let position = notification.payload().parse().ok().map(Position);
-                    // This process's writer already woke everyone after that commit: a second
-                    // wake-up would only cost every subscriber an empty read.
-                    if !position.is_some_and(|position| announced.take(position)) {
+                    // Unless this process's writer already woke everyone after that commit: a
+                    // second wake-up would only cost every subscriber an empty read.
+                    let wanted = match position {
+                        Some(position) if position > Position::START => announced.notified(position),
+                        _ => true,
+                    };
+                    if wanted {
                         wake(&head, position);
                     }
                 }
@@ -68,35 +72,68 @@ async fn connect(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
     Ok(listener)
 }
 
-/// The newest positions of batches this process's writers committed and announced on `head`
-/// themselves (after the commit, so their events, and any held back by their watermark lock,
-/// were readable). The listener skips the NOTIFY of such a batch. Bounded: the oldest entries
-/// are dropped, which only costs an extra wake-up.
+/// Which side has already woken subscribers for each of this process's recent batches: its
+/// writer (after the commit, so its events, and any held back by its watermark lock, were
+/// readable) or the listener, when the batch's NOTIFY (also sent only after the commit)
+/// arrived before the writer had its answer. Whichever comes second skips its wake-up, which
+/// would only cost every subscriber an empty read. The NOTIFYs of other processes are never
+/// skipped: their positions are not among the writer's. Bounded: the oldest entries are
+/// dropped, which only costs an extra wake-up.
 #[derive(Debug, Default)]
-pub(crate) struct Announced(std::sync::Mutex<VecDeque<Position>>);
+pub(crate) struct Announced(std::sync::Mutex<Seen>);
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// Newest positions of batches the writers announced, whose NOTIFY has not come yet.
+    by_writer: VecDeque<Position>,
+    /// Positions of NOTIFYs the listener woke subscribers for, not (yet) matched by a writer.
+    by_listener: VecDeque<Position>,
+}
 
 impl Announced {
     const CAPACITY: usize = 1024;
 
-    /// Records a batch's newest position, announced locally.
-    pub(crate) fn record(&self, position: Position) {
-        let mut positions = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if positions.len() >= Self::CAPACITY {
-            positions.pop_front();
-        }
-        positions.push_back(position);
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether `position` was announced locally (forgetting it).
-    pub(crate) fn take(&self, position: Position) -> bool {
-        let mut positions = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        match positions.iter().position(|&p| p == position) {
-            Some(index) => {
-                positions.remove(index);
-                true
-            }
-            None => false,
+    /// A writer committed a batch whose newest position is `position`: whether it should wake
+    /// subscribers (false when the listener already did, for this batch's NOTIFY).
+    pub(crate) fn writer_committed(&self, position: Position) -> bool {
+        let mut seen = self.seen();
+        if take(&mut seen.by_listener, position) {
+            return false;
         }
+        push(&mut seen.by_writer, position);
+        true
+    }
+
+    /// A NOTIFY for `position` arrived: whether the listener should wake subscribers (false
+    /// when this process's writer already did, for its own batch).
+    pub(crate) fn notified(&self, position: Position) -> bool {
+        let mut seen = self.seen();
+        if take(&mut seen.by_writer, position) {
+            return false;
+        }
+        push(&mut seen.by_listener, position);
+        true
+    }
+}
+
+fn push(positions: &mut VecDeque<Position>, position: Position) {
+    if positions.len() >= Announced::CAPACITY {
+        positions.pop_front();
+    }
+    positions.push_back(position);
+}
+
+fn take(positions: &mut VecDeque<Position>, position: Position) -> bool {
+    match positions.iter().rposition(|&p| p == position) {
+        Some(index) => {
+            positions.remove(index);
+            true
+        }
+        None => false,
     }
 }
 
@@ -107,4 +144,26 @@ fn wake(head: &watch::Sender<Position>, position: Option<Position>) {
             *current = (*current).max(position);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_local_batch_wakes_subscribers_once_whichever_side_comes_first() {
+        let announced = Announced::default();
+        // The writer's answer first, then its NOTIFY.
+        assert!(announced.writer_committed(Position(3)));
+        assert!(!announced.notified(Position(3)));
+        // The NOTIFY first (the listener's connection was faster), then the writer's answer.
+        assert!(announced.notified(Position(5)));
+        assert!(!announced.writer_committed(Position(5)));
+        // Another process's batch: only its NOTIFY, which always wakes.
+        assert!(announced.notified(Position(4)));
+        assert!(announced.notified(Position(6)));
+        // And a later local batch is not confused with them.
+        assert!(announced.writer_committed(Position(7)));
+        assert!(!announced.notified(Position(7)));
+    }
 }

@@ -290,9 +290,11 @@ fn answer(
     }
     if newest > Position::START {
         // Local subscribers need not wait for the NOTIFY round trip; and the NOTIFY of this
-        // batch, when it comes, need not wake them again.
-        announced.record(newest);
-        head.send_modify(|position| *position = (*position).max(newest));
+        // batch, when it comes, need not wake them again (nor this, if the NOTIFY came first:
+        // it is sent at the commit, so the listener's wake-up came after it too).
+        if announced.writer_committed(newest) {
+            head.send_modify(|position| *position = (*position).max(newest));
+        }
     }
     appended
 }
