@@ -440,6 +440,11 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             let mut instance = Self::lock(&slot).await;
             return self.run(&stream_id, &mut instance, envelope).await;
         }
+        // Uncontended (the common case): no queue, no batch.
+        if let Ok(instance) = slot.instance.try_lock() {
+            let mut instance = Self::fresh(&slot, instance);
+            return self.run(&stream_id, &mut instance, envelope).await;
+        }
         let (reply, mut answer) = oneshot::channel();
         Self::waiting(&slot).push(Job { envelope: Arc::clone(envelope), reply });
         // If this future is dropped while waiting, the command leaves the queue (unless a batch
@@ -615,7 +620,14 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     /// Locks a slot's instance; an instance marked stale by [`clear_cache`](Self::clear_cache)
     /// is emptied first, so it is reloaded.
     async fn lock(slot: &Slot<A>) -> tokio::sync::MutexGuard<'_, Instance<A>> {
-        let mut instance = slot.instance.lock().await;
+        Self::fresh(slot, slot.instance.lock().await)
+    }
+
+    /// The instance behind a just-taken lock, reset if [`Dispatcher::clear_cache`] marked it.
+    fn fresh<'a>(
+        slot: &Slot<A>,
+        mut instance: tokio::sync::MutexGuard<'a, Instance<A>>,
+    ) -> tokio::sync::MutexGuard<'a, Instance<A>> {
         if slot.stale.swap(false, Ordering::AcqRel) {
             *instance = Instance::default();
         }

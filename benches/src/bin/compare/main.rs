@@ -10,6 +10,7 @@
 //! cargo run --release -p benches --bin compare -- --quick       # CI smoke run, well under 2 min
 //! cargo run --release -p benches --bin compare -- --only memory # no PostgreSQL needed
 //! cargo run --release -p benches --bin compare -- --only sqlite # no PostgreSQL needed
+//! cargo run --release -p benches --bin compare -- --replay 1000000 # replay only (PostgreSQL and SQLite)
 //! ```
 //!
 //! The workload: aggregate `Chat`, command `SendMessage { sender, content }` with 120 bytes of
@@ -56,6 +57,7 @@ mod drive;
 mod ours;
 mod peer;
 mod pg;
+mod replay;
 mod report;
 mod sqlite;
 mod workload;
@@ -100,11 +102,14 @@ impl Only {
 #[derive(Debug, Clone, Copy)]
 struct Options {
     quick: bool,
+    /// `--replay N`: only the replay cases, over `N` events.
+    replay: Option<u64>,
     only: Only,
     read_model: ReadModel,
 }
 
-const USAGE: &str = "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model]";
+const USAGE: &str =
+    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS]";
 
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -194,6 +199,9 @@ async fn run() -> anyhow::Result<ExitCode> {
         if quick { "quick" } else { "full" },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    if let Some(events) = options.replay {
+        return replay_cases(server.as_ref(), only, events).await;
+    }
     let mut report = Report::default();
     if only.memory() {
         report.cases.push(memory_sequential(&scale, options.read_model).await?);
@@ -211,6 +219,12 @@ async fn run() -> anyhow::Result<ExitCode> {
     report.print_table();
     println!();
     print_targets(&report, quick);
+    if quick && (only.postgres() || only.sqlite()) {
+        // The replay cases, small: they check that a catch-up from 0 delivers every event in
+        // order; their ratio means little at this size.
+        println!();
+        replay_cases(server.as_ref(), only, QUICK_REPLAY_EVENTS).await?;
+    }
     let faults: Vec<String> = report
         .cases
         .iter()
@@ -225,13 +239,40 @@ async fn run() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::FAILURE)
 }
 
+/// Events the quick run's replay cases store and replay.
+const QUICK_REPLAY_EVENTS: u64 = 20_000;
+
+/// `--replay N`: the replay case of each durable store asked for (there is no peer side).
+async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> anyhow::Result<ExitCode> {
+    let mut replays = Vec::new();
+    if let Some(server) = server {
+        println!("server: {}", server.describe().await?);
+        replays.push(replay::postgres(server, events).await?);
+    }
+    if only.sqlite() {
+        println!("sqlite: {}", sqlite::describe().await?);
+        replays.push(replay::sqlite(events).await?);
+    }
+    println!();
+    for replay in &replays {
+        replay.print();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn parse_args() -> anyhow::Result<Options> {
-    let mut options = Options { quick: false, only: Only::All, read_model: ReadModel::Counting };
+    let mut options = Options { quick: false, replay: None, only: Only::All, read_model: ReadModel::Counting };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
             "--ours-without-read-model" => options.read_model = ReadModel::Off,
+            "--replay" => {
+                let events = args.next().context("--replay takes a number of events")?;
+                let events: u64 = events.parse().with_context(|| format!("--replay {events:?}: not a number"))?;
+                anyhow::ensure!(events > 0, "--replay takes at least 1 event");
+                options.replay = Some(events);
+            }
             "--only" => {
                 options.only = match args.next().as_deref() {
                     Some("memory") => Only::Memory,

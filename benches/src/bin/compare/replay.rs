@@ -1,0 +1,164 @@
+//! `--replay N`: a new handler catching up from position 0 over `N` stored events, against a
+//! bare `SELECT * FROM cqrs_events ORDER BY position` of the same rows on the same store.
+//!
+//! This is the speed at which a new projection (or the chat's read model, when it replays)
+//! is rebuilt. Ours is a [`Subscription`] over the whole log with its default page size, as
+//! the handler runner feeds a handler, the handler doing nothing but count: every event is read
+//! through [`EventStore::read_all`] and decoded into a `RecordedEvent` (its payload parsed as
+//! JSON). The bare side streams every row with sqlx and touches one column: the database's
+//! and the driver's share alone. Both run twice, alternating; the better of each is reported.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cqrs_core::{EventId, EventStore, ExpectedVersion, Metadata, NewEvent, Position, StreamId, Subscription};
+use futures_util::TryStreamExt;
+use serde_json::json;
+use sqlx::Row;
+
+/// Events per append (and per stream) when filling the store.
+const PER_APPEND: u64 = 250;
+
+/// One store's replay figures.
+#[derive(Debug)]
+pub struct Replay {
+    /// `postgres` or `sqlite`.
+    pub store: &'static str,
+    /// Events stored and replayed.
+    pub events: u64,
+    /// How long filling the store took.
+    pub fill: Duration,
+    /// The bare SELECT's best rate, rows/s.
+    pub bare_per_s: f64,
+    /// Our subscription's best rate, events/s.
+    pub ours_per_s: f64,
+}
+
+impl Replay {
+    /// Prints the figures and the target (ours ≥ 50 % of the bare SELECT).
+    pub fn print(&self) {
+        println!(
+            "replay {}: {} events (filled in {:.1} s): bare SELECT {:.0} rows/s, ours (Subscription from 0) {:.0} events/s",
+            self.store,
+            self.events,
+            self.fill.as_secs_f64(),
+            self.bare_per_s,
+            self.ours_per_s
+        );
+        crate::judge(
+            &format!("replay_{} ours / bare SELECT in position order", self.store),
+            self.ours_per_s / self.bare_per_s,
+            0.5,
+        );
+    }
+}
+
+/// A message-like event of about 200 bytes of JSON, as the other cases store.
+fn event(stream: u64, n: u64) -> NewEvent {
+    NewEvent {
+        event_id: EventId::new(),
+        event_type: "MessageSent".to_owned(),
+        schema_version: 1,
+        payload: json!({
+            "chat_id": format!("chat-{stream}"),
+            "sender": "replay",
+            "text": format!("message {n} of a replayed log, padded to about two hundred bytes of JSON ........"),
+        }),
+        metadata: Metadata::default(),
+    }
+}
+
+/// Stores `events` events in appends of [`PER_APPEND`], one stream per append.
+async fn fill<S: EventStore>(store: &S, events: u64) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut stored = 0;
+    let mut stream = 0;
+    while stored < events {
+        let count = PER_APPEND.min(events - stored);
+        let id = StreamId::new(format!("replay-{stream}")).context("stream id")?;
+        let batch: Vec<NewEvent> = (0..count).map(|n| event(stream, stored + n)).collect();
+        store.append(&id, ExpectedVersion::NoStream, batch).await.context("fill the store")?;
+        stored += count;
+        stream += 1;
+    }
+    Ok(started.elapsed())
+}
+
+/// Our side: a subscription from position 0 until it has delivered `events`.
+async fn ours<S: EventStore>(store: Arc<S>, events: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut subscription = Subscription::all(store, Position::START);
+    let mut seen = 0u64;
+    let mut last = Position::START;
+    while seen < events {
+        let event = subscription.next().await.context("replay")?.context("the store closed during the replay")?;
+        anyhow::ensure!(event.position > last, "positions went backwards");
+        last = event.position;
+        seen += 1;
+    }
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The bare side: every row in position order, streamed, one column read.
+async fn bare<'e, E>(executor: E, events: u64) -> anyhow::Result<f64>
+where
+    E: sqlx::Executor<'e>,
+    for<'r> i64: sqlx::Decode<'r, E::Database> + sqlx::Type<E::Database>,
+    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: sqlx::IntoArguments<'q, E::Database>,
+    usize: sqlx::ColumnIndex<<E::Database as sqlx::Database>::Row>,
+{
+    let started = Instant::now();
+    let mut rows = sqlx::query("SELECT * FROM cqrs_events ORDER BY position").fetch(executor);
+    let mut seen = 0u64;
+    let mut sum = 0i64;
+    while let Some(row) = rows.try_next().await? {
+        sum = sum.wrapping_add(row.try_get::<i64, _>(0)?);
+        seen += 1;
+    }
+    anyhow::ensure!(seen == events, "the bare SELECT returned {seen} rows, not {events}");
+    std::hint::black_box(sum);
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+/// PostgreSQL: a fresh database, filled through our store.
+pub async fn postgres(server: &crate::pg::PgServer, events: u64) -> anyhow::Result<Replay> {
+    let database = server.create_database("replay").await?;
+    let result = async {
+        let store = crate::our_pg_store(&database.url).await?;
+        eprintln!("compare: replay postgres: filling {events} events");
+        let fill = fill(&*store, events).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&database.url).await?;
+        let (mut bare_best, mut ours_best) = (0f64, 0f64);
+        for round in 1..=2 {
+            eprintln!("compare: replay postgres: round {round}");
+            bare_best = bare_best.max(bare(&pool, events).await?);
+            ours_best = ours_best.max(ours(Arc::clone(&store), events).await?);
+        }
+        pool.close().await;
+        Ok::<_, anyhow::Error>(Replay { store: "postgres", events, fill, bare_per_s: bare_best, ours_per_s: ours_best })
+    }
+    .await;
+    server.drop_database(database).await?;
+    result
+}
+
+/// SQLite: a fresh file, filled through our store, opened with its defaults.
+pub async fn sqlite(events: u64) -> anyhow::Result<Replay> {
+    let scratch = crate::sqlite::Scratch::new("replay")?;
+    let store = Arc::new(cqrs_sqlite::SqliteEventStore::open(scratch.path()).await.context("open our SQLite store")?);
+    eprintln!("compare: replay sqlite: filling {events} events");
+    let fill = fill(&*store, events).await?;
+    let url = format!("sqlite://{}?mode=ro", scratch.path().display());
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(&url).await?;
+    let (mut bare_best, mut ours_best) = (0f64, 0f64);
+    for round in 1..=2 {
+        eprintln!("compare: replay sqlite: round {round}");
+        bare_best = bare_best.max(bare(&pool, events).await?);
+        ours_best = ours_best.max(ours(Arc::clone(&store), events).await?);
+    }
+    pool.close().await;
+    drop(store);
+    drop(scratch);
+    Ok(Replay { store: "sqlite", events, fill, bare_per_s: bare_best, ours_per_s: ours_best })
+}
