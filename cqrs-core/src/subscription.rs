@@ -48,6 +48,24 @@ pub struct Subscription<S: EventStore + ?Sized> {
     /// wake-up has come since: the store has nothing more for us until the next notification
     /// (or poll), so reading again now would only cost a round trip.
     caught_up: bool,
+    /// While catching up (the last page of the whole log came back full), the next page is
+    /// read in a task of its own while the consumer handles this one, so the store's work and
+    /// the consumer's overlap.
+    ahead: Option<Ahead>,
+}
+
+/// A page of [`EventStore::read_all`] read ahead, after `after`.
+struct Ahead {
+    after: Position,
+    task: tokio::task::JoinHandle<Result<Vec<RecordedEvent>, StoreError>>,
+}
+
+impl<S: EventStore + ?Sized> Drop for Subscription<S> {
+    fn drop(&mut self) {
+        if let Some(ahead) = self.ahead.take() {
+            ahead.task.abort();
+        }
+    }
 }
 
 impl<S: EventStore + ?Sized> Subscription<S> {
@@ -62,6 +80,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             page_size: DEFAULT_PAGE_SIZE,
             last_position: after,
             caught_up: false,
+            ahead: None,
         }
     }
 
@@ -77,6 +96,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             page_size: DEFAULT_PAGE_SIZE,
             last_position: Position::START,
             caught_up: false,
+            ahead: None,
         }
     }
 
@@ -150,6 +170,9 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         if self.caught_up && !self.notifications.has_changed().unwrap_or(true) {
             return Ok(false);
         }
+        if let Some(found) = self.take_ahead().await {
+            return Ok(found);
+        }
         // The notification current now counts as seen once this read succeeds: marked on a
         // copy of the receiver *before* reading (so an append that lands during the read still
         // wakes us up), and the copy kept only after the read. A failed or cancelled read thus
@@ -171,8 +194,46 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         let found = !page.is_empty();
         self.notifications = seen;
         self.caught_up = page.len() < self.page_size;
+        self.read_ahead(&page);
         self.buffer.extend(page);
         Ok(found)
+    }
+
+    /// After a full page of the whole log, starts reading the next one.
+    fn read_ahead(&mut self, page: &[RecordedEvent]) {
+        let (Cursor::All { .. }, false, Some(last)) = (&self.cursor, self.caught_up, page.last()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (store, after, page_size) = (Arc::clone(&self.store), last.position, self.page_size);
+        let task = runtime.spawn(async move { store.read_all(after, page_size).await });
+        self.ahead = Some(Ahead { after, task });
+    }
+
+    /// The page read ahead, if there is one for where the cursor stands: `Some(found)` once it
+    /// is in the buffer; `None` to read normally (no page ahead, or its read failed: the
+    /// normal read then reports or retries). The page counts as read like any other; only the
+    /// wake-up it covers is not marked seen, which costs at most one more read.
+    async fn take_ahead(&mut self) -> Option<bool> {
+        let Cursor::All { after } = self.cursor else { return None };
+        let ahead = self.ahead.as_mut()?;
+        if ahead.after != after {
+            self.ahead.take()?.task.abort();
+            return None;
+        }
+        // Cancel-safe: dropped here, the task stays in `self.ahead` for the next call.
+        let result = (&mut ahead.task).await;
+        self.ahead = None;
+        let page = match result {
+            Ok(Ok(page)) => page,
+            Ok(Err(_)) | Err(_) => return None,
+        };
+        check_positions(after, &page).ok()?;
+        let found = !page.is_empty();
+        self.caught_up = page.len() < self.page_size;
+        self.read_ahead(&page);
+        self.buffer.extend(page);
+        Some(found)
     }
 
     /// Waits for a notification (or the store's poll interval). False if the store closed.

@@ -9,6 +9,7 @@ mod rows;
 mod writer;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use cqrs_core::{
     ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
 use sqlx::{Connection, PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -56,6 +58,9 @@ struct Inner {
     /// Closed on drop so the listener's connection goes away at once.
     listener_pool: PgPool,
     poll_interval: Duration,
+    /// The highest read bound seen (see `read_all`): every event at or below it that will
+    /// ever commit has committed.
+    read_bound: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -151,6 +156,7 @@ impl PgEventStore {
                 pruner,
                 listener_pool,
                 poll_interval: config.poll_interval,
+                read_bound: AtomicU64::new(0),
             }),
         }
     }
@@ -390,16 +396,49 @@ impl EventStore for PgEventStore {
         if max_count == 0 {
             return Ok(Vec::new());
         }
+        let limit = to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX));
+        let known = self.inner.read_bound.load(AtomicOrdering::Acquire);
+        let mut events = Vec::new();
+        let mut after = after;
+        // Catching up far below a bound already read: a plain page up to that bound (every
+        // event at or below it that will ever commit is visible to this later statement). Near
+        // the head, or if gaps made the page short, the watermark function reads the rest.
+        if known.saturating_sub(after.0) >= u64::try_from(max_count).unwrap_or(u64::MAX) {
+            let rows = sqlx::query(&format!(
+                "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2 \
+                 ORDER BY position LIMIT $3"
+            ))
+            .bind(to_i64_saturating(after.0))
+            .bind(to_i64_saturating(known))
+            .bind(limit)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(to_store_error)?;
+            events = rows.iter().map(recorded_event).collect::<Result<Vec<_>, _>>()?;
+            if events.len() == max_count {
+                return Ok(events);
+            }
+            // Short: the page held every event up to the bound.
+            after = Position(known);
+        }
         let rows = sqlx::query(
             "SELECT event_position AS position, event_id, stream_id, version, event_type, schema_version, payload, \
-             command_id, causation_id, correlation_id, headers, recorded_at_micros FROM cqrs_read_all($1, $2)",
+             command_id, causation_id, correlation_id, headers, recorded_at_micros, read_bound \
+             FROM cqrs_read_page($1, $2)",
         )
         .bind(to_i64_saturating(after.0))
-        .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)))
+        .bind(to_i64_saturating(u64::try_from(max_count - events.len()).unwrap_or(u64::MAX)))
         .fetch_all(&self.inner.pool)
         .await
         .map_err(to_store_error)?;
-        rows.iter().map(recorded_event).collect()
+        if let Some(row) = rows.first() {
+            let bound: i64 = row.try_get("read_bound").map_err(to_store_error)?;
+            self.inner.read_bound.fetch_max(to_u64(bound, "read bound")?, AtomicOrdering::AcqRel);
+        }
+        for row in &rows {
+            events.push(recorded_event(row)?);
+        }
+        Ok(events)
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

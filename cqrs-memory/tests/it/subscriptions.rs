@@ -78,3 +78,40 @@ async fn a_cancelled_read_does_not_lose_the_wake_up() {
     let next = tokio::time::timeout(Duration::from_secs(5), feed.next()).await;
     assert_eq!(next.expect("the event still comes").expect("read").map(|e| e.position), Some(Position(2)));
 }
+
+/// While catching up, the next page is read ahead in a task of its own. Through slow reads
+/// given up by the caller, failed reads and a subscription dropped mid-catch-up, every event
+/// still arrives once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_ahead_while_catching_up_delivers_every_event_once_in_order() {
+    let store = Arc::new(Instrumented::default());
+    for chunk in 0..20u64 {
+        let events: Vec<NewEvent> = (0..10).map(|n| event(chunk * 10 + n)).collect();
+        store.append(&stream(), ExpectedVersion::Any, events).await.expect("append");
+    }
+    // Dropped mid-catch-up with a read ahead in flight: nothing hangs, nothing is left behind.
+    {
+        let mut feed = Subscription::all(Arc::clone(&store), Position::START).with_page_size(7);
+        assert_eq!(feed.next().await.expect("read").map(|e| e.position), Some(Position(1)));
+    }
+    let mut feed = Subscription::all(Arc::clone(&store), Position::START).with_page_size(7);
+    let mut positions = Vec::new();
+    for round in 0u32..10_000 {
+        if positions.len() == 200 {
+            break;
+        }
+        match round % 5 {
+            0 => store.hold_read_all.store(true, Ordering::SeqCst),
+            3 => store.fail_next_read_all.store(true, Ordering::SeqCst),
+            _ => {}
+        }
+        let next = tokio::time::timeout(Duration::from_millis(2), feed.next()).await;
+        store.hold_read_all.store(false, Ordering::SeqCst);
+        if let Ok(Ok(Some(event))) = next {
+            positions.push(event.position.0);
+        }
+    }
+    store.fail_next_read_all.store(false, Ordering::SeqCst);
+    assert_eq!(positions, (1..=200).collect::<Vec<u64>>());
+    assert!(tokio::time::timeout(Duration::from_millis(50), feed.next()).await.is_err(), "nothing more");
+}

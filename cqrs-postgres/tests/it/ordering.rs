@@ -65,6 +65,20 @@ async fn subscriber_never_skips_events_of_slow_writers() {
         })
     };
 
+    // A second subscriber on the same store instance that lags: its pages lie below the read
+    // bound the first one has already seen, so the store reads them with a plain SELECT.
+    let lagging: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
+    let lagging_subscriber = {
+        let lagging = Arc::clone(&lagging);
+        let mut feed = Subscription::all(Arc::new(first.clone()), Position::START).with_page_size(7);
+        tokio::spawn(async move {
+            while let Some(event) = feed.next().await.expect("lagging subscription") {
+                lagging.lock().expect("lock").push(event);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
     let mut writers = Vec::new();
     for writer in 0..STORE_WRITERS * 2 {
         let store = if writer % 2 == 0 { first.clone() } else { second.clone() };
@@ -106,10 +120,16 @@ async fn subscriber_never_skips_events_of_slow_writers() {
         assert!(tokio::time::Instant::now() < deadline, "subscriber stalled: it missed an event");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    while lagging.lock().expect("lock").len() < committed.len() {
+        assert!(tokio::time::Instant::now() < deadline, "the lagging subscriber stalled: it missed an event");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Anything extra (a duplicate) would arrive quickly.
     tokio::time::sleep(Duration::from_millis(300)).await;
     subscriber.abort();
+    lagging_subscriber.abort();
     let seen = seen.lock().expect("lock").clone();
+    let lagging: Vec<EventId> = lagging.lock().expect("lock").iter().map(|e| e.event_id).collect();
 
     let seen_ids: Vec<EventId> = seen.iter().map(|e| e.event_id).collect();
     assert_eq!(seen_ids.len(), committed.len(), "every committed event exactly once");
@@ -117,6 +137,7 @@ async fn subscriber_never_skips_events_of_slow_writers() {
     assert!(seen.windows(2).all(|w| w[0].position < w[1].position), "strictly increasing positions");
     let stored: Vec<EventId> = read_everything(&first).await.iter().map(|e| e.event_id).collect();
     assert_eq!(seen_ids, stored, "the live feed is the stored order");
+    assert_eq!(lagging, stored, "the lagging feed is the stored order, every event once");
     for s in &streams {
         let events = first.read_stream(s, Version(1), usize::MAX).await.expect("read_stream");
         assert!(events.iter().enumerate().all(|(i, e)| e.version == Version(i as u64 + 1)), "{s} contiguous");
