@@ -88,14 +88,17 @@ const AT_ONCE_MAX_ROWS: usize = 256;
 /// ones are rare and prepared each time, so they do not crowd out the others).
 const AT_ONCE_CACHED_ROWS: usize = 4;
 
-/// `?from, ?from+1, ...`: `count` numbered parameters.
-fn placeholders(from: usize, count: usize) -> String {
-    (from..from + count).map(|n| format!("?{n}")).collect::<Vec<_>>().join(", ")
+/// `?, ?, ...`: `count` anonymous parameters. Not numbered (`?N`): for each bound value sqlx
+/// asks SQLite for its parameter's name, a lookup that scans the statement's named parameters,
+/// which made a multi-row statement's binding quadratic in its size.
+fn placeholders(count: usize) -> String {
+    vec!["?"; count].join(", ")
 }
 
-/// `(?1, ..., ?columns), (...)`: `count` rows of numbered parameters.
+/// `(?, ..., ?), (...)`: `count` rows of `columns` anonymous parameters.
 fn rows(count: usize, columns: usize) -> String {
-    (0..count).map(|row| format!("({})", placeholders(1 + row * columns, columns))).collect::<Vec<_>>().join(", ")
+    let row = format!("({})", placeholders(columns));
+    vec![row.as_str(); count].join(", ")
 }
 
 /// Most command ids one prune request forgets: a long delete would hold the write lock.
@@ -419,17 +422,20 @@ impl Writer {
         }
         let command_ids: Vec<Uuid> = links.iter().filter_map(|link| link.command_id.map(|id| id.0)).collect();
         let lookup = if command_ids.is_empty() {
-            "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?1), 0".to_owned()
+            "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?), 0".to_owned()
         } else {
             format!(
-                "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?1), \
-                 (SELECT count(*) FROM cqrs_commands WHERE stream_id = ?1 AND command_id IN ({}))",
-                placeholders(2, command_ids.len())
+                "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?), \
+                 (SELECT count(*) FROM cqrs_commands WHERE stream_id = ? AND command_id IN ({}))",
+                placeholders(command_ids.len())
             )
         };
         let mut query = sqlx::query_as::<_, (Option<i64>, i64)>(&lookup)
             .persistent(command_ids.len() <= AT_ONCE_CACHED_ROWS)
             .bind(stream_id);
+        if !command_ids.is_empty() {
+            query = query.bind(stream_id);
+        }
         for command_id in &command_ids {
             query = query.bind(*command_id);
         }
