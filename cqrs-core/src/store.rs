@@ -168,7 +168,7 @@ pub async fn append_links_one_by_one<S: EventStore + ?Sized>(
     let mut next = Some(version);
     for events in links {
         let Some(expected) = next else {
-            answers.push(Err(chain_broken(stream_id, version)));
+            answers.push(Err(chain_broken(stream_id, ExpectedVersion::Exact(version))));
             continue;
         };
         let count = events.len() as u64;
@@ -183,10 +183,15 @@ pub async fn append_links_one_by_one<S: EventStore + ?Sized>(
     answers
 }
 
-/// The answer for a chain link after one that was not appended: a conflict (the link was not
-/// attempted; `actual` repeats the chain's starting version, the stream's is not read).
-pub fn chain_broken(stream_id: &StreamId, version: Version) -> StoreError {
-    StoreError::Conflict { stream_id: stream_id.clone(), expected: ExpectedVersion::Exact(version), actual: version }
+/// The answer for a chain link after one that was not appended: a conflict with the link's own
+/// expectation (the link was not attempted and the stream's version was not read, so `actual`
+/// repeats the expected version, or is 0 for an expectation without one).
+pub fn chain_broken(stream_id: &StreamId, expected: ExpectedVersion) -> StoreError {
+    let actual = match expected {
+        ExpectedVersion::Exact(version) => version,
+        _ => Version::NONE,
+    };
+    StoreError::Conflict { stream_id: stream_id.clone(), expected, actual }
 }
 
 /// A durable (or in-memory) log of event streams, the one trait each backend implements.

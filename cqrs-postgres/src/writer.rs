@@ -52,11 +52,7 @@ impl QueuedWrite for AppendRequest {
 
 /// The answer to a chain link that was not attempted.
 fn skipped(request: &AppendRequest) -> StoreError {
-    let version = match request.expected {
-        ExpectedVersion::Exact(version) => version,
-        _ => Version::NONE,
-    };
-    cqrs_core::chain_broken(&request.stream_id, version)
+    cqrs_core::chain_broken(&request.stream_id, request.expected)
 }
 
 /// The writer task's connection, kept across batches (no pool checkout, release and ping per

@@ -370,7 +370,7 @@ impl Writer {
         let mut broken = false;
         while let Some(link) = links.next() {
             if broken {
-                let outcome = Err(chain_broken_at(&link));
+                let outcome = Err(cqrs_core::chain_broken(&link.stream_id, link.expected));
                 pending.push(Pending::Append(link.reply, outcome));
                 continue;
             }
@@ -766,13 +766,4 @@ fn fail_request(request: WriteRequest, error: impl Fn() -> StoreError) {
         }
         WriteRequest::Op { fail, .. } => fail(error()),
     }
-}
-
-/// The answer for a chain link not attempted because an earlier link was not appended.
-fn chain_broken_at(link: &AppendRequest) -> StoreError {
-    let version = match link.expected {
-        ExpectedVersion::Exact(version) => version,
-        _ => Version(0),
-    };
-    cqrs_core::chain_broken(&link.stream_id, version)
 }
