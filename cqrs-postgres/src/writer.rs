@@ -1,6 +1,6 @@
 //! Group commit: the store's writer task (one by default) takes every queued append (up to a
-//! bound), writes them in one transaction with one round trip (`cqrs_append_batch`), and
-//! answers each caller on its own.
+//! bound), writes them in one transaction with one round trip (`cqrs_append_arrays`, or
+//! `cqrs_append_batch` for a lone append), and answers each caller on its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,18 +64,30 @@ struct WriterConnection {
 
 impl WriterConnection {
     /// One statement in autocommit mode: one round trip, one transaction, one commit.
-    async fn append_batch(&mut self, payload: &[AppendJson<'_>]) -> Result<Vec<PgRow>, sqlx::Error> {
+    ///
+    /// A batch of several appends goes to the set-based `cqrs_append_arrays`; a lone append to
+    /// `cqrs_append_batch`, whose per-append statements cost less than the set-based
+    /// function's fixed ones for a single append (BENCHMARKS.md, issue 12). Both take the same
+    /// locks in the same order and give the same answers.
+    async fn append_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<PgRow>, sqlx::Error> {
         let connection = match &mut self.held {
             Some(connection) => connection,
             None => self.held.insert(self.pool.acquire().await?),
         };
-        let result = sqlx::query(
-            "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
-             last_position, duplicate_event_id FROM cqrs_append_batch($1)",
-        )
-        .bind(Json(payload))
-        .fetch_all(&mut **connection)
-        .await;
+        let arrays = if batch.len() > 1 { AppendArrays::new(batch) } else { None };
+        let result = match arrays {
+            Some(arrays) => arrays.query().fetch_all(&mut **connection).await,
+            None => {
+                let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
+                sqlx::query(
+                    "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+                     last_position, duplicate_event_id FROM cqrs_append_batch($1)",
+                )
+                .bind(Json(payload))
+                .fetch_all(&mut **connection)
+                .await
+            }
+        };
         if matches!(&result, Err(error) if !is_statement_error(error)) {
             // Possibly broken: give it back (the pool tests it on release) and take a fresh one
             // next time.
@@ -233,10 +245,9 @@ async fn run_with_retries(
     connection: &mut WriterConnection,
     batch: &[AppendRequest],
 ) -> Result<Vec<PgRow>, sqlx::Error> {
-    let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
     let mut attempt = 0;
     loop {
-        let result = connection.append_batch(&payload).await;
+        let result = connection.append_batch(batch).await;
         match result {
             Err(error) if is_retryable(&error) && attempt < MAX_BATCH_RETRIES => {
                 attempt += 1;
@@ -377,12 +388,7 @@ struct EventJson<'a> {
 
 impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
     fn from(request: &'a AppendRequest) -> Self {
-        let (kind, version) = match request.expected {
-            ExpectedVersion::Any => ("any", None),
-            ExpectedVersion::NoStream => ("no_stream", None),
-            ExpectedVersion::StreamExists => ("exists", None),
-            ExpectedVersion::Exact(version) => ("exact", Some(version.0)),
-        };
+        let (kind, version) = expected_json(request.expected);
         AppendJson {
             s: request.stream_id.as_str(),
             e: kind,
@@ -403,5 +409,114 @@ impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A batch as the parallel arrays `cqrs_append_arrays` takes: one element per append, then one
+/// per event (each event repeats its append's 1-based index, stream and command id).
+struct AppendArrays<'a> {
+    streams: Vec<&'a str>,
+    kinds: Vec<&'static str>,
+    expected: Vec<Option<i64>>,
+    commands: Vec<Option<Uuid>>,
+    continues: Vec<bool>,
+    counts: Vec<i32>,
+    event_appends: Vec<i32>,
+    event_streams: Vec<&'a str>,
+    event_commands: Vec<Option<Uuid>>,
+    ids: Vec<Uuid>,
+    types: Vec<&'a str>,
+    schemas: Vec<i32>,
+    payloads: Vec<Json<&'a serde_json::Value>>,
+    causations: Vec<Option<Uuid>>,
+    correlations: Vec<Option<Uuid>>,
+    headers: Vec<Json<&'a HashMap<String, String>>>,
+}
+
+impl<'a> AppendArrays<'a> {
+    /// `None` if a number does not fit the function's integer columns (an expected version or
+    /// schema version beyond `i64` or `i32`, more events than `i32` counts): such a batch goes
+    /// through `cqrs_append_batch`, which refuses or answers it as before.
+    fn new(batch: &'a [AppendRequest]) -> Option<Self> {
+        let n_events = batch.iter().map(|request| request.events.len()).sum();
+        let mut arrays = AppendArrays {
+            streams: Vec::with_capacity(batch.len()),
+            kinds: Vec::with_capacity(batch.len()),
+            expected: Vec::with_capacity(batch.len()),
+            commands: Vec::with_capacity(batch.len()),
+            continues: Vec::with_capacity(batch.len()),
+            counts: Vec::with_capacity(batch.len()),
+            event_appends: Vec::with_capacity(n_events),
+            event_streams: Vec::with_capacity(n_events),
+            event_commands: Vec::with_capacity(n_events),
+            ids: Vec::with_capacity(n_events),
+            types: Vec::with_capacity(n_events),
+            schemas: Vec::with_capacity(n_events),
+            payloads: Vec::with_capacity(n_events),
+            causations: Vec::with_capacity(n_events),
+            correlations: Vec::with_capacity(n_events),
+            headers: Vec::with_capacity(n_events),
+        };
+        for (index, request) in batch.iter().enumerate() {
+            let (kind, version) = expected_json(request.expected);
+            let append = i32::try_from(index + 1).ok()?;
+            let command = request.command_id.map(|id| id.0);
+            arrays.streams.push(request.stream_id.as_str());
+            arrays.kinds.push(kind);
+            arrays.expected.push(match version {
+                Some(version) => Some(i64::try_from(version).ok()?),
+                None => None,
+            });
+            arrays.commands.push(command);
+            arrays.continues.push(request.continues);
+            arrays.counts.push(i32::try_from(request.events.len()).ok()?);
+            for event in &request.events {
+                arrays.event_appends.push(append);
+                arrays.event_streams.push(request.stream_id.as_str());
+                arrays.event_commands.push(command);
+                arrays.ids.push(event.event_id.0);
+                arrays.types.push(&event.event_type);
+                arrays.schemas.push(i32::try_from(event.schema_version).ok()?);
+                arrays.payloads.push(Json(&event.payload));
+                arrays.causations.push(event.metadata.causation_id.map(|id| id.0));
+                arrays.correlations.push(event.metadata.correlation_id.map(|id| id.0));
+                arrays.headers.push(Json(&event.metadata.headers));
+            }
+        }
+        Some(arrays)
+    }
+
+    fn query(self) -> sqlx::query::Query<'a, Postgres, sqlx::postgres::PgArguments> {
+        sqlx::query(
+            "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+             last_position, duplicate_event_id \
+             FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(self.streams)
+        .bind(self.kinds)
+        .bind(self.expected)
+        .bind(self.commands)
+        .bind(self.continues)
+        .bind(self.counts)
+        .bind(self.event_appends)
+        .bind(self.event_streams)
+        .bind(self.event_commands)
+        .bind(self.ids)
+        .bind(self.types)
+        .bind(self.schemas)
+        .bind(self.payloads)
+        .bind(self.causations)
+        .bind(self.correlations)
+        .bind(self.headers)
+    }
+}
+
+/// An expected version as both batch functions name it.
+fn expected_json(expected: ExpectedVersion) -> (&'static str, Option<u64>) {
+    match expected {
+        ExpectedVersion::Any => ("any", None),
+        ExpectedVersion::NoStream => ("no_stream", None),
+        ExpectedVersion::StreamExists => ("exists", None),
+        ExpectedVersion::Exact(version) => ("exact", Some(version.0)),
     }
 }

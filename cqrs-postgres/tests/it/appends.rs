@@ -1,12 +1,13 @@
 //! Batch edge cases: an event id reused inside one group-commit batch fails only the guilty
-//! append, and the batch function itself refuses a reused id through the unique index.
+//! append, and the batch function itself refuses a reused id through the unique index; the
+//! set-based batch function answers and writes like the per-append one.
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::{EventStore, ExpectedVersion, StoreError};
 use cqrs_postgres::PgStoreConfig;
 use serde_json::json;
 
-use crate::support::{read_everything, stream, TestDb};
+use crate::support::{random_below, read_everything, stream, TestDb};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_function_refuses_an_event_id_used_twice() {
@@ -91,4 +92,222 @@ async fn unstorable_payload_alone_is_invalid() {
     let result = store.append(&stream("nul"), ExpectedVersion::Any, vec![sent]).await;
     assert!(matches!(result, Err(StoreError::InvalidAppend(_))), "got {result:?}");
     store.append(&stream("fine"), ExpectedVersion::Any, vec![event(2)]).await.expect("the store still works");
+}
+
+/// One append of a generated batch, as both batch functions take it.
+struct RawAppend {
+    stream: String,
+    kind: &'static str,
+    expected: Option<i64>,
+    command: Option<uuid::Uuid>,
+    continues: bool,
+    events: Vec<(uuid::Uuid, String, serde_json::Value)>,
+}
+
+/// One result row: append index, outcome, actual version, first and last version, first and
+/// last position (renumbered), duplicate event id.
+type Answer = (i32, String, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<uuid::Uuid>);
+/// One stored event: position (renumbered), stream, version, id, type, payload, command id.
+type StoredRow = (i64, String, i64, uuid::Uuid, String, serde_json::Value, Option<uuid::Uuid>);
+
+/// What a batch function answered and left behind (inside a transaction that is then rolled
+/// back), with every position this batch allocated renumbered from 1 so the two runs compare.
+#[derive(Debug, PartialEq)]
+struct BatchEffect {
+    answers: Vec<Answer>,
+    events: Vec<StoredRow>,
+    streams: Vec<(String, i64)>,
+    commands: Vec<(String, uuid::Uuid, i64, i64, i64, i64)>,
+}
+
+async fn run_batch(
+    connection: &mut sqlx::PgConnection,
+    batch: &[RawAppend],
+    set_based: bool,
+) -> Result<BatchEffect, sqlx::Error> {
+    use sqlx::Connection;
+    let mut transaction = connection.begin().await?;
+    // Positions taken by the rolled-back run of the other function are not given back.
+    let before: i64 =
+        sqlx::query_scalar("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM cqrs_position_seq")
+            .fetch_one(&mut *transaction)
+            .await?;
+    let columns = "append_index, outcome, actual_version, first_version, last_version, first_position, \
+                   last_position, duplicate_event_id";
+    let rows: Vec<sqlx::postgres::PgRow> = if set_based {
+        arrays_call(
+            &format!(
+                "SELECT {columns} FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+            ),
+            batch,
+        )
+        .fetch_all(&mut *transaction)
+        .await?
+    } else {
+        let items: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|a| {
+                let events: Vec<_> = a
+                    .events
+                    .iter()
+                    .map(|(id, t, p)| json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}}))
+                    .collect();
+                json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "k": a.continues, "ev": events})
+            })
+            .collect();
+        sqlx::query(&format!("SELECT {columns} FROM cqrs_append_batch($1)"))
+            .bind(sqlx::types::Json(items))
+            .fetch_all(&mut *transaction)
+            .await?
+    };
+    let renumber = |position: Option<i64>| position.map(|p| if p > before { p - before } else { -p });
+    let mut answers = Vec::new();
+    for row in &rows {
+        use sqlx::Row;
+        answers.push((
+            row.try_get("append_index")?,
+            row.try_get("outcome")?,
+            row.try_get("actual_version")?,
+            row.try_get("first_version")?,
+            row.try_get("last_version")?,
+            renumber(row.try_get("first_position")?),
+            renumber(row.try_get("last_position")?),
+            row.try_get("duplicate_event_id")?,
+        ));
+    }
+    answers.sort_by_key(|answer| answer.0);
+    let events: Vec<StoredRow> = sqlx::query_as(
+        "SELECT position - $1, stream_id, version, event_id, event_type, payload, command_id FROM cqrs_events \
+         WHERE position > $1 ORDER BY position",
+    )
+    .bind(before)
+    .fetch_all(&mut *transaction)
+    .await?;
+    let streams = sqlx::query_as("SELECT stream_id, version FROM cqrs_streams ORDER BY stream_id")
+        .fetch_all(&mut *transaction)
+        .await?;
+    let commands: Vec<(String, uuid::Uuid, i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT stream_id, command_id, first_version, last_version, first_position, last_position \
+         FROM cqrs_commands ORDER BY stream_id, command_id",
+    )
+    .fetch_all(&mut *transaction)
+    .await?;
+    let commands = commands
+        .into_iter()
+        .map(|(s, c, f, l, fp, lp)| (s, c, f, l, renumber(Some(fp)).unwrap_or(0), renumber(Some(lp)).unwrap_or(0)))
+        .collect();
+    transaction.rollback().await?;
+    Ok(BatchEffect { answers, events, streams, commands })
+}
+
+/// The set-based `cqrs_append_arrays` against the per-append loop of `cqrs_append_batch`, on
+/// random batches over a few streams (new and existing ones, every kind of expected version,
+/// command ids stored before or earlier in the same batch, chains, several events per
+/// append): the same answers and the same rows written, batch after batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let mut connection = db.connection().await;
+    let names = ["a", "b", "b-", "c", "ä"];
+    let mut stored_commands: Vec<(String, uuid::Uuid)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..150 {
+        let versions: std::collections::HashMap<String, i64> =
+            sqlx::query_as::<_, (String, i64)>("SELECT stream_id, version FROM cqrs_streams")
+                .fetch_all(&mut connection)
+                .await
+                .expect("versions")
+                .into_iter()
+                .collect();
+        let mut batch: Vec<RawAppend> = (0..1 + random_below(8))
+            .map(|_| {
+                let stream = names[random_below(names.len() as u64) as usize].to_owned();
+                let version = versions.get(&stream).copied().unwrap_or(0);
+                let (kind, expected) = match random_below(5) {
+                    0 => ("any", None),
+                    1 => ("no_stream", None),
+                    2 => ("exists", None),
+                    _ => ("exact", Some(version + random_below(3) as i64)),
+                };
+                let command = match random_below(4) {
+                    0 => None,
+                    1 if !stored_commands.is_empty() => {
+                        let (s, c) = &stored_commands[random_below(stored_commands.len() as u64) as usize];
+                        (s == &stream).then_some(*c).or(Some(uuid::Uuid::new_v4()))
+                    }
+                    _ => Some(uuid::Uuid::new_v4()),
+                };
+                let events = (0..1 + random_below(3))
+                    .map(|n| (uuid::Uuid::new_v4(), format!("T{n}"), json!({"round": round, "n": n})))
+                    .collect();
+                RawAppend { stream, kind, expected, command, continues: false, events }
+            })
+            .collect();
+        // As the writer sends them: sorted by stream (stable), byte order.
+        batch.sort_by(|x, y| x.stream.as_bytes().cmp(y.stream.as_bytes()));
+        for index in 1..batch.len() {
+            if batch[index].stream == batch[index - 1].stream {
+                match random_below(4) {
+                    // A chain link: the next version after the link before it.
+                    0 => batch[index].continues = true,
+                    // The same command id again in the same batch.
+                    1 => batch[index].command = batch[index - 1].command,
+                    _ => {}
+                }
+            }
+        }
+        let per_append = run_batch(&mut connection, &batch, false).await.expect("cqrs_append_batch");
+        let set_based = run_batch(&mut connection, &batch, true).await.expect("cqrs_append_arrays");
+        assert_eq!(set_based, per_append, "round {round}: the two functions differ");
+        for answer in &per_append.answers {
+            seen.insert(answer.1.clone());
+        }
+        // Write it for real (set-based) as the next round's state.
+        arrays_call(
+            "SELECT * FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            &batch,
+        )
+        .fetch_all(&mut connection)
+        .await
+        .expect("commit a batch");
+        for append in &batch {
+            if let Some(command) = append.command {
+                stored_commands.push((append.stream.clone(), command));
+            }
+        }
+    }
+    for outcome in ["appended", "duplicate", "conflict", "skipped"] {
+        assert!(seen.contains(outcome), "no batch had an append answered {outcome:?}: {seen:?}");
+    }
+    drop(store);
+}
+
+/// `sql` (a call of `cqrs_append_arrays` with `$1`…`$16`) with the batch bound as its arrays.
+fn arrays_call<'q>(
+    sql: &'q str,
+    batch: &[RawAppend],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let events: Vec<(i32, &RawAppend, &(uuid::Uuid, String, serde_json::Value))> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(index, append)| append.events.iter().map(move |event| (index as i32 + 1, append, event)))
+        .collect();
+    sqlx::query(sql)
+        .bind(batch.iter().map(|a| a.stream.clone()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.kind).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.expected).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.command).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.continues).collect::<Vec<_>>())
+        .bind(batch.iter().map(|a| a.events.len() as i32).collect::<Vec<_>>())
+        .bind(events.iter().map(|(index, _, _)| *index).collect::<Vec<_>>())
+        .bind(events.iter().map(|(_, append, _)| append.stream.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|(_, append, _)| append.command).collect::<Vec<_>>())
+        .bind(events.iter().map(|(_, _, event)| event.0).collect::<Vec<_>>())
+        .bind(events.iter().map(|(_, _, event)| event.1.clone()).collect::<Vec<_>>())
+        .bind(events.iter().map(|_| 1i32).collect::<Vec<_>>())
+        .bind(events.iter().map(|(_, _, event)| sqlx::types::Json(event.2.clone())).collect::<Vec<_>>())
+        .bind(events.iter().map(|_| None::<uuid::Uuid>).collect::<Vec<_>>())
+        .bind(events.iter().map(|_| None::<uuid::Uuid>).collect::<Vec<_>>())
+        .bind(events.iter().map(|_| sqlx::types::Json(json!({"h": "1"}))).collect::<Vec<_>>())
 }

@@ -19,7 +19,7 @@ const STORE_APPENDS: u64 = 40;
 const RAW_WRITERS: u64 = 4;
 const RAW_APPENDS: u64 = 15;
 
-/// One append through `cqrs_append_batch` in an explicit transaction that sleeps before it
+/// One append through `cqrs_append_batch` or `cqrs_append_arrays` in an explicit transaction that sleeps before it
 /// commits (or rolls back): the slow writer that a naive sequence reader would skip past.
 /// Returns the event ids if committed.
 async fn slow_raw_append(connection: &mut sqlx::PgConnection, stream_id: &StreamId) -> Option<Vec<EventId>> {
@@ -30,11 +30,30 @@ async fn slow_raw_append(connection: &mut sqlx::PgConnection, stream_id: &Stream
         .collect();
     let batch = json!([{"s": stream_id.as_str(), "e": "any", "c": null, "ev": events}]);
     let mut transaction = connection.begin().await.expect("begin");
-    let outcome: String = sqlx::query_scalar("SELECT outcome FROM cqrs_append_batch($1)")
-        .bind(sqlx::types::Json(batch))
+    // Either batch function: the store's writers use both, and they must order alike.
+    let outcome: String = if random_below(2) == 0 {
+        sqlx::query_scalar("SELECT outcome FROM cqrs_append_batch($1)")
+            .bind(sqlx::types::Json(batch))
+            .fetch_one(&mut *transaction)
+            .await
+            .expect("raw append")
+    } else {
+        let n = ids.len();
+        sqlx::query_scalar(
+            "SELECT outcome FROM cqrs_append_arrays(ARRAY[$1], '{any}', '{NULL}', '{NULL}', '{f}', ARRAY[$2::integer], \
+             array_fill(1, ARRAY[$2::integer]), array_fill($1, ARRAY[$2::integer]), \
+             array_fill(NULL::uuid, ARRAY[$2::integer]), $3, array_fill('RawHappened'::text, ARRAY[$2::integer]), \
+             array_fill(1, ARRAY[$2::integer]), array_fill('{\"n\": 0}'::jsonb, ARRAY[$2::integer]), \
+             array_fill(NULL::uuid, ARRAY[$2::integer]), array_fill(NULL::uuid, ARRAY[$2::integer]), \
+             array_fill('{}'::jsonb, ARRAY[$2::integer]))",
+        )
+        .bind(stream_id.as_str())
+        .bind(i32::try_from(n).expect("few events"))
+        .bind(ids.iter().map(|id| id.0).collect::<Vec<_>>())
         .fetch_one(&mut *transaction)
         .await
-        .expect("raw append");
+        .expect("raw append")
+    };
     assert_eq!(outcome, "appended");
     tokio::time::sleep(Duration::from_millis(random_below(40))).await;
     if random_below(6) == 0 {

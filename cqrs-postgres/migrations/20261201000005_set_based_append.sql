@@ -1,0 +1,305 @@
+-- A set-based batch append: the same checks, locks and answers as `cqrs_append_batch`, with
+-- a handful of statements per batch instead of about eight per append, and its input as
+-- arrays (bound as binary parameters) instead of one JSON document decoded field by field.
+--
+-- Input, one element per append (a_*): stream id, expected kind ('any' | 'no_stream' | 'exists'
+-- | 'exact'), expected version (for 'exact'), command id (or null), whether it continues a chain
+-- (written only if the append just before it was appended, else 'skipped'), and its number of
+-- events (at least one). Then one element per event (e_*), append after append, in order: its
+-- append's 1-based index, stream id and command id (repeated, so that no per-event lookup walks
+-- a variable-width array), and the event's id, type, schema version, payload, causation id,
+-- correlation id and headers. Output: the rows `cqrs_append_batch` returns, in input order.
+-- Both functions stay: a writer sends a lone append to `cqrs_append_batch` (cheaper for one
+-- append) and a batch of several here, and a node of the previous release keeps working
+-- against this schema during a rolling upgrade.
+--
+-- The order of work, and why it keeps the guarantees of the per-append loop:
+-- 1. The watermark lock, before this transaction's first nextval (README.md, "Design").
+-- 2. Every existing stream row of the batch is locked in byte order of the stream id (COLLATE
+--    "C": the writer's sort order, and the order of the per-append loop); then the missing ones
+--    are created (and so held) in the same order. Only rows of streams that did not exist are
+--    ever waited for while holding others, and such a wait (on a concurrent creator's commit)
+--    can only deadlock against a third batch that locked the new row right after that commit;
+--    PostgreSQL detects it and the writer retries the batch.
+-- 3. With every stream locked, each append is decided in input order on the version the
+--    appends before it leave (in memory, no statement per append); command ids are looked up
+--    in one statement, and an id stored earlier in the same batch answers 'duplicate' too.
+-- 4. Positions for every appended event are taken in one nextval run and handed out sorted,
+--    so the i-th appended event gets the i-th smallest: per-stream order is position order.
+-- 5. One INSERT of the events, one UPDATE of the stream versions, one INSERT of command ids.
+-- A reused event id is looked up only for a batch of one append; in a larger batch the unique
+-- index aborts the batch, and the caller writes its appends one by one (as before).
+CREATE FUNCTION cqrs_append_arrays(
+    a_stream text[],
+    a_kind text[],
+    a_expected bigint[],
+    a_command uuid[],
+    a_continues boolean[],
+    a_count integer[],
+    e_append integer[],
+    e_stream text[],
+    e_command uuid[],
+    e_id uuid[],
+    e_type text[],
+    e_schema integer[],
+    e_payload jsonb[],
+    e_causation uuid[],
+    e_correlation uuid[],
+    e_headers jsonb[]
+)
+RETURNS TABLE (
+    append_index integer,
+    outcome text,
+    actual_version bigint,
+    first_version bigint,
+    last_version bigint,
+    first_position bigint,
+    last_position bigint,
+    duplicate_event_id uuid
+)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    -- High bits that mark our advisory lock keys (0x4351 << 48): see cqrs_read_all.
+    lock_marker CONSTANT bigint := 4850658273654734848;
+    n CONSTANT integer := coalesce(cardinality(a_stream), 0);
+    n_events CONSTANT integer := coalesce(cardinality(e_id), 0);
+    n_missing bigint;
+    -- Locked streams, in lock order, with their versions as the decided appends leave them.
+    ids text[];
+    versions bigint[];
+    stored bigint[];
+    -- Per append (fixed-width and without nulls where the event INSERT subscripts them).
+    outcomes text[] := array_fill(NULL::text, ARRAY[n]);
+    appended boolean[] := array_fill(false, ARRAY[n]);
+    actuals bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    firsts bigint[] := array_fill(0::bigint, ARRAY[n]);
+    lasts bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    first_positions bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    last_positions bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    duplicates uuid[] := array_fill(NULL::uuid, ARRAY[n]);
+    position_bases integer[] := array_fill(0, ARRAY[n]);
+    event_bases integer[] := array_fill(0, ARRAY[n]);
+    -- Earlier results of command ids found in cqrs_commands, per append.
+    prior_first bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    prior_last bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    prior_first_position bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    prior_last_position bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    positions bigint[];
+    found_row record;
+    i integer;
+    j integer;
+    k integer;
+    sid text;
+    kind text;
+    command uuid;
+    current_version bigint;
+    counted integer := 0;
+    appended_events integer := 0;
+    existing_event uuid;
+    any_command CONSTANT boolean := cardinality(array_remove(a_command, NULL)) > 0;
+    newest bigint := 0;
+    caller_plan_cache_mode CONSTANT text := current_setting('plan_cache_mode');
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'cqrs_append_arrays needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    IF cardinality(a_kind) IS DISTINCT FROM n OR cardinality(a_expected) IS DISTINCT FROM n
+        OR cardinality(a_command) IS DISTINCT FROM n OR cardinality(a_continues) IS DISTINCT FROM n
+        OR cardinality(a_count) IS DISTINCT FROM n
+        OR cardinality(e_append) IS DISTINCT FROM n_events OR cardinality(e_stream) IS DISTINCT FROM n_events
+        OR cardinality(e_command) IS DISTINCT FROM n_events OR cardinality(e_type) IS DISTINCT FROM n_events
+        OR cardinality(e_schema) IS DISTINCT FROM n_events OR cardinality(e_payload) IS DISTINCT FROM n_events
+        OR cardinality(e_causation) IS DISTINCT FROM n_events
+        OR cardinality(e_correlation) IS DISTINCT FROM n_events
+        OR cardinality(e_headers) IS DISTINCT FROM n_events THEN
+        RAISE EXCEPTION 'cqrs_append_arrays: the input arrays do not fit together'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Generic plans for the statements below (restored before returning): a custom plan would be
+    -- made again on every call, since it estimates the batch's arrays at their true length and
+    -- so always looks cheaper than the generic one. The lookups are written so that the generic
+    -- plan is an index probe per key (see step 2).
+    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    -- 1. The watermark lock, taken before this transaction's first nextval: its key is at most
+    -- every position the transaction will get, and it is held until commit or rollback.
+    PERFORM pg_advisory_xact_lock_shared(lock_marker
+        + (SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM cqrs_position_seq s));
+
+    -- 2. Lock every stream of the batch in byte order; create the missing ones first (a new
+    -- row is ours alone until commit).
+    -- (Each lookup below is a nested loop over the batch's few keys with an index probe each,
+    -- whatever the table's statistics: a LATERAL subquery that cannot be flattened. A join the
+    -- planner may turn into a scan of the whole table would make a plan cached for the
+    -- function's life depend on the table's size when it was made.)
+    SELECT array_agg(l.stream_id ORDER BY d.x COLLATE "C"), array_agg(l.version ORDER BY d.x COLLATE "C"),
+           count(*) FILTER (WHERE l.stream_id IS NULL)
+        INTO ids, versions, n_missing
+        FROM (SELECT u.x FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C") d
+        LEFT JOIN LATERAL (SELECT s.stream_id, s.version FROM cqrs_streams s WHERE s.stream_id = d.x FOR UPDATE) l
+            ON true;
+    IF n_missing > 0 THEN
+        INSERT INTO cqrs_streams AS s (stream_id, version)
+            SELECT DISTINCT x, 0 FROM unnest(a_stream) x
+            WHERE NOT (x = ANY (array_remove(ids, NULL))) ORDER BY 1
+            ON CONFLICT (stream_id) DO NOTHING;
+        SELECT array_agg(l.stream_id ORDER BY d.x COLLATE "C"), array_agg(l.version ORDER BY d.x COLLATE "C")
+            INTO ids, versions
+            FROM (SELECT u.x FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C") d
+            CROSS JOIN LATERAL (SELECT s.stream_id, s.version FROM cqrs_streams s WHERE s.stream_id = d.x FOR UPDATE) l;
+    END IF;
+    stored := versions;
+
+    -- 3. Command ids stored before this batch (looked up after the stream locks: an append of
+    -- the same command id that held one has committed or rolled back by now).
+    IF any_command THEN
+        FOR found_row IN
+            SELECT q.i, c.first_version, c.last_version, c.first_position, c.last_position
+            FROM unnest(a_stream, a_command) WITH ORDINALITY q(s, c, i)
+            CROSS JOIN LATERAL (SELECT c.first_version, c.last_version, c.first_position, c.last_position
+                                FROM cqrs_commands c WHERE c.stream_id = q.s AND c.command_id = q.c OFFSET 0) c
+        LOOP
+            prior_first[found_row.i] := found_row.first_version;
+            prior_last[found_row.i] := found_row.last_version;
+            prior_first_position[found_row.i] := found_row.first_position;
+            prior_last_position[found_row.i] := found_row.last_position;
+        END LOOP;
+    END IF;
+
+    -- Each append, in input order, on the versions the appends before it leave.
+    j := 1;
+    FOR i IN 1 .. n LOOP
+        sid := a_stream[i];
+        kind := a_kind[i];
+        command := a_command[i];
+        IF a_count[i] IS NULL OR a_count[i] < 1 THEN
+            RAISE EXCEPTION 'cqrs_append_arrays: append % has no events', i - 1
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        event_bases[i] := counted;
+        counted := counted + a_count[i];
+        IF ids[j] IS DISTINCT FROM sid THEN
+            j := coalesce(array_position(ids, sid, j), array_position(ids, sid));
+        END IF;
+        current_version := versions[j];
+        actuals[i] := current_version;
+        -- A chain link is written only right after the append before it was.
+        IF a_continues[i] AND (i = 1 OR NOT appended[i - 1]) THEN
+            outcomes[i] := 'skipped';
+            actuals[i] := NULL;
+            CONTINUE;
+        END IF;
+        IF command IS NOT NULL THEN
+            IF prior_first[i] IS NOT NULL THEN
+                outcomes[i] := 'duplicate';
+                firsts[i] := prior_first[i];
+                lasts[i] := prior_last[i];
+                first_positions[i] := prior_first_position[i];
+                last_positions[i] := prior_last_position[i];
+                CONTINUE;
+            END IF;
+            -- Stored earlier in this batch: its positions are known only at step 4, so
+            -- remember which append it was.
+            k := array_position(a_command, command);
+            WHILE k IS NOT NULL AND k < i LOOP
+                IF a_stream[k] = sid AND appended[k] THEN
+                    outcomes[i] := 'duplicate_of';
+                    firsts[i] := firsts[k];
+                    lasts[i] := lasts[k];
+                    position_bases[i] := k;
+                    EXIT;
+                END IF;
+                k := array_position(a_command, command, k + 1);
+            END LOOP;
+            IF outcomes[i] IS NOT NULL THEN
+                CONTINUE;
+            END IF;
+        END IF;
+        IF NOT coalesce(kind = 'any'
+            OR (kind = 'no_stream' AND current_version = 0)
+            OR (kind = 'exists' AND current_version > 0)
+            OR (kind = 'exact' AND current_version = a_expected[i]), false) THEN
+            outcomes[i] := 'conflict';
+            CONTINUE;
+        END IF;
+        -- A reused event id: looked up only for a batch of one append.
+        IF n = 1 THEN
+            SELECT ev.event_id INTO existing_event FROM cqrs_events ev WHERE ev.event_id = ANY (e_id) LIMIT 1;
+            IF FOUND THEN
+                outcomes[i] := 'duplicate_event_id';
+                duplicates[i] := existing_event;
+                CONTINUE;
+            END IF;
+        END IF;
+        outcomes[i] := 'appended';
+        appended[i] := true;
+        firsts[i] := current_version + 1;
+        lasts[i] := current_version + a_count[i];
+        position_bases[i] := appended_events;
+        appended_events := appended_events + a_count[i];
+        versions[j] := current_version + a_count[i];
+    END LOOP;
+    IF counted <> n_events THEN
+        RAISE EXCEPTION 'cqrs_append_arrays: % events given, the appends count %', n_events, counted
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- 4. Positions, sorted, so the i-th appended event gets the i-th smallest number.
+    IF appended_events > 0 THEN
+        IF appended_events = 1 THEN
+            positions := ARRAY[nextval('cqrs_position_seq')];
+        ELSE
+            SELECT array_agg(p.p ORDER BY p.p) INTO positions
+                FROM (SELECT nextval('cqrs_position_seq') AS p FROM generate_series(1, appended_events)) p;
+        END IF;
+        FOR i IN 1 .. n LOOP
+            IF appended[i] THEN
+                first_positions[i] := positions[position_bases[i] + 1];
+                last_positions[i] := positions[position_bases[i] + a_count[i]];
+                newest := greatest(newest, last_positions[i]);
+            ELSIF outcomes[i] = 'duplicate_of' THEN
+                outcomes[i] := 'duplicate';
+                first_positions[i] := first_positions[position_bases[i]];
+                last_positions[i] := last_positions[position_bases[i]];
+            END IF;
+        END LOOP;
+
+        -- 5. The events and the command ids in one statement, then each stream's version. An event's
+        -- e_append is its append's 1-based index, and e_stream and e_command repeat that
+        -- append's stream and command id (so no per-event lookup walks a variable-width array);
+        -- event_bases[a] events come before append a's first.
+        WITH events AS (
+            INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
+                                     command_id, causation_id, correlation_id, headers)
+            SELECT positions[position_bases[e.a] + e.ord - event_bases[e.a]], e.id, e.s,
+                   firsts[e.a] - 1 + e.ord - event_bases[e.a], e.t, e.sv, e.p, e.c, e.ca, e.co,
+                   coalesce(e.h, '{}'::jsonb)
+            FROM unnest(e_append, e_stream, e_command, e_id, e_type, e_schema, e_payload, e_causation,
+                        e_correlation, e_headers) WITH ORDINALITY AS e(a, s, c, id, t, sv, p, ca, co, h, ord)
+            WHERE appended[e.a]
+        )
+        INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position,
+                                   last_position)
+        SELECT a.s, a.c, a.f, a.l, a.fp, a.lp
+        FROM unnest(a_stream, a_command, appended, firsts, lasts, first_positions, last_positions)
+                 AS a(s, c, appended, f, l, fp, lp)
+        WHERE a.appended AND a.c IS NOT NULL;
+        FOR j IN 1 .. cardinality(ids) LOOP
+            IF versions[j] <> stored[j] THEN
+                UPDATE cqrs_streams s SET version = versions[j] WHERE s.stream_id = ids[j];
+            END IF;
+        END LOOP;
+    END IF;
+
+    RETURN QUERY
+        SELECT (r.i - 1)::integer, r.outcome, r.actual, CASE WHEN r.outcome IN ('appended', 'duplicate') THEN r.f END,
+               r.l, r.fp, r.lp, r.d
+        FROM unnest(outcomes, actuals, firsts, lasts, first_positions, last_positions, duplicates)
+                 WITH ORDINALITY AS r(outcome, actual, f, l, fp, lp, d, i);
+
+    -- Delivered at commit only; the payload is a wake-up token, never event data. Sent even
+    -- when nothing was appended: this transaction's watermark lock may have held readers back.
+    PERFORM pg_notify('cqrs_events', newest::text);
+    PERFORM set_config('plan_cache_mode', caller_plan_cache_mode, true);
+END $$;
