@@ -45,6 +45,11 @@ pub struct PgStoreConfig {
     /// background task forgets older ones. `None`: for ever. Default: 7 days
     /// ([`cqrs_core::DEFAULT_COMMAND_RETENTION`]).
     pub command_retention: Option<Duration>,
+    /// How many of the events this process's writers just committed are kept in memory, so
+    /// that a local subscriber at the head reads the next ones without a round trip (only a
+    /// run of consecutive positions, all of them this process's; see `read_all`). 0: every
+    /// read goes to the database. Default 4096.
+    pub recent_events: usize,
 }
 
 impl Default for PgStoreConfig {
@@ -59,6 +64,7 @@ impl Default for PgStoreConfig {
             application_name: "cqrs-postgres".to_owned(),
             listener_application_name: "cqrs-postgres-listener".to_owned(),
             command_retention: Some(cqrs_core::DEFAULT_COMMAND_RETENTION),
+            recent_events: 4096,
         }
     }
 }
@@ -117,6 +123,13 @@ impl PgStoreConfig {
     /// the retention, between 1 second and 1 hour.
     pub(crate) fn prune_interval(&self) -> Option<Duration> {
         self.command_retention.map(|retention| (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600)))
+    }
+
+    /// Sets [`recent_events`](Self::recent_events).
+    #[must_use]
+    pub fn with_recent_events(mut self, recent_events: usize) -> Self {
+        self.recent_events = recent_events;
+        self
     }
 
     /// Sets [`listener_application_name`](Self::listener_application_name).

@@ -5,6 +5,7 @@ mod coordination;
 mod error;
 mod listener;
 mod projection;
+mod recent;
 mod rows;
 mod writer;
 
@@ -30,6 +31,7 @@ pub use crate::error::PgStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, PgProjection};
 
 use crate::error::to_store_error;
+use crate::recent::RecentEvents;
 use crate::rows::{recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
 use crate::writer::AppendRequest;
 
@@ -61,6 +63,8 @@ struct Inner {
     /// The highest read bound seen (see `read_all`): every event at or below it that will
     /// ever commit has committed.
     read_bound: AtomicU64,
+    /// Events this process's writers just committed, read from memory near the head.
+    recent: Arc<RecentEvents>,
 }
 
 impl Drop for Inner {
@@ -133,15 +137,15 @@ impl PgEventStore {
             BatchLimits { max_appends: config.max_batch_appends.max(1), max_events: config.max_batch_events.max(1) };
         let reservations = Arc::new(Reservations::default());
         let queue = Arc::new(tokio::sync::Mutex::new(BatchQueue::new(requests, Arc::clone(&reservations))));
+        let recent = Arc::new(RecentEvents::new(config.recent_events));
+        let shared = Arc::new(writer::WriterShared {
+            head: Arc::clone(&head),
+            announced,
+            reservations,
+            recent: Arc::clone(&recent),
+        });
         for _ in 0..config.writer_tasks.max(1) {
-            tokio::spawn(writer::run_writer(
-                pool.clone(),
-                Arc::clone(&queue),
-                Arc::clone(&reservations),
-                Arc::clone(&head),
-                Arc::clone(&announced),
-                limits,
-            ));
+            tokio::spawn(writer::run_writer(pool.clone(), Arc::clone(&queue), Arc::clone(&shared), limits));
         }
         let pruner = match (config.command_retention, config.prune_interval()) {
             (Some(retention), Some(every)) => Some(tokio::spawn(run_pruner(pool.clone(), retention, every))),
@@ -157,6 +161,7 @@ impl PgEventStore {
                 listener_pool,
                 poll_interval: config.poll_interval,
                 read_bound: AtomicU64::new(0),
+                recent,
             }),
         }
     }
@@ -395,6 +400,11 @@ impl EventStore for PgEventStore {
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         if max_count == 0 {
             return Ok(Vec::new());
+        }
+        // Right behind this process's own commits: the next events are in memory, and no other
+        // writer can have an event among them (see `recent`).
+        if let Some(events) = self.inner.recent.after(after, max_count) {
+            return Ok(events);
         }
         let limit = to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX));
         let known = self.inner.read_bound.load(AtomicOrdering::Acquire);

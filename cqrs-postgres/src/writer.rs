@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use cqrs_core::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
-    AppendOutcome, CommandId, EventId, ExpectedVersion, NewEvent, Position, StoreError, StreamId, Version,
+    AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, StoreError,
+    StreamId, Timestamp, Version,
 };
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -21,6 +22,7 @@ use uuid::Uuid;
 use crate::config::NOTIFY_CHANNEL;
 use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statement_error, shared_unavailable};
 use crate::listener::Announced;
+use crate::recent::RecentEvents;
 use crate::rows::append_result;
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
@@ -68,7 +70,9 @@ impl WriterConnection {
     /// A batch of several appends goes to the set-based `cqrs_append_arrays`; a lone append to
     /// `cqrs_append_batch`, whose per-append statements cost less than the set-based
     /// function's fixed ones for a single append (BENCHMARKS.md, issue 12). Both take the same
-    /// locks in the same order and give the same answers.
+    /// locks in the same order and give the same answers. Each row also carries the
+    /// transaction's `now()`: the `recorded_at` of every event the batch stores (the outer
+    /// SELECT runs in the same autocommit transaction as the function).
     async fn append_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<PgRow>, sqlx::Error> {
         let connection = match &mut self.held {
             Some(connection) => connection,
@@ -81,7 +85,8 @@ impl WriterConnection {
                 let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
                 sqlx::query(
                     "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
-                     last_position, duplicate_event_id FROM cqrs_append_batch($1)",
+                     last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS \
+                     recorded_at_micros FROM cqrs_append_batch($1)",
                 )
                 .bind(Json(payload))
                 .fetch_all(&mut **connection)
@@ -97,13 +102,23 @@ impl WriterConnection {
     }
 }
 
+/// What every writer task shares with the store.
+pub(crate) struct WriterShared {
+    /// Newest known position: sent after each committed batch, waking local subscribers.
+    pub(crate) head: Arc<watch::Sender<Position>>,
+    /// Whether the listener's NOTIFY or the writer's answer woke subscribers first.
+    pub(crate) announced: Arc<Announced>,
+    /// Streams held for a conflict loser's retry.
+    pub(crate) reservations: Arc<Reservations>,
+    /// Committed events, handed to local readers (filled before the wake-up).
+    pub(crate) recent: Arc<RecentEvents>,
+}
+
 /// One writer task: runs until the queue is closed and drained.
 pub(crate) async fn run_writer(
     pool: PgPool,
     queue: Arc<tokio::sync::Mutex<BatchQueue<AppendRequest>>>,
-    reservations: Arc<Reservations>,
-    head: Arc<watch::Sender<Position>>,
-    announced: Arc<Announced>,
+    shared: Arc<WriterShared>,
     limits: BatchLimits,
 ) {
     let mut connection = WriterConnection { pool, held: None };
@@ -113,18 +128,12 @@ pub(crate) async fn run_writer(
         let Some(batch) = queue.lock().await.next_batch(limits).await else {
             return;
         };
-        write_batch(&mut connection, batch, &head, &announced, &reservations).await;
+        write_batch(&mut connection, batch, &shared).await;
     }
 }
 
 /// Writes one batch and answers every request in it.
-async fn write_batch(
-    connection: &mut WriterConnection,
-    mut batch: Vec<AppendRequest>,
-    head: &watch::Sender<Position>,
-    announced: &Announced,
-    reservations: &Reservations,
-) {
+async fn write_batch(connection: &mut WriterConnection, mut batch: Vec<AppendRequest>, shared: &WriterShared) {
     // Stable: appends to one stream keep their arrival order. Every store instance locks
     // streams in this order, so concurrent batches cannot deadlock on stream rows.
     batch.sort_by(|a, b| a.stream_id.cmp(&b.stream_id));
@@ -142,9 +151,9 @@ async fn write_batch(
     let written = async {
         match run_with_retries(connection, &batch).await {
             Ok(rows) => {
-                answer(batch, &rows, head, announced, reservations);
+                answer(batch, &rows, shared);
             }
-            Err(error) => settle(connection, batch, error, Replay::Once, head, announced, reservations).await,
+            Err(error) => settle(connection, batch, error, Replay::Once, shared).await,
         }
     };
     tracing::Instrument::instrument(written, span).await
@@ -174,9 +183,7 @@ async fn settle(
     batch: Vec<AppendRequest>,
     error: sqlx::Error,
     replay: Replay,
-    head: &watch::Sender<Position>,
-    announced: &Announced,
-    reservations: &Reservations,
+    shared: &WriterShared,
 ) {
     if is_statement_error(&error) && batch.len() > 1 {
         tracing::debug!(%error, "batch refused, writing its appends one by one");
@@ -187,7 +194,7 @@ async fn settle(
                 let _ = request.reply.send(Err(error));
                 continue;
             }
-            previous_appended = write_single(connection, request, replay, head, announced, reservations).await;
+            previous_appended = write_single(connection, request, replay, shared).await;
         }
         return;
     }
@@ -196,11 +203,11 @@ async fn settle(
     }
     let error = Arc::new(error);
     if replay == Replay::No || is_statement_error(&error) {
-        return fail(&connection.pool, batch, &error, head);
+        return fail(&connection.pool, batch, &error, &shared.head);
     }
     let (replayable, unknown): (Vec<_>, Vec<_>) = batch.into_iter().partition(|request| request.command_id.is_some());
     if !unknown.is_empty() {
-        fail(&connection.pool, unknown, &error, head);
+        fail(&connection.pool, unknown, &error, &shared.head);
     }
     if replayable.is_empty() {
         return;
@@ -208,9 +215,9 @@ async fn settle(
     tracing::debug!(%error, appends = replayable.len(), "batch outcome unknown; writing its appends with command ids again");
     match run_with_retries(connection, &replayable).await {
         Ok(rows) => {
-            answer(replayable, &rows, head, announced, reservations);
+            answer(replayable, &rows, shared);
         }
-        Err(error) => Box::pin(settle(connection, replayable, error, Replay::No, head, announced, reservations)).await,
+        Err(error) => Box::pin(settle(connection, replayable, error, Replay::No, shared)).await,
     }
 }
 
@@ -220,9 +227,7 @@ async fn write_single(
     connection: &mut WriterConnection,
     mut request: AppendRequest,
     replay: Replay,
-    head: &watch::Sender<Position>,
-    announced: &Announced,
-    reservations: &Reservations,
+    shared: &WriterShared,
 ) -> bool {
     // Alone in its statement, a link has no link before it to check.
     request.continues = false;
@@ -233,9 +238,9 @@ async fn write_single(
         result = run_with_retries(connection, &single).await;
     }
     match result {
-        Ok(rows) => answer(single, &rows, head, announced, reservations).first().copied().unwrap_or(false),
+        Ok(rows) => answer(single, &rows, shared).first().copied().unwrap_or(false),
         Err(error) => {
-            Box::pin(settle(connection, single, error, replay, head, announced, reservations)).await;
+            Box::pin(settle(connection, single, error, replay, shared)).await;
             false
         }
     }
@@ -262,13 +267,7 @@ async fn run_with_retries(
 /// Answers each request from its result row; returns, per request, whether it was appended.
 /// An append that lost a version conflict and carries a command id gets its stream reserved for
 /// its retry first (see [`cqrs_core::batching`]).
-fn answer(
-    batch: Vec<AppendRequest>,
-    rows: &[PgRow],
-    head: &watch::Sender<Position>,
-    announced: &Announced,
-    reservations: &Reservations,
-) -> Vec<bool> {
+fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], shared: &WriterShared) -> Vec<bool> {
     let mut appended = Vec::with_capacity(batch.len());
     let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -279,31 +278,79 @@ fn answer(
         }
     }
     let mut newest = Position::START;
+    let mut committed = Vec::new();
     for (index, request) in batch.into_iter().enumerate() {
-        let outcome = match by_index.get(&index) {
+        let row = by_index.get(&index);
+        let outcome = match row {
             Some(row) => outcome_of(row, &request),
-            None => Err(StoreError::Corrupt(format!("cqrs_append_batch returned no row for append {index}"))),
+            None => Err(StoreError::Corrupt(format!("the batch function returned no row for append {index}"))),
         };
         appended.push(matches!(outcome, Ok(AppendOutcome::Appended(_))));
         match (&outcome, request.command_id) {
             (Ok(AppendOutcome::Appended(result)), _) => newest = newest.max(result.last_position),
             (Err(StoreError::Conflict { .. }), Some(command_id)) => {
-                reservations.reserve(request.stream_id.clone(), command_id);
+                shared.reservations.reserve(request.stream_id.clone(), command_id);
             }
             _ => {}
         }
+        let AppendRequest { stream_id, command_id, events, reply, .. } = request;
+        let stored = match (&outcome, row) {
+            (Ok(AppendOutcome::Appended(result)), Some(row)) => {
+                Some((*result, row.try_get::<i64, _>("recorded_at_micros")))
+            }
+            _ => None,
+        };
         // The caller may have gone away; its append happened anyway.
-        let _ = request.reply.send(outcome);
+        let _ = reply.send(outcome);
+        if let Some((result, Ok(recorded_at))) = stored {
+            committed.extend(recorded(stream_id, command_id, events, result, recorded_at));
+        }
     }
+    shared.recent.committed(committed);
     if newest > Position::START {
         // Local subscribers need not wait for the NOTIFY round trip; and the NOTIFY of this
         // batch, when it comes, need not wake them again (nor this, if the NOTIFY came first:
         // it is sent at the commit, so the listener's wake-up came after it too).
-        if announced.writer_committed(newest) {
-            head.send_modify(|position| *position = (*position).max(newest));
+        if shared.announced.writer_committed(newest) {
+            shared.head.send_modify(|position| *position = (*position).max(newest));
         }
     }
     appended
+}
+
+/// The stored form of an appended request's events, for [`RecentEvents`]: the values a read
+/// of them returns (positions and versions from the result, `recorded_at` the transaction's
+/// `now()`, which is the column's default). Nothing if the positions are not consecutive
+/// (another session took numbers in between): they cannot be told apart then.
+fn recorded(
+    stream_id: StreamId,
+    command_id: Option<CommandId>,
+    events: Vec<NewEvent>,
+    result: cqrs_core::AppendResult,
+    recorded_at: i64,
+) -> Vec<RecordedEvent> {
+    let span = result.last_position.0.checked_sub(result.first_position.0).and_then(|span| span.checked_add(1));
+    if span != Some(events.len() as u64) || result.last_version.0 - result.first_version.0 + 1 != events.len() as u64 {
+        return Vec::new();
+    }
+    events
+        .into_iter()
+        .zip(0u64..)
+        .map(|(event, offset)| {
+            let NewEvent { event_id, event_type, schema_version, payload, metadata } = event;
+            RecordedEvent {
+                event_id,
+                stream_id: stream_id.clone(),
+                version: Version(result.first_version.0 + offset),
+                position: Position(result.first_position.0 + offset),
+                recorded_at: Timestamp(recorded_at),
+                event_type: Arc::from(event_type),
+                schema_version,
+                payload: Arc::new(payload),
+                metadata: Arc::new(Metadata { command_id, ..metadata }),
+            }
+        })
+        .collect()
 }
 
 fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
@@ -489,7 +536,7 @@ impl<'a> AppendArrays<'a> {
     fn query(self) -> sqlx::query::Query<'a, Postgres, sqlx::postgres::PgArguments> {
         sqlx::query(
             "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
-             last_position, duplicate_event_id \
+             last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS recorded_at_micros \
              FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(self.streams)
