@@ -329,8 +329,11 @@ fn recorded(
     result: cqrs_core::AppendResult,
     recorded_at: i64,
 ) -> Vec<RecordedEvent> {
-    let span = result.last_position.0.checked_sub(result.first_position.0).and_then(|span| span.checked_add(1));
-    if span != Some(events.len() as u64) || result.last_version.0 - result.first_version.0 + 1 != events.len() as u64 {
+    let count = |first: u64, last: u64| last.checked_sub(first).and_then(|span| span.checked_add(1));
+    let n = Some(events.len() as u64);
+    if count(result.first_position.0, result.last_position.0) != n
+        || count(result.first_version.0, result.last_version.0) != n
+    {
         return Vec::new();
     }
     events
