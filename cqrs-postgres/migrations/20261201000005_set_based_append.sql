@@ -15,12 +15,10 @@
 --
 -- The order of work, and why it keeps the guarantees of the per-append loop:
 -- 1. The watermark lock, before this transaction's first nextval (README.md, "Design").
--- 2. Every existing stream row of the batch is locked in byte order of the stream id (COLLATE
---    "C": the writer's sort order, and the order of the per-append loop); then the missing ones
---    are created (and so held) in the same order. Only rows of streams that did not exist are
---    ever waited for while holding others, and such a wait (on a concurrent creator's commit)
---    can only deadlock against a third batch that locked the new row right after that commit;
---    PostgreSQL detects it and the writer retries the batch.
+-- 2. Every stream row of the batch is locked in byte order of the stream id (COLLATE "C": the
+--    writer's sort order, and the order of the per-append loop), one statement for all when they
+--    all exist, else an ordered upsert that locks or creates each in turn: concurrent batches,
+--    old function or new, take stream locks in one order, so they cannot deadlock on them.
 -- 3. With every stream locked, each append is decided in input order on the version the
 --    appends before it leave (in memory, no statement per append); command ids are looked up
 --    in one statement, and an id stored earlier in the same batch answers 'duplicate' too.
@@ -127,27 +125,36 @@ BEGIN
     PERFORM pg_advisory_xact_lock_shared(lock_marker
         + (SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM cqrs_position_seq s));
 
-    -- 2. Lock every stream of the batch in byte order; create the missing ones first (a new
-    -- row is ours alone until commit).
-    -- (Each lookup below is a nested loop over the batch's few keys with an index probe each,
-    -- whatever the table's statistics: a LATERAL subquery that cannot be flattened. A join the
-    -- planner may turn into a scan of the whole table would make a plan cached for the
-    -- function's life depend on the table's size when it was made.)
+    -- 2. Lock every stream of the batch in byte order. The common case, every stream exists:
+    -- one statement locks them all, in order. If one is missing (or being created by another
+    -- transaction, so not yet visible), that statement locks nothing (its gate is evaluated
+    -- once, before any row is locked) and an ordered upsert takes each stream in turn instead:
+    -- it locks an existing row or creates the missing one, waiting for a concurrent creator
+    -- like the per-append loop does, so no batch ever waits while holding a stream that comes
+    -- later in the order. (Stream rows are never deleted: once all exist, all stay.)
+    -- Each lookup is a nested loop over the batch's few keys with an index probe each,
+    -- whatever the table's statistics: a LATERAL subquery that cannot be flattened.
     SELECT array_agg(l.stream_id ORDER BY d.x COLLATE "C"), array_agg(l.version ORDER BY d.x COLLATE "C"),
            count(*) FILTER (WHERE l.stream_id IS NULL)
         INTO ids, versions, n_missing
         FROM (SELECT u.x FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C") d
-        LEFT JOIN LATERAL (SELECT s.stream_id, s.version FROM cqrs_streams s WHERE s.stream_id = d.x FOR UPDATE) l
-            ON true;
+        LEFT JOIN LATERAL (
+            SELECT s.stream_id, s.version FROM cqrs_streams s
+            WHERE s.stream_id = d.x
+              AND (SELECT count(*) FROM (SELECT DISTINCT x FROM unnest(a_stream) x) k
+                   CROSS JOIN LATERAL (SELECT 1 FROM cqrs_streams e WHERE e.stream_id = k.x OFFSET 0) f)
+                  = (SELECT count(DISTINCT x) FROM unnest(a_stream) x)
+            FOR UPDATE) l ON true;
     IF n_missing > 0 THEN
-        INSERT INTO cqrs_streams AS s (stream_id, version)
-            SELECT DISTINCT x, 0 FROM unnest(a_stream) x
-            WHERE NOT (x = ANY (array_remove(ids, NULL))) ORDER BY 1
-            ON CONFLICT (stream_id) DO NOTHING;
-        SELECT array_agg(l.stream_id ORDER BY d.x COLLATE "C"), array_agg(l.version ORDER BY d.x COLLATE "C")
+        WITH taken AS (
+            INSERT INTO cqrs_streams AS s (stream_id, version)
+                SELECT u.x, 0 FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C"
+                ON CONFLICT (stream_id) DO UPDATE SET version = s.version
+                RETURNING s.stream_id, s.version
+        )
+        SELECT array_agg(t.stream_id ORDER BY t.stream_id COLLATE "C"), array_agg(t.version ORDER BY t.stream_id COLLATE "C")
             INTO ids, versions
-            FROM (SELECT u.x FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C") d
-            CROSS JOIN LATERAL (SELECT s.stream_id, s.version FROM cqrs_streams s WHERE s.stream_id = d.x FOR UPDATE) l;
+            FROM taken t;
     END IF;
     stored := versions;
 
