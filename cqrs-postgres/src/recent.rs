@@ -27,6 +27,11 @@ impl RecentEvents {
         Self { capacity, run: Mutex::new(VecDeque::new()) }
     }
 
+    /// Whether committed events are kept at all (so the writer need not build them).
+    pub(crate) fn keeps_any(&self) -> bool {
+        self.capacity > 0
+    }
+
     /// Adds the events of one committed batch, in any order. Call before waking readers.
     pub(crate) fn committed(&self, mut events: Vec<RecordedEvent>) {
         if self.capacity == 0 || events.is_empty() {

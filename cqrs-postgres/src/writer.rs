@@ -295,7 +295,7 @@ fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], shared: &WriterShared) -> V
         }
         let AppendRequest { stream_id, command_id, events, reply, .. } = request;
         let stored = match (&outcome, row) {
-            (Ok(AppendOutcome::Appended(result)), Some(row)) => {
+            (Ok(AppendOutcome::Appended(result)), Some(row)) if shared.recent.keeps_any() => {
                 Some((*result, row.try_get::<i64, _>("recorded_at_micros")))
             }
             _ => None,
