@@ -50,6 +50,14 @@ pub struct PgStoreConfig {
     /// run of consecutive positions, all of them this process's; see `read_all`). 0: every
     /// read goes to the database. Default 4096.
     pub recent_events: usize,
+    /// At most how often this process's writers send the NOTIFY that wakes other processes'
+    /// subscribers: a commit inside the interval goes without one, and a NOTIFY follows it at
+    /// most two intervals after the last one (sooner if a later commit carries it). Every
+    /// NOTIFY costs a transaction in each listening backend, so under load this trades that
+    /// many transactions for up to `2 × notify_interval` of latency in other processes; under
+    /// a light load every commit notifies at once. Zero: a NOTIFY with every commit. Default
+    /// 10 ms.
+    pub notify_interval: Duration,
 }
 
 impl Default for PgStoreConfig {
@@ -65,6 +73,7 @@ impl Default for PgStoreConfig {
             listener_application_name: "cqrs-postgres-listener".to_owned(),
             command_retention: Some(cqrs_core::DEFAULT_COMMAND_RETENTION),
             recent_events: 4096,
+            notify_interval: Duration::from_millis(10),
         }
     }
 }
@@ -129,6 +138,13 @@ impl PgStoreConfig {
     #[must_use]
     pub fn with_recent_events(mut self, recent_events: usize) -> Self {
         self.recent_events = recent_events;
+        self
+    }
+
+    /// Sets [`notify_interval`](Self::notify_interval).
+    #[must_use]
+    pub fn with_notify_interval(mut self, notify_interval: Duration) -> Self {
+        self.notify_interval = notify_interval;
         self
     }
 

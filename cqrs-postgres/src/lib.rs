@@ -4,6 +4,7 @@ mod config;
 mod coordination;
 mod error;
 mod listener;
+mod notify;
 mod projection;
 mod recent;
 mod rows;
@@ -32,7 +33,7 @@ pub use crate::projection::{spawn_projection, spawn_projection_with, PgProjectio
 
 use crate::error::to_store_error;
 use crate::recent::RecentEvents;
-use crate::rows::{recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
+use crate::rows::{to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::AppendRequest;
 
 /// How many appends may wait for the writer task before callers wait to enqueue.
@@ -138,11 +139,13 @@ impl PgEventStore {
         let reservations = Arc::new(Reservations::default());
         let queue = Arc::new(tokio::sync::Mutex::new(BatchQueue::new(requests, Arc::clone(&reservations))));
         let recent = Arc::new(RecentEvents::new(config.recent_events));
+        let notify = notify::NotifyThrottle::new(config.notify_interval, pool.clone(), Arc::clone(&announced));
         let shared = Arc::new(writer::WriterShared {
             head: Arc::clone(&head),
             announced,
             reservations,
             recent: Arc::clone(&recent),
+            notify,
         });
         for _ in 0..config.writer_tasks.max(1) {
             tokio::spawn(writer::run_writer(pool.clone(), Arc::clone(&queue), Arc::clone(&shared), limits));
@@ -385,16 +388,14 @@ impl EventStore for PgEventStore {
         }
         // Stream reads need no watermark: the stream row lock orders a stream's commits, so a
         // version is visible only after every lower one.
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3"
-        ))
-        .bind(stream_id.as_str())
-        .bind(to_i64_saturating(from.0))
-        .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)))
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(to_store_error)?;
-        rows.iter().map(recorded_event).collect()
+        );
+        let query = sqlx::query(&sql)
+            .bind(stream_id.as_str())
+            .bind(to_i64_saturating(from.0))
+            .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)));
+        EventDecoder::fetch(query, &self.inner.pool, max_count).await
     }
 
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -414,17 +415,12 @@ impl EventStore for PgEventStore {
         // event at or below it that will ever commit is visible to this later statement). Near
         // the head, or if gaps made the page short, the watermark function reads the rest.
         if known.saturating_sub(after.0) >= u64::try_from(max_count).unwrap_or(u64::MAX) {
-            let rows = sqlx::query(&format!(
+            let sql = format!(
                 "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2 \
                  ORDER BY position LIMIT $3"
-            ))
-            .bind(to_i64_saturating(after.0))
-            .bind(to_i64_saturating(known))
-            .bind(limit)
-            .fetch_all(&self.inner.pool)
-            .await
-            .map_err(to_store_error)?;
-            events = rows.iter().map(recorded_event).collect::<Result<Vec<_>, _>>()?;
+            );
+            let query = sqlx::query(&sql).bind(to_i64_saturating(after.0)).bind(to_i64_saturating(known)).bind(limit);
+            events = EventDecoder::fetch(query, &self.inner.pool, max_count).await?;
             if events.len() == max_count {
                 return Ok(events);
             }
@@ -445,8 +441,9 @@ impl EventStore for PgEventStore {
             let bound: i64 = row.try_get("read_bound").map_err(to_store_error)?;
             self.inner.read_bound.fetch_max(to_u64(bound, "read bound")?, AtomicOrdering::AcqRel);
         }
+        let mut decoder = EventDecoder::default();
         for row in &rows {
-            events.push(recorded_event(row)?);
+            events.push(decoder.decode(row)?);
         }
         Ok(events)
     }

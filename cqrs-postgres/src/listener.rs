@@ -97,15 +97,25 @@ impl Announced {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A writer committed a batch whose newest position is `position`: whether it should wake
-    /// subscribers (false when the listener already did, for this batch's NOTIFY).
-    pub(crate) fn writer_committed(&self, position: Position) -> bool {
+    /// A writer committed a batch whose newest position is `position`, with a NOTIFY of that
+    /// payload or without one (see `notify`): whether it should wake subscribers (false when
+    /// the listener already did, for this batch's NOTIFY).
+    pub(crate) fn writer_committed(&self, position: Position, notified: bool) -> bool {
+        if !notified {
+            return true;
+        }
         let mut seen = self.seen();
         if take(&mut seen.by_listener, position) {
             return false;
         }
         push(&mut seen.by_writer, position);
         true
+    }
+
+    /// This process is about to send a NOTIFY for `position` whose events its writers have
+    /// already woken subscribers for: the listener need not wake them again.
+    pub(crate) fn expect_notify(&self, position: Position) {
+        push(&mut self.seen().by_writer, position);
     }
 
     /// A NOTIFY for `position` arrived: whether the listener should wake subscribers (false
@@ -154,16 +164,20 @@ mod tests {
     fn each_local_batch_wakes_subscribers_once_whichever_side_comes_first() {
         let announced = Announced::default();
         // The writer's answer first, then its NOTIFY.
-        assert!(announced.writer_committed(Position(3)));
+        assert!(announced.writer_committed(Position(3), true));
         assert!(!announced.notified(Position(3)));
         // The NOTIFY first (the listener's connection was faster), then the writer's answer.
         assert!(announced.notified(Position(5)));
-        assert!(!announced.writer_committed(Position(5)));
+        assert!(!announced.writer_committed(Position(5), true));
         // Another process's batch: only its NOTIFY, which always wakes.
         assert!(announced.notified(Position(4)));
         assert!(announced.notified(Position(6)));
         // And a later local batch is not confused with them.
-        assert!(announced.writer_committed(Position(7)));
+        assert!(announced.writer_committed(Position(7), true));
         assert!(!announced.notified(Position(7)));
+        // A batch without a NOTIFY wakes them, and the deferred NOTIFY that follows does not.
+        assert!(announced.writer_committed(Position(9), false));
+        announced.expect_notify(Position(9));
+        assert!(!announced.notified(Position(9)));
     }
 }

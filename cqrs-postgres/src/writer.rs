@@ -22,6 +22,7 @@ use uuid::Uuid;
 use crate::config::NOTIFY_CHANNEL;
 use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statement_error, shared_unavailable};
 use crate::listener::Announced;
+use crate::notify::NotifyThrottle;
 use crate::recent::RecentEvents;
 use crate::rows::append_result;
 
@@ -62,6 +63,13 @@ fn skipped(request: &AppendRequest) -> StoreError {
 struct WriterConnection {
     pool: PgPool,
     held: Option<PoolConnection<Postgres>>,
+    notify: Arc<NotifyThrottle>,
+}
+
+/// A statement's result rows, and whether it sent the NOTIFY at its commit.
+struct Written {
+    rows: Vec<PgRow>,
+    notified: bool,
 }
 
 impl WriterConnection {
@@ -73,32 +81,47 @@ impl WriterConnection {
     /// locks in the same order and give the same answers. Each row also carries the
     /// transaction's `now()`: the `recorded_at` of every event the batch stores (the outer
     /// SELECT runs in the same autocommit transaction as the function).
-    async fn append_batch(&mut self, batch: &[AppendRequest]) -> Result<Vec<PgRow>, sqlx::Error> {
+    ///
+    /// Whether the statement sends the NOTIFY at its commit is the [`NotifyThrottle`]'s call;
+    /// it is told how the statement ended, so that one follows every commit.
+    async fn append_batch(&mut self, batch: &[AppendRequest]) -> Result<Written, sqlx::Error> {
         let connection = match &mut self.held {
             Some(connection) => connection,
             None => self.held.insert(self.pool.acquire().await?),
         };
+        let ticket = self.notify.begin();
         let arrays = if batch.len() > 1 { AppendArrays::new(batch) } else { None };
         let result = match arrays {
-            Some(arrays) => arrays.query().fetch_all(&mut **connection).await,
+            Some(arrays) => arrays.query(ticket.notify).fetch_all(&mut **connection).await,
             None => {
                 let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
                 sqlx::query(
                     "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
                      last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS \
-                     recorded_at_micros FROM cqrs_append_batch($1)",
+                     recorded_at_micros FROM cqrs_append_batch($1, $2)",
                 )
                 .bind(Json(payload))
+                .bind(ticket.notify)
                 .fetch_all(&mut **connection)
                 .await
             }
         };
+        let newest = match &result {
+            Ok(rows) => rows
+                .iter()
+                .filter_map(|row| row.try_get::<Option<i64>, _>("last_position").ok().flatten())
+                .filter_map(|position| u64::try_from(position).ok())
+                .max()
+                .map_or(Position::START, Position),
+            Err(_) => Position::START,
+        };
+        self.notify.finish(ticket, ticket.notify && result.is_ok(), newest);
         if matches!(&result, Err(error) if !is_statement_error(error)) {
             // Possibly broken: give it back (the pool tests it on release) and take a fresh one
             // next time.
             self.held = None;
         }
-        result
+        result.map(|rows| Written { rows, notified: ticket.notify })
     }
 }
 
@@ -112,6 +135,8 @@ pub(crate) struct WriterShared {
     pub(crate) reservations: Arc<Reservations>,
     /// Committed events, handed to local readers (filled before the wake-up).
     pub(crate) recent: Arc<RecentEvents>,
+    /// Which statements send the NOTIFY for other processes.
+    pub(crate) notify: Arc<NotifyThrottle>,
 }
 
 /// One writer task: runs until the queue is closed and drained.
@@ -121,7 +146,7 @@ pub(crate) async fn run_writer(
     shared: Arc<WriterShared>,
     limits: BatchLimits,
 ) {
-    let mut connection = WriterConnection { pool, held: None };
+    let mut connection = WriterConnection { pool, held: None, notify: Arc::clone(&shared.notify) };
     loop {
         // The lock is held only while taking a batch, so another writer task can take the
         // next batch while this one commits.
@@ -150,8 +175,8 @@ async fn write_batch(connection: &mut WriterConnection, mut batch: Vec<AppendReq
     let span = tracing::debug_span!("append_batch", store = "postgres", appends = batch.len(), events);
     let written = async {
         match run_with_retries(connection, &batch).await {
-            Ok(rows) => {
-                answer(batch, &rows, shared);
+            Ok(written) => {
+                answer(batch, &written, shared);
             }
             Err(error) => settle(connection, batch, error, Replay::Once, shared).await,
         }
@@ -214,8 +239,8 @@ async fn settle(
     }
     tracing::debug!(%error, appends = replayable.len(), "batch outcome unknown; writing its appends with command ids again");
     match run_with_retries(connection, &replayable).await {
-        Ok(rows) => {
-            answer(replayable, &rows, shared);
+        Ok(written) => {
+            answer(replayable, &written, shared);
         }
         Err(error) => Box::pin(settle(connection, replayable, error, Replay::No, shared)).await,
     }
@@ -238,7 +263,7 @@ async fn write_single(
         result = run_with_retries(connection, &single).await;
     }
     match result {
-        Ok(rows) => answer(single, &rows, shared).first().copied().unwrap_or(false),
+        Ok(written) => answer(single, &written, shared).first().copied().unwrap_or(false),
         Err(error) => {
             Box::pin(settle(connection, single, error, replay, shared)).await;
             false
@@ -246,10 +271,7 @@ async fn write_single(
     }
 }
 
-async fn run_with_retries(
-    connection: &mut WriterConnection,
-    batch: &[AppendRequest],
-) -> Result<Vec<PgRow>, sqlx::Error> {
+async fn run_with_retries(connection: &mut WriterConnection, batch: &[AppendRequest]) -> Result<Written, sqlx::Error> {
     let mut attempt = 0;
     loop {
         let result = connection.append_batch(batch).await;
@@ -267,7 +289,8 @@ async fn run_with_retries(
 /// Answers each request from its result row; returns, per request, whether it was appended.
 /// An append that lost a version conflict and carries a command id gets its stream reserved for
 /// its retry first (see [`cqrs_core::batching`]).
-fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], shared: &WriterShared) -> Vec<bool> {
+fn answer(batch: Vec<AppendRequest>, written: &Written, shared: &WriterShared) -> Vec<bool> {
+    let rows = &written.rows;
     let mut appended = Vec::with_capacity(batch.len());
     let mut by_index: HashMap<usize, &PgRow> = HashMap::with_capacity(rows.len());
     for row in rows {
@@ -311,7 +334,7 @@ fn answer(batch: Vec<AppendRequest>, rows: &[PgRow], shared: &WriterShared) -> V
         // Local subscribers need not wait for the NOTIFY round trip; and the NOTIFY of this
         // batch, when it comes, need not wake them again (nor this, if the NOTIFY came first:
         // it is sent at the commit, so the listener's wake-up came after it too).
-        if shared.announced.writer_committed(newest) {
+        if shared.announced.writer_committed(newest, written.notified) {
             shared.head.send_modify(|position| *position = (*position).max(newest));
         }
     }
@@ -536,11 +559,12 @@ impl<'a> AppendArrays<'a> {
         Some(arrays)
     }
 
-    fn query(self) -> sqlx::query::Query<'a, Postgres, sqlx::postgres::PgArguments> {
+    /// The statement, sending the NOTIFY at its commit if `notify`.
+    fn query(self, notify: bool) -> sqlx::query::Query<'a, Postgres, sqlx::postgres::PgArguments> {
         sqlx::query(
             "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
              last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS recorded_at_micros \
-             FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(self.streams)
         .bind(self.kinds)
@@ -558,6 +582,7 @@ impl<'a> AppendArrays<'a> {
         .bind(self.causations)
         .bind(self.correlations)
         .bind(self.headers)
+        .bind(notify)
     }
 }
 

@@ -122,3 +122,43 @@ async fn subscriber_survives_listener_kills() {
     let written = written.lock().expect("lock").clone();
     assert_eq!(seen, written, "every event exactly once, in order");
 }
+
+/// A writer that notifies at most every 200 ms commits a burst inside one interval: the
+/// commits after the first go without a NOTIFY, and another process whose subscriber never
+/// polls (an hour) must still receive every event, from the NOTIFY the writer owes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_hears_of_commits_made_inside_the_notify_interval() {
+    let db = TestDb::create().await;
+    let writer = db.store_with(PgStoreConfig::default().with_notify_interval(Duration::from_millis(200))).await;
+    let application_name = format!("listener-{}", uuid::Uuid::new_v4().simple());
+    let reader = db
+        .store_with(
+            PgStoreConfig::default()
+                .with_listener_application_name(&application_name)
+                .with_poll_interval(Duration::from_secs(3600)),
+        )
+        .await;
+    let mut admin = db.connection().await;
+    wait_for_listener(&mut admin, &application_name).await;
+    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
+    let subscriber = {
+        let seen = Arc::clone(&seen);
+        let mut feed = Subscription::all(Arc::new(reader.clone()), Position::START);
+        tokio::spawn(async move {
+            while let Some(event) = feed.next().await.expect("subscription") {
+                seen.lock().expect("lock").push(event);
+            }
+        })
+    };
+    let written: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    for burst in 1..=3 {
+        for _ in 0..20 {
+            append_one(&writer, &written).await;
+        }
+        wait_for_count(&seen, burst * 20, "events committed without a NOTIFY of their own").await;
+    }
+    subscriber.abort();
+    let seen: Vec<EventId> = seen.lock().expect("lock").iter().map(|e| e.event_id).collect();
+    let written = written.lock().expect("lock").clone();
+    assert_eq!(seen, written, "every event exactly once, in order");
+}
