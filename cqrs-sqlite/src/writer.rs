@@ -1,7 +1,8 @@
 //! Group commit: the store's one writer task owns the only write connection. It takes every
-//! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction, each
-//! append inside a savepoint and checked against its own expected version, commits once (one
-//! fsync), and only then answers each caller.
+//! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction (the
+//! appends queued together checked and written set-based, in two calls to sqlx's SQLite
+//! thread; an append that would not simply be stored, inside a savepoint checked against its
+//! own expected version), commits once (one fsync), and only then answers each caller.
 //!
 //! **Ordering invariant.** Positions are assigned inside the write transaction, as one more
 //! than the highest stored position, while holding SQLite's write lock (taken by `BEGIN
@@ -11,6 +12,7 @@
 //! of the positions, and `read_all` can never skip an event. This holds even when another
 //! process writes the same file: the write lock serialises both.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -275,12 +277,11 @@ impl Writer {
         pending: &mut Vec<Pending>,
         newest: &mut Position,
     ) -> Result<(), (sqlx::Error, Vec<WriteRequest>)> {
-        let mut requests = batch.into_iter();
-        if let Err(error) = self.connection.execute("BEGIN IMMEDIATE").await {
-            return Err((error, requests.collect()));
-        }
+        let requests = batch.into_iter();
+        // Two statements, one hand-off to sqlx's SQLite thread (each call is a round trip to
+        // it): the write lock, then the next position under it.
         let next_position: Result<i64, sqlx::Error> =
-            sqlx::query_scalar("SELECT coalesce(max(position), 0) + 1 FROM cqrs_events")
+            sqlx::query_scalar("BEGIN IMMEDIATE; SELECT coalesce(max(position), 0) + 1 FROM cqrs_events")
                 .fetch_one(&mut self.connection)
                 .await;
         let mut next_position = match next_position {
@@ -288,18 +289,29 @@ impl Writer {
             Err(error) => return Err((error, requests.collect())),
         };
         let recorded_at = Timestamp::now().as_micros();
+        let mut requests = requests.peekable();
         while let Some(request) = requests.next() {
             let step = match request {
-                WriteRequest::Append(append) => {
-                    match self.chain(vec![append], pending, &mut next_position, newest, recorded_at).await {
-                        Ok(()) => continue,
-                        Err((error, rest)) => Err((error, WriteRequest::Chain(rest))),
+                WriteRequest::Append(_) | WriteRequest::Chain(_) => {
+                    // This append or chain and every one queued right after it, together.
+                    let mut chains = Vec::new();
+                    let mut next = Some(request);
+                    while let Some(request) = next.take() {
+                        match request {
+                            WriteRequest::Append(append) => chains.push(vec![append]),
+                            WriteRequest::Chain(links) => chains.push(links),
+                            _ => {}
+                        }
+                        if matches!(requests.peek(), Some(WriteRequest::Append(_) | WriteRequest::Chain(_))) {
+                            next = requests.next();
+                        }
                     }
-                }
-                WriteRequest::Chain(links) => {
-                    match self.chain(links, pending, &mut next_position, newest, recorded_at).await {
+                    match self.chains(chains, pending, &mut next_position, newest, recorded_at).await {
                         Ok(()) => continue,
-                        Err((error, rest)) => Err((error, WriteRequest::Chain(rest))),
+                        Err((error, mut unanswered)) => {
+                            unanswered.extend(requests);
+                            return Err((error, unanswered));
+                        }
                     }
                 }
                 WriteRequest::Checkpoint { name, position, reply } => {
@@ -344,6 +356,67 @@ impl Writer {
         }
     }
 
+    /// Runs appends and chains queued together inside the open transaction, pushing their
+    /// answers: as many at a time as one statement takes, each on its own if that declines.
+    /// On a failure of the transaction, returns the error and the requests not yet run.
+    async fn chains(
+        &mut self,
+        chains: Vec<Vec<AppendRequest>>,
+        pending: &mut Vec<Pending>,
+        next_position: &mut i64,
+        newest: &mut Position,
+        recorded_at: i64,
+    ) -> Result<(), (sqlx::Error, Vec<WriteRequest>)> {
+        let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
+        let (mut rows, mut links) = (0, 0);
+        for chain in chains {
+            let (chain_rows, chain_links) = (chain.iter().map(|link| link.events.len()).sum::<usize>(), chain.len());
+            match windows.last_mut() {
+                Some(window) if rows + chain_rows <= AT_ONCE_MAX_ROWS && links + chain_links <= AT_ONCE_MAX_ROWS => {
+                    window.push(chain);
+                    rows += chain_rows;
+                    links += chain_links;
+                }
+                _ => {
+                    windows.push(vec![chain]);
+                    (rows, links) = (chain_rows, chain_links);
+                }
+            }
+        }
+        let mut windows = windows.into_iter();
+        while let Some(window) = windows.next() {
+            let unanswered = |window: Vec<Vec<AppendRequest>>, windows: std::vec::IntoIter<Vec<Vec<AppendRequest>>>| {
+                window.into_iter().chain(windows.flatten()).map(WriteRequest::Chain).collect::<Vec<_>>()
+            };
+            if window.len() > 1 {
+                let refs: Vec<&[AppendRequest]> = window.iter().map(Vec::as_slice).collect();
+                match self.append_at_once(&refs, next_position, recorded_at).await {
+                    Ok(Some(results)) => {
+                        for (chain, results) in window.into_iter().zip(results) {
+                            for (link, result) in chain.into_iter().zip(results) {
+                                *newest = (*newest).max(result.last_position);
+                                pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
+                            }
+                        }
+                        continue;
+                    }
+                    // Declined, nothing written: each chain on its own.
+                    Ok(None) => {}
+                    Err(error) => return Err((error, unanswered(window, windows))),
+                }
+            }
+            let mut chains = window.into_iter();
+            while let Some(links) = chains.next() {
+                if let Err((error, rest)) = self.chain(links, pending, next_position, newest, recorded_at).await {
+                    let mut left = vec![WriteRequest::Chain(rest)];
+                    left.extend(unanswered(chains.collect(), windows));
+                    return Err((error, left));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the links of a chain inside the open transaction, pushing their answers; on a
     /// failure of the transaction, returns the error and the links not yet run.
     async fn chain(
@@ -354,9 +427,9 @@ impl Writer {
         newest: &mut Position,
         recorded_at: i64,
     ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
-        match self.append_at_once(&links, next_position, recorded_at).await {
-            Ok(Some(results)) => {
-                for (link, result) in links.into_iter().zip(results) {
+        match self.append_at_once(&[&links], next_position, recorded_at).await {
+            Ok(Some(mut results)) => {
+                for (link, result) in links.into_iter().zip(results.pop().unwrap_or_default()) {
                     *newest = (*newest).max(result.last_position);
                     pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
                 }
@@ -398,149 +471,202 @@ impl Writer {
         Ok(())
     }
 
-    /// The common case of [`chain`](Self::chain) in a few statements whatever the number of
-    /// links and events: one read of the stream's version and of the links' command ids, one
-    /// multi-row `INSERT` of every event (atomic as one statement, so no savepoint), one
-    /// update of the stream's version, one multi-row `INSERT` of the command ids. It declines
+    /// The common case of a batch's appends in two calls to the SQLite thread, whatever the
+    /// number of chains, streams and events: one read of every stream's version and of every
+    /// command id, then one call of three statements (a multi-row `INSERT` of every event,
+    /// atomic as one statement so no savepoint; a multi-row upsert of the streams' versions; a
+    /// multi-row `INSERT` of the command ids). Each link is checked against the version the
+    /// links and chains before it leave (a stream may appear in several chains). It declines
     /// (`Ok(None)`, nothing written) whenever a link would not simply be appended: a version
-    /// conflict, a command id already stored, an event the database refuses, or a chain too
-    /// big for one statement; [`append`](Self::append) then handles each link and says why.
+    /// conflict, a command id already stored or given twice, an event the database refuses, or
+    /// a batch too big for one statement; [`chain`](Self::chain) then writes each chain on its
+    /// own, and its links one by one if need be, which says why.
     async fn append_at_once(
         &mut self,
-        links: &[AppendRequest],
+        chains: &[&[AppendRequest]],
         next_position: &mut i64,
         recorded_at: i64,
-    ) -> Result<Option<Vec<AppendResult>>, sqlx::Error> {
-        let Some(head) = links.first() else { return Ok(Some(Vec::new())) };
-        let events: usize = links.iter().map(|link| link.events.len()).sum();
-        if events == 0 || events > AT_ONCE_MAX_ROWS || links.len() > AT_ONCE_MAX_ROWS {
+    ) -> Result<Option<Vec<Vec<AppendResult>>>, sqlx::Error> {
+        let links = || chains.iter().flat_map(|chain| chain.iter());
+        let events: usize = links().map(|link| link.events.len()).sum();
+        if events == 0 || events > AT_ONCE_MAX_ROWS || links().count() > AT_ONCE_MAX_ROWS {
             return Ok(None);
         }
-        let stream_id = head.stream_id.as_str();
-        if links.iter().any(|link| link.stream_id != head.stream_id) {
+        if links().any(|link| link.events.is_empty()) {
             return Ok(None);
         }
-        let command_ids: Vec<Uuid> = links.iter().filter_map(|link| link.command_id.map(|id| id.0)).collect();
-        let lookup = if command_ids.is_empty() {
-            "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?), 0".to_owned()
-        } else {
-            format!(
-                "SELECT (SELECT version FROM cqrs_streams WHERE stream_id = ?), \
-                 (SELECT count(*) FROM cqrs_commands WHERE stream_id = ? AND command_id IN ({}))",
-                placeholders(command_ids.len())
-            )
-        };
-        let mut query = sqlx::query_as::<_, (Option<i64>, i64)>(&lookup)
-            .persistent(command_ids.len() <= AT_ONCE_CACHED_ROWS)
-            .bind(stream_id);
+        let mut streams: Vec<&str> = links().map(|link| link.stream_id.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let mut commands: Vec<(&str, Uuid)> =
+            links().filter_map(|link| link.command_id.map(|id| (link.stream_id.as_str(), id.0))).collect();
+        commands.sort_unstable();
+        let given = commands.len();
+        commands.dedup();
+        if commands.len() != given {
+            // A command id twice: the second is a duplicate, answered link by link.
+            return Ok(None);
+        }
+        let mut command_ids: Vec<Uuid> = commands.iter().map(|(_, id)| *id).collect();
+        command_ids.sort_unstable();
+        command_ids.dedup();
+
+        // Every stream's version, and any of the command ids stored for one of the streams
+        // (both index lookups; a pair found only across streams is filtered out below).
+        let mut lookup = format!(
+            "SELECT stream_id, version, NULL FROM cqrs_streams WHERE stream_id IN ({})",
+            placeholders(streams.len())
+        );
         if !command_ids.is_empty() {
-            query = query.bind(stream_id);
+            lookup.push_str(&format!(
+                " UNION ALL SELECT stream_id, NULL, command_id FROM cqrs_commands \
+                 WHERE stream_id IN ({}) AND command_id IN ({})",
+                placeholders(streams.len()),
+                placeholders(command_ids.len())
+            ));
         }
-        for command_id in &command_ids {
-            query = query.bind(*command_id);
+        let cached = streams.len() <= AT_ONCE_CACHED_ROWS && command_ids.len() <= AT_ONCE_CACHED_ROWS;
+        let mut query = sqlx::query_as::<_, (String, Option<i64>, Option<Uuid>)>(&lookup).persistent(cached);
+        for stream in &streams {
+            query = query.bind(*stream);
         }
-        let (current, stored_commands) = query.fetch_one(&mut self.connection).await?;
-        let current = current.unwrap_or(0);
-        if stored_commands > 0 || current < 0 {
-            return Ok(None);
+        if !command_ids.is_empty() {
+            for stream in &streams {
+                query = query.bind(*stream);
+            }
+            for command_id in &command_ids {
+                query = query.bind(*command_id);
+            }
         }
-        // Every link's expectation against the version the links before it leave.
-        let mut version = current.unsigned_abs();
-        for link in links {
-            if !link.expected.accepts(Version(version)) {
+        let mut versions: HashMap<&str, i64> = streams.iter().map(|stream| (*stream, 0)).collect();
+        for (stream, version, command_id) in query.fetch_all(&mut self.connection).await? {
+            match (version, command_id) {
+                (Some(version), _) if version >= 0 => {
+                    if let Some(current) = versions.get_mut(stream.as_str()) {
+                        *current = version;
+                    }
+                }
+                (None, Some(command_id)) if commands.binary_search(&(stream.as_str(), command_id)).is_err() => {}
+                // A stored command id of this batch (a duplicate), or a corrupt version.
+                _ => return Ok(None),
+            }
+        }
+        let stored = versions.clone();
+
+        // Every link's expectation against the version everything before it leaves.
+        for link in links() {
+            let Some(version) = versions.get_mut(link.stream_id.as_str()) else { return Ok(None) };
+            if !link.expected.accepts(Version(version.unsigned_abs())) {
                 return Ok(None);
             }
-            version += link.events.len() as u64;
+            *version += i64::try_from(link.events.len()).unwrap_or(i64::MAX);
         }
-
         let mut headers = Vec::with_capacity(events);
-        for link in links {
-            for event in &link.events {
-                match serde_json::to_string(&event.metadata.headers) {
-                    Ok(encoded) => headers.push(encoded),
-                    Err(_) => return Ok(None),
-                }
+        for event in links().flat_map(|link| link.events.iter()) {
+            match serde_json::to_string(&event.metadata.headers) {
+                Ok(encoded) => headers.push(encoded),
+                Err(_) => return Ok(None),
             }
         }
-        let insert = format!(
+        let changed: Vec<(&str, i64)> = streams
+            .iter()
+            .map(|stream| (*stream, versions[stream]))
+            .filter(|(stream, v)| stored[stream] != *v)
+            .collect();
+
+        // Three statements in one call (one hand-off to the SQLite thread), their anonymous
+        // parameters bound in order. The events' INSERT comes first: if SQLite refuses it,
+        // nothing of the batch was written and the other two did not run.
+        let mut insert = format!(
             "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
-             command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}",
-            rows(events, 12)
-        );
-        let mut query = sqlx::query(&insert).persistent(events <= AT_ONCE_CACHED_ROWS);
-        let (mut position, mut version) = (*next_position, current);
-        let mut headers = headers.into_iter();
-        let mut results = Vec::with_capacity(links.len());
-        for link in links {
-            let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
-            let (first_position, first_version) = (position, version + 1);
-            for event in &link.events {
-                version += 1;
-                query = query
-                    .bind(position)
-                    .bind(event.event_id.0)
-                    .bind(stream_id)
-                    .bind(version)
-                    .bind(event.event_type.as_str())
-                    .bind(i64::from(event.schema_version))
-                    .bind(event.payload.to_string())
-                    .bind(command_id)
-                    .bind(event.metadata.causation_id.map(|id| id.0))
-                    .bind(event.metadata.correlation_id.map(|id| id.0))
-                    .bind(headers.next().unwrap_or_default())
-                    .bind(recorded_at);
-                position += 1;
-            }
-            results.push(((first_version, version), (first_position, position - 1), command_id));
-        }
-        match query.execute(&mut self.connection).await {
-            Ok(_) => {}
-            // The statement was undone as a whole: nothing of the chain is stored.
-            Err(error) if is_unique_violation(&error) || is_refused_data(&error) => return Ok(None),
-            Err(error) => return Err(error),
-        }
-        sqlx::query(
-            "INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2) \
+             command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}; \
+             INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
              ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-        )
-        .bind(stream_id)
-        .bind(version)
-        .execute(&mut self.connection)
-        .await?;
-        if !command_ids.is_empty() {
-            let insert = format!(
-                "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+            rows(events, 12),
+            rows(changed.len(), 2)
+        );
+        if !commands.is_empty() {
+            insert.push_str(&format!(
+                "; INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
                  last_position, recorded_at) VALUES {}",
-                rows(command_ids.len(), 7)
-            );
-            let mut query = sqlx::query(&insert).persistent(command_ids.len() <= AT_ONCE_CACHED_ROWS);
-            for ((first_version, last_version), (first_position, last_position), command_id) in &results {
-                if let Some(command_id) = command_id {
-                    query = query
-                        .bind(stream_id)
-                        .bind(*command_id)
-                        .bind(*first_version)
-                        .bind(*last_version)
-                        .bind(*first_position)
-                        .bind(*last_position)
-                        .bind(recorded_at);
-                }
-            }
-            query.execute(&mut self.connection).await?;
+                rows(commands.len(), 7)
+            ));
         }
-        *next_position = position;
-        Ok(Some(
-            results
-                .into_iter()
-                .map(|((first_version, last_version), (first_position, last_position), _)| AppendResult {
+        let cached = events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && commands.len() <= AT_ONCE_CACHED_ROWS;
+        let mut query = sqlx::query(&insert).persistent(cached);
+        let mut position = *next_position;
+        let mut versions = stored;
+        let mut headers = headers.into_iter();
+        let mut results = Vec::with_capacity(chains.len());
+        let mut stored_commands = Vec::with_capacity(commands.len());
+        for chain in chains {
+            let mut chain_results = Vec::with_capacity(chain.len());
+            for link in *chain {
+                let stream_id = link.stream_id.as_str();
+                let Some(version) = versions.get_mut(stream_id) else { return Ok(None) };
+                let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
+                let (first_position, first_version) = (position, *version + 1);
+                for event in &link.events {
+                    *version += 1;
+                    query = query
+                        .bind(position)
+                        .bind(event.event_id.0)
+                        .bind(stream_id)
+                        .bind(*version)
+                        .bind(event.event_type.as_str())
+                        .bind(i64::from(event.schema_version))
+                        .bind(event.payload.to_string())
+                        .bind(command_id)
+                        .bind(event.metadata.causation_id.map(|id| id.0))
+                        .bind(event.metadata.correlation_id.map(|id| id.0))
+                        .bind(headers.next().unwrap_or_default())
+                        .bind(recorded_at);
+                    position += 1;
+                }
+                let (last_version, last_position) = (*version, position - 1);
+                if let Some(command_id) = command_id {
+                    stored_commands.push((
+                        stream_id,
+                        command_id,
+                        first_version,
+                        last_version,
+                        first_position,
+                        last_position,
+                    ));
+                }
+                chain_results.push(AppendResult {
                     // Positive by construction: versions and positions start at 1 and only grow.
                     first_version: Version(first_version.unsigned_abs()),
                     last_version: Version(last_version.unsigned_abs()),
                     first_position: Position(first_position.unsigned_abs()),
                     last_position: Position(last_position.unsigned_abs()),
-                })
-                .collect(),
-        ))
+                });
+            }
+            results.push(chain_results);
+        }
+        for (stream_id, version) in &changed {
+            query = query.bind(*stream_id).bind(*version);
+        }
+        for (stream_id, command_id, first_version, last_version, first_position, last_position) in stored_commands {
+            query = query
+                .bind(stream_id)
+                .bind(command_id)
+                .bind(first_version)
+                .bind(last_version)
+                .bind(first_position)
+                .bind(last_position)
+                .bind(recorded_at);
+        }
+        match query.execute(&mut self.connection).await {
+            Ok(_) => {}
+            // Only the events' INSERT can refuse (the command ids were checked above, the
+            // version upsert has no constraint to break), and it was undone as a whole, before
+            // the other two ran: nothing of the batch is stored.
+            Err(error) if is_unique_violation(&error) || is_refused_data(&error) => return Ok(None),
+            Err(error) => return Err(error),
+        }
+        *next_position = position;
+        Ok(Some(results))
     }
 
     /// Runs one append inside the open transaction. `Ok(Err(..))` is this append's own

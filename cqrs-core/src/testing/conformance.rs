@@ -39,6 +39,7 @@ macro_rules! conformance_tests {
             invalid_appends_are_refused,
             concurrent_appends_at_same_version_exactly_one_wins,
             concurrent_appends_with_any_version_lose_nothing,
+            mixed_concurrent_appends_are_answered_as_stored,
             read_all_is_in_global_order,
             subscription_from_start_catches_up_then_goes_live,
             subscription_from_middle_sees_only_later_events,
@@ -312,6 +313,163 @@ pub async fn concurrent_appends_with_any_version_lose_nothing<S: EventStore + ?S
     }
     assert_eq!(seen.len() as u64, WRITERS * PER_WRITER * 2);
     assert_eq!(read_everything(&*store).await.len() as u64, WRITERS * PER_WRITER * 2);
+}
+
+/// Rounds of appends queued all at once (so a group-committing store writes each round in a
+/// few batches), mixing streams that recur within a batch, every expected-version kind, a
+/// command id stored before, a command id sent twice in one round, and an event id stored
+/// before: every answer agrees with what is stored, and nothing unanswered is stored.
+pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Sized>(store: Arc<S>) {
+    const ROUNDS: u64 = 6;
+    const PER_ROUND: u64 = 24;
+    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("mixed{i}"))).collect();
+    let with = |n, command_id: Option<CommandId>| event_with(n, Metadata { command_id, ..Metadata::default() });
+    let stored_command = CommandId::new();
+    let stored = append_ok(
+        &*store,
+        &streams[0],
+        ExpectedVersion::NoStream,
+        vec![with(0, Some(stored_command)), with(1, Some(stored_command))],
+    )
+    .await;
+    append_ok(&*store, &streams[1], ExpectedVersion::NoStream, vec![event(2)]).await;
+    let reused_event = read_whole_stream(&*store, &streams[1]).await[0].event_id;
+
+    struct Sent {
+        stream: usize,
+        expected: ExpectedVersion,
+        command_id: Option<CommandId>,
+        event_ids: Vec<EventId>,
+    }
+    let mut answers: Vec<(Sent, Result<AppendOutcome, StoreError>)> = Vec::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut random = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    let mut n = 10;
+    for round in 0..ROUNDS {
+        let twice = CommandId::new();
+        let mut tasks = Vec::new();
+        for i in 0..PER_ROUND {
+            let stream = usize::try_from(random(4)).expect("small");
+            let expected = match random(5) {
+                0 | 1 => ExpectedVersion::Any,
+                2 => ExpectedVersion::NoStream,
+                3 => ExpectedVersion::StreamExists,
+                _ => ExpectedVersion::Exact(Version(random(round * 8 + 4))),
+            };
+            let (stream, expected, command_id) = match i {
+                // The command id stored before: a duplicate whatever its expected version.
+                3 => (0, expected, Some(stored_command)),
+                // One command id twice in the round, on one stream.
+                7 | 8 => (2, ExpectedVersion::Any, Some(twice)),
+                _ => (stream, expected, (random(2) == 0).then(CommandId::new)),
+            };
+            let mut events: Vec<NewEvent> = (0..=random(3))
+                .map(|_| {
+                    n += 1;
+                    with(n, command_id)
+                })
+                .collect();
+            let expected = if i == 5 {
+                // An event id stored before, in an append that would otherwise be stored.
+                events[0].event_id = reused_event;
+                ExpectedVersion::Any
+            } else {
+                expected
+            };
+            let sent = Sent { stream, expected, command_id, event_ids: events.iter().map(|e| e.event_id).collect() };
+            let store = Arc::clone(&store);
+            let stream_id = streams[stream].clone();
+            tasks.push(tokio::spawn(async move {
+                let outcome = store.append(&stream_id, expected, events).await;
+                (sent, outcome)
+            }));
+        }
+        for task in tasks {
+            answers.push(task.await.expect("append task"));
+        }
+    }
+
+    let mut log: HashMap<EventId, RecordedEvent> = HashMap::new();
+    for (index, stream_id) in streams.iter().enumerate() {
+        let events = read_whole_stream(&*store, stream_id).await;
+        for (at, event) in events.iter().enumerate() {
+            assert_eq!(event.version, Version(at as u64 + 1), "versions of stream {index} must be contiguous");
+            if at > 0 {
+                assert!(event.position > events[at - 1].position, "a stream's positions must increase");
+            }
+            assert!(log.insert(event.event_id, event.clone()).is_none(), "event {} stored twice", event.event_id);
+        }
+    }
+    let stored_count = |sent: &Sent| sent.event_ids.iter().filter(|id| log.contains_key(id)).count();
+    // (stream, command id) → the result of the one append that stored it.
+    let mut by_command: HashMap<(usize, CommandId), AppendResult> = HashMap::from([((0, stored_command), stored)]);
+    let mut acknowledged = 3; // the two appends before the rounds
+    for (sent, outcome) in &answers {
+        if let Ok(AppendOutcome::Appended(result)) = outcome {
+            let events: Vec<&RecordedEvent> = sent
+                .event_ids
+                .iter()
+                .map(|id| log.get(id).unwrap_or_else(|| panic!("appended event {id} is not stored")))
+                .collect();
+            assert!(events.iter().all(|e| e.stream_id == streams[sent.stream]), "stored in another stream");
+            let versions: Vec<u64> = events.iter().map(|e| e.version.0).collect();
+            let wanted: Vec<u64> = (result.first_version.0..=result.last_version.0).collect();
+            assert_eq!(versions, wanted, "the answer's versions must be the stored ones");
+            assert_eq!(events.first().map(|e| e.position), Some(result.first_position));
+            assert_eq!(events.last().map(|e| e.position), Some(result.last_position));
+            match sent.expected {
+                ExpectedVersion::Any => {}
+                ExpectedVersion::NoStream => assert_eq!(result.first_version, Version(1), "NoStream appended late"),
+                ExpectedVersion::StreamExists => {
+                    assert!(result.first_version > Version(1), "StreamExists appended first")
+                }
+                ExpectedVersion::Exact(version) => {
+                    assert_eq!(result.first_version, Version(version.0 + 1), "Exact appended elsewhere")
+                }
+            }
+            acknowledged += sent.event_ids.len();
+            if let Some(command_id) = sent.command_id {
+                let earlier = by_command.insert((sent.stream, command_id), *result);
+                assert!(earlier.is_none(), "command {command_id} appended twice");
+            }
+        }
+    }
+    for (sent, outcome) in &answers {
+        match outcome {
+            Ok(AppendOutcome::Appended(_)) => {}
+            Ok(AppendOutcome::Duplicate(result)) => {
+                let command_id = sent.command_id.expect("a duplicate needs a command id");
+                assert_eq!(
+                    by_command.get(&(sent.stream, command_id)),
+                    Some(result),
+                    "a duplicate answers the first result"
+                );
+                assert_eq!(stored_count(sent), 0, "a duplicate stores nothing");
+            }
+            Err(StoreError::Conflict { .. }) => {
+                assert_ne!(sent.expected, ExpectedVersion::Any, "Any never conflicts");
+                assert_eq!(stored_count(sent), 0, "a conflict stores nothing");
+            }
+            Err(StoreError::DuplicateEventId(id)) => {
+                assert_eq!(*id, reused_event);
+                let others = sent.event_ids.iter().filter(|id| **id != reused_event && log.contains_key(id)).count();
+                assert_eq!(others, 0, "a refused append stores nothing");
+            }
+            Err(error) => panic!("unexpected answer {error}"),
+        }
+        if sent.event_ids.contains(&reused_event) {
+            assert!(
+                matches!(outcome, Err(StoreError::DuplicateEventId(_))),
+                "an append of a stored event id must be refused, got {outcome:?}"
+            );
+        }
+    }
+    assert_eq!(log.len(), acknowledged, "every stored event was acknowledged as appended");
 }
 
 /// `read_all` returns every event once, in strictly increasing positions, agrees with each
