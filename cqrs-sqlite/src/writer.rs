@@ -306,8 +306,11 @@ impl Writer {
                             next = requests.next();
                         }
                     }
-                    match self.chains(chains, pending, &mut next_position, newest, recorded_at).await {
-                        Ok(()) => continue,
+                    // The batch's last requests: their statement may commit the transaction too.
+                    let last = requests.peek().is_none();
+                    match self.chains(chains, pending, &mut next_position, newest, recorded_at, last).await {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => continue,
                         Err((error, mut unanswered)) => {
                             unanswered.extend(requests);
                             return Err((error, unanswered));
@@ -358,7 +361,9 @@ impl Writer {
 
     /// Runs appends and chains queued together inside the open transaction, pushing their
     /// answers: as many at a time as one statement takes, each on its own if that declines.
-    /// On a failure of the transaction, returns the error and the requests not yet run.
+    /// With `commit` (nothing follows them in the batch), the last set-based write commits the
+    /// transaction in the same call; true if it did. On a failure of the transaction, returns
+    /// the error and the requests not yet run.
     async fn chains(
         &mut self,
         chains: Vec<Vec<AppendRequest>>,
@@ -366,7 +371,8 @@ impl Writer {
         next_position: &mut i64,
         newest: &mut Position,
         recorded_at: i64,
-    ) -> Result<(), (sqlx::Error, Vec<WriteRequest>)> {
+        commit: bool,
+    ) -> Result<bool, (sqlx::Error, Vec<WriteRequest>)> {
         let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
         let (mut rows, mut links) = (0, 0);
         for chain in chains {
@@ -388,37 +394,43 @@ impl Writer {
             let unanswered = |window: Vec<Vec<AppendRequest>>, windows: std::vec::IntoIter<Vec<Vec<AppendRequest>>>| {
                 window.into_iter().chain(windows.flatten()).map(WriteRequest::Chain).collect::<Vec<_>>()
             };
-            if window.len() > 1 {
-                let refs: Vec<&[AppendRequest]> = window.iter().map(Vec::as_slice).collect();
-                match self.append_at_once(&refs, next_position, recorded_at).await {
-                    Ok(Some(results)) => {
-                        for (chain, results) in window.into_iter().zip(results) {
-                            for (link, result) in chain.into_iter().zip(results) {
-                                *newest = (*newest).max(result.last_position);
-                                pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
-                            }
+            let commit = commit && windows.len() == 0;
+            let refs: Vec<&[AppendRequest]> = window.iter().map(Vec::as_slice).collect();
+            match self.append_at_once(&refs, next_position, recorded_at, commit).await {
+                Ok(Some(results)) => {
+                    for (chain, results) in window.into_iter().zip(results) {
+                        for (link, result) in chain.into_iter().zip(results) {
+                            *newest = (*newest).max(result.last_position);
+                            pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
                         }
-                        continue;
                     }
-                    // Declined, nothing written: each chain on its own.
-                    Ok(None) => {}
-                    Err(error) => return Err((error, unanswered(window, windows))),
+                    if commit {
+                        return Ok(true);
+                    }
+                    continue;
                 }
+                // Declined, nothing written: each chain on its own.
+                Ok(None) => {}
+                Err(error) => return Err((error, unanswered(window, windows))),
             }
+            // A window of one chain was just tried at once.
+            let tried = window.len() == 1;
             let mut chains = window.into_iter();
             while let Some(links) = chains.next() {
-                if let Err((error, rest)) = self.chain(links, pending, next_position, newest, recorded_at).await {
+                if let Err((error, rest)) = self.chain(links, pending, next_position, newest, recorded_at, tried).await
+                {
                     let mut left = vec![WriteRequest::Chain(rest)];
                     left.extend(unanswered(chains.collect(), windows));
                     return Err((error, left));
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
-    /// Runs the links of a chain inside the open transaction, pushing their answers; on a
-    /// failure of the transaction, returns the error and the links not yet run.
+    /// Runs the links of a chain inside the open transaction, pushing their answers (set-based
+    /// unless `tried_at_once`: that just declined); on a failure of the transaction, returns
+    /// the error and the links not yet run.
     async fn chain(
         &mut self,
         links: Vec<AppendRequest>,
@@ -426,18 +438,21 @@ impl Writer {
         next_position: &mut i64,
         newest: &mut Position,
         recorded_at: i64,
+        tried_at_once: bool,
     ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
-        match self.append_at_once(&[&links], next_position, recorded_at).await {
-            Ok(Some(mut results)) => {
-                for (link, result) in links.into_iter().zip(results.pop().unwrap_or_default()) {
-                    *newest = (*newest).max(result.last_position);
-                    pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
+        if !tried_at_once {
+            match self.append_at_once(&[&links], next_position, recorded_at, false).await {
+                Ok(Some(mut results)) => {
+                    for (link, result) in links.into_iter().zip(results.pop().unwrap_or_default()) {
+                        *newest = (*newest).max(result.last_position);
+                        pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                // Declined, nothing written: link by link, which says why.
+                Ok(None) => {}
+                Err(error) => return Err((error, links)),
             }
-            // Declined, nothing written: link by link, which says why.
-            Ok(None) => {}
-            Err(error) => return Err((error, links)),
         }
         let mut links = links.into_iter();
         let mut broken = false;
@@ -481,11 +496,14 @@ impl Writer {
     /// conflict, a command id already stored or given twice, an event the database refuses, or
     /// a batch too big for one statement; [`chain`](Self::chain) then writes each chain on its
     /// own, and its links one by one if need be, which says why.
+    ///
+    /// With `commit`, the same call also commits the transaction (when it writes).
     async fn append_at_once(
         &mut self,
         chains: &[&[AppendRequest]],
         next_position: &mut i64,
         recorded_at: i64,
+        commit: bool,
     ) -> Result<Option<Vec<Vec<AppendResult>>>, sqlx::Error> {
         let links = || chains.iter().flat_map(|chain| chain.iter());
         let events: usize = links().map(|link| link.events.len()).sum();
@@ -575,10 +593,10 @@ impl Writer {
             .collect();
 
         // Three statements in one call (one hand-off to the SQLite thread), their anonymous
-        // parameters bound in order. The events' INSERT comes first: if SQLite refuses it,
-        // nothing of the batch was written and the other two did not run.
+        // parameters bound in order, inside a savepoint: if SQLite refuses one, the savepoint
+        // undoes whatever the ones before it wrote.
         let mut insert = format!(
-            "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+            "SAVEPOINT at_once; INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
              command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}; \
              INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
              ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
@@ -592,6 +610,7 @@ impl Writer {
                 rows(commands.len(), 7)
             ));
         }
+        insert.push_str(if commit { "; RELEASE at_once; COMMIT" } else { "; RELEASE at_once" });
         let cached = events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && commands.len() <= AT_ONCE_CACHED_ROWS;
         let mut query = sqlx::query(&insert).persistent(cached);
         let mut position = *next_position;
@@ -657,13 +676,15 @@ impl Writer {
                 .bind(last_position)
                 .bind(recorded_at);
         }
-        match query.execute(&mut self.connection).await {
-            Ok(_) => {}
-            // Only the events' INSERT can refuse (the command ids were checked above, the
-            // version upsert has no constraint to break), and it was undone as a whole, before
-            // the other two ran: nothing of the batch is stored.
-            Err(error) if is_unique_violation(&error) || is_refused_data(&error) => return Ok(None),
-            Err(error) => return Err(error),
+        if let Err(error) = query.execute(&mut self.connection).await {
+            // Undo the statements that ran. If this fails too, the savepoint is gone (the
+            // failure was the COMMIT, after it) or the transaction is: a failed batch.
+            if let Err(undo) = self.connection.execute("ROLLBACK TO at_once; RELEASE at_once").await {
+                tracing::debug!(error = %undo, "undoing a set-based append");
+                return Err(error);
+            }
+            // Nothing of the batch is stored: the per-chain and per-link paths say why.
+            return if is_unique_violation(&error) || is_refused_data(&error) { Ok(None) } else { Err(error) };
         }
         *next_position = position;
         Ok(Some(results))
