@@ -43,13 +43,16 @@ pg_start() {
   export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/postgres"
   export PG_DATA_DIR="$PG_TMP/data"
   PG_RUN_AS="${run_as[*]}"
+  PG_STARTED_HERE="$PG_TMP"
   trap pg_stop EXIT
   echo "postgres: started throwaway server at $DATABASE_URL"
 }
 
 pg_stop() {
-  if [ -n "${PG_TMP:-}" ] && [ -d "$PG_TMP/data" ]; then
-    $PG_RUN_AS pg_ctl -D "$PG_TMP/data" -m immediate stop >/dev/null 2>&1 || true
+  # Only a server this shell started: a PG_TMP inherited from the environment (a server that
+  # someone else started and passed down with DATABASE_URL) is left alone.
+  if [ -n "${PG_TMP:-}" ] && [ "${PG_STARTED_HERE:-}" = "$PG_TMP" ] && [ -d "$PG_TMP/data" ]; then
+    ${PG_RUN_AS:-} pg_ctl -D "$PG_TMP/data" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$PG_TMP"
   fi
 }
