@@ -627,19 +627,8 @@ impl Writer {
                 let (first_position, first_version) = (position, *version + 1);
                 for event in &link.events {
                     *version += 1;
-                    query = query
-                        .bind(position)
-                        .bind(event.event_id.0)
-                        .bind(stream_id)
-                        .bind(*version)
-                        .bind(event.event_type.as_str())
-                        .bind(i64::from(event.schema_version))
-                        .bind(event.payload.to_string())
-                        .bind(command_id)
-                        .bind(event.metadata.causation_id.map(|id| id.0))
-                        .bind(event.metadata.correlation_id.map(|id| id.0))
-                        .bind(headers.next().unwrap_or_default())
-                        .bind(recorded_at);
+                    let row = EventRow { position, stream_id, version: *version, command_id, recorded_at };
+                    query = row.bind(query, event, headers.next().unwrap_or_default());
                     position += 1;
                 }
                 let (last_version, last_position) = (*version, position - 1);
@@ -816,27 +805,57 @@ async fn insert_events(
     for (offset, event) in (0i64..).zip(&request.events) {
         let headers =
             serde_json::to_string(&event.metadata.headers).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-        sqlx::query(
+        let row = EventRow {
+            position: first_position + offset,
+            stream_id: request.stream_id.as_str(),
+            version: current + 1 + offset,
+            command_id,
+            recorded_at,
+        };
+        let query = sqlx::query(
             "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
              command_id, causation_id, correlation_id, headers, recorded_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )
-        .bind(first_position + offset)
-        .bind(event.event_id.0)
-        .bind(request.stream_id.as_str())
-        .bind(current + 1 + offset)
-        .bind(event.event_type.as_str())
-        .bind(i64::from(event.schema_version))
-        .bind(event.payload.to_string())
-        .bind(command_id)
-        .bind(event.metadata.causation_id.map(|id| id.0))
-        .bind(event.metadata.correlation_id.map(|id| id.0))
-        .bind(headers)
-        .bind(recorded_at)
-        .execute(&mut *connection)
-        .await?;
+        );
+        row.bind(query, event, headers).execute(&mut *connection).await?;
     }
     Ok(())
+}
+
+/// Where one event goes: what a row of `cqrs_events` takes besides the event itself.
+struct EventRow<'a> {
+    position: i64,
+    stream_id: &'a str,
+    version: i64,
+    command_id: Option<Uuid>,
+    recorded_at: i64,
+}
+
+impl<'a> EventRow<'a> {
+    /// Binds the row's twelve columns, in table order, after the parameters `query` has.
+    fn bind<'q>(
+        &self,
+        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+        event: &'q NewEvent,
+        headers: String,
+    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.position)
+            .bind(event.event_id.0)
+            .bind(self.stream_id)
+            .bind(self.version)
+            .bind(event.event_type.as_str())
+            .bind(i64::from(event.schema_version))
+            .bind(event.payload.to_string())
+            .bind(self.command_id)
+            .bind(event.metadata.causation_id.map(|id| id.0))
+            .bind(event.metadata.correlation_id.map(|id| id.0))
+            .bind(headers)
+            .bind(self.recorded_at)
+    }
 }
 
 pub(crate) async fn save_checkpoint(

@@ -52,6 +52,19 @@ async fn wait_for_count(seen: &Mutex<Vec<RecordedEvent>>, count: usize, what: &s
     }
 }
 
+/// A subscriber of the whole log from the start, recording every event it is handed.
+fn subscribe(store: &PgEventStore) -> (Arc<Mutex<Vec<RecordedEvent>>>, tokio::task::JoinHandle<()>) {
+    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
+    let mut feed = Subscription::all(Arc::new(store.clone()), Position::START);
+    let recorded = Arc::clone(&seen);
+    let task = tokio::spawn(async move {
+        while let Some(event) = feed.next().await.expect("subscription") {
+            recorded.lock().expect("lock").push(event);
+        }
+    });
+    (seen, task)
+}
+
 async fn append_one(store: &PgEventStore, ids: &Mutex<Vec<EventId>>) {
     let sent = event(0);
     let id = sent.event_id;
@@ -75,16 +88,7 @@ async fn subscriber_survives_listener_kills() {
     let mut admin = db.connection().await;
     wait_for_listener(&mut admin, &application_name).await;
 
-    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
-    let subscriber = {
-        let seen = Arc::clone(&seen);
-        let mut feed = Subscription::all(Arc::new(reader.clone()), Position::START);
-        tokio::spawn(async move {
-            while let Some(event) = feed.next().await.expect("subscription") {
-                seen.lock().expect("lock").push(event);
-            }
-        })
-    };
+    let (seen, subscriber) = subscribe(&reader);
     let written: Arc<Mutex<Vec<EventId>>> = Arc::default();
     let appender = {
         let writer = writer.clone();
@@ -140,16 +144,7 @@ async fn another_process_hears_of_commits_made_inside_the_notify_interval() {
         .await;
     let mut admin = db.connection().await;
     wait_for_listener(&mut admin, &application_name).await;
-    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
-    let subscriber = {
-        let seen = Arc::clone(&seen);
-        let mut feed = Subscription::all(Arc::new(reader.clone()), Position::START);
-        tokio::spawn(async move {
-            while let Some(event) = feed.next().await.expect("subscription") {
-                seen.lock().expect("lock").push(event);
-            }
-        })
-    };
+    let (seen, subscriber) = subscribe(&reader);
     let written: Arc<Mutex<Vec<EventId>>> = Arc::default();
     for burst in 1..=3 {
         for _ in 0..20 {
