@@ -52,6 +52,24 @@ async fn wait_for_count(seen: &Mutex<Vec<RecordedEvent>>, count: usize, what: &s
     }
 }
 
+/// A second store on `db` whose subscribers never poll (an hour), so only notifications and
+/// reconnect wake-ups drive them; with its listener's `application_name` and an admin
+/// connection, once the listener is connected.
+async fn never_polling_reader(db: &TestDb) -> (PgEventStore, String, PgConnection) {
+    let application_name = format!("listener-{}", uuid::Uuid::new_v4().simple());
+    let reader = db
+        .store_with(
+            PgStoreConfig::default()
+                .with_max_connections(4)
+                .with_listener_application_name(&application_name)
+                .with_poll_interval(Duration::from_secs(3600)),
+        )
+        .await;
+    let mut admin = db.connection().await;
+    wait_for_listener(&mut admin, &application_name).await;
+    (reader, application_name, admin)
+}
+
 /// A subscriber of the whole log from the start, recording every event it is handed.
 fn subscribe(store: &PgEventStore) -> (Arc<Mutex<Vec<RecordedEvent>>>, tokio::task::JoinHandle<()>) {
     let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
@@ -76,17 +94,7 @@ async fn append_one(store: &PgEventStore, ids: &Mutex<Vec<EventId>>) {
 async fn subscriber_survives_listener_kills() {
     let db = TestDb::create().await;
     let writer = db.store().await;
-    let application_name = format!("listener-{}", uuid::Uuid::new_v4().simple());
-    let reader = db
-        .store_with(
-            PgStoreConfig::default()
-                .with_max_connections(4)
-                .with_listener_application_name(&application_name)
-                .with_poll_interval(Duration::from_secs(3600)),
-        )
-        .await;
-    let mut admin = db.connection().await;
-    wait_for_listener(&mut admin, &application_name).await;
+    let (reader, application_name, mut admin) = never_polling_reader(&db).await;
 
     let (seen, subscriber) = subscribe(&reader);
     let written: Arc<Mutex<Vec<EventId>>> = Arc::default();
@@ -134,16 +142,7 @@ async fn subscriber_survives_listener_kills() {
 async fn another_process_hears_of_commits_made_inside_the_notify_interval() {
     let db = TestDb::create().await;
     let writer = db.store_with(PgStoreConfig::default().with_notify_interval(Duration::from_millis(200))).await;
-    let application_name = format!("listener-{}", uuid::Uuid::new_v4().simple());
-    let reader = db
-        .store_with(
-            PgStoreConfig::default()
-                .with_listener_application_name(&application_name)
-                .with_poll_interval(Duration::from_secs(3600)),
-        )
-        .await;
-    let mut admin = db.connection().await;
-    wait_for_listener(&mut admin, &application_name).await;
+    let (reader, _, _admin) = never_polling_reader(&db).await;
     let (seen, subscriber) = subscribe(&reader);
     let written: Arc<Mutex<Vec<EventId>>> = Arc::default();
     for burst in 1..=3 {
