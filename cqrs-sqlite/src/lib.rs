@@ -28,7 +28,7 @@ pub use crate::error::SqliteStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProjection};
 
 use crate::error::{open_error, to_store_error};
-use crate::rows::{command_result, limit, recorded_event, to_i64_saturating, to_u64, EVENT_COLUMNS};
+use crate::rows::{command_result, limit, to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::{AppendRequest, Counters, WriteRequest, Writer};
 
 /// How many writes may wait for the writer task before callers wait to enqueue.
@@ -345,16 +345,11 @@ impl EventStore for SqliteEventStore {
         if max_count == 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
-        ))
-        .bind(stream_id.as_str())
-        .bind(to_i64_saturating(from.0))
-        .bind(limit(max_count))
-        .fetch_all(&self.inner.readers)
-        .await
-        .map_err(to_store_error)?;
-        rows.iter().map(recorded_event).collect()
+        );
+        let query = sqlx::query(&sql).bind(stream_id.as_str()).bind(to_i64_saturating(from.0)).bind(limit(max_count));
+        EventDecoder::fetch(query, &self.inner.readers, max_count).await
     }
 
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -363,15 +358,9 @@ impl EventStore for SqliteEventStore {
         }
         // No watermark needed: positions are assigned in commit order (see `writer`), and
         // one statement reads one committed snapshot.
-        let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2"
-        ))
-        .bind(to_i64_saturating(after.0))
-        .bind(limit(max_count))
-        .fetch_all(&self.inner.readers)
-        .await
-        .map_err(to_store_error)?;
-        rows.iter().map(recorded_event).collect()
+        let sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
+        let query = sqlx::query(&sql).bind(to_i64_saturating(after.0)).bind(limit(max_count));
+        EventDecoder::fetch(query, &self.inner.readers, max_count).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

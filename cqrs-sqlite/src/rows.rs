@@ -10,11 +10,15 @@ use cqrs_core::{
     AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError,
     StreamId, Timestamp, Version,
 };
-use sqlx::sqlite::SqliteRow;
-use sqlx::Row;
+use futures_util::TryStreamExt;
+use sqlx::query::Query;
+use sqlx::sqlite::{SqliteArguments, SqlitePool, SqliteRow};
+use sqlx::{Row, Sqlite};
 use uuid::Uuid;
 
-/// The columns of an event row, in the order [`recorded_event`] reads them.
+use crate::error::to_store_error;
+
+/// The columns of an event row, as [`EventDecoder`] reads them (by name, once per result).
 pub(crate) const EVENT_COLUMNS: &str = "position, event_id, stream_id, version, event_type, schema_version, \
      payload, command_id, causation_id, correlation_id, headers, recorded_at";
 
@@ -38,45 +42,132 @@ pub(crate) fn json(text: &str, what: &str) -> Result<serde_json::Value, StoreErr
     serde_json::from_str(text).map_err(|error| StoreError::Corrupt(format!("stored {what} is not valid JSON: {error}")))
 }
 
-/// Parses stored headers (a JSON object of strings), or reports the row as corrupt.
+/// Parses stored headers (a JSON object of strings), or reports the row as corrupt. `{}`, by
+/// far the most common, skips the parser.
 fn parse_headers(text: &str) -> Result<HashMap<String, String>, StoreError> {
+    if text == "{}" {
+        return Ok(HashMap::new());
+    }
     serde_json::from_str(text)
         .map_err(|error| StoreError::Corrupt(format!("stored headers are not a JSON object of strings: {error}")))
 }
 
-/// Decodes one event row (selected with [`EVENT_COLUMNS`]).
-pub(crate) fn recorded_event(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
-    let decode = |error: sqlx::Error| StoreError::Corrupt(format!("cannot decode an event row: {error}"));
-    let position: i64 = row.try_get("position").map_err(decode)?;
-    let event_id: Uuid = row.try_get("event_id").map_err(decode)?;
-    let stream_id: String = row.try_get("stream_id").map_err(decode)?;
-    let version: i64 = row.try_get("version").map_err(decode)?;
-    let event_type: String = row.try_get("event_type").map_err(decode)?;
-    let schema_version: i64 = row.try_get("schema_version").map_err(decode)?;
-    let payload: String = row.try_get("payload").map_err(decode)?;
-    let command_id: Option<Uuid> = row.try_get("command_id").map_err(decode)?;
-    let causation_id: Option<Uuid> = row.try_get("causation_id").map_err(decode)?;
-    let correlation_id: Option<Uuid> = row.try_get("correlation_id").map_err(decode)?;
-    let headers: String = row.try_get("headers").map_err(decode)?;
-    let recorded_at: i64 = row.try_get("recorded_at").map_err(decode)?;
-    Ok(RecordedEvent {
-        event_id: EventId(event_id),
-        stream_id: StreamId::new(&stream_id)
-            .map_err(|error| StoreError::Corrupt(format!("stored stream id {stream_id:?}: {error}")))?,
-        version: Version(to_u64(version, "version")?),
-        position: Position(to_u64(position, "position")?),
-        recorded_at: Timestamp(recorded_at),
-        event_type: Arc::from(event_type),
-        schema_version: u32::try_from(schema_version)
-            .map_err(|_| StoreError::Corrupt(format!("schema version {schema_version} out of range")))?,
-        payload: Arc::new(json(&payload, "payload")?),
-        metadata: Arc::new(Metadata {
-            command_id: command_id.map(CommandId),
-            causation_id: causation_id.map(CausationId),
-            correlation_id: correlation_id.map(CorrelationId),
-            headers: parse_headers(&headers)?,
-        }),
-    })
+/// Where each event column is in one result.
+#[derive(Clone, Copy)]
+struct Columns {
+    position: usize,
+    event_id: usize,
+    stream_id: usize,
+    version: usize,
+    event_type: usize,
+    schema_version: usize,
+    payload: usize,
+    command_id: usize,
+    causation_id: usize,
+    correlation_id: usize,
+    headers: usize,
+    recorded_at: usize,
+}
+
+impl Columns {
+    fn of(row: &SqliteRow) -> Result<Self, sqlx::Error> {
+        let at = |name: &str| row.try_column(name).map(sqlx::Column::ordinal);
+        Ok(Self {
+            position: at("position")?,
+            event_id: at("event_id")?,
+            stream_id: at("stream_id")?,
+            version: at("version")?,
+            event_type: at("event_type")?,
+            schema_version: at("schema_version")?,
+            payload: at("payload")?,
+            command_id: at("command_id")?,
+            causation_id: at("causation_id")?,
+            correlation_id: at("correlation_id")?,
+            headers: at("headers")?,
+            recorded_at: at("recorded_at")?,
+        })
+    }
+}
+
+/// Decodes the event rows of one result (selected with [`EVENT_COLUMNS`]). Columns are found by
+/// name once, for the first row; text is decoded in place rather than copied; the event type
+/// and stream id of the row before are shared when they repeat (a page often holds runs of one
+/// stream and one type), and the usual empty headers skip the JSON parser.
+#[derive(Default)]
+pub(crate) struct EventDecoder {
+    columns: Option<Columns>,
+    event_type: Option<Arc<str>>,
+    stream_id: Option<StreamId>,
+}
+
+impl EventDecoder {
+    /// Runs `query` on `pool` and decodes each row as it arrives from sqlx's SQLite thread, so
+    /// that decoding overlaps SQLite stepping through the rest of the page.
+    pub(crate) async fn fetch<'q>(
+        query: Query<'q, Sqlite, SqliteArguments<'q>>,
+        pool: &SqlitePool,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut rows = query.fetch(pool);
+        let mut decoder = Self::default();
+        let mut events = Vec::with_capacity(max_count.min(1024));
+        while let Some(row) = rows.try_next().await.map_err(to_store_error)? {
+            events.push(decoder.decode(&row)?);
+        }
+        Ok(events)
+    }
+
+    /// Decodes one event row.
+    pub(crate) fn decode(&mut self, row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
+        let corrupt = |error: sqlx::Error| StoreError::Corrupt(format!("cannot decode an event row: {error}"));
+        let columns = match self.columns {
+            Some(columns) => columns,
+            None => *self.columns.insert(Columns::of(row).map_err(corrupt)?),
+        };
+        let position: i64 = row.try_get(columns.position).map_err(corrupt)?;
+        let event_id: Uuid = row.try_get(columns.event_id).map_err(corrupt)?;
+        let version: i64 = row.try_get(columns.version).map_err(corrupt)?;
+        let schema_version: i64 = row.try_get(columns.schema_version).map_err(corrupt)?;
+        let payload: &str = row.try_get(columns.payload).map_err(corrupt)?;
+        let command_id: Option<Uuid> = row.try_get(columns.command_id).map_err(corrupt)?;
+        let causation_id: Option<Uuid> = row.try_get(columns.causation_id).map_err(corrupt)?;
+        let correlation_id: Option<Uuid> = row.try_get(columns.correlation_id).map_err(corrupt)?;
+        let headers: &str = row.try_get(columns.headers).map_err(corrupt)?;
+        let recorded_at: i64 = row.try_get(columns.recorded_at).map_err(corrupt)?;
+        let stream_id: &str = row.try_get(columns.stream_id).map_err(corrupt)?;
+        let stream_id = match &self.stream_id {
+            Some(previous) if previous.as_str() == stream_id => previous.clone(),
+            _ => self
+                .stream_id
+                .insert(
+                    StreamId::new(stream_id)
+                        .map_err(|error| StoreError::Corrupt(format!("stored stream id {stream_id:?}: {error}")))?,
+                )
+                .clone(),
+        };
+        let event_type: &str = row.try_get(columns.event_type).map_err(corrupt)?;
+        let event_type = match &self.event_type {
+            Some(previous) if **previous == *event_type => Arc::clone(previous),
+            _ => Arc::clone(self.event_type.insert(Arc::from(event_type))),
+        };
+        Ok(RecordedEvent {
+            event_id: EventId(event_id),
+            stream_id,
+            version: Version(to_u64(version, "version")?),
+            position: Position(to_u64(position, "position")?),
+            recorded_at: Timestamp(recorded_at),
+            event_type,
+            schema_version: u32::try_from(schema_version)
+                .map_err(|_| StoreError::Corrupt(format!("schema version {schema_version} out of range")))?,
+            payload: Arc::new(json(payload, "payload")?),
+            metadata: Arc::new(Metadata {
+                command_id: command_id.map(CommandId),
+                causation_id: causation_id.map(CausationId),
+                correlation_id: correlation_id.map(CorrelationId),
+                headers: parse_headers(headers)?,
+            }),
+        })
+    }
 }
 
 /// Decodes the four bounds of a `cqrs_commands` row.
