@@ -1,8 +1,10 @@
 //! Group commit: the store's one writer task owns the only write connection. It takes every
 //! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction (the
 //! appends queued together checked and written set-based, in two calls to sqlx's SQLite
-//! thread; an append that would not simply be stored, inside a savepoint checked against its
-//! own expected version), commits once (one fsync), and only then answers each caller.
+//! thread, the first of which also begins the transaction and the last of which also commits
+//! it when nothing follows; an append that would not simply be stored, inside a savepoint
+//! checked against its own expected version), commits once (one fsync), and only then answers
+//! each caller.
 //!
 //! **Ordering invariant.** Positions are assigned inside the write transaction, as one more
 //! than the highest stored position, while holding SQLite's write lock (taken by `BEGIN
@@ -277,20 +279,19 @@ impl Writer {
         pending: &mut Vec<Pending>,
         newest: &mut Position,
     ) -> Result<(), (sqlx::Error, Vec<WriteRequest>)> {
-        let requests = batch.into_iter();
-        // Two statements, one hand-off to sqlx's SQLite thread (each call is a round trip to
-        // it): the write lock, then the next position under it.
-        let next_position: Result<i64, sqlx::Error> =
-            sqlx::query_scalar("BEGIN IMMEDIATE; SELECT coalesce(max(position), 0) + 1 FROM cqrs_events")
-                .fetch_one(&mut self.connection)
-                .await;
-        let mut next_position = match next_position {
-            Ok(next) => next,
-            Err(error) => return Err((error, requests.collect())),
-        };
+        // `BEGIN IMMEDIATE` runs in the first call the batch makes to sqlx's SQLite thread: the
+        // set-based lookup of the appends queued first, or `begun`.
+        let mut next_position = None;
         let recorded_at = Timestamp::now().as_micros();
-        let mut requests = requests.peekable();
+        let mut requests = batch.into_iter().peekable();
         while let Some(request) = requests.next() {
+            if !matches!(request, WriteRequest::Append(_) | WriteRequest::Chain(_)) {
+                if let Err(error) = self.begun(&mut next_position).await {
+                    let mut unanswered = vec![request];
+                    unanswered.extend(requests);
+                    return Err((error, unanswered));
+                }
+            }
             let step = match request {
                 WriteRequest::Append(_) | WriteRequest::Chain(_) => {
                     // This append or chain and every one queued right after it, together.
@@ -353,10 +354,27 @@ impl Writer {
                 }
             }
         }
+        if next_position.is_none() {
+            // Nothing ran, so nothing began.
+            return Ok(());
+        }
         match self.connection.execute("COMMIT").await {
             Ok(_) => Ok(()),
             Err(error) => Err((error, Vec::new())),
         }
+    }
+
+    /// The transaction's next position, beginning the transaction first if nothing has: two
+    /// statements in one hand-off to sqlx's SQLite thread (each call is a round trip to it),
+    /// the write lock, then the next position under it.
+    async fn begun<'p>(&mut self, next_position: &'p mut Option<i64>) -> Result<&'p mut i64, sqlx::Error> {
+        if let Some(next) = next_position {
+            return Ok(next);
+        }
+        let next: i64 = sqlx::query_scalar("BEGIN IMMEDIATE; SELECT coalesce(max(position), 0) + 1 FROM cqrs_events")
+            .fetch_one(&mut self.connection)
+            .await?;
+        Ok(next_position.insert(next))
     }
 
     /// Runs appends and chains queued together inside the open transaction, pushing their
@@ -368,7 +386,7 @@ impl Writer {
         &mut self,
         chains: Vec<Vec<AppendRequest>>,
         pending: &mut Vec<Pending>,
-        next_position: &mut i64,
+        next_position: &mut Option<i64>,
         newest: &mut Position,
         recorded_at: i64,
         commit: bool,
@@ -413,6 +431,10 @@ impl Writer {
                 Ok(None) => {}
                 Err(error) => return Err((error, unanswered(window, windows))),
             }
+            let next_position = match self.begun(next_position).await {
+                Ok(next) => next,
+                Err(error) => return Err((error, unanswered(window, windows))),
+            };
             // A window of one chain was just tried at once.
             let tried = window.len() == 1;
             let mut chains = window.into_iter();
@@ -441,7 +463,10 @@ impl Writer {
         tried_at_once: bool,
     ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
         if !tried_at_once {
-            match self.append_at_once(&[&links], next_position, recorded_at, false).await {
+            let mut begun = Some(*next_position);
+            let at_once = self.append_at_once(&[&links], &mut begun, recorded_at, false).await;
+            *next_position = begun.unwrap_or(*next_position);
+            match at_once {
                 Ok(Some(mut results)) => {
                     for (link, result) in links.into_iter().zip(results.pop().unwrap_or_default()) {
                         *newest = (*newest).max(result.last_position);
@@ -497,11 +522,13 @@ impl Writer {
     /// a batch too big for one statement; [`chain`](Self::chain) then writes each chain on its
     /// own, and its links one by one if need be, which says why.
     ///
-    /// With `commit`, the same call also commits the transaction (when it writes).
+    /// With `commit`, the same call also commits the transaction (when it writes). With no
+    /// `next_position` yet, the lookup's call also begins the transaction and reads it (then
+    /// set even when the method declines).
     async fn append_at_once(
         &mut self,
         chains: &[&[AppendRequest]],
-        next_position: &mut i64,
+        next_position: &mut Option<i64>,
         recorded_at: i64,
         commit: bool,
     ) -> Result<Option<Vec<Vec<AppendResult>>>, sqlx::Error> {
@@ -530,11 +557,19 @@ impl Writer {
         command_ids.dedup();
 
         // Every stream's version, and any of the command ids stored for one of the streams
-        // (both index lookups; a pair found only across streams is filtered out below).
-        let mut lookup = format!(
+        // (both index lookups; a pair found only across streams is filtered out below); first,
+        // if the transaction has not begun, the write lock and the next position under it (the
+        // row without a stream).
+        let begin = next_position.is_none();
+        let mut lookup = if begin {
+            "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL FROM cqrs_events UNION ALL ".to_owned()
+        } else {
+            String::new()
+        };
+        lookup.push_str(&format!(
             "SELECT stream_id, version, NULL FROM cqrs_streams WHERE stream_id IN ({})",
             placeholders(streams.len())
-        );
+        ));
         if !command_ids.is_empty() {
             lookup.push_str(&format!(
                 " UNION ALL SELECT stream_id, NULL, command_id FROM cqrs_commands \
@@ -544,7 +579,7 @@ impl Writer {
             ));
         }
         let cached = streams.len() <= AT_ONCE_CACHED_ROWS && command_ids.len() <= AT_ONCE_CACHED_ROWS;
-        let mut query = sqlx::query_as::<_, (String, Option<i64>, Option<Uuid>)>(&lookup).persistent(cached);
+        let mut query = sqlx::query_as::<_, (Option<String>, Option<i64>, Option<Uuid>)>(&lookup).persistent(cached);
         for stream in &streams {
             query = query.bind(*stream);
         }
@@ -557,7 +592,16 @@ impl Writer {
             }
         }
         let mut versions: HashMap<&str, i64> = streams.iter().map(|stream| (*stream, 0)).collect();
+        let mut declined = false;
         for (stream, version, command_id) in query.fetch_all(&mut self.connection).await? {
+            let Some(stream) = stream else {
+                // The next position (rows of the lookup are decided below).
+                *next_position = version;
+                continue;
+            };
+            if declined {
+                continue;
+            }
             match (version, command_id) {
                 (Some(version), _) if version >= 0 => {
                     if let Some(current) = versions.get_mut(stream.as_str()) {
@@ -566,8 +610,14 @@ impl Writer {
                 }
                 (None, Some(command_id)) if commands.binary_search(&(stream.as_str(), command_id)).is_err() => {}
                 // A stored command id of this batch (a duplicate), or a corrupt version.
-                _ => return Ok(None),
+                _ => declined = true,
             }
+        }
+        let Some(first_position) = *next_position else {
+            return Err(sqlx::Error::Protocol("the write transaction began without its next position".to_owned()));
+        };
+        if declined {
+            return Ok(None);
         }
         let stored = versions.clone();
 
@@ -613,7 +663,7 @@ impl Writer {
         insert.push_str(if commit { "; RELEASE at_once; COMMIT" } else { "; RELEASE at_once" });
         let cached = events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && commands.len() <= AT_ONCE_CACHED_ROWS;
         let mut query = sqlx::query(&insert).persistent(cached);
-        let mut position = *next_position;
+        let mut position = first_position;
         let mut versions = stored;
         let mut headers = headers.into_iter();
         let mut results = Vec::with_capacity(chains.len());
@@ -675,7 +725,7 @@ impl Writer {
             // Nothing of the batch is stored: the per-chain and per-link paths say why.
             return if is_unique_violation(&error) || is_refused_data(&error) { Ok(None) } else { Err(error) };
         }
-        *next_position = position;
+        *next_position = Some(position);
         Ok(Some(results))
     }
 
