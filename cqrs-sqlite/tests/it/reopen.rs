@@ -101,3 +101,108 @@ async fn notifications_start_at_the_stored_head() {
     drop(reopened);
     drop(dir);
 }
+
+/// A file made before command ids were keyed by (command_id, stream_id) keeps its command ids
+/// through the migration: a repeated command is still answered as the duplicate it is, new
+/// ones are stored and found, and pruning still forgets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_ids_stored_before_the_key_changed_are_still_known() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    use sqlx::{ConnectOptions, Connection};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("events.db");
+    // The schema as it was: every migration before the key changed, from a copy of them.
+    let older = dir.path().join("older-migrations");
+    std::fs::create_dir(&older).expect("migrations dir");
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(&migrations).expect("read migrations") {
+        let entry = entry.expect("migration");
+        let name = entry.file_name().into_string().expect("utf-8 name");
+        if name.as_str() < "20261201000003" {
+            std::fs::copy(entry.path(), older.join(&name)).expect("copy migration");
+        }
+    }
+    let options =
+        SqliteConnectOptions::new().filename(&path).create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
+    let mut connection = options.connect().await.expect("connect");
+    sqlx::migrate::Migrator::new(older.as_path())
+        .await
+        .expect("older migrations")
+        .run(&mut connection)
+        .await
+        .expect("migrate to the older schema");
+    let s = stream("old-key");
+    let old_command = CommandId::new();
+    let event_id = cqrs_core::EventId::new();
+    sqlx::query(
+        "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+         command_id, headers, recorded_at) VALUES (1, ?1, ?2, 1, 'Old', 1, '{}', ?3, '{}', 1)",
+    )
+    .bind(event_id.0)
+    .bind(s.as_str())
+    .bind(old_command.0)
+    .execute(&mut connection)
+    .await
+    .expect("old event");
+    sqlx::query("INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, 1)")
+        .bind(s.as_str())
+        .execute(&mut connection)
+        .await
+        .expect("old stream");
+    sqlx::query(
+        "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+         last_position, recorded_at) VALUES (?1, ?2, 1, 1, 1, 1, 1)",
+    )
+    .bind(s.as_str())
+    .bind(old_command.0)
+    .execute(&mut connection)
+    .await
+    .expect("old command row");
+    connection.close().await.expect("close");
+
+    let store = reopen(&path).await;
+    let stored = cqrs_core::AppendResult {
+        first_version: Version(1),
+        last_version: Version(1),
+        first_position: Position(1),
+        last_position: Position(1),
+    };
+    assert_eq!(store.find_command(&s, old_command).await.expect("find"), Some(stored));
+    let again = store
+        .append(
+            &s,
+            ExpectedVersion::NoStream,
+            vec![event_with(1, Metadata { command_id: Some(old_command), ..Metadata::default() })],
+        )
+        .await
+        .expect("duplicate");
+    assert_eq!(again, AppendOutcome::Duplicate(stored));
+    // The same command id on another stream is another command.
+    let other = stream("old-key-other");
+    let elsewhere = store
+        .append(
+            &other,
+            ExpectedVersion::NoStream,
+            vec![event_with(2, Metadata { command_id: Some(old_command), ..Metadata::default() })],
+        )
+        .await
+        .expect("append elsewhere");
+    assert!(matches!(elsewhere, AppendOutcome::Appended(_)), "{elsewhere:?}");
+    let new_command = CommandId::new();
+    let appended = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(Version(1)),
+            vec![event_with(3, Metadata { command_id: Some(new_command), ..Metadata::default() })],
+        )
+        .await
+        .expect("append");
+    assert_eq!(store.find_command(&s, new_command).await.expect("find"), Some(appended.result()));
+    // The old row (recorded at 1 µs after the epoch) is the only one old enough to prune.
+    assert_eq!(store.prune_commands(cqrs_core::Timestamp(2)).await.expect("prune"), 1);
+    assert_eq!(store.find_command(&s, old_command).await.expect("find"), None);
+    assert_eq!(store.find_command(&s, new_command).await.expect("find"), Some(appended.result()));
+    drop(store);
+    drop(dir);
+}
