@@ -111,8 +111,8 @@ pub use coordination::{
 };
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
-    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, UpcastResult, Upcaster,
-    Upcasters,
+    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, RowNames, UpcastResult,
+    Upcaster, Upcasters,
 };
 pub use handler::{
     current_claim, spawn_batch_handler, spawn_handler, BatchHandler, Checkpoints, ErrorPolicy, EventHandler,

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cqrs_core::{
-    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError,
-    StreamId, Timestamp, Version,
+    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, RowNames,
+    StoreError, Timestamp, Version,
 };
 use futures_util::TryStreamExt;
 use sqlx::query::Query;
@@ -96,8 +96,7 @@ impl Columns {
 #[derive(Default)]
 pub(crate) struct EventDecoder {
     columns: Option<Columns>,
-    event_type: Option<Arc<str>>,
-    stream_id: Option<StreamId>,
+    names: RowNames,
 }
 
 impl EventDecoder {
@@ -135,21 +134,9 @@ impl EventDecoder {
         let headers: &str = row.try_get(columns.headers).map_err(corrupt)?;
         let recorded_at: i64 = row.try_get(columns.recorded_at).map_err(corrupt)?;
         let stream_id: &str = row.try_get(columns.stream_id).map_err(corrupt)?;
-        let stream_id = match &self.stream_id {
-            Some(previous) if previous.as_str() == stream_id => previous.clone(),
-            _ => self
-                .stream_id
-                .insert(
-                    StreamId::new(stream_id)
-                        .map_err(|error| StoreError::Corrupt(format!("stored stream id {stream_id:?}: {error}")))?,
-                )
-                .clone(),
-        };
+        let stream_id = self.names.stream_id(stream_id)?;
         let event_type: &str = row.try_get(columns.event_type).map_err(corrupt)?;
-        let event_type = match &self.event_type {
-            Some(previous) if **previous == *event_type => Arc::clone(previous),
-            _ => Arc::clone(self.event_type.insert(Arc::from(event_type))),
-        };
+        let event_type = self.names.event_type(event_type);
         Ok(RecordedEvent {
             event_id: EventId(event_id),
             stream_id,
