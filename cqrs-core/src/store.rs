@@ -340,10 +340,13 @@ pub trait EventStore: Send + Sync + 'static {
         }
     }
 
-    /// Stores a parked event (replacing one of the same handler and position).
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
+    /// Stores a parked event (replacing one of the same handler and position). With `fence`,
+    /// only while that claim is held, atomically with the check (else
+    /// [`StoreError::ClaimLost`], nothing written): a runner's park that lands after its lease
+    /// ended must not block a sequence the next holder has already handled.
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
         match self.inner_store() {
-            Some(inner) => inner.park(event).await,
+            Some(inner) => inner.park(event, fence).await,
             None => Err(StoreError::Unsupported("parked events")),
         }
     }
@@ -357,24 +360,43 @@ pub trait EventStore: Send + Sync + 'static {
     }
 
     /// Sets a parked event's status (an operator asks for a retry, or the handler's retry
-    /// failed); false if no such parked event.
+    /// failed); false if no such parked event (it never inserts one). `fence` as for
+    /// [`park`](EventStore::park); operators pass `None`.
     async fn set_parked_status(
         &self,
         handler: &str,
         position: Position,
         status: ParkedStatus,
+        fence: Option<&Claim>,
     ) -> Result<bool, StoreError> {
         match self.inner_store() {
-            Some(inner) => inner.set_parked_status(handler, position, status).await,
+            Some(inner) => inner.set_parked_status(handler, position, status, fence).await,
+            None => Err(StoreError::Unsupported("parked events")),
+        }
+    }
+
+    /// Records that a retry of a parked event failed with `error`: its error is replaced, its
+    /// attempts counted one more and its status set back to [`ParkedStatus::Parked`]. Only
+    /// updates: false if the event is no longer parked (an operator discarded it meanwhile,
+    /// which this must never undo). `fence` as for [`park`](EventStore::park).
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.parked_retry_failed(handler, position, error, fence).await,
             None => Err(StoreError::Unsupported("parked events")),
         }
     }
 
     /// Removes a parked event (handled after a retry, or discarded by an operator); false if
-    /// there was none.
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+    /// there was none. `fence` as for [`park`](EventStore::park); operators pass `None`.
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
         match self.inner_store() {
-            Some(inner) => inner.unpark(handler, position).await,
+            Some(inner) => inner.unpark(handler, position, fence).await,
             None => Err(StoreError::Unsupported("parked events")),
         }
     }

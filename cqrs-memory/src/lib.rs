@@ -107,6 +107,14 @@ impl State {
         })
     }
 
+    /// `Ok` without a fence or while it is held; else [`StoreError::ClaimLost`].
+    fn fenced(&self, fence: Option<&Claim>) -> Result<(), StoreError> {
+        match fence {
+            Some(claim) if !self.holds(claim) => Err(StoreError::ClaimLost { name: claim.name.clone() }),
+            _ => Ok(()),
+        }
+    }
+
     /// Forgets the command ids stored before `older_than`; returns how many.
     fn prune_commands(&mut self, older_than: Timestamp) -> u64 {
         let mut pruned = 0;
@@ -340,8 +348,10 @@ impl EventStore for MemoryStore {
         Ok(())
     }
 
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
-        self.write().parked.entry(event.handler.clone()).or_default().insert(event.position, event);
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+        let mut state = self.write();
+        state.fenced(fence)?;
+        state.parked.entry(event.handler.clone()).or_default().insert(event.position, event);
         Ok(())
     }
 
@@ -354,14 +364,36 @@ impl EventStore for MemoryStore {
         handler: &str,
         position: Position,
         status: ParkedStatus,
+        fence: Option<&Claim>,
     ) -> Result<bool, StoreError> {
         let mut state = self.write();
+        state.fenced(fence)?;
         let parked = state.parked.get_mut(handler).and_then(|parked| parked.get_mut(&position));
         Ok(parked.map(|parked| parked.status = status).is_some())
     }
 
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
         let mut state = self.write();
+        state.fenced(fence)?;
+        let parked = state.parked.get_mut(handler).and_then(|parked| parked.get_mut(&position));
+        Ok(parked
+            .map(|parked| {
+                parked.error = error.to_owned();
+                parked.attempts = parked.attempts.saturating_add(1);
+                parked.status = ParkedStatus::Parked;
+            })
+            .is_some())
+    }
+
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
+        let mut state = self.write();
+        state.fenced(fence)?;
         Ok(state.parked.get_mut(handler).and_then(|parked| parked.remove(&position)).is_some())
     }
 

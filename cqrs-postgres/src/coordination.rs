@@ -150,28 +150,47 @@ fn parked_of(row: &PgRow) -> Result<ParkedEvent, StoreError> {
     })
 }
 
-pub(crate) async fn park(pool: &PgPool, event: &ParkedEvent) -> Result<(), StoreError> {
-    sqlx::query(&format!(
+/// Runs one write to the parked events: with `fence`, in a transaction that holds the claim
+/// row `FOR SHARE` first (so it lands only while the claim is held, and a takeover waits for
+/// it); returns the rows it changed.
+async fn parked_write(
+    pool: &PgPool,
+    fence: Option<&Claim>,
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<u64, StoreError> {
+    let Some(claim) = fence else {
+        return Ok(query.execute(pool).await.map_err(to_store_error)?.rows_affected());
+    };
+    let mut transaction = pool.begin().await.map_err(to_store_error)?;
+    if !hold_for_commit(&mut transaction, claim).await? {
+        return Err(StoreError::ClaimLost { name: claim.name.clone() });
+    }
+    let changed = query.execute(&mut *transaction).await.map_err(to_store_error)?.rows_affected();
+    transaction.commit().await.map_err(to_store_error)?;
+    Ok(changed)
+}
+
+pub(crate) async fn park(pool: &PgPool, event: &ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+    let sql = format!(
         "INSERT INTO cqrs_parked (handler, position, event_id, stream_id, event_type, sequence, error, attempts, \
          parked_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, {}, $10) \
          ON CONFLICT (handler, position) DO UPDATE SET event_id = EXCLUDED.event_id, stream_id = EXCLUDED.stream_id, \
          event_type = EXCLUDED.event_type, sequence = EXCLUDED.sequence, error = EXCLUDED.error, \
          attempts = EXCLUDED.attempts, parked_at = EXCLUDED.parked_at, status = EXCLUDED.status",
         at("$9")
-    ))
-    .bind(&event.handler)
-    .bind(to_i64_saturating(event.position.0))
-    .bind(event.event_id.0)
-    .bind(event.stream_id.as_str())
-    .bind(&event.event_type)
-    .bind(&event.sequence)
-    .bind(&event.error)
-    .bind(i32::try_from(event.attempts).unwrap_or(i32::MAX))
-    .bind(event.parked_at.as_micros())
-    .bind(event.status.as_str())
-    .execute(pool)
-    .await
-    .map_err(to_store_error)?;
+    );
+    let query = sqlx::query(&sql)
+        .bind(&event.handler)
+        .bind(to_i64_saturating(event.position.0))
+        .bind(event.event_id.0)
+        .bind(event.stream_id.as_str())
+        .bind(&event.event_type)
+        .bind(&event.sequence)
+        .bind(&event.error)
+        .bind(i32::try_from(event.attempts).unwrap_or(i32::MAX))
+        .bind(event.parked_at.as_micros())
+        .bind(event.status.as_str());
+    parked_write(pool, fence, query).await?;
     Ok(())
 }
 
@@ -189,25 +208,42 @@ pub(crate) async fn set_parked_status(
     handler: &str,
     position: Position,
     status: ParkedStatus,
+    fence: Option<&Claim>,
 ) -> Result<bool, StoreError> {
-    let updated = sqlx::query("UPDATE cqrs_parked SET status = $3 WHERE handler = $1 AND position = $2")
+    let query = sqlx::query("UPDATE cqrs_parked SET status = $3 WHERE handler = $1 AND position = $2")
         .bind(handler)
         .bind(to_i64_saturating(position.0))
-        .bind(status.as_str())
-        .execute(pool)
-        .await
-        .map_err(to_store_error)?;
-    Ok(updated.rows_affected() > 0)
+        .bind(status.as_str());
+    Ok(parked_write(pool, fence, query).await? > 0)
 }
 
-pub(crate) async fn unpark(pool: &PgPool, handler: &str, position: Position) -> Result<bool, StoreError> {
-    let deleted = sqlx::query("DELETE FROM cqrs_parked WHERE handler = $1 AND position = $2")
+pub(crate) async fn parked_retry_failed(
+    pool: &PgPool,
+    handler: &str,
+    position: Position,
+    error: &str,
+    fence: Option<&Claim>,
+) -> Result<bool, StoreError> {
+    let query = sqlx::query(
+        "UPDATE cqrs_parked SET status = 'parked', error = $3, attempts = attempts + 1 \
+         WHERE handler = $1 AND position = $2",
+    )
+    .bind(handler)
+    .bind(to_i64_saturating(position.0))
+    .bind(error);
+    Ok(parked_write(pool, fence, query).await? > 0)
+}
+
+pub(crate) async fn unpark(
+    pool: &PgPool,
+    handler: &str,
+    position: Position,
+    fence: Option<&Claim>,
+) -> Result<bool, StoreError> {
+    let query = sqlx::query("DELETE FROM cqrs_parked WHERE handler = $1 AND position = $2")
         .bind(handler)
-        .bind(to_i64_saturating(position.0))
-        .execute(pool)
-        .await
-        .map_err(to_store_error)?;
-    Ok(deleted.rows_affected() > 0)
+        .bind(to_i64_saturating(position.0));
+    Ok(parked_write(pool, fence, query).await? > 0)
 }
 
 pub(crate) async fn load_process(pool: &PgPool, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {

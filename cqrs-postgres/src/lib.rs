@@ -567,8 +567,8 @@ impl EventStore for PgEventStore {
         coordination::save_checkpoint_claimed(&self.inner.pool, name, position, claim).await
     }
 
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
-        coordination::park(&self.inner.pool, &event).await
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+        coordination::park(&self.inner.pool, &event, fence).await
     }
 
     async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
@@ -580,12 +580,23 @@ impl EventStore for PgEventStore {
         handler: &str,
         position: Position,
         status: ParkedStatus,
+        fence: Option<&Claim>,
     ) -> Result<bool, StoreError> {
-        coordination::set_parked_status(&self.inner.pool, handler, position, status).await
+        coordination::set_parked_status(&self.inner.pool, handler, position, status, fence).await
     }
 
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
-        coordination::unpark(&self.inner.pool, handler, position).await
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        coordination::parked_retry_failed(&self.inner.pool, handler, position, error, fence).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
+        coordination::unpark(&self.inner.pool, handler, position, fence).await
     }
 
     async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {

@@ -206,9 +206,26 @@ fn parked_of(row: &SqliteRow) -> Result<ParkedEvent, StoreError> {
     })
 }
 
-pub(crate) async fn park(writes: &mpsc::Sender<WriteRequest>, event: ParkedEvent) -> Result<(), StoreError> {
+/// `Ok(None)` without a fence or while it is held, checked on the write connection inside the
+/// batch transaction (under the write lock, so atomic with the write that follows).
+async fn fenced(connection: &mut SqliteConnection, fence: Option<&Claim>) -> Result<Option<StoreError>, sqlx::Error> {
+    match fence {
+        Some(claim) if !holds(connection, claim).await? => Ok(Some(StoreError::ClaimLost { name: claim.name.clone() })),
+        _ => Ok(None),
+    }
+}
+
+pub(crate) async fn park(
+    writes: &mpsc::Sender<WriteRequest>,
+    event: ParkedEvent,
+    fence: Option<&Claim>,
+) -> Result<(), StoreError> {
+    let fence = fence.cloned();
     run_op(writes, move |connection| {
         Box::pin(async move {
+            if let Some(lost) = fenced(connection, fence.as_ref()).await? {
+                return Ok(Err(lost));
+            }
             sqlx::query(
                 "INSERT INTO cqrs_parked (handler, position, event_id, stream_id, event_type, sequence, error, \
                  attempts, parked_at, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
@@ -247,41 +264,52 @@ pub(crate) async fn parked(pool: &SqlitePool, handler: &str) -> Result<Vec<Parke
     rows.iter().map(parked_of).collect()
 }
 
-pub(crate) async fn set_parked_status(
-    writes: &mpsc::Sender<WriteRequest>,
-    handler: &str,
-    position: Position,
-    status: ParkedStatus,
-) -> Result<bool, StoreError> {
-    let handler = handler.to_owned();
-    run_op(writes, move |connection| {
-        Box::pin(async move {
-            let updated = sqlx::query("UPDATE cqrs_parked SET status = ?3 WHERE handler = ?1 AND position = ?2")
-                .bind(&handler)
-                .bind(to_i64_saturating(position.0))
-                .bind(status.as_str())
-                .execute(connection)
-                .await?;
-            Ok(Ok(updated.rows_affected() > 0))
-        })
-    })
-    .await
+/// A change to one parked event; none of them inserts a row.
+pub(crate) enum ParkedUpdate {
+    /// Set its status.
+    Status(ParkedStatus),
+    /// A retry failed with this error: one more attempt, back to parked.
+    RetryFailed(String),
+    /// Delete it.
+    Remove,
 }
 
-pub(crate) async fn unpark(
+/// Applies `update` to the parked event at `position` (fenced by `fence`); false if there is
+/// no such parked event.
+pub(crate) async fn update_parked(
     writes: &mpsc::Sender<WriteRequest>,
     handler: &str,
     position: Position,
+    update: ParkedUpdate,
+    fence: Option<&Claim>,
 ) -> Result<bool, StoreError> {
-    let handler = handler.to_owned();
+    let (handler, fence) = (handler.to_owned(), fence.cloned());
+    let position = to_i64_saturating(position.0);
     run_op(writes, move |connection| {
         Box::pin(async move {
-            let deleted = sqlx::query("DELETE FROM cqrs_parked WHERE handler = ?1 AND position = ?2")
+            if let Some(lost) = fenced(connection, fence.as_ref()).await? {
+                return Ok(Err(lost));
+            }
+            let query = match &update {
+                ParkedUpdate::Status(status) => {
+                    sqlx::query("UPDATE cqrs_parked SET status = ?3 WHERE handler = ?1 AND position = ?2")
+                        .bind(&handler)
+                        .bind(position)
+                        .bind(status.as_str())
+                }
+                ParkedUpdate::RetryFailed(error) => sqlx::query(
+                    "UPDATE cqrs_parked SET status = 'parked', error = ?3, attempts = attempts + 1 \
+                     WHERE handler = ?1 AND position = ?2",
+                )
                 .bind(&handler)
-                .bind(to_i64_saturating(position.0))
-                .execute(connection)
-                .await?;
-            Ok(Ok(deleted.rows_affected() > 0))
+                .bind(position)
+                .bind(error.as_str()),
+                ParkedUpdate::Remove => sqlx::query("DELETE FROM cqrs_parked WHERE handler = ?1 AND position = ?2")
+                    .bind(&handler)
+                    .bind(position),
+            };
+            let changed = query.execute(connection).await?;
+            Ok(Ok(changed.rows_affected() > 0))
         })
     })
     .await

@@ -27,6 +27,7 @@ pub use crate::config::SqliteStoreConfig;
 pub use crate::error::SqliteStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProjection};
 
+use crate::coordination::ParkedUpdate;
 use crate::error::{open_error, to_store_error};
 use crate::rows::{command_result, limit, to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::{AppendRequest, Counters, WriteRequest, Writer};
@@ -470,8 +471,8 @@ impl EventStore for SqliteEventStore {
         coordination::save_checkpoint_claimed(&self.inner.writes, name, position, claim).await
     }
 
-    async fn park(&self, event: ParkedEvent) -> Result<(), StoreError> {
-        coordination::park(&self.inner.writes, event).await
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+        coordination::park(&self.inner.writes, event, fence).await
     }
 
     async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
@@ -483,12 +484,24 @@ impl EventStore for SqliteEventStore {
         handler: &str,
         position: Position,
         status: ParkedStatus,
+        fence: Option<&Claim>,
     ) -> Result<bool, StoreError> {
-        coordination::set_parked_status(&self.inner.writes, handler, position, status).await
+        coordination::update_parked(&self.inner.writes, handler, position, ParkedUpdate::Status(status), fence).await
     }
 
-    async fn unpark(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
-        coordination::unpark(&self.inner.writes, handler, position).await
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        let update = ParkedUpdate::RetryFailed(error.to_owned());
+        coordination::update_parked(&self.inner.writes, handler, position, update, fence).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
+        coordination::update_parked(&self.inner.writes, handler, position, ParkedUpdate::Remove, fence).await
     }
 
     async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {

@@ -243,8 +243,10 @@ impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
                         let delay = read_failures.record();
                         self.report_failure(passed_over, &read_failures, &error.to_string());
                         tokio::select! {
-                            () = tokio::time::sleep(delay) => continue,
+                            biased;
+                            () = lease_lost(&mut lease, claim.as_ref()) => return End::LeaseLost,
                             () = stopped(stop) => break,
+                            () = tokio::time::sleep(delay) => continue,
                         }
                     }
                 },
@@ -296,7 +298,8 @@ impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
             }
         }
         if passed_over != committed {
-            let _ = self.save(passed_over, claim.as_ref()).await;
+            // Bounded like every stop: a store that is down must not hold the shutdown.
+            let _ = tokio::time::timeout(self.config.stop_timeout, self.save(passed_over, claim.as_ref())).await;
         }
         End::Stopped
     }

@@ -59,7 +59,7 @@ impl ClaimKeeper {
     }
 
     /// Stops renewing and gives the claim up, so a standby takes over at once.
-    pub(crate) async fn release<S: EventStore + ?Sized>(mut self, store: &S) {
+    pub(crate) async fn release<S: EventStore + ?Sized>(mut self, store: &S, within: Duration) {
         if let Some(task) = self.task.take() {
             task.abort();
             // Wait until it is gone, so no renewal in flight lands after the release.
@@ -70,8 +70,12 @@ impl ClaimKeeper {
             Lease::Standby { .. } => None,
         };
         if let Some(claim) = held {
-            if let Err(error) = store.release_claim(&claim).await {
-                tracing::debug!(handler = %claim.name, %error, "releasing the claim failed; it will lapse");
+            match tokio::time::timeout(within, store.release_claim(&claim)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(handler = %claim.name, %error, "releasing the claim failed; it will lapse");
+                }
+                Err(_) => tracing::debug!(handler = %claim.name, "releasing the claim timed out; it will lapse"),
             }
         }
     }

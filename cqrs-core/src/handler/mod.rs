@@ -369,6 +369,12 @@ pub struct RunnerConfig {
     pub claim_retry: Duration,
     /// How often a runner with parked events looks for operators' retry requests.
     pub parked_poll: Duration,
+    /// The longest a graceful [`RunningHandler::stop`] waits for the events in hand, the last
+    /// checkpoint save and giving the claim up (a store that is down must not hold a shutdown).
+    /// Past it the events in hand are dropped half-done (handled again by the next holder)
+    /// and an unreleased claim lapses after `claim_ttl`. An exclusive runner's stop never
+    /// runs past its lease, whatever this says.
+    pub stop_timeout: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -390,6 +396,7 @@ impl Default for RunnerConfig {
             claim_ttl: DEFAULT_CLAIM_TTL,
             claim_retry: DEFAULT_CLAIM_RETRY,
             parked_poll: Duration::from_secs(1),
+            stop_timeout: Duration::from_secs(5),
         }
     }
 }

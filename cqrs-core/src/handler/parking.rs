@@ -50,7 +50,7 @@ impl<S: EventStore + ?Sized> ParkedEvents<S> {
     /// behind it in its sequence (from the sequence's oldest parked event, in order: a later
     /// event is never handled before an earlier one of its sequence). False if no such event.
     pub async fn retry(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
-        let requested = self.store.set_parked_status(handler, position, ParkedStatus::RetryRequested).await?;
+        let requested = self.store.set_parked_status(handler, position, ParkedStatus::RetryRequested, None).await?;
         if requested {
             tracing::info!(handler, %position, "retry of a parked event requested");
         }
@@ -61,7 +61,7 @@ impl<S: EventStore + ?Sized> ParkedEvents<S> {
     pub async fn retry_all(&self, handler: &str) -> Result<usize, StoreError> {
         let mut requested = 0;
         for event in self.store.parked(handler).await? {
-            if self.store.set_parked_status(handler, event.position, ParkedStatus::RetryRequested).await? {
+            if self.store.set_parked_status(handler, event.position, ParkedStatus::RetryRequested, None).await? {
                 requested += 1;
             }
         }
@@ -74,7 +74,7 @@ impl<S: EventStore + ?Sized> ParkedEvents<S> {
     pub async fn discard(&self, handler: &str, position: Position) -> Result<bool, StoreError> {
         let event = self.store.parked(handler).await?.into_iter().find(|event| event.position == position);
         let Some(event) = event else { return Ok(false) };
-        let discarded = self.store.unpark(handler, position).await?;
+        let discarded = self.store.unpark(handler, position, None).await?;
         if discarded {
             tracing::warn!(
                 handler,

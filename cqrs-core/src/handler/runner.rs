@@ -143,6 +143,8 @@ impl Failures {
 pub(crate) struct Tenures {
     keeper: Option<ClaimKeeper>,
     started: bool,
+    /// How long giving the claim up may take.
+    release_within: Duration,
 }
 
 impl Tenures {
@@ -157,7 +159,7 @@ impl Tenures {
                 config.claim_retry,
             )
         });
-        Self { keeper, started: false }
+        Self { keeper, started: false, release_within: config.stop_timeout }
     }
 
     /// Waits for the next tenure: the claim and the lease to watch (both `None` without a
@@ -180,10 +182,11 @@ impl Tenures {
         }
     }
 
-    /// Gives the claim up (so a standby takes over at once).
+    /// Gives the claim up (so a standby takes over at once); waits at most the runner's
+    /// `stop_timeout` for the store (a store that is down lets the claim lapse instead).
     pub(crate) async fn finish<S: EventStore + ?Sized>(self, store: &S) {
         if let Some(keeper) = self.keeper {
-            keeper.release(store).await;
+            keeper.release(store, self.release_within).await;
         }
     }
 }
@@ -287,23 +290,29 @@ where
 {
     shared.set_state(HandlerState::Starting);
     let tenure = claim.clone();
-    let mut feeder = Feeder { shared: Arc::clone(shared), claim, parked: HashMap::new(), parked_count: 0 };
+    let mut feeder = Feeder { shared: Arc::clone(shared), claim, parked: HashMap::new() };
     let start = tokio::select! {
         biased;
         () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
         () = stopped(stop) => return End::Stopped,
-        start = feeder.start_position(*memory_checkpoint) => start,
+        start = feeder.start_position(*memory_checkpoint) => match start {
+            Ok(start) => start,
+            Err(end) => return end,
+        },
     };
     let parked = tokio::select! {
         biased;
         () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
         () = stopped(stop) => return End::Stopped,
-        parked = feeder.load_parked() => parked,
+        parked = feeder.load_parked() => match parked {
+            Ok(parked) => parked,
+            Err(end) => return end,
+        },
     };
     shared.status.send_modify(|status| {
         status.position = start;
         status.state = HandlerState::Running;
-        status.parked = feeder.parked_count;
+        status.parked = feeder.parked_count();
     });
 
     let workers = shared.config.workers.max(1);
@@ -320,7 +329,7 @@ where
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let worker = Worker { shared: Arc::clone(shared), claim: feeder.claim.clone(), blocked, done: done_tx.clone() };
-        tasks.spawn(worker.run(jobs, halt.clone()));
+        tasks.spawn(worker.run(jobs, halt.clone(), lease.clone()));
     }
     drop(done_tx);
 
@@ -339,7 +348,7 @@ where
 
     let end = loop {
         let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-        let parked = feeder.parked_count;
+        let parked = feeder.parked_count();
         let (shown_position, shown_parked) = {
             let status = shared.status.borrow();
             (status.position, status.parked)
@@ -400,9 +409,13 @@ where
                 Err(error) => {
                     let delay = read_failures.record();
                     shared.report_failure(read_up_to, &read_failures, &error.to_string());
+                    // The back-off ends with the tenure: a feeder that cannot read must not
+                    // leave its workers handling past the lease.
                     tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
+                        biased;
+                        () = lease_lost(&mut lease, tenure.as_ref()) => break End::LeaseLost,
                         () = stopped(stop) => break End::Stopped,
+                        () = tokio::time::sleep(delay) => {}
                     }
                 }
             },
@@ -415,7 +428,7 @@ where
                     Err(end) => break end,
                 }
             }
-            _ = poll.tick(), if feeder.parked_count > 0 => {
+            _ = poll.tick(), if feeder.parked_count() > 0 => {
                 if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&queues, workers)).await {
                     break end;
                 }
@@ -432,21 +445,41 @@ where
             End::LeaseLost
         }
         End::Stopped => {
-            // Let the workers finish the events in hand (but not their queues), then save.
+            // Let the workers finish the events in hand (but not their queues), then save; all
+            // of it bounded by `stop_timeout` and by the tenure (a store that is down must not
+            // hold the stop, nor let it run past the lease).
             let _ = halt_tx.send(true);
             drop(queues);
-            while tasks.join_next().await.is_some() {}
-            while let Ok(done) = done_rx.try_recv() {
-                if let Ok(Some(position)) = feeder.settle(done).await {
-                    in_flight.remove(&position);
+            let deadline = Instant::now() + shared.config.stop_timeout;
+            let drain = async {
+                while tasks.join_next().await.is_some() {}
+                while let Ok(done) = done_rx.try_recv() {
+                    if let Ok(Some(position)) = feeder.settle(done).await {
+                        in_flight.remove(&position);
+                    }
                 }
-            }
-            // Events still queued were not handled: the checkpoint stays below them.
-            let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-            let handled = handled.max(saved);
-            shared.status.send_modify(|status| status.position = handled);
-            if handled != saved {
-                let _ = feeder.save(handled, memory_checkpoint).await;
+                // Events still queued were not handled: the checkpoint stays below them.
+                let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
+                let handled = handled.max(saved);
+                shared.status.send_modify(|status| status.position = handled);
+                if handled != saved {
+                    let _ = feeder.save(handled, memory_checkpoint).await;
+                }
+            };
+            let drained = tokio::select! {
+                biased;
+                () = lease_lost(&mut lease, tenure.as_ref()) => false,
+                () = tokio::time::sleep_until(deadline) => false,
+                () = drain => true,
+            };
+            if !drained {
+                tracing::warn!(
+                    handler = %shared.name,
+                    timeout = ?shared.config.stop_timeout,
+                    "graceful stop did not finish in time (or the claim ran out); the events in hand are handled again by the next holder"
+                );
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
             }
             End::Stopped
         }
@@ -510,16 +543,35 @@ struct Feeder<S: ?Sized, H> {
     claim: Option<Claim>,
     /// Parked positions by sequence, as stored.
     parked: HashMap<String, Vec<Position>>,
-    parked_count: u64,
 }
 
 impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
     fn parking_on(&self) -> bool {
-        self.shared.parking().is_some() || self.parked_count > 0
+        self.shared.parking().is_some() || self.parked_count() > 0
     }
 
-    /// Runs a store call until it succeeds, backing off on errors.
-    async fn retrying<T, F, Fut>(&self, position: Position, mut call: F) -> T
+    /// How many events are parked, as this runner knows them: counted from the positions it
+    /// holds, so an event that leaves twice (handled by a retry and discarded at once) is not
+    /// subtracted twice.
+    fn parked_count(&self) -> u64 {
+        self.parked.values().map(|positions| positions.len() as u64).sum()
+    }
+
+    /// Forgets a parked position (handled by a retry, or discarded); false if it was not known.
+    fn forget_parked(&mut self, position: Position) -> bool {
+        let mut known = false;
+        for positions in self.parked.values_mut() {
+            let before = positions.len();
+            positions.retain(|parked| *parked != position);
+            known |= positions.len() != before;
+        }
+        self.parked.retain(|_, positions| !positions.is_empty());
+        known
+    }
+
+    /// Runs a store call until it succeeds, backing off on errors; a lost claim ends the
+    /// tenure instead (a fenced write will never succeed again under it).
+    async fn retrying<T, F, Fut>(&self, position: Position, mut call: F) -> Result<T, End>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
@@ -527,7 +579,8 @@ impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
         let mut failures = Failures::new(&self.shared.config);
         loop {
             match call().await {
-                Ok(value) => return value,
+                Ok(value) => return Ok(value),
+                Err(StoreError::ClaimLost { .. }) => return Err(End::LeaseLost),
                 Err(error) => {
                     let delay = failures.record();
                     self.shared.report_failure(position, &failures, &error.to_string());
@@ -537,27 +590,27 @@ impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
         }
     }
 
-    async fn start_position(&self, memory_checkpoint: Option<Position>) -> Position {
+    async fn start_position(&self, memory_checkpoint: Option<Position>) -> Result<Position, End> {
         let store = &self.shared.store;
         let name = &self.shared.name;
         let durable = self.shared.config.checkpoints == Checkpoints::Store;
         if durable {
-            if let Some(position) = self.retrying(Position::START, || store.load_checkpoint(name)).await {
-                return position;
+            if let Some(position) = self.retrying(Position::START, || store.load_checkpoint(name)).await? {
+                return Ok(position);
             }
         } else if let Some(position) = memory_checkpoint {
-            return position;
+            return Ok(position);
         }
         match self.shared.config.start_from {
-            StartFrom::Origin => Position::START,
+            StartFrom::Origin => Ok(Position::START),
             StartFrom::Current => {
-                let head = self.retrying(Position::START, || store.head()).await;
+                let head = self.retrying(Position::START, || store.head()).await?;
                 // Saved at once: a restart before the first event must not move the start past
                 // events stored since this first start.
                 if durable {
-                    self.retrying(head, || self.write_checkpoint(head)).await;
+                    self.retrying(head, || self.write_checkpoint(head)).await?;
                 }
-                head
+                Ok(head)
             }
         }
     }
@@ -582,17 +635,17 @@ impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
     }
 
     /// The parked events at the start of a tenure, by sequence.
-    async fn load_parked(&mut self) -> HashMap<String, Vec<Position>> {
-        let parked = self.retrying(Position::START, || self.shared.store.parked(&self.shared.name)).await;
+    async fn load_parked(&mut self) -> Result<HashMap<String, Vec<Position>>, End> {
+        let parked = self.retrying(Position::START, || self.shared.store.parked(&self.shared.name)).await?;
         self.parked.clear();
         for event in &parked {
             self.parked.entry(event.sequence.clone()).or_default().push(event.position);
         }
-        self.parked_count = parked.len() as u64;
-        self.parked.clone()
+        Ok(self.parked.clone())
     }
 
-    async fn park(&mut self, event: &RecordedEvent, key: &str, error: String, attempts: u32) {
+    /// Parks an event, fenced by this tenure's claim.
+    async fn park(&mut self, event: &RecordedEvent, key: &str, error: String, attempts: u32) -> Result<(), End> {
         let parked = ParkedEvent {
             handler: self.shared.name.clone(),
             position: event.position,
@@ -605,51 +658,53 @@ impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
             parked_at: Timestamp::now(),
             status: ParkedStatus::Parked,
         };
-        let fresh = !self.parked.get(key).is_some_and(|positions| positions.contains(&event.position));
-        self.retrying(event.position, || self.shared.store.park(parked.clone())).await;
-        if fresh {
-            self.parked.entry(key.to_owned()).or_default().push(event.position);
-            self.parked_count += 1;
+        let fence = self.claim.as_ref();
+        self.retrying(event.position, || self.shared.store.park(parked.clone(), fence)).await?;
+        let positions = self.parked.entry(key.to_owned()).or_default();
+        if !positions.contains(&event.position) {
+            positions.push(event.position);
         }
+        Ok(())
     }
 
     /// Records what a worker did; returns the position that is now done, if any.
     async fn settle(&mut self, done: Done) -> Result<Option<Position>, End> {
+        let fence = self.claim.clone();
+        let fence = fence.as_ref();
+        let store = Arc::clone(&self.shared.store);
+        let name = self.shared.name.clone();
         match done {
             Done::Handled(position) => Ok(Some(position)),
             Done::Park { event, key, error, attempts } => {
-                tracing::error!(handler = %self.shared.name, position = %event.position, attempts, error, "event parked");
-                self.park(&event, &key, error, attempts).await;
+                tracing::error!(handler = %name, position = %event.position, attempts, error, "event parked");
+                self.park(&event, &key, error, attempts).await?;
                 self.shared.set_state(HandlerState::Running);
                 Ok(Some(event.position))
             }
             Done::ParkBehind { event, key, first } => {
-                self.park(&event, &key, format!("waiting behind the parked event at {first}"), 0).await;
+                self.park(&event, &key, format!("waiting behind the parked event at {first}"), 0).await?;
                 Ok(Some(event.position))
             }
             Done::Unparked(position) => {
-                let store = &self.shared.store;
-                self.retrying(position, || store.unpark(&self.shared.name, position)).await;
-                for positions in self.parked.values_mut() {
-                    positions.retain(|parked| *parked != position);
-                }
-                self.parked.retain(|_, positions| !positions.is_empty());
-                self.parked_count = self.parked_count.saturating_sub(1);
+                // Already gone if an operator discarded it meanwhile: then this removes nothing.
+                self.retrying(position, || store.unpark(&name, position, fence)).await?;
+                self.forget_parked(position);
                 Ok(None)
             }
             Done::RetryFailed { position, key, error } => {
-                tracing::warn!(handler = %self.shared.name, %position, error, "retrying a parked event failed");
-                let store = &self.shared.store;
-                let stored = self.retrying(position, || store.parked(&self.shared.name)).await;
+                tracing::warn!(handler = %name, %position, error, "retrying a parked event failed");
                 // The failed one records its error; its whole sequence goes back to parked (a
-                // retry request must not spin).
-                for mut parked in stored.into_iter().filter(|parked| parked.sequence == key) {
-                    if parked.position == position {
-                        parked.error = error.clone();
-                        parked.attempts += 1;
-                    }
-                    parked.status = ParkedStatus::Parked;
-                    self.retrying(position, || store.park(parked.clone())).await;
+                // retry request must not spin). Updates only: an event an operator discarded
+                // meanwhile stays discarded.
+                self.retrying(position, || store.parked_retry_failed(&name, position, &error, fence)).await?;
+                let rest: Vec<Position> = self
+                    .parked
+                    .get(&key)
+                    .map(|positions| positions.iter().copied().filter(|p| *p != position).collect())
+                    .unwrap_or_default();
+                for parked in rest {
+                    self.retrying(parked, || store.set_parked_status(&name, parked, ParkedStatus::Parked, fence))
+                        .await?;
                 }
                 Ok(None)
             }
@@ -674,7 +729,6 @@ impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
                 positions.iter().copied().filter(|p| !here.is_some_and(|here| here.contains(p))).collect();
             if !gone.is_empty() {
                 positions.retain(|p| !gone.contains(p));
-                self.parked_count = self.parked_count.saturating_sub(gone.len() as u64);
                 let _ = queues[worker_of(key, workers)].send(Job::Forget { key: key.clone(), positions: gone }).await;
             }
         }
@@ -695,11 +749,29 @@ struct Worker<S: ?Sized, H> {
 }
 
 impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
-    async fn run(mut self, mut jobs: mpsc::Receiver<Job<H::Event>>, mut halt: watch::Receiver<bool>) {
+    /// Handles jobs until halted, its queue closes, or its tenure ends: a worker never handles
+    /// an event (nor waits to retry one) past its claim, whatever the feeder is doing.
+    async fn run(
+        mut self,
+        mut jobs: mpsc::Receiver<Job<H::Event>>,
+        mut halt: watch::Receiver<bool>,
+        mut lease: Option<watch::Receiver<Lease>>,
+    ) {
+        let claim = self.claim.clone();
+        tokio::select! {
+            biased;
+            // Dropping the work mid-event cancels the handler's call and any back-off: the
+            // next holder handles that event again (at-least-once, never by two at once).
+            () = lease_lost(&mut lease, claim.as_ref()) => {}
+            () = self.work(&mut jobs, &mut halt) => {}
+        }
+    }
+
+    async fn work(&mut self, jobs: &mut mpsc::Receiver<Job<H::Event>>, halt: &mut watch::Receiver<bool>) {
         loop {
             let job = tokio::select! {
                 biased;
-                () = stopped(&mut halt) => return,
+                () = stopped(halt) => return,
                 job = jobs.recv() => match job { Some(job) => job, None => return },
             };
             let done = match job {
@@ -711,7 +783,7 @@ impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
                         }
                         Done::ParkBehind { event, key, first }
                     }
-                    None => match self.deliver(&event, decoded, &mut halt).await {
+                    None => match self.deliver(&event, decoded, halt).await {
                         Some(Ok(())) => Done::Handled(event.position),
                         Some(Err((error, attempts))) => {
                             let key = key.unwrap_or_else(|| event.stream_id.as_str().to_owned());
@@ -722,7 +794,7 @@ impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
                     },
                 },
                 Job::Retry { key } => {
-                    if !self.retry(&key, &mut halt).await {
+                    if !self.retry(&key, halt).await {
                         return;
                     }
                     continue;

@@ -60,6 +60,7 @@ macro_rules! conformance_tests {
             claims_have_one_holder_at_a_time,
             claims_expire_and_fence_checkpoints,
             parked_events_round_trip,
+            parked_writes_are_fenced_by_the_claim,
             process_state_and_schedules_round_trip,
             chains_store_a_link_only_right_after_the_links_before_it,
             hot_stream_commands_are_decided_on_every_earlier_event,
@@ -1236,9 +1237,9 @@ pub async fn parked_events_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
     };
     assert!(store.parked(&handler).await.expect("list").is_empty());
     let (late, early) = (parked(20, "behind @10"), parked(10, "boom: \"quoted\" ünïcode"));
-    store.park(late.clone()).await.expect("park");
-    store.park(early.clone()).await.expect("park");
-    store.park(parked(5, "another handler's")).await.expect("park");
+    store.park(late.clone(), None).await.expect("park");
+    store.park(early.clone(), None).await.expect("park");
+    store.park(parked(5, "another handler's"), None).await.expect("park");
     let listed = store.parked(&handler).await.expect("list");
     let positions: Vec<u64> = listed.iter().map(|p| p.position.0).collect();
     assert_eq!(positions, [5, 10, 20], "in position order");
@@ -1248,18 +1249,87 @@ pub async fn parked_events_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
     assert_eq!((listed[1].attempts, listed[1].status), (3, ParkedStatus::Parked));
     assert!(store.parked(&format!("{handler}-other")).await.expect("list").is_empty(), "per handler");
 
-    assert!(store.set_parked_status(&handler, Position(10), ParkedStatus::RetryRequested).await.expect("status"));
-    assert!(!store.set_parked_status(&handler, Position(11), ParkedStatus::RetryRequested).await.expect("status"));
+    let retry = ParkedStatus::RetryRequested;
+    assert!(store.set_parked_status(&handler, Position(10), retry, None).await.expect("status"));
+    assert!(!store.set_parked_status(&handler, Position(11), retry, None).await.expect("status"), "never inserts");
+    assert_eq!(store.parked(&handler).await.expect("list").len(), 3);
     assert_eq!(store.parked(&handler).await.expect("list")[1].status, ParkedStatus::RetryRequested);
-    // Parking the same position again replaces it (a failed retry records its error).
-    store.park(ParkedEvent { attempts: 4, error: "again".into(), ..early.clone() }).await.expect("park again");
+    // Parking the same position again replaces it.
+    store.park(ParkedEvent { attempts: 4, error: "again".into(), ..early.clone() }, None).await.expect("park again");
     let again = store.parked(&handler).await.expect("list");
     assert_eq!((again.len(), again[1].attempts, again[1].error.as_str()), (3, 4, "again"));
+    // A failed retry records its error, one more attempt, and parks it again.
+    store.set_parked_status(&handler, Position(10), retry, None).await.expect("status");
+    assert!(store.parked_retry_failed(&handler, Position(10), "still down", None).await.expect("failed"));
+    let failed = store.parked(&handler).await.expect("list");
+    assert_eq!(
+        (failed[1].attempts, failed[1].error.as_str(), failed[1].status),
+        (5, "still down", ParkedStatus::Parked)
+    );
 
-    assert!(store.unpark(&handler, Position(10)).await.expect("unpark"));
-    assert!(!store.unpark(&handler, Position(10)).await.expect("unpark twice"));
+    assert!(store.unpark(&handler, Position(10), None).await.expect("unpark"));
+    assert!(!store.unpark(&handler, Position(10), None).await.expect("unpark twice"));
     let left: Vec<u64> = store.parked(&handler).await.expect("list").iter().map(|p| p.position.0).collect();
     assert_eq!(left, [5, 20]);
+    // A failed retry of an event discarded meanwhile does not bring it back.
+    assert!(!store.parked_retry_failed(&handler, Position(10), "late", None).await.expect("failed"));
+    assert!(!store.set_parked_status(&handler, Position(10), ParkedStatus::Parked, None).await.expect("status"));
+    let left: Vec<u64> = store.parked(&handler).await.expect("list").iter().map(|p| p.position.0).collect();
+    assert_eq!(left, [5, 20], "a discarded event stays discarded");
+}
+
+/// A runner's writes to parked events (park, status, failed retry, unpark) are fenced by its
+/// claim like its checkpoints: once another process holds the claim they fail with
+/// [`StoreError::ClaimLost`] and write nothing, so a park that lands after its lease ended
+/// cannot block a sequence the new holder already handled.
+pub async fn parked_writes_are_fenced_by_the_claim<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::{ParkedEvent, ParkedStatus};
+    let handler = format!("fenced-parking-{}", uuid::Uuid::new_v4().simple());
+    let long = Duration::from_secs(60);
+    let first = match store.claim(&handler, "process-a", long).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("{other:?}"),
+    };
+    let parked = |position: u64| ParkedEvent {
+        handler: handler.clone(),
+        position: Position(position),
+        event_id: EventId::new(),
+        stream_id: stream("fenced"),
+        event_type: "TestHappened".to_owned(),
+        sequence: "seq-1".to_owned(),
+        error: "boom".to_owned(),
+        attempts: 1,
+        parked_at: Timestamp::now(),
+        status: ParkedStatus::Parked,
+    };
+    store.park(parked(3), Some(&first)).await.expect("fenced park while held");
+    store.park(parked(4), Some(&first)).await.expect("fenced park while held");
+    assert!(store.set_parked_status(&handler, Position(3), ParkedStatus::RetryRequested, None).await.expect("op"));
+    store.release_claim(&first).await.expect("release");
+    let next = match store.claim(&handler, "process-b", long).await.expect("claim") {
+        ClaimOutcome::Held(claim) => claim,
+        other => panic!("a released claim is free, got {other:?}"),
+    };
+    let lost = |result: Result<bool, StoreError>, what: &str| match result {
+        Err(StoreError::ClaimLost { name }) => assert_eq!(name, handler),
+        other => panic!("{what} with a lost claim must fail with ClaimLost, got {other:?}"),
+    };
+    match store.park(parked(7), Some(&first)).await {
+        Err(StoreError::ClaimLost { .. }) => {}
+        other => panic!("a park with a lost claim must fail with ClaimLost, got {other:?}"),
+    }
+    lost(store.set_parked_status(&handler, Position(3), ParkedStatus::Parked, Some(&first)).await, "a status");
+    lost(store.parked_retry_failed(&handler, Position(3), "late", Some(&first)).await, "a failed retry");
+    lost(store.unpark(&handler, Position(4), Some(&first)).await, "an unpark");
+    let now = store.parked(&handler).await.expect("list");
+    let positions: Vec<u64> = now.iter().map(|p| p.position.0).collect();
+    assert_eq!(positions, [3, 4], "nothing written under the lost claim");
+    assert_eq!((now[0].status, now[0].error.as_str()), (ParkedStatus::RetryRequested, "boom"));
+    // The new holder writes.
+    assert!(store.unpark(&handler, Position(4), Some(&next)).await.expect("the new holder unparks"));
+    store.park(parked(7), Some(&next)).await.expect("the new holder parks");
+    let positions: Vec<u64> = store.parked(&handler).await.expect("list").iter().map(|p| p.position.0).collect();
+    assert_eq!(positions, [3, 7]);
 }
 
 /// Process manager state is saved, replaced, fenced by a claim and deleted; scheduled

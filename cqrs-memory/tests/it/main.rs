@@ -6,6 +6,7 @@ mod conformance;
 mod dispatcher;
 mod exclusive;
 mod handlers;
+mod lease;
 mod parking;
 mod partitions;
 mod properties;
