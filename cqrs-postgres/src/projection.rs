@@ -111,6 +111,17 @@ impl<P: PgProjection> BatchHandler for Transactional<P> {
                 return Err(StoreError::ClaimLost { name: claim.name.clone() }.into());
             }
         }
+        // The checkpoint guard, inside this transaction: a commit of an earlier attempt whose
+        // outcome we never learnt (a cut socket, a synchronous standby) may still be in flight,
+        // holding the checkpoint row; this waits for it and leaves out what it covered, so no
+        // event is applied twice.
+        let mut events = events;
+        if let Some(saved) = lock_checkpoint(&mut transaction, self.projection.name()).await? {
+            if saved >= through {
+                return Ok(());
+            }
+            events.retain(|event| event.position > saved);
+        }
         if !events.is_empty() {
             self.projection.apply(&mut transaction, &events).await?;
         }
@@ -118,6 +129,30 @@ impl<P: PgProjection> BatchHandler for Transactional<P> {
         transaction.commit().await.map_err(to_store_error)?;
         Ok(())
     }
+}
+
+/// Locks checkpoint `name` for the rest of the caller's transaction and returns it (`None` if
+/// there is none yet). A missing row is created first (it commits only with the transaction,
+/// which then saves its own position), so two transactions of one projection always meet on
+/// one row: the second waits until the first has ended, then reads what it committed.
+async fn lock_checkpoint(connection: &mut PgConnection, name: &str) -> Result<Option<Position>, StoreError> {
+    let created =
+        sqlx::query("INSERT INTO cqrs_checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .execute(&mut *connection)
+            .await
+            .map_err(to_store_error)?;
+    if created.rows_affected() > 0 {
+        return Ok(None);
+    }
+    let position: i64 = sqlx::query_scalar("SELECT position FROM cqrs_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_one(&mut *connection)
+        .await
+        .map_err(to_store_error)?;
+    let position =
+        u64::try_from(position).map_err(|_| StoreError::Corrupt(format!("checkpoint {name:?} at {position}")))?;
+    Ok(Some(Position(position)))
 }
 
 /// Starts `projection` on `store`: batches of up to [`DEFAULT_MAX_BATCH`] events, each applied

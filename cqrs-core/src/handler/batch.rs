@@ -76,7 +76,7 @@ where
 {
     let config = RunnerConfig { checkpoints: Checkpoints::Store, ..config };
     let name = handler.name().to_owned();
-    let (status, status_rx, stop_tx, stop_rx) = super::channels(&name, &config, progress);
+    let (status, status_rx, stop_tx, stop_rx) = super::channels(&name, &config, progress, &store);
     let task = tokio::spawn(run(store, handler, config, max_batch.max(1), status, stop_rx));
     RunningHandler { name, status: status_rx, stop: stop_tx, task }
 }

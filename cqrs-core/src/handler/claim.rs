@@ -8,7 +8,16 @@
 //! instant unless the claim was renewed; another process can take the claim only after the
 //! store's expiry. So their active periods cannot overlap. Writes the store makes on the
 //! runner's behalf are fenced by the claim's token on top of that
-//! ([`EventStore::save_checkpoint_claimed`]).
+//! ([`EventStore::save_checkpoint_claimed`], and the fenced parked-event writes).
+//!
+//! "The runner acts" covers every path: the feeder's reads and their back-off, each worker's
+//! handling and retries (a worker ends its own work when the lease ends, whatever the feeder
+//! is doing), park writes, and a graceful stop's last events and saves.
+//!
+//! **Assumption**: the store's clock (the database server's, for a shared store) does not
+//! step by more than a tenth of the ttl while a claim is held, and the two clocks' rates
+//! differ by less than that: a clock stepped forward expires the claim early and lets a
+//! standby in while the holder still acts. Run NTP so that it slews rather than steps.
 
 use std::sync::Arc;
 use std::time::Duration;

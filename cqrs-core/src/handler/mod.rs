@@ -177,6 +177,23 @@ impl HandlerStatus {
     }
 }
 
+/// Reads a handler's checkpoint from the store: how a process that stands by for an exclusive
+/// handler learns how far the active process has got.
+type CheckpointReader =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Option<Position>, StoreError>> + Send>> + Send + Sync>;
+
+/// What a [`Progress`] registry knows of one runner.
+#[derive(Clone)]
+struct Registered {
+    status: watch::Receiver<HandlerStatus>,
+    /// For runners with checkpoints in the store.
+    checkpoint: Option<CheckpointReader>,
+}
+
+/// How often a wait for an exclusive handler that another process runs reads its checkpoint
+/// (first, then doubling up to the second).
+const CHECKPOINT_POLL: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
+
 /// Why waiting for a handler's progress failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -185,7 +202,10 @@ pub enum ProgressError {
     #[error("no handler named {0:?} is registered")]
     UnknownHandler(String),
     /// The handler did not reach the position in time (it may be stuck; see its status).
-    #[error("handler {name:?} did not reach {position} within {timeout:?}")]
+    #[error(
+        "handler {name:?} did not reach {position} within {timeout:?}{}",
+        last_failure.as_ref().map(|failure| format!("; its last failure: {failure}")).unwrap_or_default()
+    )]
     Timeout {
         /// The handler.
         name: String,
@@ -193,6 +213,9 @@ pub enum ProgressError {
         position: Position,
         /// How long we waited.
         timeout: Duration,
+        /// Why it is behind, if it failed while we waited (the event, the attempt and the
+        /// handler's error, or why its checkpoint could not be read).
+        last_failure: Option<String>,
     },
     /// The handler's runner stopped before reaching the position.
     #[error("handler {0:?} stopped")]
@@ -201,9 +224,15 @@ pub enum ProgressError {
 
 /// A registry of handler progress shared by runners (which report) and dispatchers (which wait
 /// for read-your-writes). Cheap to clone.
+///
+/// Waiting works on every node: a runner that is active here is watched directly; for an
+/// exclusive runner that stands by here (another process holds its claim) the wait reads the
+/// handler's checkpoint from the store instead, so a read-your-writes request sent to any node
+/// of a cluster returns once the holder, wherever it runs, has saved a checkpoint at or past
+/// the command's events (within its `checkpoint_delay`, 100 ms by default, of handling them).
 #[derive(Clone, Default)]
 pub struct Progress {
-    handlers: Arc<Mutex<HashMap<String, watch::Receiver<HandlerStatus>>>>,
+    handlers: Arc<Mutex<HashMap<String, Registered>>>,
 }
 
 impl fmt::Debug for Progress {
@@ -219,9 +248,9 @@ impl Progress {
         Self::default()
     }
 
-    fn register(&self, name: &str, status: watch::Receiver<HandlerStatus>) {
+    fn register(&self, name: &str, status: watch::Receiver<HandlerStatus>, checkpoint: Option<CheckpointReader>) {
         let mut handlers = self.handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        handlers.insert(name.to_owned(), status);
+        handlers.insert(name.to_owned(), Registered { status, checkpoint });
     }
 
     /// Whether a runner named `name` reports to this registry.
@@ -232,31 +261,71 @@ impl Progress {
     /// The latest status of a handler.
     pub fn status(&self, name: &str) -> Option<HandlerStatus> {
         let handlers = self.handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        handlers.get(name).map(|status| status.borrow().clone())
+        handlers.get(name).map(|registered| registered.status.borrow().clone())
     }
 
     /// The latest status of every registered handler, sorted by name.
     pub fn statuses(&self) -> Vec<HandlerStatus> {
         let handlers = self.handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut statuses: Vec<_> = handlers.values().map(|status| status.borrow().clone()).collect();
+        let mut statuses: Vec<_> = handlers.values().map(|registered| registered.status.borrow().clone()).collect();
         statuses.sort_by(|a, b| a.name.cmp(&b.name));
         statuses
     }
 
-    /// Waits until handler `name` has processed `position`.
+    /// Waits until handler `name` has processed `position`: here, if its runner is active in
+    /// this process, or by its checkpoint in the store, if it stands by here. A timeout names
+    /// the handler's last failure seen while waiting.
     pub async fn wait_for(&self, name: &str, position: Position, timeout: Duration) -> Result<(), ProgressError> {
-        let receiver = {
+        let registered = {
             let handlers = self.handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             handlers.get(name).cloned()
         };
-        let Some(mut receiver) = receiver else {
+        let Some(Registered { status: mut receiver, checkpoint }) = registered else {
             return Err(ProgressError::UnknownHandler(name.to_owned()));
         };
-        let reached = async { receiver.wait_for(|status| status.position >= position).await.map(|_| ()) };
-        match tokio::time::timeout(timeout, reached).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_closed)) => Err(ProgressError::Stopped(name.to_owned())),
-            Err(_elapsed) => Err(ProgressError::Timeout { name: name.to_owned(), position, timeout }),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last_failure: Option<String> = None;
+        let mut poll = CHECKPOINT_POLL.0;
+        loop {
+            let status = receiver.borrow_and_update().clone();
+            if status.position >= position {
+                return Ok(());
+            }
+            if let HandlerState::Retrying { position, attempts, error }
+            | HandlerState::Stuck { position, attempts, error } = &status.state
+            {
+                last_failure = Some(format!("{position}, attempt {attempts}: {error}"));
+            }
+            if status.state == HandlerState::Stopped {
+                return Err(ProgressError::Stopped(name.to_owned()));
+            }
+            // Another process is (or may be) the active consumer: its checkpoint tells.
+            let elsewhere = match (&checkpoint, &status.state) {
+                (Some(read), HandlerState::Standby { .. } | HandlerState::Starting) => Some(read),
+                _ => None,
+            };
+            if let Some(read) = elsewhere {
+                match read().await {
+                    Ok(Some(saved)) if saved >= position => return Ok(()),
+                    Ok(_) => {}
+                    Err(error) => last_failure = Some(format!("reading its checkpoint: {error}")),
+                }
+            }
+            let poll_at = elsewhere.map(|_| tokio::time::Instant::now() + poll);
+            tokio::select! {
+                changed = receiver.changed() => {
+                    if changed.is_err() {
+                        if receiver.borrow().position >= position {
+                            return Ok(());
+                        }
+                        return Err(ProgressError::Stopped(name.to_owned()));
+                    }
+                }
+                () = runner::sleep_until_some(poll_at) => poll = (poll * 2).min(CHECKPOINT_POLL.1),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(ProgressError::Timeout { name: name.to_owned(), position, timeout, last_failure });
+                }
+            }
         }
     }
 }
@@ -329,51 +398,63 @@ pub enum ErrorPolicy {
     },
 }
 
-/// Tuning for a handler runner.
+/// Tuning for a handler runner. Every field has a default ([`RunnerConfig::default`]), named
+/// on the field; set the ones you need with `..RunnerConfig::default()`.
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
-    /// Where to start without a checkpoint.
+    /// Where to start without a checkpoint. Default: [`StartFrom::Origin`].
     pub start_from: StartFrom,
-    /// First retry delay after a failure; doubles up to `max_backoff`.
+    /// First retry delay after a failure (of the handler, or of a store call); doubles up to
+    /// `max_backoff`. Default: 20 ms.
     pub initial_backoff: Duration,
-    /// Longest retry delay.
+    /// Longest retry delay. An exclusive runner never waits past its lease, however long
+    /// this is. Default: 5 s.
     pub max_backoff: Duration,
     /// After failing on one event for this long, the status becomes [`HandlerState::Stuck`].
+    /// Default: 30 s.
     pub stuck_after: Duration,
-    /// Save the checkpoint at least every this many events.
+    /// Save the checkpoint at least every this many events. Default: 256.
     pub checkpoint_every: u32,
     /// When caught up, save the checkpoint once no new event has come for this long. A
     /// trickle of events (one command at a time) then costs one checkpoint write per pause,
-    /// not one per event; `Duration::ZERO` saves at once whenever caught up.
+    /// not one per event; `Duration::ZERO` saves at once whenever caught up. It is also how
+    /// soon other processes see this runner's progress ([`Progress::wait_for`] on a node
+    /// that stands by). Default: 100 ms.
     pub checkpoint_delay: Duration,
-    /// Events read per store call.
+    /// Events read per store call. Default: 512.
     pub page_size: usize,
-    /// Upcasters for decoding.
+    /// Upcasters for decoding. Default: none.
     pub upcasters: Upcasters,
-    /// Where the checkpoint is kept.
+    /// Where the checkpoint is kept. Default: [`Checkpoints::Store`].
     pub checkpoints: Checkpoints,
-    /// One process at a time, or every process.
+    /// One process at a time, or every process. Default: [`Placement::Auto`] (exclusive with
+    /// checkpoints in the store).
     pub placement: Placement,
-    /// What to do with an event that keeps failing.
+    /// What to do with an event that keeps failing. Default: [`ErrorPolicy::RetryForever`].
     pub on_error: ErrorPolicy,
     /// Tasks handling events at once (at least 1). With more than one, events are spread by
     /// [`EventHandler::partition_key`]: in order within a key, in parallel across keys; the
-    /// checkpoint moves only past positions below which every event is handled.
+    /// checkpoint moves only past positions below which every event is handled. Default: 1.
     pub workers: usize,
-    /// This process's identity in claims (default: [`default_owner`](crate::default_owner)).
+    /// This process's identity in claims. Default: [`default_owner`](crate::default_owner)
+    /// (`host:pid:random`).
     pub owner: String,
     /// How long a claim lasts unless renewed (renewed every third of it). An exclusive
-    /// handler whose process dies is taken over within `claim_ttl + claim_retry`.
+    /// handler whose process dies is taken over within `claim_ttl + claim_retry`. The holder
+    /// acts only for 90 % of it after asking, so a lease assumes that the store's clock
+    /// (the database server's) does not step by more than a tenth of `claim_ttl` while it is
+    /// held: run NTP slewing, not stepping. Default: 3 s.
     pub claim_ttl: Duration,
-    /// How often a standby asks for the claim.
+    /// How often a standby asks for the claim. Default: 1 s.
     pub claim_retry: Duration,
-    /// How often a runner with parked events looks for operators' retry requests.
+    /// How often a runner with parked events looks for operators' retry requests and
+    /// discards. Default: 1 s.
     pub parked_poll: Duration,
     /// The longest a graceful [`RunningHandler::stop`] waits for the events in hand, the last
     /// checkpoint save and giving the claim up (a store that is down must not hold a shutdown).
     /// Past it the events in hand are dropped half-done (handled again by the next holder)
     /// and an unreleased claim lapses after `claim_ttl`. An exclusive runner's stop never
-    /// runs past its lease, whatever this says.
+    /// runs past its lease, whatever this says. Default: 5 s.
     pub stop_timeout: Duration,
 }
 
@@ -443,7 +524,10 @@ impl RunningHandler {
     }
 
     /// Stops the runner after the events in hand, saves the checkpoint, gives up its claim (so
-    /// a standby takes over at once), and waits for it.
+    /// a standby takes over at once), and waits for it. Bounded: at most
+    /// [`RunnerConfig::stop_timeout`] (and never past an exclusive runner's lease) for the
+    /// events in hand and the saves, however the store is doing; what is not done by then is
+    /// dropped and handled again by the next holder.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         if let Err(error) = self.task.await {
@@ -476,7 +560,7 @@ where
     H: EventHandler,
 {
     let name = handler.name().to_owned();
-    let (status_tx, status_rx, stop_tx, stop_rx) = channels(&name, &config, progress);
+    let (status_tx, status_rx, stop_tx, stop_rx) = channels(&name, &config, progress, &store);
     let task = tokio::spawn(runner::run(store, handler, config, status_tx, stop_rx));
     RunningHandler { name, status: status_rx, stop: stop_tx, task }
 }
@@ -515,11 +599,13 @@ impl HandlerMetrics {
     }
 }
 
-/// A new runner's status channel (registered with `progress`) and stop channel.
-fn channels(
+/// A new runner's status channel (registered with `progress`, with a reader of its checkpoint
+/// in `store` when it keeps one there) and stop channel.
+fn channels<S: EventStore + ?Sized>(
     name: &str,
     config: &RunnerConfig,
     progress: &Progress,
+    store: &Arc<S>,
 ) -> (watch::Sender<HandlerStatus>, watch::Receiver<HandlerStatus>, watch::Sender<bool>, watch::Receiver<bool>) {
     let (status_tx, status_rx) = watch::channel(HandlerStatus {
         name: name.to_owned(),
@@ -529,7 +615,15 @@ fn channels(
         placement: config.placement.resolve(config.checkpoints),
         parked: 0,
     });
-    progress.register(name, status_rx.clone());
+    let checkpoint = (config.checkpoints == Checkpoints::Store).then(|| {
+        let (store, name) = (Arc::clone(store), name.to_owned());
+        Arc::new(move || {
+            let (store, name) = (Arc::clone(&store), name.clone());
+            Box::pin(async move { store.load_checkpoint(&name).await })
+                as std::pin::Pin<Box<dyn Future<Output = Result<Option<Position>, StoreError>> + Send>>
+        }) as CheckpointReader
+    });
+    progress.register(name, status_rx.clone(), checkpoint);
     let (stop_tx, stop_rx) = watch::channel(false);
     (status_tx, status_rx, stop_tx, stop_rx)
 }

@@ -57,6 +57,7 @@ macro_rules! conformance_tests {
             handlers_take_their_category_only,
             command_ids_are_forgotten_when_pruned,
             follow_up_commands_are_idempotent_and_traceable,
+            strong_consistency_from_a_standby_process,
             claims_have_one_holder_at_a_time,
             claims_expire_and_fence_checkpoints,
             parked_events_round_trip,
@@ -1099,6 +1100,92 @@ pub async fn handlers_take_their_category_only<S: EventStore + ?Sized>(store: Ar
     progress.wait_for("account-owners", last.last_position, Duration::from_secs(10)).await.expect("caught up");
     runner.stop().await;
     assert_eq!(*seen.lock().expect("lock"), vec!["ada".to_owned()], "only the account's Opened is handled");
+}
+
+/// Read-your-writes through any process: a dispatch with
+/// [`Consistency::Strong`](crate::Consistency) through a process whose runner of an exclusive
+/// handler stands by (another process holds the claim) returns once the holder has handled
+/// the command's events, learnt from the handler's checkpoint in the store; and a handler that
+/// keeps failing makes the wait time out naming its error.
+pub async fn strong_consistency_from_a_standby_process<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::dispatcher::{Consistency, DispatchError};
+    use crate::handler::{spawn_handler, EventHandler, HandlerError, HandlerState, Progress, RunnerConfig};
+    use crate::testing::counter::CounterEvent;
+    use crate::Envelope;
+    use std::sync::Mutex;
+
+    struct Totals {
+        name: String,
+        seen: Arc<Mutex<Vec<Position>>>,
+        failing: Option<&'static str>,
+    }
+    impl EventHandler for Totals {
+        type Event = CounterEvent;
+        fn name(&self) -> &str {
+            &self.name
+        }
+        async fn handle(&self, event: Envelope<CounterEvent>) -> Result<(), HandlerError> {
+            if let Some(error) = self.failing {
+                return Err(HandlerError::new(error));
+            }
+            self.seen.lock().expect("lock").push(event.position);
+            Ok(())
+        }
+    }
+
+    let name = format!("totals-{}", uuid::Uuid::new_v4().simple());
+    let config = |owner: &str| RunnerConfig {
+        owner: owner.to_owned(),
+        checkpoint_delay: Duration::from_millis(10),
+        claim_retry: Duration::from_millis(50),
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(50),
+        ..RunnerConfig::default()
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (node_1, node_2) = (Progress::new(), Progress::new());
+    let holder = Totals { name: name.clone(), seen: Arc::clone(&seen), failing: None };
+    let holder = spawn_handler(Arc::clone(&store), holder, config("node-1"), &node_1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !holder.status().is_active() {
+        assert!(tokio::time::Instant::now() < deadline, "node-1 never took the claim");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let standby = Totals { name: name.clone(), seen: Arc::default(), failing: None };
+    let standby = spawn_handler(Arc::clone(&store), standby, config("node-2"), &node_2);
+    while !matches!(standby.status().state, HandlerState::Standby { .. }) {
+        assert!(tokio::time::Instant::now() < deadline, "node-2 never stood by: {:?}", standby.status());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let through_node_2 = Dispatcher::<Counter, S>::new(Arc::clone(&store)).with_progress(node_2.clone());
+    let id = (uuid::Uuid::new_v4().as_u128() % 1_000_000) as u32;
+    for n in 0..3 {
+        let strong = Consistency::strong([&name]).with_timeout(Duration::from_secs(20));
+        let outcome = through_node_2
+            .dispatch_with(CounterCommand::Increment { id, by: n + 1 }.into(), &strong)
+            .await
+            .unwrap_or_else(|error| panic!("read-your-writes through the standby node: {error}"));
+        let position = outcome.appended.expect("stored").last_position;
+        assert!(seen.lock().expect("lock").contains(&position), "answered before the holder handled {position}");
+    }
+    assert!(matches!(standby.status().state, HandlerState::Standby { .. }), "node-2 still stands by");
+    holder.stop().await;
+    standby.stop().await;
+
+    // A handler that keeps failing: the timeout says why.
+    let broken = format!("broken-{}", uuid::Uuid::new_v4().simple());
+    let progress = Progress::new();
+    let failing = Totals { name: broken.clone(), seen: Arc::default(), failing: Some("no such table: totals") };
+    let runner = spawn_handler(Arc::clone(&store), failing, config("node-3"), &progress);
+    let dispatcher = Dispatcher::<Counter, S>::new(Arc::clone(&store)).with_progress(progress.clone());
+    let strong = Consistency::strong([&broken]).with_timeout(Duration::from_millis(500));
+    match dispatcher.dispatch_with(CounterCommand::Increment { id, by: 1 }.into(), &strong).await {
+        Err(error @ DispatchError::ConsistencyTimeout { .. }) => {
+            assert!(error.to_string().contains("no such table: totals"), "the cause is named: {error}");
+        }
+        other => panic!("expected a consistency timeout, got {other:?}"),
+    }
+    runner.stop().await;
 }
 
 /// Command ids are remembered until pruned: `prune_commands(t)` forgets those stored before

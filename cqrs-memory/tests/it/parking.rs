@@ -165,3 +165,64 @@ async fn parked_events_survive_a_restart_and_keep_holding_their_sequence_back() 
     assert_eq!(restarted.handled(), [4, 1, 3]);
     second.stop().await;
 }
+
+/// Handles like [`Picky`], but a retry of `held` waits at a gate the test opens.
+#[derive(Clone)]
+struct Gated {
+    picky: Picky,
+    held: u64,
+    inside: Arc<std::sync::atomic::AtomicBool>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl EventHandler for Gated {
+    type Event = CounterEvent;
+    fn name(&self) -> &str {
+        "picky"
+    }
+    async fn handle(&self, event: Envelope<CounterEvent>) -> Result<(), HandlerError> {
+        let retrying = !self.picky.failing.lock().expect("lock").contains(&event.position.0);
+        if event.position.0 == self.held && retrying {
+            self.inside.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _permit = self.gate.acquire().await.map_err(HandlerError::new)?;
+        }
+        self.picky.handle(event).await
+    }
+}
+
+#[tokio::test]
+async fn discarding_an_event_while_its_retry_runs_counts_it_once_and_keeps_polling() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    alternate(&dispatcher, 4).await;
+    let progress = Progress::new();
+    // 3 (counter-1) and 4 (counter-2) fail: two parked events, nothing behind them.
+    let gated = Gated {
+        picky: Picky::failing_at(&[3, 4]),
+        held: 3,
+        inside: Arc::default(),
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+    };
+    let running = spawn_handler(Arc::clone(&store), gated.clone(), parking(), &progress);
+    progress.wait_for("picky", Position(4), Duration::from_secs(20)).await.expect("went on");
+    let parked = ParkedEvents::new(Arc::clone(&store));
+    wait_until("two parked", || running.status().parked == 2).await;
+
+    // Fixed for 3; its retry is in the handler when an operator discards it.
+    gated.picky.failing.lock().expect("lock").remove(&3);
+    assert!(parked.retry("picky", Position(3)).await.expect("retry"));
+    wait_until("the retry is in the handler", || gated.inside.load(std::sync::atomic::Ordering::SeqCst)).await;
+    assert!(parked.discard("picky", Position(3)).await.expect("discard"));
+    wait_until("the runner sees the discard", || running.status().parked == 1).await;
+    gated.gate.add_permits(1);
+    wait_until("the retry ran", || gated.picky.handled().contains(&3)).await;
+    assert_eq!(parked_positions(&parked).await, [4]);
+
+    // Still counted: 4 is parked, so retry requests are still looked for.
+    gated.picky.failing.lock().expect("lock").clear();
+    assert!(parked.retry("picky", Position(4)).await.expect("retry"));
+    wait_until("4 is retried", || gated.picky.handled().contains(&4)).await;
+    wait_until("nothing parked", || running.status().parked == 0).await;
+    assert!(parked_positions(&parked).await.is_empty());
+    running.stop().await;
+}

@@ -9,6 +9,7 @@ mod faults;
 mod listener;
 mod multi_process;
 mod ordering;
+mod projection;
 mod restart;
 mod schema;
 mod support;
