@@ -2,14 +2,17 @@
 //! and one per client address (the mini-redis pattern: a semaphore whose permit lives as long
 //! as the connection), commands per address, and new rooms per address per minute. Each limit
 //! that is hit is counted on `/metrics` ([`crate::metrics::Limit`]) and answered with a message
-//! that says which limit it was.
+//! that says which limit it was. Per-address limits are keyed by [`ClientAddress`]: clients a
+//! trusted proxy does not name ([`ClientAddress::Unknown`]) share one bucket of each, apart
+//! from every real address (the proxy's own included).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::web::security::ClientAddress;
 
 /// The limits' settings.
 #[derive(Debug, Clone)]
@@ -84,14 +87,14 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 /// Open connections per client address.
 #[derive(Debug, Default)]
 pub struct AddressCounts {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<HashMap<ClientAddress, usize>>,
 }
 
 /// One connection counted for an address; released on drop.
 #[derive(Debug)]
 pub struct AddressPermit {
     counts: Arc<AddressCounts>,
-    address: IpAddr,
+    address: ClientAddress,
 }
 
 impl Drop for AddressPermit {
@@ -137,8 +140,8 @@ pub struct Limits {
     config: LimitsConfig,
     connections: Arc<Semaphore>,
     addresses: Arc<AddressCounts>,
-    commands: Buckets<IpAddr>,
-    rooms: Buckets<IpAddr>,
+    commands: Buckets<ClientAddress>,
+    rooms: Buckets<ClientAddress>,
 }
 
 impl Limits {
@@ -159,7 +162,7 @@ impl Limits {
     }
 
     /// A place under the global cap, and under `address`'s if given.
-    pub fn connect(&self, address: Option<IpAddr>) -> Result<ConnectionPermit, Refusal> {
+    pub fn connect(&self, address: Option<ClientAddress>) -> Result<ConnectionPermit, Refusal> {
         let global = Arc::clone(&self.connections)
             .try_acquire_owned()
             .map_err(|_| Refusal::ServerFull(self.config.max_connections))?;
@@ -168,7 +171,7 @@ impl Limits {
     }
 
     /// A place under `address`'s connection cap.
-    pub fn count_address(&self, address: IpAddr) -> Result<AddressPermit, Refusal> {
+    pub fn count_address(&self, address: ClientAddress) -> Result<AddressPermit, Refusal> {
         let mut counts = self.addresses.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(address).or_default();
         if *count >= self.config.max_connections_per_address {
@@ -179,12 +182,12 @@ impl Limits {
     }
 
     /// Takes one command from `address`'s budget.
-    pub fn command(&self, address: IpAddr) -> Result<(), Refusal> {
+    pub fn command(&self, address: ClientAddress) -> Result<(), Refusal> {
         self.commands.take(&address, Instant::now()).map_err(|wait| Refusal::Commands(wait.as_secs().max(1)))
     }
 
     /// Takes one new room from `address`'s budget.
-    pub fn new_room(&self, address: IpAddr) -> Result<(), Refusal> {
+    pub fn new_room(&self, address: ClientAddress) -> Result<(), Refusal> {
         self.rooms
             .take(&address, Instant::now())
             .map_err(|wait| Refusal::Rooms(self.config.rooms_per_minute, wait.as_secs().max(1)))
@@ -216,8 +219,8 @@ mod tests {
     fn connection_caps_are_released_with_their_permits() {
         let limits =
             Limits::new(LimitsConfig { max_connections: 3, max_connections_per_address: 2, ..LimitsConfig::default() });
-        let a: IpAddr = "10.0.0.1".parse().expect("ip");
-        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let a = ClientAddress::Known("10.0.0.1".parse().expect("ip"));
+        let b = ClientAddress::Known("10.0.0.2".parse().expect("ip"));
         let first = limits.connect(Some(a)).expect("first");
         let _second = limits.connect(Some(a)).expect("second");
         assert_eq!(limits.connect(Some(a)).expect_err("third from a"), Refusal::AddressFull(2));
@@ -225,5 +228,8 @@ mod tests {
         assert_eq!(limits.connect(None).expect_err("server full"), Refusal::ServerFull(3));
         drop(first);
         assert!(limits.connect(Some(a)).is_ok(), "a place freed");
+        drop(_third);
+        let _unknown = limits.connect(Some(ClientAddress::Unknown)).expect("unknown has its own");
+        assert_eq!(limits.command(ClientAddress::Unknown), Ok(()));
     }
 }

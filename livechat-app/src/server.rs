@@ -9,6 +9,10 @@
 //!   how long a keep-alive connection may sit idle;
 //! - keeps its places for as long as it is open, websockets included.
 //!
+//! An optional second listener, the admin listener (`--admin-listen`, loopback only), serves
+//! the same routes; its requests are marked [`Listener::Admin`], which is what opens the admin
+//! routes without a token ([`crate::web::admin`]), and no `X-Forwarded-*` is believed there.
+//!
 //! [`HttpConfig::header_read_timeout`]: crate::state::HttpConfig
 
 use std::future::Future;
@@ -30,7 +34,7 @@ use tower_service::Service;
 
 use crate::limits::{ConnectionPermit, Refusal};
 use crate::metrics::Limit;
-use crate::web::security::Peer;
+use crate::web::security::{ClientAddress, Listener, Peer};
 use crate::App;
 
 /// Why the server could not start.
@@ -54,6 +58,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The admin listener was given an address that is not loopback.
+    #[error("--admin-listen {0}: the admin listener opens the admin routes to every peer, so it must be a loopback address (127.0.0.1:PORT or [::1]:PORT)")]
+    AdminNotLoopback(SocketAddr),
     /// Serving failed.
     #[error("server: {0}")]
     Serve(#[source] std::io::Error),
@@ -110,6 +117,15 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     bind().map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// Binds the admin listener at `addr`, which must be a loopback address (every peer of it is
+/// admin).
+pub fn bind_admin(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    if !addr.ip().is_loopback() {
+        return Err(ServerError::AdminNotLoopback(addr));
+    }
+    bind(addr)
+}
+
 /// A connection's places under the connection caps, in each of its requests' extensions: a
 /// websocket keeps a clone for as long as it is open.
 #[derive(Debug, Clone)]
@@ -122,27 +138,39 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_with_admin(listener, None, app, shutdown).await
+}
+
+/// [`serve`], and the admin listener `admin` (from [`bind_admin`]) beside it.
+pub async fn serve_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let state = Arc::clone(app.state());
     let router = app.router();
     let (stop_tx, stop) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, or a connection reset before it was accepted:
-                    // wait a little rather than spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let (accepted, entry) = tokio::select! {
+            accepted = listener.accept() => (accepted, Listener::Public),
+            accepted = accept_on(admin.as_ref()) => (accepted, Listener::Admin),
             () = &mut shutdown => break,
         };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, or a connection reset before it was accepted:
+                // wait a little rather than spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let direct = !state.config.trusted_proxies.contains(peer.ip());
-        let permit = match state.limits.connect(direct.then_some(peer.ip())) {
+        let direct = entry == Listener::Admin || !state.config.trusted_proxies.contains(peer.ip());
+        let permit = match state.limits.connect(direct.then_some(ClientAddress::Known(peer.ip()))) {
             Ok(permit) => ConnectionGuard(Arc::new(permit)),
             Err(refusal) => {
                 state.metrics.limited(match refusal {
@@ -153,8 +181,9 @@ pub async fn serve(
                 continue;
             }
         };
-        tokio::spawn(connection(stream, peer, permit, router.clone(), Arc::clone(&state), stop.clone()));
+        tokio::spawn(connection(stream, peer, entry, permit, router.clone(), Arc::clone(&state), stop.clone()));
     }
+    drop(admin);
     drop(listener);
     // Views close first (they are upgraded connections, outside the HTTP server's drain).
     let _ = stop_tx.send(true);
@@ -172,10 +201,19 @@ pub async fn serve(
     Ok(())
 }
 
+/// Accepts on `listener`, or never when there is none.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one connection until it closes, or gracefully ends it when the server stops.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    entry: Listener,
     permit: ConnectionGuard,
     router: axum::Router,
     state: Arc<crate::AppState>,
@@ -183,6 +221,7 @@ async fn connection(
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(Peer(peer));
+        request.extensions_mut().insert(entry);
         request.extensions_mut().insert(permit.clone());
         let mut router = router.clone();
         async move { router.call(request.map(Body::new)).await }
@@ -222,4 +261,23 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_listener_is_loopback_only() {
+        for addr in ["0.0.0.0:0", "[::]:0", "192.0.2.1:4001"] {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            assert!(matches!(bind_admin(addr), Err(ServerError::AdminNotLoopback(a)) if a == addr), "{addr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_admin_listener_binds_on_loopback() {
+        let listener = bind_admin("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        assert!(listener.local_addr().expect("addr").ip().is_loopback());
+    }
 }

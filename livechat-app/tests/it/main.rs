@@ -6,5 +6,6 @@ mod domain;
 mod durability;
 mod features;
 mod notifier;
+mod proxy;
 mod support;
 mod websocket;

@@ -12,7 +12,7 @@ use cqrs_core::{
 };
 use cqrs_memory::MemoryStore;
 use futures_util::{SinkExt, StreamExt};
-use livechat_app::server::{bind, serve};
+use livechat_app::server::{bind, bind_admin, serve_with_admin};
 use livechat_app::{App, AppConfig, AppState};
 use serde_json::Value;
 use std::process::Stdio;
@@ -125,6 +125,8 @@ impl EventStore for FaultyStore {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin listener (loopback only; admin routes answer there without a token).
+    pub admin: SocketAddr,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -149,15 +151,17 @@ impl TestServer {
         let state = Arc::clone(app.state());
         let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let admin_listener = bind_admin("127.0.0.1:0".parse().expect("addr")).expect("bind admin");
+        let admin = admin_listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve(listener, app, async {
+            serve_with_admin(listener, Some(admin_listener), app, async {
                 let _ = stopped.await;
             })
             .await
             .expect("serve");
         });
-        Self { addr, state, stop: Some(stop), task: Some(task) }
+        Self { addr, admin, state, stop: Some(stop), task: Some(task) }
     }
 
     /// Shuts the server down gracefully and waits for it.
@@ -215,22 +219,44 @@ impl TestServer {
         self.request(&request).await
     }
 
+    /// `GET path` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Response {
+        request_to(self.admin, &format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin))
+            .await
+    }
+
+    /// `POST path` of a urlencoded form on the admin listener, from its own page (`Origin`).
+    pub async fn admin_post(&self, path: &str, form: &str, headers: &str) -> Response {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://{admin}\r\nContent-Type: \
+             application/x-www-form-urlencoded\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{form}",
+            form.len(),
+            admin = self.admin,
+        );
+        request_to(self.admin, &request).await
+    }
+
     /// Sends a raw HTTP request and reads the whole answer.
     pub async fn request(&self, request: &str) -> Response {
-        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut raw = Vec::new();
-        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut raw)).await.expect("response in time").expect("read");
-        let raw = String::from_utf8(raw).expect("utf-8 response");
-        let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-        let mut lines = head.lines();
-        let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        Response { status, headers, body: body.to_owned() }
+        request_to(self.addr, request).await
     }
+}
+
+/// Sends a raw HTTP request to `addr` and reads the whole answer.
+pub async fn request_to(addr: SocketAddr, request: &str) -> Response {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut raw)).await.expect("response in time").expect("read");
+    let raw = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Response { status, headers, body: body.to_owned() }
 }
 
 impl Drop for TestServer {
