@@ -273,6 +273,9 @@ pub struct AppProcess {
     #[allow(dead_code)] // used by the browser test
     pub base: String,
     pub addr: SocketAddr,
+    /// The admin listener's address, as printed (none with `--admin-listen off`).
+    #[allow(dead_code)] // used by the proxy tests
+    pub admin: Option<SocketAddr>,
 }
 
 impl AppProcess {
@@ -283,25 +286,36 @@ impl AppProcess {
     /// Starts the binary with `args`, in `dir` if given, without `DATABASE_URL` or `LISTEN` from
     /// the environment.
     pub async fn start_with(args: &[&str], dir: Option<&std::path::Path>) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_livechat-app"));
+        Self::start_command(Self::command(args, dir)).await
+    }
+
+    /// The command that starts the binary (`LIVECHAT_TEST_BIN` names another build of it, e.g.
+    /// an older one to see a test fail) with `args`, in `dir` if given, without `DATABASE_URL`
+    /// or `LISTEN` from the environment.
+    pub fn command(args: &[&str], dir: Option<&std::path::Path>) -> Command {
+        let binary =
+            std::env::var("LIVECHAT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_livechat-app").to_owned());
+        let mut command = Command::new(binary);
         if let Some(dir) = dir {
             command.current_dir(dir);
         }
-        let mut child = command
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("LISTEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start livechat-app");
+        command.args(args).env_remove("DATABASE_URL").env_remove("LISTEN").env("RUST_LOG", "warn");
+        command
+    }
+
+    /// Starts `command` (from [`AppProcess::command`]) and waits for its address.
+    pub async fn start_command(mut command: Command) -> Self {
+        let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("start livechat-app");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let base = tokio::time::timeout(TIMEOUT, async {
+        let (base, admin) = tokio::time::timeout(TIMEOUT, async {
+            let mut admin = None;
             while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(url) = line.strip_prefix("livechat: admin (this machine only): http://") {
+                    admin = url.split('/').next().and_then(|addr| addr.parse().ok());
+                }
                 if let Some(url) = line.strip_prefix("livechat: open ") {
-                    return url.trim_end_matches('/').to_owned();
+                    return (url.trim_end_matches('/').to_owned(), admin);
                 }
             }
             panic!("livechat-app exited before printing its address");
@@ -311,7 +325,7 @@ impl AppProcess {
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let addr = base.trim_start_matches("http://").parse().expect("printed address");
-        Self { child, base, addr }
+        Self { child, base, addr, admin }
     }
 }
 
