@@ -6,13 +6,48 @@
 //! trusted proxy does not name ([`ClientAddress::Unknown`]) share one bucket of each, apart
 //! from every real address (the proxy's own included).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::web::security::ClientAddress;
+
+/// File descriptors kept out of the connection cap: the listeners, the store's pool (a
+/// PostgreSQL pool of 10 and its listener, or SQLite's files), stdio and logs, the runtime,
+/// the webhook and OTLP clients, and the [`HEALTH_RESERVE`].
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Connections beyond the cap that may still ask `/health` (and nothing else): a load
+/// balancer's check is answered while the cap is reached. When all are taken, a newer
+/// connection takes the place of the oldest (so connections that hold half a request head
+/// cannot keep `/health` out); each has [`RESERVE_HEAD_TIMEOUT`] to send its request head.
+pub const HEALTH_RESERVE: usize = 4;
+
+/// How long a connection in the [`HEALTH_RESERVE`] may take to send its request head.
+pub const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connection cap for `max_connections` under an open-files soft limit of `open_files`
+/// (`None`: unknown, not capped): at most `open_files - RESERVED_DESCRIPTORS`, at least 1.
+pub fn cap_for_open_files(max_connections: usize, open_files: Option<u64>) -> usize {
+    let Some(open_files) = open_files else { return max_connections };
+    let room = usize::try_from(open_files.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+    max_connections.min(room).max(1)
+}
+
+/// The process's open-files soft limit, if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(soft, _)| soft)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
 
 /// The limits' settings.
 #[derive(Debug, Clone)]
@@ -117,6 +152,30 @@ pub struct ConnectionPermit {
     _address: Option<AddressPermit>,
 }
 
+/// The [`HEALTH_RESERVE`]: places beyond the cap, oldest first, each with the sender whose
+/// drop tells its connection it was evicted.
+#[derive(Debug, Default)]
+struct Reserve {
+    places: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    next: AtomicU64,
+}
+
+/// A place in the [`HEALTH_RESERVE`]; released on drop.
+#[derive(Debug)]
+pub struct ReservedPlace {
+    reserve: Arc<Reserve>,
+    id: u64,
+    /// Resolves when a newer connection took this place: answer with the refusal and close.
+    pub evicted: oneshot::Receiver<()>,
+}
+
+impl Drop for ReservedPlace {
+    fn drop(&mut self) {
+        let mut places = self.reserve.places.lock().unwrap_or_else(|p| p.into_inner());
+        places.retain(|(id, _)| *id != self.id);
+    }
+}
+
 /// Which limit refused something, with the words shown to the person.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -140,6 +199,7 @@ pub struct Limits {
     config: LimitsConfig,
     connections: Arc<Semaphore>,
     addresses: Arc<AddressCounts>,
+    reserve: Arc<Reserve>,
     commands: Buckets<ClientAddress>,
     rooms: Buckets<ClientAddress>,
 }
@@ -150,6 +210,7 @@ impl Limits {
         Self {
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             addresses: Arc::new(AddressCounts::default()),
+            reserve: Arc::new(Reserve::default()),
             commands: Buckets::new(f64::from(config.commands_burst), config.commands_per_second),
             rooms: Buckets::new(f64::from(config.rooms_per_minute), f64::from(config.rooms_per_minute) / 60.0),
             config,
@@ -168,6 +229,19 @@ impl Limits {
             .map_err(|_| Refusal::ServerFull(self.config.max_connections))?;
         let address = address.map(|address| self.count_address(address)).transpose()?;
         Ok(ConnectionPermit { _global: global, _address: address })
+    }
+
+    /// A place in the [`HEALTH_RESERVE`], for a connection refused by the global cap; when all
+    /// are taken, the oldest holder is evicted for this one.
+    pub fn reserve(&self) -> ReservedPlace {
+        let id = self.reserve.next.fetch_add(1, Ordering::Relaxed);
+        let (evict, evicted) = oneshot::channel();
+        let mut places = self.reserve.places.lock().unwrap_or_else(|p| p.into_inner());
+        while places.len() >= HEALTH_RESERVE {
+            places.pop_front();
+        }
+        places.push_back((id, evict));
+        ReservedPlace { reserve: Arc::clone(&self.reserve), id, evicted }
     }
 
     /// A place under `address`'s connection cap.
@@ -213,6 +287,34 @@ mod tests {
         assert!(wait <= Duration::from_secs(1));
         assert!(buckets.take(&2, start).is_ok(), "another key has its own bucket");
         assert!(buckets.take(&1, start + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn the_connection_cap_stays_under_the_open_files_limit() {
+        assert_eq!(cap_for_open_files(10_000, Some(1024)), 1024 - RESERVED_DESCRIPTORS as usize);
+        assert_eq!(cap_for_open_files(100, Some(1024)), 100, "a lower cap is kept");
+        assert_eq!(cap_for_open_files(10_000, None), 10_000);
+        assert_eq!(cap_for_open_files(10_000, Some(10)), 1);
+        assert_eq!(cap_for_open_files(10_000, Some(u64::MAX)), 10_000, "RLIM_INFINITY");
+    }
+
+    #[tokio::test]
+    async fn the_health_reserve_evicts_its_oldest_place() {
+        let limits = Limits::new(LimitsConfig::default());
+        let mut places: Vec<ReservedPlace> = (0..HEALTH_RESERVE).map(|_| limits.reserve()).collect();
+        let mut newest = limits.reserve();
+        assert!(places[0].evicted.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Closed), "oldest out");
+        for place in &mut places[1..] {
+            assert_eq!(place.evicted.try_recv(), Err(oneshot::error::TryRecvError::Empty), "the others stay");
+        }
+        drop(places.remove(1));
+        let _another = limits.reserve();
+        assert_eq!(
+            places[1].evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty),
+            "a freed place is used first"
+        );
+        assert_eq!(newest.evicted.try_recv(), Err(oneshot::error::TryRecvError::Empty));
     }
 
     #[test]

@@ -131,7 +131,7 @@ fn parse_args() -> Result<Args> {
 async fn main() -> Result<()> {
     let args = parse_args()?;
     let tracing = init_tracing(args.otlp_endpoint.as_deref())?;
-    raise_open_files_limit(args.config.limits.max_connections);
+    raise_open_files_limit();
     let store = open_store(&args.database_url).await.context("opening the event store")?;
     let app = App::start(store, args.config, Duration::from_secs(60)).await;
     let listener = bind(args.listen)?;
@@ -225,16 +225,10 @@ async fn stop_signal() -> &'static str {
 }
 
 /// Raises the open-files soft limit to the hard limit (the default soft limit, often 1024,
-/// would end accepting long before the connection cap), and warns when even that is below the
-/// connection cap.
-fn raise_open_files_limit(max_connections: usize) {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
-            limit,
-            max_connections,
-            "the open-files limit is below the connection cap: connections beyond it fail to be accepted"
-        ),
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot raise the open-files limit"),
+/// would end accepting long before the connection cap). The app then caps connections under
+/// whatever limit there is, less a reserve (`livechat_app::limits::cap_for_open_files`).
+fn raise_open_files_limit() {
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%error, "cannot raise the open-files limit");
     }
 }

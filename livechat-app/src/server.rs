@@ -4,7 +4,10 @@
 //! header-read timeout: a client that sends half a request head would hold its connection
 //! for ever. Here every connection
 //! - takes a place under the global connection cap and, unless it comes from a trusted proxy,
-//!   under its address's cap (refused with a short HTTP answer saying which limit);
+//!   under its address's cap (refused with a short HTTP answer saying which limit); the global
+//!   cap is kept under the open-files limit ([`crate::limits::cap_for_open_files`]), and past
+//!   it a connection may still ask `/health`, in the [`HEALTH_RESERVE`](crate::limits::HEALTH_RESERVE), anything else is
+//!   refused;
 //! - must send each request head within [`HttpConfig::header_read_timeout`], which also bounds
 //!   how long a keep-alive connection may sit idle;
 //! - keeps its places for as long as it is open, websockets included.
@@ -27,12 +30,12 @@ use cqrs_postgres::PgEventStore;
 use cqrs_sqlite::SqliteEventStore;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tower_service::Service;
 
-use crate::limits::{ConnectionPermit, Refusal};
+use crate::limits::{ConnectionPermit, Refusal, ReservedPlace, RESERVE_HEAD_TIMEOUT};
 use crate::metrics::Limit;
 use crate::web::security::{ClientAddress, Listener, Peer};
 use crate::App;
@@ -172,11 +175,12 @@ pub async fn serve_with_admin(
         let direct = entry == Listener::Admin || !state.config.trusted_proxies.contains(peer.ip());
         let permit = match state.limits.connect(direct.then_some(ClientAddress::Known(peer.ip()))) {
             Ok(permit) => ConnectionGuard(Arc::new(permit)),
+            Err(refusal @ Refusal::ServerFull(_)) => {
+                tokio::spawn(reserved(stream, state.limits.reserve(), refusal, Arc::clone(&state)));
+                continue;
+            }
             Err(refusal) => {
-                state.metrics.limited(match refusal {
-                    Refusal::ServerFull(_) => Limit::Connections,
-                    _ => Limit::AddressConnections,
-                });
+                state.metrics.limited(Limit::AddressConnections);
                 tokio::spawn(refuse(stream, refusal));
                 continue;
             }
@@ -243,6 +247,47 @@ async fn connection(
         }
         tracing::debug!(%error, "connection ended with an error");
     }
+}
+
+/// Most bytes of a request head read in the [`HEALTH_RESERVE`](crate::limits::HEALTH_RESERVE).
+const RESERVE_HEAD_BYTES: usize = 4096;
+
+/// A connection past the global cap, in the [`HEALTH_RESERVE`](crate::limits::HEALTH_RESERVE): `GET /health` is answered
+/// (then closed); anything else, a head not sent within [`RESERVE_HEAD_TIMEOUT`], or an
+/// eviction by a newer connection gets `refusal` (counted).
+async fn reserved(mut stream: TcpStream, mut place: ReservedPlace, refusal: Refusal, state: Arc<crate::AppState>) {
+    let mut head = Vec::with_capacity(512);
+    let read_head = async {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < RESERVE_HEAD_BYTES {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(read) => head.extend_from_slice(&chunk[..read]),
+            }
+        }
+        true
+    };
+    let complete = tokio::select! {
+        read = tokio::time::timeout(RESERVE_HEAD_TIMEOUT, read_head) => read.unwrap_or(false),
+        _ = &mut place.evicted => false,
+    };
+    let health = complete && (head.starts_with(b"GET /health HTTP/") || head.starts_with(b"GET /health?"));
+    if !health {
+        state.metrics.limited(Limit::Connections);
+        drop(place);
+        return refuse(stream, refusal).await;
+    }
+    let (status, text) = crate::web::routes::health_status(&state);
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Answers a connection refused by a limit with a short HTTP response naming the limit.

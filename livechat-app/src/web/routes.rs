@@ -158,16 +158,20 @@ async fn join(
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    health_status(&state).into_response()
+}
+
+/// `/health`'s answer: 200 once the read model runs from the store's head, else 503 and why.
+pub(crate) fn health_status(state: &AppState) -> (StatusCode, String) {
     let status = state.progress.status(HANDLER_NAME).map(|status| status.state);
     match status {
-        Some(HandlerState::Running) if state.model.is_ready() => (StatusCode::OK, "ok\n").into_response(),
-        Some(HandlerState::Starting | HandlerState::Running) | None => {
-            (StatusCode::SERVICE_UNAVAILABLE, "rebuilding: the read model has not reached the store's head yet\n")
-                .into_response()
-        }
+        Some(HandlerState::Running) if state.model.is_ready() => (StatusCode::OK, "ok\n".to_owned()),
+        Some(HandlerState::Starting | HandlerState::Running) | None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebuilding: the read model has not reached the store's head yet\n".to_owned(),
+        ),
         Some(other) => {
-            let text = format!("read model: {}\n", crate::app::handler_state(&other));
-            (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, format!("read model: {}\n", crate::app::handler_state(&other)))
         }
     }
 }

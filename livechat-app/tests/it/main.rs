@@ -2,6 +2,7 @@
 //! websockets against the real router.
 
 mod bugs;
+mod capacity;
 mod domain;
 mod durability;
 mod features;

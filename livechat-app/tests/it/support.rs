@@ -303,6 +303,11 @@ impl AppProcess {
         command
     }
 
+    /// The binary: this build's, or `LIVECHAT_TEST_BIN`.
+    pub fn binary() -> String {
+        std::env::var("LIVECHAT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_livechat-app").to_owned())
+    }
+
     /// Starts `command` (from [`AppProcess::command`]) and waits for its address.
     pub async fn start_command(mut command: Command) -> Self {
         let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("start livechat-app");
