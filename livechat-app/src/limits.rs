@@ -52,7 +52,8 @@ pub fn open_files_limit() -> Option<u64> {
 /// The limits' settings.
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
-    /// Connections (HTTP and websocket) open at once.
+    /// Connections (HTTP and websocket) open at once; `App::start` lowers it to fit under the
+    /// open-files limit ([`cap_for_open_files`]).
     pub max_connections: usize,
     /// Connections open at once from one client address.
     pub max_connections_per_address: usize,

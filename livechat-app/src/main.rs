@@ -28,7 +28,8 @@ const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL] [o
   --behind-tls         every request arrives over TLS (a TLS proxy in front): Secure cookies
   --trust-proxy NET    believe X-Forwarded-For/-Proto from this address or network (repeatable;
                        default 127.0.0.0/8 and ::1; `none` trusts no proxy)
-  --max-connections N  connections open at once (default 10000)
+  --max-connections N  connections open at once (default 10000; at most the open-files
+                       limit less 64)
   --max-connections-per-address N
                        connections open at once from one client address (default 128)
   --mention-webhook URL

@@ -90,7 +90,7 @@ pub struct Metrics {
     pub http_timeouts: Counter,
     /// Mention notifications delivered by this process.
     pub mentions_notified: Counter,
-    /// Requests from a trusted proxy that did not say who the client is.
+    /// Requests that needed the client's address, from a trusted proxy that did not say it.
     pub unknown_clients: Counter,
     limited: Vec<Counter>,
     closes: Vec<Counter>,
@@ -393,7 +393,7 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 27] = [
         "livechat_unknown_clients_total",
         Kind::Counter,
         None,
-        "Requests from a trusted proxy without a usable X-Forwarded-For (the client is unknown).",
+        "Requests needing the client address from a trusted proxy that did not name it in X-Forwarded-For.",
     ),
     ("livechat_closes_total", Kind::Counter, None, "Websockets closed by the server, by close code."),
     ("livechat_rooms", Kind::Gauge, None, "Rooms resident in memory (with their recent window)."),
