@@ -47,7 +47,7 @@ async fn with_few_descriptors_half_heads_are_refused_and_health_still_answers() 
     }
     // Far sooner than the 15 s header timeout that would free the held ones.
     let health = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    let answer = tokio::time::timeout(Duration::from_secs(5), request_to(app.addr, health))
+    let answer = tokio::time::timeout(TIMEOUT, request_to(app.addr, health))
         .await
         .expect("a fresh /health is answered while the cap is reached");
     assert_eq!(answer.status, 200, "{}", answer.body);
