@@ -6,7 +6,7 @@
 //! - takes a place under the global connection cap and, unless it comes from a trusted proxy,
 //!   under its address's cap (refused with a short HTTP answer saying which limit); the global
 //!   cap is kept under the open-files limit ([`crate::limits::cap_for_open_files`]), and past
-//!   it a connection may still ask `/health`, in the [`HEALTH_RESERVE`](crate::limits::HEALTH_RESERVE), anything else is
+//!   it a connection may still ask `/health` (in the [`HEALTH_RESERVE`]), anything else is
 //!   refused;
 //! - must send each request head within [`HttpConfig::header_read_timeout`], which also bounds
 //!   how long a keep-alive connection may sit idle;
@@ -17,6 +17,7 @@
 //! routes without a token ([`crate::web::admin`]), and no `X-Forwarded-*` is believed there.
 //!
 //! [`HttpConfig::header_read_timeout`]: crate::state::HttpConfig
+//! [`HEALTH_RESERVE`]: crate::limits::HEALTH_RESERVE
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -249,12 +250,14 @@ async fn connection(
     }
 }
 
-/// Most bytes of a request head read in the [`HEALTH_RESERVE`](crate::limits::HEALTH_RESERVE).
+/// Most bytes of a request head read in the health reserve.
 const RESERVE_HEAD_BYTES: usize = 4096;
 
-/// A connection past the global cap, in the [`HEALTH_RESERVE`](crate::limits::HEALTH_RESERVE): `GET /health` is answered
+/// A connection past the global cap, in the [`HEALTH_RESERVE`]: `GET /health` is answered
 /// (then closed); anything else, a head not sent within [`RESERVE_HEAD_TIMEOUT`], or an
 /// eviction by a newer connection gets `refusal` (counted).
+///
+/// [`HEALTH_RESERVE`]: crate::limits::HEALTH_RESERVE
 async fn reserved(mut stream: TcpStream, mut place: ReservedPlace, refusal: Refusal, state: Arc<crate::AppState>) {
     let mut head = Vec::with_capacity(512);
     let read_head = async {
