@@ -1,5 +1,6 @@
 //! The connection cap under the process's descriptor limit: connections that hold half a
-//! request head cannot take every descriptor, and a fresh `/health` is still answered.
+//! request head cannot take every descriptor, a fresh `/health` is still answered, and the
+//! store (in memory, a SQLite file, PostgreSQL) still has descriptors for its pool.
 
 use std::time::{Duration, Instant};
 
@@ -7,8 +8,10 @@ use livechat_app::metrics::Reading;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::process::Command;
+use uuid::Uuid;
 
-use crate::support::{request_to, AppProcess, TIMEOUT};
+use crate::support::{connect_to, fresh_database, request_to, AppProcess, TIMEOUT};
+use crate::websocket::ack;
 
 /// The open-files limit the app is started with (soft and hard: it raises soft to hard).
 const NOFILE: usize = 256;
@@ -28,16 +31,35 @@ fn refusal_cap(answer: &[u8]) -> Option<usize> {
 
 #[tokio::test]
 async fn with_few_descriptors_half_heads_are_refused_and_health_still_answers() {
+    half_heads_under_few_descriptors("memory").await;
+}
+
+#[tokio::test]
+async fn with_few_descriptors_a_sqlite_store_keeps_working() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    half_heads_under_few_descriptors(&format!("sqlite://{}", dir.path().join("chat.db").display())).await;
+}
+
+#[tokio::test]
+async fn with_few_descriptors_a_postgres_store_keeps_working() {
+    half_heads_under_few_descriptors(&fresh_database().await).await;
+}
+
+/// The app on `database_url` under `ulimit -n NOFILE`; a reader who joined before; then more
+/// half heads than descriptors.
+async fn half_heads_under_few_descriptors(database_url: &str) {
     let mut command = Command::new("sh");
     command
         .arg("-c")
         .arg(format!("ulimit -n {NOFILE} && exec \"$0\" \"$@\""))
         .arg(AppProcess::binary())
-        .args(["--listen", "127.0.0.1:0", "--database-url", "memory"])
+        .args(["--listen", "127.0.0.1:0", "--database-url", database_url])
         .env_remove("DATABASE_URL")
         .env_remove("LISTEN")
         .env("RUST_LOG", "warn");
     let app = AppProcess::start_command(command).await;
+    let mut reader = connect_to(app.addr, "ann").await;
+    reader.join_room("lounge", 0).await;
 
     let mut held = Vec::with_capacity(ATTACKERS);
     for _ in 0..ATTACKERS {
@@ -51,6 +73,9 @@ async fn with_few_descriptors_half_heads_are_refused_and_health_still_answers() 
         .await
         .expect("a fresh /health is answered while the cap is reached");
     assert_eq!(answer.status, 200, "{}", answer.body);
+    // The store has descriptors: a message from the reader who got in before is stored.
+    reader.send_message(1, Uuid::new_v4(), "still here").await;
+    assert_eq!(ack(&mut reader).await["status"], "stored");
 
     // The excess got the refusal the connection cap uses, naming a cap below the limit.
     let deadline = Instant::now() + TIMEOUT;

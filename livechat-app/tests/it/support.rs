@@ -334,6 +334,22 @@ impl AppProcess {
     }
 }
 
+/// A fresh database on the server of `DATABASE_URL`.
+pub async fn fresh_database() -> String {
+    let url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server for this test; ./scripts/test starts a throwaway one");
+    let name = format!("livechat_e2e_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+    match url.rfind('/') {
+        Some(slash) if url[..slash].contains("://") && !url[slash..].contains('@') => {
+            let query = url[slash..].find('?').map_or("", |q| &url[slash + q..]);
+            format!("{}/{name}{query}", &url[..slash])
+        }
+        _ => panic!("DATABASE_URL {url:?} has no database path"),
+    }
+}
+
 /// A websocket client of `name` at a server's `addr`.
 pub async fn connect_to(addr: SocketAddr, name: &str) -> Client {
     let mut request = format!("ws://{addr}/live").into_client_request().expect("request");
