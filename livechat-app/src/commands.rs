@@ -6,7 +6,6 @@
 //! must resend the same id, which posts at most once). An id used before for a different
 //! content is refused, never acknowledged as if the new content were stored.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +17,7 @@ use cqrs_core::{
 use crate::domain::{validate_content, validate_sender, Chat, ChatCommand, ChatError, ChatEvent, ChatId};
 use crate::limits::Limits;
 use crate::metrics::{Limit, Metrics};
+use crate::web::security::ClientAddress;
 
 /// How a command ended, for the person who sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +35,8 @@ pub enum Outcome {
 pub struct Sender<'a> {
     /// Their name.
     pub name: &'a str,
-    /// Their address (behind a trusted proxy: the forwarded one).
-    pub address: IpAddr,
+    /// Their address (behind a trusted proxy: the forwarded one, or unknown).
+    pub address: ClientAddress,
 }
 
 /// What the room knows that a command needs.

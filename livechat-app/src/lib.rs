@@ -27,6 +27,7 @@
 //! use livechat_app::domain::ChatId;
 //! use livechat_app::rooms::HANDLER_NAME;
 //! use livechat_app::server::{bind, open_store, serve};
+//! use livechat_app::web::security::ClientAddress;
 //! use livechat_app::{App, AppConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -37,7 +38,7 @@
 //!
 //! // The command path a websocket `send` takes, with read-your-writes on the read model.
 //! let room = ChatId::parse("lobby-talk")?;
-//! let alice = Sender { name: "alice", address: [127, 0, 0, 1].into() };
+//! let alice = Sender { name: "alice", address: ClientAddress::Known([127, 0, 0, 1].into()) };
 //! let strong = Consistency::strong([HANDLER_NAME]);
 //! let outcome = state.commands.send(&room, alice, uuid::Uuid::new_v4(), "hello".into(), &RoomFacts::default(), &strong).await;
 //! assert_eq!(outcome, Outcome::Stored);

@@ -2,19 +2,58 @@
 //! and one per client address (the mini-redis pattern: a semaphore whose permit lives as long
 //! as the connection), commands per address, and new rooms per address per minute. Each limit
 //! that is hit is counted on `/metrics` ([`crate::metrics::Limit`]) and answered with a message
-//! that says which limit it was.
+//! that says which limit it was. Per-address limits are keyed by [`ClientAddress`]: clients a
+//! trusted proxy does not name ([`ClientAddress::Unknown`]) share one bucket of each, apart
+//! from every real address (the proxy's own included).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::web::security::ClientAddress;
+
+/// File descriptors kept out of the connection cap: the listeners, the store's pool (a
+/// PostgreSQL pool of 10 and its listener, or SQLite's files), stdio and logs, the runtime,
+/// the webhook and OTLP clients, and the [`HEALTH_RESERVE`].
+pub const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// Connections beyond the cap that may still ask `/health` (and nothing else): a load
+/// balancer's check is answered while the cap is reached. When all are taken, a newer
+/// connection takes the place of the oldest (so connections that hold half a request head
+/// cannot keep `/health` out); each has [`RESERVE_HEAD_TIMEOUT`] to send its request head.
+pub const HEALTH_RESERVE: usize = 4;
+
+/// How long a connection in the [`HEALTH_RESERVE`] may take to send its request head.
+pub const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The connection cap for `max_connections` under an open-files soft limit of `open_files`
+/// (`None`: unknown, not capped): at most `open_files - RESERVED_DESCRIPTORS`, at least 1.
+pub fn cap_for_open_files(max_connections: usize, open_files: Option<u64>) -> usize {
+    let Some(open_files) = open_files else { return max_connections };
+    let room = usize::try_from(open_files.saturating_sub(RESERVED_DESCRIPTORS)).unwrap_or(usize::MAX);
+    max_connections.min(room).max(1)
+}
+
+/// The process's open-files soft limit, if it can be read.
+pub fn open_files_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(soft, _)| soft)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
 
 /// The limits' settings.
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
-    /// Connections (HTTP and websocket) open at once.
+    /// Connections (HTTP and websocket) open at once; `App::start` lowers it to fit under the
+    /// open-files limit ([`cap_for_open_files`]).
     pub max_connections: usize,
     /// Connections open at once from one client address.
     pub max_connections_per_address: usize,
@@ -84,14 +123,14 @@ impl<K: std::hash::Hash + Eq + Clone> Buckets<K> {
 /// Open connections per client address.
 #[derive(Debug, Default)]
 pub struct AddressCounts {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<HashMap<ClientAddress, usize>>,
 }
 
 /// One connection counted for an address; released on drop.
 #[derive(Debug)]
 pub struct AddressPermit {
     counts: Arc<AddressCounts>,
-    address: IpAddr,
+    address: ClientAddress,
 }
 
 impl Drop for AddressPermit {
@@ -112,6 +151,30 @@ impl Drop for AddressPermit {
 pub struct ConnectionPermit {
     _global: OwnedSemaphorePermit,
     _address: Option<AddressPermit>,
+}
+
+/// The [`HEALTH_RESERVE`]: places beyond the cap, oldest first, each with the sender whose
+/// drop tells its connection it was evicted.
+#[derive(Debug, Default)]
+struct Reserve {
+    places: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    next: AtomicU64,
+}
+
+/// A place in the [`HEALTH_RESERVE`]; released on drop.
+#[derive(Debug)]
+pub struct ReservedPlace {
+    reserve: Arc<Reserve>,
+    id: u64,
+    /// Resolves when a newer connection took this place: answer with the refusal and close.
+    pub evicted: oneshot::Receiver<()>,
+}
+
+impl Drop for ReservedPlace {
+    fn drop(&mut self) {
+        let mut places = self.reserve.places.lock().unwrap_or_else(|p| p.into_inner());
+        places.retain(|(id, _)| *id != self.id);
+    }
 }
 
 /// Which limit refused something, with the words shown to the person.
@@ -137,8 +200,9 @@ pub struct Limits {
     config: LimitsConfig,
     connections: Arc<Semaphore>,
     addresses: Arc<AddressCounts>,
-    commands: Buckets<IpAddr>,
-    rooms: Buckets<IpAddr>,
+    reserve: Arc<Reserve>,
+    commands: Buckets<ClientAddress>,
+    rooms: Buckets<ClientAddress>,
 }
 
 impl Limits {
@@ -147,6 +211,7 @@ impl Limits {
         Self {
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             addresses: Arc::new(AddressCounts::default()),
+            reserve: Arc::new(Reserve::default()),
             commands: Buckets::new(f64::from(config.commands_burst), config.commands_per_second),
             rooms: Buckets::new(f64::from(config.rooms_per_minute), f64::from(config.rooms_per_minute) / 60.0),
             config,
@@ -159,7 +224,7 @@ impl Limits {
     }
 
     /// A place under the global cap, and under `address`'s if given.
-    pub fn connect(&self, address: Option<IpAddr>) -> Result<ConnectionPermit, Refusal> {
+    pub fn connect(&self, address: Option<ClientAddress>) -> Result<ConnectionPermit, Refusal> {
         let global = Arc::clone(&self.connections)
             .try_acquire_owned()
             .map_err(|_| Refusal::ServerFull(self.config.max_connections))?;
@@ -167,8 +232,21 @@ impl Limits {
         Ok(ConnectionPermit { _global: global, _address: address })
     }
 
+    /// A place in the [`HEALTH_RESERVE`], for a connection refused by the global cap; when all
+    /// are taken, the oldest holder is evicted for this one.
+    pub fn reserve(&self) -> ReservedPlace {
+        let id = self.reserve.next.fetch_add(1, Ordering::Relaxed);
+        let (evict, evicted) = oneshot::channel();
+        let mut places = self.reserve.places.lock().unwrap_or_else(|p| p.into_inner());
+        while places.len() >= HEALTH_RESERVE {
+            places.pop_front();
+        }
+        places.push_back((id, evict));
+        ReservedPlace { reserve: Arc::clone(&self.reserve), id, evicted }
+    }
+
     /// A place under `address`'s connection cap.
-    pub fn count_address(&self, address: IpAddr) -> Result<AddressPermit, Refusal> {
+    pub fn count_address(&self, address: ClientAddress) -> Result<AddressPermit, Refusal> {
         let mut counts = self.addresses.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(address).or_default();
         if *count >= self.config.max_connections_per_address {
@@ -179,12 +257,12 @@ impl Limits {
     }
 
     /// Takes one command from `address`'s budget.
-    pub fn command(&self, address: IpAddr) -> Result<(), Refusal> {
+    pub fn command(&self, address: ClientAddress) -> Result<(), Refusal> {
         self.commands.take(&address, Instant::now()).map_err(|wait| Refusal::Commands(wait.as_secs().max(1)))
     }
 
     /// Takes one new room from `address`'s budget.
-    pub fn new_room(&self, address: IpAddr) -> Result<(), Refusal> {
+    pub fn new_room(&self, address: ClientAddress) -> Result<(), Refusal> {
         self.rooms
             .take(&address, Instant::now())
             .map_err(|wait| Refusal::Rooms(self.config.rooms_per_minute, wait.as_secs().max(1)))
@@ -213,11 +291,39 @@ mod tests {
     }
 
     #[test]
+    fn the_connection_cap_stays_under_the_open_files_limit() {
+        assert_eq!(cap_for_open_files(10_000, Some(1024)), 1024 - RESERVED_DESCRIPTORS as usize);
+        assert_eq!(cap_for_open_files(100, Some(1024)), 100, "a lower cap is kept");
+        assert_eq!(cap_for_open_files(10_000, None), 10_000);
+        assert_eq!(cap_for_open_files(10_000, Some(10)), 1);
+        assert_eq!(cap_for_open_files(10_000, Some(u64::MAX)), 10_000, "RLIM_INFINITY");
+    }
+
+    #[tokio::test]
+    async fn the_health_reserve_evicts_its_oldest_place() {
+        let limits = Limits::new(LimitsConfig::default());
+        let mut places: Vec<ReservedPlace> = (0..HEALTH_RESERVE).map(|_| limits.reserve()).collect();
+        let mut newest = limits.reserve();
+        assert!(places[0].evicted.try_recv().is_err_and(|e| e == oneshot::error::TryRecvError::Closed), "oldest out");
+        for place in &mut places[1..] {
+            assert_eq!(place.evicted.try_recv(), Err(oneshot::error::TryRecvError::Empty), "the others stay");
+        }
+        drop(places.remove(1));
+        let _another = limits.reserve();
+        assert_eq!(
+            places[1].evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty),
+            "a freed place is used first"
+        );
+        assert_eq!(newest.evicted.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+    }
+
+    #[test]
     fn connection_caps_are_released_with_their_permits() {
         let limits =
             Limits::new(LimitsConfig { max_connections: 3, max_connections_per_address: 2, ..LimitsConfig::default() });
-        let a: IpAddr = "10.0.0.1".parse().expect("ip");
-        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let a = ClientAddress::Known("10.0.0.1".parse().expect("ip"));
+        let b = ClientAddress::Known("10.0.0.2".parse().expect("ip"));
         let first = limits.connect(Some(a)).expect("first");
         let _second = limits.connect(Some(a)).expect("second");
         assert_eq!(limits.connect(Some(a)).expect_err("third from a"), Refusal::AddressFull(2));
@@ -225,5 +331,8 @@ mod tests {
         assert_eq!(limits.connect(None).expect_err("server full"), Refusal::ServerFull(3));
         drop(first);
         assert!(limits.connect(Some(a)).is_ok(), "a place freed");
+        drop(_third);
+        let _unknown = limits.connect(Some(ClientAddress::Unknown)).expect("unknown has its own");
+        assert_eq!(limits.command(ClientAddress::Unknown), Ok(()));
     }
 }

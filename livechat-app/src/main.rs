@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release -p livechat-app -- [--listen ADDR] [--database-url URL] [--allow-origin URL]
 //!     [--behind-tls] [--trust-proxy NET|none] [--max-connections N] [--max-connections-per-address N]
+//!     [--admin-listen ADDR|off] [--admin-token TOKEN]
 //! ```
 //! `--listen` (or `LISTEN`) defaults to `127.0.0.1:4000`; `--database-url` (or `DATABASE_URL`)
 //! defaults to the SQLite file `./livechat.db`, and takes `sqlite://PATH`, `memory` or
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use livechat_app::notify::{Notifications, WebhookDelivery};
-use livechat_app::server::{bind, describe_store, open_store, serve, DEFAULT_DATABASE_URL};
+use livechat_app::server::{bind, bind_admin, describe_store, open_store, serve_with_admin, DEFAULT_DATABASE_URL};
 use livechat_app::web::security::TrustedProxies;
 use livechat_app::{App, AppConfig};
 
@@ -27,20 +28,25 @@ const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL] [o
   --behind-tls         every request arrives over TLS (a TLS proxy in front): Secure cookies
   --trust-proxy NET    believe X-Forwarded-For/-Proto from this address or network (repeatable;
                        default 127.0.0.0/8 and ::1; `none` trusts no proxy)
-  --max-connections N  connections open at once (default 10000)
+  --max-connections N  connections open at once (default 10000; at most the open-files
+                       limit less 64)
   --max-connections-per-address N
                        connections open at once from one client address (default 128)
   --mention-webhook URL
                        POST each @mention as JSON to this http:// URL (default: log it; `off`:
                        no notifier in this process). One process of a cluster delivers.
-  --admin-token TOKEN  open /admin/parked to requests with `Authorization: Bearer TOKEN`
-                       (env LIVECHAT_ADMIN_TOKEN; it always answers on loopback)
+  --admin-listen ADDR  a second, loopback-only listener where /admin/parked answers without a
+                       token (env LIVECHAT_ADMIN_LISTEN; default 127.0.0.1:0, a free port,
+                       printed at start; `off`: none). Never point a proxy at it.
+  --admin-token TOKEN  open /admin/parked on any listener to requests with
+                       `Authorization: Bearer TOKEN` (env LIVECHAT_ADMIN_TOKEN)
   --node-name NAME     this process's name in handler claims (default host:pid:random)
   --otlp-endpoint URL  export spans over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318
                        (env OTEL_EXPORTER_OTLP_ENDPOINT; needs the `otel` cargo feature)";
 
 struct Args {
     listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
     database_url: String,
     config: AppConfig,
     otlp_endpoint: Option<String>,
@@ -48,6 +54,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut listen = std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:4000".to_owned());
+    let mut admin_listen = std::env::var("LIVECHAT_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     let mut database_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
     let mut config = AppConfig::default();
     let mut proxies: Option<TrustedProxies> = None;
@@ -66,6 +73,7 @@ fn parse_args() -> Result<Args> {
         };
         match flag.as_str() {
             "--listen" => listen = value()?,
+            "--admin-listen" => admin_listen = value()?,
             "--database-url" => database_url = value()?,
             "--allow-origin" => config.allowed_origins.push(value()?),
             "--behind-tls" => config.behind_tls = true,
@@ -105,27 +113,38 @@ fn parse_args() -> Result<Args> {
     }
     let listen =
         listen.parse().with_context(|| format!("--listen {listen:?} is not an address like 127.0.0.1:4000"))?;
+    let admin_listen = match admin_listen.as_str() {
+        "off" | "" => None,
+        text => Some(
+            text.parse().with_context(|| format!("--admin-listen {text:?} is not an address like 127.0.0.1:4001"))?,
+        ),
+    };
     if let Some(proxies) = proxies {
         config.trusted_proxies = proxies;
     }
     if otlp_endpoint.is_some() && !cfg!(feature = "otel") {
         bail!("--otlp-endpoint (or OTEL_EXPORTER_OTLP_ENDPOINT) needs a build with the `otel` feature: cargo run --release -p livechat-app --features otel");
     }
-    Ok(Args { listen, database_url, config, otlp_endpoint })
+    Ok(Args { listen, admin_listen, database_url, config, otlp_endpoint })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
     let tracing = init_tracing(args.otlp_endpoint.as_deref())?;
-    raise_open_files_limit(args.config.limits.max_connections);
+    raise_open_files_limit();
     let store = open_store(&args.database_url).await.context("opening the event store")?;
     let app = App::start(store, args.config, Duration::from_secs(60)).await;
     let listener = bind(args.listen)?;
     let addr = listener.local_addr().context("listener address")?;
+    let admin = args.admin_listen.map(bind_admin).transpose()?;
     println!("livechat: storing events in {}", describe_store(&args.database_url));
+    if let Some(admin) = &admin {
+        let admin = admin.local_addr().context("admin listener address")?;
+        println!("livechat: admin (this machine only): http://{admin}/admin/parked");
+    }
     println!("livechat: open http://{addr}/");
-    serve(listener, app, async {
+    serve_with_admin(listener, admin, app, async {
         let signal = stop_signal().await;
         println!("livechat: {signal}: shutting down (views are told to reconnect; requests in flight finish)");
     })
@@ -207,16 +226,10 @@ async fn stop_signal() -> &'static str {
 }
 
 /// Raises the open-files soft limit to the hard limit (the default soft limit, often 1024,
-/// would end accepting long before the connection cap), and warns when even that is below the
-/// connection cap.
-fn raise_open_files_limit(max_connections: usize) {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
-            limit,
-            max_connections,
-            "the open-files limit is below the connection cap: connections beyond it fail to be accepted"
-        ),
-        Ok(_) => {}
-        Err(error) => tracing::warn!(%error, "cannot raise the open-files limit"),
+/// would end accepting long before the connection cap). The app then caps connections under
+/// whatever limit there is, less a reserve (`livechat_app::limits::cap_for_open_files`).
+fn raise_open_files_limit() {
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%error, "cannot raise the open-files limit");
     }
 }

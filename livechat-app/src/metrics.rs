@@ -90,6 +90,8 @@ pub struct Metrics {
     pub http_timeouts: Counter,
     /// Mention notifications delivered by this process.
     pub mentions_notified: Counter,
+    /// Requests that needed the client's address, from a trusted proxy that did not say it.
+    pub unknown_clients: Counter,
     limited: Vec<Counter>,
     closes: Vec<Counter>,
     levels: LevelHandles,
@@ -229,6 +231,7 @@ impl Metrics {
             resyncs: counter("livechat_resyncs_total"),
             http_timeouts: counter("livechat_http_header_timeouts_total"),
             mentions_notified: counter("livechat_mentions_notified_total"),
+            unknown_clients: counter("livechat_unknown_clients_total"),
             limited: Limit::ALL
                 .iter()
                 .map(|limit| labelled("livechat_limited_total", "limit", limit.label().to_owned()))
@@ -345,7 +348,7 @@ impl Metrics {
 }
 
 /// Every metric of the app, described once.
-const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 26] = [
+const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 27] = [
     ("livechat_views", Kind::Gauge, None, "Live views connected now."),
     ("livechat_connections_total", Kind::Counter, None, "Websocket connections accepted."),
     ("livechat_commands_ok_total", Kind::Counter, None, "Commands stored (or recognised as duplicates)."),
@@ -386,6 +389,12 @@ const DESCRIPTIONS: [(&str, Kind, Option<Unit>, &str); 26] = [
         "HTTP connections closed because a request head did not arrive in time.",
     ),
     ("livechat_limited_total", Kind::Counter, None, "Requests refused by a limit."),
+    (
+        "livechat_unknown_clients_total",
+        Kind::Counter,
+        None,
+        "Requests needing the client address from a trusted proxy that did not name it in X-Forwarded-For.",
+    ),
     ("livechat_closes_total", Kind::Counter, None, "Websockets closed by the server, by close code."),
     ("livechat_rooms", Kind::Gauge, None, "Rooms resident in memory (with their recent window)."),
     ("livechat_events_stored", Kind::Gauge, None, "The event store's last known position."),

@@ -4,12 +4,20 @@
 //! header-read timeout: a client that sends half a request head would hold its connection
 //! for ever. Here every connection
 //! - takes a place under the global connection cap and, unless it comes from a trusted proxy,
-//!   under its address's cap (refused with a short HTTP answer saying which limit);
+//!   under its address's cap (refused with a short HTTP answer saying which limit); the global
+//!   cap is kept under the open-files limit ([`crate::limits::cap_for_open_files`]), and past
+//!   it a connection may still ask `/health` (in the [`HEALTH_RESERVE`]), anything else is
+//!   refused;
 //! - must send each request head within [`HttpConfig::header_read_timeout`], which also bounds
 //!   how long a keep-alive connection may sit idle;
 //! - keeps its places for as long as it is open, websockets included.
 //!
+//! An optional second listener, the admin listener (`--admin-listen`, loopback only), serves
+//! the same routes; its requests are marked [`Listener::Admin`], which is what opens the admin
+//! routes without a token ([`crate::web::admin`]), and no `X-Forwarded-*` is believed there.
+//!
 //! [`HttpConfig::header_read_timeout`]: crate::state::HttpConfig
+//! [`HEALTH_RESERVE`]: crate::limits::HEALTH_RESERVE
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,14 +31,14 @@ use cqrs_postgres::PgEventStore;
 use cqrs_sqlite::SqliteEventStore;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tower_service::Service;
 
-use crate::limits::{ConnectionPermit, Refusal};
+use crate::limits::{ConnectionPermit, Refusal, ReservedPlace, RESERVE_HEAD_TIMEOUT};
 use crate::metrics::Limit;
-use crate::web::security::Peer;
+use crate::web::security::{ClientAddress, Listener, Peer};
 use crate::App;
 
 /// Why the server could not start.
@@ -54,6 +62,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The admin listener was given an address that is not loopback.
+    #[error("--admin-listen {0}: the admin listener opens the admin routes to every peer, so it must be a loopback address (127.0.0.1:PORT or [::1]:PORT)")]
+    AdminNotLoopback(SocketAddr),
     /// Serving failed.
     #[error("server: {0}")]
     Serve(#[source] std::io::Error),
@@ -110,6 +121,15 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     bind().map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// Binds the admin listener at `addr`, which must be a loopback address (every peer of it is
+/// admin).
+pub fn bind_admin(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    if !addr.ip().is_loopback() {
+        return Err(ServerError::AdminNotLoopback(addr));
+    }
+    bind(addr)
+}
+
 /// A connection's places under the connection caps, in each of its requests' extensions: a
 /// websocket keeps a clone for as long as it is open.
 #[derive(Debug, Clone)]
@@ -122,39 +142,53 @@ pub async fn serve(
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_with_admin(listener, None, app, shutdown).await
+}
+
+/// [`serve`], and the admin listener `admin` (from [`bind_admin`]) beside it.
+pub async fn serve_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let state = Arc::clone(app.state());
     let router = app.router();
     let (stop_tx, stop) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, or a connection reset before it was accepted:
-                    // wait a little rather than spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let (accepted, entry) = tokio::select! {
+            accepted = listener.accept() => (accepted, Listener::Public),
+            accepted = accept_on(admin.as_ref()) => (accepted, Listener::Admin),
             () = &mut shutdown => break,
         };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, or a connection reset before it was accepted:
+                // wait a little rather than spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let direct = !state.config.trusted_proxies.contains(peer.ip());
-        let permit = match state.limits.connect(direct.then_some(peer.ip())) {
+        let direct = entry == Listener::Admin || !state.config.trusted_proxies.contains(peer.ip());
+        let permit = match state.limits.connect(direct.then_some(ClientAddress::Known(peer.ip()))) {
             Ok(permit) => ConnectionGuard(Arc::new(permit)),
+            Err(refusal @ Refusal::ServerFull(_)) => {
+                tokio::spawn(reserved(stream, state.limits.reserve(), refusal, Arc::clone(&state)));
+                continue;
+            }
             Err(refusal) => {
-                state.metrics.limited(match refusal {
-                    Refusal::ServerFull(_) => Limit::Connections,
-                    _ => Limit::AddressConnections,
-                });
+                state.metrics.limited(Limit::AddressConnections);
                 tokio::spawn(refuse(stream, refusal));
                 continue;
             }
         };
-        tokio::spawn(connection(stream, peer, permit, router.clone(), Arc::clone(&state), stop.clone()));
+        tokio::spawn(connection(stream, peer, entry, permit, router.clone(), Arc::clone(&state), stop.clone()));
     }
+    drop(admin);
     drop(listener);
     // Views close first (they are upgraded connections, outside the HTTP server's drain).
     let _ = stop_tx.send(true);
@@ -172,10 +206,19 @@ pub async fn serve(
     Ok(())
 }
 
+/// Accepts on `listener`, or never when there is none.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Serves one connection until it closes, or gracefully ends it when the server stops.
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    entry: Listener,
     permit: ConnectionGuard,
     router: axum::Router,
     state: Arc<crate::AppState>,
@@ -183,6 +226,7 @@ async fn connection(
 ) {
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(Peer(peer));
+        request.extensions_mut().insert(entry);
         request.extensions_mut().insert(permit.clone());
         let mut router = router.clone();
         async move { router.call(request.map(Body::new)).await }
@@ -206,6 +250,49 @@ async fn connection(
     }
 }
 
+/// Most bytes of a request head read in the health reserve.
+const RESERVE_HEAD_BYTES: usize = 4096;
+
+/// A connection past the global cap, in the [`HEALTH_RESERVE`]: `GET /health` is answered
+/// (then closed); anything else, a head not sent within [`RESERVE_HEAD_TIMEOUT`], or an
+/// eviction by a newer connection gets `refusal` (counted).
+///
+/// [`HEALTH_RESERVE`]: crate::limits::HEALTH_RESERVE
+async fn reserved(mut stream: TcpStream, mut place: ReservedPlace, refusal: Refusal, state: Arc<crate::AppState>) {
+    let mut head = Vec::with_capacity(512);
+    let read_head = async {
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < RESERVE_HEAD_BYTES {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(read) => head.extend_from_slice(&chunk[..read]),
+            }
+        }
+        true
+    };
+    let complete = tokio::select! {
+        read = tokio::time::timeout(RESERVE_HEAD_TIMEOUT, read_head) => read.unwrap_or(false),
+        _ = &mut place.evicted => false,
+    };
+    let health = complete && (head.starts_with(b"GET /health HTTP/") || head.starts_with(b"GET /health?"));
+    if !health {
+        state.metrics.limited(Limit::Connections);
+        drop(place);
+        return refuse(stream, refusal).await;
+    }
+    let (status, text) = crate::web::routes::health_status(&state);
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\
+         X-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// Answers a connection refused by a limit with a short HTTP response naming the limit.
 async fn refuse(mut stream: TcpStream, refusal: Refusal) {
     let (status, text) = match refusal {
@@ -222,4 +309,23 @@ async fn refuse(mut stream: TcpStream, refusal: Refusal) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_listener_is_loopback_only() {
+        for addr in ["0.0.0.0:0", "[::]:0", "192.0.2.1:4001"] {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            assert!(matches!(bind_admin(addr), Err(ServerError::AdminNotLoopback(a)) if a == addr), "{addr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_admin_listener_binds_on_loopback() {
+        let listener = bind_admin("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        assert!(listener.local_addr().expect("addr").ip().is_loopback());
+    }
 }

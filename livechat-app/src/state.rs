@@ -54,8 +54,8 @@ pub struct AppConfig {
     pub notifier: NotifierConfig,
     /// This process's identity in handler claims (empty: `host:pid:random`).
     pub node: String,
-    /// A bearer token that opens the admin routes from anywhere (they always answer on
-    /// loopback).
+    /// A bearer token that opens the admin routes on any listener, from anywhere (without it
+    /// they answer only on the admin listener: see [`crate::web::admin`]).
     pub admin_token: Option<String>,
 }
 

@@ -24,7 +24,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
-use support::{AppProcess, TestServer};
+use support::{fresh_database, AppProcess, TestServer};
 
 const WAIT: Duration = Duration::from_secs(15);
 const ENTER: &str = "\u{E007}";
@@ -276,22 +276,6 @@ async fn two_users_chat_live_in_separate_browsers() {
     alice.close().await.expect("close");
     bob.close().await.expect("close");
     server.stop().await;
-}
-
-/// A fresh database on the server of `DATABASE_URL`.
-async fn fresh_database() -> String {
-    let url = std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL must point at a PostgreSQL server for this test; ./scripts/test starts a throwaway one");
-    let name = format!("livechat_e2e_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.expect("connect to PostgreSQL");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
-    match url.rfind('/') {
-        Some(slash) if url[..slash].contains("://") && !url[slash..].contains('@') => {
-            let query = url[slash..].find('?').map_or("", |q| &url[slash + q..]);
-            format!("{}/{name}{query}", &url[..slash])
-        }
-        _ => panic!("DATABASE_URL {url:?} has no database path"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,6 @@
 //! a frame within [`LiveConfig::send_timeout`](super::LiveConfig::send_timeout) is closed (the browser reconnects and resumes
 //! from what it has).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use crate::domain::{validate_sender, ChatId};
 use crate::metrics::Limit;
 use crate::rooms::{CatchUp, RoomError};
 use crate::state::AppState;
+use crate::web::security::ClientAddress;
 
 /// Most queued messages written with one flush.
 const MAX_BATCH: usize = 64;
@@ -33,7 +33,7 @@ pub struct Visitor {
     /// The reader's name.
     pub name: Option<String>,
     /// The client's address (for the per-address limits).
-    pub address: IpAddr,
+    pub address: ClientAddress,
 }
 
 /// Runs one view on an upgraded socket until the browser leaves or the server shuts down.
@@ -142,7 +142,7 @@ fn idle_deadline(conn: &Conn) -> tokio::time::Instant {
 struct RoomState {
     room_id: ChatId,
     name: String,
-    address: IpAddr,
+    address: ClientAddress,
     /// The room version of the last change forwarded to the browser.
     seen: u64,
 }
@@ -153,7 +153,7 @@ async fn room_view(
     state: &Arc<AppState>,
     room_id: ChatId,
     name: String,
-    address: IpAddr,
+    address: ClientAddress,
     after: Position,
 ) -> Result<(), End> {
     let (room, presence_guard) = match Box::pin(state.model.enter(&room_id, &name)).await {

@@ -2,10 +2,21 @@
 //!
 //! `GET /admin/parked` lists them; `POST /admin/parked/retry` (`handler`, and `position` or
 //! `all=1`) asks the handler for another attempt; `POST /admin/parked/discard` (`handler`,
-//! `position`) drops one for good (logged at warn level with the event). Only for a client on
-//! this machine (its address, after trusted proxies, is loopback: nginx in front forwards the
-//! real address, so the world is refused), or a request with `Authorization: Bearer TOKEN`
-//! when the app was started with `--admin-token TOKEN`. Forms from another origin are refused.
+//! `position`) drops one for good (logged at warn level with the event).
+//!
+//! Who may use them ([`access`]):
+//! - a request on the admin listener (`--admin-listen`, loopback only, never a proxy's
+//!   target) from a loopback peer: admin by address;
+//! - a request with `Authorization: Bearer TOKEN` when the app was started with
+//!   `--admin-token TOKEN`, on any listener, from anywhere;
+//! - nobody else. In particular the chat's own listener never grants admin by address: a
+//!   proxy on this machine (nginx's plain `proxy_pass`) connects from loopback for every client
+//!   on the Internet, so a loopback peer there proves nothing.
+//!
+//! The forms (`POST`) of an admin by address must carry an allowed `Origin` (browsers send one
+//! on every form post): a page elsewhere cannot post them through the operator's browser, and
+//! a request without `Origin` is refused. A bearer token is never sent by a browser on its own,
+//! so requests with it need no `Origin` (but a foreign one is still refused).
 
 use std::sync::Arc;
 
@@ -18,20 +29,40 @@ use serde::Deserialize;
 use crate::render;
 use crate::state::AppState;
 use crate::web::routes::Client;
-use crate::web::security::origin_allowed;
+use crate::web::security::{origin_allowed, Listener};
 
-/// Whether this request may use the admin routes.
-pub fn allowed(state: &AppState, client: &Client, headers: &HeaderMap) -> bool {
-    if client.address.is_loopback() {
-        return true;
+/// How a request got admin rights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// On the admin listener, from this machine.
+    Address,
+    /// With the admin token.
+    Token,
+}
+
+/// Whether this request may use the admin routes, and how; `None`: it may not.
+pub fn access(client: &Client, admin_token: Option<&str>, headers: &HeaderMap) -> Option<Access> {
+    if let Some(token) = admin_token.filter(|t| !t.is_empty()) {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+            return Some(Access::Token);
+        }
     }
-    let Some(token) = state.config.admin_token.as_deref().filter(|t| !t.is_empty()) else { return false };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    constant_time_eq(presented.as_bytes(), token.as_bytes())
+    let peer = client.peer.ip();
+    let loopback = peer.is_loopback()
+        || matches!(peer, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+    (client.listener == Listener::Admin && !client.proxied && loopback).then_some(Access::Address)
+}
+
+/// Whether an admin form may be acted on: an allowed `Origin`, required unless the token was
+/// presented.
+pub fn form_allowed(access: Access, headers: &HeaderMap, allowed_origins: &[String]) -> bool {
+    let has_origin = headers.contains_key(header::ORIGIN);
+    (has_origin || access == Access::Token) && origin_allowed(headers, allowed_origins)
 }
 
 /// Compares without stopping at the first difference (no timing hint about the token).
@@ -43,7 +74,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn refused() -> Response {
-    (StatusCode::FORBIDDEN, "admin routes answer only on this machine, or with the admin token\n").into_response()
+    let text = "admin routes answer on the admin listener (--admin-listen, this machine only), or with the admin \
+                token (--admin-token) in `Authorization: Bearer TOKEN`\n";
+    (StatusCode::FORBIDDEN, text).into_response()
 }
 
 /// The handlers whose parked events are listed: every handler this process runs.
@@ -70,7 +103,7 @@ pub async fn parked(state: &AppState) -> Result<Vec<(String, Vec<ParkedEvent>)>,
 
 /// `GET /admin/parked`.
 pub async fn list(State(state): State<Arc<AppState>>, client: Client, headers: HeaderMap) -> Response {
-    if !allowed(&state, &client, &headers) {
+    if access(&client, state.config.admin_token.as_deref(), &headers).is_none() {
         return refused();
     }
     match parked(&state).await {
@@ -116,11 +149,10 @@ enum Action {
 }
 
 async fn act(state: &AppState, client: &Client, headers: &HeaderMap, form: ParkedForm, action: Action) -> Response {
-    if !allowed(state, client, headers) {
-        return refused();
-    }
-    if !origin_allowed(headers, &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "cross-origin form refused\n").into_response();
+    let Some(access) = access(client, state.config.admin_token.as_deref(), headers) else { return refused() };
+    if !form_allowed(access, headers, &state.config.allowed_origins) {
+        return (StatusCode::FORBIDDEN, "cross-origin form, or one without an Origin header, refused\n")
+            .into_response();
     }
     if !handlers(state).contains(&form.handler) {
         return (StatusCode::NOT_FOUND, format!("no handler {:?} runs here\n", form.handler)).into_response();
@@ -141,7 +173,25 @@ async fn act(state: &AppState, client: &Client, headers: &HeaderMap, form: Parke
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use std::net::SocketAddr;
+
+    use axum::http::HeaderValue;
+
+    use super::*;
+    use crate::web::security::ClientAddress;
+
+    fn client(peer: &str, proxied: bool, listener: Listener) -> Client {
+        let peer: SocketAddr = peer.parse().expect("peer");
+        Client { address: ClientAddress::Known(peer.ip()), https: false, peer, proxied, listener }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (key, value) in pairs {
+            map.append(*key, HeaderValue::from_str(value).expect("header"));
+        }
+        map
+    }
 
     #[test]
     fn tokens_compare_whole() {
@@ -149,5 +199,48 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secreT"));
         assert!(!constant_time_eq(b"secret", b"secret!"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn admin_by_address_only_on_the_admin_listener_from_loopback() {
+        let none = HeaderMap::new();
+        // The chat's listener: a loopback peer may be a proxy for anyone, trusted or not.
+        assert_eq!(access(&client("127.0.0.1:5000", true, Listener::Public), None, &none), None);
+        assert_eq!(access(&client("127.0.0.1:5000", false, Listener::Public), None, &none), None);
+        assert_eq!(access(&client("[::1]:5000", true, Listener::Public), None, &none), None);
+        // The admin listener, from this machine.
+        assert_eq!(access(&client("127.0.0.1:5000", false, Listener::Admin), None, &none), Some(Access::Address));
+        assert_eq!(access(&client("[::1]:5000", false, Listener::Admin), None, &none), Some(Access::Address));
+        assert_eq!(
+            access(&client("[::ffff:127.0.0.1]:5000", false, Listener::Admin), None, &none),
+            Some(Access::Address)
+        );
+        assert_eq!(access(&client("203.0.113.9:5000", false, Listener::Admin), None, &none), None);
+        // The token, anywhere; a wrong or empty one opens nothing.
+        let bearer = headers(&[("authorization", "Bearer s3cret")]);
+        assert_eq!(
+            access(&client("127.0.0.1:5000", true, Listener::Public), Some("s3cret"), &bearer),
+            Some(Access::Token)
+        );
+        assert_eq!(
+            access(&client("203.0.113.9:5000", false, Listener::Public), Some("s3cret"), &bearer),
+            Some(Access::Token)
+        );
+        assert_eq!(access(&client("127.0.0.1:5000", true, Listener::Public), Some("other"), &bearer), None);
+        let empty = headers(&[("authorization", "Bearer ")]);
+        assert_eq!(access(&client("127.0.0.1:5000", true, Listener::Public), Some(""), &empty), None);
+    }
+
+    #[test]
+    fn admin_forms_by_address_need_an_origin() {
+        let host = ("host", "127.0.0.1:4001");
+        let same = headers(&[host, ("origin", "http://127.0.0.1:4001")]);
+        let foreign = headers(&[host, ("origin", "http://evil.test")]);
+        let missing = headers(&[host]);
+        assert!(form_allowed(Access::Address, &same, &[]));
+        assert!(!form_allowed(Access::Address, &foreign, &[]));
+        assert!(!form_allowed(Access::Address, &missing, &[]), "no Origin is no proof of a same-origin page");
+        assert!(form_allowed(Access::Token, &missing, &[]), "a browser never adds the bearer token by itself");
+        assert!(!form_allowed(Access::Token, &foreign, &[]));
     }
 }

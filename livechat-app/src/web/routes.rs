@@ -1,6 +1,6 @@
 //! The HTTP routes: pages, forms, the websocket upgrade, health, metrics and assets.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{Form, FromRequestParts, Path, Query, Request, State};
@@ -15,7 +15,8 @@ use cqrs_core::{Consistency, HandlerState, Position};
 use serde::Deserialize;
 
 use super::security::{
-    client_address, host_allowed, is_https, name_cookie, name_from_cookie, origin_allowed, security_headers, Peer,
+    client_address, host_allowed, is_https, name_cookie, name_from_cookie, origin_allowed, security_headers,
+    ClientAddress, Listener, Peer, TrustedProxies,
 };
 use crate::commands::{Outcome, RoomFacts, Sender};
 use crate::domain::{validate_sender, ChatId};
@@ -58,15 +59,19 @@ async fn check_host(State(state): State<Arc<AppState>>, request: Request, next: 
     next.run(request).await
 }
 
-/// Who made a request: the client's address and whether it came over TLS.
+/// Who made a request: the client's address, whether it came over TLS, and through what.
 #[derive(Debug, Clone, Copy)]
 pub struct Client {
-    /// The client's address (the forwarded one behind a trusted proxy).
-    pub address: IpAddr,
+    /// The client's address (behind a trusted proxy: the forwarded one, or unknown).
+    pub address: ClientAddress,
     /// Whether the request reached us over TLS.
     pub https: bool,
     /// The connection's own peer.
     pub peer: SocketAddr,
+    /// Whether the peer is a trusted proxy: its requests are never admin by address.
+    pub proxied: bool,
+    /// The listener the request came in on.
+    pub listener: Listener,
 }
 
 impl FromRequestParts<Arc<AppState>> for Client {
@@ -74,11 +79,29 @@ impl FromRequestParts<Arc<AppState>> for Client {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<Peer>().map_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), |peer| peer.0);
-        let trusted = &state.config.trusted_proxies;
+        let listener = parts.extensions.get::<Listener>().copied().unwrap_or(Listener::Public);
+        // The admin listener is for this machine's own tools: no proxy speaks for anyone there.
+        let none = TrustedProxies::none();
+        let trusted = if listener == Listener::Admin { &none } else { &state.config.trusted_proxies };
+        let address = client_address(peer, &parts.headers, trusted);
+        if address == ClientAddress::Unknown {
+            state.metrics.unknown_clients.increment(1);
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    %peer,
+                    "a trusted proxy sent a request without a usable X-Forwarded-For: such clients are `unknown` \
+                     (never admin, one shared rate-limit bucket); make the proxy set it, e.g. nginx's \
+                     `proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;`"
+                );
+            });
+        }
         Ok(Self {
-            address: client_address(peer, &parts.headers, trusted),
+            address,
             https: is_https(peer, &parts.headers, trusted, state.config.behind_tls),
             peer,
+            proxied: trusted.contains(peer.ip()),
+            listener,
         })
     }
 }
@@ -135,16 +158,20 @@ async fn join(
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
+    health_status(&state).into_response()
+}
+
+/// `/health`'s answer: 200 once the read model runs from the store's head, else 503 and why.
+pub(crate) fn health_status(state: &AppState) -> (StatusCode, String) {
     let status = state.progress.status(HANDLER_NAME).map(|status| status.state);
     match status {
-        Some(HandlerState::Running) if state.model.is_ready() => (StatusCode::OK, "ok\n").into_response(),
-        Some(HandlerState::Starting | HandlerState::Running) | None => {
-            (StatusCode::SERVICE_UNAVAILABLE, "rebuilding: the read model has not reached the store's head yet\n")
-                .into_response()
-        }
+        Some(HandlerState::Running) if state.model.is_ready() => (StatusCode::OK, "ok\n".to_owned()),
+        Some(HandlerState::Starting | HandlerState::Running) | None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "rebuilding: the read model has not reached the store's head yet\n".to_owned(),
+        ),
         Some(other) => {
-            let text = format!("read model: {}\n", crate::app::handler_state(&other));
-            (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+            (StatusCode::SERVICE_UNAVAILABLE, format!("read model: {}\n", crate::app::handler_state(&other)))
         }
     }
 }
@@ -174,7 +201,7 @@ async fn live(State(state): State<Arc<AppState>>, client: Client, mut request: R
     }
     // Behind a trusted proxy every connection comes from the proxy: count live connections
     // per forwarded client address here (direct peers were counted when accepted).
-    let address_permit = if state.config.trusted_proxies.contains(client.peer.ip()) {
+    let address_permit = if client.proxied {
         match state.limits.count_address(client.address) {
             Ok(permit) => Some(permit),
             Err(refusal) => {

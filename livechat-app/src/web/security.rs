@@ -26,6 +26,16 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer(pub SocketAddr);
 
+/// The listener a connection came in on, put in each request's extensions by the server loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The chat's listener (`--listen`), the one a proxy forwards to.
+    Public,
+    /// The admin listener (`--admin-listen`, loopback only): the admin routes answer there
+    /// without a token, and `X-Forwarded-*` headers are ignored.
+    Admin,
+}
+
 /// Networks whose connections may say, in `X-Forwarded-For` and `X-Forwarded-Proto`, who the
 /// client is and whether it came over TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,18 +112,58 @@ fn in_network(address: IpAddr, network: IpAddr, bits: u8) -> bool {
     }
 }
 
-/// The client's address: the peer's, unless the peer is a trusted proxy, then the last
-/// address in `X-Forwarded-For` that is not itself a trusted proxy.
-pub fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> IpAddr {
-    let mut client = canonical(peer.ip());
-    if !trusted.contains(client) {
-        return client;
+/// Who the client of a request is, as far as its connection tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientAddress {
+    /// Its address: the peer's own, or the one a trusted proxy put in `X-Forwarded-For`.
+    Known(IpAddr),
+    /// The peer is a trusted proxy that did not say who the client is in a form we accept: no
+    /// `X-Forwarded-For`, or a hop that is not a bare IP address (`1.2.3.4:5678`, `unknown`,
+    /// `[::1]:80`, a name). Never the proxy's own address, never loopback: all such clients
+    /// share one bucket of each per-address limit, apart from every real address.
+    Unknown,
+}
+
+impl ClientAddress {
+    /// The address, when known.
+    pub fn ip(self) -> Option<IpAddr> {
+        match self {
+            Self::Known(ip) => Some(ip),
+            Self::Unknown => None,
+        }
     }
-    let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+}
+
+impl std::fmt::Display for ClientAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Known(ip) => ip.fmt(f),
+            Self::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// The client's address: the peer's, unless the peer is a trusted proxy; then the last
+/// `X-Forwarded-For` hop that is not itself a trusted proxy (walking back over trusted ones).
+/// Every hop walked must be a bare IP address; a missing header, or a hop that is anything
+/// else, makes the client [`ClientAddress::Unknown`] (strict: `ip:port` and `[v6]:port` are
+/// not accepted, as no proxy we support writes them).
+pub fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted: &TrustedProxies) -> ClientAddress {
+    let peer = canonical(peer.ip());
+    if !trusted.contains(peer) {
+        return ClientAddress::Known(peer);
+    }
+    let mut forwarded = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        let Ok(value) = value.to_str() else { return ClientAddress::Unknown };
+        forwarded.push(value);
+    }
+    let mut client = ClientAddress::Unknown;
     for hop in forwarded.iter().rev().flat_map(|value| value.rsplit(',')) {
-        let Ok(address) = hop.trim().parse::<IpAddr>() else { break };
-        client = canonical(address);
-        if !trusted.contains(client) {
+        let Ok(address) = hop.trim().parse::<IpAddr>() else { return ClientAddress::Unknown };
+        let address = canonical(address);
+        client = ClientAddress::Known(address);
+        if !trusted.contains(address) {
             break;
         }
     }
@@ -124,7 +174,7 @@ pub fn client_address(peer: SocketAddr, headers: &HeaderMap, trusted: &TrustedPr
 /// proxy's `X-Forwarded-Proto: https`.
 pub fn is_https(peer: SocketAddr, headers: &HeaderMap, trusted: &TrustedProxies, behind_tls: bool) -> bool {
     behind_tls
-        || (trusted.contains(peer.ip())
+        || (trusted.contains(canonical(peer.ip()))
             && headers
                 .get("x-forwarded-proto")
                 .and_then(|v| v.to_str().ok())
@@ -283,18 +333,50 @@ mod tests {
         let trusted = TrustedProxies::loopback();
         let proxy: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
         let stranger: SocketAddr = "203.0.113.9:5000".parse().expect("addr");
+        let known = |ip: &str| ClientAddress::Known(ip.parse().expect("ip"));
         let forwarded = headers(&[("x-forwarded-for", "198.51.100.1, 203.0.113.7")]);
-        assert_eq!(client_address(proxy, &forwarded, &trusted), "203.0.113.7".parse::<IpAddr>().expect("ip"));
-        assert_eq!(client_address(stranger, &forwarded, &trusted), stranger.ip(), "not a proxy: its header is ignored");
-        assert_eq!(client_address(proxy, &headers(&[]), &trusted), proxy.ip());
-        assert_eq!(client_address(proxy, &forwarded, &TrustedProxies::none()), proxy.ip());
+        assert_eq!(client_address(proxy, &forwarded, &trusted), known("203.0.113.7"));
+        assert_eq!(client_address(stranger, &forwarded, &trusted), known("203.0.113.9"), "not a proxy: ignored");
+        assert_eq!(client_address(proxy, &forwarded, &TrustedProxies::none()), known("127.0.0.1"));
         let mut chain = TrustedProxies::loopback();
         chain.add("203.0.113.0/24").expect("network");
-        assert_eq!(client_address(proxy, &forwarded, &chain), "198.51.100.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(client_address(proxy, &forwarded, &chain), known("198.51.100.1"));
         assert!(chain.add("10.0.0.0/33").is_err() && chain.add("nope").is_err());
         let https = headers(&[("x-forwarded-proto", "https")]);
         assert!(is_https(proxy, &https, &trusted, false));
         assert!(!is_https(stranger, &https, &trusted, false), "only a trusted proxy may say so");
         assert!(is_https(stranger, &headers(&[]), &trusted, true));
+    }
+
+    #[test]
+    fn a_proxy_that_does_not_name_the_client_makes_it_unknown_never_the_proxy() {
+        let trusted = TrustedProxies::loopback();
+        let proxy: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let v6_proxy: SocketAddr = "[::1]:5000".parse().expect("addr");
+        for peer in [proxy, v6_proxy] {
+            assert_eq!(client_address(peer, &headers(&[]), &trusted), ClientAddress::Unknown, "no header");
+            for hop in ["1.2.3.4:5678", "unknown", "[::1]:80", "[2001:db8::1]", "garbage", "", " ", "_hidden"] {
+                let forwarded = headers(&[("x-forwarded-for", hop)]);
+                assert_eq!(client_address(peer, &forwarded, &trusted), ClientAddress::Unknown, "{hop:?}");
+                let after_a_good_one = headers(&[("x-forwarded-for", &format!("198.51.100.1, {hop}"))]);
+                assert_eq!(client_address(peer, &after_a_good_one, &trusted), ClientAddress::Unknown, "{hop:?} last");
+            }
+        }
+        // A bad hop behind a trusted one is walked to, and is still unknown.
+        let behind_loopback = headers(&[("x-forwarded-for", "unknown, 127.0.0.1")]);
+        assert_eq!(client_address(proxy, &behind_loopback, &trusted), ClientAddress::Unknown);
+        // Bare addresses of both families are accepted; an IPv4-mapped one is the IPv4 one.
+        let v6 = headers(&[("x-forwarded-for", "2001:db8::7")]);
+        assert_eq!(client_address(proxy, &v6, &trusted), ClientAddress::Known("2001:db8::7".parse().expect("ip")));
+        let mapped = headers(&[("x-forwarded-for", "::ffff:198.51.100.3")]);
+        assert_eq!(
+            client_address(v6_proxy, &mapped, &trusted),
+            ClientAddress::Known("198.51.100.3".parse().expect("ip"))
+        );
+        // Only trusted hops: the first of them (a client on the proxy's own machine).
+        let local = headers(&[("x-forwarded-for", "127.0.0.1")]);
+        assert_eq!(client_address(proxy, &local, &trusted), ClientAddress::Known("127.0.0.1".parse().expect("ip")));
+        assert_eq!(ClientAddress::Unknown.to_string(), "unknown");
+        assert_eq!(ClientAddress::Unknown.ip(), None);
     }
 }

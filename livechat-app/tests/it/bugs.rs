@@ -7,6 +7,7 @@ use cqrs_core::Consistency;
 use livechat_app::commands::{Outcome, RoomFacts, Sender};
 use livechat_app::domain::ChatId;
 use livechat_app::rooms::HANDLER_NAME;
+use livechat_app::web::security::ClientAddress;
 use livechat_app::AppConfig;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -131,7 +132,7 @@ async fn a_first_message_sent_as_the_last_viewer_leaves_is_shown() {
     let server = TestServer::start_with(Arc::new(cqrs_memory::MemoryStore::new()), config).await;
     for i in 0..30u8 {
         // A new room per address each time: the room-creation cap is per address.
-        let sender = Sender { name: "alice", address: [198, 51, 100, i].into() };
+        let sender = Sender { name: "alice", address: ClientAddress::Known([198, 51, 100, i].into()) };
         let room = format!("fresh-{i}");
         let (viewer, _) = server.join("visitor", &room, 0).await;
         let id = ChatId::parse(&room).expect("room");

@@ -240,9 +240,13 @@ async fn connections_are_capped_in_all_with_a_message() {
     let server = TestServer::start_with(Arc::new(cqrs_memory::MemoryStore::new()), config).await;
     let _first = connect_as(server.addr, "ann", "198.51.100.10").await;
     let _second = connect_as(server.addr, "ben", "198.51.100.11").await;
-    let full = server.get("/health", None).await;
+    let full = server.get("/lounge", Some("cy")).await;
     assert_eq!(full.status, 503);
     assert!(full.body.contains("limit of 2 connections"), "{}", full.body);
+    assert_eq!(server.state.metrics.limited_count(Limit::Connections), 1);
+    // A load balancer's check still gets its answer, from the reserve past the cap.
+    let health = server.get("/health", None).await;
+    assert_eq!((health.status, health.body.as_str()), (200, "ok\n"));
     assert_eq!(server.state.metrics.limited_count(Limit::Connections), 1);
     server.stop().await;
 }

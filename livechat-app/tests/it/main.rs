@@ -2,9 +2,11 @@
 //! websockets against the real router.
 
 mod bugs;
+mod capacity;
 mod domain;
 mod durability;
 mod features;
 mod notifier;
+mod proxy;
 mod support;
 mod websocket;

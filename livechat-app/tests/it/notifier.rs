@@ -13,7 +13,7 @@ use livechat_app::AppConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::support::{TestServer, TIMEOUT};
+use crate::support::{request_to, TestServer, TIMEOUT};
 use crate::websocket::ack;
 
 /// Records what it delivers; fails while `failing` is set.
@@ -140,7 +140,7 @@ async fn a_failing_notification_is_parked_and_an_operator_retries_or_discards_it
     status_until(&server, "the event is parked", |s| s.parked == 1).await;
     assert!(*recorder.attempts.lock().expect("lock") >= 2, "parked after its attempts");
 
-    let page = server.get("/admin/parked", None).await;
+    let page = server.admin_get("/admin/parked").await;
     assert_eq!(page.status, 200);
     let position: u64 = page
         .body
@@ -159,43 +159,45 @@ async fn a_failing_notification_is_parked_and_an_operator_retries_or_discards_it
     mention(&server, "fine", "hi @bob").await;
     eventually("the next mention is delivered", || recorder.to() == ["bob@fine"]).await;
 
-    // Refused from elsewhere, and from a foreign origin.
-    let remote = server
-        .post(
-            "/admin/parked/retry",
-            &format!("handler={NOTIFIER_NAME}&position={position}"),
-            "X-Forwarded-For: 203.0.113.9\r\n",
-        )
-        .await;
-    assert_eq!(remote.status, 403);
-    let foreign = server
-        .post(
-            "/admin/parked/retry",
-            &format!("handler={NOTIFIER_NAME}&position={position}"),
-            "Origin: http://evil.example\r\n",
-        )
-        .await;
+    // Refused on the chat's listener (even from loopback: a proxy's address), from a foreign
+    // origin, and without an origin.
+    let form = format!("handler={NOTIFIER_NAME}&position={position}");
+    for forwarded in ["X-Forwarded-For: 203.0.113.9\r\n", "", "X-Forwarded-For: 127.0.0.1\r\n"] {
+        assert_eq!(server.post("/admin/parked/retry", &form, forwarded).await.status, 403, "{forwarded:?}");
+    }
+    let without_origin = format!(
+        "POST /admin/parked/retry HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
+        form.len(),
+        admin = server.admin
+    );
+    assert_eq!(request_to(server.admin, &without_origin).await.status, 403);
+    let foreign =
+        request_to(server.admin, &without_origin.replace("Host:", "Origin: http://evil.example\r\nHost:")).await;
     assert_eq!(foreign.status, 403);
-    assert_eq!(server.post("/admin/parked/retry", "handler=nope&position=1", "").await.status, 404);
+    assert_eq!(server.admin_post("/admin/parked/retry", "handler=nope&position=1", "").await.status, 404);
 
-    let retried = server.post("/admin/parked/retry", &format!("handler={NOTIFIER_NAME}&position={position}"), "").await;
+    let retried = server.admin_post("/admin/parked/retry", &form, "").await;
     assert_eq!(retried.status, 303, "{}", retried.body);
     eventually("the parked mention is delivered", || recorder.to() == ["bob@fine", "bob@broken"]).await;
     status_until(&server, "nothing is parked", |s| s.parked == 0).await;
-    assert!(!server.get("/admin/parked", None).await.body.contains("data-parked=\""));
+    assert!(!server.admin_get("/admin/parked").await.body.contains("data-parked=\""));
 
     // A discarded one is never delivered.
     recorder.failing.store(true, Ordering::SeqCst);
     mention(&server, "dropped", "@bob?").await;
     status_until(&server, "the event is parked again", |s| s.parked == 1).await;
     recorder.failing.store(false, Ordering::SeqCst);
-    let page = server.get("/admin/parked", None).await.body;
+    let page = server.admin_get("/admin/parked").await.body;
     let position = page.split("data-parked=\"").nth(1).and_then(|r| r.split('"').next()).expect("row").to_owned();
     let discarded =
-        server.post("/admin/parked/discard", &format!("handler={NOTIFIER_NAME}&position={position}"), "").await;
+        server.admin_post("/admin/parked/discard", &format!("handler={NOTIFIER_NAME}&position={position}"), "").await;
     assert_eq!(discarded.status, 303);
     assert_eq!(
-        server.post("/admin/parked/discard", &format!("handler={NOTIFIER_NAME}&position={position}"), "").await.status,
+        server
+            .admin_post("/admin/parked/discard", &format!("handler={NOTIFIER_NAME}&position={position}"), "")
+            .await
+            .status,
         404
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -12,7 +12,7 @@ use cqrs_core::{
 };
 use cqrs_memory::MemoryStore;
 use futures_util::{SinkExt, StreamExt};
-use livechat_app::server::{bind, serve};
+use livechat_app::server::{bind, bind_admin, serve_with_admin};
 use livechat_app::{App, AppConfig, AppState};
 use serde_json::Value;
 use std::process::Stdio;
@@ -125,6 +125,8 @@ impl EventStore for FaultyStore {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The admin listener (loopback only; admin routes answer there without a token).
+    pub admin: SocketAddr,
     pub state: Arc<AppState>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -149,15 +151,17 @@ impl TestServer {
         let state = Arc::clone(app.state());
         let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let admin_listener = bind_admin("127.0.0.1:0".parse().expect("addr")).expect("bind admin");
+        let admin = admin_listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve(listener, app, async {
+            serve_with_admin(listener, Some(admin_listener), app, async {
                 let _ = stopped.await;
             })
             .await
             .expect("serve");
         });
-        Self { addr, state, stop: Some(stop), task: Some(task) }
+        Self { addr, admin, state, stop: Some(stop), task: Some(task) }
     }
 
     /// Shuts the server down gracefully and waits for it.
@@ -215,22 +219,44 @@ impl TestServer {
         self.request(&request).await
     }
 
+    /// `GET path` on the admin listener.
+    pub async fn admin_get(&self, path: &str) -> Response {
+        request_to(self.admin, &format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.admin))
+            .await
+    }
+
+    /// `POST path` of a urlencoded form on the admin listener, from its own page (`Origin`).
+    pub async fn admin_post(&self, path: &str, form: &str, headers: &str) -> Response {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {admin}\r\nOrigin: http://{admin}\r\nContent-Type: \
+             application/x-www-form-urlencoded\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n{form}",
+            form.len(),
+            admin = self.admin,
+        );
+        request_to(self.admin, &request).await
+    }
+
     /// Sends a raw HTTP request and reads the whole answer.
     pub async fn request(&self, request: &str) -> Response {
-        let mut stream = TcpStream::connect(self.addr).await.expect("connect");
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut raw = Vec::new();
-        tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut raw)).await.expect("response in time").expect("read");
-        let raw = String::from_utf8(raw).expect("utf-8 response");
-        let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
-        let mut lines = head.lines();
-        let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
-        Response { status, headers, body: body.to_owned() }
+        request_to(self.addr, request).await
     }
+}
+
+/// Sends a raw HTTP request to `addr` and reads the whole answer.
+pub async fn request_to(addr: SocketAddr, request: &str) -> Response {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut raw)).await.expect("response in time").expect("read");
+    let raw = String::from_utf8(raw).expect("utf-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).expect("status");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Response { status, headers, body: body.to_owned() }
 }
 
 impl Drop for TestServer {
@@ -247,6 +273,9 @@ pub struct AppProcess {
     #[allow(dead_code)] // used by the browser test
     pub base: String,
     pub addr: SocketAddr,
+    /// The admin listener's address, as printed (none with `--admin-listen off`).
+    #[allow(dead_code)] // used by the proxy tests
+    pub admin: Option<SocketAddr>,
 }
 
 impl AppProcess {
@@ -257,25 +286,41 @@ impl AppProcess {
     /// Starts the binary with `args`, in `dir` if given, without `DATABASE_URL` or `LISTEN` from
     /// the environment.
     pub async fn start_with(args: &[&str], dir: Option<&std::path::Path>) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_livechat-app"));
+        Self::start_command(Self::command(args, dir)).await
+    }
+
+    /// The command that starts the binary (`LIVECHAT_TEST_BIN` names another build of it, e.g.
+    /// an older one to see a test fail) with `args`, in `dir` if given, without `DATABASE_URL`
+    /// or `LISTEN` from the environment.
+    pub fn command(args: &[&str], dir: Option<&std::path::Path>) -> Command {
+        let binary =
+            std::env::var("LIVECHAT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_livechat-app").to_owned());
+        let mut command = Command::new(binary);
         if let Some(dir) = dir {
             command.current_dir(dir);
         }
-        let mut child = command
-            .args(args)
-            .env_remove("DATABASE_URL")
-            .env_remove("LISTEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start livechat-app");
+        command.args(args).env_remove("DATABASE_URL").env_remove("LISTEN").env("RUST_LOG", "warn");
+        command
+    }
+
+    /// The binary: this build's, or `LIVECHAT_TEST_BIN`.
+    pub fn binary() -> String {
+        std::env::var("LIVECHAT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_livechat-app").to_owned())
+    }
+
+    /// Starts `command` (from [`AppProcess::command`]) and waits for its address.
+    pub async fn start_command(mut command: Command) -> Self {
+        let mut child = command.stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("start livechat-app");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let base = tokio::time::timeout(TIMEOUT, async {
+        let (base, admin) = tokio::time::timeout(TIMEOUT, async {
+            let mut admin = None;
             while let Some(line) = lines.next_line().await.expect("read stdout") {
+                if let Some(url) = line.strip_prefix("livechat: admin (this machine only): http://") {
+                    admin = url.split('/').next().and_then(|addr| addr.parse().ok());
+                }
                 if let Some(url) = line.strip_prefix("livechat: open ") {
-                    return url.trim_end_matches('/').to_owned();
+                    return (url.trim_end_matches('/').to_owned(), admin);
                 }
             }
             panic!("livechat-app exited before printing its address");
@@ -285,7 +330,23 @@ impl AppProcess {
         // Keep draining stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let addr = base.trim_start_matches("http://").parse().expect("printed address");
-        Self { child, base, addr }
+        Self { child, base, addr, admin }
+    }
+}
+
+/// A fresh database on the server of `DATABASE_URL`.
+pub async fn fresh_database() -> String {
+    let url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server for this test; ./scripts/test starts a throwaway one");
+    let name = format!("livechat_e2e_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.expect("connect to PostgreSQL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+    match url.rfind('/') {
+        Some(slash) if url[..slash].contains("://") && !url[slash..].contains('@') => {
+            let query = url[slash..].find('?').map_or("", |q| &url[slash + q..]);
+            format!("{}/{name}{query}", &url[..slash])
+        }
+        _ => panic!("DATABASE_URL {url:?} has no database path"),
     }
 }
 
