@@ -120,7 +120,9 @@ pub use handler::{
     RunningHandler, StartFrom, DEFAULT_MAX_BATCH,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
-pub use process::{spawn_process_manager, CommandRouter, Effects, ProcessManager, Route, RouteError, RunningProcess};
+pub use process::{
+    spawn_process_manager, CommandRouter, Effects, ProcessManager, RepeatedStep, Route, RouteError, RunningProcess,
+};
 pub use store::{
     append_links_one_by_one, chain_broken, validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion,
     Snapshot, StoreError, DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,

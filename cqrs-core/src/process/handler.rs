@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{CommandRouter, Effects, ProcessManager, Route, RouteError};
+use super::{CommandRouter, Effects, ProcessManager, RepeatedStep, Route, RouteError};
 use crate::aggregate::CommandEnvelope;
 use crate::coordination::{ProcessState, Scheduled};
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
@@ -41,6 +41,21 @@ pub(super) fn step_of(process: &str, key: &str, step: &str) -> String {
 /// The derived id of a command `process` sends for `key` at `step` in reaction to `event`.
 pub(super) fn command_id(event: EventId, process: &str, key: &str, step: &str) -> CommandId {
     CommandId::derived(event, &step_of(process, key, step))
+}
+
+/// What `manager` decides about `event` in an instance in `state`: its effects (checked: no
+/// step or schedule name twice) and the instance's next state. The runner and
+/// [`ProcessTest`](crate::testing::ProcessTest) both call this.
+pub(crate) fn react<P: ProcessManager>(
+    manager: &P,
+    state: P::State,
+    event: &Envelope<P::Event>,
+) -> Result<(Effects<P::Command>, P::State), RepeatedStep> {
+    let mut effects = Effects::default();
+    manager.handle(&state, event, &mut effects);
+    effects.check_steps(manager.name())?;
+    let next = manager.apply(state, event);
+    Ok((effects, next))
 }
 
 pub(super) struct ProcessHandler<S: ?Sized, P, R> {
@@ -116,8 +131,7 @@ where
             None => return Ok(()),
         };
 
-        let mut effects = Effects::default();
-        manager.handle(&state, &event, &mut effects);
+        let (mut effects, next) = react(manager, state.clone(), &event).map_err(HandlerError::new)?;
         for (step, command) in effects.commands.clone() {
             match self.send(&event, key, &step, command.clone()).await {
                 Ok(()) => {}
@@ -126,6 +140,7 @@ where
                     tracing::debug!(process = name, key, step, error, "a command was refused");
                     let mut compensations = Effects::default();
                     manager.rejected(&state, &step, &command, &error, &mut compensations);
+                    compensations.check_steps(name).map_err(HandlerError::new)?;
                     for (compensation, command) in compensations.commands {
                         let step = format!("{step}/rejected/{compensation}");
                         match self.send(&event, key, &step, command).await {
@@ -175,7 +190,6 @@ where
         if stops {
             self.store.save_process(name, key, None, fence.as_ref()).await?;
         } else {
-            let next = manager.apply(state, &event);
             let value: Value = serde_json::to_value(Stored { state: next, schedules }).map_err(HandlerError::new)?;
             let saved = ProcessState { state: value, position: event.position };
             self.store.save_process(name, key, Some(&saved), fence.as_ref()).await?;

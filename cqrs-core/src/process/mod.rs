@@ -14,7 +14,11 @@
 //! instance (an event at or below the instance's saved position was handled: skipped), decides,
 //! sends the commands, stores schedules and cancellations (idempotent), then saves the new state
 //! with the event's position. A crash anywhere in between replays the event into the same
-//! state, which decides the same commands.
+//! state, which decides the same commands. Because the id comes from the step, one reaction
+//! may not use a step (or schedule) name twice: the runner refuses such a reaction before
+//! sending anything ([`RepeatedStep`], a bug in the process manager: the event is retried or
+//! parked like any handler failure), and [`ProcessTest`](crate::testing::ProcessTest) fails
+//! with the same error.
 //!
 //! **Durable timeouts.** [`Effects::schedule`] stores a command with a due time (computed from
 //! the event's `recorded_at`, so replays agree). A scheduler task, exclusive across processes
@@ -27,6 +31,8 @@
 
 mod handler;
 mod scheduler;
+
+pub(crate) use handler::react;
 
 use std::fmt;
 use std::future::Future;
@@ -84,7 +90,8 @@ impl<C> Default for Effects<C> {
 
 impl<C> Effects<C> {
     /// Sends `command` now. `step` names it within this reaction (`"reserve:tea"`); its id is
-    /// derived from the event, the instance and the step.
+    /// derived from the event, the instance and the step, so each command of one reaction needs
+    /// its own step: a repeated one fails the reaction ([`RepeatedStep`]).
     pub fn dispatch(&mut self, step: impl Into<String>, command: C) {
         self.commands.push((step.into(), command));
     }
@@ -115,6 +122,40 @@ impl<C> Effects<C> {
     pub fn cancelled(&self) -> &[String] {
         &self.cancelled
     }
+
+    /// Checks that no step name (and no schedule name) is used twice: each command's id is
+    /// derived from its step, so a second command under the same step would get the first
+    /// one's id and be taken by the store for a duplicate of it (and silently dropped). The
+    /// runner refuses such a reaction (a bug in `handle` or `rejected`) before sending anything;
+    /// [`ProcessTest`](crate::testing::ProcessTest) fails the test with the same error.
+    pub fn check_steps(&self, process: &str) -> Result<(), RepeatedStep> {
+        let repeated = |kind: &'static str, names: Vec<&String>| {
+            let mut seen = std::collections::HashSet::new();
+            match names.into_iter().find(|name| !seen.insert(name.as_str())) {
+                Some(step) => Err(RepeatedStep { process: process.to_owned(), kind, step: step.clone() }),
+                None => Ok(()),
+            }
+        };
+        repeated("step", self.commands.iter().map(|(step, _)| step).collect())?;
+        repeated("schedule", self.scheduled.iter().map(|(name, _, _)| name).collect())
+    }
+}
+
+/// A reaction of a process manager used one step (or schedule) name twice: a bug in its
+/// `handle` (or `rejected`). Nothing of the reaction is sent; the event fails like any handler
+/// error (retried, or parked under [`ErrorPolicy::ParkAfter`](crate::ErrorPolicy::ParkAfter)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "process manager {process:?}: {kind} {step:?} is used twice in one reaction; give each command its own \
+     {kind} name (its id is derived from it, so the second would be dropped as a duplicate of the first)"
+)]
+pub struct RepeatedStep {
+    /// The process manager's name.
+    pub process: String,
+    /// `"step"` (a command sent now) or `"schedule"`.
+    pub kind: &'static str,
+    /// The repeated name.
+    pub step: String,
 }
 
 /// A workflow across aggregates, one instance per correlation key.

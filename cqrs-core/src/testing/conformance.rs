@@ -19,6 +19,7 @@ use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, Strea
 use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
 use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
+use crate::testing::saga;
 
 /// Emits one `#[tokio::test]` per conformance property for a store.
 ///
@@ -63,6 +64,7 @@ macro_rules! conformance_tests {
             process_state_and_schedules_round_trip,
             chains_store_a_link_only_right_after_the_links_before_it,
             hot_stream_commands_are_decided_on_every_earlier_event,
+            process_repeated_step_is_refused,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1335,4 +1337,74 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
 fn rand_counter_id() -> u32 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+// ----------------------------------------------------------------------------------------------
+// Process managers run on the store (a test saga, see `testing::saga`).
+
+/// A running test saga and what it takes to wait for it.
+struct SagaRun {
+    running: crate::process::RunningProcess,
+    progress: crate::handler::Progress,
+    name: String,
+}
+
+impl SagaRun {
+    fn start<S: EventStore + ?Sized>(
+        store: &Arc<S>,
+        saga: saga::Saga,
+        router: &saga::RecordingRouter,
+        config: crate::handler::RunnerConfig,
+        clock: crate::clock::Clock,
+    ) -> Self {
+        let progress = crate::handler::Progress::new();
+        let name = saga.name.clone();
+        let running =
+            crate::process::spawn_process_manager(Arc::clone(store), saga, router.clone(), config, clock, &progress);
+        Self { running, progress, name }
+    }
+
+    /// Waits until the saga has handled (or parked) every event stored so far.
+    async fn caught_up<S: EventStore + ?Sized>(&self, store: &S) {
+        let head = store.head().await.expect("head");
+        self.progress.wait_for(&self.name, head, Duration::from_secs(20)).await.unwrap_or_else(|error| {
+            panic!("saga {} did not reach {head:?}: {error} ({:?})", self.name, self.running.events().status())
+        });
+    }
+}
+
+/// Fast retries, parking after the first failure.
+fn saga_config() -> crate::handler::RunnerConfig {
+    crate::handler::RunnerConfig {
+        initial_backoff: Duration::from_millis(5),
+        claim_ttl: Duration::from_millis(500),
+        claim_retry: Duration::from_millis(50),
+        checkpoint_delay: Duration::ZERO,
+        on_error: crate::handler::ErrorPolicy::ParkAfter { attempts: 1 },
+        ..crate::handler::RunnerConfig::default()
+    }
+}
+
+fn saga_key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A reaction that sends two commands under one step name is refused before anything of it is
+/// sent (the second would get the first one's id and be dropped as its duplicate): the event
+/// fails, and with `ParkAfter` it is parked with an error naming the step.
+pub async fn process_repeated_step_is_refused<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let key = saga_key();
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    append_saga(&*store, SagaEvent::AskedTwice { key: key.clone() }).await;
+    let twice = store.head().await.expect("head");
+    let router = RecordingRouter::default();
+    let (clock, _control) = crate::clock::Clock::test();
+    let run = SagaRun::start(&store, Saga::new("repeated"), &router, saga_config(), clock);
+    run.caught_up(&*store).await;
+    assert_eq!(router.whats(), ["hello"], "nothing of the faulty reaction is sent");
+    let parked = store.parked("repeated").await.expect("parked");
+    assert_eq!(parked.iter().map(|p| p.position).collect::<Vec<_>>(), [twice], "{parked:?}");
+    assert!(parked[0].error.contains("step \"twice\" is used twice"), "{}", parked[0].error);
+    run.running.stop().await;
 }

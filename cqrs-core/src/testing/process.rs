@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::event::{Envelope, Metadata};
 use crate::ids::{EventId, Position, StreamId, Timestamp, Version};
-use crate::process::{Effects, ProcessManager, Route};
+use crate::process::{react, Effects, ProcessManager, Route};
 
 /// The time of the first test event (2026-01-01T00:00:00Z); each later one is a second later.
 pub const TEST_EPOCH: Timestamp = Timestamp(1_767_225_600_000_000);
@@ -112,9 +112,13 @@ impl<P: ProcessManager> ProcessTest<P> {
             Route::Continue(key) | Route::Stop(key) => instances.remove(key),
         };
         let mut effects = Effects::default();
-        let after = state.map(|state| {
-            self.manager.handle(&state, &event, &mut effects);
-            self.manager.apply(state, &event)
+        let after = state.map(|state| match react(&self.manager, state, &event) {
+            Ok((decided, next)) => {
+                effects = decided;
+                next
+            }
+            // What the runner refuses (the event fails), the test refuses too.
+            Err(error) => panic!("{error}"),
         });
         ProcessThen { route, effects, state: after, recorded_at: event.recorded_at }
     }
@@ -209,5 +213,20 @@ impl<P: ProcessManager> ProcessThen<P> {
 impl<P: ProcessManager> fmt::Debug for ProcessThen<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProcessThen").field("route", &self.route).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProcessTest;
+    use crate::testing::saga::{Saga, SagaEvent};
+
+    /// The harness refuses what the runner refuses: two commands under one step name.
+    #[test]
+    #[should_panic(expected = "process manager \"saga\": step \"twice\" is used twice in one reaction")]
+    fn a_repeated_step_fails_the_test() {
+        let _ = ProcessTest::new(Saga::new("saga"))
+            .given(vec![("saga-1", SagaEvent::Started { key: "1".into() })])
+            .when("saga-1", SagaEvent::AskedTwice { key: "1".into() });
     }
 }
