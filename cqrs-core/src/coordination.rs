@@ -103,12 +103,33 @@ pub struct ParkedEvent {
 }
 
 /// A process manager instance's state, as stored.
+///
+/// An instance that ended (stopped by [`Route::Stop`](crate::Route::Stop)) leaves a tombstone:
+/// `ended`, with the position of the event that ended it and a `null` state. It keeps a replay
+/// (after a checkpoint that lagged behind) from starting the instance again: events at or below
+/// its position were handled. Tombstones at or below the process manager's saved checkpoint
+/// are pruned ([`EventStore::prune_processes`](crate::EventStore::prune_processes)), since no
+/// replay reaches them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessState {
-    /// The serialized state.
+    /// The serialized state (`null` once ended).
     pub state: Value,
     /// Position of the last event applied to it: an event at or below it was handled.
     pub position: Position,
+    /// The instance has ended: a tombstone.
+    pub ended: bool,
+}
+
+impl ProcessState {
+    /// A running instance's state after the event at `position`.
+    pub fn running(state: Value, position: Position) -> Self {
+        Self { state, position, ended: false }
+    }
+
+    /// The tombstone of an instance ended by the event at `position`.
+    pub fn ended(position: Position) -> Self {
+        Self { state: Value::Null, position, ended: true }
+    }
 }
 
 /// A command scheduled for later by a process manager instance, fired once by its runner.

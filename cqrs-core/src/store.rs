@@ -387,7 +387,8 @@ pub trait EventStore: Send + Sync + 'static {
         }
     }
 
-    /// Saves (or, with `None`, deletes) a process manager instance's state. With `fence`, only
+    /// Saves (or, with `None`, deletes) a process manager instance's state (running, or the
+    /// tombstone of an ended one: [`ProcessState::ended`]). With `fence`, only
     /// while that claim is held (else [`StoreError::ClaimLost`], nothing written).
     async fn save_process(
         &self,
@@ -398,6 +399,15 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<(), StoreError> {
         match self.inner_store() {
             Some(inner) => inner.save_process(process, key, state, fence).await,
+            None => Err(StoreError::Unsupported("process state")),
+        }
+    }
+
+    /// Removes the tombstones of `process`'s ended instances at or below `position` (its saved
+    /// checkpoint: no replay reaches them); returns how many. Running instances are kept.
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.prune_processes(process, position).await,
             None => Err(StoreError::Unsupported("process state")),
         }
     }

@@ -390,6 +390,13 @@ impl EventStore for MemoryStore {
         Ok(())
     }
 
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        let mut stored = self.write();
+        let before = stored.processes.len();
+        stored.processes.retain(|(owner, _), state| owner != process || !state.ended || state.position > position);
+        Ok((before - stored.processes.len()) as u64)
+    }
+
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
         let id = (scheduled.owner.clone(), scheduled.key.clone(), scheduled.name.clone());
         self.write().scheduled.insert(id, scheduled);

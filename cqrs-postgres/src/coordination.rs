@@ -211,7 +211,7 @@ pub(crate) async fn unpark(pool: &PgPool, handler: &str, position: Position) -> 
 }
 
 pub(crate) async fn load_process(pool: &PgPool, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-    let row = sqlx::query("SELECT state, position FROM cqrs_processes WHERE process = $1 AND key = $2")
+    let row = sqlx::query("SELECT state, position, ended FROM cqrs_processes WHERE process = $1 AND key = $2")
         .bind(process)
         .bind(key)
         .fetch_optional(pool)
@@ -222,6 +222,7 @@ pub(crate) async fn load_process(pool: &PgPool, process: &str, key: &str) -> Res
     Ok(Some(ProcessState {
         state: state.0,
         position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
+        ended: row.try_get("ended").map_err(decode)?,
     }))
 }
 
@@ -233,14 +234,15 @@ async fn write_process(
 ) -> Result<(), StoreError> {
     let query = match state {
         Some(state) => sqlx::query(
-            "INSERT INTO cqrs_processes (process, key, state, position) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO cqrs_processes (process, key, state, position, ended) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (process, key) DO UPDATE SET state = EXCLUDED.state, position = EXCLUDED.position, \
-             updated_at = now()",
+             ended = EXCLUDED.ended, updated_at = now()",
         )
         .bind(process)
         .bind(key)
         .bind(Json(&state.state))
-        .bind(to_i64_saturating(state.position.0)),
+        .bind(to_i64_saturating(state.position.0))
+        .bind(state.ended),
         None => sqlx::query("DELETE FROM cqrs_processes WHERE process = $1 AND key = $2").bind(process).bind(key),
     };
     query.execute(connection).await.map_err(to_store_error)?;
@@ -264,6 +266,16 @@ pub(crate) async fn save_process(
     }
     write_process(&mut transaction, process, key, state).await?;
     transaction.commit().await.map_err(to_store_error)
+}
+
+pub(crate) async fn prune_processes(pool: &PgPool, process: &str, position: Position) -> Result<u64, StoreError> {
+    let deleted = sqlx::query("DELETE FROM cqrs_processes WHERE process = $1 AND ended AND position <= $2")
+        .bind(process)
+        .bind(to_i64_saturating(position.0))
+        .execute(pool)
+        .await
+        .map_err(to_store_error)?;
+    Ok(deleted.rows_affected())
 }
 
 pub(crate) async fn schedule(pool: &PgPool, scheduled: &Scheduled) -> Result<(), StoreError> {

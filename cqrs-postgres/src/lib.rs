@@ -602,6 +602,10 @@ impl EventStore for PgEventStore {
         coordination::save_process(&self.inner.pool, process, key, state, fence).await
     }
 
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        coordination::prune_processes(&self.inner.pool, process, position).await
+    }
+
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
         coordination::schedule(&self.inner.pool, &scheduled).await
     }

@@ -292,7 +292,7 @@ pub(crate) async fn load_process(
     process: &str,
     key: &str,
 ) -> Result<Option<ProcessState>, StoreError> {
-    let row = sqlx::query("SELECT state, position FROM cqrs_processes WHERE process = ?1 AND key = ?2")
+    let row = sqlx::query("SELECT state, position, ended FROM cqrs_processes WHERE process = ?1 AND key = ?2")
         .bind(process)
         .bind(key)
         .fetch_optional(pool)
@@ -303,6 +303,7 @@ pub(crate) async fn load_process(
     Ok(Some(ProcessState {
         state: json(&state, "process state")?,
         position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
+        ended: row.try_get::<i64, _>("ended").map_err(decode)? != 0,
     }))
 }
 
@@ -314,7 +315,7 @@ pub(crate) async fn save_process(
     fence: Option<&Claim>,
 ) -> Result<(), StoreError> {
     let (process, key, fence) = (process.to_owned(), key.to_owned(), fence.cloned());
-    let state = state.map(|state| (state.state.to_string(), to_i64_saturating(state.position.0)));
+    let state = state.map(|state| (state.state.to_string(), to_i64_saturating(state.position.0), state.ended));
     run_op(writes, move |connection| {
         Box::pin(async move {
             if let Some(claim) = fence {
@@ -323,17 +324,19 @@ pub(crate) async fn save_process(
                 }
             }
             match state {
-                Some((state, position)) => {
+                Some((state, position, ended)) => {
                     sqlx::query(
-                        "INSERT INTO cqrs_processes (process, key, state, position, updated_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (process, key) DO UPDATE SET \
-                         state = excluded.state, position = excluded.position, updated_at = excluded.updated_at",
+                        "INSERT INTO cqrs_processes (process, key, state, position, updated_at, ended) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (process, key) DO UPDATE SET \
+                         state = excluded.state, position = excluded.position, updated_at = excluded.updated_at, \
+                         ended = excluded.ended",
                     )
                     .bind(&process)
                     .bind(&key)
                     .bind(state)
                     .bind(position)
                     .bind(Timestamp::now().as_micros())
+                    .bind(i64::from(ended))
                     .execute(connection)
                     .await?;
                 }
@@ -346,6 +349,26 @@ pub(crate) async fn save_process(
                 }
             }
             Ok(Ok(()))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn prune_processes(
+    writes: &mpsc::Sender<WriteRequest>,
+    process: &str,
+    position: Position,
+) -> Result<u64, StoreError> {
+    let process = process.to_owned();
+    let position = to_i64_saturating(position.0);
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let deleted = sqlx::query("DELETE FROM cqrs_processes WHERE process = ?1 AND ended = 1 AND position <= ?2")
+                .bind(&process)
+                .bind(position)
+                .execute(connection)
+                .await?;
+            Ok(Ok(deleted.rows_affected()))
         })
     })
     .await

@@ -505,6 +505,10 @@ impl EventStore for SqliteEventStore {
         coordination::save_process(&self.inner.writes, process, key, state, fence).await
     }
 
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        coordination::prune_processes(&self.inner.writes, process, position).await
+    }
+
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
         coordination::schedule(&self.inner.writes, scheduled).await
     }

@@ -121,6 +121,12 @@ where
         let (state, mut schedules) = match &stored {
             // Handled already (the state was saved, the checkpoint not yet): nothing to do.
             Some(stored) if stored.position >= event.position => return Ok(()),
+            // Ended (a tombstone): a later start begins a new instance; anything else is for
+            // the instance that ended, and ignored like one that never existed.
+            Some(stored) if stored.ended => match starts {
+                true => (P::State::default(), Vec::new()),
+                false => return Ok(()),
+            },
             Some(stored) => {
                 let Stored { state, schedules } = Stored::<P::State>::deserialize(&stored.state)
                     .map_err(|error| HandlerError::new(format!("{name}/{key}: stored state unreadable: {error}")))?;
@@ -188,10 +194,12 @@ where
 
         let fence = current_claim();
         if stops {
-            self.store.save_process(name, key, None, fence.as_ref()).await?;
+            // A tombstone, not a deletion: a replay of this instance's earlier events (after a
+            // checkpoint that lagged) must find them handled, not start it again.
+            self.store.save_process(name, key, Some(&ProcessState::ended(event.position)), fence.as_ref()).await?;
         } else {
             let value: Value = serde_json::to_value(Stored { state: next, schedules }).map_err(HandlerError::new)?;
-            let saved = ProcessState { state: value, position: event.position };
+            let saved = ProcessState::running(value, event.position);
             self.store.save_process(name, key, Some(&saved), fence.as_ref()).await?;
         }
         Ok(())

@@ -13,7 +13,8 @@
 //! ids and the stores' command-id check applies each once. Per event the runner: loads the
 //! instance (an event at or below the instance's saved position was handled: skipped), decides,
 //! sends the commands, stores schedules and cancellations (idempotent), then saves the new state
-//! with the event's position. A crash anywhere in between replays the event into the same
+//! with the event's position. An instance that ends keeps a tombstone with the ending event's
+//! position (so a replay does not restart it) until the checkpoint passes it. A crash anywhere in between replays the event into the same
 //! state, which decides the same commands. Because the id comes from the step, one reaction
 //! may not use a step (or schedule) name twice: the runner refuses such a reaction before
 //! sending anything ([`RepeatedStep`], a bug in the process manager: the event is retried or
@@ -58,8 +59,12 @@ pub enum Route {
     Start(String),
     /// Continues instance `key`; ignored if it does not exist.
     Continue(String),
-    /// Handles the event in instance `key`, then ends it: its state is deleted and its pending
-    /// schedules are cancelled. Ignored if it does not exist.
+    /// Handles the event in instance `key`, then ends it: its pending schedules are cancelled
+    /// and its state is replaced by a tombstone ([`ProcessState::ended`](crate::ProcessState::ended))
+    /// at this event's position, so a replay of its earlier events (after a checkpoint that
+    /// lagged) sends nothing; a later `Start` begins a new instance. Tombstones at or below the
+    /// saved checkpoint are pruned by the scheduler (once a minute). Ignored if the instance
+    /// does not exist.
     Stop(String),
 }
 

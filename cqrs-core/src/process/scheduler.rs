@@ -19,6 +19,7 @@ use crate::aggregate::CommandEnvelope;
 use crate::clock::Clock;
 use crate::coordination::Scheduled;
 use crate::handler::{self, runner_tenures, HandlerState, RunnerConfig};
+use crate::ids::Timestamp;
 use crate::store::EventStore;
 
 /// How often the scheduler looks for due commands (a test clock wakes it at once).
@@ -26,6 +27,10 @@ const TICK: Duration = Duration::from_millis(500);
 
 /// Most due commands fired per look.
 const BATCH: usize = 100;
+
+/// How often (by the scheduler's clock) it prunes the tombstones of ended instances at or below
+/// the process manager's checkpoint; also once at the start of every tenure.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// A running scheduler.
 #[derive(Debug)]
@@ -80,6 +85,7 @@ async fn run<S, P, R>(
     let mut tenures = runner_tenures(&store, &name, &config);
     let quiet = |_state: HandlerState| {};
     while let Some((claim, mut lease)) = tenures.next(quiet, &mut stop).await {
+        let mut next_prune = Timestamp(i64::MIN);
         loop {
             tokio::select! {
                 biased;
@@ -88,7 +94,13 @@ async fn run<S, P, R>(
                     tenures.finish(&*store).await;
                     return;
                 }
-                () = fire_due(&*store, &*manager, &*router, &clock) => {}
+                () = async {
+                    fire_due(&*store, &*manager, &*router, &clock).await;
+                    if clock.now() >= next_prune {
+                        prune_tombstones(&*store, manager.name()).await;
+                        next_prune = clock.now().plus(PRUNE_EVERY);
+                    }
+                } => {}
             }
             tokio::select! {
                 () = clock.tick(TICK) => {}
@@ -100,6 +112,23 @@ async fn run<S, P, R>(
         }
     }
     tenures.finish(&*store).await;
+}
+
+/// Removes the tombstones of ended instances that no replay can reach: at or below the
+/// checkpoint (a replay starts after it).
+async fn prune_tombstones<S: EventStore + ?Sized>(store: &S, process: &str) {
+    let checkpoint = match store.load_checkpoint(process).await {
+        Ok(Some(checkpoint)) => checkpoint,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(process, %error, "cannot read the checkpoint to prune tombstones; will retry");
+            return;
+        }
+    };
+    match store.prune_processes(process, checkpoint).await {
+        Ok(pruned) => tracing::debug!(process, pruned, "pruned the tombstones of ended instances"),
+        Err(error) => tracing::warn!(process, %error, "cannot prune the tombstones of ended instances; will retry"),
+    }
 }
 
 /// Fires every command due now (in batches).

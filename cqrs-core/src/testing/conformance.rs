@@ -65,6 +65,8 @@ macro_rules! conformance_tests {
             chains_store_a_link_only_right_after_the_links_before_it,
             hot_stream_commands_are_decided_on_every_earlier_event,
             process_repeated_step_is_refused,
+            process_replay_over_a_stopped_instance_sends_nothing,
+            process_tombstones_round_trip_and_prune,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1270,11 +1272,11 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
     use crate::coordination::{ProcessState, Scheduled};
     let process = format!("fulfilment-{}", uuid::Uuid::new_v4().simple());
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), None);
-    let state = ProcessState { state: json!({ "step": "reserving", "lines": [1, 2] }), position: Position(7) };
+    let state = ProcessState::running(json!({ "step": "reserving", "lines": [1, 2] }), Position(7));
     store.save_process(&process, "order-1", Some(&state), None).await.expect("save");
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(state.clone()));
     assert_eq!(store.load_process(&process, "order-2").await.expect("load"), None);
-    let later = ProcessState { state: json!({ "step": "paying" }), position: Position(9) };
+    let later = ProcessState::running(json!({ "step": "paying" }), Position(9));
     store.save_process(&process, "order-1", Some(&later), None).await.expect("replace");
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(later.clone()));
 
@@ -1285,7 +1287,7 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
     };
     store.save_process(&process, "order-1", Some(&later), Some(&lapsed)).await.expect("fenced while held");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let stale = ProcessState { state: json!({ "step": "stale" }), position: Position(10) };
+    let stale = ProcessState::running(json!({ "step": "stale" }), Position(10));
     assert!(matches!(
         store.save_process(&process, "order-1", Some(&stale), Some(&lapsed)).await,
         Err(StoreError::ClaimLost { .. })
@@ -1407,4 +1409,74 @@ pub async fn process_repeated_step_is_refused<S: EventStore + ?Sized>(store: Arc
     assert_eq!(parked.iter().map(|p| p.position).collect::<Vec<_>>(), [twice], "{parked:?}");
     assert!(parked[0].error.contains("step \"twice\" is used twice"), "{}", parked[0].error);
     run.running.stop().await;
+}
+
+/// An instance stopped by [`Route::Stop`](crate::Route::Stop) leaves a tombstone: a replay after
+/// a checkpoint that lagged behind (a stuck partition, a failover) sends nothing for it and
+/// schedules nothing, a later start begins a fresh instance, and tombstones at or below the
+/// saved checkpoint are pruned.
+pub async fn process_replay_over_a_stopped_instance_sends_nothing<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (key, other) = (saga_key(), saga_key());
+    for key in [&key, &other] {
+        append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+        append_saga(&*store, SagaEvent::Stopped { key: key.clone() }).await;
+    }
+    let (clock, control) = crate::clock::Clock::test();
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("stopping"), &router, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(router.whats(), ["hello", "hello"]);
+    let far = clock.now().plus(saga::SAGA_DEADLINE * 2);
+    assert!(store.due("stopping", far, 10).await.expect("due").is_empty(), "stopping cancelled the deadlines");
+    let tombstone = store.load_process("stopping", &key).await.expect("load").expect("a tombstone");
+    assert!(tombstone.ended, "{tombstone:?}");
+    run.running.stop().await;
+
+    // The checkpoint lagged: everything is delivered again.
+    store.save_checkpoint("stopping", Position::START).await.expect("reset the checkpoint");
+    let replay = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("stopping"), &replay, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(replay.whats(), Vec::<String>::new(), "the replay restarted a stopped instance");
+    assert!(store.due("stopping", far, 10).await.expect("due").is_empty(), "the replay scheduled a deadline");
+
+    // A new start after the stop: a fresh instance.
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    run.caught_up(&*store).await;
+    assert_eq!(replay.whats(), ["hello"]);
+    let restarted = store.load_process("stopping", &key).await.expect("load").expect("restarted");
+    assert!(!restarted.ended);
+
+    // The other instance's tombstone is below the saved checkpoint: the scheduler prunes it.
+    control.advance(Duration::from_secs(120));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.load_process("stopping", &other).await.expect("load").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the tombstone below the checkpoint was never pruned");
+        control.advance(Duration::from_secs(120));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.load_process("stopping", &key).await.expect("load").is_some(), "running instances stay");
+    run.running.stop().await;
+}
+
+/// Tombstones ([`ProcessState::ended`](crate::ProcessState::ended)) are stored and read back,
+/// and pruned at or below a position; running instances and other process managers' are kept.
+pub async fn process_tombstones_round_trip_and_prune<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::ProcessState;
+    let process = format!("pruning-{}", uuid::Uuid::new_v4().simple());
+    let other = format!("{process}-other");
+    store.save_process(&process, "a", Some(&ProcessState::ended(Position(5))), None).await.expect("save");
+    store.save_process(&process, "b", Some(&ProcessState::ended(Position(9))), None).await.expect("save");
+    store
+        .save_process(&process, "c", Some(&ProcessState::running(json!({"n": 1}), Position(3))), None)
+        .await
+        .expect("save");
+    store.save_process(&other, "a", Some(&ProcessState::ended(Position(1))), None).await.expect("save");
+    assert_eq!(store.load_process(&process, "a").await.expect("load"), Some(ProcessState::ended(Position(5))));
+    assert_eq!(store.prune_processes(&process, Position(5)).await.expect("prune"), 1);
+    assert_eq!(store.load_process(&process, "a").await.expect("load"), None);
+    assert!(store.load_process(&process, "b").await.expect("load").is_some_and(|b| b.ended));
+    assert!(store.load_process(&process, "c").await.expect("load").is_some_and(|c| !c.ended));
+    assert!(store.load_process(&other, "a").await.expect("load").is_some(), "another process manager's");
 }
