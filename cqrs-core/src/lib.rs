@@ -121,7 +121,8 @@ pub use handler::{
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use process::{
-    spawn_process_manager, CommandRouter, Effects, ProcessManager, RepeatedStep, Route, RouteError, RunningProcess,
+    spawn_process_manager, CommandRouter, CompensationRefused, Effects, ProcessManager, Rejection, RepeatedStep, Route,
+    RouteError, RunningProcess,
 };
 pub use store::{
     append_links_one_by_one, chain_broken, validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{CommandRouter, Effects, ProcessManager, RepeatedStep, Route, RouteError};
+use super::{CommandRouter, CompensationRefused, Effects, ProcessManager, Rejection, RepeatedStep, Route, RouteError};
 use crate::aggregate::CommandEnvelope;
 use crate::coordination::{ProcessState, Scheduled};
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
@@ -56,6 +56,23 @@ pub(crate) fn react<P: ProcessManager>(
     effects.check_steps(manager.name())?;
     let next = manager.apply(state, event);
     Ok((effects, next))
+}
+
+/// The compensations `manager` decides for `command`, sent at `step` and refused with
+/// `rejection`, in an instance whose reaction decided on `state` (checked like a reaction). The
+/// runner and [`ProcessThen::when_rejected`](crate::testing::ProcessThen::when_rejected) both
+/// call this.
+pub(crate) fn compensate<P: ProcessManager>(
+    manager: &P,
+    state: &P::State,
+    step: &str,
+    command: &P::Command,
+    rejection: &Rejection,
+) -> Result<Effects<P::Command>, RepeatedStep> {
+    let mut compensations = Effects::default();
+    manager.rejected(state, step, command, rejection, &mut compensations);
+    compensations.check_steps(manager.name())?;
+    Ok(compensations)
 }
 
 pub(super) struct ProcessHandler<S: ?Sized, P, R> {
@@ -137,23 +154,33 @@ where
             None => return Ok(()),
         };
 
-        let (mut effects, next) = react(manager, state.clone(), &event).map_err(HandlerError::new)?;
+        let (mut effects, next) = react(manager, state, &event).map_err(HandlerError::new)?;
         for (step, command) in effects.commands.clone() {
             match self.send(&event, key, &step, command.clone()).await {
                 Ok(()) => {}
                 Err(RouteError::Failed(error)) => return Err(error),
-                Err(RouteError::Rejected(error)) => {
-                    tracing::debug!(process = name, key, step, error, "a command was refused");
-                    let mut compensations = Effects::default();
-                    manager.rejected(&state, &step, &command, &error, &mut compensations);
-                    compensations.check_steps(name).map_err(HandlerError::new)?;
+                Err(RouteError::Rejected(rejection)) => {
+                    tracing::debug!(process = name, key, step, %rejection, "a command was refused");
+                    let compensations =
+                        compensate(manager, &next, &step, &command, &rejection).map_err(HandlerError::new)?;
                     for (compensation, command) in compensations.commands {
                         let step = format!("{step}/rejected/{compensation}");
                         match self.send(&event, key, &step, command).await {
                             Ok(()) => {}
                             Err(RouteError::Failed(error)) => return Err(error),
-                            Err(RouteError::Rejected(error)) => {
-                                tracing::warn!(process = name, key, step, error, "a compensation was refused");
+                            Err(RouteError::Rejected(rejection)) => {
+                                // Not passed over: counted, and the event fails (retried or
+                                // parked by the error policy), so an operator sees it.
+                                tracing::warn!(process = name, key, step, %rejection, "a compensation was refused");
+                                metrics::counter!("cqrs_process_compensations_refused_total", "process" => name.to_owned())
+                                    .increment(1);
+                                let refused = CompensationRefused {
+                                    process: name.to_owned(),
+                                    key: key.to_owned(),
+                                    step,
+                                    rejection,
+                                };
+                                return Err(HandlerError::new(refused));
                             }
                         }
                     }

@@ -33,7 +33,7 @@
 mod handler;
 mod scheduler;
 
-pub(crate) use handler::react;
+pub(crate) use handler::{compensate, react};
 
 use std::fmt;
 use std::future::Future;
@@ -190,18 +190,86 @@ pub trait ProcessManager: Send + Sync + 'static {
     /// The instance's state after `event`.
     fn apply(&self, state: Self::State, event: &Envelope<Self::Event>) -> Self::State;
 
-    /// A command it sent at `step` was refused (`error` says why): decide compensations. By
-    /// default none (the refusal is logged). Refusals of compensations are logged only.
+    /// A command it sent now at `step` was refused by its aggregate (`error` says why, typed:
+    /// [`Rejection::downcast_ref`]): decide compensations (commands, schedules, cancellations,
+    /// all under this instance; a compensation's step is `{step}/rejected/{its step}`).
+    ///
+    /// `state` is the state the reaction decided on: `apply(state before, event)`, the state
+    /// that is saved after this event (for the event that starts an instance, the started
+    /// state, never `State::default()`). By default no compensation (the refusal is logged).
+    ///
+    /// A refused compensation is not passed over: it is counted
+    /// (`cqrs_process_compensations_refused_total{process}`) and fails the event
+    /// ([`CompensationRefused`]), so the runner's [`ErrorPolicy`](crate::ErrorPolicy) applies:
+    /// retried (status `Retrying`, then `Stuck`), or parked for an operator. Test it with
+    /// [`ProcessThen::when_rejected`](crate::testing::ProcessThen::when_rejected), which runs
+    /// the same code.
     fn rejected(
         &self,
         state: &Self::State,
         step: &str,
         command: &Self::Command,
-        error: &str,
+        error: &Rejection,
         effects: &mut Effects<Self::Command>,
     ) {
         let _ = (state, step, command, error, effects);
     }
+}
+
+/// Why an aggregate refused a command: its message, and the typed error when the router had
+/// one (a [`DispatchError::Rejected`] converts with it: `dispatcher.dispatch(..).await?`).
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    message: String,
+    error: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Rejection {
+    /// A refusal with its typed error (the aggregate's `Error`).
+    pub fn new<E: std::error::Error + Send + Sync + 'static>(error: E) -> Self {
+        Self { message: error.to_string(), error: Some(Arc::new(error)) }
+    }
+
+    /// A refusal known only by its message.
+    pub fn from_message(message: impl Into<String>) -> Self {
+        Self { message: message.into(), error: None }
+    }
+
+    /// Its message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The typed error, if it is an `E` (`rejection.downcast_ref::<OrderError>()`).
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.error.as_deref().and_then(|error| error.downcast_ref::<E>())
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// A compensation decided by [`ProcessManager::rejected`] was refused too. The event fails with
+/// it (retried or parked by the runner's error policy): an operator must look.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "process manager {process:?}, instance {key:?}: the compensation at step {step:?} (for a refused command) \
+     was refused: {rejection}"
+)]
+pub struct CompensationRefused {
+    /// The process manager's name.
+    pub process: String,
+    /// The instance.
+    pub key: String,
+    /// The compensation's full step (`{refused step}/rejected/{its step}`).
+    pub step: String,
+    /// Why it was refused.
+    pub rejection: Rejection,
 }
 
 /// Why a routed command was not applied.
@@ -211,7 +279,7 @@ pub enum RouteError {
     /// The aggregate refused it (a final answer): the process manager's
     /// [`rejected`](ProcessManager::rejected) decides what follows.
     #[error("refused: {0}")]
-    Rejected(String),
+    Rejected(Rejection),
     /// It could not be dispatched (the store failed...): the event is handled again later,
     /// sending the same command ids.
     #[error(transparent)]
@@ -221,7 +289,7 @@ pub enum RouteError {
 impl<E: std::error::Error + Send + Sync + 'static> From<DispatchError<E>> for RouteError {
     fn from(error: DispatchError<E>) -> Self {
         match error {
-            DispatchError::Rejected(refusal) => RouteError::Rejected(refusal.to_string()),
+            DispatchError::Rejected(refusal) => RouteError::Rejected(Rejection::new(refusal)),
             // The events were stored; only read-your-writes failed.
             DispatchError::ConsistencyTimeout { .. } => RouteError::Failed(HandlerError::new(error)),
             other => RouteError::Failed(HandlerError::new(other)),

@@ -181,7 +181,7 @@ where
     match router.route(envelope).await {
         Ok(()) => {}
         Err(RouteError::Rejected(error)) => {
-            tracing::debug!(process, key = %scheduled.key, name = %scheduled.name, error, "a scheduled command was refused");
+            tracing::debug!(process, key = %scheduled.key, name = %scheduled.name, %error, "a scheduled command was refused");
         }
         Err(RouteError::Failed(error)) => {
             tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "a scheduled command failed; will retry");

@@ -67,6 +67,7 @@ macro_rules! conformance_tests {
             process_repeated_step_is_refused,
             process_replay_over_a_stopped_instance_sends_nothing,
             process_tombstones_round_trip_and_prune,
+            process_refusals_are_compensated_from_the_decided_state,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1479,4 +1480,43 @@ pub async fn process_tombstones_round_trip_and_prune<S: EventStore + ?Sized>(sto
     assert!(store.load_process(&process, "b").await.expect("load").is_some_and(|b| b.ended));
     assert!(store.load_process(&process, "c").await.expect("load").is_some_and(|c| !c.ended));
     assert!(store.load_process(&other, "a").await.expect("load").is_some(), "another process manager's");
+}
+
+/// A refused command's compensation is decided on the state the reaction decided on (for the
+/// event that starts the instance: the started state, not `State::default()`), with the typed
+/// refusal; a refused compensation fails the event (here parked), instead of being logged only.
+pub async fn process_refusals_are_compensated_from_the_decided_state<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (key, other) = (saga_key(), saga_key());
+    append_saga(&*store, SagaEvent::StartedAsking { key: key.clone(), what: "refuse-me".into() }).await;
+    append_saga(&*store, SagaEvent::StartedAsking { key: other.clone(), what: "refuse-compensation".into() }).await;
+    let refused_compensation = store.head().await.expect("head");
+    let router = RecordingRouter::default();
+    let (clock, _control) = crate::clock::Clock::test();
+    let run = SagaRun::start(&store, Saga::new("refusals"), &router, saga_config(), clock);
+    run.caught_up(&*store).await;
+    let whats = router.whats();
+    assert_eq!(
+        whats[..2],
+        ["refuse-me".to_owned(), format!("undo refuse-me of {key} (typed)")],
+        "the compensation is built from the started state, with the typed refusal"
+    );
+    assert_eq!(
+        whats[2..],
+        ["refuse-compensation".to_owned(), format!("refuse: undo refuse-compensation of {other} (typed)")]
+    );
+    let parked = store.parked("refusals").await.expect("parked");
+    assert_eq!(
+        parked.iter().map(|p| p.position).collect::<Vec<_>>(),
+        [refused_compensation],
+        "a refused compensation fails its event (parked here): {parked:?}"
+    );
+    assert!(
+        parked[0].error.contains("compensation at step \"refuse-compensation/rejected/undo\""),
+        "{}",
+        parked[0].error
+    );
+    let instance = store.load_process("refusals", &other).await.expect("load");
+    assert_eq!(instance, None, "the failed event saved nothing");
+    run.running.stop().await;
 }

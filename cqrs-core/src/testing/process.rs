@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::event::{Envelope, Metadata};
 use crate::ids::{EventId, Position, StreamId, Timestamp, Version};
-use crate::process::{react, Effects, ProcessManager, Route};
+use crate::process::{compensate, react, Effects, ProcessManager, Rejection, Route};
 
 /// The time of the first test event (2026-01-01T00:00:00Z); each later one is a second later.
 pub const TEST_EPOCH: Timestamp = Timestamp(1_767_225_600_000_000);
@@ -120,7 +120,7 @@ impl<P: ProcessManager> ProcessTest<P> {
             // What the runner refuses (the event fails), the test refuses too.
             Err(error) => panic!("{error}"),
         });
-        ProcessThen { route, effects, state: after, recorded_at: event.recorded_at }
+        ProcessThen { manager: self.manager, route, effects, state: after, recorded_at: event.recorded_at }
     }
 
     fn envelope(&mut self, stream: &str, event: P::Event) -> Envelope<P::Event> {
@@ -141,6 +141,7 @@ impl<P: ProcessManager> ProcessTest<P> {
 
 /// What the process manager did, to assert on.
 pub struct ProcessThen<P: ProcessManager> {
+    manager: P,
     route: Route,
     effects: Effects<P::Command>,
     state: Option<P::State>,
@@ -193,6 +194,32 @@ impl<P: ProcessManager> ProcessThen<P> {
         self
     }
 
+    /// The command sent now at `step` is refused with `error`: what the process manager does
+    /// about it ([`ProcessManager::rejected`], given the state the reaction decided on, and
+    /// checked like a reaction), run exactly as the runner runs it. The effects to assert on
+    /// are then the compensations (their steps as `rejected` named them).
+    ///
+    /// ```text
+    /// ProcessTest::new(Fulfilment)
+    ///     .when("order-1", placed)
+    ///     .when_rejected("reserve:tea", Rejection::new(InventoryError::OutOfStock))
+    ///     .then_commands(vec![cancel("order-1")]);
+    /// ```
+    #[track_caller]
+    #[must_use]
+    pub fn when_rejected(self, step: &str, error: Rejection) -> Self {
+        let Some((_, command)) = self.effects.commands().iter().find(|(sent, _)| sent == step) else {
+            let steps: Vec<&str> = self.effects.commands().iter().map(|(step, _)| step.as_str()).collect();
+            panic!("no command was sent at step {step:?} (steps: {steps:?})");
+        };
+        let Some(state) = &self.state else { panic!("the event reached no instance (route: {:?})", self.route) };
+        let effects = match compensate(&self.manager, state, step, command, &error) {
+            Ok(effects) => effects,
+            Err(error) => panic!("{error}"),
+        };
+        Self { effects, ..self }
+    }
+
     /// The effects, for assertions of your own (due times: see [`recorded_at`](Self::recorded_at)).
     pub fn effects(&self) -> &Effects<P::Command> {
         &self.effects
@@ -219,7 +246,19 @@ impl<P: ProcessManager> fmt::Debug for ProcessThen<P> {
 #[cfg(test)]
 mod tests {
     use super::ProcessTest;
-    use crate::testing::saga::{Saga, SagaEvent};
+    use crate::process::Rejection;
+    use crate::testing::saga::{Saga, SagaCommand, SagaEvent, SagaRefusal};
+
+    /// `when_rejected` gives `rejected` the state the reaction decided on (the started one) and
+    /// the typed error, like the runner.
+    #[test]
+    fn a_refusal_is_compensated_from_the_decided_state() {
+        let refusal = Rejection::new(SagaRefusal { what: "refuse-me".into() });
+        ProcessTest::new(Saga::new("saga"))
+            .when("saga-1", SagaEvent::StartedAsking { key: "1".into(), what: "refuse-me".into() })
+            .when_rejected("refuse-me", refusal)
+            .then_commands(vec![SagaCommand { key: "1".into(), what: "undo refuse-me of 1 (typed)".into() }]);
+    }
 
     /// The harness refuses what the runner refuses: two commands under one step name.
     #[test]

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::aggregate::CommandEnvelope;
 use crate::event::{Envelope, Metadata, NewEvent};
 use crate::ids::StreamId;
-use crate::process::{CommandRouter, Effects, ProcessManager, Route, RouteError};
+use crate::process::{CommandRouter, Effects, ProcessManager, Rejection, Route, RouteError};
 use crate::store::{AppendOutcome, EventStore, ExpectedVersion};
 use crate::DomainEvent;
 
@@ -26,6 +26,13 @@ pub enum SagaEvent {
     Started {
         /// The instance.
         key: String,
+    },
+    /// Starts `key` and sends `what` now, at step `what` (nothing scheduled).
+    StartedAsking {
+        /// The instance.
+        key: String,
+        /// The command's content and step.
+        what: String,
     },
     /// Continues `key`: sends `what` now, at step `what`.
     Asked {
@@ -50,6 +57,7 @@ impl SagaEvent {
     fn key(&self) -> &str {
         match self {
             SagaEvent::Started { key }
+            | SagaEvent::StartedAsking { key, .. }
             | SagaEvent::Asked { key, .. }
             | SagaEvent::AskedTwice { key }
             | SagaEvent::Stopped { key } => key,
@@ -102,7 +110,7 @@ impl ProcessManager for Saga {
     fn route(&self, event: &Envelope<SagaEvent>) -> Route {
         let key = event.event.key().to_owned();
         match &event.event {
-            SagaEvent::Started { .. } => Route::Start(key),
+            SagaEvent::Started { .. } | SagaEvent::StartedAsking { .. } => Route::Start(key),
             SagaEvent::Asked { .. } | SagaEvent::AskedTwice { .. } => Route::Continue(key),
             SagaEvent::Stopped { .. } => Route::Stop(key),
         }
@@ -115,7 +123,9 @@ impl ProcessManager for Saga {
                 effects.dispatch("hello", command("hello"));
                 effects.schedule("deadline", event.recorded_at.plus(SAGA_DEADLINE), command("deadline"));
             }
-            SagaEvent::Asked { what, .. } => effects.dispatch(what.clone(), command(what)),
+            SagaEvent::Asked { what, .. } | SagaEvent::StartedAsking { what, .. } => {
+                effects.dispatch(what.clone(), command(what));
+            }
             SagaEvent::AskedTwice { .. } => {
                 effects.dispatch("twice", command("first"));
                 effects.dispatch("twice", command("second"));
@@ -127,11 +137,39 @@ impl ProcessManager for Saga {
     fn apply(&self, mut state: SagaState, event: &Envelope<SagaEvent>) -> SagaState {
         match &event.event {
             SagaEvent::Started { key } => state.key.clone_from(key),
+            SagaEvent::StartedAsking { key, what } => {
+                state.key.clone_from(key);
+                state.asked.push(what.clone());
+            }
             SagaEvent::Asked { what, .. } => state.asked.push(what.clone()),
             SagaEvent::AskedTwice { .. } | SagaEvent::Stopped { .. } => {}
         }
         state
     }
+
+    /// Compensates with `undo {step} of {state.key} ({typed|untyped})` at step `undo`; for a
+    /// step starting with `refuse-compensation`, with one the router refuses too.
+    fn rejected(
+        &self,
+        state: &SagaState,
+        step: &str,
+        _command: &SagaCommand,
+        error: &Rejection,
+        effects: &mut Effects<SagaCommand>,
+    ) {
+        let typed = if error.downcast_ref::<SagaRefusal>().is_some() { "typed" } else { "untyped" };
+        let refuse = if step.starts_with("refuse-compensation") { "refuse: " } else { "" };
+        let what = format!("{refuse}undo {step} of {} ({typed})", state.key);
+        effects.dispatch("undo", SagaCommand { key: state.key.clone(), what });
+    }
+}
+
+/// Why a [`RecordingRouter`] refused a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} is refused")]
+pub struct SagaRefusal {
+    /// The refused command's `what`.
+    pub what: String,
 }
 
 /// Appends `event` to its stream `saga-{key}`.
@@ -186,7 +224,7 @@ impl CommandRouter<SagaCommand> for RecordingRouter {
         self.sent.lock().unwrap_or_else(PoisonError::into_inner).push(command);
         self.count.send_modify(|count| *count += 1);
         if refuse {
-            return Err(RouteError::Rejected(format!("{what} is refused")));
+            return Err(RouteError::Rejected(Rejection::new(SagaRefusal { what })));
         }
         Ok(())
     }
