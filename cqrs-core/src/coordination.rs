@@ -147,7 +147,26 @@ pub struct Scheduled {
     pub command: Value,
     /// The id it is dispatched with (derived, so firing twice applies it once).
     pub command_id: CommandId,
+    /// Failed firings so far (0 when scheduled; scheduling anew resets it).
+    pub attempts: u32,
 }
+
+/// A scheduled command its scheduler set aside: unreadable (its command type changed shape), or
+/// failing [`MAX_FIRING_ATTEMPTS`] times. It no longer fires (nor holds back others) until an
+/// operator retries it ([`EventStore::retry_scheduled`](crate::EventStore::retry_scheduled)) or
+/// discards it ([`EventStore::unschedule`](crate::EventStore::unschedule)); see
+/// [`ProcessAdmin`](crate::ProcessAdmin).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAsideCommand {
+    /// The command, as stored.
+    pub scheduled: Scheduled,
+    /// Why it was set aside (the last error).
+    pub error: String,
+}
+
+/// Failed firings of a scheduled command before its scheduler sets it aside; between attempts
+/// it waits 1 s, 2 s, 4 s, ... (by the scheduler's clock).
+pub const MAX_FIRING_ATTEMPTS: u32 = 5;
 
 /// How long a claim lasts without renewal by default: a standby takes over at most this long
 /// (plus one [`DEFAULT_CLAIM_RETRY`]) after the holder stops renewing.

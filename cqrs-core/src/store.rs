@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::coordination::{Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled};
+use crate::coordination::{Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled, SetAsideCommand};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 
@@ -435,10 +435,43 @@ pub trait EventStore: Send + Sync + 'static {
         }
     }
 
-    /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first.
+    /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first; set-aside ones
+    /// are not due.
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
         match self.inner_store() {
             Some(inner) => inner.due(owner, now, max).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
+
+    /// Records a failed firing of `scheduled` with `error`, if it is still the one with that
+    /// command id (not scheduled anew since); false otherwise. With `retry_at`: one more
+    /// attempt, due again at `retry_at`. Without: set aside (not due until retried).
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.scheduled_failed(scheduled, error, retry_at).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
+
+    /// `owner`'s set-aside scheduled commands, by key and name.
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.set_aside_scheduled(owner).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
+
+    /// Makes a set-aside scheduled command due again (at its due time, attempts reset); false
+    /// if there is no such set-aside command.
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.retry_scheduled(owner, key, name).await,
             None => Err(StoreError::Unsupported("schedules")),
         }
     }

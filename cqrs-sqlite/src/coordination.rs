@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_core::{
-    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled, StoreError,
-    StreamId, Timestamp,
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled,
+    SetAsideCommand, StoreError, StreamId, Timestamp,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -380,7 +380,7 @@ pub(crate) async fn schedule(writes: &mpsc::Sender<WriteRequest>, scheduled: Sch
             sqlx::query(
                 "INSERT INTO cqrs_scheduled (owner, key, name, due, command, command_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (owner, key, name) DO UPDATE SET due = excluded.due, command = excluded.command, \
-                 command_id = excluded.command_id",
+                 command_id = excluded.command_id, attempts = 0, error = NULL, set_aside = 0",
             )
             .bind(&scheduled.owner)
             .bind(&scheduled.key)
@@ -422,6 +422,19 @@ pub(crate) async fn unschedule(
     .await
 }
 
+fn scheduled_of(row: &SqliteRow) -> Result<Scheduled, StoreError> {
+    let command: String = row.try_get("command").map_err(decode)?;
+    Ok(Scheduled {
+        owner: row.try_get("owner").map_err(decode)?,
+        key: row.try_get("key").map_err(decode)?,
+        name: row.try_get("name").map_err(decode)?,
+        due: Timestamp(row.try_get("due").map_err(decode)?),
+        command: json(&command, "scheduled command")?,
+        command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts").map_err(decode)?).unwrap_or(u32::MAX),
+    })
+}
+
 pub(crate) async fn due(
     pool: &SqlitePool,
     owner: &str,
@@ -429,8 +442,8 @@ pub(crate) async fn due(
     max: usize,
 ) -> Result<Vec<Scheduled>, StoreError> {
     let rows = sqlx::query(
-        "SELECT owner, key, name, due, command, command_id FROM cqrs_scheduled \
-         WHERE owner = ?1 AND due <= ?2 ORDER BY due, key, name LIMIT ?3",
+        "SELECT owner, key, name, due, command, command_id, attempts FROM cqrs_scheduled \
+         WHERE owner = ?1 AND set_aside = 0 AND due <= ?2 ORDER BY due, key, name LIMIT ?3",
     )
     .bind(owner)
     .bind(now.as_micros())
@@ -438,17 +451,76 @@ pub(crate) async fn due(
     .fetch_all(pool)
     .await
     .map_err(to_store_error)?;
+    rows.iter().map(scheduled_of).collect()
+}
+
+pub(crate) async fn scheduled_failed(
+    writes: &mpsc::Sender<WriteRequest>,
+    scheduled: &Scheduled,
+    error: &str,
+    retry_at: Option<Timestamp>,
+) -> Result<bool, StoreError> {
+    let (owner, key, name, id) =
+        (scheduled.owner.clone(), scheduled.key.clone(), scheduled.name.clone(), scheduled.command_id);
+    let error = error.to_owned();
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let updated = sqlx::query(
+                "UPDATE cqrs_scheduled SET attempts = attempts + 1, error = ?5, \
+                 due = coalesce(?6, due), set_aside = CASE WHEN ?6 IS NULL THEN 1 ELSE 0 END \
+                 WHERE owner = ?1 AND key = ?2 AND name = ?3 AND command_id = ?4",
+            )
+            .bind(&owner)
+            .bind(&key)
+            .bind(&name)
+            .bind(id.0)
+            .bind(&error)
+            .bind(retry_at.map(Timestamp::as_micros))
+            .execute(connection)
+            .await?;
+            Ok(Ok(updated.rows_affected() > 0))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn set_aside_scheduled(pool: &SqlitePool, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT owner, key, name, due, command, command_id, attempts, error FROM cqrs_scheduled \
+         WHERE owner = ?1 AND set_aside = 1 ORDER BY key, name",
+    )
+    .bind(owner)
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
     rows.iter()
         .map(|row| {
-            let command: String = row.try_get("command").map_err(decode)?;
-            Ok(Scheduled {
-                owner: row.try_get("owner").map_err(decode)?,
-                key: row.try_get("key").map_err(decode)?,
-                name: row.try_get("name").map_err(decode)?,
-                due: Timestamp(row.try_get("due").map_err(decode)?),
-                command: json(&command, "scheduled command")?,
-                command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
-            })
+            let error: Option<String> = row.try_get("error").map_err(decode)?;
+            Ok(SetAsideCommand { scheduled: scheduled_of(row)?, error: error.unwrap_or_default() })
         })
         .collect()
+}
+
+pub(crate) async fn retry_scheduled(
+    writes: &mpsc::Sender<WriteRequest>,
+    owner: &str,
+    key: &str,
+    name: &str,
+) -> Result<bool, StoreError> {
+    let (owner, key, name) = (owner.to_owned(), key.to_owned(), name.to_owned());
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let updated = sqlx::query(
+                "UPDATE cqrs_scheduled SET set_aside = 0, attempts = 0 \
+                 WHERE owner = ?1 AND key = ?2 AND name = ?3 AND set_aside = 1",
+            )
+            .bind(&owner)
+            .bind(&key)
+            .bind(&name)
+            .execute(connection)
+            .await?;
+            Ok(Ok(updated.rows_affected() > 0))
+        })
+    })
+    .await
 }

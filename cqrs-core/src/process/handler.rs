@@ -204,6 +204,7 @@ where
                 due: *due,
                 command,
                 command_id: command_id(event.event_id, name, key, &format!("schedule/{schedule}")),
+                attempts: 0,
             };
             self.store.schedule(scheduled).await?;
             if !schedules.contains(schedule) {

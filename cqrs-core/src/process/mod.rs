@@ -30,9 +30,13 @@
 //! The runner is the ordinary handler runner, so a process manager gets one active consumer
 //! across processes, partitions by instance key ([`RunnerConfig::workers`]) and parked events.
 
+mod admin;
 mod handler;
 mod scheduler;
 
+pub use admin::ProcessAdmin;
+
+#[cfg(feature = "testing")]
 pub(crate) use handler::{compensate, react};
 
 use std::fmt;

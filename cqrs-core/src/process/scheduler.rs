@@ -5,7 +5,15 @@
 //! after a crash between sending and removing it, is a duplicate) and is removed only if it was
 //! not scheduled anew meanwhile. A command refused by its aggregate is removed too (logged): a
 //! deadline that no longer applies ("cancel if unpaid" on a paid order) is an ordinary refusal.
+//!
+//! A command that cannot fire is never retried in a busy loop, nor left to hold back the ones
+//! due after it: one whose stored JSON cannot be read is set aside at once; one whose routing
+//! fails is due again after a back-off (1 s, 2 s, 4 s, ...) and set aside after
+//! [`MAX_FIRING_ATTEMPTS`] failures. Set-aside commands are not due; they are counted
+//! (`cqrs_process_schedules_set_aside_total`) and listed, retried or discarded by an operator
+//! with [`ProcessAdmin`](crate::ProcessAdmin), like parked events.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +25,7 @@ use super::handler::StoredCommand;
 use super::{CommandRouter, ProcessManager, RouteError};
 use crate::aggregate::CommandEnvelope;
 use crate::clock::Clock;
-use crate::coordination::Scheduled;
+use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
 use crate::handler::{self, runner_tenures, HandlerState, RunnerConfig};
 use crate::ids::Timestamp;
 use crate::store::EventStore;
@@ -131,13 +139,17 @@ async fn prune_tombstones<S: EventStore + ?Sized>(store: &S, process: &str) {
     }
 }
 
-/// Fires every command due now (in batches).
+/// Fires every command due now (in batches). Each command is resolved before the next look:
+/// fired and removed, refused and removed, or failed and recorded (due again after a back-off,
+/// or set aside), so a look never returns the same rows; and it stops early (until the next
+/// tick) if a row comes back anyway (a store write failed) or was left unresolved.
 async fn fire_due<S, P, R>(store: &S, manager: &P, router: &R, clock: &Clock)
 where
     S: EventStore + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {
+    let mut seen = HashSet::new();
     loop {
         let due = match store.due(manager.name(), clock.now(), BATCH).await {
             Ok(due) => due,
@@ -146,17 +158,29 @@ where
                 return;
             }
         };
-        let fired = due.len();
+        let full = due.len() == BATCH;
+        let mut resolved = true;
         for scheduled in due {
-            fire(store, manager, router, scheduled).await;
+            if !seen.insert((scheduled.key.clone(), scheduled.name.clone(), scheduled.command_id)) {
+                return;
+            }
+            resolved &= fire(store, manager, router, clock, scheduled).await;
         }
-        if fired < BATCH {
+        if !full || !resolved {
             return;
         }
     }
 }
 
-async fn fire<S, P, R>(store: &S, manager: &P, router: &R, scheduled: Scheduled)
+/// The wait before the next attempt after `attempts` failed ones: 1 s, 2 s, 4 s, ... at most
+/// 5 minutes.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.min(8)).min(Duration::from_secs(300))
+}
+
+/// Fires one due command; true once it is resolved in the store (removed, or its failure
+/// recorded).
+async fn fire<S, P, R>(store: &S, manager: &P, router: &R, clock: &Clock, scheduled: Scheduled) -> bool
 where
     S: EventStore + ?Sized,
     P: ProcessManager,
@@ -166,9 +190,9 @@ where
     let stored = match StoredCommand::<P::Command>::deserialize(&scheduled.command) {
         Ok(stored) => stored,
         Err(error) => {
-            // Kept, and reported: an operator must look (a command type changed its shape).
-            tracing::error!(process, key = %scheduled.key, name = %scheduled.name, %error, "unreadable scheduled command");
-            return;
+            // Set aside, and reported: an operator must look (a command type changed its shape).
+            tracing::error!(process, key = %scheduled.key, name = %scheduled.name, %error, "unreadable scheduled command; set aside");
+            return set_aside(store, process, &scheduled, &format!("unreadable: {error}")).await;
         }
     };
     let envelope = CommandEnvelope {
@@ -184,11 +208,44 @@ where
             tracing::debug!(process, key = %scheduled.key, name = %scheduled.name, %error, "a scheduled command was refused");
         }
         Err(RouteError::Failed(error)) => {
-            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "a scheduled command failed; will retry");
-            return;
+            let attempts = scheduled.attempts + 1;
+            if attempts >= MAX_FIRING_ATTEMPTS {
+                tracing::error!(process, key = %scheduled.key, name = %scheduled.name, attempts, %error, "a scheduled command keeps failing; set aside");
+                return set_aside(store, process, &scheduled, &error.to_string()).await;
+            }
+            let retry_at = clock.now().plus(backoff(attempts));
+            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, attempts, %error, "a scheduled command failed; will retry");
+            return match store.scheduled_failed(&scheduled, &error.to_string(), Some(retry_at)).await {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot record a failed scheduled command");
+                    false
+                }
+            };
         }
     }
-    if let Err(error) = store.unschedule(process, &scheduled.key, &scheduled.name, Some(scheduled.command_id)).await {
-        tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot remove a fired command; it fires again (a duplicate)");
+    match store.unschedule(process, &scheduled.key, &scheduled.name, Some(scheduled.command_id)).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot remove a fired command; it fires again (a duplicate)");
+            false
+        }
+    }
+}
+
+/// Sets a scheduled command aside (counted); true once stored.
+async fn set_aside<S: EventStore + ?Sized>(store: &S, process: &str, scheduled: &Scheduled, error: &str) -> bool {
+    match store.scheduled_failed(scheduled, error, None).await {
+        Ok(stored) => {
+            if stored {
+                metrics::counter!("cqrs_process_schedules_set_aside_total", "process" => process.to_owned())
+                    .increment(1);
+            }
+            true
+        }
+        Err(error) => {
+            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot set a scheduled command aside; will retry");
+            false
+        }
     }
 }

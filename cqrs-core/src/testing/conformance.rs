@@ -68,6 +68,8 @@ macro_rules! conformance_tests {
             process_replay_over_a_stopped_instance_sends_nothing,
             process_tombstones_round_trip_and_prune,
             process_refusals_are_compensated_from_the_decided_state,
+            scheduled_commands_are_set_aside_and_retried,
+            process_unfireable_scheduled_commands_do_not_block_the_rest,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1306,6 +1308,7 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
         due,
         command: json!({ "cancel": key }),
         command_id: CommandId::new(),
+        attempts: 0,
     };
     store.schedule(scheduled("order-1", "payment-deadline", now.minus(minute))).await.expect("schedule");
     store.schedule(scheduled("order-2", "payment-deadline", now.minus(2 * minute))).await.expect("schedule");
@@ -1518,5 +1521,116 @@ pub async fn process_refusals_are_compensated_from_the_decided_state<S: EventSto
     );
     let instance = store.load_process("refusals", &other).await.expect("load");
     assert_eq!(instance, None, "the failed event saved nothing");
+    run.running.stop().await;
+}
+
+/// A scheduled command's failures are recorded (due again later, attempts counted) or it is set
+/// aside: not due, listed with its error, retried (due again, attempts reset) or discarded;
+/// scheduling the name anew clears it. Only the command with the given id is touched.
+pub async fn scheduled_commands_are_set_aside_and_retried<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::Scheduled;
+    let owner = format!("deadlines-{}", uuid::Uuid::new_v4().simple());
+    let now = Timestamp::now();
+    let minute = Duration::from_secs(60);
+    let scheduled = |key: &str| Scheduled {
+        owner: owner.clone(),
+        key: key.to_owned(),
+        name: "deadline".to_owned(),
+        due: now.minus(minute),
+        command: json!({ "cancel": key }),
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    let (a, b) = (scheduled("a"), scheduled("b"));
+    store.schedule(a.clone()).await.expect("schedule");
+    store.schedule(b.clone()).await.expect("schedule");
+    let stale = Scheduled { command_id: CommandId::new(), ..a.clone() };
+    assert!(!store.scheduled_failed(&stale, "x", None).await.expect("failed"), "another command id: untouched");
+
+    assert!(store.scheduled_failed(&a, "boom", Some(now.plus(minute))).await.expect("failed"));
+    let due: Vec<String> = store.due(&owner, now, 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, ["b"], "a failed one waits for its retry time");
+    let later = store.due(&owner, now.plus(2 * minute), 10).await.expect("due");
+    let retried = later.iter().find(|s| s.key == "a").expect("a is due at its retry time");
+    assert_eq!((retried.attempts, retried.due), (1, now.plus(minute)));
+
+    assert!(store.scheduled_failed(retried, "unreadable", None).await.expect("set aside"));
+    let due: Vec<String> =
+        store.due(&owner, now.plus(10 * minute), 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, ["b"], "a set-aside one is never due");
+    let aside = store.set_aside_scheduled(&owner).await.expect("set aside");
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        (aside[0].scheduled.key.as_str(), aside[0].scheduled.attempts, aside[0].error.as_str()),
+        ("a", 2, "unreadable")
+    );
+    assert_eq!(aside[0].scheduled.command, json!({ "cancel": "a" }));
+
+    assert!(store.retry_scheduled(&owner, "a", "deadline").await.expect("retry"));
+    assert!(!store.retry_scheduled(&owner, "a", "deadline").await.expect("retry again"), "no longer set aside");
+    let due = store.due(&owner, now.plus(10 * minute), 10).await.expect("due");
+    assert_eq!(due.iter().find(|s| s.key == "a").map(|s| s.attempts), Some(0), "due again, attempts reset");
+    assert!(store.set_aside_scheduled(&owner).await.expect("set aside").is_empty());
+
+    // Scheduling anew clears a set-aside one; unscheduling removes one.
+    assert!(store.scheduled_failed(&b, "bad", None).await.expect("set aside"));
+    store.schedule(scheduled("b")).await.expect("schedule anew");
+    assert!(store.set_aside_scheduled(&owner).await.expect("set aside").is_empty());
+    assert!(store.due(&owner, now, 10).await.expect("due").iter().any(|s| s.key == "b" && s.attempts == 0));
+    let b_now = store.due(&owner, now, 10).await.expect("due").into_iter().find(|s| s.key == "b").expect("b");
+    assert!(store.scheduled_failed(&b_now, "bad", None).await.expect("set aside"));
+    assert!(store.unschedule(&owner, "b", "deadline", None).await.expect("discard"));
+    assert!(store.set_aside_scheduled(&owner).await.expect("set aside").is_empty());
+}
+
+/// 100 due commands that can never fire (unreadable) in front of a good one: the scheduler
+/// sets them aside (listed for an operator) and fires the good one; a command whose routing
+/// keeps failing is tried `MAX_FIRING_ATTEMPTS` times, with a back-off, then set aside.
+pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
+    use crate::process::ProcessAdmin;
+    use saga::{RecordingRouter, Saga};
+    let (clock, control) = crate::clock::Clock::test();
+    let now = clock.now();
+    let scheduled = |key: String, due: Timestamp, command: serde_json::Value| Scheduled {
+        owner: "deadlines".to_owned(),
+        key,
+        name: "deadline".to_owned(),
+        due,
+        command,
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    for n in 0..100 {
+        let unreadable = scheduled(format!("bad-{n:03}"), now.minus(Duration::from_secs(60)), json!({ "renamed": n }));
+        store.schedule(unreadable).await.expect("schedule");
+    }
+    let good = json!({ "command": { "key": "good", "what": "good" }, "causation": null, "correlation": null });
+    store.schedule(scheduled("good".to_owned(), now.plus(Duration::from_secs(1)), good)).await.expect("schedule");
+
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("deadlines"), &router, saga_config(), clock.clone());
+    control.advance(Duration::from_secs(2));
+    router.wait_sent(1, Duration::from_secs(20)).await;
+    assert_eq!(router.whats(), ["good"]);
+    let admin = ProcessAdmin::new(Arc::clone(&store));
+    let aside = admin.set_aside("deadlines").await.expect("set aside");
+    assert_eq!(aside.len(), 100, "every unreadable one is set aside");
+    assert!(aside[0].error.starts_with("unreadable"), "{}", aside[0].error);
+    assert!(admin.discard("deadlines", "bad-000", "deadline").await.expect("discard"));
+    assert!(!admin.discard("deadlines", "bad-000", "deadline").await.expect("discard twice"));
+    assert_eq!(admin.set_aside("deadlines").await.expect("set aside").len(), 99);
+
+    // Routing that keeps failing: retried with a back-off, then set aside.
+    let failing = json!({ "command": { "key": "failing", "what": "fail" }, "causation": null, "correlation": null });
+    store.schedule(scheduled("failing".to_owned(), clock.now(), failing)).await.expect("schedule");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !admin.set_aside("deadlines").await.expect("set aside").iter().any(|c| c.scheduled.key == "failing") {
+        assert!(tokio::time::Instant::now() < deadline, "never set aside: {:?}", router.whats());
+        control.advance(Duration::from_secs(600));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let attempts = router.whats().iter().filter(|what| *what == "fail").count();
+    assert_eq!(attempts, MAX_FIRING_ATTEMPTS as usize);
     run.running.stop().await;
 }

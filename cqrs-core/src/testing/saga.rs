@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::aggregate::CommandEnvelope;
 use crate::event::{Envelope, Metadata, NewEvent};
+use crate::handler::HandlerError;
 use crate::ids::StreamId;
 use crate::process::{CommandRouter, Effects, ProcessManager, Rejection, Route, RouteError};
 use crate::store::{AppendOutcome, EventStore, ExpectedVersion};
@@ -182,7 +183,8 @@ pub async fn append_saga<S: EventStore + ?Sized>(store: &S, event: SagaEvent) {
     }
 }
 
-/// Records the commands it routes; refuses those whose `what` starts with `refuse`.
+/// Records the commands it routes; refuses those whose `what` starts with `refuse`, and fails
+/// to route those starting with `fail`.
 #[derive(Debug, Clone)]
 pub struct RecordingRouter {
     sent: Arc<Mutex<Vec<CommandEnvelope<SagaCommand>>>>,
@@ -225,6 +227,9 @@ impl CommandRouter<SagaCommand> for RecordingRouter {
         self.count.send_modify(|count| *count += 1);
         if refuse {
             return Err(RouteError::Rejected(Rejection::new(SagaRefusal { what })));
+        }
+        if what.starts_with("fail") {
+            return Err(RouteError::Failed(HandlerError::new(format!("{what} cannot be routed"))));
         }
         Ok(())
     }
