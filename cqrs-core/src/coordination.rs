@@ -132,6 +132,15 @@ impl ProcessState {
     }
 }
 
+/// A process manager instance as an operator sees it ([`ProcessAdmin::instances`](crate::ProcessAdmin::instances)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessInstance {
+    /// The instance's key.
+    pub key: String,
+    /// Its stored state: running, or ended (a tombstone, until pruned).
+    pub state: ProcessState,
+}
+
 /// A command scheduled for later by a process manager instance, fired once by its runner.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scheduled {

@@ -106,8 +106,8 @@ pub mod __private {
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
 pub use clock::{Clock, TestClock};
 pub use coordination::{
-    default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled, SetAsideCommand,
-    DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL, MAX_FIRING_ATTEMPTS,
+    default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled,
+    SetAsideCommand, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL, MAX_FIRING_ATTEMPTS,
 };
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{

@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::coordination::{Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled, SetAsideCommand};
+use crate::coordination::{
+    Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled, SetAsideCommand,
+};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 
@@ -399,6 +401,20 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<(), StoreError> {
         match self.inner_store() {
             Some(inner) => inner.save_process(process, key, state, fence).await,
+            None => Err(StoreError::Unsupported("process state")),
+        }
+    }
+
+    /// Up to `max` of `process`'s instances (running, and ended ones not yet pruned) with keys
+    /// after `after` (from the first without), in key order: page with the last key.
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.process_instances(process, after, max).await,
             None => Err(StoreError::Unsupported("process state")),
         }
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::{
     validate_append, AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventId, EventStore, ExpectedVersion,
-    NewEvent, ParkedEvent, ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot,
-    StoreError, StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
+    NewEvent, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled,
+    SetAsideCommand, Snapshot, StoreError, StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
 
@@ -390,6 +390,24 @@ impl EventStore for MemoryStore {
             None => stored.processes.remove(&id),
         };
         Ok(())
+    }
+
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        let stored = self.read();
+        let mut instances: Vec<ProcessInstance> = stored
+            .processes
+            .iter()
+            .filter(|((owner, key), _)| owner == process && after.is_none_or(|after| key.as_str() > after))
+            .map(|((_, key), state)| ProcessInstance { key: key.clone(), state: state.clone() })
+            .collect();
+        instances.sort_by(|a, b| a.key.cmp(&b.key));
+        instances.truncate(max);
+        Ok(instances)
     }
 
     async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use cqrs_core::{
-    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled,
-    SetAsideCommand, StoreError, StreamId, Timestamp,
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState,
+    Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp,
 };
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -217,13 +217,37 @@ pub(crate) async fn load_process(pool: &PgPool, process: &str, key: &str) -> Res
         .fetch_optional(pool)
         .await
         .map_err(to_store_error)?;
-    let Some(row) = row else { return Ok(None) };
+    row.as_ref().map(process_state_of).transpose()
+}
+
+fn process_state_of(row: &PgRow) -> Result<ProcessState, StoreError> {
     let state: Json<serde_json::Value> = row.try_get("state").map_err(decode)?;
-    Ok(Some(ProcessState {
+    Ok(ProcessState {
         state: state.0,
         position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
         ended: row.try_get("ended").map_err(decode)?,
-    }))
+    })
+}
+
+pub(crate) async fn process_instances(
+    pool: &PgPool,
+    process: &str,
+    after: Option<&str>,
+    max: usize,
+) -> Result<Vec<ProcessInstance>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, state, position, ended FROM cqrs_processes \
+         WHERE process = $1 AND ($2::text IS NULL OR key > $2) ORDER BY key LIMIT $3",
+    )
+    .bind(process)
+    .bind(after)
+    .bind(to_i64_saturating(u64::try_from(max).unwrap_or(u64::MAX)))
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| Ok(ProcessInstance { key: row.try_get("key").map_err(decode)?, state: process_state_of(row)? }))
+        .collect()
 }
 
 async fn write_process(

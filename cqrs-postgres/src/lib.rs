@@ -19,8 +19,8 @@ use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
-    ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot, StoreError, StreamId,
-    Timestamp, Version,
+    ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot,
+    StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -601,6 +601,15 @@ impl EventStore for PgEventStore {
         fence: Option<&Claim>,
     ) -> Result<(), StoreError> {
         coordination::save_process(&self.inner.pool, process, key, state, fence).await
+    }
+
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        coordination::process_instances(&self.inner.pool, process, after, max).await
     }
 
     async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {

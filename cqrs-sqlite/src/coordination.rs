@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_core::{
-    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled,
-    SetAsideCommand, StoreError, StreamId, Timestamp,
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState,
+    Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -298,13 +298,37 @@ pub(crate) async fn load_process(
         .fetch_optional(pool)
         .await
         .map_err(to_store_error)?;
-    let Some(row) = row else { return Ok(None) };
+    row.as_ref().map(process_state_of).transpose()
+}
+
+fn process_state_of(row: &SqliteRow) -> Result<ProcessState, StoreError> {
     let state: String = row.try_get("state").map_err(decode)?;
-    Ok(Some(ProcessState {
+    Ok(ProcessState {
         state: json(&state, "process state")?,
         position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
         ended: row.try_get::<i64, _>("ended").map_err(decode)? != 0,
-    }))
+    })
+}
+
+pub(crate) async fn process_instances(
+    pool: &SqlitePool,
+    process: &str,
+    after: Option<&str>,
+    max: usize,
+) -> Result<Vec<ProcessInstance>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, state, position, ended FROM cqrs_processes \
+         WHERE process = ?1 AND (?2 IS NULL OR key > ?2) ORDER BY key LIMIT ?3",
+    )
+    .bind(process)
+    .bind(after)
+    .bind(limit(max))
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| Ok(ProcessInstance { key: row.try_get("key").map_err(decode)?, state: process_state_of(row)? }))
+        .collect()
 }
 
 pub(crate) async fn save_process(

@@ -1,9 +1,9 @@
-//! A process manager as an operator handles it: its set-aside scheduled commands (list, retry,
-//! discard).
+//! A process manager as an operator handles it: its instances (listed), its set-aside scheduled
+//! commands (list, retry, discard).
 
 use std::sync::Arc;
 
-use crate::coordination::SetAsideCommand;
+use crate::coordination::{ProcessInstance, SetAsideCommand};
 use crate::store::{EventStore, StoreError};
 
 /// The operator's handle on process managers' durable state (a library API, like
@@ -14,6 +14,9 @@ use crate::store::{EventStore, StoreError};
 /// # use cqrs_core::{EventStore, ProcessAdmin};
 /// # async fn demo<S: EventStore>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
 /// let admin = ProcessAdmin::new(store);
+/// for instance in admin.instances("fulfilment", None, 100).await? {
+///     println!("{} at {} ended: {}", instance.key, instance.state.position, instance.state.ended);
+/// }
 /// for command in admin.set_aside("fulfilment").await? {
 ///     let scheduled = &command.scheduled;
 ///     println!("{} {} due {:?}: {}", scheduled.key, scheduled.name, scheduled.due, command.error);
@@ -37,6 +40,17 @@ impl<S: EventStore + ?Sized> ProcessAdmin<S> {
     /// Process managers kept in `store`.
     pub fn new(store: Arc<S>) -> Self {
         Self { store }
+    }
+
+    /// Up to `max` of `process`'s instances, running or ended (a tombstone, kept until the
+    /// checkpoint passes it), with keys after `after`, in key order; page with the last key.
+    pub async fn instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        self.store.process_instances(process, after, max).await
     }
 
     /// The scheduled commands `process`'s scheduler set aside (unreadable, or failing

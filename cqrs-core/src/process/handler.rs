@@ -186,6 +186,7 @@ where
                     }
                     effects.scheduled.extend(compensations.scheduled);
                     effects.cancelled.extend(compensations.cancelled);
+                    effects.ended |= compensations.ended;
                 }
             }
         }
@@ -211,6 +212,7 @@ where
                 schedules.push(schedule.clone());
             }
         }
+        let stops = stops || effects.ended;
         let mut cancel = effects.cancelled.clone();
         if stops {
             cancel.extend(schedules.iter().cloned());

@@ -13,7 +13,9 @@
 //! ids and the stores' command-id check applies each once. Per event the runner: loads the
 //! instance (an event at or below the instance's saved position was handled: skipped), decides,
 //! sends the commands, stores schedules and cancellations (idempotent), then saves the new state
-//! with the event's position. An instance that ends keeps a tombstone with the ending event's
+//! with the event's position. An instance ends on [`Route::Stop`] or when its reaction calls
+//! [`Effects::end`] (without either it lives for ever); [`ProcessAdmin`] lists instances. An
+//! instance that ends keeps a tombstone with the ending event's
 //! position (so a replay does not restart it) until the checkpoint passes it. A crash anywhere in between replays the event into the same
 //! state, which decides the same commands. Because the id comes from the step, one reaction
 //! may not use a step (or schedule) name twice: the runner refuses such a reaction before
@@ -89,11 +91,12 @@ pub struct Effects<C> {
     commands: Vec<(String, C)>,
     scheduled: Vec<(String, Timestamp, C)>,
     cancelled: Vec<String>,
+    ended: bool,
 }
 
 impl<C> Default for Effects<C> {
     fn default() -> Self {
-        Self { commands: Vec::new(), scheduled: Vec::new(), cancelled: Vec::new() }
+        Self { commands: Vec::new(), scheduled: Vec::new(), cancelled: Vec::new(), ended: false }
     }
 }
 
@@ -115,6 +118,19 @@ impl<C> Effects<C> {
     /// Cancels the pending schedule `name` of this instance.
     pub fn cancel(&mut self, name: impl Into<String>) {
         self.cancelled.push(name.into());
+    }
+
+    /// Ends the instance after this reaction, as [`Route::Stop`] does: its commands are sent,
+    /// then every pending schedule of the instance (this reaction's included) is cancelled and
+    /// its state replaced by a tombstone. For workflows that finish on an event that also
+    /// continues them ("the last line shipped"), so that instances do not live for ever.
+    pub fn end(&mut self) {
+        self.ended = true;
+    }
+
+    /// Whether this reaction ends the instance ([`end`](Self::end)).
+    pub fn ends(&self) -> bool {
+        self.ended
     }
 
     /// The commands to send now, with their steps.

@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             process_refusals_are_compensated_from_the_decided_state,
             scheduled_commands_are_set_aside_and_retried,
             process_unfireable_scheduled_commands_do_not_block_the_rest,
+            process_instances_end_from_a_reaction_and_are_listed,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1632,5 +1633,38 @@ pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: Even
     }
     let attempts = router.whats().iter().filter(|what| *what == "fail").count();
     assert_eq!(attempts, MAX_FIRING_ATTEMPTS as usize);
+    run.running.stop().await;
+}
+
+/// A reaction can end its instance ([`Effects::end`](crate::Effects::end)): like a stop, its
+/// schedules are cancelled, later events for it are ignored, and it stays as a tombstone; an
+/// operator lists a process manager's instances, running and ended, page by page.
+pub async fn process_instances_end_from_a_reaction_and_are_listed<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::process::ProcessAdmin;
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (first, second) = ("instance-a".to_owned(), "instance-b".to_owned());
+    append_saga(&*store, SagaEvent::Started { key: first.clone() }).await;
+    append_saga(&*store, SagaEvent::Started { key: second.clone() }).await;
+    append_saga(&*store, SagaEvent::Finished { key: first.clone() }).await;
+    let finished = store.head().await.expect("head");
+    append_saga(&*store, SagaEvent::Asked { key: first.clone(), what: "after the end".into() }).await;
+    let (clock, _control) = crate::clock::Clock::test();
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("ending"), &router, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(router.whats(), ["hello", "hello"], "an ended instance ignores later events");
+    let far = clock.now().plus(saga::SAGA_DEADLINE * 2);
+    let due: Vec<String> = store.due("ending", far, 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, std::slice::from_ref(&second), "ending cancelled the instance's deadline");
+
+    let admin = ProcessAdmin::new(Arc::clone(&store));
+    let listed = admin.instances("ending", None, 10).await.expect("instances");
+    let summary: Vec<(&str, bool)> = listed.iter().map(|i| (i.key.as_str(), i.state.ended)).collect();
+    assert_eq!(summary, [(first.as_str(), true), (second.as_str(), false)]);
+    assert_eq!(listed[0].state.position, finished, "the tombstone is at the ending event");
+    let page: Vec<String> =
+        admin.instances("ending", Some(&first), 1).await.expect("page").into_iter().map(|i| i.key).collect();
+    assert_eq!(page, [second]);
+    assert!(admin.instances("other", None, 10).await.expect("instances").is_empty());
     run.running.stop().await;
 }

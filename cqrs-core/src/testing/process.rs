@@ -88,21 +88,19 @@ impl<P: ProcessManager> ProcessTest<P> {
     pub fn when(mut self, stream: &str, event: P::Event) -> ProcessThen<P> {
         let event = self.envelope(stream, event);
         let mut instances: HashMap<String, P::State> = HashMap::new();
+        // The history as the runner sees it: each event decided on (so an instance that a
+        // reaction ends, `Effects::end`, is gone), its effects dropped.
         for past in &self.given {
-            match self.manager.route(past) {
-                Route::Ignore => {}
-                Route::Start(key) => {
-                    let state = instances.remove(&key).unwrap_or_default();
-                    instances.insert(key, self.manager.apply(state, past));
-                }
-                Route::Continue(key) => {
-                    if let Some(state) = instances.remove(&key) {
-                        instances.insert(key, self.manager.apply(state, past));
-                    }
-                }
-                Route::Stop(key) => {
-                    instances.remove(&key);
-                }
+            let route = self.manager.route(past);
+            let (key, state) = match &route {
+                Route::Ignore => continue,
+                Route::Start(key) => (key, Some(instances.remove(key).unwrap_or_default())),
+                Route::Continue(key) | Route::Stop(key) => (key, instances.remove(key)),
+            };
+            let Some(state) = state else { continue };
+            let (effects, next) = react(&self.manager, state, past).unwrap_or_else(|error| panic!("given: {error}"));
+            if !matches!(route, Route::Stop(_)) && !effects.ends() {
+                instances.insert(key.clone(), next);
             }
         }
         let route = self.manager.route(&event);
@@ -187,6 +185,14 @@ impl<P: ProcessManager> ProcessThen<P> {
         self
     }
 
+    /// Asserts the event ended its instance ([`Route::Stop`], or [`Effects::end`]).
+    #[track_caller]
+    pub fn then_ended(self) -> Self {
+        let ended = matches!(self.route, Route::Stop(_)) || self.effects.ends();
+        assert!(ended && self.state.is_some(), "the instance did not end (route: {:?})", self.route);
+        self
+    }
+
     /// Asserts the event was routed so.
     #[track_caller]
     pub fn then_routed(self, expected: Route) -> Self {
@@ -258,6 +264,20 @@ mod tests {
             .when("saga-1", SagaEvent::StartedAsking { key: "1".into(), what: "refuse-me".into() })
             .when_rejected("refuse-me", refusal)
             .then_commands(vec![SagaCommand { key: "1".into(), what: "undo refuse-me of 1 (typed)".into() }]);
+    }
+
+    /// A reaction that ends its instance: the harness shows it, and a later event finds no
+    /// instance, as in the runner.
+    #[test]
+    fn a_reaction_can_end_its_instance() {
+        let started = ("saga-1", SagaEvent::Started { key: "1".into() });
+        let finished = SagaEvent::Finished { key: "1".into() };
+        ProcessTest::new(Saga::new("saga")).given(vec![started.clone()]).when("saga-1", finished.clone()).then_ended();
+        let then = ProcessTest::new(Saga::new("saga"))
+            .given(vec![started, ("saga-1", finished)])
+            .when("saga-1", SagaEvent::Asked { key: "1".into(), what: "late".into() })
+            .then_no_commands();
+        assert!(then.state().is_none());
     }
 
     /// The harness refuses what the runner refuses: two commands under one step name.

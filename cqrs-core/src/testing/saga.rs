@@ -47,6 +47,11 @@ pub enum SagaEvent {
         /// The instance.
         key: String,
     },
+    /// Continues `key`, and ends it from `handle` ([`Effects::end`]).
+    Finished {
+        /// The instance.
+        key: String,
+    },
     /// Stops `key` ([`Route::Stop`]).
     Stopped {
         /// The instance.
@@ -61,6 +66,7 @@ impl SagaEvent {
             | SagaEvent::StartedAsking { key, .. }
             | SagaEvent::Asked { key, .. }
             | SagaEvent::AskedTwice { key }
+            | SagaEvent::Finished { key }
             | SagaEvent::Stopped { key } => key,
         }
     }
@@ -112,7 +118,7 @@ impl ProcessManager for Saga {
         let key = event.event.key().to_owned();
         match &event.event {
             SagaEvent::Started { .. } | SagaEvent::StartedAsking { .. } => Route::Start(key),
-            SagaEvent::Asked { .. } | SagaEvent::AskedTwice { .. } => Route::Continue(key),
+            SagaEvent::Asked { .. } | SagaEvent::AskedTwice { .. } | SagaEvent::Finished { .. } => Route::Continue(key),
             SagaEvent::Stopped { .. } => Route::Stop(key),
         }
     }
@@ -131,6 +137,7 @@ impl ProcessManager for Saga {
                 effects.dispatch("twice", command("first"));
                 effects.dispatch("twice", command("second"));
             }
+            SagaEvent::Finished { .. } => effects.end(),
             SagaEvent::Stopped { .. } => {}
         }
     }
@@ -143,7 +150,7 @@ impl ProcessManager for Saga {
                 state.asked.push(what.clone());
             }
             SagaEvent::Asked { what, .. } => state.asked.push(what.clone()),
-            SagaEvent::AskedTwice { .. } | SagaEvent::Stopped { .. } => {}
+            SagaEvent::AskedTwice { .. } | SagaEvent::Finished { .. } | SagaEvent::Stopped { .. } => {}
         }
         state
     }
