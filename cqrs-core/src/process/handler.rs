@@ -10,8 +10,8 @@ use crate::aggregate::CommandEnvelope;
 use crate::coordination::{ProcessState, Scheduled};
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
 use crate::handler::{current_claim, EventHandler, HandlerError};
-use crate::ids::{CausationId, CommandId, CorrelationId, EventId};
-use crate::store::EventStore;
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position};
+use crate::store::{EventStore, StoreError};
 
 /// What the store keeps of an instance: its state and the names of its pending schedules (so
 /// stopping the instance cancels them).
@@ -36,6 +36,12 @@ pub(super) struct StoredCommand<C> {
 /// instance and step.
 pub(super) fn step_of(process: &str, key: &str, step: &str) -> String {
     format!("{process}/{key}/{step}")
+}
+
+/// The name command ids are derived from: the oldest of the previous names, so a renamed
+/// process manager sends the ids the original would have.
+pub(super) fn id_name<P: ProcessManager>(manager: &P) -> &str {
+    manager.previous_names().first().copied().unwrap_or_else(|| manager.name())
 }
 
 /// The derived id of a command `process` sends for `key` at `step` in reaction to `event`.
@@ -79,11 +85,43 @@ pub(super) struct ProcessHandler<S: ?Sized, P, R> {
     store: Arc<S>,
     manager: Arc<P>,
     router: Arc<R>,
+    /// The highest checkpoint of the previous names (loaded once): events at or below it were
+    /// handled under an old name.
+    renamed_at: tokio::sync::OnceCell<Position>,
 }
 
 impl<S: EventStore + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> ProcessHandler<S, P, R> {
     pub(super) fn new(store: Arc<S>, manager: Arc<P>, router: Arc<R>) -> Self {
-        Self { store, manager, router }
+        Self { store, manager, router, renamed_at: tokio::sync::OnceCell::new() }
+    }
+
+    /// Position up to which a previous name handled the events.
+    async fn renamed_at(&self) -> Result<Position, StoreError> {
+        let load = || async {
+            let mut highest = Position::START;
+            for previous in self.manager.previous_names() {
+                if let Some(checkpoint) = self.store.load_checkpoint(previous).await? {
+                    highest = highest.max(checkpoint);
+                }
+            }
+            Ok::<_, StoreError>(highest)
+        };
+        self.renamed_at.get_or_try_init(load).await.copied()
+    }
+
+    /// The instance `key`: under the name, else under the newest previous name that has it
+    /// (then also that name, to delete once it is saved under the new one).
+    async fn load_instance(&self, key: &str) -> Result<(Option<ProcessState>, Option<&str>), StoreError> {
+        let name = self.manager.name();
+        if let Some(stored) = self.store.load_process(name, key).await? {
+            return Ok((Some(stored), None));
+        }
+        for previous in self.manager.previous_names().iter().rev() {
+            if let Some(stored) = self.store.load_process(previous, key).await? {
+                return Ok((Some(stored), Some(previous)));
+            }
+        }
+        Ok((None, None))
     }
 
     /// Sends `command` with the id derived for `step`, as caused by `event`.
@@ -94,7 +132,7 @@ impl<S: EventStore + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> Pr
         step: &str,
         command: P::Command,
     ) -> Result<(), RouteError> {
-        let full_step = step_of(self.manager.name(), key, step);
+        let full_step = step_of(id_name(&*self.manager), key, step);
         let envelope = CommandEnvelope::new(command).caused_by(event.event_id, &event.metadata, &full_step);
         self.router.route(envelope).await
     }
@@ -134,7 +172,11 @@ where
             Route::Continue(key) => (key.as_str(), false, false),
             Route::Stop(key) => (key.as_str(), false, true),
         };
-        let stored = self.store.load_process(name, key).await?;
+        if event.position <= self.renamed_at().await? {
+            // Handled under a previous name.
+            return Ok(());
+        }
+        let (stored, moved_from) = self.load_instance(key).await?;
         let (state, mut schedules) = match &stored {
             // Handled already (the state was saved, the checkpoint not yet): nothing to do.
             Some(stored) if stored.position >= event.position => return Ok(()),
@@ -204,10 +246,14 @@ where
                 name: schedule.clone(),
                 due: *due,
                 command,
-                command_id: command_id(event.event_id, name, key, &format!("schedule/{schedule}")),
+                command_id: command_id(event.event_id, id_name(manager), key, &format!("schedule/{schedule}")),
                 attempts: 0,
             };
             self.store.schedule(scheduled).await?;
+            // It replaces a pending one of a previous name too.
+            for previous in manager.previous_names() {
+                self.store.unschedule(previous, key, schedule, None).await?;
+            }
             if !schedules.contains(schedule) {
                 schedules.push(schedule.clone());
             }
@@ -219,6 +265,9 @@ where
         }
         for schedule in &cancel {
             self.store.unschedule(name, key, schedule, None).await?;
+            for previous in manager.previous_names() {
+                self.store.unschedule(previous, key, schedule, None).await?;
+            }
             schedules.retain(|pending| pending != schedule);
         }
 
@@ -231,6 +280,10 @@ where
             let value: Value = serde_json::to_value(Stored { state: next, schedules }).map_err(HandlerError::new)?;
             let saved = ProcessState::running(value, event.position);
             self.store.save_process(name, key, Some(&saved), fence.as_ref()).await?;
+        }
+        if let Some(previous) = moved_from {
+            // Moved to the new name (a crash before this leaves both; the new one is read first).
+            self.store.save_process(previous, key, None, fence.as_ref()).await?;
         }
         Ok(())
     }

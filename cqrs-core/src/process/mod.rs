@@ -29,6 +29,13 @@
 //! duplicate) and removes them; a [`Clock::test`](crate::Clock::test) makes this testable
 //! without waiting.
 //!
+//! **Renaming.** The name is part of every derived command id, the checkpoint and the stored
+//! instances and schedules: a plain new name re-runs history with new ids. List old names in
+//! [`ProcessManager::previous_names`] to rename without that (what a Commanded or Axon user
+//! does by hand: start the new subscription or processing group at the old one's position;
+//! here the ids stay the same too, so even an event handled again across the rename applies
+//! its commands once).
+//!
 //! The runner is the ordinary handler runner, so a process manager gets one active consumer
 //! across processes, partitions by instance key ([`RunnerConfig::workers`]) and parked events.
 
@@ -198,8 +205,35 @@ pub trait ProcessManager: Send + Sync + 'static {
     type Command: Clone + fmt::Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
 
     /// The stable name of the process manager: its checkpoint, its instances and its schedules
-    /// are kept under it.
+    /// are kept under it, and every command id it derives includes it.
+    ///
+    /// **Changing it starts a new process manager that re-runs the whole history**: no
+    /// checkpoint, no instances, new command ids (so the aggregates take its commands for new
+    /// ones: stock reserved again, payments taken again), and the old name's pending schedules
+    /// never fire. To rename, list the old name in
+    /// [`previous_names`](Self::previous_names).
     fn name(&self) -> &str;
+
+    /// The names this process manager had before, oldest first (`&["fulfilment"]` for
+    /// `fulfilment-v2`). With them, a rename continues where the old name stopped:
+    ///
+    /// - events at or below the highest checkpoint of a previous name were handled under it
+    ///   and are skipped (the runner reads them once, under its new checkpoint);
+    /// - an instance not found under the new name is taken over from the newest previous name
+    ///   that has it (moved on its next event);
+    /// - command ids keep being derived from the **oldest** name, so an event handled again
+    ///   across the rename sends the same ids (duplicates, applied once);
+    /// - the previous names' pending schedules still fire (once: they keep their ids), and are
+    ///   cancelled or replaced like the new name's.
+    ///
+    /// Stop the runners of the old name before starting the new one. Keep the list for as long
+    /// as previous names may have pending schedules or unmoved instances; never remove the
+    /// oldest while ids derived from it may come again (command retention). This is Axon's
+    /// "copy the token to the new processing group" and Commanded's `start_from` set to the old
+    /// subscription's position, done for you, plus stable ids.
+    fn previous_names(&self) -> &[&str] {
+        &[]
+    }
 
     /// Which instance the event concerns, and how.
     fn route(&self, event: &Envelope<Self::Event>) -> Route;

@@ -103,9 +103,14 @@ async fn run<S, P, R>(
                     return;
                 }
                 () = async {
-                    fire_due(&*store, &*manager, &*router, &clock).await;
+                    // The previous names' pending schedules fire too (with their stored ids).
+                    for owner in std::iter::once(manager.name()).chain(manager.previous_names().iter().copied()) {
+                        fire_due::<S, P, R>(&*store, owner, &*router, &clock).await;
+                    }
                     if clock.now() >= next_prune {
-                        prune_tombstones(&*store, manager.name()).await;
+                        for owner in std::iter::once(manager.name()).chain(manager.previous_names().iter().copied()) {
+                            prune_tombstones(&*store, owner).await;
+                        }
                         next_prune = clock.now().plus(PRUNE_EVERY);
                     }
                 } => {}
@@ -139,11 +144,12 @@ async fn prune_tombstones<S: EventStore + ?Sized>(store: &S, process: &str) {
     }
 }
 
-/// Fires every command due now (in batches). Each command is resolved before the next look:
+/// Fires every command of `owner` (the process manager, or one of its previous names) due now
+/// (in batches). Each command is resolved before the next look:
 /// fired and removed, refused and removed, or failed and recorded (due again after a back-off,
 /// or set aside), so a look never returns the same rows; and it stops early (until the next
 /// tick) if a row comes back anyway (a store write failed) or was left unresolved.
-async fn fire_due<S, P, R>(store: &S, manager: &P, router: &R, clock: &Clock)
+async fn fire_due<S, P, R>(store: &S, owner: &str, router: &R, clock: &Clock)
 where
     S: EventStore + ?Sized,
     P: ProcessManager,
@@ -151,10 +157,10 @@ where
 {
     let mut seen = HashSet::new();
     loop {
-        let due = match store.due(manager.name(), clock.now(), BATCH).await {
+        let due = match store.due(owner, clock.now(), BATCH).await {
             Ok(due) => due,
             Err(error) => {
-                tracing::warn!(process = manager.name(), %error, "cannot read due commands; will retry");
+                tracing::warn!(process = owner, %error, "cannot read due commands; will retry");
                 return;
             }
         };
@@ -164,7 +170,7 @@ where
             if !seen.insert((scheduled.key.clone(), scheduled.name.clone(), scheduled.command_id)) {
                 return;
             }
-            resolved &= fire(store, manager, router, clock, scheduled).await;
+            resolved &= fire::<S, P::Command, R>(store, router, clock, scheduled).await;
         }
         if !full || !resolved {
             return;
@@ -180,14 +186,14 @@ fn backoff(attempts: u32) -> Duration {
 
 /// Fires one due command; true once it is resolved in the store (removed, or its failure
 /// recorded).
-async fn fire<S, P, R>(store: &S, manager: &P, router: &R, clock: &Clock, scheduled: Scheduled) -> bool
+async fn fire<S, C, R>(store: &S, router: &R, clock: &Clock, scheduled: Scheduled) -> bool
 where
     S: EventStore + ?Sized,
-    P: ProcessManager,
-    R: CommandRouter<P::Command>,
+    C: serde::de::DeserializeOwned,
+    R: CommandRouter<C>,
 {
-    let process = manager.name();
-    let stored = match StoredCommand::<P::Command>::deserialize(&scheduled.command) {
+    let process = scheduled.owner.as_str();
+    let stored = match StoredCommand::<C>::deserialize(&scheduled.command) {
         Ok(stored) => stored,
         Err(error) => {
             // Set aside, and reported: an operator must look (a command type changed its shape).

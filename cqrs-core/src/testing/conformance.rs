@@ -71,6 +71,7 @@ macro_rules! conformance_tests {
             scheduled_commands_are_set_aside_and_retried,
             process_unfireable_scheduled_commands_do_not_block_the_rest,
             process_instances_end_from_a_reaction_and_are_listed,
+            process_renamed_manager_continues_where_the_old_name_stopped,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1667,4 +1668,53 @@ pub async fn process_instances_end_from_a_reaction_and_are_listed<S: EventStore 
     assert_eq!(page, [second]);
     assert!(admin.instances("other", None, 10).await.expect("instances").is_empty());
     run.running.stop().await;
+}
+
+/// A process manager renamed with `previous_names` continues where the old name stopped: it
+/// does not handle again what the old name handled (no second command), takes over its
+/// instances, derives command ids from the old name, and fires the old name's pending
+/// schedule, once.
+pub async fn process_renamed_manager_continues_where_the_old_name_stopped<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (key, done) = (saga_key(), saga_key());
+    append_saga(&*store, SagaEvent::Started { key: done.clone() }).await;
+    append_saga(&*store, SagaEvent::Stopped { key: done.clone() }).await;
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    let (clock, control) = crate::clock::Clock::test();
+    let old = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("fulfilment"), &old, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(old.whats(), ["hello", "hello"]);
+    run.running.stop().await;
+    // Only the old name's checkpoint remembers the ended instance.
+    let checkpoint = store.load_checkpoint("fulfilment").await.expect("checkpoint").expect("saved");
+    store.prune_processes("fulfilment", checkpoint).await.expect("prune");
+    assert!(store.load_process("fulfilment", &done).await.expect("load").is_none());
+
+    let renamed = RecordingRouter::default();
+    let saga = Saga::renamed("fulfilment-v2", vec!["fulfilment"]);
+    let run = SagaRun::start(&store, saga, &renamed, saga_config(), clock.clone());
+    append_saga(&*store, SagaEvent::Asked { key: key.clone(), what: "more".into() }).await;
+    run.caught_up(&*store).await;
+    assert_eq!(renamed.whats(), ["more"], "the renamed manager handled an old event again, or lost the instance");
+    let asked = store.read_all(Position::START, 100).await.expect("read").pop().expect("the Asked event");
+    let expected = CommandId::derived(asked.event_id, &format!("fulfilment/{key}/more"));
+    assert_eq!(renamed.sent()[0].command_id, expected, "ids are derived from the old name");
+    assert!(store.load_process("fulfilment", &key).await.expect("load").is_none(), "moved from the old name");
+    let moved = store.load_process("fulfilment-v2", &key).await.expect("load").expect("under the new name");
+    assert_eq!(moved.state["state"]["asked"], json!(["more"]));
+
+    // The old name's deadline fires once.
+    control.advance(saga::SAGA_DEADLINE + Duration::from_secs(60));
+    renamed.wait_sent(2, Duration::from_secs(20)).await;
+    let far = clock.now().plus(saga::SAGA_DEADLINE * 2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !store.due("fulfilment", far, 10).await.expect("due").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the fired deadline was never removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    control.advance(Duration::from_secs(60));
+    assert_eq!(renamed.whats(), ["more", "deadline"]);
+    run.running.stop().await;
+    assert_eq!(renamed.whats(), ["more", "deadline"], "fired once");
 }

@@ -96,12 +96,19 @@ pub struct SagaState {
 pub struct Saga {
     /// Its name.
     pub name: String,
+    /// Its previous names, oldest first.
+    pub previous: Vec<&'static str>,
 }
 
 impl Saga {
     /// A saga named `name`.
     pub fn new(name: impl Into<String>) -> Self {
-        Self { name: name.into() }
+        Self { name: name.into(), previous: Vec::new() }
+    }
+
+    /// A saga named `name`, renamed from `previous` (oldest first).
+    pub fn renamed(name: impl Into<String>, previous: Vec<&'static str>) -> Self {
+        Self { name: name.into(), previous }
     }
 }
 
@@ -112,6 +119,10 @@ impl ProcessManager for Saga {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn previous_names(&self) -> &[&str] {
+        &self.previous
     }
 
     fn route(&self, event: &Envelope<SagaEvent>) -> Route {
