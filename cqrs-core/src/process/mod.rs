@@ -13,21 +13,32 @@
 //! ids and the stores' command-id check applies each once. Per event the runner: loads the
 //! instance (an event at or below the instance's saved position was handled: skipped), decides,
 //! sends the commands, stores schedules and cancellations (idempotent), then saves the new state
-//! with the event's position. An instance ends on [`Route::Stop`] or when its reaction calls
-//! [`Effects::end`] (without either it lives for ever); [`ProcessAdmin`] lists instances. An
-//! instance that ends keeps a tombstone with the ending event's
-//! position (so a replay does not restart it) until the checkpoint passes it. A crash anywhere in between replays the event into the same
+//! with the event's position. A crash anywhere in between replays the event into the same
 //! state, which decides the same commands. Because the id comes from the step, one reaction
 //! may not use a step (or schedule) name twice: the runner refuses such a reaction before
 //! sending anything ([`RepeatedStep`], a bug in the process manager: the event is retried or
 //! parked like any handler failure), and [`ProcessTest`](crate::testing::ProcessTest) fails
 //! with the same error.
 //!
+//! **Ending.** An instance ends on [`Route::Stop`] or when its reaction calls [`Effects::end`];
+//! without either it lives for ever ([`ProcessAdmin::instances`] lists them). An ended instance
+//! keeps a tombstone with the ending event's position, so a replay (after a checkpoint that
+//! lagged) does not restart it, until the checkpoint passes it. Axon and Commanded delete an
+//! ended saga outright; they can, because their token or subscription position moves in the
+//! same transaction. Here the instance and the checkpoint are saved separately, so the tombstone
+//! stands in for that.
+//!
+//! **Refusals.** A command refused by its aggregate goes to [`ProcessManager::rejected`] with
+//! the state the reaction decided on and the typed [`Rejection`]; a refused compensation fails
+//! the event ([`CompensationRefused`]), so the error policy retries or parks it.
+//!
 //! **Durable timeouts.** [`Effects::schedule`] stores a command with a due time (computed from
 //! the event's `recorded_at`, so replays agree). A scheduler task, exclusive across processes
 //! like the event runner, fires due commands with their stored ids (a second firing is a
 //! duplicate) and removes them; a [`Clock::test`](crate::Clock::test) makes this testable
-//! without waiting.
+//! without waiting. A command that cannot fire (unreadable, or failing
+//! [`MAX_FIRING_ATTEMPTS`](crate::MAX_FIRING_ATTEMPTS) times with a back-off) is set aside, like
+//! a parked event: [`ProcessAdmin`] lists, retries and discards them.
 //!
 //! **Renaming.** The name is part of every derived command id, the checkpoint and the stored
 //! instances and schedules: a plain new name re-runs history with new ids. List old names in
@@ -130,7 +141,8 @@ impl<C> Effects<C> {
     /// Ends the instance after this reaction, as [`Route::Stop`] does: its commands are sent,
     /// then every pending schedule of the instance (this reaction's included) is cancelled and
     /// its state replaced by a tombstone. For workflows that finish on an event that also
-    /// continues them ("the last line shipped"), so that instances do not live for ever.
+    /// continues them ("the last line shipped"), so that instances do not live for ever. This
+    /// is Axon's `SagaLifecycle.end()` / Commanded's `{:stop, id}` decided in the handler.
     pub fn end(&mut self) {
         self.ended = true;
     }
@@ -226,7 +238,9 @@ pub trait ProcessManager: Send + Sync + 'static {
     /// - the previous names' pending schedules still fire (once: they keep their ids), and are
     ///   cancelled or replaced like the new name's.
     ///
-    /// Stop the runners of the old name before starting the new one. Keep the list for as long
+    /// The old names' set-aside scheduled commands stay listed under those names
+    /// ([`ProcessAdmin::set_aside`]). Stop the runners of the old name before starting the new
+    /// one. Keep the list for as long
     /// as previous names may have pending schedules or unmoved instances; never remove the
     /// oldest while ids derived from it may come again (command retention). This is Axon's
     /// "copy the token to the new processing group" and Commanded's `start_from` set to the old
