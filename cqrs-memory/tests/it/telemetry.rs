@@ -145,7 +145,7 @@ async fn refused_compensations_and_set_aside_schedules_are_counted() {
         key_of("cqrs_process_schedules_set_aside_total", &labels),
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !seen(|seen| seen.counters.get(&refused).is_some() && seen.counters.get(&set_aside).is_some()) {
+    while !seen(|seen| seen.counters.contains_key(&refused) && seen.counters.contains_key(&set_aside)) {
         assert!(tokio::time::Instant::now() < deadline, "not counted");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
