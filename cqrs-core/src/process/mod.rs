@@ -239,7 +239,8 @@ pub trait ProcessManager: Send + Sync + 'static {
     ///   cancelled or replaced like the new name's.
     ///
     /// The old names' set-aside scheduled commands stay listed under those names
-    /// ([`ProcessAdmin::set_aside`]). Stop the runners of the old name before starting the new
+    /// ([`ProcessAdmin::set_aside`]), and events parked under an old name stay parked there
+    /// (the new name skips them): retry or discard those before renaming. Stop the runners of the old name before starting the new
     /// one. Keep the list for as long
     /// as previous names may have pending schedules or unmoved instances; never remove the
     /// oldest while ids derived from it may come again (command retention). This is Axon's
