@@ -18,8 +18,8 @@ use anyhow::Context;
 use cqrs_core::TestClock;
 use cqrs_core::{
     spawn_process_manager, Aggregate, Clock, Command, CommandEnvelope, CommandRouter, Dispatcher, DomainEvent, Effects,
-    Envelope, EventStore, HandlerError, ProcessManager, Progress, Route, RouteError, RunnerConfig, RunningHandler,
-    RunningProcess, StreamId,
+    Envelope, EventStore, HandlerError, ProcessManager, Progress, Rejection, Route, RouteError, RunnerConfig,
+    RunningHandler, RunningProcess, StreamId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -598,7 +598,7 @@ pub(crate) mod fulfilment {
             _state: &Progress,
             step: &str,
             _command: &FulfilmentCommand,
-            error: &str,
+            error: &Rejection,
             _effects: &mut Effects<FulfilmentCommand>,
         ) {
             println!("    (fulfilment: {step} refused: {error})");
@@ -1095,6 +1095,20 @@ mod tests {
             .when("payment-order-1", taken)
             .then_commands(vec![FulfilmentCommand::Order(OrderCommand::Confirm { order_id: "order-1".into() })])
             .then_cancelled(vec!["payment-deadline"]);
+    }
+
+    #[test]
+    fn a_refused_cancel_undoes_nothing() {
+        let declined = FulfilmentEvent::PaymentDeclined(payment::Declined {
+            order_id: "order-1".into(),
+            reason: "card declined".into(),
+        });
+        ProcessTest::new(Fulfilment)
+            .given(vec![("order-1", placed("order-1", "bad"))])
+            .when("payment-order-1", declined)
+            .when_rejected("cancel", Rejection::from_message("the order is confirmed"))
+            .then_no_commands()
+            .then_cancelled(vec![]);
     }
 
     #[test]

@@ -103,12 +103,42 @@ pub struct ParkedEvent {
 }
 
 /// A process manager instance's state, as stored.
+///
+/// An instance that ended (stopped by [`Route::Stop`](crate::Route::Stop)) leaves a tombstone:
+/// `ended`, with the position of the event that ended it and a `null` state. It keeps a replay
+/// (after a checkpoint that lagged behind) from starting the instance again: events at or below
+/// its position were handled. Tombstones at or below the process manager's saved checkpoint
+/// are pruned ([`EventStore::prune_processes`](crate::EventStore::prune_processes)), since no
+/// replay reaches them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessState {
-    /// The serialized state.
+    /// The serialized state (`null` once ended).
     pub state: Value,
     /// Position of the last event applied to it: an event at or below it was handled.
     pub position: Position,
+    /// The instance has ended: a tombstone.
+    pub ended: bool,
+}
+
+impl ProcessState {
+    /// A running instance's state after the event at `position`.
+    pub fn running(state: Value, position: Position) -> Self {
+        Self { state, position, ended: false }
+    }
+
+    /// The tombstone of an instance ended by the event at `position`.
+    pub fn ended(position: Position) -> Self {
+        Self { state: Value::Null, position, ended: true }
+    }
+}
+
+/// A process manager instance as an operator sees it ([`ProcessAdmin::instances`](crate::ProcessAdmin::instances)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessInstance {
+    /// The instance's key.
+    pub key: String,
+    /// Its stored state: running, or ended (a tombstone, until pruned).
+    pub state: ProcessState,
 }
 
 /// A command scheduled for later by a process manager instance, fired once by its runner.
@@ -126,7 +156,26 @@ pub struct Scheduled {
     pub command: Value,
     /// The id it is dispatched with (derived, so firing twice applies it once).
     pub command_id: CommandId,
+    /// Failed firings so far (0 when scheduled; scheduling anew resets it).
+    pub attempts: u32,
 }
+
+/// A scheduled command its scheduler set aside: unreadable (its command type changed shape), or
+/// failing [`MAX_FIRING_ATTEMPTS`] times. It no longer fires (nor holds back others) until an
+/// operator retries it ([`EventStore::retry_scheduled`](crate::EventStore::retry_scheduled)) or
+/// discards it ([`EventStore::unschedule`](crate::EventStore::unschedule)); see
+/// [`ProcessAdmin`](crate::ProcessAdmin).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAsideCommand {
+    /// The command, as stored.
+    pub scheduled: Scheduled,
+    /// Why it was set aside (the last error).
+    pub error: String,
+}
+
+/// Failed firings of a scheduled command before its scheduler sets it aside; between attempts
+/// it waits 1 s, 2 s, 4 s, ... (by the scheduler's clock).
+pub const MAX_FIRING_ATTEMPTS: u32 = 5;
 
 /// How long a claim lasts without renewal by default: a standby takes over at most this long
 /// (plus one [`DEFAULT_CLAIM_RETRY`]) after the holder stops renewing.

@@ -106,8 +106,8 @@ pub mod __private {
 pub use aggregate::{Aggregate, Command, CommandEnvelope};
 pub use clock::{Clock, TestClock};
 pub use coordination::{
-    default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled, DEFAULT_CLAIM_RETRY,
-    DEFAULT_CLAIM_TTL,
+    default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled,
+    SetAsideCommand, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL, MAX_FIRING_ATTEMPTS,
 };
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
@@ -120,7 +120,10 @@ pub use handler::{
     RunningHandler, StartFrom, DEFAULT_MAX_BATCH,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
-pub use process::{spawn_process_manager, CommandRouter, Effects, ProcessManager, Route, RouteError, RunningProcess};
+pub use process::{
+    spawn_process_manager, CommandRouter, CompensationRefused, Effects, ProcessAdmin, ProcessManager, Rejection,
+    RepeatedStep, Route, RouteError, RunningProcess,
+};
 pub use store::{
     append_links_one_by_one, chain_broken, validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion,
     Snapshot, StoreError, DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,

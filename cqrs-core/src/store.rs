@@ -5,7 +5,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::coordination::{Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessState, Scheduled};
+use crate::coordination::{
+    Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled, SetAsideCommand,
+};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 
@@ -409,7 +411,8 @@ pub trait EventStore: Send + Sync + 'static {
         }
     }
 
-    /// Saves (or, with `None`, deletes) a process manager instance's state. With `fence`, only
+    /// Saves (or, with `None`, deletes) a process manager instance's state (running, or the
+    /// tombstone of an ended one: [`ProcessState::ended`]). With `fence`, only
     /// while that claim is held (else [`StoreError::ClaimLost`], nothing written).
     async fn save_process(
         &self,
@@ -420,6 +423,29 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<(), StoreError> {
         match self.inner_store() {
             Some(inner) => inner.save_process(process, key, state, fence).await,
+            None => Err(StoreError::Unsupported("process state")),
+        }
+    }
+
+    /// Up to `max` of `process`'s instances (running, and ended ones not yet pruned) with keys
+    /// after `after` (from the first without), in key order: page with the last key.
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.process_instances(process, after, max).await,
+            None => Err(StoreError::Unsupported("process state")),
+        }
+    }
+
+    /// Removes the tombstones of `process`'s ended instances at or below `position` (its saved
+    /// checkpoint: no replay reaches them); returns how many. Running instances are kept.
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.prune_processes(process, position).await,
             None => Err(StoreError::Unsupported("process state")),
         }
     }
@@ -447,10 +473,43 @@ pub trait EventStore: Send + Sync + 'static {
         }
     }
 
-    /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first.
+    /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first; set-aside ones
+    /// are not due.
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
         match self.inner_store() {
             Some(inner) => inner.due(owner, now, max).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
+
+    /// Records a failed firing of `scheduled` with `error`, if it is still the one with that
+    /// command id (not scheduled anew since); false otherwise. With `retry_at`: one more
+    /// attempt, due again at `retry_at`. Without: set aside (not due until retried).
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.scheduled_failed(scheduled, error, retry_at).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
+
+    /// `owner`'s set-aside scheduled commands, by key and name.
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.set_aside_scheduled(owner).await,
+            None => Err(StoreError::Unsupported("schedules")),
+        }
+    }
+
+    /// Makes a set-aside scheduled command due again (at its due time, attempts reset); false
+    /// if there is no such set-aside command.
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        match self.inner_store() {
+            Some(inner) => inner.retry_scheduled(owner, key, name).await,
             None => Err(StoreError::Unsupported("schedules")),
         }
     }

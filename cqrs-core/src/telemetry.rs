@@ -95,6 +95,14 @@ pub fn describe() {
         "1 while this process is the handler's active consumer, 0 while it stands by."
     );
     describe_counter!("cqrs_handler_takeovers_total", "Tenures this process started: an exclusive handler moved here.");
+    describe_counter!(
+        "cqrs_process_compensations_refused_total",
+        "Compensations a process manager decided for a refused command that were refused too (the event failed)."
+    );
+    describe_counter!(
+        "cqrs_process_schedules_set_aside_total",
+        "Scheduled commands a process manager's scheduler set aside (unreadable, or failing too often)."
+    );
 }
 
 /// For store implementors: the `append` span of one append, to enter around it.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::{
     validate_append, AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventId, EventStore, ExpectedVersion,
-    NewEvent, ParkedEvent, ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError,
-    StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
+    NewEvent, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled,
+    SetAsideCommand, Snapshot, StoreError, StreamId, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
 
@@ -50,6 +50,8 @@ struct State {
     processes: HashMap<(String, String), ProcessState>,
     /// Scheduled commands by (owner, key, name).
     scheduled: HashMap<(String, String, String), Scheduled>,
+    /// The set-aside ones among them, with their errors.
+    set_aside: HashMap<(String, String, String), String>,
 }
 
 /// Events in fixed-size segments: growing the log never moves (copies) stored events, so an
@@ -422,9 +424,36 @@ impl EventStore for MemoryStore {
         Ok(())
     }
 
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        let stored = self.read();
+        let mut instances: Vec<ProcessInstance> = stored
+            .processes
+            .iter()
+            .filter(|((owner, key), _)| owner == process && after.is_none_or(|after| key.as_str() > after))
+            .map(|((_, key), state)| ProcessInstance { key: key.clone(), state: state.clone() })
+            .collect();
+        instances.sort_by(|a, b| a.key.cmp(&b.key));
+        instances.truncate(max);
+        Ok(instances)
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        let mut stored = self.write();
+        let before = stored.processes.len();
+        stored.processes.retain(|(owner, _), state| owner != process || !state.ended || state.position > position);
+        Ok((before - stored.processes.len()) as u64)
+    }
+
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
         let id = (scheduled.owner.clone(), scheduled.key.clone(), scheduled.name.clone());
-        self.write().scheduled.insert(id, scheduled);
+        let mut state = self.write();
+        state.set_aside.remove(&id);
+        state.scheduled.insert(id, Scheduled { attempts: 0, ..scheduled });
         Ok(())
     }
 
@@ -438,16 +467,71 @@ impl EventStore for MemoryStore {
         let mut state = self.write();
         let id = (owner.to_owned(), key.to_owned(), name.to_owned());
         let matches = state.scheduled.get(&id).is_some_and(|s| only.is_none_or(|only| s.command_id == only));
+        if matches {
+            state.set_aside.remove(&id);
+        }
         Ok(matches && state.scheduled.remove(&id).is_some())
     }
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
         let state = self.read();
-        let mut due: Vec<Scheduled> =
-            state.scheduled.values().filter(|s| s.owner == owner && s.due <= now).cloned().collect();
+        let mut due: Vec<Scheduled> = state
+            .scheduled
+            .iter()
+            .filter(|(id, s)| s.owner == owner && s.due <= now && !state.set_aside.contains_key(*id))
+            .map(|(_, s)| s.clone())
+            .collect();
         due.sort_by(|a, b| (a.due, &a.key, &a.name).cmp(&(b.due, &b.key, &b.name)));
         due.truncate(max);
         Ok(due)
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        let mut state = self.write();
+        let id = (scheduled.owner.clone(), scheduled.key.clone(), scheduled.name.clone());
+        let Some(stored) = state.scheduled.get_mut(&id).filter(|s| s.command_id == scheduled.command_id) else {
+            return Ok(false);
+        };
+        stored.attempts += 1;
+        match retry_at {
+            Some(retry_at) => stored.due = retry_at,
+            None => {
+                state.set_aside.insert(id, error.to_owned());
+            }
+        }
+        Ok(true)
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        let state = self.read();
+        let mut set_aside: Vec<SetAsideCommand> = state
+            .set_aside
+            .iter()
+            .filter(|((aside_owner, _, _), _)| aside_owner == owner)
+            .filter_map(|(id, error)| {
+                let scheduled = state.scheduled.get(id)?.clone();
+                Some(SetAsideCommand { scheduled, error: error.clone() })
+            })
+            .collect();
+        set_aside.sort_by(|a, b| (&a.scheduled.key, &a.scheduled.name).cmp(&(&b.scheduled.key, &b.scheduled.name)));
+        Ok(set_aside)
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        let mut state = self.write();
+        let id = (owner.to_owned(), key.to_owned(), name.to_owned());
+        if state.set_aside.remove(&id).is_none() {
+            return Ok(false);
+        }
+        if let Some(stored) = state.scheduled.get_mut(&id) {
+            stored.attempts = 0;
+        }
+        Ok(true)
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use cqrs_core::{
-    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled, StoreError,
-    StreamId, Timestamp,
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState,
+    Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp,
 };
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -247,18 +247,43 @@ pub(crate) async fn unpark(
 }
 
 pub(crate) async fn load_process(pool: &PgPool, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-    let row = sqlx::query("SELECT state, position FROM cqrs_processes WHERE process = $1 AND key = $2")
+    let row = sqlx::query("SELECT state, position, ended FROM cqrs_processes WHERE process = $1 AND key = $2")
         .bind(process)
         .bind(key)
         .fetch_optional(pool)
         .await
         .map_err(to_store_error)?;
-    let Some(row) = row else { return Ok(None) };
+    row.as_ref().map(process_state_of).transpose()
+}
+
+fn process_state_of(row: &PgRow) -> Result<ProcessState, StoreError> {
     let state: Json<serde_json::Value> = row.try_get("state").map_err(decode)?;
-    Ok(Some(ProcessState {
+    Ok(ProcessState {
         state: state.0,
         position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
-    }))
+        ended: row.try_get("ended").map_err(decode)?,
+    })
+}
+
+pub(crate) async fn process_instances(
+    pool: &PgPool,
+    process: &str,
+    after: Option<&str>,
+    max: usize,
+) -> Result<Vec<ProcessInstance>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, state, position, ended FROM cqrs_processes \
+         WHERE process = $1 AND ($2::text IS NULL OR key > $2) ORDER BY key LIMIT $3",
+    )
+    .bind(process)
+    .bind(after)
+    .bind(to_i64_saturating(u64::try_from(max).unwrap_or(u64::MAX)))
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| Ok(ProcessInstance { key: row.try_get("key").map_err(decode)?, state: process_state_of(row)? }))
+        .collect()
 }
 
 async fn write_process(
@@ -269,14 +294,15 @@ async fn write_process(
 ) -> Result<(), StoreError> {
     let query = match state {
         Some(state) => sqlx::query(
-            "INSERT INTO cqrs_processes (process, key, state, position) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO cqrs_processes (process, key, state, position, ended) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (process, key) DO UPDATE SET state = EXCLUDED.state, position = EXCLUDED.position, \
-             updated_at = now()",
+             ended = EXCLUDED.ended, updated_at = now()",
         )
         .bind(process)
         .bind(key)
         .bind(Json(&state.state))
-        .bind(to_i64_saturating(state.position.0)),
+        .bind(to_i64_saturating(state.position.0))
+        .bind(state.ended),
         None => sqlx::query("DELETE FROM cqrs_processes WHERE process = $1 AND key = $2").bind(process).bind(key),
     };
     query.execute(connection).await.map_err(to_store_error)?;
@@ -302,11 +328,21 @@ pub(crate) async fn save_process(
     transaction.commit().await.map_err(to_store_error)
 }
 
+pub(crate) async fn prune_processes(pool: &PgPool, process: &str, position: Position) -> Result<u64, StoreError> {
+    let deleted = sqlx::query("DELETE FROM cqrs_processes WHERE process = $1 AND ended AND position <= $2")
+        .bind(process)
+        .bind(to_i64_saturating(position.0))
+        .execute(pool)
+        .await
+        .map_err(to_store_error)?;
+    Ok(deleted.rows_affected())
+}
+
 pub(crate) async fn schedule(pool: &PgPool, scheduled: &Scheduled) -> Result<(), StoreError> {
     sqlx::query(&format!(
         "INSERT INTO cqrs_scheduled (owner, key, name, due, command, command_id) VALUES ($1, $2, $3, {}, $5, $6) \
          ON CONFLICT (owner, key, name) DO UPDATE SET due = EXCLUDED.due, command = EXCLUDED.command, \
-         command_id = EXCLUDED.command_id",
+         command_id = EXCLUDED.command_id, attempts = 0, error = NULL, set_aside = false",
         at("$4")
     ))
     .bind(&scheduled.owner)
@@ -341,10 +377,26 @@ pub(crate) async fn unschedule(
     Ok(deleted.rows_affected() > 0)
 }
 
+fn scheduled_of(row: &PgRow) -> Result<Scheduled, StoreError> {
+    let command: Json<serde_json::Value> = row.try_get("command").map_err(decode)?;
+    Ok(Scheduled {
+        owner: row.try_get("owner").map_err(decode)?,
+        key: row.try_get("key").map_err(decode)?,
+        name: row.try_get("name").map_err(decode)?,
+        due: Timestamp(row.try_get("due_micros").map_err(decode)?),
+        command: command.0,
+        command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts").map_err(decode)?).unwrap_or(0),
+    })
+}
+
+const SCHEDULED_COLUMNS: &str =
+    "owner, key, name, (extract(epoch FROM due) * 1000000)::bigint AS due_micros, command, command_id, attempts";
+
 pub(crate) async fn due(pool: &PgPool, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
     let rows = sqlx::query(&format!(
-        "SELECT owner, key, name, (extract(epoch FROM due) * 1000000)::bigint AS due_micros, command, command_id \
-         FROM cqrs_scheduled WHERE owner = $1 AND due <= {} ORDER BY due, key, name LIMIT $3",
+        "SELECT {SCHEDULED_COLUMNS} FROM cqrs_scheduled WHERE owner = $1 AND NOT set_aside AND due <= {} \
+         ORDER BY due, key, name LIMIT $3",
         at("$2")
     ))
     .bind(owner)
@@ -353,17 +405,59 @@ pub(crate) async fn due(pool: &PgPool, owner: &str, now: Timestamp, max: usize) 
     .fetch_all(pool)
     .await
     .map_err(to_store_error)?;
+    rows.iter().map(scheduled_of).collect()
+}
+
+pub(crate) async fn scheduled_failed(
+    pool: &PgPool,
+    scheduled: &Scheduled,
+    error: &str,
+    retry_at: Option<Timestamp>,
+) -> Result<bool, StoreError> {
+    let updated = sqlx::query(&format!(
+        "UPDATE cqrs_scheduled SET attempts = attempts + 1, error = $5, \
+         due = CASE WHEN $6::bigint IS NULL THEN due ELSE {} END, set_aside = ($6::bigint IS NULL) \
+         WHERE owner = $1 AND key = $2 AND name = $3 AND command_id = $4",
+        at("$6::bigint")
+    ))
+    .bind(&scheduled.owner)
+    .bind(&scheduled.key)
+    .bind(&scheduled.name)
+    .bind(scheduled.command_id.0)
+    .bind(error)
+    .bind(retry_at.map(Timestamp::as_micros))
+    .execute(pool)
+    .await
+    .map_err(to_store_error)?;
+    Ok(updated.rows_affected() > 0)
+}
+
+pub(crate) async fn set_aside_scheduled(pool: &PgPool, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {SCHEDULED_COLUMNS}, error FROM cqrs_scheduled WHERE owner = $1 AND set_aside ORDER BY key, name"
+    ))
+    .bind(owner)
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
     rows.iter()
         .map(|row| {
-            let command: Json<serde_json::Value> = row.try_get("command").map_err(decode)?;
-            Ok(Scheduled {
-                owner: row.try_get("owner").map_err(decode)?,
-                key: row.try_get("key").map_err(decode)?,
-                name: row.try_get("name").map_err(decode)?,
-                due: Timestamp(row.try_get("due_micros").map_err(decode)?),
-                command: command.0,
-                command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
-            })
+            let error: Option<String> = row.try_get("error").map_err(decode)?;
+            Ok(SetAsideCommand { scheduled: scheduled_of(row)?, error: error.unwrap_or_default() })
         })
         .collect()
+}
+
+pub(crate) async fn retry_scheduled(pool: &PgPool, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+    let updated = sqlx::query(
+        "UPDATE cqrs_scheduled SET set_aside = false, attempts = 0 \
+         WHERE owner = $1 AND key = $2 AND name = $3 AND set_aside",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(name)
+    .execute(pool)
+    .await
+    .map_err(to_store_error)?;
+    Ok(updated.rows_affected() > 0)
 }

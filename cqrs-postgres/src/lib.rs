@@ -19,7 +19,8 @@ use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
-    ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId, Timestamp, Version,
+    ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot,
+    StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -613,6 +614,19 @@ impl EventStore for PgEventStore {
         coordination::save_process(&self.inner.pool, process, key, state, fence).await
     }
 
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        coordination::process_instances(&self.inner.pool, process, after, max).await
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        coordination::prune_processes(&self.inner.pool, process, position).await
+    }
+
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
         coordination::schedule(&self.inner.pool, &scheduled).await
     }
@@ -629,6 +643,23 @@ impl EventStore for PgEventStore {
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
         coordination::due(&self.inner.pool, owner, now, max).await
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        coordination::scheduled_failed(&self.inner.pool, scheduled, error, retry_at).await
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        coordination::set_aside_scheduled(&self.inner.pool, owner).await
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        coordination::retry_scheduled(&self.inner.pool, owner, key, name).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

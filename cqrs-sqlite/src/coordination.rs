@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_core::{
-    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessState, Scheduled, StoreError,
-    StreamId, Timestamp,
+    Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState,
+    Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp,
 };
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -320,18 +320,43 @@ pub(crate) async fn load_process(
     process: &str,
     key: &str,
 ) -> Result<Option<ProcessState>, StoreError> {
-    let row = sqlx::query("SELECT state, position FROM cqrs_processes WHERE process = ?1 AND key = ?2")
+    let row = sqlx::query("SELECT state, position, ended FROM cqrs_processes WHERE process = ?1 AND key = ?2")
         .bind(process)
         .bind(key)
         .fetch_optional(pool)
         .await
         .map_err(to_store_error)?;
-    let Some(row) = row else { return Ok(None) };
+    row.as_ref().map(process_state_of).transpose()
+}
+
+fn process_state_of(row: &SqliteRow) -> Result<ProcessState, StoreError> {
     let state: String = row.try_get("state").map_err(decode)?;
-    Ok(Some(ProcessState {
+    Ok(ProcessState {
         state: json(&state, "process state")?,
         position: Position(to_u64(row.try_get("position").map_err(decode)?, "position")?),
-    }))
+        ended: row.try_get::<i64, _>("ended").map_err(decode)? != 0,
+    })
+}
+
+pub(crate) async fn process_instances(
+    pool: &SqlitePool,
+    process: &str,
+    after: Option<&str>,
+    max: usize,
+) -> Result<Vec<ProcessInstance>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT key, state, position, ended FROM cqrs_processes \
+         WHERE process = ?1 AND (?2 IS NULL OR key > ?2) ORDER BY key LIMIT ?3",
+    )
+    .bind(process)
+    .bind(after)
+    .bind(limit(max))
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
+    rows.iter()
+        .map(|row| Ok(ProcessInstance { key: row.try_get("key").map_err(decode)?, state: process_state_of(row)? }))
+        .collect()
 }
 
 pub(crate) async fn save_process(
@@ -342,7 +367,7 @@ pub(crate) async fn save_process(
     fence: Option<&Claim>,
 ) -> Result<(), StoreError> {
     let (process, key, fence) = (process.to_owned(), key.to_owned(), fence.cloned());
-    let state = state.map(|state| (state.state.to_string(), to_i64_saturating(state.position.0)));
+    let state = state.map(|state| (state.state.to_string(), to_i64_saturating(state.position.0), state.ended));
     run_op(writes, move |connection| {
         Box::pin(async move {
             if let Some(claim) = fence {
@@ -351,17 +376,19 @@ pub(crate) async fn save_process(
                 }
             }
             match state {
-                Some((state, position)) => {
+                Some((state, position, ended)) => {
                     sqlx::query(
-                        "INSERT INTO cqrs_processes (process, key, state, position, updated_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (process, key) DO UPDATE SET \
-                         state = excluded.state, position = excluded.position, updated_at = excluded.updated_at",
+                        "INSERT INTO cqrs_processes (process, key, state, position, updated_at, ended) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (process, key) DO UPDATE SET \
+                         state = excluded.state, position = excluded.position, updated_at = excluded.updated_at, \
+                         ended = excluded.ended",
                     )
                     .bind(&process)
                     .bind(&key)
                     .bind(state)
                     .bind(position)
                     .bind(Timestamp::now().as_micros())
+                    .bind(i64::from(ended))
                     .execute(connection)
                     .await?;
                 }
@@ -379,13 +406,33 @@ pub(crate) async fn save_process(
     .await
 }
 
+pub(crate) async fn prune_processes(
+    writes: &mpsc::Sender<WriteRequest>,
+    process: &str,
+    position: Position,
+) -> Result<u64, StoreError> {
+    let process = process.to_owned();
+    let position = to_i64_saturating(position.0);
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let deleted = sqlx::query("DELETE FROM cqrs_processes WHERE process = ?1 AND ended = 1 AND position <= ?2")
+                .bind(&process)
+                .bind(position)
+                .execute(connection)
+                .await?;
+            Ok(Ok(deleted.rows_affected()))
+        })
+    })
+    .await
+}
+
 pub(crate) async fn schedule(writes: &mpsc::Sender<WriteRequest>, scheduled: Scheduled) -> Result<(), StoreError> {
     run_op(writes, move |connection| {
         Box::pin(async move {
             sqlx::query(
                 "INSERT INTO cqrs_scheduled (owner, key, name, due, command, command_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
                  ON CONFLICT (owner, key, name) DO UPDATE SET due = excluded.due, command = excluded.command, \
-                 command_id = excluded.command_id",
+                 command_id = excluded.command_id, attempts = 0, error = NULL, set_aside = 0",
             )
             .bind(&scheduled.owner)
             .bind(&scheduled.key)
@@ -427,6 +474,19 @@ pub(crate) async fn unschedule(
     .await
 }
 
+fn scheduled_of(row: &SqliteRow) -> Result<Scheduled, StoreError> {
+    let command: String = row.try_get("command").map_err(decode)?;
+    Ok(Scheduled {
+        owner: row.try_get("owner").map_err(decode)?,
+        key: row.try_get("key").map_err(decode)?,
+        name: row.try_get("name").map_err(decode)?,
+        due: Timestamp(row.try_get("due").map_err(decode)?),
+        command: json(&command, "scheduled command")?,
+        command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
+        attempts: u32::try_from(row.try_get::<i64, _>("attempts").map_err(decode)?).unwrap_or(u32::MAX),
+    })
+}
+
 pub(crate) async fn due(
     pool: &SqlitePool,
     owner: &str,
@@ -434,8 +494,8 @@ pub(crate) async fn due(
     max: usize,
 ) -> Result<Vec<Scheduled>, StoreError> {
     let rows = sqlx::query(
-        "SELECT owner, key, name, due, command, command_id FROM cqrs_scheduled \
-         WHERE owner = ?1 AND due <= ?2 ORDER BY due, key, name LIMIT ?3",
+        "SELECT owner, key, name, due, command, command_id, attempts FROM cqrs_scheduled \
+         WHERE owner = ?1 AND set_aside = 0 AND due <= ?2 ORDER BY due, key, name LIMIT ?3",
     )
     .bind(owner)
     .bind(now.as_micros())
@@ -443,17 +503,76 @@ pub(crate) async fn due(
     .fetch_all(pool)
     .await
     .map_err(to_store_error)?;
+    rows.iter().map(scheduled_of).collect()
+}
+
+pub(crate) async fn scheduled_failed(
+    writes: &mpsc::Sender<WriteRequest>,
+    scheduled: &Scheduled,
+    error: &str,
+    retry_at: Option<Timestamp>,
+) -> Result<bool, StoreError> {
+    let (owner, key, name, id) =
+        (scheduled.owner.clone(), scheduled.key.clone(), scheduled.name.clone(), scheduled.command_id);
+    let error = error.to_owned();
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let updated = sqlx::query(
+                "UPDATE cqrs_scheduled SET attempts = attempts + 1, error = ?5, \
+                 due = coalesce(?6, due), set_aside = CASE WHEN ?6 IS NULL THEN 1 ELSE 0 END \
+                 WHERE owner = ?1 AND key = ?2 AND name = ?3 AND command_id = ?4",
+            )
+            .bind(&owner)
+            .bind(&key)
+            .bind(&name)
+            .bind(id.0)
+            .bind(&error)
+            .bind(retry_at.map(Timestamp::as_micros))
+            .execute(connection)
+            .await?;
+            Ok(Ok(updated.rows_affected() > 0))
+        })
+    })
+    .await
+}
+
+pub(crate) async fn set_aside_scheduled(pool: &SqlitePool, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT owner, key, name, due, command, command_id, attempts, error FROM cqrs_scheduled \
+         WHERE owner = ?1 AND set_aside = 1 ORDER BY key, name",
+    )
+    .bind(owner)
+    .fetch_all(pool)
+    .await
+    .map_err(to_store_error)?;
     rows.iter()
         .map(|row| {
-            let command: String = row.try_get("command").map_err(decode)?;
-            Ok(Scheduled {
-                owner: row.try_get("owner").map_err(decode)?,
-                key: row.try_get("key").map_err(decode)?,
-                name: row.try_get("name").map_err(decode)?,
-                due: Timestamp(row.try_get("due").map_err(decode)?),
-                command: json(&command, "scheduled command")?,
-                command_id: CommandId(row.try_get::<Uuid, _>("command_id").map_err(decode)?),
-            })
+            let error: Option<String> = row.try_get("error").map_err(decode)?;
+            Ok(SetAsideCommand { scheduled: scheduled_of(row)?, error: error.unwrap_or_default() })
         })
         .collect()
+}
+
+pub(crate) async fn retry_scheduled(
+    writes: &mpsc::Sender<WriteRequest>,
+    owner: &str,
+    key: &str,
+    name: &str,
+) -> Result<bool, StoreError> {
+    let (owner, key, name) = (owner.to_owned(), key.to_owned(), name.to_owned());
+    run_op(writes, move |connection| {
+        Box::pin(async move {
+            let updated = sqlx::query(
+                "UPDATE cqrs_scheduled SET set_aside = 0, attempts = 0 \
+                 WHERE owner = ?1 AND key = ?2 AND name = ?3 AND set_aside = 1",
+            )
+            .bind(&owner)
+            .bind(&key)
+            .bind(&name)
+            .execute(connection)
+            .await?;
+            Ok(Ok(updated.rows_affected() > 0))
+        })
+    })
+    .await
 }

@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
-    ParkedStatus, Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId, Timestamp, Version,
+    ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot,
+    StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
@@ -518,6 +519,19 @@ impl EventStore for SqliteEventStore {
         coordination::save_process(&self.inner.writes, process, key, state, fence).await
     }
 
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        coordination::process_instances(&self.inner.readers, process, after, max).await
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        coordination::prune_processes(&self.inner.writes, process, position).await
+    }
+
     async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
         coordination::schedule(&self.inner.writes, scheduled).await
     }
@@ -534,6 +548,23 @@ impl EventStore for SqliteEventStore {
 
     async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
         coordination::due(&self.inner.readers, owner, now, max).await
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        coordination::scheduled_failed(&self.inner.writes, scheduled, error, retry_at).await
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        coordination::set_aside_scheduled(&self.inner.readers, owner).await
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        coordination::retry_scheduled(&self.inner.writes, owner, key, name).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

@@ -5,7 +5,15 @@
 //! after a crash between sending and removing it, is a duplicate) and is removed only if it was
 //! not scheduled anew meanwhile. A command refused by its aggregate is removed too (logged): a
 //! deadline that no longer applies ("cancel if unpaid" on a paid order) is an ordinary refusal.
+//!
+//! A command that cannot fire is never retried in a busy loop, nor left to hold back the ones
+//! due after it: one whose stored JSON cannot be read is set aside at once; one whose routing
+//! fails is due again after a back-off (1 s, 2 s, 4 s, ...) and set aside after
+//! [`MAX_FIRING_ATTEMPTS`] failures. Set-aside commands are not due; they are counted
+//! (`cqrs_process_schedules_set_aside_total`) and listed, retried or discarded by an operator
+//! with [`ProcessAdmin`](crate::ProcessAdmin), like parked events.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +25,9 @@ use super::handler::StoredCommand;
 use super::{CommandRouter, ProcessManager, RouteError};
 use crate::aggregate::CommandEnvelope;
 use crate::clock::Clock;
-use crate::coordination::Scheduled;
+use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
 use crate::handler::{self, runner_tenures, HandlerState, RunnerConfig};
+use crate::ids::Timestamp;
 use crate::store::EventStore;
 
 /// How often the scheduler looks for due commands (a test clock wakes it at once).
@@ -26,6 +35,10 @@ const TICK: Duration = Duration::from_millis(500);
 
 /// Most due commands fired per look.
 const BATCH: usize = 100;
+
+/// How often (by the scheduler's clock) it prunes the tombstones of ended instances at or below
+/// the process manager's checkpoint; also once at the start of every tenure.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// A running scheduler.
 #[derive(Debug)]
@@ -80,6 +93,7 @@ async fn run<S, P, R>(
     let mut tenures = runner_tenures(&store, &name, &config);
     let quiet = |_state: HandlerState| {};
     while let Some((claim, mut lease)) = tenures.next(quiet, &mut stop).await {
+        let mut next_prune = Timestamp(i64::MIN);
         loop {
             tokio::select! {
                 biased;
@@ -88,7 +102,18 @@ async fn run<S, P, R>(
                     tenures.finish(&*store).await;
                     return;
                 }
-                () = fire_due(&*store, &*manager, &*router, &clock) => {}
+                () = async {
+                    // The previous names' pending schedules fire too (with their stored ids).
+                    for owner in std::iter::once(manager.name()).chain(manager.previous_names().iter().copied()) {
+                        fire_due::<S, P, R>(&*store, owner, &*router, &clock).await;
+                    }
+                    if clock.now() >= next_prune {
+                        for owner in std::iter::once(manager.name()).chain(manager.previous_names().iter().copied()) {
+                            prune_tombstones(&*store, owner).await;
+                        }
+                        next_prune = clock.now().plus(PRUNE_EVERY);
+                    }
+                } => {}
             }
             tokio::select! {
                 () = clock.tick(TICK) => {}
@@ -102,44 +127,78 @@ async fn run<S, P, R>(
     tenures.finish(&*store).await;
 }
 
-/// Fires every command due now (in batches).
-async fn fire_due<S, P, R>(store: &S, manager: &P, router: &R, clock: &Clock)
+/// Removes the tombstones of ended instances that no replay can reach: at or below the
+/// checkpoint (a replay starts after it).
+async fn prune_tombstones<S: EventStore + ?Sized>(store: &S, process: &str) {
+    let checkpoint = match store.load_checkpoint(process).await {
+        Ok(Some(checkpoint)) => checkpoint,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(process, %error, "cannot read the checkpoint to prune tombstones; will retry");
+            return;
+        }
+    };
+    match store.prune_processes(process, checkpoint).await {
+        Ok(pruned) => tracing::debug!(process, pruned, "pruned the tombstones of ended instances"),
+        Err(error) => tracing::warn!(process, %error, "cannot prune the tombstones of ended instances; will retry"),
+    }
+}
+
+/// Fires every command of `owner` (the process manager, or one of its previous names) due now
+/// (in batches). Each command is resolved before the next look:
+/// fired and removed, refused and removed, or failed and recorded (due again after a back-off,
+/// or set aside), so a look never returns the same rows; and it stops early (until the next
+/// tick) if a row comes back anyway (a store write failed) or was left unresolved.
+async fn fire_due<S, P, R>(store: &S, owner: &str, router: &R, clock: &Clock)
 where
     S: EventStore + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {
+    let mut seen = HashSet::new();
     loop {
-        let due = match store.due(manager.name(), clock.now(), BATCH).await {
+        let due = match store.due(owner, clock.now(), BATCH).await {
             Ok(due) => due,
             Err(error) => {
-                tracing::warn!(process = manager.name(), %error, "cannot read due commands; will retry");
+                tracing::warn!(process = owner, %error, "cannot read due commands; will retry");
                 return;
             }
         };
-        let fired = due.len();
+        let full = due.len() == BATCH;
+        let mut resolved = true;
         for scheduled in due {
-            fire(store, manager, router, scheduled).await;
+            if !seen.insert((scheduled.key.clone(), scheduled.name.clone(), scheduled.command_id)) {
+                return;
+            }
+            resolved &= fire::<S, P::Command, R>(store, router, clock, scheduled).await;
         }
-        if fired < BATCH {
+        if !full || !resolved {
             return;
         }
     }
 }
 
-async fn fire<S, P, R>(store: &S, manager: &P, router: &R, scheduled: Scheduled)
+/// The wait before the next attempt after `attempts` failed ones: 1 s, 2 s, 4 s, ... at most
+/// 5 minutes.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1u64 << attempts.min(8)).min(Duration::from_secs(300))
+}
+
+/// Fires one due command; true once it is resolved in the store (removed, or its failure
+/// recorded).
+async fn fire<S, C, R>(store: &S, router: &R, clock: &Clock, scheduled: Scheduled) -> bool
 where
     S: EventStore + ?Sized,
-    P: ProcessManager,
-    R: CommandRouter<P::Command>,
+    C: serde::de::DeserializeOwned,
+    R: CommandRouter<C>,
 {
-    let process = manager.name();
-    let stored = match StoredCommand::<P::Command>::deserialize(&scheduled.command) {
+    let process = scheduled.owner.as_str();
+    let stored = match StoredCommand::<C>::deserialize(&scheduled.command) {
         Ok(stored) => stored,
         Err(error) => {
-            // Kept, and reported: an operator must look (a command type changed its shape).
-            tracing::error!(process, key = %scheduled.key, name = %scheduled.name, %error, "unreadable scheduled command");
-            return;
+            // Set aside, and reported: an operator must look (a command type changed its shape).
+            tracing::error!(process, key = %scheduled.key, name = %scheduled.name, %error, "unreadable scheduled command; set aside");
+            return set_aside(store, process, &scheduled, &format!("unreadable: {error}")).await;
         }
     };
     let envelope = CommandEnvelope {
@@ -152,14 +211,47 @@ where
     match router.route(envelope).await {
         Ok(()) => {}
         Err(RouteError::Rejected(error)) => {
-            tracing::debug!(process, key = %scheduled.key, name = %scheduled.name, error, "a scheduled command was refused");
+            tracing::debug!(process, key = %scheduled.key, name = %scheduled.name, %error, "a scheduled command was refused");
         }
         Err(RouteError::Failed(error)) => {
-            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "a scheduled command failed; will retry");
-            return;
+            let attempts = scheduled.attempts + 1;
+            if attempts >= MAX_FIRING_ATTEMPTS {
+                tracing::error!(process, key = %scheduled.key, name = %scheduled.name, attempts, %error, "a scheduled command keeps failing; set aside");
+                return set_aside(store, process, &scheduled, &error.to_string()).await;
+            }
+            let retry_at = clock.now().plus(backoff(attempts));
+            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, attempts, %error, "a scheduled command failed; will retry");
+            return match store.scheduled_failed(&scheduled, &error.to_string(), Some(retry_at)).await {
+                Ok(_) => true,
+                Err(error) => {
+                    tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot record a failed scheduled command");
+                    false
+                }
+            };
         }
     }
-    if let Err(error) = store.unschedule(process, &scheduled.key, &scheduled.name, Some(scheduled.command_id)).await {
-        tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot remove a fired command; it fires again (a duplicate)");
+    match store.unschedule(process, &scheduled.key, &scheduled.name, Some(scheduled.command_id)).await {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot remove a fired command; it fires again (a duplicate)");
+            false
+        }
+    }
+}
+
+/// Sets a scheduled command aside (counted); true once stored.
+async fn set_aside<S: EventStore + ?Sized>(store: &S, process: &str, scheduled: &Scheduled, error: &str) -> bool {
+    match store.scheduled_failed(scheduled, error, None).await {
+        Ok(stored) => {
+            if stored {
+                metrics::counter!("cqrs_process_schedules_set_aside_total", "process" => process.to_owned())
+                    .increment(1);
+            }
+            true
+        }
+        Err(error) => {
+            tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot set a scheduled command aside; will retry");
+            false
+        }
     }
 }

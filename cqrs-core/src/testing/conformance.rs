@@ -19,6 +19,7 @@ use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, Strea
 use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
 use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
+use crate::testing::saga;
 
 /// Emits one `#[tokio::test]` per conformance property for a store.
 ///
@@ -65,6 +66,14 @@ macro_rules! conformance_tests {
             process_state_and_schedules_round_trip,
             chains_store_a_link_only_right_after_the_links_before_it,
             hot_stream_commands_are_decided_on_every_earlier_event,
+            process_repeated_step_is_refused,
+            process_replay_over_a_stopped_instance_sends_nothing,
+            process_tombstones_round_trip_and_prune,
+            process_refusals_are_compensated_from_the_decided_state,
+            scheduled_commands_are_set_aside_and_retried,
+            process_unfireable_scheduled_commands_do_not_block_the_rest,
+            process_instances_end_from_a_reaction_and_are_listed,
+            process_renamed_manager_continues_where_the_old_name_stopped,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -1425,11 +1434,11 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
     use crate::coordination::{ProcessState, Scheduled};
     let process = format!("fulfilment-{}", uuid::Uuid::new_v4().simple());
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), None);
-    let state = ProcessState { state: json!({ "step": "reserving", "lines": [1, 2] }), position: Position(7) };
+    let state = ProcessState::running(json!({ "step": "reserving", "lines": [1, 2] }), Position(7));
     store.save_process(&process, "order-1", Some(&state), None).await.expect("save");
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(state.clone()));
     assert_eq!(store.load_process(&process, "order-2").await.expect("load"), None);
-    let later = ProcessState { state: json!({ "step": "paying" }), position: Position(9) };
+    let later = ProcessState::running(json!({ "step": "paying" }), Position(9));
     store.save_process(&process, "order-1", Some(&later), None).await.expect("replace");
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), Some(later.clone()));
 
@@ -1440,7 +1449,7 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
     };
     store.save_process(&process, "order-1", Some(&later), Some(&lapsed)).await.expect("fenced while held");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let stale = ProcessState { state: json!({ "step": "stale" }), position: Position(10) };
+    let stale = ProcessState::running(json!({ "step": "stale" }), Position(10));
     assert!(matches!(
         store.save_process(&process, "order-1", Some(&stale), Some(&lapsed)).await,
         Err(StoreError::ClaimLost { .. })
@@ -1458,6 +1467,7 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
         due,
         command: json!({ "cancel": key }),
         command_id: CommandId::new(),
+        attempts: 0,
     };
     store.schedule(scheduled("order-1", "payment-deadline", now.minus(minute))).await.expect("schedule");
     store.schedule(scheduled("order-2", "payment-deadline", now.minus(2 * minute))).await.expect("schedule");
@@ -1492,4 +1502,376 @@ pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(stor
 fn rand_counter_id() -> u32 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+// ----------------------------------------------------------------------------------------------
+// Process managers run on the store (a test saga, see `testing::saga`).
+
+/// A running test saga and what it takes to wait for it.
+struct SagaRun {
+    running: crate::process::RunningProcess,
+    progress: crate::handler::Progress,
+    name: String,
+}
+
+impl SagaRun {
+    fn start<S: EventStore + ?Sized>(
+        store: &Arc<S>,
+        saga: saga::Saga,
+        router: &saga::RecordingRouter,
+        config: crate::handler::RunnerConfig,
+        clock: crate::clock::Clock,
+    ) -> Self {
+        let progress = crate::handler::Progress::new();
+        let name = saga.name.clone();
+        let running =
+            crate::process::spawn_process_manager(Arc::clone(store), saga, router.clone(), config, clock, &progress);
+        Self { running, progress, name }
+    }
+
+    /// Waits until the saga has handled (or parked) every event stored so far.
+    async fn caught_up<S: EventStore + ?Sized>(&self, store: &S) {
+        let head = store.head().await.expect("head");
+        self.progress.wait_for(&self.name, head, Duration::from_secs(20)).await.unwrap_or_else(|error| {
+            panic!("saga {} did not reach {head:?}: {error} ({:?})", self.name, self.running.events().status())
+        });
+    }
+}
+
+/// Fast retries, parking after the first failure.
+fn saga_config() -> crate::handler::RunnerConfig {
+    crate::handler::RunnerConfig {
+        initial_backoff: Duration::from_millis(5),
+        claim_ttl: Duration::from_millis(500),
+        claim_retry: Duration::from_millis(50),
+        checkpoint_delay: Duration::ZERO,
+        on_error: crate::handler::ErrorPolicy::ParkAfter { attempts: 1 },
+        ..crate::handler::RunnerConfig::default()
+    }
+}
+
+fn saga_key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// A reaction that sends two commands under one step name is refused before anything of it is
+/// sent (the second would get the first one's id and be dropped as its duplicate): the event
+/// fails, and with `ParkAfter` it is parked with an error naming the step.
+pub async fn process_repeated_step_is_refused<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let key = saga_key();
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    append_saga(&*store, SagaEvent::AskedTwice { key: key.clone() }).await;
+    let twice = store.head().await.expect("head");
+    let router = RecordingRouter::default();
+    let (clock, _control) = crate::clock::Clock::test();
+    let run = SagaRun::start(&store, Saga::new("repeated"), &router, saga_config(), clock);
+    run.caught_up(&*store).await;
+    assert_eq!(router.whats(), ["hello"], "nothing of the faulty reaction is sent");
+    let parked = store.parked("repeated").await.expect("parked");
+    assert_eq!(parked.iter().map(|p| p.position).collect::<Vec<_>>(), [twice], "{parked:?}");
+    assert!(parked[0].error.contains("step \"twice\" is used twice"), "{}", parked[0].error);
+    run.running.stop().await;
+}
+
+/// An instance stopped by [`Route::Stop`](crate::Route::Stop) leaves a tombstone: a replay after
+/// a checkpoint that lagged behind (a stuck partition, a failover) sends nothing for it and
+/// schedules nothing, a later start begins a fresh instance, and tombstones at or below the
+/// saved checkpoint are pruned.
+pub async fn process_replay_over_a_stopped_instance_sends_nothing<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (key, other) = (saga_key(), saga_key());
+    for key in [&key, &other] {
+        append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+        append_saga(&*store, SagaEvent::Stopped { key: key.clone() }).await;
+    }
+    let (clock, control) = crate::clock::Clock::test();
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("stopping"), &router, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(router.whats(), ["hello", "hello"]);
+    let far = clock.now().plus(saga::SAGA_DEADLINE * 2);
+    assert!(store.due("stopping", far, 10).await.expect("due").is_empty(), "stopping cancelled the deadlines");
+    let tombstone = store.load_process("stopping", &key).await.expect("load").expect("a tombstone");
+    assert!(tombstone.ended, "{tombstone:?}");
+    run.running.stop().await;
+
+    // The checkpoint lagged: everything is delivered again.
+    store.save_checkpoint("stopping", Position::START).await.expect("reset the checkpoint");
+    let replay = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("stopping"), &replay, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(replay.whats(), Vec::<String>::new(), "the replay restarted a stopped instance");
+    assert!(store.due("stopping", far, 10).await.expect("due").is_empty(), "the replay scheduled a deadline");
+
+    // A new start after the stop: a fresh instance.
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    run.caught_up(&*store).await;
+    assert_eq!(replay.whats(), ["hello"]);
+    let restarted = store.load_process("stopping", &key).await.expect("load").expect("restarted");
+    assert!(!restarted.ended);
+
+    // The other instance's tombstone is below the saved checkpoint: the scheduler prunes it.
+    control.advance(Duration::from_secs(120));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while store.load_process("stopping", &other).await.expect("load").is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the tombstone below the checkpoint was never pruned");
+        control.advance(Duration::from_secs(120));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.load_process("stopping", &key).await.expect("load").is_some(), "running instances stay");
+    run.running.stop().await;
+}
+
+/// Tombstones ([`ProcessState::ended`](crate::ProcessState::ended)) are stored and read back,
+/// and pruned at or below a position; running instances and other process managers' are kept.
+pub async fn process_tombstones_round_trip_and_prune<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::ProcessState;
+    let process = format!("pruning-{}", uuid::Uuid::new_v4().simple());
+    let other = format!("{process}-other");
+    store.save_process(&process, "a", Some(&ProcessState::ended(Position(5))), None).await.expect("save");
+    store.save_process(&process, "b", Some(&ProcessState::ended(Position(9))), None).await.expect("save");
+    store
+        .save_process(&process, "c", Some(&ProcessState::running(json!({"n": 1}), Position(3))), None)
+        .await
+        .expect("save");
+    store.save_process(&other, "a", Some(&ProcessState::ended(Position(1))), None).await.expect("save");
+    assert_eq!(store.load_process(&process, "a").await.expect("load"), Some(ProcessState::ended(Position(5))));
+    assert_eq!(store.prune_processes(&process, Position(5)).await.expect("prune"), 1);
+    assert_eq!(store.load_process(&process, "a").await.expect("load"), None);
+    assert!(store.load_process(&process, "b").await.expect("load").is_some_and(|b| b.ended));
+    assert!(store.load_process(&process, "c").await.expect("load").is_some_and(|c| !c.ended));
+    assert!(store.load_process(&other, "a").await.expect("load").is_some(), "another process manager's");
+}
+
+/// A refused command's compensation is decided on the state the reaction decided on (for the
+/// event that starts the instance: the started state, not `State::default()`), with the typed
+/// refusal; a refused compensation fails the event (here parked), instead of being logged only.
+pub async fn process_refusals_are_compensated_from_the_decided_state<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (key, other) = (saga_key(), saga_key());
+    append_saga(&*store, SagaEvent::StartedAsking { key: key.clone(), what: "refuse-me".into() }).await;
+    append_saga(&*store, SagaEvent::StartedAsking { key: other.clone(), what: "refuse-compensation".into() }).await;
+    let refused_compensation = store.head().await.expect("head");
+    let router = RecordingRouter::default();
+    let (clock, _control) = crate::clock::Clock::test();
+    let run = SagaRun::start(&store, Saga::new("refusals"), &router, saga_config(), clock);
+    run.caught_up(&*store).await;
+    let whats = router.whats();
+    assert_eq!(
+        whats[..2],
+        ["refuse-me".to_owned(), format!("undo refuse-me of {key} (typed)")],
+        "the compensation is built from the started state, with the typed refusal"
+    );
+    assert_eq!(
+        whats[2..],
+        ["refuse-compensation".to_owned(), format!("refuse: undo refuse-compensation of {other} (typed)")]
+    );
+    let parked = store.parked("refusals").await.expect("parked");
+    assert_eq!(
+        parked.iter().map(|p| p.position).collect::<Vec<_>>(),
+        [refused_compensation],
+        "a refused compensation fails its event (parked here): {parked:?}"
+    );
+    assert!(
+        parked[0].error.contains("compensation at step \"refuse-compensation/rejected/undo\""),
+        "{}",
+        parked[0].error
+    );
+    let instance = store.load_process("refusals", &other).await.expect("load");
+    assert_eq!(instance, None, "the failed event saved nothing");
+    run.running.stop().await;
+}
+
+/// A scheduled command's failures are recorded (due again later, attempts counted) or it is set
+/// aside: not due, listed with its error, retried (due again, attempts reset) or discarded;
+/// scheduling the name anew clears it. Only the command with the given id is touched.
+pub async fn scheduled_commands_are_set_aside_and_retried<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::Scheduled;
+    let owner = format!("deadlines-{}", uuid::Uuid::new_v4().simple());
+    let now = Timestamp::now();
+    let minute = Duration::from_secs(60);
+    let scheduled = |key: &str| Scheduled {
+        owner: owner.clone(),
+        key: key.to_owned(),
+        name: "deadline".to_owned(),
+        due: now.minus(minute),
+        command: json!({ "cancel": key }),
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    let (a, b) = (scheduled("a"), scheduled("b"));
+    store.schedule(a.clone()).await.expect("schedule");
+    store.schedule(b.clone()).await.expect("schedule");
+    let stale = Scheduled { command_id: CommandId::new(), ..a.clone() };
+    assert!(!store.scheduled_failed(&stale, "x", None).await.expect("failed"), "another command id: untouched");
+
+    assert!(store.scheduled_failed(&a, "boom", Some(now.plus(minute))).await.expect("failed"));
+    let due: Vec<String> = store.due(&owner, now, 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, ["b"], "a failed one waits for its retry time");
+    let later = store.due(&owner, now.plus(2 * minute), 10).await.expect("due");
+    let retried = later.iter().find(|s| s.key == "a").expect("a is due at its retry time");
+    assert_eq!((retried.attempts, retried.due), (1, now.plus(minute)));
+
+    assert!(store.scheduled_failed(retried, "unreadable", None).await.expect("set aside"));
+    let due: Vec<String> =
+        store.due(&owner, now.plus(10 * minute), 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, ["b"], "a set-aside one is never due");
+    let aside = store.set_aside_scheduled(&owner).await.expect("set aside");
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        (aside[0].scheduled.key.as_str(), aside[0].scheduled.attempts, aside[0].error.as_str()),
+        ("a", 2, "unreadable")
+    );
+    assert_eq!(aside[0].scheduled.command, json!({ "cancel": "a" }));
+
+    assert!(store.retry_scheduled(&owner, "a", "deadline").await.expect("retry"));
+    assert!(!store.retry_scheduled(&owner, "a", "deadline").await.expect("retry again"), "no longer set aside");
+    let due = store.due(&owner, now.plus(10 * minute), 10).await.expect("due");
+    assert_eq!(due.iter().find(|s| s.key == "a").map(|s| s.attempts), Some(0), "due again, attempts reset");
+    assert!(store.set_aside_scheduled(&owner).await.expect("set aside").is_empty());
+
+    // Scheduling anew clears a set-aside one; unscheduling removes one.
+    assert!(store.scheduled_failed(&b, "bad", None).await.expect("set aside"));
+    store.schedule(scheduled("b")).await.expect("schedule anew");
+    assert!(store.set_aside_scheduled(&owner).await.expect("set aside").is_empty());
+    assert!(store.due(&owner, now, 10).await.expect("due").iter().any(|s| s.key == "b" && s.attempts == 0));
+    let b_now = store.due(&owner, now, 10).await.expect("due").into_iter().find(|s| s.key == "b").expect("b");
+    assert!(store.scheduled_failed(&b_now, "bad", None).await.expect("set aside"));
+    assert!(store.unschedule(&owner, "b", "deadline", None).await.expect("discard"));
+    assert!(store.set_aside_scheduled(&owner).await.expect("set aside").is_empty());
+}
+
+/// 100 due commands that can never fire (unreadable) in front of a good one: the scheduler
+/// sets them aside (listed for an operator) and fires the good one; a command whose routing
+/// keeps failing is tried `MAX_FIRING_ATTEMPTS` times, with a back-off, then set aside.
+pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
+    use crate::process::ProcessAdmin;
+    use saga::{RecordingRouter, Saga};
+    let (clock, control) = crate::clock::Clock::test();
+    let now = clock.now();
+    let scheduled = |key: String, due: Timestamp, command: serde_json::Value| Scheduled {
+        owner: "deadlines".to_owned(),
+        key,
+        name: "deadline".to_owned(),
+        due,
+        command,
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    for n in 0..100 {
+        let unreadable = scheduled(format!("bad-{n:03}"), now.minus(Duration::from_secs(60)), json!({ "renamed": n }));
+        store.schedule(unreadable).await.expect("schedule");
+    }
+    let good = json!({ "command": { "key": "good", "what": "good" }, "causation": null, "correlation": null });
+    store.schedule(scheduled("good".to_owned(), now.plus(Duration::from_secs(1)), good)).await.expect("schedule");
+
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("deadlines"), &router, saga_config(), clock.clone());
+    control.advance(Duration::from_secs(2));
+    router.wait_sent(1, Duration::from_secs(20)).await;
+    assert_eq!(router.whats(), ["good"]);
+    let admin = ProcessAdmin::new(Arc::clone(&store));
+    let aside = admin.set_aside("deadlines").await.expect("set aside");
+    assert_eq!(aside.len(), 100, "every unreadable one is set aside");
+    assert!(aside[0].error.starts_with("unreadable"), "{}", aside[0].error);
+    assert!(admin.discard("deadlines", "bad-000", "deadline").await.expect("discard"));
+    assert!(!admin.discard("deadlines", "bad-000", "deadline").await.expect("discard twice"));
+    assert_eq!(admin.set_aside("deadlines").await.expect("set aside").len(), 99);
+
+    // Routing that keeps failing: retried with a back-off, then set aside.
+    let failing = json!({ "command": { "key": "failing", "what": "fail" }, "causation": null, "correlation": null });
+    store.schedule(scheduled("failing".to_owned(), clock.now(), failing)).await.expect("schedule");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !admin.set_aside("deadlines").await.expect("set aside").iter().any(|c| c.scheduled.key == "failing") {
+        assert!(tokio::time::Instant::now() < deadline, "never set aside: {:?}", router.whats());
+        control.advance(Duration::from_secs(600));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let attempts = router.whats().iter().filter(|what| *what == "fail").count();
+    assert_eq!(attempts, MAX_FIRING_ATTEMPTS as usize);
+    run.running.stop().await;
+}
+
+/// A reaction can end its instance ([`Effects::end`](crate::Effects::end)): like a stop, its
+/// schedules are cancelled, later events for it are ignored, and it stays as a tombstone; an
+/// operator lists a process manager's instances, running and ended, page by page.
+pub async fn process_instances_end_from_a_reaction_and_are_listed<S: EventStore + ?Sized>(store: Arc<S>) {
+    use crate::process::ProcessAdmin;
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (first, second) = ("instance-a".to_owned(), "instance-b".to_owned());
+    append_saga(&*store, SagaEvent::Started { key: first.clone() }).await;
+    append_saga(&*store, SagaEvent::Started { key: second.clone() }).await;
+    append_saga(&*store, SagaEvent::Finished { key: first.clone() }).await;
+    let finished = store.head().await.expect("head");
+    append_saga(&*store, SagaEvent::Asked { key: first.clone(), what: "after the end".into() }).await;
+    let (clock, _control) = crate::clock::Clock::test();
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("ending"), &router, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(router.whats(), ["hello", "hello"], "an ended instance ignores later events");
+    let far = clock.now().plus(saga::SAGA_DEADLINE * 2);
+    let due: Vec<String> = store.due("ending", far, 10).await.expect("due").into_iter().map(|s| s.key).collect();
+    assert_eq!(due, std::slice::from_ref(&second), "ending cancelled the instance's deadline");
+
+    let admin = ProcessAdmin::new(Arc::clone(&store));
+    let listed = admin.instances("ending", None, 10).await.expect("instances");
+    let summary: Vec<(&str, bool)> = listed.iter().map(|i| (i.key.as_str(), i.state.ended)).collect();
+    assert_eq!(summary, [(first.as_str(), true), (second.as_str(), false)]);
+    assert_eq!(listed[0].state.position, finished, "the tombstone is at the ending event");
+    let page: Vec<String> =
+        admin.instances("ending", Some(&first), 1).await.expect("page").into_iter().map(|i| i.key).collect();
+    assert_eq!(page, [second]);
+    assert!(admin.instances("other", None, 10).await.expect("instances").is_empty());
+    run.running.stop().await;
+}
+
+/// A process manager renamed with `previous_names` continues where the old name stopped: it
+/// does not handle again what the old name handled (no second command), takes over its
+/// instances, derives command ids from the old name, and fires the old name's pending
+/// schedule, once.
+pub async fn process_renamed_manager_continues_where_the_old_name_stopped<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let (key, done) = (saga_key(), saga_key());
+    append_saga(&*store, SagaEvent::Started { key: done.clone() }).await;
+    append_saga(&*store, SagaEvent::Stopped { key: done.clone() }).await;
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    let (clock, control) = crate::clock::Clock::test();
+    let old = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("fulfilment"), &old, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    assert_eq!(old.whats(), ["hello", "hello"]);
+    run.running.stop().await;
+    // Only the old name's checkpoint remembers the ended instance.
+    let checkpoint = store.load_checkpoint("fulfilment").await.expect("checkpoint").expect("saved");
+    store.prune_processes("fulfilment", checkpoint).await.expect("prune");
+    assert!(store.load_process("fulfilment", &done).await.expect("load").is_none());
+
+    let renamed = RecordingRouter::default();
+    let saga = Saga::renamed("fulfilment-v2", vec!["fulfilment"]);
+    let run = SagaRun::start(&store, saga, &renamed, saga_config(), clock.clone());
+    append_saga(&*store, SagaEvent::Asked { key: key.clone(), what: "more".into() }).await;
+    run.caught_up(&*store).await;
+    assert_eq!(renamed.whats(), ["more"], "the renamed manager handled an old event again, or lost the instance");
+    let asked = store.read_all(Position::START, 100).await.expect("read").pop().expect("the Asked event");
+    let expected = CommandId::derived(asked.event_id, &format!("fulfilment/{key}/more"));
+    assert_eq!(renamed.sent()[0].command_id, expected, "ids are derived from the old name");
+    assert!(store.load_process("fulfilment", &key).await.expect("load").is_none(), "moved from the old name");
+    let moved = store.load_process("fulfilment-v2", &key).await.expect("load").expect("under the new name");
+    assert_eq!(moved.state["state"]["asked"], json!(["more"]));
+
+    // The old name's deadline fires once.
+    control.advance(saga::SAGA_DEADLINE + Duration::from_secs(60));
+    renamed.wait_sent(2, Duration::from_secs(20)).await;
+    let far = clock.now().plus(saga::SAGA_DEADLINE * 2);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !store.due("fulfilment", far, 10).await.expect("due").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the fired deadline was never removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    control.advance(Duration::from_secs(60));
+    assert_eq!(renamed.whats(), ["more", "deadline"]);
+    run.running.stop().await;
+    assert_eq!(renamed.whats(), ["more", "deadline"], "fired once");
 }

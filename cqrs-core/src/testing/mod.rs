@@ -8,6 +8,7 @@ pub mod counter;
 mod guard;
 mod harness;
 mod process;
+pub mod saga;
 
 pub use guard::WithGuard;
 pub use harness::{AggregateTest, Then};

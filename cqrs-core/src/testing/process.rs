@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::event::{Envelope, Metadata};
 use crate::ids::{EventId, Position, StreamId, Timestamp, Version};
-use crate::process::{Effects, ProcessManager, Route};
+use crate::process::{compensate, react, Effects, ProcessManager, Rejection, Route};
 
 /// The time of the first test event (2026-01-01T00:00:00Z); each later one is a second later.
 pub const TEST_EPOCH: Timestamp = Timestamp(1_767_225_600_000_000);
@@ -88,21 +88,19 @@ impl<P: ProcessManager> ProcessTest<P> {
     pub fn when(mut self, stream: &str, event: P::Event) -> ProcessThen<P> {
         let event = self.envelope(stream, event);
         let mut instances: HashMap<String, P::State> = HashMap::new();
+        // The history as the runner sees it: each event decided on (so an instance that a
+        // reaction ends, `Effects::end`, is gone), its effects dropped.
         for past in &self.given {
-            match self.manager.route(past) {
-                Route::Ignore => {}
-                Route::Start(key) => {
-                    let state = instances.remove(&key).unwrap_or_default();
-                    instances.insert(key, self.manager.apply(state, past));
-                }
-                Route::Continue(key) => {
-                    if let Some(state) = instances.remove(&key) {
-                        instances.insert(key, self.manager.apply(state, past));
-                    }
-                }
-                Route::Stop(key) => {
-                    instances.remove(&key);
-                }
+            let route = self.manager.route(past);
+            let (key, state) = match &route {
+                Route::Ignore => continue,
+                Route::Start(key) => (key, Some(instances.remove(key).unwrap_or_default())),
+                Route::Continue(key) | Route::Stop(key) => (key, instances.remove(key)),
+            };
+            let Some(state) = state else { continue };
+            let (effects, next) = react(&self.manager, state, past).unwrap_or_else(|error| panic!("given: {error}"));
+            if !matches!(route, Route::Stop(_)) && !effects.ends() {
+                instances.insert(key.clone(), next);
             }
         }
         let route = self.manager.route(&event);
@@ -112,11 +110,15 @@ impl<P: ProcessManager> ProcessTest<P> {
             Route::Continue(key) | Route::Stop(key) => instances.remove(key),
         };
         let mut effects = Effects::default();
-        let after = state.map(|state| {
-            self.manager.handle(&state, &event, &mut effects);
-            self.manager.apply(state, &event)
+        let after = state.map(|state| match react(&self.manager, state, &event) {
+            Ok((decided, next)) => {
+                effects = decided;
+                next
+            }
+            // What the runner refuses (the event fails), the test refuses too.
+            Err(error) => panic!("{error}"),
         });
-        ProcessThen { route, effects, state: after, recorded_at: event.recorded_at }
+        ProcessThen { manager: self.manager, route, effects, state: after, recorded_at: event.recorded_at }
     }
 
     fn envelope(&mut self, stream: &str, event: P::Event) -> Envelope<P::Event> {
@@ -137,6 +139,7 @@ impl<P: ProcessManager> ProcessTest<P> {
 
 /// What the process manager did, to assert on.
 pub struct ProcessThen<P: ProcessManager> {
+    manager: P,
     route: Route,
     effects: Effects<P::Command>,
     state: Option<P::State>,
@@ -182,11 +185,45 @@ impl<P: ProcessManager> ProcessThen<P> {
         self
     }
 
+    /// Asserts the event ended its instance ([`Route::Stop`], or [`Effects::end`]).
+    #[track_caller]
+    pub fn then_ended(self) -> Self {
+        let ended = matches!(self.route, Route::Stop(_)) || self.effects.ends();
+        assert!(ended && self.state.is_some(), "the instance did not end (route: {:?})", self.route);
+        self
+    }
+
     /// Asserts the event was routed so.
     #[track_caller]
     pub fn then_routed(self, expected: Route) -> Self {
         assert_eq!(self.route, expected, "the event was routed elsewhere");
         self
+    }
+
+    /// The command sent now at `step` is refused with `error`: what the process manager does
+    /// about it ([`ProcessManager::rejected`], given the state the reaction decided on, and
+    /// checked like a reaction), run exactly as the runner runs it. The effects to assert on
+    /// are then the compensations (their steps as `rejected` named them).
+    ///
+    /// ```text
+    /// ProcessTest::new(Fulfilment)
+    ///     .when("order-1", placed)
+    ///     .when_rejected("reserve:tea", Rejection::new(InventoryError::OutOfStock))
+    ///     .then_commands(vec![cancel("order-1")]);
+    /// ```
+    #[track_caller]
+    #[must_use]
+    pub fn when_rejected(self, step: &str, error: Rejection) -> Self {
+        let Some((_, command)) = self.effects.commands().iter().find(|(sent, _)| sent == step) else {
+            let steps: Vec<&str> = self.effects.commands().iter().map(|(step, _)| step.as_str()).collect();
+            panic!("no command was sent at step {step:?} (steps: {steps:?})");
+        };
+        let Some(state) = &self.state else { panic!("the event reached no instance (route: {:?})", self.route) };
+        let effects = match compensate(&self.manager, state, step, command, &error) {
+            Ok(effects) => effects,
+            Err(error) => panic!("{error}"),
+        };
+        Self { effects, ..self }
     }
 
     /// The effects, for assertions of your own (due times: see [`recorded_at`](Self::recorded_at)).
@@ -209,5 +246,46 @@ impl<P: ProcessManager> ProcessThen<P> {
 impl<P: ProcessManager> fmt::Debug for ProcessThen<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ProcessThen").field("route", &self.route).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProcessTest;
+    use crate::process::Rejection;
+    use crate::testing::saga::{Saga, SagaCommand, SagaEvent, SagaRefusal};
+
+    /// `when_rejected` gives `rejected` the state the reaction decided on (the started one) and
+    /// the typed error, like the runner.
+    #[test]
+    fn a_refusal_is_compensated_from_the_decided_state() {
+        let refusal = Rejection::new(SagaRefusal { what: "refuse-me".into() });
+        ProcessTest::new(Saga::new("saga"))
+            .when("saga-1", SagaEvent::StartedAsking { key: "1".into(), what: "refuse-me".into() })
+            .when_rejected("refuse-me", refusal)
+            .then_commands(vec![SagaCommand { key: "1".into(), what: "undo refuse-me of 1 (typed)".into() }]);
+    }
+
+    /// A reaction that ends its instance: the harness shows it, and a later event finds no
+    /// instance, as in the runner.
+    #[test]
+    fn a_reaction_can_end_its_instance() {
+        let started = ("saga-1", SagaEvent::Started { key: "1".into() });
+        let finished = SagaEvent::Finished { key: "1".into() };
+        ProcessTest::new(Saga::new("saga")).given(vec![started.clone()]).when("saga-1", finished.clone()).then_ended();
+        let then = ProcessTest::new(Saga::new("saga"))
+            .given(vec![started, ("saga-1", finished)])
+            .when("saga-1", SagaEvent::Asked { key: "1".into(), what: "late".into() })
+            .then_no_commands();
+        assert!(then.state().is_none());
+    }
+
+    /// The harness refuses what the runner refuses: two commands under one step name.
+    #[test]
+    #[should_panic(expected = "process manager \"saga\": step \"twice\" is used twice in one reaction")]
+    fn a_repeated_step_fails_the_test() {
+        let _ = ProcessTest::new(Saga::new("saga"))
+            .given(vec![("saga-1", SagaEvent::Started { key: "1".into() })])
+            .when("saga-1", SagaEvent::AskedTwice { key: "1".into() });
     }
 }

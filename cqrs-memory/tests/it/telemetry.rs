@@ -104,3 +104,54 @@ async fn dispatches_appends_and_handlers_are_measured() {
         assert_eq!(seen.kinds.get("cqrs_append_duration_seconds"), Some(&MetricKind::Histogram));
     });
 }
+
+/// A refused compensation and a set-aside scheduled command are counted, by process manager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_compensations_and_set_aside_schedules_are_counted() {
+    use cqrs_core::testing::saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    use cqrs_core::{spawn_process_manager, Clock, CommandId, ErrorPolicy, Scheduled, Timestamp};
+    recorder();
+    let store = Arc::new(MemoryStore::new());
+    let process = "metered-saga";
+    append_saga(&*store, SagaEvent::StartedAsking { key: "1".into(), what: "refuse-compensation".into() }).await;
+    let unreadable = Scheduled {
+        owner: process.to_owned(),
+        key: "2".to_owned(),
+        name: "deadline".to_owned(),
+        due: Timestamp::now().minus(Duration::from_secs(60)),
+        command: serde_json::json!({ "renamed": true }),
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    cqrs_core::EventStore::schedule(&*store, unreadable).await.expect("schedule");
+    let config = RunnerConfig {
+        initial_backoff: Duration::from_millis(5),
+        on_error: ErrorPolicy::ParkAfter { attempts: 1 },
+        ..RunnerConfig::default()
+    };
+    let progress = Progress::new();
+    let (clock, _control) = Clock::test();
+    let running = spawn_process_manager(
+        Arc::clone(&store),
+        Saga::new(process),
+        RecordingRouter::default(),
+        config,
+        clock,
+        &progress,
+    );
+    let labels = [("process", process)];
+    let (refused, set_aside) = (
+        key_of("cqrs_process_compensations_refused_total", &labels),
+        key_of("cqrs_process_schedules_set_aside_total", &labels),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen(|seen| seen.counters.contains_key(&refused) && seen.counters.contains_key(&set_aside)) {
+        assert!(tokio::time::Instant::now() < deadline, "not counted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    running.stop().await;
+    seen(|seen| {
+        assert_eq!(seen.counters.get(&refused), Some(&1), "refused once, then parked");
+        assert_eq!(seen.counters.get(&set_aside), Some(&1));
+    });
+}
