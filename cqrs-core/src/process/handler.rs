@@ -232,6 +232,15 @@ where
                 }
             }
         }
+        // Cancellations first: they apply to what was pending before this reaction, so a
+        // reaction that cancels and schedules one name moves it instead of losing it.
+        for schedule in &effects.cancelled {
+            self.store.unschedule(name, key, schedule, None).await?;
+            for previous in manager.previous_names() {
+                self.store.unschedule(previous, key, schedule, None).await?;
+            }
+            schedules.retain(|pending| pending != schedule);
+        }
         for (schedule, due, command) in &effects.scheduled {
             let stored = StoredCommand {
                 command: command.clone(),
@@ -259,10 +268,8 @@ where
             }
         }
         let stops = stops || effects.ended;
-        let mut cancel = effects.cancelled.clone();
-        if stops {
-            cancel.extend(schedules.iter().cloned());
-        }
+        // Ending the instance cancels everything still pending.
+        let cancel = if stops { std::mem::take(&mut schedules) } else { Vec::new() };
         for schedule in &cancel {
             self.store.unschedule(name, key, schedule, None).await?;
             for previous in manager.previous_names() {

@@ -128,7 +128,8 @@ impl<C> Effects<C> {
 
     /// Sends `command` at `due` (replacing a pending schedule of the same `name` in this
     /// instance). Compute `due` from the event's `recorded_at`, not from the wall clock, so a
-    /// replay schedules the same time.
+    /// replay schedules the same time. It fires at `due` or up to about half a second later
+    /// (the scheduler looks every 500 ms), never earlier.
     pub fn schedule(&mut self, name: impl Into<String>, due: Timestamp, command: C) {
         self.scheduled.push((name.into(), due, command));
     }

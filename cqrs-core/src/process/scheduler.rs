@@ -12,6 +12,12 @@
 //! [`MAX_FIRING_ATTEMPTS`] failures. Set-aside commands are not due; they are counted
 //! (`cqrs_process_schedules_set_aside_total`) and listed, retried or discarded by an operator
 //! with [`ProcessAdmin`](crate::ProcessAdmin), like parked events.
+//!
+//! **Granularity.** The scheduler looks for due commands every 500 ms (and at once when a
+//! [`Clock::test`](crate::Clock::test) is advanced), so a command fires between its due time
+//! and about half a second after it, plus the time to fire the ones due before it; after a
+//! failover, within the claim's takeover time (`claim_ttl + claim_retry`). Never before it is
+//! due. Schedules are for deadlines of seconds to days, not for sub-second timing.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -68,6 +68,7 @@ macro_rules! conformance_tests {
             hot_stream_commands_are_decided_on_every_earlier_event,
             process_repeated_step_is_refused,
             process_replay_over_a_stopped_instance_sends_nothing,
+            process_cancel_and_schedule_of_one_name_moves_it,
             process_tombstones_round_trip_and_prune,
             process_refusals_are_compensated_from_the_decided_state,
             scheduled_commands_are_set_aside_and_retried,
@@ -1620,6 +1621,26 @@ pub async fn process_replay_over_a_stopped_instance_sends_nothing<S: EventStore 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(store.load_process("stopping", &key).await.expect("load").is_some(), "running instances stay");
+    run.running.stop().await;
+}
+
+/// A reaction that cancels a schedule and schedules the same name again moves it (the
+/// cancellation applies to what was pending before the reaction, not to its own schedule).
+pub async fn process_cancel_and_schedule_of_one_name_moves_it<S: EventStore + ?Sized>(store: Arc<S>) {
+    use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
+    let key = saga_key();
+    append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
+    append_saga(&*store, SagaEvent::Postponed { key: key.clone() }).await;
+    let (clock, _control) = crate::clock::Clock::test();
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("postponing"), &router, saga_config(), clock.clone());
+    run.caught_up(&*store).await;
+    let once = clock.now().plus(saga::SAGA_DEADLINE + Duration::from_secs(60));
+    assert!(store.due("postponing", once, 10).await.expect("due").is_empty(), "the first deadline was cancelled");
+    let twice = clock.now().plus(saga::SAGA_DEADLINE * 2 + Duration::from_secs(60));
+    let due = store.due("postponing", twice, 10).await.expect("due");
+    assert_eq!(due.len(), 1, "the deadline was moved, not lost: {due:?}");
+    assert_eq!((due[0].key.as_str(), due[0].name.as_str()), (key.as_str(), "deadline"));
     run.running.stop().await;
 }
 

@@ -52,6 +52,12 @@ pub enum SagaEvent {
         /// The instance.
         key: String,
     },
+    /// Continues `key`: moves its `deadline` to [`SAGA_DEADLINE`] × 2 after this event, by
+    /// cancelling it and scheduling it anew in one reaction.
+    Postponed {
+        /// The instance.
+        key: String,
+    },
     /// Stops `key` ([`Route::Stop`]).
     Stopped {
         /// The instance.
@@ -67,6 +73,7 @@ impl SagaEvent {
             | SagaEvent::Asked { key, .. }
             | SagaEvent::AskedTwice { key }
             | SagaEvent::Finished { key }
+            | SagaEvent::Postponed { key }
             | SagaEvent::Stopped { key } => key,
         }
     }
@@ -129,7 +136,10 @@ impl ProcessManager for Saga {
         let key = event.event.key().to_owned();
         match &event.event {
             SagaEvent::Started { .. } | SagaEvent::StartedAsking { .. } => Route::Start(key),
-            SagaEvent::Asked { .. } | SagaEvent::AskedTwice { .. } | SagaEvent::Finished { .. } => Route::Continue(key),
+            SagaEvent::Asked { .. }
+            | SagaEvent::AskedTwice { .. }
+            | SagaEvent::Finished { .. }
+            | SagaEvent::Postponed { .. } => Route::Continue(key),
             SagaEvent::Stopped { .. } => Route::Stop(key),
         }
     }
@@ -149,6 +159,10 @@ impl ProcessManager for Saga {
                 effects.dispatch("twice", command("second"));
             }
             SagaEvent::Finished { .. } => effects.end(),
+            SagaEvent::Postponed { .. } => {
+                effects.cancel("deadline");
+                effects.schedule("deadline", event.recorded_at.plus(SAGA_DEADLINE * 2), command("deadline"));
+            }
             SagaEvent::Stopped { .. } => {}
         }
     }
@@ -161,7 +175,10 @@ impl ProcessManager for Saga {
                 state.asked.push(what.clone());
             }
             SagaEvent::Asked { what, .. } => state.asked.push(what.clone()),
-            SagaEvent::AskedTwice { .. } | SagaEvent::Finished { .. } | SagaEvent::Stopped { .. } => {}
+            SagaEvent::AskedTwice { .. }
+            | SagaEvent::Finished { .. }
+            | SagaEvent::Postponed { .. }
+            | SagaEvent::Stopped { .. } => {}
         }
         state
     }
