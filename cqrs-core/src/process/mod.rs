@@ -23,7 +23,8 @@
 //! **Ending.** An instance ends on [`Route::Stop`] or when its reaction calls [`Effects::end`];
 //! without either it lives for ever ([`ProcessAdmin::instances`] lists them). An ended instance
 //! keeps a tombstone with the ending event's position, so a replay (after a checkpoint that
-//! lagged) does not restart it, until the checkpoint passes it. Axon and Commanded delete an
+//! lagged) does not restart it, until the checkpoint passes it (the scheduler prunes tombstones
+//! at or below the checkpoint once a minute, the first time a minute after it starts). Axon and Commanded delete an
 //! ended saga outright; they can, because their token or subscription position moves in the
 //! same transaction. Here the instance and the checkpoint are saved separately, so the tombstone
 //! stands in for that.

@@ -33,7 +33,6 @@ use crate::aggregate::CommandEnvelope;
 use crate::clock::Clock;
 use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
 use crate::handler::{self, runner_tenures, HandlerState, RunnerConfig};
-use crate::ids::Timestamp;
 use crate::store::EventStore;
 
 /// How often the scheduler looks for due commands (a test clock wakes it at once).
@@ -43,7 +42,8 @@ const TICK: Duration = Duration::from_millis(500);
 const BATCH: usize = 100;
 
 /// How often (by the scheduler's clock) it prunes the tombstones of ended instances at or below
-/// the process manager's checkpoint; also once at the start of every tenure.
+/// the process manager's checkpoint, the first time one period after a tenure starts (so an
+/// ended instance stays listed for at least that long, and a test clock decides when).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// A running scheduler.
@@ -99,7 +99,7 @@ async fn run<S, P, R>(
     let mut tenures = runner_tenures(&store, &name, &config);
     let quiet = |_state: HandlerState| {};
     while let Some((claim, mut lease)) = tenures.next(quiet, &mut stop).await {
-        let mut next_prune = Timestamp(i64::MIN);
+        let mut next_prune = clock.now().plus(PRUNE_EVERY);
         loop {
             tokio::select! {
                 biased;
