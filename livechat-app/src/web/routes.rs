@@ -170,15 +170,13 @@ pub(crate) fn health_status(state: &AppState) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "rebuilding: the read model has not reached the store's head yet\n".to_owned(),
         ),
-        Some(other) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("read model: {}\n", crate::app::handler_state(&other)))
-        }
+        Some(other) => (StatusCode::SERVICE_UNAVAILABLE, format!("read model: {}\n", render::handler_state(&other))),
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let head = state.store.notifications().borrow().0;
-    state.metrics.set_levels(&crate::app::levels(&state.model, head, &state.limits));
+    state.metrics.set_levels(&crate::state::levels(&state.model, head, &state.limits));
     let mut text = state.metrics.render();
     // Who holds each exclusive handler, as the store says (bounded: a scrape never hangs on it).
     match tokio::time::timeout(std::time::Duration::from_secs(1), state.store.claims()).await {
@@ -216,7 +214,7 @@ async fn live(State(state): State<Arc<AppState>>, client: Client, mut request: R
         Ok(accepted) => accepted,
         Err(socket::BadUpgrade(why)) => return (StatusCode::BAD_REQUEST, why).into_response(),
     };
-    let connection = request.extensions().get::<crate::server::ConnectionGuard>().cloned();
+    let connection = request.extensions().get::<crate::limits::ConnectionGuard>().cloned();
     let visitor = Visitor { name: name_from_cookie(request.headers()), address: client.address };
     tokio::spawn(async move {
         // The connection's permits live as long as the websocket.
