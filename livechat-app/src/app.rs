@@ -69,19 +69,7 @@ impl App {
                 None
             }
         };
-        // Never more connections than descriptors: beyond them accepting fails and nothing,
-        // `/health` included, gets an answer.
-        let open_files = crate::limits::open_files_limit();
-        let cap = crate::limits::cap_for_open_files(config.limits.max_connections, open_files);
-        if cap < config.limits.max_connections {
-            tracing::warn!(
-                max_connections = config.limits.max_connections,
-                open_files,
-                cap,
-                "the open-files limit is below the connection cap: connections are capped at the limit less a reserve"
-            );
-            config.limits.max_connections = cap;
-        }
+        cap_connections(&mut config);
         let limits = Arc::new(Limits::new(config.limits.clone()));
         let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store)).with_progress(progress.clone());
         let commands = Commands::new(dispatcher.clone(), Arc::clone(&metrics), Arc::clone(&limits));
@@ -146,6 +134,22 @@ impl App {
             notifier.stop().await;
         }
         self.handler.stop().await;
+    }
+}
+
+/// Never more connections than descriptors: beyond them accepting fails and nothing,
+/// `/health` included, gets an answer.
+fn cap_connections(config: &mut AppConfig) {
+    let open_files = crate::limits::open_files_limit();
+    let cap = crate::limits::cap_for_open_files(config.limits.max_connections, open_files);
+    if cap < config.limits.max_connections {
+        tracing::warn!(
+            max_connections = config.limits.max_connections,
+            open_files,
+            cap,
+            "the open-files limit is below the connection cap: connections are capped at the limit less a reserve"
+        );
+        config.limits.max_connections = cap;
     }
 }
 
