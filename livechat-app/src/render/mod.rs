@@ -6,7 +6,7 @@
 //! One file per concept: [`chat`] (the lobby, room pages, a message, presence), [`links`]
 //! (link and mention finding), [`admin`] (parked events), [`dashboard`] (the dashboard page and
 //! region) with its SVG [`charts`], [`page`] (the frame every page shares), [`assets`] (fingerprinted asset URLs) and
-//! [`format`] (times and durations). Everything is re-exported here.
+//! [`format`](mod@format) (times and durations). Everything is re-exported here.
 
 pub mod admin;
 pub mod assets;
