@@ -14,11 +14,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::commands::Commands;
+use crate::dashboard::{History, Snapshot};
 use crate::domain::{Chat, ChatEvent, ChatId};
 use crate::limits::Limits;
 use crate::live::present::{LivePresent, Model};
-use crate::metrics::{History, Levels, Metrics, Snapshot};
+use crate::metrics::Metrics;
+pub use crate::render::handler_state;
 use crate::render::{self, Assets, HandlerLine};
+use crate::state::levels;
 pub use crate::state::{AppConfig, AppState};
 
 /// Events at the log's end read at start to fill the lobby with the rooms active last.
@@ -66,19 +69,7 @@ impl App {
                 None
             }
         };
-        // Never more connections than descriptors: beyond them accepting fails and nothing,
-        // `/health` included, gets an answer.
-        let open_files = crate::limits::open_files_limit();
-        let cap = crate::limits::cap_for_open_files(config.limits.max_connections, open_files);
-        if cap < config.limits.max_connections {
-            tracing::warn!(
-                max_connections = config.limits.max_connections,
-                open_files,
-                cap,
-                "the open-files limit is below the connection cap: connections are capped at the limit less a reserve"
-            );
-            config.limits.max_connections = cap;
-        }
+        cap_connections(&mut config);
         let limits = Arc::new(Limits::new(config.limits.clone()));
         let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store)).with_progress(progress.clone());
         let commands = Commands::new(dispatcher.clone(), Arc::clone(&metrics), Arc::clone(&limits));
@@ -143,6 +134,22 @@ impl App {
             notifier.stop().await;
         }
         self.handler.stop().await;
+    }
+}
+
+/// Never more connections than descriptors: beyond them accepting fails and nothing,
+/// `/health` included, gets an answer.
+fn cap_connections(config: &mut AppConfig) {
+    let open_files = crate::limits::open_files_limit();
+    let cap = crate::limits::cap_for_open_files(config.limits.max_connections, open_files);
+    if cap < config.limits.max_connections {
+        tracing::warn!(
+            max_connections = config.limits.max_connections,
+            open_files,
+            cap,
+            "the open-files limit is below the connection cap: connections are capped at the limit less a reserve"
+        );
+        config.limits.max_connections = cap;
     }
 }
 
@@ -233,34 +240,5 @@ async fn tick(ticker: Ticker) {
             ticker.snapshot.send_replace(now.clone());
             previous = Some(now);
         }
-    }
-}
-
-/// The levels `/metrics` and the dashboard read from the app's parts.
-pub(crate) fn levels(model: &Model, store_head: u64, limits: &Limits) -> Levels {
-    Levels {
-        rooms: model.resident_rooms() as u64,
-        store_head,
-        projected: model.position().0,
-        connections_open: limits.open_connections() as u64,
-        window_messages: model.window_messages() as u64,
-        rooms_loaded: model.loaded_rooms(),
-        rooms_evicted: model.evicted_rooms(),
-    }
-}
-
-/// A handler's state in words.
-pub fn handler_state(state: &HandlerState) -> String {
-    match state {
-        HandlerState::Starting => "starting".to_owned(),
-        HandlerState::Running => "running".to_owned(),
-        HandlerState::Standby { holder } => {
-            format!("standing by ({} is active)", holder.as_deref().unwrap_or("another process"))
-        }
-        HandlerState::Retrying { attempts, error, .. } => format!("retrying ({attempts} failures): {error}"),
-        HandlerState::Stuck { position, attempts, error } => {
-            format!("stuck at {position} after {attempts} failures: {error}")
-        }
-        HandlerState::Stopped => "stopped".to_owned(),
     }
 }

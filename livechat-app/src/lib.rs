@@ -54,8 +54,8 @@
 //! ```
 
 pub mod app;
-pub mod charts;
 pub mod commands;
+pub mod dashboard;
 pub mod domain;
 pub mod limits;
 pub mod live;

@@ -145,6 +145,18 @@ impl Drop for AddressPermit {
     }
 }
 
+/// A connection's places under the connection caps, in each of its requests' extensions: a
+/// websocket keeps a clone for as long as it is open.
+#[derive(Debug, Clone)]
+pub struct ConnectionGuard(#[allow(dead_code)] Arc<ConnectionPermit>);
+
+impl ConnectionGuard {
+    /// Shares `permit` among the connection's requests.
+    pub fn new(permit: ConnectionPermit) -> Self {
+        Self(Arc::new(permit))
+    }
+}
+
 /// What a connection holds for as long as it is open: its place under the global cap and,
 /// when counted, under its address's.
 #[derive(Debug)]

@@ -36,7 +36,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tower_service::Service;
 
-use crate::limits::{ConnectionPermit, Refusal, ReservedPlace, RESERVE_HEAD_TIMEOUT};
+pub use crate::limits::ConnectionGuard;
+use crate::limits::{Refusal, ReservedPlace, RESERVE_HEAD_TIMEOUT};
 use crate::metrics::Limit;
 use crate::web::security::{ClientAddress, Listener, Peer};
 use crate::App;
@@ -130,11 +131,6 @@ pub fn bind_admin(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     bind(addr)
 }
 
-/// A connection's places under the connection caps, in each of its requests' extensions: a
-/// websocket keeps a clone for as long as it is open.
-#[derive(Debug, Clone)]
-pub struct ConnectionGuard(#[allow(dead_code)] Arc<ConnectionPermit>);
-
 /// Serves `app` on `listener` until `shutdown` resolves, then closes every live view, lets
 /// open requests finish (10 s at most) and stops the app's tasks.
 pub async fn serve(
@@ -175,7 +171,7 @@ pub async fn serve_with_admin(
         let _ = stream.set_nodelay(true);
         let direct = entry == Listener::Admin || !state.config.trusted_proxies.contains(peer.ip());
         let permit = match state.limits.connect(direct.then_some(ClientAddress::Known(peer.ip()))) {
-            Ok(permit) => ConnectionGuard(Arc::new(permit)),
+            Ok(permit) => ConnectionGuard::new(permit),
             Err(refusal @ Refusal::ServerFull(_)) => {
                 tokio::spawn(reserved(stream, state.limits.reserve(), refusal, Arc::clone(&state)));
                 continue;

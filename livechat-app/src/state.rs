@@ -7,10 +7,11 @@ use cqrs_core::{EventStore, Progress};
 use tokio::sync::watch;
 
 use crate::commands::Commands;
+use crate::dashboard::Snapshot;
 use crate::limits::{Limits, LimitsConfig};
 use crate::live::present::Model;
 use crate::live::LiveConfig;
-use crate::metrics::{Metrics, Snapshot};
+use crate::metrics::{Levels, Metrics};
 use crate::notify::NotifierConfig;
 use crate::render::Assets;
 use crate::rooms::RoomsConfig;
@@ -89,4 +90,17 @@ pub struct AppState {
     pub live: LiveConfig,
     /// The configuration (`config.node` is this process's claim identity, filled in at start).
     pub config: AppConfig,
+}
+
+/// The levels `/metrics` and the dashboard read from the app's parts.
+pub fn levels(model: &Model, store_head: u64, limits: &Limits) -> Levels {
+    Levels {
+        rooms: model.resident_rooms() as u64,
+        store_head,
+        projected: model.position().0,
+        connections_open: limits.open_connections() as u64,
+        window_messages: model.window_messages() as u64,
+        rooms_loaded: model.loaded_rooms(),
+        rooms_evicted: model.evicted_rooms(),
+    }
 }

@@ -20,16 +20,18 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Form, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Form, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use cqrs_core::{ParkedEvent, ParkedEvents, Position, StoreError};
 use serde::Deserialize;
 
+use super::error::AppError;
+use super::extract::Client;
+use super::security::{origin_allowed, Listener};
 use crate::render;
 use crate::state::AppState;
-use crate::web::routes::Client;
-use crate::web::security::{origin_allowed, Listener};
 
 /// How a request got admin rights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +75,40 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-fn refused() -> Response {
-    let text = "admin routes answer on the admin listener (--admin-listen, this machine only), or with the admin \
-                token (--admin-token) in `Authorization: Bearer TOKEN`\n";
-    (StatusCode::FORBIDDEN, text).into_response()
+/// Why a request without admin access is refused.
+const NOT_ADMIN: &str = "admin routes answer on the admin listener (--admin-listen, this machine only), or with the \
+                         admin token (--admin-token) in `Authorization: Bearer TOKEN`";
+
+/// A request with admin access ([`access`]); without it, a 403.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin(pub Access);
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let client = Client::from_request_parts(parts, state).await.unwrap_or_else(|never| match never {});
+        access(&client, state.config.admin_token.as_deref(), &parts.headers)
+            .map(Self)
+            .ok_or(AppError::Forbidden(NOT_ADMIN))
+    }
+}
+
+/// An admin form that may be acted on: admin access, and an allowed `Origin`, required
+/// unless the token was presented ([`form_allowed`]); else a 403.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminForm(pub Access);
+
+impl FromRequestParts<Arc<AppState>> for AdminForm {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let Admin(access) = Admin::from_request_parts(parts, state).await?;
+        if !form_allowed(access, &parts.headers, &state.config.allowed_origins) {
+            return Err(AppError::Forbidden("cross-origin form, or one without an Origin header, refused"));
+        }
+        Ok(Self(access))
+    }
 }
 
 /// The handlers whose parked events are listed: every handler this process runs.
@@ -102,16 +134,10 @@ pub async fn parked(state: &AppState) -> Result<Vec<(String, Vec<ParkedEvent>)>,
 }
 
 /// `GET /admin/parked`.
-pub async fn list(State(state): State<Arc<AppState>>, client: Client, headers: HeaderMap) -> Response {
-    if access(&client, state.config.admin_token.as_deref(), &headers).is_none() {
-        return refused();
-    }
-    match parked(&state).await {
-        Ok(all) => Html(render::parked_page(&state.assets, &all).into_string()).into_response(),
-        Err(error) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("cannot read parked events: {error}\n")).into_response()
-        }
-    }
+pub async fn list(State(state): State<Arc<AppState>>, _: Admin) -> Result<Response, AppError> {
+    let all =
+        parked(&state).await.map_err(|error| AppError::Unavailable(format!("cannot read parked events: {error}")))?;
+    Ok(Html(render::parked_page(&state.assets, &all).into_string()).into_response())
 }
 
 /// The retry and discard forms.
@@ -125,21 +151,19 @@ pub struct ParkedForm {
 /// `POST /admin/parked/retry`.
 pub async fn retry(
     State(state): State<Arc<AppState>>,
-    client: Client,
-    headers: HeaderMap,
+    _: AdminForm,
     Form(form): Form<ParkedForm>,
-) -> Response {
-    act(&state, &client, &headers, form, Action::Retry).await
+) -> Result<Response, AppError> {
+    act(&state, form, Action::Retry).await
 }
 
 /// `POST /admin/parked/discard`.
 pub async fn discard(
     State(state): State<Arc<AppState>>,
-    client: Client,
-    headers: HeaderMap,
+    _: AdminForm,
     Form(form): Form<ParkedForm>,
-) -> Response {
-    act(&state, &client, &headers, form, Action::Discard).await
+) -> Result<Response, AppError> {
+    act(&state, form, Action::Discard).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -148,26 +172,21 @@ enum Action {
     Discard,
 }
 
-async fn act(state: &AppState, client: &Client, headers: &HeaderMap, form: ParkedForm, action: Action) -> Response {
-    let Some(access) = access(client, state.config.admin_token.as_deref(), headers) else { return refused() };
-    if !form_allowed(access, headers, &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "cross-origin form, or one without an Origin header, refused\n")
-            .into_response();
-    }
+async fn act(state: &AppState, form: ParkedForm, action: Action) -> Result<Response, AppError> {
     if !handlers(state).contains(&form.handler) {
-        return (StatusCode::NOT_FOUND, format!("no handler {:?} runs here\n", form.handler)).into_response();
+        return Err(AppError::NotFound(format!("no handler {:?} runs here", form.handler)));
     }
     let parked = ParkedEvents::new(Arc::clone(&state.store));
     let done = match (action, form.position, form.all.is_some()) {
         (Action::Retry, _, true) => parked.retry_all(&form.handler).await.map(|n| n > 0),
         (Action::Retry, Some(position), false) => parked.retry(&form.handler, Position(position)).await,
         (Action::Discard, Some(position), false) => parked.discard(&form.handler, Position(position)).await,
-        _ => return (StatusCode::BAD_REQUEST, "say which event: position=N (or all=1 to retry all)\n").into_response(),
+        _ => return Err(AppError::BadRequest("say which event: position=N (or all=1 to retry all)".to_owned())),
     };
     match done {
-        Ok(true) => Redirect::to("/admin/parked").into_response(),
-        Ok(false) => (StatusCode::NOT_FOUND, "no such parked event (retried or discarded already?)\n").into_response(),
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, format!("the store refused: {error}\n")).into_response(),
+        Ok(true) => Ok(Redirect::to("/admin/parked").into_response()),
+        Ok(false) => Err(AppError::NotFound("no such parked event (retried or discarded already?)".to_owned())),
+        Err(error) => Err(AppError::Unavailable(format!("the store refused: {error}"))),
     }
 }
 

@@ -1,7 +1,13 @@
 //! The HTTP side: [`routes`] (pages, forms, the websocket upgrade, health, metrics, assets),
-//! [`admin`] (parked events: list, retry, discard) and [`security`] (client address through
-//! trusted proxies, `Host` and `Origin` checks, the name cookie, security headers).
+//! [`admin`] (parked events: list, retry, discard), [`extract`] (the extractors routes share:
+//! the client, the same-origin check, the room in the path), [`error`] (`AppError`, how a
+//! request fails) and [`security`] (client address through trusted proxies, `Host` and
+//! `Origin` checks, the name cookie, security headers).
+//!
+//! Arrows point one way: `routes` → `admin` → `extract` → `error`, `security`.
 
 pub mod admin;
+pub mod error;
+pub mod extract;
 pub mod routes;
 pub mod security;

@@ -1,11 +1,9 @@
 //! The HTTP routes: pages, forms, the websocket upgrade, health, metrics and assets.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use axum::extract::{Form, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{Form, Query, Request, State};
 use axum::http::header::{self, HeaderMap};
-use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -14,17 +12,17 @@ use axum::Router;
 use cqrs_core::{Consistency, HandlerState, Position};
 use serde::Deserialize;
 
-use super::security::{
-    client_address, host_allowed, is_https, name_cookie, name_from_cookie, origin_allowed, security_headers,
-    ClientAddress, Listener, Peer, TrustedProxies,
-};
+use super::error::AppError;
+pub use super::extract::Client;
+use super::extract::{RoomPath, SameOrigin};
+use super::security::{host_allowed, name_cookie, name_from_cookie, security_headers};
 use crate::commands::{Outcome, RoomFacts, Sender};
 use crate::domain::{validate_sender, ChatId};
 use crate::live::socket;
 use crate::live::view::{self, Visitor};
 use crate::metrics::Limit;
 use crate::render::{self, RoomPage};
-use crate::rooms::{RoomError, HANDLER_NAME};
+use crate::rooms::HANDLER_NAME;
 use crate::state::AppState;
 
 /// The routes over `state`, with the `Host` check and the security headers.
@@ -53,69 +51,13 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// is exempt: a load balancer may ask for it by any name, and it tells nothing.
 async fn check_host(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if request.uri().path() != "/health" && !host_allowed(request.headers(), &state.config.allowed_origins) {
-        return (StatusCode::MISDIRECTED_REQUEST, "unknown host: this server answers only to its own names\n")
-            .into_response();
+        return AppError::UnknownHost.into_response();
     }
     next.run(request).await
 }
 
-/// Who made a request: the client's address, whether it came over TLS, and through what.
-#[derive(Debug, Clone, Copy)]
-pub struct Client {
-    /// The client's address (behind a trusted proxy: the forwarded one, or unknown).
-    pub address: ClientAddress,
-    /// Whether the request reached us over TLS.
-    pub https: bool,
-    /// The connection's own peer.
-    pub peer: SocketAddr,
-    /// Whether the peer is a trusted proxy: its requests are never admin by address.
-    pub proxied: bool,
-    /// The listener the request came in on.
-    pub listener: Listener,
-}
-
-impl FromRequestParts<Arc<AppState>> for Client {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        let peer = parts.extensions.get::<Peer>().map_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), |peer| peer.0);
-        let listener = parts.extensions.get::<Listener>().copied().unwrap_or(Listener::Public);
-        // The admin listener is for this machine's own tools: no proxy speaks for anyone there.
-        let none = TrustedProxies::none();
-        let trusted = if listener == Listener::Admin { &none } else { &state.config.trusted_proxies };
-        let address = client_address(peer, &parts.headers, trusted);
-        if address == ClientAddress::Unknown {
-            state.metrics.unknown_clients.increment(1);
-            static WARNED: std::sync::Once = std::sync::Once::new();
-            WARNED.call_once(|| {
-                tracing::warn!(
-                    %peer,
-                    "a trusted proxy sent a request without a usable X-Forwarded-For: such clients are `unknown` \
-                     (never admin, one shared rate-limit bucket); make the proxy set it, e.g. nginx's \
-                     `proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;`"
-                );
-            });
-        }
-        Ok(Self {
-            address,
-            https: is_https(peer, &parts.headers, trusted, state.config.behind_tls),
-            peer,
-            proxied: trusted.contains(peer.ip()),
-            listener,
-        })
-    }
-}
-
 fn page(markup: maud::Markup) -> Response {
     Html(markup.into_string()).into_response()
-}
-
-/// What a room request cannot get now, as a response.
-fn unavailable(state: &AppState, error: &RoomError) -> Response {
-    let markup = render::notice_page(&state.assets, "Try again in a moment", &error.to_string());
-    let mut response = (StatusCode::SERVICE_UNAVAILABLE, Html(markup.into_string())).into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-    response
 }
 
 async fn lobby(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -134,12 +76,9 @@ pub struct JoinForm {
 async fn join(
     State(state): State<Arc<AppState>>,
     client: Client,
-    headers: HeaderMap,
+    _: SameOrigin,
     Form(form): Form<JoinForm>,
 ) -> Response {
-    if !origin_allowed(&headers, &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "cross-origin form refused").into_response();
-    }
     let checked = validate_sender(&form.name).map_err(|e| e.to_string()).and_then(|name| {
         ChatId::parse(form.room.trim()).map(|room| (name.to_owned(), room)).map_err(|e| e.to_string())
     });
@@ -170,15 +109,13 @@ pub(crate) fn health_status(state: &AppState) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "rebuilding: the read model has not reached the store's head yet\n".to_owned(),
         ),
-        Some(other) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("read model: {}\n", crate::app::handler_state(&other)))
-        }
+        Some(other) => (StatusCode::SERVICE_UNAVAILABLE, format!("read model: {}\n", render::handler_state(&other))),
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let head = state.store.notifications().borrow().0;
-    state.metrics.set_levels(&crate::app::levels(&state.model, head, &state.limits));
+    state.metrics.set_levels(&crate::state::levels(&state.model, head, &state.limits));
     let mut text = state.metrics.render();
     // Who holds each exclusive handler, as the store says (bounded: a scrape never hangs on it).
     match tokio::time::timeout(std::time::Duration::from_secs(1), state.store.claims()).await {
@@ -195,10 +132,12 @@ async fn dashboard(State(state): State<Arc<AppState>>) -> Response {
     page(render::dashboard_page(&state.assets, &region))
 }
 
-async fn live(State(state): State<Arc<AppState>>, client: Client, mut request: Request) -> Response {
-    if !origin_allowed(request.headers(), &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "websocket from another origin refused").into_response();
-    }
+async fn live(
+    State(state): State<Arc<AppState>>,
+    client: Client,
+    _: SameOrigin,
+    mut request: Request,
+) -> Result<Response, AppError> {
     // Behind a trusted proxy every connection comes from the proxy: count live connections
     // per forwarded client address here (direct peers were counted when accepted).
     let address_permit = if client.proxied {
@@ -206,17 +145,15 @@ async fn live(State(state): State<Arc<AppState>>, client: Client, mut request: R
             Ok(permit) => Some(permit),
             Err(refusal) => {
                 state.metrics.limited(Limit::AddressConnections);
-                return (StatusCode::TOO_MANY_REQUESTS, format!("{refusal}\n")).into_response();
+                return Err(AppError::Limited(refusal.to_string()));
             }
         }
     } else {
         None
     };
-    let (response, on_upgrade) = match socket::accept(&mut request) {
-        Ok(accepted) => accepted,
-        Err(socket::BadUpgrade(why)) => return (StatusCode::BAD_REQUEST, why).into_response(),
-    };
-    let connection = request.extensions().get::<crate::server::ConnectionGuard>().cloned();
+    let (response, on_upgrade) =
+        socket::accept(&mut request).map_err(|socket::BadUpgrade(why)| AppError::BadRequest(why.to_owned()))?;
+    let connection = request.extensions().get::<crate::limits::ConnectionGuard>().cloned();
     let visitor = Visitor { name: name_from_cookie(request.headers()), address: client.address };
     tokio::spawn(async move {
         // The connection's permits live as long as the websocket.
@@ -225,7 +162,7 @@ async fn live(State(state): State<Arc<AppState>>, client: Client, mut request: R
             view::run(stream, state, visitor).await;
         }
     });
-    response
+    Ok(response)
 }
 
 async fn script() -> Response {
@@ -249,22 +186,14 @@ pub struct Before {
     v: Option<u64>,
 }
 
-fn not_found(error: impl std::fmt::Display) -> Response {
-    (StatusCode::NOT_FOUND, format!("no such room: {error}\n")).into_response()
-}
-
 async fn room(
     State(state): State<Arc<AppState>>,
-    Path(chat_id): Path<String>,
+    RoomPath(room): RoomPath,
     Query(query): Query<Before>,
     headers: HeaderMap,
-) -> Response {
-    let room = match ChatId::parse(&chat_id) {
-        Ok(room) => room,
-        Err(error) => return not_found(error),
-    };
+) -> Result<Response, AppError> {
     let Some(name) = name_from_cookie(&headers) else {
-        return page(render::name_page(&state.assets, &room, None));
+        return Ok(page(render::name_page(&state.assets, &room, None)));
     };
     let composer = Composer { command_id: uuid::Uuid::new_v4(), draft: "", notice: None };
     render_room(&state, &room, &name, query.before.map(|b| (Position(b), query.v)), &composer, StatusCode::OK).await
@@ -284,17 +213,11 @@ async fn render_room(
     before: Option<(Position, Option<u64>)>,
     composer: &Composer<'_>,
     status: StatusCode,
-) -> Response {
-    let room = match state.model.room(room_id).await {
-        Ok(room) => room,
-        Err(error) => return unavailable(state, &error),
-    };
+) -> Result<Response, AppError> {
+    let room = state.model.room(room_id).await?;
     let live = &state.live;
     let (messages, has_more) = match before {
-        Some((position, version)) => match state.model.before(room_id, position, version, live.page_size).await {
-            Ok(page) => page,
-            Err(error) => return unavailable(state, &error),
-        },
+        Some((position, version)) => state.model.before(room_id, position, version, live.page_size).await?,
         None => room.latest(state.model.present(), live.page_size, live.page_bytes),
     };
     let html = messages_html(&messages, Some(name));
@@ -313,30 +236,22 @@ async fn render_room(
         draft: composer.draft,
         error: composer.notice,
     };
-    (status, Html(render::room_page(&state.assets, &page).into_string())).into_response()
+    Ok((status, Html(render::room_page(&state.assets, &page).into_string())).into_response())
 }
 
 async fn older(
     State(state): State<Arc<AppState>>,
-    Path(chat_id): Path<String>,
+    RoomPath(room): RoomPath,
     Query(query): Query<Before>,
     headers: HeaderMap,
-) -> Response {
-    let room = match ChatId::parse(&chat_id) {
-        Ok(room) => room,
-        Err(error) => return not_found(error),
-    };
-    let Some(before) = query.before else {
-        return (StatusCode::BAD_REQUEST, "?before=POSITION is required\n").into_response();
-    };
-    let (messages, has_more) = match state.model.before(&room, Position(before), query.v, state.live.page_size).await {
-        Ok(page) => page,
-        Err(error) => return unavailable(&state, &error),
-    };
+) -> Result<Response, AppError> {
+    let before = query.before.ok_or_else(|| AppError::BadRequest("?before=POSITION is required".to_owned()))?;
+    let (messages, has_more) = state.model.before(&room, Position(before), query.v, state.live.page_size).await?;
     let html: String = messages_html(&messages, name_from_cookie(&headers).as_deref()).concat();
     let more = if has_more { "true" } else { "false" };
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::HeaderName::from_static("x-has-more"), more)], html)
-        .into_response()
+    let headers =
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::HeaderName::from_static("x-has-more"), more)];
+    Ok((headers, html).into_response())
 }
 
 /// The HTML of `messages` for the reader `me`: the shared rendering, except the reader's own
@@ -363,31 +278,22 @@ pub struct SendForm {
 
 async fn send(
     State(state): State<Arc<AppState>>,
-    Path(chat_id): Path<String>,
     client: Client,
+    _: SameOrigin,
+    RoomPath(room_id): RoomPath,
     headers: HeaderMap,
     Form(form): Form<SendForm>,
-) -> Response {
-    if !origin_allowed(&headers, &state.config.allowed_origins) {
-        return (StatusCode::FORBIDDEN, "cross-origin form refused").into_response();
-    }
-    let room_id = match ChatId::parse(&chat_id) {
-        Ok(room) => room,
-        Err(error) => return not_found(error),
-    };
+) -> Result<Response, AppError> {
     let Some(name) = name_from_cookie(&headers) else {
-        return page(render::name_page(&state.assets, &room_id, Some("choose a name first")));
+        return Ok(page(render::name_page(&state.assets, &room_id, Some("choose a name first"))));
     };
-    let room = match state.model.room(&room_id).await {
-        Ok(room) => room,
-        Err(error) => return unavailable(&state, &error),
-    };
+    let room = state.model.room(&room_id).await?;
     let sender = Sender { name: &name, address: client.address };
     let consistency = Consistency::strong([HANDLER_NAME]);
     let outcome =
         state.commands.send(&room_id, sender, form.id, form.message.clone(), &RoomFacts::of(&room), &consistency).await;
     match outcome {
-        Outcome::Stored => Redirect::to(&format!("/{room_id}")).into_response(),
+        Outcome::Stored => Ok(Redirect::to(&format!("/{room_id}")).into_response()),
         Outcome::Refused(error) => {
             // A refusal stored nothing: a fresh id for what the reader sends next.
             let composer = Composer { command_id: uuid::Uuid::new_v4(), draft: &form.message, notice: Some(&error) };

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use livechat_app::metrics::Reading;
+use livechat_app::dashboard::Reading;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::process::Command;

@@ -301,6 +301,33 @@ async fn an_unknown_host_is_refused_so_a_rebound_name_gets_nothing() {
 }
 
 #[tokio::test]
+async fn refusals_keep_their_status_and_say_why() {
+    let server = TestServer::start().await;
+    let evil = "Origin: http://evil.test\r\n";
+    let join = server.post("/join", "name=ann&room=lounge", evil).await;
+    assert_eq!((join.status, join.body.as_str()), (403, "cross-origin form refused\n"));
+    let send = server
+        .post(
+            "/lounge/send",
+            "message=hi&id=0b2a4c1e-5f0d-4b7e-9a51-4f6e3d2c1b0a",
+            &format!("{evil}Cookie: livechat_name=ann\r\n"),
+        )
+        .await;
+    assert_eq!((send.status, send.body.as_str()), (403, "cross-origin form refused\n"));
+    let ours = server.post("/join", "name=ann&room=lounge", &format!("Origin: http://{}\r\n", server.addr)).await;
+    assert_eq!(ours.status, 303, "a form from our own page passes");
+    let bad_room = server.get("/a.b", Some("ann")).await;
+    assert_eq!(bad_room.status, 404);
+    assert!(bad_room.body.starts_with("no such room: "), "{}", bad_room.body);
+    let older = server.get("/lounge/older", Some("ann")).await;
+    assert_eq!((older.status, older.body.as_str()), (400, "?before=POSITION is required\n"));
+    let admin = server.get("/admin/parked", None).await;
+    assert_eq!(admin.status, 403);
+    assert!(admin.body.starts_with("admin routes answer on the admin listener"), "{}", admin.body);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_name_cookie_is_secure_over_tls() {
     let server = TestServer::start().await;
     let plain = server.post("/join", "name=ann&room=lounge", "").await;

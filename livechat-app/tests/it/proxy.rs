@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livechat_app::metrics::Reading;
+use livechat_app::dashboard::Reading;
 use livechat_app::AppConfig;
 use tokio::process::{Child, Command};
 use uuid::Uuid;

@@ -7,7 +7,8 @@
 
 use maud::{html, Markup};
 
-use crate::metrics::{History, Sample};
+use super::format;
+use crate::dashboard::{History, Sample};
 
 /// Width and height of a chart's plot, in SVG units.
 const WIDTH: f64 = 300.0;
@@ -37,7 +38,7 @@ fn per_second(value: f64) -> String {
 }
 
 fn micros(value: f64) -> String {
-    crate::render::micros(value as u64)
+    format::micros(value as u64)
 }
 
 fn bytes_per_second(value: f64) -> String {
@@ -108,7 +109,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::metrics::Snapshot;
+    use crate::dashboard::Snapshot;
 
     #[test]
     fn charts_are_svg_polylines_scaled_to_their_maximum() {
