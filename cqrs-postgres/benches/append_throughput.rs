@@ -1,6 +1,6 @@
 //! Append throughput of `PgEventStore` against the plain commit rate of the same server.
 //!
-//! Run with: `source scripts/postgres.sh; PG_FSYNC=on pg_start; cargo bench -p cqrs-postgres --bench append_throughput`
+//! Run with: `source scripts/postgres.sh; PG_FSYNC=on pg_start; cargo bench -p cqrs-tokio-postgres --bench append_throughput`
 //!
 //! Measures appends per second (1-event appends, `ExpectedVersion::Any`, one stream per writer
 //! task) with 1 and 32 concurrent writer tasks on one store instance (with 1 and 4 group-commit

@@ -1,7 +1,7 @@
 //! Append throughput of `SqliteEventStore` against the plain commit rate of SQLite with the
 //! same settings (WAL, `synchronous=FULL`) on the same disk.
 //!
-//! Run with: `cargo bench -p cqrs-sqlite --bench append_throughput`
+//! Run with: `cargo bench -p cqrs-tokio-sqlite --bench append_throughput`
 //!
 //! Measures appends per second (1-event appends, `ExpectedVersion::Any`, one stream per writer
 //! task) with 1 and 32 concurrent writer tasks on one store, then single-row autocommit

@@ -46,3 +46,44 @@ async fn stored_events_are_immutable() {
     }
     assert_eq!(crate::support::read_everything(&store).await.len(), 1);
 }
+
+/// The functions a migrated database holds are exactly those of `sql/` (one file per function
+/// name, all its overloads), each as its file defines it: every file run into a scratch schema
+/// gives definitions identical to the live ones. So the readable current definitions cannot
+/// drift from the immutable migrations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_functions_are_the_ones_in_the_sql_folder() {
+    let db = TestDb::create().await;
+    let _store = db.store().await;
+    let mut connection = db.connection().await;
+    let definitions = |schema: &'static str| {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')', \
+             replace(pg_get_functiondef(p.oid), n.nspname || '.', '') \
+             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = $1 ORDER BY 1",
+        )
+        .bind(schema)
+    };
+    let live = definitions("public").fetch_all(&mut connection).await.expect("live functions");
+    connection.execute("CREATE SCHEMA sql_folder; SET search_path = sql_folder, public").await.expect("scratch");
+    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+        .expect("sql folder")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
+        .collect();
+    files.sort();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("read");
+        sqlx::raw_sql(&text).execute(&mut connection).await.unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+    let defined = definitions("sql_folder").fetch_all(&mut connection).await.expect("defined functions");
+    let names = |list: &[(String, String)]| list.iter().map(|(name, _)| name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&defined), names(&live), "sql/ defines exactly the live functions");
+    for ((name, file), (_, migrated)) in defined.iter().zip(&live) {
+        assert_eq!(file, migrated, "{name}: sql/ and the migrations differ");
+    }
+    for (name, _) in &live {
+        let file = name.split('(').next().unwrap_or_default();
+        assert!(files.iter().any(|path| path.ends_with(format!("{file}.sql"))), "{name} is in sql/{file}.sql");
+    }
+}
