@@ -32,7 +32,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::aggregate::{Aggregate, Command, CommandEnvelope};
 use crate::cache::LruCache;
 use crate::event::{DecodeError, DomainEvent, NewEvent, Upcasters};
-use crate::handler::{Progress, ProgressError};
+use crate::handler::{HandlerError, Progress, ProgressError};
 use crate::ids::{CommandId, StreamId, StreamIdError, Version};
 use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
 
@@ -867,5 +867,13 @@ where
 {
     fn from(command: C) -> Self {
         CommandEnvelope::new(command)
+    }
+}
+
+/// A failed follow-up command is a handler failure: `dispatcher.dispatch(cmd).await?` works in
+/// [`EventHandler::handle`](crate::EventHandler::handle).
+impl<E: std::error::Error + Send + Sync + 'static> From<DispatchError<E>> for HandlerError {
+    fn from(error: DispatchError<E>) -> Self {
+        Self::new(error)
     }
 }

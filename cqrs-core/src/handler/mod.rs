@@ -29,7 +29,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::coordination::{Claim, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL};
-use crate::dispatcher::DispatchError;
 use crate::event::{DomainEvent, Envelope, RecordedEvent, Upcasters};
 use crate::ids::Position;
 use crate::store::{EventStore, StoreError};
@@ -58,14 +57,6 @@ impl HandlerError {
 
 impl From<StoreError> for HandlerError {
     fn from(error: StoreError) -> Self {
-        Self::new(error)
-    }
-}
-
-/// A failed follow-up command is a handler failure: `dispatcher.dispatch(cmd).await?` works in
-/// [`EventHandler::handle`].
-impl<E: std::error::Error + Send + Sync + 'static> From<DispatchError<E>> for HandlerError {
-    fn from(error: DispatchError<E>) -> Self {
         Self::new(error)
     }
 }
