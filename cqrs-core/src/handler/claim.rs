@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::coordination::{Claim, ClaimOutcome};
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// The fraction of the ttl a runner may act on a claim after asking for it.
 const SAFE_FRACTION: f64 = 0.9;
@@ -50,7 +50,7 @@ pub(crate) struct ClaimKeeper {
 
 impl ClaimKeeper {
     /// Starts keeping the claim on `name` for `owner`.
-    pub(crate) fn spawn<S: EventStore + ?Sized>(
+    pub(crate) fn spawn<S: Store + ?Sized>(
         store: Arc<S>,
         name: String,
         owner: String,
@@ -68,7 +68,7 @@ impl ClaimKeeper {
     }
 
     /// Stops renewing and gives the claim up, so a standby takes over at once.
-    pub(crate) async fn release<S: EventStore + ?Sized>(mut self, store: &S, within: Duration) {
+    pub(crate) async fn release<S: Store + ?Sized>(mut self, store: &S, within: Duration) {
         if let Some(task) = self.task.take() {
             task.abort();
             // Wait until it is gone, so no renewal in flight lands after the release.
@@ -98,7 +98,7 @@ impl Drop for ClaimKeeper {
     }
 }
 
-async fn keep<S: EventStore + ?Sized>(
+async fn keep<S: Store + ?Sized>(
     store: Arc<S>,
     name: String,
     owner: String,

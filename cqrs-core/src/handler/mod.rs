@@ -32,14 +32,14 @@ use crate::coordination::{Claim, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL};
 use crate::dispatcher::DispatchError;
 use crate::event::{DomainEvent, Envelope, RecordedEvent, Upcasters};
 use crate::ids::Position;
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 pub use batch::{spawn_batch_handler, BatchHandler, DEFAULT_MAX_BATCH};
 pub(crate) use runner::{lease_lost as lease_ended, stopped as stop_signal, Tenures};
 
 /// The tenures (claim periods) of a task named `name` configured like a runner: for
 /// schedulers and other exclusive tasks that are not event handlers.
-pub(crate) fn runner_tenures<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Tenures {
+pub(crate) fn runner_tenures<S: Store + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Tenures {
     Tenures::new(store, name, config)
 }
 pub use parking::ParkedEvents;
@@ -556,7 +556,7 @@ pub fn current_claim() -> Option<Claim> {
 /// first waits for its claim ([`Placement`]).
 pub fn spawn_handler<S, H>(store: Arc<S>, handler: H, config: RunnerConfig, progress: &Progress) -> RunningHandler
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: EventHandler,
 {
     let name = handler.name().to_owned();
@@ -601,7 +601,7 @@ impl HandlerMetrics {
 
 /// A new runner's status channel (registered with `progress`, with a reader of its checkpoint
 /// in `store` when it keeps one there) and stop channel.
-fn channels<S: EventStore + ?Sized>(
+fn channels<S: Store + ?Sized>(
     name: &str,
     config: &RunnerConfig,
     progress: &Progress,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::coordination::{ParkedEvent, ParkedStatus};
 use crate::ids::Position;
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The operator's handle on parked events (a library API; the chat's dashboard uses it).
 ///
@@ -35,7 +35,7 @@ impl<S: ?Sized> Clone for ParkedEvents<S> {
     }
 }
 
-impl<S: EventStore + ?Sized> ParkedEvents<S> {
+impl<S: Store + ?Sized> ParkedEvents<S> {
     /// Parked events of any handler in `store`.
     pub fn new(store: Arc<S>) -> Self {
         Self { store }

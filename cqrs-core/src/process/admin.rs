@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::coordination::{ProcessInstance, SetAsideCommand};
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The operator's handle on process managers' durable state (a library API, like
 /// [`ParkedEvents`](crate::ParkedEvents) for parked events).
@@ -36,7 +36,7 @@ impl<S: ?Sized> Clone for ProcessAdmin<S> {
     }
 }
 
-impl<S: EventStore + ?Sized> ProcessAdmin<S> {
+impl<S: Store + ?Sized> ProcessAdmin<S> {
     /// Process managers kept in `store`.
     pub fn new(store: Arc<S>) -> Self {
         Self { store }

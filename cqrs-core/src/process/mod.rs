@@ -72,7 +72,7 @@ use crate::dispatcher::DispatchError;
 use crate::event::{DomainEvent, Envelope};
 use crate::handler::{spawn_handler, HandlerError, Progress, RunnerConfig, RunningHandler};
 use crate::ids::Timestamp;
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// How an event concerns a process manager.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,7 +414,7 @@ pub fn spawn_process_manager<S, P, R>(
     progress: &Progress,
 ) -> RunningProcess
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {
