@@ -8,7 +8,8 @@
 //! instant unless the claim was renewed; another process can take the claim only after the
 //! store's expiry. So their active periods cannot overlap. Writes the store makes on the
 //! runner's behalf are fenced by the claim's token on top of that
-//! ([`EventStore::save_checkpoint_claimed`], and the fenced parked-event writes).
+//! ([`Coordination::save_checkpoint_claimed`](crate::Coordination::save_checkpoint_claimed),
+//! and the fenced parked-event writes).
 //!
 //! "The runner acts" covers every path: the feeder's reads and their back-off, each worker's
 //! handling and retries (a worker ends its own work when the lease ends, whatever the feeder

@@ -6,9 +6,10 @@
 //!   whether it runs in one process at a time ([`Placement`]), how many workers it has, and
 //!   what it does with an event that keeps failing ([`ErrorPolicy`]).
 //! - One active consumer across processes: an exclusive runner holds a claim in the store
-//!   (see [`EventStore::claim`]); the others stand by ([`HandlerState::Standby`]) and take over
-//!   once it lapses. Its checkpoint writes are fenced by the claim, and it stops handling
-//!   before the claim could lapse, so two processes are never active at once.
+//!   (see [`Coordination::claim`](crate::Coordination::claim)); the others stand by
+//!   ([`HandlerState::Standby`]) and take over once it lapses. Its checkpoint writes are
+//!   fenced by the claim, and it stops handling before the claim could lapse, so two
+//!   processes are never active at once.
 //! - Parked events: with [`ErrorPolicy::ParkAfter`], an event that fails too often is stored
 //!   with its error (with every later event of its sequence behind it, in order) and the
 //!   handler goes on; [`ParkedEvents`] lets an operator list, retry or discard them.
@@ -543,7 +544,8 @@ tokio::task_local! {
 /// The claim under which the current event is being handled, inside
 /// [`EventHandler::handle`] of an exclusive runner: pass it as the fence of writes that must
 /// not land once another process has taken over (for example
-/// [`EventStore::save_process`]). `None` outside a handler or for an every-process runner.
+/// [`Coordination::save_process`](crate::Coordination::save_process)). `None` outside a
+/// handler or for an every-process runner.
 pub fn current_claim() -> Option<Claim> {
     CURRENT_CLAIM.try_with(Clone::clone).ok().flatten()
 }

@@ -14,8 +14,8 @@ use crate::store::{Store, StoreError};
 ///
 /// ```
 /// # use std::sync::Arc;
-/// # use cqrs_core::{EventStore, ParkedEvents, Position};
-/// # async fn demo<S: EventStore>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
+/// # use cqrs_core::{ParkedEvents, Position, Store};
+/// # async fn demo<S: Store>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
 /// let parked = ParkedEvents::new(store);
 /// for event in parked.list("mailer").await? {
 ///     println!("{} {} {}: {}", event.position, event.stream_id, event.event_type, event.error);

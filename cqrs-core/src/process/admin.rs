@@ -11,8 +11,8 @@ use crate::store::{Store, StoreError};
 ///
 /// ```
 /// # use std::sync::Arc;
-/// # use cqrs_core::{EventStore, ProcessAdmin};
-/// # async fn demo<S: EventStore>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
+/// # use cqrs_core::{ProcessAdmin, Store};
+/// # async fn demo<S: Store>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
 /// let admin = ProcessAdmin::new(store);
 /// for instance in admin.instances("fulfilment", None, 100).await? {
 ///     println!("{} at {} ended: {}", instance.key, instance.state.position, instance.state.ended);

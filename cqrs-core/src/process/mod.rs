@@ -3,8 +3,9 @@
 //! A [`ProcessManager`] routes each event to an instance by a correlation key (an order id,
 //! say): [`Route::Start`], [`Route::Continue`] or [`Route::Stop`]. For that instance it decides
 //! commands to send now and commands to send later ([`Effects`]), and evolves the instance's
-//! state, which the store keeps ([`EventStore::save_process`]). Commands go out through a
-//! [`CommandRouter`] (usually one [`Dispatcher`](crate::Dispatcher) per aggregate) with
+//! state, which the store keeps
+//! ([`Coordination::save_process`](crate::Coordination::save_process)). Commands go out
+//! through a [`CommandRouter`] (usually one [`Dispatcher`](crate::Dispatcher) per aggregate) with
 //! causation and correlation from the triggering event.
 //!
 //! **Exactly-once effects under at-least-once delivery.** Every command's id is derived from

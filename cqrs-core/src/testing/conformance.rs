@@ -1,5 +1,5 @@
-//! The store conformance suite: one `pub async fn` per property of the [`EventStore`]
-//! contract. Every backend runs all of them, usually through
+//! The store conformance suite: one `pub async fn` per property of the [`EventStore`] and
+//! [`Coordination`](crate::Coordination) contracts. Every backend runs all of them, usually through
 //! [`conformance_tests!`](crate::conformance_tests), which emits one `#[tokio::test]` per property.
 //!
 //! Each function takes a fresh, empty store and panics with a message naming the broken rule.
@@ -16,7 +16,9 @@ use crate::coordination::ClaimOutcome;
 use crate::dispatcher::{Dispatcher, SnapshotPolicy};
 use crate::event::{Metadata, NewEvent, RecordedEvent, Upcasters};
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
-use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, Store, StoreError};
+use crate::store::{
+    AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, Store, StoreError,
+};
 use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
 use crate::testing::saga;
