@@ -149,6 +149,17 @@ pub trait Coordination: Send + Sync + 'static {
 /// Object-safe, so an application that picks its store at run time holds an `Arc<dyn Store>`;
 /// an `Arc<dyn Store>` (or `&dyn Store`) coerces to `Arc<dyn EventStore>` where only the log is
 /// needed.
+///
+/// A store that keeps only the log cannot be given to what needs coordination; that is a
+/// compile error, not a failure at run time:
+///
+/// ```compile_fail,E0277
+/// # use std::sync::Arc;
+/// # use cqrs_core::{EventStore, ParkedEvents};
+/// async fn list<S: EventStore>(store: Arc<S>) {
+///     let _ = ParkedEvents::new(store).list("mailer").await; // needs `S: Store`
+/// }
+/// ```
 pub trait Store: EventStore + Coordination {}
 
 impl<T: EventStore + Coordination + ?Sized> Store for T {}

@@ -110,7 +110,7 @@ pub fn validate_append(events: &[NewEvent]) -> Result<Option<CommandId>, StoreEr
     Ok(command_id)
 }
 
-/// Errors of an [`EventStore`].
+/// Errors of an [`EventStore`] or a [`Coordination`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {

@@ -16,9 +16,7 @@ use crate::coordination::ClaimOutcome;
 use crate::dispatcher::{Dispatcher, SnapshotPolicy};
 use crate::event::{Metadata, NewEvent, RecordedEvent, Upcasters};
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
-use crate::store::{
-    AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, Store, StoreError,
-};
+use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, Store, StoreError};
 use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
 use crate::testing::saga;
