@@ -11,6 +11,7 @@ use cqrs_core::{
 };
 
 use crate::MemoryStore;
+
 #[async_trait]
 impl Coordination for MemoryStore {
     async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {

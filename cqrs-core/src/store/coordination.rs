@@ -23,9 +23,10 @@ use crate::store::{EventStore, StoreError};
 /// serve a [`Dispatcher`](crate::Dispatcher) or a [`Subscription`](crate::Subscription) but not a
 /// runner, and using it for one is a compile error.
 ///
-/// Contract, checked by [`crate::testing::conformance`] for every backend: claims, fences and
-/// schedules follow the store's own clock (the database's, for a shared store), and every
-/// fenced write is atomic with its check of the claim.
+/// Contract, checked by [`crate::testing::conformance`] for every backend: a claim has one
+/// holder at a time and lapses by the store's own clock (the database's, for a shared store);
+/// every write fenced by a claim is atomic with its check of the claim, and writes nothing
+/// once the claim is lost.
 ///
 /// Object-safe like [`EventStore`], and written with [`macro@async_trait`] for the same reason.
 #[async_trait]
