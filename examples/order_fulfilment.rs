@@ -19,7 +19,7 @@ use cqrs_core::TestClock;
 use cqrs_core::{
     spawn_process_manager, Aggregate, Clock, Command, CommandEnvelope, CommandRouter, Dispatcher, DomainEvent, Effects,
     Envelope, EventStore, HandlerError, ProcessManager, Progress, Rejection, Route, RouteError, RunnerConfig,
-    RunningHandler, RunningProcess, StreamId,
+    RunningHandler, RunningProcess, Store, StreamId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -754,7 +754,7 @@ impl Backend {
         }
     }
 
-    fn store(&self) -> Arc<dyn EventStore> {
+    fn store(&self) -> Arc<dyn Store> {
         match self {
             Backend::Sqlite(store) => Arc::new(store.clone()),
             Backend::Postgres(store) => Arc::new(store.clone()),
@@ -819,10 +819,12 @@ impl Shop {
         crash_after: Option<(usize, Arc<tokio::sync::Notify>)>,
     ) -> Self {
         let store = backend.store();
+        // The dispatchers need only the event log; the process manager needs the whole store.
+        let log: Arc<dyn EventStore> = store.clone();
         let progress = Progress::new();
-        let orders = Dispatcher::<Order, dyn EventStore>::new(Arc::clone(&store));
-        let inventory = Dispatcher::<Inventory, dyn EventStore>::new(Arc::clone(&store));
-        let payments = Dispatcher::<PaymentState, dyn EventStore>::new(Arc::clone(&store));
+        let orders = Dispatcher::<Order, dyn EventStore>::new(Arc::clone(&log));
+        let inventory = Dispatcher::<Inventory, dyn EventStore>::new(Arc::clone(&log));
+        let payments = Dispatcher::<PaymentState, dyn EventStore>::new(Arc::clone(&log));
         let routed = Arc::new(Mutex::new(HashSet::new()));
         let router = Router {
             orders: orders.clone(),

@@ -1,6 +1,6 @@
 //! What handlers keep in the store besides their checkpoints: claims (one active consumer per
 //! handler across processes), parked events, process-manager state and scheduled commands.
-//! The [`EventStore`](crate::EventStore) methods that keep them take and return these types.
+//! The [`Coordination`](crate::Coordination) methods that keep them take and return these types.
 
 use std::fmt;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use crate::ids::{CommandId, EventId, Position, StreamId, Timestamp};
 
 /// A claim held on a name: the right to be its one active consumer until `expires_at`,
 /// unless renewed. `token` grows every time the claim changes hands, so a write fenced by a
-/// token ([`EventStore::save_checkpoint_claimed`](crate::EventStore::save_checkpoint_claimed))
+/// token ([`Coordination::save_checkpoint_claimed`](crate::Coordination::save_checkpoint_claimed))
 /// fails once another process has taken over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
@@ -25,7 +25,7 @@ pub struct Claim {
     pub expires_at: Timestamp,
 }
 
-/// The answer to [`EventStore::claim`](crate::EventStore::claim).
+/// The answer to [`Coordination::claim`](crate::Coordination::claim).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
     /// The caller holds the claim (newly taken, or renewed).
@@ -108,7 +108,7 @@ pub struct ParkedEvent {
 /// `ended`, with the position of the event that ended it and a `null` state. It keeps a replay
 /// (after a checkpoint that lagged behind) from starting the instance again: events at or below
 /// its position were handled. Tombstones at or below the process manager's saved checkpoint
-/// are pruned ([`EventStore::prune_processes`](crate::EventStore::prune_processes)), since no
+/// are pruned ([`Coordination::prune_processes`](crate::Coordination::prune_processes)), since no
 /// replay reaches them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessState {
@@ -162,8 +162,8 @@ pub struct Scheduled {
 
 /// A scheduled command its scheduler set aside: unreadable (its command type changed shape), or
 /// failing [`MAX_FIRING_ATTEMPTS`] times. It no longer fires (nor holds back others) until an
-/// operator retries it ([`EventStore::retry_scheduled`](crate::EventStore::retry_scheduled)) or
-/// discards it ([`EventStore::unschedule`](crate::EventStore::unschedule)); see
+/// operator retries it ([`Coordination::retry_scheduled`](crate::Coordination::retry_scheduled)) or
+/// discards it ([`Coordination::unschedule`](crate::Coordination::unschedule)); see
 /// [`ProcessAdmin`](crate::ProcessAdmin).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SetAsideCommand {

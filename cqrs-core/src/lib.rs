@@ -4,9 +4,10 @@
 //! - [`ids`]: stream ids, versions, positions and message ids.
 //! - [`event`]: the event trait, envelopes, metadata and upcasting.
 //! - [`aggregate`]: the write model and command envelopes.
-//! - [`store`]: the [`EventStore`] trait that backends implement.
+//! - [`store`]: for store authors: the [`EventStore`] (event log) and [`Coordination`] traits,
+//!   joined by [`Store`], with their errors, the append checks, row helpers and the group-commit
+//!   queue ([`store::batching`]).
 //! - [`coordination`]: claims, parked events, process state and schedules kept by the store.
-//! - [`batching`]: for store implementors, the group-commit write queue with its fairness rule.
 //! - [`subscription`]: catch-up-then-live feeds over any store.
 //! - [`dispatcher`]: the command path with caching, retries and read-your-writes.
 //! - [`handler`]: projections and side effects, driven from durable checkpoints; one active
@@ -22,7 +23,6 @@
 extern crate self as cqrs_core;
 
 pub mod aggregate;
-pub mod batching;
 mod cache;
 pub mod clock;
 pub mod coordination;
@@ -37,7 +37,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-/// Re-exported so [`EventStore`] implementations need no extra dependency:
+/// Re-exported so [`EventStore`] and [`Coordination`] implementations need no extra dependency:
 /// `#[cqrs_core::async_trait]`.
 pub use async_trait::async_trait;
 
@@ -111,8 +111,8 @@ pub use coordination::{
 };
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
-    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, RowNames, UpcastResult,
-    Upcaster, Upcasters,
+    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, UpcastResult, Upcaster,
+    Upcasters,
 };
 pub use handler::{
     current_claim, spawn_batch_handler, spawn_handler, BatchHandler, Checkpoints, ErrorPolicy, EventHandler,
@@ -125,7 +125,7 @@ pub use process::{
     RepeatedStep, Route, RouteError, RunningProcess,
 };
 pub use store::{
-    append_links_one_by_one, chain_broken, validate_append, AppendOutcome, AppendResult, EventStore, ExpectedVersion,
-    Snapshot, StoreError, DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,
+    AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, Store, StoreError,
+    DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,
 };
 pub use subscription::Subscription;

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
+use cqrs_core::store::Coordination;
 use cqrs_core::{
     Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState,
     Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp,
@@ -15,6 +17,7 @@ use uuid::Uuid;
 
 use crate::error::to_store_error;
 use crate::rows::{to_i64_saturating, to_u64};
+use crate::PgEventStore;
 
 /// A timestamptz bound as microseconds since the epoch.
 const FROM_MICROS: &str = "'epoch'::timestamptz + $X * interval '1 microsecond'";
@@ -460,4 +463,117 @@ pub(crate) async fn retry_scheduled(pool: &PgPool, owner: &str, key: &str, name:
     .await
     .map_err(to_store_error)?;
     Ok(updated.rows_affected() > 0)
+}
+
+#[async_trait]
+impl Coordination for PgEventStore {
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        claim(&self.inner.pool, name, owner, ttl).await
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        release_claim(&self.inner.pool, claim).await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        claims(&self.inner.pool).await
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        save_checkpoint_claimed(&self.inner.pool, name, position, claim).await
+    }
+
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+        park(&self.inner.pool, &event, fence).await
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        parked(&self.inner.pool, handler).await
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        set_parked_status(&self.inner.pool, handler, position, status, fence).await
+    }
+
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        parked_retry_failed(&self.inner.pool, handler, position, error, fence).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
+        unpark(&self.inner.pool, handler, position, fence).await
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        load_process(&self.inner.pool, process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        save_process(&self.inner.pool, process, key, state, fence).await
+    }
+
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        process_instances(&self.inner.pool, process, after, max).await
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        prune_processes(&self.inner.pool, process, position).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        schedule(&self.inner.pool, &scheduled).await
+    }
+
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        unschedule(&self.inner.pool, owner, key, name, only).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        due(&self.inner.pool, owner, now, max).await
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        scheduled_failed(&self.inner.pool, scheduled, error, retry_at).await
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        set_aside_scheduled(&self.inner.pool, owner).await
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        retry_scheduled(&self.inner.pool, owner, key, name).await
+    }
 }

@@ -16,10 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
+use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
-    AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
-    ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot,
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
     StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -284,7 +283,7 @@ fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<Com
             return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
         }
     }
-    cqrs_core::validate_append(events)
+    cqrs_core::store::validate_append(events)
 }
 
 #[async_trait]
@@ -335,12 +334,12 @@ impl EventStore for PgEventStore {
         for events in &links {
             match validate(ExpectedVersion::Exact(expected), events) {
                 Ok(Some(command_id)) => checked.push((ExpectedVersion::Exact(expected), command_id)),
-                _ => return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await,
+                _ => return cqrs_core::store::append_links_one_by_one(self, stream_id, version, links).await,
             }
             expected = Version(expected.0 + events.len() as u64);
         }
         if links.len() < 2 {
-            return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await;
+            return cqrs_core::store::append_links_one_by_one(self, stream_id, version, links).await;
         }
         let mut answers = Vec::with_capacity(links.len());
         let mut requests = Vec::with_capacity(links.len());
@@ -550,116 +549,6 @@ impl EventStore for PgEventStore {
         .await
         .map_err(to_store_error)?;
         Ok(())
-    }
-
-    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        coordination::claim(&self.inner.pool, name, owner, ttl).await
-    }
-
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
-        coordination::release_claim(&self.inner.pool, claim).await
-    }
-
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        coordination::claims(&self.inner.pool).await
-    }
-
-    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
-        coordination::save_checkpoint_claimed(&self.inner.pool, name, position, claim).await
-    }
-
-    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
-        coordination::park(&self.inner.pool, &event, fence).await
-    }
-
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
-        coordination::parked(&self.inner.pool, handler).await
-    }
-
-    async fn set_parked_status(
-        &self,
-        handler: &str,
-        position: Position,
-        status: ParkedStatus,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        coordination::set_parked_status(&self.inner.pool, handler, position, status, fence).await
-    }
-
-    async fn parked_retry_failed(
-        &self,
-        handler: &str,
-        position: Position,
-        error: &str,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        coordination::parked_retry_failed(&self.inner.pool, handler, position, error, fence).await
-    }
-
-    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
-        coordination::unpark(&self.inner.pool, handler, position, fence).await
-    }
-
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-        coordination::load_process(&self.inner.pool, process, key).await
-    }
-
-    async fn save_process(
-        &self,
-        process: &str,
-        key: &str,
-        state: Option<&ProcessState>,
-        fence: Option<&Claim>,
-    ) -> Result<(), StoreError> {
-        coordination::save_process(&self.inner.pool, process, key, state, fence).await
-    }
-
-    async fn process_instances(
-        &self,
-        process: &str,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Vec<ProcessInstance>, StoreError> {
-        coordination::process_instances(&self.inner.pool, process, after, max).await
-    }
-
-    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
-        coordination::prune_processes(&self.inner.pool, process, position).await
-    }
-
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
-        coordination::schedule(&self.inner.pool, &scheduled).await
-    }
-
-    async fn unschedule(
-        &self,
-        owner: &str,
-        key: &str,
-        name: &str,
-        only: Option<CommandId>,
-    ) -> Result<bool, StoreError> {
-        coordination::unschedule(&self.inner.pool, owner, key, name, only).await
-    }
-
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
-        coordination::due(&self.inner.pool, owner, now, max).await
-    }
-
-    async fn scheduled_failed(
-        &self,
-        scheduled: &Scheduled,
-        error: &str,
-        retry_at: Option<Timestamp>,
-    ) -> Result<bool, StoreError> {
-        coordination::scheduled_failed(&self.inner.pool, scheduled, error, retry_at).await
-    }
-
-    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
-        coordination::set_aside_scheduled(&self.inner.pool, owner).await
-    }
-
-    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        coordination::retry_scheduled(&self.inner.pool, owner, key, name).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
+use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
     AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, StoreError,
     StreamId, Timestamp, Version,
@@ -55,7 +55,7 @@ impl QueuedWrite for AppendRequest {
 
 /// The answer to a chain link that was not attempted.
 fn skipped(request: &AppendRequest) -> StoreError {
-    cqrs_core::chain_broken(&request.stream_id, request.expected)
+    cqrs_core::store::chain_broken(&request.stream_id, request.expected)
 }
 
 /// The writer task's connection, kept across batches (no pool checkout, release and ping per
@@ -288,7 +288,7 @@ async fn run_with_retries(connection: &mut WriterConnection, batch: &[AppendRequ
 
 /// Answers each request from its result row; returns, per request, whether it was appended.
 /// An append that lost a version conflict and carries a command id gets its stream reserved for
-/// its retry first (see [`cqrs_core::batching`]).
+/// its retry first (see [`cqrs_core::store::batching`]).
 fn answer(batch: Vec<AppendRequest>, written: &Written, shared: &WriterShared) -> Vec<bool> {
     let rows = &written.rows;
     let mut appended = Vec::with_capacity(batch.len());

@@ -11,6 +11,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use cqrs_core::store::Coordination;
 use cqrs_core::{
     Claim, ClaimOutcome, CommandId, EventId, ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState,
     Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp,
@@ -23,6 +25,7 @@ use uuid::Uuid;
 use crate::error::to_store_error;
 use crate::rows::{json, limit, to_i64_saturating, to_u64};
 use crate::writer::{write_op, Answer, OpFuture, WriteRequest};
+use crate::SqliteEventStore;
 
 /// Runs `work` on the writer's connection inside its next batch transaction, and returns its
 /// result once that transaction has committed (or the batch's failure instead). A database
@@ -575,4 +578,120 @@ pub(crate) async fn retry_scheduled(
         })
     })
     .await
+}
+
+#[async_trait]
+impl Coordination for SqliteEventStore {
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        claim(&self.inner.writes, name, owner, ttl).await
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        release_claim(&self.inner.writes, claim).await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        claims(&self.inner.readers).await
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        let position = i64::try_from(position.0)
+            .map_err(|_| StoreError::InvalidAppend(format!("checkpoint {position} does not fit in an integer")))?;
+        save_checkpoint_claimed(&self.inner.writes, name, position, claim).await
+    }
+
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+        park(&self.inner.writes, event, fence).await
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        parked(&self.inner.readers, handler).await
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        update_parked(&self.inner.writes, handler, position, ParkedUpdate::Status(status), fence).await
+    }
+
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        let update = ParkedUpdate::RetryFailed(error.to_owned());
+        update_parked(&self.inner.writes, handler, position, update, fence).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
+        update_parked(&self.inner.writes, handler, position, ParkedUpdate::Remove, fence).await
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        load_process(&self.inner.readers, process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        save_process(&self.inner.writes, process, key, state, fence).await
+    }
+
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        process_instances(&self.inner.readers, process, after, max).await
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        prune_processes(&self.inner.writes, process, position).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        schedule(&self.inner.writes, scheduled).await
+    }
+
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        unschedule(&self.inner.writes, owner, key, name, only).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        due(&self.inner.readers, owner, now, max).await
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        scheduled_failed(&self.inner.writes, scheduled, error, retry_at).await
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        set_aside_scheduled(&self.inner.readers, owner).await
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        retry_scheduled(&self.inner.writes, owner, key, name).await
+    }
 }

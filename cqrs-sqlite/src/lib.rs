@@ -14,10 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cqrs_core::batching::{BatchLimits, BatchQueue, Reservations};
+use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
-    AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
-    ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled, SetAsideCommand, Snapshot,
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
     StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -28,7 +27,6 @@ pub use crate::config::SqliteStoreConfig;
 pub use crate::error::SqliteStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProjection};
 
-use crate::coordination::ParkedUpdate;
 use crate::error::{open_error, to_store_error};
 use crate::rows::{command_result, limit, to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::{AppendRequest, Counters, WriteRequest, Writer};
@@ -265,7 +263,7 @@ fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<Com
             return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
         }
     }
-    cqrs_core::validate_append(events)
+    cqrs_core::store::validate_append(events)
 }
 
 #[async_trait]
@@ -303,12 +301,12 @@ impl EventStore for SqliteEventStore {
             match validate(ExpectedVersion::Exact(expected), events) {
                 Ok(command_id) => checked.push((ExpectedVersion::Exact(expected), command_id)),
                 // A refused link: link by link, which answers it and stops there.
-                Err(_) => return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await,
+                Err(_) => return cqrs_core::store::append_links_one_by_one(self, stream_id, version, links).await,
             }
             expected = Version(expected.0.saturating_add(events.len() as u64));
         }
         if links.len() < 2 {
-            return cqrs_core::append_links_one_by_one(self, stream_id, version, links).await;
+            return cqrs_core::store::append_links_one_by_one(self, stream_id, version, links).await;
         }
         let started = std::time::Instant::now();
         let events: usize = links.iter().map(Vec::len).sum();
@@ -452,119 +450,6 @@ impl EventStore for SqliteEventStore {
         }
         let state = snapshot.state.to_string();
         self.write(|reply| WriteRequest::Snapshot { snapshot, state, reply }).await
-    }
-
-    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        coordination::claim(&self.inner.writes, name, owner, ttl).await
-    }
-
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
-        coordination::release_claim(&self.inner.writes, claim).await
-    }
-
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        coordination::claims(&self.inner.readers).await
-    }
-
-    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
-        let position = i64::try_from(position.0)
-            .map_err(|_| StoreError::InvalidAppend(format!("checkpoint {position} does not fit in an integer")))?;
-        coordination::save_checkpoint_claimed(&self.inner.writes, name, position, claim).await
-    }
-
-    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
-        coordination::park(&self.inner.writes, event, fence).await
-    }
-
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
-        coordination::parked(&self.inner.readers, handler).await
-    }
-
-    async fn set_parked_status(
-        &self,
-        handler: &str,
-        position: Position,
-        status: ParkedStatus,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        coordination::update_parked(&self.inner.writes, handler, position, ParkedUpdate::Status(status), fence).await
-    }
-
-    async fn parked_retry_failed(
-        &self,
-        handler: &str,
-        position: Position,
-        error: &str,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        let update = ParkedUpdate::RetryFailed(error.to_owned());
-        coordination::update_parked(&self.inner.writes, handler, position, update, fence).await
-    }
-
-    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
-        coordination::update_parked(&self.inner.writes, handler, position, ParkedUpdate::Remove, fence).await
-    }
-
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-        coordination::load_process(&self.inner.readers, process, key).await
-    }
-
-    async fn save_process(
-        &self,
-        process: &str,
-        key: &str,
-        state: Option<&ProcessState>,
-        fence: Option<&Claim>,
-    ) -> Result<(), StoreError> {
-        coordination::save_process(&self.inner.writes, process, key, state, fence).await
-    }
-
-    async fn process_instances(
-        &self,
-        process: &str,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Vec<ProcessInstance>, StoreError> {
-        coordination::process_instances(&self.inner.readers, process, after, max).await
-    }
-
-    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
-        coordination::prune_processes(&self.inner.writes, process, position).await
-    }
-
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
-        coordination::schedule(&self.inner.writes, scheduled).await
-    }
-
-    async fn unschedule(
-        &self,
-        owner: &str,
-        key: &str,
-        name: &str,
-        only: Option<CommandId>,
-    ) -> Result<bool, StoreError> {
-        coordination::unschedule(&self.inner.writes, owner, key, name, only).await
-    }
-
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
-        coordination::due(&self.inner.readers, owner, now, max).await
-    }
-
-    async fn scheduled_failed(
-        &self,
-        scheduled: &Scheduled,
-        error: &str,
-        retry_at: Option<Timestamp>,
-    ) -> Result<bool, StoreError> {
-        coordination::scheduled_failed(&self.inner.writes, scheduled, error, retry_at).await
-    }
-
-    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
-        coordination::set_aside_scheduled(&self.inner.readers, owner).await
-    }
-
-    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        coordination::retry_scheduled(&self.inner.writes, owner, key, name).await
     }
 
     fn notifications(&self) -> watch::Receiver<Position> {

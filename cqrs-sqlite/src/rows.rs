@@ -6,9 +6,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cqrs_core::store::RowNames;
 use cqrs_core::{
-    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, RowNames,
-    StoreError, Timestamp, Version,
+    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError,
+    Timestamp, Version,
 };
 use futures_util::TryStreamExt;
 use sqlx::query::Query;

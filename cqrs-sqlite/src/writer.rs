@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cqrs_core::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
+use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
     AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError, StreamId,
     Timestamp, Version,
@@ -483,7 +483,7 @@ impl Writer {
         let mut broken = false;
         while let Some(link) = links.next() {
             if broken {
-                let outcome = Err(cqrs_core::chain_broken(&link.stream_id, link.expected));
+                let outcome = Err(cqrs_core::store::chain_broken(&link.stream_id, link.expected));
                 pending.push(Pending::Append(link.reply, outcome));
                 continue;
             }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use cqrs_core::{
     spawn_handler, Checkpoints, Dispatcher, EventStore, HandlerState, Position, Progress, RunnerConfig, RunningHandler,
-    StartFrom, Upcasters,
+    StartFrom, Store, Upcasters,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -40,12 +40,12 @@ impl App {
     /// Starts the read model's live feed and the ticker, and waits up to `ready_timeout` for
     /// the feed to reach the store's head (it starts there, so this is quick; until then
     /// `/health` and room pages answer 503 "rebuilding").
-    pub async fn start(store: Arc<dyn EventStore>, mut config: AppConfig, ready_timeout: Duration) -> Self {
+    pub async fn start(store: Arc<dyn Store>, mut config: AppConfig, ready_timeout: Duration) -> Self {
         if config.node.is_empty() {
             config.node = cqrs_core::default_owner();
         }
         let progress = Progress::new();
-        let model = Model::new(Arc::clone(&store), LivePresent, config.rooms.clone());
+        let model = Model::new(Arc::clone(&store) as Arc<dyn EventStore>, LivePresent, config.rooms.clone());
         let runner = RunnerConfig {
             start_from: StartFrom::Current,
             checkpoints: Checkpoints::InMemory,
@@ -71,7 +71,8 @@ impl App {
         };
         cap_connections(&mut config);
         let limits = Arc::new(Limits::new(config.limits.clone()));
-        let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store)).with_progress(progress.clone());
+        let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store) as Arc<dyn EventStore>)
+            .with_progress(progress.clone());
         let commands = Commands::new(dispatcher.clone(), Arc::clone(&metrics), Arc::clone(&limits));
         let (lobby_tx, lobby) = watch::channel(Arc::from(render::room_list(&[]).into_string()));
         let empty = render::metrics(&Snapshot::default(), &History::default(), &[]).into_string();
@@ -155,7 +156,7 @@ fn cap_connections(config: &mut AppConfig) {
 
 /// Marks the model ready once the feed runs from the store's head, after filling the lobby
 /// from the log's last events.
-async fn become_ready(store: Arc<dyn EventStore>, model: Model, mut status: watch::Receiver<cqrs_core::HandlerStatus>) {
+async fn become_ready(store: Arc<dyn Store>, model: Model, mut status: watch::Receiver<cqrs_core::HandlerStatus>) {
     let Ok(running) = status.wait_for(|s| s.state == HandlerState::Running).await.map(|s| s.position) else { return };
     let mut after = Position(running.0.saturating_sub(LOBBY_SEED_EVENTS));
     while after < running {
@@ -184,7 +185,7 @@ async fn become_ready(store: Arc<dyn EventStore>, model: Model, mut status: watc
 }
 
 struct Ticker {
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn Store>,
     model: Model,
     metrics: Arc<Metrics>,
     limits: Arc<Limits>,

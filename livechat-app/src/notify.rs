@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::{
-    spawn_handler, Checkpoints, Envelope, ErrorPolicy, EventHandler, EventStore, HandlerError, Placement, Progress,
-    RunnerConfig, RunningHandler, StartFrom,
+    spawn_handler, Checkpoints, Envelope, ErrorPolicy, EventHandler, HandlerError, Placement, Progress, RunnerConfig,
+    RunningHandler, StartFrom, Store,
 };
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
@@ -242,7 +242,7 @@ impl EventHandler for MentionNotifier {
 /// Starts the notifier for `config` (none with [`Notifications::Off`]): exclusive across the
 /// processes sharing `store`, checkpointed in it, from the store's head the first time.
 pub fn spawn_notifier(
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn Store>,
     config: &NotifierConfig,
     owner: &str,
     delivered: metrics::Counter,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use cqrs_core::EventStore;
+use cqrs_core::Store;
 use cqrs_memory::MemoryStore;
 use cqrs_postgres::PgEventStore;
 use cqrs_sqlite::SqliteEventStore;
@@ -94,7 +94,7 @@ pub fn describe_store(url: &str) -> String {
 
 /// Opens the store a URL names: `sqlite://PATH` (created if missing), `memory`, or
 /// `postgres://…` (migrated on open).
-pub async fn open_store(url: &str) -> Result<Arc<dyn EventStore>, ServerError> {
+pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
     if url == "memory" {
         return Ok(Arc::new(MemoryStore::new()));
     }

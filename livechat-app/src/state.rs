@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::{EventStore, Progress};
+use cqrs_core::{EventStore, Progress, Store};
 use tokio::sync::watch;
 
 use crate::commands::Commands;
@@ -63,7 +63,7 @@ pub struct AppConfig {
 /// Everything a request or a view task needs. Shared behind an `Arc`.
 pub struct AppState {
     /// The event store.
-    pub store: Arc<dyn EventStore>,
+    pub store: Arc<dyn Store>,
     /// The command path (its dispatcher is `commands.dispatcher`).
     pub commands: Commands,
     /// The chat's dispatcher (the same as `commands.dispatcher`).

@@ -23,7 +23,7 @@ use super::{
 use crate::coordination::Claim;
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
 use crate::ids::Position;
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 use crate::subscription::Subscription;
 
 /// A handler that takes events in batches and commits each batch together with its checkpoint.
@@ -71,7 +71,7 @@ pub fn spawn_batch_handler<S, H>(
     progress: &Progress,
 ) -> RunningHandler
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: BatchHandler,
 {
     let config = RunnerConfig { checkpoints: Checkpoints::Store, ..config };
@@ -89,7 +89,7 @@ async fn run<S, H>(
     status: watch::Sender<HandlerStatus>,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: BatchHandler,
 {
     let name = handler.name().to_owned();
@@ -138,7 +138,7 @@ fn claim_lost(error: &HandlerError) -> bool {
     false
 }
 
-impl<S: EventStore + ?Sized, H: BatchHandler> BatchRunner<S, H> {
+impl<S: Store + ?Sized, H: BatchHandler> BatchRunner<S, H> {
     fn set_state(&self, state: HandlerState) {
         self.status.send_if_modified(|status| {
             let changed = status.state != state;

@@ -8,7 +8,8 @@
 //! instant unless the claim was renewed; another process can take the claim only after the
 //! store's expiry. So their active periods cannot overlap. Writes the store makes on the
 //! runner's behalf are fenced by the claim's token on top of that
-//! ([`EventStore::save_checkpoint_claimed`], and the fenced parked-event writes).
+//! ([`Coordination::save_checkpoint_claimed`](crate::Coordination::save_checkpoint_claimed),
+//! and the fenced parked-event writes).
 //!
 //! "The runner acts" covers every path: the feeder's reads and their back-off, each worker's
 //! handling and retries (a worker ends its own work when the lease ends, whatever the feeder
@@ -27,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::coordination::{Claim, ClaimOutcome};
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// The fraction of the ttl a runner may act on a claim after asking for it.
 const SAFE_FRACTION: f64 = 0.9;
@@ -50,7 +51,7 @@ pub(crate) struct ClaimKeeper {
 
 impl ClaimKeeper {
     /// Starts keeping the claim on `name` for `owner`.
-    pub(crate) fn spawn<S: EventStore + ?Sized>(
+    pub(crate) fn spawn<S: Store + ?Sized>(
         store: Arc<S>,
         name: String,
         owner: String,
@@ -68,7 +69,7 @@ impl ClaimKeeper {
     }
 
     /// Stops renewing and gives the claim up, so a standby takes over at once.
-    pub(crate) async fn release<S: EventStore + ?Sized>(mut self, store: &S, within: Duration) {
+    pub(crate) async fn release<S: Store + ?Sized>(mut self, store: &S, within: Duration) {
         if let Some(task) = self.task.take() {
             task.abort();
             // Wait until it is gone, so no renewal in flight lands after the release.
@@ -98,7 +99,7 @@ impl Drop for ClaimKeeper {
     }
 }
 
-async fn keep<S: EventStore + ?Sized>(
+async fn keep<S: Store + ?Sized>(
     store: Arc<S>,
     name: String,
     owner: String,

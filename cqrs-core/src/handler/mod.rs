@@ -6,9 +6,10 @@
 //!   whether it runs in one process at a time ([`Placement`]), how many workers it has, and
 //!   what it does with an event that keeps failing ([`ErrorPolicy`]).
 //! - One active consumer across processes: an exclusive runner holds a claim in the store
-//!   (see [`EventStore::claim`]); the others stand by ([`HandlerState::Standby`]) and take over
-//!   once it lapses. Its checkpoint writes are fenced by the claim, and it stops handling
-//!   before the claim could lapse, so two processes are never active at once.
+//!   (see [`Coordination::claim`](crate::Coordination::claim)); the others stand by
+//!   ([`HandlerState::Standby`]) and take over once it lapses. Its checkpoint writes are
+//!   fenced by the claim, and it stops handling before the claim could lapse, so two
+//!   processes are never active at once.
 //! - Parked events: with [`ErrorPolicy::ParkAfter`], an event that fails too often is stored
 //!   with its error (with every later event of its sequence behind it, in order) and the
 //!   handler goes on; [`ParkedEvents`] lets an operator list, retry or discard them.
@@ -31,14 +32,14 @@ use tokio::task::JoinHandle;
 use crate::coordination::{Claim, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL};
 use crate::event::{DomainEvent, Envelope, RecordedEvent, Upcasters};
 use crate::ids::Position;
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 pub use batch::{spawn_batch_handler, BatchHandler, DEFAULT_MAX_BATCH};
 pub(crate) use runner::{lease_lost as lease_ended, stopped as stop_signal, Tenures};
 
 /// The tenures (claim periods) of a task named `name` configured like a runner: for
 /// schedulers and other exclusive tasks that are not event handlers.
-pub(crate) fn runner_tenures<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Tenures {
+pub(crate) fn runner_tenures<S: Store + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Tenures {
     Tenures::new(store, name, config)
 }
 pub use parking::ParkedEvents;
@@ -534,7 +535,8 @@ tokio::task_local! {
 /// The claim under which the current event is being handled, inside
 /// [`EventHandler::handle`] of an exclusive runner: pass it as the fence of writes that must
 /// not land once another process has taken over (for example
-/// [`EventStore::save_process`]). `None` outside a handler or for an every-process runner.
+/// [`Coordination::save_process`](crate::Coordination::save_process)). `None` outside a
+/// handler or for an every-process runner.
 pub fn current_claim() -> Option<Claim> {
     CURRENT_CLAIM.try_with(Clone::clone).ok().flatten()
 }
@@ -547,7 +549,7 @@ pub fn current_claim() -> Option<Claim> {
 /// first waits for its claim ([`Placement`]).
 pub fn spawn_handler<S, H>(store: Arc<S>, handler: H, config: RunnerConfig, progress: &Progress) -> RunningHandler
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: EventHandler,
 {
     let name = handler.name().to_owned();
@@ -592,7 +594,7 @@ impl HandlerMetrics {
 
 /// A new runner's status channel (registered with `progress`, with a reader of its checkpoint
 /// in `store` when it keeps one there) and stop channel.
-fn channels<S: EventStore + ?Sized>(
+fn channels<S: Store + ?Sized>(
     name: &str,
     config: &RunnerConfig,
     progress: &Progress,

@@ -8,14 +8,14 @@ use std::sync::Arc;
 
 use crate::coordination::{ParkedEvent, ParkedStatus};
 use crate::ids::Position;
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The operator's handle on parked events (a library API; the chat's dashboard uses it).
 ///
 /// ```
 /// # use std::sync::Arc;
-/// # use cqrs_core::{EventStore, ParkedEvents, Position};
-/// # async fn demo<S: EventStore>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
+/// # use cqrs_core::{ParkedEvents, Position, Store};
+/// # async fn demo<S: Store>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
 /// let parked = ParkedEvents::new(store);
 /// for event in parked.list("mailer").await? {
 ///     println!("{} {} {}: {}", event.position, event.stream_id, event.event_type, event.error);
@@ -35,7 +35,7 @@ impl<S: ?Sized> Clone for ParkedEvents<S> {
     }
 }
 
-impl<S: EventStore + ?Sized> ParkedEvents<S> {
+impl<S: Store + ?Sized> ParkedEvents<S> {
     /// Parked events of any handler in `store`.
     pub fn new(store: Arc<S>) -> Self {
         Self { store }

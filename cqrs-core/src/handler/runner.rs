@@ -33,7 +33,7 @@ use crate::coordination::{Claim, ParkedEvent, ParkedStatus};
 use crate::event::DomainEvent;
 use crate::event::{Envelope, RecordedEvent};
 use crate::ids::{Position, Timestamp};
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 use crate::subscription::Subscription;
 
 /// Events queued per worker (read ahead of the handler).
@@ -49,7 +49,7 @@ struct Shared<S: ?Sized, H> {
     metrics: HandlerMetrics,
 }
 
-impl<S: EventStore + ?Sized, H: EventHandler> Shared<S, H> {
+impl<S: Store + ?Sized, H: EventHandler> Shared<S, H> {
     fn set_state(&self, state: HandlerState) {
         self.status.send_if_modified(|status| {
             let changed = status.state != state;
@@ -148,7 +148,7 @@ pub(crate) struct Tenures {
 }
 
 impl Tenures {
-    pub(crate) fn new<S: EventStore + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Self {
+    pub(crate) fn new<S: Store + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Self {
         let placement = config.placement.resolve(config.checkpoints);
         let keeper = (placement == Placement::Exclusive).then(|| {
             ClaimKeeper::spawn(
@@ -184,7 +184,7 @@ impl Tenures {
 
     /// Gives the claim up (so a standby takes over at once); waits at most the runner's
     /// `stop_timeout` for the store (a store that is down lets the claim lapse instead).
-    pub(crate) async fn finish<S: EventStore + ?Sized>(self, store: &S) {
+    pub(crate) async fn finish<S: Store + ?Sized>(self, store: &S) {
         if let Some(keeper) = self.keeper {
             keeper.release(store, self.release_within).await;
         }
@@ -200,7 +200,7 @@ pub(super) async fn run<S, H>(
     status: watch::Sender<HandlerStatus>,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: EventHandler,
 {
     let name = handler.name().to_owned();
@@ -285,7 +285,7 @@ async fn active<S, H>(
     memory_checkpoint: &mut Option<Position>,
 ) -> End
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: EventHandler,
 {
     shared.set_state(HandlerState::Starting);
@@ -516,7 +516,7 @@ fn worker_of(key: &str, workers: usize) -> usize {
 /// take it (it is done at once).
 fn prepare<S, H>(shared: &Shared<S, H>, event: RecordedEvent, needs_key: bool) -> Option<Job<H::Event>>
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     H: EventHandler,
 {
     match shared.config.upcasters.upcast(&event) {
@@ -545,7 +545,7 @@ struct Feeder<S: ?Sized, H> {
     parked: HashMap<String, Vec<Position>>,
 }
 
-impl<S: EventStore + ?Sized, H: EventHandler> Feeder<S, H> {
+impl<S: Store + ?Sized, H: EventHandler> Feeder<S, H> {
     fn parking_on(&self) -> bool {
         self.shared.parking().is_some() || self.parked_count() > 0
     }
@@ -748,7 +748,7 @@ struct Worker<S: ?Sized, H> {
     done: mpsc::UnboundedSender<Done>,
 }
 
-impl<S: EventStore + ?Sized, H: EventHandler> Worker<S, H> {
+impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
     /// Handles jobs until halted, its queue closes, or its tenure ends: a worker never handles
     /// an event (nor waits to retry one) past its claim, whatever the feeder is doing.
     async fn run(

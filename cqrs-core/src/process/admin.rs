@@ -4,15 +4,15 @@
 use std::sync::Arc;
 
 use crate::coordination::{ProcessInstance, SetAsideCommand};
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// The operator's handle on process managers' durable state (a library API, like
 /// [`ParkedEvents`](crate::ParkedEvents) for parked events).
 ///
 /// ```
 /// # use std::sync::Arc;
-/// # use cqrs_core::{EventStore, ProcessAdmin};
-/// # async fn demo<S: EventStore>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
+/// # use cqrs_core::{ProcessAdmin, Store};
+/// # async fn demo<S: Store>(store: Arc<S>) -> Result<(), cqrs_core::StoreError> {
 /// let admin = ProcessAdmin::new(store);
 /// for instance in admin.instances("fulfilment", None, 100).await? {
 ///     println!("{} at {} ended: {}", instance.key, instance.state.position, instance.state.ended);
@@ -36,7 +36,7 @@ impl<S: ?Sized> Clone for ProcessAdmin<S> {
     }
 }
 
-impl<S: EventStore + ?Sized> ProcessAdmin<S> {
+impl<S: Store + ?Sized> ProcessAdmin<S> {
     /// Process managers kept in `store`.
     pub fn new(store: Arc<S>) -> Self {
         Self { store }

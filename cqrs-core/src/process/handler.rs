@@ -11,7 +11,7 @@ use crate::coordination::{ProcessState, Scheduled};
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
 use crate::handler::{current_claim, EventHandler, HandlerError};
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position};
-use crate::store::{EventStore, StoreError};
+use crate::store::{Store, StoreError};
 
 /// What the store keeps of an instance: its state and the names of its pending schedules (so
 /// stopping the instance cancels them).
@@ -90,7 +90,7 @@ pub(super) struct ProcessHandler<S: ?Sized, P, R> {
     renamed_at: tokio::sync::OnceCell<Position>,
 }
 
-impl<S: EventStore + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> ProcessHandler<S, P, R> {
+impl<S: Store + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> ProcessHandler<S, P, R> {
     pub(super) fn new(store: Arc<S>, manager: Arc<P>, router: Arc<R>) -> Self {
         Self { store, manager, router, renamed_at: tokio::sync::OnceCell::new() }
     }
@@ -140,7 +140,7 @@ impl<S: EventStore + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> Pr
 
 impl<S, P, R> EventHandler for ProcessHandler<S, P, R>
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {

@@ -3,8 +3,9 @@
 //! A [`ProcessManager`] routes each event to an instance by a correlation key (an order id,
 //! say): [`Route::Start`], [`Route::Continue`] or [`Route::Stop`]. For that instance it decides
 //! commands to send now and commands to send later ([`Effects`]), and evolves the instance's
-//! state, which the store keeps ([`EventStore::save_process`]). Commands go out through a
-//! [`CommandRouter`] (usually one [`Dispatcher`](crate::Dispatcher) per aggregate) with
+//! state, which the store keeps
+//! ([`Coordination::save_process`](crate::Coordination::save_process)). Commands go out
+//! through a [`CommandRouter`] (usually one [`Dispatcher`](crate::Dispatcher) per aggregate) with
 //! causation and correlation from the triggering event.
 //!
 //! **Exactly-once effects under at-least-once delivery.** Every command's id is derived from
@@ -73,7 +74,7 @@ use crate::dispatcher::DispatchError;
 use crate::event::{DomainEvent, Envelope};
 use crate::handler::{spawn_handler, HandlerError, Progress, RunnerConfig, RunningHandler};
 use crate::ids::Timestamp;
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// How an event concerns a process manager.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,7 +416,7 @@ pub fn spawn_process_manager<S, P, R>(
     progress: &Progress,
 ) -> RunningProcess
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {

@@ -33,7 +33,7 @@ use crate::aggregate::CommandEnvelope;
 use crate::clock::Clock;
 use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
 use crate::handler::{self, runner_tenures, HandlerState, RunnerConfig};
-use crate::store::EventStore;
+use crate::store::Store;
 
 /// How often the scheduler looks for due commands (a test clock wakes it at once).
 const TICK: Duration = Duration::from_millis(500);
@@ -74,7 +74,7 @@ pub(super) fn spawn<S, P, R>(
     clock: Clock,
 ) -> RunningScheduler
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {
@@ -91,7 +91,7 @@ async fn run<S, P, R>(
     clock: Clock,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {
@@ -135,7 +135,7 @@ async fn run<S, P, R>(
 
 /// Removes the tombstones of ended instances that no replay can reach: at or below the
 /// checkpoint (a replay starts after it).
-async fn prune_tombstones<S: EventStore + ?Sized>(store: &S, process: &str) {
+async fn prune_tombstones<S: Store + ?Sized>(store: &S, process: &str) {
     let checkpoint = match store.load_checkpoint(process).await {
         Ok(Some(checkpoint)) => checkpoint,
         Ok(None) => return,
@@ -157,7 +157,7 @@ async fn prune_tombstones<S: EventStore + ?Sized>(store: &S, process: &str) {
 /// tick) if a row comes back anyway (a store write failed) or was left unresolved.
 async fn fire_due<S, P, R>(store: &S, owner: &str, router: &R, clock: &Clock)
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     P: ProcessManager,
     R: CommandRouter<P::Command>,
 {
@@ -194,7 +194,7 @@ fn backoff(attempts: u32) -> Duration {
 /// recorded).
 async fn fire<S, C, R>(store: &S, router: &R, clock: &Clock, scheduled: Scheduled) -> bool
 where
-    S: EventStore + ?Sized,
+    S: Store + ?Sized,
     C: serde::de::DeserializeOwned,
     R: CommandRouter<C>,
 {
@@ -246,7 +246,7 @@ where
 }
 
 /// Sets a scheduled command aside (counted); true once stored.
-async fn set_aside<S: EventStore + ?Sized>(store: &S, process: &str, scheduled: &Scheduled, error: &str) -> bool {
+async fn set_aside<S: Store + ?Sized>(store: &S, process: &str, scheduled: &Scheduled, error: &str) -> bool {
     match store.scheduled_failed(scheduled, error, None).await {
         Ok(stored) => {
             if stored {

@@ -1,5 +1,5 @@
-//! The store conformance suite: one `pub async fn` per property of the [`EventStore`]
-//! contract. Every backend runs all of them, usually through
+//! The store conformance suite: one `pub async fn` per property of the [`EventStore`] and
+//! [`Coordination`](crate::Coordination) contracts. Every backend runs all of them, usually through
 //! [`conformance_tests!`](crate::conformance_tests), which emits one `#[tokio::test]` per property.
 //!
 //! Each function takes a fresh, empty store and panics with a message naming the broken rule.
@@ -16,7 +16,7 @@ use crate::coordination::ClaimOutcome;
 use crate::dispatcher::{Dispatcher, SnapshotPolicy};
 use crate::event::{Metadata, NewEvent, RecordedEvent, Upcasters};
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
-use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
+use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, Store, StoreError};
 use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
 use crate::testing::saga;
@@ -1062,7 +1062,7 @@ pub async fn events_decode_by_their_stored_name<S: EventStore + ?Sized>(store: A
 /// Through a handler runner: a handler takes the events its type declares for their stream
 /// category, so two aggregates that both emit `Opened` do not feed each other's handlers, and
 /// the checkpoint still moves past the events it does not take.
-pub async fn handlers_take_their_category_only<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn handlers_take_their_category_only<S: Store + ?Sized>(store: Arc<S>) {
     use crate::handler::{spawn_handler, Checkpoints, EventHandler, HandlerError, Progress, RunnerConfig};
     use crate::{DomainEvent, Envelope};
     use serde::{Deserialize, Serialize};
@@ -1117,7 +1117,7 @@ pub async fn handlers_take_their_category_only<S: EventStore + ?Sized>(store: Ar
 /// handler stands by (another process holds the claim) returns once the holder has handled
 /// the command's events, learnt from the handler's checkpoint in the store; and a handler that
 /// keeps failing makes the wait time out naming its error.
-pub async fn strong_consistency_from_a_standby_process<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn strong_consistency_from_a_standby_process<S: Store + ?Sized>(store: Arc<S>) {
     use crate::dispatcher::{Consistency, DispatchError};
     use crate::handler::{spawn_handler, EventHandler, HandlerError, HandlerState, Progress, RunnerConfig};
     use crate::testing::counter::CounterEvent;
@@ -1254,7 +1254,7 @@ pub async fn follow_up_commands_are_idempotent_and_traceable<S: EventStore + ?Si
 
 /// A claim has one holder at a time: another owner is told who holds it; the holder renews it
 /// with the same token; after a release another owner takes it with a larger token.
-pub async fn claims_have_one_holder_at_a_time<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn claims_have_one_holder_at_a_time<S: Store + ?Sized>(store: Arc<S>) {
     let name = format!("exclusive-{}", uuid::Uuid::new_v4().simple());
     let long = Duration::from_secs(60);
     let first = match store.claim(&name, "process-a", long).await.expect("claim") {
@@ -1292,7 +1292,7 @@ pub async fn claims_have_one_holder_at_a_time<S: EventStore + ?Sized>(store: Arc
 
 /// A claim not renewed lapses after its ttl and can then be taken; a checkpoint write fenced
 /// by a claim succeeds only while that claim is held.
-pub async fn claims_expire_and_fence_checkpoints<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn claims_expire_and_fence_checkpoints<S: Store + ?Sized>(store: Arc<S>) {
     let name = format!("lapsing-{}", uuid::Uuid::new_v4().simple());
     let short = match store.claim(&name, "process-a", Duration::from_millis(300)).await.expect("claim") {
         ClaimOutcome::Held(claim) => claim,
@@ -1317,7 +1317,7 @@ pub async fn claims_expire_and_fence_checkpoints<S: EventStore + ?Sized>(store: 
 
 /// Parked events are kept per handler in position order, their status changes, and they are
 /// removed when unparked.
-pub async fn parked_events_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn parked_events_round_trip<S: Store + ?Sized>(store: Arc<S>) {
     use crate::coordination::{ParkedEvent, ParkedStatus};
     let handler = format!("parking-{}", uuid::Uuid::new_v4().simple());
     let parked = |position: u64, error: &str| ParkedEvent {
@@ -1379,7 +1379,7 @@ pub async fn parked_events_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
 /// claim like its checkpoints: once another process holds the claim they fail with
 /// [`StoreError::ClaimLost`] and write nothing, so a park that lands after its lease ended
 /// cannot block a sequence the new holder already handled.
-pub async fn parked_writes_are_fenced_by_the_claim<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn parked_writes_are_fenced_by_the_claim<S: Store + ?Sized>(store: Arc<S>) {
     use crate::coordination::{ParkedEvent, ParkedStatus};
     let handler = format!("fenced-parking-{}", uuid::Uuid::new_v4().simple());
     let long = Duration::from_secs(60);
@@ -1431,7 +1431,7 @@ pub async fn parked_writes_are_fenced_by_the_claim<S: EventStore + ?Sized>(store
 
 /// Process manager state is saved, replaced, fenced by a claim and deleted; scheduled
 /// commands are replaced by name, listed when due (earliest first, at most `max`) and removed.
-pub async fn process_state_and_schedules_round_trip<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_state_and_schedules_round_trip<S: Store + ?Sized>(store: Arc<S>) {
     use crate::coordination::{ProcessState, Scheduled};
     let process = format!("fulfilment-{}", uuid::Uuid::new_v4().simple());
     assert_eq!(store.load_process(&process, "order-1").await.expect("load"), None);
@@ -1516,7 +1516,7 @@ struct SagaRun {
 }
 
 impl SagaRun {
-    fn start<S: EventStore + ?Sized>(
+    fn start<S: Store + ?Sized>(
         store: &Arc<S>,
         saga: saga::Saga,
         router: &saga::RecordingRouter,
@@ -1558,7 +1558,7 @@ fn saga_key() -> String {
 /// A reaction that sends two commands under one step name is refused before anything of it is
 /// sent (the second would get the first one's id and be dropped as its duplicate): the event
 /// fails, and with `ParkAfter` it is parked with an error naming the step.
-pub async fn process_repeated_step_is_refused<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_repeated_step_is_refused<S: Store + ?Sized>(store: Arc<S>) {
     use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
     let key = saga_key();
     append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
@@ -1579,7 +1579,7 @@ pub async fn process_repeated_step_is_refused<S: EventStore + ?Sized>(store: Arc
 /// a checkpoint that lagged behind (a stuck partition, a failover) sends nothing for it and
 /// schedules nothing, a later start begins a fresh instance, and tombstones at or below the
 /// saved checkpoint are pruned.
-pub async fn process_replay_over_a_stopped_instance_sends_nothing<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_replay_over_a_stopped_instance_sends_nothing<S: Store + ?Sized>(store: Arc<S>) {
     use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
     let (key, other) = (saga_key(), saga_key());
     for key in [&key, &other] {
@@ -1626,7 +1626,7 @@ pub async fn process_replay_over_a_stopped_instance_sends_nothing<S: EventStore 
 
 /// A reaction that cancels a schedule and schedules the same name again moves it (the
 /// cancellation applies to what was pending before the reaction, not to its own schedule).
-pub async fn process_cancel_and_schedule_of_one_name_moves_it<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_cancel_and_schedule_of_one_name_moves_it<S: Store + ?Sized>(store: Arc<S>) {
     use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
     let key = saga_key();
     append_saga(&*store, SagaEvent::Started { key: key.clone() }).await;
@@ -1646,7 +1646,7 @@ pub async fn process_cancel_and_schedule_of_one_name_moves_it<S: EventStore + ?S
 
 /// Tombstones ([`ProcessState::ended`](crate::ProcessState::ended)) are stored and read back,
 /// and pruned at or below a position; running instances and other process managers' are kept.
-pub async fn process_tombstones_round_trip_and_prune<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_tombstones_round_trip_and_prune<S: Store + ?Sized>(store: Arc<S>) {
     use crate::coordination::ProcessState;
     let process = format!("pruning-{}", uuid::Uuid::new_v4().simple());
     let other = format!("{process}-other");
@@ -1668,7 +1668,7 @@ pub async fn process_tombstones_round_trip_and_prune<S: EventStore + ?Sized>(sto
 /// A refused command's compensation is decided on the state the reaction decided on (for the
 /// event that starts the instance: the started state, not `State::default()`), with the typed
 /// refusal; a refused compensation fails the event (here parked), instead of being logged only.
-pub async fn process_refusals_are_compensated_from_the_decided_state<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_refusals_are_compensated_from_the_decided_state<S: Store + ?Sized>(store: Arc<S>) {
     use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
     let (key, other) = (saga_key(), saga_key());
     append_saga(&*store, SagaEvent::StartedAsking { key: key.clone(), what: "refuse-me".into() }).await;
@@ -1707,7 +1707,7 @@ pub async fn process_refusals_are_compensated_from_the_decided_state<S: EventSto
 /// A scheduled command's failures are recorded (due again later, attempts counted) or it is set
 /// aside: not due, listed with its error, retried (due again, attempts reset) or discarded;
 /// scheduling the name anew clears it. Only the command with the given id is touched.
-pub async fn scheduled_commands_are_set_aside_and_retried<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn scheduled_commands_are_set_aside_and_retried<S: Store + ?Sized>(store: Arc<S>) {
     use crate::coordination::Scheduled;
     let owner = format!("deadlines-{}", uuid::Uuid::new_v4().simple());
     let now = Timestamp::now();
@@ -1766,7 +1766,7 @@ pub async fn scheduled_commands_are_set_aside_and_retried<S: EventStore + ?Sized
 /// 100 due commands that can never fire (unreadable) in front of a good one: the scheduler
 /// sets them aside (listed for an operator) and fires the good one; a command whose routing
 /// keeps failing is tried `MAX_FIRING_ATTEMPTS` times, with a back-off, then set aside.
-pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: Store + ?Sized>(store: Arc<S>) {
     use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
     use crate::process::ProcessAdmin;
     use saga::{RecordingRouter, Saga};
@@ -1818,7 +1818,7 @@ pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: Even
 /// A reaction can end its instance ([`Effects::end`](crate::Effects::end)): like a stop, its
 /// schedules are cancelled, later events for it are ignored, and it stays as a tombstone; an
 /// operator lists a process manager's instances, running and ended, page by page.
-pub async fn process_instances_end_from_a_reaction_and_are_listed<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_instances_end_from_a_reaction_and_are_listed<S: Store + ?Sized>(store: Arc<S>) {
     use crate::process::ProcessAdmin;
     use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
     let (first, second) = ("instance-a".to_owned(), "instance-b".to_owned());
@@ -1852,7 +1852,7 @@ pub async fn process_instances_end_from_a_reaction_and_are_listed<S: EventStore 
 /// does not handle again what the old name handled (no second command), takes over its
 /// instances, derives command ids from the old name, and fires the old name's pending
 /// schedule, once.
-pub async fn process_renamed_manager_continues_where_the_old_name_stopped<S: EventStore + ?Sized>(store: Arc<S>) {
+pub async fn process_renamed_manager_continues_where_the_old_name_stopped<S: Store + ?Sized>(store: Arc<S>) {
     use saga::{append_saga, RecordingRouter, Saga, SagaEvent};
     let (key, done) = (saga_key(), saga_key());
     append_saga(&*store, SagaEvent::Started { key: done.clone() }).await;

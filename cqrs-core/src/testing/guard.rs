@@ -6,13 +6,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::coordination::{
+    Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled, SetAsideCommand,
+};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
-use crate::store::{AppendOutcome, AppendResult, EventStore, ExpectedVersion, Snapshot, StoreError};
+use crate::store::{AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, StoreError};
 
 /// A store and a guard dropped after it (fields drop in declaration order): for example a
 /// SQLite store and the temporary directory of its file, or a PostgreSQL store and the test
-/// database it was given. Every [`EventStore`] call goes to `store`.
+/// database it was given. Every [`EventStore`] and [`Coordination`] call goes to `store`.
 #[derive(Debug)]
 pub struct WithGuard<S, G> {
     /// The store under test.
@@ -73,10 +76,6 @@ impl<S: EventStore, G: Send + Sync + 'static> EventStore for WithGuard<S, G> {
         self.store.prune_commands(older_than).await
     }
 
-    fn inner_store(&self) -> Option<&dyn EventStore> {
-        Some(&self.store)
-    }
-
     fn notifications(&self) -> watch::Receiver<Position> {
         self.store.notifications()
     }
@@ -95,5 +94,118 @@ impl<S: EventStore, G: Send + Sync + 'static> EventStore for WithGuard<S, G> {
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         self.store.save_snapshot(snapshot).await
+    }
+}
+
+#[async_trait]
+impl<S: Coordination, G: Send + Sync + 'static> Coordination for WithGuard<S, G> {
+    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
+        self.store.claim(name, owner, ttl).await
+    }
+
+    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
+        self.store.release_claim(claim).await
+    }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        self.store.claims().await
+    }
+
+    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
+        self.store.save_checkpoint_claimed(name, position, claim).await
+    }
+
+    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
+        self.store.park(event, fence).await
+    }
+
+    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
+        self.store.parked(handler).await
+    }
+
+    async fn set_parked_status(
+        &self,
+        handler: &str,
+        position: Position,
+        status: ParkedStatus,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        self.store.set_parked_status(handler, position, status, fence).await
+    }
+
+    async fn parked_retry_failed(
+        &self,
+        handler: &str,
+        position: Position,
+        error: &str,
+        fence: Option<&Claim>,
+    ) -> Result<bool, StoreError> {
+        self.store.parked_retry_failed(handler, position, error, fence).await
+    }
+
+    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
+        self.store.unpark(handler, position, fence).await
+    }
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        self.store.load_process(process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        self.store.save_process(process, key, state, fence).await
+    }
+
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        self.store.process_instances(process, after, max).await
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        self.store.prune_processes(process, position).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        self.store.schedule(scheduled).await
+    }
+
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        self.store.unschedule(owner, key, name, only).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        self.store.due(owner, now, max).await
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        self.store.scheduled_failed(scheduled, error, retry_at).await
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        self.store.set_aside_scheduled(owner).await
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        self.store.retry_scheduled(owner, key, name).await
     }
 }

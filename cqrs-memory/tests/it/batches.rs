@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
-    spawn_batch_handler, BatchHandler, Claim, Dispatcher, Envelope, EventStore, HandlerError, Position, Progress,
-    RunnerConfig,
+    spawn_batch_handler, BatchHandler, Claim, Coordination, Dispatcher, Envelope, EventStore, HandlerError, Position,
+    Progress, RunnerConfig,
 };
 use cqrs_memory::MemoryStore;
 

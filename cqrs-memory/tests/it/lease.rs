@@ -13,9 +13,10 @@ use std::time::Duration;
 use cqrs_core::async_trait;
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
-    spawn_handler, AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, Dispatcher, Envelope, ErrorPolicy,
-    EventHandler, EventStore, ExpectedVersion, HandlerError, HandlerState, NewEvent, ParkedEvent, ParkedEvents,
-    ParkedStatus, Position, Progress, RecordedEvent, RunnerConfig, StoreError, StreamId, Version,
+    spawn_handler, AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, Coordination, Dispatcher, Envelope,
+    ErrorPolicy, EventHandler, EventStore, ExpectedVersion, HandlerError, HandlerState, NewEvent, ParkedEvent,
+    ParkedEvents, ParkedStatus, Position, ProcessInstance, ProcessState, Progress, RecordedEvent, RunnerConfig,
+    Scheduled, SetAsideCommand, StoreError, StreamId, Timestamp, Version,
 };
 use cqrs_memory::MemoryStore;
 use tokio::sync::watch;
@@ -110,21 +111,32 @@ impl EventStore for Node {
         self.check()?;
         self.inner.save_checkpoint(name, position).await
     }
-    fn inner_store(&self) -> Option<&dyn EventStore> {
-        Some(&*self.inner)
+    fn notifications(&self) -> watch::Receiver<Position> {
+        self.inner.notifications()
     }
+}
+
+#[async_trait]
+impl Coordination for Node {
     async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
         self.check()?;
         self.inner.claim(name, owner, ttl).await
     }
+
     async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
         self.check()?;
         self.inner.release_claim(claim).await
     }
+
+    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
+        self.inner.claims().await
+    }
+
     async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
         self.check()?;
         self.inner.save_checkpoint_claimed(name, position, claim).await
     }
+
     async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
         self.check()?;
         self.operator_discards_first(&event.handler, event.position).await;
@@ -141,10 +153,12 @@ impl EventStore for Node {
         };
         tokio::spawn(write).await.map_err(|error| StoreError::Unavailable(error.into()))?
     }
+
     async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
         self.check()?;
         self.inner.parked(handler).await
     }
+
     async fn set_parked_status(
         &self,
         handler: &str,
@@ -156,6 +170,7 @@ impl EventStore for Node {
         self.operator_discards_first(handler, position).await;
         self.inner.set_parked_status(handler, position, status, fence).await
     }
+
     async fn parked_retry_failed(
         &self,
         handler: &str,
@@ -167,12 +182,72 @@ impl EventStore for Node {
         self.operator_discards_first(handler, position).await;
         self.inner.parked_retry_failed(handler, position, error, fence).await
     }
+
     async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
         self.check()?;
         self.inner.unpark(handler, position, fence).await
     }
-    fn notifications(&self) -> watch::Receiver<Position> {
-        self.inner.notifications()
+
+    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
+        self.inner.load_process(process, key).await
+    }
+
+    async fn save_process(
+        &self,
+        process: &str,
+        key: &str,
+        state: Option<&ProcessState>,
+        fence: Option<&Claim>,
+    ) -> Result<(), StoreError> {
+        self.inner.save_process(process, key, state, fence).await
+    }
+
+    async fn process_instances(
+        &self,
+        process: &str,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ProcessInstance>, StoreError> {
+        self.inner.process_instances(process, after, max).await
+    }
+
+    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
+        self.inner.prune_processes(process, position).await
+    }
+
+    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
+        self.inner.schedule(scheduled).await
+    }
+
+    async fn unschedule(
+        &self,
+        owner: &str,
+        key: &str,
+        name: &str,
+        only: Option<CommandId>,
+    ) -> Result<bool, StoreError> {
+        self.inner.unschedule(owner, key, name, only).await
+    }
+
+    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
+        self.inner.due(owner, now, max).await
+    }
+
+    async fn scheduled_failed(
+        &self,
+        scheduled: &Scheduled,
+        error: &str,
+        retry_at: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        self.inner.scheduled_failed(scheduled, error, retry_at).await
+    }
+
+    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
+        self.inner.set_aside_scheduled(owner).await
+    }
+
+    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
+        self.inner.retry_scheduled(owner, key, name).await
     }
 }
 

@@ -123,7 +123,7 @@ async fn refused_compensations_and_set_aside_schedules_are_counted() {
         command_id: CommandId::new(),
         attempts: 0,
     };
-    cqrs_core::EventStore::schedule(&*store, unreadable).await.expect("schedule");
+    cqrs_core::Coordination::schedule(&*store, unreadable).await.expect("schedule");
     let config = RunnerConfig {
         initial_backoff: Duration::from_millis(5),
         on_error: ErrorPolicy::ParkAfter { attempts: 1 },

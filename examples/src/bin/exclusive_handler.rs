@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cqrs_core::{
-    spawn_handler, DomainEvent, Envelope, EventHandler, EventStore, HandlerError, HandlerState, Progress, RunnerConfig,
+    spawn_handler, DomainEvent, Envelope, EventHandler, HandlerError, HandlerState, Progress, RunnerConfig, Store,
     Timestamp,
 };
 use serde::{Deserialize, Serialize};
@@ -50,7 +50,7 @@ impl EventHandler for Effects {
     }
 }
 
-async fn open(url: &str) -> anyhow::Result<Arc<dyn EventStore>> {
+async fn open(url: &str) -> anyhow::Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = cqrs_postgres::PgEventStore::connect(url).await.context("connect to PostgreSQL")?;
         store.migrate().await.context("migrate")?;

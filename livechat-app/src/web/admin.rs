@@ -119,16 +119,13 @@ fn handlers(state: &AppState) -> Vec<String> {
     names
 }
 
-/// Every handler's parked events (a store without parked events lists none).
+/// Every handler's parked events.
 pub async fn parked(state: &AppState) -> Result<Vec<(String, Vec<ParkedEvent>)>, StoreError> {
     let parked = ParkedEvents::new(Arc::clone(&state.store));
     let mut all = Vec::new();
     for handler in handlers(state) {
-        match parked.list(&handler).await {
-            Ok(events) => all.push((handler, events)),
-            Err(StoreError::Unsupported(_)) => all.push((handler, Vec::new())),
-            Err(error) => return Err(error),
-        }
+        let events = parked.list(&handler).await?;
+        all.push((handler, events));
     }
     Ok(all)
 }

@@ -120,7 +120,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Who holds each exclusive handler, as the store says (bounded: a scrape never hangs on it).
     match tokio::time::timeout(std::time::Duration::from_secs(1), state.store.claims()).await {
         Ok(Ok(claims)) => text.push_str(&crate::metrics::Metrics::render_claims(&claims, cqrs_core::Timestamp::now())),
-        Ok(Err(cqrs_core::StoreError::Unsupported(_))) => {}
         Ok(Err(error)) => tracing::debug!(%error, "claims not read for /metrics"),
         Err(_) => tracing::debug!("claims not read for /metrics within 1 s"),
     }

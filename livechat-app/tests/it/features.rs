@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::{CommandEnvelope, Dispatcher, EventStore, Timestamp};
+use cqrs_core::{CommandEnvelope, Dispatcher, Store, Timestamp};
 use livechat_app::domain::{Chat, ChatCommand, ChatId, SendMessage};
 use livechat_app::metrics::Limit;
 use livechat_app::AppConfig;
@@ -365,9 +365,9 @@ async fn reserved_room_names_and_deceptive_names_are_refused() {
 // ---- bounded by design ----
 
 /// A store holding `rooms` rooms of `messages` messages each, written before the app starts.
-async fn filled_store(rooms: usize, messages: usize) -> Arc<dyn EventStore> {
-    let store: Arc<dyn EventStore> = Arc::new(cqrs_memory::MemoryStore::new());
-    let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store));
+async fn filled_store(rooms: usize, messages: usize) -> Arc<dyn Store> {
+    let store: Arc<dyn Store> = Arc::new(cqrs_memory::MemoryStore::new());
+    let dispatcher = Dispatcher::<Chat, dyn Store>::new(Arc::clone(&store));
     for room in 0..rooms {
         for i in 0..messages {
             let command = SendMessage {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cqrs_core::{EventStore, HandlerState};
+use cqrs_core::{HandlerState, Store};
 use cqrs_memory::MemoryStore;
 use livechat_app::notify::{Deliver, DeliveryError, Notification, Notifications, NotifierConfig, NOTIFIER_NAME};
 use livechat_app::AppConfig;
@@ -107,7 +107,7 @@ async fn a_mention_is_notified_once_and_the_holder_is_on_metrics_and_the_dashboa
 
 #[tokio::test]
 async fn two_processes_on_one_store_notify_once_and_the_other_stands_by() {
-    let store: Arc<dyn EventStore> = Arc::new(MemoryStore::new());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let (first, second) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
     let one = TestServer::start_with(Arc::clone(&store), config(&first, "node-1:1:1111")).await;
     until_running(&one).await;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::{spawn_handler, Dispatcher, EventStore, Position, Progress, RunnerConfig, RunningHandler};
+use cqrs_core::{spawn_handler, Dispatcher, EventStore, Position, Progress, RunnerConfig, RunningHandler, Store};
 
 use crate::drive::{self, Contender, Run};
 use crate::report::Side;
@@ -19,12 +19,12 @@ const COUNT_PAGE: usize = 10_000;
 
 /// The dispatcher plus the newest position it has appended, so the run can wait for the
 /// read model to reach it.
-struct Ours<S: EventStore> {
+struct Ours<S: Store> {
     dispatcher: Dispatcher<Chat, S>,
     head: AtomicU64,
 }
 
-impl<S: EventStore> Contender for Ours<S> {
+impl<S: Store> Contender for Ours<S> {
     async fn send(&self, command: SendMessage) -> Result<(), String> {
         let outcome = self.dispatcher.dispatch(command).await.map_err(|error| error.to_string())?;
         if let Some(appended) = outcome.appended {
@@ -45,7 +45,7 @@ pub enum ReadModel {
 }
 
 /// A started read model and dispatcher on `store`.
-struct Setup<S: EventStore> {
+struct Setup<S: Store> {
     store: Arc<S>,
     ours: Arc<Ours<S>>,
     progress: Progress,
@@ -53,7 +53,7 @@ struct Setup<S: EventStore> {
     count: MessageCount,
 }
 
-fn setup<S: EventStore>(store: Arc<S>, read_model: ReadModel) -> Setup<S> {
+fn setup<S: Store>(store: Arc<S>, read_model: ReadModel) -> Setup<S> {
     let progress = Progress::new();
     let count = MessageCount::default();
     let runner = (read_model == ReadModel::Counting)
@@ -63,7 +63,7 @@ fn setup<S: EventStore>(store: Arc<S>, read_model: ReadModel) -> Setup<S> {
 }
 
 /// One client, chat 0, `commands` commands in sequence.
-pub async fn sequential<S: EventStore>(
+pub async fn sequential<S: Store>(
     store: Arc<S>,
     store_name: &'static str,
     read_model: ReadModel,
@@ -76,7 +76,7 @@ pub async fn sequential<S: EventStore>(
 }
 
 /// `tasks` tasks, `chats` chats, `commands` commands in all.
-pub async fn concurrent<S: EventStore>(
+pub async fn concurrent<S: Store>(
     store: Arc<S>,
     store_name: &'static str,
     read_model: ReadModel,
@@ -90,7 +90,7 @@ pub async fn concurrent<S: EventStore>(
 }
 
 /// Waits for the read model, then counts the events in the store.
-async fn finish<S: EventStore>(setup: Setup<S>, store_name: &'static str, mut run: Run) -> Side {
+async fn finish<S: Store>(setup: Setup<S>, store_name: &'static str, mut run: Run) -> Side {
     let settle_start = Instant::now();
     let head = Position(setup.ours.head.load(Ordering::Relaxed));
     let mut note = None;

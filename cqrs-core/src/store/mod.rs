@@ -1,15 +1,24 @@
-//! The [`EventStore`] trait that backends implement, with its request, result and error types.
+//! For store authors, everything a backend implements and uses: the [`EventStore`] (the event
+//! log) and [`Coordination`] traits, joined by [`Store`]; their request, result and error types;
+//! the append checks ([`validate_append`]), chain helpers ([`append_links_one_by_one`],
+//! [`chain_broken`]), row decoding ([`RowNames`]) and the group-commit queue ([`batching`]).
+//!
+//! Application code needs only the traits and types, which the crate root re-exports.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::coordination::{
-    Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled, SetAsideCommand,
-};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
+
+pub mod batching;
+mod coordination;
+mod rows;
+
+pub use coordination::{Coordination, Store};
+pub use rows::RowNames;
 
 /// How long stores remember a command id by default (see [`EventStore::prune_commands`]).
 pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -101,7 +110,7 @@ pub fn validate_append(events: &[NewEvent]) -> Result<Option<CommandId>, StoreEr
     Ok(command_id)
 }
 
-/// Errors of an [`EventStore`].
+/// Errors of an [`EventStore`] or a [`Coordination`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -135,11 +144,6 @@ pub enum StoreError {
     /// The store was shut down.
     #[error("store closed")]
     Closed,
-    /// The store does not keep what this call needs (claims, parked events, process state or
-    /// schedules): a store of your own that has not implemented them, or a decorator without
-    /// an [`inner_store`](EventStore::inner_store).
-    #[error("this store does not keep {0}")]
-    Unsupported(&'static str),
     /// A write fenced by a claim found the claim gone (expired, released, or taken by another
     /// process); nothing was written. The caller is no longer the active consumer: stop and
     /// stand by.
@@ -196,7 +200,10 @@ pub fn chain_broken(stream_id: &StreamId, expected: ExpectedVersion) -> StoreErr
     StoreError::Conflict { stream_id: stream_id.clone(), expected, actual }
 }
 
-/// A durable (or in-memory) log of event streams, the one trait each backend implements.
+/// A durable (or in-memory) log of event streams: appends and chains, reads, the head,
+/// stream versions, command ids, checkpoints, snapshots and notifications. Each backend
+/// implements it, and [`Coordination`] beside it (together a [`Store`]); a
+/// [`Dispatcher`](crate::Dispatcher) and a [`Subscription`](crate::Subscription) need only this.
 ///
 /// Contract, checked by [`crate::testing::conformance`] for every backend:
 /// - versions within a stream are contiguous from 1; an append is all-or-nothing;
@@ -209,7 +216,7 @@ pub fn chain_broken(stream_id: &StreamId, expected: ExpectedVersion) -> StoreErr
 /// - [`head`](EventStore::head) is the position of the last event `read_all` can return now.
 ///
 /// The trait is object-safe, so an application can pick its store at run time and hold an
-/// `Arc<dyn EventStore>`; that is why it is written with [`macro@async_trait`] (boxed
+/// `Arc<dyn EventStore>` (or an `Arc<dyn Store>`); that is why it is written with [`macro@async_trait`] (boxed
 /// futures), while the traits users implement for their own code ([`EventHandler`]) use
 /// native `async fn`. Implementations write `#[cqrs_core::async_trait]` on their impl.
 ///
@@ -293,225 +300,6 @@ pub trait EventStore: Send + Sync + 'static {
     async fn prune_commands(&self, older_than: Timestamp) -> Result<u64, StoreError> {
         let _ = older_than;
         Ok(0)
-    }
-
-    /// For decorators (a test's fault injector, an instrumenting wrapper): the store that the
-    /// methods below (claims, parked events, process state, schedules) go to when the
-    /// decorator does not implement them. Stores implement those methods themselves and keep
-    /// the default, `None`; then an unimplemented one answers [`StoreError::Unsupported`].
-    fn inner_store(&self) -> Option<&dyn EventStore> {
-        None
-    }
-
-    /// Takes or renews the claim on `name` for `owner`, lasting `ttl` from now by the store's
-    /// own clock (the database's, for a shared store), so that at most one process at a time
-    /// is the active consumer of a handler. Held by `owner` and not expired: renewed (same
-    /// token). Expired, released or never taken: taken (a new, larger token). Held by another
-    /// owner and not expired: [`ClaimOutcome::Taken`].
-    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.claim(name, owner, ttl).await,
-            None => Err(StoreError::Unsupported("claims")),
-        }
-    }
-
-    /// Gives a claim up (if `claim`'s owner and token still hold it), so a standby can take
-    /// over at once instead of waiting for it to expire.
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.release_claim(claim).await,
-            None => Err(StoreError::Unsupported("claims")),
-        }
-    }
-
-    /// The claims currently held (not expired), by name.
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.claims().await,
-            None => Err(StoreError::Unsupported("claims")),
-        }
-    }
-
-    /// Saves checkpoint `name` if `claim` is still held (same owner and token, not expired),
-    /// atomically with that check; otherwise writes nothing and fails with
-    /// [`StoreError::ClaimLost`]. A process that lost its claim cannot move the checkpoint.
-    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.save_checkpoint_claimed(name, position, claim).await,
-            None => Err(StoreError::Unsupported("claims")),
-        }
-    }
-
-    /// Stores a parked event (replacing one of the same handler and position). With `fence`,
-    /// only while that claim is held, atomically with the check (else
-    /// [`StoreError::ClaimLost`], nothing written): a runner's park that lands after its lease
-    /// ended must not block a sequence the next holder has already handled.
-    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.park(event, fence).await,
-            None => Err(StoreError::Unsupported("parked events")),
-        }
-    }
-
-    /// The events `handler` has parked, in position order.
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.parked(handler).await,
-            None => Err(StoreError::Unsupported("parked events")),
-        }
-    }
-
-    /// Sets a parked event's status (an operator asks for a retry, or the handler's retry
-    /// failed); false if no such parked event (it never inserts one). `fence` as for
-    /// [`park`](EventStore::park); operators pass `None`.
-    async fn set_parked_status(
-        &self,
-        handler: &str,
-        position: Position,
-        status: ParkedStatus,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.set_parked_status(handler, position, status, fence).await,
-            None => Err(StoreError::Unsupported("parked events")),
-        }
-    }
-
-    /// Records that a retry of a parked event failed with `error`: its error is replaced, its
-    /// attempts counted one more and its status set back to [`ParkedStatus::Parked`]. Only
-    /// updates: false if the event is no longer parked (an operator discarded it meanwhile,
-    /// which this must never undo). `fence` as for [`park`](EventStore::park).
-    async fn parked_retry_failed(
-        &self,
-        handler: &str,
-        position: Position,
-        error: &str,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.parked_retry_failed(handler, position, error, fence).await,
-            None => Err(StoreError::Unsupported("parked events")),
-        }
-    }
-
-    /// Removes a parked event (handled after a retry, or discarded by an operator); false if
-    /// there was none. `fence` as for [`park`](EventStore::park); operators pass `None`.
-    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.unpark(handler, position, fence).await,
-            None => Err(StoreError::Unsupported("parked events")),
-        }
-    }
-
-    /// A process manager instance's state.
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.load_process(process, key).await,
-            None => Err(StoreError::Unsupported("process state")),
-        }
-    }
-
-    /// Saves (or, with `None`, deletes) a process manager instance's state (running, or the
-    /// tombstone of an ended one: [`ProcessState::ended`]). With `fence`, only
-    /// while that claim is held (else [`StoreError::ClaimLost`], nothing written).
-    async fn save_process(
-        &self,
-        process: &str,
-        key: &str,
-        state: Option<&ProcessState>,
-        fence: Option<&Claim>,
-    ) -> Result<(), StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.save_process(process, key, state, fence).await,
-            None => Err(StoreError::Unsupported("process state")),
-        }
-    }
-
-    /// Up to `max` of `process`'s instances (running, and ended ones not yet pruned) with keys
-    /// after `after` (from the first without), in key order: page with the last key.
-    async fn process_instances(
-        &self,
-        process: &str,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Vec<ProcessInstance>, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.process_instances(process, after, max).await,
-            None => Err(StoreError::Unsupported("process state")),
-        }
-    }
-
-    /// Removes the tombstones of `process`'s ended instances at or below `position` (its saved
-    /// checkpoint: no replay reaches them); returns how many. Running instances are kept.
-    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.prune_processes(process, position).await,
-            None => Err(StoreError::Unsupported("process state")),
-        }
-    }
-
-    /// Stores a scheduled command, replacing one with the same owner, key and name.
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.schedule(scheduled).await,
-            None => Err(StoreError::Unsupported("schedules")),
-        }
-    }
-
-    /// Removes a scheduled command (fired, or cancelled); false if there was none. With
-    /// `only`, only if it is still the one with that command id (not scheduled anew since).
-    async fn unschedule(
-        &self,
-        owner: &str,
-        key: &str,
-        name: &str,
-        only: Option<CommandId>,
-    ) -> Result<bool, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.unschedule(owner, key, name, only).await,
-            None => Err(StoreError::Unsupported("schedules")),
-        }
-    }
-
-    /// Up to `max` of `owner`'s scheduled commands due at `now`, earliest first; set-aside ones
-    /// are not due.
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.due(owner, now, max).await,
-            None => Err(StoreError::Unsupported("schedules")),
-        }
-    }
-
-    /// Records a failed firing of `scheduled` with `error`, if it is still the one with that
-    /// command id (not scheduled anew since); false otherwise. With `retry_at`: one more
-    /// attempt, due again at `retry_at`. Without: set aside (not due until retried).
-    async fn scheduled_failed(
-        &self,
-        scheduled: &Scheduled,
-        error: &str,
-        retry_at: Option<Timestamp>,
-    ) -> Result<bool, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.scheduled_failed(scheduled, error, retry_at).await,
-            None => Err(StoreError::Unsupported("schedules")),
-        }
-    }
-
-    /// `owner`'s set-aside scheduled commands, by key and name.
-    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.set_aside_scheduled(owner).await,
-            None => Err(StoreError::Unsupported("schedules")),
-        }
-    }
-
-    /// Makes a set-aside scheduled command due again (at its due time, attempts reset); false
-    /// if there is no such set-aside command.
-    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        match self.inner_store() {
-            Some(inner) => inner.retry_scheduled(owner, key, name).await,
-            None => Err(StoreError::Unsupported("schedules")),
-        }
     }
 
     /// A signal that changes (to the newest known position, or any larger token) whenever new
