@@ -8,8 +8,9 @@
 //!
 //! A command that cannot fire is never retried in a busy loop, nor left to hold back the ones
 //! due after it: one whose stored JSON cannot be read is set aside at once; one whose routing
-//! fails is due again after a back-off (1 s, 2 s, 4 s, ...) and set aside after
-//! [`MAX_FIRING_ATTEMPTS`] failures. Set-aside commands are not due; they are counted
+//! fails is tried again after a back-off (1 s, 2 s, 4 s, ..., in real time or by the clock,
+//! whichever passes first; its due time stays) and set aside after [`MAX_FIRING_ATTEMPTS`]
+//! failures. A new tenure (another process) tries a backing-off command at once. Set-aside commands are not due; they are counted
 //! (`cqrs_process_schedules_set_aside_total`) and listed, retried or discarded by an operator
 //! with [`ProcessAdmin`](crate::ProcessAdmin), like parked events.
 //!
@@ -19,13 +20,14 @@
 //! failover, within the claim's takeover time (`claim_ttl + claim_retry`). Never before it is
 //! due. Schedules are for deadlines of seconds to days, not for sub-second timing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::handler::StoredCommand;
 use super::{CommandRouter, ProcessManager, RouteError};
@@ -33,6 +35,7 @@ use crate::aggregate::CommandEnvelope;
 use crate::clock::Clock;
 use crate::coordination::{Scheduled, MAX_FIRING_ATTEMPTS};
 use crate::handler::{self, runner_tenures, HandlerState, RunnerConfig};
+use crate::ids::{CommandId, Timestamp};
 use crate::store::Store;
 
 /// How often the scheduler looks for due commands (a test clock wakes it at once).
@@ -100,6 +103,8 @@ async fn run<S, P, R>(
     let quiet = |_state: HandlerState| {};
     while let Some((claim, mut lease)) = tenures.next(quiet, &mut stop).await {
         let mut next_prune = clock.now().plus(PRUNE_EVERY);
+        // Commands whose firing failed, and when (real time) to try them again.
+        let mut waiting = Waiting::new();
         loop {
             tokio::select! {
                 biased;
@@ -111,7 +116,7 @@ async fn run<S, P, R>(
                 () = async {
                     // The previous names' pending schedules fire too (with their stored ids).
                     for owner in std::iter::once(manager.name()).chain(manager.previous_names().iter().copied()) {
-                        fire_due::<S, P, R>(&*store, owner, &*router, &clock).await;
+                        fire_due::<S, P, R>(&*store, owner, &*router, &clock, &mut waiting).await;
                     }
                     if clock.now() >= next_prune {
                         for owner in std::iter::once(manager.name()).chain(manager.previous_names().iter().copied()) {
@@ -150,12 +155,19 @@ async fn prune_tombstones<S: Store + ?Sized>(store: &S, process: &str) {
     }
 }
 
+/// Commands whose firing failed, and when each may be tried again: once its back-off has passed
+/// in real time or by the scheduler's clock, whichever comes first (so a test clock that is not
+/// moved still sees a transient failure retried, and one moved ahead retries at once). Their due
+/// time stays as scheduled.
+type Waiting = HashMap<CommandId, (Instant, Timestamp)>;
+
 /// Fires every command of `owner` (the process manager, or one of its previous names) due now
-/// (in batches). Each command is resolved before the next look:
-/// fired and removed, refused and removed, or failed and recorded (due again after a back-off,
-/// or set aside), so a look never returns the same rows; and it stops early (until the next
-/// tick) if a row comes back anyway (a store write failed) or was left unresolved.
-async fn fire_due<S, P, R>(store: &S, owner: &str, router: &R, clock: &Clock)
+/// (in batches). Each command is resolved before the next look: fired and removed, refused and
+/// removed, failed and recorded (tried again after a back-off, or set aside). A command still
+/// backing off is passed over, and a look asks for that many more rows, so failing commands
+/// never hold back the ones due after them; a look never fires the same row twice, and it stops
+/// early (until the next tick) if a row was left unresolved (a store write failed).
+async fn fire_due<S, P, R>(store: &S, owner: &str, router: &R, clock: &Clock, waiting: &mut Waiting)
 where
     S: Store + ?Sized,
     P: ProcessManager,
@@ -163,20 +175,26 @@ where
 {
     let mut seen = HashSet::new();
     loop {
-        let due = match store.due(owner, clock.now(), BATCH).await {
+        let (now, today) = (Instant::now(), clock.now());
+        waiting.retain(|_, (at, on)| *at > now && *on > today);
+        let max = BATCH + waiting.len();
+        let due = match store.due(owner, clock.now(), max).await {
             Ok(due) => due,
             Err(error) => {
                 tracing::warn!(process = owner, %error, "cannot read due commands; will retry");
                 return;
             }
         };
-        let full = due.len() == BATCH;
+        let full = due.len() == max;
         let mut resolved = true;
         for scheduled in due {
             if !seen.insert((scheduled.key.clone(), scheduled.name.clone(), scheduled.command_id)) {
                 return;
             }
-            resolved &= fire::<S, P::Command, R>(store, router, clock, scheduled).await;
+            if waiting.contains_key(&scheduled.command_id) {
+                continue;
+            }
+            resolved &= fire::<S, P::Command, R>(store, router, clock, waiting, scheduled).await;
         }
         if !full || !resolved {
             return;
@@ -192,7 +210,7 @@ fn backoff(attempts: u32) -> Duration {
 
 /// Fires one due command; true once it is resolved in the store (removed, or its failure
 /// recorded).
-async fn fire<S, C, R>(store: &S, router: &R, clock: &Clock, scheduled: Scheduled) -> bool
+async fn fire<S, C, R>(store: &S, router: &R, clock: &Clock, waiting: &mut Waiting, scheduled: Scheduled) -> bool
 where
     S: Store + ?Sized,
     C: serde::de::DeserializeOwned,
@@ -225,9 +243,11 @@ where
                 tracing::error!(process, key = %scheduled.key, name = %scheduled.name, attempts, %error, "a scheduled command keeps failing; set aside");
                 return set_aside(store, process, &scheduled, &error.to_string()).await;
             }
-            let retry_at = clock.now().plus(backoff(attempts));
             tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, attempts, %error, "a scheduled command failed; will retry");
-            return match store.scheduled_failed(&scheduled, &error.to_string(), Some(retry_at)).await {
+            let wait = backoff(attempts);
+            waiting.insert(scheduled.command_id, (Instant::now() + wait, clock.now().plus(wait)));
+            // Recorded (one more attempt, the error), still due when it was.
+            return match store.scheduled_failed(&scheduled, &error.to_string(), Some(scheduled.due)).await {
                 Ok(_) => true,
                 Err(error) => {
                     tracing::warn!(process, key = %scheduled.key, name = %scheduled.name, %error, "cannot record a failed scheduled command");

@@ -69,6 +69,7 @@ macro_rules! conformance_tests {
             process_repeated_step_is_refused,
             process_replay_over_a_stopped_instance_sends_nothing,
             process_cancel_and_schedule_of_one_name_moves_it,
+            process_a_failed_firing_is_retried_without_moving_the_clock,
             process_tombstones_round_trip_and_prune,
             process_refusals_are_compensated_from_the_decided_state,
             scheduled_commands_are_set_aside_and_retried,
@@ -1812,6 +1813,39 @@ pub async fn process_unfireable_scheduled_commands_do_not_block_the_rest<S: Stor
     }
     let attempts = router.whats().iter().filter(|what| *what == "fail").count();
     assert_eq!(attempts, MAX_FIRING_ATTEMPTS as usize);
+    run.running.stop().await;
+}
+
+/// A scheduled command whose routing fails once is tried again after its back-off in real
+/// time, even when the scheduler's clock does not move (a test clock, or a deadline long past):
+/// a transient failure never strands it.
+pub async fn process_a_failed_firing_is_retried_without_moving_the_clock<S: Store + ?Sized>(store: Arc<S>) {
+    use crate::coordination::Scheduled;
+    use crate::process::ProcessAdmin;
+    use saga::{RecordingRouter, Saga};
+    let (clock, _control) = crate::clock::Clock::test();
+    let command = json!({ "command": { "key": "flaky", "what": "flaky" }, "causation": null, "correlation": null });
+    let scheduled = Scheduled {
+        owner: "retrying".to_owned(),
+        key: "flaky".to_owned(),
+        name: "deadline".to_owned(),
+        due: clock.now().minus(Duration::from_secs(1)),
+        command,
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    store.schedule(scheduled).await.expect("schedule");
+    let router = RecordingRouter::default();
+    let run = SagaRun::start(&store, Saga::new("retrying"), &router, saga_config(), clock.clone());
+    router.wait_sent(2, Duration::from_secs(20)).await;
+    assert_eq!(router.whats(), ["flaky", "flaky"], "failed once, then fired");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !store.due("retrying", clock.now(), 10).await.expect("due").is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the fired command was never removed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let admin = ProcessAdmin::new(Arc::clone(&store));
+    assert!(admin.set_aside("retrying").await.expect("set aside").is_empty(), "not set aside");
     run.running.stop().await;
 }
 

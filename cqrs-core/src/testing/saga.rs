@@ -218,8 +218,8 @@ pub async fn append_saga<S: EventStore + ?Sized>(store: &S, event: SagaEvent) {
     }
 }
 
-/// Records the commands it routes; refuses those whose `what` starts with `refuse`, and fails
-/// to route those starting with `fail`.
+/// Records the commands it routes; refuses those whose `what` starts with `refuse`, fails to
+/// route those starting with `fail` (and those starting with `flaky` the first time only).
 #[derive(Debug, Clone)]
 pub struct RecordingRouter {
     sent: Arc<Mutex<Vec<CommandEnvelope<SagaCommand>>>>,
@@ -258,12 +258,17 @@ impl CommandRouter<SagaCommand> for RecordingRouter {
     async fn route(&self, command: CommandEnvelope<SagaCommand>) -> Result<(), RouteError> {
         let refuse = command.command.what.starts_with("refuse");
         let what = command.command.what.clone();
-        self.sent.lock().unwrap_or_else(PoisonError::into_inner).push(command);
+        let first = {
+            let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+            let first = !sent.iter().any(|earlier| earlier.command_id == command.command_id);
+            sent.push(command);
+            first
+        };
         self.count.send_modify(|count| *count += 1);
         if refuse {
             return Err(RouteError::Rejected(Rejection::new(SagaRefusal { what })));
         }
-        if what.starts_with("fail") {
+        if what.starts_with("fail") || (what.starts_with("flaky") && first) {
             return Err(RouteError::Failed(HandlerError::new(format!("{what} cannot be routed"))));
         }
         Ok(())
