@@ -78,7 +78,25 @@ async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
     }
     assert!(recovered, "the store must work again once the database is reachable");
 
-    let stored: HashMap<_, _> = read_everything(&store).await.into_iter().map(|e| (e.event_id, e.position)).collect();
+    // Reads too: a pooled read connection whose backend was killed answers `Unavailable` once
+    // (transient, by contract) and is replaced; retry as a caller would.
+    let mut stored = HashMap::new();
+    let mut after = Position::START;
+    let mut unavailable_reads = 0;
+    loop {
+        let page = match store.read_all(after, 500).await {
+            Ok(page) => page,
+            Err(StoreError::Unavailable(_)) if unavailable_reads < 50 => {
+                unavailable_reads += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(other) => panic!("reading after the faults: {other}"),
+        };
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        stored.extend(page.into_iter().map(|e| (e.event_id, e.position)));
+    }
     for (id, position) in &acknowledged {
         assert_eq!(stored.get(id), Some(position), "acknowledged append {id} must be stored at its position");
     }
@@ -86,12 +104,15 @@ async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
     let mut feed = Subscription::all(Arc::new(store.clone()), Position::START);
     let mut delivered = 0;
     while delivered < stored.len() {
-        tokio::time::timeout(Duration::from_secs(30), feed.next())
-            .await
-            .expect("stalled")
-            .expect("read")
-            .expect("open");
-        delivered += 1;
+        match tokio::time::timeout(Duration::from_secs(30), feed.next()).await.expect("stalled") {
+            Ok(event) => {
+                event.expect("open");
+                delivered += 1;
+            }
+            // A dead pooled connection, once more: the subscription reads again from where it was.
+            Err(StoreError::Unavailable(_)) if unavailable_reads < 50 => unavailable_reads += 1,
+            Err(other) => panic!("subscribing after the faults: {other}"),
+        }
     }
 }
 
