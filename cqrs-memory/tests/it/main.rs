@@ -1,14 +1,4 @@
-//! Integration tests of cqrs-memory, in one binary: the shared conformance suite, the
-//! dispatcher and handler runner on top of this store, and property tests.
+//! Integration tests of cqrs-memory, in one binary: the shared store conformance suite. The
+//! framework's behaviour tests, which run on this store, live in `cqrs-core/tests/it/`.
 
-mod batches;
 mod conformance;
-mod dispatcher;
-mod exclusive;
-mod handlers;
-mod lease;
-mod parking;
-mod partitions;
-mod properties;
-mod subscriptions;
-mod telemetry;
