@@ -835,13 +835,9 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
             let attempt = failures.attempts + 1;
             let result = match decoded.take() {
                 Some(envelope) => self.handle(envelope, attempt).await,
-                None => match shared.config.upcasters.upcast(event) {
-                    Ok(current) if !shared.handler.interested(&current) => return Some(Ok(())),
-                    Ok(current) => match shared.config.upcasters.decode::<H::Event>(&current) {
-                        Ok(envelope) => self.handle(envelope, attempt).await,
-                        Err(error) => Err(HandlerError::new(error)),
-                    },
-                    Err(error) => Err(HandlerError::new(error)),
+                None => match self.decode_and_handle(event, attempt).await {
+                    Some(result) => result,
+                    None => return Some(Ok(())),
                 },
             };
             match result {
@@ -870,6 +866,22 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
                 }
             }
         }
+    }
+
+    /// Upcasts and decodes a stored event and runs the handler on it: `None` when the handler is
+    /// not interested in the upcast event (nothing to handle), otherwise the handling's result,
+    /// an upcast or decode failure counting as a handler failure.
+    async fn decode_and_handle(&self, event: &RecordedEvent, attempt: u32) -> Option<Result<(), HandlerError>> {
+        let upcasters = &self.shared.config.upcasters;
+        let result = match upcasters.upcast(event) {
+            Ok(current) if !self.shared.handler.interested(&current) => return None,
+            Ok(current) => match upcasters.decode::<H::Event>(&current) {
+                Ok(envelope) => self.handle(envelope, attempt).await,
+                Err(error) => Err(HandlerError::new(error)),
+            },
+            Err(error) => Err(HandlerError::new(error)),
+        };
+        Some(result)
     }
 
     /// Runs the handler on one event, inside its `handle` span (a child of the trace context
@@ -911,17 +923,8 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
                     return true;
                 }
             };
-            let outcome = {
-                let result = match self.shared.config.upcasters.upcast(&event) {
-                    Ok(current) if !self.shared.handler.interested(&current) => Ok(()),
-                    Ok(current) => match self.shared.config.upcasters.decode::<H::Event>(&current) {
-                        Ok(envelope) => self.handle(envelope, 1).await,
-                        Err(error) => Err(HandlerError::new(error)),
-                    },
-                    Err(error) => Err(HandlerError::new(error)),
-                };
-                result.map_err(|error| error.to_string())
-            };
+            // Not of interest (any more): nothing to handle, so the retry succeeds.
+            let outcome = self.decode_and_handle(&event, 1).await.unwrap_or(Ok(())).map_err(|error| error.to_string());
             if stop_requested(halt) {
                 return false;
             }
