@@ -1,0 +1,529 @@
+//! `loadgen`: a websocket load generator for `livechat-app` (issue 5): many idle readers in
+//! one room, a steady stream of new messages, and what each reader gets.
+//!
+//! Run it through the script, which builds both binaries, starts a release server on
+//! 127.0.0.1:4700 with the in-memory store and passes its pid:
+//! ```sh
+//! scripts/loadtest                                   # 1 000 viewers, 10 msg/s, 30 s
+//! scripts/loadtest --viewers 10000
+//! scripts/loadtest --quick                           # 100 viewers, 5 s: a smoke run
+//! ```
+//! or by hand against a running server:
+//! ```sh
+//! cargo run --release -p benches --bin loadgen -- --url ws://127.0.0.1:4700/live \
+//!     --viewers 1000 --rate 10 --seconds 30 --content-bytes 120 --server-pid "$(pidof livechat-app)"
+//! ```
+//!
+//! What it does, in one process sharing one monotonic clock:
+//! 1. raises its own `RLIMIT_NOFILE` soft limit to the hard limit;
+//! 2. connects `--senders` sender connections (default: enough that each sends at most one
+//!    message per 2 s, half the room's limit of 5 per 5 s per name; each has its own name
+//!    cookie, and sends far below the server's 10 frames/s per connection); every connection
+//!    claims its own client address in `X-Forwarded-For` (the server trusts loopback as a proxy),
+//!    so the server's per-address limits see one client per simulated browser;
+//! 3. reads the server's `VmRSS`, opens `--viewers` viewers in parallel batches of `--batch`
+//!    (each: upgrade with cookie `livechat_name=viewer-N`, `join` the room, read the catch-up
+//!    until `joined`), waits `--settle` seconds for presence updates to stop, and reads `VmRSS`
+//!    again: the difference divided by the viewers is the server memory per idle view;
+//! 4. sends `--rate` messages per second for `--seconds`, round-robin over the senders. Each
+//!    message's content starts with `lgseqNNNNNNNN` (its sequence number) padded to
+//!    `--content-bytes`; the sender stores the send `Instant` just before writing the frame;
+//! 5. every viewer, on each `msg` frame, takes `Instant::now()`, finds the sequence number in
+//!    the HTML and records receipt − send: one latency per (viewer, message) pair;
+//! 6. waits until every viewer has every acknowledged message (or `--drain` seconds without
+//!    progress), then reports delivery latency p50/p99/max, deliveries lost and duplicated,
+//!    the size of a new-message frame against its HTML, the other frames (presence `morph`,
+//!    `pong`, …) with their bytes, the server's memory per idle view and its CPU time per
+//!    delivered frame. A table for people, then one JSON line (`{"loadgen":…}`) for tools.
+//!
+//! Viewers ping every 25 s (the server drops a silent browser after 60 s). The generator and
+//! the server share the machine's cores: the latency it reports includes the generator's own
+//! scheduling, as a browser's would include its own.
+
+// The report's `json!` is one large literal.
+#![recursion_limit = "256"]
+
+mod args;
+mod sender;
+mod server;
+mod stats;
+mod viewer;
+mod ws;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::args::{parse_args, Args};
+use crate::sender::sender;
+use crate::server::{cpu_pressure_avg10, cpu_seconds, machine_jiffies, vm_rss_kib};
+use crate::stats::{percentile, FrameSizes, SenderStats, Shared, Tally, ViewerStats};
+use crate::viewer::viewer;
+
+/// The marker before each message's sequence number in its content (and so in its HTML).
+const MARKER: &str = "lgseq";
+/// A viewer's latency slot for a message it has not received.
+const NOT_RECEIVED: u32 = u32::MAX;
+/// How often connections ping (the server drops a silent browser after 60 s).
+const PING_EVERY: Duration = Duration::from_secs(25);
+/// The longest wait to connect and join.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).context("reading RLIMIT_NOFILE")?;
+    let nofile = rlimit::increase_nofile_limit(hard).context("raising RLIMIT_NOFILE")?;
+    eprintln!("loadgen: open files limit {soft} -> {nofile} (hard {hard})");
+    if (nofile as usize) < args.viewers + 64 {
+        bail!("{} viewers need more than the {nofile} open files this process may have", args.viewers);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let args = Arc::new(args);
+    let messages = (args.rate * args.seconds).round() as usize;
+    let senders = args.senders.unwrap_or_else(|| ((args.rate * 2.0).ceil() as usize).max(1));
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let room: Arc<str> = Arc::from(args.room.clone().unwrap_or_else(|| format!("load-{unix}")));
+    let shared = Arc::new(Shared {
+        base: Instant::now(),
+        sent_at: (0..messages).map(|_| AtomicU64::new(0)).collect(),
+        delivered: AtomicU64::new(0),
+        sending: AtomicBool::new(false),
+        ok: (0..messages).map(|_| AtomicBool::new(false)).collect(),
+        acked_ok: AtomicU64::new(0),
+        acked_err: AtomicU64::new(0),
+    });
+    let (stop_tx, stop) = watch::channel(false);
+    let server = args.server_pid;
+    eprintln!(
+        "loadgen: {} viewers, {senders} senders, room {room}, {messages} messages at {}/s of {} bytes, {}",
+        args.viewers, args.rate, args.content_bytes, args.url
+    );
+
+    // Senders first, so their joins' presence updates are over before the viewers come.
+    let mut sender_queues = Vec::new();
+    let mut sender_tasks: Vec<JoinHandle<SenderStats>> = Vec::new();
+    for index in 0..senders {
+        let (queue, work) = mpsc::unbounded_channel();
+        sender_queues.push(queue);
+        sender_tasks.push(tokio::spawn(sender(
+            format!("sender-{index:03}"),
+            Arc::clone(&args),
+            Arc::clone(&room),
+            Arc::clone(&shared),
+            work,
+            stop.clone(),
+        )));
+    }
+    // Let them join before the viewers come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let rss_before = server.and_then(vm_rss_kib);
+    let join_started = Instant::now();
+    let mut viewer_tasks: Vec<JoinHandle<ViewerStats>> = Vec::with_capacity(args.viewers);
+    let mut join_errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut joined = 0usize;
+    for batch_start in (0..args.viewers).step_by(args.batch) {
+        let mut waits = Vec::new();
+        for index in batch_start..(batch_start + args.batch).min(args.viewers) {
+            let name = if args.shared_name { "viewer".to_owned() } else { format!("viewer-{index:05}") };
+            let (tx, rx) = oneshot::channel();
+            viewer_tasks.push(tokio::spawn(viewer(
+                name,
+                Arc::clone(&args),
+                Arc::clone(&room),
+                Arc::clone(&shared),
+                tx,
+                stop.clone(),
+            )));
+            waits.push(rx);
+        }
+        for wait in waits {
+            match wait.await {
+                Ok(Ok(())) => joined += 1,
+                Ok(Err(error)) => *join_errors.entry(error).or_default() += 1,
+                Err(_) => *join_errors.entry("viewer task ended".to_owned()).or_default() += 1,
+            }
+        }
+    }
+    let join_seconds = join_started.elapsed().as_secs_f64();
+    eprintln!("loadgen: {joined} of {} viewers joined in {join_seconds:.1} s", args.viewers);
+    for (error, count) in &join_errors {
+        eprintln!("loadgen:   {count} × {error}");
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let rss_idle = server.and_then(vm_rss_kib);
+
+    // Send.
+    let cpu_server_start = server.and_then(|pid| cpu_seconds(&pid.to_string()));
+    let cpu_self_start = cpu_seconds("self");
+    let machine_start = machine_jiffies();
+    let pressure_before = cpu_pressure_avg10();
+    shared.sending.store(true, Ordering::Relaxed);
+    let send_started = tokio::time::Instant::now();
+    let signals: Vec<JoinHandle<String>> = args
+        .signals
+        .iter()
+        .map(|&(pid, at, name)| {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(send_started + Duration::from_secs_f64(at)).await;
+                let flag = if name == "kill" { "-KILL" } else { "-TERM" };
+                let done = std::process::Command::new("kill").arg(flag).arg(pid.to_string()).status();
+                let outcome = match done {
+                    Ok(status) if status.success() => "sent".to_owned(),
+                    Ok(status) => format!("failed ({status})"),
+                    Err(error) => format!("failed ({error})"),
+                };
+                let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                eprintln!("loadgen: SIG{} to {pid} at {at} s (unix {unix:.3}): {outcome}", &flag[1..]);
+                format!("SIG{} {pid} at {at} s: {outcome}", &flag[1..])
+            })
+        })
+        .collect();
+    for seq in 0..messages {
+        tokio::time::sleep_until(send_started + Duration::from_secs_f64(seq as f64 / args.rate)).await;
+        let _ = sender_queues[seq % senders].send(seq);
+    }
+    drop(sender_queues);
+    let send_seconds = send_started.elapsed().as_secs_f64();
+
+    // Drain: until every viewer has every acknowledged message, or no progress for a while.
+    let mut signalled = Vec::new();
+    for signal in signals {
+        signalled.push(signal.await.unwrap_or_else(|_| "signal task failed".to_owned()));
+    }
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let acked = shared.acked_ok.load(Ordering::Relaxed) + shared.acked_err.load(Ordering::Relaxed);
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        let expected = shared.acked_ok.load(Ordering::Relaxed) * joined as u64;
+        if acked >= messages as u64 && delivered >= expected {
+            break;
+        }
+        if delivered != last.0 {
+            last = (delivered, Instant::now());
+        } else if last.1.elapsed().as_secs_f64() > args.drain {
+            eprintln!("loadgen: no progress for {} s; {delivered} of {expected} deliveries", args.drain);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu_server = server.and_then(|pid| cpu_seconds(&pid.to_string())).zip(cpu_server_start).map(|(b, a)| b - a);
+    let cpu_self = cpu_seconds("self").zip(cpu_self_start).map(|(b, a)| b - a);
+    let active_seconds = send_started.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // Busy cores of the whole machine while sending, and what is left for everything else
+    // (other people's builds and benchmarks on a shared box).
+    let machine_busy_cores = machine_jiffies().zip(machine_start).and_then(|((busy, total), (busy0, total0))| {
+        (total > total0).then(|| (busy - busy0) as f64 / (total - total0) as f64 * cores as f64)
+    });
+    let other_cores =
+        machine_busy_cores.map(|busy| busy - (cpu_server.unwrap_or(0.0) + cpu_self.unwrap_or(0.0)) / active_seconds);
+    let pressure_after = cpu_pressure_avg10();
+    shared.sending.store(false, Ordering::Relaxed);
+    let rss_end = server.and_then(vm_rss_kib);
+    let _ = stop_tx.send(true);
+
+    // Collect.
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut sizes = FrameSizes::default();
+    let mut other: BTreeMap<String, Tally> = BTreeMap::new();
+    let mut other_while_sending = Tally::default();
+    let mut catch_up = Tally::default();
+    let (mut unknown, mut lost, mut duplicates) = (0u64, 0u64, 0u64);
+    let mut ended: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sender_stats = Vec::new();
+    let mut recoveries_us: Vec<u64> = Vec::new();
+    let mut reconnect_reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let (mut resets, mut viewers_hit, mut viewers_lossless) = (0u64, 0usize, 0usize);
+    // Delivery latencies of the messages of each third of the run (is it getting worse?), and
+    // per message the latency of the last viewer to get it.
+    let mut by_third: [Vec<u32>; 3] = Default::default();
+    let mut last_viewer_us = vec![0u32; messages];
+    for task in sender_tasks {
+        sender_stats.push(task.await.context("sender task")?);
+    }
+    let acked_ok = shared.acked_ok.load(Ordering::Relaxed);
+    let acked_err = shared.acked_err.load(Ordering::Relaxed);
+    // A message is expected at every viewer when the server acknowledged it with `ok: true`.
+    let expected_messages: Vec<bool> = shared.ok.iter().map(|ok| ok.load(Ordering::Relaxed)).collect();
+    let mut ack_us: Vec<u32> = sender_stats.iter().flat_map(|s| s.ack_us.iter().copied()).collect();
+    ack_us.sort_unstable();
+    for task in viewer_tasks {
+        let stats = task.await.context("viewer task")?;
+        if !stats.joined {
+            continue;
+        }
+        sizes.merge(&stats.sizes);
+        for (kind, tally) in &stats.other {
+            let total = other.entry(kind.clone()).or_default();
+            total.frames += tally.frames;
+            total.bytes += tally.bytes;
+        }
+        other_while_sending.frames += stats.other_while_sending.frames;
+        other_while_sending.bytes += stats.other_while_sending.bytes;
+        catch_up.frames += stats.catch_up.frames;
+        catch_up.bytes += stats.catch_up.bytes;
+        unknown += stats.unknown_msgs;
+        duplicates += stats.duplicates;
+        resets += stats.resets;
+        if !stats.reconnects.is_empty() {
+            viewers_hit += 1;
+        }
+        for (why, us) in &stats.reconnects {
+            recoveries_us.push(*us);
+            *reconnect_reasons.entry(why.clone()).or_default() += 1;
+        }
+        let mut viewer_lost = 0;
+        for (seq, &us) in stats.latency_by_seq.iter().enumerate() {
+            if us == NOT_RECEIVED {
+                viewer_lost += u64::from(expected_messages[seq]);
+                continue;
+            }
+            latencies.push(us);
+            by_third[(seq * 3 / messages).min(2)].push(us);
+            last_viewer_us[seq] = last_viewer_us[seq].max(us);
+        }
+        lost += viewer_lost;
+        if viewer_lost == 0 && stats.duplicates == 0 {
+            viewers_lossless += 1;
+        }
+        if let Some(why) = stats.ended {
+            *ended.entry(why).or_default() += 1;
+        }
+    }
+    recoveries_us.sort_unstable();
+    let recovery_ms = |p: f64| {
+        if recoveries_us.is_empty() {
+            f64::NAN
+        } else {
+            let rank = ((p / 100.0) * recoveries_us.len() as f64).ceil().max(1.0) as usize;
+            recoveries_us[rank.min(recoveries_us.len()) - 1] as f64 / 1_000.0
+        }
+    };
+    let resent: u64 = sender_stats.iter().map(|s| s.resent).sum();
+    let sender_reconnects: u64 = sender_stats.iter().map(|s| s.reconnects).sum();
+    latencies.sort_unstable();
+    for third in &mut by_third {
+        third.sort_unstable();
+    }
+    last_viewer_us.sort_unstable();
+    let thirds_p99: Vec<f64> = by_third.iter().map(|third| percentile(third, 99.0)).collect();
+    let sent = shared.sent_at.iter().filter(|at| at.load(Ordering::Relaxed) != 0).count();
+    let expected = joined as u64 * expected_messages.iter().filter(|&&ok| ok).count() as u64;
+    let received = latencies.len() as u64;
+    let p50 = percentile(&latencies, 50.0);
+    let p99 = percentile(&latencies, 99.0);
+    let max = latencies.last().map_or(f64::NAN, |&us| f64::from(us) / 1_000.0);
+    let kib_per_view = match (rss_before, rss_idle) {
+        (Some(before), Some(idle)) if joined > 0 => Some((idle as f64 - before as f64) / joined as f64),
+        _ => None,
+    };
+    let deliveries = received + other_while_sending.frames;
+    let server_us_per_frame = cpu_server.map(|cpu| cpu * 1e6 / deliveries.max(1) as f64);
+
+    println!();
+    println!("live fan-out: {joined} viewers, {senders} senders, {sent} messages in {send_seconds:.1} s");
+    println!("{:<48} value", "what");
+    let row = |what: &str, value: String| println!("{what:<48} {value}");
+    row("viewers joined (of requested)", format!("{joined} of {}", args.viewers));
+    row("join time, all viewers", format!("{join_seconds:.2} s"));
+    row("messages sent / acked ok / refused", format!("{sent} / {acked_ok} / {acked_err}"));
+    row(
+        "ack round trip p50 / p99 (ms)",
+        format!("{:.2} / {:.2}", percentile(&ack_us, 50.0), percentile(&ack_us, 99.0)),
+    );
+    row("deliveries expected / received", format!("{expected} / {received}"));
+    row("deliveries lost / duplicated / unknown", format!("{lost} / {duplicates} / {unknown}"));
+    row("delivery latency p50 / p99 / max (ms)", format!("{p50:.2} / {p99:.2} / {max:.2}"));
+    row(
+        "delivery p99 in 1st / 2nd / 3rd third (ms)",
+        format!("{:.2} / {:.2} / {:.2}", thirds_p99[0], thirds_p99[1], thirds_p99[2]),
+    );
+    row(
+        "last viewer has a message p50 / max (ms)",
+        format!("{:.2} / {:.2}", percentile(&last_viewer_us, 50.0), percentile(&last_viewer_us, 100.0)),
+    );
+    if sizes.count > 0 {
+        row("msg frame bytes min / max", format!("{} / {}", sizes.frame_min, sizes.frame_max));
+        row("msg HTML bytes min / max", format!("{} / {}", sizes.html_min, sizes.html_max));
+        row("msg frame - HTML bytes min / max", format!("{} / {}", sizes.overhead_min, sizes.overhead_max));
+    }
+    row("catch-up frames before joined (bytes)", format!("{} ({})", catch_up.frames, catch_up.bytes));
+    for (kind, tally) in &other {
+        row(&format!("other frames: {kind} (bytes)"), format!("{} ({})", tally.frames, tally.bytes));
+    }
+    row(
+        "other frames while sending (bytes)",
+        format!("{} ({})", other_while_sending.frames, other_while_sending.bytes),
+    );
+    let kib = |v: Option<u64>| v.map_or("n/a".to_owned(), |v| format!("{v} KiB"));
+    row("server RSS before viewers", kib(rss_before));
+    row("server RSS, viewers joined and idle", kib(rss_idle));
+    row("server RSS after sending", kib(rss_end));
+    row("server RSS per idle view", kib_per_view.map_or("n/a".to_owned(), |k| format!("{k:.1} KiB")));
+    row(
+        "server CPU while sending (per delivered frame)",
+        match (cpu_server, server_us_per_frame) {
+            (Some(cpu), Some(us)) => format!("{cpu:.2} s of {active_seconds:.1} s ({us:.1} µs)"),
+            _ => "n/a".to_owned(),
+        },
+    );
+    row("loadgen CPU while sending", cpu_self.map_or("n/a".to_owned(), |cpu| format!("{cpu:.2} s")));
+    row(
+        "machine busy while sending (cores)",
+        match (machine_busy_cores, other_cores) {
+            (Some(busy), Some(other)) => format!("{busy:.2} of {cores}, of which other processes {other:.2}"),
+            _ => "n/a".to_owned(),
+        },
+    );
+    let pressure = |p: Option<f64>| p.map_or("n/a".to_owned(), |p| format!("{p:.1} %"));
+    row(
+        "CPU pressure avg10 before / after sending",
+        format!("{} / {}", pressure(pressure_before), pressure(pressure_after)),
+    );
+    for (why, count) in &ended {
+        row("connections ended early", format!("{count} × {why}"));
+    }
+    for signal in &signalled {
+        row("signal", signal.clone());
+    }
+    if args.reconnect {
+        row("viewers reconnected / lossless (of joined)", format!("{viewers_hit} / {viewers_lossless} of {joined}"));
+        for (why, count) in &reconnect_reasons {
+            row("  reconnects after", format!("{count} × {why}"));
+        }
+        row(
+            "time to recover min / p50 / p99 / max (ms)",
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0}",
+                recovery_ms(0.0),
+                recovery_ms(50.0),
+                recovery_ms(99.0),
+                recovery_ms(100.0)
+            ),
+        );
+        row("reset frames (resume not exact)", resets.to_string());
+        row("sender reconnects / sends repeated with the same id", format!("{sender_reconnects} / {resent}"));
+    }
+    let mut refusals: BTreeMap<&str, usize> = BTreeMap::new();
+    for reason in sender_stats.iter().flat_map(|s| s.refusals.iter()) {
+        *refusals.entry(reason.as_str()).or_default() += 1;
+    }
+    for (reason, count) in &refusals {
+        row("sends refused", format!("{count} × {reason}"));
+    }
+
+    let reconnect_report = json!({
+        "viewers_reconnected": viewers_hit,
+        "viewers_lossless": viewers_lossless,
+        "reasons": reconnect_reasons,
+        "recovery_ms": {"min": recovery_ms(0.0), "p50": recovery_ms(50.0), "p99": recovery_ms(99.0), "max": recovery_ms(100.0)},
+        "resets": resets,
+        "sender_reconnects": sender_reconnects,
+        "resent_same_id": resent,
+    });
+    let report = json!({"loadgen": {
+        "url": args.url,
+        "room": &*room,
+        "viewers_requested": args.viewers,
+        "viewers_joined": joined,
+        "join_errors": join_errors,
+        "join_seconds": join_seconds,
+        "senders": senders,
+        "rate_per_second": args.rate,
+        "send_seconds": send_seconds,
+        "content_bytes": args.content_bytes,
+        "messages_sent": sent,
+        "acked_ok": acked_ok,
+        "acked_refused": acked_err,
+        "ack_ms": {"p50": percentile(&ack_us, 50.0), "p99": percentile(&ack_us, 99.0)},
+        "deliveries_expected": expected,
+        "deliveries_received": received,
+        "lost": lost,
+        "duplicates": duplicates,
+        "unknown_msg_frames": unknown,
+        "latency_ms": {"p50": p50, "p99": p99, "max": max},
+        "latency_p99_ms_by_third": thirds_p99,
+        "last_viewer_ms": {"p50": percentile(&last_viewer_us, 50.0), "max": percentile(&last_viewer_us, 100.0)},
+        "msg_frame_bytes": {"min": sizes.frame_min.min(sizes.frame_max), "max": sizes.frame_max},
+        "msg_html_bytes": {"min": sizes.html_min.min(sizes.html_max), "max": sizes.html_max},
+        "msg_overhead_bytes": {"min": sizes.overhead_min.min(sizes.overhead_max), "max": sizes.overhead_max},
+        "catch_up": {"frames": catch_up.frames, "bytes": catch_up.bytes},
+        "other_frames": other.iter().map(|(k, t)| (k.clone(), json!({"frames": t.frames, "bytes": t.bytes})))
+            .collect::<serde_json::Map<_, _>>(),
+        "other_frames_while_sending": {"frames": other_while_sending.frames, "bytes": other_while_sending.bytes},
+        "server_rss_kib": {"before": rss_before, "idle": rss_idle, "end": rss_end},
+        "server_kib_per_idle_view": kib_per_view,
+        "server_cpu_seconds_while_sending": cpu_server,
+        "server_cpu_us_per_delivered_frame": server_us_per_frame,
+        "loadgen_cpu_seconds_while_sending": cpu_self,
+        "active_seconds": active_seconds,
+        "cores": cores,
+        "machine_busy_cores_while_sending": machine_busy_cores,
+        "other_processes_cores_while_sending": other_cores,
+        "cpu_pressure_avg10": {"before": pressure_before, "after": pressure_after},
+        "ended_early": ended,
+        "refusals": refusals,
+        "signals": signalled,
+        "reconnect": reconnect_report,
+    }});
+    println!("{report}");
+    if args.check {
+        let mut failures = Vec::new();
+        if joined != args.viewers {
+            failures.push(format!("{} of {} viewers joined", joined, args.viewers));
+        }
+        if acked_ok != messages as u64 {
+            failures.push(format!("{acked_ok} of {messages} messages acknowledged as stored ({acked_err} refused)"));
+        }
+        if lost > 0 || duplicates > 0 || unknown > 0 {
+            failures.push(format!("{lost} deliveries lost, {duplicates} duplicated, {unknown} unknown"));
+        }
+        if !ended.is_empty() {
+            failures.push(format!("{} connections ended for good", ended.values().sum::<usize>()));
+        }
+        if resets > 0 {
+            failures.push(format!("{resets} reset frames"));
+        }
+        if signalled.iter().any(|s| !s.ends_with("sent")) {
+            failures.push("a signal was not delivered".to_owned());
+        }
+        if !failures.is_empty() {
+            bail!("check failed: {}", failures.join("; "));
+        }
+        eprintln!("loadgen: check passed: every message stored once and delivered once to each of {joined} viewers");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::sender::message_content;
+    use crate::ws::{frame_kind, sequence_in};
+
+    #[test]
+    fn content_has_the_requested_length_and_its_sequence() {
+        for bytes in [23, 120, 500] {
+            let content = message_content(42, bytes);
+            assert_eq!(content.len(), bytes, "{content:?}");
+            assert_eq!(sequence_in(&format!("<p class=\"body\">{content}</p>")), Some(42));
+        }
+    }
+
+    #[test]
+    fn frame_kinds() {
+        assert_eq!(frame_kind("{\"t\":\"msg\",\"pos\":3}"), "msg");
+        assert_eq!(frame_kind("{\"t\":\"morph\",\"id\":\"presence\"}"), "morph");
+        assert_eq!(frame_kind("nonsense"), "?");
+    }
+}
