@@ -129,32 +129,7 @@ async fn run(args: Args) -> Result<()> {
 
     let rss_before = server.and_then(vm_rss_kib);
     let join_started = Instant::now();
-    let mut viewer_tasks: Vec<JoinHandle<ViewerStats>> = Vec::with_capacity(args.viewers);
-    let mut join_errors: BTreeMap<String, usize> = BTreeMap::new();
-    let mut joined = 0usize;
-    for batch_start in (0..args.viewers).step_by(args.batch) {
-        let mut waits = Vec::new();
-        for index in batch_start..(batch_start + args.batch).min(args.viewers) {
-            let name = if args.shared_name { "viewer".to_owned() } else { format!("viewer-{index:05}") };
-            let (tx, rx) = oneshot::channel();
-            viewer_tasks.push(tokio::spawn(viewer(
-                name,
-                Arc::clone(&args),
-                Arc::clone(&room),
-                Arc::clone(&shared),
-                tx,
-                stop.clone(),
-            )));
-            waits.push(rx);
-        }
-        for wait in waits {
-            match wait.await {
-                Ok(Ok(())) => joined += 1,
-                Ok(Err(error)) => *join_errors.entry(error).or_default() += 1,
-                Err(_) => *join_errors.entry("viewer task ended".to_owned()).or_default() += 1,
-            }
-        }
-    }
+    let (viewer_tasks, joined, join_errors) = join_viewers(&args, &room, &shared, &stop).await;
     let join_seconds = join_started.elapsed().as_secs_f64();
     eprintln!("loadgen: {joined} of {} viewers joined in {join_seconds:.1} s", args.viewers);
     for (error, count) in &join_errors {
@@ -170,25 +145,7 @@ async fn run(args: Args) -> Result<()> {
     let pressure_before = cpu_pressure_avg10();
     shared.sending.store(true, Ordering::Relaxed);
     let send_started = tokio::time::Instant::now();
-    let signals: Vec<JoinHandle<String>> = args
-        .signals
-        .iter()
-        .map(|&(pid, at, name)| {
-            tokio::spawn(async move {
-                tokio::time::sleep_until(send_started + Duration::from_secs_f64(at)).await;
-                let flag = if name == "kill" { "-KILL" } else { "-TERM" };
-                let done = std::process::Command::new("kill").arg(flag).arg(pid.to_string()).status();
-                let outcome = match done {
-                    Ok(status) if status.success() => "sent".to_owned(),
-                    Ok(status) => format!("failed ({status})"),
-                    Err(error) => format!("failed ({error})"),
-                };
-                let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-                eprintln!("loadgen: SIG{} to {pid} at {at} s (unix {unix:.3}): {outcome}", &flag[1..]);
-                format!("SIG{} {pid} at {at} s: {outcome}", &flag[1..])
-            })
-        })
-        .collect();
+    let signals = spawn_signals(&args, send_started);
     for seq in 0..messages {
         tokio::time::sleep_until(send_started + Duration::from_secs_f64(seq as f64 / args.rate)).await;
         let _ = sender_queues[seq % senders].send(seq);
@@ -201,22 +158,7 @@ async fn run(args: Args) -> Result<()> {
     for signal in signals {
         signalled.push(signal.await.unwrap_or_else(|_| "signal task failed".to_owned()));
     }
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let acked = shared.acked_ok.load(Ordering::Relaxed) + shared.acked_err.load(Ordering::Relaxed);
-        let delivered = shared.delivered.load(Ordering::Relaxed);
-        let expected = shared.acked_ok.load(Ordering::Relaxed) * joined as u64;
-        if acked >= messages as u64 && delivered >= expected {
-            break;
-        }
-        if delivered != last.0 {
-            last = (delivered, Instant::now());
-        } else if last.1.elapsed().as_secs_f64() > args.drain {
-            eprintln!("loadgen: no progress for {} s; {delivered} of {expected} deliveries", args.drain);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drain(&shared, messages, joined, args.drain).await;
     let cpu_server = server.and_then(|pid| cpu_seconds(&pid.to_string())).zip(cpu_server_start).map(|(b, a)| b - a);
     let cpu_self = cpu_seconds("self").zip(cpu_self_start).map(|(b, a)| b - a);
     let active_seconds = send_started.elapsed().as_secs_f64();
@@ -479,30 +421,148 @@ async fn run(args: Args) -> Result<()> {
     }});
     println!("{report}");
     if args.check {
-        let mut failures = Vec::new();
-        if joined != args.viewers {
-            failures.push(format!("{} of {} viewers joined", joined, args.viewers));
-        }
-        if acked_ok != messages as u64 {
-            failures.push(format!("{acked_ok} of {messages} messages acknowledged as stored ({acked_err} refused)"));
-        }
-        if lost > 0 || duplicates > 0 || unknown > 0 {
-            failures.push(format!("{lost} deliveries lost, {duplicates} duplicated, {unknown} unknown"));
-        }
-        if !ended.is_empty() {
-            failures.push(format!("{} connections ended for good", ended.values().sum::<usize>()));
-        }
-        if resets > 0 {
-            failures.push(format!("{resets} reset frames"));
-        }
-        if signalled.iter().any(|s| !s.ends_with("sent")) {
-            failures.push("a signal was not delivered".to_owned());
-        }
-        if !failures.is_empty() {
-            bail!("check failed: {}", failures.join("; "));
-        }
-        eprintln!("loadgen: check passed: every message stored once and delivered once to each of {joined} viewers");
+        check(&Checked {
+            args: &args,
+            joined,
+            messages,
+            acked_ok,
+            acked_err,
+            lost,
+            duplicates,
+            unknown,
+            resets,
+            ended: &ended,
+            signalled: &signalled,
+        })?;
     }
+    Ok(())
+}
+
+/// Opens `--viewers` viewers in parallel batches of `--batch`, each batch joined (or failed)
+/// before the next starts. Returns the viewer tasks, how many joined, and why the others did
+/// not (reason → count).
+async fn join_viewers(
+    args: &Arc<Args>,
+    room: &Arc<str>,
+    shared: &Arc<Shared>,
+    stop: &watch::Receiver<bool>,
+) -> (Vec<JoinHandle<ViewerStats>>, usize, BTreeMap<String, usize>) {
+    let mut viewer_tasks: Vec<JoinHandle<ViewerStats>> = Vec::with_capacity(args.viewers);
+    let mut join_errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut joined = 0usize;
+    for batch_start in (0..args.viewers).step_by(args.batch) {
+        let mut waits = Vec::new();
+        for index in batch_start..(batch_start + args.batch).min(args.viewers) {
+            let name = if args.shared_name { "viewer".to_owned() } else { format!("viewer-{index:05}") };
+            let (tx, rx) = oneshot::channel();
+            viewer_tasks.push(tokio::spawn(viewer(
+                name,
+                Arc::clone(args),
+                Arc::clone(room),
+                Arc::clone(shared),
+                tx,
+                stop.clone(),
+            )));
+            waits.push(rx);
+        }
+        for wait in waits {
+            match wait.await {
+                Ok(Ok(())) => joined += 1,
+                Ok(Err(error)) => *join_errors.entry(error).or_default() += 1,
+                Err(_) => *join_errors.entry("viewer task ended".to_owned()).or_default() += 1,
+            }
+        }
+    }
+    (viewer_tasks, joined, join_errors)
+}
+
+/// Spawns one task per `--signal`: at its time after `send_started` it sends the signal and
+/// returns what happened, for the report.
+fn spawn_signals(args: &Args, send_started: tokio::time::Instant) -> Vec<JoinHandle<String>> {
+    args.signals
+        .iter()
+        .map(|&(pid, at, name)| {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(send_started + Duration::from_secs_f64(at)).await;
+                let flag = if name == "kill" { "-KILL" } else { "-TERM" };
+                let done = std::process::Command::new("kill").arg(flag).arg(pid.to_string()).status();
+                let outcome = match done {
+                    Ok(status) if status.success() => "sent".to_owned(),
+                    Ok(status) => format!("failed ({status})"),
+                    Err(error) => format!("failed ({error})"),
+                };
+                let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                eprintln!("loadgen: SIG{} to {pid} at {at} s (unix {unix:.3}): {outcome}", &flag[1..]);
+                format!("SIG{} {pid} at {at} s: {outcome}", &flag[1..])
+            })
+        })
+        .collect()
+}
+
+/// Waits until every message is acknowledged and every viewer has every acknowledged one, or
+/// until deliveries make no progress for `drain` seconds.
+async fn drain(shared: &Shared, messages: usize, joined: usize, drain: f64) {
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let acked = shared.acked_ok.load(Ordering::Relaxed) + shared.acked_err.load(Ordering::Relaxed);
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        let expected = shared.acked_ok.load(Ordering::Relaxed) * joined as u64;
+        if acked >= messages as u64 && delivered >= expected {
+            break;
+        }
+        if delivered != last.0 {
+            last = (delivered, Instant::now());
+        } else if last.1.elapsed().as_secs_f64() > drain {
+            eprintln!("loadgen: no progress for {} s; {delivered} of {expected} deliveries", drain);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What `--check` looks at.
+struct Checked<'a> {
+    args: &'a Args,
+    joined: usize,
+    messages: usize,
+    acked_ok: u64,
+    acked_err: u64,
+    lost: u64,
+    duplicates: u64,
+    unknown: u64,
+    resets: u64,
+    ended: &'a BTreeMap<String, usize>,
+    signalled: &'a [String],
+}
+
+/// `--check`: fails unless every viewer joined, every message was stored once and delivered
+/// once to each viewer, no connection ended for good, and every signal was sent.
+fn check(checked: &Checked<'_>) -> Result<()> {
+    let Checked { args, joined, messages, acked_ok, acked_err, lost, duplicates, unknown, resets, ended, signalled } =
+        *checked;
+    let mut failures = Vec::new();
+    if joined != args.viewers {
+        failures.push(format!("{} of {} viewers joined", joined, args.viewers));
+    }
+    if acked_ok != messages as u64 {
+        failures.push(format!("{acked_ok} of {messages} messages acknowledged as stored ({acked_err} refused)"));
+    }
+    if lost > 0 || duplicates > 0 || unknown > 0 {
+        failures.push(format!("{lost} deliveries lost, {duplicates} duplicated, {unknown} unknown"));
+    }
+    if !ended.is_empty() {
+        failures.push(format!("{} connections ended for good", ended.values().sum::<usize>()));
+    }
+    if resets > 0 {
+        failures.push(format!("{resets} reset frames"));
+    }
+    if signalled.iter().any(|s| !s.ends_with("sent")) {
+        failures.push("a signal was not delivered".to_owned());
+    }
+    if !failures.is_empty() {
+        bail!("check failed: {}", failures.join("; "));
+    }
+    eprintln!("loadgen: check passed: every message stored once and delivered once to each of {joined} viewers");
     Ok(())
 }
 
