@@ -63,7 +63,7 @@ use tokio::task::JoinHandle;
 use crate::args::{parse_args, Args};
 use crate::sender::sender;
 use crate::server::{cpu_pressure_avg10, cpu_seconds, machine_jiffies, vm_rss_kib};
-use crate::stats::{percentile, FrameSizes, SenderStats, Shared, Tally, ViewerStats};
+use crate::stats::{percentile, SenderStats, Shared, Totals, ViewerStats};
 use crate::viewer::viewer;
 
 /// The marker before each message's sequence number in its content (and so in its HTML).
@@ -176,21 +176,7 @@ async fn run(args: Args) -> Result<()> {
     let _ = stop_tx.send(true);
 
     // Collect.
-    let mut latencies: Vec<u32> = Vec::new();
-    let mut sizes = FrameSizes::default();
-    let mut other: BTreeMap<String, Tally> = BTreeMap::new();
-    let mut other_while_sending = Tally::default();
-    let mut catch_up = Tally::default();
-    let (mut unknown, mut lost, mut duplicates) = (0u64, 0u64, 0u64);
-    let mut ended: BTreeMap<String, usize> = BTreeMap::new();
     let mut sender_stats = Vec::new();
-    let mut recoveries_us: Vec<u64> = Vec::new();
-    let mut reconnect_reasons: BTreeMap<String, usize> = BTreeMap::new();
-    let (mut resets, mut viewers_hit, mut viewers_lossless) = (0u64, 0usize, 0usize);
-    // Delivery latencies of the messages of each third of the run (is it getting worse?), and
-    // per message the latency of the last viewer to get it.
-    let mut by_third: [Vec<u32>; 3] = Default::default();
-    let mut last_viewer_us = vec![0u32; messages];
     for task in sender_tasks {
         sender_stats.push(task.await.context("sender task")?);
     }
@@ -200,49 +186,31 @@ async fn run(args: Args) -> Result<()> {
     let expected_messages: Vec<bool> = shared.ok.iter().map(|ok| ok.load(Ordering::Relaxed)).collect();
     let mut ack_us: Vec<u32> = sender_stats.iter().flat_map(|s| s.ack_us.iter().copied()).collect();
     ack_us.sort_unstable();
+    let mut totals = Totals::new(messages);
     for task in viewer_tasks {
         let stats = task.await.context("viewer task")?;
-        if !stats.joined {
-            continue;
-        }
-        sizes.merge(&stats.sizes);
-        for (kind, tally) in &stats.other {
-            let total = other.entry(kind.clone()).or_default();
-            total.frames += tally.frames;
-            total.bytes += tally.bytes;
-        }
-        other_while_sending.frames += stats.other_while_sending.frames;
-        other_while_sending.bytes += stats.other_while_sending.bytes;
-        catch_up.frames += stats.catch_up.frames;
-        catch_up.bytes += stats.catch_up.bytes;
-        unknown += stats.unknown_msgs;
-        duplicates += stats.duplicates;
-        resets += stats.resets;
-        if !stats.reconnects.is_empty() {
-            viewers_hit += 1;
-        }
-        for (why, us) in &stats.reconnects {
-            recoveries_us.push(*us);
-            *reconnect_reasons.entry(why.clone()).or_default() += 1;
-        }
-        let mut viewer_lost = 0;
-        for (seq, &us) in stats.latency_by_seq.iter().enumerate() {
-            if us == NOT_RECEIVED {
-                viewer_lost += u64::from(expected_messages[seq]);
-                continue;
-            }
-            latencies.push(us);
-            by_third[(seq * 3 / messages).min(2)].push(us);
-            last_viewer_us[seq] = last_viewer_us[seq].max(us);
-        }
-        lost += viewer_lost;
-        if viewer_lost == 0 && stats.duplicates == 0 {
-            viewers_lossless += 1;
-        }
-        if let Some(why) = stats.ended {
-            *ended.entry(why).or_default() += 1;
+        if stats.joined {
+            totals.add(stats, &expected_messages);
         }
     }
+    let Totals {
+        mut latencies,
+        sizes,
+        other,
+        other_while_sending,
+        catch_up,
+        unknown,
+        lost,
+        duplicates,
+        ended,
+        mut recoveries_us,
+        reconnect_reasons,
+        resets,
+        viewers_hit,
+        viewers_lossless,
+        mut by_third,
+        mut last_viewer_us,
+    } = totals;
     recoveries_us.sort_unstable();
     let recovery_ms = |p: f64| {
         if recoveries_us.is_empty() {

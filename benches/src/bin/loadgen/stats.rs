@@ -166,3 +166,101 @@ pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1_000.0
 }
+
+/// The joined viewers' tallies summed, with every delivery's latency.
+#[derive(Debug)]
+pub(crate) struct Totals {
+    /// Every delivery's latency, µs.
+    pub(crate) latencies: Vec<u32>,
+    pub(crate) sizes: FrameSizes,
+    /// Other frames by kind.
+    pub(crate) other: BTreeMap<String, Tally>,
+    pub(crate) other_while_sending: Tally,
+    pub(crate) catch_up: Tally,
+    /// `msg` frames without a sequence number of ours.
+    pub(crate) unknown: u64,
+    /// Expected messages a viewer never got.
+    pub(crate) lost: u64,
+    pub(crate) duplicates: u64,
+    /// Why connections ended for good → how many.
+    pub(crate) ended: BTreeMap<String, usize>,
+    /// Each reconnect's time to recover, µs.
+    pub(crate) recoveries_us: Vec<u64>,
+    /// Why viewers reconnected → how many times.
+    pub(crate) reconnect_reasons: BTreeMap<String, usize>,
+    pub(crate) resets: u64,
+    /// Viewers that reconnected at least once.
+    pub(crate) viewers_hit: usize,
+    /// Viewers that lost and duplicated nothing.
+    pub(crate) viewers_lossless: usize,
+    /// Delivery latencies of the messages of each third of the run (is it getting worse?).
+    pub(crate) by_third: [Vec<u32>; 3],
+    /// Per message, the latency of the last viewer to get it.
+    pub(crate) last_viewer_us: Vec<u32>,
+}
+
+impl Totals {
+    /// Nothing counted yet, for a run of `messages` messages.
+    pub(crate) fn new(messages: usize) -> Self {
+        Self {
+            latencies: Vec::new(),
+            sizes: FrameSizes::default(),
+            other: BTreeMap::new(),
+            other_while_sending: Tally::default(),
+            catch_up: Tally::default(),
+            unknown: 0,
+            lost: 0,
+            duplicates: 0,
+            ended: BTreeMap::new(),
+            recoveries_us: Vec::new(),
+            reconnect_reasons: BTreeMap::new(),
+            resets: 0,
+            viewers_hit: 0,
+            viewers_lossless: 0,
+            by_third: Default::default(),
+            last_viewer_us: vec![0u32; messages],
+        }
+    }
+
+    /// Adds one joined viewer's tallies; `expected_messages[seq]`: every viewer should get it.
+    pub(crate) fn add(&mut self, stats: ViewerStats, expected_messages: &[bool]) {
+        let messages = self.last_viewer_us.len();
+        self.sizes.merge(&stats.sizes);
+        for (kind, tally) in &stats.other {
+            let total = self.other.entry(kind.clone()).or_default();
+            total.frames += tally.frames;
+            total.bytes += tally.bytes;
+        }
+        self.other_while_sending.frames += stats.other_while_sending.frames;
+        self.other_while_sending.bytes += stats.other_while_sending.bytes;
+        self.catch_up.frames += stats.catch_up.frames;
+        self.catch_up.bytes += stats.catch_up.bytes;
+        self.unknown += stats.unknown_msgs;
+        self.duplicates += stats.duplicates;
+        self.resets += stats.resets;
+        if !stats.reconnects.is_empty() {
+            self.viewers_hit += 1;
+        }
+        for (why, us) in &stats.reconnects {
+            self.recoveries_us.push(*us);
+            *self.reconnect_reasons.entry(why.clone()).or_default() += 1;
+        }
+        let mut viewer_lost = 0;
+        for (seq, &us) in stats.latency_by_seq.iter().enumerate() {
+            if us == NOT_RECEIVED {
+                viewer_lost += u64::from(expected_messages[seq]);
+                continue;
+            }
+            self.latencies.push(us);
+            self.by_third[(seq * 3 / messages).min(2)].push(us);
+            self.last_viewer_us[seq] = self.last_viewer_us[seq].max(us);
+        }
+        self.lost += viewer_lost;
+        if viewer_lost == 0 && stats.duplicates == 0 {
+            self.viewers_lossless += 1;
+        }
+        if let Some(why) = stats.ended {
+            *self.ended.entry(why).or_default() += 1;
+        }
+    }
+}
