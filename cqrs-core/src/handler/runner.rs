@@ -316,22 +316,7 @@ where
     });
 
     let workers = shared.config.workers.max(1);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let (halt_tx, halt) = watch::channel(false);
-    let mut queues = Vec::with_capacity(workers);
-    let mut tasks = JoinSet::new();
-    for index in 0..workers {
-        let (queue, jobs) = mpsc::channel(QUEUE_PER_WORKER);
-        queues.push(queue);
-        let blocked: HashMap<String, Vec<Position>> = parked
-            .iter()
-            .filter(|(key, _)| worker_of(key, workers) == index)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let worker = Worker { shared: Arc::clone(shared), claim: feeder.claim.clone(), blocked, done: done_tx.clone() };
-        tasks.spawn(worker.run(jobs, halt.clone(), lease.clone()));
-    }
-    drop(done_tx);
+    let mut crew = Crew::spawn(shared, feeder.claim.as_ref(), &parked, &lease, workers);
 
     let mut feed = Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size);
     let newest = shared.store.notifications();
@@ -378,7 +363,7 @@ where
             biased;
             () = lease_lost(&mut lease, tenure.as_ref()) => break End::LeaseLost,
             () = stopped(stop) => break End::Stopped,
-            done = done_rx.recv() => {
+            done = crew.done.recv() => {
                 let Some(done) = done else { break End::Stopped };
                 match guarded(&mut lease, tenure.as_ref(), stop, feeder.settle(done)).await {
                     Ok(Ok(Some(position))) => { in_flight.remove(&position); }
@@ -397,7 +382,7 @@ where
                             let index = match &job { Job::Event { key: Some(key), .. } => worker_of(key, workers), _ => 0 };
                             in_flight.insert(position);
                             // A full queue waits for its worker, never past the tenure's end.
-                            match guarded(&mut lease, tenure.as_ref(), stop, queues[index].send(job)).await {
+                            match guarded(&mut lease, tenure.as_ref(), stop, crew.queues[index].send(job)).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_closed)) => break End::Stopped,
                                 Err(end) => break end,
@@ -429,59 +414,130 @@ where
                 }
             }
             _ = poll.tick(), if feeder.parked_count() > 0 => {
-                if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&queues, workers)).await {
+                if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&crew.queues, workers)).await {
                     break end;
                 }
             }
         }
     };
 
-    match end {
-        End::LeaseLost => {
-            // Nothing more may happen under this tenure: abort the handlers mid-event (their
-            // events will be handled again by the next holder).
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
-            End::LeaseLost
+    let books = Books { in_flight, read_up_to, saved };
+    crew.wind_down(end, &mut feeder, books, &mut lease, memory_checkpoint).await
+}
+
+/// Where the feeder has got to: the events handed to workers and not yet done, the last
+/// position read, and the last checkpoint saved.
+struct Books {
+    in_flight: BTreeSet<Position>,
+    read_up_to: Position,
+    saved: Position,
+}
+
+/// A tenure's workers: their queues, their tasks, what they report, and the halt flag.
+struct Crew<E> {
+    queues: Vec<mpsc::Sender<Job<E>>>,
+    tasks: JoinSet<()>,
+    done: mpsc::UnboundedReceiver<Done>,
+    halt: watch::Sender<bool>,
+}
+
+impl<E: DomainEvent> Crew<E> {
+    /// Spawns `workers` workers under `claim`, each blocked on the parked sequences its
+    /// partitions hold.
+    fn spawn<S, H>(
+        shared: &Arc<Shared<S, H>>,
+        claim: Option<&Claim>,
+        parked: &HashMap<String, Vec<Position>>,
+        lease: &Option<watch::Receiver<Lease>>,
+        workers: usize,
+    ) -> Self
+    where
+        S: Store + ?Sized,
+        H: EventHandler<Event = E>,
+    {
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let (halt, halted) = watch::channel(false);
+        let mut queues = Vec::with_capacity(workers);
+        let mut tasks = JoinSet::new();
+        for index in 0..workers {
+            let (queue, jobs) = mpsc::channel(QUEUE_PER_WORKER);
+            queues.push(queue);
+            let blocked: HashMap<String, Vec<Position>> = parked
+                .iter()
+                .filter(|(key, _)| worker_of(key, workers) == index)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let worker = Worker { shared: Arc::clone(shared), claim: claim.cloned(), blocked, done: done_tx.clone() };
+            tasks.spawn(worker.run(jobs, halted.clone(), lease.clone()));
         }
-        End::Stopped => {
-            // Let the workers finish the events in hand (but not their queues), then save; all
-            // of it bounded by `stop_timeout` and by the tenure (a store that is down must not
-            // hold the stop, nor let it run past the lease).
-            let _ = halt_tx.send(true);
-            drop(queues);
-            let deadline = Instant::now() + shared.config.stop_timeout;
-            let drain = async {
-                while tasks.join_next().await.is_some() {}
-                while let Ok(done) = done_rx.try_recv() {
-                    if let Ok(Some(position)) = feeder.settle(done).await {
-                        in_flight.remove(&position);
-                    }
-                }
-                // Events still queued were not handled: the checkpoint stays below them.
-                let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-                let handled = handled.max(saved);
-                shared.status.send_modify(|status| status.position = handled);
-                if handled != saved {
-                    let _ = feeder.save(handled, memory_checkpoint).await;
-                }
-            };
-            let drained = tokio::select! {
-                biased;
-                () = lease_lost(&mut lease, tenure.as_ref()) => false,
-                () = tokio::time::sleep_until(deadline) => false,
-                () = drain => true,
-            };
-            if !drained {
-                tracing::warn!(
-                    handler = %shared.name,
-                    timeout = ?shared.config.stop_timeout,
-                    "graceful stop did not finish in time (or the claim ran out); the events in hand are handled again by the next holder"
-                );
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
+        Self { queues, tasks, done, halt }
+    }
+
+    /// Ends the tenure's work: on a lost lease, aborts the workers at once; on a stop, lets
+    /// them finish the events in hand and saves the checkpoint, within `stop_timeout` and the
+    /// tenure.
+    async fn wind_down<S, H>(
+        mut self,
+        end: End,
+        feeder: &mut Feeder<S, H>,
+        mut books: Books,
+        lease: &mut Option<watch::Receiver<Lease>>,
+        memory_checkpoint: &mut Option<Position>,
+    ) -> End
+    where
+        S: Store + ?Sized,
+        H: EventHandler<Event = E>,
+    {
+        let shared = Arc::clone(&feeder.shared);
+        let tenure = feeder.claim.clone();
+        let tenure = tenure.as_ref();
+        match end {
+            End::LeaseLost => {
+                // Nothing more may happen under this tenure: abort the handlers mid-event (their
+                // events will be handled again by the next holder).
+                self.tasks.abort_all();
+                while self.tasks.join_next().await.is_some() {}
+                End::LeaseLost
             }
-            End::Stopped
+            End::Stopped => {
+                // Let the workers finish the events in hand (but not their queues), then save; all
+                // of it bounded by `stop_timeout` and by the tenure (a store that is down must not
+                // hold the stop, nor let it run past the lease).
+                let _ = self.halt.send(true);
+                drop(self.queues);
+                let deadline = Instant::now() + shared.config.stop_timeout;
+                let drain = async {
+                    while self.tasks.join_next().await.is_some() {}
+                    while let Ok(done) = self.done.try_recv() {
+                        if let Ok(Some(position)) = feeder.settle(done).await {
+                            books.in_flight.remove(&position);
+                        }
+                    }
+                    // Events still queued were not handled: the checkpoint stays below them.
+                    let handled = books.in_flight.first().map_or(books.read_up_to, |first| Position(first.0 - 1));
+                    let handled = handled.max(books.saved);
+                    shared.status.send_modify(|status| status.position = handled);
+                    if handled != books.saved {
+                        let _ = feeder.save(handled, memory_checkpoint).await;
+                    }
+                };
+                let drained = tokio::select! {
+                    biased;
+                    () = lease_lost(lease, tenure) => false,
+                    () = tokio::time::sleep_until(deadline) => false,
+                    () = drain => true,
+                };
+                if !drained {
+                    tracing::warn!(
+                        handler = %shared.name,
+                        timeout = ?shared.config.stop_timeout,
+                        "graceful stop did not finish in time (or the claim ran out); the events in hand are handled again by the next holder"
+                    );
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                }
+                End::Stopped
+            }
         }
     }
 }
