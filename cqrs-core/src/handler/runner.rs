@@ -65,6 +65,23 @@ impl<S: Store + ?Sized, H: EventHandler> Shared<S, H> {
         }
     }
 
+    /// Shows the handled position and the parked count in the status (and the metrics) if
+    /// either changed; true if the position moved.
+    fn show_progress(&self, handled: Position, parked: u64, newest: &watch::Receiver<Position>) -> bool {
+        let (shown_position, shown_parked) = {
+            let status = self.status.borrow();
+            (status.position, status.parked)
+        };
+        if handled != shown_position || parked != shown_parked {
+            self.status.send_modify(|status| {
+                status.position = handled;
+                status.parked = parked;
+            });
+            self.metrics.progress(handled, *newest.borrow(), parked);
+        }
+        handled != shown_position
+    }
+
     fn report_failure(&self, position: Position, failures: &Failures, error: &str) {
         let attempts = failures.attempts;
         let stuck = failures.since.elapsed() >= self.config.stuck_after;
@@ -291,23 +308,13 @@ where
     shared.set_state(HandlerState::Starting);
     let tenure = claim.clone();
     let mut feeder = Feeder { shared: Arc::clone(shared), claim, parked: HashMap::new() };
-    let start = tokio::select! {
-        biased;
-        () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
-        () = stopped(stop) => return End::Stopped,
-        start = feeder.start_position(*memory_checkpoint) => match start {
-            Ok(start) => start,
-            Err(end) => return end,
-        },
+    let start = match guarded(&mut lease, tenure.as_ref(), stop, feeder.start_position(*memory_checkpoint)).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(end)) | Err(end) => return end,
     };
-    let parked = tokio::select! {
-        biased;
-        () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
-        () = stopped(stop) => return End::Stopped,
-        parked = feeder.load_parked() => match parked {
-            Ok(parked) => parked,
-            Err(end) => return end,
-        },
+    let parked = match guarded(&mut lease, tenure.as_ref(), stop, feeder.load_parked()).await {
+        Ok(Ok(parked)) => parked,
+        Ok(Err(end)) | Err(end) => return end,
     };
     shared.status.send_modify(|status| {
         status.position = start;
@@ -333,19 +340,7 @@ where
 
     let end = loop {
         let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-        let parked = feeder.parked_count();
-        let (shown_position, shown_parked) = {
-            let status = shared.status.borrow();
-            (status.position, status.parked)
-        };
-        if handled != shown_position || parked != shown_parked {
-            shared.status.send_modify(|status| {
-                status.position = handled;
-                status.parked = parked;
-            });
-            shared.metrics.progress(handled, *newest.borrow(), parked);
-        }
-        if handled != shown_position {
+        if shared.show_progress(handled, feeder.parked_count(), &newest) {
             since_save += 1;
             save_at = Some(Instant::now() + shared.config.checkpoint_delay);
         }
