@@ -62,7 +62,7 @@ use tokio::task::JoinHandle;
 
 use crate::args::{parse_args, Args};
 use crate::sender::sender;
-use crate::server::{cpu_pressure_avg10, cpu_seconds, machine_jiffies, vm_rss_kib};
+use crate::server::{vm_rss_kib, CpuStart, CpuUse};
 use crate::stats::{percentile, FrameSizes, SenderStats, Shared, Tally, Totals, ViewerStats};
 use crate::viewer::viewer;
 
@@ -139,10 +139,7 @@ async fn run(args: Args) -> Result<()> {
     let rss_idle = server.and_then(vm_rss_kib);
 
     // Send.
-    let cpu_server_start = server.and_then(|pid| cpu_seconds(&pid.to_string()));
-    let cpu_self_start = cpu_seconds("self");
-    let machine_start = machine_jiffies();
-    let pressure_before = cpu_pressure_avg10();
+    let cpu_start = CpuStart::read(server);
     shared.sending.store(true, Ordering::Relaxed);
     let send_started = tokio::time::Instant::now();
     let signals = spawn_signals(&args, send_started);
@@ -159,18 +156,16 @@ async fn run(args: Args) -> Result<()> {
         signalled.push(signal.await.unwrap_or_else(|_| "signal task failed".to_owned()));
     }
     drain(&shared, messages, joined, args.drain).await;
-    let cpu_server = server.and_then(|pid| cpu_seconds(&pid.to_string())).zip(cpu_server_start).map(|(b, a)| b - a);
-    let cpu_self = cpu_seconds("self").zip(cpu_self_start).map(|(b, a)| b - a);
-    let active_seconds = send_started.elapsed().as_secs_f64();
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    // Busy cores of the whole machine while sending, and what is left for everything else
-    // (other people's builds and benchmarks on a shared box).
-    let machine_busy_cores = machine_jiffies().zip(machine_start).and_then(|((busy, total), (busy0, total0))| {
-        (total > total0).then(|| (busy - busy0) as f64 / (total - total0) as f64 * cores as f64)
-    });
-    let other_cores =
-        machine_busy_cores.map(|busy| busy - (cpu_server.unwrap_or(0.0) + cpu_self.unwrap_or(0.0)) / active_seconds);
-    let pressure_after = cpu_pressure_avg10();
+    let CpuUse {
+        server: cpu_server,
+        own: cpu_self,
+        active_seconds,
+        cores,
+        machine_busy_cores,
+        other_cores,
+        pressure_before,
+        pressure_after,
+    } = cpu_start.since(server, send_started);
     shared.sending.store(false, Ordering::Relaxed);
     let rss_end = server.and_then(vm_rss_kib);
     let _ = stop_tx.send(true);
