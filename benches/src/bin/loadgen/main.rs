@@ -57,7 +57,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
