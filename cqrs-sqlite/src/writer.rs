@@ -532,34 +532,45 @@ impl Writer {
         recorded_at: i64,
         commit: bool,
     ) -> Result<Option<Vec<Vec<AppendResult>>>, sqlx::Error> {
-        let links = || chains.iter().flat_map(|chain| chain.iter());
-        let events: usize = links().map(|link| link.events.len()).sum();
-        if events == 0 || events > AT_ONCE_MAX_ROWS || links().count() > AT_ONCE_MAX_ROWS {
+        let Some(plan) = AtOnce::plan(chains) else { return Ok(None) };
+        let Some((stored, first_position)) = self.lookup_at_once(&plan, next_position).await? else {
             return Ok(None);
-        }
-        if links().any(|link| link.events.is_empty()) {
+        };
+        let Some((headers, changed)) = check_at_once(chains, &plan, &stored) else { return Ok(None) };
+        let insert = insert_at_once_sql(plan.events, changed.len(), plan.commands.len(), commit);
+        let cached =
+            plan.events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && plan.commands.len() <= AT_ONCE_CACHED_ROWS;
+        let query = sqlx::query(&insert).persistent(cached);
+        let rows = AtOnceRows { first_position, versions: stored, headers, changed: &changed, recorded_at };
+        let Some((query, results, position)) = rows.bind(query, chains, plan.commands.len()) else {
             return Ok(None);
+        };
+        if let Err(error) = query.execute(&mut self.connection).await {
+            // Undo the statements that ran. If this fails too, the savepoint is gone (the
+            // failure was the COMMIT, after it) or the transaction is: a failed batch.
+            if let Err(undo) = self.connection.execute("ROLLBACK TO at_once; RELEASE at_once").await {
+                tracing::debug!(error = %undo, "undoing a set-based append");
+                return Err(error);
+            }
+            // Nothing of the batch is stored: the per-chain and per-link paths say why.
+            return if is_unique_violation(&error) || is_refused_data(&error) { Ok(None) } else { Err(error) };
         }
-        let mut streams: Vec<&str> = links().map(|link| link.stream_id.as_str()).collect();
-        streams.sort_unstable();
-        streams.dedup();
-        let mut commands: Vec<(&str, Uuid)> =
-            links().filter_map(|link| link.command_id.map(|id| (link.stream_id.as_str(), id.0))).collect();
-        commands.sort_unstable();
-        let given = commands.len();
-        commands.dedup();
-        if commands.len() != given {
-            // A command id twice: the second is a duplicate, answered link by link.
-            return Ok(None);
-        }
-        let mut command_ids: Vec<Uuid> = commands.iter().map(|(_, id)| *id).collect();
-        command_ids.sort_unstable();
-        command_ids.dedup();
+        *next_position = Some(position);
+        Ok(Some(results))
+    }
 
-        // Every stream's version, and any of the command ids stored for one of the streams
-        // (both index lookups; a pair found only across streams is filtered out below); first,
-        // if the transaction has not begun, the write lock and the next position under it (the
-        // row without a stream).
+    /// The set-based append's one read: every stream's version, and any of the command ids
+    /// stored for one of the streams (both index lookups; a pair found only across streams is
+    /// filtered out); first, if the transaction has not begun (no `next_position`), the write
+    /// lock and the next position under it (the row without a stream). Returns the versions
+    /// (0 for a new stream) and the next position; `None` (declined) if a command id of the
+    /// batch is stored already or a version is corrupt.
+    async fn lookup_at_once<'a>(
+        &mut self,
+        plan: &AtOnce<'a>,
+        next_position: &mut Option<i64>,
+    ) -> Result<Option<(HashMap<&'a str, i64>, i64)>, sqlx::Error> {
+        let (streams, command_ids) = (&plan.streams, &plan.command_ids);
         let begin = next_position.is_none();
         let mut lookup = if begin {
             "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL FROM cqrs_events UNION ALL ".to_owned()
@@ -580,14 +591,14 @@ impl Writer {
         }
         let cached = streams.len() <= AT_ONCE_CACHED_ROWS && command_ids.len() <= AT_ONCE_CACHED_ROWS;
         let mut query = sqlx::query_as::<_, (Option<String>, Option<i64>, Option<Uuid>)>(&lookup).persistent(cached);
-        for stream in &streams {
+        for stream in streams {
             query = query.bind(*stream);
         }
         if !command_ids.is_empty() {
-            for stream in &streams {
+            for stream in streams {
                 query = query.bind(*stream);
             }
-            for command_id in &command_ids {
+            for command_id in command_ids {
                 query = query.bind(*command_id);
             }
         }
@@ -608,7 +619,7 @@ impl Writer {
                         *current = version;
                     }
                 }
-                (None, Some(command_id)) if commands.binary_search(&(stream.as_str(), command_id)).is_err() => {}
+                (None, Some(command_id)) if plan.commands.binary_search(&(stream.as_str(), command_id)).is_err() => {}
                 // A stored command id of this batch (a duplicate), or a corrupt version.
                 _ => declined = true,
             }
@@ -616,117 +627,7 @@ impl Writer {
         let Some(first_position) = *next_position else {
             return Err(sqlx::Error::Protocol("the write transaction began without its next position".to_owned()));
         };
-        if declined {
-            return Ok(None);
-        }
-        let stored = versions.clone();
-
-        // Every link's expectation against the version everything before it leaves.
-        for link in links() {
-            let Some(version) = versions.get_mut(link.stream_id.as_str()) else { return Ok(None) };
-            if !link.expected.accepts(Version(version.unsigned_abs())) {
-                return Ok(None);
-            }
-            *version += i64::try_from(link.events.len()).unwrap_or(i64::MAX);
-        }
-        let mut headers = Vec::with_capacity(events);
-        for event in links().flat_map(|link| link.events.iter()) {
-            match serde_json::to_string(&event.metadata.headers) {
-                Ok(encoded) => headers.push(encoded),
-                Err(_) => return Ok(None),
-            }
-        }
-        let changed: Vec<(&str, i64)> = streams
-            .iter()
-            .map(|stream| (*stream, versions[stream]))
-            .filter(|(stream, v)| stored[stream] != *v)
-            .collect();
-
-        // Three statements in one call (one hand-off to the SQLite thread), their anonymous
-        // parameters bound in order, inside a savepoint: if SQLite refuses one, the savepoint
-        // undoes whatever the ones before it wrote.
-        let mut insert = format!(
-            "SAVEPOINT at_once; INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
-             command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}; \
-             INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-            rows(events, 12),
-            rows(changed.len(), 2)
-        );
-        if !commands.is_empty() {
-            insert.push_str(&format!(
-                "; INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
-                 last_position, recorded_at) VALUES {}",
-                rows(commands.len(), 7)
-            ));
-        }
-        insert.push_str(if commit { "; RELEASE at_once; COMMIT" } else { "; RELEASE at_once" });
-        let cached = events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && commands.len() <= AT_ONCE_CACHED_ROWS;
-        let mut query = sqlx::query(&insert).persistent(cached);
-        let mut position = first_position;
-        let mut versions = stored;
-        let mut headers = headers.into_iter();
-        let mut results = Vec::with_capacity(chains.len());
-        let mut stored_commands = Vec::with_capacity(commands.len());
-        for chain in chains {
-            let mut chain_results = Vec::with_capacity(chain.len());
-            for link in *chain {
-                let stream_id = link.stream_id.as_str();
-                let Some(version) = versions.get_mut(stream_id) else { return Ok(None) };
-                let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
-                let (first_position, first_version) = (position, *version + 1);
-                for event in &link.events {
-                    *version += 1;
-                    let row = EventRow { position, stream_id, version: *version, command_id, recorded_at };
-                    query = row.bind(query, event, headers.next().unwrap_or_default());
-                    position += 1;
-                }
-                let (last_version, last_position) = (*version, position - 1);
-                if let Some(command_id) = command_id {
-                    stored_commands.push((
-                        stream_id,
-                        command_id,
-                        first_version,
-                        last_version,
-                        first_position,
-                        last_position,
-                    ));
-                }
-                chain_results.push(AppendResult {
-                    // Positive by construction: versions and positions start at 1 and only grow.
-                    first_version: Version(first_version.unsigned_abs()),
-                    last_version: Version(last_version.unsigned_abs()),
-                    first_position: Position(first_position.unsigned_abs()),
-                    last_position: Position(last_position.unsigned_abs()),
-                });
-            }
-            results.push(chain_results);
-        }
-        for (stream_id, version) in &changed {
-            query = query.bind(*stream_id).bind(*version);
-        }
-        for (stream_id, command_id, first_version, last_version, first_position, last_position) in stored_commands {
-            query = query
-                .bind(stream_id)
-                .bind(command_id)
-                .bind(first_version)
-                .bind(last_version)
-                .bind(first_position)
-                .bind(last_position)
-                .bind(recorded_at);
-        }
-        if let Err(error) = query.execute(&mut self.connection).await {
-            // Undo the statements that ran. If this fails too, the savepoint is gone (the
-            // failure was the COMMIT, after it) or the transaction is: a failed batch.
-            if let Err(undo) = self.connection.execute("ROLLBACK TO at_once; RELEASE at_once").await {
-                tracing::debug!(error = %undo, "undoing a set-based append");
-                return Err(error);
-            }
-            // Nothing of the batch is stored: the per-chain and per-link paths say why.
-            return if is_unique_violation(&error) || is_refused_data(&error) { Ok(None) } else { Err(error) };
-        }
-        *next_position = Some(position);
-        Ok(Some(results))
+        Ok((!declined).then_some((versions, first_position)))
     }
 
     /// Runs one append inside the open transaction. `Ok(Err(..))` is this append's own
@@ -870,6 +771,196 @@ async fn insert_events(
         row.bind(query, event, headers).execute(&mut *connection).await?;
     }
     Ok(())
+}
+
+/// What a batch's set-based append ([`Writer::append_at_once`]) writes to: its streams and
+/// command ids.
+struct AtOnce<'a> {
+    /// How many events the batch appends.
+    events: usize,
+    /// The streams, sorted, each once.
+    streams: Vec<&'a str>,
+    /// The (stream, command id) pairs, sorted, each once.
+    commands: Vec<(&'a str, Uuid)>,
+    /// The command ids alone, sorted, each once.
+    command_ids: Vec<Uuid>,
+}
+
+impl<'a> AtOnce<'a> {
+    /// The batch's streams and command ids; `None` (declined) for a batch with no events, with
+    /// an empty link, too big for one statement, or giving a command id twice.
+    fn plan(chains: &[&'a [AppendRequest]]) -> Option<Self> {
+        let links = || chains.iter().flat_map(|chain: &&'a [AppendRequest]| chain.iter());
+        let events: usize = links().map(|link| link.events.len()).sum();
+        if events == 0 || events > AT_ONCE_MAX_ROWS || links().count() > AT_ONCE_MAX_ROWS {
+            return None;
+        }
+        if links().any(|link| link.events.is_empty()) {
+            return None;
+        }
+        let mut streams: Vec<&str> = links().map(|link| link.stream_id.as_str()).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        let mut commands: Vec<(&str, Uuid)> =
+            links().filter_map(|link| link.command_id.map(|id| (link.stream_id.as_str(), id.0))).collect();
+        commands.sort_unstable();
+        let given = commands.len();
+        commands.dedup();
+        if commands.len() != given {
+            // A command id twice: the second is a duplicate, answered link by link.
+            return None;
+        }
+        let mut command_ids: Vec<Uuid> = commands.iter().map(|(_, id)| *id).collect();
+        command_ids.sort_unstable();
+        command_ids.dedup();
+        Some(Self { events, streams, commands, command_ids })
+    }
+}
+
+/// A stream and its version.
+type StreamVersion<'a> = (&'a str, i64);
+
+/// Checks every link's expectation against the version everything before it leaves (from the
+/// `stored` versions) and encodes the events' headers. Returns the headers, in order, and the
+/// streams whose version changes, with their new version; `None` (declined) if a link would
+/// not simply be appended.
+fn check_at_once<'a>(
+    chains: &[&'a [AppendRequest]],
+    plan: &AtOnce<'a>,
+    stored: &HashMap<&'a str, i64>,
+) -> Option<(Vec<String>, Vec<StreamVersion<'a>>)> {
+    let links = || chains.iter().flat_map(|chain: &&'a [AppendRequest]| chain.iter());
+    let mut versions = stored.clone();
+    for link in links() {
+        let version = versions.get_mut(link.stream_id.as_str())?;
+        if !link.expected.accepts(Version(version.unsigned_abs())) {
+            return None;
+        }
+        *version += i64::try_from(link.events.len()).unwrap_or(i64::MAX);
+    }
+    let mut headers = Vec::with_capacity(plan.events);
+    for event in links().flat_map(|link| link.events.iter()) {
+        headers.push(serde_json::to_string(&event.metadata.headers).ok()?);
+    }
+    let changed: Vec<(&str, i64)> = plan
+        .streams
+        .iter()
+        .map(|stream| (*stream, versions[stream]))
+        .filter(|(stream, v)| stored[stream] != *v)
+        .collect();
+    Some((headers, changed))
+}
+
+/// The set-based append's three statements in one call (one hand-off to the SQLite thread),
+/// their anonymous parameters bound in order, inside a savepoint: if SQLite refuses one, the
+/// savepoint undoes whatever the ones before it wrote. With `commit`, it also commits.
+fn insert_at_once_sql(events: usize, changed: usize, commands: usize, commit: bool) -> String {
+    let mut insert = format!(
+        "SAVEPOINT at_once; INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+         command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}; \
+         INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
+         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+        rows(events, 12),
+        rows(changed, 2)
+    );
+    if commands > 0 {
+        insert.push_str(&format!(
+            "; INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+             last_position, recorded_at) VALUES {}",
+            rows(commands, 7)
+        ));
+    }
+    insert.push_str(if commit { "; RELEASE at_once; COMMIT" } else { "; RELEASE at_once" });
+    insert
+}
+
+/// A `sqlx` query on SQLite, with its arguments.
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// A command id row of the set-based append: stream, id, first and last version, first and
+/// last position.
+type CommandRow<'a> = (&'a str, Uuid, i64, i64, i64, i64);
+
+/// What the set-based append binds besides the links themselves.
+struct AtOnceRows<'a, 'c> {
+    /// The position of the batch's first event.
+    first_position: i64,
+    /// Every stream's version before the batch.
+    versions: HashMap<&'a str, i64>,
+    /// The events' encoded headers, in order.
+    headers: Vec<String>,
+    /// The streams whose version changes, with their new version.
+    changed: &'c [StreamVersion<'a>],
+    recorded_at: i64,
+}
+
+impl<'a> AtOnceRows<'a, '_> {
+    /// Binds the parameters of [`insert_at_once_sql`]'s statements in order: every event row,
+    /// every changed stream, every command id. Returns the query, each chain's results and
+    /// the next position; `None` for a link of an unknown stream (not expected: declined).
+    fn bind<'q>(
+        self,
+        mut query: SqliteQuery<'q>,
+        chains: &[&'a [AppendRequest]],
+        commands: usize,
+    ) -> Option<(SqliteQuery<'q>, Vec<Vec<AppendResult>>, i64)>
+    where
+        'a: 'q,
+    {
+        let Self { first_position, mut versions, headers, changed, recorded_at } = self;
+        let mut position = first_position;
+        let mut headers = headers.into_iter();
+        let mut results = Vec::with_capacity(chains.len());
+        let mut stored_commands: Vec<CommandRow<'a>> = Vec::with_capacity(commands);
+        for chain in chains {
+            let mut chain_results = Vec::with_capacity(chain.len());
+            for link in *chain {
+                let stream_id = link.stream_id.as_str();
+                let version = versions.get_mut(stream_id)?;
+                let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
+                let (first_position, first_version) = (position, *version + 1);
+                for event in &link.events {
+                    *version += 1;
+                    let row = EventRow { position, stream_id, version: *version, command_id, recorded_at };
+                    query = row.bind(query, event, headers.next().unwrap_or_default());
+                    position += 1;
+                }
+                let (last_version, last_position) = (*version, position - 1);
+                if let Some(command_id) = command_id {
+                    stored_commands.push((
+                        stream_id,
+                        command_id,
+                        first_version,
+                        last_version,
+                        first_position,
+                        last_position,
+                    ));
+                }
+                chain_results.push(AppendResult {
+                    // Positive by construction: versions and positions start at 1 and only grow.
+                    first_version: Version(first_version.unsigned_abs()),
+                    last_version: Version(last_version.unsigned_abs()),
+                    first_position: Position(first_position.unsigned_abs()),
+                    last_position: Position(last_position.unsigned_abs()),
+                });
+            }
+            results.push(chain_results);
+        }
+        for (stream_id, version) in changed {
+            query = query.bind(*stream_id).bind(*version);
+        }
+        for (stream_id, command_id, first_version, last_version, first_position, last_position) in stored_commands {
+            query = query
+                .bind(stream_id)
+                .bind(command_id)
+                .bind(first_version)
+                .bind(last_version)
+                .bind(first_position)
+                .bind(last_position)
+                .bind(recorded_at);
+        }
+        Some((query, results, position))
+    }
 }
 
 /// Where one event goes: what a row of `cqrs_events` takes besides the event itself.

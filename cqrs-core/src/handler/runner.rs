@@ -65,6 +65,23 @@ impl<S: Store + ?Sized, H: EventHandler> Shared<S, H> {
         }
     }
 
+    /// Shows the handled position and the parked count in the status (and the metrics) if
+    /// either changed; true if the position moved.
+    fn show_progress(&self, handled: Position, parked: u64, newest: &watch::Receiver<Position>) -> bool {
+        let (shown_position, shown_parked) = {
+            let status = self.status.borrow();
+            (status.position, status.parked)
+        };
+        if handled != shown_position || parked != shown_parked {
+            self.status.send_modify(|status| {
+                status.position = handled;
+                status.parked = parked;
+            });
+            self.metrics.progress(handled, *newest.borrow(), parked);
+        }
+        handled != shown_position
+    }
+
     fn report_failure(&self, position: Position, failures: &Failures, error: &str) {
         let attempts = failures.attempts;
         let stuck = failures.since.elapsed() >= self.config.stuck_after;
@@ -291,23 +308,13 @@ where
     shared.set_state(HandlerState::Starting);
     let tenure = claim.clone();
     let mut feeder = Feeder { shared: Arc::clone(shared), claim, parked: HashMap::new() };
-    let start = tokio::select! {
-        biased;
-        () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
-        () = stopped(stop) => return End::Stopped,
-        start = feeder.start_position(*memory_checkpoint) => match start {
-            Ok(start) => start,
-            Err(end) => return end,
-        },
+    let start = match guarded(&mut lease, tenure.as_ref(), stop, feeder.start_position(*memory_checkpoint)).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(end)) | Err(end) => return end,
     };
-    let parked = tokio::select! {
-        biased;
-        () = lease_lost(&mut lease, tenure.as_ref()) => return End::LeaseLost,
-        () = stopped(stop) => return End::Stopped,
-        parked = feeder.load_parked() => match parked {
-            Ok(parked) => parked,
-            Err(end) => return end,
-        },
+    let parked = match guarded(&mut lease, tenure.as_ref(), stop, feeder.load_parked()).await {
+        Ok(Ok(parked)) => parked,
+        Ok(Err(end)) | Err(end) => return end,
     };
     shared.status.send_modify(|status| {
         status.position = start;
@@ -316,22 +323,7 @@ where
     });
 
     let workers = shared.config.workers.max(1);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let (halt_tx, halt) = watch::channel(false);
-    let mut queues = Vec::with_capacity(workers);
-    let mut tasks = JoinSet::new();
-    for index in 0..workers {
-        let (queue, jobs) = mpsc::channel(QUEUE_PER_WORKER);
-        queues.push(queue);
-        let blocked: HashMap<String, Vec<Position>> = parked
-            .iter()
-            .filter(|(key, _)| worker_of(key, workers) == index)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let worker = Worker { shared: Arc::clone(shared), claim: feeder.claim.clone(), blocked, done: done_tx.clone() };
-        tasks.spawn(worker.run(jobs, halt.clone(), lease.clone()));
-    }
-    drop(done_tx);
+    let mut crew = Crew::spawn(shared, feeder.claim.as_ref(), &parked, &lease, workers);
 
     let mut feed = Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size);
     let newest = shared.store.notifications();
@@ -348,19 +340,7 @@ where
 
     let end = loop {
         let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-        let parked = feeder.parked_count();
-        let (shown_position, shown_parked) = {
-            let status = shared.status.borrow();
-            (status.position, status.parked)
-        };
-        if handled != shown_position || parked != shown_parked {
-            shared.status.send_modify(|status| {
-                status.position = handled;
-                status.parked = parked;
-            });
-            shared.metrics.progress(handled, *newest.borrow(), parked);
-        }
-        if handled != shown_position {
+        if shared.show_progress(handled, feeder.parked_count(), &newest) {
             since_save += 1;
             save_at = Some(Instant::now() + shared.config.checkpoint_delay);
         }
@@ -378,7 +358,7 @@ where
             biased;
             () = lease_lost(&mut lease, tenure.as_ref()) => break End::LeaseLost,
             () = stopped(stop) => break End::Stopped,
-            done = done_rx.recv() => {
+            done = crew.done.recv() => {
                 let Some(done) = done else { break End::Stopped };
                 match guarded(&mut lease, tenure.as_ref(), stop, feeder.settle(done)).await {
                     Ok(Ok(Some(position))) => { in_flight.remove(&position); }
@@ -397,7 +377,7 @@ where
                             let index = match &job { Job::Event { key: Some(key), .. } => worker_of(key, workers), _ => 0 };
                             in_flight.insert(position);
                             // A full queue waits for its worker, never past the tenure's end.
-                            match guarded(&mut lease, tenure.as_ref(), stop, queues[index].send(job)).await {
+                            match guarded(&mut lease, tenure.as_ref(), stop, crew.queues[index].send(job)).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(_closed)) => break End::Stopped,
                                 Err(end) => break end,
@@ -429,59 +409,130 @@ where
                 }
             }
             _ = poll.tick(), if feeder.parked_count() > 0 => {
-                if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&queues, workers)).await {
+                if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&crew.queues, workers)).await {
                     break end;
                 }
             }
         }
     };
 
-    match end {
-        End::LeaseLost => {
-            // Nothing more may happen under this tenure: abort the handlers mid-event (their
-            // events will be handled again by the next holder).
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
-            End::LeaseLost
+    let books = Books { in_flight, read_up_to, saved };
+    crew.wind_down(end, &mut feeder, books, &mut lease, memory_checkpoint).await
+}
+
+/// Where the feeder has got to: the events handed to workers and not yet done, the last
+/// position read, and the last checkpoint saved.
+struct Books {
+    in_flight: BTreeSet<Position>,
+    read_up_to: Position,
+    saved: Position,
+}
+
+/// A tenure's workers: their queues, their tasks, what they report, and the halt flag.
+struct Crew<E> {
+    queues: Vec<mpsc::Sender<Job<E>>>,
+    tasks: JoinSet<()>,
+    done: mpsc::UnboundedReceiver<Done>,
+    halt: watch::Sender<bool>,
+}
+
+impl<E: DomainEvent> Crew<E> {
+    /// Spawns `workers` workers under `claim`, each blocked on the parked sequences its
+    /// partitions hold.
+    fn spawn<S, H>(
+        shared: &Arc<Shared<S, H>>,
+        claim: Option<&Claim>,
+        parked: &HashMap<String, Vec<Position>>,
+        lease: &Option<watch::Receiver<Lease>>,
+        workers: usize,
+    ) -> Self
+    where
+        S: Store + ?Sized,
+        H: EventHandler<Event = E>,
+    {
+        let (done_tx, done) = mpsc::unbounded_channel();
+        let (halt, halted) = watch::channel(false);
+        let mut queues = Vec::with_capacity(workers);
+        let mut tasks = JoinSet::new();
+        for index in 0..workers {
+            let (queue, jobs) = mpsc::channel(QUEUE_PER_WORKER);
+            queues.push(queue);
+            let blocked: HashMap<String, Vec<Position>> = parked
+                .iter()
+                .filter(|(key, _)| worker_of(key, workers) == index)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let worker = Worker { shared: Arc::clone(shared), claim: claim.cloned(), blocked, done: done_tx.clone() };
+            tasks.spawn(worker.run(jobs, halted.clone(), lease.clone()));
         }
-        End::Stopped => {
-            // Let the workers finish the events in hand (but not their queues), then save; all
-            // of it bounded by `stop_timeout` and by the tenure (a store that is down must not
-            // hold the stop, nor let it run past the lease).
-            let _ = halt_tx.send(true);
-            drop(queues);
-            let deadline = Instant::now() + shared.config.stop_timeout;
-            let drain = async {
-                while tasks.join_next().await.is_some() {}
-                while let Ok(done) = done_rx.try_recv() {
-                    if let Ok(Some(position)) = feeder.settle(done).await {
-                        in_flight.remove(&position);
-                    }
-                }
-                // Events still queued were not handled: the checkpoint stays below them.
-                let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-                let handled = handled.max(saved);
-                shared.status.send_modify(|status| status.position = handled);
-                if handled != saved {
-                    let _ = feeder.save(handled, memory_checkpoint).await;
-                }
-            };
-            let drained = tokio::select! {
-                biased;
-                () = lease_lost(&mut lease, tenure.as_ref()) => false,
-                () = tokio::time::sleep_until(deadline) => false,
-                () = drain => true,
-            };
-            if !drained {
-                tracing::warn!(
-                    handler = %shared.name,
-                    timeout = ?shared.config.stop_timeout,
-                    "graceful stop did not finish in time (or the claim ran out); the events in hand are handled again by the next holder"
-                );
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
+        Self { queues, tasks, done, halt }
+    }
+
+    /// Ends the tenure's work: on a lost lease, aborts the workers at once; on a stop, lets
+    /// them finish the events in hand and saves the checkpoint, within `stop_timeout` and the
+    /// tenure.
+    async fn wind_down<S, H>(
+        mut self,
+        end: End,
+        feeder: &mut Feeder<S, H>,
+        mut books: Books,
+        lease: &mut Option<watch::Receiver<Lease>>,
+        memory_checkpoint: &mut Option<Position>,
+    ) -> End
+    where
+        S: Store + ?Sized,
+        H: EventHandler<Event = E>,
+    {
+        let shared = Arc::clone(&feeder.shared);
+        let tenure = feeder.claim.clone();
+        let tenure = tenure.as_ref();
+        match end {
+            End::LeaseLost => {
+                // Nothing more may happen under this tenure: abort the handlers mid-event (their
+                // events will be handled again by the next holder).
+                self.tasks.abort_all();
+                while self.tasks.join_next().await.is_some() {}
+                End::LeaseLost
             }
-            End::Stopped
+            End::Stopped => {
+                // Let the workers finish the events in hand (but not their queues), then save; all
+                // of it bounded by `stop_timeout` and by the tenure (a store that is down must not
+                // hold the stop, nor let it run past the lease).
+                let _ = self.halt.send(true);
+                drop(self.queues);
+                let deadline = Instant::now() + shared.config.stop_timeout;
+                let drain = async {
+                    while self.tasks.join_next().await.is_some() {}
+                    while let Ok(done) = self.done.try_recv() {
+                        if let Ok(Some(position)) = feeder.settle(done).await {
+                            books.in_flight.remove(&position);
+                        }
+                    }
+                    // Events still queued were not handled: the checkpoint stays below them.
+                    let handled = books.in_flight.first().map_or(books.read_up_to, |first| Position(first.0 - 1));
+                    let handled = handled.max(books.saved);
+                    shared.status.send_modify(|status| status.position = handled);
+                    if handled != books.saved {
+                        let _ = feeder.save(handled, memory_checkpoint).await;
+                    }
+                };
+                let drained = tokio::select! {
+                    biased;
+                    () = lease_lost(lease, tenure) => false,
+                    () = tokio::time::sleep_until(deadline) => false,
+                    () = drain => true,
+                };
+                if !drained {
+                    tracing::warn!(
+                        handler = %shared.name,
+                        timeout = ?shared.config.stop_timeout,
+                        "graceful stop did not finish in time (or the claim ran out); the events in hand are handled again by the next holder"
+                    );
+                    self.tasks.abort_all();
+                    while self.tasks.join_next().await.is_some() {}
+                }
+                End::Stopped
+            }
         }
     }
 }
@@ -835,13 +886,9 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
             let attempt = failures.attempts + 1;
             let result = match decoded.take() {
                 Some(envelope) => self.handle(envelope, attempt).await,
-                None => match shared.config.upcasters.upcast(event) {
-                    Ok(current) if !shared.handler.interested(&current) => return Some(Ok(())),
-                    Ok(current) => match shared.config.upcasters.decode::<H::Event>(&current) {
-                        Ok(envelope) => self.handle(envelope, attempt).await,
-                        Err(error) => Err(HandlerError::new(error)),
-                    },
-                    Err(error) => Err(HandlerError::new(error)),
+                None => match self.decode_and_handle(event, attempt).await {
+                    Some(result) => result,
+                    None => return Some(Ok(())),
                 },
             };
             match result {
@@ -870,6 +917,22 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
                 }
             }
         }
+    }
+
+    /// Upcasts and decodes a stored event and runs the handler on it: `None` when the handler is
+    /// not interested in the upcast event (nothing to handle), otherwise the handling's result,
+    /// an upcast or decode failure counting as a handler failure.
+    async fn decode_and_handle(&self, event: &RecordedEvent, attempt: u32) -> Option<Result<(), HandlerError>> {
+        let upcasters = &self.shared.config.upcasters;
+        let result = match upcasters.upcast(event) {
+            Ok(current) if !self.shared.handler.interested(&current) => return None,
+            Ok(current) => match upcasters.decode::<H::Event>(&current) {
+                Ok(envelope) => self.handle(envelope, attempt).await,
+                Err(error) => Err(HandlerError::new(error)),
+            },
+            Err(error) => Err(HandlerError::new(error)),
+        };
+        Some(result)
     }
 
     /// Runs the handler on one event, inside its `handle` span (a child of the trace context
@@ -911,17 +974,8 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
                     return true;
                 }
             };
-            let outcome = {
-                let result = match self.shared.config.upcasters.upcast(&event) {
-                    Ok(current) if !self.shared.handler.interested(&current) => Ok(()),
-                    Ok(current) => match self.shared.config.upcasters.decode::<H::Event>(&current) {
-                        Ok(envelope) => self.handle(envelope, 1).await,
-                        Err(error) => Err(HandlerError::new(error)),
-                    },
-                    Err(error) => Err(HandlerError::new(error)),
-                };
-                result.map_err(|error| error.to_string())
-            };
+            // Not of interest (any more): nothing to handle, so the retry succeeds.
+            let outcome = self.decode_and_handle(&event, 1).await.unwrap_or(Ok(())).map_err(|error| error.to_string());
             if stop_requested(halt) {
                 return false;
             }
