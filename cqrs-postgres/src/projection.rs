@@ -132,24 +132,33 @@ impl<P: PgProjection> BatchHandler for Transactional<P> {
 }
 
 /// Locks checkpoint `name` for the rest of the caller's transaction and returns it (`None` if
-/// there is none yet). A missing row is created first (it commits only with the transaction,
-/// which then saves its own position), so two transactions of one projection always meet on
-/// one row: the second waits until the first has ended, then reads what it committed.
+/// there is none yet): one statement once the row exists. A missing row is created first (it
+/// commits only with the transaction, which then saves its own position), so two transactions
+/// of one projection always meet on one row: the second waits until the first has ended, then
+/// reads what it committed.
 async fn lock_checkpoint(connection: &mut PgConnection, name: &str) -> Result<Option<Position>, StoreError> {
-    let created =
-        sqlx::query("INSERT INTO cqrs_checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING")
+    async fn locked(connection: &mut PgConnection, name: &str) -> Result<Option<i64>, StoreError> {
+        sqlx::query_scalar("SELECT position FROM cqrs_checkpoints WHERE name = $1 FOR UPDATE")
             .bind(name)
-            .execute(&mut *connection)
+            .fetch_optional(connection)
             .await
-            .map_err(to_store_error)?;
-    if created.rows_affected() > 0 {
-        return Ok(None);
+            .map_err(to_store_error)
     }
-    let position: i64 = sqlx::query_scalar("SELECT position FROM cqrs_checkpoints WHERE name = $1 FOR UPDATE")
-        .bind(name)
-        .fetch_one(&mut *connection)
-        .await
-        .map_err(to_store_error)?;
+    let mut position = locked(&mut *connection, name).await?;
+    if position.is_none() {
+        let created =
+            sqlx::query("INSERT INTO cqrs_checkpoints (name, position) VALUES ($1, 0) ON CONFLICT (name) DO NOTHING")
+                .bind(name)
+                .execute(&mut *connection)
+                .await
+                .map_err(to_store_error)?;
+        if created.rows_affected() > 0 {
+            return Ok(None);
+        }
+        // Another transaction created it first (and has ended): lock what it left.
+        position = locked(&mut *connection, name).await?;
+    }
+    let Some(position) = position else { return Ok(None) };
     let position =
         u64::try_from(position).map_err(|_| StoreError::Corrupt(format!("checkpoint {name:?} at {position}")))?;
     Ok(Some(Position(position)))

@@ -720,6 +720,12 @@ impl<S: Store + ?Sized, H: EventHandler> Feeder<S, H> {
 
     /// Records what a worker did; returns the position that is now done, if any.
     async fn settle(&mut self, done: Done) -> Result<Option<Position>, End> {
+        // The common case, once per event: nothing to write.
+        let done = match done {
+            Done::Handled(position) => return Ok(Some(position)),
+            parking => parking,
+        };
+        // Owned, because the arms below borrow `self` mutably.
         let fence = self.claim.clone();
         let fence = fence.as_ref();
         let store = Arc::clone(&self.shared.store);
