@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
+use crate::query::Tag;
 
 /// A domain event: a type with a stable stored name per variant and a schema version, decoded
 /// from the store by that name.
@@ -85,6 +86,14 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + fmt::Debug + Send 
         Self::EVENT_TYPES.contains(&event_type)
     }
 
+    /// The [`Tag`]s stored with this event, which place it in the consistency boundaries that
+    /// [`Query`](crate::Query)s select (`course:c1`, `student:s7`). By default none; the derive
+    /// collects the fields marked `#[event(tag = "kind")]` and the tags of a
+    /// `#[event(tags = path)]` function.
+    fn tags(&self) -> Vec<Tag> {
+        Vec::new()
+    }
+
     /// The payload to store. By default, the value as serde writes it.
     fn encode(&self) -> Result<Value, serde_json::Error> {
         serde_json::to_value(self)
@@ -135,6 +144,8 @@ pub struct NewEvent {
     pub payload: Value,
     /// Where the event came from.
     pub metadata: Metadata,
+    /// The tags stored with the event (see [`DomainEvent::tags`]).
+    pub tags: Vec<Tag>,
 }
 
 impl NewEvent {
@@ -146,6 +157,7 @@ impl NewEvent {
             schema_version: event.schema_version(),
             payload: event.encode()?,
             metadata,
+            tags: event.tags(),
         })
     }
 }
@@ -173,6 +185,8 @@ pub struct RecordedEvent {
     pub payload: Arc<Value>,
     /// Where the event came from.
     pub metadata: Arc<Metadata>,
+    /// The tags stored with the event.
+    pub tags: Arc<[Tag]>,
 }
 
 impl RecordedEvent {

@@ -4,6 +4,7 @@
 //! - [`ids`]: stream ids, versions, positions and message ids.
 //! - [`event`]: the event trait, envelopes, metadata and upcasting.
 //! - [`aggregate`]: the write model and command envelopes.
+//! - [`query`]: Dynamic Consistency Boundaries: tags, queries and append conditions.
 //! - [`store`]: for store authors: the [`EventStore`] (event log) and [`Coordination`] traits,
 //!   joined by [`Store`], with their errors, the append checks, row helpers and the group-commit
 //!   queue ([`store::batching`]).
@@ -31,6 +32,7 @@ pub mod event;
 pub mod handler;
 pub mod ids;
 pub mod process;
+pub mod query;
 pub mod store;
 pub mod subscription;
 pub mod telemetry;
@@ -124,6 +126,7 @@ pub use process::{
     spawn_process_manager, CommandRouter, CompensationRefused, Effects, ProcessAdmin, ProcessManager, Rejection,
     RepeatedStep, Route, RouteError, RunningProcess,
 };
+pub use query::{AppendCondition, Query, QueryItem, Tag, TagError};
 pub use store::{
     AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, Store, StoreError,
     DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,

@@ -12,6 +12,8 @@ struct EventAttrs {
     name: Option<LitStr>,
     version: Option<u32>,
     category: Option<LitStr>,
+    /// `tags = path`: a function `fn(&Self) -> Vec<Tag>` whose tags are added.
+    tags: Option<syn::Path>,
 }
 
 fn parse_attrs(attrs: &[Attribute]) -> syn::Result<EventAttrs> {
@@ -39,12 +41,46 @@ fn parse_attrs(attrs: &[Attribute]) -> syn::Result<EventAttrs> {
                 }
                 parsed.category = Some(category);
                 Ok(())
+            } else if meta.path.is_ident("tags") {
+                parsed.tags = Some(meta.value()?.parse()?);
+                Ok(())
             } else {
-                Err(meta.error("expected `name = \"...\"`, `version = N` or `category = \"...\"`"))
+                Err(meta.error(
+                    "expected `name = \"...\"`, `version = N`, `category = \"...\"` or `tags = path::to::function`",
+                ))
             }
         })?;
     }
     Ok(parsed)
+}
+
+/// The fields marked `#[event(tag = "kind")]`: each gives the tag `kind:{field}`.
+fn tag_fields(fields: &Fields) -> syn::Result<Vec<(TokenStream, LitStr)>> {
+    let mut tagged = Vec::new();
+    for (index, field) in fields.iter().enumerate() {
+        for attr in field.attrs.iter().filter(|attr| attr.path().is_ident("event")) {
+            attr.parse_nested_meta(|meta| {
+                if meta.path.is_ident("tag") {
+                    let kind: LitStr = meta.value()?.parse()?;
+                    if kind.value().is_empty() || kind.value().contains(':') {
+                        return Err(syn::Error::new(kind.span(), "a tag kind is a non-empty name without ':'"));
+                    }
+                    let access = match &field.ident {
+                        Some(ident) => quote!(#ident),
+                        None => {
+                            let binding = format_ident!("field_{index}");
+                            quote!(#binding)
+                        }
+                    };
+                    tagged.push((access, kind));
+                    Ok(())
+                } else {
+                    Err(meta.error("on a field, expected `tag = \"kind\"`"))
+                }
+            })?;
+        }
+    }
+    Ok(tagged)
 }
 
 /// One stored event type: its name, version, category (`None` = any) and Rust shape.
@@ -54,6 +90,8 @@ struct Variant<'a> {
     version: u32,
     category: Option<String>,
     fields: &'a Fields,
+    /// The tagged fields: how to name each in a pattern, and the tag's kind.
+    tags: Vec<(TokenStream, LitStr)>,
 }
 
 pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
@@ -91,14 +129,15 @@ pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
                     version: attrs.version.unwrap_or(default_version),
                     category: any_category(category),
                     fields: &variant.fields,
+                    tags: tag_fields(&variant.fields)?,
                 });
             }
             if variants.is_empty() {
                 return Err(syn::Error::new_spanned(&input.ident, "an event enum needs at least one variant"));
             }
-            Ok(expand_enum(input, &variants))
+            Ok(expand_enum(input, &variants, container.tags.as_ref()))
         }
-        Data::Struct(_) => {
+        Data::Struct(data) => {
             let category = container.category.as_ref().ok_or_else(|| {
                 syn::Error::new_spanned(
                     &input.ident,
@@ -107,7 +146,15 @@ pub(crate) fn expand(input: &DeriveInput) -> syn::Result<TokenStream> {
                 )
             })?;
             let name = container.name.as_ref().map_or_else(|| input.ident.to_string(), LitStr::value);
-            Ok(expand_struct(input, &name, container.version.unwrap_or(1), any_category(category)))
+            let variant = Variant {
+                ident: &input.ident,
+                name,
+                version: container.version.unwrap_or(1),
+                category: any_category(category),
+                fields: &data.fields,
+                tags: tag_fields(&data.fields)?,
+            };
+            Ok(expand_struct(input, &variant, container.tags.as_ref()))
         }
         Data::Union(_) => Err(syn::Error::new_spanned(&input.ident, "DomainEvent cannot be derived for a union")),
     }
@@ -125,10 +172,54 @@ fn category_check(category: Option<&String>) -> TokenStream {
     }
 }
 
-fn expand_struct(input: &DeriveInput, name: &str, version: u32, category: Option<String>) -> TokenStream {
+/// `fn tags`: the tagged fields of the matched variant, then the `tags = path` function's.
+fn tags_fn(arms: TokenStream, computed: Option<&syn::Path>) -> TokenStream {
+    let computed = computed.map(|path| quote!(tags.extend(#path(self));));
+    quote! {
+        fn tags(&self) -> ::std::vec::Vec<::cqrs_core::Tag> {
+            #[allow(unused_mut)]
+            let mut tags: ::std::vec::Vec<::cqrs_core::Tag> = #arms;
+            #computed
+            tags
+        }
+    }
+}
+
+/// The tags of one variant's (or the struct's) bound fields.
+fn field_tags(variant: &Variant<'_>) -> TokenStream {
+    let (accesses, kinds): (Vec<_>, Vec<_>) = variant.tags.iter().cloned().unzip();
+    quote!(::std::vec![#(::cqrs_core::Tag::new(#kinds, #accesses)),*])
+}
+
+/// A pattern binding the tagged fields of `variant`, rooted at `path` (`Self::V` or `Self`).
+fn tag_pattern(path: TokenStream, variant: &Variant<'_>) -> TokenStream {
+    let accesses = variant.tags.iter().map(|(access, _)| access);
+    match variant.fields {
+        Fields::Named(_) => quote!(#path { #(#accesses,)* .. }),
+        Fields::Unnamed(fields) => {
+            let slots = (0..fields.unnamed.len()).map(|index| {
+                let binding = format_ident!("field_{index}");
+                if variant.tags.iter().any(|(access, _)| access.to_string() == binding.to_string()) {
+                    quote!(#binding)
+                } else {
+                    quote!(_)
+                }
+            });
+            quote!(#path(#(#slots),*))
+        }
+        Fields::Unit => path,
+    }
+}
+
+fn expand_struct(input: &DeriveInput, variant: &Variant<'_>, computed: Option<&syn::Path>) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, type_generics, where_clause) = input.generics.split_for_impl();
-    let accepts = category_check(category.as_ref());
+    let name = &variant.name;
+    let version = variant.version;
+    let accepts = category_check(variant.category.as_ref());
+    let pattern = tag_pattern(quote!(Self), variant);
+    let field_tags = field_tags(variant);
+    let tags = tags_fn(quote!({ let #pattern = self; #field_tags }), computed);
     quote! {
         #[automatically_derived]
         impl #impl_generics ::cqrs_core::DomainEvent for #ident #type_generics #where_clause {
@@ -145,6 +236,8 @@ fn expand_struct(input: &DeriveInput, name: &str, version: u32, category: Option
             fn accepts(category: &str, event_type: &str) -> bool {
                 event_type == #name && #accepts
             }
+
+            #tags
 
             fn encode(&self) -> ::core::result::Result<::cqrs_core::__private::Value, ::cqrs_core::__private::Error> {
                 ::cqrs_core::__private::encode(self)
@@ -164,7 +257,7 @@ fn expand_struct(input: &DeriveInput, name: &str, version: u32, category: Option
     }
 }
 
-fn expand_enum(input: &DeriveInput, variants: &[Variant<'_>]) -> TokenStream {
+fn expand_enum(input: &DeriveInput, variants: &[Variant<'_>], computed: Option<&syn::Path>) -> TokenStream {
     let ident = &input.ident;
     let (impl_generics, type_generics, where_clause) = input.generics.split_for_impl();
     let names: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
@@ -173,6 +266,13 @@ fn expand_enum(input: &DeriveInput, variants: &[Variant<'_>]) -> TokenStream {
     let accepts = variants.iter().map(|v| category_check(v.category.as_ref()));
     let encodes = variants.iter().map(encode_arm);
     let decodes = variants.iter().map(decode_arm);
+    let tag_arms = variants.iter().map(|variant| {
+        let ident = variant.ident;
+        let pattern = tag_pattern(quote!(Self::#ident), variant);
+        let field_tags = field_tags(variant);
+        quote!(#pattern => #field_tags,)
+    });
+    let tags = tags_fn(quote!(match self { #(#tag_arms)* }), computed);
     quote! {
         #[automatically_derived]
         impl #impl_generics ::cqrs_core::DomainEvent for #ident #type_generics #where_clause {
@@ -196,6 +296,8 @@ fn expand_enum(input: &DeriveInput, variants: &[Variant<'_>]) -> TokenStream {
                     _ => false,
                 }
             }
+
+            #tags
 
             fn encode(&self) -> ::core::result::Result<::cqrs_core::__private::Value, ::cqrs_core::__private::Error> {
                 match self {

@@ -7,11 +7,11 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cqrs_core::store::validate_append;
+use cqrs_core::store::{validate_append, validate_query};
 use cqrs_core::{
-    AppendOutcome, AppendResult, Claim, CommandId, EventId, EventStore, ExpectedVersion, NewEvent, ParkedEvent,
-    Position, ProcessState, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId, Timestamp, Version,
-    DEFAULT_COMMAND_RETENTION,
+    AppendCondition, AppendOutcome, AppendResult, Claim, CommandId, EventId, EventStore, ExpectedVersion, NewEvent,
+    ParkedEvent, Position, ProcessState, Query, QueryItem, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId,
+    Tag, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
 
@@ -43,6 +43,10 @@ struct State {
     /// from the front.
     command_times: VecDeque<(Timestamp, StreamId, CommandId)>,
     event_ids: HashSet<EventId>,
+    /// For each tag, the log indexes of the events carrying it, ascending.
+    tag_index: HashMap<Tag, Vec<usize>>,
+    /// For each event type, the log indexes of its events, ascending.
+    type_index: HashMap<Arc<str>, Vec<usize>>,
     checkpoints: HashMap<String, Position>,
     snapshots: HashMap<StreamId, Snapshot>,
     /// Claims by name; an expired one stays until taken again (its token counts on).
@@ -105,6 +109,54 @@ impl Log {
 }
 
 impl State {
+    /// The log indexes above `start` of the events one query item matches, ascending, at most
+    /// `limit`: found through the item's rarest tag, else its types, else the whole log.
+    fn item_matches(&self, item: &QueryItem, start: usize, limit: usize) -> Vec<usize> {
+        let matches = |index: &usize| {
+            let event = self.log.get(*index);
+            item.matches(&event.event_type, &event.tags)
+        };
+        let tail = |indexes: &[usize]| -> Vec<usize> {
+            let from = indexes.partition_point(|&index| index < start);
+            indexes[from..].iter().copied().filter(matches).take(limit).collect()
+        };
+        if !item.tags.is_empty() {
+            let rarest = item.tags.iter().map(|tag| self.tag_index.get(tag).map_or(&[][..], Vec::as_slice));
+            return rarest.min_by_key(|indexes| indexes.len()).map(tail).unwrap_or_default();
+        }
+        if !item.types.is_empty() {
+            let mut found: Vec<usize> = item
+                .types
+                .iter()
+                .filter_map(|event_type| self.type_index.get(event_type.as_str()))
+                .flat_map(|indexes| tail(indexes))
+                .collect();
+            found.sort_unstable();
+            found.truncate(limit);
+            return found;
+        }
+        (start..self.log.len()).take(limit).collect()
+    }
+
+    /// The log indexes above `start` of the events `query` matches, ascending, at most `limit`.
+    fn query_matches(&self, query: &Query, start: usize, limit: usize) -> Vec<usize> {
+        let mut found: Vec<usize> = query.items.iter().flat_map(|item| self.item_matches(item, start, limit)).collect();
+        found.sort_unstable();
+        found.dedup();
+        found.truncate(limit);
+        found
+    }
+
+    /// `Err(ConditionFailed)` with the first matching position when `condition` fails now.
+    fn check_condition(&self, condition: Option<&AppendCondition>) -> Result<(), StoreError> {
+        let Some(condition) = condition else { return Ok(()) };
+        let start = usize::try_from(condition.after_position().0).unwrap_or(usize::MAX);
+        match self.query_matches(&condition.fail_if_events_match, start, 1).first() {
+            Some(&index) => Err(StoreError::ConditionFailed { position: Position(index as u64 + 1) }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `claim` is the current, unexpired claim on its name.
     fn holds(&self, claim: &Claim) -> bool {
         self.claims.get(&claim.name).is_some_and(|current| {
@@ -172,14 +224,18 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// The append itself, under the lock (see [`EventStore::append`]).
+    /// The append itself, under the lock (see [`EventStore::append_with_condition`]).
     fn append_now(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        condition: Option<&AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         let command_id = validate_append(&events)?;
+        if let Some(condition) = condition {
+            validate_query(&condition.fail_if_events_match)?;
+        }
         let result = {
             let mut state = self.write();
             if let Some(command_id) = command_id {
@@ -191,28 +247,39 @@ impl MemoryStore {
             if !expected.accepts(actual) {
                 return Err(StoreError::Conflict { stream_id: stream_id.clone(), expected, actual });
             }
+            state.check_condition(condition)?;
             if let Some(event) = events.iter().find(|event| state.event_ids.contains(&event.event_id)) {
                 return Err(StoreError::DuplicateEventId(event.event_id));
             }
             let recorded_at = Timestamp::now();
             let first_index = state.log.len();
             let count = events.len() as u64;
-            let State { log, streams, event_ids, .. } = &mut *state;
+            let State { log, streams, event_ids, tag_index, type_index, .. } = &mut *state;
             let indexes = streams.entry(stream_id.clone()).or_default();
             for (offset, event) in events.into_iter().enumerate() {
                 let index = first_index + offset;
                 event_ids.insert(event.event_id);
                 indexes.push(index);
+                let event_type: Arc<str> = Arc::from(event.event_type);
+                type_index.entry(event_type.clone()).or_default().push(index);
+                for tag in &event.tags {
+                    let tagged = tag_index.entry(tag.clone()).or_default();
+                    // A tag repeated on one event is indexed once.
+                    if tagged.last() != Some(&index) {
+                        tagged.push(index);
+                    }
+                }
                 log.push(RecordedEvent {
                     event_id: event.event_id,
                     stream_id: stream_id.clone(),
                     version: Version(actual.0 + offset as u64 + 1),
                     position: Position(index as u64 + 1),
                     recorded_at,
-                    event_type: Arc::from(event.event_type),
+                    event_type,
                     schema_version: event.schema_version,
                     payload: Arc::new(event.payload),
                     metadata: Arc::new(event.metadata),
+                    tags: Arc::from(event.tags),
                 });
             }
             let result = AppendResult {
@@ -248,17 +315,30 @@ impl MemoryStore {
 
 #[async_trait]
 impl EventStore for MemoryStore {
-    async fn append(
+    async fn append_with_condition(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         let started = std::time::Instant::now();
         let span = cqrs_core::telemetry::append_span("memory", stream_id, events.len());
-        let result = span.in_scope(|| self.append_now(stream_id, expected, events));
+        let result = span.in_scope(|| self.append_now(stream_id, expected, events, condition.as_ref()));
         cqrs_core::telemetry::record_append("memory", started, &result, &span);
         result
+    }
+
+    async fn read_query(
+        &self,
+        query: &Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_query(query)?;
+        let state = self.read();
+        let start = usize::try_from(after.0).unwrap_or(usize::MAX);
+        Ok(state.query_matches(query, start, max_count).into_iter().map(|index| state.log.get(index).clone()).collect())
     }
 
     async fn read_stream(

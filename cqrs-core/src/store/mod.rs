@@ -20,11 +20,19 @@ mod rows;
 pub use coordination::{Coordination, Store};
 pub use rows::RowNames;
 
+pub use crate::query::{AppendCondition, Query, QueryItem, Tag};
+
 /// How long stores remember a command id by default (see [`EventStore::prune_commands`]).
 pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The most events one append may carry.
 pub const MAX_EVENTS_PER_APPEND: usize = 10_000;
+
+/// The most tags one event may carry.
+pub const MAX_TAGS_PER_EVENT: usize = 64;
+
+/// The most items a [`Query`] of an [`AppendCondition`] or a query read may have.
+pub const MAX_QUERY_ITEMS: usize = 64;
 
 /// What the writer believes the stream's version to be; the append fails with
 /// [`StoreError::Conflict`] if it is wrong.
@@ -97,6 +105,13 @@ pub fn validate_append(events: &[NewEvent]) -> Result<Option<CommandId>, StoreEr
             events.len()
         )));
     }
+    if let Some(event) = events.iter().find(|event| event.tags.len() > MAX_TAGS_PER_EVENT) {
+        return Err(StoreError::InvalidAppend(format!(
+            "event {} carries {} tags, more than the limit of {MAX_TAGS_PER_EVENT}",
+            event.event_id,
+            event.tags.len()
+        )));
+    }
     let command_id = first.metadata.command_id;
     if events.iter().any(|event| event.metadata.command_id != command_id) {
         return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
@@ -108,6 +123,21 @@ pub fn validate_append(events: &[NewEvent]) -> Result<Option<CommandId>, StoreEr
         }
     }
     Ok(command_id)
+}
+
+/// Checks a query before a store runs it: at most [`MAX_QUERY_ITEMS`] items, each with at most
+/// [`MAX_TAGS_PER_EVENT`] tags and 64 types.
+pub fn validate_query(query: &Query) -> Result<(), StoreError> {
+    if query.items.len() > MAX_QUERY_ITEMS {
+        return Err(StoreError::InvalidQuery(format!(
+            "{} items, more than the limit of {MAX_QUERY_ITEMS}",
+            query.items.len()
+        )));
+    }
+    if query.items.iter().any(|item| item.tags.len() > MAX_TAGS_PER_EVENT || item.types.len() > 64) {
+        return Err(StoreError::InvalidQuery(format!("an item with more than {MAX_TAGS_PER_EVENT} tags or 64 types")));
+    }
+    Ok(())
 }
 
 /// Errors of an [`EventStore`] or a [`Coordination`].
@@ -133,6 +163,18 @@ pub enum StoreError {
     /// caller; retrying will not help.
     #[error("invalid append: {0}")]
     InvalidAppend(String),
+    /// A conditional append found an event matching its condition's query stored after the
+    /// condition's `after`: the decision was made on stale facts. Nothing was written. Read
+    /// again and decide again (the dispatcher does this for decisions, a bounded number of
+    /// times).
+    #[error("append condition failed: an event at {position} matches the query")]
+    ConditionFailed {
+        /// The position of the first matching event after the condition's `after`.
+        position: Position,
+    },
+    /// A query (of a read or of an append condition) is too large to run.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
     /// The backend is unreachable or failed (connection lost, database restarting...). Retry
     /// later; the store did not acknowledge anything for this call, or the append either fully
     /// happened or not at all.
@@ -224,13 +266,16 @@ pub fn chain_broken(stream_id: &StreamId, expected: ExpectedVersion) -> StoreErr
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream_id` if its version satisfies `expected`. All events of one
-    /// call must carry the same `metadata.command_id` (or none).
+    /// call must carry the same `metadata.command_id` (or none). It is
+    /// [`append_with_condition`](EventStore::append_with_condition) without a condition.
     async fn append(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
-    ) -> Result<AppendOutcome, StoreError>;
+    ) -> Result<AppendOutcome, StoreError> {
+        self.append_with_condition(stream_id, expected, events, None).await
+    }
 
     /// Appends a chain of appends to one stream, in order: link `i` is written with the exact
     /// version link `i - 1` left (`version` + the events of the links before it), and only if
@@ -252,6 +297,32 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Vec<Result<AppendOutcome, StoreError>> {
         append_links_one_by_one(self, stream_id, version, links).await
     }
+
+    /// [`append`](EventStore::append) with an [`AppendCondition`]: the append also fails, with
+    /// [`StoreError::ConditionFailed`] naming the first matching position, when an event
+    /// matching `condition.fail_if_events_match` is stored after `condition.after`. The check
+    /// and the write are atomic: of two conditional appends whose events each match the other's
+    /// query, at most one commits, whatever the concurrency (processes, group-commit batches);
+    /// appends whose queries and events do not overlap both commit. Checks in order: a known
+    /// command id answers [`AppendOutcome::Duplicate`], then the version, then the condition.
+    /// With `condition` `None` it is `append`.
+    async fn append_with_condition(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendOutcome, StoreError>;
+
+    /// Reads up to `max_count` events matching `query` with a position strictly greater than
+    /// `after`, in position order. Like [`read_all`](EventStore::read_all), it never returns an
+    /// event at `p` and later one below `p`.
+    async fn read_query(
+        &self,
+        query: &Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Reads up to `max_count` events of one stream, starting at version `from` (inclusive), in
     /// version order. An unknown stream is empty.

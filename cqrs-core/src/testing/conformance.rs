@@ -21,6 +21,8 @@ use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
 use crate::testing::saga;
 
+pub use crate::testing::conformance_dcb::*;
+
 /// Emits one `#[tokio::test]` per conformance property for a store.
 ///
 /// `$make` is an expression evaluating to an async closure-like `Fn() -> impl Future<Output =
@@ -76,6 +78,15 @@ macro_rules! conformance_tests {
             process_unfireable_scheduled_commands_do_not_block_the_rest,
             process_instances_end_from_a_reaction_and_are_listed,
             process_renamed_manager_continues_where_the_old_name_stopped,
+            dcb_tags_round_trip_and_read_by_query,
+            dcb_conditions_fail_only_on_later_matching_events,
+            dcb_course_subscriptions_respect_capacity_and_student_limit,
+            dcb_unique_user_names_are_released_on_deletion,
+            dcb_invoice_numbers_are_gapless_under_concurrency,
+            dcb_once_tokens_store_an_operation_once,
+            dcb_overlapping_conditional_appends_exactly_one_commits,
+            dcb_stream_appends_are_seen_by_conditions,
+            dcb_random_conditional_appends_commit_exactly_when_valid,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {
@@ -103,6 +114,7 @@ pub fn event_with(n: u64, metadata: Metadata) -> NewEvent {
         schema_version: 1,
         payload: json!({ "n": n, "note": format!("event number {n}") }),
         metadata,
+        tags: Vec::new(),
     }
 }
 
@@ -126,7 +138,8 @@ async fn append_ok<S: EventStore + ?Sized>(
     }
 }
 
-async fn read_everything<S: EventStore + ?Sized>(store: &S) -> Vec<RecordedEvent> {
+/// Every event of the log, by `read_all` pages.
+pub async fn read_everything<S: EventStore + ?Sized>(store: &S) -> Vec<RecordedEvent> {
     let mut all = Vec::new();
     let mut after = Position::START;
     loop {

@@ -11,6 +11,7 @@ use crate::coordination::{
 };
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
+use crate::query::{AppendCondition, Query};
 use crate::store::{AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, StoreError};
 
 /// A store and a guard dropped after it (fields drop in declaration order): for example a
@@ -33,6 +34,25 @@ impl<S: EventStore, G: Send + Sync + 'static> EventStore for WithGuard<S, G> {
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
         self.store.append(stream_id, expected, events).await
+    }
+
+    async fn append_with_condition(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendOutcome, StoreError> {
+        self.store.append_with_condition(stream_id, expected, events, condition).await
+    }
+
+    async fn read_query(
+        &self,
+        query: &Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.store.read_query(query, after, max_count).await
     }
 
     async fn read_stream(
