@@ -67,6 +67,8 @@ where
         let facts = read_query_all(store, &query, Position::START).await;
         let after = facts.iter().map(|event| event.position).max().unwrap_or(Position::START).max(head);
         let events = decide(&facts)?;
+        // Let the other deciders read the same facts: the race is the point.
+        tokio::task::yield_now().await;
         let condition = AppendCondition::new(query.clone(), Some(after));
         match store.append_with_condition(stream_id, ExpectedVersion::Any, events, Some(condition)).await {
             Ok(outcome) => return Ok(outcome.result()),
