@@ -466,6 +466,7 @@ mod tests {
             schema_version,
             payload: Arc::new(payload),
             metadata: Arc::default(),
+            tags: Arc::from([]),
         }
     }
 

@@ -10,6 +10,7 @@
 //!   queue ([`store::batching`]).
 //! - [`coordination`]: claims, parked events, process state and schedules kept by the store.
 //! - [`subscription`]: catch-up-then-live feeds over any store.
+//! - [`decision`]: command handlers whose consistency boundary is a query (DCB).
 //! - [`dispatcher`]: the command path with caching, retries and read-your-writes.
 //! - [`handler`]: projections and side effects, driven from durable checkpoints; one active
 //!   consumer across processes, partitions, parked events, transactional batches.
@@ -27,6 +28,7 @@ pub mod aggregate;
 mod cache;
 pub mod clock;
 pub mod coordination;
+pub mod decision;
 pub mod dispatcher;
 pub mod event;
 pub mod handler;
@@ -111,6 +113,7 @@ pub use coordination::{
     default_owner, Claim, ClaimOutcome, ParkedEvent, ParkedStatus, ProcessInstance, ProcessState, Scheduled,
     SetAsideCommand, DEFAULT_CLAIM_RETRY, DEFAULT_CLAIM_TTL, MAX_FIRING_ATTEMPTS,
 };
+pub use decision::{Decider, Decision};
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
     DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, UpcastResult, Upcaster,

@@ -67,11 +67,12 @@ async fn wait_while(flag: &AtomicBool) {
 
 #[async_trait]
 impl EventStore for Instrumented {
-    async fn append(
+    async fn append_with_condition(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        condition: Option<cqrs_core::AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         self.append_calls.fetch_add(1, Ordering::SeqCst);
         if self.always_conflict.load(Ordering::SeqCst) {
@@ -85,7 +86,7 @@ impl EventStore for Instrumented {
         }
         tokio::task::yield_now().await;
         wait_while(&self.hold_appends).await;
-        let result = self.inner.append(stream_id, expected, events).await;
+        let result = self.inner.append_with_condition(stream_id, expected, events, condition).await;
         self.appends_in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.lose_next_ack.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable("connection reset during commit".into()));
@@ -109,6 +110,15 @@ impl EventStore for Instrumented {
         self.read_from.lock().expect("lock").push(from);
         self.inner.read_stream(s, from, max).await
     }
+    async fn read_query(
+        &self,
+        query: &cqrs_core::Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_query(query, after, max_count).await
+    }
+
     async fn read_all(&self, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.all_reads.fetch_add(1, Ordering::SeqCst);
         wait_while(&self.hold_read_all).await;
@@ -705,6 +715,7 @@ async fn old_event_shapes_are_upcast_when_the_dispatcher_loads_them() {
         schema_version: 0,
         payload: serde_json::json!({"type": "Incremented", "amount": 40}),
         metadata: Metadata::default(),
+        tags: Vec::new(),
     };
     store.append(&Counter::stream_id(1), ExpectedVersion::NoStream, vec![old]).await.expect("append old shape");
 

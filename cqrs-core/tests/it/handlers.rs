@@ -290,6 +290,7 @@ async fn an_event_the_handler_takes_but_cannot_decode_is_retried_not_skipped() {
         schema_version: 1,
         payload: serde_json::json!({ "by": "three" }),
         metadata: Metadata::default(),
+        tags: Vec::new(),
     };
     store.append(&Counter::stream_id(1), ExpectedVersion::Any, vec![broken]).await.expect("append");
     let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
@@ -394,6 +395,7 @@ async fn events_renamed_by_an_upcaster_reach_the_handler() {
         schema_version: 0,
         payload: serde_json::json!({"amount": 3}),
         metadata: Metadata::default(),
+        tags: Vec::new(),
     };
     store.append(&Counter::stream_id(1), cqrs_core::ExpectedVersion::Any, vec![old]).await.expect("append");
     let upcasters =

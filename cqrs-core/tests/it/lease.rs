@@ -74,14 +74,24 @@ impl Node {
 
 #[async_trait]
 impl EventStore for Node {
-    async fn append(
+    async fn append_with_condition(
         &self,
         s: &StreamId,
         e: ExpectedVersion,
         events: Vec<NewEvent>,
+        condition: Option<cqrs_core::AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         self.check()?;
-        self.inner.append(s, e, events).await
+        self.inner.append_with_condition(s, e, events, condition).await
+    }
+    async fn read_query(
+        &self,
+        query: &cqrs_core::Query,
+        after: Position,
+        max: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.check()?;
+        self.inner.read_query(query, after, max).await
     }
     async fn read_stream(&self, s: &StreamId, from: Version, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.check()?;

@@ -4,6 +4,7 @@
 //! crate's `tests/it/`.
 
 mod batches;
+mod decisions;
 mod dispatcher;
 mod exclusive;
 mod handlers;
