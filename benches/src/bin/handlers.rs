@@ -98,6 +98,7 @@ fn event(n: u64) -> NewEvent {
         schema_version: 1,
         payload: serde_json::json!({ "n": n, "note": "x".repeat(100) }),
         metadata: Metadata::default(),
+        tags: Vec::new(),
     }
 }
 

@@ -73,6 +73,7 @@ async fn feed(store: Arc<dyn EventStore>) {
             schema_version: 1,
             payload: serde_json::json!({ "n": n }),
             metadata: Metadata::default(),
+            tags: Vec::new(),
         };
         let stream = StreamId::for_aggregate("job", n % 7).unwrap_or_else(|_| unreachable!("short id"));
         if let Err(error) = store.append(&stream, ExpectedVersion::Any, vec![event]).await {

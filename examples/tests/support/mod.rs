@@ -76,6 +76,7 @@ pub async fn fill_jobs(store: &dyn EventStore, count: u64) {
             schema_version: 1,
             payload: serde_json::json!({ "n": n }),
             metadata: Metadata::default(),
+            tags: Vec::new(),
         };
         store.append(&stream, ExpectedVersion::Any, vec![event]).await.expect("append");
     }

@@ -67,14 +67,15 @@ impl FaultyStore {
 
 #[cqrs_core::async_trait]
 impl EventStore for FaultyStore {
-    async fn append(
+    async fn append_with_condition(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        condition: Option<cqrs_core::AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         self.appends.fetch_add(1, Ordering::SeqCst);
-        let outcome = self.inner.append(stream_id, expected, events).await?;
+        let outcome = self.inner.append_with_condition(stream_id, expected, events, condition).await?;
         let fail = self.failing_appends.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         if fail {
             return Err(StoreError::Unavailable("injected: the connection dropped during the commit".into()));
@@ -89,6 +90,15 @@ impl EventStore for FaultyStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_stream(stream_id, from, max).await
     }
+    async fn read_query(
+        &self,
+        query: &cqrs_core::Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_query(query, after, max_count).await
+    }
+
     async fn read_all(&self, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_all(after, max).await
     }

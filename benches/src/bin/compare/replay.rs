@@ -66,6 +66,7 @@ fn event(stream: u64, n: u64) -> NewEvent {
             "text": format!("message {n} of a replayed log, padded to about two hundred bytes of JSON ........"),
         }),
         metadata: Metadata::default(),
+        tags: Vec::new(),
     }
 }
 
