@@ -11,6 +11,7 @@
 //! cargo run --release -p benches --bin compare -- --only memory # no PostgreSQL needed
 //! cargo run --release -p benches --bin compare -- --only sqlite # no PostgreSQL needed
 //! cargo run --release -p benches --bin compare -- --replay 1000000 # replay only (PostgreSQL and SQLite)
+//! cargo run --release -p benches --bin compare -- --dcb         # conditional appends, reads by tag (dcb.rs)
 //! ```
 //!
 //! The workload: aggregate `Chat`, command `SendMessage { sender, content }` with 120 bytes of
@@ -53,6 +54,7 @@
 //! Profiling aid: `--ours-without-read-model` runs our side without its handler (the peer keeps
 //! its query), to show what the read model costs; such a run is not a like-for-like comparison.
 
+mod dcb;
 mod drive;
 mod ours;
 mod peer;
@@ -104,12 +106,14 @@ struct Options {
     quick: bool,
     /// `--replay N`: only the replay cases, over `N` events.
     replay: Option<u64>,
+    /// `--dcb`: only the Dynamic Consistency Boundary cases.
+    dcb: bool,
     only: Only,
     read_model: ReadModel,
 }
 
 const USAGE: &str =
-    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS]";
+    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS] [--dcb]";
 
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -202,6 +206,9 @@ async fn run() -> anyhow::Result<ExitCode> {
     if let Some(events) = options.replay {
         return replay_cases(server.as_ref(), only, events).await;
     }
+    if options.dcb {
+        return dcb_cases(server.as_ref(), only, quick).await;
+    }
     let mut report = Report::default();
     if only.memory() {
         report.cases.push(memory_sequential(&scale, options.read_model).await?);
@@ -242,6 +249,57 @@ async fn run() -> anyhow::Result<ExitCode> {
 /// Events the quick run's replay cases store and replay.
 const QUICK_REPLAY_EVENTS: u64 = 20_000;
 
+/// `--dcb`: conditional appends and reads by tag query on each store asked for.
+async fn dcb_cases(server: Option<&PgServer>, only: Only, quick: bool) -> anyhow::Result<ExitCode> {
+    let (levels, appends) = dcb::levels(quick);
+    let read_events = if quick { 2_000 } else { 100_000 };
+    if only.memory() {
+        let store = Arc::new(MemoryStore::new());
+        for &deciders in levels {
+            dcb::conditional_appends(Arc::clone(&store), "memory", deciders, appends * 10).await?.print();
+        }
+    }
+    if only.sqlite() {
+        println!("sqlite: {}", sqlite::describe().await?);
+        for &deciders in levels {
+            let scratch = tempfile::NamedTempFile::new().context("temp file")?;
+            let store = Arc::new(SqliteEventStore::open(scratch.path()).await.context("open our SQLite store")?);
+            dcb::conditional_appends(store, "sqlite", deciders, appends).await?.print();
+        }
+        let scratch = tempfile::NamedTempFile::new().context("temp file")?;
+        let store = SqliteEventStore::open(scratch.path()).await.context("open our SQLite store")?;
+        dcb_reads(&store, "sqlite", read_events).await?;
+    }
+    if let Some(server) = server {
+        println!("server: {}", server.describe().await?);
+        for &deciders in levels {
+            let database = server.create_database(&format!("dcb{deciders}")).await?;
+            let store = our_pg_store(&database.url).await?;
+            dcb::conditional_appends(Arc::clone(&store), "postgres", deciders, appends).await?.print();
+            drop(store);
+            server.drop_database(database).await?;
+        }
+        let database = server.create_database("dcbreads").await?;
+        let store = our_pg_store(&database.url).await?;
+        dcb_reads(&*store, "postgres", read_events).await?;
+        drop(store);
+        server.drop_database(database).await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One tag's `events` among as many of other tags, read back by query.
+async fn dcb_reads<S: cqrs_core::EventStore + ?Sized>(store: &S, name: &str, events: u64) -> anyhow::Result<()> {
+    let wanted = cqrs_core::Tag::new("reader", "wanted");
+    dcb::fill_tag(store, &cqrs_core::Tag::new("reader", "other"), events).await?;
+    dcb::fill_tag(store, &wanted, events).await?;
+    let (read, rate) = dcb::tag_reads(store, &wanted, 3).await?;
+    anyhow::ensure!(read == 3 * events, "read {read} events by tag, expected {}", 3 * events);
+    println!("dcb {name:<8} read by tag query: {rate:>9.0} events/s ({events} of {} events match)", 2 * events);
+    println!("{{\"case\":\"dcb_{name}_tag_read\",\"events\":{events},\"events_per_s\":{rate:.0}}}");
+    Ok(())
+}
+
 /// `--replay N`: the replay case of each durable store asked for (there is no peer side).
 async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> anyhow::Result<ExitCode> {
     let mut replays = Vec::new();
@@ -261,11 +319,12 @@ async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> any
 }
 
 fn parse_args() -> anyhow::Result<Options> {
-    let mut options = Options { quick: false, replay: None, only: Only::All, read_model: ReadModel::Counting };
+    let mut options = Options { quick: false, replay: None, dcb: false, only: Only::All, read_model: ReadModel::Counting };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
+            "--dcb" => options.dcb = true,
             "--ours-without-read-model" => options.read_model = ReadModel::Off,
             "--replay" => {
                 let events = args.next().context("--replay takes a number of events")?;
