@@ -12,6 +12,7 @@
 //! cargo run --release -p benches --bin compare -- --only sqlite # no PostgreSQL needed
 //! cargo run --release -p benches --bin compare -- --replay 1000000 # replay only (PostgreSQL and SQLite)
 //! cargo run --release -p benches --bin compare -- --dcb         # conditional appends, reads by tag (dcb.rs)
+//! scripts/umadb && cargo run --release -p benches --features umadb --bin compare -- --dcb --peer umadb
 //! ```
 //!
 //! The workload: aggregate `Chat`, command `SendMessage { sender, content }` with 120 bytes of
@@ -62,6 +63,8 @@ mod pg;
 mod replay;
 mod report;
 mod sqlite;
+#[cfg(feature = "umadb")]
+mod umadb;
 mod workload;
 
 use std::process::ExitCode;
@@ -108,12 +111,14 @@ struct Options {
     replay: Option<u64>,
     /// `--dcb`: only the Dynamic Consistency Boundary cases.
     dcb: bool,
+    /// `--peer umadb`: the DCB cases through UmaDB too (feature `umadb`).
+    umadb: bool,
     only: Only,
     read_model: ReadModel,
 }
 
 const USAGE: &str =
-    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS] [--dcb]";
+    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS] [--dcb [--peer umadb]]";
 
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -207,7 +212,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         return replay_cases(server.as_ref(), only, events).await;
     }
     if options.dcb {
-        return dcb_cases(server.as_ref(), only, quick).await;
+        return dcb_cases(server.as_ref(), only, quick, options.umadb).await;
     }
     let mut report = Report::default();
     if only.memory() {
@@ -250,9 +255,12 @@ async fn run() -> anyhow::Result<ExitCode> {
 const QUICK_REPLAY_EVENTS: u64 = 20_000;
 
 /// `--dcb`: conditional appends and reads by tag query on each store asked for.
-async fn dcb_cases(server: Option<&PgServer>, only: Only, quick: bool) -> anyhow::Result<ExitCode> {
+async fn dcb_cases(server: Option<&PgServer>, only: Only, quick: bool, umadb: bool) -> anyhow::Result<ExitCode> {
     let (levels, appends) = dcb::levels(quick);
     let read_events = if quick { 2_000 } else { 100_000 };
+    if umadb {
+        umadb_cases(levels, appends, read_events).await?;
+    }
     if only.memory() {
         let store = Arc::new(MemoryStore::new());
         for &deciders in levels {
@@ -288,6 +296,24 @@ async fn dcb_cases(server: Option<&PgServer>, only: Only, quick: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
+/// The DCB cases through UmaDB, first (its server runs alone on the machine).
+#[cfg(feature = "umadb")]
+async fn umadb_cases(levels: &[usize], appends: u64, read_events: u64) -> anyhow::Result<()> {
+    println!("umadb: {}", umadb::Server::describe().await?);
+    for &deciders in levels {
+        umadb::conditional_appends(deciders, appends).await?.print();
+    }
+    let rate = umadb::tag_reads(read_events).await?;
+    println!("dcb {:<8} read by tag query: {rate:>9.0} events/s ({read_events} of {} events match)", "umadb", 2 * read_events);
+    println!("{{\"case\":\"dcb_umadb_tag_read\",\"events\":{read_events},\"events_per_s\":{rate:.0}}}");
+    Ok(())
+}
+
+#[cfg(not(feature = "umadb"))]
+async fn umadb_cases(_levels: &[usize], _appends: u64, _read_events: u64) -> anyhow::Result<()> {
+    bail!("--peer umadb needs the umadb feature: cargo run --release -p benches --features umadb --bin compare -- --dcb --peer umadb")
+}
+
 /// One tag's `events` among as many of other tags, read back by query.
 async fn dcb_reads<S: cqrs_core::EventStore + ?Sized>(store: &S, name: &str, events: u64) -> anyhow::Result<()> {
     let wanted = cqrs_core::Tag::new("reader", "wanted");
@@ -319,12 +345,16 @@ async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> any
 }
 
 fn parse_args() -> anyhow::Result<Options> {
-    let mut options = Options { quick: false, replay: None, dcb: false, only: Only::All, read_model: ReadModel::Counting };
+    let mut options = Options { quick: false, replay: None, dcb: false, umadb: false, only: Only::All, read_model: ReadModel::Counting };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
             "--dcb" => options.dcb = true,
+            "--peer" => match args.next().as_deref() {
+                Some("umadb") => options.umadb = true,
+                other => bail!("--peer takes `umadb`, not {other:?}"),
+            },
             "--ours-without-read-model" => options.read_model = ReadModel::Off,
             "--replay" => {
                 let events = args.next().context("--replay takes a number of events")?;
