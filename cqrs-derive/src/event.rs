@@ -199,7 +199,7 @@ fn tag_pattern(path: TokenStream, variant: &Variant<'_>) -> TokenStream {
         Fields::Unnamed(fields) => {
             let slots = (0..fields.unnamed.len()).map(|index| {
                 let binding = format_ident!("field_{index}");
-                if variant.tags.iter().any(|(access, _)| access.to_string() == binding.to_string()) {
+                if variant.tags.iter().any(|(access, _)| binding == access.to_string()) {
                     quote!(#binding)
                 } else {
                     quote!(_)
