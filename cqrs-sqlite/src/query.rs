@@ -80,3 +80,45 @@ pub(crate) async fn first_match(
     let row = statement.fetch_optional(connection).await?;
     row.map(|row| sqlx::Row::try_get::<i64, _>(&row, 0)).transpose()
 }
+
+#[cfg(test)]
+mod tests {
+    use cqrs_core::{QueryItem, Tag};
+    use sqlx::{Connection, Row, SqliteConnection};
+
+    use super::*;
+
+    /// SQLite's plan for `query`'s read, one line per step.
+    async fn plan(connection: &mut SqliteConnection, query: &Query) -> Vec<String> {
+        let sql = format!(
+            "EXPLAIN QUERY PLAN SELECT * FROM cqrs_events WHERE {} ORDER BY position LIMIT ?",
+            where_clause(query)
+        );
+        let rows =
+            bind_where(sqlx::query(&sql), query, Position(0)).bind(10).fetch_all(connection).await.expect("plan");
+        rows.iter().map(|row| row.get::<String, _>("detail")).collect()
+    }
+
+    /// Every item is answered from an index (the tag table's key or the event type index),
+    /// never by scanning the log from `after`.
+    #[tokio::test]
+    async fn reads_by_query_use_the_indexes() {
+        let mut connection = SqliteConnection::connect("sqlite::memory:").await.expect("connect");
+        sqlx::migrate!("./migrations").run(&mut connection).await.expect("migrate");
+        let (c1, s7) = (Tag::new("course", "c1"), Tag::new("student", "s7"));
+        let queries = [
+            Query::from_items([QueryItem::tags([c1.clone()])]),
+            Query::from_items([QueryItem::types(["A", "B"])]),
+            Query::from_items([QueryItem::types(["A"]).with_tags([c1.clone(), s7.clone()])]),
+            Query::from_items([QueryItem::types(["A"]).with_tags([c1.clone()]), QueryItem::tags([s7.clone()])]),
+            Query::from_items([QueryItem::types(["A"]), QueryItem::tags([s7])]),
+        ];
+        for query in &queries {
+            let plan = plan(&mut connection, query).await;
+            // A range of positions alone is a scan of the log from `after`.
+            let scans =
+                |step: &String| step.starts_with("SCAN cqrs_events") || step.contains("INTEGER PRIMARY KEY (rowid>?)");
+            assert!(!plan.iter().any(scans), "{query:?} scans the log: {plan:?}");
+        }
+    }
+}
