@@ -13,6 +13,11 @@
 //! never becomes visible). A WAL reader sees a prefix of the commit sequence, hence a prefix
 //! of the positions, and `read_all` can never skip an event. This holds even when another
 //! process writes the same file: the write lock serialises both.
+//!
+//! **Conditions.** An append's condition (DCB) is checked by this writer inside the same
+//! transaction, after the append's command id and version, once every earlier append of the
+//! batch is written: so it sees them, and no two appends whose events match each other's
+//! query both commit (the README's "Dynamic Consistency Boundaries").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -392,29 +397,7 @@ impl Writer {
         recorded_at: i64,
         commit: bool,
     ) -> Result<bool, (sqlx::Error, Vec<WriteRequest>)> {
-        let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
-        let (mut rows, mut links, mut alone) = (0, 0, false);
-        for chain in chains {
-            let (chain_rows, chain_links) = (chain.iter().map(|link| link.events.len()).sum::<usize>(), chain.len());
-            let was_alone = std::mem::replace(&mut alone, conditional(&chain));
-            match windows.last_mut() {
-                Some(window)
-                    if !alone
-                        && !was_alone
-                        && rows + chain_rows <= AT_ONCE_MAX_ROWS
-                        && links + chain_links <= AT_ONCE_MAX_ROWS =>
-                {
-                    window.push(chain);
-                    rows += chain_rows;
-                    links += chain_links;
-                }
-                _ => {
-                    windows.push(vec![chain]);
-                    (rows, links) = (chain_rows, chain_links);
-                }
-            }
-        }
-        let mut windows = windows.into_iter();
+        let mut windows = windows(chains).into_iter();
         while let Some(window) = windows.next() {
             let unanswered = |window: Vec<Vec<AppendRequest>>, windows: std::vec::IntoIter<Vec<Vec<AppendRequest>>>| {
                 window.into_iter().chain(windows.flatten()).map(WriteRequest::Chain).collect::<Vec<_>>()
@@ -1163,6 +1146,34 @@ async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> R
     .execute(connection)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// The chains cut into windows that one set-based statement takes, in order: at most
+/// [`AT_ONCE_MAX_ROWS`] events and links each; a conditional chain alone in its window.
+fn windows(chains: Vec<Vec<AppendRequest>>) -> Vec<Vec<Vec<AppendRequest>>> {
+    let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
+    let (mut rows, mut links, mut alone) = (0, 0, false);
+    for chain in chains {
+        let (chain_rows, chain_links) = (chain.iter().map(|link| link.events.len()).sum::<usize>(), chain.len());
+        let was_alone = std::mem::replace(&mut alone, conditional(&chain));
+        match windows.last_mut() {
+            Some(window)
+                if !alone
+                    && !was_alone
+                    && rows + chain_rows <= AT_ONCE_MAX_ROWS
+                    && links + chain_links <= AT_ONCE_MAX_ROWS =>
+            {
+                window.push(chain);
+                rows += chain_rows;
+                links += chain_links;
+            }
+            _ => {
+                windows.push(vec![chain]);
+                (rows, links) = (chain_rows, chain_links);
+            }
+        }
+    }
+    windows
 }
 
 /// Whether a chain holds a conditional append (in practice a chain of one: `append_chain`
