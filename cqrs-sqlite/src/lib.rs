@@ -4,6 +4,7 @@ mod config;
 mod coordination;
 mod error;
 mod projection;
+mod query;
 mod rows;
 mod writer;
 
@@ -16,8 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Timestamp, Version,
+    AppendCondition, AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, Query,
+    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
@@ -268,19 +269,29 @@ fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<Com
 
 #[async_trait]
 impl EventStore for SqliteEventStore {
-    async fn append(
+    /// Queued to the writer, which checks the condition inside its transaction, after the
+    /// append's command id and version (see the README's "Dynamic Consistency Boundaries").
+    async fn append_with_condition(
         &self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         let started = std::time::Instant::now();
         let span = cqrs_core::telemetry::append_span("sqlite", stream_id, events.len());
         let appended = async {
             let command_id = validate(expected, &events)?;
+            if let Some(condition) = &condition {
+                cqrs_core::store::validate_query(&condition.fail_if_events_match)?;
+            }
+            // A condition no event can fail is no condition.
+            let condition = condition.filter(|condition| !condition.fail_if_events_match.is_none());
             let stream_id = stream_id.clone();
-            self.write(|reply| WriteRequest::Append(AppendRequest { stream_id, expected, command_id, events, reply }))
-                .await
+            self.write(|reply| {
+                WriteRequest::Append(AppendRequest { stream_id, expected, command_id, events, condition, reply })
+            })
+            .await
         };
         let result = tracing::Instrument::instrument(appended, span.clone()).await;
         cqrs_core::telemetry::record_append("sqlite", started, &result, &span);
@@ -315,7 +326,14 @@ impl EventStore for SqliteEventStore {
         let mut answers = Vec::with_capacity(links.len());
         for (events, (expected, command_id)) in links.into_iter().zip(checked) {
             let (reply, answer) = oneshot::channel();
-            requests.push(AppendRequest { stream_id: stream_id.clone(), expected, command_id, events, reply });
+            requests.push(AppendRequest {
+                stream_id: stream_id.clone(),
+                expected,
+                command_id,
+                events,
+                condition: None,
+                reply,
+            });
             answers.push(answer);
         }
         let results = async {
@@ -361,6 +379,25 @@ impl EventStore for SqliteEventStore {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
         let query = sqlx::query(&sql).bind(to_i64_saturating(after.0)).bind(limit(max_count));
         EventDecoder::fetch(query, &self.inner.readers, max_count).await
+    }
+
+    async fn read_query(
+        &self,
+        query: &Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        cqrs_core::store::validate_query(query)?;
+        if max_count == 0 || query.is_none() {
+            return Ok(Vec::new());
+        }
+        // Like `read_all`: one statement reads one committed snapshot, a prefix of the log.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE {} ORDER BY position LIMIT ?",
+            query::where_clause(query)
+        );
+        let statement = query::bind_where(sqlx::query(&sql).persistent(query::cached(query)), query, after);
+        EventDecoder::fetch(statement.bind(limit(max_count)), &self.inner.readers, max_count).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

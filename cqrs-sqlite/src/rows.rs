@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use cqrs_core::store::RowNames;
 use cqrs_core::{
-    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError,
+    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError, Tag,
     Timestamp, Version,
 };
 use futures_util::TryStreamExt;
@@ -21,7 +21,7 @@ use crate::error::to_store_error;
 
 /// The columns of an event row, as [`EventDecoder`] reads them (by name, once per result).
 pub(crate) const EVENT_COLUMNS: &str = "position, event_id, stream_id, version, event_type, schema_version, \
-     payload, command_id, causation_id, correlation_id, headers, recorded_at";
+     payload, command_id, causation_id, correlation_id, headers, recorded_at, tags";
 
 /// A stored integer that must be a non-negative `u64`.
 pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
@@ -53,6 +53,22 @@ fn parse_headers(text: &str) -> Result<HashMap<String, String>, StoreError> {
         .map_err(|error| StoreError::Corrupt(format!("stored headers are not a JSON object of strings: {error}")))
 }
 
+/// The stored form of an event's tags: a JSON array of strings, in the order given; `[]` for
+/// none (the column's default, which events stored before tags existed have).
+pub(crate) fn encode_tags(tags: &[Tag]) -> String {
+    if tags.is_empty() {
+        return "[]".to_owned();
+    }
+    // A list of strings always serializes.
+    serde_json::to_string(tags).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Parses stored tags (see [`encode_tags`]), or reports the row as corrupt.
+fn parse_tags(text: &str) -> Result<Vec<Tag>, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("stored tags are not a JSON array of tags: {error}")))
+}
+
 /// Where each event column is in one result.
 #[derive(Clone, Copy)]
 struct Columns {
@@ -68,6 +84,7 @@ struct Columns {
     correlation_id: usize,
     headers: usize,
     recorded_at: usize,
+    tags: usize,
 }
 
 impl Columns {
@@ -86,6 +103,7 @@ impl Columns {
             correlation_id: at("correlation_id")?,
             headers: at("headers")?,
             recorded_at: at("recorded_at")?,
+            tags: at("tags")?,
         })
     }
 }
@@ -93,11 +111,13 @@ impl Columns {
 /// Decodes the event rows of one result (selected with [`EVENT_COLUMNS`]). Columns are found by
 /// name once, for the first row; text is decoded in place rather than copied; the event type
 /// and stream id of the row before are shared when they repeat (a page often holds runs of one
-/// stream and one type), and the usual empty headers skip the JSON parser.
+/// stream and one type), and the usual empty headers and tags skip the JSON parser (events
+/// without tags share one empty list).
 #[derive(Default)]
 pub(crate) struct EventDecoder {
     columns: Option<Columns>,
     names: RowNames,
+    no_tags: Option<Arc<[Tag]>>,
 }
 
 impl EventDecoder {
@@ -138,6 +158,12 @@ impl EventDecoder {
         let stream_id = self.names.stream_id(stream_id)?;
         let event_type: &str = row.try_get(columns.event_type).map_err(corrupt)?;
         let event_type = self.names.event_type(event_type);
+        let tags: &str = row.try_get(columns.tags).map_err(corrupt)?;
+        let tags = if tags == "[]" {
+            Arc::clone(self.no_tags.get_or_insert_with(|| Arc::from(Vec::new())))
+        } else {
+            Arc::from(parse_tags(tags)?)
+        };
         Ok(RecordedEvent {
             event_id: EventId(event_id),
             stream_id,
@@ -154,6 +180,7 @@ impl EventDecoder {
                 correlation_id: correlation_id.map(CorrelationId),
                 headers: parse_headers(headers)?,
             }),
+            tags,
         })
     }
 }

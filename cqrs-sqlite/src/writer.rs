@@ -13,6 +13,11 @@
 //! never becomes visible). A WAL reader sees a prefix of the commit sequence, hence a prefix
 //! of the positions, and `read_all` can never skip an event. This holds even when another
 //! process writes the same file: the write lock serialises both.
+//!
+//! **Conditions.** An append's condition (DCB) is checked by this writer inside the same
+//! transaction, after the append's command id and version, once every earlier append of the
+//! batch is written: so it sees them, and no two appends whose events match each other's
+//! query both commit (the README's "Dynamic Consistency Boundaries").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,15 +25,16 @@ use std::sync::Arc;
 
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError, StreamId,
-    Timestamp, Version,
+    AppendCondition, AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError,
+    StreamId, Timestamp, Version,
 };
 use sqlx::{Connection, Executor, SqliteConnection};
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::error::{is_refused_data, is_unique_violation, shared_unavailable};
-use crate::rows::{command_result, to_i64_saturating};
+use crate::query::{self, SqliteQuery};
+use crate::rows::{command_result, encode_tags, to_i64_saturating};
 
 /// One queued append and where to send its answer.
 pub(crate) struct AppendRequest {
@@ -36,6 +42,8 @@ pub(crate) struct AppendRequest {
     pub(crate) expected: ExpectedVersion,
     pub(crate) command_id: Option<CommandId>,
     pub(crate) events: Vec<NewEvent>,
+    /// Checked inside the writer's transaction, after the command id and the version.
+    pub(crate) condition: Option<AppendCondition>,
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
@@ -84,7 +92,7 @@ where
     Box::new(op)
 }
 
-/// Most events (and links) [`Writer::append_at_once`] writes in one statement: 12 parameters
+/// Most events (and links) [`Writer::append_at_once`] writes in one statement: 13 parameters
 /// per event stays far below SQLite's limit of 32 766.
 const AT_ONCE_MAX_ROWS: usize = 256;
 
@@ -285,70 +293,34 @@ impl Writer {
         let recorded_at = Timestamp::now().as_micros();
         let mut requests = batch.into_iter().peekable();
         while let Some(request) = requests.next() {
-            if !matches!(request, WriteRequest::Append(_) | WriteRequest::Chain(_)) {
-                if let Err(error) = self.begun(&mut next_position).await {
-                    let mut unanswered = vec![request];
-                    unanswered.extend(requests);
-                    return Err((error, unanswered));
+            if is_append(&request) {
+                // This append or chain and every one queued right after it, together.
+                let chains = take_appends(request, &mut requests);
+                // The batch's last requests: their statement may commit the transaction too.
+                let last = requests.peek().is_none();
+                match self.chains(chains, pending, &mut next_position, newest, recorded_at, last).await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => continue,
+                    Err((error, mut unanswered)) => {
+                        unanswered.extend(requests);
+                        return Err((error, unanswered));
+                    }
                 }
             }
-            let step = match request {
-                WriteRequest::Append(_) | WriteRequest::Chain(_) => {
-                    // This append or chain and every one queued right after it, together.
-                    let mut chains = Vec::new();
-                    let mut next = Some(request);
-                    while let Some(request) = next.take() {
-                        match request {
-                            WriteRequest::Append(append) => chains.push(vec![append]),
-                            WriteRequest::Chain(links) => chains.push(links),
-                            _ => {}
-                        }
-                        if matches!(requests.peek(), Some(WriteRequest::Append(_) | WriteRequest::Chain(_))) {
-                            next = requests.next();
-                        }
-                    }
-                    // The batch's last requests: their statement may commit the transaction too.
-                    let last = requests.peek().is_none();
-                    match self.chains(chains, pending, &mut next_position, newest, recorded_at, last).await {
-                        Ok(true) => return Ok(()),
-                        Ok(false) => continue,
-                        Err((error, mut unanswered)) => {
-                            unanswered.extend(requests);
-                            return Err((error, unanswered));
-                        }
-                    }
-                }
-                WriteRequest::Checkpoint { name, position, reply } => {
-                    match save_checkpoint(&mut self.connection, &name, position, recorded_at).await {
-                        Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
-                        Err(error) => Err((error, WriteRequest::Checkpoint { name, position, reply })),
-                    }
-                }
-                WriteRequest::Snapshot { snapshot, state, reply } => {
-                    match save_snapshot(&mut self.connection, &snapshot, &state, recorded_at).await {
-                        Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
-                        Err(error) => Err((error, WriteRequest::Snapshot { snapshot, state, reply })),
-                    }
-                }
-                WriteRequest::Prune { older_than, reply } => {
-                    match prune_commands(&mut self.connection, older_than).await {
-                        Ok(pruned) => Ok(Pending::Pruned(reply, pruned)),
-                        Err(error) => Err((error, WriteRequest::Prune { older_than, reply })),
-                    }
-                }
-                WriteRequest::Op { run, fail: _ } => match run(&mut self.connection).await {
-                    Ok(answer) => Ok(Pending::Op(answer)),
-                    Err((error, answer)) => {
-                        // Answered with the batch's failure, like the requests already run.
-                        pending.push(Pending::Op(answer));
-                        return Err((error, requests.collect()));
-                    }
-                },
-            };
-            match step {
+            if let Err(error) = self.begun(&mut next_position).await {
+                let mut unanswered = vec![request];
+                unanswered.extend(requests);
+                return Err((error, unanswered));
+            }
+            match self.other_write(request, recorded_at).await {
                 Ok(answer) => pending.push(answer),
-                Err((error, request)) => {
-                    let mut unanswered = vec![request];
+                Err((error, unrun)) => {
+                    let mut unanswered = Vec::new();
+                    match unrun {
+                        Unrun::Request(request) => unanswered.push(request),
+                        // Answered with the batch's failure, like the requests already run.
+                        Unrun::Answer(answer) => pending.push(Pending::Op(answer)),
+                    }
                     unanswered.extend(requests);
                     return Err((error, unanswered));
                 }
@@ -361,6 +333,38 @@ impl Writer {
         match self.connection.execute("COMMIT").await {
             Ok(_) => Ok(()),
             Err(error) => Err((error, Vec::new())),
+        }
+    }
+
+    /// Runs one write that is not an append inside the open transaction. On a failure of the
+    /// transaction, returns the error and what is left to answer.
+    async fn other_write(&mut self, request: WriteRequest, recorded_at: i64) -> Result<Pending, (sqlx::Error, Unrun)> {
+        let connection = &mut self.connection;
+        match request {
+            WriteRequest::Checkpoint { name, position, reply } => {
+                match save_checkpoint(connection, &name, position, recorded_at).await {
+                    Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
+                    Err(error) => Err((error, Unrun::Request(WriteRequest::Checkpoint { name, position, reply }))),
+                }
+            }
+            WriteRequest::Snapshot { snapshot, state, reply } => {
+                match save_snapshot(connection, &snapshot, &state, recorded_at).await {
+                    Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
+                    Err(error) => Err((error, Unrun::Request(WriteRequest::Snapshot { snapshot, state, reply }))),
+                }
+            }
+            WriteRequest::Prune { older_than, reply } => match prune_commands(connection, older_than).await {
+                Ok(pruned) => Ok(Pending::Pruned(reply, pruned)),
+                Err(error) => Err((error, Unrun::Request(WriteRequest::Prune { older_than, reply }))),
+            },
+            WriteRequest::Op { run, fail: _ } => match run(connection).await {
+                Ok(answer) => Ok(Pending::Op(answer)),
+                Err((error, answer)) => Err((error, Unrun::Answer(answer))),
+            },
+            // Appends go through `chains`; answered the same way if one ever came here.
+            request @ (WriteRequest::Append(_) | WriteRequest::Chain(_)) => {
+                Err((sqlx::Error::Protocol("an append reached other_write".to_owned()), Unrun::Request(request)))
+            }
         }
     }
 
@@ -379,9 +383,11 @@ impl Writer {
 
     /// Runs appends and chains queued together inside the open transaction, pushing their
     /// answers: as many at a time as one statement takes, each on its own if that declines.
-    /// With `commit` (nothing follows them in the batch), the last set-based write commits the
-    /// transaction in the same call; true if it did. On a failure of the transaction, returns
-    /// the error and the requests not yet run.
+    /// A conditional append is never written together with others: its condition is checked
+    /// once the appends before it are written, so it sees them. With `commit` (nothing follows
+    /// them in the batch), the last set-based write commits the transaction in the same call;
+    /// true if it did. On a failure of the transaction, returns the error and the requests not
+    /// yet run.
     async fn chains(
         &mut self,
         chains: Vec<Vec<AppendRequest>>,
@@ -391,30 +397,20 @@ impl Writer {
         recorded_at: i64,
         commit: bool,
     ) -> Result<bool, (sqlx::Error, Vec<WriteRequest>)> {
-        let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
-        let (mut rows, mut links) = (0, 0);
-        for chain in chains {
-            let (chain_rows, chain_links) = (chain.iter().map(|link| link.events.len()).sum::<usize>(), chain.len());
-            match windows.last_mut() {
-                Some(window) if rows + chain_rows <= AT_ONCE_MAX_ROWS && links + chain_links <= AT_ONCE_MAX_ROWS => {
-                    window.push(chain);
-                    rows += chain_rows;
-                    links += chain_links;
-                }
-                _ => {
-                    windows.push(vec![chain]);
-                    (rows, links) = (chain_rows, chain_links);
-                }
-            }
-        }
-        let mut windows = windows.into_iter();
+        let mut windows = windows(chains).into_iter();
         while let Some(window) = windows.next() {
             let unanswered = |window: Vec<Vec<AppendRequest>>, windows: std::vec::IntoIter<Vec<Vec<AppendRequest>>>| {
                 window.into_iter().chain(windows.flatten()).map(WriteRequest::Chain).collect::<Vec<_>>()
             };
             let commit = commit && windows.len() == 0;
             let refs: Vec<&[AppendRequest]> = window.iter().map(Vec::as_slice).collect();
-            match self.append_at_once(&refs, next_position, recorded_at, commit).await {
+            // A conditional chain is tried at once by `chain`, after its condition.
+            let at_once = if refs.iter().any(|chain| conditional(chain)) {
+                Ok(None)
+            } else {
+                self.append_at_once(&refs, next_position, recorded_at, commit).await
+            };
+            match at_once {
                 Ok(Some(results)) => {
                     for (chain, results) in window.into_iter().zip(results) {
                         for (link, result) in chain.into_iter().zip(results) {
@@ -435,8 +431,8 @@ impl Writer {
                 Ok(next) => next,
                 Err(error) => return Err((error, unanswered(window, windows))),
             };
-            // A window of one chain was just tried at once.
-            let tried = window.len() == 1;
+            // A window of one chain was just tried at once (unless conditional).
+            let tried = window.len() == 1 && !conditional(&window[0]);
             let mut chains = window.into_iter();
             while let Some(links) = chains.next() {
                 if let Err((error, rest)) = self.chain(links, pending, next_position, newest, recorded_at, tried).await
@@ -462,7 +458,17 @@ impl Writer {
         recorded_at: i64,
         tried_at_once: bool,
     ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
-        if !tried_at_once {
+        let at_once = match links.as_slice() {
+            _ if tried_at_once => false,
+            // Checked first, so that a failing condition goes link by link, which answers the
+            // checks in their order (a duplicate command id before the condition).
+            [link] if link.condition.is_some() => match self.condition_fails(link).await {
+                Ok(found) => found.is_none(),
+                Err(error) => return Err((error, links)),
+            },
+            links => !links.iter().any(|link| link.condition.is_some()),
+        };
+        if at_once {
             let mut begun = Some(*next_position);
             let at_once = self.append_at_once(&[&links], &mut begun, recorded_at, false).await;
             *next_position = begun.unwrap_or(*next_position);
@@ -536,13 +542,13 @@ impl Writer {
         let Some((stored, first_position)) = self.lookup_at_once(&plan, next_position).await? else {
             return Ok(None);
         };
-        let Some((headers, changed)) = check_at_once(chains, &plan, &stored) else { return Ok(None) };
-        let insert = insert_at_once_sql(plan.events, changed.len(), plan.commands.len(), commit);
+        let Some((encoded, changed)) = check_at_once(chains, &plan, &stored) else { return Ok(None) };
+        let insert = insert_at_once_sql(&plan, changed.len(), commit);
         let cached =
             plan.events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && plan.commands.len() <= AT_ONCE_CACHED_ROWS;
         let query = sqlx::query(&insert).persistent(cached);
-        let rows = AtOnceRows { first_position, versions: stored, headers, changed: &changed, recorded_at };
-        let Some((query, results, position)) = rows.bind(query, chains, plan.commands.len()) else {
+        let rows = AtOnceRows { first_position, versions: stored, encoded, changed: &changed, recorded_at };
+        let Some((query, results, position)) = rows.bind(query, chains, &plan) else {
             return Ok(None);
         };
         if let Err(error) = query.execute(&mut self.connection).await {
@@ -630,15 +636,25 @@ impl Writer {
         Ok((!declined).then_some((versions, first_position)))
     }
 
-    /// Runs one append inside the open transaction. `Ok(Err(..))` is this append's own
-    /// refusal (conflict, reused event id), after which the transaction goes on; `Err` is a
-    /// failure of the transaction itself.
+    /// Runs one append inside the open transaction: its checks in order (a stored command id
+    /// answers the duplicate, then the version, then the condition), then its writes.
+    /// `Ok(Err(..))` is this append's own refusal (conflict, failed condition, reused event id),
+    /// after which the transaction goes on; `Err` is a failure of the transaction itself.
     async fn append(
         &mut self,
         request: &AppendRequest,
         next_position: &mut i64,
         recorded_at: i64,
     ) -> Result<Result<AppendOutcome, StoreError>, sqlx::Error> {
+        match self.check(request).await? {
+            Checked::Answered(answer) => Ok(answer),
+            Checked::At(current) => self.write_checked(request, current, next_position, recorded_at).await,
+        }
+    }
+
+    /// An append's checks, in order, inside the open transaction (so they see the batch's
+    /// earlier appends): its command id, its stream's version, its condition.
+    async fn check(&mut self, request: &AppendRequest) -> Result<Checked, sqlx::Error> {
         let connection = &mut self.connection;
         let stream_id = request.stream_id.as_str();
         if let Some(command_id) = request.command_id {
@@ -651,7 +667,7 @@ impl Writer {
             .fetch_optional(&mut *connection)
             .await?;
             if let Some(row) = prior {
-                return Ok(command_result(&row).map(AppendOutcome::Duplicate));
+                return Ok(Checked::Answered(command_result(&row).map(AppendOutcome::Duplicate)));
             }
         }
         let current: Option<i64> = sqlx::query_scalar("SELECT version FROM cqrs_streams WHERE stream_id = ?1")
@@ -659,67 +675,66 @@ impl Writer {
             .fetch_optional(&mut *connection)
             .await?;
         let current = current.unwrap_or(0);
-        let actual = match u64::try_from(current) {
-            Ok(actual) => Version(actual),
-            Err(_) => return Ok(Err(StoreError::Corrupt(format!("negative version {current} of {stream_id}")))),
+        let Ok(actual) = u64::try_from(current).map(Version) else {
+            let corrupt = StoreError::Corrupt(format!("negative version {current} of {stream_id}"));
+            return Ok(Checked::Answered(Err(corrupt)));
         };
         if !request.expected.accepts(actual) {
-            return Ok(Err(StoreError::Conflict {
-                stream_id: request.stream_id.clone(),
-                expected: request.expected,
-                actual,
-            }));
+            let (stream_id, expected) = (request.stream_id.clone(), request.expected);
+            return Ok(Checked::Answered(Err(StoreError::Conflict { stream_id, expected, actual })));
         }
+        if let Some(position) = self.condition_fails(request).await? {
+            return Ok(Checked::Answered(Err(StoreError::ConditionFailed { position })));
+        }
+        Ok(Checked::At(current))
+    }
 
-        // Only this append's writes are undone if one of its events is refused.
+    /// The first event after the append's condition's `after` that its query matches (the
+    /// condition fails), read inside the open transaction; `None` without a condition.
+    async fn condition_fails(&mut self, request: &AppendRequest) -> Result<Option<Position>, sqlx::Error> {
+        let Some(condition) = &request.condition else { return Ok(None) };
+        let found =
+            query::first_match(&mut self.connection, &condition.fail_if_events_match, condition.after_position())
+                .await?;
+        // Positive by construction: positions start at 1.
+        Ok(found.map(|position| Position(position.unsigned_abs())))
+    }
+
+    /// Writes one checked append at versions after `current` (its events, their tags, its
+    /// stream's version, its command id), inside a savepoint: if the database refuses an event,
+    /// only this append is undone and refused.
+    async fn write_checked(
+        &mut self,
+        request: &AppendRequest,
+        current: i64,
+        next_position: &mut i64,
+        recorded_at: i64,
+    ) -> Result<Result<AppendOutcome, StoreError>, sqlx::Error> {
+        let connection = &mut self.connection;
         connection.execute("SAVEPOINT cqrs_append").await?;
         let first_position = *next_position;
         match insert_events(connection, request, current, first_position, recorded_at).await {
             Ok(()) => {}
             Err(error) if is_unique_violation(&error) => {
-                connection.execute("ROLLBACK TO cqrs_append").await?;
-                connection.execute("RELEASE cqrs_append").await?;
+                connection.execute("ROLLBACK TO cqrs_append; RELEASE cqrs_append").await?;
                 return Ok(Err(self.reused_event_id(request).await?));
             }
             Err(error) if is_refused_data(&error) => {
                 // This append's data was refused (too big, a constraint): only it fails.
-                connection.execute("ROLLBACK TO cqrs_append").await?;
-                connection.execute("RELEASE cqrs_append").await?;
+                connection.execute("ROLLBACK TO cqrs_append; RELEASE cqrs_append").await?;
                 return Ok(Err(StoreError::InvalidAppend(format!("refused by the database: {error}"))));
             }
             Err(error) => return Err(error),
         }
         let n_events = i64::try_from(request.events.len()).unwrap_or(i64::MAX);
-        let last_version = current + n_events;
         let last_position = first_position + n_events - 1;
-        sqlx::query(
-            "INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2) \
-             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-        )
-        .bind(stream_id)
-        .bind(last_version)
-        .execute(&mut self.connection)
-        .await?;
-        if let Some(command_id) = request.command_id {
-            sqlx::query(
-                "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
-                 last_position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
-            .bind(stream_id)
-            .bind(command_id.0)
-            .bind(current + 1)
-            .bind(last_version)
-            .bind(first_position)
-            .bind(last_position)
-            .bind(recorded_at)
-            .execute(&mut self.connection)
-            .await?;
-        }
-        self.connection.execute("RELEASE cqrs_append").await?;
+        let range = StoredRange { current, first_position, last_position, recorded_at };
+        record_stream_and_command(connection, request, &range).await?;
+        connection.execute("RELEASE cqrs_append").await?;
         *next_position = last_position + 1;
         Ok(Ok(AppendOutcome::Appended(AppendResult {
-            first_version: Version(actual.0 + 1),
-            last_version: Version(actual.0 + request.events.len() as u64),
+            first_version: Version(current.unsigned_abs() + 1),
+            last_version: Version(current.unsigned_abs() + request.events.len() as u64),
             // Positive by construction: positions start at 1 and only grow.
             first_position: Position(first_position.unsigned_abs()),
             last_position: Position(last_position.unsigned_abs()),
@@ -743,8 +758,31 @@ impl Writer {
     }
 }
 
+/// Indexes the tags of the events stored at positions `?` to `?` (inclusive): one row per
+/// distinct tag of each event, read back from the rows just written (their `tags` column).
+const INDEX_TAGS_SQL: &str = "INSERT INTO cqrs_event_tags (tag, position) \
+     SELECT DISTINCT tag.value, event.position FROM cqrs_events AS event, json_each(event.tags) AS tag \
+     WHERE event.position BETWEEN ? AND ? AND event.tags <> '[]'";
+
+/// The outcome of an append's checks ([`Writer::check`]).
+enum Checked {
+    /// Answered without writing: a duplicate, or a refusal.
+    Answered(Result<AppendOutcome, StoreError>),
+    /// To be written: the stream's current version.
+    At(i64),
+}
+
+/// Where a checked append lands.
+struct StoredRange {
+    /// The stream's version before the append.
+    current: i64,
+    first_position: i64,
+    last_position: i64,
+    recorded_at: i64,
+}
+
 /// Inserts the events of one append at versions after `current` and positions from
-/// `first_position`.
+/// `first_position`, and indexes their tags.
 async fn insert_events(
     connection: &mut SqliteConnection,
     request: &AppendRequest,
@@ -754,8 +792,7 @@ async fn insert_events(
 ) -> Result<(), sqlx::Error> {
     let command_id: Option<Uuid> = request.command_id.map(|id| id.0);
     for (offset, event) in (0i64..).zip(&request.events) {
-        let headers =
-            serde_json::to_string(&event.metadata.headers).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+        let encoded = Encoded::of(event).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
         let row = EventRow {
             position: first_position + offset,
             stream_id: request.stream_id.as_str(),
@@ -765,12 +802,63 @@ async fn insert_events(
         };
         let query = sqlx::query(
             "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
-             command_id, causation_id, correlation_id, headers, recorded_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             command_id, causation_id, correlation_id, headers, recorded_at, tags) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         );
-        row.bind(query, event, headers).execute(&mut *connection).await?;
+        row.bind(query, event, encoded).execute(&mut *connection).await?;
+    }
+    if request.events.iter().any(|event| !event.tags.is_empty()) {
+        let last_position = first_position + i64::try_from(request.events.len()).unwrap_or(i64::MAX) - 1;
+        sqlx::query(INDEX_TAGS_SQL).bind(first_position).bind(last_position).execute(&mut *connection).await?;
     }
     Ok(())
+}
+
+/// After a checked append's events: its stream's new version and its command id's row.
+async fn record_stream_and_command(
+    connection: &mut SqliteConnection,
+    request: &AppendRequest,
+    range: &StoredRange,
+) -> Result<(), sqlx::Error> {
+    let stream_id = request.stream_id.as_str();
+    let last_version = range.current + (range.last_position - range.first_position + 1);
+    sqlx::query(
+        "INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2) \
+         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+    )
+    .bind(stream_id)
+    .bind(last_version)
+    .execute(&mut *connection)
+    .await?;
+    if let Some(command_id) = request.command_id {
+        sqlx::query(
+            "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+             last_position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(stream_id)
+        .bind(command_id.0)
+        .bind(range.current + 1)
+        .bind(last_version)
+        .bind(range.first_position)
+        .bind(range.last_position)
+        .bind(range.recorded_at)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// An event's headers and tags, encoded for their columns.
+struct Encoded {
+    headers: String,
+    tags: String,
+}
+
+impl Encoded {
+    /// An error if the headers cannot be encoded (not expected: a map of strings).
+    fn of(event: &NewEvent) -> Result<Self, serde_json::Error> {
+        Ok(Self { headers: serde_json::to_string(&event.metadata.headers)?, tags: encode_tags(&event.tags) })
+    }
 }
 
 /// What a batch's set-based append ([`Writer::append_at_once`]) writes to: its streams and
@@ -784,6 +872,8 @@ struct AtOnce<'a> {
     commands: Vec<(&'a str, Uuid)>,
     /// The command ids alone, sorted, each once.
     command_ids: Vec<Uuid>,
+    /// Whether an event carries tags (to index).
+    tagged: bool,
 }
 
 impl<'a> AtOnce<'a> {
@@ -813,7 +903,8 @@ impl<'a> AtOnce<'a> {
         let mut command_ids: Vec<Uuid> = commands.iter().map(|(_, id)| *id).collect();
         command_ids.sort_unstable();
         command_ids.dedup();
-        Some(Self { events, streams, commands, command_ids })
+        let tagged = links().flat_map(|link| link.events.iter()).any(|event| !event.tags.is_empty());
+        Some(Self { events, streams, commands, command_ids, tagged })
     }
 }
 
@@ -821,14 +912,14 @@ impl<'a> AtOnce<'a> {
 type StreamVersion<'a> = (&'a str, i64);
 
 /// Checks every link's expectation against the version everything before it leaves (from the
-/// `stored` versions) and encodes the events' headers. Returns the headers, in order, and the
+/// `stored` versions) and encodes the events' headers and tags. Returns them, in order, and the
 /// streams whose version changes, with their new version; `None` (declined) if a link would
 /// not simply be appended.
 fn check_at_once<'a>(
     chains: &[&'a [AppendRequest]],
     plan: &AtOnce<'a>,
     stored: &HashMap<&'a str, i64>,
-) -> Option<(Vec<String>, Vec<StreamVersion<'a>>)> {
+) -> Option<(Vec<Encoded>, Vec<StreamVersion<'a>>)> {
     let links = || chains.iter().flat_map(|chain: &&'a [AppendRequest]| chain.iter());
     let mut versions = stored.clone();
     for link in links() {
@@ -838,9 +929,9 @@ fn check_at_once<'a>(
         }
         *version += i64::try_from(link.events.len()).unwrap_or(i64::MAX);
     }
-    let mut headers = Vec::with_capacity(plan.events);
+    let mut encoded = Vec::with_capacity(plan.events);
     for event in links().flat_map(|link| link.events.iter()) {
-        headers.push(serde_json::to_string(&event.metadata.headers).ok()?);
+        encoded.push(Encoded::of(event).ok()?);
     }
     let changed: Vec<(&str, i64)> = plan
         .streams
@@ -848,19 +939,21 @@ fn check_at_once<'a>(
         .map(|stream| (*stream, versions[stream]))
         .filter(|(stream, v)| stored[stream] != *v)
         .collect();
-    Some((headers, changed))
+    Some((encoded, changed))
 }
 
-/// The set-based append's three statements in one call (one hand-off to the SQLite thread),
-/// their anonymous parameters bound in order, inside a savepoint: if SQLite refuses one, the
-/// savepoint undoes whatever the ones before it wrote. With `commit`, it also commits.
-fn insert_at_once_sql(events: usize, changed: usize, commands: usize, commit: bool) -> String {
+/// The set-based append's statements in one call (one hand-off to the SQLite thread), their
+/// anonymous parameters bound in order, inside a savepoint: if SQLite refuses one, the
+/// savepoint undoes whatever the ones before it wrote. The events, the streams' versions, the
+/// command ids if any, the tags' index if `tagged`. With `commit`, it also commits.
+fn insert_at_once_sql(plan: &AtOnce<'_>, changed: usize, commit: bool) -> String {
+    let (events, commands) = (plan.events, plan.commands.len());
     let mut insert = format!(
         "SAVEPOINT at_once; INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
-         command_id, causation_id, correlation_id, headers, recorded_at) VALUES {}; \
+         command_id, causation_id, correlation_id, headers, recorded_at, tags) VALUES {}; \
          INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
          ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-        rows(events, 12),
+        rows(events, 13),
         rows(changed, 2)
     );
     if commands > 0 {
@@ -870,12 +963,13 @@ fn insert_at_once_sql(events: usize, changed: usize, commands: usize, commit: bo
             rows(commands, 7)
         ));
     }
+    if plan.tagged {
+        insert.push_str("; ");
+        insert.push_str(INDEX_TAGS_SQL);
+    }
     insert.push_str(if commit { "; RELEASE at_once; COMMIT" } else { "; RELEASE at_once" });
     insert
 }
-
-/// A `sqlx` query on SQLite, with its arguments.
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 /// A command id row of the set-based append: stream, id, first and last version, first and
 /// last position.
@@ -887,8 +981,8 @@ struct AtOnceRows<'a, 'c> {
     first_position: i64,
     /// Every stream's version before the batch.
     versions: HashMap<&'a str, i64>,
-    /// The events' encoded headers, in order.
-    headers: Vec<String>,
+    /// The events' encoded headers and tags, in order.
+    encoded: Vec<Encoded>,
     /// The streams whose version changes, with their new version.
     changed: &'c [StreamVersion<'a>],
     recorded_at: i64,
@@ -896,22 +990,23 @@ struct AtOnceRows<'a, 'c> {
 
 impl<'a> AtOnceRows<'a, '_> {
     /// Binds the parameters of [`insert_at_once_sql`]'s statements in order: every event row,
-    /// every changed stream, every command id. Returns the query, each chain's results and
-    /// the next position; `None` for a link of an unknown stream (not expected: declined).
+    /// every changed stream, every command id, the positions whose tags to index. Returns the
+    /// query, each chain's results and the next position; `None` for a link of an unknown
+    /// stream or an event not encoded (not expected: declined).
     fn bind<'q>(
         self,
         mut query: SqliteQuery<'q>,
         chains: &[&'a [AppendRequest]],
-        commands: usize,
+        plan: &AtOnce<'_>,
     ) -> Option<(SqliteQuery<'q>, Vec<Vec<AppendResult>>, i64)>
     where
         'a: 'q,
     {
-        let Self { first_position, mut versions, headers, changed, recorded_at } = self;
+        let Self { first_position, mut versions, encoded, changed, recorded_at } = self;
         let mut position = first_position;
-        let mut headers = headers.into_iter();
+        let mut encoded = encoded.into_iter();
         let mut results = Vec::with_capacity(chains.len());
-        let mut stored_commands: Vec<CommandRow<'a>> = Vec::with_capacity(commands);
+        let mut stored_commands: Vec<CommandRow<'a>> = Vec::with_capacity(plan.commands.len());
         for chain in chains {
             let mut chain_results = Vec::with_capacity(chain.len());
             for link in *chain {
@@ -922,7 +1017,7 @@ impl<'a> AtOnceRows<'a, '_> {
                 for event in &link.events {
                     *version += 1;
                     let row = EventRow { position, stream_id, version: *version, command_id, recorded_at };
-                    query = row.bind(query, event, headers.next().unwrap_or_default());
+                    query = row.bind(query, event, encoded.next()?);
                     position += 1;
                 }
                 let (last_version, last_position) = (*version, position - 1);
@@ -959,6 +1054,9 @@ impl<'a> AtOnceRows<'a, '_> {
                 .bind(last_position)
                 .bind(recorded_at);
         }
+        if plan.tagged {
+            query = query.bind(first_position).bind(position - 1);
+        }
         Some((query, results, position))
     }
 }
@@ -973,13 +1071,8 @@ struct EventRow<'a> {
 }
 
 impl<'a> EventRow<'a> {
-    /// Binds the row's twelve columns, in table order, after the parameters `query` has.
-    fn bind<'q>(
-        &self,
-        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-        event: &'q NewEvent,
-        headers: String,
-    ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>
+    /// Binds the row's thirteen columns, in table order, after the parameters `query` has.
+    fn bind<'q>(&self, query: SqliteQuery<'q>, event: &'q NewEvent, encoded: Encoded) -> SqliteQuery<'q>
     where
         'a: 'q,
     {
@@ -994,8 +1087,9 @@ impl<'a> EventRow<'a> {
             .bind(self.command_id)
             .bind(event.metadata.causation_id.map(|id| id.0))
             .bind(event.metadata.correlation_id.map(|id| id.0))
-            .bind(headers)
+            .bind(encoded.headers)
             .bind(self.recorded_at)
+            .bind(encoded.tags)
     }
 }
 
@@ -1052,6 +1146,72 @@ async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> R
     .execute(connection)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// The chains cut into windows that one set-based statement takes, in order: at most
+/// [`AT_ONCE_MAX_ROWS`] events and links each; a conditional chain alone in its window.
+fn windows(chains: Vec<Vec<AppendRequest>>) -> Vec<Vec<Vec<AppendRequest>>> {
+    let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
+    let (mut rows, mut links, mut alone) = (0, 0, false);
+    for chain in chains {
+        let (chain_rows, chain_links) = (chain.iter().map(|link| link.events.len()).sum::<usize>(), chain.len());
+        let was_alone = std::mem::replace(&mut alone, conditional(&chain));
+        match windows.last_mut() {
+            Some(window)
+                if !alone
+                    && !was_alone
+                    && rows + chain_rows <= AT_ONCE_MAX_ROWS
+                    && links + chain_links <= AT_ONCE_MAX_ROWS =>
+            {
+                window.push(chain);
+                rows += chain_rows;
+                links += chain_links;
+            }
+            _ => {
+                windows.push(vec![chain]);
+                (rows, links) = (chain_rows, chain_links);
+            }
+        }
+    }
+    windows
+}
+
+/// Whether a chain holds a conditional append (in practice a chain of one: `append_chain`
+/// takes no conditions).
+fn conditional(chain: &[AppendRequest]) -> bool {
+    chain.iter().any(|link| link.condition.is_some())
+}
+
+/// Whether a request is an append or a chain of them.
+fn is_append(request: &WriteRequest) -> bool {
+    matches!(request, WriteRequest::Append(_) | WriteRequest::Chain(_))
+}
+
+/// `first` (an append or a chain) and every append or chain queued right after it, as chains
+/// (an append is a chain of one link).
+fn take_appends(
+    first: WriteRequest,
+    requests: &mut std::iter::Peekable<std::vec::IntoIter<WriteRequest>>,
+) -> Vec<Vec<AppendRequest>> {
+    let mut chains = Vec::new();
+    let mut next = Some(first);
+    while let Some(request) = next.take() {
+        match request {
+            WriteRequest::Append(append) => chains.push(vec![append]),
+            WriteRequest::Chain(links) => chains.push(links),
+            _ => {}
+        }
+        next = requests.next_if(is_append);
+    }
+    chains
+}
+
+/// What is left to answer of a write that failed its transaction.
+enum Unrun {
+    /// The request itself, not run.
+    Request(WriteRequest),
+    /// An op's answer, to send the batch's failure to.
+    Answer(Answer),
 }
 
 /// Answers a request of a failed batch.

@@ -4,6 +4,7 @@
 mod batching;
 mod conformance;
 mod crash;
+mod dcb;
 mod faults;
 mod reopen;
 mod support;

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use cqrs_core::testing::conformance::{event, event_with};
 use cqrs_core::{
-    AppendOutcome, CausationId, CommandId, CorrelationId, EventStore, ExpectedVersion, Metadata, Position, Snapshot,
-    Version,
+    AppendCondition, AppendOutcome, CausationId, CommandId, CorrelationId, EventStore, ExpectedVersion, Metadata,
+    Position, Query, QueryItem, Snapshot, StoreError, Version,
 };
 use serde_json::json;
 
@@ -104,7 +104,8 @@ async fn notifications_start_at_the_stored_head() {
 
 /// A file made before command ids were keyed by (command_id, stream_id) keeps its command ids
 /// through the migration: a repeated command is still answered as the duplicate it is, new
-/// ones are stored and found, and pruning still forgets them.
+/// ones are stored and found, and pruning still forgets them. Its events, stored before tags
+/// existed, read back with no tags, and are found by type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_ids_stored_before_the_key_changed_are_still_known() {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
@@ -178,6 +179,14 @@ async fn command_ids_stored_before_the_key_changed_are_still_known() {
         .await
         .expect("duplicate");
     assert_eq!(again, AppendOutcome::Duplicate(stored));
+    let old = store.read_all(Position::START, 10).await.expect("read_all");
+    assert_eq!((old.len(), old[0].tags.len()), (1, 0), "an event stored before tags has none: {old:?}");
+    let by_type = Query::from_items([QueryItem::types(["Old"])]);
+    assert_eq!(store.read_query(&by_type, Position::START, 10).await.expect("read_query"), old);
+    let condition = AppendCondition::new(by_type, None);
+    let refused =
+        store.append_with_condition(&stream("after-old"), ExpectedVersion::Any, vec![event(4)], Some(condition)).await;
+    assert!(matches!(refused, Err(StoreError::ConditionFailed { position: Position(1) })), "{refused:?}");
     // The same command id on another stream is another command.
     let other = stream("old-key-other");
     let elsewhere = store

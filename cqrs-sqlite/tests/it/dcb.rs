@@ -1,0 +1,149 @@
+//! Dynamic Consistency Boundaries on SQLite, beyond the shared conformance cases: conditions
+//! inside one group-commit batch see the batch's earlier appends, and tags are stored in order
+//! and indexed on every write path (set-based, step by step, chains).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use cqrs_core::testing::conformance::tagged;
+use cqrs_core::{
+    AppendCondition, AppendOutcome, EventStore, ExpectedVersion, Position, Query, QueryItem, StoreError, Tag, Version,
+};
+use serde_json::json;
+
+use crate::support::{stream, temp_store};
+
+type Append<'a> = Pin<Box<dyn Future<Output = Result<AppendOutcome, StoreError>> + Send + 'a>>;
+
+/// Queues every append to the writer before it can run (each future's first poll sends its
+/// request, and on a current-thread runtime the writer task cannot run in between), so they all
+/// go into one batch; then waits for the answers.
+async fn in_one_batch(appends: Vec<Append<'_>>) -> Vec<Result<AppendOutcome, StoreError>> {
+    let mut appends = appends;
+    let mut cx = Context::from_waker(Waker::noop());
+    for append in &mut appends {
+        assert!(matches!(append.as_mut().poll(&mut cx), Poll::Pending), "queued, waiting for the writer");
+    }
+    futures_util::future::join_all(appends).await
+}
+
+fn tag(name: &str) -> Tag {
+    Tag::new("seat", format!("{name}-{}", uuid::Uuid::new_v4().simple()))
+}
+
+/// Conditional appends queued into one batch with overlapping queries: the first commits, and
+/// every later one fails on the first's event (or on a plain append earlier in the batch),
+/// although none of those was committed when the batch began. Unconditional appends between
+/// them all commit.
+#[tokio::test]
+async fn conditions_in_one_batch_see_the_batch_s_earlier_appends() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let (seat, other) = (tag("shared"), tag("other"));
+    let on = |tag: &Tag| Query::from_items([QueryItem::tags([tag.clone()])]);
+    let after = store.head().await.expect("head");
+    let conditional = |tag: &Tag| -> Append<'_> {
+        let condition = AppendCondition::new(on(tag), Some(after));
+        let events = vec![tagged("SeatTaken", std::slice::from_ref(tag), json!({}))];
+        let stream = stream("racer");
+        Box::pin(
+            async move { store.append_with_condition(&stream, ExpectedVersion::Any, events, Some(condition)).await },
+        )
+    };
+    let plain = |tags: Vec<Tag>| -> Append<'_> {
+        let stream = stream("plain");
+        Box::pin(async move {
+            store.append(&stream, ExpectedVersion::NoStream, vec![tagged("Plain", &tags, json!({}))]).await
+        })
+    };
+    let mut appends = vec![conditional(&seat)];
+    for _ in 0..6 {
+        appends.push(plain(Vec::new()));
+        appends.push(conditional(&seat));
+    }
+    // A plain append of a tag, then a condition on it, in the same batch.
+    appends.push(plain(vec![other.clone()]));
+    appends.push(conditional(&other));
+    let total = appends.len();
+    let before = store.stats();
+    let answers = in_one_batch(appends).await;
+
+    let stats = store.stats();
+    assert_eq!(stats.transactions - before.transactions, 1, "one batch: {stats:?}");
+    assert_eq!(stats.largest_batch, total as u64);
+    let first = answers[0].as_ref().expect("the first conditional append commits").result();
+    for (n, answer) in answers.iter().enumerate().take(13).skip(1) {
+        match answer {
+            Ok(AppendOutcome::Appended(_)) if n % 2 == 1 => {}
+            Err(StoreError::ConditionFailed { position }) if n % 2 == 0 => assert_eq!(*position, first.first_position),
+            other => panic!("append {n}: {other:?}"),
+        }
+    }
+    let tagged_plain = answers[13].as_ref().expect("plain").result();
+    match &answers[14] {
+        Err(StoreError::ConditionFailed { position }) => assert_eq!(*position, tagged_plain.first_position),
+        other => panic!("the condition on the plain append's tag: {other:?}"),
+    }
+    assert_eq!(store.read_query(&on(&seat), Position::START, 10).await.expect("read").len(), 1);
+}
+
+/// The positions a tag is indexed at, read from the index table itself.
+async fn indexed(store: &cqrs_sqlite::SqliteEventStore, tag: &Tag) -> Vec<i64> {
+    sqlx::query_scalar("SELECT position FROM cqrs_event_tags WHERE tag = ?1 ORDER BY position")
+        .bind(tag.as_str())
+        .fetch_all(store.read_pool())
+        .await
+        .expect("index")
+}
+
+/// Tags come back in the order given (repeats included) from every read, and are indexed once
+/// per event, whichever way the writer stored them: set-based, step by step (an append too big
+/// for one statement), as a chain, or a conditional append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_stored_in_order_and_indexed_on_every_write_path() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let (a, b) = (tag("a"), tag("b"));
+    let s = stream("tags");
+    // Set-based.
+    let event = tagged("Tagged", &[b.clone(), a.clone(), b.clone()], json!({}));
+    let one = store.append(&s, ExpectedVersion::NoStream, vec![event]).await.expect("append").result();
+    let read = store.read_stream(&s, Version(1), 1).await.expect("read_stream");
+    assert_eq!(&*read[0].tags, &[b.clone(), a.clone(), b.clone()]);
+    let all = store.read_all(Position(one.first_position.0 - 1), 1).await.expect("read_all");
+    assert_eq!(all[0].tags, read[0].tags);
+    let position = i64::try_from(one.first_position.0).expect("position");
+    assert_eq!(indexed(store, &a).await, [position]);
+    assert_eq!(indexed(store, &b).await, [position], "a repeated tag is indexed once");
+
+    // Step by step: more events than one set-based statement takes.
+    let big = tag("big");
+    let events: Vec<_> = (0..300).map(|n| tagged("Big", std::slice::from_ref(&big), json!({ "n": n }))).collect();
+    let stored = store.append(&stream("big"), ExpectedVersion::NoStream, events).await.expect("append").result();
+    let by_tag = Query::from_items([QueryItem::tags([big.clone()])]);
+    let found = cqrs_core::testing::conformance::read_query_all(store, &by_tag, Position::START).await;
+    assert_eq!(found.len(), 300);
+    assert_eq!(found[0].position, stored.first_position);
+    assert!(found.iter().all(|event| &*event.tags == std::slice::from_ref(&big)));
+    assert_eq!(indexed(store, &big).await.len(), 300);
+
+    // A chain.
+    let linked = tag("chain");
+    let links = (0..3).map(|n| vec![tagged("Linked", std::slice::from_ref(&linked), json!({ "n": n }))]).collect();
+    let answers = store.append_chain(&stream("chain"), Version(0), links).await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    assert_eq!(indexed(store, &linked).await.len(), 3);
+
+    // A conditional append, then a read by type and tag.
+    let decided = tag("decided");
+    let condition = AppendCondition::new(Query::from_items([QueryItem::tags([decided.clone()])]), None);
+    let events = vec![tagged("Decided", &[decided.clone(), a.clone()], json!({}))];
+    store
+        .append_with_condition(&stream("decided"), ExpectedVersion::Any, events, Some(condition))
+        .await
+        .expect("append");
+    let query = Query::from_items([QueryItem::types(["Decided", "Tagged"]).with_tags([a.clone()])]);
+    let found = store.read_query(&query, Position::START, 10).await.expect("read_query");
+    assert_eq!(found.iter().map(|e| e.event_type.as_ref()).collect::<Vec<&str>>(), ["Tagged", "Decided"]);
+}
