@@ -160,7 +160,7 @@ pub async fn dcb_conditions_fail_only_on_later_matching_events<S: EventStore + ?
     assert_eq!(store.head().await.expect("head"), head_before, "a failed condition writes nothing");
     // Stored before `after`: no conflict. Not matching (other tag, other type): no conflict.
     store
-        .append(&stream, ExpectedVersion::Any, vec![tagged("UserRegistered", &[other.clone()], json!({}))])
+        .append(&stream, ExpectedVersion::Any, vec![tagged("UserRegistered", std::slice::from_ref(&other), json!({}))])
         .await
         .expect("append");
     store
