@@ -26,21 +26,35 @@ CREATE OR REPLACE FUNCTION cqrs_lock_boundaries(ev_types text[], ev_tags text[],
  RETURNS void
  LANGUAGE plpgsql
 AS $function$
+DECLARE
+    most_keys CONSTANT integer := 512;
+    shared_keys integer[];
+    exclusive_keys integer[] := ARRAY(SELECT DISTINCT x.key FROM unnest(exclusive) x(key));
 BEGIN
+    shared_keys := ARRAY(
+        SELECT DISTINCT cqrs_boundary_key(v.ty, v.tg)
+        FROM unnest(ev_types, ev_tags) e(t, g)
+        CROSS JOIN LATERAL (
+            SELECT e.t, '*' UNION ALL SELECT '*', '*'
+            UNION ALL
+            SELECT w.ty, tg.tg FROM unnest(string_to_array(e.g, chr(31))) tg(tg), (VALUES (e.t), ('*')) w(ty)
+        ) v(ty, tg));
+    IF cardinality(exclusive_keys) > most_keys THEN
+        exclusive_keys := ARRAY[cqrs_boundary_key('*', '*')];
+    END IF;
+    IF cardinality(shared_keys) > most_keys THEN
+        shared_keys := '{}';
+        PERFORM pg_advisory_xact_lock(17476, 0);
+    ELSIF cardinality(exclusive_keys) > 0 THEN
+        PERFORM pg_advisory_xact_lock_shared(17476, 0);
+    END IF;
     -- The sorted subquery feeds the lock calls in key order.
     PERFORM CASE WHEN k.x THEN pg_advisory_xact_lock(17475, k.key)
                  ELSE pg_advisory_xact_lock_shared(17475, k.key) END
     FROM (SELECT a.key, bool_or(a.x) AS x
-          FROM (SELECT cqrs_boundary_key(p.ty, p.tg) AS key, false AS x
-                FROM (SELECT DISTINCT v.ty, v.tg
-                      FROM unnest(ev_types, ev_tags) e(t, g)
-                      CROSS JOIN LATERAL (
-                          SELECT e.t, '*' UNION ALL SELECT '*', '*'
-                          UNION ALL
-                          SELECT w.ty, tg.tg FROM unnest(string_to_array(e.g, chr(31))) tg(tg),
-                                                  (VALUES (e.t), ('*')) w(ty)) v(ty, tg)) p
+          FROM (SELECT s.key, false AS x FROM unnest(shared_keys) s(key)
                 UNION ALL
-                SELECT x.key, true FROM unnest(exclusive) x(key)) a
+                SELECT x.key, true FROM unnest(exclusive_keys) x(key)) a
           GROUP BY a.key
           ORDER BY a.key) k;
 END $function$

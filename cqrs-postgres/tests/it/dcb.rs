@@ -207,3 +207,30 @@ async fn dcb_set_based_batches_are_seen_by_conditions_of_another_process() {
         assert!(between.is_none(), "committed at {at} past {:?} stored after {after}", between.map(|e| e.position));
     }
 }
+
+/// A batch with far more boundary keys than the server's lock table holds (10,000 events with
+/// 8 tags of their own each: 160,000 keys) takes one batch-wide lock instead of a lock per key,
+/// so it is stored; and a condition still sees its events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcb_a_batch_with_many_tags_does_not_fill_the_lock_table() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let after = store.head().await.expect("head");
+    let events: Vec<NewEvent> = (0..cqrs_core::store::MAX_EVENTS_PER_APPEND)
+        .map(|n| {
+            let tags: Vec<cqrs_core::Tag> = (0..8).map(|k| cqrs_core::Tag::new(&format!("k{k}"), n)).collect();
+            conformance::tagged("Bulk", &tags, serde_json::json!({}))
+        })
+        .collect();
+    store.append(&crate::support::stream("bulk"), ExpectedVersion::Any, events).await.expect("a large tagged batch");
+    let query = Query::from_items([cqrs_core::QueryItem::tags([cqrs_core::Tag::new("k7", 9_999)])]);
+    let condition = AppendCondition::new(query, Some(after));
+    let event = conformance::tagged("Late", &[], serde_json::json!({}));
+    let stale = store
+        .append_with_condition(&crate::support::stream("late"), ExpectedVersion::Any, vec![event], Some(condition))
+        .await;
+    assert!(
+        matches!(stale, Err(StoreError::ConditionFailed { position }) if position == Position(after.0 + 10_000)),
+        "got {stale:?}"
+    );
+}
