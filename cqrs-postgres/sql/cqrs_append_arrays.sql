@@ -1,6 +1,9 @@
 -- A batch of appends given as parallel arrays (one element per append, then one per event),
 -- checked in memory and written set-based: the same answers as cqrs_append_batch. The form with
 -- `notify` says whether to NOTIFY at commit; the one without stays for the previous release.
+-- e_tags holds each event's tags joined by chr(31). Conditional appends go to cqrs_append_batch;
+-- this function takes the shared boundary locks of its events (cqrs_lock_boundaries). The form
+-- without e_tags (the previous release's) writes untagged events through it.
 -- The live definition (as pg_get_functiondef prints it). Migrations are immutable: change a
 -- function here, then copy the changed definition into a new migration; the schema test
 -- (tests/it/schema.rs) fails while the migrated database differs from this folder.
@@ -15,7 +18,7 @@ AS $function$
 $function$
 ;
 
-CREATE OR REPLACE FUNCTION cqrs_append_arrays(a_stream text[], a_kind text[], a_expected bigint[], a_command uuid[], a_continues boolean[], a_count integer[], e_append integer[], e_stream text[], e_command uuid[], e_id uuid[], e_type text[], e_schema integer[], e_payload jsonb[], e_causation uuid[], e_correlation uuid[], e_headers jsonb[], notify boolean)
+CREATE OR REPLACE FUNCTION cqrs_append_arrays(a_stream text[], a_kind text[], a_expected bigint[], a_command uuid[], a_continues boolean[], a_count integer[], e_append integer[], e_stream text[], e_command uuid[], e_id uuid[], e_type text[], e_schema integer[], e_payload jsonb[], e_causation uuid[], e_correlation uuid[], e_headers jsonb[], e_tags text[], notify boolean)
  RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
  LANGUAGE plpgsql
 AS $function$
@@ -74,7 +77,7 @@ BEGIN
         OR cardinality(e_schema) IS DISTINCT FROM n_events OR cardinality(e_payload) IS DISTINCT FROM n_events
         OR cardinality(e_causation) IS DISTINCT FROM n_events
         OR cardinality(e_correlation) IS DISTINCT FROM n_events
-        OR cardinality(e_headers) IS DISTINCT FROM n_events THEN
+        OR cardinality(e_headers) IS DISTINCT FROM n_events OR cardinality(e_tags) IS DISTINCT FROM n_events THEN
         RAISE EXCEPTION 'cqrs_append_arrays: the input arrays do not fit together'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -87,6 +90,9 @@ BEGIN
     -- every position the transaction will get, and it is held until commit or rollback.
     PERFORM pg_advisory_xact_lock_shared(lock_marker
         + (SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM cqrs_position_seq s));
+    -- 1b. The shared boundary locks of every event (see cqrs_lock_boundaries), before any stream
+    -- row lock or nextval: a conditional append's exclusive lock waits for this batch to end.
+    PERFORM cqrs_lock_boundaries(e_type, e_tags, NULL);
 
     -- 2. Lock every stream of the batch in byte order. The common case, every stream exists:
     -- one statement locks them all, in order. If one is missing (or being created by another
@@ -241,12 +247,13 @@ BEGIN
         -- event_bases[a] events come before append a's first.
         WITH events AS (
             INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
-                                     command_id, causation_id, correlation_id, headers)
+                                     command_id, causation_id, correlation_id, headers, tags)
             SELECT positions[position_bases[e.a] + e.ord - event_bases[e.a]], e.id, e.s,
                    firsts[e.a] - 1 + e.ord - event_bases[e.a], e.t, e.sv, e.p, e.c, e.ca, e.co,
-                   coalesce(e.h, '{}'::jsonb)
+                   coalesce(e.h, '{}'::jsonb), string_to_array(coalesce(e.g, ''), chr(31))
             FROM unnest(e_append, e_stream, e_command, e_id, e_type, e_schema, e_payload, e_causation,
-                        e_correlation, e_headers) WITH ORDINALITY AS e(a, s, c, id, t, sv, p, ca, co, h, ord)
+                        e_correlation, e_headers, e_tags)
+                     WITH ORDINALITY AS e(a, s, c, id, t, sv, p, ca, co, h, g, ord)
             WHERE appended[e.a]
         )
         INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position,
@@ -276,4 +283,15 @@ BEGIN
     END IF;
     PERFORM set_config('plan_cache_mode', caller_plan_cache_mode, true);
 END $function$
+;
+
+CREATE OR REPLACE FUNCTION cqrs_append_arrays(a_stream text[], a_kind text[], a_expected bigint[], a_command uuid[], a_continues boolean[], a_count integer[], e_append integer[], e_stream text[], e_command uuid[], e_id uuid[], e_type text[], e_schema integer[], e_payload jsonb[], e_causation uuid[], e_correlation uuid[], e_headers jsonb[], notify boolean)
+ RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
+ LANGUAGE sql
+AS $function$
+    SELECT * FROM cqrs_append_arrays(a_stream, a_kind, a_expected, a_command, a_continues, a_count, e_append,
+                                     e_stream, e_command, e_id, e_type, e_schema, e_payload, e_causation,
+                                     e_correlation, e_headers,
+                                     array_fill(''::text, ARRAY[coalesce(cardinality(e_id), 0)]), notify)
+$function$
 ;

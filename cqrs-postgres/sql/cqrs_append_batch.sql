@@ -2,6 +2,11 @@
 -- its per-append statements cost less than the set-based cqrs_append_arrays). The two-argument
 -- form says whether to NOTIFY at commit; the one-argument form (always notifies) stays for nodes
 -- of the previous release during a rolling upgrade.
+-- An event's tags are "g" (joined by chr(31); tags hold no control characters). An append with a
+-- condition carries "q": {"a": after, "i": [{"t": [types], "g": [tags]}]}; it is answered
+-- 'condition_failed' (first_position: the first matching event after "a") when an event matching
+-- an item is stored after "a". Boundary locks make the check exact (README, "Dynamic Consistency
+-- Boundaries"), and a later append of the batch sees the earlier ones.
 -- The live definition (as pg_get_functiondef prints it). Migrations are immutable: change a
 -- function here, then copy the changed definition into a new migration; the schema test
 -- (tests/it/schema.rs) fails while the migrated database differs from this folder.
@@ -33,6 +38,7 @@ DECLARE
     positions bigint[];
     existing_event uuid;
     prior record;
+    failed_at bigint;
     newest bigint := 0;
     previous_outcome text := NULL;
     single CONSTANT boolean := jsonb_array_length(appends) = 1;
@@ -46,6 +52,17 @@ BEGIN
     SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END
         INTO next_position FROM cqrs_position_seq s;
     PERFORM pg_advisory_xact_lock_shared(lock_marker + next_position);
+    -- The boundary locks of the whole batch, before any stream row lock or nextval: shared for
+    -- every event written, exclusive for every condition item (its first tag, or its types).
+    PERFORM cqrs_lock_boundaries(
+        ARRAY(SELECT e.value->>'t' FROM jsonb_array_elements(appends) a,
+              jsonb_array_elements(a.value->'ev') e),
+        ARRAY(SELECT coalesce(e.value->>'g', '') FROM jsonb_array_elements(appends) a,
+              jsonb_array_elements(a.value->'ev') e),
+        ARRAY(SELECT cqrs_boundary_key(coalesce(ty.ty, '*'), coalesce(it.value->'g'->>0, '*'))
+              FROM jsonb_array_elements(appends) a
+              CROSS JOIN LATERAL jsonb_array_elements(coalesce(a.value->'q'->'i', '[]')) it
+              LEFT JOIN LATERAL jsonb_array_elements_text(it.value->'t') ty(ty) ON true));
 
     FOR item, item_index IN
         SELECT a.value, (a.ordinality - 1)::integer FROM jsonb_array_elements(appends) WITH ORDINALITY a
@@ -101,6 +118,20 @@ BEGIN
             CONTINUE;
         END IF;
 
+        -- The condition, under the exclusive boundary locks: every writer of a matching event
+        -- that took its shared lock first has committed (and is visible to this statement) or
+        -- rolled back; any later one gets a position above this append's.
+        IF item ? 'q' THEN
+            failed_at := cqrs_first_match((item->'q'->>'a')::bigint, item->'q'->'i');
+            IF failed_at IS NOT NULL THEN
+                outcome := 'condition_failed';
+                first_position := failed_at;
+                previous_outcome := outcome;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+
         -- A reused event id: looked up only for a batch of one append. In a larger batch the
         -- unique index aborts the batch, and the caller retries its appends one by one.
         IF single THEN
@@ -129,10 +160,11 @@ BEGIN
                 FROM (SELECT nextval('cqrs_position_seq') AS p FROM generate_series(1, n_events)) allocated;
         END IF;
         INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
-                                 command_id, causation_id, correlation_id, headers)
+                                 command_id, causation_id, correlation_id, headers, tags)
         SELECT positions[e.ordinality::integer], (e.value->>'id')::uuid, sid, current_version + e.ordinality,
                e.value->>'t', (e.value->>'sv')::integer, e.value->'p', command, (e.value->>'ca')::uuid,
-               (e.value->>'co')::uuid, coalesce(e.value->'h', '{}'::jsonb)
+               (e.value->>'co')::uuid, coalesce(e.value->'h', '{}'::jsonb),
+               string_to_array(coalesce(e.value->>'g', ''), chr(31))
         FROM jsonb_array_elements(item->'ev') WITH ORDINALITY e;
         UPDATE cqrs_streams s SET version = current_version + n_events WHERE s.stream_id = sid;
         IF command IS NOT NULL THEN

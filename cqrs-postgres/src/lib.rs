@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
+use cqrs_core::store::validate_query;
 use cqrs_core::{
-    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Snapshot,
-    StoreError, StreamId, Timestamp, Version,
+    AppendCondition, AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, Query,
+    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -286,6 +287,21 @@ fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<Com
     cqrs_core::store::validate_append(events)
 }
 
+/// The SQL condition of one query item over `cqrs_events` (`None`: every event), binding its
+/// types and tags as the next parameters after `binds` of them.
+fn item_clause(item: &cqrs_core::QueryItem, binds: &mut usize) -> Option<String> {
+    let mut parts = Vec::new();
+    if !item.types.is_empty() {
+        *binds += 1;
+        parts.push(format!("event_type = ANY(${binds})"));
+    }
+    if !item.tags.is_empty() {
+        *binds += 1;
+        parts.push(format!("tags @> ${binds}"));
+    }
+    (!parts.is_empty()).then(|| format!("({})", parts.join(" AND ")))
+}
+
 #[async_trait]
 impl EventStore for PgEventStore {
     async fn append(
@@ -294,16 +310,34 @@ impl EventStore for PgEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome, StoreError> {
+        self.append_with_condition(stream_id, expected, events, None).await
+    }
+
+    /// Through the group-commit writer like [`append`](EventStore::append): the batch takes the
+    /// boundary locks, and its per-append loop checks the condition (see the README, "Dynamic
+    /// Consistency Boundaries"). A condition whose query has no items cannot fail: it is dropped.
+    async fn append_with_condition(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        condition: Option<AppendCondition>,
+    ) -> Result<AppendOutcome, StoreError> {
         let started = std::time::Instant::now();
         let span = cqrs_core::telemetry::append_span("postgres", stream_id, events.len());
         let appended = async {
             let command_id = validate(expected, &events)?;
+            if let Some(condition) = &condition {
+                validate_query(&condition.fail_if_events_match)?;
+            }
+            let condition = condition.filter(|condition| !condition.fail_if_events_match.is_none());
             let (reply, answer) = oneshot::channel();
             let request = AppendRequest {
                 stream_id: stream_id.clone(),
                 expected,
                 command_id,
                 events,
+                condition,
                 reply,
                 continues: false,
                 followers: Vec::new(),
@@ -351,6 +385,7 @@ impl EventStore for PgEventStore {
                 expected,
                 command_id: Some(command_id),
                 events,
+                condition: None,
                 reply,
                 continues: index > 0,
                 followers: Vec::new(),
@@ -429,7 +464,7 @@ impl EventStore for PgEventStore {
         }
         let rows = sqlx::query(
             "SELECT event_position AS position, event_id, stream_id, version, event_type, schema_version, payload, \
-             command_id, causation_id, correlation_id, headers, recorded_at_micros, read_bound \
+             command_id, causation_id, correlation_id, headers, recorded_at_micros, read_bound, tags \
              FROM cqrs_read_page($1, $2)",
         )
         .bind(to_i64_saturating(after.0))
@@ -446,6 +481,51 @@ impl EventStore for PgEventStore {
             events.push(decoder.decode(row)?);
         }
         Ok(events)
+    }
+
+    /// One indexed statement (`position > after AND (item OR item ...)`, by the GIN index on
+    /// `tags` and the `(event_type, position)` index), bounded like `read_all` by a read bound
+    /// taken in an earlier statement: it never returns an event at `p` and later one below `p`.
+    async fn read_query(
+        &self,
+        query: &Query,
+        after: Position,
+        max_count: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_query(query)?;
+        if max_count == 0 || query.is_none() {
+            return Ok(Vec::new());
+        }
+        // The bound first, in a statement of its own: the read's snapshot comes after it.
+        let bound: i64 =
+            sqlx::query_scalar("SELECT cqrs_read_bound()").fetch_one(&self.inner.pool).await.map_err(to_store_error)?;
+        self.inner.read_bound.fetch_max(to_u64(bound.max(0), "read bound")?, AtomicOrdering::AcqRel);
+        let mut binds = 3;
+        let clauses: Option<Vec<String>> = if query.is_all() {
+            None
+        } else {
+            Some(query.items.iter().filter_map(|item| item_clause(item, &mut binds)).collect())
+        };
+        let filter = clauses.map_or(String::new(), |clauses| format!(" AND ({})", clauses.join(" OR ")));
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2{filter} \
+             ORDER BY position LIMIT $3"
+        );
+        let mut statement = sqlx::query(&sql)
+            .bind(to_i64_saturating(after.0))
+            .bind(bound)
+            .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)));
+        if !query.is_all() {
+            for item in &query.items {
+                if !item.types.is_empty() {
+                    statement = statement.bind(&item.types);
+                }
+                if !item.tags.is_empty() {
+                    statement = statement.bind(item.tags.iter().map(|tag| tag.as_str()).collect::<Vec<_>>());
+                }
+            }
+        }
+        EventDecoder::fetch(statement, &self.inner.pool, max_count).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -102,6 +102,7 @@ mod tests {
             schema_version: 1,
             payload: Arc::new(serde_json::json!({})),
             metadata: Arc::new(Metadata::default()),
+            tags: Arc::from(Vec::new()),
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cqrs_core::store::RowNames;
 use cqrs_core::{
-    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError,
+    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError, Tag,
     Timestamp, Version,
 };
 use futures_util::TryStreamExt;
@@ -21,7 +21,7 @@ use crate::error::to_store_error;
 /// The columns of an event, in the order `cqrs_read_page` returns them (the decoder finds them
 /// by name once per result, so the order only has to be the same within one result).
 pub(crate) const EVENT_COLUMNS: &str = "position, event_id, stream_id, version, event_type, schema_version, \
-     payload, command_id, causation_id, correlation_id, headers, recorded_at";
+     payload, command_id, causation_id, correlation_id, headers, recorded_at, tags";
 
 /// A stored bigint that must be a non-negative `u64`.
 pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
@@ -85,6 +85,7 @@ struct Columns {
     correlation_id: usize,
     headers: usize,
     recorded_at: usize,
+    tags: usize,
 }
 
 impl Columns {
@@ -107,6 +108,7 @@ impl Columns {
             correlation_id: at("correlation_id")?,
             headers: at("headers")?,
             recorded_at,
+            tags: at("tags")?,
         })
     }
 }
@@ -157,6 +159,11 @@ impl EventDecoder {
         let stream_id = self.names.stream_id(stream_id)?;
         let event_type: &str = row.try_get(columns.event_type).map_err(corrupt)?;
         let event_type = self.names.event_type(event_type);
+        let tags: Vec<String> = row.try_get(columns.tags).map_err(corrupt)?;
+        let tags = tags
+            .iter()
+            .map(|tag| Tag::parse(tag).map_err(|error| StoreError::Corrupt(format!("stored tag {tag:?}: {error}"))))
+            .collect::<Result<Arc<[Tag]>, StoreError>>()?;
         Ok(RecordedEvent {
             event_id: EventId(event_id),
             stream_id,
@@ -173,6 +180,7 @@ impl EventDecoder {
                 correlation_id: correlation_id.map(CorrelationId),
                 headers: headers(row, columns.headers).map_err(corrupt)?,
             }),
+            tags,
         })
     }
 }

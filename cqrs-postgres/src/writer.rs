@@ -1,6 +1,7 @@
 //! Group commit: the store's writer task (one by default) takes every queued append (up to a
 //! bound), writes them in one transaction with one round trip (`cqrs_append_arrays`, or
-//! `cqrs_append_batch` for a lone append), and answers each caller on its own.
+//! `cqrs_append_batch` for a lone append or a batch with a conditional append), and answers
+//! each caller on its own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,8 +9,8 @@ use std::time::Duration;
 
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
-    AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, StoreError,
-    StreamId, Timestamp, Version,
+    AppendCondition, AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Position, QueryItem,
+    RecordedEvent, StoreError, StreamId, Tag, Timestamp, Version,
 };
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -37,6 +38,8 @@ pub(crate) struct AppendRequest {
     pub(crate) expected: ExpectedVersion,
     pub(crate) command_id: Option<CommandId>,
     pub(crate) events: Vec<NewEvent>,
+    /// Checked after the command id and the version, under the batch's boundary locks.
+    pub(crate) condition: Option<AppendCondition>,
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
     /// Written only if the append just before it (the previous link) was appended.
     pub(crate) continues: bool,
@@ -75,8 +78,9 @@ struct Written {
 impl WriterConnection {
     /// One statement in autocommit mode: one round trip, one transaction, one commit.
     ///
-    /// A batch of several appends goes to the set-based `cqrs_append_arrays`; a lone append to
-    /// `cqrs_append_batch`, whose per-append statements cost less than the set-based
+    /// A batch of several appends goes to the set-based `cqrs_append_arrays`, unless one of them
+    /// has a condition (only the per-append loop checks conditions, each after the appends
+    /// before it in the batch); a lone append to `cqrs_append_batch`, whose per-append statements cost less than the set-based
     /// function's fixed ones for a single append (BENCHMARKS.md, issue 12). Both take the same
     /// locks in the same order and give the same answers. Each row also carries the
     /// transaction's `now()`: the `recorded_at` of every event the batch stores (the outer
@@ -363,7 +367,7 @@ fn recorded(
         .into_iter()
         .zip(0u64..)
         .map(|(event, offset)| {
-            let NewEvent { event_id, event_type, schema_version, payload, metadata } = event;
+            let NewEvent { event_id, event_type, schema_version, payload, metadata, tags } = event;
             RecordedEvent {
                 event_id,
                 stream_id: stream_id.clone(),
@@ -374,6 +378,7 @@ fn recorded(
                 schema_version,
                 payload: Arc::new(payload),
                 metadata: Arc::new(Metadata { command_id, ..metadata }),
+                tags: Arc::from(tags),
             }
         })
         .collect()
@@ -402,6 +407,10 @@ fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, Sto
             expected: request.expected,
             actual: Version(crate::rows::to_u64(actual, "version")?),
         }),
+        "condition_failed" => {
+            let position: i64 = row.try_get("first_position").map_err(corrupt)?;
+            Err(StoreError::ConditionFailed { position: Position(crate::rows::to_u64(position, "position")?) })
+        }
         "duplicate_event_id" => {
             let id: Uuid = row.try_get("duplicate_event_id").map_err(corrupt)?;
             Err(StoreError::DuplicateEventId(EventId(id)))
@@ -445,7 +454,40 @@ struct AppendJson<'a> {
     c: Option<Uuid>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     k: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    q: Option<ConditionJson<'a>>,
     ev: Vec<EventJson<'a>>,
+}
+
+/// An append's condition: `a` the position after which no event may match, `i` its query.
+#[derive(Serialize)]
+struct ConditionJson<'a> {
+    a: i64,
+    i: Vec<ItemJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct ItemJson<'a> {
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    t: &'a [String],
+    #[serde(skip_serializing_if = "<[Tag]>::is_empty")]
+    g: &'a [Tag],
+}
+
+impl<'a> From<&'a QueryItem> for ItemJson<'a> {
+    fn from(item: &'a QueryItem) -> Self {
+        ItemJson { t: &item.types, g: &item.tags }
+    }
+}
+
+/// An event's tags as the batch functions take them: joined by the unit separator, which no
+/// tag holds (tags have no control characters).
+fn joined_tags(tags: &[Tag]) -> String {
+    match tags {
+        [] => String::new(),
+        [tag] => tag.as_str().to_owned(),
+        tags => tags.iter().map(Tag::as_str).collect::<Vec<_>>().join("\u{1f}"),
+    }
 }
 
 #[derive(Serialize)]
@@ -457,6 +499,8 @@ struct EventJson<'a> {
     ca: Option<Uuid>,
     co: Option<Uuid>,
     h: &'a HashMap<String, String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    g: String,
 }
 
 impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
@@ -468,6 +512,10 @@ impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
             v: version,
             c: request.command_id.map(|id| id.0),
             k: request.continues,
+            q: request.condition.as_ref().map(|condition| ConditionJson {
+                a: crate::rows::to_i64_saturating(condition.after_position().0),
+                i: condition.fail_if_events_match.items.iter().map(ItemJson::from).collect(),
+            }),
             ev: request
                 .events
                 .iter()
@@ -479,6 +527,7 @@ impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
                     ca: event.metadata.causation_id.map(|id| id.0),
                     co: event.metadata.correlation_id.map(|id| id.0),
                     h: &event.metadata.headers,
+                    g: joined_tags(&event.tags),
                 })
                 .collect(),
         }
@@ -504,12 +553,14 @@ struct AppendArrays<'a> {
     causations: Vec<Option<Uuid>>,
     correlations: Vec<Option<Uuid>>,
     headers: Vec<Json<&'a HashMap<String, String>>>,
+    tags: Vec<String>,
 }
 
 impl<'a> AppendArrays<'a> {
     /// `None` if a number does not fit the function's integer columns (an expected version or
     /// schema version beyond `i64` or `i32`, more events than `i32` counts): such a batch goes
-    /// through `cqrs_append_batch`, which refuses or answers it as before.
+    /// through `cqrs_append_batch`, which refuses or answers it as before. `None` too for a batch
+    /// with a conditional append (only `cqrs_append_batch` checks conditions).
     fn new(batch: &'a [AppendRequest]) -> Option<Self> {
         let n_events = batch.iter().map(|request| request.events.len()).sum();
         let mut arrays = AppendArrays {
@@ -529,8 +580,12 @@ impl<'a> AppendArrays<'a> {
             causations: Vec::with_capacity(n_events),
             correlations: Vec::with_capacity(n_events),
             headers: Vec::with_capacity(n_events),
+            tags: Vec::with_capacity(n_events),
         };
         for (index, request) in batch.iter().enumerate() {
+            if request.condition.is_some() {
+                return None;
+            }
             let (kind, version) = expected_json(request.expected);
             let append = i32::try_from(index + 1).ok()?;
             let command = request.command_id.map(|id| id.0);
@@ -554,6 +609,7 @@ impl<'a> AppendArrays<'a> {
                 arrays.causations.push(event.metadata.causation_id.map(|id| id.0));
                 arrays.correlations.push(event.metadata.correlation_id.map(|id| id.0));
                 arrays.headers.push(Json(&event.metadata.headers));
+                arrays.tags.push(joined_tags(&event.tags));
             }
         }
         Some(arrays)
@@ -564,7 +620,7 @@ impl<'a> AppendArrays<'a> {
         sqlx::query(
             "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
              last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS recorded_at_micros \
-             FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
         )
         .bind(self.streams)
         .bind(self.kinds)
@@ -582,6 +638,7 @@ impl<'a> AppendArrays<'a> {
         .bind(self.causations)
         .bind(self.correlations)
         .bind(self.headers)
+        .bind(self.tags)
         .bind(notify)
     }
 }

@@ -5,6 +5,7 @@
 mod appends;
 mod checkpoints;
 mod conformance;
+mod dcb;
 mod faults;
 mod listener;
 mod multi_process;

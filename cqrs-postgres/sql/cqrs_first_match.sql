@@ -1,0 +1,39 @@
+-- The position of the first event after `after_position` that matches one of `items` (a
+-- condition's query as JSON: [{"t": [types], "g": [tags]}], either may be absent), or NULL: the
+-- check of a conditional append, run after its boundary locks (cqrs_append_batch). One indexed
+-- statement per item: by type and tags, by type, by tags, or by position alone.
+-- The live definition (as pg_get_functiondef prints it). Migrations are immutable: change a
+-- function here, then copy the changed definition into a new migration; the schema test
+-- (tests/it/schema.rs) fails while the migrated database differs from this folder.
+
+CREATE OR REPLACE FUNCTION cqrs_first_match(after_position bigint, items jsonb)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    item jsonb;
+    item_types text[];
+    item_tags text[];
+    found_position bigint;
+    first_found bigint;
+BEGIN
+    FOR item IN SELECT i.value FROM jsonb_array_elements(items) i LOOP
+        item_types := ARRAY(SELECT jsonb_array_elements_text(coalesce(item->'t', '[]')));
+        item_tags := ARRAY(SELECT jsonb_array_elements_text(coalesce(item->'g', '[]')));
+        IF cardinality(item_types) > 0 AND cardinality(item_tags) > 0 THEN
+            SELECT min(e.position) INTO found_position FROM cqrs_events e
+                WHERE e.position > after_position AND e.event_type = ANY (item_types) AND e.tags @> item_tags;
+        ELSIF cardinality(item_types) > 0 THEN
+            SELECT min(e.position) INTO found_position FROM cqrs_events e
+                WHERE e.position > after_position AND e.event_type = ANY (item_types);
+        ELSIF cardinality(item_tags) > 0 THEN
+            SELECT min(e.position) INTO found_position FROM cqrs_events e
+                WHERE e.position > after_position AND e.tags @> item_tags;
+        ELSE
+            SELECT min(e.position) INTO found_position FROM cqrs_events e WHERE e.position > after_position;
+        END IF;
+        first_found := least(first_found, found_position);
+    END LOOP;
+    RETURN first_found;
+END $function$
+;
