@@ -115,9 +115,8 @@ pub enum SubscriptionCommand {
 impl SubscriptionCommand {
     fn parts(&self) -> (&str, u32) {
         match self {
-            SubscriptionCommand::Subscribe { course, student } | SubscriptionCommand::Unsubscribe { course, student } => {
-                (course, *student)
-            }
+            SubscriptionCommand::Subscribe { course, student }
+            | SubscriptionCommand::Unsubscribe { course, student } => (course, *student),
         }
     }
 }
@@ -196,10 +195,13 @@ impl Decision for Subscribe {
 
     fn apply(mut self, event: &SubscriptionFact) -> Self {
         match event {
-            SubscriptionFact::CourseDefined { capacity, .. } | SubscriptionFact::CourseCapacityChanged { capacity, .. } => {
+            SubscriptionFact::CourseDefined { capacity, .. }
+            | SubscriptionFact::CourseCapacityChanged { capacity, .. } => {
                 self.capacity = Some(*capacity);
             }
-            SubscriptionFact::StudentSubscribed { course, student } => self.subscriptions.push((course.clone(), *student)),
+            SubscriptionFact::StudentSubscribed { course, student } => {
+                self.subscriptions.push((course.clone(), *student))
+            }
             SubscriptionFact::StudentUnsubscribed { course, student } => {
                 self.subscriptions.retain(|(c, s)| !(c == course && s == student));
             }

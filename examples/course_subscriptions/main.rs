@@ -31,7 +31,7 @@ async fn main() -> anyhow::Result<()> {
         let dir = tempfile::tempdir().context("temp dir")?;
         let path = dir.path().join("courses.db");
         println!("store: SQLite file {}", path.display());
-        run(Arc::new(cqrs_sqlite::SqliteStore::open(&path).await.context("open the SQLite store")?)).await
+        run(Arc::new(cqrs_sqlite::SqliteEventStore::open(&path).await.context("open the SQLite store")?)).await
     }
 }
 
@@ -48,7 +48,9 @@ async fn run<S: EventStore>(store: Arc<S>) -> anyhow::Result<()> {
         for course in ["rust101", "dcb201", "rust101", "nosuch"] {
             let decider = decider.clone();
             let command = SubscriptionCommand::Subscribe { course: course.into(), student };
-            tasks.push(tokio::spawn(async move { (student, course, decider.decide(CommandEnvelope::new(command)).await) }));
+            tasks.push(tokio::spawn(
+                async move { (student, course, decider.decide(CommandEnvelope::new(command)).await) },
+            ));
         }
     }
     let (mut admitted, mut refused) = (0, 0);
@@ -64,6 +66,18 @@ async fn run<S: EventStore>(store: Arc<S>) -> anyhow::Result<()> {
                 }
                 println!("student {student:>2} not in {course}: {reason}");
             }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    // A student leaves a full course; the freed seat goes to the next one who asks.
+    let before = domain::students_of(&*store, "rust101").await?;
+    if let (Some(&leaver), Some(newcomer)) = (before.first(), (1..=10u32).find(|s| !before.contains(s))) {
+        let leave = SubscriptionCommand::Unsubscribe { course: "rust101".into(), student: leaver };
+        decider.decide(CommandEnvelope::new(leave)).await?;
+        let join = SubscriptionCommand::Subscribe { course: "rust101".into(), student: newcomer };
+        match decider.decide(CommandEnvelope::new(join)).await {
+            Ok(_) => println!("student {leaver:>2} left rust101; student {newcomer} took the seat"),
+            Err(DispatchError::Rejected(reason)) => println!("student {newcomer} not in rust101: {reason}"),
             Err(error) => return Err(error.into()),
         }
     }

@@ -24,7 +24,9 @@ fn subscribed(course: &str, student: u32) -> SubscriptionFact {
 
 #[test]
 fn the_rules() {
-    DecisionTest::<Subscribe>::given(vec![defined("c", 1)]).when(subscribe("c", 1)).then_events(vec![subscribed("c", 1)]);
+    DecisionTest::<Subscribe>::given(vec![defined("c", 1)])
+        .when(subscribe("c", 1))
+        .then_events(vec![subscribed("c", 1)]);
     DecisionTest::<Subscribe>::given(vec![defined("c", 1), subscribed("c", 2)])
         .when(subscribe("c", 1))
         .then_error(Refused::CourseFull);
@@ -58,7 +60,9 @@ async fn race<S: EventStore>(store: Arc<S>) {
     for student in 0..8u32 {
         for course in ["a", "b", "c", "a"] {
             let decider = decider.clone();
-            tasks.push(tokio::spawn(async move { decider.decide(CommandEnvelope::new(subscribe(course, student))).await }));
+            tasks.push(tokio::spawn(
+                async move { decider.decide(CommandEnvelope::new(subscribe(course, student))).await },
+            ));
         }
     }
     for task in tasks {
@@ -94,5 +98,5 @@ async fn the_race_on_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_race_on_sqlite() {
     let dir = tempfile::tempdir().expect("temp dir");
-    race(Arc::new(cqrs_sqlite::SqliteStore::open(dir.path().join("c.db")).await.expect("open"))).await;
+    race(Arc::new(cqrs_sqlite::SqliteEventStore::open(dir.path().join("c.db")).await.expect("open"))).await;
 }

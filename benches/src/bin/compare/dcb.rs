@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cqrs_core::{
-    AppendCondition, EventStore, EventId, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, StoreError,
+    AppendCondition, EventId, EventStore, ExpectedVersion, Metadata, NewEvent, Position, Query, QueryItem, StoreError,
     StreamId, Tag,
 };
 
@@ -100,7 +100,9 @@ pub async fn conditional_appends<S: EventStore + ?Sized>(
             while n < per_decider {
                 let condition = AppendCondition::new(query.clone(), Some(after));
                 let sent = Instant::now();
-                match store.append_with_condition(&stream, ExpectedVersion::Any, vec![event(&tag, n)], Some(condition)).await
+                match store
+                    .append_with_condition(&stream, ExpectedVersion::Any, vec![event(&tag, n)], Some(condition))
+                    .await
                 {
                     Ok(outcome) => {
                         latencies.push(sent.elapsed());

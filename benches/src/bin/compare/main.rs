@@ -304,7 +304,11 @@ async fn umadb_cases(levels: &[usize], appends: u64, read_events: u64) -> anyhow
         umadb::conditional_appends(deciders, appends).await?.print();
     }
     let rate = umadb::tag_reads(read_events).await?;
-    println!("dcb {:<8} read by tag query: {rate:>9.0} events/s ({read_events} of {} events match)", "umadb", 2 * read_events);
+    println!(
+        "dcb {:<8} read by tag query: {rate:>9.0} events/s ({read_events} of {} events match)",
+        "umadb",
+        2 * read_events
+    );
     println!("{{\"case\":\"dcb_umadb_tag_read\",\"events\":{read_events},\"events_per_s\":{rate:.0}}}");
     Ok(())
 }
@@ -345,7 +349,14 @@ async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> any
 }
 
 fn parse_args() -> anyhow::Result<Options> {
-    let mut options = Options { quick: false, replay: None, dcb: false, umadb: false, only: Only::All, read_model: ReadModel::Counting };
+    let mut options = Options {
+        quick: false,
+        replay: None,
+        dcb: false,
+        umadb: false,
+        only: Only::All,
+        read_model: ReadModel::Counting,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
