@@ -169,6 +169,102 @@ fn assert_once_in_order(list: &[(u64, String, String)]) {
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "positions in order, no duplicates: {positions:?}");
 }
 
+/// Delivery time: Enter pressed in `alice`'s browser → the message in `bob`'s DOM, for four
+/// messages (ms, unsorted). Both browsers run on this machine, so their clocks are the same clock.
+async fn delivery_times(alice: &Client, bob: &Client) -> Vec<f64> {
+    eval(
+        alice,
+        "window.__sentAt = {}; const t = document.querySelector('#send textarea'); \
+        t.addEventListener('keydown', e => { if (e.key === 'Enter' && !e.shiftKey) \
+        window.__sentAt[t.value] = performance.timeOrigin + performance.now(); }, true); return 1;",
+    )
+    .await;
+    eval(bob, "window.__seen = {}; new MutationObserver(records => { for (const r of records) \
+        for (const n of r.addedNodes) if (n.querySelector) window.__seen[n.querySelector('.body').textContent] = \
+        performance.timeOrigin + performance.now(); }).observe(document.getElementById('messages'), {childList: true}); return 1;").await;
+    let mut latencies = Vec::new();
+    for i in 0..4 {
+        let text = format!("timing message {i}");
+        send(alice, &text).await;
+        wait_shows(bob, &text).await;
+        let sent = eval(alice, &format!("return window.__sentAt['{text}'];")).await.as_f64().expect("sent time");
+        let seen = eval(bob, &format!("return window.__seen['{text}'];")).await.as_f64().expect("seen time");
+        latencies.push(seen - sent);
+    }
+    latencies
+}
+
+/// Shift-Enter adds a line; Enter sends.
+async fn shift_enter_adds_a_line(bob: &Client, alice: &Client) {
+    let composer = bob.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
+    composer.send_keys(&format!("line one{SHIFT}{ENTER}{RELEASE}line two")).await.expect("type");
+    assert_eq!(eval(bob, "return document.querySelector('#send textarea').value;").await, "line one\nline two");
+    assert!(!shows(alice, "line one\nline two").await, "Shift-Enter did not send");
+    composer.send_keys(ENTER).await.expect("send");
+    wait_shows(alice, "line one\nline two").await;
+}
+
+/// Markup in messages is shown as text and never runs.
+async fn markup_is_shown_as_text(bob: &Client, alice: &Client) {
+    let payloads = ["<img src=x onerror=\"window.__xss = 1\">", "<script>window.__xss = 2</script>"];
+    for payload in payloads {
+        send(bob, payload).await;
+        wait_shows(alice, payload).await;
+    }
+    assert_eq!(
+        eval(
+            alice,
+            "return [window.__xss === undefined, document.querySelectorAll('#messages img, #messages script').length];"
+        )
+        .await,
+        json!([true, 0])
+    );
+}
+
+/// A draft being typed keeps its text and focus while messages arrive.
+async fn a_draft_survives_arriving_messages(alice: &Client, bob: &Client) {
+    alice
+        .find(Locator::Css("form#send textarea"))
+        .await
+        .expect("composer")
+        .send_keys("draft in progress")
+        .await
+        .expect("type");
+    send(bob, "arrives while alice types").await;
+    wait_shows(alice, "arrives while alice types").await;
+    assert_eq!(
+        eval(
+            alice,
+            "const t = document.querySelector('#send textarea'); return [t.value, document.activeElement === t];"
+        )
+        .await,
+        json!(["draft in progress", true])
+    );
+    eval(alice, "document.querySelector('#send textarea').value = ''; return 1;").await;
+}
+
+/// Bob's socket goes down while alice sends; after the reconnect every message is there once.
+/// A dropped connection (as by the network) reconnects by itself and misses nothing. The first
+/// send waits until 5.1 s after `rate_window_started` (the room's rate limit window).
+async fn reconnects_miss_nothing(alice: &Client, bob: &Client, rate_window_started: Instant) {
+    tokio::time::sleep(Duration::from_millis(5_100).saturating_sub(rate_window_started.elapsed())).await;
+    eval(bob, "window.liveSocket.disconnect(); return 1;").await;
+    wait_for(bob, "disconnected state", "document.body.dataset.live === 'disconnected'").await;
+    for i in 0..3 {
+        send(alice, &format!("while bob was away {i}")).await;
+    }
+    assert!(!shows(bob, "while bob was away 0").await);
+    eval(bob, "window.liveSocket.connect(); return 1;").await;
+    wait_for(bob, "reconnected", "document.body.dataset.live === 'connected'").await;
+    wait_shows(bob, "while bob was away 2").await;
+
+    // A dropped connection (as by the network) reconnects by itself and misses nothing.
+    eval(bob, "window.liveSocket.drop(); return 1;").await;
+    send(alice, "right after the drop").await;
+    wait_shows(bob, "right after the drop").await;
+    wait_for(bob, "reconnected", "document.body.dataset.live === 'connected'").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_users_chat_live_in_separate_browsers() {
     let server = TestServer::start().await;
@@ -180,92 +276,16 @@ async fn two_users_chat_live_in_separate_browsers() {
     join(&bob, &base, "bob", "e2e").await;
     wait_for(&bob, "alice in presence", "document.querySelector('#presence').textContent.includes('alice')").await;
 
-    // Delivery time: Enter pressed in alice's browser → the message in bob's DOM. Both
-    // browsers run on this machine, so their clocks are the same clock.
-    eval(
-        &alice,
-        "window.__sentAt = {}; const t = document.querySelector('#send textarea'); \
-        t.addEventListener('keydown', e => { if (e.key === 'Enter' && !e.shiftKey) \
-        window.__sentAt[t.value] = performance.timeOrigin + performance.now(); }, true); return 1;",
-    )
-    .await;
-    eval(&bob, "window.__seen = {}; new MutationObserver(records => { for (const r of records) \
-        for (const n of r.addedNodes) if (n.querySelector) window.__seen[n.querySelector('.body').textContent] = \
-        performance.timeOrigin + performance.now(); }).observe(document.getElementById('messages'), {childList: true}); return 1;").await;
-    let mut latencies = Vec::new();
-    for i in 0..4 {
-        let text = format!("timing message {i}");
-        send(&alice, &text).await;
-        wait_shows(&bob, &text).await;
-        let sent = eval(&alice, &format!("return window.__sentAt['{text}'];")).await.as_f64().expect("sent time");
-        let seen = eval(&bob, &format!("return window.__seen['{text}'];")).await.as_f64().expect("seen time");
-        latencies.push(seen - sent);
-    }
+    let mut latencies = delivery_times(&alice, &bob).await;
     let rate_window_started = Instant::now();
     latencies.sort_by(f64::total_cmp);
     println!("end-to-end delivery, Enter in one browser to the DOM of the other (ms): {latencies:.1?}");
     assert!(latencies.iter().all(|&ms| ms > 0.0 && ms < 5_000.0), "{latencies:?}");
 
-    // Shift-Enter adds a line; Enter sends.
-    let composer = bob.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
-    composer.send_keys(&format!("line one{SHIFT}{ENTER}{RELEASE}line two")).await.expect("type");
-    assert_eq!(eval(&bob, "return document.querySelector('#send textarea').value;").await, "line one\nline two");
-    assert!(!shows(&alice, "line one\nline two").await, "Shift-Enter did not send");
-    composer.send_keys(ENTER).await.expect("send");
-    wait_shows(&alice, "line one\nline two").await;
-
-    // Markup in messages is shown as text and never runs.
-    let payloads = ["<img src=x onerror=\"window.__xss = 1\">", "<script>window.__xss = 2</script>"];
-    for payload in payloads {
-        send(&bob, payload).await;
-        wait_shows(&alice, payload).await;
-    }
-    assert_eq!(
-        eval(
-            &alice,
-            "return [window.__xss === undefined, document.querySelectorAll('#messages img, #messages script').length];"
-        )
-        .await,
-        json!([true, 0])
-    );
-
-    // A draft being typed keeps its text and focus while messages arrive.
-    alice
-        .find(Locator::Css("form#send textarea"))
-        .await
-        .expect("composer")
-        .send_keys("draft in progress")
-        .await
-        .expect("type");
-    send(&bob, "arrives while alice types").await;
-    wait_shows(&alice, "arrives while alice types").await;
-    assert_eq!(
-        eval(
-            &alice,
-            "const t = document.querySelector('#send textarea'); return [t.value, document.activeElement === t];"
-        )
-        .await,
-        json!(["draft in progress", true])
-    );
-    eval(&alice, "document.querySelector('#send textarea').value = ''; return 1;").await;
-
-    // Bob's socket goes down while alice sends; after the reconnect every message is there once.
-    tokio::time::sleep(Duration::from_millis(5_100).saturating_sub(rate_window_started.elapsed())).await;
-    eval(&bob, "window.liveSocket.disconnect(); return 1;").await;
-    wait_for(&bob, "disconnected state", "document.body.dataset.live === 'disconnected'").await;
-    for i in 0..3 {
-        send(&alice, &format!("while bob was away {i}")).await;
-    }
-    assert!(!shows(&bob, "while bob was away 0").await);
-    eval(&bob, "window.liveSocket.connect(); return 1;").await;
-    wait_for(&bob, "reconnected", "document.body.dataset.live === 'connected'").await;
-    wait_shows(&bob, "while bob was away 2").await;
-
-    // A dropped connection (as by the network) reconnects by itself and misses nothing.
-    eval(&bob, "window.liveSocket.drop(); return 1;").await;
-    send(&alice, "right after the drop").await;
-    wait_shows(&bob, "right after the drop").await;
-    wait_for(&bob, "reconnected", "document.body.dataset.live === 'connected'").await;
+    shift_enter_adds_a_line(&bob, &alice).await;
+    markup_is_shown_as_text(&bob, &alice).await;
+    a_draft_survives_arriving_messages(&alice, &bob).await;
+    reconnects_miss_nothing(&alice, &bob, rate_window_started).await;
 
     let seen_by_alice = messages(&alice).await;
     let seen_by_bob = messages(&bob).await;
@@ -376,6 +396,111 @@ async fn click_in_message(browser: &Client, body: &str, css: &str) {
     assert_eq!(eval(browser, &script).await, Value::Bool(true), "no {css} in the message {body:?}");
 }
 
+/// Typing: shown to the other, gone when the message is sent.
+async fn typing_is_shown_to_the_other(alice: &Client, bob: &Client) {
+    let composer = alice.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
+    composer.send_keys("typo in this mesage").await.expect("type");
+    wait_for(bob, "alice typing", "document.querySelector('[data-typing]').textContent === 'alice is typing…'").await;
+    assert_eq!(
+        eval(alice, "return document.querySelector('[data-typing]').textContent;").await,
+        "",
+        "not shown to herself"
+    );
+    composer.send_keys(ENTER).await.expect("send");
+    wait_shows(bob, "typo in this mesage").await;
+    wait_for(bob, "typing cleared", "document.querySelector('[data-typing]').textContent === ''").await;
+}
+
+/// Own messages carry the controls; others' do not. Edit: the text in a focused field; Escape
+/// cancels, Enter saves, and the other sees an "edited" mark.
+async fn only_the_sender_edits(alice: &Client, bob: &Client) {
+    assert_eq!(
+        eval(bob, "return document.querySelectorAll('#messages [data-action]').length;").await,
+        json!(0),
+        "bob has no controls on alice's message"
+    );
+    // Edit: the text in a focused field; Escape cancels, Enter saves.
+    click_in_message(alice, "typo in this mesage", "[data-action=edit]").await;
+    wait_for(alice, "the edit field", "document.activeElement && document.activeElement.matches('textarea.edit')")
+        .await;
+    assert_eq!(eval(alice, "return document.activeElement.value;").await, "typo in this mesage");
+    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
+    field.send_keys(" never mind\u{E00C}").await.expect("escape");
+    wait_for(alice, "edit cancelled", "!document.querySelector('textarea.edit')").await;
+    click_in_message(alice, "typo in this mesage", "[data-action=edit]").await;
+    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
+    field.clear().await.expect("clear");
+    field.send_keys(&format!("no typo in this message{ENTER}")).await.expect("save");
+    wait_shows(bob, "no typo in this message").await;
+    assert!(!shows(bob, "typo in this mesage").await);
+    wait_for(
+        bob,
+        "the edited mark",
+        "[...document.querySelectorAll('#messages li.msg[data-edited] .edited')].length === 1",
+    )
+    .await;
+}
+
+/// Links: only http(s), with the safe rel and a new tab; a mention of alice is marked for her.
+async fn links_and_mentions(alice: &Client, bob: &Client) {
+    send(bob, "@alice docs at https://example.com/docs, not javascript:alert(1)").await;
+    wait_for(
+        alice,
+        "the link",
+        "document.querySelector('#messages a[href=\"https://example.com/docs\"][rel=\"noopener noreferrer nofollow ugc\"][target=_blank]')",
+    )
+    .await;
+    assert_eq!(
+        eval(alice, "return document.querySelectorAll('#messages a[href^=\"javascript\"]').length;").await,
+        json!(0)
+    );
+    wait_for(
+        alice,
+        "the mention mark",
+        "document.querySelector('#messages li.msg.mentions-me .mention[data-name=alice]')",
+    )
+    .await;
+    assert_eq!(eval(bob, "return document.querySelectorAll('#messages li.mentions-me').length;").await, json!(0));
+}
+
+/// Delete: "message deleted" for everyone, the text gone (after a reload too).
+async fn a_deleted_message_leaves_a_tombstone(alice: &Client, bob: &Client) {
+    click_in_message(alice, "no typo in this message", "[data-action=delete]").await;
+    wait_for(bob, "the tombstone", "document.querySelector('#messages li.msg[data-deleted]') !== null").await;
+    assert!(!shows(bob, "no typo in this message").await);
+    assert_eq!(
+        eval(bob, "return document.querySelector('#messages li.msg[data-deleted] .body').textContent;").await,
+        "message deleted"
+    );
+    bob.refresh().await.expect("reload");
+    wait_for(bob, "the live connection", "document.body.dataset.live === 'connected'").await;
+    assert!(!eval(bob, "return document.body.innerHTML;")
+        .await
+        .as_str()
+        .expect("html")
+        .contains("no typo in this message"));
+}
+
+/// Unread: while bob's tab is hidden, new messages count in its title.
+async fn unread_messages_count_in_a_hidden_tab_title(alice: &Client, bob: &Client) {
+    eval(
+        bob,
+        "window.__titles = []; new MutationObserver(() => window.__titles.push(document.title)) \
+         .observe(document.querySelector('title'), {childList: true, characterData: true, subtree: true}); return 1;",
+    )
+    .await;
+    let room_tab = bob.window().await.expect("window");
+    let other = bob.new_window(true).await.expect("new tab");
+    bob.switch_to_window(other.handle).await.expect("switch");
+    send(alice, "while bob looks elsewhere 1").await;
+    send(alice, "while bob looks elsewhere 2").await;
+    bob.switch_to_window(room_tab).await.expect("switch back");
+    wait_shows(bob, "while bob looks elsewhere 2").await;
+    let titles = eval(bob, "return window.__titles;").await;
+    assert!(titles.as_array().expect("titles").iter().any(|t| t == "(2) #features · Live chat"), "{titles}");
+    wait_for(bob, "the title cleared", "document.title === '#features · Live chat'").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_delete_typing_links_mentions_and_unread_across_two_browsers() {
     let server = TestServer::start().await;
@@ -386,99 +511,11 @@ async fn edit_delete_typing_links_mentions_and_unread_across_two_browsers() {
     join(&alice, &base, "alice", "features").await;
     join(&bob, &base, "bob", "features").await;
 
-    // Typing: shown to the other, gone when the message is sent.
-    let composer = alice.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
-    composer.send_keys("typo in this mesage").await.expect("type");
-    wait_for(&bob, "alice typing", "document.querySelector('[data-typing]').textContent === 'alice is typing…'").await;
-    assert_eq!(
-        eval(&alice, "return document.querySelector('[data-typing]').textContent;").await,
-        "",
-        "not shown to herself"
-    );
-    composer.send_keys(ENTER).await.expect("send");
-    wait_shows(&bob, "typo in this mesage").await;
-    wait_for(&bob, "typing cleared", "document.querySelector('[data-typing]').textContent === ''").await;
-
-    // Own messages carry the controls; others' do not.
-    assert_eq!(
-        eval(&bob, "return document.querySelectorAll('#messages [data-action]').length;").await,
-        json!(0),
-        "bob has no controls on alice's message"
-    );
-    // Edit: the text in a focused field; Escape cancels, Enter saves.
-    click_in_message(&alice, "typo in this mesage", "[data-action=edit]").await;
-    wait_for(&alice, "the edit field", "document.activeElement && document.activeElement.matches('textarea.edit')")
-        .await;
-    assert_eq!(eval(&alice, "return document.activeElement.value;").await, "typo in this mesage");
-    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
-    field.send_keys(" never mind\u{E00C}").await.expect("escape");
-    wait_for(&alice, "edit cancelled", "!document.querySelector('textarea.edit')").await;
-    click_in_message(&alice, "typo in this mesage", "[data-action=edit]").await;
-    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
-    field.clear().await.expect("clear");
-    field.send_keys(&format!("no typo in this message{ENTER}")).await.expect("save");
-    wait_shows(&bob, "no typo in this message").await;
-    assert!(!shows(&bob, "typo in this mesage").await);
-    wait_for(
-        &bob,
-        "the edited mark",
-        "[...document.querySelectorAll('#messages li.msg[data-edited] .edited')].length === 1",
-    )
-    .await;
-
-    // Links: only http(s), with the safe rel and a new tab; a mention of alice is marked for her.
-    send(&bob, "@alice docs at https://example.com/docs, not javascript:alert(1)").await;
-    wait_for(
-        &alice,
-        "the link",
-        "document.querySelector('#messages a[href=\"https://example.com/docs\"][rel=\"noopener noreferrer nofollow ugc\"][target=_blank]')",
-    )
-    .await;
-    assert_eq!(
-        eval(&alice, "return document.querySelectorAll('#messages a[href^=\"javascript\"]').length;").await,
-        json!(0)
-    );
-    wait_for(
-        &alice,
-        "the mention mark",
-        "document.querySelector('#messages li.msg.mentions-me .mention[data-name=alice]')",
-    )
-    .await;
-    assert_eq!(eval(&bob, "return document.querySelectorAll('#messages li.mentions-me').length;").await, json!(0));
-
-    // Delete: "message deleted" for everyone, the text gone.
-    click_in_message(&alice, "no typo in this message", "[data-action=delete]").await;
-    wait_for(&bob, "the tombstone", "document.querySelector('#messages li.msg[data-deleted]') !== null").await;
-    assert!(!shows(&bob, "no typo in this message").await);
-    assert_eq!(
-        eval(&bob, "return document.querySelector('#messages li.msg[data-deleted] .body').textContent;").await,
-        "message deleted"
-    );
-    bob.refresh().await.expect("reload");
-    wait_for(&bob, "the live connection", "document.body.dataset.live === 'connected'").await;
-    assert!(!eval(&bob, "return document.body.innerHTML;")
-        .await
-        .as_str()
-        .expect("html")
-        .contains("no typo in this message"));
-
-    // Unread: while bob's tab is hidden, new messages count in its title.
-    eval(
-        &bob,
-        "window.__titles = []; new MutationObserver(() => window.__titles.push(document.title)) \
-         .observe(document.querySelector('title'), {childList: true, characterData: true, subtree: true}); return 1;",
-    )
-    .await;
-    let room_tab = bob.window().await.expect("window");
-    let other = bob.new_window(true).await.expect("new tab");
-    bob.switch_to_window(other.handle).await.expect("switch");
-    send(&alice, "while bob looks elsewhere 1").await;
-    send(&alice, "while bob looks elsewhere 2").await;
-    bob.switch_to_window(room_tab).await.expect("switch back");
-    wait_shows(&bob, "while bob looks elsewhere 2").await;
-    let titles = eval(&bob, "return window.__titles;").await;
-    assert!(titles.as_array().expect("titles").iter().any(|t| t == "(2) #features · Live chat"), "{titles}");
-    wait_for(&bob, "the title cleared", "document.title === '#features · Live chat'").await;
+    typing_is_shown_to_the_other(&alice, &bob).await;
+    only_the_sender_edits(&alice, &bob).await;
+    links_and_mentions(&alice, &bob).await;
+    a_deleted_message_leaves_a_tombstone(&alice, &bob).await;
+    unread_messages_count_in_a_hidden_tab_title(&alice, &bob).await;
 
     alice.close().await.expect("close");
     bob.close().await.expect("close");

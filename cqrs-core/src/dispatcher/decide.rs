@@ -75,14 +75,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                     return Ok(self.outcome(stream_id, envelope, Some(first), first.last_version, true));
                 }
                 Err(StoreError::Conflict { .. }) if attempts <= self.config.max_conflict_retries => {
-                    tracing::debug!(%stream_id, attempts, "version conflict, catching up and deciding again");
-                    metrics::counter!("cqrs_command_conflicts_total", "category" => A::CATEGORY).increment(1);
-                    if attempts > 1 {
-                        // Repeated losses: another process keeps winning the race for this
-                        // stream. A short random pause breaks the lockstep.
-                        tokio::time::sleep(conflict_backoff(attempts)).await;
-                    }
-                    self.catch_up(stream_id, instance).await?;
+                    self.lost_race(stream_id, instance, attempts).await?;
                     fresh = true;
                 }
                 Err(StoreError::Conflict { .. }) => {
@@ -97,6 +90,24 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
                 }
             }
         }
+    }
+
+    /// Another writer appended to the stream first: catches up, to decide again.
+    async fn lost_race(
+        &self,
+        stream_id: &StreamId,
+        instance: &mut Instance<A>,
+        attempts: u32,
+    ) -> Result<(), DispatchError<A::Error>> {
+        tracing::debug!(%stream_id, attempts, "version conflict, catching up and deciding again");
+        metrics::counter!("cqrs_command_conflicts_total", "category" => A::CATEGORY).increment(1);
+        if attempts > 1 {
+            // Repeated losses: another process keeps winning the race for this stream. A short
+            // random pause breaks the lockstep.
+            tokio::time::sleep(conflict_backoff(attempts)).await;
+        }
+        self.catch_up(stream_id, instance).await?;
+        Ok(())
     }
 
     /// Serializes the events a command produced, refusing any its event type does not declare

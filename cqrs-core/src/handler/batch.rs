@@ -126,6 +126,17 @@ struct BatchRunner<S: ?Sized, H> {
     metrics: HandlerMetrics,
 }
 
+/// Where a batch runner's tenure has got to.
+struct Cursor {
+    /// The checkpoint as committed.
+    committed: Position,
+    /// The end of the events passed over (not of interest) since the last commit: saved once
+    /// idle, without a transaction of the handler's.
+    passed_over: Position,
+    /// When to save `passed_over`.
+    save_at: Option<Instant>,
+}
+
 /// Whether a handler error is a lost claim.
 fn claim_lost(error: &HandlerError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
@@ -209,27 +220,13 @@ impl<S: Store + ?Sized, H: BatchHandler> BatchRunner<S, H> {
         mut lease: Option<watch::Receiver<Lease>>,
         stop: &mut watch::Receiver<bool>,
     ) -> End {
-        self.set_state(HandlerState::Starting);
-        let start = tokio::select! {
-            biased;
-            () = lease_lost(&mut lease, claim.as_ref()) => return End::LeaseLost,
-            () = stopped(stop) => return End::Stopped,
-            start = self.start_position(claim.as_ref()) => match start {
-                Ok(start) => start,
-                Err(_) => return End::LeaseLost,
-            },
+        let start = match self.begin(claim.as_ref(), &mut lease, stop).await {
+            Ok(start) => start,
+            Err(end) => return end,
         };
-        self.status.send_modify(|status| {
-            status.position = start;
-            status.state = HandlerState::Running;
-        });
         let mut feed = Subscription::all(Arc::clone(&self.store), start).with_page_size(self.config.page_size);
         let newest = self.store.notifications();
-        // Events passed over (not of interest) after the last commit: their position is saved
-        // once idle, without a transaction of the handler's.
-        let mut committed = start;
-        let mut passed_over = start;
-        let mut save_at: Option<Instant> = None;
+        let mut cursor = Cursor { committed: start, passed_over: start, save_at: None };
         let mut read_failures = Failures::new(&self.config);
         loop {
             let first = tokio::select! {
@@ -241,7 +238,7 @@ impl<S: Store + ?Sized, H: BatchHandler> BatchRunner<S, H> {
                     Ok(None) => break,
                     Err(error) => {
                         let delay = read_failures.record();
-                        self.report_failure(passed_over, &read_failures, &error.to_string());
+                        self.report_failure(cursor.passed_over, &read_failures, &error.to_string());
                         tokio::select! {
                             biased;
                             () = lease_lost(&mut lease, claim.as_ref()) => return End::LeaseLost,
@@ -250,31 +247,17 @@ impl<S: Store + ?Sized, H: BatchHandler> BatchRunner<S, H> {
                         }
                     }
                 },
-                () = sleep_until_some(save_at) => {
-                    save_at = None;
-                    match self.save(passed_over, claim.as_ref()).await {
-                        Ok(()) => committed = passed_over,
-                        Err(StoreError::ClaimLost { .. }) => return End::LeaseLost,
-                        Err(_) => save_at = Some(Instant::now() + Duration::from_secs(1)),
+                () = sleep_until_some(cursor.save_at) => {
+                    if let Err(end) = self.save_passed_over(&mut cursor, claim.as_ref()).await {
+                        return end;
                     }
                     continue;
                 }
             };
             read_failures = Failures::new(&self.config);
-            let mut batch = vec![first];
-            while batch.len() < self.max_batch {
-                match feed.next_buffered() {
-                    Some(event) => batch.push(event),
-                    None => break,
-                }
-            }
-            let through = batch.last().map_or(passed_over, |event| event.position);
-            let interesting: Vec<RecordedEvent> = batch.into_iter().filter(|event| self.is_for_us(event)).collect();
+            let (interesting, through) = self.take_batch(first, &mut feed);
             if interesting.is_empty() {
-                passed_over = through;
-                self.status.send_modify(|status| status.position = through);
-                self.metrics.progress(through, *newest.borrow(), 0);
-                save_at = Some(Instant::now() + self.config.checkpoint_delay);
+                self.pass_over(&mut cursor, through, &newest);
                 continue;
             }
             let outcome = tokio::select! {
@@ -283,25 +266,90 @@ impl<S: Store + ?Sized, H: BatchHandler> BatchRunner<S, H> {
                 outcome = self.commit_with_retries(interesting, through, claim.as_ref(), stop) => outcome,
             };
             match outcome {
-                Committed::Yes => {
-                    committed = through;
-                    passed_over = through;
-                    save_at = None;
-                    self.metrics.progress(through, *newest.borrow(), 0);
-                    self.status.send_modify(|status| {
-                        status.position = through;
-                        status.state = HandlerState::Running;
-                    });
-                }
+                Committed::Yes => self.show_committed(&mut cursor, through, &newest),
                 Committed::Stopped => break,
                 Committed::ClaimLost => return End::LeaseLost,
             }
         }
-        if passed_over != committed {
+        if cursor.passed_over != cursor.committed {
             // Bounded like every stop: a store that is down must not hold the shutdown.
-            let _ = tokio::time::timeout(self.config.stop_timeout, self.save(passed_over, claim.as_ref())).await;
+            let _ = tokio::time::timeout(self.config.stop_timeout, self.save(cursor.passed_over, claim.as_ref())).await;
         }
         End::Stopped
+    }
+
+    /// Starts a tenure: finds the start position (unless the tenure ends or the runner stops
+    /// first) and shows it, `Running`.
+    async fn begin(
+        &self,
+        claim: Option<&Claim>,
+        lease: &mut Option<watch::Receiver<Lease>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Position, End> {
+        self.set_state(HandlerState::Starting);
+        let start = tokio::select! {
+            biased;
+            () = lease_lost(lease, claim) => return Err(End::LeaseLost),
+            () = stopped(stop) => return Err(End::Stopped),
+            start = self.start_position(claim) => match start {
+                Ok(start) => start,
+                Err(_) => return Err(End::LeaseLost),
+            },
+        };
+        self.status.send_modify(|status| {
+            status.position = start;
+            status.state = HandlerState::Running;
+        });
+        Ok(start)
+    }
+
+    /// A batch: `first` and what the feed has buffered after it, up to `max_batch` events.
+    /// Returns the events the handler takes, and the position the batch runs through.
+    fn take_batch(&self, first: RecordedEvent, feed: &mut Subscription<S>) -> (Vec<RecordedEvent>, Position) {
+        let mut through = first.position;
+        let mut batch = vec![first];
+        while batch.len() < self.max_batch {
+            match feed.next_buffered() {
+                Some(event) => {
+                    through = event.position;
+                    batch.push(event);
+                }
+                None => break,
+            }
+        }
+        (batch.into_iter().filter(|event| self.is_for_us(event)).collect(), through)
+    }
+
+    /// A batch of nothing of interest: shows it as handled; its position is saved once idle.
+    fn pass_over(&self, cursor: &mut Cursor, through: Position, newest: &watch::Receiver<Position>) {
+        cursor.passed_over = through;
+        self.status.send_modify(|status| status.position = through);
+        self.metrics.progress(through, *newest.borrow(), 0);
+        cursor.save_at = Some(Instant::now() + self.config.checkpoint_delay);
+    }
+
+    /// A batch committed through `through`: shows it, `Running`.
+    fn show_committed(&self, cursor: &mut Cursor, through: Position, newest: &watch::Receiver<Position>) {
+        cursor.committed = through;
+        cursor.passed_over = through;
+        cursor.save_at = None;
+        self.metrics.progress(through, *newest.borrow(), 0);
+        self.status.send_modify(|status| {
+            status.position = through;
+            status.state = HandlerState::Running;
+        });
+    }
+
+    /// Saves the position passed over, once idle; after a failure, tries again in a second. A
+    /// lost claim ends the tenure.
+    async fn save_passed_over(&self, cursor: &mut Cursor, claim: Option<&Claim>) -> Result<(), End> {
+        cursor.save_at = None;
+        match self.save(cursor.passed_over, claim).await {
+            Ok(()) => cursor.committed = cursor.passed_over,
+            Err(StoreError::ClaimLost { .. }) => return Err(End::LeaseLost),
+            Err(_) => cursor.save_at = Some(Instant::now() + Duration::from_secs(1)),
+        }
+        Ok(())
     }
 
     /// Whether the handler takes this event. An event that cannot be upcast counts as taken:

@@ -297,7 +297,7 @@ enum Done {
 async fn active<S, H>(
     shared: &Arc<Shared<S, H>>,
     claim: Option<Claim>,
-    mut lease: Option<watch::Receiver<Lease>>,
+    lease: Option<watch::Receiver<Lease>>,
     stop: &mut watch::Receiver<bool>,
     memory_checkpoint: &mut Option<Position>,
 ) -> End
@@ -306,118 +306,182 @@ where
     H: EventHandler,
 {
     shared.set_state(HandlerState::Starting);
-    let tenure = claim.clone();
+    let mut guard = Guard { lease, claim: claim.clone(), stop };
     let mut feeder = Feeder { shared: Arc::clone(shared), claim, parked: HashMap::new() };
-    let start = match guarded(&mut lease, tenure.as_ref(), stop, feeder.start_position(*memory_checkpoint)).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(end)) | Err(end) => return end,
+    let (start, parked) = match feeder.begin(&mut guard, *memory_checkpoint).await {
+        Ok(begun) => begun,
+        Err(end) => return end,
     };
-    let parked = match guarded(&mut lease, tenure.as_ref(), stop, feeder.load_parked()).await {
-        Ok(Ok(parked)) => parked,
-        Ok(Err(end)) | Err(end) => return end,
-    };
-    shared.status.send_modify(|status| {
-        status.position = start;
-        status.state = HandlerState::Running;
-        status.parked = feeder.parked_count();
-    });
-
     let workers = shared.config.workers.max(1);
-    let mut crew = Crew::spawn(shared, feeder.claim.as_ref(), &parked, &lease, workers);
+    let crew = Crew::spawn(shared, feeder.claim.as_ref(), &parked, &guard.lease, workers);
+    let mut feeding = FeedLoop {
+        feed: Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size),
+        newest: shared.store.notifications(),
+        books: Books { in_flight: BTreeSet::new(), read_up_to: start, saved: start },
+        since_save: 0,
+        save_at: None,
+        read_failures: Failures::new(&shared.config),
+        workers,
+        needs_key: workers > 1 || feeder.parking_on(),
+        shared: Arc::clone(shared),
+        feeder,
+        crew,
+        guard,
+        memory_checkpoint,
+    };
+    let end = feeding.feed_until_end().await;
+    let FeedLoop { crew, mut feeder, books, mut guard, memory_checkpoint, .. } = feeding;
+    crew.wind_down(end, &mut feeder, books, &mut guard.lease, memory_checkpoint).await
+}
 
-    let mut feed = Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size);
-    let newest = shared.store.notifications();
-    let mut in_flight: BTreeSet<Position> = BTreeSet::new();
-    let mut read_up_to = start;
-    let mut saved = start;
-    let mut since_save = 0u32;
-    let mut save_at: Option<Instant> = None;
-    let mut poll = tokio::time::interval(shared.config.parked_poll);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut read_failures = Failures::new(&shared.config);
-    let max_in_flight = workers * QUEUE_PER_WORKER;
-    let needs_key = workers > 1 || feeder.parking_on();
+/// What ends a tenure early: its lease running out, or the runner being stopped.
+struct Guard<'a> {
+    lease: Option<watch::Receiver<Lease>>,
+    /// The tenure's claim (`None` for a runner without one).
+    claim: Option<Claim>,
+    stop: &'a mut watch::Receiver<bool>,
+}
 
-    let end = loop {
-        let handled = in_flight.first().map_or(read_up_to, |first| Position(first.0 - 1));
-        if shared.show_progress(handled, feeder.parked_count(), &newest) {
-            since_save += 1;
-            save_at = Some(Instant::now() + shared.config.checkpoint_delay);
-        }
-        if handled != saved
-            && (since_save >= shared.config.checkpoint_every || shared.config.checkpoint_delay.is_zero())
-        {
-            match guarded(&mut lease, tenure.as_ref(), stop, feeder.save(handled, memory_checkpoint)).await {
-                Ok(Ok(())) => (saved, since_save, save_at) = (handled, 0, None),
-                Ok(Err(StoreError::ClaimLost { .. })) => break End::LeaseLost,
-                Ok(Err(_)) => {}
-                Err(end) => break end,
-            }
-        }
+impl Guard<'_> {
+    /// Runs `work` unless the tenure ends first (see [`guarded`]).
+    async fn run<T>(&mut self, work: impl std::future::Future<Output = T>) -> Result<T, End> {
+        guarded(&mut self.lease, self.claim.as_ref(), self.stop, work).await
+    }
+
+    /// Resolves when the tenure ends: the lease lost (looked at first), or the runner stopped.
+    async fn ended(&mut self) -> End {
         tokio::select! {
             biased;
-            () = lease_lost(&mut lease, tenure.as_ref()) => break End::LeaseLost,
-            () = stopped(stop) => break End::Stopped,
-            done = crew.done.recv() => {
-                let Some(done) = done else { break End::Stopped };
-                match guarded(&mut lease, tenure.as_ref(), stop, feeder.settle(done)).await {
-                    Ok(Ok(Some(position))) => { in_flight.remove(&position); }
-                    Ok(Ok(None)) => {}
-                    Ok(Err(end)) | Err(end) => break end,
-                }
+            () = lease_lost(&mut self.lease, self.claim.as_ref()) => End::LeaseLost,
+            () = stopped(self.stop) => End::Stopped,
+        }
+    }
+}
+
+/// The feeder's loop over one tenure: reads events, hands them to the crew, settles what the
+/// workers report, and saves the checkpoint when due.
+struct FeedLoop<'a, S: Store + ?Sized, H: EventHandler> {
+    shared: Arc<Shared<S, H>>,
+    feeder: Feeder<S, H>,
+    crew: Crew<H::Event>,
+    guard: Guard<'a>,
+    feed: Subscription<S>,
+    /// The store's newest position, for the lag metric.
+    newest: watch::Receiver<Position>,
+    books: Books,
+    /// Progress steps shown since the last save.
+    since_save: u32,
+    /// When to save a position that has not reached `checkpoint_every` steps.
+    save_at: Option<Instant>,
+    read_failures: Failures,
+    workers: usize,
+    /// Whether jobs need a partition key (several workers, or parking).
+    needs_key: bool,
+    memory_checkpoint: &'a mut Option<Position>,
+}
+
+impl<S: Store + ?Sized, H: EventHandler> FeedLoop<'_, S, H> {
+    /// Runs the loop until the tenure ends, the runner stops, or the feed or the crew closes.
+    async fn feed_until_end(&mut self) -> End {
+        let mut poll = tokio::time::interval(self.shared.config.parked_poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let max_in_flight = self.workers * QUEUE_PER_WORKER;
+        loop {
+            let handled = self.books.handled();
+            if let Err(end) = self.save_if_due(handled).await {
+                return end;
             }
-            next = feed.next(), if in_flight.len() < max_in_flight => match next {
-                Ok(Some(event)) => {
-                    read_failures = Failures::new(&shared.config);
-                    let position = event.position;
-                    read_up_to = position;
-                    match prepare(shared, event, needs_key) {
-                        None => {}
-                        Some(job) => {
-                            let index = match &job { Job::Event { key: Some(key), .. } => worker_of(key, workers), _ => 0 };
-                            in_flight.insert(position);
-                            // A full queue waits for its worker, never past the tenure's end.
-                            match guarded(&mut lease, tenure.as_ref(), stop, crew.queues[index].send(job)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(_closed)) => break End::Stopped,
-                                Err(end) => break end,
-                            }
-                        }
-                    }
+            let turn = tokio::select! {
+                biased;
+                end = self.guard.ended() => Err(end),
+                done = self.crew.done.recv() => self.settle(done).await,
+                next = self.feed.next(), if self.books.in_flight.len() < max_in_flight => match next {
+                    Ok(Some(event)) => self.hand_out(event).await,
+                    Ok(None) => Err(End::Stopped),
+                    Err(error) => self.back_off(&error).await,
+                },
+                () = sleep_until_some(self.save_at), if handled != self.books.saved => self.save_late(handled).await,
+                _ = poll.tick(), if self.feeder.parked_count() > 0 => {
+                    self.guard.run(self.feeder.poll_parked(&self.crew.queues, self.workers)).await
                 }
-                Ok(None) => break End::Stopped,
-                Err(error) => {
-                    let delay = read_failures.record();
-                    shared.report_failure(read_up_to, &read_failures, &error.to_string());
-                    // The back-off ends with the tenure: a feeder that cannot read must not
-                    // leave its workers handling past the lease.
-                    tokio::select! {
-                        biased;
-                        () = lease_lost(&mut lease, tenure.as_ref()) => break End::LeaseLost,
-                        () = stopped(stop) => break End::Stopped,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            },
-            () = sleep_until_some(save_at), if handled != saved => {
-                save_at = None;
-                match guarded(&mut lease, tenure.as_ref(), stop, feeder.save(handled, memory_checkpoint)).await {
-                    Ok(Ok(())) => (saved, since_save) = (handled, 0),
-                    Ok(Err(StoreError::ClaimLost { .. })) => break End::LeaseLost,
-                    Ok(Err(_)) => save_at = Some(Instant::now() + shared.config.max_backoff.min(Duration::from_secs(1))),
-                    Err(end) => break end,
-                }
-            }
-            _ = poll.tick(), if feeder.parked_count() > 0 => {
-                if let Err(end) = guarded(&mut lease, tenure.as_ref(), stop, feeder.poll_parked(&crew.queues, workers)).await {
-                    break end;
-                }
+            };
+            if let Err(end) = turn {
+                return end;
             }
         }
-    };
+    }
 
-    let books = Books { in_flight, read_up_to, saved };
-    crew.wind_down(end, &mut feeder, books, &mut lease, memory_checkpoint).await
+    /// Shows the progress, and saves it once `checkpoint_every` steps were shown (at once
+    /// without a `checkpoint_delay`); a failed save is tried again later.
+    async fn save_if_due(&mut self, handled: Position) -> Result<(), End> {
+        let config = &self.shared.config;
+        if self.shared.show_progress(handled, self.feeder.parked_count(), &self.newest) {
+            self.since_save += 1;
+            self.save_at = Some(Instant::now() + config.checkpoint_delay);
+        }
+        let due = self.since_save >= config.checkpoint_every || config.checkpoint_delay.is_zero();
+        if handled != self.books.saved && due && self.save(handled).await? {
+            self.save_at = None;
+        }
+        Ok(())
+    }
+
+    /// Saves a position that waited `checkpoint_delay`; after a failure, tries again shortly.
+    async fn save_late(&mut self, handled: Position) -> Result<(), End> {
+        self.save_at = None;
+        if !self.save(handled).await? {
+            self.save_at = Some(Instant::now() + self.shared.config.max_backoff.min(Duration::from_secs(1)));
+        }
+        Ok(())
+    }
+
+    /// Saves the checkpoint at `handled`: true once saved, false if the store failed; a lost
+    /// claim ends the tenure.
+    async fn save(&mut self, handled: Position) -> Result<bool, End> {
+        match self.guard.run(self.feeder.save(handled, self.memory_checkpoint)).await? {
+            Ok(()) => {
+                (self.books.saved, self.since_save) = (handled, 0);
+                Ok(true)
+            }
+            Err(StoreError::ClaimLost { .. }) => Err(End::LeaseLost),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Records what a worker reports; a closed report channel ends the tenure as stopped.
+    async fn settle(&mut self, done: Option<Done>) -> Result<(), End> {
+        let Some(done) = done else { return Err(End::Stopped) };
+        if let Some(position) = self.guard.run(self.feeder.settle(done)).await?? {
+            self.books.in_flight.remove(&position);
+        }
+        Ok(())
+    }
+
+    /// Passes a read event to its worker (or over it, if the handler does not take it).
+    async fn hand_out(&mut self, event: RecordedEvent) -> Result<(), End> {
+        self.read_failures = Failures::new(&self.shared.config);
+        let position = event.position;
+        self.books.read_up_to = position;
+        let Some(job) = prepare(&self.shared, event, self.needs_key) else { return Ok(()) };
+        let index = match &job {
+            Job::Event { key: Some(key), .. } => worker_of(key, self.workers),
+            _ => 0,
+        };
+        self.books.in_flight.insert(position);
+        // A full queue waits for its worker, never past the tenure's end.
+        match self.guard.run(self.crew.queues[index].send(job)).await? {
+            Ok(()) => Ok(()),
+            Err(_closed) => Err(End::Stopped),
+        }
+    }
+
+    /// Reports a failed read and waits out its back-off. The back-off ends with the tenure: a
+    /// feeder that cannot read must not leave its workers handling past the lease.
+    async fn back_off(&mut self, error: &StoreError) -> Result<(), End> {
+        let delay = self.read_failures.record();
+        self.shared.report_failure(self.books.read_up_to, &self.read_failures, &error.to_string());
+        self.guard.run(tokio::time::sleep(delay)).await
+    }
 }
 
 /// Where the feeder has got to: the events handed to workers and not yet done, the last
@@ -426,6 +490,13 @@ struct Books {
     in_flight: BTreeSet<Position>,
     read_up_to: Position,
     saved: Position,
+}
+
+impl Books {
+    /// The highest position below which every event is done: the checkpoint to keep.
+    fn handled(&self) -> Position {
+        self.in_flight.first().map_or(self.read_up_to, |first| Position(first.0 - 1))
+    }
 }
 
 /// A tenure's workers: their queues, their tasks, what they report, and the halt flag.
@@ -509,8 +580,7 @@ impl<E: DomainEvent> Crew<E> {
                         }
                     }
                     // Events still queued were not handled: the checkpoint stays below them.
-                    let handled = books.in_flight.first().map_or(books.read_up_to, |first| Position(first.0 - 1));
-                    let handled = handled.max(books.saved);
+                    let handled = books.handled().max(books.saved);
                     shared.status.send_modify(|status| status.position = handled);
                     if handled != books.saved {
                         let _ = feeder.save(handled, memory_checkpoint).await;
@@ -639,6 +709,23 @@ impl<S: Store + ?Sized, H: EventHandler> Feeder<S, H> {
                 }
             }
         }
+    }
+
+    /// Starts a tenure: finds its start position and the parked events (by sequence), and
+    /// shows them in the status with the `Running` state.
+    async fn begin(
+        &mut self,
+        guard: &mut Guard<'_>,
+        memory_checkpoint: Option<Position>,
+    ) -> Result<(Position, HashMap<String, Vec<Position>>), End> {
+        let start = guard.run(self.start_position(memory_checkpoint)).await??;
+        let parked = guard.run(self.load_parked()).await??;
+        self.shared.status.send_modify(|status| {
+            status.position = start;
+            status.state = HandlerState::Running;
+            status.parked = self.parked_count();
+        });
+        Ok((start, parked))
     }
 
     async fn start_position(&self, memory_checkpoint: Option<Position>) -> Result<Position, End> {

@@ -10,12 +10,12 @@ use crate::aggregate::CommandEnvelope;
 use crate::coordination::{ProcessState, Scheduled};
 use crate::event::{DomainEvent, Envelope, RecordedEvent};
 use crate::handler::{current_claim, EventHandler, HandlerError};
-use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position};
+use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, Timestamp};
 use crate::store::{Store, StoreError};
 
 /// What the store keeps of an instance: its state and the names of its pending schedules (so
 /// stopping the instance cancels them).
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 pub(super) struct Stored<S> {
     pub(super) state: S,
     #[serde(default)]
@@ -136,6 +136,191 @@ impl<S: Store + ?Sized, P: ProcessManager, R: CommandRouter<P::Command>> Process
         let envelope = CommandEnvelope::new(command).caused_by(event.event_id, &event.metadata, &full_step);
         self.router.route(envelope).await
     }
+
+    /// The state an event of instance `key` is handled in, with the instance's pending
+    /// schedules; `None` when there is nothing to do: handled already, or not for a live
+    /// instance (after its end, or before its start).
+    fn instance_state(
+        &self,
+        stored: Option<&ProcessState>,
+        starts: bool,
+        event: &Envelope<P::Event>,
+        key: &str,
+    ) -> Result<Option<Stored<P::State>>, HandlerError> {
+        let name = self.manager.name();
+        match stored {
+            // Handled already (the state was saved, the checkpoint not yet): nothing to do.
+            Some(stored) if stored.position >= event.position => Ok(None),
+            // Ended (a tombstone): a later start begins a new instance; anything else is for
+            // the instance that ended, and ignored like one that never existed.
+            Some(stored) if stored.ended => Ok(starts.then(Stored::default)),
+            Some(stored) => {
+                let stored = Stored::<P::State>::deserialize(&stored.state)
+                    .map_err(|error| HandlerError::new(format!("{name}/{key}: stored state unreadable: {error}")))?;
+                Ok(Some(stored))
+            }
+            None if starts => Ok(Some(Stored::default())),
+            // Not started: a Continue or Stop for an instance that does not exist.
+            None => Ok(None),
+        }
+    }
+
+    /// Sends the reaction's commands in order. A refused one gets the compensations the
+    /// manager decides on `next` sent, and their schedules, cancellations and end added to
+    /// `effects`.
+    async fn send_commands(
+        &self,
+        event: &Envelope<P::Event>,
+        key: &str,
+        next: &P::State,
+        effects: &mut Effects<P::Command>,
+    ) -> Result<(), HandlerError> {
+        for (step, command) in effects.commands.clone() {
+            match self.send(event, key, &step, command.clone()).await {
+                Ok(()) => {}
+                Err(RouteError::Failed(error)) => return Err(error),
+                Err(RouteError::Rejected(rejection)) => {
+                    tracing::debug!(process = self.manager.name(), key, step, %rejection, "a command was refused");
+                    let compensations =
+                        compensate(&*self.manager, next, &step, &command, &rejection).map_err(HandlerError::new)?;
+                    self.send_compensations(event, key, &step, compensations.commands).await?;
+                    effects.scheduled.extend(compensations.scheduled);
+                    effects.cancelled.extend(compensations.cancelled);
+                    effects.ended |= compensations.ended;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the compensations for the command refused at `step`.
+    async fn send_compensations(
+        &self,
+        event: &Envelope<P::Event>,
+        key: &str,
+        step: &str,
+        compensations: Vec<(String, P::Command)>,
+    ) -> Result<(), HandlerError> {
+        let name = self.manager.name();
+        for (compensation, command) in compensations {
+            let step = format!("{step}/rejected/{compensation}");
+            match self.send(event, key, &step, command).await {
+                Ok(()) => {}
+                Err(RouteError::Failed(error)) => return Err(error),
+                Err(RouteError::Rejected(rejection)) => {
+                    // Not passed over: counted, and the event fails (retried or parked by the
+                    // error policy), so an operator sees it.
+                    tracing::warn!(process = name, key, step, %rejection, "a compensation was refused");
+                    metrics::counter!("cqrs_process_compensations_refused_total", "process" => name.to_owned())
+                        .increment(1);
+                    let refused =
+                        CompensationRefused { process: name.to_owned(), key: key.to_owned(), step, rejection };
+                    return Err(HandlerError::new(refused));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the reaction's cancellations, then its schedules, keeping `schedules` (the
+    /// instance's pending ones) up to date. Cancellations first: they apply to what was pending
+    /// before this reaction, so a reaction that cancels and schedules one name moves it instead
+    /// of losing it.
+    async fn apply_schedules(
+        &self,
+        event: &Envelope<P::Event>,
+        key: &str,
+        effects: &Effects<P::Command>,
+        schedules: &mut Vec<String>,
+    ) -> Result<(), HandlerError> {
+        for schedule in &effects.cancelled {
+            self.unschedule(key, schedule).await?;
+            schedules.retain(|pending| pending != schedule);
+        }
+        for (schedule, due, command) in &effects.scheduled {
+            self.schedule(event, key, schedule, *due, command).await?;
+            if !schedules.contains(schedule) {
+                schedules.push(schedule.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores `command` to be sent at `due` as schedule `schedule` of instance `key`.
+    async fn schedule(
+        &self,
+        event: &Envelope<P::Event>,
+        key: &str,
+        schedule: &str,
+        due: Timestamp,
+        command: &P::Command,
+    ) -> Result<(), HandlerError> {
+        let manager = &*self.manager;
+        let stored = StoredCommand {
+            command: command.clone(),
+            causation: Some(CausationId::from(event.event_id)),
+            correlation: event.metadata.correlation_id,
+            headers: event.metadata.headers.clone(),
+        };
+        let command = serde_json::to_value(&stored).map_err(HandlerError::new)?;
+        let scheduled = Scheduled {
+            owner: manager.name().to_owned(),
+            key: key.to_owned(),
+            name: schedule.to_owned(),
+            due,
+            command,
+            command_id: command_id(event.event_id, id_name(manager), key, &format!("schedule/{schedule}")),
+            attempts: 0,
+        };
+        self.store.schedule(scheduled).await?;
+        // It replaces a pending one of a previous name too.
+        for previous in manager.previous_names() {
+            self.store.unschedule(previous, key, schedule, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Cancels schedule `schedule` of instance `key`, under the name and every previous name.
+    async fn unschedule(&self, key: &str, schedule: &str) -> Result<(), StoreError> {
+        self.store.unschedule(self.manager.name(), key, schedule, None).await?;
+        for previous in self.manager.previous_names() {
+            self.store.unschedule(previous, key, schedule, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Saves instance `key` as handled up to `position`: a tombstone once it `stops` (ending it
+    /// cancels everything still pending), else its `next` state and pending `schedules`; then
+    /// deletes it under the previous name it `moved_from`, if any.
+    async fn save(
+        &self,
+        position: Position,
+        key: &str,
+        stops: bool,
+        next: P::State,
+        schedules: Vec<String>,
+        moved_from: Option<&str>,
+    ) -> Result<(), HandlerError> {
+        let name = self.manager.name();
+        let fence = current_claim();
+        if stops {
+            for schedule in &schedules {
+                self.unschedule(key, schedule).await?;
+            }
+            // A tombstone, not a deletion: a replay of this instance's earlier events (after a
+            // checkpoint that lagged) must find them handled, not start it again.
+            self.store.save_process(name, key, Some(&ProcessState::ended(position)), fence.as_ref()).await?;
+        } else {
+            let value: Value = serde_json::to_value(Stored { state: next, schedules }).map_err(HandlerError::new)?;
+            let saved = ProcessState::running(value, position);
+            self.store.save_process(name, key, Some(&saved), fence.as_ref()).await?;
+        }
+        if let Some(previous) = moved_from {
+            // Moved to the new name (a crash before this leaves both; the new one is read first).
+            self.store.save_process(previous, key, None, fence.as_ref()).await?;
+        }
+        Ok(())
+    }
 }
 
 impl<S, P, R> EventHandler for ProcessHandler<S, P, R>
@@ -163,9 +348,7 @@ where
     }
 
     async fn handle(&self, event: Envelope<P::Event>) -> Result<(), HandlerError> {
-        let manager = &*self.manager;
-        let name = manager.name();
-        let route = manager.route(&event);
+        let route = self.manager.route(&event);
         let (key, starts, stops) = match &route {
             Route::Ignore => return Ok(()),
             Route::Start(key) => (key.as_str(), true, false),
@@ -177,121 +360,13 @@ where
             return Ok(());
         }
         let (stored, moved_from) = self.load_instance(key).await?;
-        let (state, mut schedules) = match &stored {
-            // Handled already (the state was saved, the checkpoint not yet): nothing to do.
-            Some(stored) if stored.position >= event.position => return Ok(()),
-            // Ended (a tombstone): a later start begins a new instance; anything else is for
-            // the instance that ended, and ignored like one that never existed.
-            Some(stored) if stored.ended => match starts {
-                true => (P::State::default(), Vec::new()),
-                false => return Ok(()),
-            },
-            Some(stored) => {
-                let Stored { state, schedules } = Stored::<P::State>::deserialize(&stored.state)
-                    .map_err(|error| HandlerError::new(format!("{name}/{key}: stored state unreadable: {error}")))?;
-                (state, schedules)
-            }
-            None if starts => (P::State::default(), Vec::new()),
-            // Not started: a Continue or Stop for an instance that does not exist.
-            None => return Ok(()),
+        let Some(Stored { state, mut schedules }) = self.instance_state(stored.as_ref(), starts, &event, key)? else {
+            return Ok(());
         };
-
-        let (mut effects, next) = react(manager, state, &event).map_err(HandlerError::new)?;
-        for (step, command) in effects.commands.clone() {
-            match self.send(&event, key, &step, command.clone()).await {
-                Ok(()) => {}
-                Err(RouteError::Failed(error)) => return Err(error),
-                Err(RouteError::Rejected(rejection)) => {
-                    tracing::debug!(process = name, key, step, %rejection, "a command was refused");
-                    let compensations =
-                        compensate(manager, &next, &step, &command, &rejection).map_err(HandlerError::new)?;
-                    for (compensation, command) in compensations.commands {
-                        let step = format!("{step}/rejected/{compensation}");
-                        match self.send(&event, key, &step, command).await {
-                            Ok(()) => {}
-                            Err(RouteError::Failed(error)) => return Err(error),
-                            Err(RouteError::Rejected(rejection)) => {
-                                // Not passed over: counted, and the event fails (retried or
-                                // parked by the error policy), so an operator sees it.
-                                tracing::warn!(process = name, key, step, %rejection, "a compensation was refused");
-                                metrics::counter!("cqrs_process_compensations_refused_total", "process" => name.to_owned())
-                                    .increment(1);
-                                let refused = CompensationRefused {
-                                    process: name.to_owned(),
-                                    key: key.to_owned(),
-                                    step,
-                                    rejection,
-                                };
-                                return Err(HandlerError::new(refused));
-                            }
-                        }
-                    }
-                    effects.scheduled.extend(compensations.scheduled);
-                    effects.cancelled.extend(compensations.cancelled);
-                    effects.ended |= compensations.ended;
-                }
-            }
-        }
-        // Cancellations first: they apply to what was pending before this reaction, so a
-        // reaction that cancels and schedules one name moves it instead of losing it.
-        for schedule in &effects.cancelled {
-            self.store.unschedule(name, key, schedule, None).await?;
-            for previous in manager.previous_names() {
-                self.store.unschedule(previous, key, schedule, None).await?;
-            }
-            schedules.retain(|pending| pending != schedule);
-        }
-        for (schedule, due, command) in &effects.scheduled {
-            let stored = StoredCommand {
-                command: command.clone(),
-                causation: Some(CausationId::from(event.event_id)),
-                correlation: event.metadata.correlation_id,
-                headers: event.metadata.headers.clone(),
-            };
-            let command = serde_json::to_value(&stored).map_err(HandlerError::new)?;
-            let scheduled = Scheduled {
-                owner: name.to_owned(),
-                key: key.to_owned(),
-                name: schedule.clone(),
-                due: *due,
-                command,
-                command_id: command_id(event.event_id, id_name(manager), key, &format!("schedule/{schedule}")),
-                attempts: 0,
-            };
-            self.store.schedule(scheduled).await?;
-            // It replaces a pending one of a previous name too.
-            for previous in manager.previous_names() {
-                self.store.unschedule(previous, key, schedule, None).await?;
-            }
-            if !schedules.contains(schedule) {
-                schedules.push(schedule.clone());
-            }
-        }
+        let (mut effects, next) = react(&*self.manager, state, &event).map_err(HandlerError::new)?;
+        self.send_commands(&event, key, &next, &mut effects).await?;
+        self.apply_schedules(&event, key, &effects, &mut schedules).await?;
         let stops = stops || effects.ended;
-        // Ending the instance cancels everything still pending.
-        let cancel = if stops { std::mem::take(&mut schedules) } else { Vec::new() };
-        for schedule in &cancel {
-            self.store.unschedule(name, key, schedule, None).await?;
-            for previous in manager.previous_names() {
-                self.store.unschedule(previous, key, schedule, None).await?;
-            }
-            schedules.retain(|pending| pending != schedule);
-        }
-
-        let fence = current_claim();
-        if stops {
-            // A tombstone, not a deletion: a replay of this instance's earlier events (after a
-            // checkpoint that lagged) must find them handled, not start it again.
-            self.store.save_process(name, key, Some(&ProcessState::ended(event.position)), fence.as_ref()).await?;
-        } else {
-            let value: Value = serde_json::to_value(Stored { state: next, schedules }).map_err(HandlerError::new)?;
-            let saved = ProcessState::running(value, event.position);
-            self.store.save_process(name, key, Some(&saved), fence.as_ref()).await?;
-        }
-        if let Some(previous) = moved_from {
-            // Moved to the new name (a crash before this leaves both; the new one is read first).
-            self.store.save_process(previous, key, None, fence.as_ref()).await?;
-        }
-        Ok(())
+        self.save(event.position, key, stops, next, schedules, moved_from).await
     }
 }

@@ -4,7 +4,7 @@
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::{EventStore, ExpectedVersion, StoreError};
-use cqrs_postgres::PgStoreConfig;
+use cqrs_postgres::{PgEventStore, PgStoreConfig};
 use serde_json::json;
 
 use crate::support::{random_below, read_everything, stream, TestDb};
@@ -312,63 +312,41 @@ fn arrays_call<'q>(
         .bind(events.iter().map(|_| sqlx::types::Json(json!({"h": "1"}))).collect::<Vec<_>>())
 }
 
-/// Events a subscriber of the writing process gets from memory (`PgStoreConfig::recent_events`)
-/// are exactly what the database returns for them: lone appends, batches, several events per
-/// append, metadata, payloads that jsonb stores differently from how they were written.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_read_from_memory_equal_the_stored_ones() {
-    use cqrs_core::{CausationId, CommandId, CorrelationId, Metadata, Position};
+/// Appends round `round` of [`events_read_from_memory_equal_the_stored_ones`]: one to three
+/// events carrying `payload` and full metadata, as one append; returns how many.
+async fn append_round(writer: PgEventStore, round: u64, payload: serde_json::Value) -> usize {
+    use cqrs_core::{CausationId, CommandId, CorrelationId, Metadata};
 
-    let db = TestDb::create().await;
-    let writer = db.store().await;
-    let from_database = db.store_with(PgStoreConfig::default().with_max_connections(4).with_recent_events(0)).await;
-    let payloads = [
-        json!({"z": 1, "a": [1.5, -0.0, 1e300, 18446744073709551615u64], "é": "ünïcödé ✓", "nested": {"b": null}}),
-        json!("a bare string"),
-        json!([{"k": true}, 12345678901234567i64]),
-    ];
-    let mut appended = 0;
-    let mut tasks = Vec::new();
-    for round in 0..12u64 {
-        let writer = writer.clone();
-        let payload = payloads[(round % 3) as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let events: Vec<_> = (0..1 + round % 3)
-                .map(|n| {
-                    let mut metadata = Metadata {
-                        command_id: Some(CommandId::new()),
-                        causation_id: (n == 0).then(|| CausationId(uuid::Uuid::new_v4())),
-                        correlation_id: Some(CorrelationId(uuid::Uuid::new_v4())),
-                        ..Metadata::default()
-                    };
-                    metadata.headers.insert("tenant".to_owned(), format!("t{round}"));
-                    let mut sent = cqrs_core::testing::conformance::event_with(round * 10 + n, metadata);
-                    sent.payload = payload.clone();
-                    sent
-                })
-                .collect();
-            // The command id of an append is its first event's (the store checks they agree).
-            let command = events[0].metadata.command_id;
-            let events = events
-                .into_iter()
-                .map(|mut event| {
-                    event.metadata.command_id = command;
-                    event
-                })
-                .collect::<Vec<_>>();
-            let count = events.len();
-            writer.append(&stream(&format!("mem{}", round % 4)), ExpectedVersion::Any, events).await.expect("append");
-            count
-        }));
-    }
-    for task in tasks {
-        appended += task.await.expect("task");
-    }
-    let theirs = read_everything(&from_database).await;
-    assert_eq!(theirs.len(), appended);
-    // Page by page from the writing store, with the database refusing connections and every
-    // session ended: only memory can answer (one writer, no other process, so the positions
-    // form one run from 1).
+    let events: Vec<_> = (0..1 + round % 3)
+        .map(|n| {
+            let mut metadata = Metadata {
+                command_id: Some(CommandId::new()),
+                causation_id: (n == 0).then(|| CausationId(uuid::Uuid::new_v4())),
+                correlation_id: Some(CorrelationId(uuid::Uuid::new_v4())),
+                ..Metadata::default()
+            };
+            metadata.headers.insert("tenant".to_owned(), format!("t{round}"));
+            let mut sent = cqrs_core::testing::conformance::event_with(round * 10 + n, metadata);
+            sent.payload = payload.clone();
+            sent
+        })
+        .collect();
+    // The command id of an append is its first event's (the store checks they agree).
+    let command = events[0].metadata.command_id;
+    let events = events
+        .into_iter()
+        .map(|mut event| {
+            event.metadata.command_id = command;
+            event
+        })
+        .collect::<Vec<_>>();
+    let count = events.len();
+    writer.append(&stream(&format!("mem{}", round % 4)), ExpectedVersion::Any, events).await.expect("append");
+    count
+}
+
+/// Cuts the test database off: it refuses new connections, and every session is ended.
+async fn cut_off(db: &TestDb) {
     let database: String = {
         let mut connection = db.connection().await;
         sqlx::query_scalar("SELECT current_database()").fetch_one(&mut connection).await.expect("name")
@@ -385,6 +363,38 @@ async fn events_read_from_memory_equal_the_stored_ones() {
         .execute(&mut admin)
         .await
         .expect("end the sessions");
+}
+
+/// Events a subscriber of the writing process gets from memory (`PgStoreConfig::recent_events`)
+/// are exactly what the database returns for them: lone appends, batches, several events per
+/// append, metadata, payloads that jsonb stores differently from how they were written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_read_from_memory_equal_the_stored_ones() {
+    use cqrs_core::Position;
+
+    let db = TestDb::create().await;
+    let writer = db.store().await;
+    let from_database = db.store_with(PgStoreConfig::default().with_max_connections(4).with_recent_events(0)).await;
+    let payloads = [
+        json!({"z": 1, "a": [1.5, -0.0, 1e300, 18446744073709551615u64], "é": "ünïcödé ✓", "nested": {"b": null}}),
+        json!("a bare string"),
+        json!([{"k": true}, 12345678901234567i64]),
+    ];
+    let mut appended = 0;
+    let mut tasks = Vec::new();
+    for round in 0..12u64 {
+        let payload = payloads[(round % 3) as usize].clone();
+        tasks.push(tokio::spawn(append_round(writer.clone(), round, payload)));
+    }
+    for task in tasks {
+        appended += task.await.expect("task");
+    }
+    let theirs = read_everything(&from_database).await;
+    assert_eq!(theirs.len(), appended);
+    // Page by page from the writing store, with the database refusing connections and every
+    // session ended: only memory can answer (one writer, no other process, so the positions
+    // form one run from 1).
+    cut_off(&db).await;
     assert!(writer.read_all(Position::START, 1).await.is_ok(), "position 1 is in memory");
     assert!(
         writer.read_stream(&stream("absent"), cqrs_core::Version(1), 1).await.is_err(),

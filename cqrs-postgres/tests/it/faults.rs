@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::testing::conformance::event;
-use cqrs_core::{AppendOutcome, EventStore, ExpectedVersion, Position, StoreError, Subscription};
-use cqrs_postgres::PgStoreConfig;
+use cqrs_core::{AppendOutcome, EventId, EventStore, ExpectedVersion, Position, StoreError, Subscription};
+use cqrs_postgres::{PgEventStore, PgStoreConfig};
 
 use crate::support::{read_everything, stream, TestDb};
 
@@ -20,39 +20,8 @@ async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
     let store = db.store_with(PgStoreConfig::default().with_acquire_timeout(Duration::from_secs(2))).await;
     let stop = tokio::time::Instant::now() + Duration::from_secs(3);
 
-    let mut writers = Vec::new();
-    for _ in 0..WRITERS {
-        let store = store.clone();
-        writers.push(tokio::spawn(async move {
-            let s = stream("faulty");
-            let (mut acknowledged, mut unavailable) = (HashMap::new(), 0);
-            while tokio::time::Instant::now() < stop {
-                let sent = event(0);
-                let id = sent.event_id;
-                match store.append(&s, ExpectedVersion::Any, vec![sent]).await {
-                    Ok(AppendOutcome::Appended(result)) => {
-                        acknowledged.insert(id, result.first_position);
-                    }
-                    Err(StoreError::Unavailable(_)) => unavailable += 1,
-                    other => panic!("an append may succeed or be unavailable, got {other:?}"),
-                }
-            }
-            (acknowledged, unavailable)
-        }));
-    }
-    let mut killer = db.connection().await;
-    let mut kills = 0;
-    while tokio::time::Instant::now() < stop {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        let killed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .fetch_one(&mut killer)
-        .await
-        .expect("terminate backends");
-        kills += killed;
-    }
+    let writers: Vec<_> = (0..WRITERS).map(|_| tokio::spawn(append_until(store.clone(), stop))).collect();
+    let kills = kill_backends_until(&db, stop).await;
     let mut acknowledged = HashMap::new();
     let mut unavailable = 0;
     for writer in writers {
@@ -80,23 +49,8 @@ async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
 
     // Reads too: a pooled read connection whose backend was killed answers `Unavailable` once
     // (transient, by contract) and is replaced; retry as a caller would.
-    let mut stored = HashMap::new();
-    let mut after = Position::START;
     let mut unavailable_reads = 0;
-    loop {
-        let page = match store.read_all(after, 500).await {
-            Ok(page) => page,
-            Err(StoreError::Unavailable(_)) if unavailable_reads < 50 => {
-                unavailable_reads += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(other) => panic!("reading after the faults: {other}"),
-        };
-        let Some(last) = page.last() else { break };
-        after = last.position;
-        stored.extend(page.into_iter().map(|e| (e.event_id, e.position)));
-    }
+    let stored = read_all_retrying(&store, &mut unavailable_reads).await;
     for (id, position) in &acknowledged {
         assert_eq!(stored.get(id), Some(position), "acknowledged append {id} must be stored at its position");
     }
@@ -114,6 +68,66 @@ async fn killed_backends_give_typed_errors_and_lose_no_acknowledged_append() {
             Err(other) => panic!("subscribing after the faults: {other}"),
         }
     }
+}
+
+/// One writer: appends to its own stream until `stop`; returns the acknowledged appends (event
+/// id → position) and how many were unavailable. Any other answer panics.
+async fn append_until(store: PgEventStore, stop: tokio::time::Instant) -> (HashMap<EventId, Position>, usize) {
+    let s = stream("faulty");
+    let (mut acknowledged, mut unavailable) = (HashMap::new(), 0);
+    while tokio::time::Instant::now() < stop {
+        let sent = event(0);
+        let id = sent.event_id;
+        match store.append(&s, ExpectedVersion::Any, vec![sent]).await {
+            Ok(AppendOutcome::Appended(result)) => {
+                acknowledged.insert(id, result.first_position);
+            }
+            Err(StoreError::Unavailable(_)) => unavailable += 1,
+            other => panic!("an append may succeed or be unavailable, got {other:?}"),
+        }
+    }
+    (acknowledged, unavailable)
+}
+
+/// Terminates every other backend of the test database every 150 ms until `stop`; returns how
+/// many it terminated.
+async fn kill_backends_until(db: &TestDb, stop: tokio::time::Instant) -> i64 {
+    let mut killer = db.connection().await;
+    let mut kills = 0;
+    while tokio::time::Instant::now() < stop {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let killed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(&mut killer)
+        .await
+        .expect("terminate backends");
+        kills += killed;
+    }
+    kills
+}
+
+/// Every stored event's position by id, read page by page; an `Unavailable` page is read again
+/// (at most 50 times in all, counted in `unavailable_reads`).
+async fn read_all_retrying(store: &PgEventStore, unavailable_reads: &mut usize) -> HashMap<EventId, Position> {
+    let mut stored = HashMap::new();
+    let mut after = Position::START;
+    loop {
+        let page = match store.read_all(after, 500).await {
+            Ok(page) => page,
+            Err(StoreError::Unavailable(_)) if *unavailable_reads < 50 => {
+                *unavailable_reads += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(other) => panic!("reading after the faults: {other}"),
+        };
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        stored.extend(page.into_iter().map(|e| (e.event_id, e.position)));
+    }
+    stored
 }
 
 fn tracing_free_note(kills: i64, acknowledged: usize, unavailable: usize) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::{EventId, EventStore, ExpectedVersion, Position, RecordedEvent, StreamId, Subscription, Version};
-use cqrs_postgres::PgStoreConfig;
+use cqrs_postgres::{PgEventStore, PgStoreConfig};
 use serde_json::json;
 use sqlx::Connection;
 
@@ -73,61 +73,19 @@ async fn subscriber_never_skips_events_of_slow_writers() {
     let streams: Vec<StreamId> = (0..3).map(|i| stream(&format!("shared{i}"))).collect();
     let committed = Arc::new(Mutex::new(HashSet::new()));
 
-    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
-    let subscriber = {
-        let seen = Arc::clone(&seen);
-        let mut feed = Subscription::all(Arc::new(first.clone()), Position::START).with_page_size(7);
-        tokio::spawn(async move {
-            while let Some(event) = feed.next().await.expect("subscription") {
-                seen.lock().expect("lock").push(event);
-            }
-        })
-    };
-
+    let (seen, subscriber) = collect_feed(&first, None, "subscription");
     // A second subscriber on the same store instance that lags: its pages lie below the read
     // bound the first one has already seen, so the store reads them with a plain SELECT.
-    let lagging: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
-    let lagging_subscriber = {
-        let lagging = Arc::clone(&lagging);
-        let mut feed = Subscription::all(Arc::new(first.clone()), Position::START).with_page_size(7);
-        tokio::spawn(async move {
-            while let Some(event) = feed.next().await.expect("lagging subscription") {
-                lagging.lock().expect("lock").push(event);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    };
+    let (lagging, lagging_subscriber) = collect_feed(&first, Some(Duration::from_millis(2)), "lagging subscription");
 
     let mut writers = Vec::new();
     for writer in 0..STORE_WRITERS * 2 {
         let store = if writer % 2 == 0 { first.clone() } else { second.clone() };
-        let streams = streams.clone();
-        let committed = Arc::clone(&committed);
-        writers.push(tokio::spawn(async move {
-            for i in 0..STORE_APPENDS {
-                let sent = event(writer * 1000 + i);
-                let id = sent.event_id;
-                let s = &streams[usize::try_from(random_below(3)).expect("small")];
-                store.append(s, ExpectedVersion::Any, vec![sent]).await.expect("store append");
-                committed.lock().expect("lock").insert(id);
-                if i % 5 == 0 {
-                    tokio::time::sleep(Duration::from_millis(random_below(5))).await;
-                }
-            }
-        }));
+        writers.push(tokio::spawn(store_writer(writer, store, streams.clone(), Arc::clone(&committed))));
     }
     for _ in 0..RAW_WRITERS {
-        let mut connection = db.connection().await;
-        let streams = streams.clone();
-        let committed = Arc::clone(&committed);
-        writers.push(tokio::spawn(async move {
-            for _ in 0..RAW_APPENDS {
-                let s = &streams[usize::try_from(random_below(3)).expect("small")];
-                if let Some(ids) = slow_raw_append(&mut connection, s).await {
-                    committed.lock().expect("lock").extend(ids);
-                }
-            }
-        }));
+        let connection = db.connection().await;
+        writers.push(tokio::spawn(raw_writer(connection, streams.clone(), Arc::clone(&committed))));
     }
     for writer in writers {
         writer.await.expect("writer");
@@ -135,14 +93,8 @@ async fn subscriber_never_skips_events_of_slow_writers() {
     let committed = committed.lock().expect("lock").clone();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while seen.lock().expect("lock").len() < committed.len() {
-        assert!(tokio::time::Instant::now() < deadline, "subscriber stalled: it missed an event");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    while lagging.lock().expect("lock").len() < committed.len() {
-        assert!(tokio::time::Instant::now() < deadline, "the lagging subscriber stalled: it missed an event");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_count(&seen, committed.len(), deadline, "subscriber stalled: it missed an event").await;
+    wait_for_count(&lagging, committed.len(), deadline, "the lagging subscriber stalled: it missed an event").await;
     // Anything extra (a duplicate) would arrive quickly.
     tokio::time::sleep(Duration::from_millis(300)).await;
     subscriber.abort();
@@ -161,6 +113,75 @@ async fn subscriber_never_skips_events_of_slow_writers() {
         let events = first.read_stream(s, Version(1), usize::MAX).await.expect("read_stream");
         assert!(events.iter().enumerate().all(|(i, e)| e.version == Version(i as u64 + 1)), "{s} contiguous");
         assert!(events.windows(2).all(|w| w[0].position < w[1].position), "{s} in position order");
+    }
+}
+
+/// A subscriber from the start that collects every event (pausing `pause` after each, to lag);
+/// panics with `what` if the feed fails.
+fn collect_feed(
+    store: &PgEventStore,
+    pause: Option<Duration>,
+    what: &'static str,
+) -> (Arc<Mutex<Vec<RecordedEvent>>>, tokio::task::JoinHandle<()>) {
+    let seen: Arc<Mutex<Vec<RecordedEvent>>> = Arc::default();
+    let collected = Arc::clone(&seen);
+    let mut feed = Subscription::all(Arc::new(store.clone()), Position::START).with_page_size(7);
+    let task = tokio::spawn(async move {
+        while let Some(event) = feed.next().await.expect(what) {
+            collected.lock().expect("lock").push(event);
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// Store writer `writer`: `STORE_APPENDS` appends to random shared streams, each recorded in
+/// `committed` once acknowledged, with short random pauses.
+async fn store_writer(
+    writer: u64,
+    store: PgEventStore,
+    streams: Vec<StreamId>,
+    committed: Arc<Mutex<HashSet<EventId>>>,
+) {
+    for i in 0..STORE_APPENDS {
+        let sent = event(writer * 1000 + i);
+        let id = sent.event_id;
+        let s = &streams[usize::try_from(random_below(3)).expect("small")];
+        store.append(s, ExpectedVersion::Any, vec![sent]).await.expect("store append");
+        committed.lock().expect("lock").insert(id);
+        if i % 5 == 0 {
+            tokio::time::sleep(Duration::from_millis(random_below(5))).await;
+        }
+    }
+}
+
+/// A raw writer: `RAW_APPENDS` slow transactions (see [`slow_raw_append`]), the committed ones
+/// recorded in `committed`.
+async fn raw_writer(
+    mut connection: sqlx::PgConnection,
+    streams: Vec<StreamId>,
+    committed: Arc<Mutex<HashSet<EventId>>>,
+) {
+    for _ in 0..RAW_APPENDS {
+        let s = &streams[usize::try_from(random_below(3)).expect("small")];
+        if let Some(ids) = slow_raw_append(&mut connection, s).await {
+            committed.lock().expect("lock").extend(ids);
+        }
+    }
+}
+
+/// Waits until `events` holds `count` events; panics with `stalled` after `deadline`.
+async fn wait_for_count(
+    events: &Mutex<Vec<RecordedEvent>>,
+    count: usize,
+    deadline: tokio::time::Instant,
+    stalled: &str,
+) {
+    while events.lock().expect("lock").len() < count {
+        assert!(tokio::time::Instant::now() < deadline, "{stalled}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

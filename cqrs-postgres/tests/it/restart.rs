@@ -75,39 +75,10 @@ impl Drop for Proxy {
 async fn store_survives_a_database_outage() {
     let db = TestDb::create().await;
     let direct = db.store().await;
-    let options = PgConnectOptions::from_str(&db.url).expect("url");
-    let proxy = Proxy::start(format!("{}:{}", options.get_host(), options.get_port())).await;
-    let config = PgStoreConfig::default().with_acquire_timeout(Duration::from_secs(1));
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(config.acquire_timeout)
-        .connect_with(options.host("127.0.0.1").port(proxy.port))
-        .await
-        .expect("pool through the proxy");
-    let store = PgEventStore::from_pool(pool, config);
-
-    let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
-    let subscriber = {
-        let seen = Arc::clone(&seen);
-        let mut feed = Subscription::all(Arc::new(store.clone()), Position::START);
-        tokio::spawn(async move {
-            loop {
-                match feed.next().await {
-                    Ok(Some(event)) => seen.lock().expect("lock").push(event.event_id),
-                    Ok(None) => return,
-                    // The outage: a subscription can simply be polled again.
-                    Err(error) if error.is_transient() => tokio::time::sleep(Duration::from_millis(50)).await,
-                    Err(error) => panic!("subscription failed: {error}"),
-                }
-            }
-        })
-    };
+    let (proxy, store) = store_through_proxy(&db).await;
+    let (seen, subscriber) = resuming_subscriber(&store);
     let mut written = Vec::new();
-    for n in 0..20 {
-        let sent = event(n);
-        written.push(sent.event_id);
-        store.append(&stream("before"), ExpectedVersion::Any, vec![sent]).await.expect("append before");
-    }
+    append_each(&store, "before", 0..20, &mut written).await;
 
     proxy.down();
     let attempts: Vec<_> = (0..3)
@@ -124,33 +95,11 @@ async fn store_survives_a_database_outage() {
     assert_eq!(store.read_all(Position::START, 10).await.map(|page| page.len()).ok(), Some(10));
     assert!(matches!(store.read_all(Position(20), 10).await, Err(StoreError::Unavailable(_))));
     // Other processes keep writing meanwhile.
-    for n in 100..110 {
-        let sent = event(n);
-        written.push(sent.event_id);
-        direct.append(&stream("elsewhere"), ExpectedVersion::Any, vec![sent]).await.expect("direct append");
-    }
+    append_each(&direct, "elsewhere", 100..110, &mut written).await;
 
     proxy.up();
-    let mut back = false;
-    for _ in 0..100 {
-        let sent = event(200);
-        let id = sent.event_id;
-        match store.append(&stream("after"), ExpectedVersion::Any, vec![sent]).await {
-            Ok(_) => {
-                written.push(id);
-                back = true;
-                break;
-            }
-            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(other) => panic!("unexpected error after the outage: {other}"),
-        }
-    }
-    assert!(back, "the store must work again after the outage");
-    for n in 300..310 {
-        let sent = event(n);
-        written.push(sent.event_id);
-        store.append(&stream("after"), ExpectedVersion::Any, vec![sent]).await.expect("append after");
-    }
+    written.push(append_once_back(&store).await);
+    append_each(&store, "after", 300..310, &mut written).await;
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while seen.lock().expect("lock").len() < written.len() {
@@ -163,4 +112,66 @@ async fn store_survives_a_database_outage() {
     let stored: Vec<EventId> = read_everything(&direct).await.iter().map(|e| e.event_id).collect();
     assert_eq!(seen, stored, "the subscriber saw every stored event once, in order");
     assert_eq!(seen.iter().copied().collect::<HashSet<_>>(), written.iter().copied().collect::<HashSet<_>>());
+}
+
+/// A proxy in front of the test database, and a store whose pool connects through it.
+async fn store_through_proxy(db: &TestDb) -> (Proxy, PgEventStore) {
+    let options = PgConnectOptions::from_str(&db.url).expect("url");
+    let proxy = Proxy::start(format!("{}:{}", options.get_host(), options.get_port())).await;
+    let config = PgStoreConfig::default().with_acquire_timeout(Duration::from_secs(1));
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_with(options.host("127.0.0.1").port(proxy.port))
+        .await
+        .expect("pool through the proxy");
+    (proxy, PgEventStore::from_pool(pool, config))
+}
+
+/// A subscriber from the start that collects every event id, polling again after transient
+/// errors (the outage).
+fn resuming_subscriber(store: &PgEventStore) -> (Arc<Mutex<Vec<EventId>>>, JoinHandle<()>) {
+    let seen: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let collected = Arc::clone(&seen);
+    let mut feed = Subscription::all(Arc::new(store.clone()), Position::START);
+    let task = tokio::spawn(async move {
+        loop {
+            match feed.next().await {
+                Ok(Some(event)) => collected.lock().expect("lock").push(event.event_id),
+                Ok(None) => return,
+                // The outage: a subscription can simply be polled again.
+                Err(error) if error.is_transient() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(error) => panic!("subscription failed: {error}"),
+            }
+        }
+    });
+    (seen, task)
+}
+
+/// Appends events numbered `numbers`, one per append, to a new stream named after `prefix`;
+/// each must succeed, and its id is added to `written`.
+async fn append_each(store: &PgEventStore, prefix: &str, numbers: std::ops::Range<u64>, written: &mut Vec<EventId>) {
+    for n in numbers {
+        let sent = event(n);
+        written.push(sent.event_id);
+        store
+            .append(&stream(prefix), ExpectedVersion::Any, vec![sent])
+            .await
+            .unwrap_or_else(|error| panic!("append to {prefix}: {error}"));
+    }
+}
+
+/// Appends one event once the store works again (retrying `Unavailable` for up to ~10 s);
+/// returns its id.
+async fn append_once_back(store: &PgEventStore) -> EventId {
+    for _ in 0..100 {
+        let sent = event(200);
+        let id = sent.event_id;
+        match store.append(&stream("after"), ExpectedVersion::Any, vec![sent]).await {
+            Ok(_) => return id,
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(other) => panic!("unexpected error after the outage: {other}"),
+        }
+    }
+    panic!("the store must work again after the outage");
 }

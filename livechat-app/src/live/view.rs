@@ -20,7 +20,7 @@ use super::socket::{Conn, End, Stream};
 use crate::commands::{Outcome, RoomFacts, Sender};
 use crate::domain::{validate_sender, ChatId};
 use crate::metrics::Limit;
-use crate::rooms::{CatchUp, RoomError};
+use crate::rooms::{CatchUp, PresenceView, RoomError};
 use crate::state::AppState;
 use crate::web::security::ClientAddress;
 
@@ -174,13 +174,10 @@ async fn room_view(
     let mut presence = room.presence();
     presence.mark_changed();
     let mut typing = room.typing();
-    let mut presence_sent_at: Option<Instant> = None;
-    let mut presence_due: Option<tokio::time::Instant> = None;
-    // The presence last sent (shared with the room: no copy of the names per view).
-    let mut shown: Option<Arc<crate::rooms::PresenceView<Arc<str>>>> = None;
+    let mut pacer = PresencePacer { sent_at: None, due: None, shown: None };
     let mut shutdown = state.shutdown.clone();
     let result = loop {
-        let due = presence_due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let due = pacer.due.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         let idle = idle_deadline(conn);
         tokio::select! {
             frame = conn.receive() => {
@@ -208,30 +205,15 @@ async fn room_view(
                     break Err(end);
                 }
             }
-            changed = presence.changed(), if presence_due.is_none() => {
+            changed = presence.changed(), if pacer.due.is_none() => {
                 if changed.is_err() {
                     break Err(End::Close(1001, "room closed"));
                 }
-                let earliest = presence_sent_at.map_or_else(Instant::now, |at| at + live.presence_interval);
-                presence_due = Some(tokio::time::Instant::from_std(earliest.max(Instant::now())));
+                pacer.changed(live.presence_interval);
             }
-            () = tokio::time::sleep_until(due), if presence_due.is_some() => {
-                presence_due = None;
-                presence_sent_at = Some(Instant::now());
-                let now = Arc::clone(&presence.borrow_and_update());
-                // Only the parts that changed: in a big room a join usually moves the count only.
-                let mut frames: Vec<Utf8Bytes> = Vec::new();
-                if shown.as_ref().is_none_or(|shown| !Arc::ptr_eq(&shown.shown, &now.shown)) {
-                    frames.push(protocol::morph_frame("presence", &now.shown).into());
-                }
-                if shown.as_ref().is_none_or(|shown| shown.count != now.count) {
-                    frames.push(protocol::morph_frame("presence-count", &now.count.to_string()).into());
-                }
-                shown = Some(now);
-                if !frames.is_empty() {
-                    if let Err(end) = conn.send_many(frames).await {
-                        break Err(end);
-                    }
+            () = tokio::time::sleep_until(due), if pacer.due.is_some() => {
+                if let Err(end) = pacer.send(conn, &mut presence).await {
+                    break Err(end);
                 }
             }
             () = tokio::time::sleep_until(idle) => break Err(End::Close(1008, "idle")),
@@ -240,6 +222,49 @@ async fn room_view(
     };
     drop(presence_guard);
     result
+}
+
+/// When a room view sends presence: at most once per `presence_interval`, and only the parts
+/// that changed.
+struct PresencePacer {
+    /// When presence was last sent.
+    sent_at: Option<Instant>,
+    /// When the pending change goes out; `None` without one.
+    due: Option<tokio::time::Instant>,
+    /// The presence last sent (shared with the room: no copy of the names per view).
+    shown: Option<Arc<PresenceView<Arc<str>>>>,
+}
+
+impl PresencePacer {
+    /// Presence changed: it goes out once `interval` has passed since the last send.
+    fn changed(&mut self, interval: Duration) {
+        let earliest = self.sent_at.map_or_else(Instant::now, |at| at + interval);
+        self.due = Some(tokio::time::Instant::from_std(earliest.max(Instant::now())));
+    }
+
+    /// Sends the parts of the current presence that changed since the last send.
+    async fn send(
+        &mut self,
+        conn: &mut Conn,
+        presence: &mut watch::Receiver<Arc<PresenceView<Arc<str>>>>,
+    ) -> Result<(), End> {
+        self.due = None;
+        self.sent_at = Some(Instant::now());
+        let now = Arc::clone(&presence.borrow_and_update());
+        // Only the parts that changed: in a big room a join usually moves the count only.
+        let mut frames: Vec<Utf8Bytes> = Vec::new();
+        if self.shown.as_ref().is_none_or(|shown| !Arc::ptr_eq(&shown.shown, &now.shown)) {
+            frames.push(protocol::morph_frame("presence", &now.shown).into());
+        }
+        if self.shown.as_ref().is_none_or(|shown| shown.count != now.count) {
+            frames.push(protocol::morph_frame("presence-count", &now.count.to_string()).into());
+        }
+        self.shown = Some(now);
+        if frames.is_empty() {
+            return Ok(());
+        }
+        conn.send_many(frames).await
+    }
 }
 
 fn room_error_reason(error: &RoomError) -> &'static str {

@@ -40,9 +40,6 @@
 //! the server share the machine's cores: the latency it reports includes the generator's own
 //! scheduling, as a browser's would include its own.
 
-// The report's `json!` is one large literal.
-#![recursion_limit = "256"]
-
 mod args;
 mod report;
 mod sender;
@@ -52,7 +49,7 @@ mod viewer;
 mod ws;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -64,7 +61,7 @@ use crate::args::{parse_args, Args};
 use crate::report::Report;
 use crate::sender::sender;
 use crate::server::{vm_rss_kib, CpuStart, CpuUse};
-use crate::stats::{percentile, SenderStats, Shared, Totals, ViewerStats};
+use crate::stats::{percentile, SenderStats, SenderTotals, Shared, Totals, ViewerStats};
 use crate::viewer::viewer;
 
 /// The marker before each message's sequence number in its content (and so in its HTML).
@@ -89,86 +86,21 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let args = Arc::new(args);
-    let messages = (args.rate * args.seconds).round() as usize;
-    let senders = args.senders.unwrap_or_else(|| ((args.rate * 2.0).ceil() as usize).max(1));
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let room: Arc<str> = Arc::from(args.room.clone().unwrap_or_else(|| format!("load-{unix}")));
-    let shared = Arc::new(Shared {
-        base: Instant::now(),
-        sent_at: (0..messages).map(|_| AtomicU64::new(0)).collect(),
-        delivered: AtomicU64::new(0),
-        sending: AtomicBool::new(false),
-        ok: (0..messages).map(|_| AtomicBool::new(false)).collect(),
-        acked_ok: AtomicU64::new(0),
-        acked_err: AtomicU64::new(0),
-    });
+    let plan = Plan::new(args);
+    let args = &plan.args;
+    let shared = Arc::new(Shared::new(plan.messages));
     let (stop_tx, stop) = watch::channel(false);
-    let server = args.server_pid;
     eprintln!(
-        "loadgen: {} viewers, {senders} senders, room {room}, {messages} messages at {}/s of {} bytes, {}",
-        args.viewers, args.rate, args.content_bytes, args.url
+        "loadgen: {} viewers, {} senders, room {}, {} messages at {}/s of {} bytes, {}",
+        args.viewers, plan.senders, plan.room, plan.messages, args.rate, args.content_bytes, args.url
     );
 
     // Senders first, so their joins' presence updates are over before the viewers come.
-    let mut sender_queues = Vec::new();
-    let mut sender_tasks: Vec<JoinHandle<SenderStats>> = Vec::new();
-    for index in 0..senders {
-        let (queue, work) = mpsc::unbounded_channel();
-        sender_queues.push(queue);
-        sender_tasks.push(tokio::spawn(sender(
-            format!("sender-{index:03}"),
-            Arc::clone(&args),
-            Arc::clone(&room),
-            Arc::clone(&shared),
-            work,
-            stop.clone(),
-        )));
-    }
+    let (sender_queues, sender_tasks) = spawn_senders(&plan, &shared, &stop);
     // Let them join before the viewers come.
     tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let rss_before = server.and_then(vm_rss_kib);
-    let join_started = Instant::now();
-    let (viewer_tasks, joined, join_errors) = join_viewers(&args, &room, &shared, &stop).await;
-    let join_seconds = join_started.elapsed().as_secs_f64();
-    eprintln!("loadgen: {joined} of {} viewers joined in {join_seconds:.1} s", args.viewers);
-    for (error, count) in &join_errors {
-        eprintln!("loadgen:   {count} × {error}");
-    }
-    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-    let rss_idle = server.and_then(vm_rss_kib);
-
-    // Send.
-    let cpu_start = CpuStart::read(server);
-    shared.sending.store(true, Ordering::Relaxed);
-    let send_started = tokio::time::Instant::now();
-    let signals = spawn_signals(&args, send_started);
-    for seq in 0..messages {
-        tokio::time::sleep_until(send_started + Duration::from_secs_f64(seq as f64 / args.rate)).await;
-        let _ = sender_queues[seq % senders].send(seq);
-    }
-    drop(sender_queues);
-    let send_seconds = send_started.elapsed().as_secs_f64();
-
-    // Drain: until every viewer has every acknowledged message, or no progress for a while.
-    let mut signalled = Vec::new();
-    for signal in signals {
-        signalled.push(signal.await.unwrap_or_else(|_| "signal task failed".to_owned()));
-    }
-    drain(&shared, messages, joined, args.drain).await;
-    let CpuUse {
-        server: cpu_server,
-        own: cpu_self,
-        active_seconds,
-        cores,
-        machine_busy_cores,
-        other_cores,
-        pressure_before,
-        pressure_after,
-    } = cpu_start.since(server, send_started);
-    shared.sending.store(false, Ordering::Relaxed);
-    let rss_end = server.and_then(vm_rss_kib);
+    let (viewer_tasks, joined) = join_phase(&plan, &shared, &stop).await;
+    let sent = send_phase(&plan, &shared, sender_queues, joined.joined).await;
     let _ = stop_tx.send(true);
 
     // Collect.
@@ -176,120 +108,23 @@ async fn run(args: Args) -> Result<()> {
     for task in sender_tasks {
         sender_stats.push(task.await.context("sender task")?);
     }
-    let acked_ok = shared.acked_ok.load(Ordering::Relaxed);
-    let acked_err = shared.acked_err.load(Ordering::Relaxed);
     // A message is expected at every viewer when the server acknowledged it with `ok: true`.
     let expected_messages: Vec<bool> = shared.ok.iter().map(|ok| ok.load(Ordering::Relaxed)).collect();
-    let mut ack_us: Vec<u32> = sender_stats.iter().flat_map(|s| s.ack_us.iter().copied()).collect();
-    ack_us.sort_unstable();
-    let mut totals = Totals::new(messages);
+    let mut totals = Totals::new(plan.messages);
     for task in viewer_tasks {
         let stats = task.await.context("viewer task")?;
         if stats.joined {
             totals.add(stats, &expected_messages);
         }
     }
-    let Totals {
-        mut latencies,
-        sizes,
-        other,
-        other_while_sending,
-        catch_up,
-        unknown,
-        lost,
-        duplicates,
-        ended,
-        mut recoveries_us,
-        reconnect_reasons,
-        resets,
-        viewers_hit,
-        viewers_lossless,
-        mut by_third,
-        mut last_viewer_us,
-    } = totals;
-    recoveries_us.sort_unstable();
-    let resent: u64 = sender_stats.iter().map(|s| s.resent).sum();
-    let sender_reconnects: u64 = sender_stats.iter().map(|s| s.reconnects).sum();
-    latencies.sort_unstable();
-    for third in &mut by_third {
-        third.sort_unstable();
-    }
-    last_viewer_us.sort_unstable();
-    let thirds_p99: Vec<f64> = by_third.iter().map(|third| percentile(third, 99.0)).collect();
-    let sent = shared.sent_at.iter().filter(|at| at.load(Ordering::Relaxed) != 0).count();
-    let expected = joined as u64 * expected_messages.iter().filter(|&&ok| ok).count() as u64;
-    let received = latencies.len() as u64;
-    let p50 = percentile(&latencies, 50.0);
-    let p99 = percentile(&latencies, 99.0);
-    let max = latencies.last().map_or(f64::NAN, |&us| f64::from(us) / 1_000.0);
-    let kib_per_view = match (rss_before, rss_idle) {
-        (Some(before), Some(idle)) if joined > 0 => Some((idle as f64 - before as f64) / joined as f64),
-        _ => None,
-    };
-    let deliveries = received + other_while_sending.frames;
-    let server_us_per_frame = cpu_server.map(|cpu| cpu * 1e6 / deliveries.max(1) as f64);
-
-    let mut refusals: BTreeMap<&str, usize> = BTreeMap::new();
-    for reason in sender_stats.iter().flat_map(|s| s.refusals.iter()) {
-        *refusals.entry(reason.as_str()).or_default() += 1;
-    }
-    let report = Report {
-        args: &args,
-        room: &room,
-        senders,
-        joined,
-        join_errors,
-        join_seconds,
-        sent,
-        send_seconds,
-        acked_ok,
-        acked_err,
-        ack_us,
-        expected,
-        received,
-        lost,
-        duplicates,
-        unknown,
-        p50,
-        p99,
-        max,
-        thirds_p99,
-        last_viewer_us,
-        sizes,
-        catch_up,
-        other,
-        other_while_sending,
-        rss_before,
-        rss_idle,
-        rss_end,
-        kib_per_view,
-        cpu_server,
-        server_us_per_frame,
-        cpu_self,
-        active_seconds,
-        cores,
-        machine_busy_cores,
-        other_cores,
-        pressure_before,
-        pressure_after,
-        ended,
-        signalled,
-        viewers_hit,
-        viewers_lossless,
-        reconnect_reasons,
-        recoveries_us,
-        resets,
-        sender_reconnects,
-        resent,
-        refusals,
-    };
+    let report = build_report(&plan, joined, sent, &sender_stats, totals, &expected_messages, &shared);
     report.print_table();
     report.print_json();
     if report.args.check {
         check(&Checked {
             args: report.args,
             joined: report.joined,
-            messages,
+            messages: plan.messages,
             acked_ok: report.acked_ok,
             acked_err: report.acked_err,
             lost: report.lost,
@@ -301,6 +136,198 @@ async fn run(args: Args) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The run's shape, fixed before it starts.
+struct Plan {
+    args: Arc<Args>,
+    /// Messages to send: `--rate` × `--seconds`.
+    messages: usize,
+    /// Sender connections: `--senders`, or enough that each sends at most one message per 2 s.
+    senders: usize,
+    /// `--room`, or a fresh `load-<unix time>`.
+    room: Arc<str>,
+}
+
+impl Plan {
+    fn new(args: Args) -> Self {
+        let messages = (args.rate * args.seconds).round() as usize;
+        let senders = args.senders.unwrap_or_else(|| ((args.rate * 2.0).ceil() as usize).max(1));
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let room: Arc<str> = Arc::from(args.room.clone().unwrap_or_else(|| format!("load-{unix}")));
+        Self { args: Arc::new(args), messages, senders, room }
+    }
+}
+
+/// Spawns the sender connections; returns the queue of message numbers each one sends, and
+/// their tasks.
+fn spawn_senders(
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    stop: &watch::Receiver<bool>,
+) -> (Vec<mpsc::UnboundedSender<usize>>, Vec<JoinHandle<SenderStats>>) {
+    let mut sender_queues = Vec::new();
+    let mut sender_tasks: Vec<JoinHandle<SenderStats>> = Vec::new();
+    for index in 0..plan.senders {
+        let (queue, work) = mpsc::unbounded_channel();
+        sender_queues.push(queue);
+        sender_tasks.push(tokio::spawn(sender(
+            format!("sender-{index:03}"),
+            Arc::clone(&plan.args),
+            Arc::clone(&plan.room),
+            Arc::clone(shared),
+            work,
+            stop.clone(),
+        )));
+    }
+    (sender_queues, sender_tasks)
+}
+
+/// How the viewers joined, and the server's memory before they came and once they idled.
+struct Joined {
+    joined: usize,
+    /// Why the others did not join → how many.
+    errors: BTreeMap<String, usize>,
+    seconds: f64,
+    rss_before: Option<u64>,
+    rss_idle: Option<u64>,
+}
+
+/// Opens the viewers, waits `--settle` seconds, and reads the server's memory around it;
+/// returns the viewer tasks and how the joins went.
+async fn join_phase(
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    stop: &watch::Receiver<bool>,
+) -> (Vec<JoinHandle<ViewerStats>>, Joined) {
+    let args = &plan.args;
+    let rss_before = args.server_pid.and_then(vm_rss_kib);
+    let join_started = Instant::now();
+    let (viewer_tasks, joined, join_errors) = join_viewers(args, &plan.room, shared, stop).await;
+    let join_seconds = join_started.elapsed().as_secs_f64();
+    eprintln!("loadgen: {joined} of {} viewers joined in {join_seconds:.1} s", args.viewers);
+    for (error, count) in &join_errors {
+        eprintln!("loadgen:   {count} × {error}");
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
+    let rss_idle = args.server_pid.and_then(vm_rss_kib);
+    (viewer_tasks, Joined { joined, errors: join_errors, seconds: join_seconds, rss_before, rss_idle })
+}
+
+/// What the send phase measured.
+struct Sent {
+    /// How long sending took.
+    seconds: f64,
+    /// What each `--kill`/`--term` signal did.
+    signalled: Vec<String>,
+    /// The CPU used from the start of sending to the end of the drain.
+    cpu: CpuUse,
+    /// The server's memory after the drain.
+    rss_end: Option<u64>,
+}
+
+/// Sends `--rate` messages per second round-robin over the senders (sending any signals on
+/// their schedule), then waits for the deliveries to drain.
+async fn send_phase(
+    plan: &Plan,
+    shared: &Shared,
+    sender_queues: Vec<mpsc::UnboundedSender<usize>>,
+    joined: usize,
+) -> Sent {
+    let (args, server) = (&plan.args, plan.args.server_pid);
+    let cpu_start = CpuStart::read(server);
+    shared.sending.store(true, Ordering::Relaxed);
+    let send_started = tokio::time::Instant::now();
+    let signals = spawn_signals(args, send_started);
+    for seq in 0..plan.messages {
+        tokio::time::sleep_until(send_started + Duration::from_secs_f64(seq as f64 / args.rate)).await;
+        let _ = sender_queues[seq % plan.senders].send(seq);
+    }
+    drop(sender_queues);
+    let send_seconds = send_started.elapsed().as_secs_f64();
+
+    // Drain: until every viewer has every acknowledged message, or no progress for a while.
+    let mut signalled = Vec::new();
+    for signal in signals {
+        signalled.push(signal.await.unwrap_or_else(|_| "signal task failed".to_owned()));
+    }
+    drain(shared, plan.messages, joined, args.drain).await;
+    let cpu = cpu_start.since(server, send_started);
+    shared.sending.store(false, Ordering::Relaxed);
+    let rss_end = server.and_then(vm_rss_kib);
+    Sent { seconds: send_seconds, signalled, cpu, rss_end }
+}
+
+/// The report from what the phases measured and the tasks counted.
+fn build_report<'a>(
+    plan: &'a Plan,
+    joined: Joined,
+    sent: Sent,
+    sender_stats: &'a [SenderStats],
+    mut totals: Totals,
+    expected_messages: &[bool],
+    shared: &Shared,
+) -> Report<'a> {
+    totals.sort();
+    let senders = SenderTotals::sum(sender_stats);
+    let latencies = &totals.latencies;
+    let received = latencies.len() as u64;
+    let kib_per_view = match (joined.rss_before, joined.rss_idle) {
+        (Some(before), Some(idle)) if joined.joined > 0 => Some((idle as f64 - before as f64) / joined.joined as f64),
+        _ => None,
+    };
+    let deliveries = received + totals.other_while_sending.frames;
+    let cpu = sent.cpu;
+    Report {
+        args: &plan.args,
+        room: &plan.room,
+        senders: plan.senders,
+        joined: joined.joined,
+        join_errors: joined.errors,
+        join_seconds: joined.seconds,
+        sent: shared.sent_at.iter().filter(|at| at.load(Ordering::Relaxed) != 0).count(),
+        send_seconds: sent.seconds,
+        acked_ok: shared.acked_ok.load(Ordering::Relaxed),
+        acked_err: shared.acked_err.load(Ordering::Relaxed),
+        ack_us: senders.ack_us,
+        expected: joined.joined as u64 * expected_messages.iter().filter(|&&ok| ok).count() as u64,
+        received,
+        lost: totals.lost,
+        duplicates: totals.duplicates,
+        unknown: totals.unknown,
+        p50: percentile(latencies, 50.0),
+        p99: percentile(latencies, 99.0),
+        max: latencies.last().map_or(f64::NAN, |&us| f64::from(us) / 1_000.0),
+        thirds_p99: totals.by_third.iter().map(|third| percentile(third, 99.0)).collect(),
+        last_viewer_us: totals.last_viewer_us,
+        sizes: totals.sizes,
+        catch_up: totals.catch_up,
+        other: totals.other,
+        other_while_sending: totals.other_while_sending,
+        rss_before: joined.rss_before,
+        rss_idle: joined.rss_idle,
+        rss_end: sent.rss_end,
+        kib_per_view,
+        cpu_server: cpu.server,
+        server_us_per_frame: cpu.server.map(|cpu| cpu * 1e6 / deliveries.max(1) as f64),
+        cpu_self: cpu.own,
+        active_seconds: cpu.active_seconds,
+        cores: cpu.cores,
+        machine_busy_cores: cpu.machine_busy_cores,
+        other_cores: cpu.other_cores,
+        pressure_before: cpu.pressure_before,
+        pressure_after: cpu.pressure_after,
+        ended: totals.ended,
+        signalled: sent.signalled,
+        viewers_hit: totals.viewers_hit,
+        viewers_lossless: totals.viewers_lossless,
+        reconnect_reasons: totals.reconnect_reasons,
+        recoveries_us: totals.recoveries_us,
+        resets: totals.resets,
+        sender_reconnects: senders.reconnects,
+        resent: senders.resent,
+        refusals: senders.refusals,
+    }
 }
 
 /// Opens `--viewers` viewers in parallel batches of `--batch`, each batch joined (or failed)

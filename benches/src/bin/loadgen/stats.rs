@@ -23,6 +23,19 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Nothing sent or counted yet, for a run of `messages` messages.
+    pub(crate) fn new(messages: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            sent_at: (0..messages).map(|_| AtomicU64::new(0)).collect(),
+            delivered: AtomicU64::new(0),
+            sending: AtomicBool::new(false),
+            ok: (0..messages).map(|_| AtomicBool::new(false)).collect(),
+            acked_ok: AtomicU64::new(0),
+            acked_err: AtomicU64::new(0),
+        }
+    }
+
     pub(crate) fn nanos(&self, at: Instant) -> u64 {
         u64::try_from(at.duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
     }
@@ -159,6 +172,33 @@ pub(crate) struct SenderStats {
     pub(crate) reconnects: u64,
 }
 
+/// The senders' tallies summed.
+pub(crate) struct SenderTotals<'a> {
+    /// Every acknowledgement's round trip, µs, sorted.
+    pub(crate) ack_us: Vec<u32>,
+    pub(crate) resent: u64,
+    pub(crate) reconnects: u64,
+    /// Why sends were refused → how many.
+    pub(crate) refusals: BTreeMap<&'a str, usize>,
+}
+
+impl<'a> SenderTotals<'a> {
+    pub(crate) fn sum(senders: &'a [SenderStats]) -> Self {
+        let mut ack_us: Vec<u32> = senders.iter().flat_map(|s| s.ack_us.iter().copied()).collect();
+        ack_us.sort_unstable();
+        let mut refusals: BTreeMap<&str, usize> = BTreeMap::new();
+        for reason in senders.iter().flat_map(|s| s.refusals.iter()) {
+            *refusals.entry(reason.as_str()).or_default() += 1;
+        }
+        Self {
+            ack_us,
+            resent: senders.iter().map(|s| s.resent).sum(),
+            reconnects: senders.iter().map(|s| s.reconnects).sum(),
+            refusals,
+        }
+    }
+}
+
 pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -220,6 +260,16 @@ impl Totals {
             by_third: Default::default(),
             last_viewer_us: vec![0u32; messages],
         }
+    }
+
+    /// Sorts the latencies and recovery times, for percentiles.
+    pub(crate) fn sort(&mut self) {
+        self.recoveries_us.sort_unstable();
+        self.latencies.sort_unstable();
+        for third in &mut self.by_third {
+            third.sort_unstable();
+        }
+        self.last_viewer_us.sort_unstable();
     }
 
     /// Adds one joined viewer's tallies; `expected_messages[seq]`: every viewer should get it.

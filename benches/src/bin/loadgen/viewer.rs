@@ -82,6 +82,8 @@ pub(crate) async fn rejoin(
     None
 }
 
+/// One idle viewer: joins, tells `joined` how that went, then counts every frame it gets
+/// until the run stops; with `--reconnect`, rejoins after the last position it has.
 pub(crate) async fn viewer(
     name: String,
     args: Arc<Args>,
@@ -115,22 +117,7 @@ pub(crate) async fn viewer(
                 let now = Instant::now();
                 match text_frame(frame) {
                     Ok(Some(text)) => {
-                        let text = text.as_str();
-                        let (head, html) = text.split_once('\n').unwrap_or((text, ""));
-                        let kind = frame_kind(head);
-                        if kind == "msg" {
-                            if !stats.message(&shared, now, text.len(), head, html) {
-                                stats.unknown_msgs += 1;
-                            }
-                        } else {
-                            if kind == "reset" {
-                                stats.resets += 1;
-                            }
-                            stats.other.entry(kind.to_owned()).or_default().add(text.len());
-                            if shared.sending.load(Ordering::Relaxed) {
-                                stats.other_while_sending.add(text.len());
-                            }
-                        }
+                        count_frame(&mut stats, &shared, now, text.as_str());
                         None
                     }
                     Ok(None) => None,
@@ -163,6 +150,26 @@ pub(crate) async fn viewer(
         }
     }
     stats
+}
+
+/// Counts a text frame a viewer received at `now`: one of the run's messages (or an unknown
+/// one), or another kind.
+fn count_frame(stats: &mut ViewerStats, shared: &Shared, now: Instant, text: &str) {
+    let (head, html) = text.split_once('\n').unwrap_or((text, ""));
+    let kind = frame_kind(head);
+    if kind == "msg" {
+        if !stats.message(shared, now, text.len(), head, html) {
+            stats.unknown_msgs += 1;
+        }
+    } else {
+        if kind == "reset" {
+            stats.resets += 1;
+        }
+        stats.other.entry(kind.to_owned()).or_default().add(text.len());
+        if shared.sending.load(Ordering::Relaxed) {
+            stats.other_while_sending.add(text.len());
+        }
+    }
 }
 
 /// An end reason without the details that differ per connection.
