@@ -346,28 +346,45 @@ pub async fn concurrent_appends_with_any_version_lose_nothing<S: EventStore + ?S
 /// command id stored before, a command id sent twice in one round, and an event id stored
 /// before: every answer agrees with what is stored, and nothing unanswered is stored.
 pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Sized>(store: Arc<S>) {
-    const ROUNDS: u64 = 6;
-    const PER_ROUND: u64 = 24;
     let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("mixed{i}"))).collect();
-    let with = |n, command_id: Option<CommandId>| event_with(n, Metadata { command_id, ..Metadata::default() });
     let stored_command = CommandId::new();
-    let stored = append_ok(
-        &*store,
-        &streams[0],
-        ExpectedVersion::NoStream,
-        vec![with(0, Some(stored_command)), with(1, Some(stored_command))],
-    )
-    .await;
+    let first = vec![mixed_event(0, Some(stored_command)), mixed_event(1, Some(stored_command))];
+    let stored = append_ok(&*store, &streams[0], ExpectedVersion::NoStream, first).await;
     append_ok(&*store, &streams[1], ExpectedVersion::NoStream, vec![event(2)]).await;
     let reused_event = read_whole_stream(&*store, &streams[1]).await[0].event_id;
+    let answers = send_mixed_rounds(&store, &streams, stored_command, reused_event).await;
+    let log = stored_by_event_id(&*store, &streams).await;
+    let mut by_command: HashMap<(usize, CommandId), AppendResult> = HashMap::from([((0, stored_command), stored)]);
+    // The two appends before the rounds stored 3 events.
+    let acknowledged = 3 + check_appended(&answers, &log, &streams, &mut by_command);
+    check_refused(&answers, &log, &by_command, reused_event);
+    assert_eq!(log.len(), acknowledged, "every stored event was acknowledged as appended");
+}
 
-    struct Sent {
-        stream: usize,
-        expected: ExpectedVersion,
-        command_id: Option<CommandId>,
-        event_ids: Vec<EventId>,
-    }
-    let mut answers: Vec<(Sent, Result<AppendOutcome, StoreError>)> = Vec::new();
+/// One append of [`mixed_concurrent_appends_are_answered_as_stored`], as sent.
+struct Sent {
+    stream: usize,
+    expected: ExpectedVersion,
+    command_id: Option<CommandId>,
+    event_ids: Vec<EventId>,
+}
+
+type Answers = Vec<(Sent, Result<AppendOutcome, StoreError>)>;
+
+fn mixed_event(n: u64, command_id: Option<CommandId>) -> NewEvent {
+    event_with(n, Metadata { command_id, ..Metadata::default() })
+}
+
+/// The rounds of [`mixed_concurrent_appends_are_answered_as_stored`], each sent all at once.
+async fn send_mixed_rounds<S: EventStore + ?Sized>(
+    store: &Arc<S>,
+    streams: &[StreamId],
+    stored_command: CommandId,
+    reused_event: EventId,
+) -> Answers {
+    const ROUNDS: u64 = 6;
+    const PER_ROUND: u64 = 24;
+    let mut answers = Vec::new();
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     let mut random = move |bound: u64| {
         seed ^= seed << 13;
@@ -397,7 +414,7 @@ pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Si
             let mut events: Vec<NewEvent> = (0..=random(3))
                 .map(|_| {
                     n += 1;
-                    with(n, command_id)
+                    mixed_event(n, command_id)
                 })
                 .collect();
             let expected = if i == 5 {
@@ -408,7 +425,7 @@ pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Si
                 expected
             };
             let sent = Sent { stream, expected, command_id, event_ids: events.iter().map(|e| e.event_id).collect() };
-            let store = Arc::clone(&store);
+            let store = Arc::clone(store);
             let stream_id = streams[stream].clone();
             tasks.push(tokio::spawn(async move {
                 let outcome = store.append(&stream_id, expected, events).await;
@@ -419,10 +436,17 @@ pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Si
             answers.push(task.await.expect("append task"));
         }
     }
+    answers
+}
 
-    let mut log: HashMap<EventId, RecordedEvent> = HashMap::new();
+/// Every event of `streams` by id, checking versions are contiguous and positions increase.
+async fn stored_by_event_id<S: EventStore + ?Sized>(
+    store: &S,
+    streams: &[StreamId],
+) -> HashMap<EventId, RecordedEvent> {
+    let mut log = HashMap::new();
     for (index, stream_id) in streams.iter().enumerate() {
-        let events = read_whole_stream(&*store, stream_id).await;
+        let events = read_whole_stream(store, stream_id).await;
         for (at, event) in events.iter().enumerate() {
             assert_eq!(event.version, Version(at as u64 + 1), "versions of stream {index} must be contiguous");
             if at > 0 {
@@ -431,50 +455,63 @@ pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Si
             assert!(log.insert(event.event_id, event.clone()).is_none(), "event {} stored twice", event.event_id);
         }
     }
-    let stored_count = |sent: &Sent| sent.event_ids.iter().filter(|id| log.contains_key(id)).count();
-    // (stream, command id) → the result of the one append that stored it.
-    let mut by_command: HashMap<(usize, CommandId), AppendResult> = HashMap::from([((0, stored_command), stored)]);
-    let mut acknowledged = 3; // the two appends before the rounds
-    for (sent, outcome) in &answers {
-        if let Ok(AppendOutcome::Appended(result)) = outcome {
-            let events: Vec<&RecordedEvent> = sent
-                .event_ids
-                .iter()
-                .map(|id| log.get(id).unwrap_or_else(|| panic!("appended event {id} is not stored")))
-                .collect();
-            assert!(events.iter().all(|e| e.stream_id == streams[sent.stream]), "stored in another stream");
-            let versions: Vec<u64> = events.iter().map(|e| e.version.0).collect();
-            let wanted: Vec<u64> = (result.first_version.0..=result.last_version.0).collect();
-            assert_eq!(versions, wanted, "the answer's versions must be the stored ones");
-            assert_eq!(events.first().map(|e| e.position), Some(result.first_position));
-            assert_eq!(events.last().map(|e| e.position), Some(result.last_position));
-            match sent.expected {
-                ExpectedVersion::Any => {}
-                ExpectedVersion::NoStream => assert_eq!(result.first_version, Version(1), "NoStream appended late"),
-                ExpectedVersion::StreamExists => {
-                    assert!(result.first_version > Version(1), "StreamExists appended first")
-                }
-                ExpectedVersion::Exact(version) => {
-                    assert_eq!(result.first_version, Version(version.0 + 1), "Exact appended elsewhere")
-                }
-            }
-            acknowledged += sent.event_ids.len();
-            if let Some(command_id) = sent.command_id {
-                let earlier = by_command.insert((sent.stream, command_id), *result);
-                assert!(earlier.is_none(), "command {command_id} appended twice");
+    log
+}
+
+/// Checks every `Appended` answer against what is stored; returns how many events they stored
+/// and records each command id's result in `by_command`.
+fn check_appended(
+    answers: &Answers,
+    log: &HashMap<EventId, RecordedEvent>,
+    streams: &[StreamId],
+    by_command: &mut HashMap<(usize, CommandId), AppendResult>,
+) -> usize {
+    let mut acknowledged = 0;
+    for (sent, outcome) in answers {
+        let Ok(AppendOutcome::Appended(result)) = outcome else { continue };
+        let events: Vec<&RecordedEvent> = sent
+            .event_ids
+            .iter()
+            .map(|id| log.get(id).unwrap_or_else(|| panic!("appended event {id} is not stored")))
+            .collect();
+        assert!(events.iter().all(|e| e.stream_id == streams[sent.stream]), "stored in another stream");
+        let versions: Vec<u64> = events.iter().map(|e| e.version.0).collect();
+        let wanted: Vec<u64> = (result.first_version.0..=result.last_version.0).collect();
+        assert_eq!(versions, wanted, "the answer's versions must be the stored ones");
+        assert_eq!(events.first().map(|e| e.position), Some(result.first_position));
+        assert_eq!(events.last().map(|e| e.position), Some(result.last_position));
+        match sent.expected {
+            ExpectedVersion::Any => {}
+            ExpectedVersion::NoStream => assert_eq!(result.first_version, Version(1), "NoStream appended late"),
+            ExpectedVersion::StreamExists => assert!(result.first_version > Version(1), "StreamExists appended first"),
+            ExpectedVersion::Exact(version) => {
+                assert_eq!(result.first_version, Version(version.0 + 1), "Exact appended elsewhere")
             }
         }
+        acknowledged += sent.event_ids.len();
+        if let Some(command_id) = sent.command_id {
+            let earlier = by_command.insert((sent.stream, command_id), *result);
+            assert!(earlier.is_none(), "command {command_id} appended twice");
+        }
     }
-    for (sent, outcome) in &answers {
+    acknowledged
+}
+
+/// Checks every answer that is not `Appended`: it stored nothing, for the right reason.
+fn check_refused(
+    answers: &Answers,
+    log: &HashMap<EventId, RecordedEvent>,
+    by_command: &HashMap<(usize, CommandId), AppendResult>,
+    reused_event: EventId,
+) {
+    let stored_count = |sent: &Sent| sent.event_ids.iter().filter(|id| log.contains_key(id)).count();
+    for (sent, outcome) in answers {
         match outcome {
             Ok(AppendOutcome::Appended(_)) => {}
             Ok(AppendOutcome::Duplicate(result)) => {
                 let command_id = sent.command_id.expect("a duplicate needs a command id");
-                assert_eq!(
-                    by_command.get(&(sent.stream, command_id)),
-                    Some(result),
-                    "a duplicate answers the first result"
-                );
+                let first = by_command.get(&(sent.stream, command_id));
+                assert_eq!(first, Some(result), "a duplicate answers the first result");
                 assert_eq!(stored_count(sent), 0, "a duplicate stores nothing");
             }
             Err(StoreError::Conflict { .. }) => {
@@ -495,7 +532,6 @@ pub async fn mixed_concurrent_appends_are_answered_as_stored<S: EventStore + ?Si
             );
         }
     }
-    assert_eq!(log.len(), acknowledged, "every stored event was acknowledged as appended");
 }
 
 /// `read_all` returns every event once, in strictly increasing positions, agrees with each

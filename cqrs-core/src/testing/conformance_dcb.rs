@@ -517,8 +517,14 @@ async fn random_conditional_appends<S: EventStore + ?Sized>(
         attempts.extend(handle.await.expect("task"));
     }
     let log = super::conformance::read_everything(&*store).await;
+    check_attempts(&attempts, &log);
+}
+
+/// Each committed attempt had no matching event between its `after` and itself; each failed
+/// one names a matching event after its `after`.
+fn check_attempts(attempts: &[Attempt], log: &[RecordedEvent]) {
     let mut seen = HashSet::new();
-    for attempt in &attempts {
+    for attempt in attempts {
         let matching_after = |until: Position| {
             log.iter()
                 .filter(|e| e.position > attempt.after && e.position < until)

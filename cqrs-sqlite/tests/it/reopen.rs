@@ -102,19 +102,19 @@ async fn notifications_start_at_the_stored_head() {
     drop(dir);
 }
 
-/// A file made before command ids were keyed by (command_id, stream_id) keeps its command ids
-/// through the migration: a repeated command is still answered as the duplicate it is, new
-/// ones are stored and found, and pruning still forgets them. Its events, stored before tags
-/// existed, read back with no tags, and are found by type.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn command_ids_stored_before_the_key_changed_are_still_known() {
+/// A file migrated only up to before command ids were keyed by (command_id, stream_id), with
+/// one event of type `Old` on `s` stored by `old_command`, as that schema stored them.
+async fn file_before_the_key_changed(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    s: &cqrs_core::StreamId,
+    old_command: CommandId,
+) {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
     use sqlx::{ConnectOptions, Connection};
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("events.db");
     // The schema as it was: every migration before the key changed, from a copy of them.
-    let older = dir.path().join("older-migrations");
+    let older = dir.join("older-migrations");
     std::fs::create_dir(&older).expect("migrations dir");
     let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
     for entry in std::fs::read_dir(&migrations).expect("read migrations") {
@@ -125,7 +125,7 @@ async fn command_ids_stored_before_the_key_changed_are_still_known() {
         }
     }
     let options =
-        SqliteConnectOptions::new().filename(&path).create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
+        SqliteConnectOptions::new().filename(path).create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
     let mut connection = options.connect().await.expect("connect");
     sqlx::migrate::Migrator::new(older.as_path())
         .await
@@ -133,8 +133,6 @@ async fn command_ids_stored_before_the_key_changed_are_still_known() {
         .run(&mut connection)
         .await
         .expect("migrate to the older schema");
-    let s = stream("old-key");
-    let old_command = CommandId::new();
     let event_id = cqrs_core::EventId::new();
     sqlx::query(
         "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
@@ -161,6 +159,19 @@ async fn command_ids_stored_before_the_key_changed_are_still_known() {
     .await
     .expect("old command row");
     connection.close().await.expect("close");
+}
+
+/// A file made before command ids were keyed by (command_id, stream_id) keeps its command ids
+/// through the migration: a repeated command is still answered as the duplicate it is, new
+/// ones are stored and found, and pruning still forgets them. Its events, stored before tags
+/// existed, read back with no tags, and are found by type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_ids_stored_before_the_key_changed_are_still_known() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("events.db");
+    let s = stream("old-key");
+    let old_command = CommandId::new();
+    file_before_the_key_changed(dir.path(), &path, &s, old_command).await;
 
     let store = reopen(&path).await;
     let stored = cqrs_core::AppendResult {
