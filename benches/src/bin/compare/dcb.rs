@@ -177,3 +177,67 @@ pub async fn fill_tag<S: EventStore + ?Sized>(store: &S, tag: &Tag, events: u64)
     }
     Ok(())
 }
+
+/// The anchor of the tag-read case on SQLite: the bare indexed `SELECT` a hand-written program
+/// would page with through sqlx (the same driver as the store), every column fetched and the
+/// payload read as text, nothing decoded further. Events per second.
+pub async fn bare_sqlite_tag_reads(path: &std::path::Path, tag: &Tag, rounds: usize) -> anyhow::Result<(u64, f64)> {
+    use sqlx::Row;
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path).read_only(true);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
+    let sql = "SELECT e.* FROM cqrs_event_tags t JOIN cqrs_events e ON e.position = t.position \
+               WHERE t.tag = ?1 AND t.position > ?2 ORDER BY t.position LIMIT 1000";
+    bare_reads(rounds, |after| {
+        let pool = pool.clone();
+        async move {
+            let rows = sqlx::query(sql).bind(tag.as_str()).bind(after).fetch_all(&pool).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get::<i64, _>("position")?, row.try_get::<String, _>("payload")?.len())))
+                .collect()
+        }
+    })
+    .await
+}
+
+/// The anchor of the tag-read case on PostgreSQL: the bare `SELECT … WHERE tags @> ARRAY[$1]`
+/// over the GIN index, paged by position, every column fetched, the payload read as text.
+pub async fn bare_pg_tag_reads(url: &str, tag: &Tag, rounds: usize) -> anyhow::Result<(u64, f64)> {
+    use sqlx::Row;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?;
+    let sql = "SELECT position, event_id, stream_id, version, event_type, schema_version, payload::text AS payload, \
+               command_id, causation_id, correlation_id, headers::text AS headers, recorded_at, tags \
+               FROM cqrs_events WHERE tags @> ARRAY[$1] AND position > $2 ORDER BY position LIMIT 1000";
+    bare_reads(rounds, |after| {
+        let pool = pool.clone();
+        async move {
+            let rows = sqlx::query(sql).bind(tag.as_str()).bind(after).fetch_all(&pool).await?;
+            rows.iter()
+                .map(|row| Ok((row.try_get::<i64, _>("position")?, row.try_get::<String, _>("payload")?.len())))
+                .collect()
+        }
+    })
+    .await
+}
+
+/// Pages through `page(after)` (position, payload length per row) `rounds` times.
+async fn bare_reads<F, Fut>(rounds: usize, page: F) -> anyhow::Result<(u64, f64)>
+where
+    F: Fn(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<(i64, usize)>, sqlx::Error>>,
+{
+    let started = Instant::now();
+    let mut read = 0u64;
+    let mut bytes = 0usize;
+    for _ in 0..rounds {
+        let mut after = 0i64;
+        loop {
+            let rows = page(after).await?;
+            let Some(&(last, _)) = rows.last() else { break };
+            after = last;
+            read += rows.len() as u64;
+            bytes += rows.iter().map(|(_, len)| len).sum::<usize>();
+        }
+    }
+    anyhow::ensure!(bytes > 0, "the bare read read no payload");
+    Ok((read, read as f64 / started.elapsed().as_secs_f64().max(1e-9)))
+}

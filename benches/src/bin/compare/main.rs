@@ -276,7 +276,9 @@ async fn dcb_cases(server: Option<&PgServer>, only: Only, quick: bool, umadb: bo
         }
         let scratch = tempfile::NamedTempFile::new().context("temp file")?;
         let store = SqliteEventStore::open(scratch.path()).await.context("open our SQLite store")?;
-        dcb_reads(&store, "sqlite", read_events).await?;
+        let ours = dcb_reads(&store, "sqlite", read_events).await?;
+        let (read, bare) = dcb::bare_sqlite_tag_reads(scratch.path(), &wanted_tag(), 3).await?;
+        print_bare("sqlite", read, bare, ours, read_events)?;
     }
     if let Some(server) = server {
         println!("server: {}", server.describe().await?);
@@ -289,8 +291,10 @@ async fn dcb_cases(server: Option<&PgServer>, only: Only, quick: bool, umadb: bo
         }
         let database = server.create_database("dcbreads").await?;
         let store = our_pg_store(&database.url).await?;
-        dcb_reads(&*store, "postgres", read_events).await?;
+        let ours = dcb_reads(&*store, "postgres", read_events).await?;
         drop(store);
+        let (read, bare) = dcb::bare_pg_tag_reads(&database.url, &wanted_tag(), 3).await?;
+        print_bare("postgres", read, bare, ours, read_events)?;
         server.drop_database(database).await?;
     }
     Ok(ExitCode::SUCCESS)
@@ -318,16 +322,29 @@ async fn umadb_cases(_levels: &[usize], _appends: u64, _read_events: u64) -> any
     bail!("--peer umadb needs the umadb feature: cargo run --release -p benches --features umadb --bin compare -- --dcb --peer umadb")
 }
 
-/// One tag's `events` among as many of other tags, read back by query.
-async fn dcb_reads<S: cqrs_core::EventStore + ?Sized>(store: &S, name: &str, events: u64) -> anyhow::Result<()> {
-    let wanted = cqrs_core::Tag::new("reader", "wanted");
+/// The tag the read cases read.
+fn wanted_tag() -> cqrs_core::Tag {
+    cqrs_core::Tag::new("reader", "wanted")
+}
+
+/// The bare `SELECT`'s line, and ours over it.
+fn print_bare(name: &str, read: u64, bare: f64, ours: f64, events: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(read == 3 * events, "the bare read read {read} events, expected {}", 3 * events);
+    println!("dcb {name:<8} bare indexed SELECT: {bare:>9.0} events/s; ours / bare {:.2}×", ours / bare);
+    println!("{{\"case\":\"dcb_{name}_tag_read_bare\",\"events_per_s\":{bare:.0},\"ratio\":{:.3}}}", ours / bare);
+    Ok(())
+}
+
+/// One tag's `events` among as many of other tags, read back by query; events per second.
+async fn dcb_reads<S: cqrs_core::EventStore + ?Sized>(store: &S, name: &str, events: u64) -> anyhow::Result<f64> {
+    let wanted = wanted_tag();
     dcb::fill_tag(store, &cqrs_core::Tag::new("reader", "other"), events).await?;
     dcb::fill_tag(store, &wanted, events).await?;
     let (read, rate) = dcb::tag_reads(store, &wanted, 3).await?;
     anyhow::ensure!(read == 3 * events, "read {read} events by tag, expected {}", 3 * events);
     println!("dcb {name:<8} read by tag query: {rate:>9.0} events/s ({events} of {} events match)", 2 * events);
     println!("{{\"case\":\"dcb_{name}_tag_read\",\"events\":{events},\"events_per_s\":{rate:.0}}}");
-    Ok(())
+    Ok(rate)
 }
 
 /// `--replay N`: the replay case of each durable store asked for (there is no peer side).
