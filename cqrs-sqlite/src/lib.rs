@@ -396,8 +396,9 @@ impl EventStore for SqliteEventStore {
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE {} ORDER BY position LIMIT ?",
             query::where_clause(query)
         );
-        let statement = query::bind_where(sqlx::query(&sql).persistent(query::cached(query)), query, after);
-        EventDecoder::fetch(statement.bind(limit(max_count)), &self.inner.readers, max_count).await
+        let max = limit(max_count);
+        let statement = query::bind_where(sqlx::query(&sql).persistent(query::cached(query)), query, after, max);
+        EventDecoder::fetch(statement.bind(max), &self.inner.readers, max_count).await
     }
 
     async fn head(&self) -> Result<Position, StoreError> {
