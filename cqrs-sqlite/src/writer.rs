@@ -1,10 +1,10 @@
 //! Group commit: the store's one writer task owns the only write connection. It takes every
 //! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction (the
-//! appends queued together checked and written set-based, in two calls to sqlx's SQLite
-//! thread, the first of which also begins the transaction and the last of which also commits
-//! it when nothing follows; an append that would not simply be stored, inside a savepoint
-//! checked against its own expected version), commits once (one fsync), and only then answers
-//! each caller.
+//! appends queued together, conditional or not, checked and written set-based, in two calls to
+//! sqlx's SQLite thread, the first of which also begins the transaction and the last of which
+//! also commits it when nothing follows; an append that would not simply be stored or refused
+//! by its condition, inside a savepoint checked against its own expected version), commits
+//! once (one fsync), and only then answers each caller.
 //!
 //! **Ordering invariant.** Positions are assigned inside the write transaction, as one more
 //! than the highest stored position, while holding SQLite's write lock (taken by `BEGIN
@@ -15,9 +15,12 @@
 //! process writes the same file: the write lock serialises both.
 //!
 //! **Conditions.** An append's condition (DCB) is checked by this writer inside the same
-//! transaction, after the append's command id and version, once every earlier append of the
-//! batch is written: so it sees them, and no two appends whose events match each other's
-//! query both commit (the README's "Dynamic Consistency Boundaries").
+//! transaction, after the append's command id and version, with the conditions of its group
+//! in the group's one read, once every earlier group of the batch is written. A conditional
+//! append joins a group only if its query matches none of the events of the group's earlier
+//! appends ([`windows`]), so the check sees every event before it that it could match, and no
+//! two appends whose events match each other's query both commit (the README's "Dynamic
+//! Consistency Boundaries").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -382,9 +385,9 @@ impl Writer {
     }
 
     /// Runs appends and chains queued together inside the open transaction, pushing their
-    /// answers: as many at a time as one statement takes, each on its own if that declines.
-    /// A conditional append is never written together with others: its condition is checked
-    /// once the appends before it are written, so it sees them. With `commit` (nothing follows
+    /// answers: a window ([`windows`]) at a time, each chain on its own if that declines. A
+    /// conditional append shares a window only with appends before it whose events its query
+    /// does not match, so its check before the window sees what it would see after them. With `commit` (nothing follows
     /// them in the batch), the last set-based write commits the transaction in the same call;
     /// true if it did. On a failure of the transaction, returns the error and the requests not
     /// yet run.
@@ -1281,9 +1284,11 @@ async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> R
     Ok(result.rows_affected())
 }
 
-/// Most parameters the conditions of one set-based read bind, and most conditions other than
-/// one tag it holds (each one more select of a compound, which SQLite bounds at 500).
+/// Most parameters the conditions of one set-based read bind (SQLite takes 32 766 in all).
 const AT_ONCE_CONDITION_PARAMETERS: usize = 8_192;
+
+/// Most conditions other than of one tag in one set-based read: each is one more select of a
+/// compound, which SQLite bounds at 500.
 const AT_ONCE_QUERY_CONDITIONS: usize = 64;
 
 /// The chains cut into windows that one set-based statement takes, in order: at most
