@@ -580,65 +580,9 @@ impl Writer {
         plan: &AtOnce<'a>,
         next_position: &mut Option<i64>,
     ) -> Result<Option<Looked<'a>>, sqlx::Error> {
-        let (streams, command_ids) = (&plan.streams, &plan.command_ids);
-        let begin = next_position.is_none();
-        let mut lookup = if begin {
-            "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL, NULL FROM cqrs_events UNION ALL "
-                .to_owned()
-        } else {
-            String::new()
-        };
-        lookup.push_str(&format!(
-            "SELECT stream_id, version, NULL, NULL FROM cqrs_streams WHERE stream_id IN ({})",
-            placeholders(streams.len())
-        ));
-        if !command_ids.is_empty() {
-            lookup.push_str(&format!(
-                " UNION ALL SELECT stream_id, NULL, command_id, NULL FROM cqrs_commands \
-                 WHERE stream_id IN ({}) AND command_id IN ({})",
-                placeholders(streams.len()),
-                placeholders(command_ids.len())
-            ));
-        }
-        let (by_tag, other): (Vec<&Condition<'a>>, Vec<&Condition<'a>>) =
-            plan.conditions.iter().partition(|condition| condition.tag.is_some());
-        if !by_tag.is_empty() {
-            lookup.push_str(&format!(
-                " UNION ALL SELECT NULL, (SELECT position FROM cqrs_event_tags WHERE tag = c.column2 \
-                 AND position > c.column3 ORDER BY position LIMIT 1), NULL, c.column1 FROM (VALUES {}) AS c",
-                rows(by_tag.len(), 3)
-            ));
-        }
-        for condition in &other {
-            lookup.push_str(&format!(
-                " UNION ALL SELECT NULL, {}, NULL, ?",
-                query::first_match_sql(&condition.condition.fail_if_events_match)
-            ));
-        }
-        let cached = streams.len() <= AT_ONCE_CACHED_ROWS
-            && command_ids.len() <= AT_ONCE_CACHED_ROWS
-            && by_tag.len() <= AT_ONCE_CACHED_ROWS
-            && other.is_empty();
-        let mut query = sqlx::query(&lookup).persistent(cached);
-        for stream in streams {
-            query = query.bind(*stream);
-        }
-        if !command_ids.is_empty() {
-            for stream in streams {
-                query = query.bind(*stream);
-            }
-            for command_id in command_ids {
-                query = query.bind(*command_id);
-            }
-        }
-        for condition in &by_tag {
-            let after = to_i64_saturating(condition.condition.after_position().0);
-            query = query.bind(to_i64_saturating(condition.link as u64)).bind(condition.tag).bind(after);
-        }
-        for condition in &other {
-            let (query_of, after) = (&condition.condition.fail_if_events_match, condition.condition.after_position());
-            query = query::bind_first_match(query, query_of, after).bind(to_i64_saturating(condition.link as u64));
-        }
+        let (lookup, cached) = lookup_at_once_sql(plan, next_position.is_none());
+        let query = bind_lookup(sqlx::query(&lookup).persistent(cached), plan);
+        let streams = &plan.streams;
         let mut versions: HashMap<&str, i64> = streams.iter().map(|stream| (*stream, 0)).collect();
         let mut failed = vec![None; plan.links];
         let mut declined = false;
@@ -1015,6 +959,76 @@ type LookupRow = (Option<String>, Option<i64>, Option<Uuid>, Option<i64>);
 fn lookup_row(row: &sqlx::sqlite::SqliteRow) -> Result<LookupRow, sqlx::Error> {
     use sqlx::Row;
     Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
+}
+
+/// The statement of [`Writer::lookup_at_once`] (see there), beginning the transaction if
+/// `begin`, and whether to keep it prepared. Conditions come one-tag first, then the others,
+/// each in link order, as [`bind_lookup`] binds them.
+fn lookup_at_once_sql(plan: &AtOnce<'_>, begin: bool) -> (String, bool) {
+    let (streams, command_ids) = (&plan.streams, &plan.command_ids);
+    let mut lookup = if begin {
+        "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL, NULL FROM cqrs_events UNION ALL "
+            .to_owned()
+    } else {
+        String::new()
+    };
+    lookup.push_str(&format!(
+        "SELECT stream_id, version, NULL, NULL FROM cqrs_streams WHERE stream_id IN ({})",
+        placeholders(streams.len())
+    ));
+    if !command_ids.is_empty() {
+        lookup.push_str(&format!(
+            " UNION ALL SELECT stream_id, NULL, command_id, NULL FROM cqrs_commands \
+             WHERE stream_id IN ({}) AND command_id IN ({})",
+            placeholders(streams.len()),
+            placeholders(command_ids.len())
+        ));
+    }
+    let by_tag = plan.conditions.iter().filter(|condition| condition.tag.is_some()).count();
+    if by_tag > 0 {
+        lookup.push_str(&format!(
+            " UNION ALL SELECT NULL, (SELECT position FROM cqrs_event_tags WHERE tag = c.column2 \
+             AND position > c.column3 ORDER BY position LIMIT 1), NULL, c.column1 FROM (VALUES {}) AS c",
+            rows(by_tag, 3)
+        ));
+    }
+    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_none()) {
+        lookup.push_str(&format!(
+            " UNION ALL SELECT NULL, {}, NULL, ?",
+            query::first_match_sql(&condition.condition.fail_if_events_match)
+        ));
+    }
+    let cached = streams.len() <= AT_ONCE_CACHED_ROWS
+        && command_ids.len() <= AT_ONCE_CACHED_ROWS
+        && by_tag <= AT_ONCE_CACHED_ROWS
+        && by_tag == plan.conditions.len();
+    (lookup, cached)
+}
+
+/// Binds the parameters of [`lookup_at_once_sql`]'s statement in order.
+fn bind_lookup<'q>(mut query: SqliteQuery<'q>, plan: &AtOnce<'q>) -> SqliteQuery<'q> {
+    let (streams, command_ids) = (&plan.streams, &plan.command_ids);
+    for stream in streams {
+        query = query.bind(*stream);
+    }
+    if !command_ids.is_empty() {
+        for stream in streams {
+            query = query.bind(*stream);
+        }
+        for command_id in command_ids {
+            query = query.bind(*command_id);
+        }
+    }
+    let link = |condition: &Condition<'_>| i64::try_from(condition.link).unwrap_or(i64::MAX);
+    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_some()) {
+        let after = to_i64_saturating(condition.condition.after_position().0);
+        query = query.bind(link(condition)).bind(condition.tag).bind(after);
+    }
+    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_none()) {
+        let (query_of, after) = (&condition.condition.fail_if_events_match, condition.condition.after_position());
+        query = query::bind_first_match(query, query_of, after).bind(link(condition));
+    }
+    query
 }
 
 /// What the set-based append writes: the links whose condition did not fail.
