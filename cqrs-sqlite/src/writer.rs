@@ -208,6 +208,10 @@ impl Writer {
     pub(crate) async fn run(mut self) {
         while let Some(batch) = self.queue.next_batch(self.limits).await {
             self.write_batch(batch).await;
+            // The callers just answered are woken on this thread: let them queue their next
+            // appends before the next batch is taken, so that it holds them all rather than
+            // the first few (and the next one the rest).
+            tokio::task::yield_now().await;
         }
         if let Err(error) = self.connection.close().await {
             tracing::debug!(%error, "closing the sqlite writer connection failed");
