@@ -175,6 +175,35 @@ async fn a_batch_of_failing_conditions_writes_nothing() {
     assert_eq!(store.head().await.expect("head"), stored.last_position);
 }
 
+/// Each item of a query reads at most a page of its own positions: read page by page, a query
+/// of several items (one tag; two tags and a type; a type) interleaving in the log finds exactly
+/// the events matching one of them, in order, as a filter of the whole log does.
+#[tokio::test]
+async fn paged_reads_of_several_items_match_a_filter_of_the_log() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let (a, b, c) = (tag("a"), tag("b"), tag("c"));
+    let start = store.head().await.expect("head");
+    let kinds = [vec![a.clone()], vec![b.clone(), c.clone()], vec![b.clone()], vec![c.clone()], vec![]];
+    for n in 0..60 {
+        let tags = &kinds[n % kinds.len()];
+        let event_type = ["Odd", "Even", "Third"][n % 3];
+        let events = vec![tagged(event_type, tags, json!({ "n": n }))];
+        store.append(&stream("mixed"), ExpectedVersion::NoStream, events).await.expect("append");
+    }
+    let query = Query::from_items([
+        QueryItem::tags([a.clone()]),
+        QueryItem::types(["Even"]).with_tags([b.clone(), c.clone()]),
+        QueryItem::types(["Third"]),
+    ]);
+    let paged = cqrs_core::testing::conformance::read_query_all(store, &query, start).await;
+    let log = store.read_all(start, 1_000).await.expect("read_all");
+    let expected: Vec<Position> =
+        log.iter().filter(|event| query.matches(&event.event_type, &event.tags)).map(|event| event.position).collect();
+    assert!(expected.len() > 20, "the items interleave: {}", expected.len());
+    assert_eq!(paged.iter().map(|event| event.position).collect::<Vec<_>>(), expected);
+}
+
 /// The positions a tag is indexed at, read from the index table itself.
 async fn indexed(store: &cqrs_sqlite::SqliteEventStore, tag: &Tag) -> Vec<i64> {
     sqlx::query_scalar("SELECT position FROM cqrs_event_tags WHERE tag = ?1 ORDER BY position")
