@@ -1,12 +1,15 @@
 //! The SQL of a DCB [`Query`]: the same `WHERE` clause serves `read_query` (on the readers)
 //! and the check of an append condition (on the writer, inside its transaction).
 //!
-//! Each item is `event_type IN (...)` (when it names types) and, per tag, `position IN (SELECT
-//! position FROM cqrs_event_tags WHERE tag = ? AND position > ?)`; items are OR'ed, the whole
-//! behind `position > ?`. SQLite answers each item from an index (the tag table's primary key,
-//! or `cqrs_events_event_type`), never by scanning the log. Every value is a bound parameter.
+//! Each item is `position IN (...)` of its own first `limit` positions after `after`, in
+//! position order: an item with tags walks the tag table's key `(tag, position)` from its first
+//! tag, keeping the positions that carry its other tags too (key lookups) and are of its types
+//! (a rowid lookup); an item with types only walks the event type index `(event_type,
+//! position)`; an item with neither, the log itself. Items are OR'ed, the whole behind
+//! `position > ?`. Each item stops after `limit` positions, so a page of a long read costs
+//! its own size, not the rest of the tag. Every value is a bound parameter.
 
-use cqrs_core::{Position, Query};
+use cqrs_core::{Position, Query, QueryItem};
 
 use crate::rows::to_i64_saturating;
 
@@ -17,52 +20,104 @@ pub(crate) type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sql
 /// (larger ones are rare and prepared each time, so they do not crowd out the others).
 const CACHED_PARAMETERS: usize = 16;
 
-/// `position > ? AND (item OR item ...)` for a query with at least one item, with anonymous
-/// parameters bound by [`bind_where`] in the same order.
+/// `?, ?, ...`: `count` anonymous parameters.
+fn placeholders(count: usize) -> String {
+    vec!["?"; count].join(", ")
+}
+
+/// The positions of one item's events after `?`, in order, at most `?` of them.
+fn item_positions(item: &QueryItem) -> String {
+    let types = (!item.types.is_empty()).then(|| placeholders(item.types.len()));
+    let Some((_, others)) = item.tags.split_first() else {
+        return match types {
+            Some(types) => format!(
+                "SELECT position FROM cqrs_events WHERE event_type IN ({types}) AND position > ? \
+                 ORDER BY position LIMIT ?"
+            ),
+            None => "SELECT position FROM cqrs_events WHERE position > ? ORDER BY position LIMIT ?".to_owned(),
+        };
+    };
+    let mut sql = "SELECT t.position FROM cqrs_event_tags AS t WHERE t.tag = ? AND t.position > ?".to_owned();
+    for _ in others {
+        sql.push_str(" AND EXISTS (SELECT 1 FROM cqrs_event_tags AS u WHERE u.tag = ? AND u.position = t.position)");
+    }
+    if let Some(types) = types {
+        sql.push_str(&format!(
+            " AND EXISTS (SELECT 1 FROM cqrs_events AS e WHERE e.position = t.position AND e.event_type IN ({types}))"
+        ));
+    }
+    sql.push_str(" ORDER BY t.position LIMIT ?");
+    sql
+}
+
+/// `position > ? AND (position IN (item) OR ...)` for a query with at least one item, with
+/// anonymous parameters bound by [`bind_where`] in the same order.
 pub(crate) fn where_clause(query: &Query) -> String {
-    let items: Vec<String> = query
-        .items
-        .iter()
-        .map(|item| {
-            let mut terms = Vec::with_capacity(1 + item.tags.len());
-            if !item.types.is_empty() {
-                terms.push(format!("event_type IN ({})", vec!["?"; item.types.len()].join(", ")));
-            }
-            for _ in &item.tags {
-                terms.push(
-                    "position IN (SELECT position FROM cqrs_event_tags WHERE tag = ? AND position > ?)".to_owned(),
-                );
-            }
-            if terms.is_empty() {
-                // No types and no tags: every event.
-                "1".to_owned()
-            } else {
-                format!("({})", terms.join(" AND "))
-            }
-        })
-        .collect();
+    let items: Vec<String> = query.items.iter().map(|item| format!("position IN ({})", item_positions(item))).collect();
     format!("position > ? AND ({})", items.join(" OR "))
 }
 
-/// Binds the parameters of [`where_clause`]`(query)` after those `statement` has.
-pub(crate) fn bind_where<'q>(mut statement: SqliteQuery<'q>, query: &'q Query, after: Position) -> SqliteQuery<'q> {
+/// Binds the parameters of [`where_clause`]`(query)` after those `statement` has: events after
+/// `after`, at most `limit` per item.
+pub(crate) fn bind_where<'q>(
+    mut statement: SqliteQuery<'q>,
+    query: &'q Query,
+    after: Position,
+    limit: i64,
+) -> SqliteQuery<'q> {
     let after = to_i64_saturating(after.0);
     statement = statement.bind(after);
     for item in &query.items {
-        for event_type in &item.types {
-            statement = statement.bind(event_type.as_str());
+        match item.tags.split_first() {
+            None => {
+                for event_type in &item.types {
+                    statement = statement.bind(event_type.as_str());
+                }
+                statement = statement.bind(after);
+            }
+            Some((first, others)) => {
+                statement = statement.bind(first.as_str()).bind(after);
+                for tag in others {
+                    statement = statement.bind(tag.as_str());
+                }
+                for event_type in &item.types {
+                    statement = statement.bind(event_type.as_str());
+                }
+            }
         }
-        for tag in &item.tags {
-            statement = statement.bind(tag.as_str()).bind(after);
-        }
+        statement = statement.bind(limit);
     }
     statement
 }
 
+/// How many parameters [`where_clause`]`(query)` binds.
+pub(crate) fn parameters(query: &Query) -> usize {
+    1 + query.items.iter().map(|item| item.types.len() + item.tags.len() + 2).sum::<usize>()
+}
+
 /// Whether the statement of `query` is small enough to keep prepared.
 pub(crate) fn cached(query: &Query) -> bool {
-    let parameters: usize = query.items.iter().map(|item| item.types.len() + 2 * item.tags.len()).sum();
-    parameters <= CACHED_PARAMETERS
+    parameters(query) <= CACHED_PARAMETERS
+}
+
+/// The SQL of the first position of an event `query` matches: a scalar subquery, its
+/// parameters bound by [`bind_first_match`].
+pub(crate) fn first_match_sql(query: &Query) -> String {
+    format!("(SELECT position FROM cqrs_events WHERE {} ORDER BY position LIMIT 1)", where_clause(query))
+}
+
+/// Binds the parameters of [`first_match_sql`]`(query)` after those `statement` has.
+pub(crate) fn bind_first_match<'q>(statement: SqliteQuery<'q>, query: &'q Query, after: Position) -> SqliteQuery<'q> {
+    bind_where(statement, query, after, 1)
+}
+
+/// The one tag of a query of one item with one tag and no types (the usual condition of a
+/// decision), which the tag table's key answers alone.
+pub(crate) fn single_tag(query: &Query) -> Option<&str> {
+    match query.items.as_slice() {
+        [item] if item.types.is_empty() && item.tags.len() == 1 => item.tags.first().map(|tag| tag.as_str()),
+        _ => None,
+    }
 }
 
 /// The first position after `after` of an event `query` matches, on `connection` (the writer's,
@@ -75,10 +130,10 @@ pub(crate) async fn first_match(
     if query.is_none() {
         return Ok(None);
     }
-    let sql = format!("SELECT position FROM cqrs_events WHERE {} ORDER BY position LIMIT 1", where_clause(query));
-    let statement = bind_where(sqlx::query(&sql).persistent(cached(query)), query, after);
-    let row = statement.fetch_optional(connection).await?;
-    row.map(|row| sqlx::Row::try_get::<i64, _>(&row, 0)).transpose()
+    let sql = format!("SELECT {}", first_match_sql(query));
+    let statement = bind_first_match(sqlx::query(&sql).persistent(cached(query)), query, after);
+    let row = statement.fetch_one(connection).await?;
+    sqlx::Row::try_get::<Option<i64>, _>(&row, 0)
 }
 
 #[cfg(test)]
@@ -95,7 +150,7 @@ mod tests {
             where_clause(query)
         );
         let rows =
-            bind_where(sqlx::query(&sql), query, Position(0)).bind(10).fetch_all(connection).await.expect("plan");
+            bind_where(sqlx::query(&sql), query, Position(0), 10).bind(10).fetch_all(connection).await.expect("plan");
         rows.iter().map(|row| row.get::<String, _>("detail")).collect()
     }
 

@@ -112,12 +112,14 @@ impl Columns {
 /// name once, for the first row; text is decoded in place rather than copied; the event type
 /// and stream id of the row before are shared when they repeat (a page often holds runs of one
 /// stream and one type), and the usual empty headers and tags skip the JSON parser (events
-/// without tags share one empty list).
+/// without tags share one empty list; a run of events with the same tags shares one list).
 #[derive(Default)]
 pub(crate) struct EventDecoder {
     columns: Option<Columns>,
     names: RowNames,
     no_tags: Option<Arc<[Tag]>>,
+    /// The stored tags of the last row with tags, and their list, shared while they repeat.
+    last_tags: Option<(String, Arc<[Tag]>)>,
 }
 
 impl EventDecoder {
@@ -159,10 +161,14 @@ impl EventDecoder {
         let event_type: &str = row.try_get(columns.event_type).map_err(corrupt)?;
         let event_type = self.names.event_type(event_type);
         let tags: &str = row.try_get(columns.tags).map_err(corrupt)?;
-        let tags = if tags == "[]" {
-            Arc::clone(self.no_tags.get_or_insert_with(|| Arc::from(Vec::new())))
-        } else {
-            Arc::from(parse_tags(tags)?)
+        let tags = match &self.last_tags {
+            _ if tags == "[]" => Arc::clone(self.no_tags.get_or_insert_with(|| Arc::from(Vec::new()))),
+            Some((text, parsed)) if text == tags => Arc::clone(parsed),
+            _ => {
+                let parsed: Arc<[Tag]> = Arc::from(parse_tags(tags)?);
+                self.last_tags = Some((tags.to_owned(), Arc::clone(&parsed)));
+                parsed
+            }
         };
         Ok(RecordedEvent {
             event_id: EventId(event_id),

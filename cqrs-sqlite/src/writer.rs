@@ -1,10 +1,10 @@
 //! Group commit: the store's one writer task owns the only write connection. It takes every
 //! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction (the
-//! appends queued together checked and written set-based, in two calls to sqlx's SQLite
-//! thread, the first of which also begins the transaction and the last of which also commits
-//! it when nothing follows; an append that would not simply be stored, inside a savepoint
-//! checked against its own expected version), commits once (one fsync), and only then answers
-//! each caller.
+//! appends queued together, conditional or not, checked and written set-based, in two calls to
+//! sqlx's SQLite thread, the first of which also begins the transaction and the last of which
+//! also commits it when nothing follows; an append that would not simply be stored or refused
+//! by its condition, inside a savepoint checked against its own expected version), commits
+//! once (one fsync), and only then answers each caller.
 //!
 //! **Ordering invariant.** Positions are assigned inside the write transaction, as one more
 //! than the highest stored position, while holding SQLite's write lock (taken by `BEGIN
@@ -15,9 +15,12 @@
 //! process writes the same file: the write lock serialises both.
 //!
 //! **Conditions.** An append's condition (DCB) is checked by this writer inside the same
-//! transaction, after the append's command id and version, once every earlier append of the
-//! batch is written: so it sees them, and no two appends whose events match each other's
-//! query both commit (the README's "Dynamic Consistency Boundaries").
+//! transaction, after the append's command id and version, with the conditions of its group
+//! in the group's one read, once every earlier group of the batch is written. A conditional
+//! append joins a group only if its query matches none of the events of the group's earlier
+//! appends ([`windows`]), so the check sees every event before it that it could match, and no
+//! two appends whose events match each other's query both commit (the README's "Dynamic
+//! Consistency Boundaries").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -205,6 +208,10 @@ impl Writer {
     pub(crate) async fn run(mut self) {
         while let Some(batch) = self.queue.next_batch(self.limits).await {
             self.write_batch(batch).await;
+            // The callers just answered are woken on this thread: let them queue their next
+            // appends before the next batch is taken, so that it holds them all rather than
+            // the first few (and the next one the rest).
+            tokio::task::yield_now().await;
         }
         if let Err(error) = self.connection.close().await {
             tracing::debug!(%error, "closing the sqlite writer connection failed");
@@ -382,9 +389,9 @@ impl Writer {
     }
 
     /// Runs appends and chains queued together inside the open transaction, pushing their
-    /// answers: as many at a time as one statement takes, each on its own if that declines.
-    /// A conditional append is never written together with others: its condition is checked
-    /// once the appends before it are written, so it sees them. With `commit` (nothing follows
+    /// answers: a window ([`windows`]) at a time, each chain on its own if that declines. A
+    /// conditional append shares a window only with appends before it whose events its query
+    /// does not match, so its check before the window sees what it would see after them. With `commit` (nothing follows
     /// them in the batch), the last set-based write commits the transaction in the same call;
     /// true if it did. On a failure of the transaction, returns the error and the requests not
     /// yet run.
@@ -404,19 +411,11 @@ impl Writer {
             };
             let commit = commit && windows.len() == 0;
             let refs: Vec<&[AppendRequest]> = window.iter().map(Vec::as_slice).collect();
-            // A conditional chain is tried at once by `chain`, after its condition.
-            let at_once = if refs.iter().any(|chain| conditional(chain)) {
-                Ok(None)
-            } else {
-                self.append_at_once(&refs, next_position, recorded_at, commit).await
-            };
+            let at_once = self.append_at_once(&refs, next_position, recorded_at, commit).await;
             match at_once {
                 Ok(Some(results)) => {
                     for (chain, results) in window.into_iter().zip(results) {
-                        for (link, result) in chain.into_iter().zip(results) {
-                            *newest = (*newest).max(result.last_position);
-                            pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
-                        }
+                        answer_at_once(chain, results, pending, newest);
                     }
                     if commit {
                         return Ok(true);
@@ -431,8 +430,8 @@ impl Writer {
                 Ok(next) => next,
                 Err(error) => return Err((error, unanswered(window, windows))),
             };
-            // A window of one chain was just tried at once (unless conditional).
-            let tried = window.len() == 1 && !conditional(&window[0]);
+            // A window of one chain was just tried at once.
+            let tried = window.len() == 1;
             let mut chains = window.into_iter();
             while let Some(links) = chains.next() {
                 if let Err((error, rest)) = self.chain(links, pending, next_position, newest, recorded_at, tried).await
@@ -458,26 +457,13 @@ impl Writer {
         recorded_at: i64,
         tried_at_once: bool,
     ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
-        let at_once = match links.as_slice() {
-            _ if tried_at_once => false,
-            // Checked first, so that a failing condition goes link by link, which answers the
-            // checks in their order (a duplicate command id before the condition).
-            [link] if link.condition.is_some() => match self.condition_fails(link).await {
-                Ok(found) => found.is_none(),
-                Err(error) => return Err((error, links)),
-            },
-            links => !links.iter().any(|link| link.condition.is_some()),
-        };
-        if at_once {
+        if !tried_at_once {
             let mut begun = Some(*next_position);
             let at_once = self.append_at_once(&[&links], &mut begun, recorded_at, false).await;
             *next_position = begun.unwrap_or(*next_position);
             match at_once {
                 Ok(Some(mut results)) => {
-                    for (link, result) in links.into_iter().zip(results.pop().unwrap_or_default()) {
-                        *newest = (*newest).max(result.last_position);
-                        pending.push(Pending::Append(link.reply, Ok(AppendOutcome::Appended(result))));
-                    }
+                    answer_at_once(links, results.pop().unwrap_or_default(), pending, newest);
                     return Ok(());
                 }
                 // Declined, nothing written: link by link, which says why.
@@ -518,37 +504,56 @@ impl Writer {
     }
 
     /// The common case of a batch's appends in two calls to the SQLite thread, whatever the
-    /// number of chains, streams and events: one read of every stream's version and of every
-    /// command id, then one call of three statements (a multi-row `INSERT` of every event,
-    /// atomic as one statement so no savepoint; a multi-row upsert of the streams' versions; a
-    /// multi-row `INSERT` of the command ids). Each link is checked against the version the
-    /// links and chains before it leave (a stream may appear in several chains). It declines
-    /// (`Ok(None)`, nothing written) whenever a link would not simply be appended: a version
-    /// conflict, a command id already stored or given twice, an event the database refuses, or
-    /// a batch too big for one statement; [`chain`](Self::chain) then writes each chain on its
+    /// number of chains, streams, events and conditions: one read of every stream's version, of
+    /// every command id and of the first event each condition matches, then one call of three
+    /// statements (a multi-row `INSERT` of every event, atomic as one statement so no
+    /// savepoint; a multi-row upsert of the streams' versions; a multi-row `INSERT` of the
+    /// command ids). Each link is checked in order: its command id, its version against the
+    /// version the links and chains before it leave (a stream may appear in several chains),
+    /// its condition against the database before these chains, which [`windows`] made the same
+    /// as after the links before it (their events match none of its queries). A link whose
+    /// condition fails is answered `ConditionFailed` and not written; the others are. It
+    /// declines (`Ok(None)`, nothing written) whenever a link would not simply be appended or
+    /// refused by its condition: a version conflict, a command id already stored or given
+    /// twice, an event the database refuses, a condition in a chain of several links, or a
+    /// batch too big for one statement; [`chain`](Self::chain) then writes each chain on its
     /// own, and its links one by one if need be, which says why.
     ///
-    /// With `commit`, the same call also commits the transaction (when it writes). With no
-    /// `next_position` yet, the lookup's call also begins the transaction and reads it (then
-    /// set even when the method declines).
+    /// With `commit`, the same call also commits the transaction. With no `next_position` yet,
+    /// the lookup's call also begins the transaction and reads it (then set even when the
+    /// method declines).
     async fn append_at_once(
         &mut self,
         chains: &[&[AppendRequest]],
         next_position: &mut Option<i64>,
         recorded_at: i64,
         commit: bool,
-    ) -> Result<Option<Vec<Vec<AppendResult>>>, sqlx::Error> {
+    ) -> Result<Option<Vec<Vec<LinkOutcome>>>, sqlx::Error> {
         let Some(plan) = AtOnce::plan(chains) else { return Ok(None) };
-        let Some((stored, first_position)) = self.lookup_at_once(&plan, next_position).await? else {
+        let Some(Looked { versions: stored, first_position, failed }) =
+            self.lookup_at_once(&plan, next_position).await?
+        else {
             return Ok(None);
         };
-        let Some((encoded, changed)) = check_at_once(chains, &plan, &stored) else { return Ok(None) };
-        let insert = insert_at_once_sql(&plan, changed.len(), commit);
+        let Some((encoded, changed, written)) = check_at_once(chains, &plan, &stored, &failed) else {
+            return Ok(None);
+        };
+        if written.events == 0 {
+            // Every condition failed: nothing to write.
+            if commit {
+                self.connection.execute("COMMIT").await?;
+            }
+            let mut failed = failed.into_iter();
+            let results =
+                chains.iter().map(|chain| chain.iter().map(|_| refused(failed.next().flatten())).collect()).collect();
+            return Ok(Some(results));
+        }
+        let insert = insert_at_once_sql(&written, changed.len(), commit);
         let cached =
-            plan.events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && plan.commands.len() <= AT_ONCE_CACHED_ROWS;
+            written.events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && written.commands <= AT_ONCE_CACHED_ROWS;
         let query = sqlx::query(&insert).persistent(cached);
-        let rows = AtOnceRows { first_position, versions: stored, encoded, changed: &changed, recorded_at };
-        let Some((query, results, position)) = rows.bind(query, chains, &plan) else {
+        let rows = AtOnceRows { first_position, versions: stored, encoded, changed: &changed, recorded_at, failed };
+        let Some((query, results, position)) = rows.bind(query, chains, &written) else {
             return Ok(None);
         };
         if let Err(error) = query.execute(&mut self.connection).await {
@@ -565,52 +570,37 @@ impl Writer {
         Ok(Some(results))
     }
 
-    /// The set-based append's one read: every stream's version, and any of the command ids
-    /// stored for one of the streams (both index lookups; a pair found only across streams is
-    /// filtered out); first, if the transaction has not begun (no `next_position`), the write
-    /// lock and the next position under it (the row without a stream). Returns the versions
-    /// (0 for a new stream) and the next position; `None` (declined) if a command id of the
-    /// batch is stored already or a version is corrupt.
+    /// The set-based append's one read: every stream's version, any of the command ids stored
+    /// for one of the streams (both index lookups; a pair found only across streams is filtered
+    /// out), and for each condition the first event after its `after` that its query matches
+    /// (a conditions of one tag and no type from the tag table's key, in one `VALUES`-driven
+    /// select; any other as its own select); first, if the transaction has not begun (no
+    /// `next_position`), the write lock and the next position under it (the row without a
+    /// stream). Returns the versions (0 for a new stream), the next position and each link's
+    /// failing position; `None` (declined) if a command id of the batch is stored already or a
+    /// version is corrupt.
     async fn lookup_at_once<'a>(
         &mut self,
         plan: &AtOnce<'a>,
         next_position: &mut Option<i64>,
-    ) -> Result<Option<(HashMap<&'a str, i64>, i64)>, sqlx::Error> {
-        let (streams, command_ids) = (&plan.streams, &plan.command_ids);
-        let begin = next_position.is_none();
-        let mut lookup = if begin {
-            "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL FROM cqrs_events UNION ALL ".to_owned()
-        } else {
-            String::new()
-        };
-        lookup.push_str(&format!(
-            "SELECT stream_id, version, NULL FROM cqrs_streams WHERE stream_id IN ({})",
-            placeholders(streams.len())
-        ));
-        if !command_ids.is_empty() {
-            lookup.push_str(&format!(
-                " UNION ALL SELECT stream_id, NULL, command_id FROM cqrs_commands \
-                 WHERE stream_id IN ({}) AND command_id IN ({})",
-                placeholders(streams.len()),
-                placeholders(command_ids.len())
-            ));
-        }
-        let cached = streams.len() <= AT_ONCE_CACHED_ROWS && command_ids.len() <= AT_ONCE_CACHED_ROWS;
-        let mut query = sqlx::query_as::<_, (Option<String>, Option<i64>, Option<Uuid>)>(&lookup).persistent(cached);
-        for stream in streams {
-            query = query.bind(*stream);
-        }
-        if !command_ids.is_empty() {
-            for stream in streams {
-                query = query.bind(*stream);
-            }
-            for command_id in command_ids {
-                query = query.bind(*command_id);
-            }
-        }
+    ) -> Result<Option<Looked<'a>>, sqlx::Error> {
+        let (lookup, cached) = lookup_at_once_sql(plan, next_position.is_none());
+        let query = bind_lookup(sqlx::query(&lookup).persistent(cached), plan);
+        let streams = &plan.streams;
         let mut versions: HashMap<&str, i64> = streams.iter().map(|stream| (*stream, 0)).collect();
+        let mut failed = vec![None; plan.links];
         let mut declined = false;
-        for (stream, version, command_id) in query.fetch_all(&mut self.connection).await? {
+        for row in query.fetch_all(&mut self.connection).await? {
+            let (stream, version, command_id, link) = lookup_row(&row)?;
+            if let Some(link) = link {
+                // A condition's first match, if any.
+                if let (Some(failing), Some(position)) =
+                    (usize::try_from(link).ok().and_then(|link| failed.get_mut(link)), version)
+                {
+                    *failing = Some(position);
+                }
+                continue;
+            }
             let Some(stream) = stream else {
                 // The next position (rows of the lookup are decided below).
                 *next_position = version;
@@ -633,7 +623,7 @@ impl Writer {
         let Some(first_position) = *next_position else {
             return Err(sqlx::Error::Protocol("the write transaction began without its next position".to_owned()));
         };
-        Ok((!declined).then_some((versions, first_position)))
+        Ok((!declined).then_some(Looked { versions, first_position, failed }))
     }
 
     /// Runs one append inside the open transaction: its checks in order (a stored command id
@@ -861,24 +851,58 @@ impl Encoded {
     }
 }
 
-/// What a batch's set-based append ([`Writer::append_at_once`]) writes to: its streams and
-/// command ids.
+/// What the set-based append answers a link: appended, or refused by its condition.
+type LinkOutcome = Result<AppendResult, StoreError>;
+
+/// The answer of a link not written because its condition failed at `position` (a position
+/// always comes with a failed condition; 0 if that were ever not so).
+fn refused(position: Option<i64>) -> LinkOutcome {
+    Err(StoreError::ConditionFailed { position: Position(position.unwrap_or(0).unsigned_abs()) })
+}
+
+/// Pushes the answers of a chain the set-based append ran.
+fn answer_at_once(
+    chain: Vec<AppendRequest>,
+    results: Vec<LinkOutcome>,
+    pending: &mut Vec<Pending>,
+    newest: &mut Position,
+) {
+    for (link, result) in chain.into_iter().zip(results) {
+        if let Ok(result) = &result {
+            *newest = (*newest).max(result.last_position);
+        }
+        pending.push(Pending::Append(link.reply, result.map(AppendOutcome::Appended)));
+    }
+}
+
+/// A condition of the set-based append.
+struct Condition<'a> {
+    /// The link's index among all links of the batch's chains.
+    link: usize,
+    condition: &'a AppendCondition,
+    /// The query's one tag, when it is one item of one tag and no type.
+    tag: Option<&'a str>,
+}
+
+/// What a batch's set-based append ([`Writer::append_at_once`]) reads: its streams, command ids
+/// and conditions.
 struct AtOnce<'a> {
-    /// How many events the batch appends.
-    events: usize,
+    /// How many links the batch has.
+    links: usize,
     /// The streams, sorted, each once.
     streams: Vec<&'a str>,
     /// The (stream, command id) pairs, sorted, each once.
     commands: Vec<(&'a str, Uuid)>,
     /// The command ids alone, sorted, each once.
     command_ids: Vec<Uuid>,
-    /// Whether an event carries tags (to index).
-    tagged: bool,
+    /// The links' conditions that may fail (a query of no items never does).
+    conditions: Vec<Condition<'a>>,
 }
 
 impl<'a> AtOnce<'a> {
-    /// The batch's streams and command ids; `None` (declined) for a batch with no events, with
-    /// an empty link, too big for one statement, or giving a command id twice.
+    /// The batch's streams, command ids and conditions; `None` (declined) for a batch with no
+    /// events, with an empty link, too big for one statement, giving a command id twice, or
+    /// with a condition in a chain of several links.
     fn plan(chains: &[&'a [AppendRequest]]) -> Option<Self> {
         let links = || chains.iter().flat_map(|chain: &&'a [AppendRequest]| chain.iter());
         let events: usize = links().map(|link| link.events.len()).sum();
@@ -886,6 +910,10 @@ impl<'a> AtOnce<'a> {
             return None;
         }
         if links().any(|link| link.events.is_empty()) {
+            return None;
+        }
+        if chains.iter().any(|chain| chain.len() > 1 && conditional(chain)) {
+            // A failed condition breaks the chain: link by link.
             return None;
         }
         let mut streams: Vec<&str> = links().map(|link| link.stream_id.as_str()).collect();
@@ -903,35 +931,153 @@ impl<'a> AtOnce<'a> {
         let mut command_ids: Vec<Uuid> = commands.iter().map(|(_, id)| *id).collect();
         command_ids.sort_unstable();
         command_ids.dedup();
-        let tagged = links().flat_map(|link| link.events.iter()).any(|event| !event.tags.is_empty());
-        Some(Self { events, streams, commands, command_ids, tagged })
+        let conditions = links()
+            .enumerate()
+            .filter_map(|(link, request)| request.condition.as_ref().map(|condition| (link, condition)))
+            .filter(|(_, condition)| !condition.fail_if_events_match.is_none())
+            .map(|(link, condition)| Condition {
+                link,
+                condition,
+                tag: query::single_tag(&condition.fail_if_events_match),
+            })
+            .collect();
+        Some(Self { links: links().count(), streams, commands, command_ids, conditions })
     }
+}
+
+/// What the set-based append's read found ([`Writer::lookup_at_once`]).
+struct Looked<'a> {
+    /// Every stream's version (0 for a new one).
+    versions: HashMap<&'a str, i64>,
+    /// The position of the batch's first event.
+    first_position: i64,
+    /// Per link, the position its condition fails at, if it does.
+    failed: Vec<Option<i64>>,
+}
+
+/// A row of the set-based append's read: a stream and its version, a stream and a stored
+/// command id, a link and its condition's first match, or the next position (version only).
+type LookupRow = (Option<String>, Option<i64>, Option<Uuid>, Option<i64>);
+
+/// Decodes a row of the set-based append's read.
+fn lookup_row(row: &sqlx::sqlite::SqliteRow) -> Result<LookupRow, sqlx::Error> {
+    use sqlx::Row;
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
+}
+
+/// The statement of [`Writer::lookup_at_once`] (see there), beginning the transaction if
+/// `begin`, and whether to keep it prepared. Conditions come one-tag first, then the others,
+/// each in link order, as [`bind_lookup`] binds them.
+fn lookup_at_once_sql(plan: &AtOnce<'_>, begin: bool) -> (String, bool) {
+    let (streams, command_ids) = (&plan.streams, &plan.command_ids);
+    let mut lookup = if begin {
+        "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL, NULL FROM cqrs_events UNION ALL "
+            .to_owned()
+    } else {
+        String::new()
+    };
+    lookup.push_str(&format!(
+        "SELECT stream_id, version, NULL, NULL FROM cqrs_streams WHERE stream_id IN ({})",
+        placeholders(streams.len())
+    ));
+    if !command_ids.is_empty() {
+        lookup.push_str(&format!(
+            " UNION ALL SELECT stream_id, NULL, command_id, NULL FROM cqrs_commands \
+             WHERE stream_id IN ({}) AND command_id IN ({})",
+            placeholders(streams.len()),
+            placeholders(command_ids.len())
+        ));
+    }
+    let by_tag = plan.conditions.iter().filter(|condition| condition.tag.is_some()).count();
+    if by_tag > 0 {
+        lookup.push_str(&format!(
+            " UNION ALL SELECT NULL, (SELECT position FROM cqrs_event_tags WHERE tag = c.column2 \
+             AND position > c.column3 ORDER BY position LIMIT 1), NULL, c.column1 FROM (VALUES {}) AS c",
+            rows(by_tag, 3)
+        ));
+    }
+    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_none()) {
+        lookup.push_str(&format!(
+            " UNION ALL SELECT NULL, {}, NULL, ?",
+            query::first_match_sql(&condition.condition.fail_if_events_match)
+        ));
+    }
+    let cached = streams.len() <= AT_ONCE_CACHED_ROWS
+        && command_ids.len() <= AT_ONCE_CACHED_ROWS
+        && by_tag <= AT_ONCE_CACHED_ROWS
+        && by_tag == plan.conditions.len();
+    (lookup, cached)
+}
+
+/// Binds the parameters of [`lookup_at_once_sql`]'s statement in order.
+fn bind_lookup<'q>(mut query: SqliteQuery<'q>, plan: &AtOnce<'q>) -> SqliteQuery<'q> {
+    let (streams, command_ids) = (&plan.streams, &plan.command_ids);
+    for stream in streams {
+        query = query.bind(*stream);
+    }
+    if !command_ids.is_empty() {
+        for stream in streams {
+            query = query.bind(*stream);
+        }
+        for command_id in command_ids {
+            query = query.bind(*command_id);
+        }
+    }
+    let link = |condition: &Condition<'_>| i64::try_from(condition.link).unwrap_or(i64::MAX);
+    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_some()) {
+        let after = to_i64_saturating(condition.condition.after_position().0);
+        query = query.bind(link(condition)).bind(condition.tag).bind(after);
+    }
+    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_none()) {
+        let (query_of, after) = (&condition.condition.fail_if_events_match, condition.condition.after_position());
+        query = query::bind_first_match(query, query_of, after).bind(link(condition));
+    }
+    query
+}
+
+/// What the set-based append writes: the links whose condition did not fail.
+struct Written {
+    /// Their events.
+    events: usize,
+    /// Their command ids.
+    commands: usize,
+    /// Whether one of their events carries tags (to index).
+    tagged: bool,
 }
 
 /// A stream and its version.
 type StreamVersion<'a> = (&'a str, i64);
 
 /// Checks every link's expectation against the version everything before it leaves (from the
-/// `stored` versions) and encodes the events' headers and tags. Returns them, in order, and the
-/// streams whose version changes, with their new version; `None` (declined) if a link would
-/// not simply be appended.
+/// `stored` versions; a link whose condition `failed` is checked but leaves the version as it
+/// was) and encodes the headers and tags of the events to write. Returns them, in order, the
+/// streams whose version changes, with their new version, and what is written; `None`
+/// (declined) if a link would not simply be appended or refused by its condition.
 fn check_at_once<'a>(
     chains: &[&'a [AppendRequest]],
     plan: &AtOnce<'a>,
     stored: &HashMap<&'a str, i64>,
-) -> Option<(Vec<Encoded>, Vec<StreamVersion<'a>>)> {
+    failed: &[Option<i64>],
+) -> Option<(Vec<Encoded>, Vec<StreamVersion<'a>>, Written)> {
     let links = || chains.iter().flat_map(|chain: &&'a [AppendRequest]| chain.iter());
     let mut versions = stored.clone();
-    for link in links() {
+    let mut written = Written { events: 0, commands: 0, tagged: false };
+    let mut encoded = Vec::new();
+    for (link, fails) in links().zip(failed) {
         let version = versions.get_mut(link.stream_id.as_str())?;
         if !link.expected.accepts(Version(version.unsigned_abs())) {
             return None;
         }
+        if fails.is_some() {
+            continue;
+        }
         *version += i64::try_from(link.events.len()).unwrap_or(i64::MAX);
-    }
-    let mut encoded = Vec::with_capacity(plan.events);
-    for event in links().flat_map(|link| link.events.iter()) {
-        encoded.push(Encoded::of(event).ok()?);
+        written.events += link.events.len();
+        written.commands += usize::from(link.command_id.is_some());
+        written.tagged |= link.events.iter().any(|event| !event.tags.is_empty());
+        for event in &link.events {
+            encoded.push(Encoded::of(event).ok()?);
+        }
     }
     let changed: Vec<(&str, i64)> = plan
         .streams
@@ -939,15 +1085,15 @@ fn check_at_once<'a>(
         .map(|stream| (*stream, versions[stream]))
         .filter(|(stream, v)| stored[stream] != *v)
         .collect();
-    Some((encoded, changed))
+    Some((encoded, changed, written))
 }
 
 /// The set-based append's statements in one call (one hand-off to the SQLite thread), their
 /// anonymous parameters bound in order, inside a savepoint: if SQLite refuses one, the
 /// savepoint undoes whatever the ones before it wrote. The events, the streams' versions, the
 /// command ids if any, the tags' index if `tagged`. With `commit`, it also commits.
-fn insert_at_once_sql(plan: &AtOnce<'_>, changed: usize, commit: bool) -> String {
-    let (events, commands) = (plan.events, plan.commands.len());
+fn insert_at_once_sql(written: &Written, changed: usize, commit: bool) -> String {
+    let (events, commands) = (written.events, written.commands);
     let mut insert = format!(
         "SAVEPOINT at_once; INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
          command_id, causation_id, correlation_id, headers, recorded_at, tags) VALUES {}; \
@@ -963,7 +1109,7 @@ fn insert_at_once_sql(plan: &AtOnce<'_>, changed: usize, commit: bool) -> String
             rows(commands, 7)
         ));
     }
-    if plan.tagged {
+    if written.tagged {
         insert.push_str("; ");
         insert.push_str(INDEX_TAGS_SQL);
     }
@@ -986,30 +1132,38 @@ struct AtOnceRows<'a, 'c> {
     /// The streams whose version changes, with their new version.
     changed: &'c [StreamVersion<'a>],
     recorded_at: i64,
+    /// Per link, the position its condition failed at (then not written).
+    failed: Vec<Option<i64>>,
 }
 
 impl<'a> AtOnceRows<'a, '_> {
     /// Binds the parameters of [`insert_at_once_sql`]'s statements in order: every event row,
-    /// every changed stream, every command id, the positions whose tags to index. Returns the
-    /// query, each chain's results and the next position; `None` for a link of an unknown
-    /// stream or an event not encoded (not expected: declined).
+    /// every changed stream, every command id, the positions whose tags to index (a link whose
+    /// condition failed skipped). Returns the query, each chain's answers and the next
+    /// position; `None` for a link of an unknown stream or an event not encoded (not expected:
+    /// declined).
     fn bind<'q>(
         self,
         mut query: SqliteQuery<'q>,
         chains: &[&'a [AppendRequest]],
-        plan: &AtOnce<'_>,
-    ) -> Option<(SqliteQuery<'q>, Vec<Vec<AppendResult>>, i64)>
+        written: &Written,
+    ) -> Option<(SqliteQuery<'q>, Vec<Vec<LinkOutcome>>, i64)>
     where
         'a: 'q,
     {
-        let Self { first_position, mut versions, encoded, changed, recorded_at } = self;
+        let Self { first_position, mut versions, encoded, changed, recorded_at, failed } = self;
         let mut position = first_position;
         let mut encoded = encoded.into_iter();
+        let mut failed = failed.into_iter();
         let mut results = Vec::with_capacity(chains.len());
-        let mut stored_commands: Vec<CommandRow<'a>> = Vec::with_capacity(plan.commands.len());
+        let mut stored_commands: Vec<CommandRow<'a>> = Vec::with_capacity(written.commands);
         for chain in chains {
             let mut chain_results = Vec::with_capacity(chain.len());
             for link in *chain {
+                if let Some(at) = failed.next().flatten() {
+                    chain_results.push(refused(Some(at)));
+                    continue;
+                }
                 let stream_id = link.stream_id.as_str();
                 let version = versions.get_mut(stream_id)?;
                 let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
@@ -1031,13 +1185,13 @@ impl<'a> AtOnceRows<'a, '_> {
                         last_position,
                     ));
                 }
-                chain_results.push(AppendResult {
+                chain_results.push(Ok(AppendResult {
                     // Positive by construction: versions and positions start at 1 and only grow.
                     first_version: Version(first_version.unsigned_abs()),
                     last_version: Version(last_version.unsigned_abs()),
                     first_position: Position(first_position.unsigned_abs()),
                     last_position: Position(last_position.unsigned_abs()),
-                });
+                }));
             }
             results.push(chain_results);
         }
@@ -1054,7 +1208,7 @@ impl<'a> AtOnceRows<'a, '_> {
                 .bind(last_position)
                 .bind(recorded_at);
         }
-        if plan.tagged {
+        if written.tagged {
             query = query.bind(first_position).bind(position - 1);
         }
         Some((query, results, position))
@@ -1148,32 +1302,72 @@ async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> R
     Ok(result.rows_affected())
 }
 
+/// Most parameters the conditions of one set-based read bind (SQLite takes 32 766 in all).
+const AT_ONCE_CONDITION_PARAMETERS: usize = 8_192;
+
+/// Most conditions other than of one tag in one set-based read: each is one more select of a
+/// compound, which SQLite bounds at 500.
+const AT_ONCE_QUERY_CONDITIONS: usize = 64;
+
 /// The chains cut into windows that one set-based statement takes, in order: at most
-/// [`AT_ONCE_MAX_ROWS`] events and links each; a conditional chain alone in its window.
+/// [`AT_ONCE_MAX_ROWS`] events and links each, conditions of bounded size; a chain of several
+/// links with a condition alone in its window. **The guard:** a conditional append joins a
+/// window only if its query matches none of the events the window's chains before it carry, so
+/// that its condition checked against the database before the window (as
+/// [`Writer::append_at_once`] does) is its condition checked after them; one that matches
+/// starts a new window, which the database then shows it.
 fn windows(chains: Vec<Vec<AppendRequest>>) -> Vec<Vec<Vec<AppendRequest>>> {
     let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
     let (mut rows, mut links, mut alone) = (0, 0, false);
+    let (mut parameters, mut queries) = (0, 0);
     for chain in chains {
         let (chain_rows, chain_links) = (chain.iter().map(|link| link.events.len()).sum::<usize>(), chain.len());
-        let was_alone = std::mem::replace(&mut alone, conditional(&chain));
+        let (chain_parameters, chain_queries) = condition_weight(&chain);
+        let was_alone = std::mem::replace(&mut alone, chain.len() > 1 && conditional(&chain));
         match windows.last_mut() {
             Some(window)
                 if !alone
                     && !was_alone
                     && rows + chain_rows <= AT_ONCE_MAX_ROWS
-                    && links + chain_links <= AT_ONCE_MAX_ROWS =>
+                    && links + chain_links <= AT_ONCE_MAX_ROWS
+                    && parameters + chain_parameters <= AT_ONCE_CONDITION_PARAMETERS
+                    && queries + chain_queries <= AT_ONCE_QUERY_CONDITIONS
+                    && !sees(&chain, window) =>
             {
                 window.push(chain);
                 rows += chain_rows;
                 links += chain_links;
+                parameters += chain_parameters;
+                queries += chain_queries;
             }
             _ => {
                 windows.push(vec![chain]);
-                (rows, links) = (chain_rows, chain_links);
+                (rows, links, parameters, queries) = (chain_rows, chain_links, chain_parameters, chain_queries);
             }
         }
     }
     windows
+}
+
+/// Whether a condition of `chain` matches an event of the chains of `window`.
+fn sees(chain: &[AppendRequest], window: &[Vec<AppendRequest>]) -> bool {
+    chain.iter().filter_map(|link| link.condition.as_ref()).any(|condition| {
+        let query = &condition.fail_if_events_match;
+        window.iter().flatten().flat_map(|link| &link.events).any(|event| query.matches(&event.event_type, &event.tags))
+    })
+}
+
+/// The parameters a chain's conditions bind in the set-based read, and how many are not of one
+/// tag.
+fn condition_weight(chain: &[AppendRequest]) -> (usize, usize) {
+    chain.iter().filter_map(|link| link.condition.as_ref()).fold((0, 0), |(parameters, queries), condition| {
+        let query = &condition.fail_if_events_match;
+        if query::single_tag(query).is_some() {
+            (parameters + 3, queries)
+        } else {
+            (parameters + query::parameters(query) + 1, queries + 1)
+        }
+    })
 }
 
 /// Whether a chain holds a conditional append (in practice a chain of one: `append_chain`

@@ -88,6 +88,122 @@ async fn conditions_in_one_batch_see_the_batch_s_earlier_appends() {
     assert_eq!(store.read_query(&on(&seat), Position::START, 10).await.expect("read").len(), 1);
 }
 
+/// One conditional append of an event tagged `tags`, on `query` after `after`.
+fn decide<'a>(store: &'a cqrs_sqlite::SqliteEventStore, query: Query, after: Position, tags: Vec<Tag>) -> Append<'a> {
+    let events = vec![tagged("SeatTaken", &tags, json!({}))];
+    let condition = AppendCondition::new(query, Some(after));
+    let stream = stream("decider");
+    Box::pin(async move { store.append_with_condition(&stream, ExpectedVersion::Any, events, Some(condition)).await })
+}
+
+/// The position a conditional append of a batch was refused at.
+fn failed_at(answer: &Result<AppendOutcome, StoreError>) -> Position {
+    match answer {
+        Err(StoreError::ConditionFailed { position }) => *position,
+        other => panic!("expected a failed condition: {other:?}"),
+    }
+}
+
+/// Conditional appends of one batch, some of whose queries match an earlier one's event and
+/// some not (of one tag, or of types and tags, or of several items), with a condition failing on
+/// a stored event among them: each is answered as if the appends ran one after the other (an
+/// overlapping one fails on the first's event), and still in one transaction.
+#[tokio::test]
+async fn grouped_conditions_answer_as_if_run_one_by_one() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let (a, b, c, d, e) = (tag("a"), tag("b"), tag("c"), tag("d"), tag("e"));
+    let on = |tag: &Tag| Query::from_items([QueryItem::tags([tag.clone()])]);
+    let after = store.head().await.expect("head");
+    let stored = store
+        .append(
+            &stream("stored"),
+            ExpectedVersion::NoStream,
+            vec![tagged("SeatTaken", std::slice::from_ref(&d), json!({}))],
+        )
+        .await
+        .expect("append")
+        .result()
+        .first_position;
+    let seat_d = Query::from_items([QueryItem::types(["SeatTaken"]).with_tags([d.clone()])]);
+    let c_or_e = Query::from_items([QueryItem::tags([c.clone()]), QueryItem::tags([e.clone()])]);
+    let appends = vec![
+        decide(store, on(&a), after, vec![a.clone()]),         // 0: commits
+        decide(store, on(&b), after, vec![b.clone()]),         // 1: commits
+        decide(store, on(&a), after, vec![a.clone()]),         // 2: fails on 0
+        decide(store, on(&d), after, vec![c.clone()]),         // 3: fails on the stored event
+        decide(store, on(&b), after, vec![b.clone()]),         // 4: fails on 1
+        decide(store, seat_d, after, vec![]),                  // 5: fails on the stored event
+        decide(store, c_or_e.clone(), after, vec![e.clone()]), // 6: commits (3 was refused)
+        decide(store, c_or_e, after, vec![]),                  // 7: fails on 6
+    ];
+    let total = appends.len() as u64;
+    let before = store.stats();
+    let answers = in_one_batch(appends).await;
+
+    let stats = store.stats();
+    assert_eq!(stats.transactions - before.transactions, 1, "one batch: {stats:?}");
+    assert_eq!(stats.largest_batch, total);
+    let committed = |n: usize| answers[n].as_ref().unwrap_or_else(|error| panic!("append {n}: {error}")).result();
+    assert_eq!(failed_at(&answers[2]), committed(0).first_position);
+    assert_eq!(failed_at(&answers[3]), stored);
+    assert_eq!(failed_at(&answers[4]), committed(1).first_position);
+    assert_eq!(failed_at(&answers[5]), stored);
+    assert_eq!(failed_at(&answers[7]), committed(6).first_position);
+    for tag in [&a, &b, &e] {
+        assert_eq!(store.read_query(&on(tag), after, 10).await.expect("read").len(), 1, "{tag}");
+    }
+    assert!(store.read_query(&on(&c), after, 10).await.expect("read").is_empty());
+}
+
+/// A batch whose every conditional append fails writes nothing, answers each, and commits.
+#[tokio::test]
+async fn a_batch_of_failing_conditions_writes_nothing() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let seat = tag("taken");
+    let on = Query::from_items([QueryItem::tags([seat.clone()])]);
+    let after = store.head().await.expect("head");
+    let taken = vec![tagged("SeatTaken", std::slice::from_ref(&seat), json!({}))];
+    let stored = store.append(&stream("taken"), ExpectedVersion::NoStream, taken).await.expect("append").result();
+    let before = store.stats();
+    let answers =
+        in_one_batch(vec![decide(store, on.clone(), after, vec![seat.clone()]), decide(store, on, after, vec![seat])])
+            .await;
+    assert!(answers.iter().all(|answer| failed_at(answer) == stored.first_position), "{answers:?}");
+    assert_eq!(store.stats().transactions - before.transactions, 1);
+    assert_eq!(store.head().await.expect("head"), stored.last_position);
+}
+
+/// Each item of a query reads at most a page of its own positions: read page by page, a query
+/// of several items (one tag; two tags and a type; a type) interleaving in the log finds exactly
+/// the events matching one of them, in order, as a filter of the whole log does.
+#[tokio::test]
+async fn paged_reads_of_several_items_match_a_filter_of_the_log() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let (a, b, c) = (tag("a"), tag("b"), tag("c"));
+    let start = store.head().await.expect("head");
+    let kinds = [vec![a.clone()], vec![b.clone(), c.clone()], vec![b.clone()], vec![c.clone()], vec![]];
+    for n in 0..60 {
+        let tags = &kinds[n % kinds.len()];
+        let event_type = ["Odd", "Even", "Third"][n % 3];
+        let events = vec![tagged(event_type, tags, json!({ "n": n }))];
+        store.append(&stream("mixed"), ExpectedVersion::NoStream, events).await.expect("append");
+    }
+    let query = Query::from_items([
+        QueryItem::tags([a.clone()]),
+        QueryItem::types(["Even"]).with_tags([b.clone(), c.clone()]),
+        QueryItem::types(["Third"]),
+    ]);
+    let paged = cqrs_core::testing::conformance::read_query_all(store, &query, start).await;
+    let log = store.read_all(start, 1_000).await.expect("read_all");
+    let expected: Vec<Position> =
+        log.iter().filter(|event| query.matches(&event.event_type, &event.tags)).map(|event| event.position).collect();
+    assert!(expected.len() > 20, "the items interleave: {}", expected.len());
+    assert_eq!(paged.iter().map(|event| event.position).collect::<Vec<_>>(), expected);
+}
+
 /// The positions a tag is indexed at, read from the index table itself.
 async fn indexed(store: &cqrs_sqlite::SqliteEventStore, tag: &Tag) -> Vec<i64> {
     sqlx::query_scalar("SELECT position FROM cqrs_event_tags WHERE tag = ?1 ORDER BY position")
