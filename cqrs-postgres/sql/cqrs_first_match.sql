@@ -28,14 +28,14 @@ BEGIN
             IF cardinality(item_types) > 0 THEN
                 SELECT t.position INTO found_position FROM cqrs_event_tags t
                     JOIN cqrs_events e ON e.position = t.position
-                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                    WHERE t.tag = item_tags[1] AND t.position > after_position AND e.position > after_position
                       AND t.position < coalesce(first_found, 9223372036854775807)
                       AND e.tags @> item_tags AND e.event_type = ANY (item_types)
                     ORDER BY t.position LIMIT 1;
             ELSIF cardinality(item_tags) > 1 THEN
                 SELECT t.position INTO found_position FROM cqrs_event_tags t
                     JOIN cqrs_events e ON e.position = t.position
-                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                    WHERE t.tag = item_tags[1] AND t.position > after_position AND e.position > after_position
                       AND t.position < coalesce(first_found, 9223372036854775807) AND e.tags @> item_tags
                     ORDER BY t.position LIMIT 1;
             ELSE

@@ -542,13 +542,17 @@ impl EventStore for PgEventStore {
                 "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2 \
                  ORDER BY position LIMIT $3"
             ),
-            // One tag alone: the events straight from the tag's range (the plan of the whole).
+            // One tag alone: the events straight from the tag's range. The range is repeated on the
+            // event side: the planner does not carry it across the join, and a merge join would
+            // otherwise walk the log from its start.
             [item] if item.types.is_empty() && item.tags.len() == 1 => format!(
                 "SELECT {EVENT_COLUMNS} FROM cqrs_event_tags t JOIN cqrs_events e USING (position) \
-                 WHERE t.tag = $4 AND t.position > $1 AND t.position <= $2 ORDER BY t.position LIMIT $3"
+                 WHERE t.tag = $4 AND t.position > $1 AND t.position <= $2 AND e.position > $1 \
+                 AND e.position <= $2 ORDER BY t.position LIMIT $3"
             ),
             [item] => format!(
-                "SELECT {EVENT_COLUMNS} FROM ({}) p JOIN cqrs_events USING (position) ORDER BY position",
+                "SELECT {EVENT_COLUMNS} FROM ({}) p JOIN cqrs_events e USING (position) \
+                 WHERE e.position > $1 AND e.position <= $2 ORDER BY position",
                 item_positions(item, &mut 3)
             ),
             items => {
@@ -557,7 +561,8 @@ impl EventStore for PgEventStore {
                     items.iter().map(|item| format!("({})", item_positions(item, &mut binds))).collect();
                 format!(
                     "SELECT {EVENT_COLUMNS} FROM ({} ORDER BY position LIMIT $3) p \
-                     JOIN cqrs_events USING (position) ORDER BY position",
+                     JOIN cqrs_events e USING (position) WHERE e.position > $1 AND e.position <= $2 \
+                     ORDER BY position",
                     union.join(" UNION ")
                 )
             }
