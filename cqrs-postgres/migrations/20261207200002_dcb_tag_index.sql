@@ -64,16 +64,17 @@ BEGIN
             -- Only a match below the best one so far can change the answer.
             IF cardinality(item_types) > 0 THEN
                 SELECT t.position INTO found_position FROM cqrs_event_tags t
-                    JOIN cqrs_events e ON e.position = t.position
-                    WHERE t.tag = item_tags[1] AND t.position > after_position AND e.position > after_position
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
                       AND t.position < coalesce(first_found, 9223372036854775807)
-                      AND e.tags @> item_tags AND e.event_type = ANY (item_types)
+                      AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position
+                                  AND e.tags @> item_tags AND e.event_type = ANY (item_types) OFFSET 0)
                     ORDER BY t.position LIMIT 1;
             ELSIF cardinality(item_tags) > 1 THEN
                 SELECT t.position INTO found_position FROM cqrs_event_tags t
-                    JOIN cqrs_events e ON e.position = t.position
-                    WHERE t.tag = item_tags[1] AND t.position > after_position AND e.position > after_position
-                      AND t.position < coalesce(first_found, 9223372036854775807) AND e.tags @> item_tags
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                      AND t.position < coalesce(first_found, 9223372036854775807)
+                      AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position
+                                  AND e.tags @> item_tags OFFSET 0)
                     ORDER BY t.position LIMIT 1;
             ELSE
                 SELECT t.position INTO found_position FROM cqrs_event_tags t

@@ -2,7 +2,8 @@
 -- condition's query as JSON: [{"t": [types], "g": [tags]}], either may be absent), or NULL: the
 -- check of a conditional append, run after its boundary locks (cqrs_append_batch). One indexed
 -- statement per item, each stopping at its first match: an item with tags walks its first tag's
--- positions in order in cqrs_event_tags (its other tags and its types checked on the event row);
+-- positions in order in cqrs_event_tags (its other tags and its types checked on the event row,
+-- probed by position in a subquery the planner cannot turn into a join that walks the log);
 -- one with types only walks (event_type, position); one with neither takes the first position.
 -- The live definition (as pg_get_functiondef prints it). Migrations are immutable: change a
 -- function here, then copy the changed definition into a new migration; the schema test
@@ -27,16 +28,17 @@ BEGIN
             -- Only a match below the best one so far can change the answer.
             IF cardinality(item_types) > 0 THEN
                 SELECT t.position INTO found_position FROM cqrs_event_tags t
-                    JOIN cqrs_events e ON e.position = t.position
-                    WHERE t.tag = item_tags[1] AND t.position > after_position AND e.position > after_position
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
                       AND t.position < coalesce(first_found, 9223372036854775807)
-                      AND e.tags @> item_tags AND e.event_type = ANY (item_types)
+                      AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position
+                                  AND e.tags @> item_tags AND e.event_type = ANY (item_types) OFFSET 0)
                     ORDER BY t.position LIMIT 1;
             ELSIF cardinality(item_tags) > 1 THEN
                 SELECT t.position INTO found_position FROM cqrs_event_tags t
-                    JOIN cqrs_events e ON e.position = t.position
-                    WHERE t.tag = item_tags[1] AND t.position > after_position AND e.position > after_position
-                      AND t.position < coalesce(first_found, 9223372036854775807) AND e.tags @> item_tags
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                      AND t.position < coalesce(first_found, 9223372036854775807)
+                      AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position
+                                  AND e.tags @> item_tags OFFSET 0)
                     ORDER BY t.position LIMIT 1;
             ELSE
                 SELECT t.position INTO found_position FROM cqrs_event_tags t

@@ -537,22 +537,23 @@ impl EventStore for PgEventStore {
             sqlx::query_scalar("SELECT cqrs_read_bound()").fetch_one(&self.inner.pool).await.map_err(to_store_error)?;
         self.inner.read_bound.fetch_max(to_u64(bound.max(0), "read bound")?, AtomicOrdering::AcqRel);
         let items: &[cqrs_core::QueryItem] = if query.is_all() { &[] } else { &query.items };
+        // One tag alone: the events straight from the tag's range. Each event is fetched by a
+        // probe of its position (a LATERAL subquery the planner cannot flatten): as a plain join,
+        // a custom plan may merge-join the tag's range against the log, walking every event up
+        // to the tag's last match of the page.
         let sql = match items {
             [] => format!(
                 "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2 \
                  ORDER BY position LIMIT $3"
             ),
-            // One tag alone: the events straight from the tag's range. The range is repeated on the
-            // event side: the planner does not carry it across the join, and a merge join would
-            // otherwise walk the log from its start.
             [item] if item.types.is_empty() && item.tags.len() == 1 => format!(
-                "SELECT {EVENT_COLUMNS} FROM cqrs_event_tags t JOIN cqrs_events e USING (position) \
-                 WHERE t.tag = $4 AND t.position > $1 AND t.position <= $2 AND e.position > $1 \
-                 AND e.position <= $2 ORDER BY t.position LIMIT $3"
+                "SELECT {EVENT_COLUMNS} FROM cqrs_event_tags t(tag, at) CROSS JOIN LATERAL \
+                 (SELECT * FROM cqrs_events e WHERE e.position = t.at OFFSET 0) e \
+                 WHERE t.tag = $4 AND t.at > $1 AND t.at <= $2 ORDER BY t.at LIMIT $3"
             ),
             [item] => format!(
-                "SELECT {EVENT_COLUMNS} FROM ({}) p JOIN cqrs_events e USING (position) \
-                 WHERE e.position > $1 AND e.position <= $2 ORDER BY position",
+                "SELECT {EVENT_COLUMNS} FROM ({}) p(at) CROSS JOIN LATERAL \
+                 (SELECT * FROM cqrs_events e WHERE e.position = p.at OFFSET 0) e ORDER BY p.at",
                 item_positions(item, &mut 3)
             ),
             items => {
@@ -560,9 +561,8 @@ impl EventStore for PgEventStore {
                 let union: Vec<String> =
                     items.iter().map(|item| format!("({})", item_positions(item, &mut binds))).collect();
                 format!(
-                    "SELECT {EVENT_COLUMNS} FROM ({} ORDER BY position LIMIT $3) p \
-                     JOIN cqrs_events e USING (position) WHERE e.position > $1 AND e.position <= $2 \
-                     ORDER BY position",
+                    "SELECT {EVENT_COLUMNS} FROM ({} ORDER BY position LIMIT $3) p(at) CROSS JOIN LATERAL \
+                     (SELECT * FROM cqrs_events e WHERE e.position = p.at OFFSET 0) e ORDER BY p.at",
                     union.join(" UNION ")
                 )
             }
