@@ -1,8 +1,8 @@
 -- A batch of appends given as parallel arrays (one element per append, then one per event),
 -- checked in memory and written set-based: the same answers as cqrs_append_batch. The form with
 -- `notify` says whether to NOTIFY at commit; the one without stays for the previous release.
--- e_tags holds each event's tags joined by chr(31). Conditional appends go to cqrs_append_batch;
--- this function takes the shared boundary locks of its events (cqrs_lock_boundaries). The form
+-- e_tags holds each event's tags joined by chr(31) (stored in cqrs_events.tags and, one row per
+-- distinct tag, in cqrs_event_tags). Conditional appends go to cqrs_append_batch; this function takes the shared boundary locks of its events (cqrs_lock_boundaries). The form
 -- without e_tags (the previous release's) writes untagged events through it.
 -- The live definition (as pg_get_functiondef prints it). Migrations are immutable: change a
 -- function here, then copy the changed definition into a new migration; the schema test
@@ -241,7 +241,7 @@ BEGIN
             END IF;
         END LOOP;
 
-        -- 5. The events and the command ids in one statement, then each stream's version. An event's
+        -- 5. The events, their tags and the command ids in one statement, then each stream's version. An event's
         -- e_append is its append's 1-based index, and e_stream and e_command repeat that
         -- append's stream and command id (so no per-event lookup walks a variable-width array);
         -- event_bases[a] events come before append a's first.
@@ -255,6 +255,11 @@ BEGIN
                         e_correlation, e_headers, e_tags)
                      WITH ORDINALITY AS e(a, s, c, id, t, sv, p, ca, co, h, g, ord)
             WHERE appended[e.a]
+            RETURNING position, tags
+        ), tagged AS (
+            -- The ordered tag index (cqrs_event_tags), in the same statement as the events.
+            INSERT INTO cqrs_event_tags (tag, position)
+            SELECT DISTINCT g.tag, ev.position FROM events ev CROSS JOIN LATERAL unnest(ev.tags) g(tag)
         )
         INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position,
                                    last_position)

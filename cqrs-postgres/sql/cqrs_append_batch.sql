@@ -5,7 +5,7 @@
 -- An event's tags are "g" (joined by chr(31); tags hold no control characters). An append with a
 -- condition carries "q": {"a": after, "i": [{"t": [types], "g": [tags]}]}; it is answered
 -- 'condition_failed' (first_position: the first matching event after "a") when an event matching
--- an item is stored after "a". Boundary locks make the check exact (README, "Dynamic Consistency
+-- an item is stored after "a". Each event's tags also go to cqrs_event_tags. Boundary locks make the check exact (README, "Dynamic Consistency
 -- Boundaries"), and a later append of the batch sees the earlier ones.
 -- The live definition (as pg_get_functiondef prints it). Migrations are immutable: change a
 -- function here, then copy the changed definition into a new migration; the schema test
@@ -166,6 +166,11 @@ BEGIN
                (e.value->>'co')::uuid, coalesce(e.value->'h', '{}'::jsonb),
                string_to_array(coalesce(e.value->>'g', ''), chr(31))
         FROM jsonb_array_elements(item->'ev') WITH ORDINALITY e;
+        -- The ordered tag index (cqrs_event_tags), in the same transaction as the events.
+        INSERT INTO cqrs_event_tags (tag, position)
+        SELECT DISTINCT g.tag, positions[e.ordinality::integer]
+        FROM jsonb_array_elements(item->'ev') WITH ORDINALITY e
+        CROSS JOIN LATERAL unnest(string_to_array(coalesce(e.value->>'g', ''), chr(31))) g(tag);
         UPDATE cqrs_streams s SET version = current_version + n_events WHERE s.stream_id = sid;
         IF command IS NOT NULL THEN
             INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position,

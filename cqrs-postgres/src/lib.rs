@@ -287,19 +287,54 @@ fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<Com
     cqrs_core::store::validate_append(events)
 }
 
-/// The SQL condition of one query item over `cqrs_events` (`None`: every event), binding its
-/// types and tags as the next parameters after `binds` of them.
-fn item_clause(item: &cqrs_core::QueryItem, binds: &mut usize) -> Option<String> {
-    let mut parts = Vec::new();
+/// The positions of the first `$3` events in `($1, $2]` that one query item matches, in
+/// position order, binding its values as the next parameters after `binds` of them. An item with
+/// tags walks its first tag's positions in order in `cqrs_event_tags` (one range scan of its
+/// primary key, however rare or common the tag), checking its other tags and its types on each
+/// event row in a subquery the planner cannot flatten: as a join, a generic plan that guesses
+/// the check selective fetches every position of the tag and sorts them. An item without tags
+/// walks `(event_type, position)`, or the positions alone.
+fn item_positions(item: &cqrs_core::QueryItem, binds: &mut usize) -> String {
+    let mut bind = || {
+        *binds += 1;
+        *binds
+    };
+    if item.tags.is_empty() {
+        let types = if item.types.is_empty() { String::new() } else { format!(" AND event_type = ANY(${})", bind()) };
+        return format!(
+            "SELECT position FROM cqrs_events WHERE position > $1 AND position <= $2{types} \
+             ORDER BY position LIMIT $3"
+        );
+    }
+    let first = bind();
+    let rest = if item.tags.len() > 1 { format!(" AND e.tags @> ${}", bind()) } else { String::new() };
+    let types = if item.types.is_empty() { String::new() } else { format!(" AND e.event_type = ANY(${})", bind()) };
+    let check = if rest.is_empty() && types.is_empty() {
+        String::new()
+    } else {
+        format!(" AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position{rest}{types} OFFSET 0)")
+    };
+    format!(
+        "SELECT t.position FROM cqrs_event_tags t WHERE t.tag = ${first} AND t.position > $1 \
+         AND t.position <= $2{check} ORDER BY t.position LIMIT $3"
+    )
+}
+
+/// Binds one query item's values in the order [`item_positions`] numbers them.
+fn bind_item<'q>(
+    mut statement: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    item: &'q cqrs_core::QueryItem,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    if let Some(first) = item.tags.first() {
+        statement = statement.bind(first.as_str());
+        if item.tags.len() > 1 {
+            statement = statement.bind(item.tags.iter().map(|tag| tag.as_str()).collect::<Vec<_>>());
+        }
+    }
     if !item.types.is_empty() {
-        *binds += 1;
-        parts.push(format!("event_type = ANY(${binds})"));
+        statement = statement.bind(&item.types);
     }
-    if !item.tags.is_empty() {
-        *binds += 1;
-        parts.push(format!("tags @> ${binds}"));
-    }
-    (!parts.is_empty()).then(|| format!("({})", parts.join(" AND ")))
+    statement
 }
 
 #[async_trait]
@@ -483,9 +518,10 @@ impl EventStore for PgEventStore {
         Ok(events)
     }
 
-    /// One indexed statement (`position > after AND (item OR item ...)`, by the GIN index on
-    /// `tags` and the `(event_type, position)` index), bounded like `read_all` by a read bound
-    /// taken in an earlier statement: it never returns an event at `p` and later one below `p`.
+    /// One statement, bounded like `read_all` by a read bound taken in an earlier statement: it
+    /// never returns an event at `p` and later one below `p`. Each item reads its first
+    /// `max_count` positions by its own ordered index range (see `item_positions`); several
+    /// items are merged by a `UNION` of those, cut again to the first `max_count`.
     async fn read_query(
         &self,
         query: &Query,
@@ -500,30 +536,43 @@ impl EventStore for PgEventStore {
         let bound: i64 =
             sqlx::query_scalar("SELECT cqrs_read_bound()").fetch_one(&self.inner.pool).await.map_err(to_store_error)?;
         self.inner.read_bound.fetch_max(to_u64(bound.max(0), "read bound")?, AtomicOrdering::AcqRel);
-        let mut binds = 3;
-        let clauses: Option<Vec<String>> = if query.is_all() {
-            None
-        } else {
-            Some(query.items.iter().filter_map(|item| item_clause(item, &mut binds)).collect())
+        let items: &[cqrs_core::QueryItem] = if query.is_all() { &[] } else { &query.items };
+        // One tag alone: the events straight from the tag's range. Each event is fetched by a
+        // probe of its position (a LATERAL subquery the planner cannot flatten): as a plain join,
+        // a custom plan may merge-join the tag's range against the log, walking every event up
+        // to the tag's last match of the page.
+        let sql = match items {
+            [] => format!(
+                "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2 \
+                 ORDER BY position LIMIT $3"
+            ),
+            [item] if item.types.is_empty() && item.tags.len() == 1 => format!(
+                "SELECT {EVENT_COLUMNS} FROM cqrs_event_tags t(tag, at) CROSS JOIN LATERAL \
+                 (SELECT * FROM cqrs_events e WHERE e.position = t.at OFFSET 0) e \
+                 WHERE t.tag = $4 AND t.at > $1 AND t.at <= $2 ORDER BY t.at LIMIT $3"
+            ),
+            [item] => format!(
+                "SELECT {EVENT_COLUMNS} FROM ({}) p(at) CROSS JOIN LATERAL \
+                 (SELECT * FROM cqrs_events e WHERE e.position = p.at OFFSET 0) e ORDER BY p.at",
+                item_positions(item, &mut 3)
+            ),
+            items => {
+                let mut binds = 3;
+                let union: Vec<String> =
+                    items.iter().map(|item| format!("({})", item_positions(item, &mut binds))).collect();
+                format!(
+                    "SELECT {EVENT_COLUMNS} FROM ({} ORDER BY position LIMIT $3) p(at) CROSS JOIN LATERAL \
+                     (SELECT * FROM cqrs_events e WHERE e.position = p.at OFFSET 0) e ORDER BY p.at",
+                    union.join(" UNION ")
+                )
+            }
         };
-        let filter = clauses.map_or(String::new(), |clauses| format!(" AND ({})", clauses.join(" OR ")));
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > $1 AND position <= $2{filter} \
-             ORDER BY position LIMIT $3"
-        );
         let mut statement = sqlx::query(&sql)
             .bind(to_i64_saturating(after.0))
             .bind(bound)
             .bind(to_i64_saturating(u64::try_from(max_count).unwrap_or(u64::MAX)));
-        if !query.is_all() {
-            for item in &query.items {
-                if !item.types.is_empty() {
-                    statement = statement.bind(&item.types);
-                }
-                if !item.tags.is_empty() {
-                    statement = statement.bind(item.tags.iter().map(|tag| tag.as_str()).collect::<Vec<_>>());
-                }
-            }
+        for item in items {
+            statement = bind_item(statement, item);
         }
         EventDecoder::fetch(statement, &self.inner.pool, max_count).await
     }

@@ -234,3 +234,159 @@ async fn dcb_a_batch_with_many_tags_does_not_fill_the_lock_table() {
         "got {stale:?}"
     );
 }
+
+/// The shared buffers one statement touched, from `EXPLAIN (ANALYZE, BUFFERS)` (functions it
+/// calls included): a measure of work that does not depend on the machine's speed.
+async fn buffers_of(connection: &mut sqlx::PgConnection, statement: &str) -> u64 {
+    let lines: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) {statement}"))
+            .fetch_all(&mut *connection)
+            .await
+            .expect("explain");
+    let line = lines.iter().find(|line| line.contains("Buffers: shared")).expect("a buffers line");
+    line.split_whitespace()
+        .filter_map(|word| word.split_once('=').and_then(|(key, n)| (key == "hit" || key == "read").then_some(n)))
+        .map(|n| n.trim_end_matches(',').parse::<u64>().expect("a count"))
+        .sum()
+}
+
+/// A rare tag among many events of a common one: `read_query` pages (small and large pages,
+/// single items, several items, tags with types) return exactly what a filter of the log
+/// returns, and conditions fail at the first match. The check walks the tag index in order:
+/// the first match of a common tag or of a rare one costs a few pages, under generic plans, not
+/// one per match (as an unordered GIN index costs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcb_rare_and_common_tags_are_read_and_checked_through_the_tag_index() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let common = cqrs_core::Tag::new("common", "x");
+    let rare = cqrs_core::Tag::new("rare", "y");
+    for batch in 0..40u32 {
+        let events = (0..100u32)
+            .map(|i| {
+                let n = batch * 100 + i;
+                let mut tags = vec![common.clone(), cqrs_core::Tag::new("mod", n % 7)];
+                if n % 1500 == 1499 {
+                    tags.push(rare.clone());
+                }
+                let kind = if n % 3 == 0 { "Three" } else { "Other" };
+                conformance::tagged(kind, &tags, serde_json::json!({ "n": n }))
+            })
+            .collect();
+        store.append(&crate::support::stream("filler"), ExpectedVersion::Any, events).await.expect("append");
+    }
+    let log = crate::support::read_everything(&store).await;
+    let queries = [
+        Query::from_items([cqrs_core::QueryItem::tags([rare.clone()])]),
+        Query::from_items([cqrs_core::QueryItem::tags([common.clone()])]),
+        Query::from_items([cqrs_core::QueryItem::types(["Three"]).with_tags([rare.clone()])]),
+        Query::from_items([cqrs_core::QueryItem::tags([common.clone(), cqrs_core::Tag::new("mod", 3)])]),
+        Query::from_items([
+            cqrs_core::QueryItem::tags([rare.clone()]),
+            cqrs_core::QueryItem::types(["Three"]).with_tags([cqrs_core::Tag::new("mod", 5)]),
+            cqrs_core::QueryItem::types(["Nothing"]),
+        ]),
+    ];
+    for query in &queries {
+        let expected: Vec<Position> =
+            log.iter().filter(|e| query.matches(&e.event_type, &e.tags)).map(|e| e.position).collect();
+        for page in [1, 7, 1000] {
+            let mut read = Vec::new();
+            let mut after = Position(0);
+            loop {
+                let events = store.read_query(query, after, page).await.expect("read_query");
+                let Some(last) = events.last() else { break };
+                after = last.position;
+                read.extend(events.iter().map(|e| e.position));
+            }
+            assert_eq!(read, expected, "{query:?} in pages of {page}");
+        }
+        for after in [Position(0), expected.first().copied().unwrap_or(Position(0)), Position(3999)] {
+            let first = expected.iter().copied().find(|p| *p > after);
+            let condition = AppendCondition::new(query.clone(), Some(after));
+            let outcome = store
+                .append_with_condition(
+                    &crate::support::stream("decided"),
+                    ExpectedVersion::Any,
+                    vec![conformance::tagged("Decided", &[], serde_json::json!({}))],
+                    Some(condition),
+                )
+                .await;
+            match (first, outcome) {
+                (Some(at), Err(StoreError::ConditionFailed { position })) => assert_eq!(position, at, "{query:?}"),
+                (None, Ok(_)) => {}
+                (first, outcome) => panic!("{query:?} after {after}: first match {first:?}, got {outcome:?}"),
+            }
+        }
+    }
+    let mut connection = db.connection().await;
+    sqlx::Executor::execute(&mut connection, "SET plan_cache_mode = force_generic_plan; ANALYZE")
+        .await
+        .expect("generic plans");
+    for items in [r#"[{"g": ["common:x"]}]"#, r#"[{"g": ["rare:y"]}]"#, r#"[{"g": ["rare:y"], "t": ["Three"]}]"#] {
+        for after in [0, 2000] {
+            let statement = format!("SELECT cqrs_first_match({after}, '{items}')");
+            // Once to compile and plan (catalog pages), then measured.
+            buffers_of(&mut connection, &statement).await;
+            let buffers = buffers_of(&mut connection, &statement).await;
+            assert!(buffers < 20, "the first match of {items} after {after} touched {buffers} pages");
+        }
+    }
+}
+
+/// Events stored before the tag index existed are indexed by its migration: found by tag and
+/// by a condition after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcb_migration_indexes_the_tags_of_older_events() {
+    let db = TestDb::create().await;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&db.url).await.expect("pool");
+    let mut older = sqlx::migrate!("./migrations");
+    let index = older
+        .migrations
+        .iter()
+        .position(|migration| migration.description.contains("dcb tag index"))
+        .expect("the tag index migration");
+    older.migrations = older.migrations[..index].to_vec().into();
+    older.run(&pool).await.expect("the migrations before the tag index");
+    for (n, tags) in [(1, "{old:a,shared:s}"), (2, "{}"), (3, "{old:b,shared:s,shared:s}")] {
+        sqlx::query(
+            "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, tags) \
+             VALUES (nextval('cqrs_position_seq'), gen_random_uuid(), 'older', $1, 'Old', 1, '{}', $2::text[])",
+        )
+        .bind(n)
+        .bind(tags)
+        .execute(&pool)
+        .await
+        .expect("an event of the older schema");
+    }
+    sqlx::query("INSERT INTO cqrs_streams (stream_id, version) VALUES ('older', 3)")
+        .execute(&pool)
+        .await
+        .expect("stream");
+    pool.close().await;
+    let store = db.store().await;
+    let shared = Query::from_items([cqrs_core::QueryItem::tags([cqrs_core::Tag::new("shared", "s")])]);
+    let found: Vec<Position> =
+        store.read_query(&shared, Position(0), 10).await.expect("read").iter().map(|e| e.position).collect();
+    assert_eq!(found, [Position(1), Position(3)]);
+    let b = Query::from_items([cqrs_core::QueryItem::tags([cqrs_core::Tag::new("old", "b")])]);
+    let outcome = store
+        .append_with_condition(
+            &crate::support::stream("after-migration"),
+            ExpectedVersion::Any,
+            vec![conformance::tagged("New", &[cqrs_core::Tag::new("old", "b")], serde_json::json!({}))],
+            Some(AppendCondition::new(b.clone(), Some(Position(1)))),
+        )
+        .await;
+    assert!(matches!(outcome, Err(StoreError::ConditionFailed { position: Position(3) })), "{outcome:?}");
+    // New events are indexed by the appends themselves, next to the backfilled ones.
+    store
+        .append(
+            &crate::support::stream("after-migration"),
+            ExpectedVersion::Any,
+            vec![conformance::tagged("New", &[cqrs_core::Tag::new("shared", "s")], serde_json::json!({}))],
+        )
+        .await
+        .expect("append");
+    assert_eq!(store.read_query(&shared, Position(0), 10).await.expect("read").len(), 3);
+}

@@ -199,20 +199,23 @@ pub async fn bare_sqlite_tag_reads(path: &std::path::Path, tag: &Tag, rounds: us
     .await
 }
 
-/// The anchor of the tag-read case on PostgreSQL: the bare `SELECT … WHERE position > $2 AND
-/// tags @> $1` (a `text[]`, as the store binds it), paged by position, every column fetched, the
-/// payload read as text. (Written `tags @> ARRAY[$1]`, the planner picks the GIN index and
-/// sorts every match on each page: 7× slower than the store on this data.)
+/// The anchor of the tag-read case on PostgreSQL: the bare `SELECT … FROM cqrs_event_tags t(tag,
+/// at) CROSS JOIN LATERAL (SELECT * FROM cqrs_events e WHERE e.position = t.at OFFSET 0) e WHERE
+/// t.tag = $1 AND t.at > $2` (the store's plan for a one-tag query: an ordered range of the tag
+/// index, each event probed by position), paged by position, every column fetched, the payload
+/// read as text.
 pub async fn bare_pg_tag_reads(url: &str, tag: &Tag, rounds: usize) -> anyhow::Result<(u64, f64)> {
     use sqlx::Row;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(url).await?;
     let sql = "SELECT position, event_id, stream_id, version, event_type, schema_version, payload::text AS payload, \
                command_id, causation_id, correlation_id, headers::text AS headers, recorded_at, tags \
-               FROM cqrs_events WHERE position > $2 AND tags @> $1 ORDER BY position LIMIT 1000";
+               FROM cqrs_event_tags t(tag, at) CROSS JOIN LATERAL \
+               (SELECT * FROM cqrs_events e WHERE e.position = t.at OFFSET 0) e \
+               WHERE t.tag = $1 AND t.at > $2 ORDER BY t.at LIMIT 1000";
     bare_reads(rounds, |after| {
         let pool = pool.clone();
         async move {
-            let rows = sqlx::query(sql).bind(vec![tag.as_str()]).bind(after).fetch_all(&pool).await?;
+            let rows = sqlx::query(sql).bind(tag.as_str()).bind(after).fetch_all(&pool).await?;
             rows.iter()
                 .map(|row| Ok((row.try_get::<i64, _>("position")?, row.try_get::<String, _>("payload")?.len())))
                 .collect()

@@ -1,0 +1,573 @@
+-- Dynamic Consistency Boundaries: an ordered index of tags.
+--
+-- The GIN index on cqrs_events.tags is unordered: "the first events after p with tag g" either
+-- walks the log by position filtering tags (a full scan for a rare tag) or fetches every event
+-- of the tag and sorts them (on every page, for a common tag). cqrs_event_tags (tag, position)
+-- answers it with one ordered range scan of its primary key, whatever the tag's frequency.
+--
+-- 1. The table, append-only like cqrs_events (the same trigger function, which now names the
+--    table it guards), filled from the events already stored. The table lock below waits for
+--    appends in flight and holds off new ones until this commits; but a batch already running
+--    the previous definitions when it commits (blocked on the lock) writes its events without
+--    index rows: migrate with no writer running, or run the INSERT below again afterwards.
+-- 2. Both batch functions write each appended event's distinct tags into it, in the same
+--    transaction as the event; cqrs_first_match walks it from each item's first tag.
+-- 3. The GIN index goes: nothing of this release reads through it any more.
+--
+-- The live definitions are kept, readable, in ../sql/ (one file per function).
+
+LOCK TABLE cqrs_events IN SHARE MODE;
+
+CREATE TABLE cqrs_event_tags (
+    tag text NOT NULL,
+    position bigint NOT NULL,
+    PRIMARY KEY (tag, position)
+);
+
+INSERT INTO cqrs_event_tags (tag, position)
+SELECT DISTINCT g.tag, e.position FROM cqrs_events e CROSS JOIN LATERAL unnest(e.tags) g(tag)
+ON CONFLICT DO NOTHING;
+
+CREATE OR REPLACE FUNCTION cqrs_events_are_immutable()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    RAISE EXCEPTION '% is append-only: % is not allowed', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'restrict_violation';
+END $function$
+;
+
+CREATE TRIGGER cqrs_event_tags_no_update_or_delete BEFORE UPDATE OR DELETE ON cqrs_event_tags
+    FOR EACH ROW EXECUTE FUNCTION cqrs_events_are_immutable();
+CREATE TRIGGER cqrs_event_tags_no_truncate BEFORE TRUNCATE ON cqrs_event_tags
+    FOR EACH STATEMENT EXECUTE FUNCTION cqrs_events_are_immutable();
+
+DROP INDEX cqrs_events_tags_idx;
+
+CREATE OR REPLACE FUNCTION cqrs_first_match(after_position bigint, items jsonb)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    item jsonb;
+    item_types text[];
+    item_tags text[];
+    found_position bigint;
+    first_found bigint;
+BEGIN
+    FOR item IN SELECT i.value FROM jsonb_array_elements(items) i LOOP
+        item_types := ARRAY(SELECT jsonb_array_elements_text(coalesce(item->'t', '[]')));
+        item_tags := ARRAY(SELECT jsonb_array_elements_text(coalesce(item->'g', '[]')));
+        found_position := NULL;
+        IF cardinality(item_tags) > 0 THEN
+            -- Only a match below the best one so far can change the answer.
+            IF cardinality(item_types) > 0 THEN
+                SELECT t.position INTO found_position FROM cqrs_event_tags t
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                      AND t.position < coalesce(first_found, 9223372036854775807)
+                      AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position
+                                  AND e.tags @> item_tags AND e.event_type = ANY (item_types) OFFSET 0)
+                    ORDER BY t.position LIMIT 1;
+            ELSIF cardinality(item_tags) > 1 THEN
+                SELECT t.position INTO found_position FROM cqrs_event_tags t
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                      AND t.position < coalesce(first_found, 9223372036854775807)
+                      AND EXISTS (SELECT 1 FROM cqrs_events e WHERE e.position = t.position
+                                  AND e.tags @> item_tags OFFSET 0)
+                    ORDER BY t.position LIMIT 1;
+            ELSE
+                SELECT t.position INTO found_position FROM cqrs_event_tags t
+                    WHERE t.tag = item_tags[1] AND t.position > after_position
+                    ORDER BY t.position LIMIT 1;
+            END IF;
+        ELSIF cardinality(item_types) > 0 THEN
+            SELECT min(e.position) INTO found_position FROM cqrs_events e
+                WHERE e.position > after_position AND e.event_type = ANY (item_types);
+        ELSE
+            SELECT min(e.position) INTO found_position FROM cqrs_events e WHERE e.position > after_position;
+        END IF;
+        first_found := least(first_found, found_position);
+    END LOOP;
+    RETURN first_found;
+END $function$
+;
+
+CREATE OR REPLACE FUNCTION cqrs_append_batch(appends jsonb)
+ RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
+ LANGUAGE sql
+AS $function$
+    SELECT * FROM cqrs_append_batch(appends, true)
+$function$
+;
+
+CREATE OR REPLACE FUNCTION cqrs_append_batch(appends jsonb, notify boolean)
+ RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
+ LANGUAGE plpgsql
+AS $function$
+#variable_conflict use_column
+DECLARE
+    -- The high bits that mark our advisory lock keys: see cqrs_lock_marker and cqrs_read_bound.
+    lock_marker CONSTANT bigint := cqrs_lock_marker();
+    next_position bigint;
+    item jsonb;
+    item_index integer;
+    sid text;
+    expected_kind text;
+    command uuid;
+    current_version bigint;
+    n_events integer;
+    positions bigint[];
+    existing_event uuid;
+    prior record;
+    failed_at bigint;
+    newest bigint := 0;
+    previous_outcome text := NULL;
+    single CONSTANT boolean := jsonb_array_length(appends) = 1;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'cqrs_append_batch needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    -- The watermark lock, taken before this transaction's first nextval: its key is at most
+    -- every position the transaction will get, and it is held until commit or rollback.
+    SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END
+        INTO next_position FROM cqrs_position_seq s;
+    PERFORM pg_advisory_xact_lock_shared(lock_marker + next_position);
+    -- The boundary locks of the whole batch, before any stream row lock or nextval: shared for
+    -- every event written, exclusive for every condition item (its first tag, or its types).
+    PERFORM cqrs_lock_boundaries(
+        ARRAY(SELECT e.value->>'t' FROM jsonb_array_elements(appends) a,
+              jsonb_array_elements(a.value->'ev') e),
+        ARRAY(SELECT coalesce(e.value->>'g', '') FROM jsonb_array_elements(appends) a,
+              jsonb_array_elements(a.value->'ev') e),
+        ARRAY(SELECT cqrs_boundary_key(coalesce(ty.ty, '*'), coalesce(it.value->'g'->>0, '*'))
+              FROM jsonb_array_elements(appends) a
+              CROSS JOIN LATERAL jsonb_array_elements(coalesce(a.value->'q'->'i', '[]')) it
+              LEFT JOIN LATERAL jsonb_array_elements_text(it.value->'t') ty(ty) ON true));
+
+    FOR item, item_index IN
+        SELECT a.value, (a.ordinality - 1)::integer FROM jsonb_array_elements(appends) WITH ORDINALITY a
+    LOOP
+        sid := item->>'s';
+        expected_kind := item->>'e';
+        command := (item->>'c')::uuid;
+        append_index := item_index;
+        first_version := NULL;
+        last_version := NULL;
+        first_position := NULL;
+        last_position := NULL;
+        duplicate_event_id := NULL;
+        -- A chain link ("k": true) is written only right after the append before it was.
+        IF coalesce((item->>'k')::boolean, false) AND previous_outcome IS DISTINCT FROM 'appended' THEN
+            outcome := 'skipped';
+            actual_version := NULL;
+            previous_outcome := outcome;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        -- Lock the stream row before allocating any position for it: per-stream order is then
+        -- position order, and the checks below cannot race. (Insert it first if it is new.)
+        SELECT s.version INTO current_version FROM cqrs_streams s WHERE s.stream_id = sid FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO cqrs_streams AS s (stream_id, version) VALUES (sid, 0) ON CONFLICT (stream_id) DO NOTHING;
+            SELECT s.version INTO current_version FROM cqrs_streams s WHERE s.stream_id = sid FOR UPDATE;
+        END IF;
+        actual_version := current_version;
+
+        IF command IS NOT NULL THEN
+            SELECT c.first_version, c.last_version, c.first_position, c.last_position INTO prior
+                FROM cqrs_commands c WHERE c.stream_id = sid AND c.command_id = command;
+            IF FOUND THEN
+                outcome := 'duplicate';
+                first_version := prior.first_version;
+                last_version := prior.last_version;
+                first_position := prior.first_position;
+                last_position := prior.last_position;
+                previous_outcome := outcome;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        IF NOT (expected_kind = 'any'
+            OR (expected_kind = 'no_stream' AND current_version = 0)
+            OR (expected_kind = 'exists' AND current_version > 0)
+            OR (expected_kind = 'exact' AND current_version = (item->>'v')::bigint)) THEN
+            outcome := 'conflict';
+            previous_outcome := outcome;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+
+        -- The condition, under the exclusive boundary locks: every writer of a matching event
+        -- that took its shared lock first has committed (and is visible to this statement) or
+        -- rolled back; any later one gets a position above this append's.
+        IF item ? 'q' THEN
+            failed_at := cqrs_first_match((item->'q'->>'a')::bigint, item->'q'->'i');
+            IF failed_at IS NOT NULL THEN
+                outcome := 'condition_failed';
+                first_position := failed_at;
+                previous_outcome := outcome;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        -- A reused event id: looked up only for a batch of one append. In a larger batch the
+        -- unique index aborts the batch, and the caller retries its appends one by one.
+        IF single THEN
+            -- One index probe per event id, whatever the statistics were when the plan was
+            -- cached (a LATERAL subquery that cannot be flattened into a semi-join).
+            SELECT f.event_id INTO existing_event
+                FROM jsonb_array_elements(item->'ev') e
+                CROSS JOIN LATERAL (SELECT ev.event_id FROM cqrs_events ev
+                                    WHERE ev.event_id = (e.value->>'id')::uuid OFFSET 0) f
+                LIMIT 1;
+            IF FOUND THEN
+                outcome := 'duplicate_event_id';
+                duplicate_event_id := existing_event;
+                previous_outcome := outcome;
+                RETURN NEXT;
+                CONTINUE;
+            END IF;
+        END IF;
+
+        n_events := jsonb_array_length(item->'ev');
+        IF n_events = 1 THEN
+            positions := ARRAY[nextval('cqrs_position_seq')];
+        ELSE
+            -- Sorted, so the i-th event gets the i-th smallest number whatever the evaluation order.
+            SELECT array_agg(allocated.p ORDER BY allocated.p) INTO positions
+                FROM (SELECT nextval('cqrs_position_seq') AS p FROM generate_series(1, n_events)) allocated;
+        END IF;
+        INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
+                                 command_id, causation_id, correlation_id, headers, tags)
+        SELECT positions[e.ordinality::integer], (e.value->>'id')::uuid, sid, current_version + e.ordinality,
+               e.value->>'t', (e.value->>'sv')::integer, e.value->'p', command, (e.value->>'ca')::uuid,
+               (e.value->>'co')::uuid, coalesce(e.value->'h', '{}'::jsonb),
+               string_to_array(coalesce(e.value->>'g', ''), chr(31))
+        FROM jsonb_array_elements(item->'ev') WITH ORDINALITY e;
+        -- The ordered tag index (cqrs_event_tags), in the same transaction as the events.
+        INSERT INTO cqrs_event_tags (tag, position)
+        SELECT DISTINCT g.tag, positions[e.ordinality::integer]
+        FROM jsonb_array_elements(item->'ev') WITH ORDINALITY e
+        CROSS JOIN LATERAL unnest(string_to_array(coalesce(e.value->>'g', ''), chr(31))) g(tag);
+        UPDATE cqrs_streams s SET version = current_version + n_events WHERE s.stream_id = sid;
+        IF command IS NOT NULL THEN
+            INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position,
+                                       last_position)
+            VALUES (sid, command, current_version + 1, current_version + n_events, positions[1],
+                    positions[n_events]);
+        END IF;
+        newest := greatest(newest, positions[n_events]);
+        outcome := 'appended';
+        first_version := current_version + 1;
+        last_version := current_version + n_events;
+        first_position := positions[1];
+        last_position := positions[n_events];
+        previous_outcome := outcome;
+        RETURN NEXT;
+    END LOOP;
+
+    -- Delivered at commit only; the payload is a wake-up token, never event data. Sent even
+    -- when nothing was appended: this transaction's watermark lock may have held readers back.
+    -- Without `notify` the caller sends one later itself (see the header).
+    IF notify THEN
+        PERFORM pg_notify('cqrs_events', newest::text);
+    END IF;
+END $function$
+;
+
+CREATE OR REPLACE FUNCTION cqrs_append_arrays(a_stream text[], a_kind text[], a_expected bigint[], a_command uuid[], a_continues boolean[], a_count integer[], e_append integer[], e_stream text[], e_command uuid[], e_id uuid[], e_type text[], e_schema integer[], e_payload jsonb[], e_causation uuid[], e_correlation uuid[], e_headers jsonb[])
+ RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
+ LANGUAGE sql
+AS $function$
+    SELECT * FROM cqrs_append_arrays(a_stream, a_kind, a_expected, a_command, a_continues, a_count, e_append,
+                                     e_stream, e_command, e_id, e_type, e_schema, e_payload, e_causation,
+                                     e_correlation, e_headers, true)
+$function$
+;
+
+CREATE OR REPLACE FUNCTION cqrs_append_arrays(a_stream text[], a_kind text[], a_expected bigint[], a_command uuid[], a_continues boolean[], a_count integer[], e_append integer[], e_stream text[], e_command uuid[], e_id uuid[], e_type text[], e_schema integer[], e_payload jsonb[], e_causation uuid[], e_correlation uuid[], e_headers jsonb[], e_tags text[], notify boolean)
+ RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
+ LANGUAGE plpgsql
+AS $function$
+#variable_conflict use_column
+DECLARE
+    -- The high bits that mark our advisory lock keys: see cqrs_lock_marker and cqrs_read_bound.
+    lock_marker CONSTANT bigint := cqrs_lock_marker();
+    n CONSTANT integer := coalesce(cardinality(a_stream), 0);
+    n_events CONSTANT integer := coalesce(cardinality(e_id), 0);
+    n_missing bigint;
+    -- Locked streams, in lock order, with their versions as the decided appends leave them.
+    ids text[];
+    versions bigint[];
+    stored bigint[];
+    -- Per append (fixed-width and without nulls where the event INSERT subscripts them).
+    outcomes text[] := array_fill(NULL::text, ARRAY[n]);
+    appended boolean[] := array_fill(false, ARRAY[n]);
+    actuals bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    firsts bigint[] := array_fill(0::bigint, ARRAY[n]);
+    lasts bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    first_positions bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    last_positions bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    duplicates uuid[] := array_fill(NULL::uuid, ARRAY[n]);
+    position_bases integer[] := array_fill(0, ARRAY[n]);
+    event_bases integer[] := array_fill(0, ARRAY[n]);
+    -- Earlier results of command ids found in cqrs_commands, per append.
+    prior_first bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    prior_last bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    prior_first_position bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    prior_last_position bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    positions bigint[];
+    found_row record;
+    i integer;
+    j integer;
+    k integer;
+    sid text;
+    kind text;
+    command uuid;
+    current_version bigint;
+    counted integer := 0;
+    appended_events integer := 0;
+    existing_event uuid;
+    any_command CONSTANT boolean := cardinality(array_remove(a_command, NULL)) > 0;
+    newest bigint := 0;
+    caller_plan_cache_mode CONSTANT text := current_setting('plan_cache_mode');
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'cqrs_append_arrays needs READ COMMITTED, not %',
+            current_setting('transaction_isolation');
+    END IF;
+    IF cardinality(a_kind) IS DISTINCT FROM n OR cardinality(a_expected) IS DISTINCT FROM n
+        OR cardinality(a_command) IS DISTINCT FROM n OR cardinality(a_continues) IS DISTINCT FROM n
+        OR cardinality(a_count) IS DISTINCT FROM n
+        OR cardinality(e_append) IS DISTINCT FROM n_events OR cardinality(e_stream) IS DISTINCT FROM n_events
+        OR cardinality(e_command) IS DISTINCT FROM n_events OR cardinality(e_type) IS DISTINCT FROM n_events
+        OR cardinality(e_schema) IS DISTINCT FROM n_events OR cardinality(e_payload) IS DISTINCT FROM n_events
+        OR cardinality(e_causation) IS DISTINCT FROM n_events
+        OR cardinality(e_correlation) IS DISTINCT FROM n_events
+        OR cardinality(e_headers) IS DISTINCT FROM n_events OR cardinality(e_tags) IS DISTINCT FROM n_events THEN
+        RAISE EXCEPTION 'cqrs_append_arrays: the input arrays do not fit together'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Generic plans for the statements below (restored before returning): a custom plan would be
+    -- made again on every call, since it estimates the batch's arrays at their true length and
+    -- so always looks cheaper than the generic one. The lookups are written so that the generic
+    -- plan is an index probe per key (see step 2).
+    PERFORM set_config('plan_cache_mode', 'force_generic_plan', true);
+    -- 1. The watermark lock, taken before this transaction's first nextval: its key is at most
+    -- every position the transaction will get, and it is held until commit or rollback.
+    PERFORM pg_advisory_xact_lock_shared(lock_marker
+        + (SELECT CASE WHEN s.is_called THEN s.last_value + 1 ELSE s.last_value END FROM cqrs_position_seq s));
+    -- 1b. The shared boundary locks of every event (see cqrs_lock_boundaries), before any stream
+    -- row lock or nextval: a conditional append's exclusive lock waits for this batch to end.
+    PERFORM cqrs_lock_boundaries(e_type, e_tags, NULL);
+
+    -- 2. Lock every stream of the batch in byte order. The common case, every stream exists:
+    -- one statement locks them all, in order. If one is missing (or being created by another
+    -- transaction, so not yet visible), that statement locks nothing (its gate is evaluated
+    -- once, before any row is locked) and an ordered upsert takes each stream in turn instead:
+    -- it locks an existing row or creates the missing one, waiting for a concurrent creator
+    -- like the per-append loop does, so no batch ever waits while holding a stream that comes
+    -- later in the order. (Stream rows are never deleted: once all exist, all stay.)
+    -- Each lookup is a nested loop over the batch's few keys with an index probe each,
+    -- whatever the table's statistics: a LATERAL subquery that cannot be flattened.
+    SELECT array_agg(l.stream_id ORDER BY d.x COLLATE "C"), array_agg(l.version ORDER BY d.x COLLATE "C"),
+           count(*) FILTER (WHERE l.stream_id IS NULL)
+        INTO ids, versions, n_missing
+        FROM (SELECT u.x FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C") d
+        LEFT JOIN LATERAL (
+            SELECT s.stream_id, s.version FROM cqrs_streams s
+            WHERE s.stream_id = d.x
+              AND (SELECT count(*) FROM (SELECT DISTINCT x FROM unnest(a_stream) x) k
+                   CROSS JOIN LATERAL (SELECT 1 FROM cqrs_streams e WHERE e.stream_id = k.x OFFSET 0) f)
+                  = (SELECT count(DISTINCT x) FROM unnest(a_stream) x)
+            FOR UPDATE) l ON true;
+    IF n_missing > 0 THEN
+        WITH taken AS (
+            INSERT INTO cqrs_streams AS s (stream_id, version)
+                SELECT u.x, 0 FROM (SELECT DISTINCT x FROM unnest(a_stream) x) u ORDER BY u.x COLLATE "C"
+                ON CONFLICT (stream_id) DO UPDATE SET version = s.version
+                RETURNING s.stream_id, s.version
+        )
+        SELECT array_agg(t.stream_id ORDER BY t.stream_id COLLATE "C"), array_agg(t.version ORDER BY t.stream_id COLLATE "C")
+            INTO ids, versions
+            FROM taken t;
+    END IF;
+    stored := versions;
+
+    -- 3. Command ids stored before this batch (looked up after the stream locks: an append of
+    -- the same command id that held one has committed or rolled back by now).
+    IF any_command THEN
+        FOR found_row IN
+            SELECT q.i, c.first_version, c.last_version, c.first_position, c.last_position
+            FROM unnest(a_stream, a_command) WITH ORDINALITY q(s, c, i)
+            CROSS JOIN LATERAL (SELECT c.first_version, c.last_version, c.first_position, c.last_position
+                                FROM cqrs_commands c WHERE c.stream_id = q.s AND c.command_id = q.c OFFSET 0) c
+        LOOP
+            prior_first[found_row.i] := found_row.first_version;
+            prior_last[found_row.i] := found_row.last_version;
+            prior_first_position[found_row.i] := found_row.first_position;
+            prior_last_position[found_row.i] := found_row.last_position;
+        END LOOP;
+    END IF;
+
+    -- Each append, in input order, on the versions the appends before it leave.
+    j := 1;
+    FOR i IN 1 .. n LOOP
+        sid := a_stream[i];
+        kind := a_kind[i];
+        command := a_command[i];
+        IF a_count[i] IS NULL OR a_count[i] < 1 THEN
+            RAISE EXCEPTION 'cqrs_append_arrays: append % has no events', i - 1
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        event_bases[i] := counted;
+        counted := counted + a_count[i];
+        IF ids[j] IS DISTINCT FROM sid THEN
+            j := coalesce(array_position(ids, sid, j), array_position(ids, sid));
+        END IF;
+        current_version := versions[j];
+        actuals[i] := current_version;
+        -- A chain link is written only right after the append before it was.
+        IF a_continues[i] AND (i = 1 OR NOT appended[i - 1]) THEN
+            outcomes[i] := 'skipped';
+            actuals[i] := NULL;
+            CONTINUE;
+        END IF;
+        IF command IS NOT NULL THEN
+            IF prior_first[i] IS NOT NULL THEN
+                outcomes[i] := 'duplicate';
+                firsts[i] := prior_first[i];
+                lasts[i] := prior_last[i];
+                first_positions[i] := prior_first_position[i];
+                last_positions[i] := prior_last_position[i];
+                CONTINUE;
+            END IF;
+            -- Stored earlier in this batch: its positions are known only at step 4, so
+            -- remember which append it was.
+            k := array_position(a_command, command);
+            WHILE k IS NOT NULL AND k < i LOOP
+                IF a_stream[k] = sid AND appended[k] THEN
+                    outcomes[i] := 'duplicate_of';
+                    firsts[i] := firsts[k];
+                    lasts[i] := lasts[k];
+                    position_bases[i] := k;
+                    EXIT;
+                END IF;
+                k := array_position(a_command, command, k + 1);
+            END LOOP;
+            IF outcomes[i] IS NOT NULL THEN
+                CONTINUE;
+            END IF;
+        END IF;
+        IF NOT coalesce(kind = 'any'
+            OR (kind = 'no_stream' AND current_version = 0)
+            OR (kind = 'exists' AND current_version > 0)
+            OR (kind = 'exact' AND current_version = a_expected[i]), false) THEN
+            outcomes[i] := 'conflict';
+            CONTINUE;
+        END IF;
+        -- A reused event id: looked up only for a batch of one append.
+        IF n = 1 THEN
+            SELECT ev.event_id INTO existing_event FROM cqrs_events ev WHERE ev.event_id = ANY (e_id) LIMIT 1;
+            IF FOUND THEN
+                outcomes[i] := 'duplicate_event_id';
+                duplicates[i] := existing_event;
+                CONTINUE;
+            END IF;
+        END IF;
+        outcomes[i] := 'appended';
+        appended[i] := true;
+        firsts[i] := current_version + 1;
+        lasts[i] := current_version + a_count[i];
+        position_bases[i] := appended_events;
+        appended_events := appended_events + a_count[i];
+        versions[j] := current_version + a_count[i];
+    END LOOP;
+    IF counted <> n_events THEN
+        RAISE EXCEPTION 'cqrs_append_arrays: % events given, the appends count %', n_events, counted
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    -- 4. Positions, sorted, so the i-th appended event gets the i-th smallest number.
+    IF appended_events > 0 THEN
+        IF appended_events = 1 THEN
+            positions := ARRAY[nextval('cqrs_position_seq')];
+        ELSE
+            SELECT array_agg(p.p ORDER BY p.p) INTO positions
+                FROM (SELECT nextval('cqrs_position_seq') AS p FROM generate_series(1, appended_events)) p;
+        END IF;
+        FOR i IN 1 .. n LOOP
+            IF appended[i] THEN
+                first_positions[i] := positions[position_bases[i] + 1];
+                last_positions[i] := positions[position_bases[i] + a_count[i]];
+                newest := greatest(newest, last_positions[i]);
+            ELSIF outcomes[i] = 'duplicate_of' THEN
+                outcomes[i] := 'duplicate';
+                first_positions[i] := first_positions[position_bases[i]];
+                last_positions[i] := last_positions[position_bases[i]];
+            END IF;
+        END LOOP;
+
+        -- 5. The events, their tags and the command ids in one statement, then each stream's version. An event's
+        -- e_append is its append's 1-based index, and e_stream and e_command repeat that
+        -- append's stream and command id (so no per-event lookup walks a variable-width array);
+        -- event_bases[a] events come before append a's first.
+        WITH events AS (
+            INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
+                                     command_id, causation_id, correlation_id, headers, tags)
+            SELECT positions[position_bases[e.a] + e.ord - event_bases[e.a]], e.id, e.s,
+                   firsts[e.a] - 1 + e.ord - event_bases[e.a], e.t, e.sv, e.p, e.c, e.ca, e.co,
+                   coalesce(e.h, '{}'::jsonb), string_to_array(coalesce(e.g, ''), chr(31))
+            FROM unnest(e_append, e_stream, e_command, e_id, e_type, e_schema, e_payload, e_causation,
+                        e_correlation, e_headers, e_tags)
+                     WITH ORDINALITY AS e(a, s, c, id, t, sv, p, ca, co, h, g, ord)
+            WHERE appended[e.a]
+            RETURNING position, tags
+        ), tagged AS (
+            -- The ordered tag index (cqrs_event_tags), in the same statement as the events.
+            INSERT INTO cqrs_event_tags (tag, position)
+            SELECT DISTINCT g.tag, ev.position FROM events ev CROSS JOIN LATERAL unnest(ev.tags) g(tag)
+        )
+        INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position,
+                                   last_position)
+        SELECT a.s, a.c, a.f, a.l, a.fp, a.lp
+        FROM unnest(a_stream, a_command, appended, firsts, lasts, first_positions, last_positions)
+                 AS a(s, c, appended, f, l, fp, lp)
+        WHERE a.appended AND a.c IS NOT NULL;
+        FOR j IN 1 .. cardinality(ids) LOOP
+            IF versions[j] <> stored[j] THEN
+                UPDATE cqrs_streams s SET version = versions[j] WHERE s.stream_id = ids[j];
+            END IF;
+        END LOOP;
+    END IF;
+
+    RETURN QUERY
+        SELECT (r.i - 1)::integer, r.outcome, r.actual, CASE WHEN r.outcome IN ('appended', 'duplicate') THEN r.f END,
+               r.l, r.fp, r.lp, r.d
+        FROM unnest(outcomes, actuals, firsts, lasts, first_positions, last_positions, duplicates)
+                 WITH ORDINALITY AS r(outcome, actual, f, l, fp, lp, d, i);
+
+    -- Delivered at commit only; the payload is a wake-up token, never event data. Sent even
+    -- when nothing was appended: this transaction's watermark lock may have held readers back.
+    -- Without `notify` the caller sends one later itself (see the header).
+    IF notify THEN
+        PERFORM pg_notify('cqrs_events', newest::text);
+    END IF;
+    PERFORM set_config('plan_cache_mode', caller_plan_cache_mode, true);
+END $function$
+;
+
+CREATE OR REPLACE FUNCTION cqrs_append_arrays(a_stream text[], a_kind text[], a_expected bigint[], a_command uuid[], a_continues boolean[], a_count integer[], e_append integer[], e_stream text[], e_command uuid[], e_id uuid[], e_type text[], e_schema integer[], e_payload jsonb[], e_causation uuid[], e_correlation uuid[], e_headers jsonb[], notify boolean)
+ RETURNS TABLE(append_index integer, outcome text, actual_version bigint, first_version bigint, last_version bigint, first_position bigint, last_position bigint, duplicate_event_id uuid)
+ LANGUAGE sql
+AS $function$
+    SELECT * FROM cqrs_append_arrays(a_stream, a_kind, a_expected, a_command, a_continues, a_count, e_append,
+                                     e_stream, e_command, e_id, e_type, e_schema, e_payload, e_causation,
+                                     e_correlation, e_headers,
+                                     array_fill(''::text, ARRAY[coalesce(cardinality(e_id), 0)]), notify)
+$function$
+;
