@@ -105,8 +105,12 @@ mod tests {
         let line = Arc::new(Mutex::new(None));
         let seen = Arc::clone(&line);
         let previous = std::panic::take_hook();
+        // The hook is global: record only this thread's panic, not one of a test running beside.
+        let this_thread = std::thread::current().id();
         std::panic::set_hook(Box::new(move |info| {
-            *seen.lock().expect("lock") = info.location().map(|l| (l.file().to_owned(), l.line()));
+            if std::thread::current().id() == this_thread {
+                *seen.lock().expect("lock") = info.location().map(|l| (l.file().to_owned(), l.line()));
+            }
         }));
         let result = catch_unwind(AssertUnwindSafe(f));
         std::panic::set_hook(previous);
