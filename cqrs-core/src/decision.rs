@@ -68,8 +68,9 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::aggregate::CommandEnvelope;
+use crate::dispatcher::{check_handlers, encode_events, record_outcome, wait_for_handlers};
 use crate::dispatcher::{Consistency, DispatchError, DispatchOutcome};
-use crate::event::{DomainEvent, NewEvent, Upcasters};
+use crate::event::{DomainEvent, Upcasters};
 use crate::handler::Progress;
 use crate::ids::{Position, StreamId, StreamIdError};
 use crate::query::{AppendCondition, Query};
@@ -199,34 +200,10 @@ impl<D: Decision, S: EventStore + ?Sized> Decider<D, S> {
             attempts = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
-        if let Consistency::Strong { handlers, .. } = consistency {
-            if let Some(unknown) = handlers.iter().find(|name| !self.progress.is_registered(name)) {
-                return Err(DispatchError::UnknownHandler(unknown.clone()));
-            }
-        }
+        check_handlers(&self.progress, consistency)?;
         let result = self.run(&envelope).instrument(span.clone()).await;
-        let outcome = match &result {
-            Ok(outcome) if outcome.duplicate => "duplicate",
-            Ok(outcome) if outcome.appended.is_none() => "no_events",
-            Ok(_) => "stored",
-            Err(DispatchError::Rejected(_)) => "rejected",
-            Err(DispatchError::InvalidStreamId(_)) => "invalid",
-            Err(DispatchError::TooManyConflicts { .. }) => "too_many_conflicts",
-            Err(_) => "error",
-        };
-        span.record("outcome", outcome);
-        metrics::counter!("cqrs_commands_total", "category" => D::NAME, "outcome" => outcome).increment(1);
-        metrics::histogram!("cqrs_dispatch_duration_seconds", "category" => D::NAME)
-            .record(started.elapsed().as_secs_f64());
-        let outcome = result?;
-        if let (Consistency::Strong { handlers, timeout }, Some(appended)) = (consistency, outcome.appended) {
-            for handler in handlers {
-                if let Err(source) = self.progress.wait_for(handler, appended.last_position, *timeout).await {
-                    return Err(DispatchError::ConsistencyTimeout { outcome: Box::new(outcome), source });
-                }
-            }
-        }
-        Ok(outcome)
+        record_outcome(D::NAME, &span, started, &result);
+        wait_for_handlers(&self.progress, consistency, result?).await
     }
 
     /// Reads, decides and appends, deciding again after each failed condition.
@@ -252,7 +229,7 @@ impl<D: Decision, S: EventStore + ?Sized> Decider<D, S> {
                     };
                 }
             };
-            let new_events = encode::<D>(&events, envelope)?;
+            let new_events = encode_events(&events, envelope, D::NAME, |_| true)?;
             let condition = AppendCondition::new(query.clone(), Some(facts.after));
             let answer =
                 self.store.append_with_condition(&stream_id, ExpectedVersion::Any, new_events, Some(condition)).await;
@@ -298,27 +275,6 @@ impl<D: Decision, S: EventStore + ?Sized> Decider<D, S> {
         facts.after = facts.after.max(head);
         Ok(())
     }
-}
-
-/// The decided events, encoded with the command's metadata.
-fn encode<D: Decision>(
-    events: &[D::Event],
-    envelope: &CommandEnvelope<D::Command>,
-) -> Result<Vec<NewEvent>, DispatchError<D::Error>> {
-    let mut metadata = envelope.event_metadata();
-    if let Some(propagation) = crate::telemetry::trace_context() {
-        propagation.inject(&mut metadata.headers);
-    }
-    events
-        .iter()
-        .map(|event| {
-            let event_type = event.event_type();
-            if !D::Event::EVENT_TYPES.contains(&event_type) {
-                return Err(DispatchError::UndeclaredEventType { event_type, category: D::NAME });
-            }
-            NewEvent::from_domain(event, metadata.clone()).map_err(DispatchError::Encode)
-        })
-        .collect()
 }
 
 fn outcome<C>(

@@ -116,20 +116,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         events: &[A::Event],
         envelope: &CommandEnvelope<A::Command>,
     ) -> Result<Vec<NewEvent>, DispatchError<A::Error>> {
-        let mut metadata = envelope.event_metadata();
-        if let Some(propagation) = crate::telemetry::trace_context() {
-            propagation.inject(&mut metadata.headers);
-        }
-        events
-            .iter()
-            .map(|event| {
-                let event_type = event.event_type();
-                if !A::Event::EVENT_TYPES.contains(&event_type) || !A::Event::accepts(A::CATEGORY, event_type) {
-                    return Err(DispatchError::UndeclaredEventType { event_type, category: A::CATEGORY });
-                }
-                NewEvent::from_domain(event, metadata.clone()).map_err(DispatchError::Encode)
-            })
-            .collect()
+        encode_events(events, envelope, A::CATEGORY, |event_type| A::Event::accepts(A::CATEGORY, event_type))
     }
 
     /// The outcome of the first handling of this command id, if it was stored before.
@@ -152,6 +139,30 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     ) -> DispatchOutcome {
         DispatchOutcome { stream_id: stream_id.clone(), command_id: envelope.command_id, appended, version, duplicate }
     }
+}
+
+/// Encodes `events` with the command's metadata (and the trace context), refusing any whose
+/// type `E` does not declare or `accepted` refuses: the dispatcher's and the decider's encoding.
+pub(crate) fn encode_events<E: DomainEvent, C, Err: std::error::Error + 'static>(
+    events: &[E],
+    envelope: &CommandEnvelope<C>,
+    category: &'static str,
+    accepted: impl Fn(&str) -> bool,
+) -> Result<Vec<NewEvent>, DispatchError<Err>> {
+    let mut metadata = envelope.event_metadata();
+    if let Some(propagation) = crate::telemetry::trace_context() {
+        propagation.inject(&mut metadata.headers);
+    }
+    events
+        .iter()
+        .map(|event| {
+            let event_type = event.event_type();
+            if !E::EVENT_TYPES.contains(&event_type) || !accepted(event_type) {
+                return Err(DispatchError::UndeclaredEventType { event_type, category });
+            }
+            NewEvent::from_domain(event, metadata.clone()).map_err(DispatchError::Encode)
+        })
+        .collect()
 }
 
 /// A random pause of up to 2^attempts ms, capped at 50 ms.

@@ -19,6 +19,8 @@
 
 mod batch;
 mod decide;
+
+pub(crate) use decide::encode_events;
 mod load;
 mod slots;
 
@@ -324,32 +326,8 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         );
         let envelope = Arc::new(envelope);
         let result = self.decide_and_store(&envelope, consistency).instrument(span.clone()).await;
-        let outcome = match &result {
-            Ok(outcome) if outcome.duplicate => "duplicate",
-            Ok(outcome) if outcome.appended.is_none() => "no_events",
-            Ok(_) => "stored",
-            Err(DispatchError::Rejected(_)) => "rejected",
-            Err(
-                DispatchError::InvalidStreamId(_)
-                | DispatchError::UnknownHandler(_)
-                | DispatchError::UndeclaredEventType { .. },
-            ) => "invalid",
-            Err(DispatchError::TooManyConflicts { .. }) => "too_many_conflicts",
-            Err(_) => "error",
-        };
-        span.record("outcome", outcome);
-        metrics::counter!("cqrs_commands_total", "category" => A::CATEGORY, "outcome" => outcome).increment(1);
-        metrics::histogram!("cqrs_dispatch_duration_seconds", "category" => A::CATEGORY)
-            .record(started.elapsed().as_secs_f64());
-        let outcome = result?;
-        if let (Consistency::Strong { handlers, timeout }, Some(appended)) = (consistency, outcome.appended) {
-            for handler in handlers {
-                if let Err(source) = self.progress.wait_for(handler, appended.last_position, *timeout).await {
-                    return Err(DispatchError::ConsistencyTimeout { outcome: Box::new(outcome), source });
-                }
-            }
-        }
-        Ok(outcome)
+        record_outcome(A::CATEGORY, &span, started, &result);
+        wait_for_handlers(&self.progress, consistency, result?).await
     }
 
     /// Routes, decides and stores one command (inside its `dispatch` span).
@@ -360,11 +338,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     ) -> Result<DispatchOutcome, DispatchError<A::Error>> {
         let stream_id = envelope.command.stream_id().map_err(DispatchError::InvalidStreamId)?;
         tracing::Span::current().record("stream", tracing::field::display(&stream_id));
-        if let Consistency::Strong { handlers, .. } = consistency {
-            if let Some(unknown) = handlers.iter().find(|name| !self.progress.is_registered(name)) {
-                return Err(DispatchError::UnknownHandler(unknown.clone()));
-            }
-        }
+        check_handlers(&self.progress, consistency)?;
         let slot = self.slot(&stream_id);
         if self.config.batch_commands <= 1 {
             let mut instance = Self::lock(&slot).await;
@@ -405,6 +379,62 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
     pub fn cached_instances(&self) -> usize {
         self.instances.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
+}
+
+/// Refuses a [`Consistency::Strong`] that names a handler no runner reports to `progress`.
+pub(crate) fn check_handlers<E: std::error::Error + 'static>(
+    progress: &Progress,
+    consistency: &Consistency,
+) -> Result<(), DispatchError<E>> {
+    if let Consistency::Strong { handlers, .. } = consistency {
+        if let Some(unknown) = handlers.iter().find(|name| !progress.is_registered(name)) {
+            return Err(DispatchError::UnknownHandler(unknown.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Records a command's outcome on its span and in the dispatch metrics under `category`.
+pub(crate) fn record_outcome<E: std::error::Error + 'static>(
+    category: &'static str,
+    span: &tracing::Span,
+    started: Instant,
+    result: &Result<DispatchOutcome, DispatchError<E>>,
+) {
+    let outcome = match result {
+        Ok(outcome) if outcome.duplicate => "duplicate",
+        Ok(outcome) if outcome.appended.is_none() => "no_events",
+        Ok(_) => "stored",
+        Err(DispatchError::Rejected(_)) => "rejected",
+        Err(
+            DispatchError::InvalidStreamId(_)
+            | DispatchError::UnknownHandler(_)
+            | DispatchError::UndeclaredEventType { .. },
+        ) => "invalid",
+        Err(DispatchError::TooManyConflicts { .. }) => "too_many_conflicts",
+        Err(_) => "error",
+    };
+    span.record("outcome", outcome);
+    metrics::counter!("cqrs_commands_total", "category" => category, "outcome" => outcome).increment(1);
+    metrics::histogram!("cqrs_dispatch_duration_seconds", "category" => category)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// With [`Consistency::Strong`], waits until every named handler has passed the outcome's
+/// events (read-your-writes); else returns at once.
+pub(crate) async fn wait_for_handlers<E: std::error::Error + 'static>(
+    progress: &Progress,
+    consistency: &Consistency,
+    outcome: DispatchOutcome,
+) -> Result<DispatchOutcome, DispatchError<E>> {
+    if let (Consistency::Strong { handlers, timeout }, Some(appended)) = (consistency, outcome.appended) {
+        for handler in handlers {
+            if let Err(source) = progress.wait_for(handler, appended.last_position, *timeout).await {
+                return Err(DispatchError::ConsistencyTimeout { outcome: Box::new(outcome), source });
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 impl<C> From<C> for CommandEnvelope<C>
