@@ -1589,15 +1589,29 @@ impl SagaRun {
     }
 }
 
-/// Fast retries, parking after the first failure.
+/// Fast retries, parking after the first failure. The claim's ttl is long enough that a
+/// loaded machine's slow renewal does not end a tenure mid-test (each run gives up its claim
+/// when stopped, so no test waits for it to lapse).
 fn saga_config() -> crate::handler::RunnerConfig {
     crate::handler::RunnerConfig {
         initial_backoff: Duration::from_millis(5),
-        claim_ttl: Duration::from_millis(500),
+        claim_ttl: Duration::from_secs(10),
         claim_retry: Duration::from_millis(50),
         checkpoint_delay: Duration::ZERO,
         on_error: crate::handler::ErrorPolicy::ParkAfter { attempts: 1 },
         ..crate::handler::RunnerConfig::default()
+    }
+}
+
+/// Waits until `name`'s checkpoint in the store reaches `position`, and returns it.
+async fn saved_checkpoint<S: EventStore + ?Sized>(store: &S, name: &str, position: Position) -> Position {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.load_checkpoint(name).await.expect("load checkpoint") {
+            Some(saved) if saved >= position => return saved,
+            saved => assert!(tokio::time::Instant::now() < deadline, "{name}'s checkpoint stayed at {saved:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -1946,9 +1960,11 @@ pub async fn process_renamed_manager_continues_where_the_old_name_stopped<S: Sto
     let run = SagaRun::start(&store, Saga::new("fulfilment"), &old, saga_config(), clock.clone());
     run.caught_up(&*store).await;
     assert_eq!(old.whats(), ["hello", "hello"]);
+    // Caught up means handled; the checkpoint follows (at once: no checkpoint delay).
+    let head = store.head().await.expect("head");
+    let checkpoint = saved_checkpoint(&*store, "fulfilment", head).await;
     run.running.stop().await;
     // Only the old name's checkpoint remembers the ended instance.
-    let checkpoint = store.load_checkpoint("fulfilment").await.expect("checkpoint").expect("saved");
     store.prune_processes("fulfilment", checkpoint).await.expect("prune");
     assert!(store.load_process("fulfilment", &done).await.expect("load").is_none());
 
