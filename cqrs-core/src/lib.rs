@@ -131,7 +131,7 @@ pub use process::{
 };
 pub use query::{AppendCondition, Query, QueryItem, Tag, TagError};
 pub use store::{
-    AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, Store, StoreError,
-    DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND,
+    AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, Store, StoreError, StreamAppend,
+    DEFAULT_COMMAND_RETENTION, MAX_EVENTS_PER_APPEND, MAX_STREAMS_PER_APPEND,
 };
 pub use subscription::Subscription;

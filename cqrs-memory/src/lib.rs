@@ -7,11 +7,11 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cqrs_core::store::{validate_append, validate_query};
+use cqrs_core::store::{validate_append, validate_atomic, validate_query};
 use cqrs_core::{
     AppendCondition, AppendOutcome, AppendResult, Claim, CommandId, EventId, EventStore, ExpectedVersion, NewEvent,
-    ParkedEvent, Position, ProcessState, Query, QueryItem, RecordedEvent, Scheduled, Snapshot, StoreError, StreamId,
-    Tag, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
+    ParkedEvent, Position, ProcessState, Query, QueryItem, RecordedEvent, Scheduled, Snapshot, StoreError,
+    StreamAppend, StreamId, Tag, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
 
@@ -109,6 +109,54 @@ impl Log {
 }
 
 impl State {
+    /// Writes one checked part at versions after `actual`; returns where it landed and its
+    /// stream.
+    fn write_part(&mut self, part: StreamAppend, actual: Version, recorded_at: Timestamp) -> (AppendResult, StreamId) {
+        let StreamAppend { stream_id, events, .. } = part;
+        let first_index = self.log.len();
+        let count = events.len() as u64;
+        let State { log, streams, event_ids, tag_index, type_index, .. } = self;
+        let indexes = streams.entry(stream_id.clone()).or_default();
+        for (offset, event) in events.into_iter().enumerate() {
+            let index = first_index + offset;
+            event_ids.insert(event.event_id);
+            indexes.push(index);
+            let event_type: Arc<str> = Arc::from(event.event_type);
+            type_index.entry(event_type.clone()).or_default().push(index);
+            for tag in &event.tags {
+                let tagged = tag_index.entry(tag.clone()).or_default();
+                // A tag repeated on one event is indexed once.
+                if tagged.last() != Some(&index) {
+                    tagged.push(index);
+                }
+            }
+            log.push(RecordedEvent {
+                event_id: event.event_id,
+                stream_id: stream_id.clone(),
+                version: Version(actual.0 + offset as u64 + 1),
+                position: Position(index as u64 + 1),
+                recorded_at,
+                event_type,
+                schema_version: event.schema_version,
+                payload: Arc::new(event.payload),
+                metadata: Arc::new(event.metadata),
+                tags: Arc::from(event.tags),
+            });
+        }
+        let result = AppendResult {
+            first_version: Version(actual.0 + 1),
+            last_version: Version(actual.0 + count),
+            first_position: Position(first_index as u64 + 1),
+            last_position: Position(first_index as u64 + count),
+        };
+        (result, stream_id)
+    }
+
+    fn remember_command(&mut self, stream_id: StreamId, command_id: CommandId, result: AppendResult, at: Timestamp) {
+        self.commands.insert((stream_id.clone(), command_id), result);
+        self.command_times.push_back((at, stream_id, command_id));
+    }
+
     /// The log indexes above `start` of the events one query item matches, ascending, at most
     /// `limit`: found through the item's rarest tag, else its types, else the whole log.
     fn item_matches(&self, item: &QueryItem, start: usize, limit: usize) -> Vec<usize> {
@@ -233,73 +281,70 @@ impl MemoryStore {
         condition: Option<&AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         let command_id = validate_append(&events)?;
+        let part = StreamAppend::new(stream_id.clone(), expected, events);
+        let mut outcomes = self.append_parts(vec![part], command_id, condition)?;
+        outcomes.pop().ok_or_else(|| StoreError::Corrupt("an append of one stream gave no answer".into()))
+    }
+
+    /// Appends validated parts under one write lock, all or nothing: the command id (all
+    /// parts stored before: their first results), then each part's version, the condition and
+    /// the event ids, then the writes.
+    fn append_parts(
+        &self,
+        parts: Vec<StreamAppend>,
+        command_id: Option<CommandId>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
         if let Some(condition) = condition {
             validate_query(&condition.fail_if_events_match)?;
         }
-        let result = {
-            let mut state = self.write();
-            if let Some(command_id) = command_id {
-                if let Some(first) = state.commands.get(&(stream_id.clone(), command_id)) {
-                    return Ok(AppendOutcome::Duplicate(*first));
-                }
+        let mut state = self.write();
+        if let Some(command_id) = command_id {
+            let stored: Vec<AppendResult> = parts
+                .iter()
+                .filter_map(|part| state.commands.get(&(part.stream_id.clone(), command_id)).copied())
+                .collect();
+            if stored.len() == parts.len() {
+                return Ok(stored.into_iter().map(AppendOutcome::Duplicate).collect());
             }
-            let actual = Version(state.streams.get(stream_id).map_or(0, |indexes| indexes.len() as u64));
-            if !expected.accepts(actual) {
-                return Err(StoreError::Conflict { stream_id: stream_id.clone(), expected, actual });
+            if !stored.is_empty() {
+                return Err(cqrs_core::store::partly_duplicate(command_id));
             }
-            state.check_condition(condition)?;
-            if let Some(event) = events.iter().find(|event| state.event_ids.contains(&event.event_id)) {
-                return Err(StoreError::DuplicateEventId(event.event_id));
-            }
-            let recorded_at = Timestamp::now();
-            let first_index = state.log.len();
-            let count = events.len() as u64;
-            let State { log, streams, event_ids, tag_index, type_index, .. } = &mut *state;
-            let indexes = streams.entry(stream_id.clone()).or_default();
-            for (offset, event) in events.into_iter().enumerate() {
-                let index = first_index + offset;
-                event_ids.insert(event.event_id);
-                indexes.push(index);
-                let event_type: Arc<str> = Arc::from(event.event_type);
-                type_index.entry(event_type.clone()).or_default().push(index);
-                for tag in &event.tags {
-                    let tagged = tag_index.entry(tag.clone()).or_default();
-                    // A tag repeated on one event is indexed once.
-                    if tagged.last() != Some(&index) {
-                        tagged.push(index);
-                    }
-                }
-                log.push(RecordedEvent {
-                    event_id: event.event_id,
-                    stream_id: stream_id.clone(),
-                    version: Version(actual.0 + offset as u64 + 1),
-                    position: Position(index as u64 + 1),
-                    recorded_at,
-                    event_type,
-                    schema_version: event.schema_version,
-                    payload: Arc::new(event.payload),
-                    metadata: Arc::new(event.metadata),
-                    tags: Arc::from(event.tags),
+        }
+        let mut actuals = Vec::with_capacity(parts.len());
+        for part in &parts {
+            let actual = Version(state.streams.get(&part.stream_id).map_or(0, |indexes| indexes.len() as u64));
+            if !part.expected.accepts(actual) {
+                return Err(StoreError::Conflict {
+                    stream_id: part.stream_id.clone(),
+                    expected: part.expected,
+                    actual,
                 });
             }
-            let result = AppendResult {
-                first_version: Version(actual.0 + 1),
-                last_version: Version(actual.0 + count),
-                first_position: Position(first_index as u64 + 1),
-                last_position: Position(first_index as u64 + count),
-            };
+            actuals.push(actual);
+        }
+        state.check_condition(condition)?;
+        let reused = parts.iter().flat_map(|part| &part.events).find(|event| state.event_ids.contains(&event.event_id));
+        if let Some(event) = reused {
+            return Err(StoreError::DuplicateEventId(event.event_id));
+        }
+        let recorded_at = Timestamp::now();
+        let mut outcomes = Vec::with_capacity(parts.len());
+        for (part, actual) in parts.into_iter().zip(actuals) {
+            let result = state.write_part(part, actual, recorded_at);
             if let Some(command_id) = command_id {
-                state.commands.insert((stream_id.clone(), command_id), result);
-                state.command_times.push_back((recorded_at, stream_id.clone(), command_id));
-                if let Some(retention) = self.inner.command_retention {
-                    state.prune_commands(recorded_at.minus(retention));
-                }
+                state.remember_command(result.1, command_id, result.0, recorded_at);
             }
+            outcomes.push(AppendOutcome::Appended(result.0));
+        }
+        if let (Some(retention), Some(_)) = (self.inner.command_retention, command_id) {
+            state.prune_commands(recorded_at.minus(retention));
+        }
+        if let Some(AppendOutcome::Appended(last)) = outcomes.last() {
             // Publish while still holding the lock, so the head never moves backwards.
-            self.inner.head.send_replace(result.last_position);
-            result
-        };
-        Ok(AppendOutcome::Appended(result))
+            self.inner.head.send_replace(last.last_position);
+        }
+        Ok(outcomes)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -327,6 +372,15 @@ impl EventStore for MemoryStore {
         let result = span.in_scope(|| self.append_now(stream_id, expected, events, condition.as_ref()));
         cqrs_core::telemetry::record_append("memory", started, &result, &span);
         result
+    }
+
+    async fn append_atomic(
+        &self,
+        appends: Vec<StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let command_id = validate_atomic(&appends)?;
+        self.append_parts(appends, command_id, condition.as_ref())
     }
 
     async fn read_query(

@@ -20,7 +20,7 @@ use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::store::validate_query;
 use cqrs_core::{
     AppendCondition, AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, Query,
-    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version,
+    RecordedEvent, Snapshot, StoreError, StreamAppend, StreamId, Timestamp, Version,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
@@ -67,6 +67,9 @@ struct Inner {
     read_bound: AtomicU64,
     /// Events this process's writers just committed, read from memory near the head.
     recent: Arc<RecentEvents>,
+    /// What the writer tasks share (head, wake-ups), for atomic appends, which commit on
+    /// their own connection.
+    writer: Arc<writer::WriterShared>,
 }
 
 impl Drop for Inner {
@@ -151,6 +154,7 @@ impl PgEventStore {
         for _ in 0..config.writer_tasks.max(1) {
             tokio::spawn(writer::run_writer(pool.clone(), Arc::clone(&queue), Arc::clone(&shared), limits));
         }
+        let writer = shared;
         let pruner = match (config.command_retention, config.prune_interval()) {
             (Some(retention), Some(every)) => Some(tokio::spawn(run_pruner(pool.clone(), retention, every))),
             _ => None,
@@ -166,6 +170,7 @@ impl PgEventStore {
                 poll_interval: config.poll_interval,
                 read_bound: AtomicU64::new(0),
                 recent,
+                writer,
             }),
         }
     }
@@ -522,6 +527,22 @@ impl EventStore for PgEventStore {
     /// never returns an event at `p` and later one below `p`. Each item reads its first
     /// `max_count` positions by its own ordered index range (see `item_positions`); several
     /// items are merged by a `UNION` of those, cut again to the first `max_count`.
+    async fn append_atomic(
+        &self,
+        appends: Vec<StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let command_id = cqrs_core::store::validate_atomic(&appends)?;
+        for part in &appends {
+            validate(part.expected, &part.events)?;
+        }
+        if let Some(condition) = &condition {
+            validate_query(&condition.fail_if_events_match)?;
+        }
+        let condition = condition.filter(|condition| !condition.fail_if_events_match.is_none());
+        writer::append_atomic(&self.inner.pool, &self.inner.writer, appends, command_id, condition).await
+    }
+
     async fn read_query(
         &self,
         query: &Query,

@@ -385,11 +385,16 @@ fn recorded(
 }
 
 fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
-    let corrupt = |error: sqlx::Error| StoreError::Corrupt(format!("cannot decode an append result: {error}"));
-    let outcome: String = row.try_get("outcome").map_err(corrupt)?;
-    if outcome == "skipped" {
+    if matches!(row.try_get::<&str, _>("outcome"), Ok("skipped")) {
         return Err(skipped(request));
     }
+    part_outcome(row, &request.stream_id, request.expected)
+}
+
+/// One append's answer from its result row (not a skipped chain link).
+fn part_outcome(row: &PgRow, stream_id: &StreamId, expected: ExpectedVersion) -> Result<AppendOutcome, StoreError> {
+    let corrupt = |error: sqlx::Error| StoreError::Corrupt(format!("cannot decode an append result: {error}"));
+    let outcome: String = row.try_get("outcome").map_err(corrupt)?;
     let actual: i64 = row.try_get("actual_version").map_err(corrupt)?;
     let bounds = || -> Result<_, StoreError> {
         append_result(
@@ -403,8 +408,8 @@ fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, Sto
         "appended" => Ok(AppendOutcome::Appended(bounds()?)),
         "duplicate" => Ok(AppendOutcome::Duplicate(bounds()?)),
         "conflict" => Err(StoreError::Conflict {
-            stream_id: request.stream_id.clone(),
-            expected: request.expected,
+            stream_id: stream_id.clone(),
+            expected,
             actual: Version(crate::rows::to_u64(actual, "version")?),
         }),
         "condition_failed" => {
@@ -505,19 +510,38 @@ struct EventJson<'a> {
 
 impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
     fn from(request: &'a AppendRequest) -> Self {
-        let (kind, version) = expected_json(request.expected);
+        AppendJson::new(
+            &request.stream_id,
+            request.expected,
+            request.command_id,
+            request.continues,
+            request.condition.as_ref(),
+            &request.events,
+        )
+    }
+}
+
+impl<'a> AppendJson<'a> {
+    fn new(
+        stream_id: &'a StreamId,
+        expected: ExpectedVersion,
+        command_id: Option<CommandId>,
+        continues: bool,
+        condition: Option<&'a AppendCondition>,
+        events: &'a [NewEvent],
+    ) -> Self {
+        let (kind, version) = expected_json(expected);
         AppendJson {
-            s: request.stream_id.as_str(),
+            s: stream_id.as_str(),
             e: kind,
             v: version,
-            c: request.command_id.map(|id| id.0),
-            k: request.continues,
-            q: request.condition.as_ref().map(|condition| ConditionJson {
+            c: command_id.map(|id| id.0),
+            k: continues,
+            q: condition.map(|condition| ConditionJson {
                 a: crate::rows::to_i64_saturating(condition.after_position().0),
                 i: condition.fail_if_events_match.items.iter().map(ItemJson::from).collect(),
             }),
-            ev: request
-                .events
+            ev: events
                 .iter()
                 .map(|event| EventJson {
                     id: event.event_id.0,
@@ -531,6 +555,108 @@ impl<'a> From<&'a AppendRequest> for AppendJson<'a> {
                 })
                 .collect(),
         }
+    }
+}
+
+/// [`EventStore::append_atomic`](cqrs_core::EventStore::append_atomic): the parts as one call of
+/// `cqrs_append_batch` in a transaction of their own, by stream id (the order every writer
+/// locks streams in), the condition on the first; committed only if every part was appended.
+/// The function takes the boundary locks of every part before any stream row, and checks the
+/// condition before writing any part, so the check is the one a single conditional append
+/// gets (README, "Dynamic Consistency Boundaries").
+pub(crate) async fn append_atomic(
+    pool: &PgPool,
+    shared: &WriterShared,
+    parts: Vec<cqrs_core::StreamAppend>,
+    command_id: Option<CommandId>,
+    condition: Option<AppendCondition>,
+) -> Result<Vec<AppendOutcome>, StoreError> {
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[a].stream_id.cmp(&parts[b].stream_id));
+    let payload: Vec<AppendJson<'_>> = order
+        .iter()
+        .enumerate()
+        .map(|(nth, &index)| {
+            let part = &parts[index];
+            let condition = if nth == 0 { condition.as_ref() } else { None };
+            AppendJson::new(&part.stream_id, part.expected, command_id, false, condition, &part.events)
+        })
+        .collect();
+    let unavailable = |error: sqlx::Error| shared_unavailable(&Arc::new(error));
+    let mut transaction = pool.begin().await.map_err(unavailable)?;
+    let rows = sqlx::query(
+        "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, last_position, \
+         duplicate_event_id FROM cqrs_append_batch($1, true)",
+    )
+    .bind(Json(payload))
+    .fetch_all(&mut *transaction)
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(error) if is_data_error(&error) => {
+            return Err(StoreError::InvalidAppend(format!("refused by the database: {error}")));
+        }
+        Err(error) if is_event_id_violation(&error) => {
+            drop(transaction);
+            return Err(reused_event_id(pool, &parts).await);
+        }
+        Err(error) => return Err(unavailable(error)),
+    };
+    let mut outcomes: Vec<Option<Result<AppendOutcome, StoreError>>> = (0..parts.len()).map(|_| None).collect();
+    for row in &rows {
+        let nth = row.try_get::<i32, _>("append_index").ok().and_then(|index| usize::try_from(index).ok());
+        let Some(&index) = nth.and_then(|nth| order.get(nth)) else { continue };
+        let part = &parts[index];
+        outcomes[index] = Some(part_outcome(row, &part.stream_id, part.expected));
+    }
+    let mut outcomes: Vec<Result<AppendOutcome, StoreError>> = outcomes
+        .into_iter()
+        .map(|outcome| outcome.unwrap_or_else(|| Err(StoreError::Corrupt("the batch function skipped a part".into()))))
+        .collect();
+    let appended = outcomes.iter().all(|outcome| matches!(outcome, Ok(AppendOutcome::Appended(_))));
+    let duplicate = outcomes.iter().all(|outcome| matches!(outcome, Ok(AppendOutcome::Duplicate(_))));
+    if !appended {
+        transaction.rollback().await.map_err(unavailable)?;
+        // The rolled-back transaction may have held readers' bound back: wake them.
+        shared.head.send_modify(|_| {});
+        if duplicate {
+            return outcomes.into_iter().collect();
+        }
+        let partly = outcomes.iter().any(|outcome| matches!(outcome, Ok(AppendOutcome::Duplicate(_))));
+        if let (true, Some(command_id)) = (partly, command_id) {
+            return Err(cqrs_core::store::partly_duplicate(command_id));
+        }
+        // The first refusal in the order they were checked.
+        let first = order.iter().copied().find(|&index| outcomes[index].is_err());
+        return match first.map(|index| outcomes.swap_remove(index)) {
+            Some(Err(refusal)) => Err(refusal),
+            _ => Err(StoreError::Corrupt("an atomic append was neither appended nor refused".into())),
+        };
+    }
+    transaction.commit().await.map_err(unavailable)?;
+    let newest = outcomes
+        .iter()
+        .filter_map(|outcome| outcome.as_ref().ok().map(|outcome| outcome.result().last_position))
+        .max()
+        .unwrap_or(Position::START);
+    if shared.announced.writer_committed(newest, true) {
+        shared.head.send_modify(|position| *position = (*position).max(newest));
+    }
+    outcomes.into_iter().collect()
+}
+
+/// Which event id of an atomic append the unique index refused (another writer stored it
+/// first).
+async fn reused_event_id(pool: &PgPool, parts: &[cqrs_core::StreamAppend]) -> StoreError {
+    let ids: Vec<Uuid> = parts.iter().flat_map(|part| &part.events).map(|event| event.event_id.0).collect();
+    let stored = sqlx::query_scalar::<_, Uuid>("SELECT event_id FROM cqrs_events WHERE event_id = ANY($1) LIMIT 1")
+        .bind(&ids)
+        .fetch_optional(pool)
+        .await;
+    match stored {
+        Ok(Some(id)) => StoreError::DuplicateEventId(EventId(id)),
+        Ok(None) => StoreError::InvalidAppend("an event id of the append was refused as stored already".into()),
+        Err(error) => shared_unavailable(&Arc::new(error)),
     }
 }
 

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendCondition, AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, Query,
-    RecordedEvent, Snapshot, StoreError, StreamId, Timestamp, Version,
+    RecordedEvent, Snapshot, StoreError, StreamAppend, StreamId, Timestamp, Version,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
@@ -30,7 +30,7 @@ pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProje
 
 use crate::error::{open_error, to_store_error};
 use crate::rows::{command_result, limit, to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
-use crate::writer::{AppendRequest, Counters, WriteRequest, Writer};
+use crate::writer::{AppendRequest, AtomicRequest, Counters, WriteRequest, Writer};
 
 /// How many writes may wait for the writer task before callers wait to enqueue.
 const QUEUE_CAPACITY: usize = 4096;
@@ -301,6 +301,31 @@ impl EventStore for SqliteEventStore {
         let result = tracing::Instrument::instrument(appended, span.clone()).await;
         cqrs_core::telemetry::record_append("sqlite", started, &result, &span);
         result
+    }
+
+    /// All parts in one request to the writer, so in one transaction, in a savepoint of it.
+    async fn append_atomic(
+        &self,
+        appends: Vec<StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        let command_id = cqrs_core::store::validate_atomic(&appends)?;
+        for part in &appends {
+            validate(part.expected, &part.events)?;
+        }
+        if let Some(condition) = &condition {
+            cqrs_core::store::validate_query(&condition.fail_if_events_match)?;
+        }
+        let mut condition = condition.filter(|condition| !condition.fail_if_events_match.is_none());
+        let parts = appends
+            .into_iter()
+            .map(|StreamAppend { stream_id, expected, events }| {
+                // Each part's own reply goes unused: the request answers for all of them.
+                let (reply, _) = oneshot::channel();
+                AppendRequest { stream_id, expected, command_id, events, condition: condition.take(), reply }
+            })
+            .collect();
+        self.write(|reply| WriteRequest::Atomic(AtomicRequest { parts, reply })).await
     }
 
     /// The whole chain in one request to the writer, so in one transaction (one commit), each

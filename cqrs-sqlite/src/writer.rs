@@ -50,11 +50,22 @@ pub(crate) struct AppendRequest {
     pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
 }
 
+/// An atomic append: its parts (each an append whose own `reply` is never used; the first
+/// carries the condition) and where to send the answer for all of them.
+pub(crate) struct AtomicRequest {
+    pub(crate) parts: Vec<AppendRequest>,
+    pub(crate) reply: oneshot::Sender<Result<Vec<AppendOutcome>, StoreError>>,
+}
+
 /// One queued write: the writer owns the only write connection, so checkpoint and snapshot
 /// saves travel the same queue as appends (and share their commits).
 pub(crate) enum WriteRequest {
     /// An append.
     Append(AppendRequest),
+    /// An atomic append to several streams
+    /// ([`EventStore::append_atomic`](cqrs_core::EventStore::append_atomic)): all or nothing,
+    /// inside a savepoint of the batch's transaction.
+    Atomic(AtomicRequest),
     /// A chain of appends to one stream ([`EventStore::append_chain`](cqrs_core::EventStore::append_chain)),
     /// in order and in one transaction: a link is attempted only if the one before it was
     /// appended; after that, every link is answered with a conflict without being written.
@@ -134,6 +145,7 @@ impl QueuedWrite for WriteRequest {
         match self {
             WriteRequest::Append(append) => append.events.len(),
             WriteRequest::Chain(links) => links.iter().map(|link| link.events.len()).sum(),
+            WriteRequest::Atomic(atomic) => atomic.parts.iter().map(|part| part.events.len()).sum(),
             _ => 0,
         }
     }
@@ -150,6 +162,22 @@ pub(crate) struct Counters {
     pub(crate) largest_batch: AtomicU64,
 }
 
+impl Counters {
+    /// Counts one committed append's answer (`None`: refused).
+    fn record(&self, outcome: Option<&AppendOutcome>) {
+        match outcome {
+            Some(AppendOutcome::Appended(result)) => {
+                self.appends.fetch_add(1, Ordering::Relaxed);
+                self.events.fetch_add(result.last_version.0 - result.first_version.0 + 1, Ordering::Relaxed);
+            }
+            Some(AppendOutcome::Duplicate(_)) => {}
+            None => {
+                self.refused_appends.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// The writer task's state.
 pub(crate) struct Writer {
     pub(crate) connection: SqliteConnection,
@@ -163,6 +191,7 @@ pub(crate) struct Writer {
 /// What one request's work inside the transaction produced, sent once the batch commits.
 enum Pending {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Result<AppendOutcome, StoreError>),
+    Atomic(oneshot::Sender<Result<Vec<AppendOutcome>, StoreError>>, Result<Vec<AppendOutcome>, StoreError>),
     Saved(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
     Pruned(oneshot::Sender<Result<u64, StoreError>>, u64),
     Op(Answer),
@@ -174,6 +203,9 @@ impl Pending {
         // The callers may have gone away; nothing to do then.
         match self {
             Pending::Append(reply, _) => {
+                let _ = reply.send(Err(error));
+            }
+            Pending::Atomic(reply, _) => {
                 let _ = reply.send(Err(error));
             }
             Pending::Saved(reply, _) => {
@@ -189,6 +221,9 @@ impl Pending {
     fn send(self) {
         match self {
             Pending::Append(reply, outcome) => {
+                let _ = reply.send(outcome);
+            }
+            Pending::Atomic(reply, outcome) => {
                 let _ = reply.send(outcome);
             }
             Pending::Saved(reply, outcome) => {
@@ -226,6 +261,7 @@ impl Writer {
             .map(|request| match request {
                 WriteRequest::Append(_) => 1,
                 WriteRequest::Chain(links) => links.len(),
+                WriteRequest::Atomic(atomic) => atomic.parts.len(),
                 _ => 0,
             })
             .sum();
@@ -246,18 +282,13 @@ impl Writer {
                 self.counters.transactions.fetch_add(1, Ordering::Relaxed);
                 self.counters.largest_batch.fetch_max(size, Ordering::Relaxed);
                 for answer in &pending {
-                    if let Pending::Append(_, outcome) = answer {
-                        match outcome {
-                            Ok(AppendOutcome::Appended(result)) => {
-                                self.counters.appends.fetch_add(1, Ordering::Relaxed);
-                                let events = result.last_version.0 - result.first_version.0 + 1;
-                                self.counters.events.fetch_add(events, Ordering::Relaxed);
-                            }
-                            Err(_) => {
-                                self.counters.refused_appends.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(AppendOutcome::Duplicate(_)) => {}
+                    match answer {
+                        Pending::Append(_, outcome) => self.counters.record(outcome.as_ref().ok()),
+                        Pending::Atomic(_, Ok(outcomes)) => {
+                            outcomes.iter().for_each(|outcome| self.counters.record(Some(outcome)));
                         }
+                        Pending::Atomic(_, Err(_)) => self.counters.record(None),
+                        _ => {}
                     }
                 }
                 if newest > Position::START {
@@ -314,10 +345,24 @@ impl Writer {
                     }
                 }
             }
-            if let Err(error) = self.begun(&mut next_position).await {
-                let mut unanswered = vec![request];
-                unanswered.extend(requests);
-                return Err((error, unanswered));
+            let next = match self.begun(&mut next_position).await {
+                Ok(next) => next,
+                Err(error) => {
+                    let mut unanswered = vec![request];
+                    unanswered.extend(requests);
+                    return Err((error, unanswered));
+                }
+            };
+            if let WriteRequest::Atomic(atomic) = request {
+                match self.atomic(&atomic.parts, next, newest, recorded_at).await {
+                    Ok(outcome) => pending.push(Pending::Atomic(atomic.reply, outcome)),
+                    Err(error) => {
+                        let mut unanswered = vec![WriteRequest::Atomic(atomic)];
+                        unanswered.extend(requests);
+                        return Err((error, unanswered));
+                    }
+                }
+                continue;
             }
             match self.other_write(request, recorded_at).await {
                 Ok(answer) => pending.push(answer),
@@ -369,7 +414,7 @@ impl Writer {
                 Err((error, answer)) => Err((error, Unrun::Answer(answer))),
             },
             // Appends go through `chains`; answered the same way if one ever came here.
-            request @ (WriteRequest::Append(_) | WriteRequest::Chain(_)) => {
+            request @ (WriteRequest::Append(_) | WriteRequest::Chain(_) | WriteRequest::Atomic(_)) => {
                 Err((sqlx::Error::Protocol("an append reached other_write".to_owned()), Unrun::Request(request)))
             }
         }
@@ -729,6 +774,54 @@ impl Writer {
             first_position: Position(first_position.unsigned_abs()),
             last_position: Position(last_position.unsigned_abs()),
         })))
+    }
+
+    /// Runs an atomic append's parts inside the open transaction, in a savepoint: each part's
+    /// checks and writes in order (the first part's condition is checked before anything of
+    /// the append is written), kept only if every part was appended (or nothing was, every
+    /// part a duplicate). `Ok(Err(..))` is the append's own refusal; `Err` a failure of the
+    /// transaction.
+    async fn atomic(
+        &mut self,
+        parts: &[AppendRequest],
+        next_position: &mut i64,
+        newest: &mut Position,
+        recorded_at: i64,
+    ) -> Result<Result<Vec<AppendOutcome>, StoreError>, sqlx::Error> {
+        self.connection.execute("SAVEPOINT cqrs_atomic").await?;
+        let first_position = *next_position;
+        let mut outcomes = Vec::with_capacity(parts.len());
+        let mut refusal = None;
+        for part in parts {
+            match self.append(part, next_position, recorded_at).await? {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(error) => {
+                    refusal = Some(error);
+                    break;
+                }
+            }
+        }
+        let appended = outcomes.iter().filter(|outcome| matches!(outcome, AppendOutcome::Appended(_))).count();
+        let refusal = match (refusal, appended) {
+            (Some(refusal), _) => Some(refusal),
+            (None, appended) if appended == parts.len() || appended == 0 => None,
+            (None, _) => Some(match parts.first().and_then(|part| part.command_id) {
+                Some(command_id) => cqrs_core::store::partly_duplicate(command_id),
+                None => StoreError::Corrupt("an atomic append without a command id found a duplicate".into()),
+            }),
+        };
+        if let Some(refusal) = refusal {
+            self.connection.execute("ROLLBACK TO cqrs_atomic; RELEASE cqrs_atomic").await?;
+            *next_position = first_position;
+            return Ok(Err(refusal));
+        }
+        self.connection.execute("RELEASE cqrs_atomic").await?;
+        for outcome in &outcomes {
+            if let AppendOutcome::Appended(result) = outcome {
+                *newest = (*newest).max(result.last_position);
+            }
+        }
+        Ok(Ok(outcomes))
     }
 
     /// After a uniqueness violation: which of the append's event ids is already stored.
@@ -1418,6 +1511,9 @@ fn fail_request(request: WriteRequest, error: impl Fn() -> StoreError) {
             for link in links {
                 let _ = link.reply.send(Err(error()));
             }
+        }
+        WriteRequest::Atomic(atomic) => {
+            let _ = atomic.reply.send(Err(error()));
         }
         WriteRequest::Checkpoint { reply, .. } | WriteRequest::Snapshot { reply, .. } => {
             let _ = reply.send(Err(error()));

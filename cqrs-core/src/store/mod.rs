@@ -125,6 +125,92 @@ pub fn validate_append(events: &[NewEvent]) -> Result<Option<CommandId>, StoreEr
     Ok(command_id)
 }
 
+/// The most streams one [`EventStore::append_atomic`] may write.
+pub const MAX_STREAMS_PER_APPEND: usize = 64;
+
+/// One stream's part of an atomic append ([`EventStore::append_atomic`]): its events and the
+/// version the stream must have.
+#[derive(Debug, Clone)]
+pub struct StreamAppend {
+    /// The stream the events go to.
+    pub stream_id: StreamId,
+    /// What the stream's version must be.
+    pub expected: ExpectedVersion,
+    /// The events, in order.
+    pub events: Vec<NewEvent>,
+}
+
+impl StreamAppend {
+    /// A part of an atomic append.
+    pub fn new(stream_id: StreamId, expected: ExpectedVersion, events: Vec<NewEvent>) -> Self {
+        Self { stream_id, expected, events }
+    }
+
+    /// Events that belong to no stream, as the Dynamic Consistency Boundary specification
+    /// appends them: each one becomes the only event of a stream of its own, named
+    /// [`UNSTREAMED_PREFIX`] followed by its event id (expected: no such stream yet). They are
+    /// found by their tags and types ([`EventStore::read_query`]) and by position, like any event.
+    pub fn unstreamed(events: Vec<NewEvent>) -> Result<Vec<Self>, StoreError> {
+        events
+            .into_iter()
+            .map(|event| {
+                let stream_id = StreamId::new(format!("{UNSTREAMED_PREFIX}{}", event.event_id))
+                    .map_err(|error| StoreError::InvalidAppend(error.to_string()))?;
+                Ok(Self::new(stream_id, ExpectedVersion::NoStream, vec![event]))
+            })
+            .collect()
+    }
+}
+
+/// The start of the streams of events appended without one ([`StreamAppend::unstreamed`]):
+/// their category is `$event`.
+pub const UNSTREAMED_PREFIX: &str = "$event-";
+
+/// Checks an atomic append before a store touches anything: one to
+/// [`MAX_STREAMS_PER_APPEND`] parts, each stream once, each part valid for
+/// [`validate_append`], one command id (or none) for all of them, no event id twice, at most
+/// [`MAX_EVENTS_PER_APPEND`] events in all. Returns the command id.
+pub fn validate_atomic(parts: &[StreamAppend]) -> Result<Option<CommandId>, StoreError> {
+    let Some(first) = parts.first() else {
+        return Err(StoreError::InvalidAppend("an atomic append needs at least one stream".into()));
+    };
+    if parts.len() > MAX_STREAMS_PER_APPEND {
+        return Err(StoreError::InvalidAppend(format!(
+            "{} streams in one append, more than the limit of {MAX_STREAMS_PER_APPEND}",
+            parts.len()
+        )));
+    }
+    let total: usize = parts.iter().map(|part| part.events.len()).sum();
+    if total > MAX_EVENTS_PER_APPEND {
+        return Err(StoreError::InvalidAppend(format!(
+            "{total} events in one append, more than the limit of {MAX_EVENTS_PER_APPEND}"
+        )));
+    }
+    let command_id = validate_append(&first.events)?;
+    let mut streams = std::collections::HashSet::with_capacity(parts.len());
+    let mut event_ids = std::collections::HashSet::with_capacity(total);
+    for part in parts {
+        if validate_append(&part.events)? != command_id {
+            return Err(StoreError::InvalidAppend("all events of one append must share one command id".into()));
+        }
+        if !streams.insert(&part.stream_id) {
+            return Err(StoreError::InvalidAppend(format!("stream {} appears twice in one append", part.stream_id)));
+        }
+        if let Some(event) = part.events.iter().find(|event| !event_ids.insert(event.event_id)) {
+            return Err(StoreError::DuplicateEventId(event.event_id));
+        }
+    }
+    Ok(command_id)
+}
+
+/// The answer to an atomic append whose command id is stored for some of its streams only:
+/// the id was used before for another set of streams.
+pub fn partly_duplicate(command_id: CommandId) -> StoreError {
+    StoreError::InvalidAppend(format!(
+        "command {command_id} was stored before for a different set of streams; a retry must append to the same streams"
+    ))
+}
+
 /// Checks a query before a store runs it: at most [`MAX_QUERY_ITEMS`] items, each with at most
 /// [`MAX_TAGS_PER_EVENT`] tags and 64 types.
 pub fn validate_query(query: &Query) -> Result<(), StoreError> {
@@ -313,6 +399,26 @@ pub trait EventStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
         condition: Option<AppendCondition>,
     ) -> Result<AppendOutcome, StoreError>;
+
+    /// Appends to several streams in one transaction, all or nothing: every part's stream must
+    /// satisfy its expected version, and with a `condition`, no event matching its query may
+    /// be stored after its `after` (the events of this append do not count). One answer per
+    /// part, in order: all [`AppendOutcome::Appended`], or all [`AppendOutcome::Duplicate`]
+    /// when the append's command id was stored before (with the first results). Otherwise
+    /// nothing is written and the error names the first refusal: [`StoreError::Conflict`] (its
+    /// stream), [`StoreError::ConditionFailed`], [`StoreError::DuplicateEventId`], or
+    /// [`StoreError::InvalidAppend`] ([`validate_atomic`], or a command id stored for only some
+    /// of the streams: [`partly_duplicate`]).
+    ///
+    /// The parts' events get consecutive positions in the order the store writes the parts:
+    /// the order given on SQLite and in memory, by stream id on PostgreSQL (its writers lock
+    /// streams in that order). Events that belong to no stream go through
+    /// [`StreamAppend::unstreamed`].
+    async fn append_atomic(
+        &self,
+        appends: Vec<StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError>;
 
     /// Reads up to `max_count` events matching `query` with a position strictly greater than
     /// `after`, in position order. Like [`read_all`](EventStore::read_all), it never returns an

@@ -21,6 +21,7 @@ use crate::subscription::Subscription;
 use crate::testing::counter::{Counter, CounterCommand};
 use crate::testing::saga;
 
+pub use crate::testing::conformance_atomic::*;
 pub use crate::testing::conformance_dcb::*;
 
 /// Emits one `#[tokio::test]` per conformance property for a store.
@@ -87,6 +88,10 @@ macro_rules! conformance_tests {
             dcb_overlapping_conditional_appends_exactly_one_commits,
             dcb_stream_appends_are_seen_by_conditions,
             dcb_random_conditional_appends_commit_exactly_when_valid,
+            atomic_appends_write_every_stream_or_none,
+            atomic_appends_answer_a_repeated_command_with_its_first_outcome,
+            atomic_appends_check_their_condition_and_take_unstreamed_events,
+            atomic_appends_with_overlapping_conditions_exactly_one_commits,
         );
     };
     (@each $make:expr; $($property:ident),+ $(,)?) => {

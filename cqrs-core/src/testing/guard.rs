@@ -12,7 +12,9 @@ use crate::coordination::{
 use crate::event::{NewEvent, RecordedEvent};
 use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 use crate::query::{AppendCondition, Query};
-use crate::store::{AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, StoreError};
+use crate::store::{
+    AppendOutcome, AppendResult, Coordination, EventStore, ExpectedVersion, Snapshot, StoreError, StreamAppend,
+};
 
 /// A store and a guard dropped after it (fields drop in declaration order): for example a
 /// SQLite store and the temporary directory of its file, or a PostgreSQL store and the test
@@ -44,6 +46,14 @@ impl<S: EventStore, G: Send + Sync + 'static> EventStore for WithGuard<S, G> {
         condition: Option<AppendCondition>,
     ) -> Result<AppendOutcome, StoreError> {
         self.store.append_with_condition(stream_id, expected, events, condition).await
+    }
+
+    async fn append_atomic(
+        &self,
+        appends: Vec<StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.store.append_atomic(appends, condition).await
     }
 
     async fn read_query(

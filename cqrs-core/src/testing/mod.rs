@@ -4,6 +4,7 @@
 //! own their test resources.
 
 pub mod conformance;
+mod conformance_atomic;
 mod conformance_dcb;
 pub mod counter;
 mod decision;

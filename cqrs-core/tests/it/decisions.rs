@@ -210,6 +210,14 @@ impl EventStore for Competitor {
         }
         self.inner.append_with_condition(stream_id, expected, events, condition).await
     }
+    async fn append_atomic(
+        &self,
+        appends: Vec<cqrs_core::StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.inner.append_atomic(appends, condition).await
+    }
+
     async fn read_query(&self, query: &Query, after: Position, max: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_query(query, after, max).await
     }

@@ -110,6 +110,14 @@ impl EventStore for Instrumented {
         self.read_from.lock().expect("lock").push(from);
         self.inner.read_stream(s, from, max).await
     }
+    async fn append_atomic(
+        &self,
+        appends: Vec<cqrs_core::StreamAppend>,
+        condition: Option<cqrs_core::AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.inner.append_atomic(appends, condition).await
+    }
+
     async fn read_query(
         &self,
         query: &cqrs_core::Query,

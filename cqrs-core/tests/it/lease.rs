@@ -84,6 +84,15 @@ impl EventStore for Node {
         self.check()?;
         self.inner.append_with_condition(s, e, events, condition).await
     }
+    async fn append_atomic(
+        &self,
+        appends: Vec<cqrs_core::StreamAppend>,
+        condition: Option<cqrs_core::AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.check()?;
+        self.inner.append_atomic(appends, condition).await
+    }
+
     async fn read_query(
         &self,
         query: &cqrs_core::Query,

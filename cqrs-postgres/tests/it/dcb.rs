@@ -50,6 +50,14 @@ impl EventStore for TwoProcesses {
         self.pick().append_with_condition(stream_id, expected, events, condition).await
     }
 
+    async fn append_atomic(
+        &self,
+        appends: Vec<cqrs_core::StreamAppend>,
+        condition: Option<AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.pick().append_atomic(appends, condition).await
+    }
+
     async fn read_query(
         &self,
         query: &Query,
@@ -113,6 +121,13 @@ async fn several_writers() -> Arc<cqrs_core::testing::WithGuard<PgEventStore, Ar
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dcb_two_processes_overlapping_conditional_appends_exactly_one_commits() {
     conformance::dcb_overlapping_conditional_appends_exactly_one_commits(TwoProcesses::open().await).await;
+}
+
+/// Overlapping atomic appends (two streams each) from two processes: exactly one commits per
+/// round, and no loser leaves a stream behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcb_two_processes_atomic_appends_exactly_one_commits() {
+    conformance::atomic_appends_with_overlapping_conditions_exactly_one_commits(TwoProcesses::open().await).await;
 }
 
 /// Random conditional and plain (tagged) appends from two processes commit exactly when no

@@ -90,6 +90,14 @@ impl EventStore for FaultyStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_stream(stream_id, from, max).await
     }
+    async fn append_atomic(
+        &self,
+        appends: Vec<cqrs_core::StreamAppend>,
+        condition: Option<cqrs_core::AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
+        self.inner.append_atomic(appends, condition).await
+    }
+
     async fn read_query(
         &self,
         query: &cqrs_core::Query,
