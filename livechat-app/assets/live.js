@@ -151,9 +151,16 @@
     }
   }
 
-  // The reader's own messages get their controls; messages that mention the reader a mark.
+  // Whether the reader is among those who reacted with this button's emoji.
+  function reactedByMe(b) {
+    return (b.dataset.by || "").split("\n").includes(me);
+  }
+
+  // The reader's own messages get their controls; messages that mention the reader a mark;
+  // the reader's own reactions are shown pressed.
   function decorate(li) {
     localTimes(li);
+    for (const b of li.querySelectorAll("[data-react]")) b.setAttribute("aria-pressed", String(reactedByMe(b)));
     if (li.querySelector(`.mention[data-name="${CSS.escape(me)}"]`)) li.classList.add("mentions-me");
     if (li.dataset.sender === me && !("deleted" in li.dataset) && !li.querySelector(".actions")) {
       const actions = document.createElement("span");
@@ -376,6 +383,17 @@
       sending = command({ t: "send", message: text }, (head) => sent(text, head));
     });
     log.addEventListener("click", (event) => {
+      const react = event.target.closest("[data-react]");
+      const reactLi = react && react.closest("li.msg");
+      if (reactLi) {
+        react.disabled = true;
+        const frame = { t: "react", version: Number(reactLi.dataset.version), emoji: react.dataset.react, add: !reactedByMe(react) };
+        command(frame, (head) => {
+          react.disabled = false;
+          if (!head.ok) composerError.textContent = head.error;
+        });
+        return;
+      }
       const action = event.target.closest("[data-action]");
       const li = action && action.closest("li.msg");
       if (!li) return;

@@ -129,6 +129,31 @@ impl Commands {
         self.run(command, id, &Consistency::Eventual).await
     }
 
+    /// Adds (`add`) or takes back `sender`'s reaction `emoji` to message `version` in `room`.
+    pub async fn react(
+        &self,
+        room: &ChatId,
+        sender: Sender<'_>,
+        id: uuid::Uuid,
+        version: u64,
+        emoji: String,
+        add: bool,
+    ) -> Outcome {
+        if let Err(refusal) = self.limits.command(sender.address) {
+            self.metrics.limited(Limit::AddressCommands);
+            return Outcome::Refused(refusal.to_string());
+        }
+        let command = ChatCommand::React {
+            chat_id: room.clone(),
+            version,
+            sender: sender.name.to_owned(),
+            emoji,
+            add,
+            reacted_at: Timestamp::now(),
+        };
+        self.run(command, id, &Consistency::Eventual).await
+    }
+
     /// Deletes `sender`'s message `version` in `room`.
     pub async fn delete(&self, room: &ChatId, sender: Sender<'_>, id: uuid::Uuid, version: u64) -> Outcome {
         if let Err(refusal) = self.limits.command(sender.address) {
@@ -183,6 +208,9 @@ impl Commands {
             Err(DispatchError::Rejected(error)) => {
                 if matches!(error, ChatError::RateLimited { .. }) {
                     self.metrics.limited(Limit::NameMessages);
+                }
+                if matches!(error, ChatError::ReactingTooFast { .. }) {
+                    self.metrics.limited(Limit::NameReactions);
                 }
                 Outcome::Refused(error.to_string())
             }
@@ -248,6 +276,12 @@ fn same_content(command: &ChatCommand, event: &ChatEvent) -> bool {
         }
         (ChatCommand::DeleteMessage { version, sender, .. }, ChatEvent::MessageDeleted(deleted)) => {
             *version == deleted.version && validate_sender(sender).is_ok_and(|s| s == deleted.sender)
+        }
+        (ChatCommand::React { version, sender, emoji, add: true, .. }, ChatEvent::ReactionAdded(reaction))
+        | (ChatCommand::React { version, sender, emoji, add: false, .. }, ChatEvent::ReactionRemoved(reaction)) => {
+            *version == reaction.version
+                && *emoji == reaction.emoji
+                && validate_sender(sender).is_ok_and(|s| s == reaction.sender)
         }
         _ => false,
     }

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
-use cqrs_core::{Aggregate, Command, DomainEvent, StreamId, Timestamp};
+use cqrs_core::{Aggregate, Command, DomainEvent, StreamId, Tag, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Longest chat id, in characters.
@@ -26,6 +26,10 @@ pub const EDIT_WINDOW_MICROS: i64 = 15 * 60 * 1_000_000;
 /// in its room after it. This bounds how far a reader of an older page must look ahead for the
 /// edits of the messages on it (see `rooms::history`), whatever the room's traffic.
 pub const MAX_EDIT_DISTANCE: u64 = 500;
+/// The reactions a message can get, one of each per person.
+pub const REACTIONS: [&str; 6] = ["👍", "❤️", "😂", "🎉", "😮", "😢"];
+/// Reactions (added or removed) one person may make in one room within [`RATE_WINDOW_MICROS`].
+pub const REACTION_RATE_LIMIT: usize = 20;
 /// Most distinct names one message may mention.
 pub const MAX_MENTIONS: usize = 20;
 /// Room ids that are also top-level routes, so no room can be named after them.
@@ -250,6 +254,21 @@ pub enum ChatCommand {
         /// When the server received the command.
         edited_at: Timestamp,
     },
+    /// Add (or take back) one's reaction to any message of the room.
+    React {
+        /// The room.
+        chat_id: ChatId,
+        /// The message: the stream version of its `MessageSent`.
+        version: u64,
+        /// Who reacts.
+        sender: String,
+        /// One of [`REACTIONS`].
+        emoji: String,
+        /// `true` to add it, `false` to take it back.
+        add: bool,
+        /// When the server received the command.
+        reacted_at: Timestamp,
+    },
     /// Delete one's own message: its text is no longer shown to anyone.
     DeleteMessage {
         /// The room.
@@ -269,23 +288,27 @@ impl ChatCommand {
         match self {
             ChatCommand::SendMessage { chat_id, .. }
             | ChatCommand::EditMessage { chat_id, .. }
+            | ChatCommand::React { chat_id, .. }
             | ChatCommand::DeleteMessage { chat_id, .. } => chat_id,
         }
     }
 
-    /// The command's name: `send`, `edit` or `delete`.
+    /// The command's name: `send`, `edit`, `react` or `delete`.
     pub fn kind(&self) -> &'static str {
         match self {
             ChatCommand::SendMessage { .. } => "send",
             ChatCommand::EditMessage { .. } => "edit",
+            ChatCommand::React { .. } => "react",
             ChatCommand::DeleteMessage { .. } => "delete",
         }
     }
 }
 
-/// The events of a room, stored under their variant names.
+/// The events of a room, stored under their variant names. Reactions are tagged with their
+/// message ([`reaction_tag`]), so a page of old messages finds its reactions by tag, wherever
+/// they are in the room's stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, DomainEvent)]
-#[event(category = "chat")]
+#[event(category = "chat", tags = reaction_tags)]
 pub enum ChatEvent {
     /// A message was posted.
     MessageSent(MessageSent),
@@ -293,6 +316,24 @@ pub enum ChatEvent {
     MessageEdited(MessageEdited),
     /// A message was deleted by its sender.
     MessageDeleted(MessageDeleted),
+    /// Someone reacted to a message.
+    ReactionAdded(Reaction),
+    /// Someone took their reaction back.
+    ReactionRemoved(Reaction),
+}
+
+/// The tag of the reactions to message `version` of room `chat_id`: `reaction:{room}/{version}`.
+pub fn reaction_tag(chat_id: &ChatId, version: u64) -> Tag {
+    Tag::new("reaction", format!("{chat_id}/{version}"))
+}
+
+fn reaction_tags(event: &ChatEvent) -> Vec<Tag> {
+    match event {
+        ChatEvent::ReactionAdded(reaction) | ChatEvent::ReactionRemoved(reaction) => {
+            vec![reaction_tag(&reaction.chat_id, reaction.version)]
+        }
+        _ => Vec::new(),
+    }
 }
 
 impl ChatEvent {
@@ -302,8 +343,24 @@ impl ChatEvent {
             ChatEvent::MessageSent(e) => &e.chat_id,
             ChatEvent::MessageEdited(e) => &e.chat_id,
             ChatEvent::MessageDeleted(e) => &e.chat_id,
+            ChatEvent::ReactionAdded(e) | ChatEvent::ReactionRemoved(e) => &e.chat_id,
         }
     }
+}
+
+/// A reaction to a message, added or taken back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reaction {
+    /// The room.
+    pub chat_id: ChatId,
+    /// The message: the stream version of its `MessageSent`.
+    pub version: u64,
+    /// Who reacted, trimmed.
+    pub sender: String,
+    /// One of [`REACTIONS`].
+    pub emoji: String,
+    /// When.
+    pub at: Timestamp,
 }
 
 /// A message was posted to a room.
@@ -408,6 +465,15 @@ pub enum ChatError {
     /// The message was deleted.
     #[error("the message was deleted")]
     AlreadyDeleted,
+    /// Not one of [`REACTIONS`].
+    #[error("that reaction is not offered; choose one of 👍 ❤️ 😂 🎉 😮 😢")]
+    UnknownReaction,
+    /// Too many reactions from this person in this room just now.
+    #[error("slow down: at most {REACTION_RATE_LIMIT} reactions per 5 seconds; try again in {retry_after_ms} ms")]
+    ReactingTooFast {
+        /// When the next reaction would be accepted.
+        retry_after_ms: u64,
+    },
 }
 
 /// A recent message whose sender may still change it.
@@ -430,6 +496,13 @@ pub struct Chat {
     recent: HashMap<String, VecDeque<Timestamp>>,
     /// Messages still within the edit window, oldest first.
     editable: VecDeque<Editable>,
+    /// Bit `v` is set when version `v` of the stream is a `MessageSent` (what a reaction may
+    /// name): one bit per event.
+    message_bits: Vec<u64>,
+    /// The versions of deleted messages.
+    deleted: std::collections::HashSet<u64>,
+    /// Per person, the times of their latest [`REACTION_RATE_LIMIT`] reactions, oldest first.
+    recent_reactions: HashMap<String, VecDeque<Timestamp>>,
 }
 
 impl Chat {
@@ -459,17 +532,33 @@ impl Chat {
     }
 
     fn check_rate(&self, sender: &str, now: Timestamp) -> Result<(), ChatError> {
-        if let Some(times) = self.recent.get(sender) {
-            if times.len() >= RATE_LIMIT {
-                let oldest = times[times.len() - RATE_LIMIT];
-                let elapsed = now.0 - oldest.0;
-                if elapsed < RATE_WINDOW_MICROS {
-                    let wait_micros = RATE_WINDOW_MICROS - elapsed;
-                    return Err(ChatError::RateLimited { retry_after_ms: (wait_micros as u64).div_ceil(1000) });
-                }
-            }
+        match wait_for(self.recent.get(sender), RATE_LIMIT, now) {
+            Some(retry_after_ms) => Err(ChatError::RateLimited { retry_after_ms }),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Whether stream version `version` is a message.
+    fn is_message(&self, version: u64) -> bool {
+        let (word, bit) = (usize::try_from(version / 64).unwrap_or(usize::MAX), version % 64);
+        self.message_bits.get(word).is_some_and(|bits| bits & (1 << bit) != 0)
+    }
+
+    /// The message `version` if `sender` may react to it at `now` with `emoji`.
+    fn reactable(&self, version: u64, sender: &str, emoji: &str, now: Timestamp) -> Result<(), ChatError> {
+        if !REACTIONS.contains(&emoji) {
+            return Err(ChatError::UnknownReaction);
+        }
+        if !self.is_message(version) {
+            return Err(ChatError::NoSuchMessage);
+        }
+        if self.deleted.contains(&version) {
+            return Err(ChatError::AlreadyDeleted);
+        }
+        match wait_for(self.recent_reactions.get(sender), REACTION_RATE_LIMIT, now) {
+            Some(retry_after_ms) => Err(ChatError::ReactingTooFast { retry_after_ms }),
+            None => Ok(()),
+        }
     }
 
     /// The message `version` if `sender` may change it at `now`.
@@ -492,6 +581,22 @@ impl Chat {
             return Err(ChatError::EditWindowClosed);
         }
         Ok(message)
+    }
+}
+
+/// How long (ms) until one more action fits `limit` per [`RATE_WINDOW_MICROS`], given the times
+/// of the latest ones; `None` if it fits now.
+fn wait_for(times: Option<&VecDeque<Timestamp>>, limit: usize, now: Timestamp) -> Option<u64> {
+    let times = times.filter(|times| times.len() >= limit)?;
+    let elapsed = now.0 - times[times.len() - limit].0;
+    (elapsed < RATE_WINDOW_MICROS).then(|| ((RATE_WINDOW_MICROS - elapsed) as u64).div_ceil(1000))
+}
+
+/// Remembers one more action at `at`, keeping the latest `limit`.
+fn record(times: &mut VecDeque<Timestamp>, at: Timestamp, limit: usize) {
+    times.push_back(at);
+    while times.len() > limit {
+        times.pop_front();
     }
 }
 
@@ -529,6 +634,18 @@ impl Aggregate for Chat {
                     edited_at: *edited_at,
                 })])
             }
+            ChatCommand::React { chat_id, version, sender, emoji, add, reacted_at } => {
+                let sender = validate_sender(sender)?;
+                self.reactable(*version, sender, emoji, *reacted_at)?;
+                let reaction = Reaction {
+                    chat_id: chat_id.clone(),
+                    version: *version,
+                    sender: sender.to_owned(),
+                    emoji: emoji.clone(),
+                    at: *reacted_at,
+                };
+                Ok(vec![if *add { ChatEvent::ReactionAdded(reaction) } else { ChatEvent::ReactionRemoved(reaction) }])
+            }
             ChatCommand::DeleteMessage { chat_id, version, sender, deleted_at } => {
                 let sender = validate_sender(sender)?;
                 let message = self.changeable(*version, sender, *deleted_at)?;
@@ -550,11 +667,12 @@ impl Aggregate for Chat {
                 if self.recent.len() > 64 {
                     self.forget_quiet_senders(sent.sent_at);
                 }
-                let times = self.recent.entry(sent.sender.clone()).or_default();
-                times.push_back(sent.sent_at);
-                while times.len() > RATE_LIMIT {
-                    times.pop_front();
+                record(self.recent.entry(sent.sender.clone()).or_default(), sent.sent_at, RATE_LIMIT);
+                let (word, bit) = (usize::try_from(self.events / 64).unwrap_or(usize::MAX), self.events % 64);
+                if self.message_bits.len() <= word {
+                    self.message_bits.resize(word + 1, 0);
                 }
+                self.message_bits[word] |= 1 << bit;
                 self.editable.push_back(Editable {
                     version: self.events,
                     sender: sent.sender.clone(),
@@ -568,7 +686,20 @@ impl Aggregate for Chat {
                 if let Some(message) = self.editable.iter_mut().find(|m| m.version == deleted.version) {
                     message.deleted = true;
                 }
+                self.deleted.insert(deleted.version);
                 self.forget_closed_messages(deleted.deleted_at);
+            }
+            ChatEvent::ReactionAdded(reaction) | ChatEvent::ReactionRemoved(reaction) => {
+                if self.recent_reactions.len() > 64 {
+                    self.recent_reactions.retain(|_, times| {
+                        times.back().is_some_and(|last| reaction.at.0 - last.0 < RATE_WINDOW_MICROS)
+                    });
+                }
+                record(
+                    self.recent_reactions.entry(reaction.sender.clone()).or_default(),
+                    reaction.at,
+                    REACTION_RATE_LIMIT,
+                );
             }
         }
         self

@@ -143,6 +143,8 @@ pub enum Limit {
     AddressCommands,
     /// Messages per sender name per room (the aggregate's rule).
     NameMessages,
+    /// Reactions per sender name per room (the aggregate's rule).
+    NameReactions,
     /// New rooms per client address per minute.
     RoomCreation,
     /// Frames per connection (token bucket).
@@ -153,11 +155,12 @@ pub enum Limit {
 
 impl Limit {
     /// Every limit.
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::Connections,
         Limit::AddressConnections,
         Limit::AddressCommands,
         Limit::NameMessages,
+        Limit::NameReactions,
         Limit::RoomCreation,
         Limit::Frames,
         Limit::Typing,
@@ -170,6 +173,7 @@ impl Limit {
             Limit::AddressConnections => "address_connections",
             Limit::AddressCommands => "address_commands",
             Limit::NameMessages => "name_messages",
+            Limit::NameReactions => "name_reactions",
             Limit::RoomCreation => "room_creation",
             Limit::Frames => "frames",
             Limit::Typing => "typing",

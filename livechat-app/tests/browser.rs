@@ -463,11 +463,74 @@ async fn links_and_mentions(alice: &Client, bob: &Client) {
     assert_eq!(eval(bob, "return document.querySelectorAll('#messages li.mentions-me').length;").await, json!(0));
 }
 
+/// The count shown for `emoji` under the message `version`, as the page has it ("" at zero).
+async fn reaction_count(browser: &Client, version: &str, emoji: &str) -> Value {
+    let script = format!(
+        "const c = document.querySelector('#messages li[data-version=\"{version}\"] [data-reaction=\"{emoji}\"]'); \
+         return c ? c.textContent : null;"
+    );
+    eval(browser, &script).await
+}
+
+async fn wait_reaction_count(browser: &Client, version: &str, emoji: &str, expected: &str) {
+    let started = Instant::now();
+    while reaction_count(browser, version, emoji).await != json!(expected) {
+        assert!(started.elapsed() < WAIT, "the {emoji} count of message {version} never became {expected:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reactions: a click adds one's own (shown pressed), the other sees the count live, a second
+/// click takes it back; one of each per person; the count survives a reload.
+async fn reactions_between_two_browsers(alice: &Client, bob: &Client) {
+    let version = eval(
+        alice,
+        "const li = [...document.querySelectorAll('#messages li.msg')].find(li => \
+         li.querySelector('.body').textContent === 'no typo in this message'); return li.dataset.version;",
+    )
+    .await;
+    let version = version.as_str().expect("a version").to_owned();
+    let button = format!("#messages li[data-version=\"{version}\"] button[data-react=\"👍\"]");
+    let click = |browser: &Client| {
+        let (browser, button) = (browser.clone(), button.clone());
+        async move { browser.find(Locator::Css(&button)).await.expect("the 👍 button").click().await.expect("click") }
+    };
+    click(bob).await;
+    wait_reaction_count(alice, &version, "👍", "1").await;
+    wait_for(
+        bob,
+        "bob's own reaction pressed",
+        &format!("document.querySelector('{button}').getAttribute('aria-pressed') === 'true'"),
+    )
+    .await;
+    assert_eq!(
+        eval(alice, &format!("return document.querySelector('{button}').getAttribute('aria-pressed');")).await,
+        "false"
+    );
+    assert_eq!(eval(alice, &format!("return document.querySelector('{button}').title;")).await, "bob");
+    click(alice).await;
+    wait_reaction_count(bob, &version, "👍", "2").await;
+    wait_for(alice, "the button enabled again", &format!("!document.querySelector('{button}').disabled")).await;
+    click(bob).await;
+    wait_reaction_count(alice, &version, "👍", "1").await;
+    wait_reaction_count(bob, &version, "👍", "1").await;
+    assert_eq!(eval(bob, &format!("return document.querySelector('{button}').title;")).await, "alice");
+    bob.refresh().await.expect("reload");
+    wait_for(bob, "the live connection", "document.body.dataset.live === 'connected'").await;
+    wait_reaction_count(bob, &version, "👍", "1").await;
+    assert_eq!(reaction_count(bob, &version, "🎉").await, "", "no count at zero");
+}
+
 /// Delete: "message deleted" for everyone, the text gone (after a reload too).
 async fn a_deleted_message_leaves_a_tombstone(alice: &Client, bob: &Client) {
     click_in_message(alice, "no typo in this message", "[data-action=delete]").await;
     wait_for(bob, "the tombstone", "document.querySelector('#messages li.msg[data-deleted]') !== null").await;
     assert!(!shows(bob, "no typo in this message").await);
+    assert_eq!(
+        eval(bob, "return document.querySelectorAll('#messages li.msg[data-deleted] [data-react]').length;").await,
+        json!(0),
+        "the reactions went with the text"
+    );
     assert_eq!(
         eval(bob, "return document.querySelector('#messages li.msg[data-deleted] .body').textContent;").await,
         "message deleted"
@@ -514,6 +577,7 @@ async fn edit_delete_typing_links_mentions_and_unread_across_two_browsers() {
     typing_is_shown_to_the_other(&alice, &bob).await;
     only_the_sender_edits(&alice, &bob).await;
     links_and_mentions(&alice, &bob).await;
+    reactions_between_two_browsers(&alice, &bob).await;
     a_deleted_message_leaves_a_tombstone(&alice, &bob).await;
     unread_messages_count_in_a_hidden_tab_title(&alice, &bob).await;
 

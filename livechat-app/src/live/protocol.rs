@@ -8,6 +8,8 @@
 //! - `{"t":"edit","ref":8,"id":"<uuid>","version":12,"message":"hi!"}`: replace the text of
 //!   one's own message `version` (its `data-version`);
 //! - `{"t":"delete","ref":9,"id":"<uuid>","version":12}`: delete it;
+//! - `{"t":"react","ref":10,"id":"<uuid>","version":12,"emoji":"👍","add":true}`: add one's
+//!   reaction to message `version` (`"add":false` takes it back);
 //! - `{"t":"typing"}`: the composer is being typed in (sent at most once a second);
 //! - `{"t":"ping"}`: heartbeat.
 //!
@@ -90,6 +92,20 @@ pub enum ClientFrame {
         id: Uuid,
         /// The message (its `data-version`).
         version: u64,
+    },
+    /// Adds or takes back one's reaction to a message.
+    React {
+        /// The client's reference, echoed in the `ack`.
+        #[serde(rename = "ref")]
+        reference: u64,
+        /// The command id.
+        id: Uuid,
+        /// The message (its `data-version`).
+        version: u64,
+        /// One of the offered reactions.
+        emoji: String,
+        /// `true` to add it, `false` to take it back.
+        add: bool,
     },
     /// The composer is being typed in.
     Typing {},

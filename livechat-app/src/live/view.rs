@@ -63,6 +63,7 @@ async fn serve(conn: &mut Conn, state: &Arc<AppState>, visitor: &Visitor) -> Res
                 ClientFrame::Typing {} => {}
                 ClientFrame::Send { reference, .. }
                 | ClientFrame::Edit { reference, .. }
+                | ClientFrame::React { reference, .. }
                 | ClientFrame::Delete { reference, .. } => {
                     conn.send_str(protocol::ack(reference, &AckStatus::Refused("not joined to a room yet"))).await?;
                 }
@@ -117,6 +118,7 @@ async fn region_view(
                 ClientFrame::Typing {} => {}
                 ClientFrame::Send { reference, .. }
                 | ClientFrame::Edit { reference, .. }
+                | ClientFrame::React { reference, .. }
                 | ClientFrame::Delete { reference, .. } => {
                     conn.send_str(protocol::ack(reference, &AckStatus::Refused("this view takes no messages"))).await?;
                 }
@@ -304,6 +306,9 @@ async fn handle_frame(
         }
         ClientFrame::Delete { reference, id, version } => {
             (reference, state.commands.delete(&view.room_id, sender, id, version).await)
+        }
+        ClientFrame::React { reference, id, version, emoji, add } => {
+            (reference, state.commands.react(&view.room_id, sender, id, version, emoji, add).await)
         }
     };
     let status = match &outcome {

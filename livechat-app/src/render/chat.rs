@@ -7,7 +7,7 @@ use super::assets::Assets;
 use super::format::utc;
 use super::links::text_with_links;
 use super::page::layout;
-use crate::domain::{MAX_CHAT_ID_LEN, MAX_CONTENT_LEN, MAX_SENDER_LEN};
+use crate::domain::{MAX_CHAT_ID_LEN, MAX_CONTENT_LEN, MAX_SENDER_LEN, REACTIONS};
 use crate::rooms::{Body, MessageData, RoomSummary};
 
 /// `/`: the join form and the live list of active rooms.
@@ -166,8 +166,28 @@ pub fn message(message: &MessageData, mine: bool) -> Markup {
                             button type="button" data-action="delete" { "Delete" }
                         }
                     }
+                    (reactions(message))
                 }
                 Body::Deleted => { p.body.tombstone { em { "message deleted" } } }
+            }
+        }
+    }
+}
+
+/// The reaction buttons of a message: one per offered emoji, its count (empty at zero) in the
+/// `data-reaction` element and, once someone reacted, who in its title and, one name per line,
+/// in `data-by` (the page's script marks the reader's own and sends add or take back). Kept
+/// short: every message carries six.
+fn reactions(message: &MessageData) -> Markup {
+    html! {
+        div.reactions {
+            @for emoji in REACTIONS {
+                @let names = message.reactions.iter().find(|(shown, _)| *shown == emoji).map(|(_, names)| names.as_slice()).unwrap_or_default();
+                @let by = (!names.is_empty()).then(|| names.join("\n"));
+                @let title = (!names.is_empty()).then(|| names.join(", "));
+                button type="button" class=[by.as_ref().map(|_| "reacted")] data-react=(emoji) data-by=[by] title=[title] {
+                    (emoji) span data-reaction=(emoji) { @if !names.is_empty() { (names.len()) } }
+                }
             }
         }
     }
@@ -202,6 +222,7 @@ mod tests {
             sender: sender.into(),
             sent_at: Timestamp(1_764_216_000_123_456),
             body: Body::Text { content: content.into(), mentions: vec![], edited: false },
+            reactions: vec![],
             revision: at,
         }
     }
@@ -209,11 +230,18 @@ mod tests {
     #[test]
     fn message_shows_sender_time_and_content() {
         let html = message(&data("alice", "hello"), false).into_string();
+        let (start, reactions) = html.split_at(html.find("<div class=\"reactions\">").expect("reactions"));
         assert_eq!(
-            html,
+            start,
             "<li class=\"msg\" id=\"m-42\" data-pos=\"42\" data-version=\"3\" data-rev=\"3\" data-sender=\"alice\">\
              <b class=\"sender\" dir=\"auto\">alice</b> <time datetime=\"2025-11-27T04:00:00Z\">04:00</time>\
-             <p class=\"body\" dir=\"auto\">hello</p></li>"
+             <p class=\"body\" dir=\"auto\">hello</p>"
+        );
+        assert_eq!(reactions.matches("<button").count(), REACTIONS.len());
+        assert!(
+            reactions
+                .contains("<button type=\"button\" data-react=\"👍\">👍<span data-reaction=\"👍\"></span></button>"),
+            "{reactions}"
         );
         let mine = message(&data("alice", "hello"), true).into_string();
         assert!(mine.contains("data-action=\"edit\"") && mine.contains("data-action=\"delete\""), "{mine}");
@@ -230,6 +258,19 @@ mod tests {
         let html = message(&deleted, true).into_string();
         assert!(html.contains("message deleted") && html.contains("data-deleted"), "{html}");
         assert!(!html.contains("data-action"), "no controls on a deleted message: {html}");
+    }
+
+    #[test]
+    fn reactions_show_counts_and_who() {
+        let mut reacted = data("alice", "hello");
+        reacted.reactions = vec![("❤️", vec!["bob".into(), "<i>eve</i>".into()])];
+        let html = message(&reacted, false).into_string();
+        assert!(html.contains("<span data-reaction=\"❤️\">2</span>"), "{html}");
+        assert!(html.contains("title=\"bob, &lt;i&gt;eve&lt;/i&gt;\""), "{html}");
+        assert!(html.contains("<span data-reaction=\"👍\"></span>"), "zero is empty: {html}");
+        let mut deleted = reacted;
+        deleted.body = Body::Deleted;
+        assert!(!message(&deleted, false).into_string().contains("data-react"), "no reactions on a deleted message");
     }
 
     #[test]

@@ -4,10 +4,10 @@
 
 use std::collections::HashMap;
 
-use cqrs_core::{Envelope, EventStore, Position, StoreError, StreamId, Upcasters, Version};
+use cqrs_core::{Envelope, EventStore, Position, Query, QueryItem, StoreError, StreamId, Upcasters, Version};
 
 use super::message::{target_of, MessageData, Revision};
-use crate::domain::{ChatEvent, MAX_EDIT_DISTANCE};
+use crate::domain::{reaction_tag, ChatEvent, ChatId, MAX_EDIT_DISTANCE};
 
 /// Events read per store call when walking a stream backwards.
 const CHUNK: u64 = 128;
@@ -104,26 +104,64 @@ pub fn fold(events: &[Envelope<ChatEvent>]) -> (Vec<MessageData>, Vec<(u64, Revi
     (messages, outside)
 }
 
-/// The message `version` of the room, as posted (edits not applied), if it is one.
+/// The message `version` of the room as it was just before stream version `before`: its
+/// edits and delete (at most [`MAX_EDIT_DISTANCE`] events after it) and its reactions (found by
+/// their tag, however far) folded in; `None` if `version` is not a message.
 pub async fn message(
     store: &dyn EventStore,
     stream: &StreamId,
     version: u64,
+    before: u64,
 ) -> Result<Option<MessageData>, StoreError> {
     let event = read(store, stream, version, 1).await?;
-    Ok(event.first().and_then(|e| match &e.event {
-        ChatEvent::MessageSent(sent) if e.version.0 == version => {
-            Some(MessageData::sent(Revision { version, position: e.position }, sent))
+    let Some(sent) = event.into_iter().find(|e| e.version.0 == version && matches!(e.event, ChatEvent::MessageSent(_)))
+    else {
+        return Ok(None);
+    };
+    let edits_until = before.min(version.saturating_add(MAX_EDIT_DISTANCE));
+    let mut events = vec![sent];
+    if edits_until > version + 1 {
+        events.extend(read(store, stream, version + 1, edits_until - version - 1).await?);
+    }
+    let reactions = reactions_of(store, stream, &[version]).await?;
+    events.extend(reactions.into_iter().filter(|e| e.version.0 >= edits_until && e.version.0 < before));
+    events.sort_by_key(|e| e.version);
+    let (messages, _) = fold(&events);
+    Ok(messages.into_iter().find(|m| m.sent.version == version))
+}
+
+/// Every reaction event of messages `versions` of the room, by their tags, in version order.
+pub async fn reactions_of(
+    store: &dyn EventStore,
+    stream: &StreamId,
+    versions: &[u64],
+) -> Result<Vec<Envelope<ChatEvent>>, StoreError> {
+    let Some(chat_id) = ChatId::from_stream(stream) else { return Ok(Vec::new()) };
+    let mut found = Vec::new();
+    for versions in versions.chunks(cqrs_core::store::MAX_QUERY_ITEMS) {
+        let query = Query::from_items(
+            versions.iter().map(|&version| QueryItem::tags([reaction_tag(&chat_id, version)])).collect::<Vec<_>>(),
+        );
+        let mut after = Position::START;
+        loop {
+            let page = store.read_query(&query, after, 512).await?;
+            let Some(last) = page.last() else { break };
+            after = last.position;
+            for recorded in page.iter().filter(|recorded| recorded.stream_id == *stream) {
+                found.push(decode(recorded)?);
+            }
         }
-        _ => None,
-    }))
+    }
+    found.sort_by_key(|e| e.version);
+    Ok(found)
 }
 
 /// Up to `limit` messages before version `before` (exclusive), oldest first, as they are now
 /// (every edit and delete folded in), and whether older ones exist.
 ///
 /// Edits of a message come at most [`MAX_EDIT_DISTANCE`] events after it (the aggregate's
-/// rule), so the page's edits are all in the events up to that far past its last message.
+/// rule), so the page's edits are all in the events up to that far past its last message;
+/// reactions further on are read by their tags ([`reactions_of`]).
 pub async fn page_before(
     store: &dyn EventStore,
     stream: &StreamId,
@@ -143,6 +181,15 @@ pub async fn page_before(
     }
     let mut later = read(store, stream, before, MAX_EDIT_DISTANCE + limit as u64).await?;
     events.append(&mut later);
+    // Reactions may come any time after their message: those past the events read, by tag.
+    let read_to = events.last().map_or(0, |e| e.version.0);
+    let sent: Vec<u64> = events
+        .iter()
+        .filter(|e| e.version.0 < before && matches!(e.event, ChatEvent::MessageSent(_)))
+        .map(|e| e.version.0)
+        .collect();
+    let sent = &sent[sent.len().saturating_sub(limit + 1)..];
+    events.extend(reactions_of(store, stream, sent).await?.into_iter().filter(|e| e.version.0 > read_to));
     let (messages, _) = fold(&events);
     let mut page: Vec<MessageData> = messages.into_iter().filter(|m| m.sent.version < before).collect();
     let has_more = page.len() > limit || start > 1;

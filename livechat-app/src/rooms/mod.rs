@@ -298,7 +298,8 @@ impl<P: Present> ChatReadModel<P> {
                         while let Step::NeedsTarget(version) =
                             step(&self.inner.present, &mut window, &event, target.take())
                         {
-                            match history::message(&*self.inner.store, &room.stream, version).await {
+                            let before = event.version.0;
+                            match history::message(&*self.inner.store, &room.stream, version, before).await {
                                 Ok(found) => target = Some(found),
                                 Err(error) => return self.load_failed(&room, &error),
                             }
@@ -331,7 +332,7 @@ impl<P: Present> ChatReadModel<P> {
         for (target, at, event) in outside {
             let base = match window.get(target) {
                 Some(known) => Some(known.data.clone()),
-                None => history::message(store, &room.stream, target).await?,
+                None => history::message(store, &room.stream, target, at.version).await?,
             };
             if let Some(data) = base.map(|b| b.changed(at, &event)) {
                 window.put(Arc::new(Message { shown: self.inner.present.message(&data), data }));
@@ -513,7 +514,8 @@ impl<P: Present> ChatReadModel<P> {
             match room.apply(&self.inner.present, envelope, target.take()) {
                 Applied::Done => return Ok(()),
                 Applied::NeedsTarget(version) => {
-                    target = Some(history::message(&*self.inner.store, &room.stream, version).await?);
+                    let before = envelope.version.0;
+                    target = Some(history::message(&*self.inner.store, &room.stream, version, before).await?);
                 }
                 Applied::Gap => {
                     tracing::warn!(room = %id, version = envelope.version.0, "a gap in the room's events; reloading it");

@@ -248,6 +248,7 @@ mod tests {
                 sender: "a".into(),
                 sent_at: Timestamp(0),
                 body: Body::Text { content: text.into(), mentions: vec![], edited: false },
+                reactions: vec![],
                 revision: at,
             },
             shown: (),

@@ -4,8 +4,8 @@
 use cqrs_core::testing::AggregateTest;
 use cqrs_core::Timestamp;
 use livechat_app::domain::{
-    Chat, ChatCommand, ChatError, ChatEvent, ChatId, ChatIdError, MessageDeleted, MessageEdited, MessageSent,
-    SendMessage,
+    reaction_tag, Chat, ChatCommand, ChatError, ChatEvent, ChatId, ChatIdError, MessageDeleted, MessageEdited,
+    MessageSent, Reaction, SendMessage, REACTIONS, REACTION_RATE_LIMIT,
 };
 
 const SECOND: i64 = 1_000_000;
@@ -273,4 +273,104 @@ fn room_ids_that_are_routes_are_refused() {
         assert!(matches!(ChatId::parse(reserved), Err(ChatIdError::Reserved(_))), "{reserved}");
     }
     assert!(ChatId::parse("dashboards").is_ok());
+}
+
+fn react(sender: &str, version: u64, emoji: &str, add: bool, at: i64) -> ChatCommand {
+    ChatCommand::React {
+        chat_id: room(),
+        version,
+        sender: sender.into(),
+        emoji: emoji.into(),
+        add,
+        reacted_at: Timestamp(at),
+    }
+}
+
+fn reaction(sender: &str, version: u64, emoji: &str, at: i64) -> Reaction {
+    Reaction { chat_id: room(), version, sender: sender.into(), emoji: emoji.into(), at: Timestamp(at) }
+}
+
+#[test]
+fn anyone_reacts_to_any_message_with_an_offered_emoji_and_takes_it_back() {
+    let given = vec![sent("alice", "hi", 0)];
+    for emoji in REACTIONS {
+        AggregateTest::<Chat>::given(given.clone())
+            .when(react(" bob ", 1, emoji, true, SECOND))
+            .then_events(vec![ChatEvent::ReactionAdded(reaction("bob", 1, emoji, SECOND))]);
+    }
+    AggregateTest::<Chat>::given(given.clone())
+        .when(react("alice", 1, "😢", false, SECOND))
+        .then_events(vec![ChatEvent::ReactionRemoved(reaction("alice", 1, "😢", SECOND))]);
+    // Long after the edit window: reactions have none.
+    AggregateTest::<Chat>::given(given)
+        .when(react("bob", 1, "🎉", true, 3_600 * SECOND))
+        .then_events(vec![ChatEvent::ReactionAdded(reaction("bob", 1, "🎉", 3_600 * SECOND))]);
+}
+
+#[test]
+fn reactions_name_a_live_message_and_an_offered_emoji() {
+    let edited = ChatEvent::MessageEdited(MessageEdited {
+        chat_id: room(),
+        version: 1,
+        sender: "alice".into(),
+        content: "hello".into(),
+        mentions: vec![],
+        edited_at: Timestamp(SECOND),
+    });
+    let given = vec![sent("alice", "hi", 0), edited];
+    for (version, error) in
+        [(0, ChatError::NoSuchMessage), (2, ChatError::NoSuchMessage), (3, ChatError::NoSuchMessage)]
+    {
+        AggregateTest::<Chat>::given(given.clone()).when(react("bob", version, "👍", true, SECOND)).then_error(error);
+    }
+    for emoji in ["👎", "", "👍👍", "<b>"] {
+        AggregateTest::<Chat>::given(given.clone())
+            .when(react("bob", 1, emoji, true, SECOND))
+            .then_error(ChatError::UnknownReaction);
+    }
+    let deleted = ChatEvent::MessageDeleted(MessageDeleted {
+        chat_id: room(),
+        version: 1,
+        sender: "alice".into(),
+        deleted_at: Timestamp(2 * SECOND),
+    });
+    AggregateTest::<Chat>::given(vec![sent("alice", "hi", 0), deleted])
+        .when(react("bob", 1, "👍", true, 3 * SECOND))
+        .then_error(ChatError::AlreadyDeleted);
+    AggregateTest::<Chat>::given(vec![sent("alice", "hi", 0)])
+        .when(react("  ", 1, "👍", true, SECOND))
+        .then_error(ChatError::EmptySender);
+}
+
+#[test]
+fn reactions_are_rate_limited_per_person_apart_from_messages() {
+    let mut given = vec![sent("alice", "hi", 0)];
+    for i in 0..REACTION_RATE_LIMIT {
+        given.push(ChatEvent::ReactionAdded(reaction("bob", 1, "👍", SECOND + i as i64)));
+    }
+    AggregateTest::<Chat>::given(given.clone())
+        .when(react("bob", 1, "😮", true, 2 * SECOND))
+        .then_error(ChatError::ReactingTooFast { retry_after_ms: 4_000 });
+    // Others, and bob once the window has passed, react; bob may still send messages.
+    AggregateTest::<Chat>::given(given.clone())
+        .when(react("carol", 1, "😮", true, 2 * SECOND))
+        .then_events(vec![ChatEvent::ReactionAdded(reaction("carol", 1, "😮", 2 * SECOND))]);
+    AggregateTest::<Chat>::given(given.clone())
+        .when(react("bob", 1, "😮", true, 7 * SECOND))
+        .then_events(vec![ChatEvent::ReactionAdded(reaction("bob", 1, "😮", 7 * SECOND))]);
+    AggregateTest::<Chat>::given(given).when(send("bob", "still here", 2 * SECOND)).then_events(vec![sent_n(
+        "bob",
+        "still here",
+        2 * SECOND,
+        2,
+    )]);
+}
+
+#[test]
+fn reactions_are_tagged_with_their_message() {
+    use cqrs_core::DomainEvent;
+    let event = ChatEvent::ReactionAdded(reaction("bob", 7, "👍", 0));
+    assert_eq!(event.tags(), vec![reaction_tag(&room(), 7)]);
+    assert_eq!(reaction_tag(&room(), 7).as_str(), "reaction:elixir-fans/7");
+    assert!(sent("alice", "hi", 0).tags().is_empty());
 }

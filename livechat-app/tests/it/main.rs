@@ -8,5 +8,6 @@ mod durability;
 mod features;
 mod notifier;
 mod proxy;
+mod reactions;
 mod support;
 mod websocket;
