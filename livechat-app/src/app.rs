@@ -33,6 +33,8 @@ pub struct App {
     handler: RunningHandler,
     notifier: Option<RunningHandler>,
     tasks: Vec<JoinHandle<()>>,
+    /// The cluster's announcer and listener, if this node joined one.
+    cluster: Vec<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -112,7 +114,17 @@ impl App {
         } else {
             tracing::warn!("live feed not at the store's head yet; serving 503 \"rebuilding\" until it is");
         }
-        Self { state, handler, notifier, tasks: vec![ticker, ready], shutdown: shutdown_tx }
+        Self { state, handler, notifier, tasks: vec![ticker, ready], cluster: Vec::new(), shutdown: shutdown_tx }
+    }
+
+    /// Makes presence and typing cluster-wide: this node and every other one on `pool`'s
+    /// database see each other's people (see [`crate::cluster`]). Call once, after `start`.
+    pub fn join_cluster(&mut self, pool: sqlx::PgPool) {
+        if self.cluster.is_empty() {
+            let (node, model, shutdown) =
+                (self.state.config.node.clone(), self.state.model.clone(), self.shutdown.subscribe());
+            self.cluster = crate::cluster::spawn(pool, node, model, shutdown);
+        }
     }
 
     /// The shared state.
@@ -129,6 +141,14 @@ impl App {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in &self.tasks {
+            task.abort();
+        }
+        let mut cluster = self.cluster.into_iter();
+        if let Some(announcer) = cluster.next() {
+            // It says goodbye to the other nodes, so they drop this node's people at once.
+            let _ = tokio::time::timeout(Duration::from_secs(1), announcer).await;
+        }
+        for task in cluster {
             task.abort();
         }
         if let Some(notifier) = self.notifier {

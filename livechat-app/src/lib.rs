@@ -54,6 +54,7 @@
 //! ```
 
 pub mod app;
+pub mod cluster;
 pub mod commands;
 pub mod dashboard;
 pub mod domain;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use livechat_app::notify::{Notifications, WebhookDelivery};
-use livechat_app::server::{bind, bind_admin, describe_store, open_store, serve_with_admin, DEFAULT_DATABASE_URL};
+use livechat_app::server::{bind, bind_admin, describe_store, open, serve_with_admin, DEFAULT_DATABASE_URL};
 use livechat_app::web::security::TrustedProxies;
 use livechat_app::{App, AppConfig};
 
@@ -133,8 +133,12 @@ async fn main() -> Result<()> {
     let args = parse_args()?;
     let tracing = init_tracing(args.otlp_endpoint.as_deref())?;
     raise_open_files_limit();
-    let store = open_store(&args.database_url).await.context("opening the event store")?;
-    let app = App::start(store, args.config, Duration::from_secs(60)).await;
+    let opened = open(&args.database_url).await.context("opening the event store")?;
+    let mut app = App::start(opened.store, args.config, Duration::from_secs(60)).await;
+    if let Some(pool) = opened.postgres {
+        // Every process on this database is one chat: presence and typing too.
+        app.join_cluster(pool);
+    }
     let listener = bind(args.listen)?;
     let addr = listener.local_addr().context("listener address")?;
     let admin = args.admin_listen.map(bind_admin).transpose()?;

@@ -95,16 +95,37 @@ pub fn describe_store(url: &str) -> String {
 /// Opens the store a URL names: `sqlite://PATH` (created if missing), `memory`, or
 /// `postgres://…` (migrated on open).
 pub async fn open_store(url: &str) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(open(url).await?.store)
+}
+
+/// An opened store, and its PostgreSQL pool when it is one (the nodes of a cluster talk
+/// through that database: [`App::join_cluster`](crate::app::App::join_cluster)).
+pub struct Opened {
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The database's pool, for a PostgreSQL store.
+    pub postgres: Option<sqlx::PgPool>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened").field("postgres", &self.postgres.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// [`open_store`], keeping the PostgreSQL pool.
+pub async fn open(url: &str) -> Result<Opened, ServerError> {
     if url == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
+        return Ok(Opened { store: Arc::new(MemoryStore::new()), postgres: None });
     }
     if url.starts_with("sqlite://") {
-        return Ok(Arc::new(SqliteEventStore::connect(url).await?));
+        return Ok(Opened { store: Arc::new(SqliteEventStore::connect(url).await?), postgres: None });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PgEventStore::connect(url).await?;
         store.migrate().await?;
-        return Ok(Arc::new(store));
+        let postgres = Some(store.pool().clone());
+        return Ok(Opened { store: Arc::new(store), postgres });
     }
     Err(ServerError::UnsupportedUrl(url.to_owned()))
 }

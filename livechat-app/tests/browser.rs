@@ -6,7 +6,8 @@
 //!   the message in the other's DOM), Enter and Shift-Enter, XSS payloads shown as text, the
 //!   draft and focus kept while messages arrive, a socket dropped while the other user sends
 //!   (every message shown once, in order, after the reconnect);
-//! - with PostgreSQL: two app processes on one database, one user on each;
+//! - with PostgreSQL: two app processes on one database, one user on each; presence and typing
+//!   across them, and a killed process's people dropped within the bound;
 //! - typing, editing (a focused field, Escape cancels, Enter saves, an "edited" mark), deleting
 //!   ("message deleted" for everyone), links (http/https only, safe `rel`), mentions and the
 //!   unread count in a hidden tab's title, across two browsers;
@@ -325,6 +326,74 @@ async fn two_app_processes_on_one_postgres_database_are_one_chat() {
 
     alice.close().await.expect("close");
     bob.close().await.expect("close");
+}
+
+/// The names in the page's presence list and its count.
+async fn presence(browser: &Client) -> (Vec<String>, String) {
+    let value = eval(
+        browser,
+        "return [[...document.querySelectorAll('#presence [data-name]')].map(li => li.dataset.name), \
+         document.getElementById('presence-count').textContent];",
+    )
+    .await;
+    serde_json::from_value(value).expect("presence")
+}
+
+async fn wait_presence(browser: &Client, names: &[&str]) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (shown, count) = presence(browser).await;
+        if shown == names && count == names.len().to_string() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < WAIT, "presence {shown:?} ({count}) never became {names:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_typing_are_one_across_nodes_and_a_killed_node_drops_its_people() {
+    let database = fresh_database().await;
+    let first = AppProcess::start(&database).await;
+    let mut second = AppProcess::start(&database).await;
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    let bob = driver.browser().await;
+    join(&alice, &first.base, "alice", "nodes").await;
+    join(&bob, &second.base, "bob", "nodes").await;
+    for browser in [&alice, &bob] {
+        let took = wait_presence(browser, &["alice", "bob"]).await;
+        assert!(took < Duration::from_secs(1), "seen across nodes in {took:?}");
+    }
+
+    // Typing on one node is shown on the other, and ends with the message.
+    let composer = alice.find(Locator::Css("form#send textarea[name=message]")).await.expect("composer");
+    let typed = Instant::now();
+    composer.send_keys("across the nodes").await.expect("type");
+    wait_for(&bob, "alice typing", "document.querySelector('#typing').textContent === 'alice is typing…'").await;
+    assert!(typed.elapsed() < Duration::from_secs(1), "typing seen across nodes in {:?}", typed.elapsed());
+    composer.send_keys(ENTER).await.expect("send");
+    wait_shows(&bob, "across the nodes").await;
+    wait_for(&bob, "typing cleared", "document.querySelector('#typing').textContent === ''").await;
+
+    // Leaving on one node is seen on the other at once.
+    bob.goto(&format!("{}/", second.base)).await.expect("leave");
+    assert!(wait_presence(&alice, &["alice"]).await < Duration::from_secs(1));
+    bob.goto(&format!("{}/nodes", second.base)).await.expect("come back");
+    wait_for(&bob, "the live connection", "document.body.dataset.live === 'connected'").await;
+    wait_presence(&alice, &["alice", "bob"]).await;
+
+    // A node killed without a word: its people leave everyone's list within the bound.
+    second.child.start_kill().expect("SIGKILL");
+    let killed = Instant::now();
+    wait_presence(&alice, &["alice"]).await;
+    let gone = killed.elapsed();
+    assert!(gone <= livechat_app::cluster::DEAD_NODE_BOUND + Duration::from_millis(500), "dropped after {gone:?}");
+    assert!(gone <= Duration::from_secs(10));
+
+    alice.close().await.expect("close");
+    bob.close().await.expect("close");
+    drop(first);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -293,6 +293,8 @@ async fn handle_frame(
             if room.signal_typing(state.model.present(), &view.name) == crate::rooms::presence::SignalOutcome::Throttled
             {
                 state.metrics.limited(Limit::Typing);
+            } else {
+                state.model.typing_taken(&view.room_id, &view.name);
             }
             return Ok(());
         }

@@ -19,6 +19,7 @@
 //! The model knows nothing of HTML or of the wire format: a [`Present`] implementation makes
 //! the shown form of each message state once, and every reader shares it.
 
+mod cluster;
 pub mod history;
 mod lobby;
 pub mod message;
@@ -27,7 +28,7 @@ mod room;
 pub mod window;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,7 @@ use cqrs_core::{Envelope, EventHandler, EventStore, HandlerError, Position, Stor
 use tokio::sync::watch;
 
 use crate::domain::{ChatEvent, ChatId};
+pub use cluster::{LocalPresence, ANNOUNCED_NAMES, NODE_TIMEOUT};
 use lobby::Lobby;
 pub use lobby::RoomSummary;
 pub use message::{Body, Message, MessageData, Revision, Shared};
@@ -144,6 +146,10 @@ struct ModelInner<P: Present> {
     epoch: Instant,
     /// Bumped on every applied message and presence change; the lobby re-renders on it.
     changes: watch::Sender<u64>,
+    /// The other nodes' presence, and what to tell them.
+    cluster: cluster::Cluster,
+    /// Whether this process is part of a cluster (see [`ChatReadModel::announce_to_cluster`]).
+    clustered: AtomicBool,
 }
 
 /// The read model. Cheap to clone; clones share the rooms.
@@ -180,6 +186,8 @@ impl<P: Present> ChatReadModel<P> {
                 loads: AtomicU64::new(0),
                 epoch: Instant::now(),
                 changes: watch::channel(0).0,
+                cluster: cluster::Cluster::default(),
+                clustered: AtomicBool::new(false),
             }),
         }
     }
@@ -259,11 +267,13 @@ impl<P: Present> ChatReadModel<P> {
     pub async fn enter(&self, id: &ChatId, name: &str) -> Result<(Arc<Room<P>>, PresenceGuard<P>), RoomError> {
         loop {
             let room = self.room(id).await?;
+            let others = self.others(id);
             {
                 let mut inner = room.lock();
                 inner.here.enter(name);
-                room.publish_presence(&self.inner.present, &inner);
+                room.publish_presence(&self.inner.present, &inner, &others);
             }
+            self.presence_changed(id);
             let guard = PresenceGuard { model: self.clone(), room: Arc::clone(&room), name: name.to_owned() };
             if self.resident(id).is_some_and(|current| Arc::ptr_eq(&current, &room)) {
                 self.lobby_touch(id, None);

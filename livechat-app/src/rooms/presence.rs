@@ -1,4 +1,5 @@
-//! Who is in a room and who is typing: per process, in memory, never events in the store.
+//! Who is in a room and who is typing: in memory, never events in the store (other nodes'
+//! people come from [`super::cluster`]).
 //!
 //! Presence counts views per name (one person may have several tabs open). Typing is a
 //! signal a sender's composer sends while they type: at most one per second per sender is
@@ -84,6 +85,22 @@ impl Typing {
             None => {
                 self.typists.insert(name.to_owned(), Typist { until: now + TYPING_TTL, signalled: now });
                 SignalOutcome::Started
+            }
+        }
+    }
+
+    /// A signal from `name` taken on another node (which throttled it) at `now`; returns
+    /// whether the name started typing.
+    pub fn signal_remote(&mut self, name: &str, now: Instant) -> bool {
+        let until = now + TYPING_TTL;
+        match self.typists.get_mut(name) {
+            Some(typist) => {
+                typist.until = typist.until.max(until);
+                false
+            }
+            None => {
+                self.typists.insert(name.to_owned(), Typist { until, signalled: now });
+                true
             }
         }
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use cqrs_core::{Envelope, Position, StoreError, StreamId};
 use tokio::sync::{broadcast, watch};
 
+use super::cluster::Others;
 use super::message::{self, Message, MessageData, Revision, Shared};
 use super::presence::{Here, SignalOutcome, Typing, PRESENCE_SHOWN};
 use super::window::{CatchUp, Window};
@@ -225,6 +226,14 @@ impl<P: Present> Room<P> {
         outcome
     }
 
+    /// Someone typing on another node (throttled there).
+    pub(super) fn signal_remote_typing(&self, present: &P, name: &str) {
+        let mut inner = self.lock();
+        if inner.typing.signal_remote(name, Instant::now()) {
+            self.publish_typing(present, &inner);
+        }
+    }
+
     pub(super) fn expire_typing(&self, present: &P, now: Instant) {
         let mut inner = self.lock();
         if !inner.typing.is_empty() && inner.typing.expire(now) {
@@ -238,9 +247,16 @@ impl<P: Present> Room<P> {
         self.typing.send_replace(Arc::new(TypingView { names, shown }));
     }
 
-    pub(super) fn publish_presence(&self, present: &P, inner: &RoomInner<P>) {
-        let names = inner.here.first(PRESENCE_SHOWN);
-        let count = inner.here.count();
+    /// Shows who is here: the people of this node and, from `others`, of the other nodes.
+    pub(super) fn publish_presence(&self, present: &P, inner: &RoomInner<P>, others: &Others) {
+        let (names, count) = if others.names.is_empty() && others.unnamed == 0 {
+            (inner.here.first(PRESENCE_SHOWN), inner.here.count())
+        } else {
+            let everyone: std::collections::BTreeSet<&str> =
+                inner.here.names().chain(others.names.iter().map(String::as_str)).collect();
+            let count = everyone.len() + others.unnamed;
+            (everyone.into_iter().take(PRESENCE_SHOWN).collect(), count)
+        };
         let current = self.presence.borrow().clone();
         let same_names = current.names.iter().map(String::as_str).eq(names.iter().copied());
         let more_changed = (count > names.len()) != (current.count > current.names.len());
@@ -328,14 +344,16 @@ impl<P: Present> std::fmt::Debug for PresenceGuard<P> {
 
 impl<P: Present> Drop for PresenceGuard<P> {
     fn drop(&mut self) {
+        let others = self.model.others(&self.room.id);
         {
             let mut inner = self.room.lock();
             inner.here.leave(&self.name);
             if inner.typing.stop(&self.name) {
                 self.room.publish_typing(&self.model.inner.present, &inner);
             }
-            self.room.publish_presence(&self.model.inner.present, &inner);
+            self.room.publish_presence(&self.model.inner.present, &inner, &others);
         }
+        self.model.presence_changed(&self.room.id);
         self.model.used(&self.room);
         self.model.touch();
     }

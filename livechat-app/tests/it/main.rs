@@ -3,6 +3,7 @@
 
 mod bugs;
 mod capacity;
+mod cluster;
 mod domain;
 mod durability;
 mod features;
