@@ -19,6 +19,57 @@
   const view = body.dataset.view;
   if (!["room", "lobby", "dashboard"].includes(view)) return;
 
+  // ---- search: results shown as one types (the form alone works without this) ----
+  const searchForm = document.getElementById("search");
+  const searchPanel = document.getElementById("search-panel");
+  if (searchForm && searchPanel) {
+    const input = searchForm.elements.namedItem("q");
+    let timer = null;
+    let latest = 0;
+    const run = async () => {
+      const asked = ++latest;
+      if (!input.value.trim()) {
+        searchPanel.replaceChildren();
+        return;
+      }
+      try {
+        const response = await fetch("/search?" + new URLSearchParams(new FormData(searchForm)));
+        const html = await response.text();
+        if (asked !== latest) return; // an answer to an older input
+        const region = new DOMParser().parseFromString(html, "text/html").getElementById("search-results-region");
+        searchPanel.replaceChildren(...(region ? [document.importNode(region, true)] : []));
+      } catch {
+        if (asked === latest) searchPanel.textContent = "Search is unavailable right now.";
+      }
+    };
+    input.addEventListener("input", () => {
+      clearTimeout(timer);
+      timer = setTimeout(run, 200);
+    });
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        input.value = "";
+        run();
+      }
+    });
+    searchForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      clearTimeout(timer);
+      run();
+    });
+  }
+
+  // An older page (a search result opens one): shown as rendered, the result in view; not
+  // live, since the live view follows the latest messages.
+  if (view === "room" && new URLSearchParams(location.search).has("before")) {
+    const target = location.hash && document.getElementById(location.hash.slice(1));
+    if (target) target.scrollIntoView({ block: "center" });
+    body.dataset.live = "history";
+    const statusEl = document.getElementById("status");
+    if (statusEl) statusEl.textContent = "Older messages (not live)";
+    return;
+  }
+
   const me = body.dataset.me || "";
   const statusEl = document.getElementById("status");
   const log = document.getElementById("messages");

@@ -35,6 +35,8 @@ pub struct App {
     tasks: Vec<JoinHandle<()>>,
     /// The cluster's announcer and listener, if this node joined one.
     cluster: Vec<JoinHandle<()>>,
+    /// The search projection, once started.
+    search: Option<RunningHandler>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -106,6 +108,7 @@ impl App {
             shutdown,
             live: config.live.clone(),
             config,
+            search: std::sync::OnceLock::new(),
         });
         let started = Instant::now();
         let mut watch_ready = state.model.ready();
@@ -114,7 +117,26 @@ impl App {
         } else {
             tracing::warn!("live feed not at the store's head yet; serving 503 \"rebuilding\" until it is");
         }
-        Self { state, handler, notifier, tasks: vec![ticker, ready], cluster: Vec::new(), shutdown: shutdown_tx }
+        Self {
+            state,
+            handler,
+            notifier,
+            tasks: vec![ticker, ready],
+            cluster: Vec::new(),
+            search: None,
+            shutdown: shutdown_tx,
+        }
+    }
+
+    /// Starts the search read model on `backend` (the store's own database) and serves
+    /// `/search` from it. Call once, after `start`.
+    pub async fn start_search(&mut self, backend: crate::search::Backend) -> Result<(), sqlx::Error> {
+        if self.search.is_none() {
+            let search = backend.start(&self.state.progress).await?;
+            let _ = self.state.search.set(search.index);
+            self.search = Some(search.running);
+        }
+        Ok(())
     }
 
     /// Makes presence and typing cluster-wide: this node and every other one on `pool`'s
@@ -153,6 +175,9 @@ impl App {
         }
         if let Some(notifier) = self.notifier {
             notifier.stop().await;
+        }
+        if let Some(search) = self.search {
+            search.stop().await;
         }
         self.handler.stop().await;
     }

@@ -33,7 +33,8 @@ pub const REACTION_RATE_LIMIT: usize = 20;
 /// Most distinct names one message may mention.
 pub const MAX_MENTIONS: usize = 20;
 /// Room ids that are also top-level routes, so no room can be named after them.
-pub const RESERVED_CHAT_IDS: [&str; 7] = ["dashboard", "metrics", "health", "assets", "live", "join", "admin"];
+pub const RESERVED_CHAT_IDS: [&str; 8] =
+    ["dashboard", "metrics", "health", "assets", "live", "join", "admin", "search"];
 
 /// A room's id: 1–64 characters of `[A-Za-z0-9_-]`, not a route name.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

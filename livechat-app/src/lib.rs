@@ -66,6 +66,7 @@ pub mod notify;
 pub mod otel;
 pub mod render;
 pub mod rooms;
+pub mod search;
 pub mod server;
 pub mod state;
 pub mod web;

@@ -135,6 +135,9 @@ async fn main() -> Result<()> {
     raise_open_files_limit();
     let opened = open(&args.database_url).await.context("opening the event store")?;
     let mut app = App::start(opened.store, args.config, Duration::from_secs(60)).await;
+    if let Some(search) = opened.search {
+        app.start_search(search).await.context("starting the search index")?;
+    }
     if let Some(pool) = opened.postgres {
         // Every process on this database is one chat: presence and typing too.
         app.join_cluster(pool);

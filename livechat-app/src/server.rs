@@ -105,6 +105,8 @@ pub struct Opened {
     pub store: Arc<dyn Store>,
     /// The database's pool, for a PostgreSQL store.
     pub postgres: Option<sqlx::PgPool>,
+    /// Where the search index goes (none on the memory store).
+    pub search: Option<crate::search::Backend>,
 }
 
 impl std::fmt::Debug for Opened {
@@ -116,16 +118,19 @@ impl std::fmt::Debug for Opened {
 /// [`open_store`], keeping the PostgreSQL pool.
 pub async fn open(url: &str) -> Result<Opened, ServerError> {
     if url == "memory" {
-        return Ok(Opened { store: Arc::new(MemoryStore::new()), postgres: None });
+        return Ok(Opened { store: Arc::new(MemoryStore::new()), postgres: None, search: None });
     }
     if url.starts_with("sqlite://") {
-        return Ok(Opened { store: Arc::new(SqliteEventStore::connect(url).await?), postgres: None });
+        let store = SqliteEventStore::connect(url).await?;
+        let search = Some(crate::search::Backend::Sqlite { url: url.to_owned(), store: store.clone() });
+        return Ok(Opened { store: Arc::new(store), postgres: None, search });
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let store = PgEventStore::connect(url).await?;
         store.migrate().await?;
         let postgres = Some(store.pool().clone());
-        return Ok(Opened { store: Arc::new(store), postgres });
+        let search = Some(crate::search::Backend::Postgres(store.clone()));
+        return Ok(Opened { store: Arc::new(store), postgres, search });
     }
     Err(ServerError::UnsupportedUrl(url.to_owned()))
 }

@@ -90,6 +90,9 @@ pub struct AppState {
     pub live: LiveConfig,
     /// The configuration (`config.node` is this process's claim identity, filled in at start).
     pub config: AppConfig,
+    /// The search index, once started ([`App::start_search`](crate::app::App::start_search));
+    /// none on the memory store.
+    pub search: std::sync::OnceLock<Arc<dyn crate::search::SearchIndex>>,
 }
 
 /// The levels `/metrics` and the dashboard read from the app's parts.

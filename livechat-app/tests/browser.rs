@@ -6,6 +6,8 @@
 //!   the message in the other's DOM), Enter and Shift-Enter, XSS payloads shown as text, the
 //!   draft and focus kept while messages arrive, a socket dropped while the other user sends
 //!   (every message shown once, in order, after the reconnect);
+//! - search (SQLite): live results as one types, hostile input, a result opening its message,
+//!   an edit and a delete followed;
 //! - with PostgreSQL: two app processes on one database, one user on each; presence and typing
 //!   across them, and a killed process's people dropped within the bound;
 //! - typing, editing (a focused field, Escape cancels, Enter saves, an "edited" mark), deleting
@@ -394,6 +396,91 @@ async fn presence_and_typing_are_one_across_nodes_and_a_killed_node_drops_its_pe
     alice.close().await.expect("close");
     bob.close().await.expect("close");
     drop(first);
+}
+
+/// Types `query` into the room's search field (replacing what is there) and waits until the
+/// live results show `count` results.
+async fn search_live(browser: &Client, query: &str, count: usize) -> Vec<(String, String)> {
+    let field = browser.find(Locator::Css("form#search input[name=q]")).await.expect("search field");
+    field.clear().await.expect("clear");
+    // No stale results: the panel fills again only with the answer to this query.
+    eval(browser, "document.getElementById('search-panel').replaceChildren(); return 1;").await;
+    field.send_keys(query).await.expect("type");
+    wait_for(
+        browser,
+        &format!("{count} results for {query:?}"),
+        &format!(
+            "document.querySelector('#search-panel #search-results') && \
+             document.querySelectorAll('#search-panel [data-search-result]').length === {count}"
+        ),
+    )
+    .await;
+    let value = eval(
+        browser,
+        "return [...document.querySelectorAll('#search-panel [data-search-result]')].map(li => \
+         [li.dataset.room + '/' + li.dataset.version, li.querySelector('.body').innerHTML]);",
+    )
+    .await;
+    serde_json::from_value(value).expect("results")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_shows_live_results_opens_the_message_and_follows_edits_and_deletes() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let store = cqrs_sqlite::SqliteEventStore::connect(&url).await.expect("open");
+    let backend = livechat_app::search::Backend::Sqlite { url, store: store.clone() };
+    let server = TestServer::start_searching(std::sync::Arc::new(store), backend).await;
+    let base = format!("http://{}", server.addr);
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    join(&alice, &base, "alice", "food").await;
+    send(&alice, "pizza tonight at eight").await;
+    send(&alice, "or pasta").await;
+    for i in 0..3 {
+        send(&alice, &format!("filler {i}")).await;
+    }
+    let found = search_live(&alice, "pizza", 1).await;
+    assert_eq!(found[0].0, "food/1");
+    assert_eq!(found[0].1, "<mark>pizza</mark> tonight at eight");
+    // Query syntax typed in is words: these need "near" and "or" too, which no message has.
+    search_live(&alice, "\"*NEAR( pizza) OR:", 0).await;
+    search_live(&alice, "\"*():", 0).await;
+    search_live(&alice, "\"pizza\" tonight*", 1).await;
+
+    // A result opens the room at the message, highlighted.
+    alice
+        .find(Locator::Css("#search-panel [data-search-result] a"))
+        .await
+        .expect("result")
+        .click()
+        .await
+        .expect("open");
+    wait_for(&alice, "the message page", "location.search.includes('before=') && location.hash.startsWith('#m-')")
+        .await;
+    wait_for(
+        &alice,
+        "the highlighted message",
+        "document.querySelector('li.msg:target .body').textContent === 'pizza tonight at eight'",
+    )
+    .await;
+
+    // An edit updates the match; a delete removes it.
+    alice.goto(&format!("{base}/food")).await.expect("back to the room");
+    wait_for(&alice, "the live connection", "document.body.dataset.live === 'connected'").await;
+    click_in_message(&alice, "pizza tonight at eight", "[data-action=edit]").await;
+    let field = alice.find(Locator::Css("textarea.edit")).await.expect("edit field");
+    field.clear().await.expect("clear");
+    field.send_keys(&format!("burgers tonight{ENTER}")).await.expect("save");
+    wait_shows(&alice, "burgers tonight").await;
+    search_live(&alice, "burgers", 1).await;
+    search_live(&alice, "pizza", 0).await;
+    click_in_message(&alice, "burgers tonight", "[data-action=delete]").await;
+    wait_for(&alice, "the tombstone", "document.querySelector('#messages li.msg[data-deleted]') !== null").await;
+    search_live(&alice, "burgers", 0).await;
+    assert_eq!(search_live(&alice, "pasta", 1).await[0].0, "food/2");
+    alice.close().await.expect("close");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

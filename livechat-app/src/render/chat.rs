@@ -16,6 +16,8 @@ pub fn lobby_page(assets: &Assets, name: Option<&str>, room: &str, error: Option
         main.lobby {
             h1 { "Join a room" }
             (join_form(name, room, error))
+            (super::search::search_form(None, ""))
+            div #search-panel {}
             section aria-labelledby="rooms-title" {
                 h2 #rooms-title { "Active rooms" }
                 div #rooms { (rooms) }
@@ -121,6 +123,8 @@ pub fn room_page(assets: &Assets, page: &RoomPage<'_>) -> Markup {
                 }
                 p #typing .typing data-typing="" aria-live="polite" {}
             }
+            (super::search::search_form(Some(page.room), ""))
+            div #search-panel {}
             aside.presence aria-labelledby="presence-title" {
                 h2 #presence-title { "Here now " span #presence-count .count { (page.presence_count) } }
                 div #presence { (PreEscaped(page.presence)) }

@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod format;
 pub mod links;
 pub mod page;
+pub mod search;
 
 pub use admin::parked_page;
 pub use assets::{Assets, APP_CSS, LIVE_JS};
@@ -24,3 +25,4 @@ pub use dashboard::{dashboard_page, handler_state, metrics, HandlerLine};
 pub use format::{micros, utc};
 pub use links::{text_with_links, LINK_REL};
 pub use page::notice_page;
+pub use search::{search_form, search_page, search_results};

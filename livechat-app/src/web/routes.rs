@@ -30,6 +30,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(lobby))
         .route("/join", post(join))
+        .route("/search", get(search))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard))
@@ -64,6 +65,46 @@ async fn lobby(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     let name = name_from_cookie(&headers);
     let rooms = maud::PreEscaped(state.lobby.borrow().to_string());
     page(render::lobby_page(&state.assets, name.as_deref(), "", None, &rooms))
+}
+
+/// `/search?q=…[&room=…]`.
+#[derive(Debug, Deserialize)]
+pub struct SearchQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    room: Option<String>,
+}
+
+/// The search page: the form and the newest matching messages (of the room, or of every
+/// room), their matched words highlighted. Works without JavaScript; the page's script fetches
+/// it to show results as one types.
+async fn search(State(state): State<Arc<AppState>>, Query(query): Query<SearchQuery>) -> Result<Response, AppError> {
+    let room = match query.room.as_deref().filter(|room| !room.is_empty()) {
+        Some(room) => Some(ChatId::parse(room).map_err(|error| AppError::BadRequest(error.to_string()))?),
+        None => None,
+    };
+    let Some(index) = state.search.get() else {
+        return Err(AppError::Unavailable("search needs a SQLite or PostgreSQL store".into()));
+    };
+    let q = query.q.trim();
+    let (hits, error, status) = if q.is_empty() {
+        (Vec::new(), None, StatusCode::OK)
+    } else {
+        match crate::search::Terms::parse(q) {
+            Ok(terms) => match index.search(&terms, room.as_ref(), crate::search::RESULTS).await {
+                Ok(hits) => (hits, None, StatusCode::OK),
+                Err(error) => {
+                    tracing::warn!(%error, "search failed");
+                    (Vec::new(), Some(error.to_string()), StatusCode::SERVICE_UNAVAILABLE)
+                }
+            },
+            Err(error) => (Vec::new(), Some(error.to_string()), StatusCode::UNPROCESSABLE_ENTITY),
+        }
+    };
+    let results = render::search_results(&hits, error.as_deref(), !q.is_empty());
+    let html = render::search_page(&state.assets, room.as_ref(), q, &results);
+    Ok((status, Html(html.into_string())).into_response())
 }
 
 /// The join form.

@@ -10,5 +10,6 @@ mod features;
 mod notifier;
 mod proxy;
 mod reactions;
+mod search;
 mod support;
 mod websocket;

@@ -275,8 +275,25 @@ impl TestServer {
         Self::start_waiting(store, config, Duration::ZERO).await
     }
 
+    /// Starts with the search index on `search` (the store's own database).
+    pub async fn start_searching(store: Arc<dyn Store>, search: livechat_app::search::Backend) -> Self {
+        Self::start_full(store, AppConfig::default(), TIMEOUT, Some(search)).await
+    }
+
     async fn start_waiting(store: Arc<dyn Store>, config: AppConfig, ready: Duration) -> Self {
-        let app = App::start(store, config, ready).await;
+        Self::start_full(store, config, ready, None).await
+    }
+
+    async fn start_full(
+        store: Arc<dyn Store>,
+        config: AppConfig,
+        ready: Duration,
+        search: Option<livechat_app::search::Backend>,
+    ) -> Self {
+        let mut app = App::start(store, config, ready).await;
+        if let Some(search) = search {
+            app.start_search(search).await.expect("search starts");
+        }
         let state = Arc::clone(app.state());
         let listener = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let addr = listener.local_addr().expect("addr");

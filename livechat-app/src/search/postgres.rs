@@ -1,0 +1,162 @@
+//! Search on PostgreSQL: a table with a generated `tsvector` (the `simple` configuration: no
+//! stemming, so every language is matched word for word) and a GIN index, kept by a
+//! transactional projection. The projection is exclusive (one node writes it, the others stand
+//! by); every node reads it.
+
+use async_trait::async_trait;
+use cqrs_core::{Envelope, HandlerError, Progress, RunnerConfig};
+use cqrs_postgres::{spawn_projection, PgEventStore, PgProjection};
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::{
+    change, hit, Change, Hit, Search, SearchError, SearchIndex, Terms, MATCH_END, MATCH_START, PROJECTION_NAME,
+};
+use crate::domain::{ChatEvent, ChatId};
+
+/// The PostgreSQL search index and its projection.
+#[derive(Debug, Clone)]
+pub struct PgSearch {
+    name: String,
+    table: String,
+    pool: PgPool,
+}
+
+impl PgSearch {
+    /// The chat's search (table `chat_search`) in `store`'s database: creates the table and
+    /// its index if missing (under an advisory lock, so nodes starting together do not race)
+    /// and starts the projection.
+    pub async fn start(store: &PgEventStore, progress: &Progress) -> Result<Search, sqlx::Error> {
+        Self::start_named(store, PROJECTION_NAME, "chat_search", progress).await
+    }
+
+    /// [`PgSearch::start`] under another projection name and table.
+    pub async fn start_named(
+        store: &PgEventStore,
+        name: &str,
+        table: &str,
+        progress: &Progress,
+    ) -> Result<Search, sqlx::Error> {
+        let pool = store.pool().clone();
+        let mut transaction = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('livechat search schema'))")
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} (position bigint PRIMARY KEY, room text NOT NULL, version bigint NOT NULL, \
+             sender text NOT NULL, sent_at bigint NOT NULL, body text NOT NULL, \
+             tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', body)) STORED, UNIQUE (room, version)); \
+             CREATE INDEX IF NOT EXISTS {table}_tsv ON {table} USING gin (tsv);"
+        ))
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        let search = Self { name: name.to_owned(), table: table.to_owned(), pool };
+        let running = spawn_projection(store, search.clone(), RunnerConfig::default(), progress);
+        Ok(Search { index: std::sync::Arc::new(search), running })
+    }
+
+    async fn write(&self, transaction: &mut PgConnection, events: &[Envelope<ChatEvent>]) -> Result<(), sqlx::Error> {
+        let table = &self.table;
+        for change in events.iter().filter_map(change) {
+            match change {
+                Change::Insert { position, room, version, sender, sent_at, body } => {
+                    sqlx::query(&format!(
+                        "INSERT INTO {table} (position, room, version, sender, sent_at, body) VALUES ($1, $2, $3, $4, $5, $6) \
+                         ON CONFLICT (position) DO UPDATE SET body = EXCLUDED.body"
+                    ))
+                    .bind(position)
+                    .bind(room)
+                    .bind(version)
+                    .bind(sender)
+                    .bind(sent_at)
+                    .bind(body)
+                    .execute(&mut *transaction)
+                    .await?;
+                }
+                Change::Update { room, version, body } => {
+                    sqlx::query(&format!("UPDATE {table} SET body = $3 WHERE room = $1 AND version = $2"))
+                        .bind(room)
+                        .bind(version)
+                        .bind(body)
+                        .execute(&mut *transaction)
+                        .await?;
+                }
+                Change::Delete { room, version } => {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE room = $1 AND version = $2"))
+                        .bind(room)
+                        .bind(version)
+                        .execute(&mut *transaction)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `tsquery` of `terms`: each word quoted as a lexeme (words hold only letters and
+/// digits), the last one also a prefix, all of them required.
+fn tsquery(terms: &Terms) -> String {
+    let words = terms.words();
+    let quoted: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(index, word)| {
+            let prefix = if index + 1 == words.len() { ":*" } else { "" };
+            format!("'{}'{prefix}", word.replace('\'', "''").replace('\\', "\\\\"))
+        })
+        .collect();
+    quoted.join(" & ")
+}
+
+#[async_trait]
+impl SearchIndex for PgSearch {
+    async fn search(&self, terms: &Terms, room: Option<&ChatId>, limit: usize) -> Result<Vec<Hit>, SearchError> {
+        let table = &self.table;
+        let sql = format!(
+            "SELECT position, room, version, sender, sent_at, ts_headline('simple', body, q, $4) AS snippet \
+             FROM {table}, to_tsquery('simple', $1) q WHERE tsv @@ q AND ($2::text IS NULL OR room = $2) \
+             ORDER BY position DESC LIMIT $3"
+        );
+        let options = format!("StartSel={MATCH_START}, StopSel={MATCH_END}, HighlightAll=true");
+        let rows = sqlx::query(&sql)
+            .bind(tsquery(terms))
+            .bind(room.map(ChatId::as_str))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(options)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(SearchError::Unavailable)?;
+        let mut hits = Vec::with_capacity(rows.len());
+        for row in rows {
+            let column = |name: &str| row.try_get::<i64, _>(name).map_err(SearchError::Unavailable);
+            let (position, version, sent_at) = (column("position")?, column("version")?, column("sent_at")?);
+            let text = |name: &str| row.try_get::<String, _>(name).map_err(SearchError::Unavailable);
+            hits.extend(hit(position, &text("room")?, version, text("sender")?, sent_at, text("snippet")?));
+        }
+        Ok(hits)
+    }
+}
+
+impl PgProjection for PgSearch {
+    type Event = ChatEvent;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(&self, transaction: &mut PgConnection, events: &[Envelope<ChatEvent>]) -> Result<(), HandlerError> {
+        self.write(transaction, events).await.map_err(HandlerError::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_word_is_a_quoted_lexeme_and_the_last_a_prefix() {
+        let terms = Terms::parse("pizza & !tonight | a:*").expect("terms");
+        assert_eq!(tsquery(&terms), "'pizza' & 'tonight' & 'a':*");
+    }
+}

@@ -1,0 +1,192 @@
+//! Search on SQLite: an FTS5 table in the chat's own file, kept by a transactional projection
+//! that runs inside the store's writer transaction.
+//!
+//! `{prefix}_messages (position INTEGER PRIMARY KEY, room, version, sender, sent_at)` holds each
+//! live message's place, and the FTS5 table `{prefix}` its text under the same rowid (the
+//! position of its `MessageSent`), so "newest first" is the FTS index's own rowid order.
+
+use async_trait::async_trait;
+use cqrs_core::{Envelope, HandlerError, Progress, RunnerConfig};
+use cqrs_sqlite::{spawn_projection, SqliteEventStore, SqliteProjection};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+
+use super::{change, hit, Change, Hit, Search, SearchError, SearchIndex, Terms, PROJECTION_NAME};
+use crate::domain::{ChatEvent, ChatId};
+
+/// The SQLite search index and its projection.
+#[derive(Debug, Clone)]
+pub struct SqliteSearch {
+    name: String,
+    table: String,
+    pool: SqlitePool,
+}
+
+impl SqliteSearch {
+    /// The chat's search (tables `chat_search`, `chat_search_messages`) on the file `url`
+    /// names, whose store is `store`: creates its tables if missing (with a connection of its
+    /// own, before the projection starts) and starts the projection.
+    pub async fn start(url: &str, store: &SqliteEventStore, progress: &Progress) -> Result<Search, sqlx::Error> {
+        Self::start_named(url, store, PROJECTION_NAME, "chat_search", progress).await
+    }
+
+    /// [`SqliteSearch::start`] under another projection name and table (a second index built
+    /// beside the first, as a rebuild does).
+    pub async fn start_named(
+        url: &str,
+        store: &SqliteEventStore,
+        name: &str,
+        table: &str,
+        progress: &Progress,
+    ) -> Result<Search, sqlx::Error> {
+        let mut ddl = SqliteConnection::connect(url).await?;
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {table}_messages (position INTEGER PRIMARY KEY, room TEXT NOT NULL, \
+             version INTEGER NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, UNIQUE (room, version)); \
+             CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');"
+        ))
+        .execute(&mut ddl)
+        .await?;
+        ddl.close().await?;
+        let search = Self { name: name.to_owned(), table: table.to_owned(), pool: store.read_pool().clone() };
+        let running = spawn_projection(store, search.clone(), RunnerConfig::default(), progress);
+        Ok(Search { index: std::sync::Arc::new(search), running })
+    }
+}
+
+/// The FTS5 query of `terms`: each word a quoted string (words hold only letters and digits),
+/// the last one also a prefix, all of them required.
+fn match_expression(terms: &Terms) -> String {
+    let words = terms.words();
+    let mut expression = String::new();
+    for (index, word) in words.iter().enumerate() {
+        if index > 0 {
+            expression.push(' ');
+        }
+        expression.push('"');
+        expression.push_str(&word.replace('"', "\"\""));
+        expression.push('"');
+        if index + 1 == words.len() {
+            expression.push('*');
+        }
+    }
+    expression
+}
+
+#[async_trait]
+impl SearchIndex for SqliteSearch {
+    async fn search(&self, terms: &Terms, room: Option<&ChatId>, limit: usize) -> Result<Vec<Hit>, SearchError> {
+        let table = &self.table;
+        let in_room = if room.is_some() { " AND m.room = ?2" } else { "" };
+        let sql = format!(
+            "SELECT m.position, m.room, m.version, m.sender, m.sent_at, highlight({table}, 0, char(2), char(3)) AS snippet \
+             FROM {table} JOIN {table}_messages m ON m.position = {table}.rowid \
+             WHERE {table} MATCH ?1{in_room} ORDER BY {table}.rowid DESC LIMIT ?3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(match_expression(terms))
+            .bind(room.map(ChatId::as_str))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(SearchError::Unavailable)?;
+        let mut hits = Vec::with_capacity(rows.len());
+        for row in rows {
+            let column = |name: &str| row.try_get::<i64, _>(name).map_err(SearchError::Unavailable);
+            let (position, version, sent_at) = (column("position")?, column("version")?, column("sent_at")?);
+            let text = |name: &str| row.try_get::<String, _>(name).map_err(SearchError::Unavailable);
+            hits.extend(hit(position, &text("room")?, version, text("sender")?, sent_at, text("snippet")?));
+        }
+        Ok(hits)
+    }
+}
+
+impl SqliteProjection for SqliteSearch {
+    type Event = ChatEvent;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(
+        &self,
+        transaction: &mut SqliteConnection,
+        events: &[Envelope<ChatEvent>],
+    ) -> Result<(), HandlerError> {
+        self.write(transaction, events).await.map_err(HandlerError::new)
+    }
+}
+
+impl SqliteSearch {
+    async fn write(
+        &self,
+        transaction: &mut SqliteConnection,
+        events: &[Envelope<ChatEvent>],
+    ) -> Result<(), sqlx::Error> {
+        let table = &self.table;
+        for change in events.iter().filter_map(change) {
+            let done = match change {
+                Change::Insert { position, room, version, sender, sent_at, body } => {
+                    sqlx::query(&format!(
+                        "INSERT OR REPLACE INTO {table}_messages (position, room, version, sender, sent_at) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)"
+                    ))
+                    .bind(position)
+                    .bind(room)
+                    .bind(version)
+                    .bind(sender)
+                    .bind(sent_at)
+                    .execute(&mut *transaction)
+                    .await?;
+                    sqlx::query(&format!("DELETE FROM {table} WHERE rowid = ?1"))
+                        .bind(position)
+                        .execute(&mut *transaction)
+                        .await?;
+                    sqlx::query(&format!("INSERT INTO {table} (rowid, body) VALUES (?1, ?2)"))
+                        .bind(position)
+                        .bind(body)
+                        .execute(&mut *transaction)
+                        .await
+                }
+                Change::Update { room, version, body } => {
+                    sqlx::query(&format!(
+                        "UPDATE {table} SET body = ?3 WHERE rowid = \
+                         (SELECT position FROM {table}_messages WHERE room = ?1 AND version = ?2)"
+                    ))
+                    .bind(room)
+                    .bind(version)
+                    .bind(body)
+                    .execute(&mut *transaction)
+                    .await
+                }
+                Change::Delete { room, version } => {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE rowid = \
+                         (SELECT position FROM {table}_messages WHERE room = ?1 AND version = ?2)"
+                    ))
+                    .bind(room)
+                    .bind(version)
+                    .execute(&mut *transaction)
+                    .await?;
+                    sqlx::query(&format!("DELETE FROM {table}_messages WHERE room = ?1 AND version = ?2"))
+                        .bind(room)
+                        .bind(version)
+                        .execute(&mut *transaction)
+                        .await
+                }
+            };
+            done?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_word_is_quoted_and_the_last_is_a_prefix() {
+        let terms = Terms::parse("NEAR pizza OR \"x\"").expect("terms");
+        assert_eq!(match_expression(&terms), "\"near\" \"pizza\" \"or\" \"x\"*");
+    }
+}
