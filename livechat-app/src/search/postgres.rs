@@ -45,7 +45,8 @@ impl PgSearch {
             "CREATE TABLE IF NOT EXISTS {table} (position bigint PRIMARY KEY, room text NOT NULL, version bigint NOT NULL, \
              sender text NOT NULL, sent_at bigint NOT NULL, body text NOT NULL, \
              tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', body)) STORED, UNIQUE (room, version)); \
-             CREATE INDEX IF NOT EXISTS {table}_tsv ON {table} USING gin (tsv);"
+             CREATE INDEX IF NOT EXISTS {table}_tsv ON {table} USING gin (tsv); \
+             CREATE INDEX IF NOT EXISTS {table}_room ON {table} (room, position);"
         ))
         .execute(&mut *transaction)
         .await?;
@@ -57,22 +58,16 @@ impl PgSearch {
 
     async fn write(&self, transaction: &mut PgConnection, events: &[Envelope<ChatEvent>]) -> Result<(), sqlx::Error> {
         let table = &self.table;
+        let mut inserts = Inserts::default();
         for change in events.iter().filter_map(change) {
+            if let Change::Insert { position, room, version, sender, sent_at, body } = change {
+                inserts.push(position, room, version, sender, sent_at, body);
+                continue;
+            }
+            // In order: the inserts before an edit or delete first.
+            std::mem::take(&mut inserts).write(transaction, table).await?;
             match change {
-                Change::Insert { position, room, version, sender, sent_at, body } => {
-                    sqlx::query(&format!(
-                        "INSERT INTO {table} (position, room, version, sender, sent_at, body) VALUES ($1, $2, $3, $4, $5, $6) \
-                         ON CONFLICT (position) DO UPDATE SET body = EXCLUDED.body"
-                    ))
-                    .bind(position)
-                    .bind(room)
-                    .bind(version)
-                    .bind(sender)
-                    .bind(sent_at)
-                    .bind(body)
-                    .execute(&mut *transaction)
-                    .await?;
-                }
+                Change::Insert { .. } => {}
                 Change::Update { room, version, body } => {
                     sqlx::query(&format!("UPDATE {table} SET body = $3 WHERE room = $1 AND version = $2"))
                         .bind(room)
@@ -90,7 +85,50 @@ impl PgSearch {
                 }
             }
         }
-        Ok(())
+        inserts.write(transaction, table).await
+    }
+}
+
+/// New messages as parallel arrays: one statement for all of a batch's (a catch-up writes
+/// hundreds a batch).
+#[derive(Default)]
+struct Inserts<'a> {
+    positions: Vec<i64>,
+    rooms: Vec<&'a str>,
+    versions: Vec<i64>,
+    senders: Vec<&'a str>,
+    sent_at: Vec<i64>,
+    bodies: Vec<&'a str>,
+}
+
+impl<'a> Inserts<'a> {
+    fn push(&mut self, position: i64, room: &'a str, version: i64, sender: &'a str, sent_at: i64, body: &'a str) {
+        self.positions.push(position);
+        self.rooms.push(room);
+        self.versions.push(version);
+        self.senders.push(sender);
+        self.sent_at.push(sent_at);
+        self.bodies.push(body);
+    }
+
+    async fn write(self, transaction: &mut PgConnection, table: &str) -> Result<(), sqlx::Error> {
+        if self.positions.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(&format!(
+            "INSERT INTO {table} (position, room, version, sender, sent_at, body) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::text[]) \
+             ON CONFLICT (position) DO UPDATE SET body = EXCLUDED.body"
+        ))
+        .bind(self.positions)
+        .bind(self.rooms)
+        .bind(self.versions)
+        .bind(self.senders)
+        .bind(self.sent_at)
+        .bind(self.bodies)
+        .execute(&mut *transaction)
+        .await
+        .map(drop)
     }
 }
 

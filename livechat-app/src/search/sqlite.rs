@@ -2,8 +2,9 @@
 //! that runs inside the store's writer transaction.
 //!
 //! `{prefix}_messages (position INTEGER PRIMARY KEY, room, version, sender, sent_at)` holds each
-//! live message's place, and the FTS5 table `{prefix}` its text under the same rowid (the
-//! position of its `MessageSent`), so "newest first" is the FTS index's own rowid order.
+//! live message's place, and the FTS5 table `{prefix} (body, room)` its text and room under the
+//! same rowid (the position of its `MessageSent`), so "newest first" is the FTS index's own
+//! rowid order and a search in one room is narrowed by the index.
 
 use async_trait::async_trait;
 use cqrs_core::{Envelope, HandlerError, Progress, RunnerConfig};
@@ -42,7 +43,7 @@ impl SqliteSearch {
         sqlx::raw_sql(&format!(
             "CREATE TABLE IF NOT EXISTS {table}_messages (position INTEGER PRIMARY KEY, room TEXT NOT NULL, \
              version INTEGER NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, UNIQUE (room, version)); \
-             CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(body, tokenize = 'unicode61 remove_diacritics 2');"
+             CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(body, room, tokenize = 'unicode61 remove_diacritics 2');"
         ))
         .execute(&mut ddl)
         .await?;
@@ -53,11 +54,13 @@ impl SqliteSearch {
     }
 }
 
-/// The FTS5 query of `terms`: each word a quoted string (words hold only letters and digits),
-/// the last one also a prefix, all of them required.
-fn match_expression(terms: &Terms) -> String {
+/// The FTS5 query of `terms` in the `body` column: each word a quoted string (words hold only
+/// letters and digits), the last one also a prefix, all of them required; in `room`'s column
+/// too when given (a room id is letters, digits, `-` and `_`: safe in quotes), so a search in
+/// one room walks that room's rows, not every match (the exact room is checked in SQL).
+fn match_expression(terms: &Terms, room: Option<&ChatId>) -> String {
     let words = terms.words();
-    let mut expression = String::new();
+    let mut expression = String::from("body : (");
     for (index, word) in words.iter().enumerate() {
         if index > 0 {
             expression.push(' ');
@@ -68,6 +71,10 @@ fn match_expression(terms: &Terms) -> String {
         if index + 1 == words.len() {
             expression.push('*');
         }
+    }
+    expression.push(')');
+    if let Some(room) = room {
+        expression.push_str(&format!(" AND room : \"{room}\""));
     }
     expression
 }
@@ -83,7 +90,7 @@ impl SearchIndex for SqliteSearch {
              WHERE {table} MATCH ?1{in_room} ORDER BY {table}.rowid DESC LIMIT ?3"
         );
         let rows = sqlx::query(&sql)
-            .bind(match_expression(terms))
+            .bind(match_expression(terms, room))
             .bind(room.map(ChatId::as_str))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
@@ -116,67 +123,92 @@ impl SqliteProjection for SqliteSearch {
     }
 }
 
+/// Messages inserted per statement while catching up (6 parameters each, far below SQLite's
+/// limit of 32 766).
+const INSERT_ROWS: usize = 200;
+
+/// A new message's row.
+type NewRow<'a> = (i64, &'a str, i64, &'a str, i64, &'a str);
+
 impl SqliteSearch {
     async fn write(
         &self,
         transaction: &mut SqliteConnection,
         events: &[Envelope<ChatEvent>],
     ) -> Result<(), sqlx::Error> {
-        let table = &self.table;
+        let mut inserts: Vec<NewRow<'_>> = Vec::new();
         for change in events.iter().filter_map(change) {
-            let done = match change {
-                Change::Insert { position, room, version, sender, sent_at, body } => {
-                    sqlx::query(&format!(
-                        "INSERT OR REPLACE INTO {table}_messages (position, room, version, sender, sent_at) \
-                         VALUES (?1, ?2, ?3, ?4, ?5)"
-                    ))
-                    .bind(position)
-                    .bind(room)
-                    .bind(version)
-                    .bind(sender)
-                    .bind(sent_at)
-                    .execute(&mut *transaction)
-                    .await?;
-                    sqlx::query(&format!("DELETE FROM {table} WHERE rowid = ?1"))
-                        .bind(position)
-                        .execute(&mut *transaction)
-                        .await?;
-                    sqlx::query(&format!("INSERT INTO {table} (rowid, body) VALUES (?1, ?2)"))
-                        .bind(position)
-                        .bind(body)
-                        .execute(&mut *transaction)
-                        .await
+            if let Change::Insert { position, room, version, sender, sent_at, body } = change {
+                inserts.push((position, room, version, sender, sent_at, body));
+                if inserts.len() == INSERT_ROWS {
+                    self.insert(transaction, &std::mem::take(&mut inserts)).await?;
                 }
-                Change::Update { room, version, body } => {
-                    sqlx::query(&format!(
-                        "UPDATE {table} SET body = ?3 WHERE rowid = \
-                         (SELECT position FROM {table}_messages WHERE room = ?1 AND version = ?2)"
-                    ))
+                continue;
+            }
+            // In order: the inserts before an edit or delete first.
+            self.insert(transaction, &std::mem::take(&mut inserts)).await?;
+            self.change(transaction, change).await?;
+        }
+        self.insert(transaction, &inserts).await
+    }
+
+    /// New messages, a multi-row statement per table (a catch-up writes thousands a batch).
+    async fn insert(&self, transaction: &mut SqliteConnection, rows: &[NewRow<'_>]) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let table = &self.table;
+        let values = |columns: usize| vec![format!("({})", vec!["?"; columns].join(", ")); rows.len()].join(", ");
+        let sql = format!(
+            "INSERT OR REPLACE INTO {table}_messages (position, room, version, sender, sent_at) VALUES {}",
+            values(5)
+        );
+        let mut query = sqlx::query(&sql);
+        for &(position, room, version, sender, sent_at, _) in rows {
+            query = query.bind(position).bind(room).bind(version).bind(sender).bind(sent_at);
+        }
+        query.execute(&mut *transaction).await?;
+        let sql = format!("INSERT INTO {table} (rowid, body, room) VALUES {}", values(3));
+        let mut query = sqlx::query(&sql);
+        for &(position, room, _, _, _, body) in rows {
+            query = query.bind(position).bind(body).bind(room);
+        }
+        query.execute(&mut *transaction).await?;
+        Ok(())
+    }
+
+    /// An edit or a delete.
+    async fn change(&self, transaction: &mut SqliteConnection, change: Change<'_>) -> Result<(), sqlx::Error> {
+        let table = &self.table;
+        match change {
+            Change::Insert { .. } => Ok(()),
+            Change::Update { room, version, body } => sqlx::query(&format!(
+                "UPDATE {table} SET body = ?3 WHERE rowid = \
+                     (SELECT position FROM {table}_messages WHERE room = ?1 AND version = ?2)"
+            ))
+            .bind(room)
+            .bind(version)
+            .bind(body)
+            .execute(&mut *transaction)
+            .await
+            .map(drop),
+            Change::Delete { room, version } => {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE rowid = \
+                     (SELECT position FROM {table}_messages WHERE room = ?1 AND version = ?2)"
+                ))
+                .bind(room)
+                .bind(version)
+                .execute(&mut *transaction)
+                .await?;
+                sqlx::query(&format!("DELETE FROM {table}_messages WHERE room = ?1 AND version = ?2"))
                     .bind(room)
                     .bind(version)
-                    .bind(body)
                     .execute(&mut *transaction)
                     .await
-                }
-                Change::Delete { room, version } => {
-                    sqlx::query(&format!(
-                        "DELETE FROM {table} WHERE rowid = \
-                         (SELECT position FROM {table}_messages WHERE room = ?1 AND version = ?2)"
-                    ))
-                    .bind(room)
-                    .bind(version)
-                    .execute(&mut *transaction)
-                    .await?;
-                    sqlx::query(&format!("DELETE FROM {table}_messages WHERE room = ?1 AND version = ?2"))
-                        .bind(room)
-                        .bind(version)
-                        .execute(&mut *transaction)
-                        .await
-                }
-            };
-            done?;
+                    .map(drop)
+            }
         }
-        Ok(())
     }
 }
 
@@ -187,6 +219,11 @@ mod tests {
     #[test]
     fn every_word_is_quoted_and_the_last_is_a_prefix() {
         let terms = Terms::parse("NEAR pizza OR \"x\"").expect("terms");
-        assert_eq!(match_expression(&terms), "\"near\" \"pizza\" \"or\" \"x\"*");
+        assert_eq!(match_expression(&terms, None), "body : (\"near\" \"pizza\" \"or\" \"x\"*)");
+        let room = ChatId::parse("room-0500").expect("room");
+        assert_eq!(
+            match_expression(&terms, Some(&room)),
+            "body : (\"near\" \"pizza\" \"or\" \"x\"*) AND room : \"room-0500\""
+        );
     }
 }
