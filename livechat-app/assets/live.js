@@ -52,11 +52,7 @@
         run();
       }
     });
-    searchForm.addEventListener("submit", (event) => {
-      event.preventDefault();
-      clearTimeout(timer);
-      run();
-    });
+    // Enter (or the button) opens the results page, as without the script.
   }
 
   // An older page (a search result opens one): shown as rendered, the result in view; not
