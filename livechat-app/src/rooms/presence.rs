@@ -1,5 +1,5 @@
 //! Who is in a room and who is typing: in memory, never events in the store (other nodes'
-//! people come from [`super::cluster`]).
+//! people come from `rooms::cluster`, fed by [`crate::cluster`]).
 //!
 //! Presence counts views per name (one person may have several tabs open). Typing is a
 //! signal a sender's composer sends while they type: at most one per second per sender is
