@@ -143,23 +143,34 @@ pub(crate) fn change(envelope: &Envelope<ChatEvent>) -> Option<Change<'_>> {
     }
 }
 
-/// A hit from the columns every backend returns.
-pub(crate) fn hit(
-    position: i64,
-    room: &str,
-    version: i64,
-    sender: String,
-    sent_at: i64,
-    snippet: String,
-) -> Option<Hit> {
-    Some(Hit {
-        room: ChatId::parse(room).ok()?,
-        version: u64::try_from(version).ok()?,
-        position: Position(u64::try_from(position).ok()?),
-        sender,
-        sent_at: Timestamp(sent_at),
-        snippet,
-    })
+/// The hits of a backend's result rows: columns `position`, `room`, `version`, `sender`,
+/// `sent_at` and `snippet` (a row naming an invalid room or a negative number is skipped).
+pub(crate) fn hits<R>(rows: &[R]) -> Result<Vec<Hit>, SearchError>
+where
+    R: sqlx::Row,
+    for<'n> &'n str: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut hits = Vec::with_capacity(rows.len());
+    for row in rows {
+        let number = |name: &str| row.try_get::<i64, _>(name).map_err(SearchError::Unavailable);
+        let text = |name: &str| row.try_get::<String, _>(name).map_err(SearchError::Unavailable);
+        let (Ok(room), Ok(version), Ok(position)) =
+            (ChatId::parse(&text("room")?), u64::try_from(number("version")?), u64::try_from(number("position")?))
+        else {
+            continue;
+        };
+        hits.push(Hit {
+            room,
+            version,
+            position: Position(position),
+            sender: text("sender")?,
+            sent_at: Timestamp(number("sent_at")?),
+            snippet: text("snippet")?,
+        });
+    }
+    Ok(hits)
 }
 
 /// Where the search index lives: the store's own database.

@@ -6,10 +6,10 @@
 use async_trait::async_trait;
 use cqrs_core::{Envelope, HandlerError, Progress, RunnerConfig};
 use cqrs_postgres::{spawn_projection, PgEventStore, PgProjection};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 
 use super::{
-    change, hit, Change, Hit, Search, SearchError, SearchIndex, Terms, MATCH_END, MATCH_START, PROJECTION_NAME,
+    change, hits, Change, Hit, Search, SearchError, SearchIndex, Terms, MATCH_END, MATCH_START, PROJECTION_NAME,
 };
 use crate::domain::{ChatEvent, ChatId};
 
@@ -165,14 +165,7 @@ impl SearchIndex for PgSearch {
             .fetch_all(&self.pool)
             .await
             .map_err(SearchError::Unavailable)?;
-        let mut hits = Vec::with_capacity(rows.len());
-        for row in rows {
-            let column = |name: &str| row.try_get::<i64, _>(name).map_err(SearchError::Unavailable);
-            let (position, version, sent_at) = (column("position")?, column("version")?, column("sent_at")?);
-            let text = |name: &str| row.try_get::<String, _>(name).map_err(SearchError::Unavailable);
-            hits.extend(hit(position, &text("room")?, version, text("sender")?, sent_at, text("snippet")?));
-        }
-        Ok(hits)
+        hits(&rows)
     }
 }
 

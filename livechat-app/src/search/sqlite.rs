@@ -9,9 +9,9 @@
 use async_trait::async_trait;
 use cqrs_core::{Envelope, HandlerError, Progress, RunnerConfig};
 use cqrs_sqlite::{spawn_projection, SqliteEventStore, SqliteProjection};
-use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use sqlx::{Connection, SqliteConnection, SqlitePool};
 
-use super::{change, hit, Change, Hit, Search, SearchError, SearchIndex, Terms, PROJECTION_NAME};
+use super::{change, hits, Change, Hit, Search, SearchError, SearchIndex, Terms, PROJECTION_NAME};
 use crate::domain::{ChatEvent, ChatId};
 
 /// The SQLite search index and its projection.
@@ -96,14 +96,7 @@ impl SearchIndex for SqliteSearch {
             .fetch_all(&self.pool)
             .await
             .map_err(SearchError::Unavailable)?;
-        let mut hits = Vec::with_capacity(rows.len());
-        for row in rows {
-            let column = |name: &str| row.try_get::<i64, _>(name).map_err(SearchError::Unavailable);
-            let (position, version, sent_at) = (column("position")?, column("version")?, column("sent_at")?);
-            let text = |name: &str| row.try_get::<String, _>(name).map_err(SearchError::Unavailable);
-            hits.extend(hit(position, &text("room")?, version, text("sender")?, sent_at, text("snippet")?));
-        }
-        Ok(hits)
+        hits(&rows)
     }
 }
 
