@@ -164,3 +164,222 @@ pub trait Coordination: Send + Sync + 'static {
 pub trait Store: EventStore + Coordination {}
 
 impl<T: EventStore + Coordination + ?Sized> Store for T {}
+
+/// Implements [`Coordination`] for a decorator by forwarding every method to one of its
+/// fields: a fault injector or a store that carries a guard, which changes only the
+/// [`EventStore`] side. `impl [generics] Type => field`, the generics without their angle
+/// brackets (leave the brackets out when there are none). A decorator that changes some
+/// coordination methods writes its impl by hand.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cqrs_core::store::{forward_coordination, Coordination};
+///
+/// /// Counts nothing yet; forwards coordination untouched.
+/// struct Counting<S> {
+///     inner: Arc<S>,
+/// }
+///
+/// forward_coordination!(impl [S: Coordination] Counting<S> => inner);
+/// ```
+#[macro_export]
+macro_rules! forward_coordination {
+    (impl [$($generics:tt)*] $ty:ty => $field:ident) => {
+        #[$crate::async_trait]
+        impl<$($generics)*> $crate::store::Coordination for $ty {
+            async fn claim(
+                &self,
+                name: &str,
+                owner: &str,
+                ttl: ::std::time::Duration,
+            ) -> ::std::result::Result<$crate::ClaimOutcome, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.claim(name, owner, ttl).await
+            }
+
+            async fn release_claim(&self, claim: &$crate::Claim) -> ::std::result::Result<(), $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.release_claim(claim).await
+            }
+
+            async fn claims(&self) -> ::std::result::Result<::std::vec::Vec<$crate::Claim>, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.claims().await
+            }
+
+            async fn save_checkpoint_claimed(
+                &self,
+                name: &str,
+                position: $crate::Position,
+                claim: &$crate::Claim,
+            ) -> ::std::result::Result<(), $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.save_checkpoint_claimed(name, position, claim).await
+            }
+
+            async fn park(
+                &self,
+                event: $crate::ParkedEvent,
+                fence: ::std::option::Option<&$crate::Claim>,
+            ) -> ::std::result::Result<(), $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.park(event, fence).await
+            }
+
+            async fn parked(
+                &self,
+                handler: &str,
+            ) -> ::std::result::Result<::std::vec::Vec<$crate::ParkedEvent>, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.parked(handler).await
+            }
+
+            async fn set_parked_status(
+                &self,
+                handler: &str,
+                position: $crate::Position,
+                status: $crate::ParkedStatus,
+                fence: ::std::option::Option<&$crate::Claim>,
+            ) -> ::std::result::Result<bool, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.set_parked_status(handler, position, status, fence).await
+            }
+
+            async fn parked_retry_failed(
+                &self,
+                handler: &str,
+                position: $crate::Position,
+                error: &str,
+                fence: ::std::option::Option<&$crate::Claim>,
+            ) -> ::std::result::Result<bool, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.parked_retry_failed(handler, position, error, fence).await
+            }
+
+            async fn unpark(
+                &self,
+                handler: &str,
+                position: $crate::Position,
+                fence: ::std::option::Option<&$crate::Claim>,
+            ) -> ::std::result::Result<bool, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.unpark(handler, position, fence).await
+            }
+
+            async fn load_process(
+                &self,
+                process: &str,
+                key: &str,
+            ) -> ::std::result::Result<::std::option::Option<$crate::ProcessState>, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.load_process(process, key).await
+            }
+
+            async fn save_process(
+                &self,
+                process: &str,
+                key: &str,
+                state: ::std::option::Option<&$crate::ProcessState>,
+                fence: ::std::option::Option<&$crate::Claim>,
+            ) -> ::std::result::Result<(), $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.save_process(process, key, state, fence).await
+            }
+
+            async fn process_instances(
+                &self,
+                process: &str,
+                after: ::std::option::Option<&str>,
+                max: usize,
+            ) -> ::std::result::Result<::std::vec::Vec<$crate::ProcessInstance>, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.process_instances(process, after, max).await
+            }
+
+            async fn prune_processes(
+                &self,
+                process: &str,
+                position: $crate::Position,
+            ) -> ::std::result::Result<u64, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.prune_processes(process, position).await
+            }
+
+            async fn schedule(&self, scheduled: $crate::Scheduled) -> ::std::result::Result<(), $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.schedule(scheduled).await
+            }
+
+            async fn unschedule(
+                &self,
+                owner: &str,
+                key: &str,
+                name: &str,
+                only: ::std::option::Option<$crate::CommandId>,
+            ) -> ::std::result::Result<bool, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.unschedule(owner, key, name, only).await
+            }
+
+            async fn due(
+                &self,
+                owner: &str,
+                now: $crate::Timestamp,
+                max: usize,
+            ) -> ::std::result::Result<::std::vec::Vec<$crate::Scheduled>, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.due(owner, now, max).await
+            }
+
+            async fn scheduled_failed(
+                &self,
+                scheduled: &$crate::Scheduled,
+                error: &str,
+                retry_at: ::std::option::Option<$crate::Timestamp>,
+            ) -> ::std::result::Result<bool, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.scheduled_failed(scheduled, error, retry_at).await
+            }
+
+            async fn set_aside_scheduled(
+                &self,
+                owner: &str,
+            ) -> ::std::result::Result<::std::vec::Vec<$crate::SetAsideCommand>, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.set_aside_scheduled(owner).await
+            }
+
+            async fn retry_scheduled(
+                &self,
+                owner: &str,
+                key: &str,
+                name: &str,
+            ) -> ::std::result::Result<bool, $crate::StoreError> {
+                #[allow(unused_imports)]
+                use $crate::store::Coordination as _;
+                self.$field.retry_scheduled(owner, key, name).await
+            }
+        }
+    };
+    (impl $ty:ty => $field:ident) => {
+        $crate::forward_coordination!(impl [] $ty => $field);
+    };
+}

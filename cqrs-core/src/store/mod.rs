@@ -17,6 +17,7 @@ pub mod batching;
 mod coordination;
 mod rows;
 
+pub use crate::forward_coordination;
 pub use coordination::{Coordination, Store};
 pub use rows::RowNames;
 

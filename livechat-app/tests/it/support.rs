@@ -7,9 +7,8 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cqrs_core::{
-    AppendOutcome, AppendResult, Claim, ClaimOutcome, CommandId, Coordination, EventStore, ExpectedVersion, NewEvent,
-    ParkedEvent, ParkedStatus, Position, ProcessInstance, ProcessState, RecordedEvent, Scheduled, SetAsideCommand,
-    Store, StoreError, StreamId, Timestamp, Version,
+    AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, RecordedEvent, Store,
+    StoreError, StreamId, Timestamp, Version,
 };
 use cqrs_memory::MemoryStore;
 use futures_util::{SinkExt, StreamExt};
@@ -139,118 +138,7 @@ impl EventStore for FaultyStore {
     }
 }
 
-#[cqrs_core::async_trait]
-impl Coordination for FaultyStore {
-    async fn claim(&self, name: &str, owner: &str, ttl: Duration) -> Result<ClaimOutcome, StoreError> {
-        self.inner.claim(name, owner, ttl).await
-    }
-
-    async fn release_claim(&self, claim: &Claim) -> Result<(), StoreError> {
-        self.inner.release_claim(claim).await
-    }
-
-    async fn claims(&self) -> Result<Vec<Claim>, StoreError> {
-        self.inner.claims().await
-    }
-
-    async fn save_checkpoint_claimed(&self, name: &str, position: Position, claim: &Claim) -> Result<(), StoreError> {
-        self.inner.save_checkpoint_claimed(name, position, claim).await
-    }
-
-    async fn park(&self, event: ParkedEvent, fence: Option<&Claim>) -> Result<(), StoreError> {
-        self.inner.park(event, fence).await
-    }
-
-    async fn parked(&self, handler: &str) -> Result<Vec<ParkedEvent>, StoreError> {
-        self.inner.parked(handler).await
-    }
-
-    async fn set_parked_status(
-        &self,
-        handler: &str,
-        position: Position,
-        status: ParkedStatus,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        self.inner.set_parked_status(handler, position, status, fence).await
-    }
-
-    async fn parked_retry_failed(
-        &self,
-        handler: &str,
-        position: Position,
-        error: &str,
-        fence: Option<&Claim>,
-    ) -> Result<bool, StoreError> {
-        self.inner.parked_retry_failed(handler, position, error, fence).await
-    }
-
-    async fn unpark(&self, handler: &str, position: Position, fence: Option<&Claim>) -> Result<bool, StoreError> {
-        self.inner.unpark(handler, position, fence).await
-    }
-
-    async fn load_process(&self, process: &str, key: &str) -> Result<Option<ProcessState>, StoreError> {
-        self.inner.load_process(process, key).await
-    }
-
-    async fn save_process(
-        &self,
-        process: &str,
-        key: &str,
-        state: Option<&ProcessState>,
-        fence: Option<&Claim>,
-    ) -> Result<(), StoreError> {
-        self.inner.save_process(process, key, state, fence).await
-    }
-
-    async fn process_instances(
-        &self,
-        process: &str,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Vec<ProcessInstance>, StoreError> {
-        self.inner.process_instances(process, after, max).await
-    }
-
-    async fn prune_processes(&self, process: &str, position: Position) -> Result<u64, StoreError> {
-        self.inner.prune_processes(process, position).await
-    }
-
-    async fn schedule(&self, scheduled: Scheduled) -> Result<(), StoreError> {
-        self.inner.schedule(scheduled).await
-    }
-
-    async fn unschedule(
-        &self,
-        owner: &str,
-        key: &str,
-        name: &str,
-        only: Option<CommandId>,
-    ) -> Result<bool, StoreError> {
-        self.inner.unschedule(owner, key, name, only).await
-    }
-
-    async fn due(&self, owner: &str, now: Timestamp, max: usize) -> Result<Vec<Scheduled>, StoreError> {
-        self.inner.due(owner, now, max).await
-    }
-
-    async fn scheduled_failed(
-        &self,
-        scheduled: &Scheduled,
-        error: &str,
-        retry_at: Option<Timestamp>,
-    ) -> Result<bool, StoreError> {
-        self.inner.scheduled_failed(scheduled, error, retry_at).await
-    }
-
-    async fn set_aside_scheduled(&self, owner: &str) -> Result<Vec<SetAsideCommand>, StoreError> {
-        self.inner.set_aside_scheduled(owner).await
-    }
-
-    async fn retry_scheduled(&self, owner: &str, key: &str, name: &str) -> Result<bool, StoreError> {
-        self.inner.retry_scheduled(owner, key, name).await
-    }
-}
+cqrs_core::store::forward_coordination!(impl FaultyStore => inner);
 
 pub struct TestServer {
     pub addr: SocketAddr,
