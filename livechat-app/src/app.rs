@@ -40,6 +40,26 @@ pub struct App {
     shutdown: watch::Sender<bool>,
 }
 
+/// The mention notifier, when configured; a failure to start it is logged, not fatal.
+fn start_notifier(
+    store: &Arc<dyn Store>,
+    config: &AppConfig,
+    metrics: &Metrics,
+    progress: &Progress,
+) -> Option<RunningHandler> {
+    let started = crate::notify::spawn_notifier(
+        Arc::clone(store),
+        &config.notifier,
+        &config.node,
+        metrics.mentions_notified.clone(),
+        progress,
+    );
+    started.unwrap_or_else(|error| {
+        tracing::error!(%error, "mention notifier not started");
+        None
+    })
+}
+
 impl App {
     /// Starts the read model's live feed and the ticker, and waits up to `ready_timeout` for
     /// the feed to reach the store's head (it starts there, so this is quick; until then
@@ -60,19 +80,7 @@ impl App {
         let ready = tokio::spawn(become_ready(Arc::clone(&store), model.clone(), handler.watch()));
         let metrics = Arc::new(Metrics::default());
         metrics.set_node(&config.node);
-        let notifier = match crate::notify::spawn_notifier(
-            Arc::clone(&store),
-            &config.notifier,
-            &config.node,
-            metrics.mentions_notified.clone(),
-            &progress,
-        ) {
-            Ok(notifier) => notifier,
-            Err(error) => {
-                tracing::error!(%error, "mention notifier not started");
-                None
-            }
-        };
+        let notifier = start_notifier(&store, &config, &metrics, &progress);
         cap_connections(&mut config);
         let limits = Arc::new(Limits::new(config.limits.clone()));
         let dispatcher = Dispatcher::<Chat, dyn EventStore>::new(Arc::clone(&store) as Arc<dyn EventStore>)
