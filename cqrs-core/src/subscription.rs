@@ -5,11 +5,20 @@
 //! [`notifications`](crate::EventStore::notifications) only to learn when to read again. So the
 //! switch from catch-up to live cannot open a gap or deliver a duplicate, and a slow subscriber
 //! cannot overflow anything: it simply reads further behind the head.
+//!
+//! A subscription of the whole log also audits itself: every run of positions it passed over
+//! without an event (a gap: a rolled-back append, a burned sequence number) is read again a
+//! while later. An event found there committed after the subscription went past its position,
+//! so the subscription skipped it: the store broke its ordering contract. That is counted
+//! ([`Subscription::skipped_events`], metric `cqrs_subscription_skipped_events_total`) and
+//! logged as an error; the event is not delivered out of order.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::event::RecordedEvent;
 use crate::ids::{Position, StreamId, Version};
@@ -17,6 +26,17 @@ use crate::store::{EventStore, StoreError};
 
 /// How many events a subscription reads per store call.
 pub const DEFAULT_PAGE_SIZE: usize = 512;
+
+/// How long after passing over a gap in positions a subscription reads it again, looking for
+/// an event that committed late (see the [module documentation](self)).
+pub const DEFAULT_GAP_AUDIT_DELAY: Duration = Duration::from_secs(5);
+
+/// The most gaps a subscription keeps waiting for their audit; beyond it the oldest is dropped
+/// unread (so a store with many gaps costs bounded memory and reads).
+const MAX_PENDING_GAPS: usize = 1024;
+
+/// The most positions one audit read covers; a longer gap is audited in its first positions.
+const MAX_GAP_READ: u64 = 4096;
 
 #[derive(Debug, Clone)]
 enum Cursor {
@@ -52,6 +72,47 @@ pub struct Subscription<S: EventStore + ?Sized> {
     /// read in a task of its own while the consumer handles this one, so the store's work and
     /// the consumer's overlap.
     ahead: Option<Ahead>,
+    /// Gaps passed over, waiting to be read again.
+    gaps: Gaps,
+}
+
+/// The gaps a subscription of the whole log passed over, oldest first, and what their audits
+/// found.
+#[derive(Debug)]
+struct Gaps {
+    pending: VecDeque<Gap>,
+    delay: Duration,
+    skipped: u64,
+}
+
+/// Positions `first ..= last` passed over without an event, to be read again at `due`.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    first: u64,
+    last: u64,
+    due: Instant,
+}
+
+impl Gaps {
+    fn new() -> Self {
+        Self { pending: VecDeque::new(), delay: DEFAULT_GAP_AUDIT_DELAY, skipped: 0 }
+    }
+
+    /// Notes the positions strictly between `from` and `to`, if any.
+    fn passed(&mut self, from: Position, to: Position) {
+        if to.0 <= from.0.saturating_add(1) {
+            return;
+        }
+        if self.pending.len() == MAX_PENDING_GAPS {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(Gap { first: from.0 + 1, last: to.0 - 1, due: Instant::now() + self.delay });
+    }
+
+    /// The oldest gap, if its audit is due.
+    fn due(&self) -> Option<Gap> {
+        self.pending.front().filter(|gap| gap.due <= Instant::now()).copied()
+    }
 }
 
 /// A page of [`EventStore::read_all`] read ahead, after `after`.
@@ -81,6 +142,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             last_position: after,
             caught_up: false,
             ahead: None,
+            gaps: Gaps::new(),
         }
     }
 
@@ -97,6 +159,7 @@ impl<S: EventStore + ?Sized> Subscription<S> {
             last_position: Position::START,
             caught_up: false,
             ahead: None,
+            gaps: Gaps::new(),
         }
     }
 
@@ -107,9 +170,38 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         self
     }
 
+    /// Sets how long after passing over a gap in positions the subscription reads it again
+    /// (default [`DEFAULT_GAP_AUDIT_DELAY`]). Longer catches later commits; shorter reports
+    /// sooner.
+    #[must_use]
+    pub fn with_gap_audit_delay(mut self, delay: Duration) -> Self {
+        self.gaps.delay = delay;
+        self
+    }
+
     /// The global position of the last event returned (the starting point before the first).
     pub fn position(&self) -> Position {
         self.last_position
+    }
+
+    /// How many events this subscription skipped: events found, by a gap's audit, at positions
+    /// it had already passed over. Always 0 on a store that keeps its ordering contract.
+    pub fn skipped_events(&self) -> u64 {
+        self.gaps.skipped
+    }
+
+    /// Gaps passed over and not yet audited.
+    pub fn pending_gap_audits(&self) -> usize {
+        self.gaps.pending.len()
+    }
+
+    /// Reads every gap passed over so far again now, whether due or not (a test, or a consumer
+    /// about to stop, that wants the count final). Returns [`skipped_events`](Self::skipped_events).
+    pub async fn audit_gaps_now(&mut self) -> Result<u64, StoreError> {
+        while let Some(gap) = self.gaps.pending.front().copied() {
+            self.audit(gap).await?;
+        }
+        Ok(self.gaps.skipped)
     }
 
     /// Waits for the next event. Returns `Ok(None)` only when the store is closed and every
@@ -158,7 +250,10 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         let event = self.buffer.pop_front()?;
         self.last_position = event.position;
         match &mut self.cursor {
-            Cursor::All { after } => *after = event.position,
+            Cursor::All { after } => {
+                self.gaps.passed(*after, event.position);
+                *after = event.position;
+            }
             Cursor::Stream { next, .. } => *next = event.version.next(),
         }
         Some(event)
@@ -167,6 +262,12 @@ impl<S: EventStore + ?Sized> Subscription<S> {
     /// Reads the next page into the buffer; true if it found events. Skips the read when the
     /// last one came back short and no notification has come since (see `caught_up`).
     async fn fill(&mut self) -> Result<bool, StoreError> {
+        if let Some(gap) = self.gaps.due() {
+            // A failed audit read is tried again on the next fill; it never fails the feed.
+            if let Err(error) = self.audit(gap).await {
+                tracing::debug!(%error, "gap audit read failed; retried on the next read");
+            }
+        }
         if self.caught_up && !self.notifications.has_changed().unwrap_or(true) {
             return Ok(false);
         }
@@ -236,10 +337,37 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         Some(found)
     }
 
-    /// Waits for a notification (or the store's poll interval). False if the store closed.
+    /// Reads `gap` again; counts (and logs) any event found in it, then forgets it. Left
+    /// pending if the read fails or is cancelled.
+    async fn audit(&mut self, gap: Gap) -> Result<(), StoreError> {
+        let span = (gap.last - gap.first + 1).min(MAX_GAP_READ);
+        let max = usize::try_from(span).unwrap_or(usize::MAX);
+        let page = self.store.read_all(Position(gap.first - 1), max).await?;
+        let late: Vec<Position> =
+            page.iter().map(|event| event.position).filter(|position| position.0 <= gap.last).collect();
+        self.gaps.pending.pop_front();
+        if !late.is_empty() {
+            self.gaps.skipped += late.len() as u64;
+            metrics::counter!("cqrs_subscription_skipped_events_total").increment(late.len() as u64);
+            tracing::error!(
+                skipped = ?late,
+                "events committed at positions this subscription had already passed: the store \
+                 broke its ordering contract and they were not delivered"
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for a notification (or the store's poll interval, or the next gap audit). False
+    /// if the store closed.
     async fn wait_for_notification(&mut self) -> bool {
-        match self.store.poll_interval() {
-            Some(interval) => match tokio::time::timeout(interval, self.notifications.changed()).await {
+        let audit = self.gaps.pending.front().map(|gap| gap.due.saturating_duration_since(Instant::now()));
+        let wait = match (self.store.poll_interval(), audit) {
+            (Some(poll), Some(audit)) => Some(poll.min(audit)),
+            (poll, audit) => poll.or(audit),
+        };
+        match wait {
+            Some(wait) => match tokio::time::timeout(wait, self.notifications.changed()).await {
                 Ok(result) => result.is_ok(),
                 Err(_elapsed) => true,
             },

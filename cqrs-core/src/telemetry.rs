@@ -103,6 +103,10 @@ pub fn describe() {
         "cqrs_process_schedules_set_aside_total",
         "Scheduled commands a process manager's scheduler set aside (unreadable, or failing too often)."
     );
+    describe_counter!(
+        "cqrs_subscription_skipped_events_total",
+        "Events found at positions a subscription had already passed: skipped. Nonzero is a store bug."
+    );
 }
 
 /// For store implementors: the `append` span of one append, to enter around it.

@@ -687,6 +687,7 @@ pub async fn slow_subscriber_sees_everything<S: EventStore + ?Sized>(store: Arc<
         writer.await.expect("writer");
     }
     assert_same_feed(&got, &read_everything(&*store).await);
+    assert_eq!(feed.audit_gaps_now().await.expect("gap audit"), 0, "no event committed in a gap it passed");
 }
 
 /// Checkpoints are stored per name, overwritten on save, and absent until saved.
