@@ -9,6 +9,7 @@ mod dcb;
 mod faults;
 mod listener;
 mod multi_process;
+mod never_skip;
 mod ordering;
 mod projection;
 mod restart;

@@ -6,5 +6,6 @@ mod conformance;
 mod crash;
 mod dcb;
 mod faults;
+mod never_skip;
 mod reopen;
 mod support;
