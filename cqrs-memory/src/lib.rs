@@ -108,40 +108,71 @@ impl Log {
     }
 }
 
+/// One part of an append with its events already built, outside the lock: only versions,
+/// positions and the time are set under it.
+struct Prepared {
+    stream_id: StreamId,
+    expected: ExpectedVersion,
+    events: Vec<RecordedEvent>,
+}
+
+impl Prepared {
+    fn new(part: StreamAppend) -> Self {
+        let StreamAppend { stream_id, expected, events } = part;
+        let events = events
+            .into_iter()
+            .map(|event| RecordedEvent {
+                event_id: event.event_id,
+                stream_id: stream_id.clone(),
+                version: Version(0),
+                position: Position::START,
+                recorded_at: Timestamp(0),
+                event_type: Arc::from(event.event_type),
+                schema_version: event.schema_version,
+                payload: Arc::new(event.payload),
+                metadata: Arc::new(event.metadata),
+                tags: Arc::from(event.tags),
+            })
+            .collect();
+        Self { stream_id, expected, events }
+    }
+}
+
 impl State {
     /// Writes one checked part at versions after `actual`; returns where it landed and its
-    /// stream.
-    fn write_part(&mut self, part: StreamAppend, actual: Version, recorded_at: Timestamp) -> (AppendResult, StreamId) {
-        let StreamAppend { stream_id, events, .. } = part;
+    /// stream. Allocates only for a new stream, event type or tag.
+    fn write_part(&mut self, part: Prepared, actual: Version, recorded_at: Timestamp) -> (AppendResult, StreamId) {
+        let Prepared { stream_id, events, .. } = part;
         let first_index = self.log.len();
         let count = events.len() as u64;
         let State { log, streams, event_ids, tag_index, type_index, .. } = self;
-        let indexes = streams.entry(stream_id.clone()).or_default();
-        for (offset, event) in events.into_iter().enumerate() {
+        if !streams.contains_key(&stream_id) {
+            streams.insert(stream_id.clone(), Vec::new());
+        }
+        let mut indexes = streams.get_mut(&stream_id);
+        for (offset, mut event) in events.into_iter().enumerate() {
             let index = first_index + offset;
             event_ids.insert(event.event_id);
-            indexes.push(index);
-            let event_type: Arc<str> = Arc::from(event.event_type);
-            type_index.entry(event_type.clone()).or_default().push(index);
-            for tag in &event.tags {
+            if let Some(indexes) = indexes.as_mut() {
+                indexes.push(index);
+            }
+            match type_index.get_mut(&*event.event_type) {
+                Some(typed) => typed.push(index),
+                None => {
+                    type_index.insert(Arc::clone(&event.event_type), vec![index]);
+                }
+            }
+            for tag in event.tags.iter() {
                 let tagged = tag_index.entry(tag.clone()).or_default();
                 // A tag repeated on one event is indexed once.
                 if tagged.last() != Some(&index) {
                     tagged.push(index);
                 }
             }
-            log.push(RecordedEvent {
-                event_id: event.event_id,
-                stream_id: stream_id.clone(),
-                version: Version(actual.0 + offset as u64 + 1),
-                position: Position(index as u64 + 1),
-                recorded_at,
-                event_type,
-                schema_version: event.schema_version,
-                payload: Arc::new(event.payload),
-                metadata: Arc::new(event.metadata),
-                tags: Arc::from(event.tags),
-            });
+            event.version = Version(actual.0 + offset as u64 + 1);
+            event.position = Position(index as u64 + 1);
+            event.recorded_at = recorded_at;
+            log.push(event);
         }
         let result = AppendResult {
             first_version: Version(actual.0 + 1),
@@ -298,7 +329,32 @@ impl MemoryStore {
         if let Some(condition) = condition {
             validate_query(&condition.fail_if_events_match)?;
         }
-        let mut state = self.write();
+        let parts: Vec<Prepared> = parts.into_iter().map(Prepared::new).collect();
+        let (outcomes, head) = {
+            let mut state = self.write();
+            let outcomes = self.append_locked(&mut state, parts, command_id, condition)?;
+            (outcomes, state.log.len() as u64)
+        };
+        // Published after the lock is released (a wake-up can cost a system call), and only
+        // forwards: a later append may have published a higher head already.
+        self.inner.head.send_if_modified(|published| {
+            let newer = published.0 < head;
+            if newer {
+                *published = Position(head);
+            }
+            newer
+        });
+        Ok(outcomes)
+    }
+
+    /// The checks and writes of [`append_parts`](Self::append_parts), under the write lock.
+    fn append_locked(
+        &self,
+        state: &mut State,
+        parts: Vec<Prepared>,
+        command_id: Option<CommandId>,
+        condition: Option<&AppendCondition>,
+    ) -> Result<Vec<AppendOutcome>, StoreError> {
         if let Some(command_id) = command_id {
             let stored: Vec<AppendResult> = parts
                 .iter()
@@ -339,10 +395,6 @@ impl MemoryStore {
         }
         if let (Some(retention), Some(_)) = (self.inner.command_retention, command_id) {
             state.prune_commands(recorded_at.minus(retention));
-        }
-        if let Some(AppendOutcome::Appended(last)) = outcomes.last() {
-            // Publish while still holding the lock, so the head never moves backwards.
-            self.inner.head.send_replace(last.last_position);
         }
         Ok(outcomes)
     }
