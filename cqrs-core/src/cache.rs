@@ -12,7 +12,7 @@ pub(crate) const EVICTION_SCAN: usize = 16;
 pub(crate) const MAX_EVICTIONS: usize = 64;
 
 /// A map that holds at most `capacity` entries and evicts the least recently used one.
-/// `get` and `insert` are O(log n).
+/// `get` is O(1); an insertion is O(log n), plus the bounded work of evicting.
 #[derive(Debug)]
 pub(crate) struct LruCache<K, V> {
     capacity: usize,
@@ -26,14 +26,12 @@ impl<K: Eq + Hash + Clone, V: Clone> LruCache<K, V> {
         Self { capacity: capacity.max(1), tick: 0, entries: HashMap::new(), by_use: BTreeMap::new() }
     }
 
-    /// Returns the value for `key`, marking it most recently used.
+    /// Returns the value for `key`, marking it most recently used. O(1): only the entry's
+    /// own tick changes; its place in the use order is corrected when an eviction reaches it.
     pub(crate) fn get(&mut self, key: &K) -> Option<V> {
         self.tick += 1;
-        let tick = self.tick;
         let (value, last_use) = self.entries.get_mut(key)?;
-        self.by_use.remove(last_use);
-        *last_use = tick;
-        self.by_use.insert(tick, key.clone());
+        *last_use = self.tick;
         Some(value.clone())
     }
 
@@ -52,25 +50,44 @@ impl<K: Eq + Hash + Clone, V: Clone> LruCache<K, V> {
             return value;
         }
         if self.entries.len() >= self.capacity {
-            let excess = (self.entries.len() + 1 - self.capacity).min(MAX_EVICTIONS);
-            let victims: Vec<(u64, K)> = self
-                .by_use
-                .iter()
-                .take(excess + EVICTION_SCAN)
-                .filter(|(_, candidate)| self.entries.get(*candidate).is_some_and(|(value, _)| evictable(value)))
-                .take(excess)
-                .map(|(tick, candidate)| (*tick, candidate.clone()))
-                .collect();
-            for (tick, victim) in victims {
-                self.by_use.remove(&tick);
-                self.entries.remove(&victim);
-            }
+            self.evict((self.entries.len() + 1 - self.capacity).min(MAX_EVICTIONS), evictable);
         }
         self.tick += 1;
         let value = make();
         self.entries.insert(key.clone(), (value.clone(), self.tick));
         self.by_use.insert(self.tick, key.clone());
         value
+    }
+
+    /// Evicts up to `excess` of the least recently used entries for which `evictable` holds,
+    /// looking at no more than `excess` + [`EVICTION_SCAN`] records of the use order. A
+    /// record older than its entry's last use (the entry was read since) is moved to that use
+    /// and counts as looked at.
+    fn evict(&mut self, excess: usize, evictable: impl Fn(&V) -> bool) {
+        let mut evicted = 0;
+        let mut from = 0;
+        for _ in 0..excess + EVICTION_SCAN {
+            if evicted == excess {
+                return;
+            }
+            let Some((tick, key)) = self.by_use.range(from..).next().map(|(tick, key)| (*tick, key.clone())) else {
+                return;
+            };
+            from = tick + 1;
+            let Some((value, last_use)) = self.entries.get(&key) else {
+                self.by_use.remove(&tick);
+                continue;
+            };
+            if *last_use != tick {
+                let last_use = *last_use;
+                self.by_use.remove(&tick);
+                self.by_use.insert(last_use, key);
+            } else if evictable(value) {
+                self.by_use.remove(&tick);
+                self.entries.remove(&key);
+                evicted += 1;
+            }
+        }
     }
 
     /// Keeps only the entries for which `keep` holds.
