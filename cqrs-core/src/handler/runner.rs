@@ -135,12 +135,27 @@ pub(super) struct Failures {
     pub(super) attempts: u32,
     pub(super) since: Instant,
     next_delay: Duration,
+    initial_delay: Duration,
     max_delay: Duration,
 }
 
 impl Failures {
     pub(super) fn new(config: &RunnerConfig) -> Self {
-        Self { attempts: 0, since: Instant::now(), next_delay: config.initial_backoff, max_delay: config.max_backoff }
+        Self {
+            attempts: 0,
+            since: Instant::now(),
+            next_delay: config.initial_backoff,
+            initial_delay: config.initial_backoff,
+            max_delay: config.max_backoff,
+        }
+    }
+
+    /// Forgets the failures after a success (cheap when there were none: once per event).
+    pub(super) fn clear(&mut self) {
+        if self.attempts != 0 {
+            self.attempts = 0;
+            self.next_delay = self.initial_delay;
+        }
     }
 
     /// Records one more failure and returns how long to wait before the next attempt.
@@ -313,7 +328,20 @@ where
         Err(end) => return end,
     };
     let workers = shared.config.workers.max(1);
+    let needs_key = workers > 1 || feeder.parking_on();
     let crew = Crew::spawn(shared, feeder.claim.as_ref(), &parked, &guard.lease, workers);
+    // One worker and nothing to park: the feeder handles each event itself, with no hop to a
+    // worker task and back (two task wake-ups per event saved).
+    let inline = (!needs_key).then(|| Inline {
+        worker: Worker {
+            shared: Arc::clone(shared),
+            claim: feeder.claim.clone(),
+            blocked: HashMap::new(),
+            done: mpsc::unbounded_channel().0,
+            shows_progress: true,
+        },
+        halt: guard.stop.clone(),
+    });
     let mut feeding = FeedLoop {
         feed: Subscription::all(Arc::clone(&shared.store), start).with_page_size(shared.config.page_size),
         newest: shared.store.notifications(),
@@ -322,7 +350,8 @@ where
         save_at: None,
         read_failures: Failures::new(&shared.config),
         workers,
-        needs_key: workers > 1 || feeder.parking_on(),
+        needs_key,
+        inline,
         shared: Arc::clone(shared),
         feeder,
         crew,
@@ -377,6 +406,8 @@ struct FeedLoop<'a, S: Store + ?Sized, H: EventHandler> {
     workers: usize,
     /// Whether jobs need a partition key (several workers, or parking).
     needs_key: bool,
+    /// Set when the feeder handles events itself (one worker, no parking).
+    inline: Option<Inline<S, H>>,
     memory_checkpoint: &'a mut Option<Position>,
 }
 
@@ -394,9 +425,9 @@ impl<S: Store + ?Sized, H: EventHandler> FeedLoop<'_, S, H> {
             let turn = tokio::select! {
                 biased;
                 end = self.guard.ended() => Err(end),
-                done = self.crew.done.recv() => self.settle(done).await,
+                done = self.crew.done.recv() => self.settle_all(done).await,
                 next = self.feed.next(), if self.books.in_flight.len() < max_in_flight => match next {
-                    Ok(Some(event)) => self.hand_out(event).await,
+                    Ok(Some(event)) => self.hand_out_page(event, max_in_flight).await,
                     Ok(None) => Err(End::Stopped),
                     Err(error) => self.back_off(&error).await,
                 },
@@ -448,27 +479,70 @@ impl<S: Store + ?Sized, H: EventHandler> FeedLoop<'_, S, H> {
         }
     }
 
-    /// Records what a worker reports; a closed report channel ends the tenure as stopped.
-    async fn settle(&mut self, done: Option<Done>) -> Result<(), End> {
-        let Some(done) = done else { return Err(End::Stopped) };
-        if let Some(position) = self.guard.run(self.feeder.settle(done)).await?? {
+    /// Records what a worker reports, and every other report already waiting: one turn of the
+    /// loop for all of them, not one each. A closed report channel ends the tenure as stopped.
+    async fn settle_all(&mut self, done: Option<Done>) -> Result<(), End> {
+        let Some(mut done) = done else { return Err(End::Stopped) };
+        loop {
+            self.settle(done).await?;
+            match self.crew.done.try_recv() {
+                Ok(next) => done = next,
+                Err(_empty_or_closed) => return Ok(()),
+            }
+        }
+    }
+
+    /// Records one report. A handled event needs no store write, so no guard either.
+    async fn settle(&mut self, done: Done) -> Result<(), End> {
+        let settled = match done {
+            Done::Handled(position) => Some(position),
+            other => self.guard.run(self.feeder.settle(other)).await??,
+        };
+        if let Some(position) = settled {
             self.books.in_flight.remove(&position);
         }
         Ok(())
     }
 
-    /// Passes a read event to its worker (or over it, if the handler does not take it).
+    /// Passes a read event to its worker, then the rest of the page already read, while the
+    /// workers have room: one turn of the loop per page, not per event. A stop is noticed
+    /// between events.
+    async fn hand_out_page(&mut self, event: RecordedEvent, max_in_flight: usize) -> Result<(), End> {
+        self.hand_out(event).await?;
+        while self.books.in_flight.len() < max_in_flight && !stop_requested(self.guard.stop) {
+            let Some(event) = self.feed.next_buffered() else { break };
+            self.hand_out(event).await?;
+        }
+        Ok(())
+    }
+
+    /// Passes a read event to its worker (or over it, if the handler does not take it), or
+    /// handles it here when the runner handles inline.
     async fn hand_out(&mut self, event: RecordedEvent) -> Result<(), End> {
-        self.read_failures = Failures::new(&self.shared.config);
+        self.read_failures.clear();
         let position = event.position;
-        self.books.read_up_to = position;
-        let Some(job) = prepare(&self.shared, event, self.needs_key) else { return Ok(()) };
-        let index = match &job {
-            Job::Event { key: Some(key), .. } => worker_of(key, self.workers),
-            _ => 0,
+        let Some((event, decoded, key)) = prepare(&self.shared, event, self.needs_key) else {
+            self.books.read_up_to = position;
+            return Ok(());
         };
+        if let Some(inline) = &mut self.inline {
+            inline.handle(&event, decoded, &mut self.guard).await?;
+            // Done only once handled: a stop or a lost lease mid-event leaves the checkpoint
+            // below it, so the event is handled again.
+            self.books.read_up_to = position;
+            return Ok(());
+        }
+        self.books.read_up_to = position;
+        let index = key.as_deref().map_or(0, |key| worker_of(key, self.workers));
+        let job = Job::Event { event, decoded, key };
         self.books.in_flight.insert(position);
-        // A full queue waits for its worker, never past the tenure's end.
+        // A queue with room takes the job at once; a full one waits for its worker, never past
+        // the tenure's end.
+        let job = match self.crew.queues[index].try_send(job) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(job)) => job,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Stopped),
+        };
         match self.guard.run(self.crew.queues[index].send(job)).await? {
             Ok(()) => Ok(()),
             Err(_closed) => Err(End::Stopped),
@@ -533,7 +607,13 @@ impl<E: DomainEvent> Crew<E> {
                 .filter(|(key, _)| worker_of(key, workers) == index)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            let worker = Worker { shared: Arc::clone(shared), claim: claim.cloned(), blocked, done: done_tx.clone() };
+            let worker = Worker {
+                shared: Arc::clone(shared),
+                claim: claim.cloned(),
+                blocked,
+                done: done_tx.clone(),
+                shows_progress: false,
+            };
             tasks.spawn(worker.run(jobs, halted.clone(), lease.clone()));
         }
         Self { queues, tasks, done, halt }
@@ -635,7 +715,7 @@ fn worker_of(key: &str, workers: usize) -> usize {
 
 /// Upcasts an event and decides interest and partition key; `None` when the handler does not
 /// take it (it is done at once).
-fn prepare<S, H>(shared: &Shared<S, H>, event: RecordedEvent, needs_key: bool) -> Option<Job<H::Event>>
+fn prepare<S, H>(shared: &Shared<S, H>, event: RecordedEvent, needs_key: bool) -> Option<Prepared<H::Event>>
 where
     S: Store + ?Sized,
     H: EventHandler,
@@ -648,15 +728,19 @@ where
                 Some(envelope) => shared.handler.partition_key(envelope),
                 None => event.stream_id.as_str().to_owned(),
             });
-            Some(Job::Event { event, decoded, key })
+            Some((event, decoded, key))
         }
         // Interest unknown until the upcast works: the worker retries it.
         Err(_) => {
             let key = needs_key.then(|| event.stream_id.as_str().to_owned());
-            Some(Job::Event { event, decoded: None, key })
+            Some((event, None, key))
         }
     }
 }
+
+/// An event to handle: as read, decoded if decoding worked in the feeder, and its partition
+/// key when one is needed.
+type Prepared<E> = (RecordedEvent, Option<Envelope<E>>, Option<String>);
 
 /// The feeder's state that outlives one loop turn.
 struct Feeder<S: ?Sized, H> {
@@ -890,6 +974,56 @@ struct Worker<S: ?Sized, H> {
     /// Sequences with parked events, and those positions in order.
     blocked: HashMap<String, Vec<Position>>,
     done: mpsc::UnboundedSender<Done>,
+    /// The feeder's inline worker: it shows the handled position itself before reporting a
+    /// failure (everything before the failing event is handled; the feeder is busy here).
+    shows_progress: bool,
+}
+
+/// The feeder's own worker, when it handles events itself: the same delivery (retries,
+/// back-off, spans, metrics) as a worker task's, stopped by the runner's stop signal.
+struct Inline<S: ?Sized, H> {
+    worker: Worker<S, H>,
+    halt: watch::Receiver<bool>,
+}
+
+impl<S: Store + ?Sized, H: EventHandler> Inline<S, H> {
+    /// Handles one event; a lost lease cancels it mid-event (like aborting a worker), a stop
+    /// lets it finish unless it is waiting to retry.
+    async fn handle(
+        &mut self,
+        event: &RecordedEvent,
+        decoded: Option<Envelope<H::Event>>,
+        guard: &mut Guard<'_>,
+    ) -> Result<(), End> {
+        let deliver = self.worker.deliver(event, decoded, &mut self.halt);
+        tokio::pin!(deliver);
+        let delivered = tokio::select! {
+            biased;
+            () = lease_lost(&mut guard.lease, guard.claim.as_ref()) => return Err(End::LeaseLost),
+            delivered = &mut deliver => delivered,
+            // Stopped mid-event: the event may finish within the stop timeout, as a worker's
+            // would; past it, it is cancelled and handled again by the next run.
+            () = stopped(guard.stop) => tokio::select! {
+                biased;
+                () = lease_lost(&mut guard.lease, guard.claim.as_ref()) => return Err(End::LeaseLost),
+                delivered = &mut deliver => delivered,
+                () = tokio::time::sleep(self.worker.shared.config.stop_timeout) => {
+                    tracing::warn!(
+                        handler = %self.worker.shared.name,
+                        timeout = ?self.worker.shared.config.stop_timeout,
+                        "graceful stop did not finish in time; the event in hand is handled again by the next run"
+                    );
+                    return Err(End::Stopped);
+                }
+            },
+        };
+        match delivered {
+            Some(Ok(())) => Ok(()),
+            // Stopped while waiting to retry. (A failure to park cannot come: nothing parks
+            // when handling inline.)
+            Some(Err(_)) | None => Err(End::Stopped),
+        }
+    }
 }
 
 impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
@@ -998,6 +1132,10 @@ impl<S: Store + ?Sized, H: EventHandler> Worker<S, H> {
                     let error = error.to_string();
                     if shared.parking().is_some_and(|limit| failures.attempts >= limit) {
                         return Some(Err((error, failures.attempts)));
+                    }
+                    if self.shows_progress {
+                        let handled = Position(event.position.0.saturating_sub(1));
+                        shared.show_progress(handled, 0, &shared.store.notifications());
                     }
                     shared.report_failure(event.position, &failures, &error);
                     tokio::select! {
