@@ -13,7 +13,13 @@
 //! cargo run --release -p benches --bin compare -- --replay 1000000 # replay only (PostgreSQL and SQLite)
 //! cargo run --release -p benches --bin compare -- --dcb         # conditional appends, reads by tag (dcb.rs)
 //! scripts/umadb && cargo run --release -p benches --features umadb --bin compare -- --dcb --peer umadb
+//! cargo run --release -p benches --features umadb --bin compare -- --only sqlite --writers --peer umadb
+//! cargo run --release -p benches --features umadb --bin compare -- --only sqlite --replay 1000000 --peer umadb
 //! ```
+//!
+//! `--writers` (writers.rs): plain appends, one event each, at 1 to 1 024 concurrent writers
+//! each on its own stream, with no framework above the store. `--peer umadb` runs the writer,
+//! replay and DCB cases through UmaDB's server and Rust client first, alone on the machine.
 //!
 //! The workload: aggregate `Chat`, command `SendMessage { sender, content }` with 120 bytes of
 //! content, event `MessageSent`, and a read model that counts events (ours: an `EventHandler`
@@ -66,6 +72,7 @@ mod sqlite;
 #[cfg(feature = "umadb")]
 mod umadb;
 mod workload;
+mod writers;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -111,14 +118,16 @@ struct Options {
     replay: Option<u64>,
     /// `--dcb`: only the Dynamic Consistency Boundary cases.
     dcb: bool,
-    /// `--peer umadb`: the DCB cases through UmaDB too (feature `umadb`).
+    /// `--peer umadb`: the DCB, writer and replay cases through UmaDB too (feature `umadb`).
     umadb: bool,
+    /// `--writers`: only the plain appends at 1 to 1 024 concurrent writers.
+    writers: bool,
     only: Only,
     read_model: ReadModel,
 }
 
 const USAGE: &str =
-    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS] [--dcb [--peer umadb]]";
+    "usage: compare [--quick] [--only memory|postgres|sqlite] [--ours-without-read-model] [--replay EVENTS] [--dcb] [--writers] [--peer umadb]";
 
 /// The sizes of one run.
 #[derive(Debug, Clone, Copy)]
@@ -209,7 +218,10 @@ async fn run() -> anyhow::Result<ExitCode> {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     if let Some(events) = options.replay {
-        return replay_cases(server.as_ref(), only, events).await;
+        return replay_cases(server.as_ref(), only, events, options.umadb).await;
+    }
+    if options.writers {
+        return writers_cases(server.as_ref(), only, quick, options.umadb).await;
     }
     if options.dcb {
         return dcb_cases(server.as_ref(), only, quick, options.umadb).await;
@@ -235,7 +247,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         // The replay cases, small: they check that a catch-up from 0 delivers every event in
         // order; their ratio means little at this size.
         println!();
-        replay_cases(server.as_ref(), only, QUICK_REPLAY_EVENTS).await?;
+        replay_cases(server.as_ref(), only, QUICK_REPLAY_EVENTS, false).await?;
     }
     let faults: Vec<String> = report
         .cases
@@ -348,7 +360,9 @@ async fn dcb_reads<S: cqrs_core::EventStore + ?Sized>(store: &S, name: &str, eve
 }
 
 /// `--replay N`: the replay case of each durable store asked for (there is no peer side).
-async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> anyhow::Result<ExitCode> {
+async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64, umadb: bool) -> anyhow::Result<ExitCode> {
+    // UmaDB first: its server runs alone on the machine.
+    let peer = if umadb { Some(umadb_replay(events).await?) } else { None };
     let mut replays = Vec::new();
     if let Some(server) = server {
         println!("server: {}", server.describe().await?);
@@ -362,7 +376,92 @@ async fn replay_cases(server: Option<&PgServer>, only: Only, events: u64) -> any
     for replay in &replays {
         replay.print();
     }
+    if let Some((fill, rate)) = peer {
+        println!(
+            "replay umadb: {events} events (filled in {:.1} s): UmaDB's client from 0, each event decoded into the handler's type: {rate:.0} events/s",
+            fill.as_secs_f64()
+        );
+        println!("{{\"case\":\"replay_umadb\",\"events\":{events},\"events_per_s\":{rate:.0}}}");
+        for replay in &replays {
+            println!("replay {} / umadb: {:.2}x", replay.store, replay.ours_per_s / rate);
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--writers`: plain appends at each concurrency level, through UmaDB first when asked, then
+/// our SQLite store (and PostgreSQL when asked), a fresh file or database per level.
+async fn writers_cases(server: Option<&PgServer>, only: Only, quick: bool, umadb: bool) -> anyhow::Result<ExitCode> {
+    let (levels, appends) = writers::levels(quick);
+    let mut runs = Vec::new();
+    if umadb {
+        runs.extend(umadb_writers(levels, appends).await?);
+    }
+    if only.sqlite() {
+        println!("sqlite: {}", sqlite::describe().await?);
+        for &writers in levels {
+            let scratch = sqlite::Scratch::new(&format!("writers{writers}"))?;
+            let store = Arc::new(SqliteEventStore::open(scratch.path()).await.context("open our SQLite store")?);
+            let run = writers::ours(store, "sqlite", writers, appends(writers)).await;
+            run.print();
+            runs.push(run);
+        }
+    }
+    if let Some(server) = server {
+        println!("server: {}", server.describe().await?);
+        for &writers in levels {
+            let database = server.create_database(&format!("writers{writers}")).await?;
+            let store = our_pg_store(&database.url).await?;
+            let run = writers::ours(Arc::clone(&store), "postgres", writers, appends(writers)).await;
+            run.print();
+            runs.push(run);
+            drop(store);
+            server.drop_database(database).await?;
+        }
+    }
+    println!();
+    for run in runs.iter().filter(|run| run.store != "umadb") {
+        if let Some(peer) = runs.iter().find(|peer| peer.store == "umadb" && peer.writers == run.writers) {
+            println!(
+                "writers {} / umadb at {:>5} writers: {:.2}x appends/s, p99 {:.2} ms vs {:.2} ms",
+                run.store,
+                run.writers,
+                run.rate() / peer.rate(),
+                run.p99.as_secs_f64() * 1e3,
+                peer.p99.as_secs_f64() * 1e3
+            );
+        }
+    }
+    let failed = runs.iter().any(|run| run.errors > 0 && run.store != "umadb");
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+#[cfg(feature = "umadb")]
+async fn umadb_writers(levels: &[usize], appends: fn(usize) -> u64) -> anyhow::Result<Vec<writers::WritersRun>> {
+    println!("umadb: {}", umadb::Server::describe().await?);
+    let mut runs = Vec::new();
+    for &writers in levels {
+        let run = umadb::writers(writers, appends(writers)).await?;
+        run.print();
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+#[cfg(not(feature = "umadb"))]
+async fn umadb_writers(_levels: &[usize], _appends: fn(usize) -> u64) -> anyhow::Result<Vec<writers::WritersRun>> {
+    bail!("--peer umadb needs the umadb feature: cargo run --release -p benches --features umadb --bin compare -- --writers --peer umadb")
+}
+
+#[cfg(feature = "umadb")]
+async fn umadb_replay(events: u64) -> anyhow::Result<(Duration, f64)> {
+    println!("umadb: {}", umadb::Server::describe().await?);
+    umadb::replay(events).await
+}
+
+#[cfg(not(feature = "umadb"))]
+async fn umadb_replay(_events: u64) -> anyhow::Result<(Duration, f64)> {
+    bail!("--peer umadb needs the umadb feature: cargo run --release -p benches --features umadb --bin compare -- --replay N --peer umadb")
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -371,6 +470,7 @@ fn parse_args() -> anyhow::Result<Options> {
         replay: None,
         dcb: false,
         umadb: false,
+        writers: false,
         only: Only::All,
         read_model: ReadModel::Counting,
     };
@@ -379,6 +479,7 @@ fn parse_args() -> anyhow::Result<Options> {
         match arg.as_str() {
             "--quick" => options.quick = true,
             "--dcb" => options.dcb = true,
+            "--writers" => options.writers = true,
             "--peer" => match args.next().as_deref() {
                 Some("umadb") => options.umadb = true,
                 other => bail!("--peer takes `umadb`, not {other:?}"),

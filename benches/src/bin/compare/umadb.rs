@@ -161,3 +161,98 @@ pub async fn tag_reads(events: u64) -> anyhow::Result<f64> {
     anyhow::ensure!(read == 3 * events, "umadb read {read} events by tag, expected {}", 3 * events);
     Ok(read as f64 / started.elapsed().as_secs_f64().max(1e-9))
 }
+
+/// Clients the writer cases open at most; more writers share them (each is an HTTP/2
+/// channel that multiplexes its calls).
+const MAX_CLIENTS: usize = 64;
+
+/// The `--writers` case through UmaDB: `writers` tasks, each appending one event at a time
+/// tagged with its own `stream:` tag (UmaDB has no streams), no condition.
+pub async fn writers(writers: usize, appends: u64) -> anyhow::Result<crate::writers::WritersRun> {
+    let (server, _first) = Server::start().await?;
+    let mut clients = Vec::new();
+    for _ in 0..writers.min(MAX_CLIENTS) {
+        clients.push(Arc::new(AsyncUmaDbClient::connect(server.url.clone(), None, None, None).await?));
+    }
+    let per_writer = (appends / writers as u64).max(1);
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|writer| {
+            let client = Arc::clone(&clients[writer % clients.len()]);
+            let tag = format!("stream:writer-{run}-{writer}");
+            tokio::spawn(async move {
+                let (mut latencies, mut errors) = (Vec::with_capacity(per_writer as usize), 0u64);
+                for n in 0..per_writer {
+                    let data = crate::writers::payload(writer, n).to_string().into_bytes();
+                    let event =
+                        DcbEvent::new().event_type("Written").data(data).tags([tag.clone()]).uuid(uuid::Uuid::new_v4());
+                    let sent = Instant::now();
+                    match client.append(vec![event], None, None).await {
+                        Ok(_) => latencies.push(sent.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    for task in tasks {
+        let (mine, failed) = task.await.context("writer task")?;
+        latencies.extend(mine);
+        errors += failed;
+    }
+    let elapsed = started.elapsed();
+    drop(server);
+    Ok(crate::writers::WritersRun::from_latencies("umadb", writers, latencies, errors, elapsed))
+}
+
+/// The replay case through UmaDB: `events` message events stored in appends of 250, then
+/// every event read from the start, twice, each decoded from its bytes into the handler's
+/// type; the better rate, events/s, and the fill time.
+pub async fn replay(events: u64) -> anyhow::Result<(Duration, f64)> {
+    let (_server, client) = Server::start().await?;
+    let started = Instant::now();
+    let mut stored = 0;
+    while stored < events {
+        let count = crate::replay::PER_APPEND.min(events - stored);
+        let stream = stored / crate::replay::PER_APPEND;
+        let batch: Vec<DcbEvent> = (0..count)
+            .map(|n| {
+                let data = crate::replay::message(stream, stored + n).to_string().into_bytes();
+                DcbEvent::new()
+                    .event_type("MessageSent")
+                    .data(data)
+                    .tags([format!("stream:replay-{stream}")])
+                    .uuid(uuid::Uuid::new_v4())
+            })
+            .collect();
+        client.append(batch, None, None).await.context("umadb fill")?;
+        stored += count;
+    }
+    let fill = started.elapsed();
+    let mut best = 0f64;
+    for round in 1..=2 {
+        eprintln!("compare: replay umadb: round {round}");
+        let started = Instant::now();
+        let mut response = client.read(None, None, false, None).await?;
+        let (mut seen, mut last) = (0u64, 0u64);
+        loop {
+            let batch = response.next_batch().await?;
+            if batch.is_empty() {
+                break;
+            }
+            for sequenced in batch {
+                anyhow::ensure!(sequenced.position > last, "umadb positions went backwards");
+                last = sequenced.position;
+                let message: crate::replay::Message = serde_json::from_slice(&sequenced.event.data)?;
+                std::hint::black_box(message.chat_id.len() + message.sender.len() + message.text.len());
+                seen += 1;
+            }
+        }
+        anyhow::ensure!(seen == events, "umadb replayed {seen} events, not {events}");
+        best = best.max(events as f64 / started.elapsed().as_secs_f64().max(1e-9));
+    }
+    Ok((fill, best))
+}
