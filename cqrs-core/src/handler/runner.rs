@@ -12,6 +12,10 @@
 //!         request
 //! ```
 //!
+//! With one worker and nothing to park (`ErrorPolicy::RetryForever`, the default), the feeder
+//! handles each event itself with the same delivery code, and a page of events takes one turn
+//! of its loop: no hop to a worker task and back per event.
+//!
 //! An exclusive runner acts only while its lease is valid: when it lapses, the feeder aborts
 //! the workers at once and stands by again (see `claim.rs`).
 
