@@ -281,17 +281,6 @@ pub async fn migrate_pool(pool: &PgPool) -> Result<(), PgStoreError> {
     result
 }
 
-/// Checks an append request before it is queued: the common rules, plus what the SQL
-/// boundary needs (versions that fit a `bigint`).
-fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
-    if let ExpectedVersion::Exact(version) = expected {
-        if i64::try_from(version.0).is_err() {
-            return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
-        }
-    }
-    cqrs_core::store::validate_append(events)
-}
-
 /// The positions of the first `$3` events in `($1, $2]` that one query item matches, in
 /// position order, binding its values as the next parameters after `binds` of them. An item with
 /// tags walks its first tag's positions in order in `cqrs_event_tags` (one range scan of its
@@ -366,7 +355,7 @@ impl EventStore for PgEventStore {
         let started = std::time::Instant::now();
         let span = cqrs_core::telemetry::append_span("postgres", stream_id, events.len());
         let appended = async {
-            let command_id = validate(expected, &events)?;
+            let command_id = cqrs_core::store::validate_append_i64(expected, &events)?;
             if let Some(condition) = &condition {
                 validate_query(&condition.fail_if_events_match)?;
             }
@@ -406,7 +395,7 @@ impl EventStore for PgEventStore {
         let mut expected = version;
         let mut checked = Vec::with_capacity(links.len());
         for events in &links {
-            match validate(ExpectedVersion::Exact(expected), events) {
+            match cqrs_core::store::validate_append_i64(ExpectedVersion::Exact(expected), events) {
                 Ok(Some(command_id)) => checked.push((ExpectedVersion::Exact(expected), command_id)),
                 _ => return cqrs_core::store::append_links_one_by_one(self, stream_id, version, links).await,
             }
@@ -523,26 +512,21 @@ impl EventStore for PgEventStore {
         Ok(events)
     }
 
-    /// One statement, bounded like `read_all` by a read bound taken in an earlier statement: it
-    /// never returns an event at `p` and later one below `p`. Each item reads its first
-    /// `max_count` positions by its own ordered index range (see `item_positions`); several
-    /// items are merged by a `UNION` of those, cut again to the first `max_count`.
+    /// One `cqrs_append_batch` call in a transaction of its own, parts in stream-id order (the
+    /// writers' lock order), the condition on the first part (see the README).
     async fn append_atomic(
         &self,
         appends: Vec<StreamAppend>,
         condition: Option<AppendCondition>,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
-        let command_id = cqrs_core::store::validate_atomic(&appends)?;
-        for part in &appends {
-            validate(part.expected, &part.events)?;
-        }
-        if let Some(condition) = &condition {
-            validate_query(&condition.fail_if_events_match)?;
-        }
-        let condition = condition.filter(|condition| !condition.fail_if_events_match.is_none());
+        let (command_id, condition) = cqrs_core::store::validate_atomic_i64(&appends, condition)?;
         writer::append_atomic(&self.inner.pool, &self.inner.writer, appends, command_id, condition).await
     }
 
+    /// One statement, bounded like `read_all` by a read bound taken in an earlier statement: it
+    /// never returns an event at `p` and later one below `p`. Each item reads its first
+    /// `max_count` positions by its own ordered index range (see `item_positions`); several
+    /// items are merged by a `UNION` of those, cut again to the first `max_count`.
     async fn read_query(
         &self,
         query: &Query,

@@ -261,17 +261,6 @@ async fn migrate(connection: &mut SqliteConnection) -> Result<(), SqliteStoreErr
     migrator.run(connection).await.map_err(SqliteStoreError::Migrate)
 }
 
-/// Checks an append request before it is queued: the common rules, plus what the SQL
-/// boundary needs (versions that fit an SQLite integer).
-fn validate(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
-    if let ExpectedVersion::Exact(version) = expected {
-        if i64::try_from(version.0).is_err() {
-            return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
-        }
-    }
-    cqrs_core::store::validate_append(events)
-}
-
 #[async_trait]
 impl EventStore for SqliteEventStore {
     /// Queued to the writer, which checks the condition inside its transaction, after the
@@ -286,7 +275,7 @@ impl EventStore for SqliteEventStore {
         let started = std::time::Instant::now();
         let span = cqrs_core::telemetry::append_span("sqlite", stream_id, events.len());
         let appended = async {
-            let command_id = validate(expected, &events)?;
+            let command_id = cqrs_core::store::validate_append_i64(expected, &events)?;
             if let Some(condition) = &condition {
                 cqrs_core::store::validate_query(&condition.fail_if_events_match)?;
             }
@@ -309,14 +298,7 @@ impl EventStore for SqliteEventStore {
         appends: Vec<StreamAppend>,
         condition: Option<AppendCondition>,
     ) -> Result<Vec<AppendOutcome>, StoreError> {
-        let command_id = cqrs_core::store::validate_atomic(&appends)?;
-        for part in &appends {
-            validate(part.expected, &part.events)?;
-        }
-        if let Some(condition) = &condition {
-            cqrs_core::store::validate_query(&condition.fail_if_events_match)?;
-        }
-        let mut condition = condition.filter(|condition| !condition.fail_if_events_match.is_none());
+        let (command_id, mut condition) = cqrs_core::store::validate_atomic_i64(&appends, condition)?;
         let parts = appends
             .into_iter()
             .map(|StreamAppend { stream_id, expected, events }| {
@@ -339,7 +321,7 @@ impl EventStore for SqliteEventStore {
         let mut expected = version;
         let mut checked = Vec::with_capacity(links.len());
         for events in &links {
-            match validate(ExpectedVersion::Exact(expected), events) {
+            match cqrs_core::store::validate_append_i64(ExpectedVersion::Exact(expected), events) {
                 Ok(command_id) => checked.push((ExpectedVersion::Exact(expected), command_id)),
                 // A refused link: link by link, which answers it and stops there.
                 Err(_) => return cqrs_core::store::append_links_one_by_one(self, stream_id, version, links).await,

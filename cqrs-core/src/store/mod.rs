@@ -167,6 +167,34 @@ impl StreamAppend {
 /// their category is `$event`.
 pub const UNSTREAMED_PREFIX: &str = "$event-";
 
+/// [`validate_append`] for a store that keeps versions in a signed 64-bit column (SQL
+/// `BIGINT`): an exact expected version must fit in it too.
+pub fn validate_append_i64(expected: ExpectedVersion, events: &[NewEvent]) -> Result<Option<CommandId>, StoreError> {
+    if let ExpectedVersion::Exact(version) = expected {
+        if i64::try_from(version.0).is_err() {
+            return Err(StoreError::InvalidAppend(format!("expected version {version} is out of range")));
+        }
+    }
+    validate_append(events)
+}
+
+/// Everything an SQL store checks of an atomic append before it writes: [`validate_atomic`],
+/// [`validate_append_i64`] for each part, and the condition's query. Returns the command id
+/// and the condition, `None` when its query matches nothing (so nothing to check).
+pub fn validate_atomic_i64(
+    parts: &[StreamAppend],
+    condition: Option<AppendCondition>,
+) -> Result<(Option<CommandId>, Option<AppendCondition>), StoreError> {
+    let command_id = validate_atomic(parts)?;
+    for part in parts {
+        validate_append_i64(part.expected, &part.events)?;
+    }
+    if let Some(condition) = &condition {
+        validate_query(&condition.fail_if_events_match)?;
+    }
+    Ok((command_id, condition.filter(|condition| !condition.fail_if_events_match.is_none())))
+}
+
 /// Checks an atomic append before a store touches anything: one to
 /// [`MAX_STREAMS_PER_APPEND`] parts, each stream once, each part valid for
 /// [`validate_append`], one command id (or none) for all of them, no event id twice, at most
