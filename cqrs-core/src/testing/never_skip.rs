@@ -173,6 +173,61 @@ pub fn random_below(bound: u64) -> u64 {
     u64::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[7], bytes[9]]) % bound.max(1)
 }
 
+/// Starts `tasks` writer tasks on `store`, each making `appends` appends (see
+/// [`write_randomly`]) to streams `{prefix}0` to `{prefix}3`; returns the set the acknowledged
+/// event ids go into and the tasks. With `print`, each id is also printed for a parent process
+/// ([`print_acked`]).
+pub fn spawn_writers<S: EventStore + ?Sized>(
+    store: &Arc<S>,
+    prefix: &str,
+    tasks: u64,
+    appends: u64,
+    print: bool,
+) -> (Arc<Mutex<HashSet<EventId>>>, Vec<JoinHandle<()>>) {
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let streams: Vec<StreamId> = (0..4)
+        .map(|i| StreamId::new(format!("{prefix}{i}-{}", uuid::Uuid::new_v4().simple())))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|error| panic!("stream id: {error}"));
+    let handles = (0..tasks)
+        .map(|task| {
+            let (store, streams, acked) = (Arc::clone(store), streams.clone(), Arc::clone(&acked));
+            tokio::spawn(async move {
+                let on_ack: fn(&[EventId]) = if print { print_acked } else { |_| () };
+                write_randomly(&*store, &streams, appends, task, &acked, on_ack).await;
+            })
+        })
+        .collect();
+    (acked, handles)
+}
+
+/// This test binary again, running only the test `test` (its full path), with `env` set: a
+/// writer in another process, whose stdout carries [`print_acked`]'s lines.
+pub fn spawn_child(test: &str, env: &[(&str, &std::ffi::OsStr)]) -> tokio::process::Child {
+    let exe = std::env::current_exe().unwrap_or_else(|error| panic!("the test binary: {error}"));
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .args(["--exact", test, "--nocapture", "--test-threads", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.spawn().unwrap_or_else(|error| panic!("spawn a child writer: {error}"))
+}
+
+/// Waits for a child writer of [`spawn_child`]; the event ids it acknowledged. Panics if it
+/// failed or acknowledged nothing.
+pub async fn acked_by_child(child: tokio::process::Child) -> Vec<EventId> {
+    let output = child.wait_with_output().await.unwrap_or_else(|error| panic!("child writer: {error}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "child writer failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let ids = acked_in_output(&stdout);
+    assert!(!ids.is_empty(), "child writer acknowledged nothing: {stdout}");
+    ids
+}
+
 /// Parses the `acked <event id>` lines a writer child process printed.
 pub fn acked_in_output(stdout: &str) -> Vec<EventId> {
     stdout

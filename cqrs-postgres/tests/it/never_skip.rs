@@ -8,17 +8,15 @@
 //! The second test removes the guard (a reader bound without the watermark) and shows that
 //! the same subscription then skips, and that its audit counts the skip.
 
-use std::collections::HashSet;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::testing::never_skip::{
-    acked_in_output, assert_never_skipped, print_acked, write_randomly, Reader, ReaderSpec,
+    acked_by_child, assert_never_skipped, spawn_child, spawn_writers, Reader, ReaderSpec,
 };
-use cqrs_core::{EventId, EventStore, ExpectedVersion, Position, StreamId, Subscription};
+use cqrs_core::{EventId, EventStore, ExpectedVersion, Position, Subscription};
 use cqrs_postgres::{PgEventStore, PgStoreConfig};
 use sqlx::{Connection, Executor, Row};
 
@@ -60,16 +58,12 @@ async fn commits_out_of_position_order_are_never_skipped() {
     ];
     let naive_skips = Arc::new(AtomicI64::new(0));
     let naive = tokio::spawn(naive_reader(db.connection().await, Arc::clone(&naive_skips)));
-    let children: Vec<_> = (0..CHILDREN).map(|child| spawn_child(&db.url, child)).collect();
-
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("parent{i}"))).collect();
-    let writers: Vec<_> = (0..TASKS_PER_PROCESS)
-        .map(|task| {
-            let (store, streams, acked) = (Arc::clone(&store), streams.clone(), Arc::clone(&acked));
-            tokio::spawn(async move { write_randomly(&*store, &streams, APPENDS_PER_TASK, task, &acked, |_| ()).await })
+    let children: Vec<_> = (0..CHILDREN)
+        .map(|child| {
+            spawn_child(TEST_NAME, &[(CHILD_URL, db.url.as_ref()), (CHILD_STREAMS, format!("child{child}-").as_ref())])
         })
         .collect();
+    let (acked, writers) = spawn_writers(&store, "parent", TASKS_PER_PROCESS, APPENDS_PER_TASK, false);
     // Readers that start behind, and catch up while the writers go on.
     tokio::time::sleep(Duration::from_millis(700)).await;
     readers.push(Reader::spawn(Arc::clone(&store), ReaderSpec::new("catching up", 7)));
@@ -79,11 +73,7 @@ async fn commits_out_of_position_order_are_never_skipped() {
         writer.await.expect("writer");
     }
     for child in children {
-        let output = child.wait_with_output().await.expect("child writer");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "child writer failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-        let ids = acked_in_output(&stdout);
-        assert!(!ids.is_empty(), "child writer acknowledged nothing: {stdout}");
+        let ids = acked_by_child(child).await;
         acked.lock().expect("lock").extend(ids);
     }
     let acked = acked.lock().expect("lock").clone();
@@ -108,33 +98,10 @@ async fn child_writer(url: &str) {
             .await
             .expect("child store"),
     );
-    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("{prefix}{i}"))).collect();
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let tasks: Vec<_> = (0..TASKS_PER_PROCESS)
-        .map(|task| {
-            let (store, streams, acked) = (Arc::clone(&store), streams.clone(), Arc::clone(&acked));
-            tokio::spawn(
-                async move { write_randomly(&*store, &streams, APPENDS_PER_TASK, task, &acked, print_acked).await },
-            )
-        })
-        .collect();
+    let (_, tasks) = spawn_writers(&store, &prefix, TASKS_PER_PROCESS, APPENDS_PER_TASK, true);
     for task in tasks {
         task.await.expect("child task");
     }
-}
-
-/// This test binary again, running only this test, as a writer on `url`.
-fn spawn_child(url: &str, child: usize) -> tokio::process::Child {
-    let exe = std::env::current_exe().expect("test binary");
-    tokio::process::Command::new(exe)
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads", "1"])
-        .env(CHILD_URL, url)
-        .env(CHILD_STREAMS, format!("child{child}-"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn child writer")
 }
 
 /// What a reader without the watermark does: every millisecond, reads what is committed above

@@ -8,20 +8,16 @@
 //! it), so unlike the PostgreSQL test there is no guard to remove here: this test holds that
 //! property to account, across processes and the store's own group commit.
 
-use std::collections::HashSet;
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::testing::never_skip::{
-    acked_in_output, assert_never_skipped, print_acked, write_randomly, Reader, ReaderSpec,
+    acked_by_child, assert_never_skipped, spawn_child, spawn_writers, Reader, ReaderSpec,
 };
-use cqrs_core::{EventStore, Position, StreamId};
+use cqrs_core::{EventStore, Position};
 use cqrs_sqlite::{SqliteEventStore, SqliteStoreConfig};
 use sqlx::{Connection, Executor, SqliteConnection};
-
-use crate::support::stream;
 
 /// Set in a child process: the parent's database file.
 const CHILD_FILE: &str = "CQRS_NEVER_SKIP_CHILD_FILE";
@@ -65,15 +61,12 @@ async fn slow_commits_from_three_processes_are_never_skipped() {
         Reader::spawn(Arc::clone(&store), ReaderSpec::new("live", 64)),
         Reader::spawn(Arc::clone(&store), ReaderSpec::new("live, small pages", 5)),
     ];
-    let children: Vec<_> = (0..CHILDREN).map(|child| spawn_child(&file, child)).collect();
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("parent{i}"))).collect();
-    let writers: Vec<_> = (0..TASKS_PER_PROCESS)
-        .map(|task| {
-            let (store, streams, acked) = (Arc::clone(&store), streams.clone(), Arc::clone(&acked));
-            tokio::spawn(async move { write_randomly(&*store, &streams, APPENDS_PER_TASK, task, &acked, |_| ()).await })
+    let children: Vec<_> = (0..CHILDREN)
+        .map(|child| {
+            spawn_child(TEST_NAME, &[(CHILD_FILE, file.as_ref()), (CHILD_STREAMS, format!("child{child}-").as_ref())])
         })
         .collect();
+    let (acked, writers) = spawn_writers(&store, "parent", TASKS_PER_PROCESS, APPENDS_PER_TASK, false);
     tokio::time::sleep(Duration::from_millis(500)).await;
     readers.push(Reader::spawn(Arc::clone(&store), ReaderSpec::new("catching up", 7)));
     readers.push(Reader::spawn(Arc::clone(&store), ReaderSpec::new("lagging", 3).lagging(Duration::from_millis(2))));
@@ -82,11 +75,7 @@ async fn slow_commits_from_three_processes_are_never_skipped() {
         writer.await.expect("writer");
     }
     for child in children {
-        let output = child.wait_with_output().await.expect("child writer");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "child writer failed: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-        let ids = acked_in_output(&stdout);
-        assert!(!ids.is_empty(), "child writer acknowledged nothing: {stdout}");
+        let ids = acked_by_child(child).await;
         acked.lock().expect("lock").extend(ids);
     }
     let acked = acked.lock().expect("lock").clone();
@@ -105,31 +94,8 @@ async fn slow_commits_from_three_processes_are_never_skipped() {
 async fn child_writer(file: &Path) {
     let prefix = std::env::var(CHILD_STREAMS).expect("child streams");
     let store = Arc::new(SqliteEventStore::open_with(file, config()).await.expect("child store"));
-    let streams: Vec<StreamId> = (0..4).map(|i| stream(&format!("{prefix}{i}"))).collect();
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let tasks: Vec<_> = (0..TASKS_PER_PROCESS)
-        .map(|task| {
-            let (store, streams, acked) = (Arc::clone(&store), streams.clone(), Arc::clone(&acked));
-            tokio::spawn(
-                async move { write_randomly(&*store, &streams, APPENDS_PER_TASK, task, &acked, print_acked).await },
-            )
-        })
-        .collect();
+    let (_, tasks) = spawn_writers(&store, &prefix, TASKS_PER_PROCESS, APPENDS_PER_TASK, true);
     for task in tasks {
         task.await.expect("child task");
     }
-}
-
-/// This test binary again, running only this test, as a writer on `file`.
-fn spawn_child(file: &Path, child: usize) -> tokio::process::Child {
-    let exe = std::env::current_exe().expect("test binary");
-    tokio::process::Command::new(exe)
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads", "1"])
-        .env(CHILD_FILE, file)
-        .env(CHILD_STREAMS, format!("child{child}-"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn child writer")
 }
