@@ -36,6 +36,10 @@
         const response = await fetch("/search?" + new URLSearchParams(new FormData(searchForm)));
         const html = await response.text();
         if (asked !== latest) return; // an answer to an older input
+        if (response.status === 429) {
+          searchPanel.textContent = html.trim(); // the limit, in words
+          return;
+        }
         const region = new DOMParser().parseFromString(html, "text/html").getElementById("search-results-region");
         searchPanel.replaceChildren(...(region ? [document.importNode(region, true)] : []));
       } catch {

@@ -63,6 +63,11 @@ pub struct LimitsConfig {
     pub commands_per_second: f64,
     /// New rooms (a first message in an empty room) one address may create per minute.
     pub rooms_per_minute: u32,
+    /// Searches one address may make in a burst (a search reads an index; typing in the
+    /// live search box makes at most five a second).
+    pub searches_burst: u32,
+    /// Searches per second one address may make on average.
+    pub searches_per_second: f64,
 }
 
 impl Default for LimitsConfig {
@@ -73,6 +78,8 @@ impl Default for LimitsConfig {
             commands_burst: 30,
             commands_per_second: 3.0,
             rooms_per_minute: 10,
+            searches_burst: 30,
+            searches_per_second: 4.0,
         }
     }
 }
@@ -204,6 +211,9 @@ pub enum Refusal {
     /// This address created too many rooms in the last minute.
     #[error("too many new rooms from your network: at most {0} a minute; try again in {1} s")]
     Rooms(u32, u64),
+    /// This address searched too often just now.
+    #[error("slow down: too many searches from your network; try again in {0} s")]
+    Searches(u64),
 }
 
 /// The limits, shared by every connection.
@@ -215,6 +225,7 @@ pub struct Limits {
     reserve: Arc<Reserve>,
     commands: Buckets<ClientAddress>,
     rooms: Buckets<ClientAddress>,
+    searches: Buckets<ClientAddress>,
 }
 
 impl Limits {
@@ -226,6 +237,7 @@ impl Limits {
             reserve: Arc::new(Reserve::default()),
             commands: Buckets::new(f64::from(config.commands_burst), config.commands_per_second),
             rooms: Buckets::new(f64::from(config.rooms_per_minute), f64::from(config.rooms_per_minute) / 60.0),
+            searches: Buckets::new(f64::from(config.searches_burst), config.searches_per_second),
             config,
         }
     }
@@ -278,6 +290,11 @@ impl Limits {
         self.rooms
             .take(&address, Instant::now())
             .map_err(|wait| Refusal::Rooms(self.config.rooms_per_minute, wait.as_secs().max(1)))
+    }
+
+    /// Takes one search from `address`'s budget.
+    pub fn search(&self, address: ClientAddress) -> Result<(), Refusal> {
+        self.searches.take(&address, Instant::now()).map_err(|wait| Refusal::Searches(wait.as_secs().max(1)))
     }
 
     /// Connections open now.

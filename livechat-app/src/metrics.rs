@@ -151,11 +151,13 @@ pub enum Limit {
     Frames,
     /// Typing signals taken per sender (one a second; extra ones are dropped).
     Typing,
+    /// Searches per client address (token bucket).
+    AddressSearches,
 }
 
 impl Limit {
     /// Every limit.
-    pub const ALL: [Limit; 8] = [
+    pub const ALL: [Limit; 9] = [
         Limit::Connections,
         Limit::AddressConnections,
         Limit::AddressCommands,
@@ -164,6 +166,7 @@ impl Limit {
         Limit::RoomCreation,
         Limit::Frames,
         Limit::Typing,
+        Limit::AddressSearches,
     ];
 
     /// The label on `/metrics`.
@@ -175,6 +178,7 @@ impl Limit {
             Limit::NameMessages => "name_messages",
             Limit::NameReactions => "name_reactions",
             Limit::RoomCreation => "room_creation",
+            Limit::AddressSearches => "address_searches",
             Limit::Frames => "frames",
             Limit::Typing => "typing",
         }

@@ -79,7 +79,11 @@ pub struct SearchQuery {
 /// The search page: the form and the newest matching messages (of the room, or of every
 /// room), their matched words highlighted. Works without JavaScript; the page's script fetches
 /// it to show results as one types.
-async fn search(State(state): State<Arc<AppState>>, Query(query): Query<SearchQuery>) -> Result<Response, AppError> {
+async fn search(
+    State(state): State<Arc<AppState>>,
+    client: Client,
+    Query(query): Query<SearchQuery>,
+) -> Result<Response, AppError> {
     let room = match query.room.as_deref().filter(|room| !room.is_empty()) {
         Some(room) => Some(ChatId::parse(room).map_err(|error| AppError::BadRequest(error.to_string()))?),
         None => None,
@@ -88,6 +92,12 @@ async fn search(State(state): State<Arc<AppState>>, Query(query): Query<SearchQu
         return Err(AppError::Unavailable("search needs a SQLite or PostgreSQL store".into()));
     };
     let q = query.q.trim();
+    if !q.is_empty() {
+        if let Err(refusal) = state.limits.search(client.address) {
+            state.metrics.limited(crate::metrics::Limit::AddressSearches);
+            return Err(AppError::Limited(refusal.to_string()));
+        }
+    }
     let (hits, error, status) = if q.is_empty() {
         (Vec::new(), None, StatusCode::OK)
     } else {

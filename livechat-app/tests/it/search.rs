@@ -175,3 +175,32 @@ async fn postgres_search_is_newest_first_highlighted_follows_edits_and_rebuilds_
     rebuilt.running.stop().await;
     server.stop().await;
 }
+
+/// One address may search only so often: past its burst, 429 with the wait in words, and
+/// nothing searched; an empty query costs nothing.
+#[tokio::test]
+async fn searches_past_the_address_budget_are_refused_with_429() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let store = SqliteEventStore::connect(&url).await.expect("open");
+    let backend = Backend::Sqlite { url: url.clone(), store: store.clone() };
+    let mut config = livechat_app::AppConfig::default();
+    config.limits.searches_burst = 3;
+    config.limits.searches_per_second = 0.01;
+    let server = TestServer::start_searching_with(Arc::new(store.clone()), backend, config).await;
+    say(&server, "kitchen", "alice", "pizza tonight", 1).await;
+    indexed(&server).await;
+    for _ in 0..3 {
+        let page = server.get("/search?q=pizza", None).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert_eq!(results(&page).len(), 1);
+    }
+    let refused = server.get("/search?q=pizza", None).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(refused.body.contains("too many searches"), "{}", refused.body);
+    let metrics = server.get("/metrics", None).await;
+    assert!(metrics.body.contains("livechat_limited_total{limit=\"address_searches\"} 1"), "{}", metrics.body);
+    let empty = server.get("/search?q=", None).await;
+    assert_eq!(empty.status, 200, "an empty query searches nothing and is not counted");
+    server.stop().await;
+}

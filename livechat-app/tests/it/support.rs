@@ -165,7 +165,16 @@ impl TestServer {
 
     /// Starts with the search index on `search` (the store's own database).
     pub async fn start_searching(store: Arc<dyn Store>, search: livechat_app::search::Backend) -> Self {
-        Self::start_full(store, AppConfig::default(), TIMEOUT, Some(search)).await
+        Self::start_searching_with(store, search, AppConfig::default()).await
+    }
+
+    /// [`start_searching`](Self::start_searching) with `config`.
+    pub async fn start_searching_with(
+        store: Arc<dyn Store>,
+        search: livechat_app::search::Backend,
+        config: AppConfig,
+    ) -> Self {
+        Self::start_full(store, config, TIMEOUT, Some(search)).await
     }
 
     async fn start_waiting(store: Arc<dyn Store>, config: AppConfig, ready: Duration) -> Self {
