@@ -157,7 +157,12 @@ impl<P: Present> ChatReadModel<P> {
                 rooms.entry(room.clone()).or_default().insert(node.to_owned(), Announced { names, count });
             }
         }
+        if count > 0 {
+            self.lobby_list(room);
+        }
         self.republish(room);
+        // The lobby counts every node's people, resident room or not.
+        self.touch();
     }
 
     /// `name` is typing in `room` on another node.
@@ -199,8 +204,12 @@ impl<P: Present> ChatReadModel<P> {
             });
             touched
         };
-        for room in touched {
-            self.republish(&room);
+        for room in &touched {
+            self.republish(room);
+        }
+        if !touched.is_empty() {
+            // The lobby counts every node's people, resident room or not.
+            self.touch();
         }
     }
 

@@ -403,6 +403,15 @@ impl<P: Present> ChatReadModel<P> {
         }
     }
 
+    /// Puts `id` in the lobby if it is not there yet (a room known only by its people on
+    /// other nodes), without moving it if it is.
+    fn lobby_list(&self, id: &ChatId) {
+        let known = self.inner.lobby.lock().unwrap_or_else(|p| p.into_inner()).messages.contains_key(id);
+        if !known {
+            self.lobby_touch(id, None);
+        }
+    }
+
     fn lobby_touch(&self, id: &ChatId, messages: Option<u64>) {
         let capacity = self.inner.config.lobby_rooms;
         self.inner.lobby.lock().unwrap_or_else(|p| p.into_inner()).touch(id, messages, capacity);
@@ -425,7 +434,12 @@ impl<P: Present> ChatReadModel<P> {
         entries
             .into_iter()
             .map(|(id, messages)| {
-                let viewers = self.resident(&id).map_or(0, |room| room.viewers());
+                // Everyone in the room on every node: this node's people and the others'.
+                let others = self.inner.cluster.others(&id);
+                let viewers = match self.resident(&id) {
+                    Some(room) => room.viewers_with(&others),
+                    None => others.names.len() + others.unnamed,
+                };
                 RoomSummary { id, messages, viewers }
             })
             .filter(|summary| summary.messages > 0 || summary.viewers > 0)

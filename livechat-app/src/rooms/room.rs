@@ -195,6 +195,17 @@ impl<P: Present> Room<P> {
         self.lock().here.count()
     }
 
+    /// How many distinct people are here or, as `others` says, in this room on other nodes
+    /// (a name on several nodes counts once; people another node did not name count each).
+    pub(super) fn viewers_with(&self, others: &Others) -> usize {
+        let inner = self.lock();
+        if others.names.is_empty() && others.unnamed == 0 {
+            return inner.here.count();
+        }
+        let local_only = inner.here.names().filter(|name| !others.names.contains(*name)).count();
+        local_only + others.names.len() + others.unnamed
+    }
+
     /// Names someone here may mention: the people here and the senders of the window's
     /// messages.
     pub fn known_names(&self) -> Vec<String> {

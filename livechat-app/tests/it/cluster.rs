@@ -58,3 +58,26 @@ async fn other_nodes_people_and_typing_join_the_room_and_leave_with_their_node()
     assert_eq!((announced[0].names.as_slice(), announced[0].count), (&["alice".to_owned()][..], 1));
     server.stop().await;
 }
+
+/// The lobby counts every node's people: a name on two nodes once, a room known only by its
+/// people on another node listed, and both gone with that node.
+#[tokio::test]
+async fn the_lobby_counts_the_people_of_every_node() {
+    let server = TestServer::start().await;
+    let model = &server.state.model;
+    let (lounge, attic) = (ChatId::parse("lounge").expect("room"), ChatId::parse("attic").expect("room"));
+    let (mut alice, _) = server.join("alice", "lounge", 0).await;
+    presence_until(&mut alice, |list, count| list.contains("alice") && count == "1").await;
+    let viewers = |room: &ChatId| model.rooms(100).into_iter().find(|summary| &summary.id == room).map(|s| s.viewers);
+    assert_eq!(viewers(&lounge), Some(1));
+
+    model.remote_presence("node-b", &lounge, vec!["alice".into(), "bob".into()], 2);
+    model.remote_presence("node-b", &attic, vec!["dora".into()], 3);
+    assert_eq!(viewers(&lounge), Some(2), "alice here and on node-b counts once, bob once");
+    assert_eq!(viewers(&attic), Some(3), "a room with people only on node-b is listed with them");
+
+    model.forget_nodes(Some("node-b"));
+    assert_eq!(viewers(&lounge), Some(1));
+    assert_eq!(viewers(&attic), None, "no messages and nobody left: not listed");
+    server.stop().await;
+}
