@@ -43,6 +43,10 @@ use crate::subscription::Subscription;
 /// Events queued per worker (read ahead of the handler).
 const QUEUE_PER_WORKER: usize = 64;
 
+/// How long one turn of the feeder's loop may handle buffered events inline before it shows
+/// progress, saves a due checkpoint and looks at the lease and the stop signal again.
+const INLINE_TURN: Duration = Duration::from_millis(5);
+
 /// What one runner shares between its feeder and workers.
 struct Shared<S: ?Sized, H> {
     store: Arc<S>,
@@ -512,8 +516,14 @@ impl<S: Store + ?Sized, H: EventHandler> FeedLoop<'_, S, H> {
     /// workers have room: one turn of the loop per page, not per event. A stop is noticed
     /// between events.
     async fn hand_out_page(&mut self, event: RecordedEvent, max_in_flight: usize) -> Result<(), End> {
+        let turn = Instant::now();
         self.hand_out(event).await?;
         while self.books.in_flight.len() < max_in_flight && !stop_requested(self.guard.stop) {
+            // Handling inline, a turn ends after INLINE_TURN so that slow handlers still show
+            // progress and save checkpoints between events; the rest stays buffered.
+            if self.inline.is_some() && turn.elapsed() >= INLINE_TURN {
+                break;
+            }
             let Some(event) = self.feed.next_buffered() else { break };
             self.hand_out(event).await?;
         }

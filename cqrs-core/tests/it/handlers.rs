@@ -436,3 +436,22 @@ async fn start_from_current_asks_the_store_for_its_head_instead_of_reading_the_l
     );
     running.stop().await;
 }
+
+/// A slow handler catching up over a page shows its progress and saves its checkpoint as it
+/// goes, not only after the page: a process killed mid-page resumes near where it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_saves_its_checkpoint_within_a_page() {
+    let store = Arc::new(MemoryStore::new());
+    let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    fill(&dispatcher, 40).await;
+    let progress = Progress::new();
+    let slow = Totals { delay: Duration::from_millis(20), ..Totals::named("slow") };
+    let config = RunnerConfig { checkpoint_every: 1, checkpoint_delay: Duration::ZERO, ..RunnerConfig::default() };
+    let running = spawn_handler(Arc::clone(&store), slow.clone(), config, &progress);
+    wait_until("ten handled", || slow.seen().len() >= 10).await;
+    let saved = store.load_checkpoint("slow").await.expect("load").unwrap_or(Position::START);
+    assert!(saved >= Position(5), "the checkpoint moves within the page of 40 events: {saved}");
+    assert!(running.status().position >= Position(5), "and so does the status: {:?}", running.status());
+    assert!(slow.seen().len() < 40, "still inside the page");
+    running.stop().await;
+}
