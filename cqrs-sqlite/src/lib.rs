@@ -3,6 +3,7 @@
 mod config;
 mod coordination;
 mod error;
+mod pages;
 mod projection;
 mod query;
 mod rows;
@@ -56,6 +57,8 @@ struct Inner {
     /// Last committed position, published by the writer after each commit.
     head: Arc<watch::Sender<Position>>,
     counters: Arc<Counters>,
+    /// `read_all`'s connections (see `pages.rs`).
+    pages: Arc<pages::Pages>,
     path: PathBuf,
     poll_interval: Duration,
 }
@@ -174,7 +177,15 @@ impl SqliteEventStore {
             tokio::spawn(run_pruner(writes.downgrade(), retention, every));
         }
         Ok(Self {
-            inner: Arc::new(Inner { readers, writes, head, counters, path, poll_interval: config.poll_interval }),
+            inner: Arc::new(Inner {
+                readers,
+                writes,
+                head,
+                counters,
+                pages: Arc::new(pages::Pages::new(path.clone(), config.busy_timeout)),
+                path,
+                poll_interval: config.poll_interval,
+            }),
         })
     }
 
@@ -387,10 +398,8 @@ impl EventStore for SqliteEventStore {
             return Ok(Vec::new());
         }
         // No watermark needed: positions are assigned in commit order (see `writer`), and
-        // one statement reads one committed snapshot.
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
-        let query = sqlx::query(&sql).bind(to_i64_saturating(after.0)).bind(limit(max_count));
-        EventDecoder::fetch(query, &self.inner.readers, max_count).await
+        // one statement reads one committed snapshot. A page per hop (see `pages.rs`).
+        self.inner.pages.read_all(after, max_count).await
     }
 
     async fn read_query(

@@ -146,49 +146,74 @@ impl EventDecoder {
             Some(columns) => columns,
             None => *self.columns.insert(Columns::of(row).map_err(corrupt)?),
         };
-        let position: i64 = row.try_get(columns.position).map_err(corrupt)?;
-        let event_id: Uuid = row.try_get(columns.event_id).map_err(corrupt)?;
-        let version: i64 = row.try_get(columns.version).map_err(corrupt)?;
-        let schema_version: i64 = row.try_get(columns.schema_version).map_err(corrupt)?;
-        let payload: &str = row.try_get(columns.payload).map_err(corrupt)?;
-        let command_id: Option<Uuid> = row.try_get(columns.command_id).map_err(corrupt)?;
-        let causation_id: Option<Uuid> = row.try_get(columns.causation_id).map_err(corrupt)?;
-        let correlation_id: Option<Uuid> = row.try_get(columns.correlation_id).map_err(corrupt)?;
-        let headers: &str = row.try_get(columns.headers).map_err(corrupt)?;
-        let recorded_at: i64 = row.try_get(columns.recorded_at).map_err(corrupt)?;
-        let stream_id: &str = row.try_get(columns.stream_id).map_err(corrupt)?;
-        let stream_id = self.names.stream_id(stream_id)?;
-        let event_type: &str = row.try_get(columns.event_type).map_err(corrupt)?;
-        let event_type = self.names.event_type(event_type);
-        let tags: &str = row.try_get(columns.tags).map_err(corrupt)?;
+        let raw = RawEvent {
+            position: row.try_get(columns.position).map_err(corrupt)?,
+            event_id: row.try_get(columns.event_id).map_err(corrupt)?,
+            stream_id: row.try_get(columns.stream_id).map_err(corrupt)?,
+            version: row.try_get(columns.version).map_err(corrupt)?,
+            event_type: row.try_get(columns.event_type).map_err(corrupt)?,
+            schema_version: row.try_get(columns.schema_version).map_err(corrupt)?,
+            payload: row.try_get(columns.payload).map_err(corrupt)?,
+            command_id: row.try_get(columns.command_id).map_err(corrupt)?,
+            causation_id: row.try_get(columns.causation_id).map_err(corrupt)?,
+            correlation_id: row.try_get(columns.correlation_id).map_err(corrupt)?,
+            headers: row.try_get(columns.headers).map_err(corrupt)?,
+            recorded_at: row.try_get(columns.recorded_at).map_err(corrupt)?,
+            tags: row.try_get(columns.tags).map_err(corrupt)?,
+        };
+        self.assemble(raw)
+    }
+
+    /// Builds the event from one row's columns, however they were read.
+    pub(crate) fn assemble(&mut self, raw: RawEvent<'_>) -> Result<RecordedEvent, StoreError> {
+        let stream_id = self.names.stream_id(raw.stream_id)?;
+        let event_type = self.names.event_type(raw.event_type);
         let tags = match &self.last_tags {
-            _ if tags == "[]" => Arc::clone(self.no_tags.get_or_insert_with(|| Arc::from(Vec::new()))),
-            Some((text, parsed)) if text == tags => Arc::clone(parsed),
+            _ if raw.tags == "[]" => Arc::clone(self.no_tags.get_or_insert_with(|| Arc::from(Vec::new()))),
+            Some((text, parsed)) if text == raw.tags => Arc::clone(parsed),
             _ => {
-                let parsed: Arc<[Tag]> = Arc::from(parse_tags(tags)?);
-                self.last_tags = Some((tags.to_owned(), Arc::clone(&parsed)));
+                let parsed: Arc<[Tag]> = Arc::from(parse_tags(raw.tags)?);
+                self.last_tags = Some((raw.tags.to_owned(), Arc::clone(&parsed)));
                 parsed
             }
         };
+        let schema_version = raw.schema_version;
         Ok(RecordedEvent {
-            event_id: EventId(event_id),
+            event_id: EventId(raw.event_id),
             stream_id,
-            version: Version(to_u64(version, "version")?),
-            position: Position(to_u64(position, "position")?),
-            recorded_at: Timestamp(recorded_at),
+            version: Version(to_u64(raw.version, "version")?),
+            position: Position(to_u64(raw.position, "position")?),
+            recorded_at: Timestamp(raw.recorded_at),
             event_type,
             schema_version: u32::try_from(schema_version)
                 .map_err(|_| StoreError::Corrupt(format!("schema version {schema_version} out of range")))?,
-            payload: Arc::new(json(payload, "payload")?),
+            payload: Arc::new(json(raw.payload, "payload")?),
             metadata: Arc::new(Metadata {
-                command_id: command_id.map(CommandId),
-                causation_id: causation_id.map(CausationId),
-                correlation_id: correlation_id.map(CorrelationId),
-                headers: parse_headers(headers)?,
+                command_id: raw.command_id.map(CommandId),
+                causation_id: raw.causation_id.map(CausationId),
+                correlation_id: raw.correlation_id.map(CorrelationId),
+                headers: parse_headers(raw.headers)?,
             }),
             tags,
         })
     }
+}
+
+/// One event row's columns as read, text borrowed from the row.
+pub(crate) struct RawEvent<'r> {
+    pub(crate) position: i64,
+    pub(crate) event_id: Uuid,
+    pub(crate) stream_id: &'r str,
+    pub(crate) version: i64,
+    pub(crate) event_type: &'r str,
+    pub(crate) schema_version: i64,
+    pub(crate) payload: &'r str,
+    pub(crate) command_id: Option<Uuid>,
+    pub(crate) causation_id: Option<Uuid>,
+    pub(crate) correlation_id: Option<Uuid>,
+    pub(crate) headers: &'r str,
+    pub(crate) recorded_at: i64,
+    pub(crate) tags: &'r str,
 }
 
 /// Decodes the four bounds of a `cqrs_commands` row.
