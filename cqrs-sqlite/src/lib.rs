@@ -30,7 +30,7 @@ pub use crate::error::SqliteStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProjection};
 
 use crate::error::{open_error, to_store_error};
-use crate::rows::{command_result, limit, to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
+use crate::rows::{command_result, limit, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::{AppendRequest, AtomicRequest, Counters, WriteRequest, Writer};
 
 /// How many writes may wait for the writer task before callers wait to enqueue.
@@ -386,11 +386,8 @@ impl EventStore for SqliteEventStore {
         if max_count == 0 {
             return Ok(Vec::new());
         }
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
-        );
-        let query = sqlx::query(&sql).bind(stream_id.as_str()).bind(to_i64_saturating(from.0)).bind(limit(max_count));
-        EventDecoder::fetch(query, &self.inner.readers, max_count).await
+        // Versions are contiguous and committed in order: one statement reads a prefix.
+        self.inner.pages.read(pages::Page::Stream(stream_id.clone(), from), max_count).await
     }
 
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -399,7 +396,7 @@ impl EventStore for SqliteEventStore {
         }
         // No watermark needed: positions are assigned in commit order (see `writer`), and
         // one statement reads one committed snapshot. A page per hop (see `pages.rs`).
-        self.inner.pages.read_all(after, max_count).await
+        self.inner.pages.read(pages::Page::All(after), max_count).await
     }
 
     async fn read_query(

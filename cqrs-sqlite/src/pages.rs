@@ -1,4 +1,5 @@
-//! Catch-up reads (`read_all`) through SQLite's C API (rusqlite) on connections of their own.
+//! Pages of events (`read_all`, `read_stream`) through SQLite's C API (rusqlite), on
+//! connections of their own.
 //!
 //! sqlx's SQLite driver steps each statement on a worker thread and sends every row back over
 //! a channel, copying each value: for a page of 512 events that is 512 hops and thousands of
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use cqrs_core::{Position, RecordedEvent, StoreError};
+use cqrs_core::{Position, RecordedEvent, StoreError, StreamId, Version};
 use rusqlite::{Connection, OpenFlags};
 use uuid::Uuid;
 
@@ -22,38 +23,46 @@ use crate::rows::{limit, to_i64_saturating, EventDecoder, RawEvent, EVENT_COLUMN
 /// Idle connections kept for the next read (more are opened when reads overlap).
 const IDLE_CONNECTIONS: usize = 4;
 
-/// Connections for pages of the whole log.
+/// Which page to read.
+pub(crate) enum Page {
+    /// The log's events after a position.
+    All(Position),
+    /// One stream's events from a version.
+    Stream(StreamId, Version),
+}
+
+/// Connections for pages of events.
 pub(crate) struct Pages {
     path: PathBuf,
     busy_timeout: Duration,
     idle: Mutex<Vec<Connection>>,
-    sql: String,
+    all_sql: String,
+    stream_sql: String,
 }
 
 impl Pages {
     pub(crate) fn new(path: PathBuf, busy_timeout: Duration) -> Self {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
-        Self { path, busy_timeout, idle: Mutex::new(Vec::new()), sql }
+        let all_sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
+        let stream_sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
+        );
+        Self { path, busy_timeout, idle: Mutex::new(Vec::new()), all_sql, stream_sql }
     }
 
-    /// The events after `after`, at most `max_count`, read on a blocking thread.
-    pub(crate) async fn read_all(
-        self: &Arc<Self>,
-        after: Position,
-        max_count: usize,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
+    /// At most `max_count` events of `page`, read on a blocking thread.
+    pub(crate) async fn read(self: &Arc<Self>, page: Page, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         let pages = Arc::clone(self);
-        tokio::task::spawn_blocking(move || pages.read_now(after, max_count))
+        tokio::task::spawn_blocking(move || pages.read_now(&page, max_count))
             .await
             .map_err(|error| StoreError::Unavailable(Box::new(error)))?
     }
 
-    fn read_now(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+    fn read_now(&self, page: &Page, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         let connection = match self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop() {
             Some(connection) => connection,
             None => self.open().map_err(unavailable)?,
         };
-        let events = self.read_on(&connection, after, max_count);
+        let events = self.read_on(&connection, page, max_count);
         // A connection whose read failed is dropped, not reused.
         if events.is_ok() {
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -76,11 +85,20 @@ impl Pages {
     fn read_on(
         &self,
         connection: &Connection,
-        after: Position,
+        page: &Page,
         max_count: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut statement = connection.prepare_cached(&self.sql).map_err(unavailable)?;
-        let mut rows = statement.query((to_i64_saturating(after.0), limit(max_count))).map_err(unavailable)?;
+        let max = limit(max_count);
+        let (sql, all_after, stream) = match page {
+            Page::All(after) => (&self.all_sql, to_i64_saturating(after.0), None),
+            Page::Stream(stream_id, from) => (&self.stream_sql, to_i64_saturating(from.0), Some(stream_id.as_str())),
+        };
+        let mut statement = connection.prepare_cached(sql).map_err(unavailable)?;
+        let mut rows = match stream {
+            None => statement.query((all_after, max)),
+            Some(stream_id) => statement.query((stream_id, all_after, max)),
+        }
+        .map_err(unavailable)?;
         let mut decoder = EventDecoder::default();
         let mut events = Vec::with_capacity(max_count.min(1024));
         while let Some(row) = rows.next().map_err(unavailable)? {
