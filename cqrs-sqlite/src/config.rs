@@ -18,10 +18,11 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SqliteStoreConfig {
-    /// Connections in the read pool (reads and checkpoint loads). The writer has its own
-    /// connection besides these.
+    /// Connections in the read pool (reads and checkpoint loads), and again as many for the
+    /// page reads of `read_all` and `read_stream`. The writer has its own connection besides
+    /// these.
     pub read_connections: u32,
-    /// How long a call waits for a pooled read connection before failing with
+    /// How long a call waits for a read connection (of either kind) before failing with
     /// `StoreError::Unavailable`.
     pub acquire_timeout: Duration,
     /// SQLite's `busy_timeout`: how long a connection waits for a lock held by another

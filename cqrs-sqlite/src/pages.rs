@@ -8,7 +8,8 @@
 //!
 //! Each read is one statement, so it sees one committed snapshot: a prefix of the log, since
 //! positions are assigned under the write lock in commit order (see `writer.rs`). The
-//! connections are `query_only`.
+//! connections are `query_only`, and as many as the read pool's (`read_connections`): a read
+//! waits for one up to `acquire_timeout`, so a burst of reads cannot open files without bound.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,12 +17,10 @@ use std::time::Duration;
 
 use cqrs_core::{Position, RecordedEvent, StoreError, StreamId, Version};
 use rusqlite::{Connection, OpenFlags};
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::rows::{limit, to_i64_saturating, EventDecoder, RawEvent, EVENT_COLUMNS};
-
-/// Idle connections kept for the next read (more are opened when reads overlap).
-const IDLE_CONNECTIONS: usize = 4;
 
 /// Which page to read.
 pub(crate) enum Page {
@@ -35,26 +34,40 @@ pub(crate) enum Page {
 pub(crate) struct Pages {
     path: PathBuf,
     busy_timeout: Duration,
+    /// One permit per connection that may be open: reads beyond them wait.
+    permits: Arc<Semaphore>,
+    acquire_timeout: Duration,
     idle: Mutex<Vec<Connection>>,
     all_sql: String,
     stream_sql: String,
 }
 
 impl Pages {
-    pub(crate) fn new(path: PathBuf, busy_timeout: Duration) -> Self {
+    pub(crate) fn new(path: PathBuf, busy_timeout: Duration, connections: usize, acquire_timeout: Duration) -> Self {
         let all_sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
         let stream_sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
         );
-        Self { path, busy_timeout, idle: Mutex::new(Vec::new()), all_sql, stream_sql }
+        let permits = Arc::new(Semaphore::new(connections.max(1)));
+        Self { path, busy_timeout, permits, acquire_timeout, idle: Mutex::new(Vec::new()), all_sql, stream_sql }
     }
 
     /// At most `max_count` events of `page`, read on a blocking thread.
     pub(crate) async fn read(self: &Arc<Self>, page: Page, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
-        let pages = Arc::clone(self);
-        tokio::task::spawn_blocking(move || pages.read_now(&page, max_count))
+        let permit = tokio::time::timeout(self.acquire_timeout, Arc::clone(&self.permits).acquire_owned())
             .await
-            .map_err(|error| StoreError::Unavailable(Box::new(error)))?
+            .map_err(|_| {
+                StoreError::Unavailable(format!("no read connection free within {:?}", self.acquire_timeout).into())
+            })?
+            .map_err(|error| StoreError::Unavailable(Box::new(error)))?;
+        let pages = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let events = pages.read_now(&page, max_count);
+            drop(permit);
+            events
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(Box::new(error)))?
     }
 
     fn read_now(&self, page: &Page, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -63,12 +76,9 @@ impl Pages {
             None => self.open().map_err(unavailable)?,
         };
         let events = self.read_on(&connection, page, max_count);
-        // A connection whose read failed is dropped, not reused.
+        // A connection whose read failed is dropped, not reused. (At most one per permit.)
         if events.is_ok() {
-            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < IDLE_CONNECTIONS {
-                idle.push(connection);
-            }
+            self.idle.lock().unwrap_or_else(PoisonError::into_inner).push(connection);
         }
         events
     }
