@@ -109,6 +109,14 @@ impl Gaps {
         self.pending.push_back(Gap { first: from.0 + 1, last: to.0 - 1, due: Instant::now() + self.delay });
     }
 
+    /// Puts the oldest gap's audit off by the audit delay (at least a second).
+    fn postpone(&mut self) {
+        let later = Instant::now() + self.delay.max(Duration::from_secs(1));
+        if let Some(gap) = self.pending.front_mut() {
+            gap.due = later;
+        }
+    }
+
     /// The oldest gap, if its audit is due.
     fn due(&self) -> Option<Gap> {
         self.pending.front().filter(|gap| gap.due <= Instant::now()).copied()
@@ -190,11 +198,6 @@ impl<S: EventStore + ?Sized> Subscription<S> {
         self.gaps.skipped
     }
 
-    /// Gaps passed over and not yet audited.
-    pub fn pending_gap_audits(&self) -> usize {
-        self.gaps.pending.len()
-    }
-
     /// Reads every gap passed over so far again now, whether due or not (a test, or a consumer
     /// about to stop, that wants the count final). Returns [`skipped_events`](Self::skipped_events).
     pub async fn audit_gaps_now(&mut self) -> Result<u64, StoreError> {
@@ -263,9 +266,11 @@ impl<S: EventStore + ?Sized> Subscription<S> {
     /// last one came back short and no notification has come since (see `caught_up`).
     async fn fill(&mut self) -> Result<bool, StoreError> {
         if let Some(gap) = self.gaps.due() {
-            // A failed audit read is tried again on the next fill; it never fails the feed.
+            // A failed audit read never fails the feed; it is tried again a while later (not at
+            // once: the wait for it would end at once, and the feed would spin).
             if let Err(error) = self.audit(gap).await {
-                tracing::debug!(%error, "gap audit read failed; retried on the next read");
+                tracing::debug!(%error, "gap audit read failed; tried again later");
+                self.gaps.postpone();
             }
         }
         if self.caught_up && !self.notifications.has_changed().unwrap_or(true) {
