@@ -146,16 +146,16 @@ impl State {
         let first_index = self.log.len();
         let count = events.len() as u64;
         let State { log, streams, event_ids, tag_index, type_index, .. } = self;
-        if !streams.contains_key(&stream_id) {
-            streams.insert(stream_id.clone(), Vec::new());
+        let appended = first_index..first_index + events.len();
+        match streams.get_mut(&stream_id) {
+            Some(indexes) => indexes.extend(appended),
+            None => {
+                streams.insert(stream_id.clone(), appended.collect());
+            }
         }
-        let mut indexes = streams.get_mut(&stream_id);
         for (offset, mut event) in events.into_iter().enumerate() {
             let index = first_index + offset;
             event_ids.insert(event.event_id);
-            if let Some(indexes) = indexes.as_mut() {
-                indexes.push(index);
-            }
             match type_index.get_mut(&*event.event_type) {
                 Some(typed) => typed.push(index),
                 None => {
