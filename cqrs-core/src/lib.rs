@@ -15,6 +15,7 @@
 //! - [`handler`]: projections and side effects, driven from durable checkpoints; one active
 //!   consumer across processes, partitions, parked events, transactional batches.
 //! - [`process`]: process managers (sagas) with durable state and scheduled commands.
+//! - [`rebuild`]: projections rebuilt beside the live one and switched in one step.
 //! - [`clock`]: the clock of schedules (system, or a test clock).
 //! - [`telemetry`]: the spans and metrics the framework emits (every name in one table).
 //! - `testing` (feature `testing`): the given/when/then harness and the store conformance suite.
@@ -35,6 +36,7 @@ pub mod handler;
 pub mod ids;
 pub mod process;
 pub mod query;
+pub mod rebuild;
 pub mod store;
 pub mod subscription;
 pub mod telemetry;
@@ -120,9 +122,9 @@ pub use event::{
     Upcasters,
 };
 pub use handler::{
-    current_claim, spawn_batch_handler, spawn_handler, BatchHandler, Checkpoints, ErrorPolicy, EventHandler,
-    HandlerError, HandlerState, HandlerStatus, ParkedEvents, Placement, Progress, ProgressError, RunnerConfig,
-    RunningHandler, StartFrom, DEFAULT_MAX_BATCH,
+    current_claim, spawn_batch_handler, spawn_handler, BatchHandler, Checkpoints, ControlError, ErrorPolicy,
+    EventHandler, HandlerControl, HandlerError, HandlerState, HandlerStatus, ParkedEvents, Placement, Progress,
+    ProgressError, RunnerConfig, RunningHandler, StartFrom, DEFAULT_MAX_BATCH,
 };
 pub use ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, StreamIdError, Timestamp, Version};
 pub use process::{

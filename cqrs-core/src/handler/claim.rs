@@ -40,6 +40,9 @@ pub(crate) enum Lease {
     Standby { holder: Option<String> },
     /// Held: the runner may act until `valid_until` unless it is renewed first.
     Held { claim: Claim, valid_until: Instant },
+    /// An operator paused the handler ([`HandlerControl::pause`](crate::HandlerControl::pause)):
+    /// the keeper gave the claim up and does not take it until the pause is lifted.
+    Paused { by: String },
 }
 
 /// Keeps an exclusive runner's claim; releases it when stopped.
@@ -77,7 +80,7 @@ impl ClaimKeeper {
         }
         let held = match &*self.lease.borrow() {
             Lease::Held { claim, .. } => Some(claim.clone()),
-            Lease::Standby { .. } => None,
+            Lease::Standby { .. } | Lease::Paused { .. } => None,
         };
         if let Some(claim) = held {
             match tokio::time::timeout(within, store.release_claim(&claim)).await {
@@ -108,8 +111,31 @@ async fn keep<S: Store + ?Sized>(
     lease: watch::Sender<Lease>,
 ) {
     let renew_every = ttl / 3;
+    let marker = super::control::pause_marker(&name);
     loop {
         let asked = Instant::now();
+        match paused_by(&*store, &marker).await {
+            Ok(Some(by)) => {
+                // Paused: stop acting at once (the runner sees the lease end), then give the
+                // claim up, so an operator's reset can take it.
+                let held = match lease.send_replace(Lease::Paused { by }) {
+                    Lease::Held { claim, .. } => Some(claim),
+                    Lease::Standby { .. } | Lease::Paused { .. } => None,
+                };
+                if let Some(claim) = held {
+                    tracing::info!(handler = %name, "paused by an operator: claim given up");
+                    if let Err(error) = store.release_claim(&claim).await {
+                        tracing::debug!(handler = %name, %error, "releasing the claim failed; it will lapse");
+                    }
+                }
+                tokio::time::sleep(retry.min(renew_every)).await;
+                continue;
+            }
+            Ok(None) => {}
+            // The claim below fails too if the store is down; if only this read failed, a pause
+            // is noticed at the next renewal.
+            Err(error) => tracing::debug!(handler = %name, %error, "cannot read whether the handler is paused"),
+        }
         let pause = match store.claim(&name, &owner, ttl).await {
             Ok(ClaimOutcome::Held(claim)) => {
                 let valid_until = asked + ttl.mul_f64(SAFE_FRACTION);
@@ -129,6 +155,12 @@ async fn keep<S: Store + ?Sized>(
         };
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Who paused the handler whose pause marker is `marker`, if anyone.
+async fn paused_by<S: Store + ?Sized>(store: &S, marker: &str) -> Result<Option<String>, crate::StoreError> {
+    let claims = store.claims().await?;
+    Ok(claims.into_iter().find(|claim| claim.name == marker).map(|claim| claim.owner))
 }
 
 /// Resolves when the lease of tenure `token` ends: its `valid_until` passes without renewal,

@@ -16,6 +16,7 @@
 
 mod batch;
 mod claim;
+pub mod control;
 mod parking;
 mod runner;
 
@@ -42,6 +43,7 @@ pub(crate) use runner::{lease_lost as lease_ended, stopped as stop_signal, Tenur
 pub(crate) fn runner_tenures<S: Store + ?Sized>(store: &Arc<S>, name: &str, config: &RunnerConfig) -> Tenures {
     Tenures::new(store, name, config)
 }
+pub use control::{ControlError, HandlerControl};
 pub use parking::ParkedEvents;
 
 /// A failure reported by a handler. The runner retries the same event with back-off.
@@ -139,8 +141,34 @@ pub enum HandlerState {
         /// The last error.
         error: String,
     },
+    /// An exclusive handler an operator paused ([`HandlerControl::pause`]): no process runs it
+    /// until the pause is lifted; its checkpoint stays where it was.
+    Paused {
+        /// Who paused it.
+        by: String,
+    },
     /// Stopped on request.
     Stopped,
+}
+
+/// The state in words, as an operator reads it ("running", "paused by ops:alice", "stuck at
+/// 42 after 9 failures: ...").
+impl fmt::Display for HandlerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandlerState::Starting => f.write_str("starting"),
+            HandlerState::Running => f.write_str("running"),
+            HandlerState::Standby { holder } => {
+                write!(f, "standing by ({} is active)", holder.as_deref().unwrap_or("another process"))
+            }
+            HandlerState::Retrying { attempts, error, .. } => write!(f, "retrying ({attempts} failures): {error}"),
+            HandlerState::Stuck { position, attempts, error } => {
+                write!(f, "stuck at {position} after {attempts} failures: {error}")
+            }
+            HandlerState::Paused { by } => write!(f, "paused by {by}"),
+            HandlerState::Stopped => f.write_str("stopped"),
+        }
+    }
 }
 
 /// A snapshot of a handler's progress, published on every change.
@@ -287,6 +315,9 @@ impl Progress {
             | HandlerState::Stuck { position, attempts, error } = &status.state
             {
                 last_failure = Some(format!("{position}, attempt {attempts}: {error}"));
+            }
+            if let HandlerState::Paused { by } = &status.state {
+                last_failure = Some(format!("paused by {by}"));
             }
             if status.state == HandlerState::Stopped {
                 return Err(ProgressError::Stopped(name.to_owned()));

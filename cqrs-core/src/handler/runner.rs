@@ -282,6 +282,7 @@ async fn wait_for_claim(
             Lease::Held { claim, valid_until } if *valid_until > Instant::now() => return Some(claim.clone()),
             Lease::Held { .. } => {}
             Lease::Standby { holder } => set_state(HandlerState::Standby { holder: holder.clone() }),
+            Lease::Paused { by } => set_state(HandlerState::Paused { by: by.clone() }),
         }
         tokio::select! {
             changed = lease.changed() => if changed.is_err() { return None },

@@ -4,6 +4,7 @@
 //! crate's `tests/it/`.
 
 mod batches;
+mod control;
 mod decisions;
 mod dispatcher;
 mod exclusive;
@@ -12,5 +13,6 @@ mod lease;
 mod parking;
 mod partitions;
 mod properties;
+mod rebuilds;
 mod subscriptions;
 mod telemetry;

@@ -77,16 +77,5 @@ pub fn metrics(snapshot: &Snapshot, history: &History, handlers: &[HandlerLine])
 
 /// A handler's state in words (the dashboard's handler table and `/health`).
 pub fn handler_state(state: &HandlerState) -> String {
-    match state {
-        HandlerState::Starting => "starting".to_owned(),
-        HandlerState::Running => "running".to_owned(),
-        HandlerState::Standby { holder } => {
-            format!("standing by ({} is active)", holder.as_deref().unwrap_or("another process"))
-        }
-        HandlerState::Retrying { attempts, error, .. } => format!("retrying ({attempts} failures): {error}"),
-        HandlerState::Stuck { position, attempts, error } => {
-            format!("stuck at {position} after {attempts} failures: {error}")
-        }
-        HandlerState::Stopped => "stopped".to_owned(),
-    }
+    state.to_string()
 }

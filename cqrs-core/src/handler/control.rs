@@ -1,0 +1,168 @@
+//! [`HandlerControl`]: an operator pauses, resumes or resets an exclusive handler, whichever
+//! process runs it.
+//!
+//! **How a pause reaches every process.** A pause is a claim under the handler's pause marker
+//! (`cqrs.paused:{handler}`), held by the operator for [`PAUSE_TTL`]. Every exclusive runner's
+//! claim keeper reads the claims before it takes or renews its own (every third of its ttl, 1 s
+//! by default), and while the marker is held it stops acting, gives its claim up and stands by
+//! as [`HandlerState::Paused`](crate::HandlerState::Paused). Resuming releases the marker. So a
+//! pause needs no store method of its own, survives restarts, and is seen by processes started
+//! later.
+//!
+//! **Why a reset cannot race the runner.** [`HandlerControl::reset`] writes the checkpoint under
+//! a claim of its own on the handler's name, taken only once the paused runner has given its
+//! claim up: every checkpoint write is fenced by the claim it is made under
+//! ([`Coordination::save_checkpoint_claimed`]), so a runner's late save cannot overwrite the
+//! reset, and the next holder loads the reset position when its tenure begins.
+//!
+//! Every-process runners (checkpoints in memory, no claim) are not paused: each process rebuilds
+//! their state from history on start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::coordination::ClaimOutcome;
+use crate::ids::Position;
+use crate::store::{Store, StoreError};
+
+/// How long a pause lasts unless lifted: ten years, for ever in practice.
+pub const PAUSE_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The prefix of pause markers in the claims table; a handler's name never starts with it.
+pub const PAUSE_PREFIX: &str = "cqrs.paused:";
+
+/// How long a reset's own claim on the handler lasts (it is released at once when done).
+const RESET_CLAIM_TTL: Duration = Duration::from_secs(10);
+
+/// The claim name that marks `handler` paused.
+pub(crate) fn pause_marker(handler: &str) -> String {
+    format!("{PAUSE_PREFIX}{handler}")
+}
+
+/// Why an operator's action on a handler was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// A reset needs the handler paused first, so no process moves its checkpoint meanwhile.
+    #[error("handler {0:?} is not paused: pause it before resetting it")]
+    NotPaused(String),
+    /// The process that ran the handler has not given its claim up in time (it notices a pause
+    /// within a third of its claim ttl, or its claim lapses).
+    #[error("handler {handler:?} is still held by {holder:?}; try again in a moment")]
+    StillActive {
+        /// The handler.
+        handler: String,
+        /// Who holds it.
+        holder: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Pauses, resumes and resets exclusive handlers across every process sharing the store (see
+/// the [module docs](self) for how). Cheap to clone.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use cqrs_core::{ControlError, HandlerControl, Position, Store};
+///
+/// /// Makes "mailer" send again what followed position 41.
+/// async fn resend<S: Store>(store: Arc<S>) -> Result<(), ControlError> {
+///     let control = HandlerControl::new(store);
+///     control.pause("mailer", "ops:alice").await?;
+///     control.reset("mailer", Position(41), Duration::from_secs(5)).await?;
+///     control.resume("mailer").await?;
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug)]
+pub struct HandlerControl<S: ?Sized> {
+    store: Arc<S>,
+}
+
+impl<S: ?Sized> Clone for HandlerControl<S> {
+    fn clone(&self) -> Self {
+        Self { store: Arc::clone(&self.store) }
+    }
+}
+
+impl<S: Store + ?Sized> HandlerControl<S> {
+    /// Control over the handlers of `store`.
+    pub fn new(store: Arc<S>) -> Self {
+        Self { store }
+    }
+
+    /// Pauses `handler` in every process, recording `by` (who asked). The process running it
+    /// stops within a third of its claim ttl: what it had in hand is handled again on resume.
+    /// Pausing a paused handler changes nothing (the first `by` stays).
+    pub async fn pause(&self, handler: &str, by: &str) -> Result<(), ControlError> {
+        match self.store.claim(&pause_marker(handler), by, PAUSE_TTL).await? {
+            ClaimOutcome::Held(_) | ClaimOutcome::Taken { .. } => Ok(()),
+        }
+    }
+
+    /// Lifts the pause of `handler`; false if it was not paused. A standby takes it up within
+    /// its claim retry interval.
+    pub async fn resume(&self, handler: &str) -> Result<bool, ControlError> {
+        let marker = pause_marker(handler);
+        let claims = self.store.claims().await?;
+        let Some(pause) = claims.into_iter().find(|claim| claim.name == marker) else {
+            return Ok(false);
+        };
+        self.store.release_claim(&pause).await?;
+        Ok(true)
+    }
+
+    /// Who paused `handler`, if it is paused.
+    pub async fn paused_by(&self, handler: &str) -> Result<Option<String>, ControlError> {
+        Ok(self.paused().await?.into_iter().find(|(name, _)| name == handler).map(|(_, by)| by))
+    }
+
+    /// Every paused handler, with who paused it, by name.
+    pub async fn paused(&self) -> Result<Vec<(String, String)>, ControlError> {
+        let mut paused: Vec<(String, String)> = self
+            .store
+            .claims()
+            .await?
+            .into_iter()
+            .filter_map(|claim| claim.name.strip_prefix(PAUSE_PREFIX).map(|name| (name.to_owned(), claim.owner)))
+            .collect();
+        paused.sort();
+        Ok(paused)
+    }
+
+    /// Moves the checkpoint of paused `handler` to `to`: once resumed, it handles again every
+    /// event after `to` (or, with a higher `to`, passes over the events up to it). Waits up to
+    /// `within` for the process that ran it to give its claim up. Returns the checkpoint it had.
+    pub async fn reset(&self, handler: &str, to: Position, within: Duration) -> Result<Option<Position>, ControlError> {
+        if self.paused_by(handler).await?.is_none() {
+            return Err(ControlError::NotPaused(handler.to_owned()));
+        }
+        let owner = format!("{PAUSE_PREFIX}reset:{}", uuid::Uuid::new_v4());
+        let deadline = Instant::now() + within;
+        loop {
+            match self.store.claim(handler, &owner, RESET_CLAIM_TTL).await? {
+                ClaimOutcome::Held(claim) => {
+                    let before = self.store.load_checkpoint(handler).await;
+                    let saved = self.store.save_checkpoint_claimed(handler, to, &claim).await;
+                    if let Err(error) = self.store.release_claim(&claim).await {
+                        tracing::debug!(%handler, %error, "releasing the reset's claim failed; it will lapse");
+                    }
+                    saved?;
+                    tracing::warn!(%handler, from = ?before.as_ref().ok(), %to, "handler reset by an operator");
+                    return Ok(before?);
+                }
+                ClaimOutcome::Taken { holder, .. } => {
+                    if Instant::now() >= deadline {
+                        return Err(ControlError::StillActive { handler: handler.to_owned(), holder });
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
