@@ -299,6 +299,26 @@ impl Timestamp {
     }
 }
 
+/// In UTC, to the second: `2026-12-07 13:30:05 UTC`.
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = self.0.div_euclid(1_000_000);
+        let (days, secs_of_day) = (seconds.div_euclid(86_400), seconds.rem_euclid(86_400));
+        // Howard Hinnant's civil_from_days.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let (hours, minutes, secs) = (secs_of_day / 3600, secs_of_day % 3600 / 60, secs_of_day % 60);
+        write!(f, "{year:04}-{month:02}-{day:02} {hours:02}:{minutes:02}:{secs:02} UTC")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,56 @@
+//! The pages' shell: title, navigation, a small style sheet, the refresh that keeps lists live.
+
+use std::time::Duration;
+
+use maud::{html, Markup, DOCTYPE};
+
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:0 1.5em 2em;color:#1d2330}\
+nav{display:flex;gap:1.2em;padding:.8em 0;border-bottom:1px solid #d6dae3;margin-bottom:1em}\
+nav a{text-decoration:none;color:#2f55c8}nav a.here{font-weight:600;color:#1d2330}\
+table{border-collapse:collapse;width:100%;margin:.5em 0 1.5em}th,td{text-align:left;padding:.3em .6em;\
+border-bottom:1px solid #eceef3;vertical-align:top}th{font-weight:600;background:#f6f7fa}\
+form.inline{display:inline}button{font:inherit;padding:.1em .6em}.error{color:#b3261e}\
+.muted{color:#6b7280}pre{background:#f6f7fa;padding:.6em;overflow:auto;max-width:100%}\
+td.num{text-align:right;font-variant-numeric:tabular-nums}";
+
+/// The sections of the navigation.
+const SECTIONS: [(&str, &str); 4] =
+    [("handlers", "Handlers"), ("processes", "Processes"), ("streams", "Streams"), ("rebuilds", "Rebuilds")];
+
+/// A console page: `here` is the section it belongs to; `refresh` keeps it live (zero: no).
+pub(crate) fn page(title: &str, base: &str, here: &str, refresh: Duration, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                @if !refresh.is_zero() { meta http-equiv="refresh" content=(refresh.as_secs().max(1)); }
+                title { (title) }
+                style { (STYLE) }
+            }
+            body data-console-section=(here) {
+                nav {
+                    @for (path, label) in SECTIONS {
+                        a href={ (base) "/" (path) } class=[(path == here).then_some("here")] { (label) }
+                    }
+                    form.inline method="post" action={ (base) "/logout" } style="margin-left:auto" {
+                        button type="submit" { "Log out" }
+                    }
+                }
+                (body)
+            }
+        }
+    }
+}
+
+/// A page without navigation (login, errors).
+pub(crate) fn bare(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head { meta charset="utf-8"; title { (title) } style { (STYLE) } }
+            body { (body) }
+        }
+    }
+}
