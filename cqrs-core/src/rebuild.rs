@@ -291,6 +291,17 @@ impl Rebuilds {
         Ok(())
     }
 
+    /// Stops every version's runner in this process (after the events in hand), for a graceful
+    /// shutdown; the records stay, so the next start resumes a build.
+    pub async fn stop(&self) {
+        let mut entries = self.inner.entries.lock().await;
+        for entry in entries.values_mut() {
+            for (_, running) in std::mem::take(&mut entry.runners) {
+                running.stop().await;
+            }
+        }
+    }
+
     /// Looks at every projection's records and follows them: what another process built,
     /// switched or dropped. Runs every [`REFRESH`] on its own; call it to follow at once.
     pub async fn refresh(&self) -> Result<(), RebuildError> {

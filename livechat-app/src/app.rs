@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use cqrs_core::rebuild::{RebuildError, Rebuildable, Rebuilds};
 use cqrs_core::{
     spawn_handler, Checkpoints, Dispatcher, EventStore, HandlerState, Position, Progress, RunnerConfig, RunningHandler,
     StartFrom, Store, Upcasters,
@@ -36,7 +37,8 @@ pub struct App {
     /// The cluster's announcer and listener, if this node joined one.
     cluster: Vec<JoinHandle<()>>,
     /// The search projection, once started.
-    search: Option<RunningHandler>,
+    /// Whether the search index was started (its runners belong to `state.rebuilds`).
+    search: bool,
     shutdown: watch::Sender<bool>,
 }
 
@@ -101,7 +103,9 @@ impl App {
             dashboard: dashboard_tx,
             snapshot: snapshot_tx,
         }));
+        let rebuilds = Rebuilds::new(Arc::clone(&store), progress.clone(), config.node.clone());
         let state = Arc::new(AppState {
+            rebuilds,
             store,
             commands,
             dispatcher,
@@ -131,18 +135,21 @@ impl App {
             notifier,
             tasks: vec![ticker, ready],
             cluster: Vec::new(),
-            search: None,
+            search: false,
             shutdown: shutdown_tx,
         }
     }
 
     /// Starts the search read model on `backend` (the store's own database) and serves
     /// `/search` from it. Call once, after `start`.
-    pub async fn start_search(&mut self, backend: crate::search::Backend) -> Result<(), sqlx::Error> {
-        if self.search.is_none() {
-            let search = backend.start(&self.state.progress).await?;
-            let _ = self.state.search.set(search.index);
-            self.search = Some(search.running);
+    /// Its live version (version 1, `chat_search`, until one is built beside it and switched
+    /// to from the console) is served; the one beside, if any, is resumed.
+    pub async fn start_search(&mut self, backend: crate::search::Backend) -> Result<(), RebuildError> {
+        if !self.search {
+            let versions = Arc::new(crate::search::SearchVersions::new(backend));
+            self.state.rebuilds.register(Arc::clone(&versions) as Arc<dyn Rebuildable>).await?;
+            let _ = self.state.search.set(versions);
+            self.search = true;
         }
         Ok(())
     }
@@ -184,9 +191,7 @@ impl App {
         if let Some(notifier) = self.notifier {
             notifier.stop().await;
         }
-        if let Some(search) = self.search {
-            search.stop().await;
-        }
+        self.state.rebuilds.stop().await;
         self.handler.stop().await;
     }
 }

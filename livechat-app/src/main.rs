@@ -35,10 +35,10 @@ const USAGE: &str = "usage: livechat-app [--listen ADDR] [--database-url URL] [o
   --mention-webhook URL
                        POST each @mention as JSON to this http:// URL (default: log it; `off`:
                        no notifier in this process). One process of a cluster delivers.
-  --admin-listen ADDR  a second, loopback-only listener where /admin/parked answers without a
+  --admin-listen ADDR  a second, loopback-only listener where the console (/admin) answers without a
                        token (env LIVECHAT_ADMIN_LISTEN; default 127.0.0.1:0, a free port,
                        printed at start; `off`: none). Never point a proxy at it.
-  --admin-token TOKEN  open /admin/parked on any listener to requests with
+  --admin-token TOKEN  open the console (/admin) on any listener to requests with
                        `Authorization: Bearer TOKEN` (env LIVECHAT_ADMIN_TOKEN)
   --node-name NAME     this process's name in handler claims (default host:pid:random)
   --otlp-endpoint URL  export spans over OTLP/HTTP to this collector, e.g. http://127.0.0.1:4318
@@ -148,7 +148,7 @@ async fn main() -> Result<()> {
     println!("livechat: storing events in {}", describe_store(&args.database_url));
     if let Some(admin) = &admin {
         let admin = admin.local_addr().context("admin listener address")?;
-        println!("livechat: admin (this machine only): http://{admin}/admin/parked");
+        println!("livechat: admin (this machine only): http://{admin}/admin");
     }
     println!("livechat: open http://{addr}/");
     serve_with_admin(listener, admin, app, async {

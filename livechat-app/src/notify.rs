@@ -5,7 +5,8 @@
 //! by and take over within the claim's bound if the active one dies), keeps its checkpoint in
 //! the event store, and parks an event whose notification keeps failing
 //! ([`ErrorPolicy::ParkAfter`]) so one broken delivery does not hold up the others. Operators
-//! see parked events on `/admin/parked` and retry or discard them there.
+//! see parked events in the console (`/admin/handlers/mention-notifier/parked`) and retry or
+//! discard them there.
 //!
 //! Delivery is at least once (a process that dies after delivering and before its checkpoint
 //! moves delivers again after the takeover); each notification carries an idempotency key

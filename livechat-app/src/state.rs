@@ -93,6 +93,8 @@ pub struct AppState {
     /// The search index, once started ([`App::start_search`](crate::app::App::start_search));
     /// none on the memory store.
     pub search: std::sync::OnceLock<Arc<dyn crate::search::SearchIndex>>,
+    /// The rebuildable read models (the search index), shown and rebuilt in the console.
+    pub rebuilds: cqrs_core::rebuild::Rebuilds,
 }
 
 /// The levels `/metrics` and the dashboard read from the app's parts.

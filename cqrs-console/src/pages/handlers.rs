@@ -286,7 +286,7 @@ pub(crate) async fn parked(
             table #parked {
                 thead { tr { th { "Position" } th { "Stream" } th { "Type" } th { "Attempts" } th { "Status" } th { "Error" } th { "Actions" } } }
                 tbody { @for event in &parked {
-                    tr data-position=(event.position.0) {
+                    tr data-position=(event.position.0) data-parked=(event.position.0) data-status=(event.status.as_str()) {
                         td { a href={ (base) "/events/" (event.position.0) } { (event.position) } }
                         td { (event.stream_id) } td { (event.event_type) } td.num { (event.attempts) }
                         td { (event.status.as_str()) } td.error { (event.error) }

@@ -66,12 +66,12 @@ pub fn metrics(snapshot: &Snapshot, history: &History, handlers: &[HandlerLine])
                 @for handler in handlers {
                     tr data-handler=(handler.name) data-parked=(handler.parked) {
                         td { (handler.name) } td { (handler.state) } td { (handler.position) }
-                        td { @if handler.parked > 0 { a href="/admin/parked" { (handler.parked) } } @else { "0" } }
+                        td { @if handler.parked > 0 { a href={ "/admin/handlers/" (handler.name) "/parked" } { (handler.parked) } } @else { "0" } }
                     }
                 }
             }
         }
-        p { a href="/admin/parked" { "Parked events" } " (this machine, or with the admin token)" }
+        p { a href="/admin" { "Console" } ": pause, reset and rebuild handlers, parked events, the event log (this machine, or with the admin token)" }
     }
 }
 

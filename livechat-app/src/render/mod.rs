@@ -4,11 +4,10 @@
 //! `http://` and `https://` URLs.
 //!
 //! One file per concept: [`chat`] (the lobby, room pages, a message, presence), [`links`]
-//! (link and mention finding), [`admin`] (parked events), [`dashboard`] (the dashboard page and
+//! (link and mention finding), [`dashboard`] (the dashboard page and
 //! region) with its SVG [`charts`], [`page`] (the frame every page shares), [`assets`] (fingerprinted asset URLs) and
 //! [`format`](mod@format) (times and durations). Everything is re-exported here.
 
-pub mod admin;
 pub mod assets;
 pub mod charts;
 pub mod chat;
@@ -18,7 +17,6 @@ pub mod links;
 pub mod page;
 pub mod search;
 
-pub use admin::parked_page;
 pub use assets::{Assets, APP_CSS, LIVE_JS};
 pub use chat::{join_form, lobby_page, message, name_page, presence, room_list, room_page, RoomPage};
 pub use dashboard::{dashboard_page, handler_state, metrics, HandlerLine};

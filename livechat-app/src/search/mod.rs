@@ -9,6 +9,7 @@
 
 mod postgres;
 mod sqlite;
+mod versions;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use cqrs_core::{Envelope, Position, RunningHandler, Timestamp};
 
 pub use postgres::PgSearch;
 pub use sqlite::SqliteSearch;
+pub use versions::{table_name, SearchVersions};
 
 use crate::domain::{ChatEvent, ChatId};
 
@@ -45,6 +47,9 @@ pub enum SearchError {
     /// Over [`MAX_QUERY_CHARS`] characters.
     #[error("a search is at most {MAX_QUERY_CHARS} characters")]
     TooLong,
+    /// No version of the index is served yet.
+    #[error("search is starting; try again in a moment")]
+    Starting,
     /// The index could not be read.
     #[error("search is unavailable right now: {0}")]
     Unavailable(#[source] sqlx::Error),

@@ -37,23 +37,26 @@ impl PgSearch {
         progress: &Progress,
     ) -> Result<Search, sqlx::Error> {
         let pool = store.pool().clone();
-        let mut transaction = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('livechat search schema'))")
-            .execute(&mut *transaction)
-            .await?;
+        // One simple query: its statements run in one implicit transaction, which holds the
+        // lock to the end.
         sqlx::raw_sql(&format!(
-            "CREATE TABLE IF NOT EXISTS {table} (position bigint PRIMARY KEY, room text NOT NULL, version bigint NOT NULL, \
+            "SELECT pg_advisory_xact_lock(hashtext('livechat search schema')); \
+             CREATE TABLE IF NOT EXISTS {table} (position bigint PRIMARY KEY, room text NOT NULL, version bigint NOT NULL, \
              sender text NOT NULL, sent_at bigint NOT NULL, body text NOT NULL, \
              tsv tsvector GENERATED ALWAYS AS (to_tsvector('simple', body)) STORED, UNIQUE (room, version)); \
              CREATE INDEX IF NOT EXISTS {table}_tsv ON {table} USING gin (tsv); \
              CREATE INDEX IF NOT EXISTS {table}_room ON {table} (room, position);"
         ))
-        .execute(&mut *transaction)
+        .execute(&pool)
         .await?;
-        transaction.commit().await?;
         let search = Self { name: name.to_owned(), table: table.to_owned(), pool };
         let running = spawn_projection(store, search.clone(), RunnerConfig::default(), progress);
         Ok(Search { index: std::sync::Arc::new(search), running })
+    }
+
+    /// Drops the table of the index named `table` (a version no longer kept).
+    pub async fn drop_tables(store: &PgEventStore, table: &str) -> Result<(), sqlx::Error> {
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}")).execute(store.pool()).await.map(drop)
     }
 
     async fn write(&self, transaction: &mut PgConnection, events: &[Envelope<ChatEvent>]) -> Result<(), sqlx::Error> {

@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use cqrs_core::{Envelope, HandlerError, Progress, RunnerConfig};
 use cqrs_sqlite::{spawn_projection, SqliteEventStore, SqliteProjection};
-use sqlx::{Connection, SqliteConnection, SqlitePool};
+use sqlx::{SqliteConnection, SqlitePool};
 
 use super::{change, hits, Change, Hit, Search, SearchError, SearchIndex, Terms, PROJECTION_NAME};
 use crate::domain::{ChatEvent, ChatId};
@@ -39,19 +39,36 @@ impl SqliteSearch {
         table: &str,
         progress: &Progress,
     ) -> Result<Search, sqlx::Error> {
-        let mut ddl = SqliteConnection::connect(url).await?;
+        let ddl = ddl_pool(url).await?;
         sqlx::raw_sql(&format!(
             "CREATE TABLE IF NOT EXISTS {table}_messages (position INTEGER PRIMARY KEY, room TEXT NOT NULL, \
              version INTEGER NOT NULL, sender TEXT NOT NULL, sent_at INTEGER NOT NULL, UNIQUE (room, version)); \
              CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(body, room, tokenize = 'unicode61 remove_diacritics 2');"
         ))
-        .execute(&mut ddl)
+        .execute(&ddl)
         .await?;
-        ddl.close().await?;
+        ddl.close().await;
         let search = Self { name: name.to_owned(), table: table.to_owned(), pool: store.read_pool().clone() };
         let running = spawn_projection(store, search.clone(), RunnerConfig::default(), progress);
         Ok(Search { index: std::sync::Arc::new(search), running })
     }
+}
+
+impl SqliteSearch {
+    /// Drops the tables of the index named `table` (a version no longer kept).
+    pub async fn drop_tables(url: &str, table: &str) -> Result<(), sqlx::Error> {
+        let ddl = ddl_pool(url).await?;
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {table}; DROP TABLE IF EXISTS {table}_messages;"))
+            .execute(&ddl)
+            .await?;
+        ddl.close().await;
+        Ok(())
+    }
+}
+
+/// One connection of its own for creating or dropping the index's tables.
+async fn ddl_pool(url: &str) -> Result<SqlitePool, sqlx::Error> {
+    sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect(url).await
 }
 
 /// The FTS5 query of `terms` in the `body` column: each word a quoted string (words hold only

@@ -34,18 +34,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard))
-        .route("/admin/parked", get(super::admin::list))
-        .route("/admin/parked/retry", post(super::admin::retry))
-        .route("/admin/parked/discard", post(super::admin::discard))
         .route("/live", get(live))
         .route("/assets/live.js", get(script))
         .route("/assets/app.css", get(style))
         .route("/{chat_id}", get(room))
         .route("/{chat_id}/older", get(older))
         .route("/{chat_id}/send", post(send))
+        .with_state(Arc::clone(&state))
+        .nest("/admin", super::admin::console(&state))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), check_host))
         .layer(middleware::map_response(security_headers))
-        .with_state(state)
 }
 
 /// Refuses requests whose `Host` is not one this server answers to (DNS rebinding). `/health`

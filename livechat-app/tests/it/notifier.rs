@@ -140,7 +140,7 @@ async fn a_failing_notification_is_parked_and_an_operator_retries_or_discards_it
     status_until(&server, "the event is parked", |s| s.parked == 1).await;
     assert!(*recorder.attempts.lock().expect("lock") >= 2, "parked after its attempts");
 
-    let page = server.admin_get("/admin/parked").await;
+    let page = server.admin_get("/admin/handlers/mention-notifier/parked").await;
     assert_eq!(page.status, 200);
     let position: u64 = page
         .body
@@ -163,10 +163,14 @@ async fn a_failing_notification_is_parked_and_an_operator_retries_or_discards_it
     // origin, and without an origin.
     let form = format!("handler={NOTIFIER_NAME}&position={position}");
     for forwarded in ["X-Forwarded-For: 203.0.113.9\r\n", "", "X-Forwarded-For: 127.0.0.1\r\n"] {
-        assert_eq!(server.post("/admin/parked/retry", &form, forwarded).await.status, 403, "{forwarded:?}");
+        assert_eq!(
+            server.post("/admin/handlers/mention-notifier/parked/retry", &form, forwarded).await.status,
+            403,
+            "{forwarded:?}"
+        );
     }
     let without_origin = format!(
-        "POST /admin/parked/retry HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+        "POST /admin/handlers/mention-notifier/parked/retry HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{form}",
         form.len(),
         admin = server.admin
@@ -175,27 +179,36 @@ async fn a_failing_notification_is_parked_and_an_operator_retries_or_discards_it
     let foreign =
         request_to(server.admin, &without_origin.replace("Host:", "Origin: http://evil.example\r\nHost:")).await;
     assert_eq!(foreign.status, 403);
-    assert_eq!(server.admin_post("/admin/parked/retry", "handler=nope&position=1", "").await.status, 404);
+    assert_eq!(server.admin_post("/admin/handlers/nope/parked/retry", "position=1", "").await.status, 404);
 
-    let retried = server.admin_post("/admin/parked/retry", &form, "").await;
+    let retried = server.admin_post("/admin/handlers/mention-notifier/parked/retry", &form, "").await;
     assert_eq!(retried.status, 303, "{}", retried.body);
     eventually("the parked mention is delivered", || recorder.to() == ["bob@fine", "bob@broken"]).await;
     status_until(&server, "nothing is parked", |s| s.parked == 0).await;
-    assert!(!server.admin_get("/admin/parked").await.body.contains("data-parked=\""));
+    assert!(!server.admin_get("/admin/handlers/mention-notifier/parked").await.body.contains("data-parked=\""));
 
     // A discarded one is never delivered.
     recorder.failing.store(true, Ordering::SeqCst);
     mention(&server, "dropped", "@bob?").await;
     status_until(&server, "the event is parked again", |s| s.parked == 1).await;
     recorder.failing.store(false, Ordering::SeqCst);
-    let page = server.admin_get("/admin/parked").await.body;
+    let page = server.admin_get("/admin/handlers/mention-notifier/parked").await.body;
     let position = page.split("data-parked=\"").nth(1).and_then(|r| r.split('"').next()).expect("row").to_owned();
-    let discarded =
-        server.admin_post("/admin/parked/discard", &format!("handler={NOTIFIER_NAME}&position={position}"), "").await;
+    let discarded = server
+        .admin_post(
+            "/admin/handlers/mention-notifier/parked/discard",
+            &format!("handler={NOTIFIER_NAME}&position={position}"),
+            "",
+        )
+        .await;
     assert_eq!(discarded.status, 303);
     assert_eq!(
         server
-            .admin_post("/admin/parked/discard", &format!("handler={NOTIFIER_NAME}&position={position}"), "")
+            .admin_post(
+                "/admin/handlers/mention-notifier/parked/discard",
+                &format!("handler={NOTIFIER_NAME}&position={position}"),
+                ""
+            )
             .await
             .status,
         404
@@ -210,10 +223,10 @@ async fn the_admin_token_opens_the_admin_routes_from_elsewhere() {
     let config = AppConfig { admin_token: Some("s3cret".into()), ..AppConfig::default() };
     let server = TestServer::start_with(Arc::new(MemoryStore::new()), config).await;
     let ask = |headers: &str| {
-        format!("GET /admin/parked HTTP/1.1\r\nHost: {}\r\nX-Forwarded-For: 203.0.113.9\r\n{headers}Connection: close\r\n\r\n", server.addr)
+        format!("GET /admin/handlers HTTP/1.1\r\nHost: {}\r\nX-Forwarded-For: 203.0.113.9\r\n{headers}Connection: close\r\n\r\n", server.addr)
     };
-    assert_eq!(server.request(&ask("")).await.status, 403);
-    assert_eq!(server.request(&ask("Authorization: Bearer wrong\r\n")).await.status, 403);
+    assert_eq!(server.request(&ask("")).await.status, 401, "the console offers its login");
+    assert_eq!(server.request(&ask("Authorization: Bearer wrong\r\n")).await.status, 401);
     let page = server.request(&ask("Authorization: Bearer s3cret\r\n")).await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains("data-handler=\"mention-notifier\""), "{}", page.body);

@@ -36,16 +36,16 @@ async fn admin_routes_are_not_open_by_address_through_a_proxy() {
         let headers = forwarded(hop);
         let get = server
             .request(&format!(
-                "GET /admin/parked HTTP/1.1\r\nHost: {}\r\n{headers}Connection: close\r\n\r\n",
+                "GET /admin/handlers HTTP/1.1\r\nHost: {}\r\n{headers}Connection: close\r\n\r\n",
                 server.addr
             ))
             .await;
         assert_eq!(get.status, 403, "GET through a proxy with {hop:?}: {}", get.body);
-        let post = server.post("/admin/parked/retry", "handler=mention-notifier&all=1", &headers).await;
+        let post = server.post("/admin/handlers/mention-notifier/parked/retry", "all=1", &headers).await;
         assert_eq!(post.status, 403, "POST without Origin through a proxy with {hop:?}: {}", post.body);
     }
     // The admin listener answers this machine without a token.
-    assert_eq!(server.admin_get("/admin/parked").await.status, 200);
+    assert_eq!(server.admin_get("/admin/handlers").await.status, 200);
     server.stop().await;
 }
 
@@ -180,21 +180,23 @@ async fn admin_routes_are_refused_through_a_plain_nginx_and_open_on_the_admin_li
     // Every header form a client (or nothing) may send; plain proxy_pass passes them on as they are.
     for hop in UNNAMED.iter().chain(&["127.0.0.1", "::1", "203.0.113.9"]) {
         let headers = forwarded(hop);
-        let page = nginx.request("GET", "/admin/parked", &headers, "").await;
-        assert_eq!(page.status, 403, "GET through nginx with {hop:?}: {}", page.body);
-        let post = nginx.request("POST", "/admin/parked/retry", &headers, "handler=mention-notifier&all=1").await;
-        assert_eq!(post.status, 403, "POST without Origin through nginx with {hop:?}: {}", post.body);
+        let page = nginx.request("GET", "/admin/handlers", &headers, "").await;
+        assert_eq!(page.status, 401, "GET through nginx with {hop:?}: {}", page.body);
+        let post = nginx.request("POST", "/admin/handlers/mention-notifier/parked/retry", &headers, "all=1").await;
+        assert_eq!(post.status, 401, "POST without the token through nginx with {hop:?}: {}", post.body);
+        // A route that names its client, for the count of unknown ones below.
+        nginx.request("GET", "/search?q=hi", &headers, "").await;
     }
     // The token works through the proxy; the admin listener works on this machine.
     let bearer = "Authorization: Bearer s3cret\r\n";
-    let page = nginx.request("GET", "/admin/parked", bearer, "").await;
+    let page = nginx.request("GET", "/admin/handlers", bearer, "").await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert!(page.body.contains("data-handler=\"mention-notifier\""), "{}", page.body);
-    let post = nginx.request("POST", "/admin/parked/retry", bearer, "handler=nope&position=1").await;
+    let post = nginx.request("POST", "/admin/handlers/nope/parked/retry", bearer, "position=1").await;
     assert_eq!(post.status, 404, "past the token check: {}", post.body);
     let admin = app.admin.expect("the admin listener's address is printed");
     let local =
-        request_to(admin, &format!("GET /admin/parked HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")).await;
+        request_to(admin, &format!("GET /admin/handlers HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n")).await;
     assert_eq!(local.status, 200, "{}", local.body);
     // Clients that nginx did not name were counted as unknown.
     let metrics = nginx.request("GET", "/metrics", "", "").await;
@@ -209,7 +211,7 @@ async fn through_the_readmes_nginx_config_clients_are_named_and_still_not_admin(
     // nginx appends the client's own address, 127.0.0.1 here (the test runs on nginx's machine,
     // a trusted proxy's, so hops before it are walked to: a client there can say anything).
     for hop in ["", "127.0.0.1", "198.51.100.7"] {
-        let page = nginx.request("GET", "/admin/parked", &forwarded(hop), "").await;
+        let page = nginx.request("GET", "/admin/handlers", &forwarded(hop), "").await;
         assert_eq!(page.status, 403, "GET through nginx with {hop:?}: {}", page.body);
     }
     let after = unknown_clients(&nginx.request("GET", "/metrics", "", "").await.body);

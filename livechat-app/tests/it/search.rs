@@ -204,3 +204,128 @@ async fn searches_past_the_address_budget_are_refused_with_429() {
     assert_eq!(empty.status, 200, "an empty query searches nothing and is not counted");
     server.stop().await;
 }
+
+/// Every hit of `word` in the index `/search` reads (no page limit).
+async fn hits_of(server: &TestServer, word: &str) -> Vec<(String, u64)> {
+    let terms = Terms::parse(word).expect("terms");
+    let index = server.state.search.get().expect("search");
+    let hits = index.search(&terms, None, 1_000_000).await.expect("search");
+    hits.into_iter().map(|hit| (hit.room.to_string(), hit.version)).collect()
+}
+
+/// Rebuilds the search index from the console (`/admin/rebuilds`) while people chat: version 2
+/// is built beside, the switch waits for it, readers never see fewer results than before, and
+/// the new index equals a fresh build.
+async fn a_rebuild_from_the_console_while_people_chat(
+    server: TestServer,
+    fresh: impl std::future::Future<Output = Vec<(String, u64)>>,
+) {
+    for n in 0..150 {
+        say(&server, &format!("room-{}", n % 5), "alice", &format!("pizza number {n}"), n).await;
+    }
+    indexed(&server).await;
+    let server = Arc::new(server);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+        async move {
+            let mut n = 1_000;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                say(&server, "room-9", "bob", &format!("more pizza {n}"), n).await;
+                n += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            }
+        }
+    });
+    let reader = tokio::spawn({
+        let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+        async move {
+            let (mut last, mut reads, mut shrinks) = (0usize, 0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let seen = hits_of(&server, "pizza").await.len();
+                if seen < last {
+                    shrinks.push((last, seen));
+                }
+                (last, reads) = (seen, reads + 1);
+            }
+            (reads, shrinks)
+        }
+    });
+
+    let built = server.admin_post("/admin/rebuilds/chat-search/build", "", "").await;
+    assert_eq!(built.status, 303, "{}", built.body);
+    let page = server.admin_get("/admin/rebuilds?live=0").await;
+    assert!(
+        page.body.contains("data-projection=\"chat-search\" data-version=\"2\" data-role=\"building\""),
+        "{}",
+        page.body
+    );
+    let switched = server.admin_post("/admin/rebuilds/chat-search/switch", "version=2", "").await;
+    assert_eq!(switched.status, 303, "{}", switched.body);
+    let page = server.admin_get("/admin/rebuilds?live=0").await;
+    assert!(page.body.contains("data-version=\"2\" data-role=\"live\""), "{}", page.body);
+    assert!(page.body.contains("data-version=\"1\" data-role=\"kept\""), "{}", page.body);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await.expect("writer");
+    let (reads, shrinks) = reader.await.expect("reader");
+    assert!(reads >= 10, "the reader searched throughout ({reads} searches)");
+    assert!(shrinks.is_empty(), "a search saw fewer results than the one before: {shrinks:?}");
+
+    let head = server.state.store.head().await.expect("head");
+    server.state.progress.wait_for("chat-search@v2", head, TIMEOUT).await.expect("v2 current");
+    let served = hits_of(&server, "pizza").await;
+    assert!(served.len() > 150, "the writes during the rebuild are in: {}", served.len());
+    assert_eq!(served, fresh.await, "version 2 equals a fresh build from the log");
+    let dropped = server.admin_post("/admin/rebuilds/chat-search/drop", "version=1", "").await;
+    assert_eq!(dropped.status, 303, "{}", dropped.body);
+    assert_eq!(hits_of(&server, "pizza").await, served, "dropping the old version leaves the served one");
+    match Arc::try_unwrap(server) {
+        Ok(server) => server.stop().await,
+        Err(_) => panic!("the server is still shared"),
+    }
+}
+
+/// Every hit of "pizza" in a fresh build named `name` over `start`.
+async fn fresh_hits(
+    search: livechat_app::search::Search,
+    progress: &Progress,
+    head: cqrs_core::Position,
+) -> Vec<(String, u64)> {
+    progress.wait_for(search.running.name(), head, TIMEOUT).await.expect("fresh build");
+    let terms = Terms::parse("pizza").expect("terms");
+    let hits = search.index.search(&terms, None, 1_000_000).await.expect("search");
+    search.running.stop().await;
+    hits.into_iter().map(|hit| (hit.room.to_string(), hit.version)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_search_is_rebuilt_from_the_console_while_people_chat() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let store = SqliteEventStore::connect(&url).await.expect("open");
+    let backend = Backend::Sqlite { url: url.clone(), store: store.clone() };
+    let server = TestServer::start_searching(Arc::new(store.clone()), backend).await;
+    let fresh = async move {
+        let progress = Progress::new();
+        let head = store.head().await.expect("head");
+        let search = SqliteSearch::start_named(&url, &store, "fresh", "fresh", &progress).await.expect("fresh");
+        fresh_hits(search, &progress, head).await
+    };
+    a_rebuild_from_the_console_while_people_chat(server, fresh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_search_is_rebuilt_from_the_console_while_people_chat() {
+    let url = fresh_database().await;
+    let store = PgEventStore::connect(&url).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let server = TestServer::start_searching(Arc::new(store.clone()), Backend::Postgres(store.clone())).await;
+    let fresh = async move {
+        let progress = Progress::new();
+        let head = store.head().await.expect("head");
+        let search = PgSearch::start_named(&store, "fresh", "fresh", &progress).await.expect("fresh");
+        fresh_hits(search, &progress, head).await
+    };
+    a_rebuild_from_the_console_while_people_chat(server, fresh).await;
+}
