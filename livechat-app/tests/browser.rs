@@ -779,3 +779,94 @@ async fn an_unknown_outcome_is_retried_with_the_same_id_and_ends_with_exactly_on
     bob.close().await.expect("close");
     server.stop().await;
 }
+
+/// The `data-` attribute `name` of the first element matching `css`, or "" if none.
+async fn attribute(browser: &Client, css: &str, name: &str) -> String {
+    let script = format!("const e = document.querySelector({css:?}); return e ? (e.dataset[{name:?}] || '') : '';");
+    eval(browser, &script).await.as_str().unwrap_or_default().to_owned()
+}
+
+/// Submits the form matching `css` and waits for the page it leads to.
+async fn submit(browser: &Client, css: &str) {
+    let button = browser.find(Locator::Css(&format!("{css} button"))).await.unwrap_or_else(|_| panic!("no {css}"));
+    button.click().await.expect("submit");
+    wait_for(browser, "the next page", "document.readyState === 'complete'").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_logs_in_pauses_a_handler_and_rebuilds_search_in_the_console() {
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("sqlite://{}", dir.path().join("chat.db").display());
+    let store = cqrs_sqlite::SqliteEventStore::connect(&url).await.expect("open");
+    let backend = livechat_app::search::Backend::Sqlite { url, store: store.clone() };
+    let config = livechat_app::AppConfig { admin_token: Some("s3cret".into()), ..livechat_app::AppConfig::default() };
+    let server = TestServer::start_searching_with(std::sync::Arc::new(store), backend, config).await;
+    let base = format!("http://{}", server.addr);
+    let driver = Driver::start().await;
+    let alice = driver.browser().await;
+    join(&alice, &base, "alice", "food").await;
+    send(&alice, "pizza tonight").await;
+    let ops = driver.browser().await;
+
+    // Nothing without the token; the login form sets the cookie.
+    ops.goto(&format!("{base}/admin/handlers?live=0")).await.expect("open console");
+    wait_for(&ops, "the login form", "document.querySelector('form#login') !== null").await;
+    ops.find(Locator::Css("form#login input[name=token]"))
+        .await
+        .expect("field")
+        .send_keys("s3cret")
+        .await
+        .expect("type");
+    submit(&ops, "form#login").await;
+    ops.goto(&format!("{base}/admin/handlers?live=0")).await.expect("handlers");
+    let row = "#handlers tr[data-handler='chat-search']";
+    wait_for(&ops, "the search projection's row", &format!("document.querySelector(\"{row}\") !== null")).await;
+    assert_eq!(attribute(&ops, row, "state").await, "running");
+
+    // Pause and resume it.
+    submit(&ops, &format!("{row} form.pause")).await;
+    ops.goto(&format!("{base}/admin/handlers?live=0")).await.expect("handlers");
+    assert!(attribute(&ops, row, "state").await.starts_with("paused by token (browser)"));
+    let started = Instant::now();
+    while !matches!(
+        server.state.progress.status("chat-search").map(|s| s.state),
+        Some(cqrs_core::HandlerState::Paused { .. })
+    ) {
+        assert!(started.elapsed() < WAIT, "the runner did not pause");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    submit(&ops, &format!("{row} form.resume")).await;
+    let started = Instant::now();
+    loop {
+        ops.goto(&format!("{base}/admin/handlers?live=0")).await.expect("handlers");
+        if attribute(&ops, row, "state").await == "running" {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "not running again after the resume");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Rebuild search beside the live index and switch to it; searching goes on throughout.
+    ops.goto(&format!("{base}/admin/rebuilds?live=0")).await.expect("rebuilds");
+    submit(&ops, "#rebuilds form.build").await;
+    ops.goto(&format!("{base}/admin/rebuilds?live=0")).await.expect("rebuilds");
+    assert_eq!(attribute(&ops, "#rebuilds tr[data-version='2']", "role").await, "building");
+    submit(&ops, "#rebuilds tr[data-version='2'] form.switch").await;
+    ops.goto(&format!("{base}/admin/rebuilds?live=0")).await.expect("rebuilds");
+    assert_eq!(attribute(&ops, "#rebuilds tr[data-version='2']", "role").await, "live");
+    assert_eq!(search_live(&alice, "pizza", 1).await[0].0, "food/1", "search answers from version 2");
+
+    // The log, and one event.
+    ops.goto(&format!("{base}/admin/streams")).await.expect("streams");
+    wait_for(&ops, "the log", "document.querySelectorAll('#events tr[data-position]').length >= 1").await;
+    ops.find(Locator::Css("#events tr[data-position] a")).await.expect("event link").click().await.expect("open");
+    wait_for(
+        &ops,
+        "the event's payload",
+        "(document.querySelector('#payload') || {}).textContent?.includes('pizza tonight')",
+    )
+    .await;
+    alice.close().await.expect("close");
+    ops.close().await.expect("close");
+    server.stop().await;
+}
