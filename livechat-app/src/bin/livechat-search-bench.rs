@@ -2,8 +2,10 @@
 //! log, and how long searches take (BENCHMARKS.md, "Search").
 //!
 //! ```text
-//! cargo run --release -p livechat-app --bin livechat-search-bench -- --database-url URL [--runs 50]
+//! cargo run --release -p livechat-app --bin livechat-search-bench -- --database-url URL [--runs 50] [--rebuild]
 //! ```
+//! With `--rebuild`, only the rebuild: the live index brought to the head, then a new version
+//! built beside it through `Rebuilds` (the console's "Build") and timed, then dropped.
 //! Builds a fresh index beside the chat's own (projection `chat-search-bench-…`, its own tables)
 //! from the log's start to its head, prints the events per second, then runs a few searches
 //! `--runs` times each and prints their p50 and p99 (on PostgreSQL, again after `ANALYZE`),
@@ -13,22 +15,29 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cqrs_core::Progress;
+use std::sync::Arc;
+
+use cqrs_core::rebuild::{version_name, Rebuildable, Rebuilds};
+use cqrs_core::{Position, Progress, Store};
 use livechat_app::domain::ChatId;
-use livechat_app::search::{Backend, PgSearch, Search, SqliteSearch, Terms, RESULTS};
+use livechat_app::search::{Backend, PgSearch, Search, SearchVersions, SqliteSearch, Terms, PROJECTION_NAME, RESULTS};
 use livechat_app::server::open;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut database_url = None;
     let mut runs = 50usize;
+    let mut rebuild_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--database-url" => database_url = Some(value()?),
             "--runs" => runs = value()?.parse().context("--runs")?,
-            other => bail!("unknown argument {other:?}; usage: livechat-search-bench --database-url URL [--runs N]"),
+            "--rebuild" => rebuild_only = true,
+            other => bail!(
+                "unknown argument {other:?}; usage: livechat-search-bench --database-url URL [--runs N] [--rebuild]"
+            ),
         }
     }
     let url = database_url.context("--database-url is required")?;
@@ -37,6 +46,9 @@ async fn main() -> Result<()> {
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let (name, table) = (format!("chat-search-bench-{suffix}"), format!("chat_search_bench_{suffix}"));
     let head = opened.store.head().await?;
+    if rebuild_only {
+        return rebuild(opened.store, backend, head).await;
+    }
     let progress = Progress::new();
     let started = Instant::now();
     let search = match &backend {
@@ -88,17 +100,36 @@ async fn measure(search: &Search, runs: usize) -> Result<()> {
 
 async fn drop_tables(backend: &Backend, table: &str) -> Result<()> {
     match backend {
-        Backend::Sqlite { url, .. } => {
-            use sqlx::Connection;
-            let mut connection = sqlx::SqliteConnection::connect(url).await?;
-            sqlx::raw_sql(&format!("DROP TABLE {table}; DROP TABLE {table}_messages;"))
-                .execute(&mut connection)
-                .await?;
-            connection.close().await?;
-        }
-        Backend::Postgres(store) => {
-            sqlx::raw_sql(&format!("DROP TABLE {table}")).execute(store.pool()).await?;
-        }
+        Backend::Sqlite { url, .. } => SqliteSearch::drop_tables(url, table).await?,
+        Backend::Postgres(store) => PgSearch::drop_tables(store, table).await?,
     }
+    Ok(())
+}
+
+/// `--rebuild`: the search index's live version brought to the head first, then a new version
+/// built beside it through [`Rebuilds`] (what the console's "Build" does) and timed to the
+/// head, then dropped; the live version is left as it was.
+async fn rebuild(store: Arc<dyn Store>, backend: Backend, head: Position) -> Result<()> {
+    let progress = Progress::new();
+    let rebuilds = Rebuilds::new(store, progress.clone(), "search-bench");
+    rebuilds.register(Arc::new(SearchVersions::new(backend)) as Arc<dyn Rebuildable>).await?;
+    let view = rebuilds.views().await.remove(0);
+    let live = version_name(PROJECTION_NAME, view.live);
+    progress.wait_for(&live, head, Duration::from_secs(24 * 3600)).await?;
+    if let Some(beside) = view.beside {
+        bail!("version {beside} is already beside the live one; drop it from the console first");
+    }
+    let started = Instant::now();
+    let version = rebuilds.build(PROJECTION_NAME).await?;
+    progress.wait_for(&version_name(PROJECTION_NAME, version), head, Duration::from_secs(24 * 3600)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "rebuild beside (v{version} while v{} serves): {} events in {elapsed:.1} s: {:.0} events/s",
+        view.live,
+        head.0,
+        head.0 as f64 / elapsed
+    );
+    rebuilds.drop_version(PROJECTION_NAME, version).await?;
+    rebuilds.stop().await;
     Ok(())
 }
