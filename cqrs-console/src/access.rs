@@ -214,6 +214,7 @@ pub(crate) async fn logout(base: Base) -> Response {
 fn login_page(base: &str, error: Option<&str>) -> maud::Markup {
     layout::bare(
         "Console login",
+        Some(base),
         html! {
             h1 { "Console" }
             @if let Some(error) = error { p.error #login-error { (error) } }

@@ -51,7 +51,8 @@ impl IntoResponse for ConsoleError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "console request failed");
         }
-        let page = layout::bare("Console: refused", html! { h1 { "Refused" } p #error { (self.to_string()) } });
+        // The request's mount path is not known here: no style sheet.
+        let page = layout::bare("Console: refused", None, html! { h1 { "Refused" } p #error { (self.to_string()) } });
         (status, page).into_response()
     }
 }

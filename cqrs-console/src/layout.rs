@@ -1,4 +1,6 @@
-//! The pages' shell: title, navigation, a small style sheet, the refresh that keeps lists live.
+//! The pages' shell: title, navigation, the style sheet (served at `{base}/console.css`, so an
+//! app whose Content-Security-Policy forbids inline styles shows the console styled), the
+//! refresh that keeps lists live.
 
 use std::time::Duration;
 
@@ -11,7 +13,23 @@ table{border-collapse:collapse;width:100%;margin:.5em 0 1.5em}th,td{text-align:l
 border-bottom:1px solid #eceef3;vertical-align:top}th{font-weight:600;background:#f6f7fa}\
 form.inline{display:inline}button{font:inherit;padding:.1em .6em}.error{color:#b3261e}\
 .muted{color:#6b7280}pre{background:#f6f7fa;padding:.6em;overflow:auto;max-width:100%}\
-td.num{text-align:right;font-variant-numeric:tabular-nums}";
+td.num{text-align:right;font-variant-numeric:tabular-nums}form.logout{margin-left:auto}\
+td.d1{padding-left:2.1em}td.d2{padding-left:3.6em}td.d3{padding-left:5.1em}td.d4{padding-left:6.6em}\
+td.d5{padding-left:8.1em}td.d6{padding-left:9.6em}td.d7{padding-left:11.1em}td.d8{padding-left:12.6em}";
+
+/// `GET /console.css`.
+pub(crate) async fn style() -> impl axum::response::IntoResponse {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        STYLE,
+    )
+}
+
+/// The deepest indentation the style sheet has (`td.d8`).
+pub(crate) const MAX_DEPTH: usize = 8;
 
 /// The sections of the navigation.
 const SECTIONS: [(&str, &str); 4] =
@@ -27,14 +45,14 @@ pub(crate) fn page(title: &str, base: &str, here: &str, refresh: Duration, body:
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 @if !refresh.is_zero() { meta http-equiv="refresh" content=(refresh.as_secs().max(1)); }
                 title { (title) }
-                style { (STYLE) }
+                link rel="stylesheet" href={ (base) "/console.css" };
             }
             body data-console-section=(here) {
                 nav {
                     @for (path, label) in SECTIONS {
                         a href={ (base) "/" (path) } class=[(path == here).then_some("here")] { (label) }
                     }
-                    form.inline method="post" action={ (base) "/logout" } style="margin-left:auto" {
+                    form.inline.logout method="post" action={ (base) "/logout" } {
                         button type="submit" { "Log out" }
                     }
                 }
@@ -44,12 +62,16 @@ pub(crate) fn page(title: &str, base: &str, here: &str, refresh: Duration, body:
     }
 }
 
-/// A page without navigation (login, errors).
-pub(crate) fn bare(title: &str, body: Markup) -> Markup {
+/// A page without navigation (login, errors); `base` for its style sheet, if known.
+pub(crate) fn bare(title: &str, base: Option<&str>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head { meta charset="utf-8"; title { (title) } style { (STYLE) } }
+            head {
+                meta charset="utf-8";
+                title { (title) }
+                @if let Some(base) = base { link rel="stylesheet" href={ (base) "/console.css" }; }
+            }
             body { (body) }
         }
     }

@@ -147,7 +147,8 @@ pub(crate) struct Console {
 /// - `GET /streams` (`?after=P`, `?stream=ID`, `?category=C`), `GET /events/{position}`, `GET
 ///   /correlations/{id}`.
 /// - `GET /rebuilds`; `POST /rebuilds/{name}/build`, `/switch`, `/drop`.
-/// - `GET /login`, `POST /login`, `POST /logout`.
+/// - `GET /login`, `POST /login`, `POST /logout`; `GET /console.css` (open to all: the login
+///   page uses it).
 pub fn router(store: Arc<dyn Store>, progress: Progress, config: ConsoleConfig) -> Router {
     let console = Arc::new(Console {
         control: HandlerControl::new(Arc::clone(&store)),
@@ -179,5 +180,9 @@ pub fn router(store: Arc<dyn Store>, progress: Progress, config: ConsoleConfig) 
         .route("/rebuilds/{name}/drop", post(pages::rebuilds::drop_version))
         .route("/logout", post(access::logout))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&console), access::require));
-    Router::new().route("/login", get(access::login_form).post(access::login)).merge(guarded).with_state(console)
+    Router::new()
+        .route("/login", get(access::login_form).post(access::login))
+        .route("/console.css", get(layout::style))
+        .merge(guarded)
+        .with_state(console)
 }

@@ -11,8 +11,8 @@ use axum::Router;
 use cqrs_console::{router, Access, ConsoleConfig};
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
-    spawn_handler, Dispatcher, Envelope, EventHandler, HandlerError, HandlerState, Position, Progress, RunnerConfig,
-    RunningHandler, Store,
+    spawn_handler, CommandId, Dispatcher, Envelope, EventHandler, HandlerError, HandlerState, Position, ProcessState,
+    Progress, RunnerConfig, RunningHandler, Scheduled, Store, Timestamp,
 };
 use http_body_util::BodyExt;
 use sqlx::{Connection, Executor};
@@ -198,7 +198,13 @@ async fn console_walk<S: Store>(store: Arc<S>) {
         assert!(chain.body.contains("data-position=\"1\""));
     }
 
+    // Process managers: instances, pending schedules, set-aside ones retried and discarded.
+    processes_page(&store, &progress).await;
+
     // The other pages answer.
+    let css = call(&app, "GET", "/ops/console.css", &[], None).await;
+    assert_eq!(css.status, StatusCode::OK, "the style sheet is open: the login page needs it");
+    assert!(page.body.contains("href=\"/ops/console.css\""), "no inline style, for apps whose CSP forbids it");
     let home = call(&app, "GET", "/ops", &[BEARER], None).await;
     assert!(home.body.contains("href=\"/ops/streams\""), "the mount path is found from /ops too");
     for path in ["/ops/processes", "/ops/rebuilds", "/ops/handlers/recorder/parked", "/ops"] {
@@ -243,4 +249,60 @@ async fn the_console_on_postgres() {
         console_walk(Arc::new(store)).await;
     }
     admin.execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str()).await.expect("drop database");
+}
+
+/// The processes page of a console configured with process manager `orders`, over state
+/// written through the store's own coordination methods.
+async fn processes_page<S: Store>(store: &Arc<S>, progress: &Progress) {
+    let app = Router::new().nest(
+        "/ops",
+        router(
+            Arc::clone(store) as Arc<dyn Store>,
+            progress.clone(),
+            ConsoleConfig::new(Access::bearer(TOKEN)).with_processes(["orders"]),
+        ),
+    );
+    let state = ProcessState::running(serde_json::json!({"paid": false}), Position(3));
+    store.save_process("orders", "order-17", Some(&state), None).await.expect("save process");
+    let schedule = |name: &str, due: i64| Scheduled {
+        owner: "orders".into(),
+        key: "order-17".into(),
+        name: name.into(),
+        due: Timestamp(due),
+        command: serde_json::json!({"cancel": "order-17"}),
+        command_id: CommandId::new(),
+        attempts: 0,
+    };
+    let (deadline, reminder, failing) =
+        (schedule("deadline", 4_000_000_000_000_000), schedule("reminder", 1), schedule("charge", 2));
+    for scheduled in [&deadline, &reminder, &failing] {
+        store.schedule(scheduled.clone()).await.expect("schedule");
+    }
+    assert!(store.scheduled_failed(&reminder, "card declined", None).await.expect("set aside"));
+    assert!(store.scheduled_failed(&failing, "gateway down", None).await.expect("set aside"));
+
+    let page = call(&app, "GET", "/ops/processes", &[BEARER], None).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("data-process=\"orders\""), "{}", page.body);
+    assert!(page.body.contains("<tr data-key=\"order-17\"><td>order-17</td><td>running</td>"), "{}", page.body);
+    assert!(page.body.contains("card declined") && page.body.contains("gateway down"));
+
+    let retried =
+        call(&app, "POST", "/ops/processes/orders/scheduled/retry", &[BEARER], Some("key=order-17&name=reminder"))
+            .await;
+    assert_eq!(retried.status, StatusCode::SEE_OTHER, "{}", retried.body);
+    let discarded =
+        call(&app, "POST", "/ops/processes/orders/scheduled/discard", &[BEARER], Some("key=order-17&name=charge"))
+            .await;
+    assert_eq!(discarded.status, StatusCode::SEE_OTHER, "{}", discarded.body);
+    let again =
+        call(&app, "POST", "/ops/processes/orders/scheduled/discard", &[BEARER], Some("key=order-17&name=charge"))
+            .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND, "a discarded command is gone");
+    assert!(store.set_aside_scheduled("orders").await.expect("set aside").is_empty());
+    let due: Vec<String> =
+        store.due("orders", Timestamp(10), 10).await.expect("due").into_iter().map(|s| s.name).collect();
+    assert_eq!(due, ["reminder"], "the retried command is due again; the discarded one never fires");
+    let page = call(&app, "GET", "/ops/processes", &[BEARER], None).await;
+    assert!(!page.body.contains("card declined") && !page.body.contains("gateway down"));
 }

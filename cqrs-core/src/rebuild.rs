@@ -288,6 +288,15 @@ impl Rebuilds {
         entry.records.beside = None;
         entry.projection.drop_version(version).await?;
         tracing::info!(projection = %name, version, "version dropped");
+        // Lift the pause once every process has followed the record and stopped its runner
+        // (within a refresh), so no pause of a version that is gone stays listed.
+        let control = self.inner.control.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REFRESH * 3).await;
+            if let Err(error) = control.resume(&runner).await {
+                tracing::debug!(%runner, %error, "lifting the pause of a dropped version failed");
+            }
+        });
         Ok(())
     }
 

@@ -14,6 +14,9 @@ use crate::access::{Base, Operator};
 use crate::error::ConsoleError;
 use crate::{layout, Console};
 
+/// 9999-12-31 23:59:59 UTC.
+const FAR_FUTURE: Timestamp = Timestamp(253_402_300_799_000_000);
+
 /// Instances and schedules listed per process manager.
 const MAX_LISTED: usize = 200;
 
@@ -26,8 +29,9 @@ pub(crate) async fn list(
     let mut sections = Vec::new();
     for process in &console.config.processes {
         let instances = console.processes.instances(process, None, MAX_LISTED).await?;
-        // Every pending schedule: due at the end of time.
-        let pending = console.store.due(process, Timestamp(i64::MAX), MAX_LISTED).await?;
+        // Every pending schedule: those due by the end of year 9999 (PostgreSQL's intervals
+        // refuse the end of `i64`).
+        let pending = console.store.due(process, FAR_FUTURE, MAX_LISTED).await?;
         let set_aside = console.processes.set_aside(process).await?;
         sections.push((process, instances, pending, set_aside));
     }

@@ -199,7 +199,7 @@ pub(crate) async fn correlation(
             tbody { @for event in &events {
                 @let level = depth.get(&event.event_id).copied().unwrap_or(0);
                 tr data-position=(event.position.0) data-depth=(level) {
-                    td style={ "padding-left:" (0.6 + 1.5 * level as f64) "em" } {
+                    td class={ "d" (level.min(layout::MAX_DEPTH)) } {
                         a href={ (base) "/events/" (event.position.0) } { (event.position) }
                     }
                     td { (event.stream_id) } td { (event.event_type) } td { (event.recorded_at) }

@@ -12,7 +12,7 @@
 //! **Why a reset cannot race the runner.** [`HandlerControl::reset`] writes the checkpoint under
 //! a claim of its own on the handler's name, taken only once the paused runner has given its
 //! claim up: every checkpoint write is fenced by the claim it is made under
-//! ([`Coordination::save_checkpoint_claimed`]), so a runner's late save cannot overwrite the
+//! ([`Coordination::save_checkpoint_claimed`](crate::Coordination::save_checkpoint_claimed)), so a runner's late save cannot overwrite the
 //! reset, and the next holder loads the reset position when its tenure begins.
 //!
 //! Every-process runners (checkpoints in memory, no claim) are not paused: each process rebuilds
