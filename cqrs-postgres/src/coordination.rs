@@ -26,6 +26,15 @@ fn at(parameter: &str) -> String {
     FROM_MICROS.replace("$X", parameter)
 }
 
+/// `time` in microseconds for [`at`], inside the years 1–9999: the ends of `i64` overflow
+/// PostgreSQL's interval arithmetic ("interval out of range"), and "due by the end of time"
+/// is a fair question to ask.
+fn bounded_micros(time: Timestamp) -> i64 {
+    /// 0001-01-01 and 9999-12-31 23:59:59.999999 UTC.
+    const RANGE: (i64, i64) = (-62_135_596_800_000_000, 253_402_300_799_999_999);
+    time.as_micros().clamp(RANGE.0, RANGE.1)
+}
+
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
@@ -191,7 +200,7 @@ pub(crate) async fn park(pool: &PgPool, event: &ParkedEvent, fence: Option<&Clai
         .bind(&event.sequence)
         .bind(&event.error)
         .bind(i32::try_from(event.attempts).unwrap_or(i32::MAX))
-        .bind(event.parked_at.as_micros())
+        .bind(bounded_micros(event.parked_at))
         .bind(event.status.as_str());
     parked_write(pool, fence, query).await?;
     Ok(())
@@ -351,7 +360,7 @@ pub(crate) async fn schedule(pool: &PgPool, scheduled: &Scheduled) -> Result<(),
     .bind(&scheduled.owner)
     .bind(&scheduled.key)
     .bind(&scheduled.name)
-    .bind(scheduled.due.as_micros())
+    .bind(bounded_micros(scheduled.due))
     .bind(Json(&scheduled.command))
     .bind(scheduled.command_id.0)
     .execute(pool)
@@ -403,7 +412,7 @@ pub(crate) async fn due(pool: &PgPool, owner: &str, now: Timestamp, max: usize) 
         at("$2")
     ))
     .bind(owner)
-    .bind(now.as_micros())
+    .bind(bounded_micros(now))
     .bind(to_i64_saturating(u64::try_from(max).unwrap_or(u64::MAX)))
     .fetch_all(pool)
     .await
@@ -428,7 +437,7 @@ pub(crate) async fn scheduled_failed(
     .bind(&scheduled.name)
     .bind(scheduled.command_id.0)
     .bind(error)
-    .bind(retry_at.map(Timestamp::as_micros))
+    .bind(retry_at.map(bounded_micros))
     .execute(pool)
     .await
     .map_err(to_store_error)?;

@@ -29,8 +29,8 @@ pub(crate) async fn list(
     let mut sections = Vec::new();
     for process in &console.config.processes {
         let instances = console.processes.instances(process, None, MAX_LISTED).await?;
-        // Every pending schedule: those due by the end of year 9999 (PostgreSQL's intervals
-        // refuse the end of `i64`).
+        // Every pending schedule: those due by the end of year 9999 (a store backed by
+        // interval arithmetic may refuse the end of `i64`).
         let pending = console.store.due(process, FAR_FUTURE, MAX_LISTED).await?;
         let set_aside = console.processes.set_aside(process).await?;
         sections.push((process, instances, pending, set_aside));

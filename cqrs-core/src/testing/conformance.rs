@@ -1545,6 +1545,8 @@ pub async fn process_state_and_schedules_round_trip<S: Store + ?Sized>(store: Ar
     assert_eq!(due, ["order-2"]);
     let all = store.due(&process, now.plus(2 * minute), 10).await.expect("due");
     assert_eq!(all.len(), 3);
+    let by_the_end_of_time = store.due(&process, Timestamp(i64::MAX), 10).await.expect("due at the end of i64");
+    assert_eq!(by_the_end_of_time.len(), 3, "every pending command is due by the end of time");
     assert!(all.iter().any(|s| s.key == "order-1" && s.command_id == replaced_id));
     // Removing it only if it is still the given one: order-1's was scheduled anew.
     let first_id = all.iter().find(|s| s.key == "order-2").map(|s| s.command_id).expect("order-2");
