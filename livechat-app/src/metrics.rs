@@ -285,7 +285,8 @@ impl Metrics {
             Some(Unit::Seconds),
             SharedString::const_str("Seconds until each handler's claim lapses unless renewed."),
         );
-        for claim in claims {
+        // Pause and standby markers are the framework's, not handlers.
+        for claim in claims.iter().filter(|claim| !cqrs_core::handler::control::is_reserved(&claim.name)) {
             let holder = vec![Label::new("handler", claim.name.clone()), Label::new("holder", claim.owner.clone())];
             recorder.register_gauge(&Key::from_parts("livechat_handler_holder", holder), &METADATA).set(1.0);
             let handler = vec![Label::new("handler", claim.name.clone())];

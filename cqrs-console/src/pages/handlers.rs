@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::extract::{Form, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use cqrs_core::handler::control::PAUSE_PREFIX;
+use cqrs_core::handler::control::{is_reserved, PAUSE_PREFIX};
 use cqrs_core::{HandlerState, HandlerStatus, Position};
 use maud::html;
 use serde::Deserialize;
@@ -34,6 +34,8 @@ struct Row {
     /// Who holds the claim (the active process of an exclusive handler).
     holder: Option<String>,
     paused_by: Option<String>,
+    /// The processes standing by for it (their announcements in the claims).
+    standbys: Vec<String>,
     position: Position,
     parked: usize,
 }
@@ -68,13 +70,14 @@ impl Console {
             self.progress.statuses().into_iter().map(|status| (status.name.clone(), status)).collect();
         let claims = self.store.claims().await?;
         let paused: BTreeMap<String, String> = self.control.paused().await?.into_iter().collect();
+        let mut standbys: BTreeMap<String, Vec<String>> = self.control.standbys().await?.into_iter().collect();
         let holders: BTreeMap<String, String> = claims
             .into_iter()
-            .filter(|claim| !claim.name.starts_with(PAUSE_PREFIX) && !claim.owner.starts_with(PAUSE_PREFIX))
-            .filter(|claim| !claim.name.starts_with("cqrs."))
+            .filter(|claim| !is_reserved(&claim.name) && !claim.owner.starts_with(PAUSE_PREFIX))
             .map(|claim| (claim.name, claim.owner))
             .collect();
-        let names: BTreeSet<String> = local.keys().chain(holders.keys()).chain(paused.keys()).cloned().collect();
+        let names: BTreeSet<String> =
+            local.keys().chain(holders.keys()).chain(paused.keys()).chain(standbys.keys()).cloned().collect();
         let mut rows = Vec::with_capacity(names.len());
         for name in names {
             let status = local.get(&name).cloned();
@@ -87,6 +90,7 @@ impl Console {
             rows.push(Row {
                 holder: holders.get(&name).cloned(),
                 paused_by: paused.get(&name).cloned(),
+                standbys: standbys.remove(&name).unwrap_or_default(),
                 name,
                 status,
                 position,
@@ -126,7 +130,7 @@ pub(crate) async fn list(
         p.muted { "Head of the log: " span #head { (head) } ". A pause reaches every process within a third of the claim's ttl." }
         table #handlers {
             thead { tr {
-                th { "Handler" } th { "Placement" } th { "Active process" } th { "Here" } th { "State" }
+                th { "Handler" } th { "Placement" } th { "Active process" } th { "Standbys" } th { "Here" } th { "State" }
                 th { "Position" } th { "Lag" } th { "Events/s" } th { "Parked" } th { "Actions" }
             } }
             tbody {
@@ -134,10 +138,12 @@ pub(crate) async fn list(
                     @let lag = head.0.saturating_sub(row.position.0);
                     @let state = row.state();
                     tr data-handler=(row.name) data-state=(state) data-position=(row.position.0) data-lag=(lag)
-                        data-holder=(row.holder.as_deref().unwrap_or("")) data-parked=(row.parked) {
+                        data-holder=(row.holder.as_deref().unwrap_or("")) data-parked=(row.parked)
+                        data-standbys=(row.standbys.join(" ")) {
                         td { (row.name) }
                         td { (row.placement()) }
                         td { (row.holder.as_deref().unwrap_or("—")) }
+                        td { @if row.standbys.is_empty() { "—" } @else { (row.standbys.join(", ")) } }
                         td { @if row.standby_here() { "standby" } @else if row.status.as_ref().is_some_and(HandlerStatus::is_active) { "active" } @else if row.status.is_some() { "—" } @else { "no runner" } }
                         td.state { (state) }
                         td.num { (row.position) }

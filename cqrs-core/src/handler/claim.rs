@@ -112,6 +112,7 @@ async fn keep<S: Store + ?Sized>(
 ) {
     let renew_every = ttl / 3;
     let marker = super::control::pause_marker(&name);
+    let standby = super::control::standby_marker(&name, &owner);
     loop {
         let asked = Instant::now();
         match paused_by(&*store, &marker).await {
@@ -144,6 +145,10 @@ async fn keep<S: Store + ?Sized>(
             }
             Ok(ClaimOutcome::Taken { holder, .. }) => {
                 lease.send_replace(Lease::Standby { holder: Some(holder).filter(|holder| !holder.is_empty()) });
+                // Announced in the claims (lapsing with the ttl), so operators see the standbys.
+                if let Err(error) = store.claim(&standby, &owner, ttl).await {
+                    tracing::debug!(handler = %name, %error, "cannot announce this standby");
+                }
                 retry
             }
             Err(error) => {

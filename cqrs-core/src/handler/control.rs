@@ -30,8 +30,34 @@ use crate::store::{Store, StoreError};
 /// How long a pause lasts unless lifted: ten years, for ever in practice.
 pub const PAUSE_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// The prefix of pause markers in the claims table; a handler's name never starts with it.
+/// The prefix of the names the framework keeps in the claims table and among checkpoints for
+/// itself (pause and standby markers, projection versions); a handler's name never starts with
+/// it.
+pub const RESERVED_PREFIX: &str = "cqrs.";
+
+/// The prefix of pause markers in the claims table.
 pub const PAUSE_PREFIX: &str = "cqrs.paused:";
+
+/// The prefix of standby markers: each process standing by for an exclusive handler holds a
+/// claim named `cqrs.standby:{owner}|{handler}` (renewed at each of its attempts, lapsing with
+/// its ttl), so operators see every standby, not only the holder.
+pub const STANDBY_PREFIX: &str = "cqrs.standby:";
+
+/// Whether `name` is one the framework keeps for itself (see [`RESERVED_PREFIX`]), not a
+/// handler's.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
+/// The claim name that announces `owner` standing by for `handler`.
+pub(crate) fn standby_marker(handler: &str, owner: &str) -> String {
+    format!("{STANDBY_PREFIX}{owner}|{handler}")
+}
+
+/// The handler a standby marker claim is for, if `claim` is one.
+fn standby_of(claim: &crate::Claim) -> Option<&str> {
+    claim.name.strip_prefix(STANDBY_PREFIX)?.strip_prefix(claim.owner.as_str())?.strip_prefix('|')
+}
 
 /// How long a reset's own claim on the handler lasts (it is released at once when done).
 const RESET_CLAIM_TTL: Duration = Duration::from_secs(10);
@@ -120,6 +146,32 @@ impl<S: Store + ?Sized> HandlerControl<S> {
     /// Who paused `handler`, if it is paused.
     pub async fn paused_by(&self, handler: &str) -> Result<Option<String>, ControlError> {
         Ok(self.paused().await?.into_iter().find(|(name, _)| name == handler).map(|(_, by)| by))
+    }
+
+    /// The processes standing by for each exclusive handler (their announcements in the claims,
+    /// which lapse with the claim ttl), by handler, without the current holder.
+    pub async fn standbys(&self) -> Result<Vec<(String, Vec<String>)>, ControlError> {
+        let claims = self.store.claims().await?;
+        let holders: std::collections::HashMap<&str, &str> = claims
+            .iter()
+            .filter(|claim| !is_reserved(&claim.name))
+            .map(|claim| (claim.name.as_str(), claim.owner.as_str()))
+            .collect();
+        let mut standbys: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        for claim in &claims {
+            if let Some(handler) = standby_of(claim) {
+                if holders.get(handler) != Some(&claim.owner.as_str()) {
+                    standbys.entry(handler.to_owned()).or_default().push(claim.owner.clone());
+                }
+            }
+        }
+        Ok(standbys
+            .into_iter()
+            .map(|(handler, mut owners)| {
+                owners.sort();
+                (handler, owners)
+            })
+            .collect())
     }
 
     /// Every paused handler, with who paused it, by name.

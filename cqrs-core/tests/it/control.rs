@@ -94,6 +94,17 @@ async fn a_pause_stops_every_runner_of_the_handler_until_it_is_lifted() {
     wait_until("the first five handled", || positions(&fixture.log).len() == 5).await;
 
     let control = HandlerControl::new(Arc::clone(&fixture.store));
+    // The holder is in the claims, and so is the standby, announced by its claim keeper.
+    let holder = (fixture.store.claims().await.expect("claims").into_iter())
+        .find(|claim| claim.name == "recorder")
+        .map(|claim| claim.owner)
+        .expect("a holder");
+    let standby = if holder == "a" { "b" } else { "a" };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while control.standbys().await.expect("standbys") != [("recorder".to_owned(), vec![standby.to_owned()])] {
+        assert!(Instant::now() < deadline, "the standby is not listed: {:?}", control.standbys().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     control.pause("recorder", "ops:alice").await.expect("pause");
     wait_until("both runners paused", || paused(&first) && paused(&second)).await;
     assert_eq!(first.status().state, HandlerState::Paused { by: "ops:alice".into() }, "the status names who paused it");

@@ -126,6 +126,15 @@ async fn two_processes_on_one_store_notify_once_and_the_other_stands_by() {
         metrics.contains("livechat_handler_holder{handler=\"mention-notifier\",holder=\"node-1:1:1111\"} 1\n"),
         "the standby's /metrics names the holder: {metrics}"
     );
+    assert!(!metrics.contains("cqrs.standby"), "the framework's markers are not handlers on /metrics");
+    // Either node's console shows the holder and the standby, from the store's claims.
+    for server in [&one, &two] {
+        let page = server.admin_get("/admin/handlers?live=0").await.body;
+        assert!(
+            page.contains("data-holder=\"node-1:1:1111\" data-parked=\"0\" data-standbys=\"node-2:2:2222\""),
+            "{page}"
+        );
+    }
     two.stop().await;
     one.stop().await;
 }
