@@ -159,8 +159,11 @@ struct Inner {
     control: HandlerControl<dyn Store>,
     /// Who pauses a live version during a switch (shown on the pause).
     owner: String,
-    /// One lock for every projection: actions and refreshes are rare and short.
+    /// The projections; held only briefly (never across a wait for a version to catch up), so
+    /// views and refreshes go on during a switch.
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// One build, switch or drop at a time in this process.
+    actions: Mutex<()>,
 }
 
 /// The rebuildable projections of this process: registers them, builds new versions beside
@@ -182,8 +185,14 @@ impl Rebuilds {
     /// the pause a switch takes. Starts the refresh task (on the current tokio runtime).
     pub fn new(store: Arc<dyn Store>, progress: Progress, owner: impl Into<String>) -> Self {
         let control = HandlerControl::new(Arc::clone(&store));
-        let inner =
-            Arc::new(Inner { store, progress, control, owner: owner.into(), entries: Mutex::new(BTreeMap::new()) });
+        let inner = Arc::new(Inner {
+            store,
+            progress,
+            control,
+            owner: owner.into(),
+            entries: Mutex::new(BTreeMap::new()),
+            actions: Mutex::new(()),
+        });
         tokio::spawn(refresh_loop(Arc::downgrade(&inner)));
         Self { inner }
     }
@@ -217,6 +226,7 @@ impl Rebuilds {
     /// Starts building a new version of `name` beside the live one, from the origin; returns
     /// its number.
     pub async fn build(&self, name: &str) -> Result<u32, RebuildError> {
+        let _action = self.inner.actions.lock().await;
         let mut entries = self.inner.entries.lock().await;
         let entry = entries.get_mut(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
         entry.records = self.load(name).await?;
@@ -237,56 +247,76 @@ impl Rebuilds {
     /// version's position (waiting up to `within`); the old live version is kept beside,
     /// current, for a rollback (switch back to it) until dropped.
     pub async fn switch(&self, name: &str, version: u32, within: Duration) -> Result<(), RebuildError> {
+        let _action = self.inner.actions.lock().await;
+        let old = {
+            let mut entries = self.inner.entries.lock().await;
+            let entry = entries.get_mut(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
+            entry.records = self.load(name).await?;
+            if entry.records.beside != Some(version) {
+                return Err(RebuildError::NotBeside { name: name.to_owned(), version });
+            }
+            entry.records.live
+        };
+        let old_name = version_name(name, old);
+        // An operator's pause of the old version stays after the switch; ours is lifted.
+        let paused_before = self.inner.control.paused_by(&old_name).await?.is_some();
+        if !paused_before {
+            self.inner.control.pause(&old_name, &format!("switch of {name} by {}", self.inner.owner)).await?;
+        }
+        // Waited for without the projections' lock: the pages that show them stay live.
+        let mut outcome = self.catch_up(name, &old_name, version, within).await;
+        if outcome.is_ok() {
+            outcome = self.record_switch(name, old, version).await;
+        }
+        if !paused_before {
+            self.inner.control.resume(&old_name).await?;
+        }
+        outcome
+    }
+
+    /// Records `version` live and `old` beside, and serves `version` here.
+    async fn record_switch(&self, name: &str, old: u32, version: u32) -> Result<(), RebuildError> {
         let mut entries = self.inner.entries.lock().await;
         let entry = entries.get_mut(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
-        entry.records = self.load(name).await?;
-        if entry.records.beside != Some(version) {
-            return Err(RebuildError::NotBeside { name: name.to_owned(), version });
-        }
-        let old = entry.records.live;
-        let old_name = version_name(name, old);
-        self.inner.control.pause(&old_name, &format!("switch of {name} by {}", self.inner.owner)).await?;
-        let caught_up = self.catch_up(name, &old_name, version, within).await;
-        if caught_up.is_ok() {
-            // The live record first: a crash before the second write leaves the new version
-            // live and nothing beside (the old tables stay until dropped by hand).
-            let saved = async {
-                self.save(name, "live", version).await?;
-                self.save(name, "beside", old).await
-            }
-            .await;
-            if let Err(error) = saved {
-                self.inner.control.resume(&old_name).await?;
-                return Err(error.into());
-            }
-            entry.records.live = version;
-            entry.records.beside = Some(old);
-            entry.projection.serve(version);
-            tracing::info!(projection = %name, from = old, to = version, "switched to the rebuilt version");
-        }
-        self.inner.control.resume(&old_name).await?;
-        caught_up
+        // The live record first: a crash before the second write leaves the new version live
+        // and nothing beside (the old tables stay until dropped by hand).
+        self.save(name, "live", version).await?;
+        self.save(name, "beside", old).await?;
+        entry.records.live = version;
+        entry.records.beside = Some(old);
+        entry.projection.serve(version);
+        tracing::info!(projection = %name, from = old, to = version, "switched to the rebuilt version");
+        Ok(())
     }
 
     /// Stops `version` of `name` (the one beside, not the live one) in every process and drops
     /// its tables.
     pub async fn drop_version(&self, name: &str, version: u32) -> Result<(), RebuildError> {
-        let mut entries = self.inner.entries.lock().await;
-        let entry = entries.get_mut(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
-        entry.records = self.load(name).await?;
-        if entry.records.beside != Some(version) {
-            return Err(RebuildError::NotBeside { name: name.to_owned(), version });
-        }
+        let _action = self.inner.actions.lock().await;
         let runner = version_name(name, version);
-        // Paused first, so no process writes into the tables while they go.
-        self.inner.control.pause(&runner, &format!("drop by {}", self.inner.owner)).await?;
-        if let Some(running) = entry.runners.remove(&version) {
+        let running = {
+            let mut entries = self.inner.entries.lock().await;
+            let entry = entries.get_mut(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
+            entry.records = self.load(name).await?;
+            if entry.records.beside != Some(version) {
+                return Err(RebuildError::NotBeside { name: name.to_owned(), version });
+            }
+            // Paused first, so no process writes into the tables while they go.
+            self.inner.control.pause(&runner, &format!("drop by {}", self.inner.owner)).await?;
+            entry.runners.remove(&version)
+        };
+        if let Some(running) = running {
             running.stop().await;
         }
         self.wait_released(&runner, Duration::from_secs(10)).await?;
-        self.save(name, "beside", 0).await?;
-        entry.records.beside = None;
-        entry.projection.drop_version(version).await?;
+        let projection = {
+            let mut entries = self.inner.entries.lock().await;
+            let entry = entries.get_mut(name).ok_or_else(|| RebuildError::Unknown(name.to_owned()))?;
+            self.save(name, "beside", 0).await?;
+            entry.records.beside = None;
+            Arc::clone(&entry.projection)
+        };
+        projection.drop_version(version).await?;
         tracing::info!(projection = %name, version, "version dropped");
         // Lift the pause once every process has followed the record and stopped its runner
         // (within a refresh), so no pause of a version that is gone stays listed.

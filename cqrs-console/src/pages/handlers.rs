@@ -34,9 +34,11 @@ struct Row {
     /// Who holds the claim (the active process of an exclusive handler).
     holder: Option<String>,
     paused_by: Option<String>,
+    /// How far it is: here if it runs here, else its saved checkpoint; `None` for a task with no
+    /// checkpoint (a process manager's scheduler).
+    position: Option<Position>,
     /// The processes standing by for it (their announcements in the claims).
     standbys: Vec<String>,
-    position: Position,
     parked: usize,
 }
 
@@ -83,8 +85,8 @@ impl Console {
             let status = local.get(&name).cloned();
             let here = status.as_ref().filter(|status| status.is_active()).map(|status| status.position);
             let position = match here {
-                Some(position) => position,
-                None => self.store.load_checkpoint(&name).await?.unwrap_or(Position::START),
+                Some(position) => Some(position),
+                None => self.store.load_checkpoint(&name).await?,
             };
             let parked = self.store.parked(&name).await?.len();
             rows.push(Row {
@@ -135,9 +137,10 @@ pub(crate) async fn list(
             } }
             tbody {
                 @for row in &rows {
-                    @let lag = head.0.saturating_sub(row.position.0);
+                    @let lag = row.position.map(|position| head.0.saturating_sub(position.0));
                     @let state = row.state();
-                    tr data-handler=(row.name) data-state=(state) data-position=(row.position.0) data-lag=(lag)
+                    tr data-handler=(row.name) data-state=(state) data-position=(row.position.map(|p| p.0.to_string()).unwrap_or_default())
+                        data-lag=(lag.map(|lag| lag.to_string()).unwrap_or_default())
                         data-holder=(row.holder.as_deref().unwrap_or("")) data-parked=(row.parked)
                         data-standbys=(row.standbys.join(" ")) {
                         td { (row.name) }
@@ -146,9 +149,9 @@ pub(crate) async fn list(
                         td { @if row.standbys.is_empty() { "—" } @else { (row.standbys.join(", ")) } }
                         td { @if row.standby_here() { "standby" } @else if row.status.as_ref().is_some_and(HandlerStatus::is_active) { "active" } @else if row.status.is_some() { "—" } @else { "no runner" } }
                         td.state { (state) }
-                        td.num { (row.position) }
-                        td.num { (lag) }
-                        td.num { (format!("{:.0}", console.rate(&row.name, row.position))) }
+                        td.num { @if let Some(position) = row.position { (position) } @else { "—" } }
+                        td.num { @if let Some(lag) = lag { (lag) } @else { "—" } }
+                        td.num { @if let Some(position) = row.position { (format!("{:.0}", console.rate(&row.name, position))) } @else { "—" } }
                         td.num { @if row.parked > 0 { a href={ (base) "/handlers/" (row.name) "/parked" } { (row.parked) } } @else { "0" } }
                         td {
                             @if row.paused_by.is_some() {
@@ -157,9 +160,9 @@ pub(crate) async fn list(
                                 form.inline.pause method="post" action={ (base) "/handlers/" (row.name) "/pause" } { button type="submit" { "Pause" } }
                             }
                             " "
-                            @if row.placement() == "exclusive" {
+                            @if let (Some(position), "exclusive") = (row.position, row.placement()) {
                                 form.inline.reset method="get" action={ (base) "/handlers/" (row.name) "/reset" } {
-                                    input type="number" name="to" min="0" value=(row.position.0) size="8" aria-label="reset to position";
+                                    input type="number" name="to" min="0" value=(position.0) size="8" aria-label="reset to position";
                                     button type="submit" { "Reset…" }
                                 }
                             }

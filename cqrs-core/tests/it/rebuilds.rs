@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use cqrs_core::rebuild::{version_name, RebuildError, Rebuildable, Rebuilds};
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
-    spawn_handler, Dispatcher, Envelope, EventHandler, EventStore, HandlerError, Position, Progress, RunnerConfig,
-    RunningHandler, Store,
+    spawn_handler, Dispatcher, Envelope, EventHandler, EventStore, HandlerControl, HandlerError, Position, Progress,
+    RunnerConfig, RunningHandler, Store,
 };
 use cqrs_memory::MemoryStore;
 use tokio::time::Instant;
@@ -217,7 +217,12 @@ async fn a_second_process_follows_the_switch_and_serves_the_new_version() {
     first.register(Arc::clone(&first_totals) as Arc<dyn Rebuildable>).await.expect("register");
     second.register(Arc::clone(&second_totals) as Arc<dyn Rebuildable>).await.expect("register");
     first.build("totals").await.expect("build");
+    // An operator paused version 1: the switch works from its frozen checkpoint and leaves the
+    // operator's pause in place.
+    let control = HandlerControl::new(Arc::clone(&store));
+    control.pause("totals", "ops:alice").await.expect("pause");
     first.switch("totals", 2, Duration::from_secs(20)).await.expect("switch");
+    assert_eq!(control.paused_by("totals").await.expect("paused"), Some("ops:alice".to_owned()));
     wait_until("the second process serves version 2", || second_totals.served.load(Ordering::SeqCst) == 2).await;
     let view = second.views().await.remove(0);
     assert_eq!((view.live, view.beside), (2, Some(1)));
