@@ -211,6 +211,13 @@ async fn console_walk<S: Store>(store: Arc<S>) {
         let reply = call(&app, "GET", path, &[BEARER], None).await;
         assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
     }
+    // A mistyped handler name changes nothing.
+    let nope = call(&app, "POST", "/ops/handlers/nope/pause", &[BEARER], Some("")).await;
+    assert_eq!(nope.status, StatusCode::NOT_FOUND, "{}", nope.body);
+    let nope = call(&app, "POST", "/ops/handlers/nope/reset", &[BEARER], Some("to=0&confirm=yes")).await;
+    assert_eq!(nope.status, StatusCode::NOT_FOUND, "{}", nope.body);
+    assert!(store.claims().await.expect("claims").iter().all(|claim| !claim.name.contains("nope")));
+    assert_eq!(store.load_checkpoint("nope").await.expect("checkpoint"), None);
     let unknown = call(&app, "POST", "/ops/handlers/recorder/parked/retry", &[BEARER], Some("position=3")).await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     let denied = Router::new().nest(

@@ -102,6 +102,16 @@ impl Console {
         Ok(rows)
     }
 
+    /// Refuses a handler this console does not know (not running here, holding no claim, not
+    /// paused, no checkpoint): an action on a mistyped name must change nothing.
+    async fn known(&self, name: &str) -> Result<(), ConsoleError> {
+        let rows = self.rows().await?;
+        if rows.iter().any(|row| row.name == name) || self.store.load_checkpoint(name).await?.is_some() {
+            return Ok(());
+        }
+        Err(ConsoleError::NotFound("no such handler: none runs here, holds a claim or has a checkpoint"))
+    }
+
     /// Events per second of `name` since the last look (positions are gap-free, so a
     /// position's advance is the events handled or passed over).
     pub(crate) fn rate(&self, name: &str, position: Position) -> f64 {
@@ -182,6 +192,7 @@ pub(crate) async fn pause(
     Operator(operator): Operator,
     Path(name): Path<String>,
 ) -> Result<Response, ConsoleError> {
+    console.known(&name).await?;
     console.control.pause(&name, &operator).await?;
     tracing::warn!(handler = %name, %operator, "handler paused from the console");
     Ok(back(&base, "/handlers").into_response())
@@ -266,6 +277,7 @@ pub(crate) async fn reset(
     if reset.confirm.as_deref() != Some("yes") {
         return Err(ConsoleError::BadRequest("a reset must be confirmed (confirm=yes)".to_owned()));
     }
+    console.known(&name).await?;
     let was_paused = console.control.paused_by(&name).await?.is_some();
     if !was_paused {
         console.control.pause(&name, &format!("{operator} (reset)")).await?;
