@@ -11,8 +11,8 @@ use axum::Router;
 use cqrs_console::{router, Access, ConsoleConfig};
 use cqrs_core::testing::counter::{Counter, CounterCommand, CounterEvent};
 use cqrs_core::{
-    spawn_handler, CommandId, Dispatcher, Envelope, EventHandler, HandlerError, HandlerState, Position, ProcessState,
-    Progress, RunnerConfig, RunningHandler, Scheduled, Store, Timestamp,
+    spawn_handler, CommandEnvelope, CommandId, CorrelationId, Dispatcher, Envelope, EventHandler, HandlerError,
+    HandlerState, Position, ProcessState, Progress, RunnerConfig, RunningHandler, Scheduled, Store, Timestamp,
 };
 use http_body_util::BodyExt;
 use sqlx::{Connection, Executor};
@@ -74,8 +74,10 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 async fn console_walk<S: Store>(store: Arc<S>) {
     let progress = Progress::new();
     let dispatcher = Dispatcher::<Counter, _>::new(Arc::clone(&store));
+    let conversation = CorrelationId::new();
     for n in 0..10 {
-        dispatcher.dispatch(CounterCommand::increment(n % 3, 1)).await.expect("dispatch");
+        let command = CommandEnvelope::new(CounterCommand::increment(n % 3, 1)).with_correlation_id(conversation);
+        dispatcher.dispatch(command).await.expect("dispatch");
     }
     let handled = Arc::new(Mutex::new(Vec::new()));
     let config = RunnerConfig {
@@ -193,10 +195,11 @@ async fn console_walk<S: Store>(store: Arc<S>) {
     assert!(event.body.contains("id=\"payload\""));
     assert_eq!(call(&app, "GET", "/ops/events/999", &[BEARER], None).await.status, StatusCode::NOT_FOUND);
     assert_eq!(call(&app, "GET", "/ops/events/x", &[BEARER], None).await.status, StatusCode::BAD_REQUEST);
-    if let Some(correlation) = first.metadata.correlation_id {
-        let chain = call(&app, "GET", &format!("/ops/correlations/{correlation}"), &[BEARER], None).await;
-        assert!(chain.body.contains("data-position=\"1\""));
-    }
+    assert_eq!(first.metadata.correlation_id, Some(conversation));
+    let chain = call(&app, "GET", &format!("/ops/correlations/{conversation}"), &[BEARER], None).await;
+    assert_eq!(chain.body.matches("<tr data-position").count(), 10, "every event of the conversation");
+    let other = call(&app, "GET", &format!("/ops/correlations/{}", CorrelationId::new()), &[BEARER], None).await;
+    assert_eq!(other.body.matches("<tr data-position").count(), 0);
 
     // Process managers: instances, pending schedules, set-aside ones retried and discarded.
     processes_page(&store, &progress).await;

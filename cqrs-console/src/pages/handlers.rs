@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use axum::extract::{Form, Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use cqrs_core::handler::control::{is_reserved, PAUSE_PREFIX};
+use cqrs_core::handler::control::{is_reserved, paused_in, standbys_in, PAUSE_PREFIX};
 use cqrs_core::{HandlerState, HandlerStatus, Position};
 use maud::html;
 use serde::Deserialize;
@@ -71,8 +71,9 @@ impl Console {
         let local: BTreeMap<String, HandlerStatus> =
             self.progress.statuses().into_iter().map(|status| (status.name.clone(), status)).collect();
         let claims = self.store.claims().await?;
-        let paused: BTreeMap<String, String> = self.control.paused().await?.into_iter().collect();
-        let mut standbys: BTreeMap<String, Vec<String>> = self.control.standbys().await?.into_iter().collect();
+        // One read of the claims for the holders, the pauses and the standbys.
+        let paused: BTreeMap<String, String> = paused_in(&claims).into_iter().collect();
+        let mut standbys: BTreeMap<String, Vec<String>> = standbys_in(&claims).into_iter().collect();
         let holders: BTreeMap<String, String> = claims
             .into_iter()
             .filter(|claim| !is_reserved(&claim.name) && !claim.owner.starts_with(PAUSE_PREFIX))
@@ -221,11 +222,7 @@ pub(crate) struct ResetTo {
 
 impl ResetTo {
     fn position(&self) -> Result<Position, ConsoleError> {
-        self.to
-            .trim()
-            .parse::<u64>()
-            .map(Position)
-            .map_err(|_| ConsoleError::BadRequest(format!("{:?} is not a position (a whole number)", self.to)))
+        super::position(&self.to)
     }
 }
 
@@ -337,11 +334,7 @@ pub(crate) struct ParkedForm {
 
 impl ParkedForm {
     fn position(&self) -> Result<Position, ConsoleError> {
-        let text = self.position.as_deref().unwrap_or_default();
-        text.trim()
-            .parse::<u64>()
-            .map(Position)
-            .map_err(|_| ConsoleError::BadRequest(format!("{text:?} is not a position")))
+        super::position(self.position.as_deref().unwrap_or_default())
     }
 }
 

@@ -25,6 +25,14 @@ impl Live {
     }
 }
 
+/// A position typed into a form or a path: a whole number, else a 400 naming what was sent.
+pub(crate) fn position(text: &str) -> Result<cqrs_core::Position, crate::error::ConsoleError> {
+    text.trim()
+        .parse::<u64>()
+        .map(cqrs_core::Position)
+        .map_err(|_| crate::error::ConsoleError::BadRequest(format!("{text:?} is not a position (a whole number)")))
+}
+
 /// Back to a page after an action (303: the browser follows with a GET).
 pub(crate) fn back(base: &str, path: &str) -> Redirect {
     Redirect::to(&format!("{base}{path}"))

@@ -54,6 +54,40 @@ pub(crate) fn standby_marker(handler: &str, owner: &str) -> String {
     format!("{STANDBY_PREFIX}{owner}|{handler}")
 }
 
+/// The paused handlers among `claims` (as [`Coordination::claims`](crate::Coordination::claims)
+/// lists them), with who paused each, by name: for a caller that reads the claims once for
+/// several purposes.
+pub fn paused_in(claims: &[crate::Claim]) -> Vec<(String, String)> {
+    let mut paused: Vec<(String, String)> = claims
+        .iter()
+        .filter_map(|claim| claim.name.strip_prefix(PAUSE_PREFIX).map(|name| (name.to_owned(), claim.owner.clone())))
+        .collect();
+    paused.sort();
+    paused
+}
+
+/// The processes standing by for each exclusive handler among `claims` (their announcements,
+/// which lapse with the claim ttl), by handler, without the current holder.
+pub fn standbys_in(claims: &[crate::Claim]) -> Vec<(String, Vec<String>)> {
+    let holders: std::collections::HashMap<&str, &str> = claims
+        .iter()
+        .filter(|claim| !is_reserved(&claim.name))
+        .map(|claim| (claim.name.as_str(), claim.owner.as_str()))
+        .collect();
+    let mut standbys: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for claim in claims {
+        if let Some(handler) = standby_of(claim) {
+            if holders.get(handler) != Some(&claim.owner.as_str()) {
+                standbys.entry(handler.to_owned()).or_default().push(claim.owner.clone());
+            }
+        }
+    }
+    for owners in standbys.values_mut() {
+        owners.sort();
+    }
+    standbys.into_iter().collect()
+}
+
 /// The handler a standby marker claim is for, if `claim` is one.
 fn standby_of(claim: &crate::Claim) -> Option<&str> {
     claim.name.strip_prefix(STANDBY_PREFIX)?.strip_prefix(claim.owner.as_str())?.strip_prefix('|')
@@ -148,43 +182,14 @@ impl<S: Store + ?Sized> HandlerControl<S> {
         Ok(self.paused().await?.into_iter().find(|(name, _)| name == handler).map(|(_, by)| by))
     }
 
-    /// The processes standing by for each exclusive handler (their announcements in the claims,
-    /// which lapse with the claim ttl), by handler, without the current holder.
+    /// The processes standing by for each exclusive handler (see [`standbys_in`]).
     pub async fn standbys(&self) -> Result<Vec<(String, Vec<String>)>, ControlError> {
-        let claims = self.store.claims().await?;
-        let holders: std::collections::HashMap<&str, &str> = claims
-            .iter()
-            .filter(|claim| !is_reserved(&claim.name))
-            .map(|claim| (claim.name.as_str(), claim.owner.as_str()))
-            .collect();
-        let mut standbys: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
-        for claim in &claims {
-            if let Some(handler) = standby_of(claim) {
-                if holders.get(handler) != Some(&claim.owner.as_str()) {
-                    standbys.entry(handler.to_owned()).or_default().push(claim.owner.clone());
-                }
-            }
-        }
-        Ok(standbys
-            .into_iter()
-            .map(|(handler, mut owners)| {
-                owners.sort();
-                (handler, owners)
-            })
-            .collect())
+        Ok(standbys_in(&self.store.claims().await?))
     }
 
-    /// Every paused handler, with who paused it, by name.
+    /// Every paused handler, with who paused it, by name (see [`paused_in`]).
     pub async fn paused(&self) -> Result<Vec<(String, String)>, ControlError> {
-        let mut paused: Vec<(String, String)> = self
-            .store
-            .claims()
-            .await?
-            .into_iter()
-            .filter_map(|claim| claim.name.strip_prefix(PAUSE_PREFIX).map(|name| (name.to_owned(), claim.owner)))
-            .collect();
-        paused.sort();
-        Ok(paused)
+        Ok(paused_in(&self.store.claims().await?))
     }
 
     /// Moves the checkpoint of paused `handler` to `to`: once resumed, it handles again every
