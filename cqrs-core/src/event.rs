@@ -10,6 +10,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod payload;
+
+pub use payload::Payload;
+
 use crate::ids::{CausationId, CommandId, CorrelationId, EventId, Position, StreamId, Timestamp, Version};
 use crate::query::Tag;
 
@@ -19,7 +23,7 @@ use crate::query::Tag;
 /// Derive it (feature `derive`, on by default): each name is then written once.
 ///
 /// ```
-/// use cqrs_core::DomainEvent;
+/// use cqrs_core::{DomainEvent, Payload};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
@@ -38,7 +42,10 @@ use crate::query::Tag;
 /// // The payload is the variant's content; the stored name says which variant it is.
 /// let payload = deposit.encode()?;
 /// assert_eq!(payload, serde_json::json!({ "amount_cents": 5 }));
-/// assert_eq!(AccountEvent::decode("MoneyDeposited", &payload)?, deposit);
+/// assert_eq!(AccountEvent::decode("MoneyDeposited", &Payload::from_value(payload))?, deposit);
+/// // A SQL store hands over the stored text, parsed once, straight into the variant.
+/// let stored = Payload::from_json_text(r#"{"amount_cents":5}"#);
+/// assert_eq!(AccountEvent::decode("MoneyDeposited", &stored)?, deposit);
 /// // Handlers take an event only from streams of its aggregate's category.
 /// assert!(AccountEvent::accepts("account", "AccountOpened"));
 /// assert!(!AccountEvent::accepts("door", "AccountOpened"));
@@ -100,10 +107,10 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Clone + fmt::Debug + Send 
     }
 
     /// The event from a stored (and upcast) payload and its stored type name. By default,
-    /// serde reads the payload and the name is not consulted.
-    fn decode(event_type: &str, payload: &Value) -> Result<Self, serde_json::Error> {
+    /// serde reads the payload in one pass ([`Payload::decode`]) and the name is not consulted.
+    fn decode(event_type: &str, payload: &Payload) -> Result<Self, serde_json::Error> {
         let _ = event_type;
-        Self::deserialize(payload)
+        payload.decode()
     }
 }
 
@@ -181,8 +188,8 @@ pub struct RecordedEvent {
     pub event_type: Arc<str>,
     /// Schema version of `payload` as stored (before upcasting).
     pub schema_version: u32,
-    /// The serialized event.
-    pub payload: Arc<Value>,
+    /// The serialized event, as the store returned it: decoded in one pass when read.
+    pub payload: Payload,
     /// Where the event came from.
     pub metadata: Arc<Metadata>,
     /// The tags stored with the event.
@@ -406,7 +413,16 @@ impl Upcasters {
         let Some(first_step) = self.by_key.get(&(event_type.clone(), version)) else {
             return Ok(recorded.clone());
         };
-        let mut payload = (*recorded.payload).clone();
+        let mut payload = recorded
+            .payload
+            .value()
+            .map_err(|source| DecodeError::Payload {
+                event_type: event_type.clone(),
+                schema_version: version,
+                position: recorded.position,
+                source,
+            })?
+            .clone();
         let mut step = Some(Arc::clone(first_step));
         let mut steps = 0;
         while let Some(upcaster) = step {
@@ -428,7 +444,7 @@ impl Upcasters {
         Ok(RecordedEvent {
             event_type: Arc::from(event_type),
             schema_version: version,
-            payload: Arc::new(payload),
+            payload: Payload::from_value(payload),
             ..recorded.clone()
         })
     }
@@ -464,7 +480,7 @@ mod tests {
             recorded_at: Timestamp::now(),
             event_type: Arc::from("Renamed"),
             schema_version,
-            payload: Arc::new(payload),
+            payload: Payload::from_value(payload),
             metadata: Arc::default(),
             tags: Arc::from([]),
         }
@@ -518,5 +534,55 @@ mod tests {
         ));
         let garbage = recorded(3, json!({"type": "Renamed", "full_name": 5}));
         assert!(matches!(upcasters().decode_payload::<Ev>(&garbage), Err(DecodeError::Payload { .. })));
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, crate::DomainEvent)]
+    #[event(category = "*")]
+    enum Shapes {
+        Named { text: String, n: u64, note: Option<String> },
+        Pair(String, u64),
+        Inner(Vec<u32>),
+        Unit,
+    }
+
+    /// The derive reads stored text without building a `Value`: each shape decodes from text as
+    /// from the value, and a malformed payload is a typed error, never a panic.
+    #[test]
+    fn derived_events_decode_from_stored_text_as_from_values() {
+        let cases = [
+            Shapes::Named { text: "a \"quoted\" \u{e9}".into(), n: 3, note: Some("x".into()) },
+            Shapes::Named { text: String::new(), n: 0, note: None },
+            Shapes::Pair("p".into(), 9),
+            Shapes::Inner(vec![1, 2, 3]),
+            Shapes::Unit,
+        ];
+        for event in cases {
+            let value = event.encode().expect("encode");
+            let text = Payload::from_json_text(value.to_string());
+            assert_eq!(Shapes::decode(event.event_type(), &text).expect("from text"), event);
+            assert_eq!(Shapes::decode(event.event_type(), &Payload::from_value(value)).expect("from value"), event);
+        }
+        let decode = |event_type: &str, text: &str| Shapes::decode(event_type, &Payload::from_json_text(text));
+        // An absent Option field reads as None; an escaped key is still found; of repeated keys
+        // the last counts, as in a Value; unknown keys are passed over.
+        assert_eq!(
+            decode("Named", r#"{"n": 1, "te\u0078t": "t", "n": 2, "extra": [1, {"a": 2}]}"#).expect("decode"),
+            Shapes::Named { text: "t".into(), n: 2, note: None }
+        );
+        for (event_type, text) in [
+            ("Named", r#"{"text": "t"}"#),
+            ("Named", r#"["t", 1]"#),
+            ("Named", r#"{"text": "t", "n": -1}"#),
+            ("Named", r#"{"text": "t", "n": 1"#),
+            ("Named", r#"{"text": "t", "n": 1} trailing"#),
+            ("Pair", r#"["p"]"#),
+            ("Pair", r#"["p", 1, 2]"#),
+            ("Pair", r#"{"0": "p"}"#),
+            ("Inner", "[1, -2]"),
+            ("Nope", "{}"),
+            ("Named", "{not json"),
+        ] {
+            assert!(decode(event_type, text).is_err(), "{event_type} {text} should not decode");
+        }
     }
 }

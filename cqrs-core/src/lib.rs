@@ -59,36 +59,165 @@ pub use cqrs_derive::{Command, DomainEvent};
 pub mod __private {
     pub use serde_json::{Error, Map, Value};
 
-    use serde::de::{DeserializeOwned, Error as _};
-    use serde::Serialize;
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{DeserializeOwned, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, Serialize};
+    use serde_json::value::RawValue;
+
+    use crate::event::Payload;
 
     /// A value as JSON.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Value, Error> {
         serde_json::to_value(value)
     }
 
-    /// A value from JSON, without copying the JSON.
-    pub fn decode<T: DeserializeOwned>(payload: &Value) -> Result<T, Error> {
-        T::deserialize(payload)
+    /// A value from a payload, in one pass.
+    pub fn decode<T: DeserializeOwned>(payload: &Payload) -> Result<T, Error> {
+        payload.decode()
     }
 
-    /// One field of a struct variant's payload; an absent key reads as `null` (so an `Option`
-    /// field added later decodes old events as `None`).
-    pub fn field<T: DeserializeOwned>(payload: &Value, key: &str) -> Result<T, Error> {
-        let Value::Object(object) = payload else {
-            return Err(Error::custom(format!("expected an object with field `{key}`, found {}", kind(payload))));
-        };
-        match object.get(key) {
-            Some(value) => T::deserialize(value).map_err(|error| Error::custom(format!("field `{key}`: {error}"))),
-            None => T::deserialize(&Value::Null).map_err(|_| Error::custom(format!("missing field `{key}`"))),
+    /// A struct variant's fields: the held object, or the stored text split into its fields'
+    /// raw JSON (each parsed only by the field that reads it).
+    pub enum Fields<'a> {
+        /// The payload held a value.
+        Value(&'a Map<String, Value>),
+        /// The payload held text.
+        Text(Vec<(Cow<'a, str>, &'a RawValue)>),
+    }
+
+    /// The fields of a struct variant's payload.
+    pub fn fields(payload: &Payload) -> Result<Fields<'_>, Error> {
+        if let Some(value) = payload.held_value() {
+            return match value {
+                Value::Object(object) => Ok(Fields::Value(object)),
+                other => Err(Error::custom(format!("expected an object, found {}", kind(other)))),
+            };
+        }
+        let text = payload.text().unwrap_or("null");
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let fields = deserializer.deserialize_map(FieldsVisitor)?;
+        deserializer.end()?;
+        Ok(Fields::Text(fields))
+    }
+
+    impl Fields<'_> {
+        /// One field; an absent key reads as `null` (so an `Option` field added later decodes
+        /// old events as `None`). A repeated key: the last one counts, as in a `Value`.
+        pub fn field<T: DeserializeOwned>(&self, key: &str) -> Result<T, Error> {
+            let found = match self {
+                Fields::Value(object) => object.get(key).map(T::deserialize),
+                Fields::Text(fields) => {
+                    fields.iter().rev().find(|(name, _)| name == key).map(|(_, raw)| serde_json::from_str(raw.get()))
+                }
+            };
+            match found {
+                Some(result) => result.map_err(|error| Error::custom(format!("field `{key}`: {error}"))),
+                None => T::deserialize(&Value::Null).map_err(|_| Error::custom(format!("missing field `{key}`"))),
+            }
         }
     }
 
-    /// Element `index` of a tuple variant's payload of `len` elements.
-    pub fn element<T: DeserializeOwned>(payload: &Value, index: usize, len: usize) -> Result<T, Error> {
-        match payload {
-            Value::Array(items) if items.len() == len => T::deserialize(&items[index]),
-            other => Err(Error::custom(format!("expected an array of {len} elements, found {}", kind(other)))),
+    struct FieldsVisitor;
+
+    impl<'de> Visitor<'de> for FieldsVisitor {
+        type Value = Vec<(Cow<'de, str>, &'de RawValue)>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+
+        fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+            let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(4));
+            while let Some((Key(name), raw)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                fields.push((name, raw));
+            }
+            Ok(fields)
+        }
+    }
+
+    /// An object key, borrowed from the text unless it has escapes.
+    struct Key<'de>(Cow<'de, str>);
+
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v.to_owned())))
+                }
+                fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v)))
+                }
+            }
+            deserializer.deserialize_str(KeyVisitor)
+        }
+    }
+
+    /// A tuple variant's elements: the held array, or the stored text split into raw elements.
+    pub enum Elements<'a> {
+        /// The payload held a value.
+        Value(&'a [Value]),
+        /// The payload held text.
+        Text(Vec<&'a RawValue>),
+    }
+
+    /// The `len` elements of a tuple variant's payload.
+    pub fn elements(payload: &Payload, len: usize) -> Result<Elements<'_>, Error> {
+        let wrong = |found: &str| Error::custom(format!("expected an array of {len} elements, found {found}"));
+        if let Some(value) = payload.held_value() {
+            return match value {
+                Value::Array(items) if items.len() == len => Ok(Elements::Value(items)),
+                Value::Array(items) => Err(wrong(&format!("{} elements", items.len()))),
+                other => Err(wrong(kind(other))),
+            };
+        }
+        let text = payload.text().unwrap_or("null");
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let items = deserializer.deserialize_seq(ElementsVisitor).map_err(|error| wrong(&error.to_string()))?;
+        deserializer.end()?;
+        if items.len() != len {
+            return Err(wrong(&format!("{} elements", items.len())));
+        }
+        Ok(Elements::Text(items))
+    }
+
+    impl Elements<'_> {
+        /// Element `index` (below the length [`elements`] checked).
+        pub fn element<T: DeserializeOwned>(&self, index: usize) -> Result<T, Error> {
+            match self {
+                Elements::Value(items) => items.get(index).map_or_else(|| T::deserialize(&Value::Null), T::deserialize),
+                Elements::Text(items) => match items.get(index) {
+                    Some(raw) => serde_json::from_str(raw.get()),
+                    None => T::deserialize(&Value::Null),
+                },
+            }
+        }
+    }
+
+    struct ElementsVisitor;
+
+    impl<'de> Visitor<'de> for ElementsVisitor {
+        type Value = Vec<&'de RawValue>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array")
+        }
+
+        fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+            let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+            while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                items.push(raw);
+            }
+            Ok(items)
         }
     }
 
@@ -118,7 +247,7 @@ pub use coordination::{
 pub use decision::{Decider, Decision};
 pub use dispatcher::{Consistency, DispatchError, DispatchOutcome, Dispatcher, DispatcherConfig, SnapshotPolicy};
 pub use event::{
-    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, RecordedEvent, UpcastResult, Upcaster,
+    DecodeError, DomainEvent, Envelope, FnUpcaster, Metadata, NewEvent, Payload, RecordedEvent, UpcastResult, Upcaster,
     Upcasters,
 };
 pub use handler::{

@@ -245,7 +245,7 @@ fn expand_struct(input: &DeriveInput, variant: &Variant<'_>, computed: Option<&s
 
             fn decode(
                 event_type: &str,
-                payload: &::cqrs_core::__private::Value,
+                payload: &::cqrs_core::Payload,
             ) -> ::core::result::Result<Self, ::cqrs_core::__private::Error> {
                 if event_type == #name {
                     ::cqrs_core::__private::decode(payload)
@@ -307,7 +307,7 @@ fn expand_enum(input: &DeriveInput, variants: &[Variant<'_>], computed: Option<&
 
             fn decode(
                 event_type: &str,
-                payload: &::cqrs_core::__private::Value,
+                payload: &::cqrs_core::Payload,
             ) -> ::core::result::Result<Self, ::cqrs_core::__private::Error> {
                 match event_type {
                     #(#decodes)*
@@ -369,9 +369,13 @@ fn decode_arm(variant: &Variant<'_>) -> TokenStream {
             let idents: Vec<_> = fields.named.iter().filter_map(|f| f.ident.as_ref()).collect();
             let keys: Vec<String> = idents.iter().map(|i| unraw(i)).collect();
             quote! {
-                #name => ::core::result::Result::Ok(Self::#ident {
-                    #(#idents: ::cqrs_core::__private::field(payload, #keys)?,)*
-                }),
+                #name => {
+                    #[allow(unused_variables)]
+                    let fields = ::cqrs_core::__private::fields(payload)?;
+                    ::core::result::Result::Ok(Self::#ident {
+                        #(#idents: fields.field(#keys)?,)*
+                    })
+                }
             }
         }
         Fields::Unnamed(fields) if fields.unnamed.len() == 1 => quote! {
@@ -381,9 +385,10 @@ fn decode_arm(variant: &Variant<'_>) -> TokenStream {
             let count = fields.unnamed.len();
             let indexes = 0..count;
             quote! {
-                #name => ::core::result::Result::Ok(Self::#ident(
-                    #(::cqrs_core::__private::element(payload, #indexes, #count)?),*
-                )),
+                #name => {
+                    let elements = ::cqrs_core::__private::elements(payload, #count)?;
+                    ::core::result::Result::Ok(Self::#ident(#(elements.element(#indexes)?),*))
+                }
             }
         }
         Fields::Unit => quote! {

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use cqrs_core::store::{validate_append, validate_atomic, validate_query};
 use cqrs_core::{
     AppendCondition, AppendOutcome, AppendResult, Claim, CommandId, EventId, EventStore, ExpectedVersion, NewEvent,
-    ParkedEvent, Position, ProcessState, Query, QueryItem, RecordedEvent, Scheduled, Snapshot, StoreError,
+    ParkedEvent, Payload, Position, ProcessState, Query, QueryItem, RecordedEvent, Scheduled, Snapshot, StoreError,
     StreamAppend, StreamId, Tag, Timestamp, Version, DEFAULT_COMMAND_RETENTION,
 };
 use tokio::sync::watch;
@@ -129,7 +129,7 @@ impl Prepared {
                 recorded_at: Timestamp(0),
                 event_type: Arc::from(event.event_type),
                 schema_version: event.schema_version,
-                payload: Arc::new(event.payload),
+                payload: Payload::from_value(event.payload),
                 metadata: Arc::new(event.metadata),
                 tags: Arc::from(event.tags),
             })

@@ -100,7 +100,7 @@ mod tests {
             recorded_at: Timestamp(0),
             event_type: Arc::from("T"),
             schema_version: 1,
-            payload: Arc::new(serde_json::json!({})),
+            payload: cqrs_core::Payload::from_value(serde_json::json!({})),
             metadata: Arc::new(Metadata::default()),
             tags: Arc::from(Vec::new()),
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use cqrs_core::store::RowNames;
 use cqrs_core::{
-    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError, Tag,
-    Timestamp, Version,
+    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Payload, Position, RecordedEvent,
+    StoreError, Tag, Timestamp, Version,
 };
 use futures_util::TryStreamExt;
 use sqlx::error::BoxDynError;
@@ -67,6 +67,34 @@ impl<'r> sqlx::Decode<'r, Postgres> for RecordedAtMicros {
         } else {
             Ok(Self(micros))
         }
+    }
+}
+
+/// A `jsonb` (or `json`/`text`) column's JSON text, taken as the server sent it: not parsed here,
+/// so an event's payload is parsed once, when it is decoded into its type (see
+/// [`cqrs_core::Payload`]). `jsonb`'s binary form is a version byte (1) and the text.
+struct JsonText(String);
+
+impl sqlx::Type<Postgres> for JsonText {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_name("jsonb")
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        matches!(ty.name(), "JSONB" | "JSON" | "TEXT")
+    }
+}
+
+impl<'r> sqlx::Decode<'r, Postgres> for JsonText {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+        let jsonb = value.type_info().name() == "JSONB";
+        let bytes = value.as_bytes()?;
+        let text = match (value.format(), bytes.split_first()) {
+            (PgValueFormat::Binary, Some((&1, text))) if jsonb => text,
+            (PgValueFormat::Binary, _) if jsonb => return Err("a jsonb value of an unknown binary version".into()),
+            _ => bytes,
+        };
+        Ok(Self(std::str::from_utf8(text)?.to_owned()))
     }
 }
 
@@ -149,7 +177,7 @@ impl EventDecoder {
         let position: i64 = row.try_get(columns.position).map_err(corrupt)?;
         let version: i64 = row.try_get(columns.version).map_err(corrupt)?;
         let schema_version: i32 = row.try_get(columns.schema_version).map_err(corrupt)?;
-        let payload: Json<serde_json::Value> = row.try_get(columns.payload).map_err(corrupt)?;
+        let payload: JsonText = row.try_get(columns.payload).map_err(corrupt)?;
         let command_id: Option<Uuid> = row.try_get(columns.command_id).map_err(corrupt)?;
         let causation_id: Option<Uuid> = row.try_get(columns.causation_id).map_err(corrupt)?;
         let correlation_id: Option<Uuid> = row.try_get(columns.correlation_id).map_err(corrupt)?;
@@ -173,7 +201,7 @@ impl EventDecoder {
             event_type,
             schema_version: u32::try_from(schema_version)
                 .map_err(|_| StoreError::Corrupt(format!("negative schema version {schema_version}")))?,
-            payload: Arc::new(payload.0),
+            payload: Payload::from_json_text(payload.0),
             metadata: Arc::new(Metadata {
                 command_id: command_id.map(CommandId),
                 causation_id: causation_id.map(CausationId),

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
-    AppendCondition, AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Position, QueryItem,
-    RecordedEvent, StoreError, StreamId, Tag, Timestamp, Version,
+    AppendCondition, AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Payload, Position,
+    QueryItem, RecordedEvent, StoreError, StreamId, Tag, Timestamp, Version,
 };
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -376,7 +376,7 @@ fn recorded(
                 recorded_at: Timestamp(recorded_at),
                 event_type: Arc::from(event_type),
                 schema_version,
-                payload: Arc::new(payload),
+                payload: Payload::from_value(payload),
                 metadata: Arc::new(Metadata { command_id, ..metadata }),
                 tags: Arc::from(tags),
             }

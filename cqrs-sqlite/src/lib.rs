@@ -182,12 +182,7 @@ impl SqliteEventStore {
                 writes,
                 head,
                 counters,
-                pages: Arc::new(pages::Pages::new(
-                    path.clone(),
-                    config.busy_timeout,
-                    usize::try_from(config.read_connections).unwrap_or(1),
-                    config.acquire_timeout,
-                )),
+                pages: Arc::new(pages::Pages::new(path.clone(), &config)),
                 path,
                 poll_interval: config.poll_interval,
             }),

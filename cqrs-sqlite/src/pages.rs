@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::rows::{limit, to_i64_saturating, EventDecoder, RawEvent, EVENT_COLUMNS};
+use crate::SqliteStoreConfig;
 
 /// Which page to read.
 pub(crate) enum Page {
@@ -34,6 +35,8 @@ pub(crate) enum Page {
 pub(crate) struct Pages {
     path: PathBuf,
     busy_timeout: Duration,
+    /// SQLite's `mmap_size` for these connections (see `SqliteStoreConfig::read_mmap_size`).
+    mmap_size: i64,
     /// One permit per connection that may be open: reads beyond them wait.
     permits: Arc<Semaphore>,
     acquire_timeout: Duration,
@@ -43,13 +46,25 @@ pub(crate) struct Pages {
 }
 
 impl Pages {
-    pub(crate) fn new(path: PathBuf, busy_timeout: Duration, connections: usize, acquire_timeout: Duration) -> Self {
+    pub(crate) fn new(path: PathBuf, config: &SqliteStoreConfig) -> Self {
+        let connections = usize::try_from(config.read_connections).unwrap_or(1);
+        let (busy_timeout, acquire_timeout) = (config.busy_timeout, config.acquire_timeout);
+        let mmap_size = i64::try_from(config.read_mmap_size).unwrap_or(i64::MAX);
         let all_sql = format!("SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE position > ?1 ORDER BY position LIMIT ?2");
         let stream_sql = format!(
             "SELECT {EVENT_COLUMNS} FROM cqrs_events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3"
         );
         let permits = Arc::new(Semaphore::new(connections.max(1)));
-        Self { path, busy_timeout, permits, acquire_timeout, idle: Mutex::new(Vec::new()), all_sql, stream_sql }
+        Self {
+            path,
+            busy_timeout,
+            mmap_size,
+            permits,
+            acquire_timeout,
+            idle: Mutex::new(Vec::new()),
+            all_sql,
+            stream_sql,
+        }
     }
 
     /// At most `max_count` events of `page`, read on a blocking thread.
@@ -88,6 +103,7 @@ impl Pages {
         let connection = Connection::open_with_flags(&self.path, flags)?;
         connection.busy_timeout(self.busy_timeout)?;
         connection.pragma_update(None, "query_only", true)?;
+        connection.pragma_update(None, "mmap_size", self.mmap_size)?;
         connection.set_prepared_statement_cache_capacity(4);
         Ok(connection)
     }

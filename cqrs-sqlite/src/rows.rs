@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use cqrs_core::store::RowNames;
 use cqrs_core::{
-    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Position, RecordedEvent, StoreError, Tag,
-    Timestamp, Version,
+    AppendResult, CausationId, CommandId, CorrelationId, EventId, Metadata, Payload, Position, RecordedEvent,
+    StoreError, Tag, Timestamp, Version,
 };
 use futures_util::TryStreamExt;
 use sqlx::query::Query;
@@ -187,7 +187,7 @@ impl EventDecoder {
             event_type,
             schema_version: u32::try_from(schema_version)
                 .map_err(|_| StoreError::Corrupt(format!("schema version {schema_version} out of range")))?,
-            payload: Arc::new(json(raw.payload, "payload")?),
+            payload: Payload::from_json_text(raw.payload),
             metadata: Arc::new(Metadata {
                 command_id: raw.command_id.map(CommandId),
                 causation_id: raw.causation_id.map(CausationId),

@@ -92,10 +92,14 @@ pub(crate) async fn list(
 
 /// JSON on one line, cut at 300 characters.
 pub(crate) fn compact(value: &serde_json::Value) -> String {
-    let text = value.to_string();
+    compact_text(&value.to_string())
+}
+
+/// Text cut at 300 characters.
+pub(crate) fn compact_text(text: &str) -> String {
     match text.char_indices().nth(300) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text,
+        None => text.to_owned(),
     }
 }
 

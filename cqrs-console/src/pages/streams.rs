@@ -10,7 +10,7 @@ use cqrs_core::{EventId, Position, RecordedEvent, StreamId, Version};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::processes::compact;
+use super::processes::compact_text;
 use crate::access::Base;
 use crate::error::ConsoleError;
 use crate::{layout, Console};
@@ -120,7 +120,7 @@ fn event_table(base: &str, events: &[RecordedEvent]) -> Markup {
                     td.num { (event.version.0) }
                     td { (event.event_type) }
                     td { (event.recorded_at) }
-                    td { code { (compact(&event.payload)) } }
+                    td { code { (compact_text(&event.payload.json())) } }
                 }
             } }
         }
@@ -139,7 +139,11 @@ pub(crate) async fn event(
         return Err(ConsoleError::NotFound("no event at that position"));
     };
     let metadata = &event.metadata;
-    let payload = serde_json::to_string_pretty(&*event.payload).unwrap_or_default();
+    // A payload that is not JSON (a damaged row) is shown as stored.
+    let payload = match event.payload.value() {
+        Ok(value) => serde_json::to_string_pretty(value).unwrap_or_default(),
+        Err(_) => event.payload.json().into_owned(),
+    };
     let body = html! {
         h1 { "Event " (event.position) }
         table #event {

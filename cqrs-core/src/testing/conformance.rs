@@ -183,7 +183,7 @@ pub async fn round_trip_and_stream_order<S: EventStore + ?Sized>(store: Arc<S>) 
     assert_eq!(events[3].event_id, sent[0].event_id);
     assert_eq!(&*events[3].event_type, "TestHappened");
     assert_eq!(events[3].schema_version, 1);
-    assert_eq!(*events[3].payload, sent[0].payload);
+    assert_eq!(events[3].payload, sent[0].payload);
     assert_eq!(events[4].position, second.last_position);
 
     let tail = store.read_stream(&a, Version(3), 2).await.expect("read_stream from 3");

@@ -2,7 +2,7 @@
 //! `StoreError::Corrupt`.
 
 use cqrs_core::testing::conformance::event;
-use cqrs_core::{EventStore, ExpectedVersion, Position, StoreError, Version};
+use cqrs_core::{DecodeError, EventStore, ExpectedVersion, Position, StoreError, Upcasters, Version};
 use cqrs_sqlite::{SqliteEventStore, SqliteStoreError};
 use sqlx::{Connection, Executor, SqliteConnection};
 
@@ -73,7 +73,7 @@ async fn a_database_with_a_conflicting_schema_is_refused() {
 }
 
 #[tokio::test]
-async fn a_damaged_row_is_reported_as_corrupt() {
+async fn a_damaged_row_is_reported_as_corrupt_and_a_damaged_payload_when_decoded() {
     let temp = temp_store().await;
     let s = stream("damaged");
     temp.store.append(&s, ExpectedVersion::Any, vec![event(1)]).await.expect("append");
@@ -87,8 +87,35 @@ async fn a_damaged_row_is_reported_as_corrupt() {
         .await
         .expect("insert a damaged row");
     connection.close().await.expect("close");
-    match temp.store.read_all(Position::START, 10).await {
-        Err(StoreError::Corrupt(message)) => assert!(message.contains("payload"), "{message}"),
+    // The payload is not parsed when read (it is parsed once, when decoded): the row is
+    // returned, and decoding it fails with the parser's error.
+    let events = temp.store.read_all(Position::START, 10).await.expect("read");
+    let damaged = events.iter().find(|e| e.stream_id.as_str() == "damaged-x").expect("the damaged row");
+    assert_eq!(damaged.payload.json(), "{not json");
+    assert!(damaged.payload.value().is_err());
+    /// The damaged row's event type.
+    #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, cqrs_core::DomainEvent)]
+    #[event(name = "T", category = "*")]
+    struct T {
+        n: u64,
+    }
+    match Upcasters::new().decode_payload::<T>(damaged) {
+        Err(DecodeError::Payload { position, .. }) => assert_eq!(position, Position(2)),
+        other => panic!("expected a payload decode error, got {other:?}"),
+    }
+    // A damaged column the row itself needs (here its tags) is reported when read.
+    let mut connection =
+        SqliteConnection::connect(&format!("sqlite://{}", file_of(&temp).display())).await.expect("open");
+    connection
+        .execute(
+            "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+             headers, recorded_at, tags) VALUES (3, randomblob(16), 'damaged-y', 1, 'T', 1, '{}', '{}', 0, '[oops')",
+        )
+        .await
+        .expect("insert a row with damaged tags");
+    connection.close().await.expect("close");
+    match temp.store.read_all(Position(2), 10).await {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("tags"), "{message}"),
         other => panic!("expected Corrupt, got {other:?}"),
     }
     // The intact stream is still readable.
