@@ -267,11 +267,11 @@ BEGIN
         FROM unnest(a_stream, a_command, appended, firsts, lasts, first_positions, last_positions)
                  AS a(s, c, appended, f, l, fp, lp)
         WHERE a.appended AND a.c IS NOT NULL;
-        FOR j IN 1 .. cardinality(ids) LOOP
-            IF versions[j] <> stored[j] THEN
-                UPDATE cqrs_streams s SET version = versions[j] WHERE s.stream_id = ids[j];
-            END IF;
-        END LOOP;
+        -- Every stream's new version in one statement; their rows are locked since step 2, so
+        -- the order it updates them in cannot deadlock.
+        UPDATE cqrs_streams s SET version = u.v
+            FROM unnest(ids, versions, stored) u(id, v, old)
+            WHERE s.stream_id = u.id AND u.v <> u.old;
     END IF;
 
     RETURN QUERY
