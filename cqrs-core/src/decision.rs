@@ -68,7 +68,7 @@ use std::time::Instant;
 use tracing::Instrument;
 
 use crate::aggregate::CommandEnvelope;
-use crate::dispatcher::{check_handlers, encode_events, record_outcome, wait_for_handlers};
+use crate::dispatcher::{check_handlers, encode_events, record_outcome, wait_for_handlers, DispatchMetrics};
 use crate::dispatcher::{Consistency, DispatchError, DispatchOutcome};
 use crate::event::{DomainEvent, Upcasters};
 use crate::handler::Progress;
@@ -114,6 +114,7 @@ pub struct Decider<D: Decision, S: EventStore + ?Sized> {
     progress: Progress,
     max_conflict_retries: u32,
     page_size: usize,
+    metrics: DispatchMetrics,
     _decision: std::marker::PhantomData<fn() -> D>,
 }
 
@@ -125,6 +126,7 @@ impl<D: Decision, S: EventStore + ?Sized> Clone for Decider<D, S> {
             progress: self.progress.clone(),
             max_conflict_retries: self.max_conflict_retries,
             page_size: self.page_size,
+            metrics: self.metrics.clone(),
             _decision: std::marker::PhantomData,
         }
     }
@@ -151,6 +153,7 @@ impl<D: Decision, S: EventStore + ?Sized> Decider<D, S> {
             progress: Progress::new(),
             max_conflict_retries: 10,
             page_size: 1_000,
+            metrics: DispatchMetrics::new(D::NAME),
             _decision: std::marker::PhantomData,
         }
     }
@@ -202,7 +205,7 @@ impl<D: Decision, S: EventStore + ?Sized> Decider<D, S> {
         );
         check_handlers(&self.progress, consistency)?;
         let result = self.run(&envelope).instrument(span.clone()).await;
-        record_outcome(D::NAME, &span, started, &result);
+        record_outcome(&self.metrics, &span, started, &result);
         wait_for_handlers(&self.progress, consistency, result?).await
     }
 

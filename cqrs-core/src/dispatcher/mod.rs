@@ -233,6 +233,7 @@ pub struct Dispatcher<A: Aggregate, S: EventStore + ?Sized> {
     progress: Progress,
     config: DispatcherConfig,
     snapshots: Option<SnapshotPolicy<A>>,
+    metrics: DispatchMetrics,
 }
 
 impl<A: Aggregate, S: EventStore + ?Sized> Clone for Dispatcher<A, S> {
@@ -244,6 +245,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Clone for Dispatcher<A, S> {
             progress: self.progress.clone(),
             config: self.config.clone(),
             snapshots: self.snapshots.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -269,6 +271,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
             progress: Progress::new(),
             config,
             snapshots: None,
+            metrics: DispatchMetrics::new(A::CATEGORY),
         }
     }
 
@@ -326,7 +329,7 @@ impl<A: Aggregate, S: EventStore + ?Sized> Dispatcher<A, S> {
         );
         let envelope = Arc::new(envelope);
         let result = self.decide_and_store(&envelope, consistency).instrument(span.clone()).await;
-        record_outcome(A::CATEGORY, &span, started, &result);
+        record_outcome(&self.metrics, &span, started, &result);
         wait_for_handlers(&self.progress, consistency, result?).await
     }
 
@@ -394,30 +397,55 @@ pub(crate) fn check_handlers<E: std::error::Error + 'static>(
     Ok(())
 }
 
-/// Records a command's outcome on its span and in the dispatch metrics under `category`.
+/// The outcomes `cqrs_commands_total` counts, in [`DispatchMetrics`]'s order.
+const OUTCOMES: [&str; 7] = ["duplicate", "no_events", "stored", "rejected", "invalid", "too_many_conflicts", "error"];
+
+/// One aggregate category's dispatch metrics, registered once when its dispatcher (or decider)
+/// is built, with the recorder installed then (as handlers' metrics are when spawned): a
+/// metric with a label that is not a literal would otherwise build its key, a heap-allocated
+/// label list, on every command.
+#[derive(Clone)]
+pub(crate) struct DispatchMetrics {
+    commands: Arc<[metrics::Counter; OUTCOMES.len()]>,
+    duration: metrics::Histogram,
+}
+
+impl DispatchMetrics {
+    pub(crate) fn new(category: &'static str) -> Self {
+        Self {
+            commands: Arc::new(
+                OUTCOMES.map(
+                    |outcome| metrics::counter!("cqrs_commands_total", "category" => category, "outcome" => outcome),
+                ),
+            ),
+            duration: metrics::histogram!("cqrs_dispatch_duration_seconds", "category" => category),
+        }
+    }
+}
+
+/// Records a command's outcome on its span and in its category's dispatch metrics.
 pub(crate) fn record_outcome<E: std::error::Error + 'static>(
-    category: &'static str,
+    metrics: &DispatchMetrics,
     span: &tracing::Span,
     started: Instant,
     result: &Result<DispatchOutcome, DispatchError<E>>,
 ) {
-    let outcome = match result {
-        Ok(outcome) if outcome.duplicate => "duplicate",
-        Ok(outcome) if outcome.appended.is_none() => "no_events",
-        Ok(_) => "stored",
-        Err(DispatchError::Rejected(_)) => "rejected",
+    let index = match result {
+        Ok(outcome) if outcome.duplicate => 0,
+        Ok(outcome) if outcome.appended.is_none() => 1,
+        Ok(_) => 2,
+        Err(DispatchError::Rejected(_)) => 3,
         Err(
             DispatchError::InvalidStreamId(_)
             | DispatchError::UnknownHandler(_)
             | DispatchError::UndeclaredEventType { .. },
-        ) => "invalid",
-        Err(DispatchError::TooManyConflicts { .. }) => "too_many_conflicts",
-        Err(_) => "error",
+        ) => 4,
+        Err(DispatchError::TooManyConflicts { .. }) => 5,
+        Err(_) => 6,
     };
-    span.record("outcome", outcome);
-    metrics::counter!("cqrs_commands_total", "category" => category, "outcome" => outcome).increment(1);
-    metrics::histogram!("cqrs_dispatch_duration_seconds", "category" => category)
-        .record(started.elapsed().as_secs_f64());
+    span.record("outcome", OUTCOMES[index]);
+    metrics.commands[index].increment(1);
+    metrics.duration.record(started.elapsed().as_secs_f64());
 }
 
 /// With [`Consistency::Strong`], waits until every named handler has passed the outcome's
