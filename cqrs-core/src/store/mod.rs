@@ -3,6 +3,10 @@
 //! the append checks ([`validate_append`]), chain helpers ([`append_links_one_by_one`],
 //! [`chain_broken`]), row decoding ([`RowNames`]) and the group-commit queue ([`batching`]).
 //!
+//! A store that keeps payloads as JSON text hands each back as read, with
+//! [`Payload::from_json_text`](crate::Payload::from_json_text): it is parsed once, into the
+//! handler's type, when decoded. Parsing it into a `Value` on the way would parse it twice.
+//!
 //! Application code needs only the traits and types, which the crate root re-exports.
 
 use std::time::Duration;
