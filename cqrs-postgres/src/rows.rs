@@ -73,7 +73,7 @@ impl<'r> sqlx::Decode<'r, Postgres> for RecordedAtMicros {
 /// A `jsonb` (or `json`/`text`) column's JSON text, taken as the server sent it: not parsed here,
 /// so an event's payload is parsed once, when it is decoded into its type (see
 /// [`cqrs_core::Payload`]). `jsonb`'s binary form is a version byte (1) and the text.
-struct JsonText(String);
+struct JsonText(Arc<str>);
 
 impl sqlx::Type<Postgres> for JsonText {
     fn type_info() -> PgTypeInfo {
@@ -94,7 +94,7 @@ impl<'r> sqlx::Decode<'r, Postgres> for JsonText {
             (PgValueFormat::Binary, _) if jsonb => return Err("a jsonb value of an unknown binary version".into()),
             _ => bytes,
         };
-        Ok(Self(std::str::from_utf8(text)?.to_owned()))
+        Ok(Self(Arc::from(std::str::from_utf8(text)?)))
     }
 }
 

@@ -21,11 +21,17 @@ use serde_json::Value;
 /// Cloning is cheap (shared). `payload["key"]` reads a field as [`Value`] indexing does
 /// (`Value::Null` when missing, or when the text is not JSON).
 #[derive(Clone)]
-pub struct Payload(Arc<Repr>);
+pub struct Payload {
+    repr: Repr,
+    /// A text payload's value, once [`Payload::value`] parsed it (no allocation until then).
+    parsed: OnceLock<Arc<Value>>,
+}
 
+/// One allocation per payload: the shared value, or the shared text.
+#[derive(Clone)]
 enum Repr {
-    Value(Value),
-    Text { text: Box<str>, parsed: OnceLock<Value> },
+    Value(Arc<Value>),
+    Text(Arc<str>),
 }
 
 static NULL: Value = Value::Null;
@@ -33,21 +39,21 @@ static NULL: Value = Value::Null;
 impl Payload {
     /// A payload holding a value (the in-memory store's form).
     pub fn from_value(value: Value) -> Self {
-        Self(Arc::new(Repr::Value(value)))
+        Self { repr: Repr::Value(Arc::new(value)), parsed: OnceLock::new() }
     }
 
     /// A payload holding JSON text as a store read it. The text is not checked here: it is
     /// parsed when decoded.
-    pub fn from_json_text(text: impl Into<Box<str>>) -> Self {
-        Self(Arc::new(Repr::Text { text: text.into(), parsed: OnceLock::new() }))
+    pub fn from_json_text(text: impl Into<Arc<str>>) -> Self {
+        Self { repr: Repr::Text(text.into()), parsed: OnceLock::new() }
     }
 
     /// Decodes the payload into `T` in one pass: from the stored text, or from the held value.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        match &*self.0 {
-            Repr::Value(value) => T::deserialize(value),
-            Repr::Text { text, parsed } => match parsed.get() {
-                Some(value) => T::deserialize(value),
+        match &self.repr {
+            Repr::Value(value) => T::deserialize(&**value),
+            Repr::Text(text) => match self.parsed.get() {
+                Some(value) => T::deserialize(&**value),
                 None => serde_json::from_str(text),
             },
         }
@@ -57,40 +63,40 @@ impl Payload {
     /// it does not know the type of (upcasters, consoles); typed code should use
     /// [`Payload::decode`].
     pub fn value(&self) -> Result<&Value, serde_json::Error> {
-        match &*self.0 {
+        match &self.repr {
             Repr::Value(value) => Ok(value),
-            Repr::Text { text, parsed } => {
-                if let Some(value) = parsed.get() {
+            Repr::Text(text) => {
+                if let Some(value) = self.parsed.get() {
                     return Ok(value);
                 }
-                let value = serde_json::from_str(text)?;
-                Ok(parsed.get_or_init(|| value))
+                let value = Arc::new(serde_json::from_str(text)?);
+                Ok(self.parsed.get_or_init(|| value))
             }
         }
     }
 
     /// The payload as JSON text: the stored text itself, or the held value written out.
     pub fn json(&self) -> std::borrow::Cow<'_, str> {
-        match &*self.0 {
+        match &self.repr {
             Repr::Value(value) => std::borrow::Cow::Owned(value.to_string()),
-            Repr::Text { text, .. } => std::borrow::Cow::Borrowed(text),
+            Repr::Text(text) => std::borrow::Cow::Borrowed(text),
         }
     }
 
     /// The stored text, if the payload holds text (SQL stores), for code that splits it
     /// without parsing every value (the derive's field reader).
     pub(crate) fn text(&self) -> Option<&str> {
-        match &*self.0 {
+        match &self.repr {
             Repr::Value(_) => None,
-            Repr::Text { text, .. } => Some(text),
+            Repr::Text(text) => Some(text),
         }
     }
 
     /// The held value, if the payload holds one (the in-memory store, or text already parsed).
     pub(crate) fn held_value(&self) -> Option<&Value> {
-        match &*self.0 {
+        match &self.repr {
             Repr::Value(value) => Some(value),
-            Repr::Text { parsed, .. } => parsed.get(),
+            Repr::Text(_) => self.parsed.get().map(|value| &**value),
         }
     }
 }
@@ -103,9 +109,9 @@ impl From<Value> for Payload {
 
 impl fmt::Debug for Payload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &*self.0 {
+        match &self.repr {
             Repr::Value(value) => fmt::Debug::fmt(value, f),
-            Repr::Text { text, .. } => match self.value() {
+            Repr::Text(text) => match self.value() {
                 Ok(value) => fmt::Debug::fmt(value, f),
                 Err(_) => write!(f, "Payload(not JSON: {text:?})"),
             },
@@ -167,6 +173,7 @@ mod tests {
     fn text_and_value_decode_alike() {
         let value = json!({"text": "hi \"there\"", "n": 7});
         let from_text = Payload::from_json_text(value.to_string());
+        let copy = from_text.clone();
         let from_value = Payload::from_value(value.clone());
         let expected = Sent { text: "hi \"there\"".into(), n: 7 };
         assert_eq!(from_text.decode::<Sent>().expect("text"), expected);
@@ -178,6 +185,9 @@ mod tests {
         // Parsed once and kept: later decodes read the kept value.
         assert!(from_text.held_value().is_some());
         assert_eq!(from_text.decode::<Sent>().expect("kept"), expected);
+        // A clone made before the parse parses on its own, to the same value.
+        assert!(copy.held_value().is_none());
+        assert_eq!(copy.value().expect("copy"), from_text.value().expect("original"));
         assert_eq!(from_value.json(), value.to_string());
     }
 
