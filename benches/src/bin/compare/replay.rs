@@ -167,7 +167,8 @@ where
 /// connection with the store's reader settings: the fastest read the library allows.
 fn bare_sqlite(path: &std::path::Path, events: u64, decode: bool) -> anyhow::Result<f64> {
     let connection = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    connection.pragma_update(None, "mmap_size", 1i64 << 30)?;
+    let mmap_size = cqrs_sqlite::SqliteStoreConfig::default().read_mmap_size;
+    connection.pragma_update(None, "mmap_size", i64::try_from(mmap_size).unwrap_or(i64::MAX))?;
     let started = Instant::now();
     let mut statement = connection.prepare("SELECT * FROM cqrs_events ORDER BY position")?;
     let payload = statement.column_index("payload")?;
