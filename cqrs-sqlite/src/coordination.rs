@@ -170,6 +170,21 @@ pub(crate) async fn claims(pool: &SqlitePool) -> Result<Vec<Claim>, StoreError> 
         .collect()
 }
 
+/// Saves a checkpoint inside an op (in the writer's open transaction).
+pub(crate) async fn save_checkpoint(
+    connection: &mut SqliteConnection,
+    name: &str,
+    position: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(crate::writer::SAVE_CHECKPOINT_SQL)
+        .bind(name)
+        .bind(position)
+        .bind(Timestamp::now().as_micros())
+        .execute(connection)
+        .await
+        .map(|_| ())
+}
+
 pub(crate) async fn save_checkpoint_claimed(
     writes: &mpsc::Sender<WriteRequest>,
     name: &str,
@@ -182,7 +197,7 @@ pub(crate) async fn save_checkpoint_claimed(
             if !holds(connection, &claim).await? {
                 return Ok(Err(StoreError::ClaimLost { name: claim.name }));
             }
-            crate::writer::save_checkpoint(connection, &name, position, Timestamp::now().as_micros()).await?;
+            save_checkpoint(connection, &name, position).await?;
             Ok(Ok(()))
         })
     })

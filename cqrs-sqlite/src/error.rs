@@ -2,7 +2,6 @@
 //! [`StoreError`] for everything else.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use cqrs_core::StoreError;
 
@@ -74,20 +73,6 @@ pub(crate) fn open_error(path: PathBuf, source: sqlx::Error) -> SqliteStoreError
     }
 }
 
-/// Whether the error is a uniqueness violation (of an event id, in the writer).
-pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
-}
-
-/// Whether SQLite refused one statement's data (a constraint, a value too big or out of
-/// range) without ending the transaction: the append that sent it is invalid, the others in
-/// its batch are not affected.
-pub(crate) fn is_refused_data(error: &sqlx::Error) -> bool {
-    /// `SQLITE_TOOBIG`, `SQLITE_CONSTRAINT`, `SQLITE_MISMATCH`, `SQLITE_RANGE`.
-    const REFUSED: [i64; 4] = [18, 19, 20, 25];
-    matches!(error, sqlx::Error::Encode(_)) || primary_code(error).is_some_and(|code| REFUSED.contains(&code))
-}
-
 /// Maps a database error of a read or a checkpoint call. Decoding problems and a damaged
 /// file are corruption; everything else (busy, I/O error, pool exhausted) is unavailability.
 pub(crate) fn to_store_error(error: sqlx::Error) -> StoreError {
@@ -103,9 +88,4 @@ pub(crate) fn to_store_error(error: sqlx::Error) -> StoreError {
         sqlx::Error::PoolClosed => StoreError::Closed,
         other => StoreError::Unavailable(Box::new(other)),
     }
-}
-
-/// The same failure, reported to every caller of a failed batch.
-pub(crate) fn shared_unavailable(error: &Arc<sqlx::Error>) -> StoreError {
-    StoreError::Unavailable(Box::new(Arc::clone(error)))
 }

@@ -2,6 +2,7 @@
 
 mod config;
 mod coordination;
+mod direct;
 mod error;
 mod pages;
 mod projection;
@@ -29,9 +30,10 @@ pub use crate::config::SqliteStoreConfig;
 pub use crate::error::SqliteStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, SqliteProjection};
 
+use crate::direct::Direct;
 use crate::error::{open_error, to_store_error};
 use crate::rows::{command_result, limit, to_u64, EventDecoder, EVENT_COLUMNS};
-use crate::writer::{AppendRequest, AtomicRequest, Counters, WriteRequest, Writer};
+use crate::writer::{AppendRequest, AtomicRequest, Core, Counters, WriteRequest, Writer};
 
 /// How many writes may wait for the writer task before callers wait to enqueue.
 const QUEUE_CAPACITY: usize = 4096;
@@ -161,18 +163,34 @@ impl SqliteEventStore {
         let counters = Arc::new(Counters::default());
         let (writes, requests) = mpsc::channel(QUEUE_CAPACITY);
         let reservations = Arc::new(Reservations::default());
-        let task = Writer {
+        let direct = {
+            let mut locked = writer.lock_handle().await.map_err(|e| open_error(path.clone(), e))?;
+            // SAFETY: the handle stays open until the writer drops its `Direct` (`Writer::run`
+            // drops it before closing the connection), and the writer uses it only while it
+            // holds this same lock.
+            #[allow(unsafe_code)]
+            let direct = unsafe { Direct::new(locked.as_raw_handle()) };
+            direct.map_err(|e| open_error(path.clone(), sqlx::Error::Io(std::io::Error::other(e))))?
+        };
+        let writer = Writer {
             connection: writer,
-            queue: BatchQueue::new(requests, Arc::clone(&reservations)),
-            reservations,
-            head: Arc::clone(&head),
-            counters: Arc::clone(&counters),
-            limits: BatchLimits {
-                max_appends: config.max_batch_appends.max(1),
-                max_events: config.max_batch_events.max(1),
+            core: Core {
+                direct,
+                queue: BatchQueue::new(requests, Arc::clone(&reservations)),
+                reservations,
+                head: Arc::clone(&head),
+                counters: Arc::clone(&counters),
+                limits: BatchLimits {
+                    max_appends: config.max_batch_appends.max(1),
+                    max_events: config.max_batch_events.max(1),
+                },
             },
         };
-        tokio::spawn(task.run());
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("cqrs-sqlite-writer".to_owned())
+            .spawn(move || writer.run(&runtime))
+            .map_err(|e| open_error(path.clone(), sqlx::Error::Io(e)))?;
         if let (Some(retention), Some(every)) = (config.command_retention, config.prune_interval()) {
             tokio::spawn(run_pruner(writes.downgrade(), retention, every));
         }

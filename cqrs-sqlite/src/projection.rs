@@ -19,11 +19,11 @@ use std::task::{Context, Poll};
 
 use cqrs_core::{
     spawn_batch_handler, BatchHandler, Claim, DomainEvent, Envelope, HandlerError, Position, Progress, RecordedEvent,
-    RunnerConfig, RunningHandler, StoreError, Timestamp, DEFAULT_MAX_BATCH,
+    RunnerConfig, RunningHandler, StoreError, DEFAULT_MAX_BATCH,
 };
 use sqlx::{Executor, SqliteConnection};
 
-use crate::coordination::{holds, run_op};
+use crate::coordination::{holds, run_op, save_checkpoint};
 use crate::rows::to_i64_saturating;
 use crate::SqliteEventStore;
 
@@ -158,8 +158,7 @@ async fn savepoint<P: SqliteProjection>(
     };
     match applied {
         Ok(()) => {
-            crate::writer::save_checkpoint(connection, projection.name(), through, Timestamp::now().as_micros())
-                .await?;
+            save_checkpoint(connection, projection.name(), through).await?;
             connection.execute("RELEASE cqrs_projection").await?;
             Ok(Ok(Ok(())))
         }

@@ -11,10 +11,39 @@
 
 use cqrs_core::{Position, Query, QueryItem};
 
+use crate::direct::{Direct, Params};
 use crate::rows::to_i64_saturating;
 
 /// A `sqlx` query on SQLite, with its arguments.
 pub(crate) type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Where a query's parameters go: a sqlx query, or the writer's own [`Params`].
+pub(crate) trait Bind<'q>: Sized {
+    /// Binds a text parameter after those bound.
+    fn text(self, value: &'q str) -> Self;
+    /// Binds an integer parameter after those bound.
+    fn int(self, value: i64) -> Self;
+}
+
+impl<'q> Bind<'q> for SqliteQuery<'q> {
+    fn text(self, value: &'q str) -> Self {
+        self.bind(value)
+    }
+    fn int(self, value: i64) -> Self {
+        self.bind(value)
+    }
+}
+
+impl<'q> Bind<'q> for Params<'q> {
+    fn text(mut self, value: &'q str) -> Self {
+        Params::text(&mut self, value);
+        self
+    }
+    fn int(mut self, value: i64) -> Self {
+        Params::int(&mut self, value);
+        self
+    }
+}
 
 /// Up to this many bound parameters, a query's statement stays prepared on its connection
 /// (larger ones are rare and prepared each time, so they do not crowd out the others).
@@ -59,33 +88,28 @@ pub(crate) fn where_clause(query: &Query) -> String {
 
 /// Binds the parameters of [`where_clause`]`(query)` after those `statement` has: events after
 /// `after`, at most `limit` per item.
-pub(crate) fn bind_where<'q>(
-    mut statement: SqliteQuery<'q>,
-    query: &'q Query,
-    after: Position,
-    limit: i64,
-) -> SqliteQuery<'q> {
+pub(crate) fn bind_where<'q, B: Bind<'q>>(mut statement: B, query: &'q Query, after: Position, limit: i64) -> B {
     let after = to_i64_saturating(after.0);
-    statement = statement.bind(after);
+    statement = statement.int(after);
     for item in &query.items {
         match item.tags.split_first() {
             None => {
                 for event_type in &item.types {
-                    statement = statement.bind(event_type.as_str());
+                    statement = statement.text(event_type.as_str());
                 }
-                statement = statement.bind(after);
+                statement = statement.int(after);
             }
             Some((first, others)) => {
-                statement = statement.bind(first.as_str()).bind(after);
+                statement = statement.text(first.as_str()).int(after);
                 for tag in others {
-                    statement = statement.bind(tag.as_str());
+                    statement = statement.text(tag.as_str());
                 }
                 for event_type in &item.types {
-                    statement = statement.bind(event_type.as_str());
+                    statement = statement.text(event_type.as_str());
                 }
             }
         }
-        statement = statement.bind(limit);
+        statement = statement.int(limit);
     }
     statement
 }
@@ -107,7 +131,7 @@ pub(crate) fn first_match_sql(query: &Query) -> String {
 }
 
 /// Binds the parameters of [`first_match_sql`]`(query)` after those `statement` has.
-pub(crate) fn bind_first_match<'q>(statement: SqliteQuery<'q>, query: &'q Query, after: Position) -> SqliteQuery<'q> {
+pub(crate) fn bind_first_match<'q, B: Bind<'q>>(statement: B, query: &'q Query, after: Position) -> B {
     bind_where(statement, query, after, 1)
 }
 
@@ -120,20 +144,16 @@ pub(crate) fn single_tag(query: &Query) -> Option<&str> {
     }
 }
 
-/// The first position after `after` of an event `query` matches, on `connection` (the writer's,
-/// inside its transaction, so it sees the batch's earlier appends).
-pub(crate) async fn first_match(
-    connection: &mut sqlx::SqliteConnection,
-    query: &Query,
-    after: Position,
-) -> Result<Option<i64>, sqlx::Error> {
+/// The first position after `after` of an event `query` matches, on the writer's connection
+/// (inside its transaction, so it sees the batch's earlier appends).
+pub(crate) fn first_match(direct: &Direct, query: &Query, after: Position) -> rusqlite::Result<Option<i64>> {
     if query.is_none() {
         return Ok(None);
     }
     let sql = format!("SELECT {}", first_match_sql(query));
-    let statement = bind_first_match(sqlx::query(&sql).persistent(cached(query)), query, after);
-    let row = statement.fetch_one(connection).await?;
-    sqlx::Row::try_get::<Option<i64>, _>(&row, 0)
+    let params = bind_first_match(Params::with_capacity(parameters(query)), query, after);
+    let found = direct.query(&sql, cached(query), &params, |row| row.get::<_, Option<i64>>(0))?;
+    Ok(found.into_iter().next().flatten())
 }
 
 #[cfg(test)]

@@ -222,10 +222,22 @@ pub(crate) fn command_result(row: &SqliteRow) -> Result<AppendResult, StoreError
         row.try_get::<i64, _>(name)
             .map_err(|error| StoreError::Corrupt(format!("cannot decode a command row: {error}")))
     };
+    append_result([
+        column("first_version")?,
+        column("last_version")?,
+        column("first_position")?,
+        column("last_position")?,
+    ])
+}
+
+/// A stored command's result from its first and last version and first and last position.
+pub(crate) fn append_result(
+    [first_version, last_version, first_position, last_position]: [i64; 4],
+) -> Result<AppendResult, StoreError> {
     Ok(AppendResult {
-        first_version: Version(to_u64(column("first_version")?, "version")?),
-        last_version: Version(to_u64(column("last_version")?, "version")?),
-        first_position: Position(to_u64(column("first_position")?, "position")?),
-        last_position: Position(to_u64(column("last_position")?, "position")?),
+        first_version: Version(to_u64(first_version, "version")?),
+        last_version: Version(to_u64(last_version, "version")?),
+        first_position: Position(to_u64(first_position, "position")?),
+        last_position: Position(to_u64(last_position, "position")?),
     })
 }

@@ -1,10 +1,15 @@
-//! Group commit: the store's one writer task owns the only write connection. It takes every
-//! queued request (up to a bound), runs them all in one `BEGIN IMMEDIATE` transaction (the
-//! appends queued together, conditional or not, checked and written set-based, in two calls to
-//! sqlx's SQLite thread, the first of which also begins the transaction and the last of which
-//! also commits it when nothing follows; an append that would not simply be stored or refused
-//! by its condition, inside a savepoint checked against its own expected version), commits
-//! once (one fsync), and only then answers each caller.
+//! Group commit: the store's one writer, on a thread of its own, owns the only write
+//! connection. It takes every queued request (up to a bound), runs them all in one `BEGIN
+//! IMMEDIATE` transaction (the appends queued together, conditional or not, checked and written
+//! set-based: one read, then one multi-row statement per table; an append that would not simply
+//! be stored or refused by its condition, inside a savepoint checked against its own expected
+//! version), commits once (one fsync), and only then answers each caller.
+//!
+//! **Driver.** The connection is opened by sqlx (transactional projections and the other ops
+//! take it as a `SqliteConnection`), but the writer calls SQLite itself, on its own thread,
+//! while it holds sqlx's lock on the handle ([`Direct`]): no statement travels to sqlx's worker
+//! thread and back. It keeps that lock from one batch to the next, and lets go of it only for a
+//! batch that carries an op, around each op.
 //!
 //! **Ordering invariant.** Positions are assigned inside the write transaction, as one more
 //! than the highest stored position, while holding SQLite's write lock (taken by `BEGIN
@@ -31,13 +36,14 @@ use cqrs_core::{
     AppendCondition, AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError,
     StreamId, Timestamp, Version,
 };
-use sqlx::{Connection, Executor, SqliteConnection};
+use sqlx::{Connection, SqliteConnection};
+use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
-use crate::error::{is_refused_data, is_unique_violation, shared_unavailable};
-use crate::query::{self, SqliteQuery};
-use crate::rows::{command_result, encode_tags, to_i64_saturating};
+use crate::direct::{is_refused_data, is_unique_violation, uuid_column, Direct, Params};
+use crate::query;
+use crate::rows::{append_result, encode_tags, to_i64_saturating};
 
 /// One queued append and where to send its answer.
 pub(crate) struct AppendRequest {
@@ -106,7 +112,19 @@ where
     Box::new(op)
 }
 
-/// Most events (and links) [`Writer::append_at_once`] writes in one statement: 13 parameters
+/// A failure of the writer's transaction: the batch is rolled back and every caller in it gets
+/// this error (as [`StoreError::Unavailable`]).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    /// A call of SQLite by the writer itself.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// An op (on sqlx), or sqlx's lock on the handle (its worker thread is gone).
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+}
+
+/// Most events (and links) [`Core::append_at_once`] writes in one statement: 13 parameters
 /// per event stays far below SQLite's limit of 32 766.
 const AT_ONCE_MAX_ROWS: usize = 256;
 
@@ -114,9 +132,7 @@ const AT_ONCE_MAX_ROWS: usize = 256;
 /// ones are rare and prepared each time, so they do not crowd out the others).
 const AT_ONCE_CACHED_ROWS: usize = 4;
 
-/// `?, ?, ...`: `count` anonymous parameters. Not numbered (`?N`): for each bound value sqlx
-/// asks SQLite for its parameter's name, a lookup that scans the statement's named parameters,
-/// which made a multi-row statement's binding quadratic in its size.
+/// `?, ?, ...`: `count` anonymous parameters.
 fn placeholders(count: usize) -> String {
     vec!["?"; count].join(", ")
 }
@@ -178,9 +194,17 @@ impl Counters {
     }
 }
 
-/// The writer task's state.
+/// The writer: the write connection (sqlx's, for ops) and everything else ([`Core`]), apart so
+/// that the writer can hold the lock on the one while working with the other.
 pub(crate) struct Writer {
     pub(crate) connection: SqliteConnection,
+    pub(crate) core: Core,
+}
+
+/// The writer's state besides its sqlx connection.
+pub(crate) struct Core {
+    /// SQLite calls on the connection's handle, under sqlx's lock.
+    pub(crate) direct: Direct,
     pub(crate) queue: BatchQueue<WriteRequest>,
     pub(crate) reservations: Arc<Reservations>,
     pub(crate) head: Arc<watch::Sender<Position>>,
@@ -237,25 +261,86 @@ impl Pending {
     }
 }
 
+/// One batch's transaction as it goes: the answers to send once it commits, where the next
+/// event goes, the newest position written.
+struct Tx {
+    pending: Vec<Pending>,
+    next_position: i64,
+    newest: Position,
+    recorded_at: i64,
+}
+
+/// A failed transaction: the error, and the requests not yet run (answered with it).
+type Failed = (WriteError, Vec<WriteRequest>);
+
 impl Writer {
-    /// Runs until every store handle is gone and the queue is drained, then closes the
-    /// connection (which checkpoints the WAL).
-    pub(crate) async fn run(mut self) {
-        while let Some(batch) = self.queue.next_batch(self.limits).await {
-            self.write_batch(batch).await;
-            // The callers just answered are woken on this thread: let them queue their next
-            // appends before the next batch is taken, so that it holds them all rather than
-            // the first few (and the next one the rest).
-            tokio::task::yield_now().await;
+    /// Runs on the writer's own thread until every store handle is gone and the queue is
+    /// drained, then closes the connection (which checkpoints the WAL). `runtime` runs what is
+    /// async: waiting for the queue, and ops.
+    pub(crate) fn run(self, runtime: &Handle) {
+        let Writer { mut connection, mut core } = self;
+        loop {
+            // Direct: batches without ops, under the lock, until one with an op comes.
+            let with_ops = match runtime.block_on(connection.lock_handle()) {
+                Ok(_locked) => core.direct_batches(runtime),
+                Err(error) => {
+                    core.fail_until_closed(runtime, &error.into());
+                    None
+                }
+            };
+            let Some(batch) = with_ops else { break };
+            let span = core.batch_span(&batch);
+            runtime.block_on(tracing::Instrument::instrument(core.batch_with_ops(&mut connection, batch), span));
         }
-        if let Err(error) = self.connection.close().await {
+        // The writer's statements are finalized (under the lock, when sqlx's worker still runs)
+        // before sqlx closes the handle.
+        let locked = runtime.block_on(connection.lock_handle());
+        drop(core);
+        drop(locked);
+        if let Err(error) = runtime.block_on(connection.close()) {
             tracing::debug!(%error, "closing the sqlite writer connection failed");
         }
     }
+}
 
-    /// Writes one batch in one transaction and answers every request in it, inside its
-    /// `append_batch` span.
-    async fn write_batch(&mut self, batch: Vec<WriteRequest>) {
+impl Core {
+    /// Writes batches while they hold no op (the caller holds the lock); returns the first one
+    /// that does, or `None` once the queue is closed and drained.
+    fn direct_batches(&mut self, runtime: &Handle) -> Option<Vec<WriteRequest>> {
+        while let Some(batch) = runtime.block_on(self.queue.next_batch(self.limits)) {
+            if batch.iter().any(is_op) {
+                return Some(batch);
+            }
+            let span = self.batch_span(&batch);
+            let _entered = span.enter();
+            let size = batch.len();
+            let mut tx = Tx::new();
+            let result = match self.begin(&mut tx) {
+                Ok(()) => self.requests(batch, &mut tx).and_then(|()| self.commit()),
+                Err(error) => Err((error, batch)),
+            };
+            if result.is_err() {
+                self.rollback();
+            }
+            self.finish(size, tx, result);
+        }
+        None
+    }
+
+    /// Answers every request with `error` until the queue is closed: the connection is gone.
+    fn fail_until_closed(&mut self, runtime: &Handle, error: &WriteError) {
+        tracing::error!(%error, "the sqlite writer lost its connection");
+        let error = Arc::new(error.to_string());
+        while let Some(batch) = runtime.block_on(self.queue.next_batch(self.limits)) {
+            self.counters.failed_transactions.fetch_add(1, Ordering::Relaxed);
+            for request in batch {
+                fail_request(request, || StoreError::Unavailable(error.as_str().into()));
+            }
+        }
+    }
+
+    /// The batch's `append_batch` span (and its size recorded, if it appends).
+    fn batch_span(&self, batch: &[WriteRequest]) -> tracing::Span {
         let appends = batch
             .iter()
             .map(|request| match request {
@@ -268,20 +353,103 @@ impl Writer {
         if appends > 0 {
             cqrs_core::telemetry::record_batch("sqlite", appends);
         }
-        let span = tracing::debug_span!("append_batch", store = "sqlite", requests = batch.len(), appends);
-        tracing::Instrument::instrument(self.write_batch_now(batch), span).await;
+        tracing::debug_span!("append_batch", store = "sqlite", requests = batch.len(), appends)
     }
 
-    async fn write_batch_now(&mut self, batch: Vec<WriteRequest>) {
-        let size = u64::try_from(batch.len()).unwrap_or(u64::MAX);
-        let mut pending = Vec::with_capacity(batch.len());
-        let mut newest = Position::START;
-        let result = self.transaction(batch, &mut pending, &mut newest).await;
+    /// Writes a batch that holds ops, taking sqlx's lock around the requests between them.
+    async fn batch_with_ops(&mut self, connection: &mut SqliteConnection, batch: Vec<WriteRequest>) {
+        let size = batch.len();
+        let mut tx = Tx::new();
+        let result = self.transaction_with_ops(connection, batch, &mut tx).await;
+        // If the lock cannot be taken, sqlx's worker (and the connection) is gone.
+        if let (Err(_), Ok(_locked)) = (&result, connection.lock_handle().await) {
+            self.rollback();
+        }
+        self.finish(size, tx, result);
+    }
+
+    /// `BEGIN IMMEDIATE`, every request (each op on sqlx, the others directly), `COMMIT`.
+    async fn transaction_with_ops(
+        &mut self,
+        connection: &mut SqliteConnection,
+        batch: Vec<WriteRequest>,
+        tx: &mut Tx,
+    ) -> Result<(), Failed> {
+        match connection.lock_handle().await {
+            Ok(_locked) => {
+                if let Err(error) = self.begin(tx) {
+                    return Err((error, batch));
+                }
+            }
+            Err(error) => return Err((error.into(), batch)),
+        }
+        let mut requests = batch.into_iter().peekable();
+        while let Some(request) = requests.next() {
+            if let WriteRequest::Op { run, fail: _ } = request {
+                match run(connection).await {
+                    Ok(answer) => tx.pending.push(Pending::Op(answer)),
+                    Err((error, answer)) => {
+                        // Answered with the batch's failure, like the requests already run.
+                        tx.pending.push(Pending::Op(answer));
+                        return Err((error.into(), requests.collect()));
+                    }
+                }
+                continue;
+            }
+            // This request and the ones up to the next op, directly.
+            let mut direct = vec![request];
+            while let Some(next) = requests.next_if(|next| !is_op(next)) {
+                direct.push(next);
+            }
+            let done = match connection.lock_handle().await {
+                Ok(_locked) => self.requests(direct, tx),
+                Err(error) => Err((error.into(), direct)),
+            };
+            if let Err((error, mut unanswered)) = done {
+                unanswered.extend(requests);
+                return Err((error, unanswered));
+            }
+        }
+        match connection.lock_handle().await {
+            Ok(_locked) => self.commit(),
+            Err(error) => Err((error.into(), Vec::new())),
+        }
+    }
+
+    /// `BEGIN IMMEDIATE` (the write lock), then the next position under it.
+    fn begin(&mut self, tx: &mut Tx) -> Result<(), WriteError> {
+        self.direct.run("BEGIN IMMEDIATE")?;
+        let next = self.direct.query(
+            "SELECT coalesce(max(position), 0) + 1 FROM cqrs_events",
+            true,
+            &Params::default(),
+            |row| row.get::<_, i64>(0),
+        )?;
+        tx.next_position = next.first().copied().unwrap_or(1);
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), Failed> {
+        self.direct.run("COMMIT").map_err(|error| (error.into(), Vec::new()))
+    }
+
+    /// Rolls back a failed batch (nothing of it is committed; SQLite may have rolled back
+    /// already). The caller holds the lock.
+    fn rollback(&self) {
+        if let Err(error) = self.direct.run("ROLLBACK") {
+            tracing::debug!(%error, "rollback after a failed batch");
+        }
+    }
+
+    /// Ends a batch: after a commit, publishes the new head and sends every answer; after a
+    /// failure (rolled back), answers every request with it.
+    fn finish(&mut self, size: usize, tx: Tx, result: Result<(), Failed>) {
+        let size = u64::try_from(size).unwrap_or(u64::MAX);
         match result {
             Ok(()) => {
                 self.counters.transactions.fetch_add(1, Ordering::Relaxed);
                 self.counters.largest_batch.fetch_max(size, Ordering::Relaxed);
-                for answer in &pending {
+                for answer in &tx.pending {
                     match answer {
                         Pending::Append(_, outcome) => self.counters.record(outcome.as_ref().ok()),
                         Pending::Atomic(_, Ok(outcomes)) => {
@@ -291,179 +459,110 @@ impl Writer {
                         _ => {}
                     }
                 }
-                if newest > Position::START {
+                if tx.newest > Position::START {
                     // Committed: now readers can see it.
-                    self.head.send_modify(|position| *position = (*position).max(newest));
+                    self.head.send_modify(|position| *position = (*position).max(tx.newest));
                 }
-                for answer in pending {
+                for answer in tx.pending {
                     answer.send();
                 }
             }
             Err((error, unanswered)) => {
                 self.counters.failed_transactions.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, requests = size, "sqlite write batch failed");
-                // Nothing of the batch was committed (SQLite rolled back, or we did).
-                if let Err(rollback) = self.connection.execute("ROLLBACK").await {
-                    tracing::debug!(error = %rollback, "rollback after a failed batch");
-                }
                 let error = Arc::new(error);
-                for answer in pending {
-                    answer.send_failed(shared_unavailable(&error));
+                let shared = || StoreError::Unavailable(Box::new(Arc::clone(&error)));
+                for answer in tx.pending {
+                    answer.send_failed(shared());
                 }
                 for request in unanswered {
-                    fail_request(request, || shared_unavailable(&error));
+                    fail_request(request, shared);
                 }
             }
         }
     }
 
-    /// `BEGIN IMMEDIATE`, every request, `COMMIT`. On a failure that is not one request's
-    /// own fault, returns the error and the requests not yet run; the caller rolls back.
-    async fn transaction(
-        &mut self,
-        batch: Vec<WriteRequest>,
-        pending: &mut Vec<Pending>,
-        newest: &mut Position,
-    ) -> Result<(), (sqlx::Error, Vec<WriteRequest>)> {
-        // `BEGIN IMMEDIATE` runs in the first call the batch makes to sqlx's SQLite thread: the
-        // set-based lookup of the appends queued first, or `begun`.
-        let mut next_position = None;
-        let recorded_at = Timestamp::now().as_micros();
+    /// Runs requests that are not ops inside the open transaction. On a failure that is not one
+    /// request's own fault, returns the error and the requests not yet run; the caller rolls
+    /// back.
+    fn requests(&mut self, batch: Vec<WriteRequest>, tx: &mut Tx) -> Result<(), Failed> {
         let mut requests = batch.into_iter().peekable();
         while let Some(request) = requests.next() {
             if is_append(&request) {
                 // This append or chain and every one queued right after it, together.
                 let chains = take_appends(request, &mut requests);
-                // The batch's last requests: their statement may commit the transaction too.
-                let last = requests.peek().is_none();
-                match self.chains(chains, pending, &mut next_position, newest, recorded_at, last).await {
-                    Ok(true) => return Ok(()),
-                    Ok(false) => continue,
-                    Err((error, mut unanswered)) => {
-                        unanswered.extend(requests);
-                        return Err((error, unanswered));
-                    }
-                }
-            }
-            let next = match self.begun(&mut next_position).await {
-                Ok(next) => next,
-                Err(error) => {
-                    let mut unanswered = vec![request];
+                if let Err((error, mut unanswered)) = self.chains(chains, tx) {
                     unanswered.extend(requests);
-                    return Err((error, unanswered));
-                }
-            };
-            if let WriteRequest::Atomic(atomic) = request {
-                match self.atomic(&atomic.parts, next, newest, recorded_at).await {
-                    Ok(outcome) => pending.push(Pending::Atomic(atomic.reply, outcome)),
-                    Err(error) => {
-                        let mut unanswered = vec![WriteRequest::Atomic(atomic)];
-                        unanswered.extend(requests);
-                        return Err((error, unanswered));
-                    }
+                    return Err((error.into(), unanswered));
                 }
                 continue;
             }
-            match self.other_write(request, recorded_at).await {
-                Ok(answer) => pending.push(answer),
-                Err((error, unrun)) => {
-                    let mut unanswered = Vec::new();
-                    match unrun {
-                        Unrun::Request(request) => unanswered.push(request),
-                        // Answered with the batch's failure, like the requests already run.
-                        Unrun::Answer(answer) => pending.push(Pending::Op(answer)),
-                    }
-                    unanswered.extend(requests);
-                    return Err((error, unanswered));
-                }
+            if let Err((error, mut unanswered)) = self.other_write(request, tx) {
+                unanswered.extend(requests);
+                return Err((error.into(), unanswered));
             }
         }
-        if next_position.is_none() {
-            // Nothing ran, so nothing began.
-            return Ok(());
-        }
-        match self.connection.execute("COMMIT").await {
-            Ok(_) => Ok(()),
-            Err(error) => Err((error, Vec::new())),
-        }
+        Ok(())
     }
 
-    /// Runs one write that is not an append inside the open transaction. On a failure of the
-    /// transaction, returns the error and what is left to answer.
-    async fn other_write(&mut self, request: WriteRequest, recorded_at: i64) -> Result<Pending, (sqlx::Error, Unrun)> {
-        let connection = &mut self.connection;
-        match request {
+    /// Runs one write that is neither an append nor an op inside the open transaction. On a
+    /// failure of the transaction, returns the error and the request.
+    fn other_write(&mut self, request: WriteRequest, tx: &mut Tx) -> Result<(), (rusqlite::Error, Vec<WriteRequest>)> {
+        let direct = &self.direct;
+        let answer = match request {
+            WriteRequest::Atomic(atomic) => {
+                let outcome = self.atomic(&atomic.parts, tx);
+                match outcome {
+                    Ok(outcome) => Pending::Atomic(atomic.reply, outcome),
+                    Err(error) => return Err((error, vec![WriteRequest::Atomic(atomic)])),
+                }
+            }
             WriteRequest::Checkpoint { name, position, reply } => {
-                match save_checkpoint(connection, &name, position, recorded_at).await {
-                    Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
-                    Err(error) => Err((error, Unrun::Request(WriteRequest::Checkpoint { name, position, reply }))),
+                match save_checkpoint(direct, &name, position, tx.recorded_at) {
+                    Ok(()) => Pending::Saved(reply, Ok(())),
+                    Err(error) => return Err((error, vec![WriteRequest::Checkpoint { name, position, reply }])),
                 }
             }
             WriteRequest::Snapshot { snapshot, state, reply } => {
-                match save_snapshot(connection, &snapshot, &state, recorded_at).await {
-                    Ok(()) => Ok(Pending::Saved(reply, Ok(()))),
-                    Err(error) => Err((error, Unrun::Request(WriteRequest::Snapshot { snapshot, state, reply }))),
+                match save_snapshot(direct, &snapshot, &state, tx.recorded_at) {
+                    Ok(()) => Pending::Saved(reply, Ok(())),
+                    Err(error) => return Err((error, vec![WriteRequest::Snapshot { snapshot, state, reply }])),
                 }
             }
-            WriteRequest::Prune { older_than, reply } => match prune_commands(connection, older_than).await {
-                Ok(pruned) => Ok(Pending::Pruned(reply, pruned)),
-                Err(error) => Err((error, Unrun::Request(WriteRequest::Prune { older_than, reply }))),
+            WriteRequest::Prune { older_than, reply } => match prune_commands(direct, older_than) {
+                Ok(pruned) => Pending::Pruned(reply, pruned),
+                Err(error) => return Err((error, vec![WriteRequest::Prune { older_than, reply }])),
             },
-            WriteRequest::Op { run, fail: _ } => match run(connection).await {
-                Ok(answer) => Ok(Pending::Op(answer)),
-                Err((error, answer)) => Err((error, Unrun::Answer(answer))),
-            },
-            // Appends go through `chains`; answered the same way if one ever came here.
-            request @ (WriteRequest::Append(_) | WriteRequest::Chain(_) | WriteRequest::Atomic(_)) => {
-                Err((sqlx::Error::Protocol("an append reached other_write".to_owned()), Unrun::Request(request)))
+            // Appends go through `chains` and ops through `transaction_with_ops`; answered as a
+            // failure if one ever came here.
+            request @ (WriteRequest::Append(_) | WriteRequest::Chain(_) | WriteRequest::Op { .. }) => {
+                return Err((rusqlite::Error::InvalidQuery, vec![request]));
             }
-        }
-    }
-
-    /// The transaction's next position, beginning the transaction first if nothing has: two
-    /// statements in one hand-off to sqlx's SQLite thread (each call is a round trip to it),
-    /// the write lock, then the next position under it.
-    async fn begun<'p>(&mut self, next_position: &'p mut Option<i64>) -> Result<&'p mut i64, sqlx::Error> {
-        if let Some(next) = next_position {
-            return Ok(next);
-        }
-        let next: i64 = sqlx::query_scalar("BEGIN IMMEDIATE; SELECT coalesce(max(position), 0) + 1 FROM cqrs_events")
-            .fetch_one(&mut self.connection)
-            .await?;
-        Ok(next_position.insert(next))
+        };
+        tx.pending.push(answer);
+        Ok(())
     }
 
     /// Runs appends and chains queued together inside the open transaction, pushing their
     /// answers: a window ([`windows`]) at a time, each chain on its own if that declines. A
     /// conditional append shares a window only with appends before it whose events its query
-    /// does not match, so its check before the window sees what it would see after them. With `commit` (nothing follows
-    /// them in the batch), the last set-based write commits the transaction in the same call;
-    /// true if it did. On a failure of the transaction, returns the error and the requests not
-    /// yet run.
-    async fn chains(
+    /// does not match, so its check before the window sees what it would see after them. On a
+    /// failure of the transaction, returns the error and the requests not yet run.
+    fn chains(
         &mut self,
         chains: Vec<Vec<AppendRequest>>,
-        pending: &mut Vec<Pending>,
-        next_position: &mut Option<i64>,
-        newest: &mut Position,
-        recorded_at: i64,
-        commit: bool,
-    ) -> Result<bool, (sqlx::Error, Vec<WriteRequest>)> {
+        tx: &mut Tx,
+    ) -> Result<(), (rusqlite::Error, Vec<WriteRequest>)> {
         let mut windows = windows(chains).into_iter();
         while let Some(window) = windows.next() {
             let unanswered = |window: Vec<Vec<AppendRequest>>, windows: std::vec::IntoIter<Vec<Vec<AppendRequest>>>| {
                 window.into_iter().chain(windows.flatten()).map(WriteRequest::Chain).collect::<Vec<_>>()
             };
-            let commit = commit && windows.len() == 0;
             let refs: Vec<&[AppendRequest]> = window.iter().map(Vec::as_slice).collect();
-            let at_once = self.append_at_once(&refs, next_position, recorded_at, commit).await;
-            match at_once {
+            match self.append_at_once(&refs, tx) {
                 Ok(Some(results)) => {
                     for (chain, results) in window.into_iter().zip(results) {
-                        answer_at_once(chain, results, pending, newest);
-                    }
-                    if commit {
-                        return Ok(true);
+                        answer_at_once(chain, results, tx);
                     }
                     continue;
                 }
@@ -471,44 +570,33 @@ impl Writer {
                 Ok(None) => {}
                 Err(error) => return Err((error, unanswered(window, windows))),
             }
-            let next_position = match self.begun(next_position).await {
-                Ok(next) => next,
-                Err(error) => return Err((error, unanswered(window, windows))),
-            };
             // A window of one chain was just tried at once.
             let tried = window.len() == 1;
             let mut chains = window.into_iter();
             while let Some(links) = chains.next() {
-                if let Err((error, rest)) = self.chain(links, pending, next_position, newest, recorded_at, tried).await
-                {
+                if let Err((error, rest)) = self.chain(links, tx, tried) {
                     let mut left = vec![WriteRequest::Chain(rest)];
                     left.extend(unanswered(chains.collect(), windows));
                     return Err((error, left));
                 }
             }
         }
-        Ok(false)
+        Ok(())
     }
 
     /// Runs the links of a chain inside the open transaction, pushing their answers (set-based
     /// unless `tried_at_once`: that just declined); on a failure of the transaction, returns
     /// the error and the links not yet run.
-    async fn chain(
+    fn chain(
         &mut self,
         links: Vec<AppendRequest>,
-        pending: &mut Vec<Pending>,
-        next_position: &mut i64,
-        newest: &mut Position,
-        recorded_at: i64,
+        tx: &mut Tx,
         tried_at_once: bool,
-    ) -> Result<(), (sqlx::Error, Vec<AppendRequest>)> {
+    ) -> Result<(), (rusqlite::Error, Vec<AppendRequest>)> {
         if !tried_at_once {
-            let mut begun = Some(*next_position);
-            let at_once = self.append_at_once(&[&links], &mut begun, recorded_at, false).await;
-            *next_position = begun.unwrap_or(*next_position);
-            match at_once {
+            match self.append_at_once(&[&links], tx) {
                 Ok(Some(mut results)) => {
-                    answer_at_once(links, results.pop().unwrap_or_default(), pending, newest);
+                    answer_at_once(links, results.pop().unwrap_or_default(), tx);
                     return Ok(());
                 }
                 // Declined, nothing written: link by link, which says why.
@@ -521,13 +609,13 @@ impl Writer {
         while let Some(link) = links.next() {
             if broken {
                 let outcome = Err(cqrs_core::store::chain_broken(&link.stream_id, link.expected));
-                pending.push(Pending::Append(link.reply, outcome));
+                tx.pending.push(Pending::Append(link.reply, outcome));
                 continue;
             }
-            match self.append(&link, next_position, recorded_at).await {
+            match self.append(&link, tx) {
                 Ok(outcome) => {
                     match &outcome {
-                        Ok(AppendOutcome::Appended(result)) => *newest = (*newest).max(result.last_position),
+                        Ok(AppendOutcome::Appended(result)) => tx.newest = tx.newest.max(result.last_position),
                         Err(StoreError::Conflict { .. }) => {
                             broken = true;
                             if let Some(command_id) = link.command_id {
@@ -536,7 +624,7 @@ impl Writer {
                         }
                         _ => broken = true,
                     }
-                    pending.push(Pending::Append(link.reply, outcome));
+                    tx.pending.push(Pending::Append(link.reply, outcome));
                 }
                 Err(error) => {
                     let mut rest = vec![link];
@@ -548,36 +636,27 @@ impl Writer {
         Ok(())
     }
 
-    /// The common case of a batch's appends in two calls to the SQLite thread, whatever the
-    /// number of chains, streams, events and conditions: one read of every stream's version, of
-    /// every command id and of the first event each condition matches, then one call of three
-    /// statements (a multi-row `INSERT` of every event, atomic as one statement so no
-    /// savepoint; a multi-row upsert of the streams' versions; a multi-row `INSERT` of the
-    /// command ids). Each link is checked in order: its command id, its version against the
-    /// version the links and chains before it leave (a stream may appear in several chains),
-    /// its condition against the database before these chains, which [`windows`] made the same
-    /// as after the links before it (their events match none of its queries). A link whose
-    /// condition fails is answered `ConditionFailed` and not written; the others are. It
-    /// declines (`Ok(None)`, nothing written) whenever a link would not simply be appended or
-    /// refused by its condition: a version conflict, a command id already stored or given
-    /// twice, an event the database refuses, a condition in a chain of several links, or a
-    /// batch too big for one statement; [`chain`](Self::chain) then writes each chain on its
-    /// own, and its links one by one if need be, which says why.
-    ///
-    /// With `commit`, the same call also commits the transaction. With no `next_position` yet,
-    /// the lookup's call also begins the transaction and reads it (then set even when the
-    /// method declines).
-    async fn append_at_once(
+    /// The common case of a batch's appends set-based, whatever the number of chains, streams,
+    /// events and conditions: one read of every stream's version, of every command id and of
+    /// the first event each condition matches, then one multi-row statement per table (every
+    /// event, the streams' versions, the command ids, the tags' index) inside a savepoint. Each
+    /// link is checked in order: its command id, its version against the version the links and
+    /// chains before it leave (a stream may appear in several chains), its condition against
+    /// the database before these chains, which [`windows`] made the same as after the links
+    /// before it (their events match none of its queries). A link whose condition fails is
+    /// answered `ConditionFailed` and not written; the others are. It declines (`Ok(None)`,
+    /// nothing written) whenever a link would not simply be appended or refused by its
+    /// condition: a version conflict, a command id already stored or given twice, an event the
+    /// database refuses, a condition in a chain of several links, or a batch too big for one
+    /// statement; [`chain`](Self::chain) then writes each chain on its own, and its links one
+    /// by one if need be, which says why.
+    fn append_at_once(
         &mut self,
         chains: &[&[AppendRequest]],
-        next_position: &mut Option<i64>,
-        recorded_at: i64,
-        commit: bool,
-    ) -> Result<Option<Vec<Vec<LinkOutcome>>>, sqlx::Error> {
+        tx: &mut Tx,
+    ) -> rusqlite::Result<Option<Vec<Vec<LinkOutcome>>>> {
         let Some(plan) = AtOnce::plan(chains) else { return Ok(None) };
-        let Some(Looked { versions: stored, first_position, failed }) =
-            self.lookup_at_once(&plan, next_position).await?
-        else {
+        let Some(Looked { versions: stored, failed }) = self.lookup_at_once(&plan)? else {
             return Ok(None);
         };
         let Some((encoded, changed, written)) = check_at_once(chains, &plan, &stored, &failed) else {
@@ -585,58 +664,77 @@ impl Writer {
         };
         if written.events == 0 {
             // Every condition failed: nothing to write.
-            if commit {
-                self.connection.execute("COMMIT").await?;
-            }
             let mut failed = failed.into_iter();
             let results =
                 chains.iter().map(|chain| chain.iter().map(|_| refused(failed.next().flatten())).collect()).collect();
             return Ok(Some(results));
         }
-        let insert = insert_at_once_sql(&written, changed.len(), commit);
-        let cached =
-            written.events <= AT_ONCE_CACHED_ROWS && changed.len() <= 1 && written.commands <= AT_ONCE_CACHED_ROWS;
-        let query = sqlx::query(&insert).persistent(cached);
-        let rows = AtOnceRows { first_position, versions: stored, encoded, changed: &changed, recorded_at, failed };
-        let Some((query, results, position)) = rows.bind(query, chains, &written) else {
-            return Ok(None);
+        let first_position = tx.next_position;
+        let rows = AtOnceRows {
+            first_position,
+            versions: stored,
+            encoded,
+            changed: &changed,
+            recorded_at: tx.recorded_at,
+            failed,
         };
-        if let Err(error) = query.execute(&mut self.connection).await {
-            // Undo the statements that ran. If this fails too, the savepoint is gone (the
-            // failure was the COMMIT, after it) or the transaction is: a failed batch.
-            if let Err(undo) = self.connection.execute("ROLLBACK TO at_once; RELEASE at_once").await {
+        let Some(bound) = rows.bind(chains, &written) else { return Ok(None) };
+        self.direct.run("SAVEPOINT at_once")?;
+        let cached = |rows: usize| rows <= AT_ONCE_CACHED_ROWS;
+        let direct = &self.direct;
+        let inserted = direct
+            .execute(&insert_events_sql(written.events), cached(written.events), &bound.events)
+            .and_then(|_| direct.execute(&upsert_streams_sql(changed.len()), cached(changed.len()), &bound.streams))
+            .and_then(|_| match written.commands {
+                0 => Ok(0),
+                commands => direct.execute(&insert_commands_sql(commands), cached(commands), &bound.commands),
+            })
+            .and_then(|_| match written.tagged {
+                false => Ok(0),
+                true => {
+                    let mut positions = Params::with_capacity(2);
+                    positions.int(first_position);
+                    positions.int(bound.next_position - 1);
+                    direct.execute(INDEX_TAGS_SQL, true, &positions)
+                }
+            });
+        if let Err(error) = inserted {
+            // Undo the statements that ran; if that fails, the transaction is: a failed batch.
+            if let Err(undo) = direct.run("ROLLBACK TO at_once").and_then(|()| direct.run("RELEASE at_once")) {
                 tracing::debug!(error = %undo, "undoing a set-based append");
                 return Err(error);
             }
             // Nothing of the batch is stored: the per-chain and per-link paths say why.
             return if is_unique_violation(&error) || is_refused_data(&error) { Ok(None) } else { Err(error) };
         }
-        *next_position = Some(position);
-        Ok(Some(results))
+        direct.run("RELEASE at_once")?;
+        tx.next_position = bound.next_position;
+        Ok(Some(bound.results))
     }
 
     /// The set-based append's one read: every stream's version, any of the command ids stored
     /// for one of the streams (both index lookups; a pair found only across streams is filtered
     /// out), and for each condition the first event after its `after` that its query matches
     /// (a conditions of one tag and no type from the tag table's key, in one `VALUES`-driven
-    /// select; any other as its own select); first, if the transaction has not begun (no
-    /// `next_position`), the write lock and the next position under it (the row without a
-    /// stream). Returns the versions (0 for a new stream), the next position and each link's
-    /// failing position; `None` (declined) if a command id of the batch is stored already or a
-    /// version is corrupt.
-    async fn lookup_at_once<'a>(
-        &mut self,
-        plan: &AtOnce<'a>,
-        next_position: &mut Option<i64>,
-    ) -> Result<Option<Looked<'a>>, sqlx::Error> {
-        let (lookup, cached) = lookup_at_once_sql(plan, next_position.is_none());
-        let query = bind_lookup(sqlx::query(&lookup).persistent(cached), plan);
+    /// select; any other as its own select). Returns the versions (0 for a new stream) and each
+    /// link's failing position; `None` (declined) if a command id of the batch is stored
+    /// already or a version is corrupt.
+    fn lookup_at_once<'a>(&mut self, plan: &AtOnce<'a>) -> rusqlite::Result<Option<Looked<'a>>> {
+        let (lookup, cached) = lookup_at_once_sql(plan);
+        let params = bind_lookup(plan);
+        let found = self.direct.query(&lookup, cached, &params, |row| {
+            Ok((
+                row.get::<_, Option<String>>(0)?,
+                row.get::<_, Option<i64>>(1)?,
+                uuid_column(row, 2)?,
+                row.get::<_, Option<i64>>(3)?,
+            ))
+        })?;
         let streams = &plan.streams;
         let mut versions: HashMap<&str, i64> = streams.iter().map(|stream| (*stream, 0)).collect();
         let mut failed = vec![None; plan.links];
         let mut declined = false;
-        for row in query.fetch_all(&mut self.connection).await? {
-            let (stream, version, command_id, link) = lookup_row(&row)?;
+        for (stream, version, command_id, link) in found {
             if let Some(link) = link {
                 // A condition's first match, if any.
                 if let (Some(failing), Some(position)) =
@@ -646,11 +744,7 @@ impl Writer {
                 }
                 continue;
             }
-            let Some(stream) = stream else {
-                // The next position (rows of the lookup are decided below).
-                *next_position = version;
-                continue;
-            };
+            let Some(stream) = stream else { continue };
             if declined {
                 continue;
             }
@@ -665,51 +759,45 @@ impl Writer {
                 _ => declined = true,
             }
         }
-        let Some(first_position) = *next_position else {
-            return Err(sqlx::Error::Protocol("the write transaction began without its next position".to_owned()));
-        };
-        Ok((!declined).then_some(Looked { versions, first_position, failed }))
+        Ok((!declined).then_some(Looked { versions, failed }))
     }
 
     /// Runs one append inside the open transaction: its checks in order (a stored command id
     /// answers the duplicate, then the version, then the condition), then its writes.
     /// `Ok(Err(..))` is this append's own refusal (conflict, failed condition, reused event id),
     /// after which the transaction goes on; `Err` is a failure of the transaction itself.
-    async fn append(
-        &mut self,
-        request: &AppendRequest,
-        next_position: &mut i64,
-        recorded_at: i64,
-    ) -> Result<Result<AppendOutcome, StoreError>, sqlx::Error> {
-        match self.check(request).await? {
+    fn append(&mut self, request: &AppendRequest, tx: &mut Tx) -> rusqlite::Result<Result<AppendOutcome, StoreError>> {
+        match self.check(request)? {
             Checked::Answered(answer) => Ok(answer),
-            Checked::At(current) => self.write_checked(request, current, next_position, recorded_at).await,
+            Checked::At(current) => self.write_checked(request, current, tx),
         }
     }
 
     /// An append's checks, in order, inside the open transaction (so they see the batch's
     /// earlier appends): its command id, its stream's version, its condition.
-    async fn check(&mut self, request: &AppendRequest) -> Result<Checked, sqlx::Error> {
-        let connection = &mut self.connection;
+    fn check(&mut self, request: &AppendRequest) -> rusqlite::Result<Checked> {
+        let direct = &self.direct;
         let stream_id = request.stream_id.as_str();
-        if let Some(command_id) = request.command_id {
-            let prior = sqlx::query(
+        if let Some(command_id) = &request.command_id {
+            let mut params = Params::with_capacity(2);
+            params.text(stream_id);
+            params.uuid(Some(&command_id.0));
+            let prior = direct.query(
                 "SELECT first_version, last_version, first_position, last_position FROM cqrs_commands \
-                 WHERE stream_id = ?1 AND command_id = ?2",
-            )
-            .bind(stream_id)
-            .bind(command_id.0)
-            .fetch_optional(&mut *connection)
-            .await?;
-            if let Some(row) = prior {
-                return Ok(Checked::Answered(command_result(&row).map(AppendOutcome::Duplicate)));
+                 WHERE stream_id = ? AND command_id = ?",
+                true,
+                &params,
+                |row| Ok([row.get::<_, i64>(0)?, row.get(1)?, row.get(2)?, row.get(3)?]),
+            )?;
+            if let Some(columns) = prior.first() {
+                return Ok(Checked::Answered(append_result(*columns).map(AppendOutcome::Duplicate)));
             }
         }
-        let current: Option<i64> = sqlx::query_scalar("SELECT version FROM cqrs_streams WHERE stream_id = ?1")
-            .bind(stream_id)
-            .fetch_optional(&mut *connection)
-            .await?;
-        let current = current.unwrap_or(0);
+        let mut params = Params::with_capacity(1);
+        params.text(stream_id);
+        let current = direct
+            .query("SELECT version FROM cqrs_streams WHERE stream_id = ?", true, &params, |row| row.get::<_, i64>(0))?;
+        let current = current.first().copied().unwrap_or(0);
         let Ok(actual) = u64::try_from(current).map(Version) else {
             let corrupt = StoreError::Corrupt(format!("negative version {current} of {stream_id}"));
             return Ok(Checked::Answered(Err(corrupt)));
@@ -718,55 +806,49 @@ impl Writer {
             let (stream_id, expected) = (request.stream_id.clone(), request.expected);
             return Ok(Checked::Answered(Err(StoreError::Conflict { stream_id, expected, actual })));
         }
-        if let Some(position) = self.condition_fails(request).await? {
-            return Ok(Checked::Answered(Err(StoreError::ConditionFailed { position })));
+        if let Some(condition) = &request.condition {
+            let found = query::first_match(direct, &condition.fail_if_events_match, condition.after_position())?;
+            if let Some(position) = found {
+                // Positive by construction: positions start at 1.
+                let position = Position(position.unsigned_abs());
+                return Ok(Checked::Answered(Err(StoreError::ConditionFailed { position })));
+            }
         }
         Ok(Checked::At(current))
-    }
-
-    /// The first event after the append's condition's `after` that its query matches (the
-    /// condition fails), read inside the open transaction; `None` without a condition.
-    async fn condition_fails(&mut self, request: &AppendRequest) -> Result<Option<Position>, sqlx::Error> {
-        let Some(condition) = &request.condition else { return Ok(None) };
-        let found =
-            query::first_match(&mut self.connection, &condition.fail_if_events_match, condition.after_position())
-                .await?;
-        // Positive by construction: positions start at 1.
-        Ok(found.map(|position| Position(position.unsigned_abs())))
     }
 
     /// Writes one checked append at versions after `current` (its events, their tags, its
     /// stream's version, its command id), inside a savepoint: if the database refuses an event,
     /// only this append is undone and refused.
-    async fn write_checked(
+    fn write_checked(
         &mut self,
         request: &AppendRequest,
         current: i64,
-        next_position: &mut i64,
-        recorded_at: i64,
-    ) -> Result<Result<AppendOutcome, StoreError>, sqlx::Error> {
-        let connection = &mut self.connection;
-        connection.execute("SAVEPOINT cqrs_append").await?;
-        let first_position = *next_position;
-        match insert_events(connection, request, current, first_position, recorded_at).await {
+        tx: &mut Tx,
+    ) -> rusqlite::Result<Result<AppendOutcome, StoreError>> {
+        let direct = &self.direct;
+        direct.run("SAVEPOINT cqrs_append")?;
+        let first_position = tx.next_position;
+        let undo = || direct.run("ROLLBACK TO cqrs_append").and_then(|()| direct.run("RELEASE cqrs_append"));
+        match insert_events(direct, request, current, first_position, tx.recorded_at) {
             Ok(()) => {}
             Err(error) if is_unique_violation(&error) => {
-                connection.execute("ROLLBACK TO cqrs_append; RELEASE cqrs_append").await?;
-                return Ok(Err(self.reused_event_id(request).await?));
+                undo()?;
+                return Ok(Err(reused_event_id(direct, request)?));
             }
             Err(error) if is_refused_data(&error) => {
                 // This append's data was refused (too big, a constraint): only it fails.
-                connection.execute("ROLLBACK TO cqrs_append; RELEASE cqrs_append").await?;
+                undo()?;
                 return Ok(Err(StoreError::InvalidAppend(format!("refused by the database: {error}"))));
             }
             Err(error) => return Err(error),
         }
         let n_events = i64::try_from(request.events.len()).unwrap_or(i64::MAX);
         let last_position = first_position + n_events - 1;
-        let range = StoredRange { current, first_position, last_position, recorded_at };
-        record_stream_and_command(connection, request, &range).await?;
-        connection.execute("RELEASE cqrs_append").await?;
-        *next_position = last_position + 1;
+        let range = StoredRange { current, first_position, last_position, recorded_at: tx.recorded_at };
+        record_stream_and_command(direct, request, &range)?;
+        direct.run("RELEASE cqrs_append")?;
+        tx.next_position = last_position + 1;
         Ok(Ok(AppendOutcome::Appended(AppendResult {
             first_version: Version(current.unsigned_abs() + 1),
             last_version: Version(current.unsigned_abs() + request.events.len() as u64),
@@ -781,19 +863,17 @@ impl Writer {
     /// the append is written), kept only if every part was appended (or nothing was, every
     /// part a duplicate). `Ok(Err(..))` is the append's own refusal; `Err` a failure of the
     /// transaction.
-    async fn atomic(
+    fn atomic(
         &mut self,
         parts: &[AppendRequest],
-        next_position: &mut i64,
-        newest: &mut Position,
-        recorded_at: i64,
-    ) -> Result<Result<Vec<AppendOutcome>, StoreError>, sqlx::Error> {
-        self.connection.execute("SAVEPOINT cqrs_atomic").await?;
-        let first_position = *next_position;
+        tx: &mut Tx,
+    ) -> rusqlite::Result<Result<Vec<AppendOutcome>, StoreError>> {
+        self.direct.run("SAVEPOINT cqrs_atomic")?;
+        let first_position = tx.next_position;
         let mut outcomes = Vec::with_capacity(parts.len());
         let mut refusal = None;
         for part in parts {
-            match self.append(part, next_position, recorded_at).await? {
+            match self.append(part, tx)? {
                 Ok(outcome) => outcomes.push(outcome),
                 Err(error) => {
                     refusal = Some(error);
@@ -811,34 +891,50 @@ impl Writer {
             }),
         };
         if let Some(refusal) = refusal {
-            self.connection.execute("ROLLBACK TO cqrs_atomic; RELEASE cqrs_atomic").await?;
-            *next_position = first_position;
+            self.direct.run("ROLLBACK TO cqrs_atomic")?;
+            self.direct.run("RELEASE cqrs_atomic")?;
+            tx.next_position = first_position;
             return Ok(Err(refusal));
         }
-        self.connection.execute("RELEASE cqrs_atomic").await?;
+        self.direct.run("RELEASE cqrs_atomic")?;
         for outcome in &outcomes {
             if let AppendOutcome::Appended(result) = outcome {
-                *newest = (*newest).max(result.last_position);
+                tx.newest = tx.newest.max(result.last_position);
             }
         }
         Ok(Ok(outcomes))
     }
+}
 
-    /// After a uniqueness violation: which of the append's event ids is already stored.
-    async fn reused_event_id(&mut self, request: &AppendRequest) -> Result<StoreError, sqlx::Error> {
-        for event in &request.events {
-            let stored: Option<i64> = sqlx::query_scalar("SELECT 1 FROM cqrs_events WHERE event_id = ?1")
-                .bind(event.event_id.0)
-                .fetch_optional(&mut self.connection)
-                .await?;
-            if stored.is_some() {
-                return Ok(StoreError::DuplicateEventId(event.event_id));
-            }
+impl Tx {
+    fn new() -> Self {
+        Self {
+            pending: Vec::new(),
+            next_position: 1,
+            newest: Position::START,
+            recorded_at: Timestamp::now().as_micros(),
         }
-        // No stored id matches: the violated key was another one, which the single writer
-        // makes impossible unless the file was changed behind its back.
-        Ok(StoreError::Corrupt(format!("unexpected uniqueness violation appending to {}", request.stream_id)))
     }
+}
+
+/// After a uniqueness violation: which of the append's event ids is already stored.
+fn reused_event_id(direct: &Direct, request: &AppendRequest) -> rusqlite::Result<StoreError> {
+    for event in &request.events {
+        let mut params = Params::with_capacity(1);
+        params.uuid(Some(&event.event_id.0));
+        let stored = direct.query("SELECT 1 FROM cqrs_events WHERE event_id = ?", true, &params, |_| Ok(()))?;
+        if !stored.is_empty() {
+            return Ok(StoreError::DuplicateEventId(event.event_id));
+        }
+    }
+    // No stored id matches: the violated key was another one, which the single writer
+    // makes impossible unless the file was changed behind its back.
+    Ok(StoreError::Corrupt(format!("unexpected uniqueness violation appending to {}", request.stream_id)))
+}
+
+/// Whether a request is an op (run on sqlx's side of the connection).
+fn is_op(request: &WriteRequest) -> bool {
+    matches!(request, WriteRequest::Op { .. })
 }
 
 /// Indexes the tags of the events stored at positions `?` to `?` (inclusive): one row per
@@ -847,7 +943,7 @@ const INDEX_TAGS_SQL: &str = "INSERT INTO cqrs_event_tags (tag, position) \
      SELECT DISTINCT tag.value, event.position FROM cqrs_events AS event, json_each(event.tags) AS tag \
      WHERE event.position BETWEEN ? AND ? AND event.tags <> '[]'";
 
-/// The outcome of an append's checks ([`Writer::check`]).
+/// The outcome of an append's checks ([`Core::check`]).
 enum Checked {
     /// Answered without writing: a duplicate, or a refusal.
     Answered(Result<AppendOutcome, StoreError>),
@@ -864,69 +960,62 @@ struct StoredRange {
     recorded_at: i64,
 }
 
+/// The statement of one event row.
+const INSERT_EVENT_SQL: &str = "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, \
+     schema_version, payload, command_id, causation_id, correlation_id, headers, recorded_at, tags) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
 /// Inserts the events of one append at versions after `current` and positions from
 /// `first_position`, and indexes their tags.
-async fn insert_events(
-    connection: &mut SqliteConnection,
+fn insert_events(
+    direct: &Direct,
     request: &AppendRequest,
     current: i64,
     first_position: i64,
     recorded_at: i64,
-) -> Result<(), sqlx::Error> {
-    let command_id: Option<Uuid> = request.command_id.map(|id| id.0);
+) -> rusqlite::Result<()> {
+    let command_id = request.command_id.map(|id| id.0);
     for (offset, event) in (0i64..).zip(&request.events) {
-        let encoded = Encoded::of(event).map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+        let encoded = Encoded::of(event).map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
         let row = EventRow {
             position: first_position + offset,
             stream_id: request.stream_id.as_str(),
             version: current + 1 + offset,
-            command_id,
+            command_id: command_id.as_ref(),
             recorded_at,
         };
-        let query = sqlx::query(
-            "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
-             command_id, causation_id, correlation_id, headers, recorded_at, tags) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        );
-        row.bind(query, event, encoded).execute(&mut *connection).await?;
+        let mut params = Params::with_capacity(13);
+        row.bind(&mut params, event, encoded);
+        direct.execute(INSERT_EVENT_SQL, true, &params)?;
     }
     if request.events.iter().any(|event| !event.tags.is_empty()) {
         let last_position = first_position + i64::try_from(request.events.len()).unwrap_or(i64::MAX) - 1;
-        sqlx::query(INDEX_TAGS_SQL).bind(first_position).bind(last_position).execute(&mut *connection).await?;
+        let mut params = Params::with_capacity(2);
+        params.int(first_position);
+        params.int(last_position);
+        direct.execute(INDEX_TAGS_SQL, true, &params)?;
     }
     Ok(())
 }
 
 /// After a checked append's events: its stream's new version and its command id's row.
-async fn record_stream_and_command(
-    connection: &mut SqliteConnection,
-    request: &AppendRequest,
-    range: &StoredRange,
-) -> Result<(), sqlx::Error> {
+fn record_stream_and_command(direct: &Direct, request: &AppendRequest, range: &StoredRange) -> rusqlite::Result<()> {
     let stream_id = request.stream_id.as_str();
     let last_version = range.current + (range.last_position - range.first_position + 1);
-    sqlx::query(
-        "INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2) \
-         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-    )
-    .bind(stream_id)
-    .bind(last_version)
-    .execute(&mut *connection)
-    .await?;
-    if let Some(command_id) = request.command_id {
-        sqlx::query(
-            "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
-             last_position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )
-        .bind(stream_id)
-        .bind(command_id.0)
-        .bind(range.current + 1)
-        .bind(last_version)
-        .bind(range.first_position)
-        .bind(range.last_position)
-        .bind(range.recorded_at)
-        .execute(&mut *connection)
-        .await?;
+    let mut params = Params::with_capacity(2);
+    params.text(stream_id);
+    params.int(last_version);
+    direct.execute(&upsert_streams_sql(1), true, &params)?;
+    if let Some(command_id) = &request.command_id {
+        let mut params = Params::with_capacity(7);
+        params.text(stream_id);
+        params.uuid(Some(&command_id.0));
+        params.int(range.current + 1);
+        params.int(last_version);
+        params.int(range.first_position);
+        params.int(range.last_position);
+        params.int(range.recorded_at);
+        direct.execute(&insert_commands_sql(1), true, &params)?;
     }
     Ok(())
 }
@@ -954,17 +1043,12 @@ fn refused(position: Option<i64>) -> LinkOutcome {
 }
 
 /// Pushes the answers of a chain the set-based append ran.
-fn answer_at_once(
-    chain: Vec<AppendRequest>,
-    results: Vec<LinkOutcome>,
-    pending: &mut Vec<Pending>,
-    newest: &mut Position,
-) {
+fn answer_at_once(chain: Vec<AppendRequest>, results: Vec<LinkOutcome>, tx: &mut Tx) {
     for (link, result) in chain.into_iter().zip(results) {
         if let Ok(result) = &result {
-            *newest = (*newest).max(result.last_position);
+            tx.newest = tx.newest.max(result.last_position);
         }
-        pending.push(Pending::Append(link.reply, result.map(AppendOutcome::Appended)));
+        tx.pending.push(Pending::Append(link.reply, result.map(AppendOutcome::Appended)));
     }
 }
 
@@ -977,7 +1061,7 @@ struct Condition<'a> {
     tag: Option<&'a str>,
 }
 
-/// What a batch's set-based append ([`Writer::append_at_once`]) reads: its streams, command ids
+/// What a batch's set-based append ([`Core::append_at_once`]) reads: its streams, command ids
 /// and conditions.
 struct AtOnce<'a> {
     /// How many links the batch has.
@@ -1038,41 +1122,23 @@ impl<'a> AtOnce<'a> {
     }
 }
 
-/// What the set-based append's read found ([`Writer::lookup_at_once`]).
+/// What the set-based append's read found ([`Core::lookup_at_once`]).
 struct Looked<'a> {
     /// Every stream's version (0 for a new one).
     versions: HashMap<&'a str, i64>,
-    /// The position of the batch's first event.
-    first_position: i64,
     /// Per link, the position its condition fails at, if it does.
     failed: Vec<Option<i64>>,
 }
 
-/// A row of the set-based append's read: a stream and its version, a stream and a stored
-/// command id, a link and its condition's first match, or the next position (version only).
-type LookupRow = (Option<String>, Option<i64>, Option<Uuid>, Option<i64>);
-
-/// Decodes a row of the set-based append's read.
-fn lookup_row(row: &sqlx::sqlite::SqliteRow) -> Result<LookupRow, sqlx::Error> {
-    use sqlx::Row;
-    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?))
-}
-
-/// The statement of [`Writer::lookup_at_once`] (see there), beginning the transaction if
-/// `begin`, and whether to keep it prepared. Conditions come one-tag first, then the others,
-/// each in link order, as [`bind_lookup`] binds them.
-fn lookup_at_once_sql(plan: &AtOnce<'_>, begin: bool) -> (String, bool) {
+/// The statement of [`Core::lookup_at_once`] (see there), and whether to keep it prepared.
+/// Conditions come one-tag first, then the others, each in link order, as [`bind_lookup`]
+/// binds them.
+fn lookup_at_once_sql(plan: &AtOnce<'_>) -> (String, bool) {
     let (streams, command_ids) = (&plan.streams, &plan.command_ids);
-    let mut lookup = if begin {
-        "BEGIN IMMEDIATE; SELECT NULL, coalesce(max(position), 0) + 1, NULL, NULL FROM cqrs_events UNION ALL "
-            .to_owned()
-    } else {
-        String::new()
-    };
-    lookup.push_str(&format!(
+    let mut lookup = format!(
         "SELECT stream_id, version, NULL, NULL FROM cqrs_streams WHERE stream_id IN ({})",
         placeholders(streams.len())
-    ));
+    );
     if !command_ids.is_empty() {
         lookup.push_str(&format!(
             " UNION ALL SELECT stream_id, NULL, command_id, NULL FROM cqrs_commands \
@@ -1102,30 +1168,35 @@ fn lookup_at_once_sql(plan: &AtOnce<'_>, begin: bool) -> (String, bool) {
     (lookup, cached)
 }
 
-/// Binds the parameters of [`lookup_at_once_sql`]'s statement in order.
-fn bind_lookup<'q>(mut query: SqliteQuery<'q>, plan: &AtOnce<'q>) -> SqliteQuery<'q> {
+/// The parameters of [`lookup_at_once_sql`]'s statement, in order.
+fn bind_lookup<'p>(plan: &'p AtOnce<'_>) -> Params<'p> {
     let (streams, command_ids) = (&plan.streams, &plan.command_ids);
+    let mut params = Params::with_capacity(2 * streams.len() + command_ids.len() + 3 * plan.conditions.len());
     for stream in streams {
-        query = query.bind(*stream);
+        params.text(stream);
     }
     if !command_ids.is_empty() {
         for stream in streams {
-            query = query.bind(*stream);
+            params.text(stream);
         }
         for command_id in command_ids {
-            query = query.bind(*command_id);
+            params.uuid(Some(command_id));
         }
     }
     let link = |condition: &Condition<'_>| i64::try_from(condition.link).unwrap_or(i64::MAX);
-    for condition in plan.conditions.iter().filter(|condition| condition.tag.is_some()) {
-        let after = to_i64_saturating(condition.condition.after_position().0);
-        query = query.bind(link(condition)).bind(condition.tag).bind(after);
+    for condition in plan.conditions.iter() {
+        if let Some(tag) = condition.tag {
+            params.int(link(condition));
+            params.text(tag);
+            params.int(to_i64_saturating(condition.condition.after_position().0));
+        }
     }
     for condition in plan.conditions.iter().filter(|condition| condition.tag.is_none()) {
         let (query_of, after) = (&condition.condition.fail_if_events_match, condition.condition.after_position());
-        query = query::bind_first_match(query, query_of, after).bind(link(condition));
+        params = query::bind_first_match(params, query_of, after);
+        params.int(link(condition));
     }
-    query
+    params
 }
 
 /// What the set-based append writes: the links whose condition did not fail.
@@ -1181,38 +1252,43 @@ fn check_at_once<'a>(
     Some((encoded, changed, written))
 }
 
-/// The set-based append's statements in one call (one hand-off to the SQLite thread), their
-/// anonymous parameters bound in order, inside a savepoint: if SQLite refuses one, the
-/// savepoint undoes whatever the ones before it wrote. The events, the streams' versions, the
-/// command ids if any, the tags' index if `tagged`. With `commit`, it also commits.
-fn insert_at_once_sql(written: &Written, changed: usize, commit: bool) -> String {
-    let (events, commands) = (written.events, written.commands);
-    let mut insert = format!(
-        "SAVEPOINT at_once; INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
-         command_id, causation_id, correlation_id, headers, recorded_at, tags) VALUES {}; \
-         INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
-         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-        rows(events, 13),
-        rows(changed, 2)
-    );
-    if commands > 0 {
-        insert.push_str(&format!(
-            "; INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
-             last_position, recorded_at) VALUES {}",
-            rows(commands, 7)
-        ));
-    }
-    if written.tagged {
-        insert.push_str("; ");
-        insert.push_str(INDEX_TAGS_SQL);
-    }
-    insert.push_str(if commit { "; RELEASE at_once; COMMIT" } else { "; RELEASE at_once" });
-    insert
+/// `count` event rows in one statement.
+fn insert_events_sql(count: usize) -> String {
+    format!(
+        "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
+         command_id, causation_id, correlation_id, headers, recorded_at, tags) VALUES {}",
+        rows(count, 13)
+    )
 }
 
-/// A command id row of the set-based append: stream, id, first and last version, first and
-/// last position.
-type CommandRow<'a> = (&'a str, Uuid, i64, i64, i64, i64);
+/// `count` streams' new versions in one statement.
+fn upsert_streams_sql(count: usize) -> String {
+    format!(
+        "INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
+         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+        rows(count, 2)
+    )
+}
+
+/// `count` command ids in one statement.
+fn insert_commands_sql(count: usize) -> String {
+    format!(
+        "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+         last_position, recorded_at) VALUES {}",
+        rows(count, 7)
+    )
+}
+
+/// The set-based append's parameters, per statement, and what it answers.
+struct Bound<'a> {
+    events: Params<'a>,
+    streams: Params<'a>,
+    commands: Params<'a>,
+    /// Each chain's answers.
+    results: Vec<Vec<LinkOutcome>>,
+    /// The position after the last event written.
+    next_position: i64,
+}
 
 /// What the set-based append binds besides the links themselves.
 struct AtOnceRows<'a, 'c> {
@@ -1230,26 +1306,18 @@ struct AtOnceRows<'a, 'c> {
 }
 
 impl<'a> AtOnceRows<'a, '_> {
-    /// Binds the parameters of [`insert_at_once_sql`]'s statements in order: every event row,
-    /// every changed stream, every command id, the positions whose tags to index (a link whose
-    /// condition failed skipped). Returns the query, each chain's answers and the next
-    /// position; `None` for a link of an unknown stream or an event not encoded (not expected:
-    /// declined).
-    fn bind<'q>(
-        self,
-        mut query: SqliteQuery<'q>,
-        chains: &[&'a [AppendRequest]],
-        written: &Written,
-    ) -> Option<(SqliteQuery<'q>, Vec<Vec<LinkOutcome>>, i64)>
-    where
-        'a: 'q,
-    {
+    /// Binds the parameters of the set-based append's statements: every event row, every
+    /// changed stream, every command id (a link whose condition failed skipped). Returns them,
+    /// each chain's answers and the next position; `None` for a link of an unknown stream or an
+    /// event not encoded (not expected: declined).
+    fn bind(self, chains: &[&'a [AppendRequest]], written: &Written) -> Option<Bound<'a>> {
         let Self { first_position, mut versions, encoded, changed, recorded_at, failed } = self;
         let mut position = first_position;
         let mut encoded = encoded.into_iter();
         let mut failed = failed.into_iter();
         let mut results = Vec::with_capacity(chains.len());
-        let mut stored_commands: Vec<CommandRow<'a>> = Vec::with_capacity(written.commands);
+        let mut events = Params::with_capacity(13 * written.events);
+        let mut commands = Params::with_capacity(7 * written.commands);
         for chain in chains {
             let mut chain_results = Vec::with_capacity(chain.len());
             for link in *chain {
@@ -1259,24 +1327,23 @@ impl<'a> AtOnceRows<'a, '_> {
                 }
                 let stream_id = link.stream_id.as_str();
                 let version = versions.get_mut(stream_id)?;
-                let command_id: Option<Uuid> = link.command_id.map(|id| id.0);
+                let command_id = link.command_id.as_ref().map(|id| &id.0);
                 let (first_position, first_version) = (position, *version + 1);
                 for event in &link.events {
                     *version += 1;
                     let row = EventRow { position, stream_id, version: *version, command_id, recorded_at };
-                    query = row.bind(query, event, encoded.next()?);
+                    row.bind(&mut events, event, encoded.next()?);
                     position += 1;
                 }
                 let (last_version, last_position) = (*version, position - 1);
                 if let Some(command_id) = command_id {
-                    stored_commands.push((
-                        stream_id,
-                        command_id,
-                        first_version,
-                        last_version,
-                        first_position,
-                        last_position,
-                    ));
+                    commands.text(stream_id);
+                    commands.uuid(Some(command_id));
+                    commands.int(first_version);
+                    commands.int(last_version);
+                    commands.int(first_position);
+                    commands.int(last_position);
+                    commands.int(recorded_at);
                 }
                 chain_results.push(Ok(AppendResult {
                     // Positive by construction: versions and positions start at 1 and only grow.
@@ -1288,23 +1355,12 @@ impl<'a> AtOnceRows<'a, '_> {
             }
             results.push(chain_results);
         }
+        let mut streams = Params::with_capacity(2 * changed.len());
         for (stream_id, version) in changed {
-            query = query.bind(*stream_id).bind(*version);
+            streams.text(stream_id);
+            streams.int(*version);
         }
-        for (stream_id, command_id, first_version, last_version, first_position, last_position) in stored_commands {
-            query = query
-                .bind(stream_id)
-                .bind(command_id)
-                .bind(first_version)
-                .bind(last_version)
-                .bind(first_position)
-                .bind(last_position)
-                .bind(recorded_at);
-        }
-        if written.tagged {
-            query = query.bind(first_position).bind(position - 1);
-        }
-        Some((query, results, position))
+        Some(Bound { events, streams, commands, results, next_position: position })
     }
 }
 
@@ -1313,86 +1369,74 @@ struct EventRow<'a> {
     position: i64,
     stream_id: &'a str,
     version: i64,
-    command_id: Option<Uuid>,
+    command_id: Option<&'a Uuid>,
     recorded_at: i64,
 }
 
 impl<'a> EventRow<'a> {
-    /// Binds the row's thirteen columns, in table order, after the parameters `query` has.
-    fn bind<'q>(&self, query: SqliteQuery<'q>, event: &'q NewEvent, encoded: Encoded) -> SqliteQuery<'q>
-    where
-        'a: 'q,
-    {
-        query
-            .bind(self.position)
-            .bind(event.event_id.0)
-            .bind(self.stream_id)
-            .bind(self.version)
-            .bind(event.event_type.as_str())
-            .bind(i64::from(event.schema_version))
-            .bind(event.payload.to_string())
-            .bind(self.command_id)
-            .bind(event.metadata.causation_id.map(|id| id.0))
-            .bind(event.metadata.correlation_id.map(|id| id.0))
-            .bind(encoded.headers)
-            .bind(self.recorded_at)
-            .bind(encoded.tags)
+    /// Binds the row's thirteen columns, in table order, after the parameters `params` has.
+    fn bind(&self, params: &mut Params<'a>, event: &'a NewEvent, encoded: Encoded) {
+        params.int(self.position);
+        params.uuid(Some(&event.event_id.0));
+        params.text(self.stream_id);
+        params.int(self.version);
+        params.text(event.event_type.as_str());
+        params.int(i64::from(event.schema_version));
+        params.owned_text(event.payload.to_string());
+        params.uuid(self.command_id);
+        params.uuid(event.metadata.causation_id.as_ref().map(|id| &id.0));
+        params.uuid(event.metadata.correlation_id.as_ref().map(|id| &id.0));
+        params.owned_text(encoded.headers);
+        params.int(self.recorded_at);
+        params.owned_text(encoded.tags);
     }
 }
 
-pub(crate) async fn save_checkpoint(
-    connection: &mut SqliteConnection,
-    name: &str,
-    position: i64,
-    now: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO cqrs_checkpoints (name, position, updated_at) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
-    )
-    .bind(name)
-    .bind(position)
-    .bind(now)
-    .execute(connection)
-    .await?;
-    Ok(())
+/// Saves a checkpoint (an op's, on sqlx, or the writer's own, directly).
+pub(crate) const SAVE_CHECKPOINT_SQL: &str = "INSERT INTO cqrs_checkpoints (name, position, updated_at) \
+     VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at";
+
+fn save_checkpoint(direct: &Direct, name: &str, position: i64, now: i64) -> rusqlite::Result<()> {
+    let mut params = Params::with_capacity(3);
+    params.text(name);
+    params.int(position);
+    params.int(now);
+    direct.execute(SAVE_CHECKPOINT_SQL, true, &params).map(|_| ())
 }
 
-async fn save_snapshot(
-    connection: &mut SqliteConnection,
-    snapshot: &Snapshot,
-    state: &str,
-    now: i64,
-) -> Result<(), sqlx::Error> {
+fn save_snapshot(direct: &Direct, snapshot: &Snapshot, state: &str, now: i64) -> rusqlite::Result<()> {
+    let mut params = Params::with_capacity(5);
+    params.text(snapshot.stream_id.as_str());
+    params.int(to_i64_saturating(snapshot.version.0));
+    params.int(i64::from(snapshot.schema_version));
+    params.text(state);
+    params.int(now);
     // An older snapshot never replaces a newer one.
-    sqlx::query(
-        "INSERT INTO cqrs_snapshots (stream_id, version, schema_version, state, saved_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5) \
-         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
-         schema_version = excluded.schema_version, state = excluded.state, saved_at = excluded.saved_at \
-         WHERE cqrs_snapshots.version <= excluded.version",
-    )
-    .bind(snapshot.stream_id.as_str())
-    .bind(to_i64_saturating(snapshot.version.0))
-    .bind(i64::from(snapshot.schema_version))
-    .bind(state)
-    .bind(now)
-    .execute(connection)
-    .await?;
-    Ok(())
+    direct
+        .execute(
+            "INSERT INTO cqrs_snapshots (stream_id, version, schema_version, state, saved_at) \
+             VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
+             schema_version = excluded.schema_version, state = excluded.state, saved_at = excluded.saved_at \
+             WHERE cqrs_snapshots.version <= excluded.version",
+            true,
+            &params,
+        )
+        .map(|_| ())
 }
 
 /// Forgets up to [`PRUNE_CHUNK`] command ids stored before `older_than`.
-async fn prune_commands(connection: &mut SqliteConnection, older_than: i64) -> Result<u64, sqlx::Error> {
-    let result = sqlx::query(
+fn prune_commands(direct: &Direct, older_than: i64) -> rusqlite::Result<u64> {
+    let mut params = Params::with_capacity(2);
+    params.int(older_than);
+    params.int(i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX));
+    let pruned = direct.execute(
         "DELETE FROM cqrs_commands WHERE (stream_id, command_id) IN \
-         (SELECT stream_id, command_id FROM cqrs_commands WHERE recorded_at < ?1 LIMIT ?2)",
-    )
-    .bind(older_than)
-    .bind(i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX))
-    .execute(connection)
-    .await?;
-    Ok(result.rows_affected())
+         (SELECT stream_id, command_id FROM cqrs_commands WHERE recorded_at < ? LIMIT ?)",
+        true,
+        &params,
+    )?;
+    Ok(u64::try_from(pruned).unwrap_or(u64::MAX))
 }
 
 /// Most parameters the conditions of one set-based read bind (SQLite takes 32 766 in all).
@@ -1407,7 +1451,7 @@ const AT_ONCE_QUERY_CONDITIONS: usize = 64;
 /// links with a condition alone in its window. **The guard:** a conditional append joins a
 /// window only if its query matches none of the events the window's chains before it carry, so
 /// that its condition checked against the database before the window (as
-/// [`Writer::append_at_once`] does) is its condition checked after them; one that matches
+/// [`Core::append_at_once`] does) is its condition checked after them; one that matches
 /// starts a new window, which the database then shows it.
 fn windows(chains: Vec<Vec<AppendRequest>>) -> Vec<Vec<Vec<AppendRequest>>> {
     let mut windows: Vec<Vec<Vec<AppendRequest>>> = Vec::new();
@@ -1491,14 +1535,6 @@ fn take_appends(
         next = requests.next_if(is_append);
     }
     chains
-}
-
-/// What is left to answer of a write that failed its transaction.
-enum Unrun {
-    /// The request itself, not run.
-    Request(WriteRequest),
-    /// An op's answer, to send the batch's failure to.
-    Answer(Answer),
 }
 
 /// Answers a request of a failed batch.

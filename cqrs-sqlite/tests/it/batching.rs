@@ -2,13 +2,12 @@
 //! batch does not affect the others.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::{AppendOutcome, EventStore, ExpectedVersion, StoreError, Version};
-use sqlx::{Connection, Executor, SqliteConnection};
+use cqrs_sqlite::SqliteStoreConfig;
 
-use crate::support::{file_of, stream, temp_store};
+use crate::support::{in_one_batch, stream, temp_store, Append};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_transactions() {
@@ -37,77 +36,48 @@ async fn concurrent_appends_share_transactions() {
     assert!(stats.largest_batch > 1);
 }
 
-/// Holds SQLite's write lock from another connection, so the store's writer waits in its
-/// `BEGIN IMMEDIATE` while the test queues appends; releasing it lets them all go in one batch.
-async fn lock_file(path: &std::path::Path) -> SqliteConnection {
-    let url = format!("sqlite://{}", path.display());
-    let mut connection = SqliteConnection::connect(&url).await.expect("second connection");
-    connection.execute("BEGIN IMMEDIATE").await.expect("take the write lock");
-    connection
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_append_does_not_fail_its_batch() {
-    let temp = Arc::new(temp_store().await);
+    let temp = temp_store().await;
+    let store = &temp.store;
     let taken = stream("taken");
     let reused = cqrs_core::testing::conformance::event(0);
-    temp.store.append(&taken, ExpectedVersion::Any, vec![reused.clone()]).await.expect("setup");
-    let before = temp.store.stats();
+    store.append(&taken, ExpectedVersion::Any, vec![reused.clone()]).await.expect("setup");
+    let before = store.stats();
 
-    let mut lock = lock_file(&file_of(&temp)).await;
-    // The writer takes this one and waits for the lock.
-    let first = {
-        let temp = Arc::clone(&temp);
-        tokio::spawn(async move { temp.store.append(&stream("first"), ExpectedVersion::Any, vec![event(1)]).await })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut good = Vec::new();
-    let mut conflicting = Vec::new();
-    for n in 0..10u64 {
-        let temp_good = Arc::clone(&temp);
-        good.push(tokio::spawn(async move {
-            temp_good.store.append(&stream("good"), ExpectedVersion::NoStream, vec![event(n)]).await
-        }));
-        let temp_bad = Arc::clone(&temp);
-        let taken = taken.clone();
-        conflicting.push(tokio::spawn(async move {
-            temp_bad.store.append(&taken, ExpectedVersion::NoStream, vec![event(100 + n)]).await
-        }));
+    let first = stream("first");
+    let (good, dup) = ((0..10).map(|_| stream("good")).collect::<Vec<_>>(), stream("dup"));
+    let mut appends: Vec<Append<'_>> = vec![store.append(&first, ExpectedVersion::Any, vec![event(1)])];
+    for (n, good) in (0..10u64).zip(&good) {
+        appends.push(store.append(good, ExpectedVersion::NoStream, vec![event(n)]));
+        appends.push(store.append(&taken, ExpectedVersion::NoStream, vec![event(100 + n)]));
     }
-    let duplicate_id = {
-        let temp = Arc::clone(&temp);
-        let reused = reused.clone();
-        tokio::spawn(
-            async move { temp.store.append(&stream("dup"), ExpectedVersion::Any, vec![event(7), reused]).await },
-        )
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    lock.execute("COMMIT").await.expect("release the write lock");
+    appends.push(store.append(&dup, ExpectedVersion::Any, vec![event(7), reused.clone()]));
+    let mut answers = in_one_batch(&temp, appends).await.into_iter();
 
-    assert!(matches!(first.await.expect("task"), Ok(AppendOutcome::Appended(_))));
-    for task in good {
-        let outcome = task.await.expect("task");
+    assert!(matches!(answers.next(), Some(Ok(AppendOutcome::Appended(_)))));
+    for _ in 0..10 {
+        let outcome = answers.next().expect("answer");
         assert!(matches!(outcome, Ok(AppendOutcome::Appended(_))), "a good append failed: {outcome:?}");
-    }
-    for task in conflicting {
-        match task.await.expect("task") {
+        match answers.next().expect("answer") {
             Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, Version(1)),
             other => panic!("expected a conflict, got {other:?}"),
         }
     }
-    match duplicate_id.await.expect("task") {
+    match answers.next().expect("answer") {
         Err(StoreError::DuplicateEventId(id)) => assert_eq!(id, reused.event_id),
         other => panic!("expected a duplicate event id, got {other:?}"),
     }
-    let stats = temp.store.stats();
-    assert_eq!(stats.transactions - before.transactions, 2, "the blocked append, then one batch: {stats:?}");
-    assert_eq!(stats.largest_batch, 21);
-    assert_eq!(stats.appends - before.appends, 11);
+    let stats = store.stats();
+    assert_eq!(stats.transactions - before.transactions, 2, "the first append's, then one batch: {stats:?}");
+    assert_eq!(stats.largest_batch, 22);
+    assert_eq!(stats.appends - before.appends, 12);
     assert_eq!(stats.refused_appends, 11);
     // The refused appends left nothing behind, and the stream of the reused id is empty.
-    assert_eq!(temp.store.stream_version(&taken).await.expect("version"), Version(1));
-    let all = temp.store.read_all(cqrs_core::Position::START, 100).await.expect("read_all");
-    assert_eq!(all.len(), 12);
+    assert_eq!(store.stream_version(&taken).await.expect("version"), Version(1));
+    assert_eq!(store.stream_version(&dup).await.expect("version"), Version(0));
+    let all = store.read_all(cqrs_core::Position::START, 10_000).await.expect("read_all");
+    assert_eq!(all.len(), 1 + SqliteStoreConfig::default().max_batch_events + 11);
     assert!(all.windows(2).all(|w| w[1].position.0 == w[0].position.0 + 1), "no holes from the refused appends");
 }
 

@@ -2,31 +2,13 @@
 //! inside one group-commit batch see the batch's earlier appends, and tags are stored in order
 //! and indexed on every write path (set-based, step by step, chains).
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
-
 use cqrs_core::testing::conformance::tagged;
 use cqrs_core::{
     AppendCondition, AppendOutcome, EventStore, ExpectedVersion, Position, Query, QueryItem, StoreError, Tag, Version,
 };
 use serde_json::json;
 
-use crate::support::{stream, temp_store};
-
-type Append<'a> = Pin<Box<dyn Future<Output = Result<AppendOutcome, StoreError>> + Send + 'a>>;
-
-/// Queues every append to the writer before it can run (each future's first poll sends its
-/// request, and on a current-thread runtime the writer task cannot run in between), so they all
-/// go into one batch; then waits for the answers.
-async fn in_one_batch(appends: Vec<Append<'_>>) -> Vec<Result<AppendOutcome, StoreError>> {
-    let mut appends = appends;
-    let mut cx = Context::from_waker(Waker::noop());
-    for append in &mut appends {
-        assert!(matches!(append.as_mut().poll(&mut cx), Poll::Pending), "queued, waiting for the writer");
-    }
-    futures_util::future::join_all(appends).await
-}
+use crate::support::{in_one_batch, stream, temp_store, Append};
 
 fn tag(name: &str) -> Tag {
     Tag::new("seat", format!("{name}-{}", uuid::Uuid::new_v4().simple()))
@@ -67,10 +49,10 @@ async fn conditions_in_one_batch_see_the_batch_s_earlier_appends() {
     appends.push(conditional(&other));
     let total = appends.len();
     let before = store.stats();
-    let answers = in_one_batch(appends).await;
+    let answers = in_one_batch(&temp, appends).await;
 
     let stats = store.stats();
-    assert_eq!(stats.transactions - before.transactions, 1, "one batch: {stats:?}");
+    assert_eq!(stats.transactions - before.transactions, 2, "the first append's, then one batch: {stats:?}");
     assert_eq!(stats.largest_batch, total as u64);
     let first = answers[0].as_ref().expect("the first conditional append commits").result();
     for (n, answer) in answers.iter().enumerate().take(13).skip(1) {
@@ -139,10 +121,10 @@ async fn grouped_conditions_answer_as_if_run_one_by_one() {
     ];
     let total = appends.len() as u64;
     let before = store.stats();
-    let answers = in_one_batch(appends).await;
+    let answers = in_one_batch(&temp, appends).await;
 
     let stats = store.stats();
-    assert_eq!(stats.transactions - before.transactions, 1, "one batch: {stats:?}");
+    assert_eq!(stats.transactions - before.transactions, 2, "the first append's, then one batch: {stats:?}");
     assert_eq!(stats.largest_batch, total);
     let committed = |n: usize| answers[n].as_ref().unwrap_or_else(|error| panic!("append {n}: {error}")).result();
     assert_eq!(failed_at(&answers[2]), committed(0).first_position);
@@ -167,12 +149,16 @@ async fn a_batch_of_failing_conditions_writes_nothing() {
     let taken = vec![tagged("SeatTaken", std::slice::from_ref(&seat), json!({}))];
     let stored = store.append(&stream("taken"), ExpectedVersion::NoStream, taken).await.expect("append").result();
     let before = store.stats();
-    let answers =
-        in_one_batch(vec![decide(store, on.clone(), after, vec![seat.clone()]), decide(store, on, after, vec![seat])])
-            .await;
+    let answers = in_one_batch(
+        &temp,
+        vec![decide(store, on.clone(), after, vec![seat.clone()]), decide(store, on, after, vec![seat])],
+    )
+    .await;
     assert!(answers.iter().all(|answer| failed_at(answer) == stored.first_position), "{answers:?}");
-    assert_eq!(store.stats().transactions - before.transactions, 1);
-    assert_eq!(store.head().await.expect("head"), stored.last_position);
+    assert_eq!(store.stats().transactions - before.transactions, 2, "the first append's, then one batch");
+    // After the taken seat, only the first append's events: the batch wrote nothing.
+    let later = store.read_all(stored.last_position, 10_000).await.expect("read");
+    assert!(later.iter().all(|event| &*event.event_type != "SeatTaken"), "{later:?}");
 }
 
 /// Each item of a query reads at most a page of its own positions: read page by page, a query

@@ -1,10 +1,15 @@
 //! A store on a fresh file in its own temporary directory, removed when the store is dropped.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
+use cqrs_core::testing::conformance::event;
 use cqrs_core::testing::WithGuard;
-use cqrs_core::StreamId;
-use cqrs_sqlite::SqliteEventStore;
+use cqrs_core::{AppendOutcome, EventStore, ExpectedVersion, StoreError, StreamId};
+use cqrs_sqlite::{SqliteEventStore, SqliteStoreConfig};
+use sqlx::{Connection, Executor, SqliteConnection};
 
 /// A [`SqliteEventStore`] that owns the temporary directory of its file (dropped after the
 /// store, so the files go last).
@@ -12,9 +17,23 @@ pub type TempStore = WithGuard<SqliteEventStore, tempfile::TempDir>;
 
 /// A store on a fresh file in a new temporary directory.
 pub async fn temp_store() -> TempStore {
+    temp_store_with(SqliteStoreConfig::default()).await
+}
+
+/// A store on a fresh file in a new temporary directory, opened with `config`.
+pub async fn temp_store_with(config: SqliteStoreConfig) -> TempStore {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteEventStore::open(dir.path().join("events.db")).await.expect("open store");
+    let store = SqliteEventStore::open_with(dir.path().join("events.db"), config).await.expect("open store");
     WithGuard { store, guard: dir }
+}
+
+/// A connection of its own to `path` holding the file's write lock (`BEGIN IMMEDIATE`) until
+/// it rolls back: the store's writer waits for it.
+pub async fn lock_file(path: &Path) -> SqliteConnection {
+    let url = format!("sqlite://{}", path.display());
+    let mut connection = SqliteConnection::connect(&url).await.expect("second connection");
+    connection.execute("BEGIN IMMEDIATE").await.expect("take the write lock");
+    connection
 }
 
 /// The database file of a [`TempStore`].
@@ -30,4 +49,28 @@ pub async fn reopen(path: &Path) -> SqliteEventStore {
 /// A fresh stream id.
 pub fn stream(name: &str) -> StreamId {
     StreamId::new(format!("{name}-{}", uuid::Uuid::new_v4().simple())).expect("stream id")
+}
+
+/// An append not yet polled.
+pub type Append<'a> = Pin<Box<dyn Future<Output = Result<AppendOutcome, StoreError>> + Send + 'a>>;
+
+/// Runs `appends` together in one batch of the writer, alone, and returns their answers in
+/// order. A connection of its own holds the file's write lock while a first append, as many
+/// events as a batch takes (so alone in its batch; the store must have the default
+/// `max_batch_events`), waits for it and `appends` queue behind: each one's first poll sends
+/// its request. Whenever the writer takes the first append, it cannot take the others with it,
+/// and cannot commit it before the lock is released, by which time all of them are queued.
+pub async fn in_one_batch(temp: &TempStore, appends: Vec<Append<'_>>) -> Vec<Result<AppendOutcome, StoreError>> {
+    let mut lock = lock_file(&file_of(temp)).await;
+    let filler = (0..SqliteStoreConfig::default().max_batch_events).map(|n| event(n as u64)).collect();
+    let filled = stream("filled");
+    let mut first: Append<'_> = temp.store.append(&filled, ExpectedVersion::NoStream, filler);
+    let mut appends = appends;
+    let mut cx = Context::from_waker(Waker::noop());
+    for append in std::iter::once(&mut first).chain(&mut appends) {
+        assert!(matches!(append.as_mut().poll(&mut cx), Poll::Pending), "queued, waiting for the writer");
+    }
+    lock.execute("ROLLBACK").await.expect("release the write lock");
+    assert!(matches!(first.await, Ok(AppendOutcome::Appended(_))), "the first append");
+    futures_util::future::join_all(appends).await
 }
