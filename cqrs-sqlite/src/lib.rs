@@ -35,7 +35,7 @@ use crate::error::{open_error, to_store_error};
 use crate::rows::{command_result, limit, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::{AppendRequest, AtomicRequest, Core, Counters, WriteRequest, Writer};
 
-/// How many writes may wait for the writer task before callers wait to enqueue.
+/// How many writes may wait for the writer before callers wait to enqueue.
 const QUEUE_CAPACITY: usize = 4096;
 
 /// How many rows a read connection's SQLite thread may hand over before the reading task takes
@@ -44,7 +44,7 @@ const QUEUE_CAPACITY: usize = 4096;
 const READ_ROW_BUFFER: usize = 1024;
 
 /// A SQLite [`EventStore`] in one file. Cheap to clone: clones share the read pool and the
-/// writer task. See the crate documentation for durability and the ordering design.
+/// writer. See the crate documentation for durability and the ordering design.
 #[derive(Clone)]
 pub struct SqliteEventStore {
     inner: Arc<Inner>,
@@ -53,7 +53,7 @@ pub struct SqliteEventStore {
 struct Inner {
     /// Reads and checkpoint loads; its connections are `query_only`.
     readers: SqlitePool,
-    /// Queue of the writer task, which owns the receiving end and the only write connection:
+    /// Queue of the writer, which owns the receiving end and the only write connection:
     /// it ends (and closes that connection) when the last store handle is dropped.
     writes: mpsc::Sender<WriteRequest>,
     /// Last committed position, published by the writer after each commit.
@@ -98,7 +98,8 @@ pub struct SqliteStoreStats {
 impl SqliteEventStore {
     /// Opens (creating it if missing) the event store in the file at `path`, with the default
     /// [`SqliteStoreConfig`], and applies the schema migrations. Must be called inside a
-    /// tokio runtime: it starts the writer task.
+    /// tokio runtime: the writer, on a thread of its own, runs its async work (waiting for its
+    /// queue, ops) on that runtime.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, SqliteStoreError> {
         Self::open_with(path, SqliteStoreConfig::default()).await
     }

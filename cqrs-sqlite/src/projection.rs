@@ -2,7 +2,7 @@
 //! in one transaction, so its effects are exactly-once.
 //!
 //! **How this coexists with the single writer.** The store has one write connection, owned by
-//! its writer task, and SQLite allows one writing transaction per file. So a projection's batch
+//! its writer, and SQLite allows one writing transaction per file. So a projection's batch
 //! runs *on the writer*, inside its group-commit transaction, under a savepoint of its own: the
 //! projection's updates, the claim check and the checkpoint are released together and share
 //! the batch's one `COMMIT` (one fsync) with the appends queued beside them; a batch that fails
