@@ -19,6 +19,7 @@ use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 
 pub mod batching;
 mod coordination;
+pub mod recent;
 mod rows;
 
 pub use crate::forward_coordination;
