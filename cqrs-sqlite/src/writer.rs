@@ -144,6 +144,10 @@ fn rows(count: usize, columns: usize) -> String {
     vec![row.as_str(); count].join(", ")
 }
 
+/// The longest the writer waits for the callers of a batch to queue their next requests (see
+/// `Core::let_callers_return`): a small part of a commit's fsync.
+const GATHER: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// Most command ids one prune request forgets: a long delete would hold the write lock.
 pub(crate) const PRUNE_CHUNK: u64 = 10_000;
 
@@ -328,8 +332,25 @@ impl Core {
                 self.rollback();
             }
             self.finish(size, tx, result);
+            self.let_callers_return(size);
         }
         None
+    }
+
+    /// After answering `answered` requests, gives their callers a moment to queue their next
+    /// ones before the next batch is taken, so that it holds them all rather than the first
+    /// few (and the one after it the rest, each paying a commit). The callers run on the
+    /// runtime's threads, which share the cores with this one: it yields to them, for at most
+    /// [`GATHER`], until as many requests wait as were answered. Not after answering one: a lone
+    /// caller (the sequential case) never waits for this.
+    fn let_callers_return(&self, answered: usize) {
+        if answered < 2 {
+            return;
+        }
+        let deadline = std::time::Instant::now() + GATHER;
+        while self.queue.queued() < answered && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
     }
 
     /// Answers every request with `error` until the queue is closed: the connection is gone.

@@ -89,6 +89,11 @@ impl<R: QueuedWrite> BatchQueue<R> {
         Self { requests, pending: VecDeque::new(), reservations, closed: false }
     }
 
+    /// How many requests wait: received and held, or still in the channel.
+    pub fn queued(&self) -> usize {
+        self.pending.len() + self.requests.len()
+    }
+
     /// Waits for the next batch; `None` once the queue is closed and drained.
     pub async fn next_batch(&mut self, limits: BatchLimits) -> Option<Vec<R>> {
         loop {
