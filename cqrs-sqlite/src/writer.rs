@@ -298,8 +298,9 @@ impl Writer {
                 }
             };
             let Some(batch) = with_ops else { break };
-            let span = core.batch_span(&batch);
+            let (span, size) = (core.batch_span(&batch), batch.len());
             runtime.block_on(tracing::Instrument::instrument(core.batch_with_ops(&mut connection, batch), span));
+            core.let_callers_return(size);
         }
         // The writer's statements are finalized (under the lock, when sqlx's worker still runs)
         // before sqlx closes the handle.
