@@ -6,6 +6,7 @@ mod error;
 mod listener;
 mod notify;
 mod projection;
+mod recent;
 mod rows;
 mod writer;
 
@@ -32,9 +33,9 @@ pub use crate::error::PgStoreError;
 pub use crate::projection::{spawn_projection, spawn_projection_with, PgProjection};
 
 use crate::error::to_store_error;
+use crate::recent::RecentEvents;
 use crate::rows::{to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 use crate::writer::AppendRequest;
-use cqrs_core::store::recent::RecentEvents;
 
 /// How many appends may wait for the writer task before callers wait to enqueue.
 const QUEUE_CAPACITY: usize = 4096;

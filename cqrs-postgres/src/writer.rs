@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
 use cqrs_core::{
-    AppendCondition, AppendOutcome, CommandId, EventId, ExpectedVersion, NewEvent, Position, QueryItem, StoreError,
-    StreamId, Tag, Timestamp, Version,
+    AppendCondition, AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Payload, Position,
+    QueryItem, RecordedEvent, StoreError, StreamId, Tag, Timestamp, Version,
 };
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
@@ -24,8 +24,8 @@ use crate::config::NOTIFY_CHANNEL;
 use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statement_error, shared_unavailable};
 use crate::listener::Announced;
 use crate::notify::NotifyThrottle;
+use crate::recent::RecentEvents;
 use crate::rows::append_result;
-use cqrs_core::store::recent::{recorded, RecentEvents};
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
 const MAX_BATCH_RETRIES: u32 = 5;
@@ -330,7 +330,7 @@ fn answer(batch: Vec<AppendRequest>, written: &Written, shared: &WriterShared) -
         // The caller may have gone away; its append happened anyway.
         let _ = reply.send(outcome);
         if let Some((result, Ok(recorded_at))) = stored {
-            committed.extend(recorded(&stream_id, command_id, events, result, Timestamp(recorded_at)));
+            committed.extend(recorded(stream_id, command_id, events, result, recorded_at));
         }
     }
     shared.recent.committed(committed);
@@ -343,6 +343,45 @@ fn answer(batch: Vec<AppendRequest>, written: &Written, shared: &WriterShared) -
         }
     }
     appended
+}
+
+/// The stored form of an appended request's events, for [`RecentEvents`]: the values a read
+/// of them returns (positions and versions from the result, `recorded_at` the transaction's
+/// `now()`, which is the column's default). Nothing if the positions are not consecutive
+/// (another session took numbers in between): they cannot be told apart then.
+fn recorded(
+    stream_id: StreamId,
+    command_id: Option<CommandId>,
+    events: Vec<NewEvent>,
+    result: cqrs_core::AppendResult,
+    recorded_at: i64,
+) -> Vec<RecordedEvent> {
+    let count = |first: u64, last: u64| last.checked_sub(first).and_then(|span| span.checked_add(1));
+    let n = Some(events.len() as u64);
+    if count(result.first_position.0, result.last_position.0) != n
+        || count(result.first_version.0, result.last_version.0) != n
+    {
+        return Vec::new();
+    }
+    events
+        .into_iter()
+        .zip(0u64..)
+        .map(|(event, offset)| {
+            let NewEvent { event_id, event_type, schema_version, payload, metadata, tags } = event;
+            RecordedEvent {
+                event_id,
+                stream_id: stream_id.clone(),
+                version: Version(result.first_version.0 + offset),
+                position: Position(result.first_position.0 + offset),
+                recorded_at: Timestamp(recorded_at),
+                event_type: Arc::from(event_type),
+                schema_version,
+                payload: Payload::from_value(payload),
+                metadata: Arc::new(Metadata { command_id, ..metadata }),
+                tags: Arc::from(tags),
+            }
+        })
+        .collect()
 }
 
 fn outcome_of(row: &PgRow, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {

@@ -50,11 +50,6 @@ pub struct SqliteStoreConfig {
     /// short by another program) ends the process with `SIGBUS` rather than an error. `0` turns
     /// it off. Default: 1 GiB.
     pub read_mmap_size: u64,
-    /// How many of this process's most recent committed events the store keeps in memory, so
-    /// that a local subscriber at the head (a live read model, the chat's rooms) reads the next
-    /// ones without a read of the file: only a run of consecutive positions, all of them
-    /// appended by this store (see `read_all`). `0`: every read goes to the file. Default 4096.
-    pub recent_events: usize,
 }
 
 impl Default for SqliteStoreConfig {
@@ -68,7 +63,6 @@ impl Default for SqliteStoreConfig {
             poll_interval: Duration::from_secs(1),
             command_retention: Some(cqrs_core::DEFAULT_COMMAND_RETENTION),
             read_mmap_size: 1 << 30,
-            recent_events: 4096,
         }
     }
 }
@@ -91,13 +85,6 @@ impl SqliteStoreConfig {
     #[must_use]
     pub fn with_read_mmap_size(mut self, read_mmap_size: u64) -> Self {
         self.read_mmap_size = read_mmap_size;
-        self
-    }
-
-    /// Sets [`recent_events`](Self::recent_events).
-    #[must_use]
-    pub fn with_recent_events(mut self, recent_events: usize) -> Self {
-        self.recent_events = recent_events;
         self
     }
 

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
-use cqrs_core::store::recent::RecentEvents;
 use cqrs_core::{
     AppendCondition, AppendOutcome, AppendResult, CommandId, EventStore, ExpectedVersion, NewEvent, Position, Query,
     RecordedEvent, Snapshot, StoreError, StreamAppend, StreamId, Timestamp, Version,
@@ -62,8 +61,6 @@ struct Inner {
     counters: Arc<Counters>,
     /// `read_all`'s connections (see `pages.rs`).
     pages: Arc<pages::Pages>,
-    /// This process's latest committed events, put there by the writer.
-    recent: Arc<RecentEvents>,
     path: PathBuf,
     poll_interval: Duration,
 }
@@ -167,7 +164,6 @@ impl SqliteEventStore {
         let counters = Arc::new(Counters::default());
         let (writes, requests) = mpsc::channel(QUEUE_CAPACITY);
         let reservations = Arc::new(Reservations::default());
-        let recent = Arc::new(RecentEvents::new(config.recent_events));
         let direct = {
             let mut locked = writer.lock_handle().await.map_err(|e| open_error(path.clone(), e))?;
             // SAFETY: the handle stays open until the writer drops its `Direct` (`Writer::run`
@@ -184,7 +180,6 @@ impl SqliteEventStore {
                 queue: BatchQueue::new(requests, Arc::clone(&reservations)),
                 reservations,
                 head: Arc::clone(&head),
-                recent: Arc::clone(&recent),
                 counters: Arc::clone(&counters),
                 limits: BatchLimits {
                     max_appends: config.max_batch_appends.max(1),
@@ -207,7 +202,6 @@ impl SqliteEventStore {
                 head,
                 counters,
                 pages: Arc::new(pages::Pages::new(path.clone(), &config)),
-                recent,
                 path,
                 poll_interval: config.poll_interval,
             }),
@@ -418,11 +412,6 @@ impl EventStore for SqliteEventStore {
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError> {
         if max_count == 0 {
             return Ok(Vec::new());
-        }
-        // Right behind this process's own commits: the next events are in memory, and no other
-        // process can have an event among them (see `RecentEvents`).
-        if let Some(events) = self.inner.recent.after(after, max_count) {
-            return Ok(events);
         }
         // No watermark needed: positions are assigned in commit order (see `writer`), and
         // one statement reads one committed snapshot. A page per hop (see `pages.rs`).

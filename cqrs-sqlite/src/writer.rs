@@ -32,10 +32,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
-use cqrs_core::store::recent::{recorded, RecentEvents};
 use cqrs_core::{
-    AppendCondition, AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    Snapshot, StoreError, StreamId, Timestamp, Version,
+    AppendCondition, AppendOutcome, AppendResult, CommandId, ExpectedVersion, NewEvent, Position, Snapshot, StoreError,
+    StreamId, Timestamp, Version,
 };
 use sqlx::{Connection, SqliteConnection};
 use tokio::runtime::Handle;
@@ -213,8 +212,6 @@ pub(crate) struct Core {
     pub(crate) queue: BatchQueue<WriteRequest>,
     pub(crate) reservations: Arc<Reservations>,
     pub(crate) head: Arc<watch::Sender<Position>>,
-    /// Where each committed batch's events go, before the head moves.
-    pub(crate) recent: Arc<RecentEvents>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) limits: BatchLimits,
 }
@@ -275,8 +272,6 @@ struct Tx {
     next_position: i64,
     newest: Position,
     recorded_at: i64,
-    /// The events written, as a read returns them, if [`RecentEvents`] keeps any.
-    written: Option<Vec<RecordedEvent>>,
 }
 
 /// A failed transaction: the error, and the requests not yet run (answered with it).
@@ -324,7 +319,7 @@ impl Core {
             let span = self.batch_span(&batch);
             let _entered = span.enter();
             let size = batch.len();
-            let mut tx = Tx::new(self.recent.keeps_any());
+            let mut tx = Tx::new();
             let result = match self.begin(&mut tx) {
                 Ok(()) => self.requests(batch, &mut tx).and_then(|()| self.commit()),
                 Err(error) => Err((error, batch)),
@@ -386,7 +381,7 @@ impl Core {
     /// Writes a batch that holds ops, taking sqlx's lock around the requests between them.
     async fn batch_with_ops(&mut self, connection: &mut SqliteConnection, batch: Vec<WriteRequest>) {
         let size = batch.len();
-        let mut tx = Tx::new(self.recent.keeps_any());
+        let mut tx = Tx::new();
         let result = self.transaction_with_ops(connection, batch, &mut tx).await;
         // If the lock cannot be taken, sqlx's worker (and the connection) is gone.
         if let (Err(_), Ok(_locked)) = (&result, connection.lock_handle().await) {
@@ -486,9 +481,6 @@ impl Core {
                         _ => {}
                     }
                 }
-                if let Some(written) = tx.written {
-                    self.recent.committed(written);
-                }
                 if tx.newest > Position::START {
                     // Committed: now readers can see it.
                     self.head.send_modify(|position| *position = (*position).max(tx.newest));
@@ -540,15 +532,13 @@ impl Core {
     fn other_write(&mut self, request: WriteRequest, tx: &mut Tx) -> Result<(), (rusqlite::Error, Vec<WriteRequest>)> {
         let direct = &self.direct;
         let answer = match request {
-            WriteRequest::Atomic(atomic) => match self.atomic(&atomic.parts, tx) {
-                Ok(outcome) => {
-                    if let Ok(outcomes) = &outcome {
-                        tx.keep_atomic(atomic.parts, outcomes);
-                    }
-                    Pending::Atomic(atomic.reply, outcome)
+            WriteRequest::Atomic(atomic) => {
+                let outcome = self.atomic(&atomic.parts, tx);
+                match outcome {
+                    Ok(outcome) => Pending::Atomic(atomic.reply, outcome),
+                    Err(error) => return Err((error, vec![WriteRequest::Atomic(atomic)])),
                 }
-                Err(error) => return Err((error, vec![WriteRequest::Atomic(atomic)])),
-            },
+            }
             WriteRequest::Checkpoint { name, position, reply } => {
                 match save_checkpoint(direct, &name, position, tx.recorded_at) {
                     Ok(()) => Pending::Saved(reply, Ok(())),
@@ -641,7 +631,7 @@ impl Core {
         while let Some(link) = links.next() {
             if broken {
                 let outcome = Err(cqrs_core::store::chain_broken(&link.stream_id, link.expected));
-                tx.answer(link, outcome);
+                tx.pending.push(Pending::Append(link.reply, outcome));
                 continue;
             }
             match self.append(&link, tx) {
@@ -656,7 +646,7 @@ impl Core {
                         }
                         _ => broken = true,
                     }
-                    tx.answer(link, outcome);
+                    tx.pending.push(Pending::Append(link.reply, outcome));
                 }
                 Err(error) => {
                     let mut rest = vec![link];
@@ -939,34 +929,12 @@ impl Core {
 }
 
 impl Tx {
-    /// A transaction that keeps what it writes if `keep_written`.
-    fn new(keep_written: bool) -> Self {
+    fn new() -> Self {
         Self {
             pending: Vec::new(),
             next_position: 1,
             newest: Position::START,
             recorded_at: Timestamp::now().as_micros(),
-            written: keep_written.then(Vec::new),
-        }
-    }
-
-    /// Answers an append; keeps its events if it was appended and written events are kept.
-    fn answer(&mut self, link: AppendRequest, outcome: Result<AppendOutcome, StoreError>) {
-        let AppendRequest { stream_id, command_id, events, reply, .. } = link;
-        if let (Some(written), Ok(AppendOutcome::Appended(result))) = (&mut self.written, &outcome) {
-            written.extend(recorded(&stream_id, command_id, events, *result, Timestamp(self.recorded_at)));
-        }
-        self.pending.push(Pending::Append(reply, outcome));
-    }
-
-    /// Keeps the events of an atomic append's parts, if written events are kept.
-    fn keep_atomic(&mut self, parts: Vec<AppendRequest>, outcomes: &[AppendOutcome]) {
-        let Some(written) = &mut self.written else { return };
-        let recorded_at = Timestamp(self.recorded_at);
-        for (part, outcome) in parts.into_iter().zip(outcomes) {
-            if let AppendOutcome::Appended(result) = outcome {
-                written.extend(recorded(&part.stream_id, part.command_id, part.events, *result, recorded_at));
-            }
         }
     }
 }
@@ -1102,7 +1070,7 @@ fn answer_at_once(chain: Vec<AppendRequest>, results: Vec<LinkOutcome>, tx: &mut
         if let Ok(result) = &result {
             tx.newest = tx.newest.max(result.last_position);
         }
-        tx.answer(link, result.map(AppendOutcome::Appended));
+        tx.pending.push(Pending::Append(link.reply, result.map(AppendOutcome::Appended)));
     }
 }
 

@@ -19,7 +19,6 @@ use crate::ids::{CommandId, Position, StreamId, Timestamp, Version};
 
 pub mod batching;
 mod coordination;
-pub mod recent;
 mod rows;
 
 pub use crate::forward_coordination;

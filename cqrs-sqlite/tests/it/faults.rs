@@ -3,10 +3,10 @@
 
 use cqrs_core::testing::conformance::event;
 use cqrs_core::{DecodeError, EventStore, ExpectedVersion, Position, StoreError, Upcasters, Version};
-use cqrs_sqlite::{SqliteEventStore, SqliteStoreConfig, SqliteStoreError};
+use cqrs_sqlite::{SqliteEventStore, SqliteStoreError};
 use sqlx::{Connection, Executor, SqliteConnection};
 
-use crate::support::{file_of, stream, temp_store_with};
+use crate::support::{file_of, stream, temp_store};
 
 #[tokio::test]
 async fn a_file_that_is_not_a_database_is_refused() {
@@ -74,8 +74,7 @@ async fn a_database_with_a_conflicting_schema_is_refused() {
 
 #[tokio::test]
 async fn a_damaged_row_is_reported_as_corrupt_and_a_damaged_payload_when_decoded() {
-    // Every read from the file: none from the store's memory of its own commits.
-    let temp = temp_store_with(SqliteStoreConfig::default().with_recent_events(0)).await;
+    let temp = temp_store().await;
     let s = stream("damaged");
     temp.store.append(&s, ExpectedVersion::Any, vec![event(1)]).await.expect("append");
     let mut connection =

@@ -45,19 +45,14 @@ async fn reopen_keeps_every_event_checkpoint_and_snapshot() {
         let s = &streams[usize::try_from(n % 5).expect("small")];
         store.append(s, ExpectedVersion::Any, vec![event(n + 10)]).await.expect("append");
     }
-    let tags = [cqrs_core::Tag::new("seat", "7"), cqrs_core::Tag::new("course", "c1")];
-    let tagged = cqrs_core::testing::conformance::tagged("SeatTaken", &tags, json!({"n": 1.5, "s": "é"}));
-    store.append(&stream("tagged"), ExpectedVersion::NoStream, vec![tagged]).await.expect("append");
     for i in 0..20u64 {
         store.save_checkpoint(&format!("projection-{i}"), Position(i * 7)).await.expect("checkpoint");
     }
     let snapshot =
         Snapshot { stream_id: streams[1].clone(), version: Version(3), schema_version: 2, state: json!({"n": 3}) };
     store.save_snapshot(snapshot.clone()).await.expect("snapshot");
-    // Read back from the store's memory of its own commits (see `recent_events`), then from
-    // the file by the reopened store: the two must be the same.
     let before = read_everything(store).await;
-    assert_eq!(before.len(), 103);
+    assert_eq!(before.len(), 102);
     let path = file_of(&temp);
     let WithGuard { store, guard: dir } = temp;
     drop(store);

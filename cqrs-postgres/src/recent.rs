@@ -1,7 +1,6 @@
 //! Events this process's writers have just committed, kept for reads near the head: with it, a
 //! local subscriber that is up to date gets the next batch's events from memory instead of
-//! reading each event back from the database (one read per batch and subscriber saved). For
-//! store implementations: the bundled SQL stores keep one each.
+//! reading each event back from the server (one statement per batch and subscriber saved).
 //!
 //! Only a *run* is kept: consecutive positions `start ..= end`, every one of them an event
 //! this process appended and saw committed. Such a run has no gap another writer could still
@@ -12,31 +11,29 @@
 //! gap on. Whatever the run does not cover is read from the database as before.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use crate::{
-    AppendResult, CommandId, Metadata, NewEvent, Payload, Position, RecordedEvent, StreamId, Timestamp, Version,
-};
+use cqrs_core::{Position, RecordedEvent};
 
 /// The run of recently committed local events (see the module documentation).
-pub struct RecentEvents {
+pub(crate) struct RecentEvents {
     capacity: usize,
     run: Mutex<VecDeque<RecordedEvent>>,
 }
 
 impl RecentEvents {
     /// Keeps at most `capacity` events (0: keeps none, every read goes to the database).
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         Self { capacity, run: Mutex::new(VecDeque::new()) }
     }
 
     /// Whether committed events are kept at all (so the writer need not build them).
-    pub fn keeps_any(&self) -> bool {
+    pub(crate) fn keeps_any(&self) -> bool {
         self.capacity > 0
     }
 
     /// Adds the events of one committed batch, in any order. Call before waking readers.
-    pub fn committed(&self, mut events: Vec<RecordedEvent>) {
+    pub(crate) fn committed(&self, mut events: Vec<RecordedEvent>) {
         if self.capacity == 0 || events.is_empty() {
             return;
         }
@@ -73,7 +70,7 @@ impl RecentEvents {
 
     /// The events after `after`, at most `max_count`, if the run holds the next one; `None`
     /// means: read from the database.
-    pub fn after(&self, after: Position, max_count: usize) -> Option<Vec<RecordedEvent>> {
+    pub(crate) fn after(&self, after: Position, max_count: usize) -> Option<Vec<RecordedEvent>> {
         let run = self.run.lock().ok()?;
         let start = run.front()?.position.0;
         let end = run.back()?.position.0;
@@ -86,48 +83,11 @@ impl RecentEvents {
     }
 }
 
-/// The stored form of one appended request's events, for [`RecentEvents::committed`]: the
-/// values a read of them returns (positions and versions from `result`, the command id in the
-/// metadata, `recorded_at` as the store stored it). Nothing if `result` does not span exactly
-/// the events (positions not consecutive: they cannot be told apart then).
-pub fn recorded(
-    stream_id: &StreamId,
-    command_id: Option<CommandId>,
-    events: Vec<NewEvent>,
-    result: AppendResult,
-    recorded_at: Timestamp,
-) -> Vec<RecordedEvent> {
-    let count = |first: u64, last: u64| last.checked_sub(first).and_then(|span| span.checked_add(1));
-    let n = Some(events.len() as u64);
-    if count(result.first_position.0, result.last_position.0) != n
-        || count(result.first_version.0, result.last_version.0) != n
-    {
-        return Vec::new();
-    }
-    events
-        .into_iter()
-        .zip(0u64..)
-        .map(|(event, offset)| {
-            let NewEvent { event_id, event_type, schema_version, payload, metadata, tags } = event;
-            RecordedEvent {
-                event_id,
-                stream_id: stream_id.clone(),
-                version: Version(result.first_version.0 + offset),
-                position: Position(result.first_position.0 + offset),
-                recorded_at,
-                event_type: Arc::from(event_type),
-                schema_version,
-                payload: Payload::from_value(payload),
-                metadata: Arc::new(Metadata { command_id, ..metadata }),
-                tags: Arc::from(tags),
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
-    use crate::EventId;
+    use std::sync::Arc;
+
+    use cqrs_core::{EventId, Metadata, StreamId, Timestamp, Version};
 
     use super::*;
 
@@ -140,7 +100,7 @@ mod tests {
             recorded_at: Timestamp(0),
             event_type: Arc::from("T"),
             schema_version: 1,
-            payload: Payload::from_value(serde_json::json!({})),
+            payload: cqrs_core::Payload::from_value(serde_json::json!({})),
             metadata: Arc::new(Metadata::default()),
             tags: Arc::from(Vec::new()),
         }
