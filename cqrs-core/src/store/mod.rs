@@ -473,7 +473,9 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Reads up to `max_count` events of all streams with a position strictly greater than
-    /// `after`, in position order.
+    /// `after`, in position order. A page may hold fewer than `max_count` events while more are
+    /// stored (`cqrs-postgres` answers reads right behind its own commits from memory, up to
+    /// the last of them): read on until a page comes back empty to reach the end of the log.
     async fn read_all(&self, after: Position, max_count: usize) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Where the log ends now: the position of the last event that [`read_all`] can return,
