@@ -4,10 +4,14 @@
 use std::sync::Arc;
 
 use cqrs_core::testing::conformance::event;
-use cqrs_core::{AppendOutcome, EventStore, ExpectedVersion, StoreError, Version};
+use std::time::Duration;
+
+use cqrs_core::{
+    AppendOutcome, ClaimOutcome, Coordination, EventStore, ExpectedVersion, StoreError, StreamId, Version,
+};
 use cqrs_sqlite::SqliteStoreConfig;
 
-use crate::support::{in_one_batch, stream, temp_store, Append};
+use crate::support::{in_one_batch, stream, temp_store, Append, Pending};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_share_transactions() {
@@ -107,4 +111,55 @@ async fn a_chain_is_one_transaction_and_stops_at_a_refused_link() {
     assert!(matches!(answers[2], Err(StoreError::Conflict { .. })), "{answers:?}");
     assert_eq!(temp.store.stream_version(&s).await.expect("version"), Version(11));
     assert_eq!(temp.store.stats().transactions - after.transactions, 1);
+}
+
+/// What a call of the mixed batch below answered.
+#[derive(Debug)]
+enum Answered {
+    Append(Result<AppendOutcome, StoreError>),
+    Claim(Result<ClaimOutcome, StoreError>),
+}
+
+/// Ops (here claims, run on sqlx's side of the write connection) between appends (run by the
+/// writer directly) in one batch: all in one transaction, each seeing what the ones before it
+/// wrote, answered in order after the one commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_between_appends_share_the_batch_and_its_commit() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let (a, b, c) = (stream("a"), stream("b"), stream("c"));
+    let ttl = Duration::from_secs(30);
+    let append = |stream: &StreamId, n: u64| -> Pending<'_, Answered> {
+        let stream = stream.clone();
+        Box::pin(
+            async move { Answered::Append(store.append(&stream, ExpectedVersion::NoStream, vec![event(n)]).await) },
+        )
+    };
+    let claim = |owner: &'static str| -> Pending<'_, Answered> {
+        Box::pin(async move { Answered::Claim(store.claim("mixed", owner, ttl).await) })
+    };
+    let before = store.stats();
+    let calls = vec![append(&a, 1), claim("first"), append(&b, 2), append(&a, 3), claim("second"), append(&c, 4)];
+    let answers = in_one_batch(&temp, calls).await;
+
+    let stats = store.stats();
+    assert_eq!(stats.transactions - before.transactions, 2, "the first append's, then one batch: {stats:?}");
+    assert_eq!(stats.largest_batch, 6);
+    let appended = |answer: &Answered| matches!(answer, Answered::Append(Ok(AppendOutcome::Appended(_))));
+    assert!(appended(&answers[0]) && appended(&answers[2]) && appended(&answers[5]), "{answers:?}");
+    assert!(
+        matches!(&answers[1], Answered::Claim(Ok(ClaimOutcome::Held(held))) if held.owner == "first"),
+        "{answers:?}"
+    );
+    assert!(matches!(&answers[3], Answered::Append(Err(StoreError::Conflict { .. }))), "{answers:?}");
+    // The second claim sees the first, written earlier in the same transaction.
+    assert!(
+        matches!(&answers[4], Answered::Claim(Ok(ClaimOutcome::Taken { holder, .. })) if holder == "first"),
+        "{answers:?}"
+    );
+    let claims = store.claims().await.expect("claims");
+    assert!(claims.iter().any(|held| held.name == "mixed" && held.owner == "first"), "{claims:?}");
+    for (stream, version) in [(&a, 1), (&b, 1), (&c, 1)] {
+        assert_eq!(store.stream_version(stream).await.expect("version"), Version(version));
+    }
 }

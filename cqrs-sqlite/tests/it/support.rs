@@ -52,25 +52,29 @@ pub fn stream(name: &str) -> StreamId {
 }
 
 /// An append not yet polled.
-pub type Append<'a> = Pin<Box<dyn Future<Output = Result<AppendOutcome, StoreError>> + Send + 'a>>;
+pub type Append<'a> = Pending<'a, Result<AppendOutcome, StoreError>>;
 
-/// Runs `appends` together in one batch of the writer, alone, and returns their answers in
-/// order. A connection of its own holds the file's write lock while a first append, as many
-/// events as a batch takes (so alone in its batch; the store must have the default
-/// `max_batch_events`), waits for it and `appends` queue behind: each one's first poll sends
-/// its request. Whenever the writer takes the first append, it cannot take the others with it,
-/// and cannot commit it before the lock is released, by which time all of them are queued.
-pub async fn in_one_batch(temp: &TempStore, appends: Vec<Append<'_>>) -> Vec<Result<AppendOutcome, StoreError>> {
+/// A call of the store not yet polled, whose first poll queues its request to the writer.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Runs `calls` together in one batch of the writer, alone, and returns their answers in order.
+/// A connection of its own holds the file's write lock while a first append, as many events as
+/// a batch takes (so alone in its batch; the store must have the default `max_batch_events`),
+/// waits for it and `calls` queue behind: each one's first poll sends its request. Whenever the
+/// writer takes the first append, it cannot take the others with it, and cannot commit it
+/// before the lock is released, by which time all of them are queued.
+pub async fn in_one_batch<T>(temp: &TempStore, calls: Vec<Pending<'_, T>>) -> Vec<T> {
     let mut lock = lock_file(&file_of(temp)).await;
     let filler = (0..SqliteStoreConfig::default().max_batch_events).map(|n| event(n as u64)).collect();
     let filled = stream("filled");
     let mut first: Append<'_> = temp.store.append(&filled, ExpectedVersion::NoStream, filler);
-    let mut appends = appends;
     let mut cx = Context::from_waker(Waker::noop());
-    for append in std::iter::once(&mut first).chain(&mut appends) {
-        assert!(matches!(append.as_mut().poll(&mut cx), Poll::Pending), "queued, waiting for the writer");
+    assert!(matches!(first.as_mut().poll(&mut cx), Poll::Pending), "queued, waiting for the writer");
+    let mut calls = calls;
+    for call in &mut calls {
+        assert!(call.as_mut().poll(&mut cx).is_pending(), "queued, waiting for the writer");
     }
     lock.execute("ROLLBACK").await.expect("release the write lock");
     assert!(matches!(first.await, Ok(AppendOutcome::Appended(_))), "the first append");
-    futures_util::future::join_all(appends).await
+    futures_util::future::join_all(calls).await
 }
