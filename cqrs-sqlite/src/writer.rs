@@ -122,6 +122,9 @@ pub(crate) enum WriteError {
     /// An op (on sqlx), or sqlx's lock on the handle (its worker thread is gone).
     #[error(transparent)]
     Sqlx(#[from] sqlx::Error),
+    /// A request reached a path that does not run it (a bug of the writer's routing).
+    #[error("the sqlite writer misrouted a request: {0}")]
+    Misrouted(&'static str),
 }
 
 /// Most events (and links) [`Core::append_at_once`] writes in one statement: 13 parameters
@@ -520,7 +523,7 @@ impl Core {
             }
             if let Err((error, mut unanswered)) = self.other_write(request, tx) {
                 unanswered.extend(requests);
-                return Err((error.into(), unanswered));
+                return Err((error, unanswered));
             }
         }
         Ok(())
@@ -528,36 +531,36 @@ impl Core {
 
     /// Runs one write that is neither an append nor an op inside the open transaction. On a
     /// failure of the transaction, returns the error and the request.
-    fn other_write(&mut self, request: WriteRequest, tx: &mut Tx) -> Result<(), (rusqlite::Error, Vec<WriteRequest>)> {
+    fn other_write(&mut self, request: WriteRequest, tx: &mut Tx) -> Result<(), Failed> {
         let direct = &self.direct;
         let answer = match request {
             WriteRequest::Atomic(atomic) => {
                 let outcome = self.atomic(&atomic.parts, tx);
                 match outcome {
                     Ok(outcome) => Pending::Atomic(atomic.reply, outcome),
-                    Err(error) => return Err((error, vec![WriteRequest::Atomic(atomic)])),
+                    Err(error) => return Err((error.into(), vec![WriteRequest::Atomic(atomic)])),
                 }
             }
             WriteRequest::Checkpoint { name, position, reply } => {
                 match save_checkpoint(direct, &name, position, tx.recorded_at) {
                     Ok(()) => Pending::Saved(reply, Ok(())),
-                    Err(error) => return Err((error, vec![WriteRequest::Checkpoint { name, position, reply }])),
+                    Err(error) => return Err((error.into(), vec![WriteRequest::Checkpoint { name, position, reply }])),
                 }
             }
             WriteRequest::Snapshot { snapshot, state, reply } => {
                 match save_snapshot(direct, &snapshot, &state, tx.recorded_at) {
                     Ok(()) => Pending::Saved(reply, Ok(())),
-                    Err(error) => return Err((error, vec![WriteRequest::Snapshot { snapshot, state, reply }])),
+                    Err(error) => return Err((error.into(), vec![WriteRequest::Snapshot { snapshot, state, reply }])),
                 }
             }
             WriteRequest::Prune { older_than, reply } => match prune_commands(direct, older_than) {
                 Ok(pruned) => Pending::Pruned(reply, pruned),
-                Err(error) => return Err((error, vec![WriteRequest::Prune { older_than, reply }])),
+                Err(error) => return Err((error.into(), vec![WriteRequest::Prune { older_than, reply }])),
             },
             // Appends go through `chains` and ops through `transaction_with_ops`; answered as a
             // failure if one ever came here.
             request @ (WriteRequest::Append(_) | WriteRequest::Chain(_) | WriteRequest::Op { .. }) => {
-                return Err((rusqlite::Error::InvalidQuery, vec![request]));
+                return Err((WriteError::Misrouted("an append or an op reached other_write"), vec![request]));
             }
         };
         tx.pending.push(answer);
