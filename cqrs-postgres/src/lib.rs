@@ -8,6 +8,7 @@ mod notify;
 mod projection;
 mod recent;
 mod rows;
+mod single;
 mod writer;
 
 use std::str::FromStr;
@@ -35,6 +36,8 @@ pub use crate::projection::{spawn_projection, spawn_projection_with, PgProjectio
 use crate::error::to_store_error;
 use crate::recent::RecentEvents;
 use crate::rows::{to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
+#[doc(hidden)]
+pub use crate::single::SINGLE_EVENT_SQL;
 use crate::writer::AppendRequest;
 
 /// How many appends may wait for the writer task before callers wait to enqueue.

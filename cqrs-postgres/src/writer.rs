@@ -26,6 +26,7 @@ use crate::listener::Announced;
 use crate::notify::NotifyThrottle;
 use crate::recent::RecentEvents;
 use crate::rows::append_result;
+use crate::single::{undecided, SingleEvent};
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
 const MAX_BATCH_RETRIES: u32 = 5;
@@ -80,9 +81,11 @@ impl WriterConnection {
     ///
     /// A batch of several appends goes to the set-based `cqrs_append_arrays`, unless one of them
     /// has a condition (only the per-append loop checks conditions, each after the appends
-    /// before it in the batch); a lone append to `cqrs_append_batch`, whose per-append statements cost less than the set-based
-    /// function's fixed ones for a single append (BENCHMARKS.md, issue 12). Both take the same
-    /// locks in the same order and give the same answers. Each row also carries the
+    /// before it in the batch); a lone append of one untagged event to the statement of
+    /// [`crate::single`], and to `cqrs_append_batch` if that statement leaves it undecided; any
+    /// other lone append to `cqrs_append_batch`, whose per-append statements cost less than the
+    /// set-based function's fixed ones for a single append (BENCHMARKS.md, issue 12). All take
+    /// the same locks in the same order and give the same answers. Each row also carries the
     /// transaction's `now()`: the `recorded_at` of every event the batch stores (the outer
     /// SELECT runs in the same autocommit transaction as the function).
     ///
@@ -95,9 +98,18 @@ impl WriterConnection {
         };
         let ticket = self.notify.begin();
         let arrays = if batch.len() > 1 { AppendArrays::new(batch) } else { None };
-        let result = match arrays {
-            Some(arrays) => arrays.query(ticket.notify).fetch_all(&mut **connection).await,
-            None => {
+        // Only ever `Some` for a batch of one, when `arrays` is `None`.
+        let single = match SingleEvent::new(batch) {
+            Some(single) => Some(single.query(ticket.notify).fetch_all(&mut **connection).await),
+            None => None,
+        };
+        let result = match (arrays, single) {
+            (Some(arrays), _) => arrays.query(ticket.notify).fetch_all(&mut **connection).await,
+            (None, Some(Ok(rows))) if !undecided(&rows) => Ok(rows),
+            (None, Some(Err(error))) if !is_statement_error(&error) => Err(error),
+            // Not a lone single event, or one the statement left undecided or was refused
+            // (rolled back as a whole): the per-append function answers it.
+            (None, _) => {
                 let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
                 sqlx::query(
                     "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
@@ -770,7 +782,7 @@ impl<'a> AppendArrays<'a> {
 }
 
 /// An expected version as both batch functions name it.
-fn expected_json(expected: ExpectedVersion) -> (&'static str, Option<u64>) {
+pub(crate) fn expected_json(expected: ExpectedVersion) -> (&'static str, Option<u64>) {
     match expected {
         ExpectedVersion::Any => ("any", None),
         ExpectedVersion::NoStream => ("no_stream", None),

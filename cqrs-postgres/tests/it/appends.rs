@@ -120,10 +120,21 @@ struct BatchEffect {
     commands: Vec<(String, uuid::Uuid, i64, i64, i64, i64)>,
 }
 
+/// Which way a batch is written.
+#[derive(Clone, Copy, PartialEq)]
+enum Writer {
+    /// `cqrs_append_batch`, append by append.
+    PerAppend,
+    /// `cqrs_append_arrays`.
+    SetBased,
+    /// The writer's statement for a lone append of one event (`SINGLE_EVENT_SQL`).
+    SingleEvent,
+}
+
 async fn run_batch(
     connection: &mut sqlx::PgConnection,
     batch: &[RawAppend],
-    set_based: bool,
+    writer: Writer,
 ) -> Result<BatchEffect, sqlx::Error> {
     use sqlx::Connection;
     let mut transaction = connection.begin().await?;
@@ -134,7 +145,25 @@ async fn run_batch(
             .await?;
     let columns = "append_index, outcome, actual_version, first_version, last_version, first_position, \
                    last_position, duplicate_event_id";
-    let rows: Vec<sqlx::postgres::PgRow> = if set_based {
+    let rows: Vec<sqlx::postgres::PgRow> = if writer == Writer::SingleEvent {
+        let [append] = batch else { panic!("the single-event statement takes one append") };
+        let [(id, event_type, payload)] = append.events.as_slice() else { panic!("and one event") };
+        sqlx::query(cqrs_postgres::SINGLE_EVENT_SQL)
+            .bind(&append.stream)
+            .bind(append.kind)
+            .bind(append.expected)
+            .bind(append.command)
+            .bind(id)
+            .bind(event_type)
+            .bind(1i32)
+            .bind(sqlx::types::Json(payload))
+            .bind(None::<uuid::Uuid>)
+            .bind(None::<uuid::Uuid>)
+            .bind(sqlx::types::Json(json!({"h": "1"})))
+            .bind(false)
+            .fetch_all(&mut *transaction)
+            .await?
+    } else if writer == Writer::SetBased {
         arrays_call(
             &format!(
                 "SELECT {columns} FROM cqrs_append_arrays($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
@@ -257,8 +286,8 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
                 }
             }
         }
-        let per_append = run_batch(&mut connection, &batch, false).await.expect("cqrs_append_batch");
-        let set_based = run_batch(&mut connection, &batch, true).await.expect("cqrs_append_arrays");
+        let per_append = run_batch(&mut connection, &batch, Writer::PerAppend).await.expect("cqrs_append_batch");
+        let set_based = run_batch(&mut connection, &batch, Writer::SetBased).await.expect("cqrs_append_arrays");
         assert_eq!(set_based, per_append, "round {round}: the two functions differ");
         for answer in &per_append.answers {
             seen.insert(answer.1.clone());
@@ -281,6 +310,109 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
         assert!(seen.contains(outcome), "no batch had an append answered {outcome:?}: {seen:?}");
     }
     drop(store);
+}
+
+/// The writer's statement for a lone append of one event against `cqrs_append_batch`, on random
+/// appends over a few streams (new and existing ones, every kind of expected version, command
+/// ids stored before, event ids stored before): where the statement decides (`appended`,
+/// `duplicate`) the same answer and the same rows; where it does not (`undecided`), nothing
+/// written, and the function's answer is one the statement leaves to it (a conflict or a
+/// reused event id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let mut connection = db.connection().await;
+    let names = ["a", "b", "ä"];
+    let mut stored_commands: Vec<(String, uuid::Uuid)> = Vec::new();
+    let mut stored_ids: Vec<uuid::Uuid> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..200 {
+        let versions: std::collections::HashMap<String, i64> =
+            sqlx::query_as::<_, (String, i64)>("SELECT stream_id, version FROM cqrs_streams")
+                .fetch_all(&mut connection)
+                .await
+                .expect("versions")
+                .into_iter()
+                .collect();
+        let stream = names[random_below(names.len() as u64) as usize].to_owned();
+        let version = versions.get(&stream).copied().unwrap_or(0);
+        let (kind, expected) = match random_below(5) {
+            0 => ("any", None),
+            1 => ("no_stream", None),
+            2 => ("exists", None),
+            _ => ("exact", Some((version + random_below(3) as i64 - 1).max(0))),
+        };
+        let command = match random_below(4) {
+            0 => None,
+            1 if !stored_commands.is_empty() => {
+                let (s, c) = &stored_commands[random_below(stored_commands.len() as u64) as usize];
+                (s == &stream).then_some(*c).or(Some(uuid::Uuid::new_v4()))
+            }
+            _ => Some(uuid::Uuid::new_v4()),
+        };
+        let id = match random_below(6) {
+            0 if !stored_ids.is_empty() => stored_ids[random_below(stored_ids.len() as u64) as usize],
+            _ => uuid::Uuid::new_v4(),
+        };
+        let batch = [RawAppend {
+            stream,
+            kind,
+            expected,
+            command,
+            continues: false,
+            events: vec![(id, "T".to_owned(), json!({"round": round}))],
+        }];
+        let per_append = run_batch(&mut connection, &batch, Writer::PerAppend).await.expect("cqrs_append_batch");
+        let single = run_batch(&mut connection, &batch, Writer::SingleEvent).await.expect("single-event statement");
+        let outcome = single.answers[0].1.as_str();
+        seen.insert(outcome.to_owned());
+        if outcome == "undecided" {
+            let left = per_append.answers[0].1.as_str();
+            assert!(
+                matches!(left, "conflict" | "duplicate_event_id"),
+                "round {round}: undecided, where the function answered {left:?}"
+            );
+            assert!(single.events.is_empty(), "round {round}: an undecided append wrote events");
+            seen.insert(format!("undecided: {left}"));
+        } else {
+            assert_eq!(single, per_append, "round {round}: the statement and the function differ");
+        }
+        // Write it for real as the next round's state.
+        let written = run_batch_committed(&mut connection, &batch).await;
+        if written {
+            if let Some(command) = batch[0].command {
+                stored_commands.push((batch[0].stream.clone(), command));
+            }
+            stored_ids.push(id);
+        }
+    }
+    for outcome in ["appended", "duplicate", "undecided: conflict", "undecided: duplicate_event_id"] {
+        assert!(seen.contains(outcome), "no append was answered {outcome:?}: {seen:?}");
+    }
+    drop(store);
+}
+
+/// Writes a batch of one append with `cqrs_append_batch` and commits it; true if appended.
+async fn run_batch_committed(connection: &mut sqlx::PgConnection, batch: &[RawAppend]) -> bool {
+    use sqlx::Row;
+    let items: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|a| {
+            let events: Vec<_> = a
+                .events
+                .iter()
+                .map(|(id, t, p)| json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}}))
+                .collect();
+            json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "ev": events})
+        })
+        .collect();
+    let rows = sqlx::query("SELECT outcome FROM cqrs_append_batch($1)")
+        .bind(sqlx::types::Json(items))
+        .fetch_all(connection)
+        .await
+        .expect("commit a batch");
+    rows.iter().any(|row| row.try_get::<&str, _>("outcome").is_ok_and(|outcome| outcome == "appended"))
 }
 
 /// `sql` (a call of `cqrs_append_arrays` with `$1`…`$16`) with the batch bound as its arrays.

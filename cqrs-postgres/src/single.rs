@@ -1,0 +1,163 @@
+//! The commonest write, one command storing one event, as one prepared statement.
+//!
+//! A lone append of a single untagged event with no condition is decided and written by
+//! [`SINGLE_EVENT_SQL`], with no call of the batch functions: they spend most of their server
+//! time on fixed per-call work (BENCHMARKS.md, "Known gaps"), which this statement does not
+//! have. It takes the same locks in the same order as `cqrs_append_batch`: the watermark lock
+//! before any position, then the event's two shared boundary locks in key order, then the
+//! stream row. It answers `appended` or `duplicate` itself; anything it cannot decide with
+//! the batch function's answer (a version conflict, whose actual version must be read under
+//! the stream lock; an event id stored already; a stream or command id that another session
+//! stored after this statement's snapshot, which the unique indexes refuse) it leaves to
+//! `cqrs_append_batch`, which the writer then calls in a second transaction.
+
+use std::collections::HashMap;
+
+use sqlx::postgres::{PgArguments, PgRow};
+use sqlx::query::Query;
+use sqlx::types::Json;
+use sqlx::{Postgres, Row};
+use uuid::Uuid;
+
+use crate::writer::{expected_json, AppendRequest};
+
+/// The statement. Its result has the batch functions' columns (one row, `append_index` 0),
+/// plus `recorded_at_micros`; `outcome` is `appended`, `duplicate` or `undecided`.
+///
+/// Evaluation order is forced by data dependencies, not by CTE order: the boundary locks read
+/// the watermark CTE, the stream UPDATE's condition reads the boundary CTE (an init plan, run
+/// before any row is locked), the INSERT of a new stream reads the UPDATE's result, and the
+/// position's `nextval` is computed per row of their union, after both.
+///
+/// The command id and event id lookups read the statement's snapshot, taken before the stream
+/// lock. A command id stored by a session that committed after that snapshot makes the
+/// command INSERT fail on the primary key; an event id, the events' unique index; a stream
+/// created meanwhile, the streams' primary key. The statement then rolls back as a whole and
+/// the batch function answers.
+pub const SINGLE_EVENT_SQL: &str = r"
+WITH watermark AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock_shared(cqrs_lock_marker()
+        + (SELECT CASE WHEN q.is_called THEN q.last_value + 1 ELSE q.last_value END FROM cqrs_position_seq q)) AS locked
+), boundaries AS MATERIALIZED (
+    SELECT pg_advisory_xact_lock_shared(17475, least(k.a, k.b)) AS first,
+           pg_advisory_xact_lock_shared(17475, greatest(k.a, k.b)) AS second
+    FROM (SELECT cqrs_boundary_key($6::text, '*') AS a, cqrs_boundary_key('*', '*') AS b) k
+    CROSS JOIN watermark
+), prior AS MATERIALIZED (
+    SELECT c.first_version, c.last_version, c.first_position, c.last_position
+    FROM cqrs_commands c WHERE c.stream_id = $1::text AND c.command_id = $4::uuid
+), reused AS MATERIALIZED (
+    SELECT ev.event_id FROM cqrs_events ev WHERE ev.event_id = $5::uuid
+), moved AS MATERIALIZED (
+    UPDATE cqrs_streams s SET version = s.version + 1
+    WHERE s.stream_id = $1::text
+      AND (SELECT count(*) FROM boundaries) = 1
+      AND NOT EXISTS (SELECT 1 FROM prior) AND NOT EXISTS (SELECT 1 FROM reused)
+      AND ($2::text = 'any' OR ($2::text = 'exists' AND s.version > 0)
+           OR ($2::text = 'exact' AND s.version = $3::bigint) OR ($2::text = 'no_stream' AND s.version = 0))
+    RETURNING s.version
+), created AS MATERIALIZED (
+    INSERT INTO cqrs_streams (stream_id, version)
+    SELECT $1::text, 1
+    WHERE NOT EXISTS (SELECT 1 FROM moved)
+      AND NOT EXISTS (SELECT 1 FROM cqrs_streams s WHERE s.stream_id = $1::text)
+      AND NOT EXISTS (SELECT 1 FROM prior) AND NOT EXISTS (SELECT 1 FROM reused)
+      AND ($2::text IN ('any', 'no_stream') OR ($2::text = 'exact' AND $3::bigint = 0))
+    RETURNING version
+), decided AS MATERIALIZED (
+    SELECT d.version, nextval('cqrs_position_seq') AS position
+    FROM (SELECT m.version FROM moved m UNION ALL SELECT c.version FROM created c) d
+), written AS (
+    INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
+                             command_id, causation_id, correlation_id, headers)
+    SELECT d.position, $5::uuid, $1::text, d.version, $6::text, $7::integer, $8::jsonb, $4::uuid, $9::uuid,
+           $10::uuid, $11::jsonb
+    FROM decided d
+), commanded AS (
+    INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, last_position)
+    SELECT $1::text, $4::uuid, d.version, d.version, d.position, d.position
+    FROM decided d WHERE $4::uuid IS NOT NULL
+)
+SELECT 0 AS append_index,
+       CASE WHEN d.version IS NOT NULL THEN 'appended' WHEN pr.first_version IS NOT NULL THEN 'duplicate'
+            ELSE 'undecided' END AS outcome,
+       coalesce(d.version - 1, (SELECT s.version FROM cqrs_streams s WHERE s.stream_id = $1::text), 0)
+           AS actual_version,
+       coalesce(d.version, pr.first_version) AS first_version,
+       coalesce(d.version, pr.last_version) AS last_version,
+       coalesce(d.position, pr.first_position) AS first_position,
+       coalesce(d.position, pr.last_position) AS last_position,
+       NULL::uuid AS duplicate_event_id,
+       (extract(epoch FROM now()) * 1000000)::bigint AS recorded_at_micros,
+       CASE WHEN $12::boolean THEN pg_notify('cqrs_events', coalesce(d.position, 0)::text) IS NOT NULL
+            ELSE false END AS notified
+FROM (SELECT 1) one
+LEFT JOIN decided d ON true
+LEFT JOIN prior pr ON d.version IS NULL
+";
+
+/// One append that [`SINGLE_EVENT_SQL`] can write, as its parameters.
+pub(crate) struct SingleEvent<'a> {
+    stream: &'a str,
+    kind: &'static str,
+    expected: Option<i64>,
+    command: Option<Uuid>,
+    id: Uuid,
+    event_type: &'a str,
+    schema: i32,
+    payload: Json<&'a serde_json::Value>,
+    causation: Option<Uuid>,
+    correlation: Option<Uuid>,
+    headers: Json<&'a HashMap<String, String>>,
+}
+
+impl<'a> SingleEvent<'a> {
+    /// `Some` for a batch of one append of one untagged event, with no condition and numbers
+    /// that fit the statement's columns; anything else goes to the batch functions.
+    pub(crate) fn new(batch: &'a [AppendRequest]) -> Option<Self> {
+        let [request] = batch else { return None };
+        let [event] = request.events.as_slice() else { return None };
+        if request.condition.is_some() || request.continues || !request.followers.is_empty() || !event.tags.is_empty() {
+            return None;
+        }
+        let (kind, expected) = expected_json(request.expected);
+        Some(SingleEvent {
+            stream: request.stream_id.as_str(),
+            kind,
+            expected: match expected {
+                Some(version) => Some(i64::try_from(version).ok()?),
+                None => None,
+            },
+            command: request.command_id.map(|id| id.0),
+            id: event.event_id.0,
+            event_type: &event.event_type,
+            schema: i32::try_from(event.schema_version).ok()?,
+            payload: Json(&event.payload),
+            causation: event.metadata.causation_id.map(|id| id.0),
+            correlation: event.metadata.correlation_id.map(|id| id.0),
+            headers: Json(&event.metadata.headers),
+        })
+    }
+
+    /// The statement, sending the NOTIFY at its commit if `notify`.
+    pub(crate) fn query(self, notify: bool) -> Query<'a, Postgres, PgArguments> {
+        sqlx::query(SINGLE_EVENT_SQL)
+            .bind(self.stream)
+            .bind(self.kind)
+            .bind(self.expected)
+            .bind(self.command)
+            .bind(self.id)
+            .bind(self.event_type)
+            .bind(self.schema)
+            .bind(self.payload)
+            .bind(self.causation)
+            .bind(self.correlation)
+            .bind(self.headers)
+            .bind(notify)
+    }
+}
+
+/// Whether the statement left its append to the batch function.
+pub(crate) fn undecided(rows: &[PgRow]) -> bool {
+    !matches!(rows, [row] if matches!(row.try_get::<&str, _>("outcome"), Ok("appended" | "duplicate")))
+}
