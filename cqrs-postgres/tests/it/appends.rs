@@ -173,19 +173,8 @@ async fn run_batch(
         .fetch_all(&mut *transaction)
         .await?
     } else {
-        let items: Vec<serde_json::Value> = batch
-            .iter()
-            .map(|a| {
-                let events: Vec<_> = a
-                    .events
-                    .iter()
-                    .map(|(id, t, p)| json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}}))
-                    .collect();
-                json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "k": a.continues, "ev": events})
-            })
-            .collect();
         sqlx::query(&format!("SELECT {columns} FROM cqrs_append_batch($1)"))
-            .bind(sqlx::types::Json(items))
+            .bind(sqlx::types::Json(batch_json(batch)))
             .fetch_all(&mut *transaction)
             .await?
     };
@@ -242,31 +231,13 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
     let mut stored_commands: Vec<(String, uuid::Uuid)> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for round in 0..150 {
-        let versions: std::collections::HashMap<String, i64> =
-            sqlx::query_as::<_, (String, i64)>("SELECT stream_id, version FROM cqrs_streams")
-                .fetch_all(&mut connection)
-                .await
-                .expect("versions")
-                .into_iter()
-                .collect();
+        let versions = stream_versions(&mut connection).await;
         let mut batch: Vec<RawAppend> = (0..1 + random_below(8))
             .map(|_| {
                 let stream = names[random_below(names.len() as u64) as usize].to_owned();
                 let version = versions.get(&stream).copied().unwrap_or(0);
-                let (kind, expected) = match random_below(5) {
-                    0 => ("any", None),
-                    1 => ("no_stream", None),
-                    2 => ("exists", None),
-                    _ => ("exact", Some(version + random_below(3) as i64)),
-                };
-                let command = match random_below(4) {
-                    0 => None,
-                    1 if !stored_commands.is_empty() => {
-                        let (s, c) = &stored_commands[random_below(stored_commands.len() as u64) as usize];
-                        (s == &stream).then_some(*c).or(Some(uuid::Uuid::new_v4()))
-                    }
-                    _ => Some(uuid::Uuid::new_v4()),
-                };
+                let (kind, expected) = random_expectation(version);
+                let command = random_command(&stored_commands, &stream);
                 let events = (0..1 + random_below(3))
                     .map(|n| (uuid::Uuid::new_v4(), format!("T{n}"), json!({"round": round, "n": n})))
                     .collect();
@@ -328,29 +299,11 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
     let mut stored_ids: Vec<uuid::Uuid> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for round in 0..200 {
-        let versions: std::collections::HashMap<String, i64> =
-            sqlx::query_as::<_, (String, i64)>("SELECT stream_id, version FROM cqrs_streams")
-                .fetch_all(&mut connection)
-                .await
-                .expect("versions")
-                .into_iter()
-                .collect();
+        let versions = stream_versions(&mut connection).await;
         let stream = names[random_below(names.len() as u64) as usize].to_owned();
         let version = versions.get(&stream).copied().unwrap_or(0);
-        let (kind, expected) = match random_below(5) {
-            0 => ("any", None),
-            1 => ("no_stream", None),
-            2 => ("exists", None),
-            _ => ("exact", Some((version + random_below(3) as i64 - 1).max(0))),
-        };
-        let command = match random_below(4) {
-            0 => None,
-            1 if !stored_commands.is_empty() => {
-                let (s, c) = &stored_commands[random_below(stored_commands.len() as u64) as usize];
-                (s == &stream).then_some(*c).or(Some(uuid::Uuid::new_v4()))
-            }
-            _ => Some(uuid::Uuid::new_v4()),
-        };
+        let (kind, expected) = random_expectation(version);
+        let command = random_command(&stored_commands, &stream);
         let id = match random_below(6) {
             0 if !stored_ids.is_empty() => stored_ids[random_below(stored_ids.len() as u64) as usize],
             _ => uuid::Uuid::new_v4(),
@@ -396,7 +349,17 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
 /// Writes a batch of one append with `cqrs_append_batch` and commits it; true if appended.
 async fn run_batch_committed(connection: &mut sqlx::PgConnection, batch: &[RawAppend]) -> bool {
     use sqlx::Row;
-    let items: Vec<serde_json::Value> = batch
+    let rows = sqlx::query("SELECT outcome FROM cqrs_append_batch($1)")
+        .bind(sqlx::types::Json(batch_json(batch)))
+        .fetch_all(connection)
+        .await
+        .expect("commit a batch");
+    rows.iter().any(|row| row.try_get::<&str, _>("outcome").is_ok_and(|outcome| outcome == "appended"))
+}
+
+/// A batch as `cqrs_append_batch` takes it.
+fn batch_json(batch: &[RawAppend]) -> Vec<serde_json::Value> {
+    batch
         .iter()
         .map(|a| {
             let events: Vec<_> = a
@@ -404,15 +367,42 @@ async fn run_batch_committed(connection: &mut sqlx::PgConnection, batch: &[RawAp
                 .iter()
                 .map(|(id, t, p)| json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}}))
                 .collect();
-            json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "ev": events})
+            json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "k": a.continues, "ev": events})
         })
-        .collect();
-    let rows = sqlx::query("SELECT outcome FROM cqrs_append_batch($1)")
-        .bind(sqlx::types::Json(items))
+        .collect()
+}
+
+/// Every stream's version.
+async fn stream_versions(connection: &mut sqlx::PgConnection) -> std::collections::HashMap<String, i64> {
+    sqlx::query_as::<_, (String, i64)>("SELECT stream_id, version FROM cqrs_streams")
         .fetch_all(connection)
         .await
-        .expect("commit a batch");
-    rows.iter().any(|row| row.try_get::<&str, _>("outcome").is_ok_and(|outcome| outcome == "appended"))
+        .expect("versions")
+        .into_iter()
+        .collect()
+}
+
+/// A random expected version for a stream at `version`: any, no stream, exists, or exactly one
+/// below, at or above it.
+fn random_expectation(version: i64) -> (&'static str, Option<i64>) {
+    match random_below(5) {
+        0 => ("any", None),
+        1 => ("no_stream", None),
+        2 => ("exists", None),
+        _ => ("exact", Some((version + random_below(3) as i64 - 1).max(0))),
+    }
+}
+
+/// No command id, a new one, or (if `stream` has one) a command id stored before on it.
+fn random_command(stored: &[(String, uuid::Uuid)], stream: &str) -> Option<uuid::Uuid> {
+    match random_below(4) {
+        0 => None,
+        1 if !stored.is_empty() => {
+            let (s, c) = &stored[random_below(stored.len() as u64) as usize];
+            (s == stream).then_some(*c).or(Some(uuid::Uuid::new_v4()))
+        }
+        _ => Some(uuid::Uuid::new_v4()),
+    }
 }
 
 /// `sql` (a call of `cqrs_append_arrays` with `$1`…`$16`) with the batch bound as its arrays.
