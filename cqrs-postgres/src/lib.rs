@@ -37,7 +37,7 @@ use crate::error::to_store_error;
 use crate::recent::RecentEvents;
 use crate::rows::{to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 #[doc(hidden)]
-pub use crate::single::SINGLE_EVENT_SQL;
+pub use crate::single::single_event_sql;
 use crate::writer::AppendRequest;
 
 /// How many appends may wait for the writer task before callers wait to enqueue.

@@ -1,10 +1,10 @@
 //! The commonest write, one command storing one event, as one prepared statement.
 //!
-//! A lone append of a single untagged event with no condition is decided and written by
-//! [`SINGLE_EVENT_SQL`], with no call of the batch functions: they spend most of their server
+//! A lone append of a single event with no condition is decided and written by
+//! [`single_event_sql`], with no call of the batch functions: they spend most of their server
 //! time on fixed per-call work (BENCHMARKS.md, "Known gaps"), which this statement does not
 //! have. It takes the same locks in the same order as `cqrs_append_batch`: the watermark lock
-//! before any position, then the event's two shared boundary locks in key order, then the
+//! before any position, then the event's shared boundary locks in key order, then the
 //! stream row. It answers `appended` or `duplicate` itself; anything it cannot decide with
 //! the batch function's answer (a version conflict, whose actual version must be read under
 //! the stream lock; an event id stored already; a stream or command id that another session
@@ -12,6 +12,9 @@
 //! `cqrs_append_batch`, which the writer then calls in a second transaction.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use cqrs_core::Tag;
 
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
@@ -21,28 +24,65 @@ use uuid::Uuid;
 
 use crate::writer::{expected_json, AppendRequest};
 
-/// The statement. Its result has the batch functions' columns (one row, `append_index` 0),
-/// plus `recorded_at_micros`; `outcome` is `appended`, `duplicate` or `undecided`.
+/// The statement for an event with tags (`tagged`) or without, its parameters as
+/// [`SingleEvent::query`] binds them. Its result has the batch functions' columns (one row,
+/// `append_index` 0), plus `recorded_at_micros`; `outcome` is `appended`, `duplicate` or
+/// `undecided`.
 ///
 /// Evaluation order is forced by data dependencies, not by CTE order: the boundary locks read
 /// the watermark CTE, the stream UPDATE's condition reads the boundary CTE (an init plan, run
 /// before any row is locked), the INSERT of a new stream reads the UPDATE's result, and the
 /// position's `nextval` is computed per row of their union, after both.
 ///
+/// The boundary keys are those `cqrs_lock_boundaries` takes for the event: (type, `*`) and
+/// (`*`, `*`), and (type, tag) and (`*`, tag) for each tag, shared, each once, in ascending
+/// order. Without tags they are the first two, taken as a pair (a cheaper plan).
+///
 /// The command id and event id lookups read the statement's snapshot, taken before the stream
 /// lock. A command id stored by a session that committed after that snapshot makes the
 /// command INSERT fail on the primary key; an event id, the events' unique index; a stream
 /// created meanwhile, the streams' primary key. The statement then rolls back as a whole and
 /// the batch function answers.
-pub const SINGLE_EVENT_SQL: &str = r"
+pub fn single_event_sql(tagged: bool) -> &'static str {
+    static STATEMENTS: LazyLock<[String; 2]> = LazyLock::new(|| [statement(false), statement(true)]);
+    &STATEMENTS[usize::from(tagged)]
+}
+
+/// Builds the statement (see [`single_event_sql`]).
+fn statement(tagged: bool) -> String {
+    let (boundaries, locked, tags_column, tags_value, tag_rows) = if tagged {
+        (
+            "SELECT count(pg_advisory_xact_lock_shared(17475, k.key)) AS locked
+    FROM (SELECT DISTINCT cqrs_boundary_key(w.ty, g.tg) AS key
+          FROM unnest($13::text[] || '*'::text) g(tg) CROSS JOIN (VALUES ($6::text), ('*')) w(ty)
+          CROSS JOIN watermark
+          ORDER BY 1) k",
+            "(SELECT b.locked FROM boundaries b) > 0",
+            ", tags",
+            ", $13::text[]",
+            "), tagged AS (
+    INSERT INTO cqrs_event_tags (tag, position)
+    SELECT DISTINCT g.tag, d.position FROM decided d CROSS JOIN unnest($13::text[]) g(tag)",
+        )
+    } else {
+        (
+            "SELECT pg_advisory_xact_lock_shared(17475, least(k.a, k.b)) AS first,
+           pg_advisory_xact_lock_shared(17475, greatest(k.a, k.b)) AS second
+    FROM (SELECT cqrs_boundary_key($6::text, '*') AS a, cqrs_boundary_key('*', '*') AS b) k
+    CROSS JOIN watermark",
+            "(SELECT count(*) FROM boundaries) = 1",
+            "",
+            "",
+            "",
+        )
+    };
+    format!(
+        r"
 WITH watermark AS MATERIALIZED (
     SELECT pg_advisory_xact_lock_shared(cqrs_lock_marker()
         + (SELECT CASE WHEN q.is_called THEN q.last_value + 1 ELSE q.last_value END FROM cqrs_position_seq q)) AS locked
 ), boundaries AS MATERIALIZED (
-    SELECT pg_advisory_xact_lock_shared(17475, least(k.a, k.b)) AS first,
-           pg_advisory_xact_lock_shared(17475, greatest(k.a, k.b)) AS second
-    FROM (SELECT cqrs_boundary_key($6::text, '*') AS a, cqrs_boundary_key('*', '*') AS b) k
-    CROSS JOIN watermark
+    {boundaries}
 ), prior AS MATERIALIZED (
     SELECT c.first_version, c.last_version, c.first_position, c.last_position
     FROM cqrs_commands c WHERE c.stream_id = $1::text AND c.command_id = $4::uuid
@@ -51,7 +91,7 @@ WITH watermark AS MATERIALIZED (
 ), moved AS MATERIALIZED (
     UPDATE cqrs_streams s SET version = s.version + 1
     WHERE s.stream_id = $1::text
-      AND (SELECT count(*) FROM boundaries) = 1
+      AND {locked}
       AND NOT EXISTS (SELECT 1 FROM prior) AND NOT EXISTS (SELECT 1 FROM reused)
       AND ($2::text = 'any' OR ($2::text = 'exists' AND s.version > 0)
            OR ($2::text = 'exact' AND s.version = $3::bigint) OR ($2::text = 'no_stream' AND s.version = 0))
@@ -69,11 +109,11 @@ WITH watermark AS MATERIALIZED (
     FROM (SELECT m.version FROM moved m UNION ALL SELECT c.version FROM created c) d
 ), written AS (
     INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload,
-                             command_id, causation_id, correlation_id, headers)
+                             command_id, causation_id, correlation_id, headers{tags_column})
     SELECT d.position, $5::uuid, $1::text, d.version, $6::text, $7::integer, $8::jsonb, $4::uuid, $9::uuid,
-           $10::uuid, $11::jsonb
+           $10::uuid, $11::jsonb{tags_value}
     FROM decided d
-), commanded AS (
+{tag_rows}), commanded AS (
     INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, last_position)
     SELECT $1::text, $4::uuid, d.version, d.version, d.position, d.position
     FROM decided d WHERE $4::uuid IS NOT NULL
@@ -94,9 +134,16 @@ SELECT 0 AS append_index,
 FROM (SELECT 1) one
 LEFT JOIN decided d ON true
 LEFT JOIN prior pr ON d.version IS NULL
-";
+"
+    )
+}
 
-/// One append that [`SINGLE_EVENT_SQL`] can write, as its parameters.
+/// The most tags the statement takes for its event: (type, tag) and (`*`, tag) for each, with
+/// (type, `*`) and (`*`, `*`), is then at most 512 boundary keys, the most
+/// `cqrs_lock_boundaries` takes one by one (beyond, it takes one batch-wide lock instead).
+const MOST_TAGS: usize = 255;
+
+/// One append that [`single_event_sql`] can write, as its parameters.
 pub(crate) struct SingleEvent<'a> {
     stream: &'a str,
     kind: &'static str,
@@ -109,6 +156,7 @@ pub(crate) struct SingleEvent<'a> {
     causation: Option<Uuid>,
     correlation: Option<Uuid>,
     headers: Json<&'a HashMap<String, String>>,
+    tags: Vec<&'a str>,
 }
 
 impl<'a> SingleEvent<'a> {
@@ -117,7 +165,11 @@ impl<'a> SingleEvent<'a> {
     pub(crate) fn new(batch: &'a [AppendRequest]) -> Option<Self> {
         let [request] = batch else { return None };
         let [event] = request.events.as_slice() else { return None };
-        if request.condition.is_some() || request.continues || !request.followers.is_empty() || !event.tags.is_empty() {
+        if request.condition.is_some()
+            || request.continues
+            || !request.followers.is_empty()
+            || event.tags.len() > MOST_TAGS
+        {
             return None;
         }
         let (kind, expected) = expected_json(request.expected);
@@ -136,12 +188,13 @@ impl<'a> SingleEvent<'a> {
             causation: event.metadata.causation_id.map(|id| id.0),
             correlation: event.metadata.correlation_id.map(|id| id.0),
             headers: Json(&event.metadata.headers),
+            tags: event.tags.iter().map(Tag::as_str).collect(),
         })
     }
 
     /// The statement, sending the NOTIFY at its commit if `notify`.
     pub(crate) fn query(self, notify: bool) -> Query<'a, Postgres, PgArguments> {
-        sqlx::query(SINGLE_EVENT_SQL)
+        let query = sqlx::query(single_event_sql(!self.tags.is_empty()))
             .bind(self.stream)
             .bind(self.kind)
             .bind(self.expected)
@@ -153,7 +206,12 @@ impl<'a> SingleEvent<'a> {
             .bind(self.causation)
             .bind(self.correlation)
             .bind(self.headers)
-            .bind(notify)
+            .bind(notify);
+        if self.tags.is_empty() {
+            query
+        } else {
+            query.bind(self.tags)
+        }
     }
 }
 

@@ -81,7 +81,7 @@ impl WriterConnection {
     ///
     /// A batch of several appends goes to the set-based `cqrs_append_arrays`, unless one of them
     /// has a condition (only the per-append loop checks conditions, each after the appends
-    /// before it in the batch); a lone append of one untagged event to the statement of
+    /// before it in the batch); a lone append of one event (with no condition) to the statement of
     /// [`crate::single`], and to `cqrs_append_batch` if that statement leaves it undecided; any
     /// other lone append to `cqrs_append_batch`, whose per-append statements cost less than the
     /// set-based function's fixed ones for a single append (BENCHMARKS.md, issue 12). All take

@@ -102,13 +102,15 @@ struct RawAppend {
     command: Option<uuid::Uuid>,
     continues: bool,
     events: Vec<(uuid::Uuid, String, serde_json::Value)>,
+    /// The tags of each of its events (only the single-event comparison gives any).
+    tags: Vec<String>,
 }
 
 /// One result row: append index, outcome, actual version, first and last version, first and
 /// last position (renumbered), duplicate event id.
 type Answer = (i32, String, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<uuid::Uuid>);
-/// One stored event: position (renumbered), stream, version, id, type, payload, command id.
-type StoredRow = (i64, String, i64, uuid::Uuid, String, serde_json::Value, Option<uuid::Uuid>);
+/// One stored event: position (renumbered), stream, version, id, type, payload, command id, tags.
+type StoredRow = (i64, String, i64, uuid::Uuid, String, serde_json::Value, Option<uuid::Uuid>, Vec<String>);
 
 /// What a batch function answered and left behind (inside a transaction that is then rolled
 /// back), with every position this batch allocated renumbered from 1 so the two runs compare.
@@ -116,6 +118,8 @@ type StoredRow = (i64, String, i64, uuid::Uuid, String, serde_json::Value, Optio
 struct BatchEffect {
     answers: Vec<Answer>,
     events: Vec<StoredRow>,
+    /// The tag index's rows: tag, position (renumbered).
+    tag_rows: Vec<(String, i64)>,
     streams: Vec<(String, i64)>,
     commands: Vec<(String, uuid::Uuid, i64, i64, i64, i64)>,
 }
@@ -127,7 +131,7 @@ enum Writer {
     PerAppend,
     /// `cqrs_append_arrays`.
     SetBased,
-    /// The writer's statement for a lone append of one event (`SINGLE_EVENT_SQL`).
+    /// The writer's statement for a lone append of one event (`single_event_sql`).
     SingleEvent,
 }
 
@@ -148,7 +152,7 @@ async fn run_batch(
     let rows: Vec<sqlx::postgres::PgRow> = if writer == Writer::SingleEvent {
         let [append] = batch else { panic!("the single-event statement takes one append") };
         let [(id, event_type, payload)] = append.events.as_slice() else { panic!("and one event") };
-        sqlx::query(cqrs_postgres::SINGLE_EVENT_SQL)
+        let query = sqlx::query(cqrs_postgres::single_event_sql(!append.tags.is_empty()))
             .bind(&append.stream)
             .bind(append.kind)
             .bind(append.expected)
@@ -160,9 +164,9 @@ async fn run_batch(
             .bind(None::<uuid::Uuid>)
             .bind(None::<uuid::Uuid>)
             .bind(sqlx::types::Json(json!({"h": "1"})))
-            .bind(false)
-            .fetch_all(&mut *transaction)
-            .await?
+            .bind(false);
+        let query = if append.tags.is_empty() { query } else { query.bind(&append.tags) };
+        query.fetch_all(&mut *transaction).await?
     } else if writer == Writer::SetBased {
         arrays_call(
             &format!(
@@ -195,12 +199,17 @@ async fn run_batch(
     }
     answers.sort_by_key(|answer| answer.0);
     let events: Vec<StoredRow> = sqlx::query_as(
-        "SELECT position - $1, stream_id, version, event_id, event_type, payload, command_id FROM cqrs_events \
+        "SELECT position - $1, stream_id, version, event_id, event_type, payload, command_id, tags FROM cqrs_events \
          WHERE position > $1 ORDER BY position",
     )
     .bind(before)
     .fetch_all(&mut *transaction)
     .await?;
+    let tag_rows =
+        sqlx::query_as("SELECT tag, position - $1 FROM cqrs_event_tags WHERE position > $1 ORDER BY position, tag")
+            .bind(before)
+            .fetch_all(&mut *transaction)
+            .await?;
     let streams = sqlx::query_as("SELECT stream_id, version FROM cqrs_streams ORDER BY stream_id")
         .fetch_all(&mut *transaction)
         .await?;
@@ -215,7 +224,7 @@ async fn run_batch(
         .map(|(s, c, f, l, fp, lp)| (s, c, f, l, renumber(Some(fp)).unwrap_or(0), renumber(Some(lp)).unwrap_or(0)))
         .collect();
     transaction.rollback().await?;
-    Ok(BatchEffect { answers, events, streams, commands })
+    Ok(BatchEffect { answers, events, tag_rows, streams, commands })
 }
 
 /// The set-based `cqrs_append_arrays` against the per-append loop of `cqrs_append_batch`, on
@@ -241,7 +250,7 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
                 let events = (0..1 + random_below(3))
                     .map(|n| (uuid::Uuid::new_v4(), format!("T{n}"), json!({"round": round, "n": n})))
                     .collect();
-                RawAppend { stream, kind, expected, command, continues: false, events }
+                RawAppend { stream, kind, expected, command, continues: false, events, tags: Vec::new() }
             })
             .collect();
         // As the writer sends them: sorted by stream (stable), byte order.
@@ -285,7 +294,7 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
 
 /// The writer's statement for a lone append of one event against `cqrs_append_batch`, on random
 /// appends over a few streams (new and existing ones, every kind of expected version, command
-/// ids stored before, event ids stored before): where the statement decides (`appended`,
+/// ids stored before, event ids stored before, with and without tags): where the statement decides (`appended`,
 /// `duplicate`) the same answer and the same rows; where it does not (`undecided`), nothing
 /// written, and the function's answer is one the statement leaves to it (a conflict or a
 /// reused event id).
@@ -315,6 +324,8 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
             command,
             continues: false,
             events: vec![(id, "T".to_owned(), json!({"round": round}))],
+            // None, or one to three from a few, a tag sometimes twice.
+            tags: (0..random_below(4)).map(|_| ["x", "y", "a:1"][random_below(3) as usize].to_owned()).collect(),
         }];
         let per_append = run_batch(&mut connection, &batch, Writer::PerAppend).await.expect("cqrs_append_batch");
         let single = run_batch(&mut connection, &batch, Writer::SingleEvent).await.expect("single-event statement");
@@ -330,6 +341,9 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
             seen.insert(format!("undecided: {left}"));
         } else {
             assert_eq!(single, per_append, "round {round}: the statement and the function differ");
+            if !batch[0].tags.is_empty() {
+                seen.insert(format!("{outcome}, tagged"));
+            }
         }
         // Write it for real as the next round's state.
         let written = run_batch_committed(&mut connection, &batch).await;
@@ -340,7 +354,8 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
             stored_ids.push(id);
         }
     }
-    for outcome in ["appended", "duplicate", "undecided: conflict", "undecided: duplicate_event_id"] {
+    for outcome in ["appended", "appended, tagged", "duplicate", "undecided: conflict", "undecided: duplicate_event_id"]
+    {
         assert!(seen.contains(outcome), "no append was answered {outcome:?}: {seen:?}");
     }
     drop(store);
@@ -365,7 +380,10 @@ fn batch_json(batch: &[RawAppend]) -> Vec<serde_json::Value> {
             let events: Vec<_> = a
                 .events
                 .iter()
-                .map(|(id, t, p)| json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}}))
+                .map(|(id, t, p)| {
+                    let g = a.tags.join("\u{1f}");
+                    json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}, "g": g})
+                })
                 .collect();
             json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "k": a.continues, "ev": events})
         })
