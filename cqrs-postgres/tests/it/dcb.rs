@@ -223,6 +223,97 @@ async fn dcb_set_based_batches_are_seen_by_conditions_of_another_process() {
     }
 }
 
+/// The single-event statement takes the shared boundary locks too: one process appends tagged
+/// events one at a time without a condition (each a batch of one, written by that statement),
+/// the other appends with conditions on that tag; no conditional append commits past a
+/// matching event stored after its `after`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcb_single_event_appends_are_seen_by_conditions_of_another_process() {
+    let tag = cqrs_core::Tag::new("hot", uuid::Uuid::new_v4().simple());
+    single_event_appends_race_conditions("Plain", vec![tag.clone()], cqrs_core::QueryItem::tags([tag])).await;
+}
+
+/// The same with untagged events and a condition on their type (the statement's cheaper
+/// variant, which takes the type's keys as a pair).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcb_untagged_single_event_appends_are_seen_by_type_conditions() {
+    let event_type = format!("Plain{}", uuid::Uuid::new_v4().simple());
+    single_event_appends_race_conditions(&event_type, Vec::new(), cqrs_core::QueryItem::types([event_type.clone()]))
+        .await;
+}
+
+/// One task appends 300 events of `event_type` with `tags`, one at a time, on the instance with
+/// one writer (so every batch is that one append); four deciders on the other instance append
+/// events of the same type and tags on condition that nothing matching `item` came after the
+/// head they read. Every committed conditional append must have no match between the two.
+///
+/// Each decider makes at least 60 attempts and goes on until it has made one that began after
+/// the plain task finished: only the deciders' own events can fail those, so at least one of
+/// them commits, however the machine schedules the tasks.
+async fn single_event_appends_race_conditions(event_type: &str, tags: Vec<cqrs_core::Tag>, item: cqrs_core::QueryItem) {
+    let processes = TwoProcesses::open().await;
+    let query = Query::from_items([item]);
+    let plain_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let plain = {
+        let (processes, event_type, tags) = (Arc::clone(&processes), event_type.to_owned(), tags.clone());
+        let plain_done = Arc::clone(&plain_done);
+        tokio::spawn(async move {
+            for _ in 0..300 {
+                let event = conformance::tagged(&event_type, &tags, serde_json::json!({}));
+                processes.stores[0]
+                    .append(&crate::support::stream("plain"), ExpectedVersion::Any, vec![event])
+                    .await
+                    .expect("plain append");
+            }
+            plain_done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut deciders = Vec::new();
+    for _ in 0..4 {
+        let (processes, event_type, tags, query) =
+            (Arc::clone(&processes), event_type.to_owned(), tags.clone(), query.clone());
+        let plain_done = Arc::clone(&plain_done);
+        deciders.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for attempt in 1.. {
+                let last = attempt >= 60 && plain_done.load(Ordering::SeqCst);
+                let after = processes.stores[1].head().await.expect("head");
+                let event = conformance::tagged(&event_type, &tags, serde_json::json!({"decided": true}));
+                let condition = AppendCondition::new(query.clone(), Some(after));
+                match processes.stores[1]
+                    .append_with_condition(
+                        &crate::support::stream("decided"),
+                        ExpectedVersion::Any,
+                        vec![event],
+                        Some(condition),
+                    )
+                    .await
+                {
+                    Ok(outcome) => committed.push((after, outcome.result().first_position)),
+                    Err(StoreError::ConditionFailed { position }) => assert!(position > after),
+                    Err(other) => panic!("unexpected error: {other}"),
+                }
+                if last {
+                    break;
+                }
+            }
+            committed
+        }));
+    }
+    plain.await.expect("plain task");
+    let mut committed = Vec::new();
+    for task in deciders {
+        committed.extend(task.await.expect("decider"));
+    }
+    assert!(!committed.is_empty(), "no conditional append committed: nothing was checked");
+    let log = crate::support::read_everything(&*processes).await;
+    for (after, at) in committed {
+        let between =
+            log.iter().find(|e| e.position > after && e.position < at && query.matches(&e.event_type, &e.tags));
+        assert!(between.is_none(), "committed at {at} past {:?} stored after {after}", between.map(|e| e.position));
+    }
+}
+
 /// A batch with far more boundary keys than the server's lock table holds (10,000 events with
 /// 8 tags of their own each: 160,000 keys) takes one batch-wide lock instead of a lock per key,
 /// so it is stored; and a condition still sees its events.
