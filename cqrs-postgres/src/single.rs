@@ -22,7 +22,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row};
 use uuid::Uuid;
 
-use crate::writer::{expected_json, AppendRequest};
+use crate::rows::to_i64_saturating;
+use crate::writer::{expected_json, AppendRequest, ItemJson};
 
 /// The statement for an event with tags (`tagged`) or without, its parameters as
 /// [`SingleEvent::query`] binds them. Its result has the batch functions' columns (one row,
@@ -160,16 +161,22 @@ pub(crate) struct SingleEvent<'a> {
 }
 
 impl<'a> SingleEvent<'a> {
-    /// `Some` for a batch of one append of one untagged event, with no condition and numbers
-    /// that fit the statement's columns; anything else goes to the batch functions.
+    /// `Some` for a batch of one append of one event, with no condition, at most
+    /// [`MOST_TAGS`] tags and numbers that fit the statement's columns; anything else goes to
+    /// the batch functions.
     pub(crate) fn new(batch: &'a [AppendRequest]) -> Option<Self> {
         let [request] = batch else { return None };
+        if request.condition.is_some() {
+            return None;
+        }
+        Self::of(request)
+    }
+
+    /// The append's parameters, whatever its condition, if it is one event with at most
+    /// [`MOST_TAGS`] tags, not a chain link, and its numbers fit.
+    fn of(request: &'a AppendRequest) -> Option<Self> {
         let [event] = request.events.as_slice() else { return None };
-        if request.condition.is_some()
-            || request.continues
-            || !request.followers.is_empty()
-            || event.tags.len() > MOST_TAGS
-        {
+        if request.continues || !request.followers.is_empty() || event.tags.len() > MOST_TAGS {
             return None;
         }
         let (kind, expected) = expected_json(request.expected);
@@ -212,6 +219,78 @@ impl<'a> SingleEvent<'a> {
         } else {
             query.bind(self.tags)
         }
+    }
+}
+
+/// The most exclusive boundary keys a condition may take for `cqrs_append_conditional`: one per
+/// query item and type of it (or one for an item without types), as `cqrs_lock_boundaries`
+/// takes them one by one.
+const MOST_CONDITION_KEYS: usize = 512;
+
+/// A lone conditional append of one event, as `cqrs_append_conditional`'s parameters: the
+/// function with the locks, checks and answers of `cqrs_append_batch` for such an append, in
+/// fewer statements and with no JSON to take apart but the condition's items.
+pub(crate) struct ConditionalEvent<'a> {
+    event: SingleEvent<'a>,
+    after: i64,
+    items: Json<Vec<ItemJson<'a>>>,
+}
+
+impl<'a> ConditionalEvent<'a> {
+    /// `Some` for a batch of one append of one event (at most [`MOST_TAGS`] tags) with a
+    /// condition of at least one item and at most [`MOST_CONDITION_KEYS`] keys.
+    pub(crate) fn new(batch: &'a [AppendRequest]) -> Option<Self> {
+        let [request] = batch else { return None };
+        let condition = request.condition.as_ref()?;
+        let items = &condition.fail_if_events_match.items;
+        let keys: usize = items.iter().map(|item| item.types.len().max(1)).sum();
+        if items.is_empty() || keys > MOST_CONDITION_KEYS {
+            return None;
+        }
+        Some(ConditionalEvent {
+            event: SingleEvent::of(request)?,
+            after: to_i64_saturating(condition.after_position().0),
+            items: Json(items.iter().map(ItemJson::from).collect()),
+        })
+    }
+
+    /// The call, sending the NOTIFY at its commit if `notify`; its rows carry the
+    /// transaction's `now()` as `recorded_at_micros`, as the batch functions' calls do.
+    pub(crate) fn query(self, notify: bool) -> Query<'a, Postgres, PgArguments> {
+        let SingleEvent {
+            stream,
+            kind,
+            expected,
+            command,
+            id,
+            event_type,
+            schema,
+            payload,
+            causation,
+            correlation,
+            headers,
+            tags,
+        } = self.event;
+        sqlx::query(
+            "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+             last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS recorded_at_micros \
+             FROM cqrs_append_conditional($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(stream)
+        .bind(kind)
+        .bind(expected)
+        .bind(command)
+        .bind(id)
+        .bind(event_type)
+        .bind(schema)
+        .bind(payload)
+        .bind(causation)
+        .bind(correlation)
+        .bind(headers)
+        .bind(tags)
+        .bind(self.after)
+        .bind(self.items)
+        .bind(notify)
     }
 }
 

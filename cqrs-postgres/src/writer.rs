@@ -26,7 +26,7 @@ use crate::listener::Announced;
 use crate::notify::NotifyThrottle;
 use crate::recent::RecentEvents;
 use crate::rows::append_result;
-use crate::single::{undecided, SingleEvent};
+use crate::single::{undecided, ConditionalEvent, SingleEvent};
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
 const MAX_BATCH_RETRIES: u32 = 5;
@@ -107,20 +107,23 @@ impl WriterConnection {
             (Some(arrays), _) => arrays.query(ticket.notify).fetch_all(&mut **connection).await,
             (None, Some(Ok(rows))) if !undecided(&rows) => Ok(rows),
             (None, Some(Err(error))) if !is_statement_error(&error) => Err(error),
-            // Not a lone single event, or one the statement left undecided or was refused
-            // (rolled back as a whole): the per-append function answers it.
-            (None, _) => {
-                let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
-                sqlx::query(
-                    "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
-                     last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS \
-                     recorded_at_micros FROM cqrs_append_batch($1, $2)",
-                )
-                .bind(Json(payload))
-                .bind(ticket.notify)
-                .fetch_all(&mut **connection)
-                .await
-            }
+            (None, _) => match ConditionalEvent::new(batch) {
+                Some(conditional) => conditional.query(ticket.notify).fetch_all(&mut **connection).await,
+                // Not a lone single event, or one the statement left undecided or was refused
+                // (rolled back as a whole): the per-append function answers it.
+                None => {
+                    let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
+                    sqlx::query(
+                        "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+                         last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS \
+                         recorded_at_micros FROM cqrs_append_batch($1, $2)",
+                    )
+                    .bind(Json(payload))
+                    .bind(ticket.notify)
+                    .fetch_all(&mut **connection)
+                    .await
+                }
+            },
         };
         let newest = match &result {
             Ok(rows) => rows
@@ -483,8 +486,9 @@ struct ConditionJson<'a> {
     i: Vec<ItemJson<'a>>,
 }
 
+/// A condition's query item as `cqrs_first_match` reads it.
 #[derive(Serialize)]
-struct ItemJson<'a> {
+pub(crate) struct ItemJson<'a> {
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     t: &'a [String],
     #[serde(skip_serializing_if = "<[Tag]>::is_empty")]

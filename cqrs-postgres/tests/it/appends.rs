@@ -102,8 +102,11 @@ struct RawAppend {
     command: Option<uuid::Uuid>,
     continues: bool,
     events: Vec<(uuid::Uuid, String, serde_json::Value)>,
-    /// The tags of each of its events (only the single-event comparison gives any).
+    /// The tags of each of its events (only the single-event comparisons give any).
     tags: Vec<String>,
+    /// Its condition: after this position, no event may match these items (as
+    /// `cqrs_append_batch` takes them).
+    condition: Option<(i64, serde_json::Value)>,
 }
 
 /// One result row: append index, outcome, actual version, first and last version, first and
@@ -133,6 +136,8 @@ enum Writer {
     SetBased,
     /// The writer's statement for a lone append of one event (`single_event_sql`).
     SingleEvent,
+    /// `cqrs_append_conditional`, for a lone conditional append of one event.
+    Conditional,
 }
 
 async fn run_batch(
@@ -167,6 +172,30 @@ async fn run_batch(
             .bind(false);
         let query = if append.tags.is_empty() { query } else { query.bind(&append.tags) };
         query.fetch_all(&mut *transaction).await?
+    } else if writer == Writer::Conditional {
+        let [append] = batch else { panic!("the conditional function takes one append") };
+        let [(id, event_type, payload)] = append.events.as_slice() else { panic!("and one event") };
+        let Some((after, items)) = &append.condition else { panic!("and a condition") };
+        sqlx::query(&format!(
+            "SELECT {columns} FROM cqrs_append_conditional($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        ))
+        .bind(&append.stream)
+        .bind(append.kind)
+        .bind(append.expected)
+        .bind(append.command)
+        .bind(id)
+        .bind(event_type)
+        .bind(1i32)
+        .bind(sqlx::types::Json(payload))
+        .bind(None::<uuid::Uuid>)
+        .bind(None::<uuid::Uuid>)
+        .bind(sqlx::types::Json(json!({"h": "1"})))
+        .bind(&append.tags)
+        .bind(after)
+        .bind(sqlx::types::Json(items))
+        .bind(false)
+        .fetch_all(&mut *transaction)
+        .await?
     } else if writer == Writer::SetBased {
         arrays_call(
             &format!(
@@ -250,7 +279,16 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
                 let events = (0..1 + random_below(3))
                     .map(|n| (uuid::Uuid::new_v4(), format!("T{n}"), json!({"round": round, "n": n})))
                     .collect();
-                RawAppend { stream, kind, expected, command, continues: false, events, tags: Vec::new() }
+                RawAppend {
+                    stream,
+                    kind,
+                    expected,
+                    command,
+                    continues: false,
+                    events,
+                    tags: Vec::new(),
+                    condition: None,
+                }
             })
             .collect();
         // As the writer sends them: sorted by stream (stable), byte order.
@@ -326,6 +364,7 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
             events: vec![(id, "T".to_owned(), json!({"round": round}))],
             // None, or one to three from a few, a tag sometimes twice.
             tags: (0..random_below(4)).map(|_| ["x", "y", "a:1"][random_below(3) as usize].to_owned()).collect(),
+            condition: None,
         }];
         let per_append = run_batch(&mut connection, &batch, Writer::PerAppend).await.expect("cqrs_append_batch");
         let single = run_batch(&mut connection, &batch, Writer::SingleEvent).await.expect("single-event statement");
@@ -361,6 +400,68 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
     drop(store);
 }
 
+/// `cqrs_append_conditional` against `cqrs_append_batch`, on random conditional appends of one
+/// event over a few streams (every kind of expected version, command ids and event ids stored
+/// before, tags or none) with random conditions (one or two items of types, tags or both, after
+/// the head or an earlier position): the same answers and the same rows, append after append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_function_answers_and_writes_like_the_per_append_loop() {
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let mut connection = db.connection().await;
+    let names = ["a", "b", "ä"];
+    let pick = |from: &[&str]| from[random_below(from.len() as u64) as usize].to_owned();
+    let mut stored_commands: Vec<(String, uuid::Uuid)> = Vec::new();
+    let mut stored_ids: Vec<uuid::Uuid> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..250 {
+        let versions = stream_versions(&mut connection).await;
+        let head: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM cqrs_events")
+            .fetch_one(&mut connection)
+            .await
+            .expect("head");
+        let stream = pick(&names);
+        let (kind, expected) = random_expectation(versions.get(&stream).copied().unwrap_or(0));
+        let command = random_command(&stored_commands, &stream);
+        let id = match random_below(8) {
+            0 if !stored_ids.is_empty() => stored_ids[random_below(stored_ids.len() as u64) as usize],
+            _ => uuid::Uuid::new_v4(),
+        };
+        let items: Vec<serde_json::Value> = (0..1 + random_below(2))
+            .map(|_| {
+                let types: Vec<String> = (0..random_below(2)).map(|_| pick(&["T", "U"])).collect();
+                let tags: Vec<String> = (0..random_below(3)).map(|_| pick(&["x", "y", "a:1"])).collect();
+                json!({"t": types, "g": tags})
+            })
+            .collect();
+        let after = if random_below(2) == 0 { head } else { random_below(head as u64 + 1) as i64 };
+        let batch = [RawAppend {
+            stream,
+            kind,
+            expected,
+            command,
+            continues: false,
+            events: vec![(id, pick(&["T", "U"]), json!({"round": round}))],
+            tags: (0..random_below(3)).map(|_| pick(&["x", "y", "a:1"])).collect(),
+            condition: Some((after, json!(items))),
+        }];
+        let per_append = run_batch(&mut connection, &batch, Writer::PerAppend).await.expect("cqrs_append_batch");
+        let lean = run_batch(&mut connection, &batch, Writer::Conditional).await.expect("cqrs_append_conditional");
+        assert_eq!(lean, per_append, "round {round}: the two functions differ");
+        seen.insert(per_append.answers[0].1.clone());
+        if run_batch_committed(&mut connection, &batch).await {
+            if let Some(command) = batch[0].command {
+                stored_commands.push((batch[0].stream.clone(), command));
+            }
+            stored_ids.push(id);
+        }
+    }
+    for outcome in ["appended", "duplicate", "conflict", "condition_failed", "duplicate_event_id"] {
+        assert!(seen.contains(outcome), "no append was answered {outcome:?}: {seen:?}");
+    }
+    drop(store);
+}
+
 /// Writes a batch of one append with `cqrs_append_batch` and commits it; true if appended.
 async fn run_batch_committed(connection: &mut sqlx::PgConnection, batch: &[RawAppend]) -> bool {
     use sqlx::Row;
@@ -385,7 +486,12 @@ fn batch_json(batch: &[RawAppend]) -> Vec<serde_json::Value> {
                     json!({"id": id, "t": t, "sv": 1, "p": p, "ca": null, "co": null, "h": {"h": "1"}, "g": g})
                 })
                 .collect();
-            json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "k": a.continues, "ev": events})
+            let mut item =
+                json!({"s": a.stream, "e": a.kind, "v": a.expected, "c": a.command, "k": a.continues, "ev": events});
+            if let Some((after, items)) = &a.condition {
+                item["q"] = json!({"a": after, "i": items});
+            }
+            item
         })
         .collect()
 }
