@@ -332,29 +332,25 @@ async fn set_based_batches_answer_and_write_like_the_per_append_loop() {
 
 /// The writer's statement for a lone append of one event against `cqrs_append_batch`, on random
 /// appends over a few streams (new and existing ones, every kind of expected version, command
-/// ids stored before, event ids stored before, with and without tags): where the statement decides (`appended`,
-/// `duplicate`) the same answer and the same rows; where it does not (`undecided`), nothing
-/// written, and the function's answer is one the statement leaves to it (a conflict or a
-/// reused event id).
+/// ids stored before, event ids stored before, with and without tags): where the statement
+/// decides (`appended`, `duplicate`) the same answer and the same rows; where it does not
+/// (`undecided`), nothing written, and the function's answer is one the statement leaves to it
+/// (a conflict or a reused event id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
     let db = TestDb::create().await;
     let store = db.store().await;
     let mut connection = db.connection().await;
     let names = ["a", "b", "ä"];
-    let mut stored_commands: Vec<(String, uuid::Uuid)> = Vec::new();
-    let mut stored_ids: Vec<uuid::Uuid> = Vec::new();
+    let mut stored = Stored::default();
     let mut seen = std::collections::HashSet::new();
     for round in 0..200 {
         let versions = stream_versions(&mut connection).await;
         let stream = names[random_below(names.len() as u64) as usize].to_owned();
         let version = versions.get(&stream).copied().unwrap_or(0);
         let (kind, expected) = random_expectation(version);
-        let command = random_command(&stored_commands, &stream);
-        let id = match random_below(6) {
-            0 if !stored_ids.is_empty() => stored_ids[random_below(stored_ids.len() as u64) as usize],
-            _ => uuid::Uuid::new_v4(),
-        };
+        let command = random_command(&stored.commands, &stream);
+        let id = stored.random_event_id();
         let batch = [RawAppend {
             stream,
             kind,
@@ -384,14 +380,7 @@ async fn single_event_statement_answers_and_writes_like_the_per_append_loop() {
                 seen.insert(format!("{outcome}, tagged"));
             }
         }
-        // Write it for real as the next round's state.
-        let written = run_batch_committed(&mut connection, &batch).await;
-        if written {
-            if let Some(command) = batch[0].command {
-                stored_commands.push((batch[0].stream.clone(), command));
-            }
-            stored_ids.push(id);
-        }
+        stored.commit(&mut connection, &batch).await;
     }
     for outcome in ["appended", "appended, tagged", "duplicate", "undecided: conflict", "undecided: duplicate_event_id"]
     {
@@ -411,8 +400,7 @@ async fn conditional_function_answers_and_writes_like_the_per_append_loop() {
     let mut connection = db.connection().await;
     let names = ["a", "b", "ä"];
     let pick = |from: &[&str]| from[random_below(from.len() as u64) as usize].to_owned();
-    let mut stored_commands: Vec<(String, uuid::Uuid)> = Vec::new();
-    let mut stored_ids: Vec<uuid::Uuid> = Vec::new();
+    let mut stored = Stored::default();
     let mut seen = std::collections::HashSet::new();
     for round in 0..250 {
         let versions = stream_versions(&mut connection).await;
@@ -422,11 +410,8 @@ async fn conditional_function_answers_and_writes_like_the_per_append_loop() {
             .expect("head");
         let stream = pick(&names);
         let (kind, expected) = random_expectation(versions.get(&stream).copied().unwrap_or(0));
-        let command = random_command(&stored_commands, &stream);
-        let id = match random_below(8) {
-            0 if !stored_ids.is_empty() => stored_ids[random_below(stored_ids.len() as u64) as usize],
-            _ => uuid::Uuid::new_v4(),
-        };
+        let command = random_command(&stored.commands, &stream);
+        let id = stored.random_event_id();
         let items: Vec<serde_json::Value> = (0..1 + random_below(2))
             .map(|_| {
                 let types: Vec<String> = (0..random_below(2)).map(|_| pick(&["T", "U"])).collect();
@@ -449,12 +434,7 @@ async fn conditional_function_answers_and_writes_like_the_per_append_loop() {
         let lean = run_batch(&mut connection, &batch, Writer::Conditional).await.expect("cqrs_append_conditional");
         assert_eq!(lean, per_append, "round {round}: the two functions differ");
         seen.insert(per_append.answers[0].1.clone());
-        if run_batch_committed(&mut connection, &batch).await {
-            if let Some(command) = batch[0].command {
-                stored_commands.push((batch[0].stream.clone(), command));
-            }
-            stored_ids.push(id);
-        }
+        stored.commit(&mut connection, &batch).await;
     }
     for outcome in ["appended", "duplicate", "conflict", "condition_failed", "duplicate_event_id"] {
         assert!(seen.contains(outcome), "no append was answered {outcome:?}: {seen:?}");
@@ -462,15 +442,41 @@ async fn conditional_function_answers_and_writes_like_the_per_append_loop() {
     drop(store);
 }
 
-/// Writes a batch of one append with `cqrs_append_batch` and commits it; true if appended.
-async fn run_batch_committed(connection: &mut sqlx::PgConnection, batch: &[RawAppend]) -> bool {
-    use sqlx::Row;
-    let rows = sqlx::query("SELECT outcome FROM cqrs_append_batch($1)")
-        .bind(sqlx::types::Json(batch_json(batch)))
-        .fetch_all(connection)
-        .await
-        .expect("commit a batch");
-    rows.iter().any(|row| row.try_get::<&str, _>("outcome").is_ok_and(|outcome| outcome == "appended"))
+/// The command ids and event ids the single-append comparisons have stored, to send again.
+#[derive(Default)]
+struct Stored {
+    commands: Vec<(String, uuid::Uuid)>,
+    ids: Vec<uuid::Uuid>,
+}
+
+impl Stored {
+    /// A new event id, or one time in six one stored before.
+    fn random_event_id(&self) -> uuid::Uuid {
+        match random_below(6) {
+            0 if !self.ids.is_empty() => self.ids[random_below(self.ids.len() as u64) as usize],
+            _ => uuid::Uuid::new_v4(),
+        }
+    }
+
+    /// Writes a batch of one append with `cqrs_append_batch` and commits it, as the next round's
+    /// state; remembers its command id and event ids if it was appended.
+    async fn commit(&mut self, connection: &mut sqlx::PgConnection, batch: &[RawAppend]) {
+        use sqlx::Row;
+        let rows = sqlx::query("SELECT outcome FROM cqrs_append_batch($1)")
+            .bind(sqlx::types::Json(batch_json(batch)))
+            .fetch_all(connection)
+            .await
+            .expect("commit a batch");
+        let appended = |row: &sqlx::postgres::PgRow| row.try_get::<&str, _>("outcome").is_ok_and(|o| o == "appended");
+        for (append, row) in batch.iter().zip(&rows) {
+            if appended(row) {
+                if let Some(command) = append.command {
+                    self.commands.push((append.stream.clone(), command));
+                }
+                self.ids.extend(append.events.iter().map(|event| event.0));
+            }
+        }
+    }
 }
 
 /// A batch as `cqrs_append_batch` takes it.

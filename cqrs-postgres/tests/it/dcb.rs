@@ -166,61 +166,14 @@ async fn dcb_several_writer_tasks_race_and_property() {
 /// conditional append commits past a matching event stored after its `after`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dcb_set_based_batches_are_seen_by_conditions_of_another_process() {
-    let processes = TwoProcesses::open().await;
     let tag = cqrs_core::Tag::new("hot", uuid::Uuid::new_v4().simple());
-    let query = Query::from_items([cqrs_core::QueryItem::tags([tag.clone()])]);
-    let mut plain = Vec::new();
-    for _ in 0..8 {
-        let (processes, tag) = (Arc::clone(&processes), tag.clone());
-        plain.push(tokio::spawn(async move {
-            for _ in 0..15 {
-                let event = conformance::tagged("Plain", std::slice::from_ref(&tag), serde_json::json!({}));
-                processes.stores[0]
-                    .append(&crate::support::stream("plain"), ExpectedVersion::Any, vec![event])
-                    .await
-                    .expect("plain append");
-            }
-        }));
-    }
-    let mut deciders = Vec::new();
-    for _ in 0..4 {
-        let (processes, tag, query) = (Arc::clone(&processes), tag.clone(), query.clone());
-        deciders.push(tokio::spawn(async move {
-            let mut committed = Vec::new();
-            for _ in 0..15 {
-                let after = processes.stores[1].head().await.expect("head");
-                let event = conformance::tagged("Decided", std::slice::from_ref(&tag), serde_json::json!({}));
-                let condition = AppendCondition::new(query.clone(), Some(after));
-                match processes.stores[1]
-                    .append_with_condition(
-                        &crate::support::stream("decided"),
-                        ExpectedVersion::Any,
-                        vec![event],
-                        Some(condition),
-                    )
-                    .await
-                {
-                    Ok(outcome) => committed.push((after, outcome.result().first_position)),
-                    Err(StoreError::ConditionFailed { position }) => assert!(position > after),
-                    Err(other) => panic!("unexpected error: {other}"),
-                }
-            }
-            committed
-        }));
-    }
-    for task in plain {
-        task.await.expect("plain task");
-    }
-    let mut committed = Vec::new();
-    for task in deciders {
-        committed.extend(task.await.expect("decider"));
-    }
-    let log = crate::support::read_everything(&*processes).await;
-    for (after, at) in committed {
-        let between =
-            log.iter().find(|e| e.position > after && e.position < at && query.matches(&e.event_type, &e.tags));
-        assert!(between.is_none(), "committed at {at} past {:?} stored after {after}", between.map(|e| e.position));
-    }
+    race_conditions(
+        Plain { tasks: 8, appends: 15, decider_attempts: 15 },
+        "Plain",
+        vec![tag.clone()],
+        cqrs_core::QueryItem::tags([tag]),
+    )
+    .await;
 }
 
 /// The single-event statement takes the shared boundary locks too: one process appends tagged
@@ -230,7 +183,13 @@ async fn dcb_set_based_batches_are_seen_by_conditions_of_another_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dcb_single_event_appends_are_seen_by_conditions_of_another_process() {
     let tag = cqrs_core::Tag::new("hot", uuid::Uuid::new_v4().simple());
-    single_event_appends_race_conditions("Plain", vec![tag.clone()], cqrs_core::QueryItem::tags([tag])).await;
+    race_conditions(
+        Plain { tasks: 1, appends: 300, decider_attempts: 60 },
+        "Plain",
+        vec![tag.clone()],
+        cqrs_core::QueryItem::tags([tag]),
+    )
+    .await;
 }
 
 /// The same with untagged events and a condition on their type (the statement's cheaper
@@ -238,36 +197,44 @@ async fn dcb_single_event_appends_are_seen_by_conditions_of_another_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dcb_untagged_single_event_appends_are_seen_by_type_conditions() {
     let event_type = format!("Plain{}", uuid::Uuid::new_v4().simple());
-    single_event_appends_race_conditions(&event_type, Vec::new(), cqrs_core::QueryItem::types([event_type.clone()]))
-        .await;
+    let item = cqrs_core::QueryItem::types([event_type.clone()]);
+    race_conditions(Plain { tasks: 1, appends: 300, decider_attempts: 60 }, &event_type, Vec::new(), item).await;
 }
 
-/// One task appends 300 events of `event_type` with `tags`, one at a time, on the instance with
-/// one writer (so every batch is that one append); four deciders on the other instance append
-/// events of the same type and tags on condition that nothing matching `item` came after the
-/// head they read. Every committed conditional append must have no match between the two.
+/// The shape of a [`race_conditions`] run: how many unconditional tasks, each appending how
+/// many events one at a time, and the fewest attempts each decider makes.
+struct Plain {
+    tasks: usize,
+    appends: usize,
+    decider_attempts: usize,
+}
+
+/// `plain.tasks` tasks append `plain.appends` events of `event_type` with `tags` each, one at a
+/// time, on the instance with one writer (one task: every batch is that one append; several:
+/// batches of several); four deciders on the other instance append events of the same type and
+/// tags on condition that nothing matching `item` came after the head they read. Every
+/// committed conditional append must have no match between the two.
 ///
-/// Each decider makes at least 60 attempts and goes on until it has made one that began after
-/// the plain task finished: only the deciders' own events can fail those, so at least one of
-/// them commits, however the machine schedules the tasks.
-async fn single_event_appends_race_conditions(event_type: &str, tags: Vec<cqrs_core::Tag>, item: cqrs_core::QueryItem) {
+/// Each decider makes at least `plain.decider_attempts` attempts and goes on until it has made
+/// one that began after every plain task finished: only the deciders' own events can fail
+/// those, so at least one of them commits, however the machine schedules the tasks.
+async fn race_conditions(plain: Plain, event_type: &str, tags: Vec<cqrs_core::Tag>, item: cqrs_core::QueryItem) {
     let processes = TwoProcesses::open().await;
     let query = Query::from_items([item]);
-    let plain_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let plain = {
+    let mut plain_tasks = Vec::new();
+    for _ in 0..plain.tasks {
         let (processes, event_type, tags) = (Arc::clone(&processes), event_type.to_owned(), tags.clone());
-        let plain_done = Arc::clone(&plain_done);
-        tokio::spawn(async move {
-            for _ in 0..300 {
+        plain_tasks.push(tokio::spawn(async move {
+            for _ in 0..plain.appends {
                 let event = conformance::tagged(&event_type, &tags, serde_json::json!({}));
                 processes.stores[0]
                     .append(&crate::support::stream("plain"), ExpectedVersion::Any, vec![event])
                     .await
                     .expect("plain append");
             }
-            plain_done.store(true, Ordering::SeqCst);
-        })
-    };
+        }));
+    }
+    let plain_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut deciders = Vec::new();
     for _ in 0..4 {
         let (processes, event_type, tags, query) =
@@ -276,7 +243,7 @@ async fn single_event_appends_race_conditions(event_type: &str, tags: Vec<cqrs_c
         deciders.push(tokio::spawn(async move {
             let mut committed = Vec::new();
             for attempt in 1.. {
-                let last = attempt >= 60 && plain_done.load(Ordering::SeqCst);
+                let last = attempt >= plain.decider_attempts && plain_done.load(Ordering::SeqCst);
                 let after = processes.stores[1].head().await.expect("head");
                 let event = conformance::tagged(&event_type, &tags, serde_json::json!({"decided": true}));
                 let condition = AppendCondition::new(query.clone(), Some(after));
@@ -300,7 +267,10 @@ async fn single_event_appends_race_conditions(event_type: &str, tags: Vec<cqrs_c
             committed
         }));
     }
-    plain.await.expect("plain task");
+    for task in plain_tasks {
+        task.await.expect("plain task");
+    }
+    plain_done.store(true, Ordering::SeqCst);
     let mut committed = Vec::new();
     for task in deciders {
         committed.extend(task.await.expect("decider"));
