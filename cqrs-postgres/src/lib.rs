@@ -7,6 +7,7 @@ mod listener;
 mod notify;
 mod projection;
 mod recent;
+mod request;
 mod rows;
 mod single;
 mod writer;
@@ -35,10 +36,10 @@ pub use crate::projection::{spawn_projection, spawn_projection_with, PgProjectio
 
 use crate::error::to_store_error;
 use crate::recent::RecentEvents;
+use crate::request::AppendRequest;
 use crate::rows::{to_i64_saturating, to_u64, EventDecoder, EVENT_COLUMNS};
 #[doc(hidden)]
 pub use crate::single::single_event_sql;
-use crate::writer::AppendRequest;
 
 /// How many appends may wait for the writer task before callers wait to enqueue.
 const QUEUE_CAPACITY: usize = 4096;

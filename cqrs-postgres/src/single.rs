@@ -22,11 +22,11 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row};
 use uuid::Uuid;
 
+use crate::request::{expected_json, AppendRequest, ItemJson};
 use crate::rows::to_i64_saturating;
-use crate::writer::{expected_json, AppendRequest, ItemJson};
 
 /// The statement for an event with tags (`tagged`) or without, its parameters as
-/// [`SingleEvent::query`] binds them. Its result has the batch functions' columns (one row,
+/// `SingleEvent::query` binds them. Its result has the batch functions' columns (one row,
 /// `append_index` 0), plus `recorded_at_micros`; `outcome` is `appended`, `duplicate` or
 /// `undecided`.
 ///

@@ -7,17 +7,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::store::batching::{BatchLimits, BatchQueue, QueuedWrite, Reservations};
+use cqrs_core::store::batching::{BatchLimits, BatchQueue, Reservations};
 use cqrs_core::{
     AppendCondition, AppendOutcome, CommandId, EventId, ExpectedVersion, Metadata, NewEvent, Payload, Position,
-    QueryItem, RecordedEvent, StoreError, StreamId, Tag, Timestamp, Version,
+    RecordedEvent, StoreError, StreamId, Tag, Timestamp, Version,
 };
 use serde::Serialize;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::config::NOTIFY_CHANNEL;
@@ -25,37 +25,12 @@ use crate::error::{is_data_error, is_event_id_violation, is_retryable, is_statem
 use crate::listener::Announced;
 use crate::notify::NotifyThrottle;
 use crate::recent::RecentEvents;
+use crate::request::{expected_json, AppendRequest, ItemJson};
 use crate::rows::append_result;
 use crate::single::{undecided, ConditionalEvent, SingleEvent};
 
 /// How often a batch that deadlocked or hit a serialization failure is retried.
 const MAX_BATCH_RETRIES: u32 = 5;
-
-/// One queued append and where to send its answer. The head of a chain
-/// (`EventStore::append_chain`) carries the chain's other links in `followers`; the writer puts
-/// them right after it in the batch, each marked `continues`.
-pub(crate) struct AppendRequest {
-    pub(crate) stream_id: StreamId,
-    pub(crate) expected: ExpectedVersion,
-    pub(crate) command_id: Option<CommandId>,
-    pub(crate) events: Vec<NewEvent>,
-    /// Checked after the command id and the version, under the batch's boundary locks.
-    pub(crate) condition: Option<AppendCondition>,
-    pub(crate) reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
-    /// Written only if the append just before it (the previous link) was appended.
-    pub(crate) continues: bool,
-    pub(crate) followers: Vec<AppendRequest>,
-}
-
-impl QueuedWrite for AppendRequest {
-    fn append_key(&self) -> Option<(&StreamId, Option<CommandId>)> {
-        Some((&self.stream_id, self.command_id))
-    }
-
-    fn event_count(&self) -> usize {
-        self.events.len() + self.followers.iter().map(|follower| follower.events.len()).sum::<usize>()
-    }
-}
 
 /// The answer to a chain link that was not attempted.
 fn skipped(request: &AppendRequest) -> StoreError {
@@ -486,21 +461,6 @@ struct ConditionJson<'a> {
     i: Vec<ItemJson<'a>>,
 }
 
-/// A condition's query item as `cqrs_first_match` reads it.
-#[derive(Serialize)]
-pub(crate) struct ItemJson<'a> {
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    t: &'a [String],
-    #[serde(skip_serializing_if = "<[Tag]>::is_empty")]
-    g: &'a [Tag],
-}
-
-impl<'a> From<&'a QueryItem> for ItemJson<'a> {
-    fn from(item: &'a QueryItem) -> Self {
-        ItemJson { t: &item.types, g: &item.tags }
-    }
-}
-
 /// An event's tags as the batch functions take them: joined by the unit separator, which no
 /// tag holds (tags have no control characters).
 fn joined_tags(tags: &[Tag]) -> String {
@@ -782,15 +742,5 @@ impl<'a> AppendArrays<'a> {
         .bind(self.headers)
         .bind(self.tags)
         .bind(notify)
-    }
-}
-
-/// An expected version as both batch functions name it.
-pub(crate) fn expected_json(expected: ExpectedVersion) -> (&'static str, Option<u64>) {
-    match expected {
-        ExpectedVersion::Any => ("any", None),
-        ExpectedVersion::NoStream => ("no_stream", None),
-        ExpectedVersion::StreamExists => ("exists", None),
-        ExpectedVersion::Exact(version) => ("exact", Some(version.0)),
     }
 }
