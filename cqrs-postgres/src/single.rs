@@ -10,6 +10,11 @@
 //! the stream lock; an event id stored already; a stream or command id that another session
 //! stored after this statement's snapshot, which the unique indexes refuse) it leaves to
 //! `cqrs_append_batch`, which the writer then calls in a second transaction.
+//!
+//! A lone conditional append of one event goes to the function `cqrs_append_conditional`
+//! (`ConditionalEvent`) instead: its condition must be read with a snapshot taken after its
+//! exclusive boundary locks, which one statement cannot do, so it stays a function, but one with
+//! the fewest statements and no JSON but the condition's items.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
