@@ -57,8 +57,9 @@ impl WriterConnection {
     /// A batch of several appends goes to the set-based `cqrs_append_arrays`, unless one of them
     /// has a condition (only the per-append loop checks conditions, each after the appends
     /// before it in the batch); a lone append of one event (with no condition) to the statement of
-    /// [`crate::single`], and to `cqrs_append_batch` if that statement leaves it undecided; any
-    /// other lone append to `cqrs_append_batch`, whose per-append statements cost less than the
+    /// [`crate::single`], and to `cqrs_append_batch` if that statement leaves it undecided; a
+    /// lone conditional append of one event to `cqrs_append_conditional`; any other lone append
+    /// to `cqrs_append_batch`, whose per-append statements cost less than the
     /// set-based function's fixed ones for a single append (BENCHMARKS.md, issue 12). All take
     /// the same locks in the same order and give the same answers. Each row also carries the
     /// transaction's `now()`: the `recorded_at` of every event the batch stores (the outer
@@ -72,34 +73,7 @@ impl WriterConnection {
             None => self.held.insert(self.pool.acquire().await?),
         };
         let ticket = self.notify.begin();
-        let arrays = if batch.len() > 1 { AppendArrays::new(batch) } else { None };
-        // Only ever `Some` for a batch of one, when `arrays` is `None`.
-        let single = match SingleEvent::new(batch) {
-            Some(single) => Some(single.query(ticket.notify).fetch_all(&mut **connection).await),
-            None => None,
-        };
-        let result = match (arrays, single) {
-            (Some(arrays), _) => arrays.query(ticket.notify).fetch_all(&mut **connection).await,
-            (None, Some(Ok(rows))) if !undecided(&rows) => Ok(rows),
-            (None, Some(Err(error))) if !is_statement_error(&error) => Err(error),
-            (None, _) => match ConditionalEvent::new(batch) {
-                Some(conditional) => conditional.query(ticket.notify).fetch_all(&mut **connection).await,
-                // Not a lone single event, or one the statement left undecided or was refused
-                // (rolled back as a whole): the per-append function answers it.
-                None => {
-                    let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
-                    sqlx::query(
-                        "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
-                         last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS \
-                         recorded_at_micros FROM cqrs_append_batch($1, $2)",
-                    )
-                    .bind(Json(payload))
-                    .bind(ticket.notify)
-                    .fetch_all(&mut **connection)
-                    .await
-                }
-            },
-        };
+        let result = write_statement(connection, batch, ticket.notify).await;
         let newest = match &result {
             Ok(rows) => rows
                 .iter()
@@ -117,6 +91,40 @@ impl WriterConnection {
         }
         result.map(|rows| Written { rows, notified: ticket.notify })
     }
+}
+
+/// Sends `batch` as the one statement that writes it (see [`WriterConnection::append_batch`]),
+/// the NOTIFY at its commit if `notify`; a lone append that the single-event statement leaves
+/// undecided, or that it was refused with (rolled back as a whole), goes on to
+/// `cqrs_append_batch` in a transaction of its own.
+async fn write_statement(
+    connection: &mut sqlx::PgConnection,
+    batch: &[AppendRequest],
+    notify: bool,
+) -> Result<Vec<PgRow>, sqlx::Error> {
+    if batch.len() > 1 {
+        if let Some(arrays) = AppendArrays::new(batch) {
+            return arrays.query(notify).fetch_all(connection).await;
+        }
+    } else if let Some(single) = SingleEvent::new(batch) {
+        match single.query(notify).fetch_all(&mut *connection).await {
+            Ok(rows) if !undecided(&rows) => return Ok(rows),
+            Err(error) if !is_statement_error(&error) => return Err(error),
+            _ => {}
+        }
+    } else if let Some(conditional) = ConditionalEvent::new(batch) {
+        return conditional.query(notify).fetch_all(connection).await;
+    }
+    let payload: Vec<AppendJson<'_>> = batch.iter().map(AppendJson::from).collect();
+    sqlx::query(
+        "SELECT append_index, outcome, actual_version, first_version, last_version, first_position, \
+         last_position, duplicate_event_id, (extract(epoch FROM now()) * 1000000)::bigint AS \
+         recorded_at_micros FROM cqrs_append_batch($1, $2)",
+    )
+    .bind(Json(payload))
+    .bind(notify)
+    .fetch_all(connection)
+    .await
 }
 
 /// What every writer task shares with the store.

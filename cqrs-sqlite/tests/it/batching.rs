@@ -2,10 +2,9 @@
 //! batch does not affect the others.
 
 use std::sync::Arc;
-
-use cqrs_core::testing::conformance::event;
 use std::time::Duration;
 
+use cqrs_core::testing::conformance::event;
 use cqrs_core::{
     AppendOutcome, ClaimOutcome, Coordination, EventStore, ExpectedVersion, StoreError, StreamId, Version,
 };
