@@ -256,8 +256,8 @@ async fn prune_commands(writes: &mpsc::Sender<WriteRequest>, older_than: Timesta
         let request = WriteRequest::Prune { older_than: older_than.as_micros(), reply };
         writes.send(request).await.map_err(|_| StoreError::Closed)?;
         let chunk = answer.await.map_err(|_| StoreError::Closed)??;
-        pruned += chunk;
-        if chunk < writer::PRUNE_CHUNK {
+        pruned += chunk.forgotten;
+        if !chunk.more {
             return Ok(pruned);
         }
     }
@@ -453,12 +453,12 @@ impl EventStore for SqliteEventStore {
     }
 
     async fn stream_version(&self, stream_id: &StreamId) -> Result<Version, StoreError> {
-        let version: Option<i64> = sqlx::query_scalar("SELECT version FROM cqrs_streams WHERE stream_id = ?1")
+        let version: i64 = sqlx::query_scalar(writer::STREAM_VERSION_SQL)
             .bind(stream_id.as_str())
-            .fetch_optional(&self.inner.readers)
+            .fetch_one(&self.inner.readers)
             .await
             .map_err(to_store_error)?;
-        Ok(Version(to_u64(version.unwrap_or(0), "version")?))
+        Ok(Version(to_u64(version, "version")?))
     }
 
     async fn find_command(
@@ -466,15 +466,12 @@ impl EventStore for SqliteEventStore {
         stream_id: &StreamId,
         command_id: CommandId,
     ) -> Result<Option<AppendResult>, StoreError> {
-        let row = sqlx::query(
-            "SELECT first_version, last_version, first_position, last_position FROM cqrs_commands \
-             WHERE stream_id = ?1 AND command_id = ?2",
-        )
-        .bind(stream_id.as_str())
-        .bind(command_id.0)
-        .fetch_optional(&self.inner.readers)
-        .await
-        .map_err(to_store_error)?;
+        let row = sqlx::query(writer::FIND_COMMAND_SQL)
+            .bind(stream_id.as_str())
+            .bind(command_id.0)
+            .fetch_optional(&self.inner.readers)
+            .await
+            .map_err(to_store_error)?;
         row.as_ref().map(command_result).transpose()
     }
 

@@ -216,7 +216,7 @@ pub(crate) struct RawEvent<'r> {
     pub(crate) tags: &'r str,
 }
 
-/// Decodes the four bounds of a `cqrs_commands` row.
+/// Decodes the four bounds of a stored command's outcome (`writer::FIND_COMMAND_SQL`'s row).
 pub(crate) fn command_result(row: &SqliteRow) -> Result<AppendResult, StoreError> {
     let column = |name: &str| -> Result<i64, StoreError> {
         row.try_get::<i64, _>(name)

@@ -80,8 +80,9 @@ pub(crate) enum WriteRequest {
     Checkpoint { name: String, position: i64, reply: oneshot::Sender<Result<(), StoreError>> },
     /// Save a snapshot (numbers already checked; the state serialized).
     Snapshot { snapshot: Snapshot, state: String, reply: oneshot::Sender<Result<(), StoreError>> },
-    /// Forget up to [`PRUNE_CHUNK`] command ids stored before `older_than` (microseconds).
-    Prune { older_than: i64, reply: oneshot::Sender<Result<u64, StoreError>> },
+    /// Forget the command ids of up to [`PRUNE_CHUNK`] events recorded before `older_than`
+    /// (microseconds).
+    Prune { older_than: i64, reply: oneshot::Sender<Result<Pruned, StoreError>> },
     /// Any other write: run inside the batch's transaction, answered after the commit; `fail`
     /// answers it when its batch fails before it ran.
     Op { run: WriteOp, fail: Box<dyn FnOnce(StoreError) + Send> },
@@ -150,8 +151,11 @@ fn rows(count: usize, columns: usize) -> String {
 /// `Core::let_callers_return`): a small part of a commit's fsync, and spent yielding the core.
 const GATHER: std::time::Duration = std::time::Duration::from_micros(50);
 
-/// Most command ids one prune request forgets: a long delete would hold the write lock.
+/// Most events one prune request reads: a long read would hold the write lock.
 pub(crate) const PRUNE_CHUNK: u64 = 10_000;
+
+// A prune request moves past at least one append: none has more events than a chunk.
+const _: () = assert!(PRUNE_CHUNK as usize >= cqrs_core::store::MAX_EVENTS_PER_APPEND);
 
 impl QueuedWrite for WriteRequest {
     /// The stream and command id of an append; `None` for other writes (never held).
@@ -224,7 +228,7 @@ enum Pending {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Result<AppendOutcome, StoreError>),
     Atomic(oneshot::Sender<Result<Vec<AppendOutcome>, StoreError>>, Result<Vec<AppendOutcome>, StoreError>),
     Saved(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
-    Pruned(oneshot::Sender<Result<u64, StoreError>>, u64),
+    Pruned(oneshot::Sender<Result<Pruned, StoreError>>, Pruned),
     Op(Answer),
 }
 
@@ -683,7 +687,7 @@ impl Core {
         let Some(Looked { versions: stored, failed }) = self.lookup_at_once(&plan)? else {
             return Ok(None);
         };
-        let Some((encoded, changed, written)) = check_at_once(chains, &plan, &stored, &failed) else {
+        let Some((encoded, written)) = check_at_once(chains, &stored, &failed) else {
             return Ok(None);
         };
         if written.events == 0 {
@@ -694,25 +698,13 @@ impl Core {
             return Ok(Some(results));
         }
         let first_position = tx.next_position;
-        let rows = AtOnceRows {
-            first_position,
-            versions: stored,
-            encoded,
-            changed: &changed,
-            recorded_at: tx.recorded_at,
-            failed,
-        };
+        let rows = AtOnceRows { first_position, versions: stored, encoded, recorded_at: tx.recorded_at, failed };
         let Some(bound) = rows.bind(chains, &written) else { return Ok(None) };
         self.direct.run("SAVEPOINT at_once")?;
         let cached = |rows: usize| rows <= AT_ONCE_CACHED_ROWS;
         let direct = &self.direct;
         let inserted = direct
             .execute(&insert_events_sql(written.events), cached(written.events), &bound.events)
-            .and_then(|_| direct.execute(&upsert_streams_sql(changed.len()), cached(changed.len()), &bound.streams))
-            .and_then(|_| match written.commands {
-                0 => Ok(0),
-                commands => direct.execute(&insert_commands_sql(commands), cached(commands), &bound.commands),
-            })
             .and_then(|_| match written.tagged {
                 false => Ok(0),
                 true => {
@@ -806,21 +798,16 @@ impl Core {
             let mut params = Params::with_capacity(2);
             params.text(stream_id);
             params.uuid(Some(&command_id.0));
-            let prior = direct.query(
-                "SELECT first_version, last_version, first_position, last_position FROM cqrs_commands \
-                 WHERE stream_id = ? AND command_id = ?",
-                true,
-                &params,
-                |row| Ok([row.get::<_, i64>(0)?, row.get(1)?, row.get(2)?, row.get(3)?]),
-            )?;
+            let prior = direct.query(FIND_COMMAND_SQL, true, &params, |row| {
+                Ok([row.get::<_, i64>(0)?, row.get(1)?, row.get(2)?, row.get(3)?])
+            })?;
             if let Some(columns) = prior.first() {
                 return Ok(Checked::Answered(append_result(*columns).map(AppendOutcome::Duplicate)));
             }
         }
         let mut params = Params::with_capacity(1);
         params.text(stream_id);
-        let current = direct
-            .query("SELECT version FROM cqrs_streams WHERE stream_id = ?", true, &params, |row| row.get::<_, i64>(0))?;
+        let current = direct.query(STREAM_VERSION_SQL, true, &params, |row| row.get::<_, i64>(0))?;
         let current = current.first().copied().unwrap_or(0);
         let Ok(actual) = u64::try_from(current).map(Version) else {
             let corrupt = StoreError::Corrupt(format!("negative version {current} of {stream_id}"));
@@ -841,8 +828,8 @@ impl Core {
         Ok(Checked::At(current))
     }
 
-    /// Writes one checked append at versions after `current` (its events, their tags, its
-    /// stream's version, its command id), inside a savepoint: if the database refuses an event,
+    /// Writes one checked append at versions after `current` (its events, which carry its
+    /// command id, and their tags), inside a savepoint: if the database refuses an event,
     /// only this append is undone and refused.
     fn write_checked(
         &mut self,
@@ -867,10 +854,9 @@ impl Core {
             }
             Err(error) => return Err(error),
         }
+        // The event rows are all there is: they carry the stream's version and the command id.
         let n_events = i64::try_from(request.events.len()).unwrap_or(i64::MAX);
         let last_position = first_position + n_events - 1;
-        let range = StoredRange { current, first_position, last_position, recorded_at: tx.recorded_at };
-        record_stream_and_command(direct, request, &range)?;
         direct.run("RELEASE cqrs_append")?;
         tx.next_position = last_position + 1;
         Ok(Ok(AppendOutcome::Appended(AppendResult {
@@ -975,14 +961,20 @@ enum Checked {
     At(i64),
 }
 
-/// Where a checked append lands.
-struct StoredRange {
-    /// The stream's version before the append.
-    current: i64,
-    first_position: i64,
-    last_position: i64,
-    recorded_at: i64,
-}
+/// The position at or below which command ids are forgotten, as a scalar subquery (see the
+/// migration `20261208000001_one_row_per_event.sql`).
+pub(crate) const HORIZON: &str = "(SELECT position FROM cqrs_command_horizon)";
+
+/// The first outcome of a stored command id, by stream id and command id: the range of its
+/// events (an append has at least one), its columns named as `rows::command_result` reads
+/// them; no row if the id is unknown or forgotten.
+pub(crate) const FIND_COMMAND_SQL: &str = "SELECT min(version) AS first_version, max(version) AS last_version, \
+     min(position) AS first_position, max(position) AS last_position FROM cqrs_events \
+     WHERE stream_id = ? AND command_id = ? AND position > (SELECT position FROM cqrs_command_horizon) \
+     HAVING count(*) > 0";
+
+/// A stream's version, by stream id: its last event's (0 for an unknown stream).
+pub(crate) const STREAM_VERSION_SQL: &str = "SELECT coalesce(max(version), 0) FROM cqrs_events WHERE stream_id = ?";
 
 /// The statement of one event row.
 const INSERT_EVENT_SQL: &str = "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, \
@@ -1018,28 +1010,6 @@ fn insert_events(
         params.int(first_position);
         params.int(last_position);
         direct.execute(INDEX_TAGS_SQL, true, &params)?;
-    }
-    Ok(())
-}
-
-/// After a checked append's events: its stream's new version and its command id's row.
-fn record_stream_and_command(direct: &Direct, request: &AppendRequest, range: &StoredRange) -> rusqlite::Result<()> {
-    let stream_id = request.stream_id.as_str();
-    let last_version = range.current + (range.last_position - range.first_position + 1);
-    let mut params = Params::with_capacity(2);
-    params.text(stream_id);
-    params.int(last_version);
-    direct.execute(&upsert_streams_sql(1), true, &params)?;
-    if let Some(command_id) = &request.command_id {
-        let mut params = Params::with_capacity(7);
-        params.text(stream_id);
-        params.uuid(Some(&command_id.0));
-        params.int(range.current + 1);
-        params.int(last_version);
-        params.int(range.first_position);
-        params.int(range.last_position);
-        params.int(range.recorded_at);
-        direct.execute(&insert_commands_sql(1), true, &params)?;
     }
     Ok(())
 }
@@ -1159,14 +1129,17 @@ struct Looked<'a> {
 /// binds them.
 fn lookup_at_once_sql(plan: &AtOnce<'_>) -> (String, bool) {
     let (streams, command_ids) = (&plan.streams, &plan.command_ids);
+    // Each stream's version is one step down its (stream_id, version) key (SQLite's min/max
+    // optimisation), which a `GROUP BY` over the streams would not take: it walks every version.
     let mut lookup = format!(
-        "SELECT stream_id, version, NULL, NULL FROM cqrs_streams WHERE stream_id IN ({})",
-        placeholders(streams.len())
+        "SELECT s.column1, (SELECT coalesce(max(version), 0) FROM cqrs_events WHERE stream_id = s.column1), \
+         NULL, NULL FROM (VALUES {}) AS s",
+        rows(streams.len(), 1)
     );
     if !command_ids.is_empty() {
         lookup.push_str(&format!(
-            " UNION ALL SELECT stream_id, NULL, command_id, NULL FROM cqrs_commands \
-             WHERE stream_id IN ({}) AND command_id IN ({})",
+            " UNION ALL SELECT stream_id, NULL, command_id, NULL FROM cqrs_events \
+             WHERE stream_id IN ({}) AND command_id IN ({}) AND position > {HORIZON}",
             placeholders(streams.len()),
             placeholders(command_ids.len())
         ));
@@ -1227,29 +1200,23 @@ fn bind_lookup<'p>(plan: &'p AtOnce<'_>) -> Params<'p> {
 struct Written {
     /// Their events.
     events: usize,
-    /// Their command ids.
-    commands: usize,
     /// Whether one of their events carries tags (to index).
     tagged: bool,
 }
 
-/// A stream and its version.
-type StreamVersion<'a> = (&'a str, i64);
-
 /// Checks every link's expectation against the version everything before it leaves (from the
 /// `stored` versions; a link whose condition `failed` is checked but leaves the version as it
-/// was) and encodes the headers and tags of the events to write. Returns them, in order, the
-/// streams whose version changes, with their new version, and what is written; `None`
-/// (declined) if a link would not simply be appended or refused by its condition.
+/// was) and encodes the headers and tags of the events to write. Returns them, in order, and
+/// what is written; `None` (declined) if a link would not simply be appended or refused by its
+/// condition.
 fn check_at_once<'a>(
     chains: &[&'a [AppendRequest]],
-    plan: &AtOnce<'a>,
     stored: &HashMap<&'a str, i64>,
     failed: &[Option<i64>],
-) -> Option<(Vec<Encoded>, Vec<StreamVersion<'a>>, Written)> {
+) -> Option<(Vec<Encoded>, Written)> {
     let links = || chains.iter().flat_map(|chain: &&'a [AppendRequest]| chain.iter());
     let mut versions = stored.clone();
-    let mut written = Written { events: 0, commands: 0, tagged: false };
+    let mut written = Written { events: 0, tagged: false };
     let mut encoded = Vec::new();
     for (link, fails) in links().zip(failed) {
         let version = versions.get_mut(link.stream_id.as_str())?;
@@ -1261,19 +1228,12 @@ fn check_at_once<'a>(
         }
         *version += i64::try_from(link.events.len()).unwrap_or(i64::MAX);
         written.events += link.events.len();
-        written.commands += usize::from(link.command_id.is_some());
         written.tagged |= link.events.iter().any(|event| !event.tags.is_empty());
         for event in &link.events {
             encoded.push(Encoded::of(event).ok()?);
         }
     }
-    let changed: Vec<(&str, i64)> = plan
-        .streams
-        .iter()
-        .map(|stream| (*stream, versions[stream]))
-        .filter(|(stream, v)| stored[stream] != *v)
-        .collect();
-    Some((encoded, changed, written))
+    Some((encoded, written))
 }
 
 /// `count` event rows in one statement.
@@ -1285,29 +1245,9 @@ fn insert_events_sql(count: usize) -> String {
     )
 }
 
-/// `count` streams' new versions in one statement.
-fn upsert_streams_sql(count: usize) -> String {
-    format!(
-        "INSERT INTO cqrs_streams (stream_id, version) VALUES {} \
-         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-        rows(count, 2)
-    )
-}
-
-/// `count` command ids in one statement.
-fn insert_commands_sql(count: usize) -> String {
-    format!(
-        "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
-         last_position, recorded_at) VALUES {}",
-        rows(count, 7)
-    )
-}
-
 /// The set-based append's parameters, per statement, and what it answers.
 struct Bound<'a> {
     events: Params<'a>,
-    streams: Params<'a>,
-    commands: Params<'a>,
     /// Each chain's answers.
     results: Vec<Vec<LinkOutcome>>,
     /// The position after the last event written.
@@ -1315,33 +1255,30 @@ struct Bound<'a> {
 }
 
 /// What the set-based append binds besides the links themselves.
-struct AtOnceRows<'a, 'c> {
+struct AtOnceRows<'a> {
     /// The position of the batch's first event.
     first_position: i64,
     /// Every stream's version before the batch.
     versions: HashMap<&'a str, i64>,
     /// The events' encoded headers and tags, in order.
     encoded: Vec<Encoded>,
-    /// The streams whose version changes, with their new version.
-    changed: &'c [StreamVersion<'a>],
     recorded_at: i64,
     /// Per link, the position its condition failed at (then not written).
     failed: Vec<Option<i64>>,
 }
 
-impl<'a> AtOnceRows<'a, '_> {
-    /// Binds the parameters of the set-based append's statements: every event row, every
-    /// changed stream, every command id (a link whose condition failed skipped). Returns them,
+impl<'a> AtOnceRows<'a> {
+    /// Binds the parameters of the set-based append's statement: every event row (a link whose
+    /// condition failed skipped). Returns them,
     /// each chain's answers and the next position; `None` for a link of an unknown stream or an
     /// event not encoded (not expected: declined).
     fn bind(self, chains: &[&'a [AppendRequest]], written: &Written) -> Option<Bound<'a>> {
-        let Self { first_position, mut versions, encoded, changed, recorded_at, failed } = self;
+        let Self { first_position, mut versions, encoded, recorded_at, failed } = self;
         let mut position = first_position;
         let mut encoded = encoded.into_iter();
         let mut failed = failed.into_iter();
         let mut results = Vec::with_capacity(chains.len());
         let mut events = Params::with_capacity(13 * written.events);
-        let mut commands = Params::with_capacity(7 * written.commands);
         for chain in chains {
             let mut chain_results = Vec::with_capacity(chain.len());
             for link in *chain {
@@ -1360,15 +1297,6 @@ impl<'a> AtOnceRows<'a, '_> {
                     position += 1;
                 }
                 let (last_version, last_position) = (*version, position - 1);
-                if let Some(command_id) = command_id {
-                    commands.text(stream_id);
-                    commands.uuid(Some(command_id));
-                    commands.int(first_version);
-                    commands.int(last_version);
-                    commands.int(first_position);
-                    commands.int(last_position);
-                    commands.int(recorded_at);
-                }
                 chain_results.push(Ok(AppendResult {
                     // Positive by construction: versions and positions start at 1 and only grow.
                     first_version: Version(first_version.unsigned_abs()),
@@ -1379,12 +1307,7 @@ impl<'a> AtOnceRows<'a, '_> {
             }
             results.push(chain_results);
         }
-        let mut streams = Params::with_capacity(2 * changed.len());
-        for (stream_id, version) in changed {
-            streams.text(stream_id);
-            streams.int(*version);
-        }
-        Some(Bound { events, streams, commands, results, next_position: position })
+        Some(Bound { events, results, next_position: position })
     }
 }
 
@@ -1449,19 +1372,67 @@ fn save_snapshot(direct: &Direct, snapshot: &Snapshot, state: &str, now: i64) ->
         .map(|_| ())
 }
 
-/// Forgets up to [`PRUNE_CHUNK`] command ids stored before `older_than`.
-fn prune_commands(direct: &Direct, older_than: i64) -> rusqlite::Result<u64> {
+/// Forgets the command ids of up to [`PRUNE_CHUNK`] events recorded before `older_than`: moves
+/// the horizon ([`HORIZON`]) over the log's prefix recorded before it, never inside one append's
+/// events (so a lookup sees all of an append's events or none). Returns how many (stream,
+/// command id) pairs it forgot and whether events before `older_than` may remain (another
+/// request goes on from there).
+fn prune_commands(direct: &Direct, older_than: i64) -> rusqlite::Result<Pruned> {
+    let horizon = direct.query(HORIZON_SQL, true, &Params::with_capacity(0), |row| row.get::<_, i64>(0))?;
+    let horizon = horizon.first().copied().unwrap_or(0);
     let mut params = Params::with_capacity(2);
-    params.int(older_than);
-    params.int(i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX));
-    let pruned = direct.execute(
-        "DELETE FROM cqrs_commands WHERE (stream_id, command_id) IN \
-         (SELECT stream_id, command_id FROM cqrs_commands WHERE recorded_at < ? LIMIT ?)",
+    params.int(horizon);
+    // One more than a chunk: the row after the chunk says whether its last append ends there.
+    params.int(i64::try_from(PRUNE_CHUNK + 1).unwrap_or(i64::MAX));
+    let events = direct.query(
+        "SELECT position, recorded_at, command_id, stream_id FROM cqrs_events WHERE position > ? \
+         ORDER BY position LIMIT ?",
         true,
         &params,
+        |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, uuid_column(row, 2)?, row.get::<_, String>(3)?)),
     )?;
-    Ok(u64::try_from(pruned).unwrap_or(u64::MAX))
+    let (mut forgotten, mut new_horizon, mut more) = (0, horizon, false);
+    for (index, (position, recorded_at, command_id, stream_id)) in events.iter().enumerate() {
+        if *recorded_at >= older_than {
+            break;
+        }
+        let Some(next) = events.get(index + 1) else {
+            // The chunk's extra row, or the log's end: nothing after it was read.
+            more = index >= usize::try_from(PRUNE_CHUNK).unwrap_or(usize::MAX);
+            if !more && command_id.is_some() {
+                forgotten += 1;
+            }
+            if !more {
+                new_horizon = *position;
+            }
+            break;
+        };
+        // The events of one append are consecutive and share stream and command id.
+        let ends_append = command_id.is_none() || (&next.2, &next.3) != (command_id, stream_id);
+        if ends_append {
+            forgotten += u64::from(command_id.is_some());
+            new_horizon = *position;
+        }
+    }
+    if new_horizon > horizon {
+        let mut params = Params::with_capacity(1);
+        params.int(new_horizon);
+        direct.execute("UPDATE cqrs_command_horizon SET position = ? WHERE id = 1", true, &params)?;
+    }
+    Ok(Pruned { forgotten, more })
 }
+
+/// What one prune request did ([`prune_commands`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pruned {
+    /// The (stream, command id) pairs forgotten.
+    pub(crate) forgotten: u64,
+    /// Whether events recorded before the bound may remain past the horizon.
+    pub(crate) more: bool,
+}
+
+/// The horizon's position (see [`HORIZON`]).
+const HORIZON_SQL: &str = "SELECT position FROM cqrs_command_horizon WHERE id = 1";
 
 /// Most parameters the conditions of one set-based read bind (SQLite takes 32 766 in all).
 const AT_ONCE_CONDITION_PARAMETERS: usize = 8_192;

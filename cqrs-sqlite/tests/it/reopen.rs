@@ -102,25 +102,19 @@ async fn notifications_start_at_the_stored_head() {
     drop(dir);
 }
 
-/// A file migrated only up to before command ids were keyed by (command_id, stream_id), with
-/// one event of type `Old` on `s` stored by `old_command`, as that schema stored them.
-async fn file_before_the_key_changed(
-    dir: &std::path::Path,
-    path: &std::path::Path,
-    s: &cqrs_core::StreamId,
-    old_command: CommandId,
-) {
+/// A connection to a new file at `path` migrated only by the migrations named before
+/// `before`, from a copy of them in `dir`: the schema as an older release left it.
+async fn file_of_older_schema(dir: &std::path::Path, path: &std::path::Path, before: &str) -> sqlx::SqliteConnection {
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-    use sqlx::{ConnectOptions, Connection};
+    use sqlx::ConnectOptions;
 
-    // The schema as it was: every migration before the key changed, from a copy of them.
-    let older = dir.join("older-migrations");
+    let older = dir.join(format!("migrations-before-{before}"));
     std::fs::create_dir(&older).expect("migrations dir");
     let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
     for entry in std::fs::read_dir(&migrations).expect("read migrations") {
         let entry = entry.expect("migration");
         let name = entry.file_name().into_string().expect("utf-8 name");
-        if name.as_str() < "20261201000003" {
+        if name.as_str() < before {
             std::fs::copy(entry.path(), older.join(&name)).expect("copy migration");
         }
     }
@@ -133,6 +127,20 @@ async fn file_before_the_key_changed(
         .run(&mut connection)
         .await
         .expect("migrate to the older schema");
+    connection
+}
+
+/// A file migrated only up to before command ids were keyed by (command_id, stream_id), with
+/// one event of type `Old` on `s` stored by `old_command`, as that schema stored them.
+async fn file_before_the_key_changed(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    s: &cqrs_core::StreamId,
+    old_command: CommandId,
+) {
+    use sqlx::Connection;
+
+    let mut connection = file_of_older_schema(dir, path, "20261201000003").await;
     let event_id = cqrs_core::EventId::new();
     sqlx::query(
         "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, payload, \
@@ -223,6 +231,153 @@ async fn command_ids_stored_before_the_key_changed_are_still_known() {
     assert_eq!(store.prune_commands(cqrs_core::Timestamp(2)).await.expect("prune"), 1);
     assert_eq!(store.find_command(&s, old_command).await.expect("find"), None);
     assert_eq!(store.find_command(&s, new_command).await.expect("find"), Some(appended.result()));
+    drop(store);
+    drop(dir);
+}
+
+/// One append as the three-row schema (before `20261208000001_one_row_per_event`) stored it:
+/// its events, and its command row unless `pruned`. The stream rows are written at the end.
+struct OldAppend<'a> {
+    stream: &'a cqrs_core::StreamId,
+    versions: std::ops::RangeInclusive<i64>,
+    positions: std::ops::RangeInclusive<i64>,
+    command: Option<CommandId>,
+    pruned: bool,
+    recorded_at: i64,
+}
+
+/// A file of the schema before one row per event, holding `appends` as that schema stored them
+/// (events, command rows of those not pruned, each stream's version). Returns the event ids.
+async fn file_of_three_rows_per_append(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    appends: &[OldAppend<'_>],
+) -> Vec<cqrs_core::EventId> {
+    use sqlx::Connection;
+
+    let mut connection = file_of_older_schema(dir, path, "20261208000001").await;
+    let mut ids = Vec::new();
+    let mut versions = HashMap::new();
+    for append in appends {
+        for (version, position) in append.versions.clone().zip(append.positions.clone()) {
+            let event_id = cqrs_core::EventId::new();
+            ids.push(event_id);
+            sqlx::query(
+                "INSERT INTO cqrs_events (position, event_id, stream_id, version, event_type, schema_version, \
+                 payload, command_id, headers, recorded_at) VALUES (?1, ?2, ?3, ?4, 'Old', 1, '{}', ?5, '{}', ?6)",
+            )
+            .bind(position)
+            .bind(event_id.0)
+            .bind(append.stream.as_str())
+            .bind(version)
+            .bind(append.command.map(|id| id.0))
+            .bind(append.recorded_at)
+            .execute(&mut connection)
+            .await
+            .expect("old event");
+        }
+        versions.insert(append.stream.as_str(), *append.versions.end());
+        if let (Some(command), false) = (append.command, append.pruned) {
+            sqlx::query(
+                "INSERT INTO cqrs_commands (stream_id, command_id, first_version, last_version, first_position, \
+                 last_position, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .bind(append.stream.as_str())
+            .bind(command.0)
+            .bind(append.versions.start())
+            .bind(append.versions.end())
+            .bind(append.positions.start())
+            .bind(append.positions.end())
+            .bind(append.recorded_at)
+            .execute(&mut connection)
+            .await
+            .expect("old command row");
+        }
+    }
+    for (stream, version) in versions {
+        sqlx::query("INSERT INTO cqrs_streams (stream_id, version) VALUES (?1, ?2)")
+            .bind(stream)
+            .bind(version)
+            .execute(&mut connection)
+            .await
+            .expect("old stream");
+    }
+    connection.close().await.expect("close");
+    ids
+}
+
+/// A file made by the three-row schema (an event row, a stream row, a command row per append)
+/// keeps, through the migration to one row per event, every event, every stream's version and
+/// every command id it remembered with its first outcome (one of several events, one reused
+/// after pruning, one on two streams), and still forgets those it had pruned; appends go on
+/// from its versions and positions, and pruning goes on from where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_three_rows_per_append_keeps_every_event_and_command_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("events.db");
+    let (a, b, c) = (stream("three-a"), stream("three-b"), stream("three-c"));
+    let (reused, gone, several, kept) = (CommandId::new(), CommandId::new(), CommandId::new(), CommandId::new());
+    let old = |stream, versions, positions, command, pruned, recorded_at| OldAppend {
+        stream,
+        versions,
+        positions,
+        command,
+        pruned,
+        recorded_at,
+    };
+    let appends = [
+        old(&c, 1..=1, 1..=1, Some(gone), true, 10),
+        old(&b, 1..=1, 2..=2, None, false, 10),
+        // The newest pruned append: its id is stored again below, for the same stream.
+        old(&a, 1..=2, 3..=4, Some(reused), true, 10),
+        old(&a, 3..=5, 5..=7, Some(several), false, 100),
+        old(&b, 2..=2, 8..=8, Some(kept), false, 100),
+        old(&a, 6..=6, 9..=9, Some(reused), false, 100),
+        old(&c, 2..=2, 10..=10, Some(several), false, 100),
+    ];
+    let ids = file_of_three_rows_per_append(dir.path(), &path, &appends).await;
+
+    let store = reopen(&path).await;
+    let events = read_everything(&store).await;
+    let stored: Vec<_> = events.iter().map(|event| (event.position.0, event.event_id)).collect();
+    assert_eq!(stored, (1..=10).zip(ids).collect::<Vec<_>>(), "every event, in its place");
+    for (s, version) in [(&a, 6), (&b, 2), (&c, 2)] {
+        assert_eq!(store.stream_version(s).await.expect("version"), Version(version), "{s}");
+    }
+    let result = |versions: (u64, u64), positions: (u64, u64)| cqrs_core::AppendResult {
+        first_version: Version(versions.0),
+        last_version: Version(versions.1),
+        first_position: Position(positions.0),
+        last_position: Position(positions.1),
+    };
+    let remembered = [
+        (&a, several, result((3, 5), (5, 7))),
+        (&b, kept, result((2, 2), (8, 8))),
+        (&a, reused, result((6, 6), (9, 9))),
+        (&c, several, result((2, 2), (10, 10))),
+    ];
+    for (s, command, outcome) in &remembered {
+        assert_eq!(store.find_command(s, *command).await.expect("find"), Some(*outcome), "{s} {command}");
+    }
+    assert_eq!(store.find_command(&c, gone).await.expect("find"), None, "pruned before: still forgotten");
+    let with = |n, command| vec![event_with(n, Metadata { command_id: Some(command), ..Metadata::default() })];
+    let again = store.append(&a, ExpectedVersion::NoStream, with(20, several)).await.expect("duplicate");
+    assert_eq!(again, AppendOutcome::Duplicate(remembered[0].2), "the first outcome, not a conflict");
+    let conflict = store.append(&b, ExpectedVersion::Exact(Version(1)), vec![event(21)]).await;
+    assert!(
+        matches!(conflict, Err(StoreError::Conflict { actual: Version(2), .. })),
+        "the stream's version: {conflict:?}"
+    );
+    let anew = store.append(&c, ExpectedVersion::Exact(Version(2)), with(22, gone)).await.expect("append");
+    assert_eq!(anew, AppendOutcome::Appended(result((3, 3), (11, 11))), "a forgotten id is a new command");
+
+    // Pruning goes on past the old horizon: everything recorded before 101 µs, and only that.
+    assert_eq!(store.prune_commands(cqrs_core::Timestamp(50)).await.expect("prune"), 0);
+    assert_eq!(store.prune_commands(cqrs_core::Timestamp(101)).await.expect("prune"), 4);
+    for (s, command, _) in &remembered {
+        assert_eq!(store.find_command(s, *command).await.expect("find"), None, "{s} {command}");
+    }
+    assert_eq!(store.find_command(&c, gone).await.expect("find"), Some(result((3, 3), (11, 11))));
     drop(store);
     drop(dir);
 }
