@@ -381,3 +381,32 @@ async fn a_file_of_three_rows_per_append_keeps_every_event_and_command_id() {
     drop(store);
     drop(dir);
 }
+
+/// Pruning walks the log a chunk of 10 000 events per writer request and never stops inside an
+/// append: with an append of several events straddling the first chunk's end, one prune
+/// forgets its command id once (not once per part), and only ids recorded before the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_crosses_chunks_without_splitting_an_append() {
+    let temp = temp_store().await;
+    let store = &temp.store;
+    let with = |n, command| event_with(n, Metadata { command_id: Some(command), ..Metadata::default() });
+    // 9 999 events with no command id, then one append of 5 across positions 10 000–10 004.
+    let filler: Vec<_> = (0..9_999).map(event).collect();
+    store.append(&stream("filler"), ExpectedVersion::NoStream, filler).await.expect("filler");
+    let (straddling, after) = (CommandId::new(), CommandId::new());
+    let s = stream("straddling");
+    let stored = store
+        .append(&s, ExpectedVersion::NoStream, (0..5).map(|n| with(n, straddling)).collect())
+        .await
+        .expect("straddling append")
+        .result();
+    assert_eq!((stored.first_position, stored.last_position), (Position(10_000), Position(10_004)));
+    let bound = cqrs_core::Timestamp::now().plus(std::time::Duration::from_millis(1));
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let later = store.append(&s, ExpectedVersion::Any, vec![with(9, after)]).await.expect("later").result();
+
+    assert_eq!(store.prune_commands(bound).await.expect("prune"), 1, "one append, counted once");
+    assert_eq!(store.find_command(&s, straddling).await.expect("find"), None);
+    assert_eq!(store.find_command(&s, after).await.expect("find"), Some(later), "recorded after the bound");
+    assert_eq!(store.prune_commands(bound).await.expect("prune"), 0, "nothing left before the bound");
+}
