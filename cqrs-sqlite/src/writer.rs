@@ -1396,19 +1396,17 @@ fn prune_commands(direct: &Direct, older_than: i64) -> rusqlite::Result<Pruned> 
         if *recorded_at >= older_than {
             break;
         }
-        let Some(next) = events.get(index + 1) else {
-            // The chunk's extra row, or the log's end: nothing after it was read.
-            more = index >= usize::try_from(PRUNE_CHUNK).unwrap_or(usize::MAX);
-            if !more && command_id.is_some() {
-                forgotten += 1;
+        // The events of one append are consecutive and share stream and command id; the log's
+        // last event ends its append (appends commit whole).
+        let ends_append = match events.get(index + 1) {
+            Some(next) => command_id.is_none() || (&next.2, &next.3) != (command_id, stream_id),
+            // The chunk's extra row, which only says where the chunk's last append ends.
+            None if index >= usize::try_from(PRUNE_CHUNK).unwrap_or(usize::MAX) => {
+                more = true;
+                break;
             }
-            if !more {
-                new_horizon = *position;
-            }
-            break;
+            None => true,
         };
-        // The events of one append are consecutive and share stream and command id.
-        let ends_append = command_id.is_none() || (&next.2, &next.3) != (command_id, stream_id);
         if ends_append {
             forgotten += u64::from(command_id.is_some());
             new_horizon = *position;
